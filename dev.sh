@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Set-up and entry point for a fresh machine with Python >= 3.11.
+#
+#   ./dev.sh demo [flywheel demo options]   # install into .venv, then run the whole loop on embedded defaults
+#   ./dev.sh test [pytest options]          # install into .venv (+ Mosquitto when root), then run the tests
+#   ./dev.sh install                        # only install
+#
+# What it does, so nothing surprises you:
+#   * creates ./.venv (python3 -m venv) unless VIRTUAL_ENV is already active;
+#   * without an NVIDIA GPU, installs PyTorch's CPU build first (a plain `torch` requirement
+#     would pull a multi-GB CUDA build); with a GPU, pip picks the CUDA build;
+#   * pip-installs this project with its test extras (editable), once per pyproject change;
+#   * `test` only: if `mosquitto` is missing and we are root, runs
+#     `apt-get update && apt-get install -y mosquitto mosquitto-clients` (Debian/Ubuntu).
+#     The tests start their own brokers on free ports; they never touch port 1883.
+set -euo pipefail
+cd "$(dirname "$0")"
+cmd="${1:-demo}"; shift || true
+PY="${PYTHON:-python3}"
+
+log() { printf '\033[1;34m[dev.sh]\033[0m %s\n' "$*" >&2; }
+
+if [[ -z "${VIRTUAL_ENV:-}" ]]; then
+  if [[ ! -x .venv/bin/python ]]; then
+    log "creating virtual environment .venv"
+    "$PY" -m venv .venv
+  fi
+  # shellcheck disable=SC1091
+  source .venv/bin/activate
+fi
+
+install() {
+  local stamp=.venv/.flywheel-installed
+  local want
+  want="$(cat pyproject.toml | sha1sum | cut -c1-12)"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && python -c "import flywheel, torch" 2>/dev/null; then
+    return
+  fi
+  python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  if ! python -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+      log "NVIDIA GPU found: installing PyTorch with CUDA"
+      python -m pip install -q "torch>=2.4,<3"
+    elif ls /opt/wheels/torch-2.13.0* >/dev/null 2>&1; then
+      log "no GPU: installing the local PyTorch 2.13.0 CPU build"
+      python -m pip install -q "torch==2.13.0"
+    else
+      log "no GPU: installing PyTorch's CPU build"
+      python -m pip install -q "torch>=2.4,<3" --index-url https://download.pytorch.org/whl/cpu
+    fi
+  fi
+  log "installing flywheel-stack and its dependencies (first time: ~2 minutes)"
+  python -m pip install -q -e ".[test]"
+  echo "$want" > "$stamp"
+}
+
+ensure_mosquitto() {
+  if command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]]; then return; fi
+  if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
+    log "mosquitto not found: running apt-get update && apt-get install -y mosquitto mosquitto-clients"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+    # Debian starts a system broker on 1883; the tests do not need it.
+    (service mosquitto stop || systemctl stop mosquitto) >/dev/null 2>&1 || true
+  else
+    log "mosquitto not found and cannot install it (not root or no apt-get): tests that need it will fail."
+    log "install it yourself (Debian/Ubuntu: sudo apt-get install -y mosquitto)"
+  fi
+}
+
+case "$cmd" in
+  install) install ;;
+  demo)    install; exec flywheel demo "$@" ;;
+  test)    install; ensure_mosquitto; exec python -m pytest "$@" ;;
+  *) echo "usage: ./dev.sh {demo|test|install} [args...]" >&2; exit 2 ;;
+esac

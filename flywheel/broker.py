@@ -1,0 +1,237 @@
+"""The embedded MQTT broker: Mosquitto as a child process, or amqtt when Mosquitto is absent.
+
+``flywheel broker`` runs one in the foreground and prints its URL; ``flywheel demo`` and
+the tests start one with :class:`EmbeddedBroker`.  The Mosquitto config written here is
+the one the stack needs to lose nothing: persistence on (so a restart keeps queued QoS 1
+messages and persistent sessions), and per-client queue limits raised well above the
+default 1000 messages, which otherwise drops QoS 1 messages to a slow subscriber under a
+flood.  Production brokers: see ``infra/mosquitto/``.
+
+Run it::
+
+    flywheel broker --port 1884           # prints mqtt://127.0.0.1:1884, Ctrl-C stops it
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+#: Queue limits per client.  A collector that falls behind for a while must not lose
+#: QoS 1 messages; memory is the cost (~1 KB a message), bounded by max_queued_bytes.
+MAX_QUEUED_MESSAGES = 2_000_000
+MAX_QUEUED_BYTES = 1_000_000_000
+MAX_INFLIGHT = 1000
+
+
+class BrokerError(RuntimeError):
+    """The broker could not be started; the message says why and what to do."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def mosquitto_path() -> str | None:
+    return shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
+
+
+def mosquitto_config(port: int, data_dir: Path, host: str = "127.0.0.1", persistence: bool = True,
+                     extra: str = "") -> str:
+    lines = [
+        "# Written by flywheel.broker for the embedded broker.",
+        f"listener {port} {host}",
+        "allow_anonymous true",
+        f"max_queued_messages {MAX_QUEUED_MESSAGES}",
+        f"max_queued_bytes {MAX_QUEUED_BYTES}",
+        f"max_inflight_messages {MAX_INFLIGHT}",
+        "max_keepalive 600",
+        f"persistence {'true' if persistence else 'false'}",
+        f"persistence_location {data_dir}/",
+        "autosave_interval 1",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+    ]
+    return "\n".join(lines) + "\n" + extra
+
+
+def _run_amqtt(host: str, port: int) -> None:  # pragma: no cover - runs in a child process
+    import asyncio
+
+    from amqtt.broker import Broker
+
+    config = {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "sys_interval": 0,
+        "auth": {"allow-anonymous": True},
+        "topic-check": {"enabled": False},
+    }
+
+    async def main():
+        broker = Broker(config)
+        await broker.start()
+        while True:
+            await asyncio.sleep(3600)
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    asyncio.run(main())
+
+
+class EmbeddedBroker:
+    """A broker for one laptop: Mosquitto child process if installed, else amqtt in a process.
+
+    Use as a context manager; ``url`` is ready once ``start()`` returns.  ``restart()``
+    stops and starts it on the same port and data directory (persistence survives).
+    """
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", data_dir: str | os.PathLike | None = None,
+                 prefer: str = "auto", persistence: bool = True, extra_config: str = ""):
+        if prefer not in ("auto", "mosquitto", "amqtt"):
+            raise BrokerError(f"broker implementation must be auto, mosquitto or amqtt, got {prefer!r}")
+        self.host = host
+        self.port = port or free_port(host)
+        self._tmp = None
+        if data_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="flywheel-broker-")
+            data_dir = self._tmp.name
+        self.data_dir = Path(data_dir)
+        self.persistence = persistence
+        self.extra_config = extra_config
+        binary = mosquitto_path()
+        if prefer == "mosquitto" and not binary:
+            raise BrokerError("mosquitto is not on PATH; install it (Debian: apt-get install -y mosquitto) "
+                              "or use the in-Python broker (--impl amqtt)")
+        self.impl = "mosquitto" if binary and prefer != "amqtt" else "amqtt"
+        self._binary = binary
+        self._proc: subprocess.Popen | mp.Process | None = None
+        self._log = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+        if port_open(self.host, self.port):
+            raise BrokerError(f"port {self.port} on {self.host} is already in use; pick another with --port")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if self.impl == "mosquitto":
+            conf = self.data_dir / "mosquitto.conf"
+            conf.write_text(mosquitto_config(self.port, self.data_dir, self.host, self.persistence,
+                                             self.extra_config))
+            self._log = open(self.data_dir / "mosquitto.log", "ab")
+            self._proc = subprocess.Popen([self._binary, "-c", str(conf)], stdout=self._log,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        else:
+            ctx = mp.get_context("spawn")
+            self._proc = ctx.Process(target=_run_amqtt, args=(self.host, self.port), daemon=True,
+                                     name="flywheel-amqtt")
+            self._proc.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if port_open(self.host, self.port):
+                return self
+            if not self.alive():
+                break
+            time.sleep(0.05)
+        detail = ""
+        if self.impl == "mosquitto" and (self.data_dir / "mosquitto.log").exists():
+            detail = (self.data_dir / "mosquitto.log").read_text(errors="replace")[-500:]
+        self.stop()
+        raise BrokerError(f"{self.impl} did not start listening on {self.host}:{self.port}. {detail}".strip())
+
+    def alive(self) -> bool:
+        if self._proc is None:
+            return False
+        if isinstance(self._proc, subprocess.Popen):
+            return self._proc.poll() is None
+        return self._proc.is_alive()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if isinstance(proc, subprocess.Popen):
+            if proc.poll() is None:
+                proc.terminate()  # SIGTERM: Mosquitto saves its persistence file on the way out
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        else:
+            proc.terminate()
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        if self._log:
+            self._log.close()
+            self._log = None
+        deadline = time.monotonic() + 5
+        while port_open(self.host, self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash would."""
+        if isinstance(self._proc, subprocess.Popen) and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self.stop()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_foreground(port: int | None, host: str, impl: str, data_dir: str | None, print_fn=print) -> int:
+    """``flywheel broker``: run until Ctrl-C / SIGTERM, printing the URL."""
+    broker = EmbeddedBroker(port=port, host=host, data_dir=data_dir, prefer=impl)
+    stop = {"flag": False}
+
+    def handler(signum, frame):
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    broker.start()
+    print_fn(f"{broker.impl} broker listening at {broker.url}  (data in {broker.data_dir}; Ctrl-C stops)")
+    try:
+        while not stop["flag"]:
+            if not broker.alive():
+                print_fn("broker process exited unexpectedly")
+                return 1
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.close()
+        print_fn("broker stopped")
+    return 0

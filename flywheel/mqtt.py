@@ -1,0 +1,164 @@
+"""Broker URLs and paho-mqtt client construction shared by every networked component.
+
+``--broker`` takes ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://...`` (TLS).  TLS
+options ride in the query string: ``?ca=/path/ca.pem&cert=...&key=...&insecure=0``.
+Passwords may be ``${ENV_VAR}`` references.  ``BrokerURL.redacted()`` is what may be
+logged or recorded; the password never leaves this object otherwise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import ssl
+import threading
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from flywheel.config import ConfigError, expand_env
+
+DEFAULT_URL = "mqtt://127.0.0.1:1883"
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerURL":
+        if isinstance(url, BrokerURL):
+            return url
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+            raise ConfigError(f"broker URL {_redact_text(url)!r} must start with mqtt:// or mqtts://")
+        tls = parts.scheme in ("mqtts", "ssl")
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {_redact_text(url)!r} has no host (example: mqtt://127.0.0.1:1883)")
+        try:
+            port = parts.port or (8883 if tls else 1883)
+        except ValueError:
+            raise ConfigError(f"broker URL {_redact_text(url)!r} has an invalid port") from None
+        q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        unknown = set(q) - {"ca", "cert", "key", "insecure"}
+        if unknown:
+            raise ConfigError(f"broker URL has unknown options {sorted(unknown)}; known: ca, cert, key, insecure")
+        username = expand_env(unquote(parts.username)) if parts.username else None
+        password = expand_env(unquote(parts.password)) if parts.password else None
+        return cls(host=parts.hostname, port=port, tls=tls, username=username, password=password,
+                   ca_file=q.get("ca"), cert_file=q.get("cert"), key_file=q.get("key"),
+                   insecure=q.get("insecure", "0").lower() in ("1", "true", "yes"))
+
+    def redacted(self) -> str:
+        """The URL with the password replaced by ``***`` (safe for logs, MLflow, reports)."""
+        auth = ""
+        if self.username:
+            auth = f"{self.username}:***@" if self.password else f"{self.username}@"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+
+    def __str__(self) -> str:
+        return self.redacted()
+
+
+def _redact_text(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+_counter = itertools.count()
+
+
+def unique_client_id(prefix: str) -> str:
+    """A client id no other process will pick (same id = the broker kicks the older client)."""
+    return f"{prefix}-{os.getpid()}-{next(_counter)}-{uuid.uuid4().hex[:6]}"
+
+
+def make_client(url: BrokerURL | str, client_id: str | None = None, *, prefix: str = "flywheel",
+                protocol: int = paho.MQTTv5, manual_ack: bool = False,
+                max_inflight: int = 1000, max_queued: int = 0) -> paho.Client:
+    """A paho client (callback API v2) with credentials and TLS from ``url``; not yet connected."""
+    url = BrokerURL.parse(url)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or unique_client_id(prefix),
+                         protocol=protocol, manual_ack=manual_ack)
+    if url.username:
+        client.username_pw_set(url.username, url.password)
+    if url.tls:
+        ctx = ssl.create_default_context(cafile=url.ca_file)
+        if url.cert_file:
+            ctx.load_cert_chain(url.cert_file, url.key_file)
+        if url.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        client.tls_set_context(ctx)
+    client.max_inflight_messages_set(max_inflight)
+    client.max_queued_messages_set(max_queued)
+    return client
+
+
+class ConnectError(ConnectionError):
+    """The broker refused or could not be reached; the message says which and why."""
+
+
+def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, timeout: float = 10.0,
+            clean_start: bool = True, session_expiry_s: int | None = None) -> None:
+    """Connect, start the network loop, and wait for CONNACK; raise ConnectError on refusal."""
+    url = BrokerURL.parse(url)
+    done = threading.Event()
+    result: dict = {}
+    prev = client.on_connect
+
+    def on_connect(c, userdata, flags, reason_code, properties):
+        result["rc"] = reason_code
+        done.set()
+        if prev is not None:
+            prev(c, userdata, flags, reason_code, properties)
+
+    client.on_connect = on_connect
+    props = None
+    if client.protocol == paho.MQTTv5:
+        props = Properties(PacketTypes.CONNECT)
+        if session_expiry_s is not None:
+            props.SessionExpiryInterval = session_expiry_s
+    try:
+        if client.protocol == paho.MQTTv5:
+            client.connect(url.host, url.port, keepalive=keepalive, clean_start=clean_start, properties=props)
+        else:
+            client.connect(url.host, url.port, keepalive=keepalive)
+    except (OSError, ssl.SSLError) as exc:
+        client.on_connect = prev
+        raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}") from None
+    client.loop_start()
+    ok = done.wait(timeout)
+    client.on_connect = prev
+    if prev is not None:
+        client.on_connect = prev
+    if not ok:
+        client.loop_stop()
+        raise ConnectError(f"no answer from broker {url.redacted()} within {timeout:.0f}s")
+    rc = result["rc"]
+    if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
+        client.loop_stop()
+        raise ConnectError(f"broker {url.redacted()} refused the connection: {rc}")
+
+
+def wait_published(infos, timeout: float = 30.0) -> None:
+    """Block until every MQTTMessageInfo in ``infos`` was acknowledged (QoS 1) or sent."""
+    for info in infos:
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise ConnectError(f"publish failed: {paho.error_string(info.rc)}")
+        info.wait_for_publish(timeout)
