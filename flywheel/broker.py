@@ -54,8 +54,13 @@ def mosquitto_path() -> str | None:
 
 def mosquitto_config(port: int, data_dir: Path, host: str = "127.0.0.1", persistence: bool = True,
                      extra: str = "") -> str:
+    import pwd
+
     lines = [
         "# Written by flywheel.broker for the embedded broker.",
+        # Run as the invoking user: as root, Mosquitto would otherwise switch to the
+        # `mosquitto` user, which cannot write the persistence file into our data dir.
+        f"user {pwd.getpwuid(os.geteuid()).pw_name}",
         f"listener {port} {host}",
         "allow_anonymous true",
         f"max_queued_messages {MAX_QUEUED_MESSAGES}",
@@ -125,7 +130,9 @@ class EmbeddedBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        # amqtt speaks MQTT 3.1.1 only; the query tells our clients to do the same.
+        suffix = "?protocol=3.1.1" if self.impl == "amqtt" else ""
+        return f"mqtt://{self.host}:{self.port}{suffix}"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
         if port_open(self.host, self.port):

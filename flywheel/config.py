@@ -142,7 +142,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {prefix}{key!r}{hint}; known keys: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key {prefix + str(key)!r}{hint}; known keys: {', '.join(fields)}")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     try:
         return cls(**kwargs)

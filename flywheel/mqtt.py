@@ -1,7 +1,9 @@
 """Broker URLs and paho-mqtt client construction shared by every networked component.
 
 ``--broker`` takes ``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://...`` (TLS).  TLS
-options ride in the query string: ``?ca=/path/ca.pem&cert=...&key=...&insecure=0``.
+options ride in the query string: ``?ca=/path/ca.pem&cert=...&key=...&insecure=0``;
+``?protocol=3.1.1`` selects MQTT 3.1.1 for brokers without MQTT 5 (the amqtt fallback:
+no shared subscriptions there, so run one collector).
 Passwords may be ``${ENV_VAR}`` references.  ``BrokerURL.redacted()`` is what may be
 logged or recorded; the password never leaves this object otherwise.
 """
@@ -37,6 +39,7 @@ class BrokerURL:
     cert_file: str | None = None
     key_file: str | None = None
     insecure: bool = False
+    protocol: str = "5"
 
     @classmethod
     def parse(cls, url: str) -> "BrokerURL":
@@ -53,21 +56,26 @@ class BrokerURL:
         except ValueError:
             raise ConfigError(f"broker URL {_redact_text(url)!r} has an invalid port") from None
         q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        unknown = set(q) - {"ca", "cert", "key", "insecure"}
+        unknown = set(q) - {"ca", "cert", "key", "insecure", "protocol"}
         if unknown:
-            raise ConfigError(f"broker URL has unknown options {sorted(unknown)}; known: ca, cert, key, insecure")
+            raise ConfigError(f"broker URL has unknown options {sorted(unknown)}; "
+                              "known: ca, cert, key, insecure, protocol")
+        protocol = q.get("protocol", "5")
+        if protocol not in ("5", "3.1.1"):
+            raise ConfigError(f"broker URL protocol must be 5 or 3.1.1, got {protocol!r}")
         username = expand_env(unquote(parts.username)) if parts.username else None
         password = expand_env(unquote(parts.password)) if parts.password else None
         return cls(host=parts.hostname, port=port, tls=tls, username=username, password=password,
                    ca_file=q.get("ca"), cert_file=q.get("cert"), key_file=q.get("key"),
-                   insecure=q.get("insecure", "0").lower() in ("1", "true", "yes"))
+                   insecure=q.get("insecure", "0").lower() in ("1", "true", "yes"), protocol=protocol)
 
     def redacted(self) -> str:
         """The URL with the password replaced by ``***`` (safe for logs, MLflow, reports)."""
         auth = ""
         if self.username:
             auth = f"{self.username}:***@" if self.password else f"{self.username}@"
-        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}"
+        query = "?protocol=3.1.1" if self.protocol != "5" else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}{query}"
 
     def __str__(self) -> str:
         return self.redacted()
@@ -89,10 +97,12 @@ def unique_client_id(prefix: str) -> str:
 
 
 def make_client(url: BrokerURL | str, client_id: str | None = None, *, prefix: str = "flywheel",
-                protocol: int = paho.MQTTv5, manual_ack: bool = False,
+                protocol: int | None = None, manual_ack: bool = False,
                 max_inflight: int = 1000, max_queued: int = 0) -> paho.Client:
     """A paho client (callback API v2) with credentials and TLS from ``url``; not yet connected."""
     url = BrokerURL.parse(url)
+    if protocol is None:
+        protocol = paho.MQTTv5 if url.protocol == "5" else paho.MQTTv311
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or unique_client_id(prefix),
                          protocol=protocol, manual_ack=manual_ack)
     if url.username:
@@ -134,6 +144,9 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
         props = Properties(PacketTypes.CONNECT)
         if session_expiry_s is not None:
             props.SessionExpiryInterval = session_expiry_s
+    if client.protocol != paho.MQTTv5:
+        # MQTT 3.1.1 fixes the session flag at construction; mirror clean_start onto it.
+        client._clean_session = clean_start
     try:
         if client.protocol == paho.MQTTv5:
             client.connect(url.host, url.port, keepalive=keepalive, clean_start=clean_start, properties=props)
@@ -145,8 +158,6 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
     client.loop_start()
     ok = done.wait(timeout)
     client.on_connect = prev
-    if prev is not None:
-        client.on_connect = prev
     if not ok:
         client.loop_stop()
         raise ConnectError(f"no answer from broker {url.redacted()} within {timeout:.0f}s")

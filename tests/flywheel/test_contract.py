@@ -1,0 +1,142 @@
+"""The wire contract: round trips, and one clear error type for every kind of bad payload."""
+
+import json
+import math
+
+import msgspec
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from flywheel import contract as c
+
+TOPICS = c.Topics("factory")
+
+
+def telemetry(**kw):
+    base = dict(event_id=c.event_id(7, "mill-01", 3), seq=3, ts=1_767_225_600.0, line="L1",
+                machine="mill-01", kind="milling",
+                readings={"air_temp_k": 300.2, "process_temp_k": 310.1, "rotational_speed_rpm": 1500.0,
+                          "torque_nm": 41.5, "vibration_mm_s": 2.2, "spindle_current_a": 12.1})
+    base.update(kw)
+    return c.Telemetry(**base)
+
+
+def test_round_trip_every_message_type():
+    msgs = [
+        telemetry(),
+        c.MachineEvent(event_id="e1", seq=4, ts=1.0, line="L1", machine="mill-01", type="failure", mode="TWF"),
+        c.MachineEvent(event_id="e2", seq=5, ts=2.0, line="L1", machine="mill-01", type="maintenance_start",
+                       reason="planned", finding="ok", command_id="c9"),
+        c.Prediction(ts=3.0, line="L1", machine="mill-01", model_version="4",
+                     probs={"ok": 0.9, "TWF": 0.1}, window_end_seq=3),
+        c.Command(command_id="c9", line="L1", machine="mill-01", command="maintain", reason="risk 0.8",
+                  model_version="4"),
+        c.Status(component="sim", online=True, counters={"published": 10}),
+    ]
+    for m in msgs:
+        topic = TOPICS.for_message(m)
+        payload = c.encode(m)
+        assert json.loads(payload)["schema"].endswith("/1")
+        assert c.decode(topic, payload) == m
+
+
+def test_topics_build_and_parse():
+    assert TOPICS.telemetry("L1", "m1") == "factory/L1/m1/telemetry"
+    info = TOPICS.parse("factory/L2/pump-03/command")
+    assert (info.channel, info.line, info.machine) == ("command", "L2", "pump-03")
+    assert TOPICS.parse("factory/_status/ingest-0").component == "ingest-0"
+    assert TOPICS.pattern("event") == "factory/+/+/event"
+    deep = c.Topics("plant/a")
+    assert deep.parse(deep.event("L1", "m")).channel == "event"
+    for bad in ("other/L1/m1/telemetry", "factory/L1/telemetry", "factory/L1/m1/nope", "factory/L 1/m1/event"):
+        with pytest.raises(c.ContractError) as e:
+            TOPICS.parse(bad)
+        assert e.value.reason == "bad_topic"
+
+
+def test_event_id_is_deterministic_and_distinct():
+    assert c.event_id(1, "m", 5) == c.event_id(1, "m", 5)
+    assert len({c.event_id(s, m, q) for s in (1, 2) for m in ("a", "b") for q in range(50)}) == 200
+
+
+GOOD = c.encode(telemetry())
+TOPIC = TOPICS.telemetry("L1", "mill-01")
+
+
+@pytest.mark.parametrize("payload,reason,field", [
+    (b"\xff\xfe\x00", "not_utf8", None),
+    (b"{not json", "not_json", None),
+    (b"[1, 2]", "not_object", None),
+    (GOOD.replace(b'"telemetry/1"', b'"telemetry/2"'), "unknown_schema", "schema"),
+    (GOOD.replace(b'"telemetry/1"', b'"event/1"'), "unknown_schema", "schema"),
+    (GOOD.replace(b'"seq":3,', b""), "missing_field", "seq"),
+    (GOOD.replace(b'"seq":3', b'"seq":"3"'), "wrong_type", "seq"),
+    (GOOD.replace(b"300.2", b'"hot"'), "wrong_type", None),
+    (GOOD.replace(b"300.2", b"1e999"), "non_finite", None),
+    (GOOD.replace(b"300.2", b"-4.0"), "impossible_value", "readings.air_temp_k"),
+    (GOOD.replace(b"41.5", b"-41.5"), "impossible_value", "readings.torque_nm"),
+    (GOOD.replace(b'"kind":"milling"', b'"kind":"lathe"'), "bad_value", "kind"),
+    (GOOD.replace(b'"machine":"mill-01"', b'"machine":"mill-02"'), "topic_mismatch", "machine"),
+    (GOOD.replace(b'"seq":3', b'"seq":-1'), "bad_value", "seq"),
+])
+def test_bad_payloads_raise_one_error_type_naming_the_problem(payload, reason, field):
+    with pytest.raises(c.ContractError) as e:
+        c.decode(TOPIC, payload)
+    assert e.value.reason == reason, str(e.value)
+    if field:
+        assert e.value.field == field
+    assert reason in str(e.value)
+
+
+def test_nan_written_by_a_lenient_producer_is_rejected():
+    raw = json.loads(GOOD)
+    raw["readings"]["torque_nm"] = float("nan")
+    with pytest.raises(c.ContractError) as e:
+        c.decode(TOPIC, json.dumps(raw).encode())  # Python's json writes NaN, which is not JSON
+    assert e.value.reason in ("not_json", "non_finite")
+
+
+def test_oversize_payload_rejected_with_configurable_cap():
+    with pytest.raises(c.ContractError) as e:
+        c.decode(TOPIC, GOOD, max_bytes=100)
+    assert e.value.reason == "too_large" and e.value.value == len(GOOD)
+    assert c.decode(TOPIC, GOOD, max_bytes=len(GOOD)) == telemetry()
+
+
+def test_encode_refuses_invalid_messages():
+    with pytest.raises(c.ContractError):
+        c.encode(telemetry(readings={"torque_nm": math.inf}))
+    with pytest.raises(c.ContractError):
+        c.encode(c.Prediction(ts=1, line="L", machine="m", model_version="1", probs={"ok": 0.5}, window_end_seq=1))
+    with pytest.raises(c.ContractError):
+        c.encode(c.MachineEvent(event_id="e", seq=1, ts=1, line="L", machine="m", type="failure", mode="ok"))
+
+
+def test_unknown_extra_fields_are_ignored_for_forward_compatibility():
+    raw = json.loads(GOOD)
+    raw["firmware"] = "2.1"
+    assert c.decode(TOPIC, json.dumps(raw).encode()) == telemetry()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_never_escape_as_anything_but_contract_error(data):
+    try:
+        c.decode(TOPIC, data)
+    except c.ContractError as e:
+        assert e.reason in c.ContractError.REASONS
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["seq", "ts", "line", "machine", "kind", "readings", "schema", "event_id"]),
+                       st.one_of(st.none(), st.integers(), st.floats(), st.text(max_size=5),
+                                 st.dictionaries(st.text(max_size=4), st.floats(), max_size=3))))
+def test_arbitrary_json_objects_are_decoded_or_rejected_cleanly(obj):
+    try:
+        payload = msgspec.json.encode(obj)
+    except (OverflowError, msgspec.EncodeError):
+        return
+    try:
+        c.decode(TOPIC, payload)
+    except c.ContractError as e:
+        assert e.reason in c.ContractError.REASONS
