@@ -1,0 +1,126 @@
+"""The campaign config: one typed object for a whole run of the flywheel.
+
+A campaign is turn 0 (the plant under run-to-failure, collecting the first data) plus
+``turns`` learning turns, each over ``period`` of plant time.  Stage settings are passed
+through to each stage's own typed config (``dataset`` -> ``ingest.BuildConfig``,
+``train`` -> ``finetune.TrainConfig``, ``serve`` / ``bridge`` -> ``serve``'s configs), and
+checked against them when the campaign is loaded, so a typo fails at once, not at turn 3.
+
+    flywheel demo                                  # flywheel/configs/demo.yaml
+    flywheel run --config my.yaml turns=5 seed=2   # any file, with overrides
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from flywheel.config import ConfigError, from_dict, load, parse_duration
+
+
+@dataclass
+class BaselineConfig:
+    fixed_interval_s: dict[str, float] = field(
+        default_factory=lambda: {"milling": 9000.0, "pump": 86400.0},
+        metadata={"help": "fixed-interval preventive maintenance: run time between services, per kind"})
+    oracle_lead_s: float = field(default=1800.0, metadata={
+        "help": "the oracle maintains when the true time to failure is below this (the physical limit)"})
+
+
+@dataclass
+class CampaignConfig:
+    campaign: str = field(default="demo", metadata={"help": "campaign name (MLflow experiment flywheel-<name>)"})
+    scenario: str = field(default="demo", metadata={"help": "factory_sim scenario name or YAML path"})
+    scenario_overrides: list[str] = field(default_factory=list, metadata={"help": "key=value for the scenario"})
+    seed: int = field(default=0, metadata={"help": "plant, split and training seed"})
+    turns: int = field(default=3, metadata={"help": "learning turns after turn 0"})
+    period: str = field(default="2d", metadata={"help": "plant time per turn (90m, 12h, 2d)"})
+    model_name: str = field(default="fault-detector", metadata={"help": "MLflow registered model"})
+    base_model: str = field(default="minilm", metadata={"help": "minilm, a local model dir or a hub id"})
+    topic_root: str = field(default="factory", metadata={"help": "MQTT topic root"})
+    collectors: int = field(default=1, metadata={"help": "ingest collector actors"})
+    lockstep_timeout_s: float = field(default=60.0, metadata={"help": "sim waits this long for the model"})
+    window: dict = field(default_factory=dict, metadata={"help": "flywheel.features.WindowConfig fields"})
+    dataset: dict = field(default_factory=dict, metadata={"help": "ingest.BuildConfig fields (besides window)"})
+    train: dict = field(default_factory=dict, metadata={"help": "finetune.TrainConfig fields"})
+    serve: dict = field(default_factory=dict, metadata={"help": "serve.ServeConfig fields"})
+    bridge: dict = field(default_factory=dict, metadata={"help": "serve.BridgeConfig fields (threshold, cooldown...)"})
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+    def __post_init__(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.campaign):
+            raise ConfigError(f"campaign name should be 1-64 of [A-Za-z0-9_.-], got {self.campaign!r}")
+        if self.turns < 0:
+            raise ConfigError(f"turns should be >= 0, got {self.turns}")
+        if parse_duration(self.period) <= 0:
+            raise ConfigError(f"period should be a positive plant time such as 2d, got {self.period!r}")
+        if self.collectors < 1:
+            raise ConfigError(f"collectors should be >= 1, got {self.collectors}")
+
+    @property
+    def period_s(self) -> float:
+        return parse_duration(self.period)
+
+    @property
+    def run_name(self) -> str:
+        return self.campaign
+
+
+def default_config_path(name: str = "demo") -> Path:
+    return Path(str(resources.files("flywheel") / "configs" / f"{name}.yaml"))
+
+
+def load_campaign(path: str | None = None, overrides: list[str] | tuple[str, ...] = (),
+                  validate_stages: bool = True) -> CampaignConfig:
+    """Load a campaign config (default: the embedded demo) and check every stage section."""
+    cfg = load(CampaignConfig, path or default_config_path("demo"), list(overrides))
+    if validate_stages:
+        stage_configs(cfg)
+    return cfg
+
+
+def stage_configs(cfg: CampaignConfig):
+    """Build each stage's typed config from the campaign; errors name the section and key."""
+    from flywheel.features import WindowConfig
+
+    try:
+        window = from_dict(WindowConfig, cfg.window, prefix="window.")
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    out = {"window": window}
+    from ingest import BuildConfig
+
+    build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
+    data = dict(cfg.dataset)
+    if "window" in build_fields:
+        data["window"] = window
+    if "seed" in build_fields:
+        data.setdefault("seed", cfg.seed)
+    out["dataset"] = _build(BuildConfig, data, "dataset.")
+    from finetune import TrainConfig
+
+    train = dict(cfg.train)
+    train.setdefault("base_model", cfg.base_model)
+    train.setdefault("seed", cfg.seed)
+    out["train"] = _build(TrainConfig, train, "train.")
+    from serve import BridgeConfig, ServeConfig
+
+    out["serve"] = _build(ServeConfig, dict(cfg.serve), "serve.")
+    bridge = dict(cfg.bridge)
+    bridge_fields = {f.name for f in dataclasses.fields(BridgeConfig)}
+    if "window" in bridge_fields:
+        bridge["window"] = window
+    out["bridge"] = _build(BridgeConfig, bridge, "bridge.")
+    return out
+
+
+def _build(cls, data: dict, prefix: str):
+    try:
+        return from_dict(cls, data, prefix=prefix)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from None

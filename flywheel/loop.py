@@ -1,0 +1,545 @@
+"""The flywheel turn loop: deployment makes data, data makes a model, the model makes a plant.
+
+Read :func:`run_turn` top to bottom; it is the whole idea::
+
+    turn 0 : run the plant under run-to-failure (no model) -> the lake fills with telemetry,
+             failures and their labels
+    turn k : build a dataset snapshot from the lake -> train a challenger (LoRA) ->
+             evaluate it against the champion on the same held-out slice -> gate ->
+             promote -> Serve hot-swaps to the champion -> run the next plant period with
+             maintenance driven by the served model's commands over MQTT
+
+Hand-offs between stages are durable artifacts (a dataset id, an MLflow alias), never
+callbacks, so any stage can be rerun or replaced.  The same plant periods also run
+in-process under three baselines (run-to-failure, fixed-interval maintenance, and an
+oracle that knows the true condition: the physical limit), so every turn reports how much
+of the run-to-failure -> oracle gap the model has closed.
+
+State lives in ``<workdir>/campaigns/<campaign>/``: ``state.json`` (finished turns and
+their metrics) and the plant's exact state at the last turn boundary, so a rerun with the
+same workdir continues the campaign where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from flywheel.campaign import CampaignConfig, stage_configs
+from flywheel.config import ConfigError
+from flywheel.live import LiveView, LoopStatus
+
+log = logging.getLogger("flywheel.loop")
+
+STATE_VERSION = 1
+POLICIES = ("run_to_failure", "fixed_interval", "oracle")
+
+
+class CampaignError(RuntimeError):
+    """The campaign cannot continue; the message says what to do."""
+
+
+# --------------------------------------------------------------------------- state
+def campaign_dir(workdir: str | os.PathLike, campaign: str) -> Path:
+    return Path(workdir) / "campaigns" / campaign
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_state(workdir, campaign: str) -> dict | None:
+    p = campaign_dir(workdir, campaign) / "state.json"
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise CampaignError(f"{p} is corrupt ({exc}); move it away to start the campaign over") from None
+
+
+def _config_fingerprint(cfg: CampaignConfig) -> str:
+    """Everything that changes the campaign's results except how many turns it runs."""
+    d = dataclasses.asdict(cfg)
+    d.pop("turns", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class StageTimer:
+    """Wall seconds per stage of a turn, so the slowest stage is visible."""
+
+    def __init__(self, view: LiveView):
+        self.view = view
+        self.wall_s: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str, label: str | None = None):
+        self.view.stage(label or stage)
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.wall_s[stage] = self.wall_s.get(stage, 0.0) + time.monotonic() - t0
+
+
+# --------------------------------------------------------------------------- baselines
+class Baselines:
+    """The same plant periods under run-to-failure, fixed-interval and oracle policies, in-process."""
+
+    def __init__(self, scenario, seed: int, cfg, states: dict[str, bytes] | None = None):
+        from factory_sim import Plant
+        from factory_sim.policies import FixedInterval, Oracle, RunToFailure
+
+        self.policies = {
+            "run_to_failure": RunToFailure(),
+            "fixed_interval": FixedInterval(cfg.fixed_interval_s),
+            "oracle": Oracle(cfg.oracle_lead_s),
+        }
+        if states:
+            self.plants = {k: Plant.from_state_bytes(states[k]) for k in POLICIES}
+        else:
+            self.plants = {k: Plant(scenario, seed=seed) for k in POLICIES}
+
+    def run_period(self, period_s: float) -> dict[str, dict]:
+        out = {}
+        for name in POLICIES:
+            plant = self.plants[name]
+            plant.reset_kpis()
+            plant.run(period_s, policy=self.policies[name])
+            out[name] = plant.kpis().to_dict()
+        return out
+
+    def states(self) -> dict[str, bytes]:
+        return {k: p.state_bytes() for k, p in self.plants.items()}
+
+
+def gap_closed(oee_model: float, oee_rtf: float, oee_oracle: float) -> float | None:
+    """Fraction of the run-to-failure -> oracle OEE gap the model's policy has closed."""
+    gap = oee_oracle - oee_rtf
+    if gap <= 1e-9:
+        return None
+    return (oee_model - oee_rtf) / gap
+
+
+# --------------------------------------------------------------------------- the loop
+class Campaign:
+    """Owns the running stack (broker, Ray, ingest, serve, bridge) for one campaign."""
+
+    def __init__(self, cfg: CampaignConfig, workdir: str | os.PathLike, *, broker_url: str | None = None,
+                 mlflow_uri: str | None = None, ray_address: str | None = None, view: bool | None = None):
+        self.cfg = cfg
+        self.stages = stage_configs(cfg)
+        self.workdir = Path(workdir).resolve()
+        self.dir = campaign_dir(self.workdir, cfg.campaign)
+        self.lake_uri = str(self.workdir / "lake")
+        self.tracking_uri = mlflow_uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
+        self.broker_url = broker_url
+        self.ray_address = ray_address
+        self.status = LoopStatus(campaign=cfg.campaign, turns=cfg.turns)
+        self.view = LiveView(self.status, enabled=view)
+        self.stack = contextlib.ExitStack()
+        self.serving = None
+        self.published_total = 0
+        self.state: dict = {}
+
+    # -- set-up -------------------------------------------------------------
+    def __enter__(self) -> "Campaign":
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.stack.__enter__()
+        try:
+            self._start()
+        except BaseException:
+            self.stack.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.view.stage("stopping")
+        self.stack.__exit__(*exc)
+
+    def _start(self) -> None:
+        from factory_sim import Plant, load_scenario
+
+        cfg = self.cfg
+        self.stack.enter_context(self.view)
+        state = load_state(self.workdir, cfg.campaign)
+        if state and state.get("fingerprint") != _config_fingerprint(cfg):
+            raise CampaignError(
+                f"{self.dir} holds campaign {cfg.campaign!r} run with a different config; continue it with the "
+                f"same config (only `turns` may change), or pick another --workdir or campaign=<name>")
+        self.state = state or {"version": STATE_VERSION, "campaign": cfg.campaign, "seed": cfg.seed,
+                               "fingerprint": _config_fingerprint(cfg), "config": dataclasses.asdict(cfg),
+                               "created": datetime.now(timezone.utc).isoformat(), "turns": [],
+                               "last_snapshot": None, "parent_run_id": None}
+        self.scenario = load_scenario(cfg.scenario, overrides=list(cfg.scenario_overrides))
+        if self.state["turns"]:
+            self.plant = Plant.from_state_bytes((self.dir / "plant.state").read_bytes())
+            states = {k: (self.dir / f"baseline-{k}.state").read_bytes() for k in POLICIES}
+            self.baselines = Baselines(self.scenario, cfg.seed, cfg.baselines, states)
+            self.view.log(f"resuming campaign {cfg.campaign!r} after turn {self.state['turns'][-1]['turn']}")
+        else:
+            self.plant = Plant(self.scenario, seed=cfg.seed)
+            self.baselines = Baselines(self.scenario, cfg.seed, cfg.baselines)
+
+        self.view.stage("starting broker")
+        if self.broker_url is None:
+            from flywheel.broker import EmbeddedBroker
+
+            broker = EmbeddedBroker(data_dir=self.workdir / "broker")
+            broker.start()
+            self.stack.callback(broker.close)
+            self.broker_url = broker.url
+        self.view.stage("starting Ray")
+        import ray
+
+        if not ray.is_initialized():
+            if self.ray_address:
+                ray.init(address=self.ray_address, log_to_driver=False)
+            else:
+                # Logical CPUs above the physical count: Serve, ingest and training share a
+                # laptop's cores in turn, never all at full load at once.
+                ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+            self.stack.callback(ray.shutdown)
+        self.view.stage("starting MLflow")
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        exp = mlflow.set_experiment(f"flywheel-{cfg.campaign}")
+        if self.state["parent_run_id"]:
+            parent = mlflow.start_run(run_id=self.state["parent_run_id"])
+        else:
+            parent = mlflow.start_run(run_name=cfg.campaign, tags={"flywheel.campaign": cfg.campaign})
+            self.state["parent_run_id"] = parent.info.run_id
+            self.state["experiment_id"] = exp.experiment_id
+            mlflow.log_params(_flat_params(cfg))
+        self.stack.callback(mlflow.end_run)
+
+        self.view.stage("starting ingest")
+        from ingest import IngestConfig, start_ingest
+
+        ingest_fields = {f.name for f in dataclasses.fields(IngestConfig)}
+        ingest_kw = {"num_collectors": cfg.collectors} if "num_collectors" in ingest_fields else {}
+        self.ingest = start_ingest(self.broker_url, self.lake_uri, IngestConfig(**ingest_kw),
+                                   topic_root=cfg.topic_root)
+        self.stack.callback(self.ingest.stop)
+        self.stack.callback(self._stop_serving)
+
+    def _stop_serving(self) -> None:
+        if self.serving is not None:
+            self.serving.shutdown()
+            self.serving = None
+
+    # -- the turns ----------------------------------------------------------
+    def run(self, max_new_turns: int | None = None) -> dict:
+        first = len(self.state["turns"])
+        last = self.cfg.turns if max_new_turns is None else min(self.cfg.turns, first + max_new_turns - 1)
+        if first > self.cfg.turns:
+            self.view.log(f"campaign {self.cfg.campaign!r} already ran {first - 1} learning turns "
+                          f"(turns={self.cfg.turns}); raise turns=N to continue it")
+        if first > 0 and self.state["turns"][-1].get("champion_version"):
+            self._ensure_serving(self.state["turns"][-1]["champion_version"])
+        for turn in range(first, last + 1):
+            record = self.run_turn(turn)
+            self.state["turns"].append(record)
+            self._save()
+            self.status.history.append(_history_row(record))
+            self.view.log(_summary_line(record))
+        self.view.stage("done")
+        return self.state
+
+    def run_turn(self, turn: int) -> dict:
+        """One turn of the flywheel, top to bottom."""
+        import mlflow
+
+        cfg, st = self.cfg, self.stages
+        self.status.turn = turn
+        timer = StageTimer(self.view)
+        record: dict = {"turn": turn, "started": datetime.now(timezone.utc).isoformat()}
+        t_turn = time.monotonic()
+        with mlflow.start_run(run_name=f"turn-{turn}", nested=True,
+                              tags={"flywheel.turn": str(turn), "flywheel.campaign": cfg.campaign}) as child:
+            record["run_id"] = child.info.run_id
+            champion = self.state["turns"][-1].get("champion_version") if self.state["turns"] else None
+
+            if turn > 0:
+                # 1. Data: a versioned snapshot of everything the plant has produced so far.
+                from ingest import build_snapshot
+
+                with timer("dataset", "building dataset snapshot"):
+                    snap = build_snapshot(self.lake_uri, st["dataset"], previous=self.state["last_snapshot"],
+                                          mlflow_run_id=child.info.run_id)
+                self.state["last_snapshot"] = snap.dataset_id
+                record["dataset_id"] = snap.dataset_id
+                record["data"] = _data_counts(snap.manifest)
+                self.status.dataset = f"{snap.dataset_id}  ({record['data']['windows_train']} train / " \
+                                      f"{record['data']['windows_eval']} eval windows)"
+
+                # 2. Model: train a challenger, score it and the champion on the same eval
+                #    slice, promote it only if it wins by the configured margin.
+                from finetune import train_and_register
+
+                with timer("train", "training challenger (LoRA)"):
+                    self.status.train_progress = "training..."
+                    outcome = train_and_register(
+                        snap.path, st["train"], self.tracking_uri, model_name=cfg.model_name,
+                        campaign=cfg.campaign, turn=turn, run_id=child.info.run_id,
+                        ray_address=self.ray_address, progress=False)
+                record.update(challenger_version=outcome.version, promoted=outcome.promoted,
+                              gate_reason=outcome.reason, eval=_prefixed(outcome.challenger_metrics, "eval."),
+                              champion_eval=_prefixed(outcome.champion_metrics or {}, "eval."),
+                              train=_prefixed(outcome.train_metrics, "train."))
+                self.status.train_progress = f"v{outcome.version}: {'promoted' if outcome.promoted else 'refused'}" \
+                                             f" ({outcome.reason})"
+                champion = outcome.champion_version
+
+                # 3. Deploy: Serve hot-swaps to whatever holds the champion alias now.
+                if champion:
+                    with timer("swap", f"hot-swapping Serve to v{champion}"):
+                        self._ensure_serving(champion)
+            record["champion_version"] = champion
+            self.status.champion = f"v{champion}" if champion else "none (run to failure)"
+
+            # 4. Plant: run the next period; the served model's commands drive maintenance.
+            with timer("plant", f"running the plant for {cfg.period} of plant time"):
+                sim = self._run_period(lockstep=champion is not None)
+            with timer("ingest", "waiting for ingest to land the period"):
+                landed = self.ingest.wait_landed(self.published_total, timeout_s=max(120.0, sim["published"] / 500))
+            factory = self.plant.kpis().to_dict()
+            record["sim"] = sim
+            record["ingest"] = {k: v for k, v in landed.items() if isinstance(v, (int, float))}
+            record["factory"] = factory
+
+            # 5. Baselines: the same period under run-to-failure, fixed-interval and oracle.
+            with timer("baselines", "running baselines (in-process)"):
+                record["baselines"] = self.baselines.run_period(cfg.period_s)
+            record["gap_closed"] = gap_closed(factory["oee"], record["baselines"]["run_to_failure"]["oee"],
+                                              record["baselines"]["oracle"]["oee"])
+            record["failures_avoided"] = record["baselines"]["run_to_failure"]["failures"] - factory["failures"]
+            record["wall_s"] = {**timer.wall_s, "turn": time.monotonic() - t_turn}
+            self._log_turn(record)
+        return record
+
+    def _ensure_serving(self, version: str) -> None:
+        from serve import start_serving
+
+        if self.serving is None:
+            self.serving = start_serving(self.tracking_uri, model_name=self.cfg.model_name, alias="champion",
+                                         config=self.stages["serve"], ray_address=self.ray_address)
+        else:
+            self.serving.refresh()
+        self.serving.wait_for_version(str(version), timeout_s=300)
+
+    def _run_period(self, lockstep: bool) -> dict:
+        """Run one plant period over MQTT; with a model, in lockstep with the serving bridge."""
+        from factory_sim.mqtt_runner import MqttSimRunner
+
+        cfg = self.cfg
+        self.plant.reset_kpis()
+        bridge = None
+        if lockstep:
+            from serve.bridge import Bridge
+
+            bridge = Bridge(self.broker_url, self.serving.url, self.stages["bridge"], topic_root=cfg.topic_root)
+            bridge.start()
+        runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
+                               lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,
+                               **_runner_window_kwargs(MqttSimRunner, self.stages["window"]))
+        start_ts = self.plant.now_ts
+        result: dict = {}
+        done = threading.Event()
+
+        def target():
+            try:
+                result["summary"] = runner.run(cfg.period_s)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the loop's thread below
+                result["error"] = exc
+            finally:
+                done.set()
+
+        thread = threading.Thread(target=target, name="flywheel-plant", daemon=True)
+        thread.start()
+        try:
+            while not done.wait(0.25):
+                self._update_plant_status(start_ts, bridge)
+        except KeyboardInterrupt:
+            if hasattr(runner, "stop"):
+                runner.stop()
+            thread.join(10)
+            raise
+        finally:
+            if bridge is not None:
+                stats = bridge.stats()
+                bridge.stop()
+        if "error" in result:
+            raise result["error"]
+        summary = result["summary"]
+        out = _as_dict(summary)
+        published = int(out.get("published", 0))
+        self.published_total += published
+        out["published"] = published
+        if bridge is not None:
+            out["bridge"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+        self._update_plant_status(start_ts, None)
+        return out
+
+    def _update_plant_status(self, start_ts: float, bridge) -> None:
+        s = self.status
+        now = self.plant.now_ts
+        s.plant_time = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        s.period_done_frac = min(1.0, (now - start_ts) / self.cfg.period_s)
+        try:
+            st = self.ingest.status()
+            s.events_landed = int(st.get("landed", 0))
+            s.deadlettered = int(st.get("deadlettered", 0))
+            s.events_published = max(s.events_published, s.events_landed)
+            k = self.plant.kpis().to_dict()
+            s.oee_so_far = k.get("oee")
+            if bridge is not None:
+                s.commands = int(bridge.stats().get("commands", 0))
+        except Exception:  # noqa: BLE001 - the view must never break the loop
+            pass
+
+    def _log_turn(self, r: dict) -> None:
+        import mlflow
+
+        metrics: dict[str, float] = {}
+        for k, v in r.get("data", {}).items():
+            metrics[f"data.{k}"] = v
+        metrics.update(r.get("eval", {}))
+        metrics.update(r.get("train", {}))
+        for k, v in r["factory"].items():
+            if isinstance(v, (int, float)):
+                metrics[f"factory.{k}"] = v
+        for name, kp in r["baselines"].items():
+            for k in ("oee", "unplanned_downtime_min", "failures", "maintenance_needed", "maintenance_unneeded"):
+                if k in kp:
+                    metrics[f"baseline.{name}.{k}"] = kp[k]
+        if r.get("gap_closed") is not None:
+            metrics["factory.gap_closed"] = r["gap_closed"]
+        metrics["factory.failures_avoided"] = r["failures_avoided"]
+        for k, v in r.get("sim", {}).get("bridge", {}).items():
+            metrics[f"serve.bridge_{k}"] = v
+        metrics["turn.wall_s"] = r["wall_s"]["turn"]
+        for k, v in r["wall_s"].items():
+            if k != "turn":
+                metrics[f"turn.stage_s.{k}"] = v
+        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        mlflow.log_metrics(metrics)
+        if r.get("champion_version"):
+            mlflow.set_tag("serve.model_version", r["champion_version"])
+        mlflow.log_dict(r, "turn.json")
+        # the parent run carries the curve, one step per turn
+        client = mlflow.MlflowClient()
+        for k in ("factory.oee", "eval.macro_f1", "eval.auroc_any_failure", "factory.gap_closed",
+                  "factory.unplanned_downtime_min"):
+            if k in metrics:
+                client.log_metric(self.state["parent_run_id"], k, metrics[k], step=r["turn"])
+
+    def _save(self) -> None:
+        _atomic_write(self.dir / "plant.state", self.plant.state_bytes())
+        for k, b in self.baselines.states().items():
+            _atomic_write(self.dir / f"baseline-{k}.state", b)
+        _atomic_write(self.dir / "state.json", json.dumps(self.state, indent=2, default=str).encode())
+
+
+# --------------------------------------------------------------------------- helpers
+def _runner_window_kwargs(runner_cls, window) -> dict:
+    import inspect
+
+    params = inspect.signature(runner_cls).parameters
+    out = {}
+    if "stride_s" in params:
+        out["stride_s"] = window.stride_s
+    if "window_length" in params:
+        out["window_length"] = window.length
+    return out
+
+
+def _as_dict(obj) -> dict:
+    if obj is None:
+        return {}
+    if isinstance(obj, dict):
+        return dict(obj)
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+
+
+def _prefixed(metrics: dict, prefix: str) -> dict:
+    return {(k if k.startswith(prefix) else prefix + k): v for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _data_counts(manifest: dict) -> dict:
+    counts = manifest.get("counts", {})
+    train = counts.get("train", {})
+    ev = counts.get("eval", {})
+    out = {"windows_train": int(sum(train.values())), "windows_eval": int(sum(ev.values()))}
+    out["failure_windows_train"] = int(sum(v for k, v in train.items() if k != "ok"))
+    for k in ("events", "telemetry", "duplicates_removed"):
+        if isinstance(manifest.get(k), (int, float)):
+            out[k] = manifest[k]
+    return out
+
+
+def _flat_params(cfg: CampaignConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    out = {}
+
+    def walk(prefix, v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                walk(f"{prefix}{k}.", x)
+        else:
+            out[prefix.rstrip(".")] = str(v)[:500]
+
+    walk("", d)
+    return out
+
+
+def _fmt(x, pct=False, nd=3):
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.{nd}f}"
+
+
+def _history_row(r: dict) -> dict:
+    b = r["baselines"]
+    return {"turn": r["turn"], "windows": r.get("data", {}).get("windows_train", "-"),
+            "macro_f1": _fmt(r.get("eval", {}).get("eval.macro_f1")),
+            "auroc": _fmt(r.get("eval", {}).get("eval.auroc_any_failure")),
+            "model": f"v{r['champion_version']}" if r.get("champion_version") else "-",
+            "oee": _fmt(r["factory"]["oee"], pct=True), "oee_rtf": _fmt(b["run_to_failure"]["oee"], pct=True),
+            "oee_oracle": _fmt(b["oracle"]["oee"], pct=True), "gap": _fmt(r.get("gap_closed"), pct=True),
+            "failures": r["factory"]["failures"], "wall": f"{r['wall_s']['turn']:.0f}"}
+
+
+def _summary_line(r: dict) -> str:
+    h = _history_row(r)
+    return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}, AUROC {h['auroc']}, "
+            f"OEE {h['oee']} (run-to-failure {h['oee_rtf']}, oracle {h['oee_oracle']}, gap closed {h['gap']}), "
+            f"failures {h['failures']}, {h['wall']} s")
+
+
+def run_campaign(cfg: CampaignConfig, workdir, *, broker_url=None, mlflow_uri=None, ray_address=None,
+                 max_new_turns: int | None = None, view: bool | None = None) -> dict:
+    """Run (or continue) a campaign; returns its state (all finished turns and their metrics)."""
+    with Campaign(cfg, workdir, broker_url=broker_url, mlflow_uri=mlflow_uri, ray_address=ray_address,
+                  view=view) as c:
+        return c.run(max_new_turns=max_new_turns)
+
+
+__all__ = ["Campaign", "CampaignError", "run_campaign", "load_state", "gap_closed", "ConfigError"]

@@ -1,0 +1,149 @@
+"""``flywheel demo | run | turn | report``: the loop from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES_DEMO = """examples:
+  flywheel demo                                   # embedded defaults: broker, local Ray, MLflow on SQLite
+  flywheel demo --seed 3 turns=4                  # another seed, one more turn
+  flywheel demo --seeds 1,2,3                     # researchers: three campaigns, report with mean and spread
+  flywheel demo --config flywheel/configs/tiny.yaml --workdir /tmp/fw   # a 2-minute smoke run
+  flywheel demo scenario=drift campaign=drift     # the drift scenario
+"""
+
+
+def register(sub, common) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("demo", help="run the whole flywheel on embedded defaults and write the report",
+                       description="Turn 0 runs the simulated plant to failure to collect data; each later turn "
+                                   "builds a dataset, fine-tunes a LoRA challenger, gates and promotes it, hot-swaps "
+                                   "Ray Serve, and runs the next plant period with maintenance driven by the model. "
+                                   "Rerun with the same --workdir to continue a campaign.",
+                       epilog=EXAMPLES_DEMO, formatter_class=fmt)
+    common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)
+    p.add_argument("--seed", type=int, default=None, help="plant/split/training seed (default: the config's, 0)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: one campaign per seed, then a combined report")
+    p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("run", help="run a campaign from a config file (any broker, Ray cluster, MLflow server)",
+                       description="Like demo, but the config file is required: point it at your broker "
+                                   "(--broker mqtts://...), cluster (--ray-address) and tracking server (--mlflow-uri).",
+                       epilog="examples:\n  flywheel run --config plant.yaml --broker mqtts://ingest:${PW}@broker:8883 "
+                              "--ray-address auto --mlflow-uri http://mlflow:5000",
+                       formatter_class=fmt)
+    common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
+    p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("turn", help="run one more turn of the campaign in --workdir",
+                       description="Continue the campaign stored in --workdir by exactly one turn "
+                                   "(against --broker / --ray-address / --mlflow-uri if given).",
+                       epilog="examples:\n  flywheel turn --workdir .flywheel turns=5", formatter_class=fmt)
+    common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)
+    p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
+    p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
+    p.set_defaults(func=cmd_turn)
+
+    p = sub.add_parser("report", help="write PNG plots and a Markdown summary of a campaign",
+                       epilog="examples:\n  flywheel report\n  flywheel report --campaign demo --seeds 1,2,3",
+                       formatter_class=fmt)
+    common.add(p, workdir=True, mlflow=True)
+    p.add_argument("--campaign", default="demo", help="campaign name (default demo)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds: aggregate campaigns <campaign>-s<seed>")
+    p.add_argument("--out", default=None, help="output directory (default <workdir>/reports/<campaign>)")
+    p.set_defaults(func=cmd_report)
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        from flywheel.config import ConfigError
+
+        raise ConfigError(f"--seeds should be comma-separated integers like 1,2,3, got {text!r}") from None
+    if not seeds:
+        from flywheel.config import ConfigError
+
+        raise ConfigError(f"--seeds should name at least one seed, got {text!r}")
+    return seeds
+
+
+def _load(args, require_config: bool = False):
+    from flywheel.campaign import load_campaign
+    from flywheel.config import ConfigError
+
+    if require_config and not args.config:
+        raise ConfigError("flywheel run needs --config FILE (flywheel demo runs the embedded defaults)")
+    overrides = list(args.overrides)
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"seed={args.seed}")
+    return load_campaign(args.config, overrides)
+
+
+def _run(args, cfg, max_new_turns=None) -> int:
+    from flywheel.loop import CampaignError, run_campaign
+    from flywheel.report import write_report
+
+    try:
+        run_campaign(cfg, args.workdir, broker_url=args.broker, mlflow_uri=args.mlflow_uri,
+                     ray_address=args.ray_address, max_new_turns=max_new_turns,
+                     view=False if args.no_live else None)
+    except CampaignError as exc:
+        print(f"flywheel: {exc}", file=sys.stderr)
+        return 1
+    md = write_report(args.workdir, cfg.campaign, tracking_uri=args.mlflow_uri)
+    _where_to_look(args, md)
+    return 0
+
+
+def _where_to_look(args, md: Path) -> None:
+    wd = Path(args.workdir).resolve()
+    uri = args.mlflow_uri or f"sqlite:///{wd / 'mlflow.db'}"
+    print(f"\nreport:  {md}\nplots:   {md.parent}/*.png\n"
+          f"MLflow:  mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+
+
+def cmd_demo(args) -> int:
+    import dataclasses
+
+    from flywheel.report import write_report
+
+    cfg = _load(args)
+    seeds = _seeds(args.seeds)
+    if not seeds:
+        return _run(args, cfg)
+    for s in seeds:
+        rc = _run(args, dataclasses.replace(cfg, seed=s, campaign=f"{cfg.campaign}-s{s}"))
+        if rc:
+            return rc
+    md = write_report(args.workdir, cfg.campaign, seeds=seeds, tracking_uri=args.mlflow_uri)
+    _where_to_look(args, md)
+    return 0
+
+
+def cmd_run(args) -> int:
+    return _run(args, _load(args, require_config=True))
+
+
+def cmd_turn(args) -> int:
+    return _run(args, _load(args), max_new_turns=1)
+
+
+def cmd_report(args) -> int:
+    from flywheel.report import ReportError, write_report
+
+    try:
+        md = write_report(args.workdir, args.campaign, seeds=_seeds(args.seeds), out_dir=args.out,
+                          tracking_uri=args.mlflow_uri)
+    except ReportError as exc:
+        print(f"flywheel report: {exc}", file=sys.stderr)
+        return 1
+    _where_to_look(args, md)
+    return 0

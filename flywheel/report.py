@@ -1,0 +1,222 @@
+"""``flywheel report``: PNG plots and a Markdown summary of one or more campaigns.
+
+Reads ``<workdir>/campaigns/<campaign>/state.json`` (written by the loop at every turn),
+so it needs no running service.  With several seeds (``--seeds 1,2,3``: campaigns named
+``<campaign>-s<seed>``) it plots the mean and the spread across seeds.
+
+    flywheel report --workdir .flywheel                  # the demo campaign
+    flywheel report --campaign drift --seeds 1,2,3
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from flywheel.loop import POLICIES, campaign_dir, load_state
+
+LABELS = {"run_to_failure": "run to failure", "fixed_interval": "fixed-interval PM", "oracle": "oracle (limit)"}
+COLORS = {"model": "#1f77b4", "run_to_failure": "#d62728", "fixed_interval": "#ff7f0e", "oracle": "#2ca02c"}
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def turn_table(state: dict) -> list[dict]:
+    """One flat row per turn: the numbers the report plots and tabulates."""
+    rows = []
+    for r in state["turns"]:
+        b = r["baselines"]
+        row = {
+            "turn": r["turn"],
+            "model_version": r.get("champion_version") or "-",
+            "promoted": r.get("promoted"),
+            "windows_train": r.get("data", {}).get("windows_train", 0),
+            "windows_eval": r.get("data", {}).get("windows_eval", 0),
+            "macro_f1": r.get("eval", {}).get("eval.macro_f1"),
+            "auroc": r.get("eval", {}).get("eval.auroc_any_failure"),
+            "oee": r["factory"]["oee"],
+            "unplanned_downtime_min": r["factory"]["unplanned_downtime_min"],
+            "failures": r["factory"]["failures"],
+            "maintenance_needed": r["factory"].get("maintenance_needed"),
+            "maintenance_unneeded": r["factory"].get("maintenance_unneeded"),
+            "failures_avoided": r.get("failures_avoided"),
+            "gap_closed": r.get("gap_closed"),
+            "wall_s": r.get("wall_s", {}),
+        }
+        for p in POLICIES:
+            row[f"oee_{p}"] = b[p]["oee"]
+            row[f"downtime_{p}"] = b[p]["unplanned_downtime_min"]
+            row[f"failures_{p}"] = b[p]["failures"]
+        rows.append(row)
+    return rows
+
+
+def _series(tables: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    n = min(len(t) for t in tables)
+    vals = np.array([[np.nan if t[i].get(key) is None else float(t[i][key]) for i in range(n)] for t in tables])
+    turns = np.array([tables[0][i]["turn"] for i in range(n)])
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(vals, axis=0) if len(tables) > 1 else vals[0]
+        std = np.nanstd(vals, axis=0) if len(tables) > 1 else np.zeros(n)
+    return turns, mean, std
+
+
+def _plot_line(ax, tables, key, label, color, pct=False):
+    turns, mean, std = _series(tables, key)
+    k = 100 if pct else 1
+    ax.plot(turns, mean * k, marker="o", label=label, color=color)
+    if len(tables) > 1:
+        ax.fill_between(turns, (mean - std) * k, (mean + std) * k, color=color, alpha=0.2)
+
+
+def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    seeds = f" (mean ± SD over {len(tables)} seeds)" if len(tables) > 1 else ""
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    _plot_line(ax, tables, "oee", "served model", COLORS["model"], pct=True)
+    for p in POLICIES:
+        _plot_line(ax, tables, f"oee_{p}", LABELS[p], COLORS[p], pct=True)
+    ax.set(xlabel="turn (0 = run to failure, collecting data)", ylabel="OEE (%)", title=f"{title}: OEE per turn{seeds}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(out_dir / "oee.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    _plot_line(ax, tables, "unplanned_downtime_min", "served model", COLORS["model"])
+    for p in POLICIES:
+        _plot_line(ax, tables, f"downtime_{p}", LABELS[p], COLORS[p])
+    ax.set(xlabel="turn", ylabel="unplanned downtime (plant min)", title=f"{title}: unplanned downtime{seeds}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(out_dir / "downtime.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax1 = plt.subplots(figsize=(7, 4.2))
+    _plot_line(ax1, tables, "macro_f1", "macro-F1", "#9467bd")
+    _plot_line(ax1, tables, "auroc", "AUROC (any failure)", "#8c564b")
+    ax1.set(xlabel="turn", ylabel="score", ylim=(0, 1.02), title=f"{title}: model quality vs data{seeds}")
+    ax2 = ax1.twinx()
+    turns, mean, _ = _series(tables, "windows_train")
+    ax2.bar(turns, mean, alpha=0.15, color="grey", label="training windows")
+    ax2.set_ylabel("training windows")
+    h1, l1 = ax1.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax1.legend(h1 + h2, l1 + l2, loc="lower right")
+    ax1.grid(alpha=0.3)
+    paths.append(out_dir / "model_quality.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    t0 = tables[0]
+    stages = sorted({k for r in t0 for k in r["wall_s"] if k != "turn"})
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    bottom = np.zeros(len(t0))
+    for s in stages:
+        vals = np.array([r["wall_s"].get(s, 0.0) for r in t0])
+        ax.bar([r["turn"] for r in t0], vals, bottom=bottom, label=s)
+        bottom += vals
+    ax.set(xlabel="turn", ylabel="wall seconds", title=f"{title}: wall time per stage")
+    ax.legend(fontsize=8)
+    paths.append(out_dir / "wall_time.png")
+    fig.tight_layout()
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _f(x, pct=False, nd=3):
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{100 * x:.1f}%" if pct else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], title: str) -> str:
+    lines = [f"# Flywheel report: {title}", ""]
+    if len(tables) > 1:
+        lines += [f"Campaigns: {', '.join(names)} (mean ± SD across seeds).", ""]
+    lines += ["Turn 0 runs the plant under run-to-failure to collect the first data; each later turn trains a "
+              "challenger on everything collected so far, promotes it if it beats the champion, and runs the next "
+              "plant period with maintenance driven by the served model. Baselines run the same periods with the "
+              "same seed. *Gap closed* is the share of the run-to-failure -> oracle OEE gap the model closed.", ""]
+    cols = ["turn", "model", "train windows", "macro-F1", "AUROC", "OEE", "OEE run-to-failure", "OEE fixed-interval",
+            "OEE oracle", "gap closed", "unplanned downtime (min)", "failures", "failures avoided",
+            "maintenance needed/unneeded"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for i in range(min(len(t) for t in tables)):
+        if len(tables) == 1:
+            r = tables[0][i]
+            vals = [r["turn"], r["model_version"], r["windows_train"], _f(r["macro_f1"]), _f(r["auroc"]),
+                    _f(r["oee"], True), _f(r["oee_run_to_failure"], True), _f(r["oee_fixed_interval"], True),
+                    _f(r["oee_oracle"], True), _f(r["gap_closed"], True), _f(r["unplanned_downtime_min"], nd=0),
+                    r["failures"], r["failures_avoided"], f"{r['maintenance_needed']}/{r['maintenance_unneeded']}"]
+        else:
+            def ms(key, pct=False):
+                _, m, s = _series(tables, key)
+                k = 100 if pct else 1
+                return f"{m[i] * k:.1f} ± {s[i] * k:.1f}" if pct else f"{m[i]:.3f} ± {s[i]:.3f}"
+            r = tables[0][i]
+            vals = [r["turn"], "-", ms("windows_train").split(".")[0], ms("macro_f1"), ms("auroc"), ms("oee", True),
+                    ms("oee_run_to_failure", True), ms("oee_fixed_interval", True), ms("oee_oracle", True),
+                    ms("gap_closed", True), ms("unplanned_downtime_min"), ms("failures"), ms("failures_avoided"), "-"]
+        lines.append("| " + " | ".join(str(v) for v in vals) + " |")
+    lines.append("")
+    first, last = tables[0][0], tables[0][-1]
+    if len(tables[0]) > 1:
+        lines += [f"After the last turn the served model runs the plant at OEE {_f(last['oee'], True)} "
+                  f"(turn 0, run to failure: {_f(first['oee'], True)}; oracle: {_f(last['oee_oracle'], True)}), "
+                  f"closing {_f(last['gap_closed'], True)} of the gap, with macro-F1 {_f(last['macro_f1'])}.", ""]
+    lines += ["## Wall time per stage (s)", ""]
+    stages = sorted({k for r in tables[0] for k in r["wall_s"]})
+    lines += ["| turn | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+    for r in tables[0]:
+        lines.append(f"| {r['turn']} | " + " | ".join(f"{r['wall_s'].get(s, 0):.1f}" for s in stages) + " |")
+    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    return "\n".join(lines)
+
+
+def write_report(workdir, campaign: str = "demo", seeds: list[int] | None = None,
+                 out_dir: str | None = None, log_to_mlflow: bool = True, tracking_uri: str | None = None) -> Path:
+    """Write ``report.md`` and PNGs; returns the Markdown path."""
+    names = [f"{campaign}-s{s}" for s in seeds] if seeds else [campaign]
+    states = []
+    for n in names:
+        st = load_state(workdir, n)
+        if st is None or not st.get("turns"):
+            raise ReportError(f"no finished turns for campaign {n!r} in {campaign_dir(workdir, n)}; "
+                              "run `flywheel demo` (or `flywheel run`) first")
+        states.append(st)
+    tables = [turn_table(s) for s in states]
+    title = campaign if not seeds else f"{campaign} ({len(seeds)} seeds)"
+    out = Path(out_dir) if out_dir else Path(workdir) / "reports" / (campaign if not seeds else f"{campaign}-seeds")
+    plots = make_plots(tables, out, title)
+    md = out / "report.md"
+    md.write_text(markdown(tables, names, plots, title))
+    (out / "turns.json").write_text(json.dumps(tables if seeds else tables[0], indent=2, default=str))
+    if log_to_mlflow and not seeds:
+        import mlflow
+
+        uri = tracking_uri or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        run_id = states[0].get("parent_run_id")
+        if run_id:
+            for p in [md, *plots]:
+                client.log_artifact(run_id, str(p), artifact_path="report")
+    return md
