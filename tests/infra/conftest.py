@@ -237,3 +237,9 @@ def inbox_factory():
     yield make
     for box in made:
         box.close()
+
+
+@pytest.fixture
+def make_certs():
+    """Run infra/mosquitto/make_certs.py: ``make_certs(out_dir, *hosts)``."""
+    return run_make_certs
