@@ -115,8 +115,8 @@ def cmd_demo(args) -> int:
 
     from flywheel.report import write_report
 
-    cfg = _load(args)
     seeds = _seeds(args.seeds)
+    cfg = _load(args)
     if not seeds:
         return _run(args, cfg)
     for s in seeds:

@@ -1,0 +1,96 @@
+"""The whole flywheel through every real part: Mosquitto, Ray (ingest actors, Ray Data,
+Serve), MLflow on SQLite, the packaged MiniLM, the simulator driven by the served model.
+
+A tiny campaign (flywheel/configs/tiny.yaml: a few machines, 12 plant hours a turn, turn 0
+plus one learning turn) keeps it to a couple of minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory, broker, ray_local):
+    from flywheel.campaign import default_config_path, load_campaign
+    from flywheel.loop import run_campaign
+    from flywheel.report import write_report
+
+    workdir = tmp_path_factory.mktemp("e2e")
+    cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e"])
+    state = run_campaign(cfg, workdir, broker_url=broker.url, view=False)
+    report = write_report(workdir, "e2e")
+    return cfg, workdir, state, report
+
+
+def test_every_turn_ran_and_was_recorded(campaign):
+    cfg, workdir, state, _ = campaign
+    assert [t["turn"] for t in state["turns"]] == [0, 1]
+    t0, t1 = state["turns"]
+    # turn 0: plant under run to failure, everything it published landed in the lake
+    assert t0["champion_version"] is None and t0["sim"]["published"] > 0
+    assert t0["factory"]["failures"] > 0
+    # turn 1: a snapshot was built, a model trained, gated and promoted, then served
+    assert t1["dataset_id"] and t1["data"]["windows_train"] > 0 and t1["data"]["windows_eval"] > 0
+    assert t1["promoted"] is True and t1["champion_version"] == t1["challenger_version"]
+    assert 0.0 <= t1["eval"]["eval.macro_f1"] <= 1.0
+    for rec in (t0, t1):
+        assert set(rec["baselines"]) == {"run_to_failure", "fixed_interval", "oracle"}
+        assert rec["wall_s"]["turn"] > 0
+
+
+def test_simulator_received_maintenance_commands_from_the_served_model(campaign):
+    _, _, state, _ = campaign
+    t1 = state["turns"][1]
+    assert t1["sim"]["bridge"]["predictions"] > 0
+    assert t1["sim"]["commands_applied"] > 0
+    assert t1["factory"]["maintenance_needed"] + t1["factory"]["maintenance_unneeded"] > 0
+
+
+def test_mlflow_holds_parent_and_child_runs_and_the_champion(campaign):
+    import mlflow
+
+    cfg, workdir, state, _ = campaign
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("flywheel-e2e")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.info.run_id == state["parent_run_id"]]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
+    assert len(parent) == 1
+    assert sorted(r.data.tags["flywheel.turn"] for r in children) == ["0", "1"]
+    t1 = next(r for r in children if r.data.tags["flywheel.turn"] == "1")
+    for key in ("data.windows_train", "eval.macro_f1", "factory.oee", "factory.unplanned_downtime_min",
+                "baseline.oracle.oee", "turn.wall_s"):
+        assert key in t1.data.metrics, key
+    assert t1.inputs.dataset_inputs, "the snapshot is logged as the turn's dataset input"
+    champion = client.get_model_version_by_alias(cfg.model_name, "champion")
+    assert champion.version == state["turns"][1]["champion_version"]
+
+
+def test_report_files_exist(campaign):
+    _, workdir, state, report = campaign
+    assert report.is_file() and "| turn |" in report.read_text()
+    for png in ("oee.png", "downtime.png", "model_quality.png", "wall_time.png"):
+        p = report.parent / png
+        assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG"
+    turns = json.loads((report.parent / "turns.json").read_text())
+    assert len(turns) == 2
+
+
+def test_rerun_with_same_workdir_continues_instead_of_starting_over(campaign, broker):
+    from flywheel.campaign import default_config_path, load_campaign
+    from flywheel.loop import CampaignError, run_campaign
+
+    cfg, workdir, state, _ = campaign
+    # same config, no new turns asked: nothing reruns, nothing is lost
+    again = run_campaign(cfg, workdir, broker_url=broker.url, view=False)
+    assert [t["turn"] for t in again["turns"]] == [0, 1]
+    assert again["parent_run_id"] == state["parent_run_id"]
+    # a different config on the same campaign is refused with a clear message
+    other = load_campaign(str(default_config_path("tiny")), ["campaign=e2e", "seed=5"])
+    with pytest.raises(CampaignError, match="different config"):
+        run_campaign(other, workdir, broker_url=broker.url, view=False)
