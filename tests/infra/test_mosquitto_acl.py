@@ -13,6 +13,7 @@ import time
 import pytest
 
 from flywheel.mqtt import ConnectError, connect, make_client
+from ingest.collector import status_component
 
 NOT_AUTHORIZED = 0x87
 LINE, MACHINE = "l1", "m1"
@@ -86,8 +87,12 @@ def test_ingest_publishes_nothing_but_its_own_status(secured_broker, inbox_facto
     denied = [topic(c) for c in ("telemetry", "event", "prediction", "command")] + ["factory/_status/sim"]
     for t in denied:
         assert ingest.publish(t, payload("forged")) == NOT_AUTHORIZED
-    assert accepted(ingest.publish("factory/_status/ingest", payload("alive"), retain=True))
-    assert_fenced(watcher, denied, "factory/_status/ingest")
+    # collector i reports on factory/_status/ingest-<i> (ingest.collector.status_component)
+    first, last = (f"factory/_status/{status_component(i)}" for i in (0, 15))
+    assert accepted(ingest.publish(first, payload("alive"), retain=True))
+    assert accepted(ingest.publish(last, payload("alive"), retain=True))
+    assert_fenced(watcher, denied, last)
+    assert first in watcher.topics()
 
 
 def test_serve_publishes_predictions_and_commands_but_cannot_forge_plant_data(secured_broker, inbox_factory):

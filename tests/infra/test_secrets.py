@@ -1,0 +1,95 @@
+"""Secrets stay out of logs and files: broker URLs redact passwords, ${ENV} references resolve.
+
+The deployment files (infra/compose, infra/k8s) pass passwords as environment variables and
+reference them as ``${VAR}``; these tests pin the behaviour they rely on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import pytest
+
+from flywheel.config import ConfigError, load
+from flywheel.mqtt import BrokerURL, connect, make_client
+
+SECRET = "s3cr3t-Pa55"
+
+
+@pytest.mark.parametrize("url", [
+    f"mqtt://sim:{SECRET}@broker.plant:1883",
+    f"mqtts://serve:{SECRET}@broker.plant:8883?ca=/certs/ca.pem",
+    f"mqtt://ingest:{SECRET}@10.0.0.5",
+])
+def test_password_never_appears_in_str_repr_or_redacted(url):
+    parsed = BrokerURL.parse(url)
+    assert parsed.password == SECRET
+    for text in (parsed.redacted(), str(parsed), repr(parsed), f"{parsed}", "%s" % (parsed,)):
+        assert SECRET not in text, text
+    assert ":***@" in parsed.redacted()
+
+
+def test_logging_a_broker_url_does_not_leak(caplog):
+    parsed = BrokerURL.parse(f"mqtt://sim:{SECRET}@broker.plant:1883")
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("flywheel.test").info("connecting to %s (%r)", parsed, parsed)
+    assert SECRET not in caplog.text and "sim:***@broker.plant:1883" in caplog.text
+
+
+def test_bad_url_error_does_not_echo_the_password():
+    with pytest.raises(ConfigError) as exc:
+        BrokerURL.parse(f"http://sim:{SECRET}@broker.plant:1883")
+    assert SECRET not in str(exc.value) and "mqtt://" in str(exc.value)
+
+
+def test_env_reference_in_the_password_resolves(monkeypatch):
+    monkeypatch.setenv("MQTT_SERVE_PASSWORD", SECRET)
+    parsed = BrokerURL.parse("mqtts://serve:${MQTT_SERVE_PASSWORD}@mosquitto:8883?ca=/certs/ca.pem")
+    assert (parsed.username, parsed.password, parsed.host, parsed.port, parsed.tls) == \
+        ("serve", SECRET, "mosquitto", 8883, True)
+    assert parsed.ca_file == "/certs/ca.pem"
+    assert SECRET not in repr(parsed)
+
+
+def test_missing_env_reference_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("MQTT_NOPE_PASSWORD", raising=False)
+    with pytest.raises(ConfigError, match="MQTT_NOPE_PASSWORD"):
+        BrokerURL.parse("mqtt://sim:${MQTT_NOPE_PASSWORD}@mosquitto:1883")
+
+
+@dataclass
+class _DeployConfig:
+    broker: str = "mqtt://127.0.0.1:1883"
+    mlflow_uri: str = ""
+    lake: str = ""
+
+
+def test_config_files_resolve_env_references(tmp_path, monkeypatch):
+    monkeypatch.setenv("MQTT_SIM_PASSWORD", SECRET)
+    monkeypatch.setenv("PGPASSWORD_MLFLOW", "pg-pw")
+    monkeypatch.delenv("LAKE_BUCKET", raising=False)
+    cfg_file = tmp_path / "deploy.yaml"
+    cfg_file.write_text(
+        "broker: mqtt://sim:${MQTT_SIM_PASSWORD}@mosquitto:1883\n"
+        "mlflow_uri: postgresql://mlflow:${PGPASSWORD_MLFLOW}@postgres:5432/mlflow\n"
+        "lake: s3://${LAKE_BUCKET:-flywheel}/lake\n")
+    cfg = load(_DeployConfig, cfg_file)
+    assert cfg.broker == f"mqtt://sim:{SECRET}@mosquitto:1883"
+    assert cfg.mlflow_uri == "postgresql://mlflow:pg-pw@postgres:5432/mlflow"
+    assert cfg.lake == "s3://flywheel/lake"
+    # overrides resolve too
+    assert load(_DeployConfig, cfg_file, ["lake=s3://${MQTT_SIM_PASSWORD}"]).lake == f"s3://{SECRET}"
+    monkeypatch.delenv("PGPASSWORD_MLFLOW")
+    with pytest.raises(ConfigError, match="PGPASSWORD_MLFLOW"):
+        load(_DeployConfig, cfg_file)
+
+
+def test_env_password_logs_into_the_secured_broker(secured_broker, monkeypatch):
+    """End to end: the URL form the deployment files use, against the production broker."""
+    monkeypatch.setenv("MQTT_INGEST_PASSWORD", secured_broker.passwords["ingest"])
+    url = f"mqtt://ingest:${{MQTT_INGEST_PASSWORD}}@127.0.0.1:{secured_broker.plain_port}"
+    client = make_client(url, prefix="env-pw")
+    connect(client, url, timeout=5)
+    client.disconnect()
+    client.loop_stop()
