@@ -1,0 +1,287 @@
+"""One MQTT collector: shared subscription in, atomic Parquet batches out, acks last.
+
+Message path, and why each step is where it is:
+
+1. paho's network thread calls ``_on_message``, which only enqueues
+   ``(topic, payload, mid, qos, received_at, generation)``: the network loop stays free
+   to read the socket and answer keep-alives however slow the disk is.
+2. The writer thread takes messages off the queue into a batch, and flushes it when it
+   is full (``IngestConfig.flush_at``), old (``batch_max_age_s``) or the stream went
+   quiet (``idle_flush_s``).  Flushing decodes and validates every payload once
+   (``ingest.batch``), writes the valid rows and the dead letters atomically
+   (``ingest.lake``), publishes the retained status, and only then acknowledges the
+   messages (paho ``manual_ack``).  A crash before the ack makes the broker redeliver:
+   duplicates are possible, loss of an acknowledged message is not; the dataset
+   builder removes duplicates by ``event_id``.
+3. Acks belong to one connection: a message received before a reconnect is written but
+   never acked on the new connection (its packet id may by then name another message);
+   the broker redelivers it and the copy is removed downstream.
+
+The session is persistent (``clean_start=False``, session expiry, a stable client id
+per collector index), so a collector that reconnects - after a broker restart or a
+Ray restart of its actor - receives what was queued for it while it was away.
+
+Run one without Ray (the Ray actor in ``ingest.service`` wraps exactly this)::
+
+    c = Collector("mqtt://127.0.0.1:1883", "./lake", IngestConfig(), index=0)
+    c.start(); ...; c.stop(drain=True)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+
+import paho.mqtt.client as paho
+
+from flywheel import contract
+from flywheel.mqtt import BrokerURL, connect, make_client
+from ingest.batch import decode_batch
+from ingest.config import IngestConfig
+from ingest.lake import Lake
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+def status_component(index: int) -> str:
+    return f"ingest-{index}"
+
+
+class Collector:
+    """A shared-subscription member that lands QoS 1 messages in the lake before acking them."""
+
+    def __init__(self, broker_url: str, lake_uri: str, config: IngestConfig = IngestConfig(), *,
+                 index: int = 0, topic_root: str = "factory", initial_counters: dict | None = None,
+                 restarts: int = 0):
+        self.url = BrokerURL.parse(broker_url)
+        self.lake = Lake.open(lake_uri)
+        self.config = config
+        self.index = index
+        self.client_id = config.client_id(index)
+        self.topics = contract.Topics(topic_root)
+        self.component = status_component(index)
+        self.restarts = restarts
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._gen_lock = threading.Lock()
+        self._generation = 0
+        self._connected = False
+        self._drain_on_stop = True
+        self._writer: threading.Thread | None = None
+        self._batch_no = 0
+        self._oldest_pending: float | None = None
+        self._last_status = 0.0
+        c = initial_counters or {}
+        self._received = int(c.get("received", 0))
+        self._telemetry = int(c.get("landed_telemetry", 0))
+        self._events = int(c.get("landed_events", 0))
+        self._batches = int(c.get("batches", 0))
+        self._files = int(c.get("files", 0))
+        self._acked = int(c.get("acked", 0))
+        self._write_errors = int(c.get("write_errors", 0))
+        self._by_reason: Counter = Counter({k.split(".", 1)[1]: int(v) for k, v in c.items()
+                                            if k.startswith("deadlettered.")})
+        self._client = self._make_client()
+
+    # ------------------------------------------------------------------ MQTT side
+    def _make_client(self) -> paho.Client:
+        client = make_client(self.url, self.client_id, manual_ack=True)
+        client.reconnect_delay_set(min_delay=1, max_delay=5)
+        offline = contract.Status(component=self.component, online=False, info={"client_id": self.client_id})
+        client.will_set(self.topics.status(self.component), contract.encode(offline), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _filters(self) -> list[str]:
+        plain = [self.topics.pattern("telemetry"), self.topics.pattern("event")]
+        if self._client.protocol != paho.MQTTv5:  # MQTT 3.1.1 has no shared subscriptions
+            return plain
+        return [f"$share/{self.config.share_group}/{f}" for f in plain]
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if getattr(reason_code, "is_failure", False):
+            return
+        with self._gen_lock:
+            self._generation += 1
+            self._connected = True
+        # Subscribing again is harmless when the session survived, and needed when it did not.
+        client.subscribe([(f, 1) for f in self._filters()])
+        log.info("%s connected (session present: %s)", self.client_id, getattr(flags, "session_present", "?"))
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        with self._gen_lock:
+            self._generation += 1
+            self._connected = False
+        log.info("%s disconnected: %s", self.client_id, reason_code)
+
+    def _on_message(self, client, userdata, msg):
+        # Keep the network loop free: no decoding, no I/O here.
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = repr(msg._topic)
+        self._queue.put((topic, msg.payload, msg.mid, msg.qos, time.time(), self._generation))
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Collector":
+        connect(self._client, self.url, clean_start=False, session_expiry_s=self.config.session_expiry_s)
+        self._publish_status(online=True)
+        self._writer = threading.Thread(target=self._write_loop, name=f"{self.client_id}-writer", daemon=True)
+        self._writer.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout_s: float = 60.0) -> dict:
+        """Flush and ack what arrived (``drain``), publish an offline status, disconnect; session kept."""
+        if self._writer is None:
+            return self.status()
+        self._drain_on_stop = drain
+        if not drain:
+            self._client.disconnect()  # unacked messages wait in the session for the next start
+        self._queue.put(_STOP)
+        self._writer.join(timeout_s)
+        self._writer = None
+        if drain:
+            self._publish_status(online=False)
+            self._client.disconnect()
+        self._client.loop_stop()
+        return self.status()
+
+    # ------------------------------------------------------------------ writer thread
+    def _write_loop(self) -> None:
+        cfg = self.config
+        batch: list[tuple] = []
+        while True:
+            timeout = cfg.status_interval_s
+            if batch:
+                age = time.time() - batch[0][4]
+                timeout = max(0.0, min(cfg.idle_flush_s, cfg.batch_max_age_s - age))
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                self._drain(batch)
+                return
+            if item is not None:
+                if not batch:
+                    self._oldest_pending = item[4]
+                batch.append(item)
+                self._received += 1
+                # Take what is already queued without waiting (up to the batch size).
+                while len(batch) < cfg.flush_at:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is _STOP:
+                        self._queue.put(_STOP)
+                        break
+                    batch.append(more)
+                    self._received += 1
+            if batch and (item is None or len(batch) >= cfg.flush_at
+                          or time.time() - batch[0][4] >= cfg.batch_max_age_s):
+                self._flush_until_done(batch)
+                batch = []
+            elif not batch and time.time() - self._last_status >= cfg.status_interval_s:
+                self._publish_status(online=True)
+
+    def _drain(self, batch: list) -> None:
+        if self._drain_on_stop:  # written even when disconnected: durable now, redelivered and deduplicated later
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is not _STOP:
+                    batch.append(more)
+                    self._received += 1
+            for i in range(0, len(batch), self.config.flush_at):
+                self._flush_until_done(batch[i:i + self.config.flush_at], attempts=5)
+
+    def _flush_until_done(self, batch: list, attempts: int | None = None) -> None:
+        """Write the batch, retrying on storage errors; nothing is acked until it is written."""
+        delay = 0.2
+        tries = 0
+        while True:
+            try:
+                self._flush(batch)
+                self._oldest_pending = None
+                return
+            except OSError as exc:  # disk full, object store down: keep the batch, retry, never ack
+                self._write_errors += 1
+                tries += 1
+                log.error("%s could not write a batch of %d to %s (try %d): %s", self.client_id, len(batch),
+                          self.lake.uri, tries, exc)
+                if (attempts is not None and tries >= attempts) or not self._drain_on_stop:
+                    return  # left unacked: the broker redelivers after the next start
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _flush(self, batch: list) -> None:
+        result = decode_batch(((t, p, r) for t, p, _m, _q, r, _g in batch), collector=self.client_id,
+                              topics=self.topics, max_payload_bytes=self.config.max_payload_bytes,
+                              deadletter_max_bytes=self.config.deadletter_max_bytes)
+        self._batch_no += 1
+        stamp = f"{int(time.time() * 1000):013d}-{self._batch_no:06d}-{uuid.uuid4().hex[:6]}"
+        for table, day, rows in result.tables:
+            path = self.lake.path(self.lake.partition_dir(table, day), f"{self.client_id}-{stamp}.parquet")
+            self.lake.write_table(rows, path)
+            self._files += 1
+        # Durable now.  Count it, tell the status topic, then acknowledge.
+        self._telemetry += result.telemetry
+        self._events += result.events
+        self._by_reason.update(result.by_reason)
+        self._batches += 1
+        self._publish_status(online=True)
+        with self._gen_lock:  # a reconnect cannot slip in between the check and the acks
+            if not self._connected:
+                return
+            gen = self._generation
+            client = self._client
+            acked = 0
+            for _t, _p, mid, qos, _r, g in batch:
+                if qos > 0 and g == gen:
+                    client.ack(mid, qos)
+                    acked += 1
+            self._acked += acked
+
+    # ------------------------------------------------------------------ status
+    def counters(self) -> dict[str, float]:
+        oldest = self._oldest_pending
+        lag = max(0.0, time.time() - oldest) if oldest is not None else 0.0
+        c = {
+            "received": self._received, "landed": self._telemetry + self._events,
+            "landed_telemetry": self._telemetry, "landed_events": self._events,
+            "deadlettered": sum(self._by_reason.values()), "lag_s": round(lag, 3),
+            "batches": self._batches, "files": self._files, "acked": self._acked,
+            "write_errors": self._write_errors, "restarts": self.restarts,
+        }
+        c.update({f"deadlettered.{k}": v for k, v in sorted(self._by_reason.items())})
+        return c
+
+    def status(self) -> dict:
+        c = self.counters()
+        return {
+            "component": self.component, "client_id": self.client_id, "connected": self._client.is_connected(),
+            "received": c["received"], "landed": c["landed"], "deadlettered": c["deadlettered"],
+            "by_reason": dict(self._by_reason), "lag_s": c["lag_s"], "batches": c["batches"],
+            "files": c["files"], "acked": c["acked"], "write_errors": c["write_errors"],
+            "restarts": self.restarts,
+        }
+
+    def _publish_status(self, online: bool) -> None:
+        self._last_status = time.time()
+        msg = contract.Status(component=self.component, online=online, ts=self._last_status,
+                              counters={k: float(v) for k, v in self.counters().items()},
+                              info={"client_id": self.client_id, "lake": self.lake.uri, "broker": self.url.redacted(),
+                                    "host": socket.gethostname(), "pid": os.getpid()})
+        self._client.publish(self.topics.status(self.component), contract.encode(msg), qos=1, retain=True)

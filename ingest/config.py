@@ -1,0 +1,94 @@
+"""Typed configuration of the ingest stage: the collectors and the dataset builder.
+
+Both are plain dataclasses, so ``flywheel.config.load`` builds them from YAML plus
+``key=value`` overrides (unknown keys are an error)::
+
+    from flywheel.config import load
+    cfg = load(BuildConfig, "dataset.yaml", ["window.length=12", "eval_fraction=0.25"])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flywheel.contract import DEFAULT_MAX_PAYLOAD_BYTES
+from flywheel.features import WindowConfig
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    collectors: int = field(default=1, metadata={
+        "help": "collector actors sharing the stream through one MQTT 5 shared subscription"})
+    client_prefix: str = field(default="flywheel", metadata={
+        "help": "client ids are <prefix>-collector-<i>; keep them stable so a restarted collector "
+                "resumes its broker session, and distinct per deployment so two stacks never collide"})
+    share_group: str = field(default="ingest", metadata={"help": "shared-subscription group name"})
+    batch_max_messages: int = field(default=5000, metadata={"help": "flush a batch at this many messages"})
+    batch_max_age_s: float = field(default=1.0, metadata={
+        "help": "flush a batch when its oldest message waited this long (wall seconds)"})
+    inflight_window: int = field(default=1000, metadata={
+        "help": "unacknowledged QoS 1 messages the broker sends before waiting for acks (Mosquitto's "
+                "max_inflight_messages); batches flush at half of it so the stream never stalls on a flush"})
+    idle_flush_s: float = field(default=0.05, metadata={
+        "help": "flush early when no message arrived for this long (wall seconds)"})
+    session_expiry_s: int = field(default=7 * 24 * 3600, metadata={
+        "help": "how long the broker keeps a disconnected collector's session and queue"})
+    max_payload_bytes: int = field(default=DEFAULT_MAX_PAYLOAD_BYTES, metadata={
+        "help": "payloads above this size are dead-lettered (reason too_large)"})
+    deadletter_max_bytes: int = field(default=4096, metadata={
+        "help": "raw bytes kept per dead letter (the rest is cut; the full size is recorded)"})
+    status_interval_s: float = field(default=1.0, metadata={
+        "help": "seconds between retained status updates on <root>/_status/ingest-<i>"})
+    actor_num_cpus: float = field(default=0.25, metadata={
+        "help": "Ray CPUs reserved per collector (mostly network and Parquet I/O)"})
+    max_restarts: int = field(default=-1, metadata={"help": "Ray restarts of a crashed collector (-1: always)"})
+
+    def __post_init__(self):
+        if self.collectors < 1:
+            raise ValueError(f"collectors should be >= 1, got {self.collectors}")
+        if self.batch_max_messages < 1:
+            raise ValueError(f"batch_max_messages should be >= 1, got {self.batch_max_messages}")
+        if not self.batch_max_age_s > 0:
+            raise ValueError(f"batch_max_age_s should be > 0 seconds, got {self.batch_max_age_s}")
+        if self.inflight_window < 2:
+            raise ValueError(f"inflight_window should be >= 2 (the broker's max_inflight_messages), "
+                             f"got {self.inflight_window}")
+        if self.session_expiry_s < 1:
+            raise ValueError(f"session_expiry_s should be >= 1 so the broker keeps the session across a "
+                             f"restart, got {self.session_expiry_s}")
+        if self.deadletter_max_bytes < 0:
+            raise ValueError(f"deadletter_max_bytes should be >= 0, got {self.deadletter_max_bytes}")
+        if not self.client_prefix or any(c in self.client_prefix for c in "/+#"):
+            raise ValueError(f"client_prefix should be a plain name, got {self.client_prefix!r}")
+        if not self.share_group or any(c in self.share_group for c in "/+#"):
+            raise ValueError(f"share_group should be a plain name, got {self.share_group!r}")
+
+    def client_id(self, index: int) -> str:
+        return f"{self.client_prefix}-collector-{index}"
+
+    @property
+    def flush_at(self) -> int:
+        """Messages per batch: the size cap, but never more than half the broker's in-flight window."""
+        return max(1, min(self.batch_max_messages, self.inflight_window // 2))
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    window: WindowConfig = field(default_factory=WindowConfig, metadata={
+        "help": "window length (readings), stride_s and label horizon_s (plant seconds)"})
+    eval_fraction: float = field(default=0.2, metadata={
+        "help": "latest fraction of each machine's plant-time range held out for evaluation"})
+    seed: int = field(default=0, metadata={"help": "seed of the (optional) ok-window down-sampling"})
+    ok_per_failure: float | None = field(default=None, metadata={
+        "help": "keep at most this many ok windows per non-ok window in TRAIN (None: keep all); "
+                "evaluation is never down-sampled"})
+    partitions: int = field(default=4, metadata={
+        "help": "Ray Data shuffle partitions for grouping telemetry by machine (raise on a cluster)"})
+
+    def __post_init__(self):
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction should lie in (0, 1), got {self.eval_fraction}")
+        if self.partitions < 1:
+            raise ValueError(f"partitions should be >= 1, got {self.partitions}")
+        if self.ok_per_failure is not None and not self.ok_per_failure > 0:
+            raise ValueError(f"ok_per_failure should be > 0 or None, got {self.ok_per_failure}")

@@ -1,0 +1,288 @@
+"""The dataset builder: lake -> deduplicated, windowed, labelled, time-split snapshot.
+
+``build_snapshot`` reads the lake's telemetry with Ray Data, windows each machine with
+``flywheel.features`` (via ``ingest.windows``), joins delayed labels from the events
+and splits by time without leakage (``ingest.labels``).  It writes::
+
+    <lake>/datasets/<dataset_id>/train.parquet   line, machine, kind, start_seq, end_seq,
+    <lake>/datasets/<dataset_id>/eval.parquet    start_ts, end_ts, text, label, label_source
+    <lake>/datasets/<dataset_id>/manifest.json   hash, counts, plant-time range, sources, config
+    <lake>/datasets/<dataset_id>/_cache/         windows per day and events, for the next build
+
+``dataset_id`` is ``ds-`` plus the first 12 hex digits of the content hash (SHA-256
+over the rows in a fixed order), so building twice from the same lake gives the same id.
+
+Incremental builds (``previous=<dataset_id>``) reuse the previous snapshot's per-day
+window rows and deduplicated events: only days whose files changed, and the days after
+them (a window continues across midnight), are read again, seeded with the previous
+day's last readings.  Labels and splits are recomputed every time, so windows held back
+for lack of outcome are labelled once the lake has seen their horizon.  The result is
+the same as a full rebuild (tested).
+
+    snap = build_snapshot(".flywheel/lake", BuildConfig(), previous="ds-0123456789ab")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from flywheel.contract import LABELS
+from ingest.config import BuildConfig
+from ingest.labels import downsample_ok, label_windows, split_windows
+from ingest.lake import Lake
+from ingest.windows import OUTPUT_SCHEMA, TELEMETRY_COLUMNS, machine_windows
+
+WINDOW_COLUMNS = ["line", "machine", "kind", "start_seq", "end_seq", "start_ts", "end_ts", "text"]
+SNAPSHOT_COLUMNS = WINDOW_COLUMNS + ["label", "label_source"]
+EVENT_COLUMNS = ["event_id", "seq", "ts", "line", "machine", "type", "mode", "reason", "finding"]
+CACHE_DIR = "_cache"
+
+
+class DatasetError(RuntimeError):
+    """The lake or a previous snapshot cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    dataset_id: str
+    path: str
+    manifest: dict
+    train_path: str
+    eval_path: str
+
+    def load(self, split: str = "train") -> pd.DataFrame:
+        lake = Lake.open(self.manifest["lake"])
+        return pq.read_table(self.train_path if split == "train" else self.eval_path,
+                             filesystem=lake.fs).to_pandas()
+
+
+@dataclass
+class _Cache:
+    fingerprints: dict          # day -> [[relative path, size], ...] of telemetry files
+    rows: pa.Table              # ingest.windows.OUTPUT_SCHEMA rows (window, tail, stats)
+    event_files: list           # relative paths of event files already folded into `events`
+    events: pd.DataFrame        # deduplicated events
+    events_raw_rows: int
+
+
+def _empty_cache() -> _Cache:
+    return _Cache({}, OUTPUT_SCHEMA.empty_table(), [], pd.DataFrame(columns=EVENT_COLUMNS), 0)
+
+
+def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous: str | None = None,
+                   mlflow_run_id: str | None = None, *,
+                   progress: Callable[[str], None] | None = None) -> Snapshot:
+    """Build (or incrementally update from ``previous``) a dataset snapshot of the lake."""
+    say = progress or (lambda _msg: None)
+    t_start = time.monotonic()
+    lake = Lake.open(lake_uri)
+    tel_files = lake.list_files("telemetry")
+    if not tel_files:
+        raise DatasetError(f"the lake {lake.uri} holds no telemetry yet (expected {lake.table_dir('telemetry')}"
+                           "/date=YYYY-MM-DD/*.parquet); run `flywheel ingest` while the plant publishes")
+    cache = _load_cache(lake, previous, config) if previous else _empty_cache()
+    fingerprints = {d: [[lake.relative(p), s] for p, s in files] for d, files in tel_files.items()}
+    days = sorted(set(fingerprints) | set(cache.fingerprints))
+    changed = [d for d in days if fingerprints.get(d) != cache.fingerprints.get(d)]
+    first = changed[0] if changed else None
+
+    # ---- windows: reuse days before the first changed one, recompute the rest with Ray Data
+    reused = cache.rows.filter(pc.less(cache.rows["partition"], first)) if first else cache.rows
+    rebuilt_days = [d for d in days if first is not None and d >= first and d in tel_files]
+    new_rows = OUTPUT_SCHEMA.empty_table()
+    if rebuilt_days:
+        say(f"windowing {len(rebuilt_days)} day(s) of telemetry with Ray Data "
+            f"(reusing {len(set(reused['partition'].to_pylist()))})")
+        new_rows = _window_days(lake, [p for d in rebuilt_days for p, _ in tel_files[d]], config,
+                                _seed_tails(reused))
+    rows = pa.concat_tables([reused, new_rows]).combine_chunks()
+
+    # ---- events: cached (deduplicated) plus files not seen before
+    say("reading events")
+    events, events_raw, event_files = _update_events(lake, cache)
+
+    # ---- labels and splits
+    say("joining labels and splitting by time")
+    df = rows.to_pandas()
+    win = df[df["row_type"] == "window"][WINDOW_COLUMNS]
+    stats = df[df["row_type"] == "stats"]
+    ranges = _machine_ranges(stats, events)
+    labeled = label_windows(win, events, config.window.horizon_s, {k: hi for k, (_lo, hi) in ranges.items()})
+    train, evaluation, split_stats = split_windows(labeled, ranges, config.eval_fraction, config.window.horizon_s)
+    n_train_before = len(train)
+    train = downsample_ok(_ordered(train), config.ok_per_failure, config.seed)
+    train, evaluation = _ordered(train), _ordered(evaluation)
+    content_hash = _content_hash(train, evaluation)
+    dataset_id = f"ds-{content_hash[:12]}"
+
+    # ---- write the snapshot (manifest last: its presence marks a complete snapshot)
+    path = lake.path("datasets", dataset_id)
+    say(f"writing {dataset_id}")
+    train_path, eval_path = lake.path(path, "train.parquet"), lake.path(path, "eval.parquet")
+    lake.write_table(pa.Table.from_pandas(train, preserve_index=False), train_path)
+    lake.write_table(pa.Table.from_pandas(evaluation, preserve_index=False), eval_path)
+    lake.write_table(rows, lake.path(path, CACHE_DIR, "rows.parquet"))
+    lake.write_table(pa.Table.from_pandas(events[EVENT_COLUMNS], preserve_index=False),
+                     lake.path(path, CACHE_DIR, "events.parquet"))
+    state = {"window": asdict(config.window), "fingerprints": fingerprints, "event_files": event_files,
+             "events_raw_rows": events_raw}
+    lake.write_bytes(lake.path(path, CACHE_DIR, "state.json"), json.dumps(state, sort_keys=True).encode())
+    n_tel = int(stats["n_rows"].sum()) if len(stats) else 0
+    n_tel_dupes = int(stats["n_dupes"].sum()) if len(stats) else 0
+    manifest = {
+        "dataset_id": dataset_id,
+        "content_hash": content_hash,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "parent": _parent_id(previous),
+        "lake": lake.uri,
+        "columns": SNAPSHOT_COLUMNS,
+        "counts": {"train": _label_counts(train), "eval": _label_counts(evaluation)},
+        "label_sources": {"train": train["label_source"].value_counts().sort_index().to_dict(),
+                          "eval": evaluation["label_source"].value_counts().sort_index().to_dict()},
+        "windows": {"train": len(train), "eval": len(evaluation), "held_back": split_stats["held_back"],
+                    "purged": split_stats["purged"], "downsampled": n_train_before - len(train)},
+        "events": {"telemetry_rows": n_tel, "telemetry_unique": n_tel - n_tel_dupes,
+                   "event_rows": events_raw, "events_unique": len(events),
+                   "unique": n_tel - n_tel_dupes + len(events),
+                   "duplicates_removed": n_tel_dupes + events_raw - len(events),
+                   "deadletter_rows": _count_rows(lake, "deadletter")},
+        "plant_time": _plant_time(ranges, split_stats["split_ts"]),
+        "machines": sorted(f"{a}/{b}" for a, b in ranges),
+        "source_files": {"telemetry": [f for d in sorted(fingerprints) for f, _ in fingerprints[d]],
+                         "events": sorted(event_files)},
+        "builder": {"config": asdict(config), "incremental": previous is not None,
+                    "rebuilt_days": rebuilt_days, "reused_days": sorted(set(reused["partition"].to_pylist())),
+                    "wall_s": round(time.monotonic() - t_start, 3)},
+    }
+    lake.write_bytes(lake.path(path, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    snap = Snapshot(dataset_id, path, manifest, train_path, eval_path)
+    if mlflow_run_id is not None or _mlflow_run_active():
+        say("logging to MLflow")
+        from ingest.tracking import log_snapshot
+
+        log_snapshot(snap, train, evaluation, mlflow_run_id)
+    return snap
+
+
+# ------------------------------------------------------------------------ helpers
+def _window_days(lake: Lake, paths: list[str], config: BuildConfig, tails: dict[str, str]) -> pa.Table:
+    """Ray Data: read the telemetry files, group by machine, window each group (``machine_windows``)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    ds = ray.data.read_parquet(paths, filesystem=lake.fs, partitioning=None).select_columns(TELEMETRY_COLUMNS)
+    out = ds.groupby(["line", "machine"], num_partitions=config.partitions).map_groups(
+        machine_windows, fn_kwargs={"config": config.window, "tails": tails}, batch_format="pyarrow")
+    tables = [t for t in ray.get(out.to_arrow_refs()) if t.num_rows]
+    return pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables]) if tables else OUTPUT_SCHEMA.empty_table()
+
+
+def _seed_tails(reused: pa.Table) -> dict[str, str]:
+    """Per machine, the tail of the last reused day it had telemetry in."""
+    tails: dict[str, tuple[str, str]] = {}
+    t = reused.filter(pc.equal(reused["row_type"], "tail")).to_pydict()
+    for day, line, machine, text in zip(t["partition"], t["line"], t["machine"], t["text"]):
+        key = f"{line}/{machine}"
+        if key not in tails or day > tails[key][0]:
+            tails[key] = (day, text)
+    return {k: v[1] for k, v in tails.items()}
+
+
+def _update_events(lake: Lake, cache: _Cache) -> tuple[pd.DataFrame, int, list[str]]:
+    files = {lake.relative(p): p for d, fs in lake.list_files("events").items() for p, _ in fs}
+    if not set(cache.event_files) <= set(files):  # files vanished (compaction?): start over
+        cache = _empty_cache()
+    new = sorted(set(files) - set(cache.event_files))
+    frames = [cache.events]
+    raw = cache.events_raw_rows
+    if new:
+        # Events are a small fraction of the lake (telemetry is the bulk that Ray Data reads):
+        # one pyarrow read on the driver beats starting a distributed read for them.
+        fresh = pq.ParquetDataset([files[f] for f in new], filesystem=lake.fs, partitioning=None) \
+            .read(columns=EVENT_COLUMNS).to_pandas()
+        raw += len(fresh)
+        frames.append(fresh)
+    events = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
+        else pd.DataFrame(columns=EVENT_COLUMNS)
+    events = events.sort_values(["line", "machine", "seq", "event_id"], kind="stable")
+    events = events.drop_duplicates("event_id").reset_index(drop=True)
+    return events, raw, sorted(set(cache.event_files) | set(new))
+
+
+def _machine_ranges(stats: pd.DataFrame, events: pd.DataFrame) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per machine: (first telemetry ts, last plant time seen in telemetry or events)."""
+    lo = stats.groupby(["line", "machine"])["start_ts"].min()
+    hi = stats.groupby(["line", "machine"])["end_ts"].max()
+    if len(events):
+        hi = pd.concat([hi, events.groupby(["line", "machine"])["ts"].max()]).groupby(level=[0, 1]).max()
+    return {k: (float(lo[k]), float(hi[k])) for k in lo.index}
+
+
+def _ordered(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(["line", "machine", "end_ts", "end_seq"], kind="stable")[SNAPSHOT_COLUMNS] \
+        .reset_index(drop=True)
+
+
+def _content_hash(train: pd.DataFrame, evaluation: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for name, df in (("train", train), ("eval", evaluation)):
+        h.update(f"{name}:{len(df)}:{','.join(SNAPSHOT_COLUMNS)}\n".encode())
+        h.update(json.dumps(df[SNAPSHOT_COLUMNS].values.tolist(), separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def _label_counts(df: pd.DataFrame) -> dict[str, int]:
+    counts = df["label"].value_counts()
+    return {label: int(counts.get(label, 0)) for label in LABELS}
+
+
+def _plant_time(ranges: dict, split_ts: dict) -> dict:
+    if not ranges:
+        return {}
+    start = min(lo for lo, _ in ranges.values())
+    end = max(hi for _, hi in ranges.values())
+    iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
+    return {"start_ts": start, "end_ts": end, "start": iso(start), "end": iso(end), "split_ts": split_ts}
+
+
+def _count_rows(lake: Lake, table: str) -> int:
+    return sum(pq.read_metadata(p, filesystem=lake.fs).num_rows
+               for files in lake.list_files(table).values() for p, _ in files)
+
+
+def _parent_id(previous: str | None) -> str | None:
+    return None if previous is None else previous.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _mlflow_run_active() -> bool:
+    import sys
+
+    mlflow = sys.modules.get("mlflow")  # only if the caller already uses MLflow
+    return mlflow is not None and mlflow.active_run() is not None
+
+
+def _load_cache(lake: Lake, previous: str, config: BuildConfig) -> _Cache:
+    path = previous if "/" in previous else lake.path("datasets", previous)
+    state_path = lake.path(path, CACHE_DIR, "state.json")
+    if not lake.exists(state_path):
+        known = sorted(i.base_name for i in lake.fs.get_file_info(
+            pafs.FileSelector(lake.path("datasets"), allow_not_found=True)))
+        raise DatasetError(f"previous snapshot {previous!r} not found under {lake.path('datasets')} "
+                           f"(known: {', '.join(known) or 'none'}); pass one of them or omit --previous")
+    state = json.loads(lake.read_bytes(state_path))
+    if state["window"] != asdict(config.window):
+        return _empty_cache()  # another window config: nothing to reuse, build in full
+    rows = pq.read_table(lake.path(path, CACHE_DIR, "rows.parquet"), filesystem=lake.fs).cast(OUTPUT_SCHEMA)
+    events = pq.read_table(lake.path(path, CACHE_DIR, "events.parquet"), filesystem=lake.fs).to_pandas()
+    return _Cache(state["fingerprints"], rows, state["event_files"], events, state["events_raw_rows"])

@@ -1,0 +1,146 @@
+"""Collectors as supervised Ray actors, and the handle the flywheel loop drives them with.
+
+``start_ingest`` starts ``config.collectors`` actors on the current Ray (a local one is
+started if none is).  Each actor runs one :class:`ingest.collector.Collector` with the
+stable client id ``<prefix>-collector-<i>``.  Ray restarts a crashed actor
+(``max_restarts``); the new incarnation reconnects under the same client id, resumes
+its broker session and receives the messages it had not acknowledged, and continues
+the counters it last published on its retained status topic.
+
+    handle = start_ingest("mqtt://127.0.0.1:1883", ".flywheel/lake")
+    handle.wait_landed(10_000, timeout_s=120)
+    print(handle.status())
+    handle.stop()
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+
+from ingest.config import IngestConfig
+
+_ACTOR_CLASS = None
+
+
+def _actor_class():
+    """The Ray actor class, built on first use so importing ``ingest`` never imports Ray."""
+    global _ACTOR_CLASS
+    if _ACTOR_CLASS is None:
+        import ray
+
+        class CollectorActor:
+            def __init__(self, broker_url: str, lake_uri: str, config: dict, index: int, topic_root: str):
+                from ingest.collector import Collector, status_component
+                from ingest.status import restore_counters
+
+                cfg = IngestConfig(**config)
+                restarted = ray.get_runtime_context().was_current_actor_reconstructed
+                counters = restore_counters(broker_url, topic_root, status_component(index)) if restarted else {}
+                restarts = int(counters.get("restarts", 0)) + 1 if restarted else 0
+                self.collector = Collector(broker_url, lake_uri, cfg, index=index, topic_root=topic_root,
+                                           initial_counters=counters, restarts=restarts)
+                self.collector.start()
+
+            def status(self) -> dict:
+                return self.collector.status()
+
+            def stop(self, drain: bool = True) -> dict:
+                return self.collector.stop(drain=drain)
+
+            def pid(self) -> int:
+                import os
+
+                return os.getpid()
+
+        _ACTOR_CLASS = ray.remote(CollectorActor)
+    return _ACTOR_CLASS
+
+
+class IngestHandle:
+    """Drives the collector actors started by :func:`start_ingest`."""
+
+    def __init__(self, actors: list, config: IngestConfig, broker_url: str, lake_uri: str, topic_root: str):
+        self.actors = actors
+        self.config = config
+        self.broker_url = broker_url
+        self.lake_uri = lake_uri
+        self.topic_root = topic_root
+        self._stopped = False
+
+    def collector_status(self, timeout_s: float = 30.0) -> list[dict]:
+        """Per-collector status dicts (waits for a restarting actor up to ``timeout_s``)."""
+        import ray
+
+        return ray.get([a.status.remote() for a in self.actors], timeout=timeout_s)
+
+    def status(self) -> dict:
+        """Totals: ``{"received", "landed", "deadlettered", "by_reason", "lag_s", "collectors": [...]}``."""
+        per = self.collector_status()
+        by_reason: dict[str, int] = {}
+        for s in per:
+            for k, v in s["by_reason"].items():
+                by_reason[k] = by_reason.get(k, 0) + v
+        return {
+            "received": sum(s["received"] for s in per),
+            "landed": sum(s["landed"] for s in per),
+            "deadlettered": sum(s["deadlettered"] for s in per),
+            "by_reason": dict(sorted(by_reason.items())),
+            "lag_s": max((s["lag_s"] for s in per), default=0.0),
+            "batches": sum(s["batches"] for s in per),
+            "restarts": sum(s["restarts"] for s in per),
+            "collectors": per,
+        }
+
+    def wait_landed(self, min_landed: int, timeout_s: float = 60.0, poll_s: float = 0.1) -> dict:
+        """Block until landed + dead-lettered >= ``min_landed``; raise TimeoutError naming the counts."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            s = self.status()
+            if s["landed"] + s["deadlettered"] >= min_landed:
+                return s
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"ingest landed {s['landed']} and dead-lettered {s['deadlettered']} messages "
+                    f"(received {s['received']}, lag {s['lag_s']:.1f}s) after {timeout_s:.0f}s; "
+                    f"waited for {min_landed}. Check that the publisher uses topic root {self.topic_root!r} "
+                    f"and broker {self.broker_url}, or raise timeout_s.")
+            time.sleep(poll_s)
+
+    def stop(self, drain: bool = True) -> dict:
+        """Flush and ack (``drain``), publish offline status, disconnect (sessions kept), end the actors."""
+        import ray
+
+        if self._stopped:
+            return {}
+        final = ray.get([a.stop.remote(drain) for a in self.actors], timeout=120)
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        self._stopped = True
+        return {"landed": sum(s["landed"] for s in final), "deadlettered": sum(s["deadlettered"] for s in final),
+                "collectors": final}
+
+
+def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestConfig(),
+                 topic_root: str = "factory") -> IngestHandle:
+    """Start ``config.collectors`` collector actors on the current Ray; returns once all are connected."""
+    import ray
+
+    from flywheel.contract import Topics
+    from ingest.lake import Lake
+
+    Topics(topic_root)  # a bad root fails here, before any actor starts
+    lake = Lake.open(lake_uri)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, configure_logging=False)
+    cls = _actor_class().options(max_restarts=config.max_restarts, max_task_retries=-1,
+                                 num_cpus=config.actor_num_cpus)
+    actors = [cls.remote(broker_url, lake.uri, asdict(config), i, topic_root) for i in range(config.collectors)]
+    handle = IngestHandle(actors, config, broker_url, lake.uri, topic_root)
+    try:
+        handle.collector_status(timeout_s=60)  # surfaces a connection error from an actor's __init__
+    except Exception:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        raise
+    return handle

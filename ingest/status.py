@@ -1,0 +1,103 @@
+"""Collector status on the broker: read the retained ``<root>/_status/ingest-<i>`` topics.
+
+Each collector publishes a retained ``contract.Status`` after every batch and every
+``status_interval_s``; its will message marks it offline if it dies.  Reading them
+needs nothing but the broker, so ``flywheel ingest --status`` works from any machine::
+
+    statuses = read_statuses("mqtt://127.0.0.1:1883", "factory")
+    print_table(statuses)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from flywheel import contract
+from flywheel.mqtt import connect, make_client
+
+COUNTER_COLUMNS = ("received", "landed", "deadlettered", "lag_s", "batches", "restarts")
+
+
+def read_statuses(broker_url: str, topic_root: str = "factory", *, prefix: str = "ingest-",
+                  wait_s: float = 0.5, timeout_s: float = 10.0) -> dict[str, contract.Status]:
+    """The retained status of every component whose name starts with ``prefix``."""
+    topics = contract.Topics(topic_root)
+    found: dict[str, contract.Status] = {}
+    subscribed = threading.Event()
+    client = make_client(broker_url, prefix="flywheel-ingest-status")
+
+    def on_message(c, userdata, msg):
+        try:
+            status = contract.decode(msg.topic, msg.payload, topics=topics)
+        except contract.ContractError:
+            return  # someone else's junk on a status topic is not ours to report
+        if isinstance(status, contract.Status) and status.component.startswith(prefix):
+            found[status.component] = status
+
+    client.on_message = on_message
+    client.on_subscribe = lambda *a: subscribed.set()
+    connect(client, broker_url, timeout=timeout_s)
+    try:
+        client.subscribe(topics.pattern("status"), qos=1)
+        subscribed.wait(timeout_s)
+        time.sleep(wait_s)  # retained messages follow the SUBACK
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return dict(sorted(found.items()))
+
+
+def restore_counters(broker_url: str, topic_root: str, component: str) -> dict[str, float]:
+    """The counters a collector last published (so a restarted actor continues its counts)."""
+    status = read_statuses(broker_url, topic_root, prefix=component, wait_s=0.3).get(component)
+    return dict(status.counters) if status is not None else {}
+
+
+def summarise(statuses: dict[str, contract.Status]) -> dict:
+    """Totals over collectors, in the shape of ``IngestHandle.status()``."""
+    total = {"received": 0, "landed": 0, "deadlettered": 0, "by_reason": {}, "lag_s": 0.0}
+    for s in statuses.values():
+        c = s.counters
+        total["received"] += int(c.get("received", 0))
+        total["landed"] += int(c.get("landed", 0))
+        total["deadlettered"] += int(c.get("deadlettered", 0))
+        total["lag_s"] = max(total["lag_s"], float(c.get("lag_s", 0.0)))
+        for k, v in c.items():
+            if k.startswith("deadlettered."):
+                reason = k.split(".", 1)[1]
+                total["by_reason"][reason] = total["by_reason"].get(reason, 0) + int(v)
+    return total
+
+
+def render_table(rows: list[dict], title: str = "ingest collectors"):
+    """A rich Table of per-collector counters (rows: dicts with component/online and counters)."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("collector")
+    table.add_column("state")
+    for col in COUNTER_COLUMNS:
+        table.add_column(col, justify="right")
+    table.add_column("dead letters by reason")
+    for r in rows:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(r.get("by_reason", {}).items())) or "-"
+        table.add_row(r["component"], "online" if r.get("online", True) else "offline",
+                      *[_fmt(r.get(col, 0)) for col in COUNTER_COLUMNS], reasons)
+    return table
+
+
+def status_rows(statuses: dict[str, contract.Status]) -> list[dict]:
+    rows = []
+    for name, s in statuses.items():
+        c = s.counters
+        rows.append({"component": name, "online": s.online, **{k: c.get(k, 0) for k in COUNTER_COLUMNS},
+                     "by_reason": {k.split(".", 1)[1]: int(v) for k, v in c.items()
+                                   if k.startswith("deadlettered.")}})
+    return rows
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float) and not v.is_integer():
+        return f"{v:.2f}"
+    return f"{int(v):,}"

@@ -1,0 +1,72 @@
+"""The validation boundary: decode_batch routes every payload to a raw table or the dead letters."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ingest_plantgen import day_start, encoded, stream
+from ingest_strategies import malformed
+
+from flywheel import contract
+from ingest.batch import decode_batch
+
+MACHINES = [("l1", "m1", "milling"), ("l1", "p1", "pump")]
+
+
+def _valid(n_hours=3):
+    return encoded(stream(MACHINES, day_start(), n_hours * 3600, incidents=()))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bad=st.lists(malformed("l1", "p1"), min_size=1, max_size=40), data=st.data())
+def test_malformed_payloads_are_dead_lettered_and_valid_ones_still_land(bad, data):
+    valid = _valid(1)
+    items = [(t, p) for t, p in valid]
+    for topic, payload, _ in bad:  # interleave at random positions
+        items.insert(data.draw(st.integers(0, len(items))), (topic, payload))
+    result = decode_batch([(t, p, 1_700_000_000.0) for t, p in items], collector="c0", deadletter_max_bytes=64)
+
+    assert result.landed == len(valid)
+    assert result.deadlettered == len(bad)
+    dead = pa.concat_tables([t for name, _, t in result.tables if name == "deadletter"]).to_pylist()
+    assert sorted(d["payload"] for d in dead) == sorted(p[:64] for _, p, _ in bad)
+    assert sorted(d["payload_bytes"] for d in dead) == sorted(len(p) for _, p, _ in bad)
+    expected = sorted(r for *_, r in bad if r is not None)
+    got_structured = sorted(d["reason"] for d in dead if not _is_arbitrary(d, bad))
+    assert got_structured == expected
+    assert all(d["reason"] in contract.ContractError.REASONS and d["message"] for d in dead)
+    assert sum(result.by_reason.values()) == len(bad)
+
+
+def _is_arbitrary(dead_row, bad):
+    return any(r is None and p[:64] == dead_row["payload"] and len(p) == dead_row["payload_bytes"]
+               for _, p, r in bad)
+
+
+def test_valid_rows_are_partitioned_by_plant_day_and_keep_every_field():
+    msgs = stream(MACHINES, day_start() - 1800, 3600,
+                  incidents=[])  # straddles midnight: two partitions
+    result = decode_batch([(t, p, 1.0) for t, p in encoded(msgs)], collector="c7")
+    days = sorted({(name, day) for name, day, _ in result.tables})
+    assert days == [("events", "2024-10-03"), ("events", "2024-10-04"),
+                    ("telemetry", "2024-10-03"), ("telemetry", "2024-10-04")]
+    tel = pa.concat_tables([t for name, _, t in result.tables if name == "telemetry"]).to_pylist()
+    first = next(m for m in msgs if isinstance(m, contract.Telemetry))
+    row = next(r for r in tel if r["event_id"] == first.event_id)
+    assert dict(row["readings"]) == first.readings
+    assert (row["seq"], row["ts"], row["line"], row["machine"], row["kind"], row["collector"]) == \
+        (first.seq, first.ts, first.line, first.machine, first.kind, "c7")
+
+
+def test_dead_letter_keeps_reason_field_and_capped_bytes():
+    big = b"{" + b" " * 10_000
+    result = decode_batch([("factory/l1/m1/telemetry", big, 5.0),
+                           ("factory/l1/m1/telemetry", b"\xff\xfe", 5.0),
+                           ("factory/l1/m1/telemetry", b'{"schema":"telemetry/7"}', 5.0)],
+                          collector="c0", deadletter_max_bytes=100)
+    dead = result.tables[0][2].to_pylist()
+    assert [d["reason"] for d in dead] == ["not_json", "not_utf8", "unknown_schema"]
+    assert len(dead[0]["payload"]) == 100 and dead[0]["payload_bytes"] == len(big)
+    assert dead[2]["field"] == "schema" and "telemetry/7" in dead[2]["message"]
+    assert result.landed == 0 and result.by_reason == {"not_json": 1, "not_utf8": 1, "unknown_schema": 1}
