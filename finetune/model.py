@@ -47,6 +47,36 @@ class DeviceSpec:
 
         return getattr(torch, self.dtype_name)
 
+    @property
+    def low_precision(self) -> bool:
+        return self.dtype_name != "float32"
+
+    def autocast(self):
+        """Mixed-precision context for forward passes: bf16/fp16 autocast, or nothing in fp32."""
+        import contextlib
+
+        import torch
+
+        if not self.low_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype)
+
+
+def upcast_trainable(model) -> int:
+    """Keep trainable weights (LoRA, head) in fp32 so AdamW updates are not lost to bf16 rounding.
+
+    The frozen base stays in the low-precision dtype it was loaded in; autocast
+    (``DeviceSpec.autocast``) runs the matmuls in bf16.  Returns the number of tensors cast.
+    """
+    import torch
+
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            n += 1
+    return n
+
 
 def pick_device(prefer: str = "auto") -> DeviceSpec:
     """Decide device and precision once: fp32 on CPU, bf16 on a GPU (fp16 if bf16 is missing)."""
@@ -148,9 +178,15 @@ class LoraSettings:
 
 
 def classifier_module_names(model) -> list[str]:
-    """The new classification head's module names, trained in full beside the LoRA weights."""
+    """The classification head's module names, trained in full beside the LoRA weights.
+
+    BERT-style models put a ``pooler`` (dense + tanh on the [CLS] token) before the new
+    classifier.  Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained with
+    mean pooling and never tuned that pooler, so it is trained as part of the head: on the
+    synthetic test set this lifts macro-F1 after 30 steps from ~0.3 to ~0.95.
+    """
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    return [n for n in ("classifier", "score") if n in names]
+    return [n for n in ("pooler", "classifier", "score") if n in names]
 
 
 def add_lora(model, settings: LoraSettings):

@@ -1,0 +1,142 @@
+"""``flywheel train``: fine-tune a challenger on a dataset snapshot, gate it, register it.
+
+    flywheel train --dataset ds-20261125-1 --base-model minilm
+    flywheel train --dataset ds-1 epochs=2 lora.rank=16 --seed 3
+    flywheel train --dataset ds-1 --num-workers 2 --ray-address auto
+    flywheel train rollback --model-name fault-detector
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EPILOG = """examples:
+  flywheel train --dataset ds-1                          # LoRA on the packaged MiniLM, CPU
+  flywheel train --dataset ds-1 epochs=2 lora.rank=16    # key=value overrides of TrainConfig
+  flywheel train --dataset ds-1 --config train.yaml      # a YAML file (top level, or a 'train:' section)
+  flywheel train --dataset ds-1 --num-workers 2          # Ray Train, 2 workers (local Ray)
+  flywheel train --dataset ds-1 --base-model Qwen/Qwen2.5-0.5B --use-gpu --ray-address auto
+  flywheel train rollback                                # move 'champion' back to the previous version
+
+The dataset ID names <workdir>/lake/datasets/<ID> (a snapshot directory path works too).
+The challenger is registered as a new version of --model-name with alias 'challenger';
+it becomes 'champion' only if it beats the current champion (or, for the first model, the
+majority-label baseline) on gate_metric by more than gate_margin."""
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("train", help="fine-tune a challenger (LoRA), evaluate, gate and register it in MLflow",
+                       description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", metavar="ID", help="dataset snapshot id under <workdir>/lake/datasets (or a path)")
+    p.add_argument("--base-model", default=None,
+                   help="'minilm' (packaged, offline; the default), a local model directory or a hub id")
+    p.add_argument("--model-name", default="fault-detector", help="registered model name (default fault-detector)")
+    p.add_argument("--num-workers", type=int, default=None, help="training workers; > 1 uses Ray Train")
+    p.add_argument("--use-gpu", action="store_true", default=None, help="train on GPUs (bf16), one per worker")
+    p.add_argument("--campaign", default=None, help="campaign name (experiment flywheel-<campaign>, version tag)")
+    p.add_argument("--turn", type=int, default=None, help="turn number recorded on the run and version")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    common.add(p, workdir=True, mlflow=True, ray=True, seed=True, config=True)
+    p.set_defaults(func=run, seed=None)
+
+
+def resolve_dataset(workdir: str, dataset: str) -> Path:
+    from finetune.data import DataError
+
+    base = Path(workdir) / "lake" / "datasets"
+    cand = base / dataset
+    if cand.is_dir():
+        return cand
+    if Path(dataset).is_dir():
+        return Path(dataset)
+    known = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    hint = f"known ids: {', '.join(known[-10:])}" if known else "build one with `flywheel dataset build`"
+    raise DataError(f"dataset {dataset!r} not found in {base}; {hint}")
+
+
+def load_train_config(path: str | None, overrides: list[str], flags: dict):
+    import yaml
+
+    from finetune.config import TrainConfig
+    from flywheel.config import load
+
+    section = None
+    if path and Path(path).is_file():
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if isinstance(data, dict) and isinstance(data.get("train"), dict):
+            section = "train"
+    overrides = [o[len("train."):] if o.startswith("train.") else o for o in overrides]
+    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
+    return load(TrainConfig, path, overrides, section=section)
+
+
+def run(args) -> int:
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from finetune.data import DataError
+    from finetune.model import ModelError
+    from finetune.registry import RegistryError
+
+    workdir = Path(args.workdir).resolve()
+    uri = args.mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    overrides = list(args.overrides or [])
+    try:
+        if overrides[:1] == ["rollback"]:
+            return _rollback(uri, args.model_name, overrides[1:])
+        if not args.dataset:
+            print("flywheel train: --dataset ID is required (or use `flywheel train rollback`)")
+            return 2
+        snapshot = resolve_dataset(str(workdir), args.dataset)
+        config = load_train_config(args.config, overrides, {
+            "base_model": args.base_model, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
+            "seed": args.seed})
+        if not config.checkpoint_dir:
+            config.checkpoint_dir = str(workdir / "checkpoints")
+        workdir.mkdir(parents=True, exist_ok=True)
+        from finetune.turn import train_and_register
+
+        outcome = train_and_register(str(snapshot), config, uri, model_name=args.model_name,
+                                     campaign=args.campaign, turn=args.turn, ray_address=args.ray_address,
+                                     progress=not args.no_progress)
+    except (DataError, ModelError, RegistryError) as exc:
+        print(f"flywheel train: {exc}")
+        return 1
+    _print_outcome(outcome, config.gate_metric)
+    return 0
+
+
+def _rollback(uri: str, model_name: str, extra: list[str]) -> int:
+    from finetune.registry import get_version, rollback
+
+    if extra:
+        print(f"flywheel train rollback: unexpected arguments {extra}; only --model-name, --workdir, --mlflow-uri")
+        return 2
+    before = get_version(uri, model_name, "champion").version
+    after = rollback(uri, model_name, "champion")
+    print(f"{model_name}@champion: version {before} -> version {after}")
+    return 0
+
+
+def _print_outcome(o, gate_metric: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"fine-tune turn: version {o.version} ({'PROMOTED' if o.promoted else 'not promoted'})")
+    t.add_column("metric")
+    t.add_column("challenger", justify="right")
+    t.add_column("champion", justify="right")
+    keys = [gate_metric] + [k for k in ("eval.macro_f1", "eval.accuracy", "eval.auroc_any_failure", "eval.ece",
+                                        "eval.n_windows") if k != gate_metric]
+    for k in keys:
+        c = o.challenger_metrics.get(k)
+        ch = (o.champion_metrics or {}).get(k)
+        t.add_row(k, "-" if c is None else f"{c:.4f}", "-" if ch is None else f"{ch:.4f}")
+    con = Console()
+    con.print(t)
+    con.print(f"gate: {o.reason}")
+    con.print(f"champion is now version {o.champion_version}; train "
+              f"{o.train_metrics.get('train.samples_per_s', 0):.1f} samples/s; "
+              + ", ".join(f"{k} {v:.1f}s" for k, v in o.wall_s.items()))

@@ -1,0 +1,101 @@
+"""``TrainConfig``: every knob of one fine-tune turn, as one typed dataclass.
+
+Load it like every other stage config (``flywheel.config.load``)::
+
+    from flywheel.config import load
+    cfg = load(TrainConfig, "train.yaml", ["lora.rank=16", "epochs=2"])
+
+Defaults fit the demo budget: about one to two minutes of LoRA training on two CPU
+cores (MiniLM trains ~50-70 samples/s there), so one turn sees at most
+``max_train_samples`` windows in total (all epochs together) after class balancing.
+
+Class imbalance (failures are rare) is handled twice, on purpose:
+
+1. each epoch keeps every failure window and at most ``ok_ratio`` x as many ``ok``
+   windows (a fresh, seeded draw of ``ok`` windows per epoch, so over epochs the model
+   still sees many different healthy windows);
+2. the cross-entropy is class-weighted with inverse-frequency weights computed from that
+   balanced epoch (weight_c = n / (K * n_c), K = labels present), clipped to
+   [1 / class_weight_max, class_weight_max] so a label with three windows cannot dominate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from finetune.model import LoraSettings, ModelError
+
+#: Gate metrics where lower is better; every other metric is higher-is-better.
+LOWER_IS_BETTER = ("eval.ece", "eval.loss", "eval.brier")
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = field(default="minilm", metadata={
+        "help": "'minilm' (packaged all-MiniLM-L6-v2), a local model directory or a hub id"})
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA rank/alpha/dropout/targets"})
+    epochs: int = field(default=1, metadata={"help": "passes over the (balanced) training split"})
+    batch_size: int = field(default=32, metadata={"help": "windows per optimizer step (all workers together)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate for the LoRA weights and the head"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_frac: float = field(default=0.06, metadata={"help": "fraction of steps with linear LR warm-up"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = no clipping)"})
+    max_length: int = field(default=96, metadata={"help": "max tokens per window text (batches pad dynamically)"})
+    max_train_samples: int = field(default=4000, metadata={
+        "help": "windows trained on per turn, all epochs together, after class balancing (0 = no cap)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})
+    ok_ratio: float = field(default=3.0, metadata={
+        "help": "at most this many 'ok' windows per failure window in each epoch (0 = keep all)"})
+    class_weight_max: float = field(default=10.0, metadata={"help": "clip for the class weights of the loss"})
+    seed: int = field(default=0, metadata={"help": "seeds head init, LoRA init, data order and dropout"})
+    num_workers: int = field(default=1, metadata={"help": "training workers; > 1 launches Ray Train"})
+    use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker (Ray Train) / train on CUDA"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads per worker (0 = cores available)"})
+    checkpoint_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps (0 = never)"})
+    checkpoint_dir: str = field(default="", metadata={
+        "help": "where checkpoints go ('' = <tmp>/flywheel-checkpoints); a killed run resumes from here"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (older ones deleted)"})
+    log_every: int = field(default=10, metadata={"help": "send buffered per-step metrics to MLflow every N steps"})
+    eval_batch_size: int = field(default=64, metadata={"help": "windows per inference batch in evaluation"})
+    gate_metric: str = field(default="eval.macro_f1", metadata={"help": "metric the promotion gate compares"})
+    gate_margin: float = field(default=0.01, metadata={
+        "help": "the challenger must beat the champion (or the majority baseline) by more than this"})
+    min_eval_windows: int = field(default=20, metadata={"help": "refuse to promote on a smaller eval split"})
+    warm_start: bool = field(default=False, metadata={
+        "help": "start from the champion's adapter (same base model) instead of a fresh LoRA"})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "allow model code from the hub to run (off: only built-in architectures load)"})
+    max_failures: int = field(default=0, metadata={"help": "Ray Train worker-failure restarts (resume from checkpoint)"})
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # TrainConfig(lora={...}) from Python code
+            self.lora = LoraSettings(**self.lora)
+        positive = dict(epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length,
+                        num_workers=self.num_workers, log_every=self.log_every,
+                        eval_batch_size=self.eval_batch_size, keep_checkpoints=self.keep_checkpoints)
+        for name, value in positive.items():
+            if value <= 0:
+                raise ModelError(f"{name} should be positive, got {value}")
+        non_negative = dict(max_train_samples=self.max_train_samples, max_steps=self.max_steps,
+                            ok_ratio=self.ok_ratio, checkpoint_every=self.checkpoint_every,
+                            num_threads=self.num_threads, gate_margin=self.gate_margin,
+                            min_eval_windows=self.min_eval_windows, grad_clip=self.grad_clip,
+                            weight_decay=self.weight_decay, max_failures=self.max_failures)
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ModelError(f"{name} should be >= 0, got {value}")
+        if not self.lr > 0:
+            raise ModelError(f"lr should be > 0, got {self.lr}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ModelError(f"warmup_frac should be in [0, 1), got {self.warmup_frac}")
+        if self.class_weight_max < 1:
+            raise ModelError(f"class_weight_max should be >= 1, got {self.class_weight_max}")
+        if not self.gate_metric.startswith("eval."):
+            raise ModelError(f"gate_metric should be an eval.* metric such as eval.macro_f1, got {self.gate_metric!r}")
+        if self.batch_size < self.num_workers:
+            raise ModelError(f"batch_size ({self.batch_size}) should be >= num_workers ({self.num_workers}): "
+                             "each worker needs at least one window per step")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.gate_metric not in LOWER_IS_BETTER

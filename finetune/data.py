@@ -1,0 +1,206 @@
+"""Snapshot loading and the deterministic batch plan of a training run.
+
+A snapshot is a directory written by the dataset builder::
+
+    <snapshot>/train.parquet   rows: line, machine, kind, ..., text, label, label_source
+    <snapshot>/eval.parquet
+    <snapshot>/manifest.json   {"dataset_id", "content_hash", "counts", "window", ...}
+
+``load_snapshot`` checks it once, at the boundary (labels must be the contract's).
+``plan_batches`` turns the training split into the exact sequence of optimizer-step
+batches: per epoch a seeded draw of ``ok`` windows (at most ``ok_ratio`` x the failure
+windows), a seeded shuffle, a cap so a turn stays in its time budget, and global batches
+that each worker slices (``batch[rank::world]``).  Step ``i`` always holds the same windows
+for a given seed, which is what makes resume-after-kill land on identical weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from flywheel.contract import LABELS
+
+LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
+REQUIRED_COLUMNS = ("text", "label")
+
+
+class DataError(ValueError):
+    """A snapshot that cannot be trained or evaluated on; the message says what and how to fix it."""
+
+
+@dataclass
+class Snapshot:
+    path: Path
+    dataset_id: str
+    content_hash: str
+    manifest: dict
+    train: "object"   # pandas.DataFrame
+    eval: "object"    # pandas.DataFrame
+
+
+def read_split(path: str | Path, split: str = "split") -> "object":
+    """Read one split (a parquet file or an in-memory DataFrame) and check its columns and labels."""
+    import pandas as pd
+
+    if isinstance(path, pd.DataFrame):
+        df = path
+        where = f"the {split} DataFrame"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"{p} does not exist: a snapshot needs train.parquet and eval.parquet "
+                            "(build one with `flywheel dataset build`)")
+        try:
+            df = pd.read_parquet(p)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+            raise DataError(f"{p} is not a readable parquet file: {exc}") from None
+        where = str(p)
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{where} lacks column(s) {missing}; a snapshot split needs {list(REQUIRED_COLUMNS)}")
+    unknown = sorted(set(df["label"].dropna().astype(str)) - set(LABELS))
+    if unknown:
+        raise DataError(f"{where} has label(s) {unknown} that are not in the contract's label set "
+                        f"{list(LABELS)}; rebuild the snapshot with the current flywheel.contract")
+    # Rows without text or label cannot teach anything; drop them, keep the rest.
+    keep = df["text"].notna() & df["label"].notna() & (df["text"].astype(str).str.len() > 0)
+    df = df.loc[keep].reset_index(drop=True)
+    df["text"] = df["text"].astype(str)
+    df["label"] = df["label"].astype(str)
+    return df
+
+
+def load_snapshot(path: str | Path) -> Snapshot:
+    """Load and check a snapshot directory (train split: >= 2 labels; eval may be empty)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError(f"dataset snapshot {str(p)!r} is not a directory; pass a snapshot built by "
+                        "`flywheel dataset build` (<workdir>/lake/datasets/<ID>)")
+    mpath = p / "manifest.json"
+    if not mpath.is_file():
+        raise DataError(f"{p} has no manifest.json: not a dataset snapshot")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{mpath} is not valid JSON: {exc}") from None
+    train = read_split(p / "train.parquet", "train")
+    evals = read_split(p / "eval.parquet", "eval")
+    if len(train) == 0:
+        raise DataError(f"snapshot {p.name} has an empty training split: collect more plant time first")
+    present = sorted(set(train["label"]))
+    if len(present) < 2:
+        raise DataError(f"snapshot {p.name}: the training split holds only label {present}; a classifier needs "
+                        "at least two labels (run the plant longer so failures occur, or lower the window stride)")
+    return Snapshot(path=p, dataset_id=str(manifest.get("dataset_id") or p.name),
+                    content_hash=str(manifest.get("content_hash", "")), manifest=manifest,
+                    train=train, eval=evals)
+
+
+def label_ids(labels: Sequence[str]) -> np.ndarray:
+    return np.array([LABEL_INDEX[label] for label in labels], dtype=np.int64)
+
+
+def epoch_order(y: np.ndarray, epoch: int, seed: int, ok_ratio: float, cap: int) -> np.ndarray:
+    """Indices of one epoch: all failures + a seeded draw of ok windows, capped, shuffled."""
+    rng = np.random.default_rng([seed, epoch])
+    ok = np.flatnonzero(y == LABEL_INDEX["ok"])
+    fail = np.flatnonzero(y != LABEL_INDEX["ok"])
+    if ok_ratio > 0 and len(fail) > 0:
+        n_ok = min(len(ok), math.ceil(ok_ratio * len(fail)))
+        ok = rng.choice(ok, size=n_ok, replace=False)
+    if cap and len(ok) + len(fail) > cap:
+        # Keep the balanced proportions while cutting to the per-epoch budget.
+        frac = cap / (len(ok) + len(fail))
+        n_fail = max(1, round(len(fail) * frac)) if len(fail) else 0
+        n_ok = max(0, cap - n_fail)
+        fail = rng.choice(fail, size=min(n_fail, len(fail)), replace=False)
+        ok = rng.choice(ok, size=min(n_ok, len(ok)), replace=False)
+    idx = np.concatenate([fail, ok]).astype(np.int64)
+    return idx[rng.permutation(len(idx))]
+
+
+def class_weights(y_epoch: np.ndarray, clip: float) -> np.ndarray:
+    """Inverse-frequency weights n / (K n_c) over labels present in the epoch, clipped; absent labels 1."""
+    counts = np.bincount(y_epoch, minlength=len(LABELS)).astype(np.float64)
+    present = counts > 0
+    w = np.ones(len(LABELS))
+    w[present] = counts.sum() / (present.sum() * counts[present])
+    return np.clip(w, 1.0 / clip, clip).astype(np.float32)
+
+
+@dataclass
+class BatchPlan:
+    """The global batches of a run: ``steps[i]`` is the array of row indices of step i."""
+    steps: list[np.ndarray]
+    class_weights: np.ndarray
+    samples_per_epoch: int
+    epoch_of_step: list[int]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+def plan_batches(y: np.ndarray, *, epochs: int, batch_size: int, seed: int, ok_ratio: float,
+                 max_train_samples: int, max_steps: int = 0, world_size: int = 1,
+                 class_weight_max: float = 10.0) -> BatchPlan:
+    cap = max_train_samples // epochs if max_train_samples else 0
+    steps, epoch_of_step = [], []
+    first = None
+    for epoch in range(epochs):
+        order = epoch_order(y, epoch, seed, ok_ratio, cap)
+        if first is None:
+            first = order
+        for i in range(0, len(order), batch_size):
+            chunk = order[i:i + batch_size]
+            if len(chunk) < world_size:  # every worker needs a sample: drop a tiny tail batch
+                continue
+            steps.append(chunk)
+            epoch_of_step.append(epoch)
+    if max_steps:
+        steps, epoch_of_step = steps[:max_steps], epoch_of_step[:max_steps]
+    if not steps:
+        raise DataError(f"no training batch could be formed from {len(y)} windows "
+                        f"(batch_size={batch_size}, workers={world_size})")
+    return BatchPlan(steps=steps, class_weights=class_weights(y[first], class_weight_max), samples_per_epoch=len(first),
+                     epoch_of_step=epoch_of_step)
+
+
+class Batches:
+    """Collated batches of one worker: ``batches[step]`` -> dict of tensors (dynamic padding)."""
+
+    def __init__(self, input_ids: list[list[int]], y: np.ndarray, plan: BatchPlan, pad_token_id: int,
+                 rank: int = 0, world_size: int = 1):
+        self.input_ids = input_ids
+        self.y = y
+        self.plan = plan
+        self.pad = int(pad_token_id)
+        self.rank = rank
+        self.world_size = world_size
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, step: int) -> dict:
+        import torch
+
+        idx = self.plan.steps[step][self.rank::self.world_size]
+        seqs = [self.input_ids[i] for i in idx]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[row, :len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.from_numpy(self.y[idx])}
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated, unpadded (batches pad to their own longest text)."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    return enc["input_ids"]

@@ -1,0 +1,145 @@
+"""Scoring a model on a snapshot's eval split: the ``eval.*`` metrics the gate compares.
+
+Metrics (all floats, named as MLflow logs them):
+
+* ``eval.macro_f1`` - F1 averaged over the labels that occur in the eval truth **or** in
+  the predictions (labels absent from both have no defined F1 and are left out; a label
+  predicted but never true scores 0 and pulls the mean down, so a model cannot win by
+  inventing failures);
+* ``eval.accuracy``, ``eval.loss`` (mean negative log-likelihood);
+* ``eval.precision.<L>``, ``eval.recall.<L>``, ``eval.f1.<L>``, ``eval.support.<L>`` per label;
+* ``eval.auroc_any_failure`` - "any failure within the horizon" as a binary problem,
+  score = 1 - P(ok); absent when the eval truth holds only one of the two classes;
+* ``eval.ece`` - expected calibration error of the top-label confidence, 10 equal bins;
+* ``eval.n_windows``.
+
+Usage::
+
+    metrics = evaluate_adapter("out/adapter", "lake/datasets/ds-1/eval.parquet")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from flywheel.contract import LABELS
+
+
+@dataclass
+class EvalReport:
+    metrics: dict
+    confusion: np.ndarray      # rows = truth, columns = prediction, over ``labels``
+    labels: list[str]          # the labels scored (truth or prediction present), contract order
+    probs: np.ndarray | None = None
+
+
+def expected_calibration_error(probs: np.ndarray, truth_idx: np.ndarray, bins: int = 10) -> float:
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == truth_idx).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi) if lo > 0 else (conf >= lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return float(ece)
+
+
+def score(probs: np.ndarray, truth: Sequence[str]) -> EvalReport:
+    """All eval metrics from label probabilities (columns in LABELS order) and true labels."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    truth = [str(t) for t in truth]
+    n = len(truth)
+    if n == 0:
+        return EvalReport({"eval.n_windows": 0.0}, np.zeros((0, 0), dtype=np.int64), [], probs)
+    index = {label: i for i, label in enumerate(LABELS)}
+    truth_idx = np.array([index[t] for t in truth])
+    pred_idx = probs.argmax(axis=1)
+    present = sorted(set(truth_idx.tolist()) | set(pred_idx.tolist()))
+    labels = [LABELS[i] for i in present]
+    prec, rec, f1, support = precision_recall_fscore_support(truth_idx, pred_idx, labels=present, zero_division=0)
+    m = {"eval.n_windows": float(n), "eval.macro_f1": float(np.mean(f1)),
+         "eval.accuracy": float((pred_idx == truth_idx).mean()),
+         "eval.loss": float(-np.mean(np.log(np.clip(probs[np.arange(n), truth_idx], 1e-12, 1.0)))),
+         "eval.ece": expected_calibration_error(probs, truth_idx)}
+    for label, p, r, f, s in zip(labels, prec, rec, f1, support):
+        m[f"eval.precision.{label}"] = float(p)
+        m[f"eval.recall.{label}"] = float(r)
+        m[f"eval.f1.{label}"] = float(f)
+        m[f"eval.support.{label}"] = float(s)
+    failure = truth_idx != index["ok"]
+    if 0 < failure.sum() < n:
+        m["eval.auroc_any_failure"] = float(roc_auc_score(failure, 1.0 - probs[:, index["ok"]]))
+    cm = confusion_matrix(truth_idx, pred_idx, labels=present)
+    return EvalReport(m, cm, labels, probs)
+
+
+def majority_baseline(train_labels: Sequence[str], truth: Sequence[str]) -> EvalReport:
+    """The trivial model: always predict the training split's most common label (with certainty)."""
+    values, counts = np.unique(np.asarray(list(train_labels), dtype=object).astype(str), return_counts=True)
+    majority = str(values[counts.argmax()])
+    probs = np.zeros((len(truth), len(LABELS)), dtype=np.float32)
+    probs[:, LABELS.index(majority)] = 1.0
+    rep = score(probs, truth)
+    rep.metrics["eval.baseline_label"] = float(LABELS.index(majority))
+    return rep
+
+
+def _eval_frame(eval_df_or_path):
+    from finetune.data import read_split
+
+    if isinstance(eval_df_or_path, (str, Path)) and Path(eval_df_or_path).is_dir():
+        eval_df_or_path = Path(eval_df_or_path) / "eval.parquet"
+    return read_split(eval_df_or_path, "eval")
+
+
+def load_adapter_model(adapter_dir: str | Path, device=None):
+    """(model, tokenizer, meta) for a saved flywheel adapter, ready for ``predict_proba``."""
+    from finetune.model import check_adapter_dir, load_adapter, load_base, pick_device
+
+    meta = check_adapter_dir(adapter_dir)
+    base, tok = load_base(meta["base_model"], device=device or pick_device(),
+                          trust_remote_code=bool(meta.get("trust_remote_code", False)))
+    return load_adapter(base, adapter_dir), tok, meta
+
+
+def evaluate_adapter_report(adapter_dir: str | Path, eval_df_or_path, batch_size: int = 64) -> EvalReport:
+    from finetune.model import predict_proba
+
+    df = _eval_frame(eval_df_or_path)
+    model, tok, meta = load_adapter_model(adapter_dir)
+    probs = predict_proba(model, tok, list(df["text"]), batch_size=batch_size, max_length=int(meta.get("max_length", 96)))
+    return score(probs, list(df["label"]))
+
+
+def evaluate_adapter(adapter_dir: str | Path, eval_df_or_path, batch_size: int = 64) -> dict:
+    """``eval.*`` metrics of the adapter on an eval split (a DataFrame, a parquet path or a snapshot dir)."""
+    return evaluate_adapter_report(adapter_dir, eval_df_or_path, batch_size).metrics
+
+
+def confusion_png(report: EvalReport, path: str | Path, title: str = "confusion matrix (eval)") -> Path:
+    """Draw the confusion matrix (rows truth, columns prediction) to a PNG file."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+
+    k = len(report.labels)
+    fig = Figure(figsize=(1.2 + 0.7 * max(k, 2), 1.0 + 0.6 * max(k, 2)), dpi=100)
+    ax = fig.subplots()
+    cm = report.confusion if k else np.zeros((1, 1))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), report.labels)
+    ax.set_yticks(range(k), report.labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center",
+                    color="white" if cm[i, j] > cm.max() / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)

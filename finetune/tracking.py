@@ -1,0 +1,150 @@
+"""MLflow plumbing for a training turn: batched metrics, params, dataset lineage, runs.
+
+Everything goes through an explicit ``MlflowClient(tracking_uri)`` - no global tracking
+URI is set - so the loop, the CLI and tests can point at different stores in one process.
+
+* ``MetricBatcher`` buffers per-step metrics and sends them with one ``log_batch`` call
+  every ``every`` steps (one SQLite transaction instead of one per value); it measures
+  the time it spends so the benchmark can show the overhead.
+* ``log_dataset`` records the snapshot as the run's input (``mlflow.data``), once.
+* ``open_run`` uses the caller's run or makes one in experiment ``flywheel-<campaign>``
+  with its artifacts beside a SQLite store (never ``./mlruns`` in the working directory).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+def client_for(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+class MetricBatcher:
+    """``report(step, metrics)`` callback that logs to MLflow in batches."""
+
+    def __init__(self, tracking_uri: str, run_id: str, every: int = 10):
+        self.client = client_for(tracking_uri)
+        self.run_id = run_id
+        self.every = max(1, every)
+        self.buffer: list = []
+        self.seconds = 0.0  # time spent building and sending metrics: the logging overhead
+        self.calls = 0
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
+        t = time.perf_counter()
+        now = int(time.time() * 1000)
+        self.buffer.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+        self.seconds += time.perf_counter() - t
+        if step % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        t = time.perf_counter()
+        for i in range(0, len(self.buffer), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=self.buffer[i:i + MAX_BATCH], synchronous=True)
+            self.calls += 1
+        self.buffer.clear()
+        self.seconds += time.perf_counter() - t
+
+
+def log_metrics(client, run_id: str, metrics: dict, step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+    for i in range(0, len(items), MAX_BATCH):
+        client.log_batch(run_id, metrics=items[i:i + MAX_BATCH], synchronous=True)
+
+
+def log_params(client, run_id: str, params: dict) -> None:
+    """Log params not yet on the run (MLflow refuses to change a logged param's value)."""
+    from mlflow.entities import Param
+
+    have = client.get_run(run_id).data.params
+    items = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+
+def flatten(prefix: str, obj) -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    if isinstance(obj, (list, tuple)):
+        return {prefix: ",".join(map(str, obj))}
+    return {prefix: obj}
+
+
+def _is_number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def log_dataset(client, run_id: str, snapshot, context: str = "train") -> bool:
+    """Record the snapshot's split as a run input unless the run already has it; True if logged."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    digest = (snapshot.content_hash or "")[:36] or None
+    for existing in client.get_run(run_id).inputs.dataset_inputs:
+        ds = existing.dataset
+        ctx = {t.key: t.value for t in existing.tags}.get("mlflow.data.context")
+        if ds.name == snapshot.dataset_id and (digest is None or ds.digest == digest) and ctx == context:
+            return False
+    df = snapshot.train if context == "train" else snapshot.eval
+    dataset = mlflow.data.from_pandas(df, source=str(snapshot.path), targets="label",
+                                      name=snapshot.dataset_id, digest=digest)
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                     tags=[InputTag("mlflow.data.context", context)])])
+    return True
+
+
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database file; other stores decide themselves."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts" / experiment).resolve().as_uri()
+    return None
+
+
+def ensure_experiment(client, name: str, tracking_uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(tracking_uri, name))
+
+
+def open_run(client, tracking_uri: str, run_id: str | None, campaign: str | None, turn: int | None,
+             tags: dict | None = None) -> tuple[str, bool]:
+    """(run_id, created): the caller's run, or a new run in ``flywheel-<campaign>``."""
+    if run_id:
+        client.get_run(run_id)  # raises a clear MlflowException when it does not exist
+        return run_id, False
+    exp_id = ensure_experiment(client, f"flywheel-{campaign or 'train'}", tracking_uri)
+    all_tags = {"flywheel.stage": "train", **(tags or {})}
+    if turn is not None:
+        all_tags["flywheel.turn"] = str(turn)
+    run = client.create_run(exp_id, tags=all_tags, run_name=f"train-turn-{turn}" if turn is not None else "train")
+    return run.info.run_id, True
+
+
+def log_artifacts(client, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
+    client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def metric_history(client, run_id: str, keys: Iterable[str]) -> dict:
+    return {k: [m.value for m in client.get_metric_history(run_id, k)] for k in keys}

@@ -1,0 +1,188 @@
+"""One fine-tune turn, top to bottom: train -> evaluate -> register -> gate -> promote.
+
+``train_and_register`` is what the flywheel loop and ``flywheel train`` call::
+
+    outcome = train_and_register("lake/datasets/ds-3", TrainConfig(), "sqlite:///.flywheel/mlflow.db",
+                                 campaign="demo", turn=3)
+    outcome.promoted, outcome.reason, outcome.version
+
+It trains a challenger (in this process, or with Ray Train when ``config.num_workers > 1``
+or a Ray address is given), scores challenger and current champion on the snapshot's
+eval split, registers the challenger (alias ``challenger``), and moves ``champion`` when
+the gate says so.  Everything is logged into ``run_id`` when given (the loop's per-turn
+child run), else into a new run of experiment ``flywheel-<campaign>``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from finetune.config import TrainConfig
+
+log = logging.getLogger(__name__)
+MODEL_ARTIFACT = "model"
+
+
+@dataclass
+class TurnOutcome:
+    version: str
+    promoted: bool
+    reason: str
+    challenger_metrics: dict
+    champion_metrics: dict | None
+    champion_version: str | None
+    train_metrics: dict
+    adapter_dir: str
+    wall_s: dict = field(default_factory=dict)
+
+
+class _Timer:
+    def __init__(self):
+        self.wall_s: dict[str, float] = {}
+
+    def phase(self, name: str):
+        timer = self
+
+        class _Phase:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.wall_s[name] = timer.wall_s.get(name, 0.0) + time.perf_counter() - self.t
+
+        return _Phase()
+
+
+def _champion(tracking_uri: str, model_name: str):
+    from finetune.registry import RegistryError, get_version
+
+    try:
+        return get_version(tracking_uri, model_name, "champion")
+    except RegistryError:
+        return None
+
+
+def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str, model_name: str = "fault-detector",
+                       campaign: str | None = None, turn: int | None = None, run_id: str | None = None,
+                       ray_address: str | None = None, progress: bool = True) -> TurnOutcome:
+    from finetune import registry, tracking
+    from finetune.data import load_snapshot
+    from finetune.evaluate import confusion_png, evaluate_adapter_report, majority_baseline
+    from finetune.gate import decide
+    from finetune.pyfunc import save_pyfunc
+
+    t_start = time.perf_counter()
+    timer = _Timer()
+    with timer.phase("load"):
+        snapshot = load_snapshot(snapshot_dir)
+        client = tracking.client_for(tracking_uri)
+        run_id, created = tracking.open_run(client, tracking_uri, run_id, campaign, turn)
+    work = Path(tempfile.mkdtemp(prefix="flywheel-train-"))
+    status = "FAILED"
+    try:
+        with timer.phase("log_inputs"):
+            params = tracking.flatten("train", asdict(config))
+            params.update({"data.dataset_id": snapshot.dataset_id, "data.content_hash": snapshot.content_hash,
+                           "data.train_windows": len(snapshot.train), "data.eval_windows": len(snapshot.eval)})
+            tracking.log_params(client, run_id, params)
+            tracking.log_dataset(client, run_id, snapshot, "train")
+            if len(snapshot.eval):
+                tracking.log_dataset(client, run_id, snapshot, "eval")
+        champion = _champion(tracking_uri, model_name)
+        warm_dir = None
+        if config.warm_start and champion is not None:
+            with timer.phase("fetch_champion"):
+                warm_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "warm"))
+
+        with timer.phase("train"):
+            batcher = tracking.MetricBatcher(tracking_uri, run_id, every=config.log_every)
+            adapter_dir = str(work / "adapter")
+            if config.num_workers > 1 or ray_address:
+                from finetune.ray_launch import train_ray
+
+                result = train_ray(snapshot.path, config, adapter_dir, ray_address=ray_address,
+                                   tracking_uri=tracking_uri, run_id=run_id, warm_start_dir=warm_dir)
+            else:
+                result = train_plain_logged(snapshot, config, adapter_dir, batcher, progress, warm_dir)
+            train_metrics = dict(result.metrics)
+            train_metrics["train.log_overhead_s"] = batcher.seconds
+            tracking.log_metrics(client, run_id, {k: v for k, v in train_metrics.items() if k.startswith("train.")},
+                                 step=int(train_metrics.get("train.steps", 0)))
+        with timer.phase("eval_challenger"):
+            report = evaluate_adapter_report(adapter_dir, snapshot.eval, config.eval_batch_size)
+            challenger_metrics = report.metrics
+            baseline = majority_baseline(snapshot.train["label"], list(snapshot.eval["label"])).metrics
+        champion_metrics = None
+        if champion is not None:
+            with timer.phase("eval_champion"):
+                champ_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "champion"))
+                champion_metrics = evaluate_adapter_report(champ_dir, snapshot.eval, config.eval_batch_size).metrics
+        decision = decide(challenger_metrics, champion_metrics, baseline, metric=config.gate_metric,
+                          margin=config.gate_margin, min_eval_windows=config.min_eval_windows,
+                          eval_labels=set(snapshot.eval["label"]))
+
+        with timer.phase("register"):
+            confusion_png(report, work / "confusion_matrix.png")
+            (work / "eval").mkdir()
+            shutil.copy(work / "confusion_matrix.png", work / "eval" / "confusion_matrix.png")
+            (work / "eval" / "confusion_matrix.json").write_text(json.dumps(
+                {"labels": report.labels, "matrix": report.confusion.tolist(), "rows": "truth", "columns": "prediction"}))
+            (work / "eval" / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+            client.log_artifacts(run_id, str(work / "eval"), "eval")
+            client.log_artifacts(run_id, adapter_dir, "adapter")
+            save_pyfunc(adapter_dir, work / MODEL_ARTIFACT)
+            client.log_artifacts(run_id, str(work / MODEL_ARTIFACT), MODEL_ARTIFACT)
+            tags = {"flywheel.base_model": config.base_model, "flywheel.dataset_id": snapshot.dataset_id,
+                    "flywheel.dataset_hash": snapshot.content_hash, "flywheel.turn": turn, "flywheel.campaign": campaign,
+                    "flywheel.run_id": run_id, "flywheel.gate_metric": config.gate_metric,
+                    config.gate_metric: f"{challenger_metrics.get(config.gate_metric, float('nan')):.6f}",
+                    "flywheel.promoted": str(decision.promoted).lower(), "flywheel.gate_reason": decision.reason}
+            version = registry.register_version(tracking_uri, model_name, run_id, MODEL_ARTIFACT, tags).version
+            registry.set_alias(tracking_uri, model_name, "challenger", version)
+            if decision.promoted:
+                registry.set_alias(tracking_uri, model_name, "champion", version)
+        champion_version = version if decision.promoted else (champion.version if champion else None)
+
+        timer.wall_s["total"] = time.perf_counter() - t_start
+        logged = dict(challenger_metrics)
+        logged.update({k.replace("eval.", "eval.baseline.", 1): v for k, v in baseline.items()
+                       if k in ("eval.macro_f1", "eval.accuracy")})
+        if champion_metrics:
+            logged.update({k.replace("eval.", "eval.champion.", 1): v for k, v in champion_metrics.items()
+                           if k.count(".") == 1})
+        logged["gate.promoted"] = float(decision.promoted)
+        logged.update({f"train.wall_s.{k}": v for k, v in timer.wall_s.items()})
+        tracking.log_metrics(client, run_id, logged)
+        client.set_tag(run_id, "flywheel.model_version", version)
+        client.set_tag(run_id, "flywheel.gate_reason", decision.reason)
+        status = "FINISHED"
+        # The outcome's adapter_dir must outlive the temp work dir: keep it beside the checkpoints.
+        base = Path(config.checkpoint_dir).parent if config.checkpoint_dir else Path(tempfile.gettempdir())
+        keep = base / "flywheel-adapters" / f"{model_name}-v{version}-{run_id[:8]}"
+        if keep.exists():
+            shutil.rmtree(keep)
+        shutil.copytree(adapter_dir, keep)
+        return TurnOutcome(version=version, promoted=decision.promoted, reason=decision.reason,
+                           challenger_metrics=challenger_metrics, champion_metrics=champion_metrics,
+                           champion_version=champion_version, train_metrics=train_metrics,
+                           adapter_dir=str(keep), wall_s=dict(timer.wall_s))
+    finally:
+        if created:
+            client.set_terminated(run_id, status)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def train_plain_logged(snapshot, config, adapter_dir, batcher, progress, warm_dir):
+    """The plain launcher with the MLflow batcher as its report callback (flushed at the end)."""
+    from finetune.launch import train_plain
+
+    try:
+        return train_plain(snapshot, config, adapter_dir, report=batcher, progress=progress, warm_start_dir=warm_dir)
+    finally:
+        batcher.flush()

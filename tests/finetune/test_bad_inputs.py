@@ -1,0 +1,108 @@
+"""Bad inputs give clear errors that name the problem and the fix."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+
+from finetune.data import DataError, load_snapshot
+from finetune.model import ModelError, check_adapter_dir, load_base, resolve_base_model
+from finetune.synthetic import make_rows, write_snapshot
+
+
+def test_empty_training_split(tmp_path):
+    snap = write_snapshot(tmp_path / "empty", train_rows=[], eval_rows=make_rows(10, 1))
+    with pytest.raises(DataError, match="empty training split"):
+        load_snapshot(snap)
+
+
+def test_single_label_training_split(tmp_path):
+    rows = [r for r in make_rows(60, 2) if r["label"] == "ok"]
+    snap = write_snapshot(tmp_path / "single", train_rows=rows, eval_rows=rows[:5])
+    with pytest.raises(DataError, match=r"only label \['ok'\].*at least two labels"):
+        load_snapshot(snap)
+
+
+def test_label_set_that_does_not_match_the_contract(tmp_path):
+    rows = make_rows(30, 3)
+    rows[4]["label"] = "MELTDOWN"
+    snap = write_snapshot(tmp_path / "labels", train_rows=rows, eval_rows=make_rows(10, 4))
+    with pytest.raises(DataError, match=r"\['MELTDOWN'\].*contract's label set"):
+        load_snapshot(snap)
+
+
+def test_missing_snapshot_and_missing_columns(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        load_snapshot(tmp_path / "nope")
+    snap = write_snapshot(tmp_path / "cols", n_train=20, n_eval=5)
+    pd.DataFrame({"text": ["a"]}).to_parquet(snap / "train.parquet")
+    with pytest.raises(DataError, match=r"lacks column\(s\) \['label'\]"):
+        load_snapshot(snap)
+
+
+def test_rows_without_text_are_dropped_not_fatal(tmp_path):
+    rows = make_rows(40, 5)
+    rows[0]["text"] = None
+    snap = load_snapshot(write_snapshot(tmp_path / "nulls", train_rows=rows, eval_rows=make_rows(5, 6)))
+    assert len(snap.train) == 39
+
+
+def test_unknown_base_model():
+    with pytest.raises(ModelError, match="unknown base model"):
+        resolve_base_model("./no/such/model/dir")
+    with pytest.raises(ModelError, match="cannot load base model 'nobody/no-such-model'"):
+        load_base("nobody/no-such-model")
+
+
+def test_unknown_config_key_names_the_key():
+    from finetune import TrainConfig
+    from flywheel.config import ConfigError, load
+
+    with pytest.raises(ConfigError, match="unknown config key 'lora.rnk'.*did you mean 'rank'"):
+        load(TrainConfig, None, ["lora.rnk=4"])
+    with pytest.raises(ModelError, match="lora.rank should be positive, got 0"):
+        load(TrainConfig, None, ["lora.rank=0"])
+    cfg = load(TrainConfig, None, ["lora.rank=4", "epochs=2", "lora.target_modules=query,key"])
+    assert cfg.lora.rank == 4 and cfg.epochs == 2 and cfg.lora.target_modules == ["query", "key"]
+
+
+@pytest.fixture
+def adapter_copy(registry, tmp_path):
+    _, outcome = registry
+    d = tmp_path / "adapter"
+    shutil.copytree(outcome.adapter_dir, d)
+    return d
+
+
+def test_corrupt_adapter_file(adapter_copy, tmp_path):
+    from finetune.evaluate import evaluate_adapter
+
+    (adapter_copy / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(ModelError, match="cannot be loaded"):
+        evaluate_adapter(adapter_copy, pd.DataFrame(make_rows(3, 7)))
+
+
+def test_pickle_only_adapter_is_refused(adapter_copy):
+    (adapter_copy / "adapter_model.safetensors").rename(adapter_copy / "adapter_model.bin")
+    with pytest.raises(ModelError, match="pickle weights"):
+        check_adapter_dir(adapter_copy)
+
+
+def test_adapter_with_other_labels_is_refused(adapter_copy):
+    meta = json.loads((adapter_copy / "flywheel_model.json").read_text())
+    meta["labels"] = ["ok", "broken"]
+    (adapter_copy / "flywheel_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="trained on labels"):
+        check_adapter_dir(adapter_copy)
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    from flywheel.cli import main
+
+    assert main(["train", "--workdir", str(tmp_path), "--dataset", "ds-missing"]) == 1
+    assert "dataset 'ds-missing' not found" in capsys.readouterr().out
+    assert main(["train", "--workdir", str(tmp_path)]) == 2
+    assert "--dataset ID is required" in capsys.readouterr().out

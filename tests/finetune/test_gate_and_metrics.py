@@ -1,0 +1,80 @@
+"""Metrics and the promotion gate on hand-made numbers (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from finetune.evaluate import expected_calibration_error, majority_baseline, score
+from finetune.gate import decide
+from flywheel.contract import LABELS
+
+
+def onehot(labels, p=1.0):
+    out = np.full((len(labels), len(LABELS)), (1 - p) / (len(LABELS) - 1), dtype=np.float64)
+    for i, label in enumerate(labels):
+        out[i, LABELS.index(label)] = p
+    return out
+
+
+def test_macro_f1_over_truth_or_predicted_labels():
+    truth = ["ok", "ok", "TWF", "BRG"]
+    pred = ["ok", "HDF", "TWF", "ok"]  # HDF never true: it counts (F1 0) and pulls the mean down
+    rep = score(onehot(pred, 0.9), truth)
+    assert rep.labels == ["ok", "TWF", "HDF", "BRG"]
+    # F1: ok = 2*0.5*0.5/1 = 0.5, TWF = 1, HDF = 0, BRG = 0
+    assert rep.metrics["eval.macro_f1"] == pytest.approx((0.5 + 1 + 0 + 0) / 4)
+    assert rep.metrics["eval.recall.TWF"] == 1.0 and rep.metrics["eval.precision.ok"] == 0.5
+    assert rep.confusion.tolist() == [[1, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+    assert rep.metrics["eval.accuracy"] == 0.5
+
+
+def test_auroc_uses_one_minus_p_ok_and_is_absent_for_one_class():
+    truth = ["ok", "ok", "TWF", "BRG"]
+    probs = onehot(["ok", "ok", "ok", "ok"], 0.5)
+    probs[:, 0] = [0.9, 0.8, 0.3, 0.6]  # failures have lower P(ok): perfectly ranked
+    assert score(probs, truth).metrics["eval.auroc_any_failure"] == 1.0
+    assert "eval.auroc_any_failure" not in score(onehot(["ok", "ok"]), ["ok", "ok"]).metrics
+
+
+def test_ece_zero_when_calibrated_and_large_when_overconfident():
+    truth_idx = np.array([0, 0, 0, 0])
+    assert expected_calibration_error(onehot(["ok"] * 4, 1.0), truth_idx) == pytest.approx(0.0)
+    wrong = onehot(["TWF"] * 4, 0.95)
+    assert expected_calibration_error(wrong, truth_idx) == pytest.approx(0.95)
+
+
+def test_majority_baseline_predicts_the_training_majority():
+    rep = majority_baseline(["ok"] * 8 + ["TWF"] * 2, ["ok", "TWF", "ok"])
+    assert rep.metrics["eval.accuracy"] == pytest.approx(2 / 3)
+    assert rep.metrics["eval.macro_f1"] == pytest.approx((0.8 + 0.0) / 2)
+
+
+GOOD = {"eval.n_windows": 100, "eval.macro_f1": 0.80}
+
+
+@pytest.mark.parametrize("challenger,labels,why", [
+    ({"eval.n_windows": 0}, set(), "empty"),
+    ({"eval.n_windows": 5, "eval.macro_f1": 0.9}, {"ok", "TWF"}, "fewer than min_eval_windows"),
+    ({"eval.n_windows": 100, "eval.macro_f1": 0.9}, {"ok"}, "single label"),
+])
+def test_gate_refuses_on_eval_sets_that_cannot_tell(challenger, labels, why):
+    d = decide(challenger, None, {"eval.macro_f1": 0.1}, metric="eval.macro_f1", margin=0.0,
+               min_eval_windows=20, eval_labels=labels)
+    assert not d.promoted and why in d.reason
+
+
+def test_gate_needs_the_margin_over_the_champion():
+    kw = dict(metric="eval.macro_f1", margin=0.05, min_eval_windows=20, eval_labels={"ok", "TWF"})
+    assert not decide(GOOD, {"eval.macro_f1": 0.78}, None, **kw).promoted      # +0.02 < margin
+    d = decide(GOOD, {"eval.macro_f1": 0.70}, None, **kw)
+    assert d.promoted and "champion" in d.reason
+    # No champion yet: the majority baseline is the bar.
+    assert decide(GOOD, None, {"eval.macro_f1": 0.40}, **kw).promoted
+    assert not decide({"eval.n_windows": 100, "eval.macro_f1": 0.42}, None, {"eval.macro_f1": 0.40}, **kw).promoted
+
+
+def test_gate_lower_is_better_metric():
+    kw = dict(metric="eval.ece", margin=0.01, min_eval_windows=1, eval_labels={"ok", "TWF"})
+    assert decide({"eval.n_windows": 10, "eval.ece": 0.05}, {"eval.ece": 0.20}, None, **kw).promoted
+    assert not decide({"eval.n_windows": 10, "eval.ece": 0.20}, {"eval.ece": 0.05}, None, **kw).promoted

@@ -1,0 +1,110 @@
+"""The training core: resume after a kill lands on the same weights; precision paths; checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.checkpoint import latest_state, list_checkpoints, save_atomic
+from finetune.launch import train_plain
+
+from .conftest import fast_config
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def _weights(adapter_dir):
+    from safetensors.torch import load_file
+
+    return load_file(f"{adapter_dir}/adapter_model.safetensors")
+
+
+def test_resume_after_kill_ends_where_an_uninterrupted_run_does(snapshot_dir, tmp_path):
+    kw = dict(max_steps=10, batch_size=8, checkpoint_every=4, num_threads=1)
+    full = train_plain(snapshot_dir, fast_config(tmp_path / "a", **kw), tmp_path / "full", progress=False)
+
+    cfg = fast_config(tmp_path / "b", **kw)
+
+    def die_after_checkpoint(step, metrics):
+        if step == 6:  # the step-4 checkpoint is on disk; steps 5-6 are lost work
+            raise Killed()
+
+    with pytest.raises(Killed):
+        train_plain(snapshot_dir, cfg, tmp_path / "killed", report=die_after_checkpoint, progress=False)
+    ckpts = list_checkpoints(tmp_path / "b" / "ckpt" / next((tmp_path / "b" / "ckpt").iterdir()).name)
+    assert [p.name for p in ckpts] == ["step-00000004"]
+    resumed = train_plain(snapshot_dir, cfg, tmp_path / "resumed", progress=False)
+
+    assert resumed.metrics["train.resumed_from_step"] == 4 and resumed.metrics["train.steps_run"] == 6
+    a, b = _weights(full.adapter_dir), _weights(resumed.adapter_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    for k in ("train.loss_end", "train.loss_mean", "train.loss_start"):
+        assert resumed.metrics[k] == pytest.approx(full.metrics[k], rel=1e-4)
+    assert not (tmp_path / "b" / "ckpt").exists() or not any((tmp_path / "b" / "ckpt").rglob("step-*"))
+
+
+def test_checkpoints_are_atomic_and_a_broken_newest_falls_back(tmp_path):
+    def state(step):
+        return {"step": step, "trainable": {"w": torch.full((2,), float(step))}, "optimizer": {"state": {}},
+                "scheduler": {"last_epoch": step}, "rng": {"cpu": torch.get_rng_state()}, "fingerprint": "fp",
+                "extras": {"loss_sum": 1.0}}
+
+    for step in (2, 4, 6):
+        save_atomic(tmp_path, state(step), keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000004", "step-00000006"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    (tmp_path / "step-00000006" / "trainable.safetensors").write_bytes(b"torn write")
+    got = latest_state(tmp_path, "fp")
+    assert got["step"] == 4 and got["trainable"]["w"].tolist() == [4.0, 4.0]
+    assert latest_state(tmp_path, "other-run") is None
+
+
+def _bf16_run(snapshot_dir, tmp_path, device):
+    from finetune.data import load_snapshot
+    from finetune.launch import run_worker
+
+    cfg = fast_config(tmp_path, max_steps=3, batch_size=4)
+    model, _, metrics, _ = run_worker(load_snapshot(snapshot_dir), cfg, device=device)
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    return trainable, frozen, metrics
+
+
+def test_low_precision_path_on_cpu(snapshot_dir, tmp_path):
+    """The GPU recipe (bf16 base, fp32 trainable weights, autocast) at tiny size on CPU."""
+    from finetune.model import DeviceSpec
+
+    trainable, frozen, metrics = _bf16_run(snapshot_dir, tmp_path, DeviceSpec("cpu", "bfloat16"))
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+    assert metrics["train.steps"] == 3 and torch.isfinite(torch.tensor(metrics["train.loss_end"]))
+
+
+@pytest.mark.gpu
+def test_bf16_path_on_gpu(snapshot_dir, tmp_path):
+    from finetune.model import pick_device
+
+    device = pick_device("cuda")
+    trainable, frozen, metrics = _bf16_run(snapshot_dir, tmp_path, device)
+    assert device.dtype_name in ("bfloat16", "float16")
+    assert trainable == {torch.float32} and frozen == {device.dtype}
+    assert torch.isfinite(torch.tensor(metrics["train.loss_end"]))
+
+
+def test_batch_plan_balances_and_caps(snapshot_dir):
+    import numpy as np
+
+    from finetune.data import LABEL_INDEX, label_ids, load_snapshot, plan_batches
+
+    y = label_ids(load_snapshot(snapshot_dir).train["label"])
+    plan = plan_batches(y, epochs=2, batch_size=16, seed=0, ok_ratio=1.0, max_train_samples=200)
+    epoch0 = np.concatenate([s for s, e in zip(plan.steps, plan.epoch_of_step) if e == 0])
+    n_ok = int((y[epoch0] == LABEL_INDEX["ok"]).sum())
+    assert len(epoch0) == 100 and abs(n_ok - (len(epoch0) - n_ok)) <= 2   # ok:failure 1:1, 100 per epoch
+    again = plan_batches(y, epochs=2, batch_size=16, seed=0, ok_ratio=1.0, max_train_samples=200)
+    assert all((a == b).all() for a, b in zip(plan.steps, again.steps))    # deterministic order
+    w = plan.class_weights
+    assert w[LABEL_INDEX["ok"]] < w[LABEL_INDEX["BRG"]] <= 10.0

@@ -1,0 +1,110 @@
+"""A whole turn against real MLflow (SQLite): train, gate, register, pyfunc, rollback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from finetune.registry import RegistryError, alias_history, fetch_adapter, get_version, rollback, set_alias
+from flywheel.contract import LABELS
+
+from .conftest import fast_config
+
+
+def test_first_model_learns_and_is_promoted_over_the_majority_baseline(registry):
+    uri, o = registry
+    assert o.train_metrics["train.loss_end"] < 0.7 * o.train_metrics["train.loss_start"]
+    assert o.promoted and o.version == "1" and o.champion_version == "1"
+    assert "majority-label baseline" in o.reason
+    # The synthetic set is learnable: far above always-'ok'.
+    assert o.challenger_metrics["eval.macro_f1"] > 0.6
+    assert o.challenger_metrics["eval.auroc_any_failure"] > 0.8
+    assert set(o.wall_s) >= {"train", "eval_challenger", "register", "total"}
+
+
+def test_run_has_batched_metrics_lineage_and_artifacts(registry):
+    from mlflow import MlflowClient
+
+    uri, o = registry
+    client = MlflowClient(uri)
+    info = get_version(uri, "fault-detector", "champion")
+    run = client.get_run(info.run_id)
+    losses = client.get_metric_history(info.run_id, "train.loss")
+    assert [m.step for m in losses] == list(range(1, int(o.train_metrics["train.steps"]) + 1))
+    assert run.data.metrics["eval.macro_f1"] == pytest.approx(o.challenger_metrics["eval.macro_f1"])
+    assert run.data.params["train.lora.rank"] == "8"
+    contexts = {{t.key: t.value for t in i.tags}["mlflow.data.context"]: i.dataset.name
+                for i in run.inputs.dataset_inputs}
+    assert contexts == {"train": "ds-synth", "eval": "ds-synth"}
+    arts = {a.path for a in client.list_artifacts(info.run_id, "eval")}
+    assert "eval/confusion_matrix.png" in arts
+    assert {a.path for a in client.list_artifacts(info.run_id, "adapter")} >= {
+        "adapter/adapter_model.safetensors", "adapter/flywheel_model.json"}
+    assert info.tags["flywheel.dataset_id"] == "ds-synth" and info.tags["flywheel.base_model"] == "minilm"
+    assert info.tags["flywheel.turn"] == "1" and info.tags["flywheel.campaign"] == "test"
+    assert set(info.aliases) == {"champion", "challenger"}
+
+
+def test_pyfunc_loads_from_the_champion_alias_and_predicts(registry, snapshot_dir):
+    import mlflow
+
+    uri, _ = registry
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/fault-detector@champion")
+    texts = list(pd.read_parquet(f"{snapshot_dir}/eval.parquet")["text"][:6])
+    df = model.predict(pd.DataFrame({"text": texts}))
+    assert list(df.columns) == list(LABELS) and len(df) == 6
+    assert np.allclose(df.sum(axis=1), 1.0, atol=1e-5)
+    as_list = model.predict(texts)
+    assert np.allclose(as_list.values, df.values, atol=1e-6)
+
+
+def test_worse_challenger_is_refused_then_rollback(registry, snapshot_dir, tmp_path):
+    """A model trained one step on shuffled labels must not replace a good champion."""
+    from finetune import train_and_register
+    from finetune.synthetic import write_snapshot
+    from flywheel.cli import main
+
+    uri, first = registry
+    rows = pd.read_parquet(f"{snapshot_dir}/train.parquet").to_dict("records")
+    labels = [r["label"] for r in rows]
+    for r, label in zip(rows, np.random.default_rng(0).permutation(labels)):
+        r["label"] = label
+    evals = pd.read_parquet(f"{snapshot_dir}/eval.parquet").to_dict("records")
+    bad = write_snapshot(tmp_path / "ds-shuffled", train_rows=rows, eval_rows=evals)
+    o = train_and_register(str(bad), fast_config(tmp_path, max_steps=1), uri, campaign="test", turn=2,
+                           progress=False)
+    assert not o.promoted and "kept the champion" in o.reason
+    assert o.champion_version == first.version
+    assert o.champion_metrics["eval.macro_f1"] > o.challenger_metrics["eval.macro_f1"]
+    assert get_version(uri, "fault-detector", "champion").version == first.version
+    assert get_version(uri, "fault-detector", "challenger").version == o.version
+    assert get_version(uri, "fault-detector", o.version).tags["flywheel.promoted"] == "false"
+
+    # An operator promotes the new version anyway; rollback restores the previous champion.
+    set_alias(uri, "fault-detector", "champion", o.version)
+    assert alias_history(uri, "fault-detector")[-2:] == [first.version, o.version]
+    assert main(["train", "rollback", "--mlflow-uri", uri]) == 0
+    assert get_version(uri, "fault-detector", "champion").version == first.version
+    with pytest.raises(RegistryError, match="only version that has held 'champion'"):
+        rollback(uri, "fault-detector")
+
+
+def test_fetch_adapter_and_registry_errors(registry, tmp_path):
+    from finetune.evaluate import evaluate_adapter
+
+    uri, first = registry
+    d = fetch_adapter(uri, "fault-detector", first.version, str(tmp_path / "dl"))
+    m = evaluate_adapter(d, _eval_frame())
+    assert m["eval.n_windows"] == 20
+    with pytest.raises(RegistryError, match="has no version 99"):
+        get_version(uri, "fault-detector", "99")
+    with pytest.raises(RegistryError, match="no alias 'staging'"):
+        get_version(uri, "fault-detector", "staging")
+
+
+def _eval_frame():
+    from finetune.synthetic import make_rows
+
+    return pd.DataFrame(make_rows(20, 42))
