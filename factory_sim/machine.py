@@ -1,0 +1,194 @@
+"""What every machine shares: message sequence, up/down state, maintenance, failure, KPIs.
+
+A machine advances one plant tick at a time (:meth:`Machine.step`).  While it runs
+it publishes one :class:`~flywheel.contract.Telemetry` per tick and the events of
+that tick (parts, failures); while it is down (planned maintenance or repair) it
+publishes nothing until ``maintenance_done``.  Telemetry and events share one
+``seq`` counter per machine, and ``event_id = contract.event_id(seed, machine, seq)``.
+
+The kinds (:mod:`factory_sim.milling`, :mod:`factory_sim.pump`) supply the physics:
+``_advance_env`` (every tick, even when down), ``_run_tick`` (a running tick) and
+``_restore`` (a new tool / a serviced pump).
+
+The *true* condition of a machine (used for maintenance findings and by the Oracle
+baseline) is found by simulating a copy of the machine forward with its own random
+streams: exactly what would have happened had nobody intervened.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+from flywheel.contract import MachineEvent, Telemetry, event_id
+
+from factory_sim.kpis import Counters
+from factory_sim.scenario import Scenario
+from factory_sim.streams import ENV, PART, UNIT, Rows, generator
+
+#: Degradation-driven failure modes (predictable from the proxies); the rest are random.
+DEGRADATION_MODES = frozenset({"TWF", "OSF", "BRG"})
+
+
+class Machine:
+    kind = "machine"
+    ENV_NORMALS = 0
+    PART_NORMALS = 0
+    PART_UNIFORMS = 0
+    UNIT_NORMALS = 0
+    UNIT_UNIFORMS = 0
+
+    def __init__(self, scenario: Scenario, seed: int, line: str, number: int):
+        self.machine_id = f"{self.ID_PREFIX}-{number:02d}"
+        self.line = line
+        self.number = number
+        self.seed = seed
+        self.scenario = scenario
+        self.tick_s = float(scenario.tick_s)
+        self.seq = 0
+        self.down = False
+        self.down_reason: str | None = None
+        self.down_until = 0.0
+        self.down_command_id: str | None = None
+        self.counters = Counters()
+        self.life_id = 0               # +1 at every restore (tool change, pump service)
+        self.run_s_since_restore = 0.0
+        self.telemetry_count = 0
+        self.last_telemetry_seq = -1
+        self.last_incident: tuple[float, tuple[str, ...]] | None = None
+        self._env = Rows(generator(seed, self.kind, number, ENV), self.ENV_NORMALS, 0, 512)
+        self._parts = Rows(generator(seed, self.kind, number, PART), self.PART_NORMALS, self.PART_UNIFORMS, 256)
+        self._units = Rows(generator(seed, self.kind, number, UNIT), self.UNIT_NORMALS, self.UNIT_UNIFORMS, 32)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, t: float, out: list | None) -> None:
+        """Advance to plant time ``t`` (one tick); append messages to ``out`` unless it is None."""
+        self._advance_env()
+        if self.down:
+            c = self.counters
+            if self.down_reason == "planned":
+                c.planned_down_s += self.tick_s
+            else:
+                c.unplanned_down_s += self.tick_s
+            c.cost_eur += self.tick_s / 3600.0 * self.scenario.costs.downtime_eur_per_h
+            if t >= self.down_until:
+                self._event(out, t, "maintenance_done", reason=self.down_reason, command_id=self.down_command_id)
+                self.down = False
+                self.down_reason = None
+                self.down_command_id = None
+                self._restore(t)
+            return
+        self.counters.run_s += self.tick_s
+        self.run_s_since_restore += self.tick_s
+        self._run_tick(t, out)
+
+    # ------------------------------------------------------------------ messages
+    def _seq(self) -> int:
+        s = self.seq
+        self.seq = s + 1
+        return s
+
+    def _telemetry(self, out: list | None, t: float, readings_fn) -> None:
+        s = self._seq()
+        self.telemetry_count += 1
+        self.last_telemetry_seq = s
+        if out is not None:
+            out.append(Telemetry(event_id=event_id(self.seed, self.machine_id, s), seq=s, ts=t, line=self.line,
+                                 machine=self.machine_id, kind=self.kind, readings=readings_fn()))
+
+    def _event(self, out: list | None, t: float, type_: str, **fields) -> None:
+        s = self._seq()
+        if out is not None:
+            out.append(MachineEvent(event_id=event_id(self.seed, self.machine_id, s), seq=s, ts=t, line=self.line,
+                                    machine=self.machine_id, type=type_, **fields))
+
+    def _part_done(self, out: list | None, t: float, scrap: bool) -> None:
+        c = self.counters
+        c.parts += 1
+        if scrap:
+            c.scrap += 1
+            c.cost_eur += self.scenario.costs.scrap_part_eur
+        self._event(out, t, "part", quality="scrap" if scrap else "ok")
+
+    # ------------------------------------------------------------------ failures and maintenance
+    def _fail(self, out: list | None, t: float, modes: tuple[str, ...], stop: bool) -> None:
+        """A failure incident: one ``failure`` event per mode (fixed order), the part in progress
+        scrapped, and (when ``stop``) a breakdown repair of ``repair_s``."""
+        c = self.counters
+        c.failures += 1
+        c.cost_eur += self.scenario.costs.breakdown_eur
+        for m in modes:
+            c.failures_by_mode[m] = c.failures_by_mode.get(m, 0) + 1
+            self._event(out, t, "failure", mode=m)
+        self.last_incident = (t, modes)
+        self._part_done(out, t, scrap=True)
+        if stop:
+            self._event(out, t, "maintenance_start", reason="breakdown", finding=modes[0])
+            self._go_down(t, "breakdown", self.params.repair_s, None)
+
+    def _go_down(self, t: float, reason: str, duration_s: float, command_id: str | None) -> None:
+        self.down = True
+        self.down_reason = reason
+        self.down_until = t + duration_s
+        self.down_command_id = command_id
+
+    def maintain(self, t: float, out: list | None, command_id: str) -> str:
+        """Start planned maintenance now; returns the inspection finding (true condition)."""
+        finding = self.finding(t)
+        c = self.counters
+        if finding == "ok":
+            c.maintenance_unneeded += 1
+        else:
+            c.maintenance_needed += 1
+        c.cost_eur += self.scenario.costs.planned_maintenance_eur
+        self._event(out, t, "maintenance_start", reason="planned", finding=finding, command_id=command_id)
+        self._go_down(t, "planned", self.params.maintenance_s, command_id)
+        return finding
+
+    # ------------------------------------------------------------------ the true condition
+    def _clone(self) -> "Machine":
+        return copy.deepcopy(self, memo={id(self.scenario): self.scenario, id(self.params): self.params})
+
+    def forward_incident(self, t: float, horizon_s: float, want=None) -> tuple[float, tuple[str, ...]] | None:
+        """The first failure incident within ``horizon_s`` after ``t`` had nobody intervened.
+
+        ``want(modes)`` filters incidents (e.g. degradation only); the search stops at the first
+        incident that stops the machine whether wanted or not (a repair changes everything after).
+        Runs on a copy with copied random streams, so the machine itself is untouched.
+        """
+        if self.down:
+            return None
+        m = self._clone()
+        m.last_incident = None
+        steps = int(math.floor(horizon_s / self.tick_s + 1e-9))
+        ts = t
+        for _ in range(steps):
+            ts += self.tick_s
+            m.step(ts, None)
+            if m.last_incident is not None:
+                inc = m.last_incident
+                if want is None or want(inc[1]):
+                    return inc
+                if m.down:
+                    return None
+                m.last_incident = None
+        return None
+
+    def finding(self, t: float) -> str:
+        """What an inspection at ``t`` finds: the mode of the failure due within the inspection
+        horizon (the first listed mode of that incident), or ``ok``."""
+        inc = self.forward_incident(t, self.scenario.inspection_horizon_s)
+        return inc[1][0] if inc else "ok"
+
+    # ------------------------------------------------------------------ physics hooks
+    params = None
+    ID_PREFIX = "m"
+
+    def _advance_env(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _run_tick(self, t: float, out: list | None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _restore(self, t: float) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
