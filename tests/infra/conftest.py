@@ -243,3 +243,22 @@ def inbox_factory():
 def make_certs():
     """Run infra/mosquitto/make_certs.py: ``make_certs(out_dir, *hosts)``."""
     return run_make_certs
+
+
+def _load_servers():
+    """tests/infra/servers.py, loaded by path (tests/ is not a package under importlib mode)."""
+    import importlib.util
+
+    name = "flywheel_infra_test_servers"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("servers.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def infra_servers():
+    return _load_servers()

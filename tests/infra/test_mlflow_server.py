@@ -1,0 +1,112 @@
+"""A real `mlflow server` (the cluster's tracking server) used over HTTP, as the stack uses it.
+
+The server runs with a SQL backend and proxied artifacts (``--serve-artifacts``), exactly the
+shape of infra/compose and infra/k8s (there: PostgreSQL + MinIO; here: SQLite or a throwaway
+PostgreSQL + a local directory).  The client side only knows ``MLFLOW_TRACKING_URI=http://...``:
+it logs a run, params, metrics and an artifact, registers a version and moves the
+``champion`` alias with the stack's own registry functions (finetune.registry).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def tracking_server(request, infra_servers):
+    root = Path(tempfile.mkdtemp(prefix="flywheel-mlflow-"))
+    pg = None
+    try:
+        if request.param == "sqlite":
+            backend = f"sqlite:///{root / 'mlflow.db'}"
+        else:
+            bin_dir = infra_servers.postgres_bin_dir()
+            if bin_dir is None:
+                pytest.skip("PostgreSQL server binaries (initdb) are not installed; "
+                            "apt-get install -y postgresql runs this test (see infra/README.md)")
+            try:
+                import psycopg  # noqa: F401 - SQLAlchemy 2.1's default driver for postgresql://
+            except ImportError:
+                pytest.fail("psycopg is missing: MLflow on PostgreSQL needs `pip install 'psycopg[binary]'` "
+                            "(SQLAlchemy 2.1 uses it for postgresql:// URIs)")
+            pg = infra_servers.start_postgres(bin_dir)
+            backend = pg.uri()
+        server = infra_servers.start_mlflow_server(root, backend)
+        yield server
+        server.stop()
+    finally:
+        if pg is not None:
+            pg.stop()
+            shutil.rmtree(pg.root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_run_metrics_artifact_registry_and_alias_over_http(tracking_server, monkeypatch, tmp_path):
+    import mlflow
+    import requests
+
+    from finetune.registry import get_version, register_version, set_alias
+
+    uri = tracking_server.url
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(None)  # follow the environment variable, as a deployed pod does
+    assert mlflow.get_tracking_uri() == uri
+
+    experiment = f"flywheel-infra-{uuid.uuid4().hex[:8]}"
+    mlflow.set_experiment(experiment)
+    report = tmp_path / "eval" / "report.json"
+    report.parent.mkdir()
+    report.write_text(json.dumps({"eval.macro_f1": 0.5}))
+    with mlflow.start_run(run_name="turn-1") as run:
+        mlflow.set_tag("flywheel.turn", "1")
+        mlflow.log_params({"train.lora_rank": 8, "data.dataset_id": "ds-test"})
+        for step, loss in enumerate([1.0, 0.7, 0.5]):
+            mlflow.log_metric("train.loss", loss, step=step)
+        mlflow.log_metric("eval.macro_f1", 0.5)
+        mlflow.log_artifacts(str(report.parent), artifact_path="model")
+    run_id = run.info.run_id
+
+    # the artifact travelled over HTTP to the server's store; the client never saw its path
+    got = mlflow.get_run(run_id)
+    assert got.info.artifact_uri.startswith("mlflow-artifacts:"), got.info.artifact_uri
+    stored = list(tracking_server.artifacts_dir.rglob("report.json"))
+    assert len(stored) == 1 and json.loads(stored[0].read_text()) == {"eval.macro_f1": 0.5}
+    assert got.data.params["train.lora_rank"] == "8"
+    assert got.data.metrics["eval.macro_f1"] == 0.5
+    history = mlflow.MlflowClient().get_metric_history(run_id, "train.loss")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [1.0, 0.7, 0.5]
+    back = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/report.json",
+                                                    dst_path=str(tmp_path / "dl")))
+    assert json.loads(back.read_text()) == {"eval.macro_f1": 0.5}
+
+    # registry: a version, then the champion alias, as the turn loop's gate does
+    name = f"fault-detector-{uuid.uuid4().hex[:6]}"
+    v1 = register_version(uri, name, run_id, "model", tags={"flywheel.turn": 1, "dataset_id": "ds-test"})
+    v2 = register_version(uri, name, run_id, "model", tags={"flywheel.turn": 2})
+    set_alias(uri, name, "champion", v1.version)
+    set_alias(uri, name, "champion", v2.version)
+    champion = get_version(uri, name, "champion")
+    assert champion.version == v2.version and champion.run_id == run_id
+
+    # and the same answer from the plain REST API any other tool would use
+    resp = requests.get(f"{uri}/api/2.0/mlflow/registered-models/alias",
+                        params={"name": name, "alias": "champion"}, timeout=30)
+    resp.raise_for_status()
+    mv = resp.json()["model_version"]
+    assert mv["version"] == v2.version and "champion" in mv["aliases"]
+    assert {t["key"]: t["value"] for t in get_version_tags(uri, name, v1.version)}["dataset_id"] == "ds-test"
+
+
+def get_version_tags(uri: str, name: str, version: str) -> list[dict]:
+    import requests
+
+    resp = requests.get(f"{uri}/api/2.0/mlflow/model-versions/get", params={"name": name, "version": version},
+                        timeout=30)
+    resp.raise_for_status()
+    return resp.json()["model_version"].get("tags", [])
