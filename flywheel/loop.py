@@ -230,9 +230,11 @@ class Campaign:
         self.view.stage("starting ingest")
         from ingest import IngestConfig, start_ingest
 
-        ingest_fields = {f.name for f in dataclasses.fields(IngestConfig)}
-        ingest_kw = {"num_collectors": cfg.collectors} if "num_collectors" in ingest_fields else {}
-        self.ingest = start_ingest(self.broker_url, self.lake_uri, IngestConfig(**ingest_kw),
+        # Client ids and the share group are per campaign: an offline session of another
+        # campaign in the same group would keep its share of the stream (MQTT 5 semantics).
+        ingest_cfg = IngestConfig(collectors=cfg.collectors, client_prefix=f"fw-{cfg.campaign}",
+                                  share_group=f"ingest-{cfg.campaign}")
+        self.ingest = start_ingest(self.broker_url, self.lake_uri, ingest_cfg,
                                    topic_root=cfg.topic_root)
         self.stack.callback(self.ingest.stop)
         self.stack.callback(self._stop_serving)

@@ -15,14 +15,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def campaign(tmp_path_factory, broker, ray_local):
+def campaign(tmp_path_factory, ray_local):
     from flywheel.campaign import default_config_path, load_campaign
     from flywheel.loop import run_campaign
     from flywheel.report import write_report
 
     workdir = tmp_path_factory.mktemp("e2e")
     cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e"])
-    state = run_campaign(cfg, workdir, broker_url=broker.url, view=False)
+    state = run_campaign(cfg, workdir, view=False)  # its own embedded Mosquitto, as flywheel demo does
     report = write_report(workdir, "e2e")
     return cfg, workdir, state, report
 
@@ -81,16 +81,16 @@ def test_report_files_exist(campaign):
     assert len(turns) == 2
 
 
-def test_rerun_with_same_workdir_continues_instead_of_starting_over(campaign, broker):
+def test_rerun_with_same_workdir_continues_instead_of_starting_over(campaign):
     from flywheel.campaign import default_config_path, load_campaign
     from flywheel.loop import CampaignError, run_campaign
 
     cfg, workdir, state, _ = campaign
     # same config, no new turns asked: nothing reruns, nothing is lost
-    again = run_campaign(cfg, workdir, broker_url=broker.url, view=False)
+    again = run_campaign(cfg, workdir, view=False)
     assert [t["turn"] for t in again["turns"]] == [0, 1]
     assert again["parent_run_id"] == state["parent_run_id"]
     # a different config on the same campaign is refused with a clear message
     other = load_campaign(str(default_config_path("tiny")), ["campaign=e2e", "seed=5"])
     with pytest.raises(CampaignError, match="different config"):
-        run_campaign(other, workdir, broker_url=broker.url, view=False)
+        run_campaign(other, workdir, view=False)
