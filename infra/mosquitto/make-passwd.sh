@@ -2,9 +2,10 @@
 # Write Mosquitto's password file for the stack's users from environment variables.
 #
 #   MQTT_SIM_PASSWORD=... MQTT_INGEST_PASSWORD=... MQTT_SERVE_PASSWORD=... \
-#   MQTT_OPERATOR_PASSWORD=... infra/mosquitto/make-passwd.sh /path/to/passwd
+#   MQTT_OPERATOR_PASSWORD=... MQTT_CAMPAIGN_PASSWORD=... infra/mosquitto/make-passwd.sh /path/to/passwd
 #
-# Users (the ACL in infra/mosquitto/acl grants each its topics): sim, ingest, serve, operator.
+# Users (the ACL in infra/mosquitto/acl grants each its topics): sim, ingest, serve, operator,
+# campaign.
 # A user whose variable is unset or empty is left out (it cannot log in).
 #
 # Why this shape: `mosquitto_passwd -b file user password` would put the password on the
@@ -21,7 +22,7 @@ umask 077
 tmp="$(mktemp "${out}.XXXXXX")"
 trap 'rm -f "$tmp"' EXIT
 count=0
-for user in sim ingest serve operator; do
+for user in sim ingest serve operator campaign; do
   var="MQTT_$(echo "$user" | tr '[:lower:]' '[:upper:]')_PASSWORD"
   eval "pw=\${$var:-}"
   if [ -z "$pw" ]; then

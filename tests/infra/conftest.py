@@ -26,7 +26,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 MOSQUITTO_DIR = INFRA / "mosquitto"
-USERS = ("sim", "ingest", "serve", "operator")
+USERS = ("sim", "ingest", "serve", "operator", "campaign")
 
 
 def adapt_mosquitto_config(text: str, *, plain_port: int, tls_port: int, root: Path) -> str:
@@ -39,6 +39,7 @@ def adapt_mosquitto_config(text: str, *, plain_port: int, tls_port: int, root: P
         ("listener 1883 127.0.0.1\n", f"listener {plain_port} 127.0.0.1\n"),
         ("listener 8883\n", f"listener {tls_port} 127.0.0.1\n"),
         ("/mosquitto/config/", f"{root}/config/"),
+        ("/mosquitto/secrets/", f"{root}/secrets/"),
         ("/mosquitto/data/", f"{root}/data/"),
         ("/mosquitto/certs/", f"{root}/certs/"),
     ]
@@ -110,9 +111,9 @@ def start_secured_broker(root: Path, passwords: dict[str, str] | None = None) ->
         pytest.fail("mosquitto and mosquitto_passwd are needed: run the tests with ./dev.sh test "
                     "(installs them as root) or apt-get install -y mosquitto")
     passwords = passwords or {u: secrets.token_urlsafe(12) for u in USERS}
-    for sub in ("config", "data", "certs"):
+    for sub in ("config", "secrets", "data", "certs"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    res = run_make_passwd(root / "config" / "passwd", passwords)
+    res = run_make_passwd(root / "secrets" / "passwd", passwords)
     assert res.returncode == 0, res.stderr
     shutil.copy(MOSQUITTO_DIR / "acl", root / "config" / "acl")
     run_make_certs(root / "certs", "localhost", "127.0.0.1")

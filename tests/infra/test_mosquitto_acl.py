@@ -212,3 +212,23 @@ def test_mqtt311_client_sees_no_error_for_a_denied_publish(secured_broker, inbox
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_campaign_driver_plays_every_part_but_cannot_forge_the_plant_gateway_status(secured_broker, inbox_factory):
+    """`flywheel run` against the secured broker: one identity for plant, ingest and serve."""
+    campaign = inbox_factory(secured_broker.url("campaign"), "camp")
+    assert campaign.subscribe("$share/ing/factory/+/+/telemetry") == 1
+    assert campaign.subscribe("factory/+/+/command") == 1
+    for channel in ("telemetry", "event", "prediction", "command"):
+        assert accepted(campaign.publish(topic(channel), payload("loop")))
+    for component in ("sim", status_component(0), "serve-bridge"):
+        assert accepted(campaign.publish(f"factory/_status/{component}", payload("loop"), retain=True))
+    assert campaign.wait_for(lambda m: {t for t, _p, r in m if not r} >= {topic("telemetry"), topic("command")})
+
+
+def test_serve_bridge_reports_its_own_status(secured_broker, inbox_factory):
+    from serve.config import BridgeConfig
+
+    serve = inbox_factory(secured_broker.url("serve"), "srv")
+    assert accepted(serve.publish(f"factory/_status/{BridgeConfig().component}", payload("up"), retain=True))
+    assert serve.publish("factory/_status/sim", payload("forged")) == NOT_AUTHORIZED
