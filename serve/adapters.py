@@ -1,0 +1,238 @@
+"""One base model, several LoRA adapters beside it, and atomic hot swaps between them.
+
+An :class:`AdapterPool` lives in each serving replica.  It loads the base model once
+and keeps every served adapter on it under a unique internal PEFT name.  Requests are
+routed by *public* adapter name (``default``, ``pump``, ...) to a :class:`Slot`; a
+request pins its slot when it arrives, so a swap never changes the version of a request
+already in flight.
+
+A swap loads the new adapter *beside* the old one, checks it (it loads, the label set
+matches the contract, predictions on a fixed probe set of windows are finite
+probabilities summing to 1), and only then re-points the public name.  A refused
+adapter is unloaded and the old one keeps serving.  An old adapter is deleted once no
+pinned request uses it any more.
+
+Usage (no Ray needed)::
+
+    pool = AdapterPool(device="cpu")
+    pool.install("default", Resolved("fault-detector", "champion", "3", None), "/path/to/adapter")
+    slot = pool.acquire("default"); probs = pool.predict(texts, [slot.peft_name] * len(texts))
+    pool.release(slot)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from itertools import count
+
+import numpy as np
+
+from flywheel.contract import LABELS
+from flywheel.features import REFERENCE, render
+from serve.source import Resolved
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Slot:
+    """One loaded adapter: a registered version under an internal PEFT name."""
+
+    name: str                 # public name requests use
+    model_name: str
+    ref: str
+    version: str
+    run_id: str | None
+    peft_name: str
+    base_model: str
+    loaded_at: float = field(default_factory=time.time)
+    inflight: int = 0
+    retired: bool = False
+
+    def describe(self) -> dict:
+        return {"model_name": self.model_name, "ref": self.ref, "version": self.version, "run_id": self.run_id,
+                "base_model": self.base_model, "loaded_at": self.loaded_at}
+
+
+def probe_texts() -> list[str]:
+    """A fixed probe set: every machine kind at its reference point and under stress."""
+    texts = []
+    for kind, ref in REFERENCE.items():
+        raw = {n: typical for n, (_, typical, _) in ref.items() if n not in ("power_w", "temp_diff_k")}
+        calm = [dict(raw) for _ in range(6)]
+        stressed = [{n: v + (i * 0.6 * ref[n][2]) for n, v in raw.items()} for i in range(6)]
+        texts += [render(kind, calm), render(kind, stressed)]
+    texts.append("unknown machine. vib 9.99 vhigh surging.")
+    return texts
+
+
+def check_probabilities(probs: np.ndarray, n: int) -> str | None:
+    """Why ``probs`` are not a usable (n, len(LABELS)) probability matrix, or None when they are."""
+    if probs.shape != (n, len(LABELS)):
+        return f"probe predictions have shape {probs.shape}, expected ({n}, {len(LABELS)}) for labels {LABELS}"
+    if not np.all(np.isfinite(probs)):
+        return "probe predictions contain NaN or infinite values"
+    if probs.min() < 0 or probs.max() > 1:
+        return f"probe probabilities outside [0, 1] (min {probs.min():.3g}, max {probs.max():.3g})"
+    worst = float(np.abs(probs.sum(axis=1) - 1).max())
+    if worst > 1e-3:
+        return f"probe probabilities do not sum to 1 (off by up to {worst:.3g})"
+    return None
+
+
+class AdapterPool:
+    def __init__(self, base_model: str = "", device: str = "auto", max_length_tokens: int = 96,
+                 torch_threads: int = 0):
+        self.base_model = base_model          # "" = taken from the first adapter's metadata
+        self.device = device
+        self.max_length_tokens = max_length_tokens
+        self.torch_threads = torch_threads
+        self.model = None                     # a PeftModel once the first adapter is in
+        self.tokenizer = None
+        self._slots: dict[str, Slot] = {}
+        self._retired: list[Slot] = []
+        self._state_lock = threading.Lock()   # slots, pins
+        self._model_lock = threading.Lock()   # the module tree: forward vs load/delete
+        self._ids = count(1)
+        self._probe = probe_texts()
+
+    # ------------------------------------------------------------------ routing
+    def names(self) -> list[str]:
+        return list(self._slots)
+
+    def slot(self, name: str) -> Slot | None:
+        return self._slots.get(name)
+
+    def acquire(self, name: str) -> Slot:
+        """Pin the slot serving ``name`` for one request (KeyError if there is none)."""
+        with self._state_lock:
+            slot = self._slots[name]
+            slot.inflight += 1
+            return slot
+
+    def release(self, slot: Slot) -> None:
+        with self._state_lock:
+            slot.inflight -= 1
+
+    # ------------------------------------------------------------------ inference
+    def predict(self, texts: list[str], peft_names: list[str]) -> np.ndarray:
+        """Probabilities for ``texts``, each through its adapter; one forward per adapter in the batch.
+
+        PEFT's single-pass mixed-adapter forward (``adapter_names=``) does not cover every
+        head (a trained BERT pooler is not a Linear layer), so a mixed batch is split by
+        adapter here; the model lock makes the active-adapter switch safe.
+        """
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(peft_names):
+            groups.setdefault(name, []).append(i)
+        out = np.empty((len(texts), len(LABELS)), dtype=np.float32)
+        with self._model_lock:
+            self._delete_unused()
+            for name, idx in groups.items():
+                out[idx] = self._forward(name, [texts[i] for i in idx])
+        return out
+
+    def _forward(self, peft_name: str, texts: list[str]) -> np.ndarray:
+        """One adapter's forward pass (model lock held)."""
+        from finetune.model import predict_proba
+
+        self.model.set_adapter(peft_name)
+        return predict_proba(self.model, self.tokenizer, texts, batch_size=max(1, len(texts)),
+                             max_length=self.max_length_tokens)
+
+    # ------------------------------------------------------------------ swaps
+    def install(self, name: str, resolved: Resolved, adapter_dir: str) -> Slot:
+        """Load ``adapter_dir`` beside what serves ``name``, check it, then switch; raise ModelError if refused."""
+        from finetune.model import ModelError, check_adapter_dir, load_adapter, resolve_base_model
+
+        meta = check_adapter_dir(adapter_dir)   # label set and safetensors-only, before touching the model
+        adapter_base = str(meta.get("base_model") or "")
+        base = self.base_model or adapter_base
+        if not base:
+            raise ModelError(f"adapter {adapter_dir} does not say which base model it was trained on "
+                             "(base_model in flywheel_model.json); set serve base_model explicitly")
+        if adapter_base and self.model is not None and \
+                resolve_base_model(adapter_base) != resolve_base_model(self.base_model):
+            raise ModelError(f"adapter {resolved.model_name} v{resolved.version} was trained on base "
+                             f"{adapter_base!r} but this replica serves {self.base_model!r}")
+        peft_name = re.sub(r"[^A-Za-z0-9_]", "_", f"{name}_v{resolved.version}_{next(self._ids)}")
+        t0 = time.perf_counter()
+        with self._model_lock:
+            if self.model is None:
+                self._load_base(base)
+            try:
+                self.model = load_adapter(self.model, adapter_dir, peft_name)
+                self.model.eval()
+                probs = self._forward(peft_name, self._probe)
+            except ModelError:
+                self._forget(peft_name)
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of an untrusted adapter is a refusal
+                self._forget(peft_name)
+                raise ModelError(f"adapter {adapter_dir} fails on the probe windows: {exc}") from None
+            why = check_probabilities(probs, len(self._probe))
+            if why is not None:
+                self._forget(peft_name)
+                raise ModelError(f"adapter {resolved.model_name} v{resolved.version} refused: {why}")
+        new = Slot(name=name, model_name=resolved.model_name, ref=resolved.ref, version=resolved.version,
+                   run_id=resolved.run_id, peft_name=peft_name, base_model=self.base_model)
+        with self._state_lock:  # the atomic switch: one dict assignment under the pin lock
+            old = self._slots.get(name)
+            self._slots[name] = new
+            if old is not None:
+                old.retired = True
+                self._retired.append(old)
+        log.info("serving %s = %s v%s (loaded and checked in %.2fs)", name, resolved.model_name,
+                 resolved.version, time.perf_counter() - t0)
+        return new
+
+    def _load_base(self, base: str) -> None:
+        import torch
+
+        from finetune.model import load_base, pick_device
+
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
+        self.model, self.tokenizer = load_base(base, device=pick_device(self.device))
+        self.base_model = base
+
+    def _forget(self, peft_name: str) -> None:
+        """Remove a half-loaded or refused adapter (model lock held)."""
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel) or set(self.model.peft_config) <= {peft_name}:
+            # The first adapter failed: PEFT may have injected layers into the base in place, so
+            # drop it; the next install loads a clean base.
+            self.model = None
+            return
+        if peft_name in self.model.peft_config:
+            try:
+                self.model.delete_adapter(peft_name)
+            except Exception as exc:  # noqa: BLE001 - PEFT may have half-injected it
+                log.warning("could not fully remove refused adapter %s: %s", peft_name, exc)
+
+    def _delete_unused(self) -> None:
+        """Delete retired adapters no request pins any more (model lock held)."""
+        with self._state_lock:
+            done = [s for s in self._retired if s.inflight == 0]
+            self._retired = [s for s in self._retired if s.inflight > 0]
+        for s in done:
+            if s.peft_name in self.model.peft_config and len(self.model.peft_config) > 1:
+                self.model.delete_adapter(s.peft_name)
+                log.info("unloaded %s v%s (%s)", s.model_name, s.version, s.peft_name)
+
+    def collect(self) -> None:
+        """Unload retired adapters now (also happens before each forward)."""
+        with self._model_lock:
+            if self.model is not None:
+                self._delete_unused()
+
+    def describe(self) -> dict:
+        with self._state_lock:
+            return {"base_model": self.base_model,
+                    "adapters": {n: s.describe() for n, s in self._slots.items()},
+                    "retired_pending": [s.peft_name for s in self._retired]}

@@ -1,0 +1,242 @@
+"""The MQTT bridge: plant telemetry in, predictions and maintenance commands out.
+
+It subscribes (QoS 1) to every machine's telemetry and events, builds per-machine
+rolling windows with :class:`flywheel.features.WindowBuilder` (the same code the
+dataset builder uses, so the model sees what it was trained on), asks the serve app
+for predictions in batches (all windows that are ready: sent once no telemetry arrived
+for ``flush_idle_ms`` or ``max_pending`` windows wait), and for each window publishes
+
+1. a ``maintain`` Command when the policy says so (:mod:`serve.policy`), then
+2. its Prediction (``model_version``, ``window_end_seq``),
+
+both QoS 1 on one client, in that order: the simulator's lockstep mode waits for the
+prediction of every window and relies on the command arriving first.
+
+Telemetry that fails the contract is counted by reason and skipped.  Counters are
+published retained on ``{root}/_status/serve-bridge``; the will marks it offline.
+
+    b = Bridge("mqtt://127.0.0.1:1883", "http://127.0.0.1:8000", BridgeConfig(threshold=0.5))
+    b.start(); ...; print(b.stats()); b.stop()
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+
+from flywheel import contract
+from flywheel.features import Window, WindowBuilder
+from flywheel.mqtt import connect, make_client, unique_client_id, wait_published
+from serve.client import ServeClient, ServeHTTPError
+from serve.config import BridgeConfig
+from serve.policy import MaintenancePolicy
+
+log = logging.getLogger(__name__)
+
+
+class Bridge:
+    def __init__(self, broker_url: str, serve_url: str, config: BridgeConfig | None = None,
+                 topic_root: str = "factory"):
+        self.config = config or BridgeConfig()
+        self.broker_url = broker_url
+        self.topics = contract.Topics(topic_root)
+        self.serve = ServeClient(serve_url, timeout_s=self.config.http_timeout_s)
+        self.policy = MaintenancePolicy(self.config)
+        self._builders: dict[tuple[str, str], WindowBuilder] = {}
+        self._pending: list[Window] = []
+        self._cond = threading.Condition()
+        self._last_arrival = 0.0
+        self._stop = threading.Event()
+        self._counts: Counter = Counter()
+        self._decode_errors: Counter = Counter()
+        self._recent: deque[Window] = deque(maxlen=4096)
+        self.model_version: str | None = None
+        self._client = None
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Bridge":
+        cfg = self.config
+        self._client = make_client(self.broker_url, unique_client_id("serve-bridge"))
+        self._client.will_set(self.topics.status(cfg.component), self._status_payload(online=False), qos=1,
+                              retain=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_message = self._on_message
+        connect(self._client, self.broker_url)
+        for target, name in ((self._work, "bridge-worker"), (self._report, "bridge-status")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Send what is pending, publish the offline status, disconnect."""
+        deadline = time.monotonic() + drain_timeout_s
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout=drain_timeout_s)
+        if self._client is not None:
+            try:
+                info = self._client.publish(self.topics.status(self.config.component),
+                                            self._status_payload(online=False), qos=1, retain=True)
+                wait_published([info], timeout=5)
+            except Exception as exc:  # noqa: BLE001 - the broker may already be gone
+                log.debug("offline status not published: %s", exc)
+            self._client.disconnect()
+            self._client.loop_stop()
+        self.serve.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # ------------------------------------------------------------------ MQTT in
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if getattr(reason_code, "is_failure", False):
+            return
+        # (Re)subscribe on every connect: a clean session forgets subscriptions.
+        client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1)])
+        client.publish(self.topics.status(self.config.component), self._status_payload(online=True), qos=1,
+                       retain=True)
+
+    def _on_message(self, client, userdata, msg):
+        try:
+            self._handle(msg.topic, msg.payload)
+        except Exception:  # noqa: BLE001 - one bad message must never stop the MQTT thread
+            self._counts["internal_errors"] += 1
+            log.exception("bridge failed on a message from %s", msg.topic)
+
+    def _handle(self, topic: str, payload: bytes) -> None:
+        try:
+            m = contract.decode(topic, payload, topics=self.topics)
+        except contract.ContractError as exc:
+            self._decode_errors[exc.reason] += 1
+            if sum(self._decode_errors.values()) <= 20:   # the first few, then only counted
+                log.warning("skipped a message on %s: %s", topic, exc)
+            return
+        if isinstance(m, contract.MachineEvent):
+            self._counts["events"] += 1
+            self.policy.on_event(m)
+            return
+        self._counts["telemetry"] += 1
+        self.policy.on_telemetry(m)
+        key = (m.line, m.machine)
+        wb = self._builders.get(key)
+        if wb is None:
+            wb = self._builders[key] = WindowBuilder(self.config.window)
+        w = wb.push(m)
+        with self._cond:
+            self._last_arrival = time.monotonic()
+            if w is not None:
+                self._counts["windows"] += 1
+                self._recent.append(w)
+                self._pending.append(w)
+                self._cond.notify()
+
+    # ------------------------------------------------------------------ model + MQTT out
+    def _work(self) -> None:
+        cfg = self.config
+        idle_s = cfg.flush_idle_ms / 1000
+        while not self._stop.is_set() or self._pending:
+            with self._cond:
+                while not self._pending and not self._stop.is_set():
+                    self._cond.wait(0.5)
+                # Wait for a quiet moment (the tick's telemetry has arrived) or a full batch.
+                while self._pending and len(self._pending) < cfg.max_pending and not self._stop.is_set():
+                    quiet = time.monotonic() - self._last_arrival
+                    if quiet >= idle_s:
+                        break
+                    self._cond.wait(idle_s - quiet)
+                batch = self._pending[:cfg.max_pending]
+                del self._pending[:cfg.max_pending]
+            if batch:
+                try:
+                    self._process(batch)
+                except Exception:  # noqa: BLE001 - keep the worker alive
+                    self._counts["internal_errors"] += 1
+                    log.exception("bridge failed on a batch of %d windows", len(batch))
+
+    def _predict(self, batch: list[Window]) -> dict | None:
+        cfg = self.config
+        for attempt in range(cfg.max_retries):
+            try:
+                return self.serve.predict([{"text": w.text} for w in batch], adapter=cfg.adapter)
+            except ServeHTTPError as exc:
+                self._counts["serve_errors"] += 1
+                if 400 <= exc.status < 500:   # the model refuses these windows: retrying cannot help
+                    log.error("serve refused %d windows: %s", len(batch), exc)
+                    return None
+                log.warning("serve call failed (attempt %d/%d): %s", attempt + 1, cfg.max_retries, exc)
+                if self._stop.wait(cfg.retry_s) and attempt >= 1:
+                    break
+        self._counts["windows_dropped"] += len(batch)
+        log.error("dropped %d windows: the serve app at %s did not answer", len(batch), self.serve.url)
+        return None
+
+    def _process(self, batch: list[Window]) -> None:
+        out = self._predict(batch)
+        if out is None:
+            return
+        self._counts["batches"] += 1
+        infos = []
+        for w, p in zip(batch, out["predictions"]):
+            version = p["model_version"]
+            self.model_version = version
+            decision = self.policy.decide(w.line, w.machine, w.end_ts, p["risk"])
+            if decision.command:
+                cmd = contract.Command(command_id=f"maintain-{w.line}-{w.machine}-{w.end_seq}", line=w.line,
+                                       machine=w.machine, command="maintain", model_version=version,
+                                       reason=f"{decision.reason} (top {p['label']} {p['probs'][p['label']]:.3f})",
+                                       ts=w.end_ts)
+                infos.append(self._client.publish(self.topics.command(w.line, w.machine), contract.encode(cmd),
+                                                  qos=1))
+                self._counts["commands"] += 1
+            elif decision.reason != "below_threshold":
+                self._counts[f"suppressed_{decision.reason}"] += 1
+            pred = contract.Prediction(ts=w.end_ts, line=w.line, machine=w.machine, model_version=version,
+                                       probs=p["probs"], window_end_seq=w.end_seq)
+            infos.append(self._client.publish(self.topics.prediction(w.line, w.machine), contract.encode(pred),
+                                              qos=1))
+            self._counts["predictions"] += 1
+        wait_published(infos, timeout=30)
+
+    # ------------------------------------------------------------------ status
+    def stats(self) -> dict:
+        s = {k: self._counts.get(k, 0) for k in ("telemetry", "events", "windows", "predictions", "commands",
+                                                 "batches", "serve_errors", "windows_dropped", "internal_errors",
+                                                 "suppressed_down", "suppressed_cooldown")}
+        s["decode_errors"] = dict(self._decode_errors)
+        s["pending"] = len(self._pending)
+        s["model_version"] = self.model_version
+        s["machines"] = len(self._builders)
+        s["down"] = self.policy.snapshot()["down"]
+        return s
+
+    def recent_windows(self) -> list[Window]:
+        """The last windows built (newest last), for inspection and the training/serving skew test."""
+        with self._cond:
+            return list(self._recent)
+
+    def _status_payload(self, online: bool) -> bytes:
+        s = self.stats()
+        counters = {k: float(v) for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        counters.update({f"decode_errors.{r}": float(n) for r, n in s["decode_errors"].items()})
+        info = {"serve_url": self.serve.url, "model_version": s["model_version"], "down": s["down"]}
+        return contract.encode(contract.Status(component=self.config.component, online=online, ts=time.time(),
+                                               counters=counters, info=info))
+
+    def _report(self) -> None:
+        while not self._stop.wait(self.config.status_interval_s):
+            try:
+                self._client.publish(self.topics.status(self.config.component), self._status_payload(True),
+                                     qos=1, retain=True)
+            except Exception as exc:  # noqa: BLE001 - status is best effort; the bridge goes on
+                log.debug("status not published: %s", exc)

@@ -1,0 +1,108 @@
+"""Typed configuration of the serve stage: the Ray Serve app and the MQTT bridge.
+
+Both load from YAML with ``key=value`` overrides through :func:`flywheel.config.load`::
+
+    from flywheel.config import load
+    cfg = load(ServeConfig, "serve.yaml", ["poll_s=5", "max_batch_size=32"])
+    bcfg = load(BridgeConfig, None, ["threshold=0.3", "window.length=10"])
+
+Times in the bridge are plant seconds (from telemetry ``ts``) unless the name says wall.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flywheel.config import ConfigError
+from flywheel.features import WindowConfig
+
+
+@dataclass
+class ServeConfig:
+    base_model: str = field(default="", metadata={
+        "help": "base model to serve adapters on; empty = the base_model the champion adapter names"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (decided once per replica)"})
+    http_host: str = field(default="127.0.0.1", metadata={"help": "interface the HTTP proxy binds"})
+    http_port: int = field(default=0, metadata={
+        "help": "HTTP port; 0 = a free port (ignored when Ray Serve already runs on this cluster)"})
+    app_name: str = field(default="flywheel", metadata={"help": "Ray Serve application name"})
+    route_prefix: str = field(default="/", metadata={"help": "URL prefix of the app, e.g. / or /fault"})
+    num_replicas: int = field(default=1, metadata={"help": "replicas (each loads the base model once)"})
+    num_cpus_per_replica: float = field(default=1.0, metadata={"help": "Ray CPUs reserved per replica"})
+    num_gpus_per_replica: float = field(default=0.0, metadata={"help": "Ray GPUs per replica"})
+    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads per replica; 0 = torch default"})
+    max_batch_size: int = field(default=64, metadata={"help": "windows per model forward (dynamic batching)"})
+    batch_wait_ms: float = field(default=5.0, metadata={"help": "how long a batch waits to fill up (wall ms)"})
+    max_windows_per_request: int = field(default=1024, metadata={"help": "windows one POST /predict may carry"})
+    max_readings_per_window: int = field(default=512, metadata={"help": "readings one structured window may carry"})
+    max_text_chars: int = field(default=4000, metadata={"help": "longest window text accepted"})
+    max_length_tokens: int = field(default=96, metadata={"help": "tokenizer truncation length"})
+    poll_s: float = field(default=10.0, metadata={
+        "help": "wall seconds between registry checks for a moved alias; 0 = only on refresh"})
+    adapters: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "extra named adapters on the same base: name -> 'ref' (alias or version of the served "
+                "model) or 'other-model@ref'; chosen per request with \"adapter\": name"})
+    kind_adapters: dict[str, str] = field(default_factory=dict, metadata={
+        "help": "default adapter per machine kind for windows that name none, e.g. {pump: pump}"})
+    health_timeout_s: float = field(default=180.0, metadata={"help": "how long start_serving waits for health"})
+
+    def __post_init__(self):
+        if self.num_replicas < 1:
+            raise ConfigError(f"num_replicas should be >= 1, got {self.num_replicas}")
+        if not 0 <= self.http_port < 65536:
+            raise ConfigError(f"http_port should be 0 (free port) or 1..65535, got {self.http_port}")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max_batch_size should be >= 1, got {self.max_batch_size}")
+        if self.batch_wait_ms < 0:
+            raise ConfigError(f"batch_wait_ms should be >= 0, got {self.batch_wait_ms}")
+        if self.max_windows_per_request < 1:
+            raise ConfigError(f"max_windows_per_request should be >= 1, got {self.max_windows_per_request}")
+        if self.poll_s < 0:
+            raise ConfigError(f"poll_s should be >= 0 (0 = no polling), got {self.poll_s}")
+        if not self.route_prefix.startswith("/"):
+            raise ConfigError(f"route_prefix should start with '/', got {self.route_prefix!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device should be auto, cpu or cuda, got {self.device!r}")
+        if "default" in self.adapters:
+            raise ConfigError("adapters may not redefine 'default' (it is the served model at its alias)")
+        for kind, name in self.kind_adapters.items():
+            if name != "default" and name not in self.adapters:
+                raise ConfigError(f"kind_adapters.{kind} names adapter {name!r}, which is not in adapters "
+                                  f"({', '.join(['default', *self.adapters])})")
+
+
+@dataclass
+class BridgeConfig:
+    window: WindowConfig = field(default_factory=WindowConfig, metadata={
+        "help": "windowing (length, stride_s, horizon_s); must match the dataset the model was trained on"})
+    threshold: float = field(default=0.5, metadata={
+        "help": "risk = 1 - P(ok) at or above which a maintain command is sent"})
+    cooldown_s: float = field(default=3600.0, metadata={
+        "help": "plant seconds after a command before the same machine may get another"})
+    silent_after_s: float = field(default=1800.0, metadata={
+        "help": "a machine with no telemetry for this many plant seconds (behind the plant clock) counts as down"})
+    adapter: str | None = field(default=None, metadata={"help": "adapter to ask the model for; None = the app's choice"})
+    flush_idle_ms: float = field(default=10.0, metadata={
+        "help": "send the pending windows once no telemetry arrived for this long (wall ms)"})
+    max_pending: int = field(default=64, metadata={"help": "send at once when this many windows are pending"})
+    http_timeout_s: float = field(default=30.0, metadata={"help": "timeout of one call to the model (wall s)"})
+    retry_s: float = field(default=1.0, metadata={"help": "wait before retrying a failed model call (wall s)"})
+    max_retries: int = field(default=30, metadata={"help": "model call attempts before a batch is dropped"})
+    status_interval_s: float = field(default=5.0, metadata={"help": "wall seconds between status publications"})
+    component: str = field(default="serve-bridge", metadata={"help": "status component name"})
+
+    def __post_init__(self):
+        if isinstance(self.window, dict):  # convenience for Python callers
+            self.window = WindowConfig(**self.window)
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold is a risk in [0, 1], got {self.threshold}")
+        if self.cooldown_s < 0:
+            raise ConfigError(f"cooldown_s should be >= 0 plant seconds, got {self.cooldown_s}")
+        if self.silent_after_s <= 0:
+            raise ConfigError(f"silent_after_s should be > 0 plant seconds, got {self.silent_after_s}")
+        if self.max_pending < 1:
+            raise ConfigError(f"max_pending should be >= 1, got {self.max_pending}")
+        if self.flush_idle_ms < 0:
+            raise ConfigError(f"flush_idle_ms should be >= 0, got {self.flush_idle_ms}")
+        if self.max_retries < 1:
+            raise ConfigError(f"max_retries should be >= 1, got {self.max_retries}")

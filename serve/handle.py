@@ -1,0 +1,187 @@
+"""Deploy the serve app on Ray and hold a handle to it: the API the flywheel loop calls.
+
+::
+
+    from serve import ServeConfig, start_serving
+    h = start_serving("sqlite:///.flywheel/mlflow.db", "fault-detector", "champion", ServeConfig())
+    h.url              # http://127.0.0.1:PORT
+    h.version()        # "3"
+    h.refresh()        # check the alias now, hot-swap if it moved; returns the serving version
+    h.wait_for_version("4", timeout_s=60)
+    h.shutdown()
+
+``start_serving`` connects to Ray (``ray_address``, or the Ray already initialised by the
+caller, or a local one), starts Ray Serve's HTTP proxy on a free port if Serve is not
+running yet, deploys the app and returns once ``/health`` answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from serve.client import ServeClient, ServeHTTPError
+from serve.config import ServeConfig
+from serve.source import AdapterSource, ServeError
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Replicas may run in another working directory: make relative SQLite/file URIs absolute."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if "://" not in uri:
+        return str(Path(uri).resolve())
+    return uri
+
+
+class ServingHandle:
+    """A deployed serve app: its URL, version, refresh and shutdown."""
+
+    def __init__(self, url: str, app_name: str, tracking_uri: str, model_name: str, alias: str,
+                 config: ServeConfig):
+        self.url = url
+        self.app_name = app_name
+        self.tracking_uri, self.model_name, self.alias, self.config = tracking_uri, model_name, alias, config
+        self.client = ServeClient(url, timeout_s=120.0)
+
+    def status(self) -> dict:
+        """The app's /version answer: versions per adapter, refusals, swaps, replica."""
+        return self.client.version()
+
+    def version(self) -> str | None:
+        try:
+            return self.client.version().get("version")
+        except ServeHTTPError:
+            return None
+
+    def refresh(self) -> str:
+        """Check the registry now; hot-swap moved aliases; return the version serving ``default``.
+
+        A refused candidate is not an exception: the old version keeps serving and
+        ``status()["refusals"]`` says why.
+        """
+        info = self.client.refresh()
+        refusal = info.get("refusals", {}).get("default")
+        if refusal:
+            log.warning("serve kept version %s: %s", info.get("version"), refusal["reason"])
+        return info.get("version")
+
+    def wait_for_version(self, version: str, timeout_s: float = 60.0) -> None:
+        """Block until the app serves ``version`` (refreshing as it waits); raise TimeoutError otherwise."""
+        deadline = time.monotonic() + timeout_s
+        current = None
+        while True:
+            try:
+                current = self.refresh()
+            except ServeHTTPError as exc:
+                log.debug("refresh failed while waiting: %s", exc)
+            if current == str(version):
+                return
+            if time.monotonic() > deadline:
+                refusal = (self.status().get("refusals") or {}).get("default")
+                why = f"; last refusal: {refusal['reason']}" if refusal else ""
+                raise TimeoutError(f"serve still runs version {current} after {timeout_s:.0f}s, "
+                                   f"waiting for {version}{why}")
+            time.sleep(0.5)
+
+    def shutdown(self) -> None:
+        """Delete this app (Ray Serve itself and other apps keep running)."""
+        from ray import serve as ray_serve
+
+        self.client.close()
+        try:
+            ray_serve.delete(self.app_name)
+        except Exception as exc:  # noqa: BLE001 - shutting down twice or after Ray went away is fine
+            log.debug("serve app %s delete: %s", self.app_name, exc)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def _ensure_serve_http(config: ServeConfig) -> int:
+    """Start Ray Serve's HTTP proxy if needed; return the port it listens on."""
+    from ray import serve as ray_serve
+    from ray.serve.context import _get_global_client
+    import ray
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        port = config.http_port or free_port(config.http_host)
+        ray_serve.start(http_options={"host": config.http_host, "port": port})
+        return port
+    port = ray.get(client._controller.get_http_config.remote()).port
+    if config.http_port and config.http_port != port:
+        log.warning("Ray Serve already listens on port %d on this cluster; http_port=%d is ignored",
+                    port, config.http_port)
+    return port
+
+
+def _deployment_messages(app_name: str) -> str:
+    """The replicas' own error (Ray's exception only says the deployment failed)."""
+    from ray import serve as ray_serve
+
+    try:
+        app = ray_serve.status().applications.get(app_name)
+        msgs = [d.message for d in app.deployments.values() if d.message] if app else []
+    except Exception:  # noqa: BLE001 - this is only a better error message
+        return ""
+    # The replica's traceback is long; its last line names the problem.
+    lines = [m.strip().splitlines()[-1] for m in msgs if m.strip()]
+    return (" - " + " | ".join(lines)) if lines else ""
+
+
+def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: str = "champion",
+                  config: ServeConfig | None = None, ray_address: str | None = None) -> ServingHandle:
+    """Deploy the fault detector for ``model_name@alias`` and return once it is healthy."""
+    import ray
+    from ray import serve as ray_serve
+
+    from serve.app import FaultDetector
+
+    config = config or ServeConfig()
+    tracking_uri = absolute_tracking_uri(tracking_uri)
+    # Fail fast, in the caller's process, with a clear message when there is nothing to serve.
+    resolved = AdapterSource(tracking_uri, model_name).resolve(alias)
+    log.info("serving %s@%s = version %s", model_name, alias, resolved.version)
+    if not ray.is_initialized():
+        ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
+    port = _ensure_serve_http(config)
+    app = FaultDetector.options(
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=max(64, 4 * config.max_batch_size),
+        ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
+    ).bind(tracking_uri, model_name, alias, asdict(config))
+    try:
+        ray_serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+    except Exception as exc:  # noqa: BLE001 - Ray wraps replica start errors in several types
+        raise ServeError(f"the serve app for {model_name}@{alias} did not start: {exc}"
+                         f"{_deployment_messages(config.app_name)}") from None
+    prefix = config.route_prefix.rstrip("/")
+    host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::") else config.http_host
+    handle = ServingHandle(f"http://{host}:{port}{prefix}", config.app_name, tracking_uri, model_name,
+                           alias, config)
+    deadline = time.monotonic() + config.health_timeout_s
+    while True:
+        try:
+            handle.client.health()
+            return handle
+        except ServeHTTPError as exc:
+            if time.monotonic() > deadline:
+                handle.shutdown()
+                raise ServeError(f"the serve app at {handle.url} is not healthy after "
+                                 f"{config.health_timeout_s:.0f}s: {exc}") from None
+            time.sleep(0.2)

@@ -1,0 +1,76 @@
+"""Where served adapters come from: the MLflow registry, through ``finetune.registry``.
+
+A *ref* names an adapter: an alias (``champion``), a version number (``3``), or either
+prefixed by another registered model (``pump-detector@champion``).  This module turns a
+ref into a registered version and a local adapter directory; it hides MLflow from the
+serving code (and keeps MLflow's import out of module import time).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+class ServeError(RuntimeError):
+    """Serving cannot start or an adapter cannot be served; the message says why and the fix."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    model_name: str
+    ref: str
+    version: str
+    run_id: str | None
+
+
+def split_ref(ref: str, default_model: str) -> tuple[str, str]:
+    """``'champion'`` -> (default_model, 'champion'); ``'other@3'`` -> ('other', '3')."""
+    ref = str(ref).strip()
+    if not ref:
+        raise ServeError("an adapter ref is empty; use an alias (champion), a version (3) or model@ref")
+    if "@" in ref:
+        model, _, r = ref.rpartition("@")
+        if not model or not r:
+            raise ServeError(f"adapter ref {ref!r} should look like model-name@alias or model-name@version")
+        return model, r
+    return default_model, ref
+
+
+class AdapterSource:
+    """Resolves refs and fetches adapter directories from one MLflow tracking URI."""
+
+    def __init__(self, tracking_uri: str, model_name: str):
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+
+    def resolve(self, ref: str) -> Resolved:
+        registry = _registry()
+        model, r = split_ref(ref, self.model_name)
+        try:
+            info = registry.get_version(self.tracking_uri, model, r)
+        except Exception as exc:  # noqa: BLE001 - MLflow raises many types; all mean "not resolvable"
+            raise ServeError(f"cannot resolve {model}@{r} in the MLflow registry at {self.tracking_uri}: "
+                             f"{exc}. Register a model first (flywheel train) or check --mlflow-uri") from None
+        return Resolved(model, r, str(info.version), getattr(info, "run_id", None))
+
+    def fetch(self, resolved: Resolved, dst_dir: str | None = None) -> str:
+        """The adapter's local directory; ModelError (not ServeError) when the adapter itself is unusable."""
+        from finetune.model import ModelError
+
+        registry = _registry()
+        try:
+            return registry.fetch_adapter(self.tracking_uri, resolved.model_name, resolved.version, dst_dir)
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ServeError(f"cannot fetch the adapter of {resolved.model_name} version {resolved.version}: "
+                             f"{exc}") from None
+
+
+def _registry():
+    from finetune import registry
+
+    return registry

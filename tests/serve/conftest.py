@@ -1,0 +1,134 @@
+"""Serve-test fixtures: real LoRA adapters on the packaged MiniLM, registered in real MLflow.
+
+* ``adapter_dirs`` (session) - two adapters trained for a few steps towards different labels
+  (so they predict differently), plus a corrupt one (garbage safetensors) and a mismatched
+  one (wrong label set in flywheel_model.json).
+* ``registry`` (module) - a fresh MLflow on SQLite with ``register(adapter_dir, alias=...)``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from flywheel.features import render
+
+TRAIN_TEXTS = [
+    render("pump", [{"vibration_mm_s": 2.0 + i * 0.1, "bearing_temp_k": 330.0, "discharge_pressure_bar": 6.0,
+                     "motor_current_a": 20.0} for i in range(6)]),
+    render("milling", [{"vibration_mm_s": 2.0, "spindle_current_a": 12.0, "torque_nm": 40.0 + i,
+                        "rotational_speed_rpm": 1500.0, "air_temp_k": 300.0, "process_temp_k": 310.0}
+                       for i in range(6)]),
+]
+
+
+def _train_adapter(out_dir: Path, label: str, seed: int) -> Path:
+    import torch
+
+    from finetune.model import LoraSettings, add_lora, load_base, write_adapter_meta
+    from flywheel.contract import LABELS
+
+    torch.manual_seed(seed)
+    model, tok = load_base("minilm")
+    model = add_lora(model, LoraSettings(rank=4))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    enc = tok(TRAIN_TEXTS, padding=True, return_tensors="pt")
+    y = torch.tensor([LABELS.index(label)] * len(TRAIN_TEXTS))
+    for _ in range(6):
+        model(**enc, labels=y).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out_dir)
+    write_adapter_meta(out_dir, base_model="minilm")
+    return out_dir
+
+
+@dataclass
+class AdapterDirs:
+    a: Path          # leans to TWF
+    b: Path          # leans to BRG
+    corrupt: Path    # garbage safetensors
+    mismatched: Path  # wrong label set in flywheel_model.json
+    risky: Path      # leans hard to a failure label (risk near 1) for command tests
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tmp_path_factory) -> AdapterDirs:
+    import json
+
+    root = tmp_path_factory.mktemp("adapters")
+    a = _train_adapter(root / "a", "TWF", 0)
+    b = _train_adapter(root / "b", "BRG", 1)
+    corrupt = root / "corrupt"
+    shutil.copytree(a, corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x00garbage, not a safetensors file" * 10)
+    mismatched = root / "mismatched"
+    shutil.copytree(a, mismatched)
+    meta = json.loads((mismatched / "flywheel_model.json").read_text())
+    meta["labels"] = ["ok", "broken"]
+    (mismatched / "flywheel_model.json").write_text(json.dumps(meta))
+    return AdapterDirs(a=a, b=b, corrupt=corrupt, mismatched=mismatched, risky=b)
+
+
+class Registry:
+    """Registers adapter directories as versions of one registered model, the way training does.
+
+    (A pyfunc model whose artifact ``adapter`` is the adapter directory, through finetune.registry.)
+    """
+
+    def __init__(self, tracking_uri: str, work: Path, model_name: str = "fault-detector"):
+        self.tracking_uri = tracking_uri
+        self.model_name = model_name
+        self._work = work
+
+    def register(self, adapter_dir: Path, alias: str | None = "champion", model_name: str | None = None) -> str:
+        import tempfile
+
+        from finetune import registry, tracking
+        from finetune.pyfunc import save_pyfunc
+
+        name = model_name or self.model_name
+        client = tracking.client_for(self.tracking_uri)
+        exp_id = tracking.ensure_experiment(client, "serve-tests", self.tracking_uri)
+        run_id = client.create_run(exp_id).info.run_id
+        pyfunc_dir = Path(tempfile.mkdtemp(dir=self._work)) / "model"
+        save_pyfunc(adapter_dir, pyfunc_dir)
+        client.log_artifacts(run_id, str(pyfunc_dir), "model")
+        client.set_terminated(run_id)
+        version = registry.register_version(self.tracking_uri, name, run_id, "model",
+                                            {"flywheel.base_model": "minilm"}).version
+        if alias:
+            registry.set_alias(self.tracking_uri, name, alias, version)
+        return version
+
+    def set_alias(self, version: str, alias: str = "champion", model_name: str | None = None) -> None:
+        from finetune import registry
+
+        registry.set_alias(self.tracking_uri, model_name or self.model_name, alias, version)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> Registry:
+    root = tmp_path_factory.mktemp("mlflow")
+    return Registry(f"sqlite:///{root / 'mlflow.db'}", root)
+
+
+@pytest.fixture(scope="session")
+def served(ray_local, tmp_path_factory, adapter_dirs):
+    """One app for the HTTP and MQTT tests: champion = adapter a (v1), adapter "pump" = b (v2)."""
+    from serve import ServeConfig, start_serving
+
+    root = tmp_path_factory.mktemp("mlflow-served")
+    reg = Registry(f"sqlite:///{root / 'mlflow.db'}", root)
+    reg.register(adapter_dirs.a, alias="champion")        # v1
+    reg.register(adapter_dirs.b, alias="pump-line")       # v2
+    # num_cpus 0: the app lives for the whole session and must not hold CPUs other tests need.
+    cfg = ServeConfig(app_name="serve-tests", route_prefix="/serve-tests", poll_s=0, num_cpus_per_replica=0,
+                      adapters={"pump": "pump-line"})
+    h = start_serving(reg.tracking_uri, reg.model_name, "champion", cfg)
+    yield h
+    h.shutdown()

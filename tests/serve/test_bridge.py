@@ -1,0 +1,187 @@
+"""The MQTT bridge against real Mosquitto and the real serve app: windows, predictions, commands."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from flywheel import contract
+from flywheel.features import WindowConfig, windows
+from flywheel.mqtt import connect, make_client, unique_client_id, wait_published
+from serve import BridgeConfig
+from serve.bridge import Bridge
+
+BASE_TS = 1_700_000_400.0          # a multiple of the stride: windows end on round plant times
+STEP_S = 60.0
+WINDOW = WindowConfig(length=5, stride_s=300, horizon_s=3600)
+
+
+def pump_stream(line: str, machine: str, n: int, seed: int = 0) -> list[contract.Telemetry]:
+    out = []
+    for i in range(n):
+        wob = ((i * 7 + seed * 13) % 11) / 10
+        out.append(contract.Telemetry(
+            event_id=contract.event_id(seed, machine, i), seq=i, ts=BASE_TS + i * STEP_S, line=line,
+            machine=machine, kind="pump",
+            readings={"vibration_mm_s": 2.0 + 0.05 * i + wob, "bearing_temp_k": 330.0 + 0.3 * i,
+                      "discharge_pressure_bar": 6.0 - 0.01 * i, "motor_current_a": 20.0 + wob}))
+    return out
+
+
+class Recorder:
+    """Subscribes to everything under a root and keeps (topic, payload) in arrival order."""
+
+    def __init__(self, url: str, root: str):
+        self.messages: list[tuple[str, dict]] = []
+        self._lock = threading.Lock()
+        self.client = make_client(url, unique_client_id("serve-test-rec"))
+        self.client.on_message = self._on
+        connect(self.client, url)
+        self.client.subscribe([(f"{root}/+/+/prediction", 1), (f"{root}/+/+/command", 1), (f"{root}/_status/+", 1)])
+        time.sleep(0.2)
+
+    def _on(self, c, u, msg):
+        with self._lock:
+            self.messages.append((msg.topic, json.loads(msg.payload)))
+
+    def of(self, channel: str) -> list[dict]:
+        with self._lock:
+            return [p for t, p in self.messages if t.endswith("/" + channel) or f"/_status/" in t and channel == "status"]
+
+    def wait(self, channel: str, n: int, timeout_s: float = 60.0) -> list[dict]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.of(channel)) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.of(channel)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def publisher(url: str):
+    c = make_client(url, unique_client_id("serve-test-pub"))
+    connect(c, url)
+    return c
+
+
+def publish_all(c, topics: contract.Topics, msgs) -> None:
+    wait_published([c.publish(topics.for_message(m), contract.encode(m), qos=1) for m in msgs])
+
+
+def test_bridge_windows_equal_dataset_windows_and_every_window_gets_a_prediction(broker, served):
+    """Training/serving skew guard: the bridge's windows are the dataset builder's windows."""
+    root = "skew"
+    topics = contract.Topics(root)
+    streams = {m: pump_stream("L1", m, 23, seed=k) for k, m in enumerate(("p1", "p2"))}
+    rec = Recorder(broker.url, root)
+    cfg = BridgeConfig(window=WINDOW, threshold=1.0)
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        pub = publisher(broker.url)
+        interleaved = [t for pair in zip(*streams.values()) for t in pair]
+        publish_all(pub, topics, interleaved[:20])
+        publish_all(pub, topics, interleaved[10:14])       # a replay: duplicates must not change windows
+        publish_all(pub, topics, interleaved[20:])
+        expected = {m: windows(s, WINDOW) for m, s in streams.items()}
+        n = sum(len(w) for w in expected.values())
+        preds = rec.wait("prediction", n)
+        for m, exp in expected.items():
+            got = [w for w in b.recent_windows() if w.machine == m]
+            assert got == exp, f"bridge windows for {m} differ from flywheel.features.windows()"
+        assert len(preds) == n and b.stats()["windows"] == n
+        for m, exp in expected.items():
+            mine = [p for p in preds if p["machine"] == m]
+            assert [p["window_end_seq"] for p in mine] == [w.end_seq for w in exp]
+            assert [p["ts"] for p in mine] == [w.end_ts for w in exp]
+            assert all(p["model_version"] == "1" and abs(sum(p["probs"].values()) - 1) < 1e-3 for p in mine)
+        assert rec.of("command") == []            # threshold 1.0: never
+        pub.disconnect()
+    rec.close()
+
+
+def test_commands_before_predictions_with_cooldown_and_down_machines(broker, served):
+    root = "policy"
+    topics = contract.Topics(root)
+    rec = Recorder(broker.url, root)
+    cfg = BridgeConfig(window=WINDOW, threshold=0.0, cooldown_s=600)   # every window is risky enough
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        pub = publisher(broker.url)
+        down = contract.MachineEvent(event_id="e1", seq=0, ts=BASE_TS, line="L1", machine="p2",
+                                     type="maintenance_start", reason="planned", finding="ok")
+        publish_all(pub, topics, [down])
+        time.sleep(0.3)
+        s1, s2 = pump_stream("L1", "p1", 20), pump_stream("L1", "p2", 20, seed=1)
+        publish_all(pub, topics, [t for pair in zip(s1, s2) for t in pair])
+        n1, n2 = len(windows(s1, WINDOW)), len(windows(s2, WINDOW))
+        rec.wait("prediction", n1 + n2)
+        with rec._lock:
+            seq = [(t.rsplit("/", 1)[1], p) for t, p in rec.messages if "/p1/" in t]
+        # p1 windows end every 300 s; cooldown 600 s: commands at the 1st and 3rd window ends (not the 2nd).
+        cmds = [p for ch, p in seq if ch == "command"]
+        win_ends = [w.end_ts for w in windows(s1, WINDOW)]
+        assert [c["ts"] for c in cmds] == [t for i, t in enumerate(win_ends) if i % 2 == 0]
+        # Each command comes right before the prediction of its window.
+        for i, (ch, p) in enumerate(seq):
+            if ch == "command":
+                nxt = seq[i + 1]
+                assert nxt[0] == "prediction" and nxt[1]["ts"] == p["ts"] and p["model_version"] == "1"
+        # p2 is down (maintenance_start without maintenance_done): predictions, no commands.
+        assert len([p for p in rec.of("prediction") if p["machine"] == "p2"]) == n2
+        assert not [p for p in rec.of("command") if p["machine"] == "p2"]
+        st = b.stats()
+        assert st["commands"] == len(cmds) and st["suppressed_down"] == n2 and st["suppressed_cooldown"] > 0
+        assert st["down"] == {"L1/p2": "maintenance_start"}
+        # maintenance_done brings p2 back: its next risky window gets a command.
+        done = contract.MachineEvent(event_id="e2", seq=1, ts=BASE_TS + 20 * STEP_S, line="L1", machine="p2",
+                                     type="maintenance_done", reason="planned")
+        publish_all(pub, topics, [done])
+        time.sleep(0.3)
+        more = pump_stream("L1", "p2", 30, seed=1)[20:]
+        publish_all(pub, topics, more)
+        cmds2 = rec.wait("command", len(cmds) + 1)
+        assert [c for c in cmds2 if c["machine"] == "p2"]
+        pub.disconnect()
+    rec.close()
+
+
+def test_bad_telemetry_is_counted_and_the_bridge_stays_up(broker, served):
+    root = "badtel"
+    topics = contract.Topics(root)
+    rec = Recorder(broker.url, root)
+    cfg = BridgeConfig(window=WINDOW, threshold=1.0, status_interval_s=0.2)
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        pub = publisher(broker.url)
+        good = pump_stream("L1", "p1", 10)
+        tel = topics.telemetry("L1", "p1")
+        bad = [
+            (tel, b"not json at all"),
+            (tel, b"\xff\xfe\x00"),
+            (tel, json.dumps({"schema": "telemetry/9", "event_id": "x"}).encode()),
+            (tel, contract.encode(good[0]).replace(b'"kind":"pump"', b'"kind":"lathe"')),
+            (tel, contract.encode(good[0]).replace(b"330.0", b"-5.0")),          # bearing temp below 0 K
+            (topics.telemetry("L1", "other"), contract.encode(good[0])),        # topic/payload mismatch
+            (tel, json.dumps({"schema": "telemetry/1"}).encode()),
+        ]
+        wait_published([pub.publish(t, p, qos=1) for t, p in bad])
+        publish_all(pub, topics, good)
+        preds = rec.wait("prediction", len(windows(good, WINDOW)))
+        assert len(preds) == len(windows(good, WINDOW)) == 2
+        errors = b.stats()["decode_errors"]
+        assert sum(errors.values()) == len(bad)
+        assert {"not_json", "not_utf8", "unknown_schema", "bad_value", "impossible_value", "topic_mismatch",
+                "missing_field"} <= set(errors)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            status = [p for p in rec.of("status") if p["component"] == "serve-bridge"]
+            if status and status[-1]["counters"].get("predictions") == 2:
+                break
+            time.sleep(0.1)
+        last = status[-1]
+        assert last["online"] is True and last["counters"]["decode_errors.not_json"] == 1
+        pub.disconnect()
+    status = rec.wait("status", len(rec.of("status")) + 1, timeout_s=5)
+    assert status[-1]["online"] is False   # stop() marks the bridge offline (retained)
+    rec.close()
