@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable
 
-from flywheel.contract import MachineEvent, Telemetry, decode
+from flywheel.contract import MachineEvent, Telemetry, Topics, decode
 
 #: Statistics of the published AI4I 2020 data (10,000 rows), for comparison.
 AI4I_PUBLISHED = {
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(argv[0], "rb") as f:
         for line in f:
             rec = json.loads(line)
-            msgs.append(decode(rec["topic"], json.dumps(rec["payload"]).encode()))
+            root = rec["topic"].rsplit("/", 3)[0]
+            msgs.append(decode(rec["topic"], json.dumps(rec["payload"]).encode(), topics=Topics(root)))
     print(report(statistics(table(msgs, load_scenario("ai4i").epoch_ts))))
     return 0
 

@@ -39,7 +39,8 @@ class Counters:
         for name in _NUMERIC:
             setattr(self, name, 0 if name in ("parts", "scrap", "failures", "maintenance_needed",
                                               "maintenance_unneeded") else 0.0)
-        self.failures_by_mode: dict[str, int] = {}
+        # Every mode present from the start: readers in other threads never see the dict grow.
+        self.failures_by_mode: dict[str, int] = dict.fromkeys(_MODES, 0)
 
     def copy(self) -> "Counters":
         c = Counters()

@@ -1,0 +1,196 @@
+"""``flywheel sim``: run the simulated plant against an MQTT broker, with a live status line.
+
+    flywheel sim --scenario demo --speed max --duration 1d --broker mqtt://127.0.0.1:1884
+    flywheel sim --scenario ai4i --out ai4i.jsonl          # calibration run; stops by itself
+    flywheel sim --scenario demo --speed 600 milling.repair_s=7200 machines.pump=4
+
+Without ``--broker`` an embedded broker is started (its URL is printed; it stops with the
+sim).  Ctrl-C stops after the current tick and prints the final KPIs; a second Ctrl-C aborts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+EXAMPLES = """examples:
+  flywheel sim --scenario demo --speed max --duration 1d --broker mqtt://127.0.0.1:1884
+  flywheel sim --scenario demo --speed 3600 --duration 12h        # one plant hour per second
+  flywheel sim --scenario ai4i --out ai4i.jsonl                  # calibration run (stops after 10,000 parts)
+  python -m factory_sim.calibration ai4i.jsonl                   # ...compared with the AI4I 2020 data set
+  flywheel sim --scenario drift --duration 4d drift.at_s=86400 machines.milling=6
+  flywheel sim --scenario tiny --lockstep --broker mqtt://127.0.0.1:1884   # wait for the serving bridge
+"""
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("sim", help="run the simulated factory (publishes telemetry/events, obeys commands)",
+                       description="Run a plant of milling machines and pumps in plant time and publish its "
+                                   "telemetry and events over MQTT (QoS 1). The same --scenario and --seed give a "
+                                   "byte-identical stream at any --speed. Maintenance commands arrive on "
+                                   "<root>/<line>/<machine>/command; the retained status is <root>/_status/sim.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scenario", default="demo", help="scenario name or YAML path (default demo)")
+    p.add_argument("--speed", default="max", help="plant seconds per wall second, or max (default max)")
+    p.add_argument("--duration", default=None,
+                   help="plant time to run: 90m, 12h, 7d (default 1d; self-stopping scenarios: until done)")
+    p.add_argument("--out", default=None, metavar="FILE.jsonl",
+                   help="also write every published message here, one {topic, payload} object a line")
+    p.add_argument("--topic-root", default="factory", help="MQTT topic root (default factory)")
+    p.add_argument("--lockstep", action="store_true",
+                   help="at each window end wait for the serving bridge's predictions (closed loop, deterministic)")
+    p.add_argument("--lockstep-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for predictions before going on (default 30)")
+    p.add_argument("--stride-s", type=float, default=600.0, help="window stride in plant seconds (default 600)")
+    p.add_argument("--window-length", type=int, default=10, help="telemetry readings per window (default 10)")
+    p.add_argument("--no-live", action="store_true", help="no live status line (plain output)")
+    common.add(p, broker=True, seed=True, config=True)
+    p.set_defaults(func=run)
+
+
+def _speed(text: str) -> float | None:
+    if text.strip().lower() == "max":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        from flywheel.config import ConfigError
+
+        raise ConfigError(f"--speed {text!r} should be a number of plant seconds per wall second > 0, or max")
+    return v
+
+
+def _fmt_duration(seconds: float) -> str:
+    d, rem = divmod(int(seconds), 86400)
+    h, rem = divmod(rem, 3600)
+    return f"{d}d {h:02d}:{rem // 60:02d}" if d else f"{h:02d}:{rem // 60:02d}"
+
+
+def run(args) -> int:
+    from datetime import datetime, timezone
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from flywheel.config import ConfigError, parse_duration
+    from flywheel.mqtt import ConnectError
+
+    from factory_sim import Plant, load_scenario
+    from factory_sim.mqtt_runner import MqttSimRunner
+
+    console = Console(stderr=False, highlight=False)
+    scenario = load_scenario(args.scenario, overrides=args.overrides, config_path=args.config)
+    speed = _speed(args.speed)
+    if args.duration is not None:
+        duration_s = parse_duration(args.duration)
+        if duration_s < scenario.tick_s:
+            raise ConfigError(f"--duration {args.duration!r} is shorter than one tick ({scenario.tick_s:g} s)")
+    elif scenario.stop_after_parts:
+        duration_s = 10 * 365 * 86400.0       # runs until its parts are made
+    else:
+        duration_s = 86400.0
+    if args.seed < 0:
+        raise ConfigError(f"--seed should be >= 0, got {args.seed}")
+    plant = Plant(scenario, seed=args.seed)
+
+    broker = None
+    url = args.broker
+    if url is None:
+        from flywheel.broker import BrokerError, EmbeddedBroker
+
+        broker = EmbeddedBroker()
+        try:
+            broker.start()
+        except BrokerError as exc:
+            console.print(f"flywheel sim: {exc}")
+            return 1
+        url = broker.url
+        console.print(f"embedded {broker.impl} broker at [bold]{url}[/] (it stops with the sim)")
+    try:
+        runner = MqttSimRunner(plant, url, topic_root=args.topic_root, speed=speed, lockstep=args.lockstep,
+                               lockstep_timeout_s=args.lockstep_timeout, out_path=args.out, stride_s=args.stride_s,
+                               window_length=args.window_length)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    lines = sorted({v.line for v in plant.machines})
+    n = len(plant.machines)
+    until = (f"until {scenario.stop_after_parts:,} parts are made" if scenario.stop_after_parts and args.duration is None
+             else f"{_fmt_duration(duration_s)} of plant time")
+    console.print(f"flywheel sim: scenario [bold]{scenario.name}[/] ({n} machine{'s' if n > 1 else ''} on "
+                  f"{len(lines)} line{'s' if len(lines) > 1 else ''}), seed {args.seed}, speed "
+                  f"{'max' if speed is None else f'{speed:g}x'}, {until}, broker {runner.url.redacted()}, "
+                  f"topics {args.topic_root}/...")
+
+    def line(s) -> Text:
+        k = plant.cumulative_kpis().to_dict()
+        ts = datetime.fromtimestamp(plant.now_ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
+        return Text(f"plant {ts} | {s.messages_per_s:,.0f} msg/s | published {s.published:,} | OEE {k['oee']:.3f} | "
+                    f"failures {k['failures']} | parts {k['parts']:,} | commands {s.commands_applied} "
+                    f"(refused {s.commands_refused})")
+
+    interrupted = {"n": 0}
+
+    def on_sigint(signum, frame):
+        interrupted["n"] += 1
+        if interrupted["n"] > 1:
+            raise KeyboardInterrupt
+        runner.stop()
+
+    try:
+        old = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:         # not the main thread (embedded use): Ctrl-C is the caller's business
+        old = None
+    live = None if args.no_live or not console.is_terminal else Live(Text(""), console=console, refresh_per_second=4)
+    last_print = {"t": 0.0}
+
+    def progress(s) -> None:
+        if live is not None:
+            live.update(line(s))
+        elif not args.no_live and s.wall_s - last_print["t"] >= 10.0:   # logs: a line every 10 s
+            last_print["t"] = s.wall_s
+            console.print(line(s))
+
+    try:
+        if live is not None:
+            live.start()
+        summary = runner.run(duration_s, progress=progress)
+    except ConnectError as exc:
+        console.print(f"flywheel sim: {exc}. Is the broker running? Start one with `flywheel broker`, "
+                      "or leave out --broker to use an embedded one.")
+        return 1
+    except KeyboardInterrupt:
+        console.print("flywheel sim: aborted")
+        return 130
+    finally:
+        if live is not None:
+            live.stop()
+        if old is not None:
+            signal.signal(signal.SIGINT, old)
+        if broker is not None:
+            broker.close()
+    k = plant.cumulative_kpis()
+    how = {"duration": "ran its duration", "finished": "finished its parts", "stop": "stopped (Ctrl-C)"}[summary.stopped_by]
+    console.print(f"flywheel sim: {how}: {_fmt_duration(summary.plant_end_ts - summary.plant_start_ts)} of plant "
+                  f"time in {summary.wall_s:.1f} s, {summary.published:,} messages "
+                  f"({summary.messages_per_s:,.0f}/s), commands applied {summary.commands_applied}, "
+                  f"refused {summary.commands_refused}, lockstep timeouts {summary.lockstep_timeouts}")
+    console.print(f"KPIs: {k.summary()}")
+    for name, lk in k.by_line().items():
+        console.print(f"  {name}: {lk.summary()}")
+    if summary.last_error:
+        console.print(f"last error: {summary.last_error}")
+    if args.out:
+        console.print(f"messages written to {args.out}")
+        if scenario.name == "ai4i":
+            console.print(f"compare with the AI4I 2020 data set: python -m factory_sim.calibration {args.out}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from flywheel.cli import main
+
+    sys.exit(main(["sim", *sys.argv[1:]]))

@@ -1,0 +1,324 @@
+"""Run a :class:`~factory_sim.plant.Plant` against an MQTT broker: publish, listen, pace, lockstep.
+
+The runner publishes every telemetry and event message at QoS 1 on the contract's
+topics, listens for ``maintain`` commands on ``{root}/+/+/command`` and keeps a
+retained status on ``{root}/_status/sim`` (its will message marks the sim offline).
+
+* **Speed** - ``speed`` plant seconds per wall second, or None for as fast as possible.
+  Only the pacing changes: the stream is the same at any speed.
+* **Commands** - applied after the next tick, in machine-id order.  A command the plant
+  refuses (bad payload, unknown machine, machine already down) is logged and counted
+  on the status (``commands_refused``, ``last_error``, ``refused_by_machine``); the run
+  goes on.
+* **Lockstep** (the closed loop's determinism) - at every window end (plant time a
+  multiple of ``stride_s``), after publishing that tick, the runner waits until it has a
+  Prediction on ``{root}/+/+/prediction`` for every machine that published telemetry in
+  this tick and has at least ``window_length`` readings, with ``window_end_seq`` equal to
+  that telemetry's seq.  The serving bridge publishes a machine's ``maintain`` command
+  before its prediction from one client, so the decision's commands have arrived by
+  then; they are applied in machine-id order.  A wait longer than
+  ``lockstep_timeout_s`` logs a warning, is counted, and the run continues.
+* **No loss, bounded memory** - publishes are acknowledged (QoS 1); at most
+  ``max_unacked`` wait for their PUBACK before the runner blocks on the oldest.
+* **Fast** - the runner drives paho's network loop itself (``client.loop``) in its own
+  thread instead of paho's background thread: a publish then writes straight to the
+  socket, with no thread hand-off per message, and incoming commands and predictions
+  are read between ticks.
+* ``out_path`` - every published telemetry/event also goes to a JSONL file,
+  ``{"topic": ..., "payload": {...}}`` a line, byte-identical for the same seed and scenario.
+
+Usage::
+
+    runner = MqttSimRunner(Plant(load_scenario("demo"), seed=0), "mqtt://127.0.0.1:1883", speed=None)
+    summary = runner.run(86400)
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import msgspec
+
+from flywheel import contract
+from flywheel.mqtt import BrokerURL, connect, make_client
+
+from factory_sim.plant import Plant, SimCommandError
+
+log = logging.getLogger("factory_sim.mqtt")
+COMPONENT = "sim"
+
+
+@dataclass
+class RunSummary:
+    published: int = 0
+    commands_applied: int = 0
+    commands_refused: int = 0
+    bad_messages: int = 0
+    lockstep_waits: int = 0
+    lockstep_timeouts: int = 0
+    ticks: int = 0
+    plant_start_ts: float = 0.0
+    plant_end_ts: float = 0.0
+    wall_s: float = 0.0
+    stopped_by: str = "duration"          # duration | finished | stop
+    last_error: str | None = None
+    refused_by_machine: dict[str, int] = field(default_factory=dict)
+    kpis: dict = field(default_factory=dict)
+
+    @property
+    def messages_per_s(self) -> float:
+        return self.published / self.wall_s if self.wall_s > 0 else 0.0
+
+
+class MqttSimRunner:
+    """See the module docstring."""
+
+    def __init__(self, plant: Plant, broker_url: str | BrokerURL, topic_root: str = "factory",
+                 speed: float | None = None, lockstep: bool = False, lockstep_timeout_s: float = 30.0,
+                 out_path: str | None = None, stride_s: float = 600.0, window_length: int = 10,
+                 status_interval_s: float = 2.0, max_unacked: int = 5000, client_id: str | None = None,
+                 progress_interval_s: float = 0.5):
+        if speed is not None and not speed > 0:
+            raise ValueError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
+        if not stride_s > 0 or (stride_s % plant.tick_s) != 0:
+            raise ValueError(f"stride_s should be a positive multiple of the tick ({plant.tick_s:g} s), got {stride_s!r}")
+        if window_length < 1:
+            raise ValueError(f"window_length should be >= 1 readings, got {window_length!r}")
+        self.plant = plant
+        self.url = BrokerURL.parse(broker_url)
+        self.topics = contract.Topics(topic_root)
+        self.speed = speed
+        self.lockstep = lockstep
+        self.lockstep_timeout_s = float(lockstep_timeout_s)
+        self.out_path = out_path
+        self.stride_s = float(stride_s)
+        self.window_length = int(window_length)
+        self.status_interval_s = status_interval_s
+        self.progress_interval_s = progress_interval_s
+        self.max_unacked = max_unacked
+        self.client_id = client_id
+        self.summary = RunSummary()
+        self._stop = threading.Event()
+        self._lock = threading.Condition()
+        self._commands: list[contract.Command] = []
+        self._preds: dict[str, int] = {}          # machine -> newest window_end_seq seen
+        self._unacked: deque = deque()
+        self._topic_cache: dict = {}
+        self._client = None
+        self._out = None
+        self._encode_line = msgspec.json.Encoder().encode
+
+    # ------------------------------------------------------------------ control
+    def stop(self) -> None:
+        """Ask a running :meth:`run` to finish after the current tick (thread-safe)."""
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+
+    # ------------------------------------------------------------------ MQTT plumbing
+    def _on_message(self, client, userdata, msg) -> None:
+        try:
+            decoded = contract.decode(msg.topic, msg.payload, topics=self.topics)
+        except contract.ContractError as exc:
+            machine = None
+            try:
+                machine = self.topics.parse(msg.topic).machine
+            except contract.ContractError:
+                pass
+            self._refuse(machine, f"bad message on {msg.topic}: {exc}", command=msg.topic.endswith("/command"))
+            return
+        with self._lock:
+            if isinstance(decoded, contract.Command):
+                self._commands.append(decoded)
+            elif isinstance(decoded, contract.Prediction):
+                if decoded.window_end_seq > self._preds.get(decoded.machine, -1):
+                    self._preds[decoded.machine] = decoded.window_end_seq
+            self._lock.notify_all()
+
+    def _refuse(self, machine: str | None, why: str, command: bool = True) -> None:
+        s = self.summary
+        with self._lock:
+            if command:
+                s.commands_refused += 1
+                if machine:
+                    s.refused_by_machine[machine] = s.refused_by_machine.get(machine, 0) + 1
+            else:
+                s.bad_messages += 1
+            s.last_error = why
+        log.warning("refused: %s", why)
+
+    def _status(self, online: bool) -> contract.Status:
+        s = self.summary
+        k = self.plant.cumulative_kpis().to_dict()
+        counters = {
+            "published": s.published, "commands_applied": s.commands_applied,
+            "commands_refused": s.commands_refused, "bad_messages": s.bad_messages,
+            "lockstep_timeouts": s.lockstep_timeouts, "ticks": s.ticks, "plant_ts": self.plant.now_ts,
+            "oee": k["oee"], "failures": k["failures"], "parts": k["parts"],
+            "unplanned_downtime_min": k["unplanned_downtime_min"],
+        }
+        info = {"scenario": self.plant.scenario.name, "seed": self.plant.seed, "speed": self.speed or "max",
+                "lockstep": self.lockstep, "last_error": s.last_error,
+                "refused_by_machine": dict(s.refused_by_machine), "kpis": k,
+                "down": sorted(v.machine_id for v in self.plant.machines if v.down)}
+        return contract.Status(component=COMPONENT, online=online, ts=time.time(), counters=counters, info=info)
+
+    def _publish_status(self, online: bool):
+        st = self._status(online)
+        return self._client.publish(self.topics.status(COMPONENT), contract.encode(st), qos=1, retain=True)
+
+    def _topic_for(self, msg) -> str:
+        key = (msg.machine, type(msg))
+        topic = self._topic_cache.get(key)
+        if topic is None:
+            topic = self._topic_cache[key] = self.topics.for_message(msg)
+        return topic
+
+    def _publish(self, messages: list) -> None:
+        client = self._client
+        topic_for = self._topic_for
+        unacked = self._unacked
+        out = self._out
+        for m in messages:
+            topic = topic_for(m)
+            payload = contract.encode(m)
+            unacked.append(client.publish(topic, payload, qos=1))
+            if out is not None:
+                out.write(b'{"topic":' + self._encode_line(topic) + b',"payload":' + payload + b"}\n")
+        self.summary.published += len(messages)
+        if len(unacked) > self.max_unacked:
+            self._drain(self.max_unacked // 2)
+
+    def _drain(self, keep: int) -> None:
+        """Wait for PUBACKs until at most ``keep`` publishes are unacknowledged."""
+        unacked = self._unacked
+        deadline = None
+        while len(unacked) > keep:
+            if unacked[0].is_published():
+                unacked.popleft()
+                deadline = None
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + 30.0
+            elif time.monotonic() > deadline:
+                raise ConnectionError(f"broker {self.url.redacted()} acknowledged nothing for 30 s "
+                                      f"({len(unacked)} messages in flight)")
+            self._client.loop(timeout=0.01)
+
+    # ------------------------------------------------------------------ the loop
+    def _wait_predictions(self, expected: dict[str, int]) -> None:
+        s = self.summary
+        s.lockstep_waits += 1
+        deadline = time.monotonic() + self.lockstep_timeout_s
+        with self._lock:
+            while not self._stop.is_set():
+                missing = [mid for mid, seq in expected.items() if self._preds.get(mid, -1) < seq]
+                if not missing:
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    s.lockstep_timeouts += 1
+                    s.last_error = (f"lockstep: no prediction within {self.lockstep_timeout_s:g} s for "
+                                    f"{', '.join(sorted(missing))} at plant time {self.plant.now_ts:.0f}")
+                    log.warning("%s; continuing", s.last_error)
+                    return
+                self._lock.release()
+                try:
+                    self._client.loop(timeout=min(left, 0.05))
+                finally:
+                    self._lock.acquire()
+
+    def _apply_commands(self, out: list) -> None:
+        with self._lock:
+            cmds, self._commands = self._commands, []
+        if not cmds:
+            return
+        for cmd, err in self.plant.apply_commands(cmds, out):
+            if err is None:
+                self.summary.commands_applied += 1
+                log.info("applied %s on %s (command %s)", cmd.command, cmd.machine, cmd.command_id)
+            else:
+                self._refuse(cmd.machine, f"command {cmd.command_id!r} for {cmd.machine!r}: {err}")
+
+    def run(self, duration_s: float, progress: Callable[[RunSummary], None] | None = None) -> RunSummary:
+        """Run ``duration_s`` plant seconds (or until the scenario finishes or :meth:`stop`)."""
+        plant = self.plant
+        s = self.summary
+        client = self._client = make_client(self.url, self.client_id, prefix="flywheel-sim",
+                                            max_inflight=1000, max_queued=0)
+        client.will_set(self.topics.status(COMPONENT),
+                        contract.encode(contract.Status(component=COMPONENT, online=False)), qos=1, retain=True)
+        client.on_message = self._on_message
+        connect(client, self.url)
+        client.loop_stop()        # from here on this thread drives the network loop (see the docstring)
+        client.subscribe([(self.topics.pattern("command"), 1)] +
+                         ([(self.topics.pattern("prediction"), 1)] if self.lockstep else []))
+        self._out = open(self.out_path, "wb") if self.out_path else None
+        wall0 = time.monotonic()
+        s.plant_start_ts = plant_ts0 = plant.now_ts
+        next_status = next_progress = wall0
+        stride_ms = round(self.stride_s * 1000)
+        n_ticks = int(duration_s / plant.tick_s + 1e-9)
+        try:
+            self._publish_status(True)
+            for _ in range(n_ticks):
+                if plant.finished:
+                    s.stopped_by = "finished"
+                    break
+                if self._stop.is_set():
+                    s.stopped_by = "stop"
+                    break
+                if self.speed is not None:
+                    due = wall0 + (plant.now_ts + plant.tick_s - plant_ts0) / self.speed
+                    lag = due - time.monotonic()
+                    if lag < -1.0:            # fell behind (e.g. a lockstep wait): don't race to catch up
+                        wall0 -= lag
+                    while lag > 0 and not self._stop.is_set():
+                        client.loop(timeout=min(lag, 0.05))
+                        lag = due - time.monotonic()
+                out = plant.step()
+                s.ticks += 1
+                if self.lockstep and round(plant.now_ts * 1000) % stride_ms == 0:
+                    self._publish(out)
+                    expected = {m.machine: m.seq for m in out if isinstance(m, contract.Telemetry)
+                                and plant.machine(m.machine).telemetry_count >= self.window_length}
+                    if expected:
+                        self._wait_predictions(expected)
+                    out = []
+                client.loop(timeout=0)      # read PUBACKs, commands and predictions
+                self._apply_commands(out)
+                self._publish(out)
+                now = time.monotonic()
+                if now >= next_progress:
+                    next_progress = now + self.progress_interval_s
+                    s.wall_s = now - wall0
+                    s.plant_end_ts = plant.now_ts
+                    if now >= next_status:
+                        next_status = now + self.status_interval_s
+                        self._publish_status(True)
+                    if progress is not None:
+                        progress(s)
+        finally:
+            s.plant_end_ts = plant.now_ts
+            s.kpis = plant.cumulative_kpis().to_dict()
+            try:
+                self._drain(0)
+                s.wall_s = time.monotonic() - wall0
+                info = self._publish_status(False)
+                deadline = time.monotonic() + 5.0
+                while not info.is_published() and time.monotonic() < deadline:
+                    client.loop(timeout=0.01)
+            finally:
+                client.disconnect()
+                client.loop(timeout=0.1)
+                if self._out is not None:
+                    self._out.close()
+                    self._out = None
+        if progress is not None:
+            progress(s)
+        return s

@@ -1,0 +1,202 @@
+"""The MQTT runner against a real Mosquitto: no loss, same stream at any speed, commands,
+refusals on the status, and lockstep with a fake serving bridge."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from flywheel import contract
+from flywheel.mqtt import ConnectError, connect, make_client
+
+from factory_sim import Plant, load_scenario
+from factory_sim.mqtt_runner import MqttSimRunner
+
+H = 3600.0
+
+
+class Collector:
+    """A subscriber that keeps every decoded message of one topic root."""
+
+    def __init__(self, url, root, patterns=("telemetry", "event")):
+        self.topics = contract.Topics(root)
+        self.messages = []
+        self.status = None
+        self.client = make_client(url, prefix="test-collector")
+        self.client.on_message = self._on_message
+        connect(self.client, url)
+        self.client.subscribe([(self.topics.pattern(p), 1) for p in patterns] + [(self.topics.status("sim"), 1)])
+        time.sleep(0.2)
+
+    def _on_message(self, c, u, msg):
+        m = contract.decode(msg.topic, msg.payload, topics=self.topics)
+        if isinstance(m, contract.Status):
+            self.status = m
+        else:
+            self.messages.append(m)
+
+    def wait_for(self, n, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in open(path, "rb")]
+
+
+def test_runner_publishes_everything_once_and_out_file_matches(broker, tmp_path, run_messages, to_jsonl):
+    root = "t1"
+    col = Collector(broker.url, root)
+    out = tmp_path / "events.jsonl"
+    runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=0), broker.url, topic_root=root, out_path=str(out))
+    summary = runner.run(6 * H)
+    col.wait_for(summary.published)
+    col.close()
+    reference = run_messages(Plant(load_scenario("tiny"), seed=0), 6 * H)
+    assert summary.published == len(reference) > 1000
+    assert out.read_bytes() == to_jsonl(reference, root)
+    got = {(m.machine, m.seq): m for m in col.messages}
+    assert len(got) == len(col.messages) == len(reference), "QoS 1 without loss or duplicates"
+    assert all(got[(m.machine, m.seq)] == m for m in reference)
+    assert col.status is not None and col.status.online is False
+    assert col.status.counters["published"] == summary.published
+    assert summary.kpis["parts"] > 0
+
+
+def test_same_stream_at_max_and_finite_speed(broker, tmp_path):
+    files = []
+    for speed in (None, 40 * H):            # 40 plant hours per wall second
+        out = tmp_path / f"speed-{speed}.jsonl"
+        runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=11), broker.url, topic_root="t2", speed=speed,
+                               out_path=str(out))
+        t0 = time.monotonic()
+        runner.run(4 * H)
+        if speed:
+            assert time.monotonic() - t0 >= 4 * H / speed * 0.9, "finite speed paces the run"
+        files.append(out.read_bytes())
+    assert files[0] == files[1] and len(files[0]) > 10000
+
+
+def test_commands_over_mqtt_and_refusals_on_status(broker, tmp_path):
+    root = "t3"
+    out = tmp_path / "cmd.jsonl"
+    runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=0), broker.url, topic_root=root, speed=2 * H,
+                           out_path=str(out), status_interval_s=0.2)
+    thread = threading.Thread(target=runner.run, args=(8 * H,))
+    col = Collector(broker.url, root)
+    thread.start()
+    col.wait_for(50)
+    topics = contract.Topics(root)
+    pub = make_client(broker.url, prefix="test-commander")
+    connect(pub, broker.url)
+    good = contract.Command(command_id="cmd-ok", line="L1", machine="mill-02", command="maintain", reason="test")
+    bad = [
+        (topics.command("L1", "mill-01"), b"not json"),
+        (topics.command("L1", "mill-01"), b'{"schema": "command/9", "command_id": "x"}'),
+        (topics.command("L1", "mill-77"), contract.encode(contract.Command(
+            command_id="ghost", line="L1", machine="mill-77", command="maintain", reason="t"))),
+    ]
+    infos = [pub.publish(topics.for_message(good), contract.encode(good), qos=1)]
+    infos += [pub.publish(t, p, qos=1) for t, p in bad]
+    # the same machine twice: the second finds it down
+    infos.append(pub.publish(topics.for_message(good), contract.encode(good), qos=1))
+    for i in infos:
+        i.wait_for_publish(5)
+    thread.join(30)
+    assert not thread.is_alive()
+    pub.disconnect()
+    pub.loop_stop()
+    col.close()
+    s = runner.summary
+    assert s.stopped_by == "duration", "bad commands do not stop the sim"
+    assert s.commands_applied == 1 and s.commands_refused == 4
+    assert s.refused_by_machine == {"mill-01": 2, "mill-77": 1, "mill-02": 1}
+    assert "already down" in s.last_error or "unknown machine 'mill-77'" in s.last_error
+    starts = [r["payload"] for r in read_jsonl(out) if r["payload"].get("type") == "maintenance_start"
+              and r["payload"].get("reason") == "planned"]
+    assert [p["command_id"] for p in starts] == ["cmd-ok"] and starts[0]["machine"] == "mill-02"
+    st = col.status
+    assert st.counters["commands_refused"] == 4 and st.info["last_error"] == s.last_error
+    assert st.info["refused_by_machine"] == s.refused_by_machine
+
+
+def test_unreachable_broker_is_a_clear_error():
+    runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=0), "mqtt://bob:secret@127.0.0.1:9")
+    with pytest.raises(ConnectError) as e:
+        runner.run(H)
+    assert "127.0.0.1:9" in str(e.value) and "secret" not in str(e.value)
+
+
+class FakeBridge:
+    """Answers each telemetry window end with a Prediction, sending a maintain Command first
+    for a deterministic subset (the real serving bridge's order: command, then prediction)."""
+
+    def __init__(self, url, root, length=10, stride_s=600):
+        self.topics = contract.Topics(root)
+        self.length, self.stride_s = length, stride_s
+        self.counts: dict[str, int] = {}
+        self.commands = 0
+        self.client = make_client(url, prefix="test-bridge")
+        self.client.on_message = self._on_message
+        connect(self.client, url)
+        self.client.subscribe(self.topics.pattern("telemetry"), qos=1)
+        time.sleep(0.2)
+
+    def _on_message(self, c, u, msg):
+        t = contract.decode(msg.topic, msg.payload, topics=self.topics)
+        n = self.counts[t.machine] = self.counts.get(t.machine, 0) + 1
+        if n < self.length or round(t.ts) % self.stride_s:
+            return
+        risky = t.readings["vibration_mm_s"] > 3.0 and t.machine.startswith("mill")
+        if risky:
+            cmd = contract.Command(command_id=f"b-{t.machine}-{t.seq}", line=t.line, machine=t.machine,
+                                   command="maintain", reason="risk", model_version="fake")
+            self.client.publish(self.topics.for_message(cmd), contract.encode(cmd), qos=1)
+            self.commands += 1
+        time.sleep(0.002 * (hash(t.machine) % 3))   # jitter: arrival timing must not matter
+        pred = contract.Prediction(ts=t.ts, line=t.line, machine=t.machine, model_version="fake",
+                                   probs={"ok": 0.3, "TWF": 0.7} if risky else {"ok": 1.0}, window_end_seq=t.seq)
+        self.client.publish(self.topics.for_message(pred), contract.encode(pred), qos=1)
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_lockstep_applies_bridge_commands_deterministically(broker, tmp_path):
+    files, summaries = [], []
+    for run in range(2):
+        root = "t5"
+        bridge = FakeBridge(broker.url, root)
+        out = tmp_path / f"lock-{run}.jsonl"
+        runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=4), broker.url, topic_root=root, lockstep=True,
+                               lockstep_timeout_s=10, out_path=str(out))
+        summaries.append(runner.run(6 * H))
+        bridge.close()
+        files.append(out.read_bytes())
+        assert bridge.commands > 0
+    assert files[0] == files[1]
+    s = summaries[0]
+    assert s.lockstep_timeouts == 0 and s.lockstep_waits > 30
+    assert s.commands_applied > 0 and s.commands_refused == 0
+    # every planned maintenance starts exactly at the window end whose prediction carried it
+    rows = [r["payload"] for r in read_jsonl(tmp_path / "lock-0.jsonl")]
+    planned = [p for p in rows if p.get("type") == "maintenance_start" and p.get("reason") == "planned"]
+    assert planned and all(round(p["ts"]) % 600 == 0 for p in planned)
+    assert all(p["command_id"].startswith("b-" + p["machine"]) for p in planned)
+
+
+def test_lockstep_timeout_is_counted_and_the_run_continues(broker):
+    runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=0), broker.url, topic_root="t6", lockstep=True,
+                           lockstep_timeout_s=0.2)
+    s = runner.run(H)                 # nobody answers: one timeout per window end (600 s, ..., 3600 s)
+    assert s.stopped_by == "duration" and s.ticks == 60
+    assert s.lockstep_timeouts == 6 and "no prediction" in s.last_error
