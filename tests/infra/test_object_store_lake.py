@@ -87,3 +87,25 @@ def test_stack_lake_on_plain_s3_uri_with_endpoint_from_environment(s3_endpoint, 
                            secret_key="test", region="us-east-1")
     assert pq.read_table(path, filesystem=fs).num_rows == 2
 
+
+
+def test_make_buckets_tool_is_idempotent(s3_endpoint, s3_env):
+    """infra/minio/make_buckets.py, run by the compose stack and the k8s Job before MLflow starts."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "infra" / "minio" / "make_buckets.py"
+    first = subprocess.run([sys.executable, str(tool), "--endpoint", f"http://{s3_endpoint}",
+                            "mlflow-artifacts-t", "lake-t"], capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert "created ['mlflow-artifacts-t', 'lake-t']" in first.stdout
+    again = subprocess.run([sys.executable, str(tool), "--endpoint", f"http://{s3_endpoint}", "lake-t"],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "created none" in again.stdout, again.stdout + again.stderr
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", access_key="test", secret_key="test",
+                           region="us-east-1")
+    assert fs.get_file_info("lake-t").type == pafs.FileType.Directory
+    bad = subprocess.run([sys.executable, str(tool), "--endpoint", f"http://{s3_endpoint}", "Bad/Name"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1 and "not valid" in bad.stderr
