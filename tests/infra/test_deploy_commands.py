@@ -153,6 +153,15 @@ def test_command_is_accepted_by_the_real_cli(cmd):
                         f"argparse said: {error}")
         pytest.fail(f"{cmd.where}: `{shlex.join(cmd.argv)}` is rejected by the CLI:\n{error}")
     assert callable(getattr(args, "func", None)), f"{cmd.where}: `{shlex.join(cmd.argv[:3])}` runs nothing"
+    # Positional words that are not key=value overrides must be actions the stage knows
+    # (argparse takes any word there; the stage would refuse it only at run time).
+    import importlib
+
+    words = [o for o in getattr(args, "overrides", None) or [] if "=" not in o]
+    actions = getattr(importlib.import_module(args.func.__module__), "ACTIONS", ())
+    assert words[:1] == [] or (len(words) == 1 and words[0] == args.overrides[0] and words[0] in actions), (
+        f"{cmd.where}: `flywheel {cmd.argv[1]}` has no action {words[0]!r} (known: {', '.join(actions) or 'none'}); "
+        "other positional arguments must be key=value overrides")
 
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if "--broker" in c.argv], ids=lambda c: c.where)
