@@ -14,26 +14,38 @@ Per part (one row of the data set), drawn from the machine's PART stream:
 * rotational_speed_rpm from the spindle's power curve,
   ``speed = speed_ref * (torque / 40 Nm)^-speed_exponent * (1 + speed_noise_frac * z)``,
   clipped to the data's 1168..2886 rpm and rounded to 1 rpm.  The power law (not a line)
-  gives the data's right-skewed speed and its power tails, which set the PWF rate.
+  gives the data's right-skewed speed and its power tails, which set the PWF rate;
+  speed_ref 1510 rpm, exponent 0.376 and noise 4.4 % were fitted to the data's speed
+  mean and SD, r(speed, torque) and PWF count (expected ~102 vs the data's 95).
 
 Environment (ENV stream, every tick, AR(1) walks): air_temp_k around 300 K with SD
-2 K; process_temp_k = air + 10 K + a walk with SD ``temp_diff_sd_k``.
+2 K; process_temp_k = 310 K + coupling x (air - 300 K) + its own walk.  The data set's
+prose says "air + 10 K + a walk with SD 1 K", but its numbers (process SD 1.48 K,
+r(air, process) ~0.88) say the process follows the air only partly: coupling 0.663
+and an own walk of 0.657 K give those, with the difference's mean 10 K and SD 0.94 K
+(the 0.94 rather than ~1.0 makes HDF match the data's 115 with the speed law below).
+The demo plant's coolant tracks the hall more closely (coupling 0.85, walk 0.48 K),
+which keeps its HDF rare.
 
 Failure rules, checked when a part starts with the conditions at that moment (a data
 set row), the failure striking when that part's cycle ends (the part is scrapped):
 
-* TWF: tool wear reached the tool's life ~ U(200, 240) min; with ``tool_change_prob``
-  the operator swaps the tool instead (AI4I: 120 tools, ~40 % of them failed);
+* TWF: tool wear reached the tool's life ~ U(195, 235) min (the data's wear statistics;
+  its prose says 200-240); with ``tool_change_prob`` the operator swaps the tool instead
+  (AI4I: ~120 tools, ~40 % of them failed);
 * HDF: process - air < 8.6 K and speed < 1380 rpm;
 * PWF: power = torque x speed x 2 pi / 60 < 3500 W or > 9000 W;
 * OSF: tool wear x torque > 11,000 / 12,000 / 13,000 min Nm for L / M / H;
-* RNF: a random failure with ``rnf_prob`` per part (AI4I 0.1 %).
+* RNF: a random failure with ``rnf_prob`` per part (the prose says 0.1 %, the data has
+  19 in 10,000 parts: 0.19 %).
 
 A part may fail in several modes at once (as data set rows do): one failure event per
 mode, in the contract's order.
 
 Latent degradation (the demo plant): the true tool wear is not published (except in
-the ``ai4i`` calibration run); it shows through noisy physical proxies:
+the ``ai4i`` calibration run); it shows through noisy physical proxies, and each tool
+wears at its own rate (exp(N(0, 0.2)): tools differ), so a fixed maintenance interval
+must be cautious where the proxies can tell:
 
 * vibration_mm_s = vib_base x speed / 1539 rpm + vib_wear_gain x (wear / wear_ref)^3,
   healthy ~2 mm/s, +2.4 mm/s (4 "spreads") at 200 min of wear;
@@ -48,7 +60,7 @@ from __future__ import annotations
 
 import math
 
-from factory_sim.machine import Machine
+from factory_sim.machine import Machine, quantize
 from factory_sim.scenario import Scenario
 
 SPEED_CURVE_TORQUE_NM = 40.0     # torque at which the power curve gives speed_ref_rpm
@@ -112,10 +124,10 @@ class Milling(Machine):
         z_torque, z_speed, u_variant, u_rnf, u_scrap = self._parts.next()
         mix = p.quality_mix
         self.variant = 0 if u_variant < mix[0] else (1 if u_variant < mix[0] + mix[1] else 2)
-        torque = round(max(p.torque_min_nm, p.torque_mean_nm + p.torque_sd_nm * z_torque), 1)
+        torque = quantize(max(p.torque_min_nm, p.torque_mean_nm + p.torque_sd_nm * z_torque), 10.0)
         speed = p.speed_ref_rpm * (torque / SPEED_CURVE_TORQUE_NM) ** -p.speed_exponent * (1.0 + p.speed_noise_frac * z_speed)
         self.torque_nm = torque
-        self.speed_rpm = float(round(min(p.speed_max_rpm, max(p.speed_min_rpm, speed))))
+        self.speed_rpm = quantize(min(p.speed_max_rpm, max(p.speed_min_rpm, speed)), 1.0)
         self.cycle_s = p.cycle_min[self.variant] * 60.0
         self.u_rnf = u_rnf
         self.u_scrap = u_scrap
@@ -132,8 +144,8 @@ class Milling(Machine):
                 self._new_tool(t)
             else:
                 modes.append("TWF")
-        air_k = round(p.air_temp_mean_k + self.air_dev_k, 1)
-        process_k = round(p.process_temp_mean_k + p.process_air_coupling * self.air_dev_k + self.proc_dev_k, 1)
+        air_k = quantize(p.air_temp_mean_k + self.air_dev_k, 10.0)
+        process_k = quantize(p.process_temp_mean_k + p.process_air_coupling * self.air_dev_k + self.proc_dev_k, 10.0)
         if process_k - air_k < p.hdf_temp_diff_k and self.speed_rpm < p.hdf_speed_rpm:
             modes.append("HDF")
         power_w = self.torque_nm * self.speed_rpm * _TWO_PI_OVER_60
@@ -200,18 +212,19 @@ class Milling(Machine):
                + p.vib_noise_mm_s * n[6])
         current = ((p.current_idle_a + p.current_per_nm_a * torque) * (1.0 + self.tool_current_gain * w * w)
                    + p.current_noise_a * n[7])
-        air_k = round(air + p.temp_noise_k * n[2], 1)
+        tq = torque + p.torque_noise_nm * n[5]
+        floor = math.floor
         r = {
-            "air_temp_k": air_k,
-            "process_temp_k": round(p.process_temp_mean_k + p.process_air_coupling * self.air_dev_k + self.proc_dev_k
-                                    + p.temp_noise_k * n[3], 1),
-            "rotational_speed_rpm": float(round(speed + p.speed_noise_rpm * n[4])),
-            "torque_nm": round(max(0.0, torque + p.torque_noise_nm * n[5]), 1),
-            "vibration_mm_s": round(max(0.0, vib), 3),
-            "spindle_current_a": round(max(0.0, current), 2),
+            "air_temp_k": floor((air + p.temp_noise_k * n[2]) * 10.0 + 0.5) / 10.0,
+            "process_temp_k": floor((p.process_temp_mean_k + p.process_air_coupling * self.air_dev_k + self.proc_dev_k
+                                     + p.temp_noise_k * n[3]) * 10.0 + 0.5) / 10.0,
+            "rotational_speed_rpm": float(floor(speed + p.speed_noise_rpm * n[4] + 0.5)),
+            "torque_nm": floor(tq * 10.0 + 0.5) / 10.0 if tq > 0 else 0.0,
+            "vibration_mm_s": floor(vib * 1000.0 + 0.5) / 1000.0 if vib > 0 else 0.0,
+            "spindle_current_a": floor(current * 100.0 + 0.5) / 100.0 if current > 0 else 0.0,
         }
         if p.publish_tool_wear:
-            r["tool_wear_min"] = float(round(self.wear_min))
+            r["tool_wear_min"] = float(floor(self.wear_min + 0.5))
         return r
 
     # ------------------------------------------------------------------ latent state (for tests, the Oracle)

@@ -165,6 +165,7 @@ class MqttSimRunner:
         info = {"scenario": self.plant.scenario.name, "seed": self.plant.seed, "speed": self.speed or "max",
                 "lockstep": self.lockstep, "last_error": s.last_error,
                 "refused_by_machine": dict(s.refused_by_machine), "kpis": k,
+                "kpis_period": self.plant.kpis().to_dict(),
                 "down": sorted(v.machine_id for v in self.plant.machines if v.down)}
         return contract.Status(component=COMPONENT, online=online, ts=time.time(), counters=counters, info=info)
 

@@ -116,15 +116,16 @@ class Pump(Machine):
         dmg = min(self.damage, 1.0)
         dk = dmg ** p.damage_exponent
         load = 1.0 + self.load_dev
+        floor = math.floor
+        vib = p.vib_base_mm_s + p.vib_damage_gain_mm_s * dmg ** p.vib_damage_exponent + p.vib_noise_mm_s * n[2]
+        pres = p.pressure_bar * load - p.pressure_damage_drop_bar * dk + p.pressure_noise_bar * n[4]
+        cur = p.current_a * load + p.current_damage_gain_a * dk + p.current_noise_a * n[5]
         return {
-            "vibration_mm_s": round(max(0.0, p.vib_base_mm_s + p.vib_damage_gain_mm_s * dmg ** p.vib_damage_exponent
-                                        + p.vib_noise_mm_s * n[2]), 3),
-            "bearing_temp_k": round(p.ambient_temp_mean_k + self.ambient_dev_k + p.bearing_rise_k
-                                    + p.bearing_damage_gain_k * dk + p.temp_noise_k * n[3], 2),
-            "discharge_pressure_bar": round(max(0.0, p.pressure_bar * load - p.pressure_damage_drop_bar * dk
-                                                + p.pressure_noise_bar * n[4]), 3),
-            "motor_current_a": round(max(0.0, p.current_a * load + p.current_damage_gain_a * dk
-                                         + p.current_noise_a * n[5]), 2),
+            "vibration_mm_s": floor(vib * 1000.0 + 0.5) / 1000.0 if vib > 0 else 0.0,
+            "bearing_temp_k": floor((p.ambient_temp_mean_k + self.ambient_dev_k + p.bearing_rise_k
+                                     + p.bearing_damage_gain_k * dk + p.temp_noise_k * n[3]) * 100.0 + 0.5) / 100.0,
+            "discharge_pressure_bar": floor(pres * 1000.0 + 0.5) / 1000.0 if pres > 0 else 0.0,
+            "motor_current_a": floor(cur * 100.0 + 0.5) / 100.0 if cur > 0 else 0.0,
         }
 
     @property
