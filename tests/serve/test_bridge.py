@@ -154,7 +154,7 @@ def test_bad_telemetry_is_counted_and_the_bridge_stays_up(broker, served):
     cfg = BridgeConfig(window=WINDOW, threshold=1.0, status_interval_s=0.2)
     with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
         pub = publisher(broker.url)
-        good = pump_stream("L1", "p1", 10)
+        good = pump_stream("L1", "p1", 15)
         tel = topics.telemetry("L1", "p1")
         bad = [
             (tel, b"not json at all"),
@@ -168,7 +168,8 @@ def test_bad_telemetry_is_counted_and_the_bridge_stays_up(broker, served):
         wait_published([pub.publish(t, p, qos=1) for t, p in bad])
         publish_all(pub, topics, good)
         preds = rec.wait("prediction", len(windows(good, WINDOW)))
-        assert len(preds) == len(windows(good, WINDOW)) == 2
+        n = len(windows(good, WINDOW))
+        assert len(preds) == n >= 2
         errors = b.stats()["decode_errors"]
         assert sum(errors.values()) == len(bad)
         assert {"not_json", "not_utf8", "unknown_schema", "bad_value", "impossible_value", "topic_mismatch",
@@ -176,7 +177,7 @@ def test_bad_telemetry_is_counted_and_the_bridge_stays_up(broker, served):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             status = [p for p in rec.of("status") if p["component"] == "serve-bridge"]
-            if status and status[-1]["counters"].get("predictions") == 2:
+            if status and status[-1]["counters"].get("predictions") == n:
                 break
             time.sleep(0.1)
         last = status[-1]
