@@ -98,6 +98,7 @@ class MqttSimRunner:
         self.out_path = out_path
         self.stride_s = float(stride_s)
         self.window_length = int(window_length)
+        self._published_readings: dict[str, int] = {}
         self.status_interval_s = status_interval_s
         self.progress_interval_s = progress_interval_s
         self.max_unacked = max_unacked
@@ -185,9 +186,12 @@ class MqttSimRunner:
         topic_for = self._topic_for
         unacked = self._unacked
         out = self._out
+        counts = self._published_readings
         for m in messages:
             topic = topic_for(m)
             payload = contract.encode(m)
+            if type(m) is contract.Telemetry:
+                counts[m.machine] = counts.get(m.machine, 0) + 1
             unacked.append(client.publish(topic, payload, qos=1))
             if out is not None:
                 out.write(b'{"topic":' + self._encode_line(topic) + b',"payload":' + payload + b"}\n")
@@ -286,8 +290,11 @@ class MqttSimRunner:
                 s.ticks += 1
                 if self.lockstep and round(plant.now_ts * 1000) % stride_ms == 0:
                     self._publish(out)
+                    # Count readings published by THIS runner: the bridge serving this period
+                    # subscribed just before it started, so it holds a full window exactly when
+                    # this runner has published window_length readings of that machine.
                     expected = {m.machine: m.seq for m in out if isinstance(m, contract.Telemetry)
-                                and plant.machine(m.machine).telemetry_count >= self.window_length}
+                                and self._published_readings.get(m.machine, 0) >= self.window_length}
                     if expected:
                         self._wait_predictions(expected)
                     out = []
