@@ -36,7 +36,7 @@ class TrainConfig:
     lora: LoraSettings = field(default_factory=LoraSettings, metadata={"help": "LoRA rank/alpha/dropout/targets"})
     epochs: int = field(default=1, metadata={"help": "passes over the (balanced) training split"})
     batch_size: int = field(default=32, metadata={"help": "windows per optimizer step (all workers together)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate for the LoRA weights and the head"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate for the LoRA weights and the head"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_frac: float = field(default=0.06, metadata={"help": "fraction of steps with linear LR warm-up"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = no clipping)"})

@@ -99,15 +99,15 @@ def log_dataset(client, run_id: str, snapshot, context: str = "train") -> bool:
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
 
-    digest = (snapshot.content_hash or "")[:36] or None
+    df = snapshot.train if context == "train" else snapshot.eval
+    # MLflow digests the split's rows itself, so train and eval of one snapshot stay distinct
+    # inputs; the snapshot's content hash is in the run's params (data.content_hash).
+    dataset = mlflow.data.from_pandas(df, source=str(snapshot.path), targets="label", name=snapshot.dataset_id)
     for existing in client.get_run(run_id).inputs.dataset_inputs:
         ds = existing.dataset
         ctx = {t.key: t.value for t in existing.tags}.get("mlflow.data.context")
-        if ds.name == snapshot.dataset_id and (digest is None or ds.digest == digest) and ctx == context:
+        if ds.name == dataset.name and ds.digest == dataset.digest and ctx == context:
             return False
-    df = snapshot.train if context == "train" else snapshot.eval
-    dataset = mlflow.data.from_pandas(df, source=str(snapshot.path), targets="label",
-                                      name=snapshot.dataset_id, digest=digest)
     client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
                                                      tags=[InputTag("mlflow.data.context", context)])])
     return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 #: Small but learnable: a few dozen steps of batch 16 on MiniLM (seconds on 2 cores).
-FAST = dict(batch_size=16, lr=3e-3, max_steps=40, checkpoint_every=0, min_eval_windows=20)
+FAST = dict(batch_size=16, lr=3e-3, max_steps=30, checkpoint_every=0, min_eval_windows=20)
 
 
 def fast_config(tmp_path, **kw):
