@@ -80,3 +80,46 @@ def test_drift_changes_new_tools_after_its_time():
     assert m.tool_vib_gain_mm_s == pytest.approx(sc.milling.vib_wear_gain_mm_s * 0.5)
     assert before == (1.0, sc.milling.vib_wear_gain_mm_s)
     assert m.tool_wear_rate == 1.5 and m.tool_life_min <= sc.milling.tool_life_min_high * 0.9
+
+
+class _VibrationThreshold:
+    """A stand-in for a model trained before the drift: maintain a milling machine when its
+    10-reading mean vibration passes a threshold (it sees only published telemetry)."""
+
+    name = "vibration_threshold"
+
+    def __init__(self, threshold_mm_s: float):
+        self.threshold_mm_s = threshold_mm_s
+        self.window: dict[str, list[float]] = {}
+
+    def sink(self, msg):
+        if getattr(msg, "kind", None) == "milling":
+            w = self.window.setdefault(msg.machine, [])
+            w.append(msg.readings["vibration_mm_s"])
+            del w[:-10]
+
+    def decide(self, machines, now_ts):
+        out = []
+        for v in machines:
+            w = self.window.get(v.machine_id, [])
+            if v.kind == "milling" and not v.down and len(w) == 10 and sum(w) / 10 > self.threshold_mm_s:
+                out.append(v.machine_id)
+                self.window[v.machine_id] = []
+        return out
+
+
+def test_drift_defeats_a_stale_proxy_model_and_a_retuned_one_recovers():
+    sc = load_scenario("drift", overrides=["machines.pump=0", "machines.milling=6", "drift.at_s=86400"])
+    oee = {}
+    for name, thr_before, thr_after in (("stale", 3.0, 3.0), ("retuned", 3.0, 2.4)):
+        plant = Plant(sc, seed=0)
+        pol = _VibrationThreshold(thr_before)
+        plant.run(86400, sink=pol.sink, policy=pol)
+        before = plant.kpis().oee
+        pol.threshold_mm_s = thr_after
+        plant.run(12 * 3600, sink=pol.sink, policy=pol)      # tools change over to the new supplier
+        plant.reset_kpis()
+        plant.run(36 * 3600, sink=pol.sink, policy=pol)
+        oee[name] = (before, plant.kpis().oee)
+    assert oee["stale"][1] < oee["stale"][0] - 0.2, oee
+    assert oee["retuned"][1] > oee["stale"][1] + 0.15, oee
