@@ -174,6 +174,7 @@ class Campaign:
         from factory_sim import Plant, load_scenario
 
         cfg = self.cfg
+        _quiet_libraries(offline=cfg.base_model == "minilm")
         self.stack.enter_context(self.view)
         state = load_state(self.workdir, cfg.campaign)
         if state and state.get("fingerprint") != _config_fingerprint(cfg):
@@ -282,7 +283,8 @@ class Campaign:
 
                 with timer("dataset", "building dataset snapshot"):
                     snap = build_snapshot(self.lake_uri, st["dataset"], previous=self.state["last_snapshot"],
-                                          mlflow_run_id=child.info.run_id)
+                                          mlflow_run_id=child.info.run_id,
+                                          progress=lambda msg: setattr(self.status, "dataset", msg))
                 self.state["last_snapshot"] = snap.dataset_id
                 record["dataset_id"] = snap.dataset_id
                 record["data"] = _data_counts(snap.manifest)
@@ -459,6 +461,27 @@ class Campaign:
 
 
 # --------------------------------------------------------------------------- helpers
+def _quiet_libraries(offline: bool) -> None:
+    """Keep the terminal for the live view: library chatter goes to warnings only.
+
+    Set before Ray starts so its workers inherit the same environment.
+    """
+    env = {"TRANSFORMERS_VERBOSITY": "error", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if offline:  # the packaged model needs no hub; never wait on a network that is not there
+        env["HF_HUB_OFFLINE"] = "1"
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    for name in ("ray", "ray.data", "ray.serve", "ray.train", "mlflow", "transformers", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    except ImportError:  # pragma: no cover - ray[data] is a dependency
+        pass
+
+
 def _runner_window_kwargs(runner_cls, window) -> dict:
     import inspect
 

@@ -1,7 +1,7 @@
 """The whole flywheel through every real part: Mosquitto, Ray (ingest actors, Ray Data,
 Serve), MLflow on SQLite, the packaged MiniLM, the simulator driven by the served model.
 
-A tiny campaign (flywheel/configs/tiny.yaml: a few machines, 12 plant hours a turn, turn 0
+A tiny campaign (flywheel/configs/tiny.yaml: a few machines, 2 plant days a turn, turn 0
 plus one learning turn) keeps it to a couple of minutes on 2 cores.
 """
 
