@@ -47,7 +47,7 @@ import msgspec
 from flywheel import contract
 from flywheel.mqtt import BrokerURL, connect, make_client
 
-from factory_sim.plant import Plant, SimCommandError
+from factory_sim.plant import Plant
 
 log = logging.getLogger("factory_sim.mqtt")
 COMPONENT = "sim"
