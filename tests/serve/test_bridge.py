@@ -186,3 +186,37 @@ def test_bad_telemetry_is_counted_and_the_bridge_stays_up(broker, served):
     status = rec.wait("status", len(rec.of("status")) + 1, timeout_s=5)
     assert status[-1]["online"] is False   # stop() marks the bridge offline (retained)
     rec.close()
+
+
+def test_a_maintain_command_reaches_the_simulator_and_changes_the_machine(broker, served):
+    """Closed loop on real parts: sim (lockstep) -> MQTT -> bridge -> Ray Serve -> command -> sim."""
+    from factory_sim import Plant, load_scenario
+    from factory_sim.mqtt_runner import MqttSimRunner
+
+    root = "closedloop"
+    window = WindowConfig(length=5, stride_s=600, horizon_s=3600)
+    events: list[dict] = []
+    ev_client = make_client(broker.url, unique_client_id("serve-test-ev"))
+    ev_client.on_message = lambda c, u, m: events.append(json.loads(m.payload))
+    connect(ev_client, broker.url)
+    ev_client.subscribe(f"{root}/+/+/event", 1)
+    time.sleep(0.2)
+    # Threshold 0: every window is risky enough; the cooldown allows one command per machine.
+    cfg = BridgeConfig(window=window, threshold=0.0, cooldown_s=10 * 86400)
+    plant = Plant(load_scenario("tiny"), seed=0)
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        runner = MqttSimRunner(plant, broker.url, topic_root=root, speed=None, lockstep=True,
+                               lockstep_timeout_s=30, stride_s=window.stride_s, window_length=window.length)
+        summary = runner.run(3 * 3600)
+        time.sleep(0.5)
+        stats = b.stats()
+    ev_client.disconnect()
+    ev_client.loop_stop()
+    assert summary.lockstep_timeouts == 0          # the bridge answered every window of every machine
+    assert summary.commands_applied >= 1 and stats["commands"] >= summary.commands_applied
+    ours = [e for e in events if e["type"] == "maintenance_start" and (e.get("command_id") or "").startswith("maintain-")]
+    assert len(ours) == summary.commands_applied
+    assert summary.kpis["maintenance_actions"] >= summary.commands_applied
+    # The bridge saw the sim's maintenance events: those machines were down, so no command was repeated.
+    assert stats["events"] >= len(ours)
+    assert summary.commands_refused == 0
