@@ -11,6 +11,11 @@ everything a data set row has:
 * the part's first telemetry gives its temperatures, speed, torque and tool wear;
 * ``failure`` events at the part's end give its failure modes (one per mode).
 
+"failures" counts parts with at least one failure mode.  The data set's own "Machine
+failure" column (339) is not quite that: it leaves out most RNF rows and flags a few
+rows without a mode, so the simulated count (expected ~360 = the modes' union) sits
+about one Poisson SD above it; the per-mode counts are the like-for-like comparison.
+
 Run it and print the comparison::
 
     flywheel sim --scenario ai4i --speed max --out ai4i.jsonl

@@ -110,7 +110,6 @@ class Plant:
         self._outbox: list = []          # messages of commands applied between runs
         self._period_start_ticks = 0
         self._period_base = {m.machine_id: m.counters.copy() for m in self._machines}
-        self._command_counter = 0
 
     # ------------------------------------------------------------------ time
     @property
