@@ -26,11 +26,11 @@ from pathlib import Path
 MLFLOW_START_TIMEOUT_S = 300
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+def _stop_group(proc: subprocess.Popen, timeout: float = 15.0, sig: int = signal.SIGTERM) -> None:
     if proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, signal.SIGTERM)  # our own session: the CLI and its uvicorn worker
+        os.killpg(proc.pid, sig)  # our own session: the CLI and its uvicorn worker
     except ProcessLookupError:
         return
     try:
@@ -108,7 +108,7 @@ class Postgres:
         return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{db}"
 
     def stop(self) -> None:
-        _stop_group(self.proc)
+        _stop_group(self.proc, sig=signal.SIGINT)  # "fast" shutdown: a throwaway cluster needs no checkpoint
 
 
 def _as_postgres_user() -> list[str]:

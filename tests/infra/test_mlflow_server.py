@@ -17,34 +17,57 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # two real servers start (each imports MLflow twice)
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def tracking_server(request, infra_servers):
-    root = Path(tempfile.mkdtemp(prefix="flywheel-mlflow-"))
-    pg = None
+
+@pytest.fixture(scope="module")
+def tracking_servers(infra_servers):
+    """Both servers, started side by side (each start is mostly imports: one waits on the
+    other's CPU less than twice the time in a row).  ``None`` for a backend that cannot run,
+    with the reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    roots = {b: Path(tempfile.mkdtemp(prefix=f"flywheel-mlflow-{b}-")) for b in ("sqlite", "postgresql")}
+    pg, servers, reasons = None, {}, {}
+    bin_dir = infra_servers.postgres_bin_dir()
     try:
-        if request.param == "sqlite":
-            backend = f"sqlite:///{root / 'mlflow.db'}"
+        import psycopg  # noqa: F401 - SQLAlchemy 2.1's default driver for postgresql://
+        has_driver = True
+    except ImportError:
+        has_driver = False
+    try:
+        backends = {"sqlite": f"sqlite:///{roots['sqlite'] / 'mlflow.db'}"}
+        if bin_dir is None:
+            reasons["postgresql"] = ("skip", "PostgreSQL server binaries (initdb) are not installed; "
+                                             "apt-get install -y postgresql runs this test (see infra/README.md)")
+        elif not has_driver:
+            reasons["postgresql"] = ("fail", "psycopg is missing: MLflow on PostgreSQL needs "
+                                             "`pip install 'psycopg[binary]'` (SQLAlchemy 2.1 uses it for postgresql://)")
         else:
-            bin_dir = infra_servers.postgres_bin_dir()
-            if bin_dir is None:
-                pytest.skip("PostgreSQL server binaries (initdb) are not installed; "
-                            "apt-get install -y postgresql runs this test (see infra/README.md)")
-            try:
-                import psycopg  # noqa: F401 - SQLAlchemy 2.1's default driver for postgresql://
-            except ImportError:
-                pytest.fail("psycopg is missing: MLflow on PostgreSQL needs `pip install 'psycopg[binary]'` "
-                            "(SQLAlchemy 2.1 uses it for postgresql:// URIs)")
             pg = infra_servers.start_postgres(bin_dir)
-            backend = pg.uri()
-        server = infra_servers.start_mlflow_server(root, backend)
-        yield server
-        server.stop()
+            backends["postgresql"] = pg.uri()
+        with ThreadPoolExecutor(len(backends)) as pool:
+            futures = {b: pool.submit(infra_servers.start_mlflow_server, roots[b], uri) for b, uri in backends.items()}
+            for b, fut in futures.items():
+                servers[b] = fut.result()
+        yield servers, reasons
     finally:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda server: server.stop(), servers.values()))
         if pg is not None:
             pg.stop()
             shutil.rmtree(pg.root, ignore_errors=True)
-        shutil.rmtree(root, ignore_errors=True)
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def tracking_server(request, tracking_servers):
+    servers, reasons = tracking_servers
+    if request.param in reasons:
+        action, why = reasons[request.param]
+        (pytest.skip if action == "skip" else pytest.fail)(why)
+    return servers[request.param]
 
 
 def test_run_metrics_artifact_registry_and_alias_over_http(tracking_server, monkeypatch, tmp_path):
