@@ -32,7 +32,8 @@ class ServeConfig:
     num_gpus_per_replica: float = field(default=0.0, metadata={"help": "Ray GPUs per replica"})
     torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads per replica; 0 = torch default"})
     max_batch_size: int = field(default=64, metadata={"help": "windows per model forward (dynamic batching)"})
-    batch_wait_ms: float = field(default=5.0, metadata={"help": "how long a batch waits to fill up (wall ms)"})
+    batch_wait_ms: float = field(default=1.0, metadata={
+        "help": "how long an idle replica waits for a batch to fill (wall ms); a busy one batches what queued meanwhile"})
     max_windows_per_request: int = field(default=1024, metadata={"help": "windows one POST /predict may carry"})
     max_readings_per_window: int = field(default=512, metadata={"help": "readings one structured window may carry"})
     max_text_chars: int = field(default=4000, metadata={"help": "longest window text accepted"})
