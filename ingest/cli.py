@@ -63,6 +63,18 @@ def _lake(args) -> str:
     return args.lake or os.path.join(args.workdir, "lake")
 
 
+def _load_config(cls, args):
+    """The stage config from --config and key=value overrides; bad values become ConfigErrors."""
+    from flywheel.config import ConfigError, load
+
+    try:
+        return load(cls, args.config, list(args.overrides))
+    except ValueError as exc:  # __post_init__ checks quote the bad value; report them like config errors
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from None
+
+
 def _init_ray(address: str | None) -> None:
     import ray
 
@@ -76,7 +88,6 @@ def run_ingest(args) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from flywheel.config import load
     from flywheel.mqtt import ConnectError
     from ingest.config import IngestConfig
     from ingest.status import read_statuses, render_table, status_rows
@@ -98,8 +109,9 @@ def run_ingest(args) -> int:
             return 1
         console.print(render_table(status_rows(statuses)))
         return 0
-    overrides = list(args.overrides) + ([f"collectors={args.collectors}"] if args.collectors else [])
-    config = load(IngestConfig, args.config, overrides)
+    if args.collectors:
+        args.overrides = list(args.overrides) + [f"collectors={args.collectors}"]
+    config = _load_config(IngestConfig, args)
     _init_ray(args.ray_address)
     from ingest.service import start_ingest
 
@@ -131,12 +143,11 @@ def run_ingest(args) -> int:
 def run_dataset_build(args) -> int:
     from rich.console import Console
 
-    from flywheel.config import load
     from ingest.config import BuildConfig
     from ingest.dataset import DatasetError
 
     console = Console()
-    config = load(BuildConfig, args.config, list(args.overrides))
+    config = _load_config(BuildConfig, args)
     _init_ray(args.ray_address)
     from ingest.dataset import build_snapshot
 

@@ -20,6 +20,10 @@ Message path, and why each step is where it is:
 The session is persistent (``clean_start=False``, session expiry, a stable client id
 per collector index), so a collector that reconnects - after a broker restart or a
 Ray restart of its actor - receives what was queued for it while it was away.
+Several collectors split the stream with an MQTT 5 shared subscription; a single one
+subscribes plainly, because Mosquitto 2.0.11 does not restore shared subscriptions from
+its persistence file: after a broker restart it drops (while acknowledging them to the
+publisher) messages published before the members subscribe again.
 
 Run one without Ray (the Ray actor in ``ingest.service`` wraps exactly this)::
 
@@ -101,11 +105,13 @@ class Collector:
         client.on_message = self._on_message
         return client
 
-    def _filters(self) -> list[str]:
+    def _filters(self) -> tuple[list[str], list[str]]:
+        """(filters to subscribe, filters to drop from a session an earlier run may have left)."""
         plain = [self.topics.pattern("telemetry"), self.topics.pattern("event")]
+        shared = [f"$share/{self.config.share_group}/{f}" for f in plain]
         if self._client.protocol != paho.MQTTv5:  # MQTT 3.1.1 has no shared subscriptions
-            return plain
-        return [f"$share/{self.config.share_group}/{f}" for f in plain]
+            return plain, []
+        return (shared, plain) if self.config.shared else (plain, shared)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if getattr(reason_code, "is_failure", False):
@@ -113,8 +119,13 @@ class Collector:
         with self._gen_lock:
             self._generation += 1
             self._connected = True
-        # Subscribing again is harmless when the session survived, and needed when it did not.
-        client.subscribe([(f, 1) for f in self._filters()])
+        # Subscribing again is harmless when the session survived, and needed when it did not
+        # (Mosquitto 2.0.11 restores plain subscriptions after a restart, not shared ones).
+        # A session left by a run with the other subscription form would double-deliver: drop it.
+        wanted, stale = self._filters()
+        if stale:
+            client.unsubscribe(stale)
+        client.subscribe([(f, 1) for f in wanted])
         log.info("%s connected (session present: %s)", self.client_id, getattr(flags, "session_present", "?"))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):

@@ -23,6 +23,11 @@ class IngestConfig:
         "help": "client ids are <prefix>-collector-<i>; keep them stable so a restarted collector "
                 "resumes its broker session, and distinct per deployment so two stacks never collide"})
     share_group: str = field(default="ingest", metadata={"help": "shared-subscription group name"})
+    subscription: str = field(default="auto", metadata={
+        "help": "auto: a plain subscription for one collector, an MQTT 5 shared subscription "
+                "($share/<group>/...) for several; shared/plain force one. Mosquitto 2.0.11 does not "
+                "restore shared subscriptions from persistence: after a broker restart it drops what is "
+                "published before the collectors resubscribe; a plain subscription keeps it"})
     batch_max_messages: int = field(default=5000, metadata={"help": "flush a batch at this many messages"})
     batch_max_age_s: float = field(default=1.0, metadata={
         "help": "flush a batch when its oldest message waited this long (wall seconds)"})
@@ -58,10 +63,19 @@ class IngestConfig:
                              f"restart, got {self.session_expiry_s}")
         if self.deadletter_max_bytes < 0:
             raise ValueError(f"deadletter_max_bytes should be >= 0, got {self.deadletter_max_bytes}")
+        if self.subscription not in ("auto", "shared", "plain"):
+            raise ValueError(f"subscription should be auto, shared or plain, got {self.subscription!r}")
+        if self.subscription == "plain" and self.collectors > 1:
+            raise ValueError(f"subscription=plain with {self.collectors} collectors would give every collector "
+                             "every message; use subscription=shared (or auto)")
         if not self.client_prefix or any(c in self.client_prefix for c in "/+#"):
             raise ValueError(f"client_prefix should be a plain name, got {self.client_prefix!r}")
         if not self.share_group or any(c in self.share_group for c in "/+#"):
             raise ValueError(f"share_group should be a plain name, got {self.share_group!r}")
+
+    @property
+    def shared(self) -> bool:
+        return self.subscription == "shared" or (self.subscription == "auto" and self.collectors > 1)
 
     def client_id(self, index: int) -> str:
         return f"{self.client_prefix}-collector-{index}"
@@ -82,12 +96,17 @@ class BuildConfig:
     ok_per_failure: float | None = field(default=None, metadata={
         "help": "keep at most this many ok windows per non-ok window in TRAIN (None: keep all); "
                 "evaluation is never down-sampled"})
+    engine: str = field(default="ray", metadata={
+        "help": "ray: Ray Data reads the lake and windows machines in parallel (laptop or cluster); "
+                "local: the same per-machine function in this process (small lakes, no Ray start-up cost)"})
     partitions: int = field(default=4, metadata={
         "help": "Ray Data shuffle partitions for grouping telemetry by machine (raise on a cluster)"})
 
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction should lie in (0, 1), got {self.eval_fraction}")
+        if self.engine not in ("ray", "local"):
+            raise ValueError(f"engine should be 'ray' or 'local', got {self.engine!r}")
         if self.partitions < 1:
             raise ValueError(f"partitions should be >= 1, got {self.partitions}")
         if self.ok_per_failure is not None and not self.ok_per_failure > 0:

@@ -101,7 +101,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     rebuilt_days = [d for d in days if first is not None and d >= first and d in tel_files]
     new_rows = OUTPUT_SCHEMA.empty_table()
     if rebuilt_days:
-        say(f"windowing {len(rebuilt_days)} day(s) of telemetry with Ray Data "
+        say(f"windowing {len(rebuilt_days)} day(s) of telemetry ({'Ray Data' if config.engine == 'ray' else 'local'}) "
             f"(reusing {len(set(reused['partition'].to_pylist()))})")
         new_rows = _window_days(lake, [p for d in rebuilt_days for p, _ in tel_files[d]], config,
                                 _seed_tails(reused))
@@ -122,7 +122,8 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     n_train_before = len(train)
     train = downsample_ok(_ordered(train), config.ok_per_failure, config.seed)
     train, evaluation = _ordered(train), _ordered(evaluation)
-    content_hash = _content_hash(train, evaluation)
+    split_hashes = {"train": _split_hash(train), "eval": _split_hash(evaluation)}
+    content_hash = _content_hash(split_hashes)
     dataset_id = f"ds-{content_hash[:12]}"
 
     # ---- write the snapshot (manifest last: its presence marks a complete snapshot)
@@ -142,6 +143,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     manifest = {
         "dataset_id": dataset_id,
         "content_hash": content_hash,
+        "split_hashes": split_hashes,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parent": _parent_id(previous),
         "lake": lake.uri,
@@ -176,16 +178,23 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
 
 # ------------------------------------------------------------------------ helpers
 def _window_days(lake: Lake, paths: list[str], config: BuildConfig, tails: dict[str, str]) -> pa.Table:
-    """Ray Data: read the telemetry files, group by machine, window each group (``machine_windows``)."""
-    import ray
+    """Read the telemetry files, group by machine and window each group with ``machine_windows``."""
+    kwargs = {"config": config.window, "tails": tails}
+    if config.engine == "local":
+        table = pq.ParquetDataset(paths, filesystem=lake.fs, partitioning=None).read(columns=TELEMETRY_COLUMNS)
+        keys = pc.binary_join_element_wise(table["line"], table["machine"], "/")
+        tables = [machine_windows(table.filter(pc.equal(keys, k)), **kwargs) for k in pc.unique(keys).to_pylist()]
+    else:
+        import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
-    ds = ray.data.read_parquet(paths, filesystem=lake.fs, partitioning=None).select_columns(TELEMETRY_COLUMNS)
-    out = ds.groupby(["line", "machine"], num_partitions=config.partitions).map_groups(
-        machine_windows, fn_kwargs={"config": config.window, "tails": tails}, batch_format="pyarrow")
-    tables = [t for t in ray.get(out.to_arrow_refs()) if t.num_rows]
-    return pa.concat_tables([t.cast(OUTPUT_SCHEMA) for t in tables]) if tables else OUTPUT_SCHEMA.empty_table()
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, configure_logging=False)
+        ds = ray.data.read_parquet(paths, filesystem=lake.fs, partitioning=None).select_columns(TELEMETRY_COLUMNS)
+        out = ds.groupby(["line", "machine"], num_partitions=config.partitions).map_groups(
+            machine_windows, fn_kwargs=kwargs, batch_format="pyarrow")
+        tables = ray.get(out.to_arrow_refs())
+    tables = [t.cast(OUTPUT_SCHEMA) for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 
 
 def _seed_tails(reused: pa.Table) -> dict[str, str]:
@@ -234,12 +243,14 @@ def _ordered(df: pd.DataFrame) -> pd.DataFrame:
         .reset_index(drop=True)
 
 
-def _content_hash(train: pd.DataFrame, evaluation: pd.DataFrame) -> str:
-    h = hashlib.sha256()
-    for name, df in (("train", train), ("eval", evaluation)):
-        h.update(f"{name}:{len(df)}:{','.join(SNAPSHOT_COLUMNS)}\n".encode())
-        h.update(json.dumps(df[SNAPSHOT_COLUMNS].values.tolist(), separators=(",", ":")).encode())
+def _split_hash(df: pd.DataFrame) -> str:
+    h = hashlib.sha256(f"{len(df)}:{','.join(SNAPSHOT_COLUMNS)}\n".encode())
+    h.update(json.dumps(df[SNAPSHOT_COLUMNS].values.tolist(), separators=(",", ":")).encode())
     return h.hexdigest()
+
+
+def _content_hash(split_hashes: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(split_hashes.items())).encode()).hexdigest()
 
 
 def _label_counts(df: pd.DataFrame) -> dict[str, int]:

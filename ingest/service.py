@@ -100,9 +100,11 @@ class IngestHandle:
             if s["landed"] + s["deadlettered"] >= min_landed:
                 return s
             if time.monotonic() >= deadline:
+                offline = [c["client_id"] for c in s["collectors"] if not c["connected"]]
                 raise TimeoutError(
                     f"ingest landed {s['landed']} and dead-lettered {s['deadlettered']} messages "
-                    f"(received {s['received']}, lag {s['lag_s']:.1f}s) after {timeout_s:.0f}s; "
+                    f"(received {s['received']}, lag {s['lag_s']:.1f}s, disconnected: {offline or 'none'}) "
+                    f"after {timeout_s:.0f}s; "
                     f"waited for {min_landed}. Check that the publisher uses topic root {self.topic_root!r} "
                     f"and broker {self.broker_url}, or raise timeout_s.")
             time.sleep(poll_s)

@@ -75,11 +75,11 @@ def render_table(rows: list[dict], title: str = "ingest collectors"):
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("collector")
-    table.add_column("state")
+    table.add_column("collector", no_wrap=True)
+    table.add_column("state", no_wrap=True)
     for col in COUNTER_COLUMNS:
-        table.add_column(col, justify="right")
-    table.add_column("dead letters by reason")
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("dead letters by reason", overflow="fold")
     for r in rows:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(r.get("by_reason", {}).items())) or "-"
         table.add_row(r["component"], "online" if r.get("online", True) else "offline",

@@ -1,8 +1,9 @@
 """Record a dataset snapshot in MLflow: dataset inputs of a run plus ``data.*`` metrics.
 
 The train and eval tables are logged as MLflow dataset inputs (contexts ``training``
-and ``evaluation``) named after the dataset id, with the snapshot's content hash as
-digest and its path as source, so a run's page links to exactly the rows it used.
+and ``evaluation``) named after the dataset id, with the hash of that split's rows as
+digest (MLflow keeps one input per name and digest, so the two splits need their own)
+and the split's Parquet path as source: a run's page links to exactly the rows it used.
 
     log_snapshot(snap, train_df, eval_df, run_id)   # or run_id=None: the active run
 """
@@ -10,6 +11,7 @@ digest and its path as source, so a run's page links to exactly the rows it used
 from __future__ import annotations
 
 import time
+import warnings
 
 import pandas as pd
 
@@ -41,10 +43,13 @@ def log_snapshot(snap, train: pd.DataFrame, evaluation: pd.DataFrame, run_id: st
             raise ValueError("no MLflow run to log the dataset to: pass mlflow_run_id or start a run first")
         run_id = active.info.run_id
     client = mlflow.MlflowClient()
-    digest = snap.manifest["content_hash"][:32]
     inputs = []
-    for df, context, path in ((train, "training", snap.train_path), (evaluation, "evaluation", snap.eval_path)):
-        ds = mlflow.data.from_pandas(df, source=path, name=snap.dataset_id, digest=digest)
+    for df, context, path, split in ((train, "training", snap.train_path, "train"),
+                                     (evaluation, "evaluation", snap.eval_path, "eval")):
+        digest = snap.manifest["split_hashes"][split][:32]
+        with warnings.catch_warnings():  # MLflow's hints on source kinds and integer columns do not apply
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(df, source=path, name=snap.dataset_id, digest=digest)
         # The client API (not mlflow.log_input) so a run that is not this process's active run is
         # not started or ended here; the entity conversion is what mlflow.log_input does inside.
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))

@@ -25,17 +25,6 @@ def uid():
 
 
 @pytest.fixture
-def persistent_broker(broker_factory):
-    """A private Mosquitto whose persistence survives a restart, also when the tests run as root.
-
-    Mosquitto started as root drops to the ``mosquitto`` user, which cannot write the
-    test's persistence directory; it logs "Permission denied" and restarts empty.
-    """
-    extra = "user root\n" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
-    return broker_factory(extra_config=extra)
-
-
-@pytest.fixture
 def publish():
     """publish(url, [(topic, payload), ...]) -> the indices the broker acknowledged (QoS 1)."""
     from flywheel.mqtt import connect, make_client

@@ -1,0 +1,54 @@
+"""``flywheel ingest`` and ``flywheel dataset build`` end to end, in-process (real broker, Ray, MLflow)."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+from ingest_plantgen import Incident, day_start, encoded, stream, write_lake
+
+from flywheel.cli import main
+
+
+def test_ingest_runs_then_status_reads_the_retained_counters(broker, ray_local, publish, uid, tmp_path, capsys,
+                                                             monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich sizes its tables to the terminal
+    items = encoded(stream([("l1", "m1", "milling")], day_start(), 2 * 3600), uid)
+    publish(broker.url, [("%s/l1/m1/telemetry" % uid, b"not json")])  # before anyone listens: not queued
+    # A first run creates the persistent session; what is published while it is away waits for the next run.
+    assert main(["ingest", "--broker", broker.url, "--workdir", str(tmp_path), "--topic-root", uid,
+                 "--duration", "1", f"client_prefix={uid}"]) == 0
+    publish(broker.url, items + [("%s/l1/m1/telemetry" % uid, b"\xff")])
+    assert main(["ingest", "--broker", broker.url, "--workdir", str(tmp_path), "--topic-root", uid,
+                 "--duration", "4", f"client_prefix={uid}", "batch_max_age_s=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert f"stopped: {len(items):,} landed, 1 dead-lettered" in out
+    assert main(["ingest", "--broker", broker.url, "--topic-root", uid, "--status"]) == 0
+    table = capsys.readouterr().out
+    assert "ingest-0" in table and "offline" in table and "not_utf8=1" in table
+    assert main(["ingest", "--broker", broker.url, "--topic-root", uid + "x", "--status"]) == 1
+
+
+def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, capsys):
+    t0 = day_start()
+    msgs = stream([("l1", "p1", "pump")], t0, 30 * 3600, incidents=[Incident("p1", t0 + 5 * 3600 + 30, "failure", "BRG")])
+    write_lake(str(tmp_path / "lake"), msgs)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert main(["dataset", "build", "--workdir", str(tmp_path), "--mlflow-uri", uri, "engine=local",
+                 "window.length=6", "window.stride_s=600"]) == 0
+    out = capsys.readouterr().out
+    dataset_id = out.split()[1]
+    manifest = json.loads((tmp_path / "lake" / "datasets" / dataset_id / "manifest.json").read_text())
+    assert manifest["builder"]["config"]["window"]["length"] == 6
+    assert f"BRG={manifest['counts']['train']['BRG']}" in out and str(tmp_path / "lake" / "datasets") in out
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["flywheel-datasets"], output_format="list")
+    assert runs[0].data.tags["flywheel.dataset_id"] == dataset_id
+    assert runs[0].data.metrics["data.windows_train"] == manifest["windows"]["train"]
+    # incremental from it, and errors that name the fix
+    assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "--previous", dataset_id,
+                 "engine=local", "window.length=6"]) == 0
+    assert capsys.readouterr().out.split()[1] == dataset_id
+    assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "--previous", "ds-nope"]) == 1
+    assert "ds-nope" in capsys.readouterr().out
+    assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "eval_fraction=2"]) == 2

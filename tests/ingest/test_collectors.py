@@ -1,0 +1,172 @@
+"""Collectors on real Mosquitto and real Ray: bad input, a killed actor, a restarted broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from ingest_plantgen import Incident, day_start, encoded, stream, write_lake
+from ingest_strategies import malformed
+
+from flywheel import contract
+from flywheel.features import WindowConfig
+from ingest import BuildConfig, IngestConfig, build_snapshot, start_ingest
+from ingest.lake import Lake
+
+T0 = day_start()
+BUILD = BuildConfig(window=WindowConfig(length=5, stride_s=300, horizon_s=1800), engine="local")
+
+
+def _lake_ids(lake_dir, table="telemetry") -> pd.Series:
+    path = lake_dir / ("raw/" + table if table != "deadletter" else "deadletter")
+    return pd.read_parquet(path)["event_id"] if path.exists() else pd.Series([], dtype=object)
+
+
+# ------------------------------------------------------------------ bad input next to good input
+@pytest.fixture(scope="module")
+def running(broker, ray_local, tmp_path_factory):
+    """Two collectors on the session broker under a topic root of their own."""
+    import uuid
+
+    root = f"t{uuid.uuid4().hex[:8]}"
+    lake = tmp_path_factory.mktemp("ingest") / "lake"
+    handle = start_ingest(broker.url, str(lake), IngestConfig(collectors=2, client_prefix=root,
+                                                              deadletter_max_bytes=256), topic_root=root)
+    yield {"handle": handle, "root": root, "lake": lake, "sent": [0], "examples": [0]}
+    handle.stop(drain=True)
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_malformed_payloads_are_dead_lettered_while_valid_ones_land(running, publish, broker, data):
+    n = running["examples"][0] = running["examples"][0] + 1
+    root, handle, lake = running["root"], running["handle"], running["lake"]
+    line, machine = f"x{n}", "p1"
+    bad = data.draw(st.lists(malformed(line, machine, root), min_size=80, max_size=120))
+    valid = encoded(stream([(line, machine, "pump")], T0 + n * 86400, 40 * 60, seed=n, part_every_s=0), root)
+    items = list(valid)
+    for topic, payload, _ in bad:
+        items.insert(data.draw(st.integers(0, len(items))), (topic, payload))
+    assert len(publish(broker.url, items)) == len(items)
+    running["sent"][0] += len(items)
+    status = handle.wait_landed(running["sent"][0], timeout_s=60)
+
+    dead = pd.read_parquet(lake / "deadletter")
+    mine = dead[dead["topic"] == f"{root}/{line}/{machine}/telemetry"]
+    assert sorted(mine["payload"].map(bytes)) == sorted(p[:256] for _, p, _ in bad)
+    assert mine["reason"].isin(contract.ContractError.REASONS).all() and mine["message"].str.len().gt(0).all()
+    landed = set(_lake_ids(lake))
+    assert {contract.decode(t, p, topics=contract.Topics(root)).event_id for t, p in valid} <= landed
+    assert status["restarts"] == 0 and all(c["connected"] for c in status["collectors"])
+
+
+def test_status_counts_and_retained_status_topics(running, broker):
+    from ingest.status import read_statuses, summarise
+
+    handle = running["handle"]
+    s = handle.status()
+    assert s["landed"] + s["deadlettered"] == running["sent"][0] >= 25 * 80
+    assert sum(s["by_reason"].values()) == s["deadlettered"] > 2000
+    assert {"not_json", "missing_field", "wrong_type", "too_large", "topic_mismatch"} <= set(s["by_reason"])
+    assert s["lag_s"] < 5 and len(s["collectors"]) == 2
+    assert all(c["landed"] + c["deadlettered"] > 0 for c in s["collectors"])  # the shared subscription split it
+    deadline = time.monotonic() + 10
+    while True:  # the retained status follows the last batch within status_interval_s
+        retained = read_statuses(broker.url, running["root"])
+        if summarise(retained)["landed"] == s["landed"] or time.monotonic() > deadline:
+            break
+    assert set(retained) == {"ingest-0", "ingest-1"} and all(r.online for r in retained.values())
+    assert summarise(retained)["landed"] == s["landed"]
+    assert summarise(retained)["by_reason"] == s["by_reason"]
+
+
+# ------------------------------------------------------------------ faults
+def _published_plant(root, hours, seed):
+    msgs = stream([("l1", "m1", "milling"), ("l1", "p1", "pump")], T0, hours * 3600, seed=seed,
+                  incidents=[Incident("m1", T0 + 2 * 3600 + 17, "failure", "TWF")])
+    return msgs, encoded(msgs, root)
+
+
+def _assert_dataset_equals_clean_build(lake_dir, msgs, tmp_path):
+    """The ingested lake (maybe with duplicates) builds the same dataset as a clean lake of the messages."""
+    got = build_snapshot(str(lake_dir), BUILD)
+    clean = build_snapshot(str(write_lake(str(tmp_path / "clean"), msgs).uri), BUILD)
+    assert got.manifest["events"]["unique"] == len(msgs)
+    assert got.dataset_id == clean.dataset_id
+    train = pd.read_parquet(got.train_path)
+    assert not train.duplicated(["machine", "end_seq"]).any()
+    return got
+
+
+def test_killed_collector_restarts_and_loses_nothing(broker, ray_local, publish, uid, tmp_path):
+    import ray
+
+    lake = tmp_path / "lake"
+    # Long batches, so the kill lands while a batch is received but not yet written or acknowledged.
+    cfg = IngestConfig(client_prefix=uid, batch_max_messages=400, batch_max_age_s=30, idle_flush_s=30)
+    handle = start_ingest(broker.url, str(lake), cfg, topic_root=uid)
+    msgs, items = _published_plant(uid, 8, seed=11)
+    half = len(items) // 2
+    try:
+        assert len(publish(broker.url, items[:half])) == half
+        time.sleep(0.5)
+        before = handle.status()
+        assert before["received"] > before["landed"]  # a batch is in flight, unacknowledged
+        ray.kill(handle.actors[0], no_restart=False)
+        assert len(publish(broker.url, items[half:])) == len(items) - half
+        after = handle.wait_landed(len(items), timeout_s=90)
+        assert after["restarts"] == 1
+    finally:
+        handle.stop(drain=True)
+    assert set(_lake_ids(lake)) | set(_lake_ids(lake, "events")) == {m.event_id for m in msgs}
+    _assert_dataset_equals_clean_build(lake, msgs, tmp_path)
+
+
+def test_broker_restart_mid_stream_loses_no_acknowledged_event(broker_factory, ray_local, uid, tmp_path):
+    from flywheel.mqtt import connect, make_client
+
+    b = broker_factory()  # persistence on: sessions and queued messages survive the restart
+    lake = tmp_path / "lake"
+    handle = start_ingest(b.url, str(lake), IngestConfig(client_prefix=uid), topic_root=uid)
+    msgs, items = _published_plant(uid, 8, seed=12)
+    pub = make_client(b.url, f"{uid}-publisher")
+    pub.reconnect_delay_set(min_delay=1, max_delay=2)
+    acked_mids: set[int] = set()  # PUBACKs the publisher received, also for messages it queued while offline
+    pub.on_publish = lambda client, userdata, mid, reason_code, properties: acked_mids.add(mid)
+    connect(pub, b.url, clean_start=False, session_expiry_s=600)
+    infos = []
+    restart_at = len(items) // 3
+
+    def restart_broker():
+        b.stop()          # SIGTERM: Mosquitto saves sessions and queued messages
+        time.sleep(1.0)
+        b.start()
+
+    restarter = threading.Thread(target=restart_broker)
+    try:
+        for i, (topic, payload) in enumerate(items):
+            infos.append(pub.publish(topic, payload, qos=1))
+            if i == restart_at:
+                restarter.start()
+            if i % 200 == 0:
+                time.sleep(0.05)  # a plant publishes over time, not in one burst
+        restarter.join()
+        deadline = time.monotonic() + 60
+        while len(acked_mids) < len(infos) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        acked = [m for m, info in zip(msgs, infos) if info.mid in acked_mids]
+        assert len(acked) > restart_at
+        handle.wait_landed(len(acked), timeout_s=90)
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        handle.stop(drain=True)
+    landed = set(_lake_ids(lake)) | set(_lake_ids(lake, "events"))
+    assert {m.event_id for m in acked} <= landed
+    landed_msgs = [m for m in msgs if m.event_id in landed]
+    _assert_dataset_equals_clean_build(lake, landed_msgs, tmp_path)
