@@ -27,7 +27,8 @@ majority-label baseline) on gate_metric by more than gate_margin."""
 
 def register(sub, common) -> None:
     p = sub.add_parser("train", help="fine-tune a challenger (LoRA), evaluate, gate and register it in MLflow",
-                       description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                       description="Fine-tune a challenger on a dataset snapshot, gate it against the champion, "
+                                   "and register it in MLflow.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", metavar="ID", help="dataset snapshot id under <workdir>/lake/datasets (or a path)")
     p.add_argument("--base-model", default=None,

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finetune.model import LoraSettings, ModelError
+from finetune.model import LoraSettings
+from flywheel.config import ConfigError
 
 #: Gate metrics where lower is better; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("eval.ece", "eval.loss", "eval.brier")
@@ -75,7 +76,7 @@ class TrainConfig:
                         eval_batch_size=self.eval_batch_size, keep_checkpoints=self.keep_checkpoints)
         for name, value in positive.items():
             if value <= 0:
-                raise ModelError(f"{name} should be positive, got {value}")
+                raise ConfigError(f"{name} should be positive, got {value}")
         non_negative = dict(max_train_samples=self.max_train_samples, max_steps=self.max_steps,
                             ok_ratio=self.ok_ratio, checkpoint_every=self.checkpoint_every,
                             num_threads=self.num_threads, gate_margin=self.gate_margin,
@@ -83,17 +84,17 @@ class TrainConfig:
                             weight_decay=self.weight_decay, max_failures=self.max_failures)
         for name, value in non_negative.items():
             if value < 0:
-                raise ModelError(f"{name} should be >= 0, got {value}")
+                raise ConfigError(f"{name} should be >= 0, got {value}")
         if not self.lr > 0:
-            raise ModelError(f"lr should be > 0, got {self.lr}")
+            raise ConfigError(f"lr should be > 0, got {self.lr}")
         if not 0 <= self.warmup_frac < 1:
-            raise ModelError(f"warmup_frac should be in [0, 1), got {self.warmup_frac}")
+            raise ConfigError(f"warmup_frac should be in [0, 1), got {self.warmup_frac}")
         if self.class_weight_max < 1:
-            raise ModelError(f"class_weight_max should be >= 1, got {self.class_weight_max}")
+            raise ConfigError(f"class_weight_max should be >= 1, got {self.class_weight_max}")
         if not self.gate_metric.startswith("eval."):
-            raise ModelError(f"gate_metric should be an eval.* metric such as eval.macro_f1, got {self.gate_metric!r}")
+            raise ConfigError(f"gate_metric should be an eval.* metric such as eval.macro_f1, got {self.gate_metric!r}")
         if self.batch_size < self.num_workers:
-            raise ModelError(f"batch_size ({self.batch_size}) should be >= num_workers ({self.num_workers}): "
+            raise ConfigError(f"batch_size ({self.batch_size}) should be >= num_workers ({self.num_workers}): "
                              "each worker needs at least one window per step")
 
     @property

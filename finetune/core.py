@@ -161,9 +161,10 @@ def train_core(model, batches: Sequence[dict], optim: OptimConfig, *, device: De
                 extras["head"].append(loss_value)
             tail.append(loss_value)
             extras["tail"] = list(tail)
+            # Per-step series; the run's overall train.samples_per_s is in the returned summary.
             metrics = {"train.loss": loss_value, "train.lr": sched.get_last_lr()[0],
-                       "train.samples_per_s": sum(r[1] for r in recent) / span,
-                       "train.tokens_per_s": sum(r[2] for r in recent) / span}
+                       "train.step_samples_per_s": sum(r[1] for r in recent) / span,
+                       "train.step_tokens_per_s": sum(r[2] for r in recent) / span}
             if grad_norm is not None:
                 metrics["train.grad_norm"] = float(grad_norm)
             done = step + 1
@@ -176,7 +177,7 @@ def train_core(model, batches: Sequence[dict], optim: OptimConfig, *, device: De
                                  "extras": dict(extras)})
             if report is not None:
                 report(done, metrics)
-            bar.update(done, loss_value, metrics["train.samples_per_s"])
+            bar.update(done, loss_value, metrics["train.step_samples_per_s"])
     wall = time.perf_counter() - t0
     model.eval()
     head = extras["head"] or [loss_value]

@@ -1,7 +1,8 @@
 """The registered model as an MLflow ``pyfunc``: adapter dir in, label probabilities out.
 
 Each registered version of ``fault-detector`` is this PythonModel with the LoRA adapter
-directory (PEFT files + ``flywheel_model.json``) as its artifact ``adapter``.  Loading
+directory (PEFT files + ``flywheel_model.json``) as its artifact ``adapter``.  It is saved
+as "model from code" (``pyfunc_entry.py``), so loading a version unpickles nothing.  Loading
 rebuilds the base model named in the adapter's metadata (``minilm`` is packaged, so it
 works offline) and attaches the adapter::
 
@@ -13,6 +14,7 @@ works offline) and attaches the adapter::
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -44,31 +46,41 @@ def _texts(model_input) -> list[str]:
                      "'text' column or a list of texts")
 
 
-class FaultDetector(mlflow.pyfunc.PythonModel):
-    """Window texts -> DataFrame of label probabilities (one column per contract label)."""
+# MLflow warns at class creation that ``predict`` has no type hints.  Hints would make
+# MLflow convert inputs itself (a list[...] hint silently keeps only the first column of a
+# DataFrame); ``_texts`` checks inputs instead and names what is wrong.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-    def load_context(self, context):
-        from finetune.evaluate import load_adapter_model
+    class FaultDetector(mlflow.pyfunc.PythonModel):
+        """Window texts -> DataFrame of label probabilities (one column per contract label)."""
 
-        self.adapter_dir = context.artifacts[ADAPTER_ARTIFACT]
-        self.model, self.tokenizer, self.meta = load_adapter_model(self.adapter_dir)
+        def load_context(self, context):
+            from finetune.evaluate import load_adapter_model
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
+            self.adapter_dir = context.artifacts[ADAPTER_ARTIFACT]
+            self.model, self.tokenizer, self.meta = load_adapter_model(self.adapter_dir)
 
-        from finetune.model import predict_proba
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
 
-        texts = _texts(model_input)
-        batch_size = int((params or {}).get("batch_size", 64))
-        probs = predict_proba(self.model, self.tokenizer, texts, batch_size=batch_size,
-                              max_length=int(self.meta.get("max_length", 96)))
-        return pd.DataFrame(probs, columns=list(LABELS))
+            from finetune.model import predict_proba
+
+            texts = _texts(model_input)
+            batch_size = int((params or {}).get("batch_size", 64))
+            probs = predict_proba(self.model, self.tokenizer, texts, batch_size=batch_size,
+                                  max_length=int(self.meta.get("max_length", 96)))
+            return pd.DataFrame(probs, columns=list(LABELS))
 
 
 def save_pyfunc(adapter_dir: str | Path, path: str | Path) -> Path:
     """Write the pyfunc model directory (MLmodel + the adapter as artifact) to ``path``."""
-    mlflow.pyfunc.save_model(str(path), python_model=FaultDetector(),
-                             artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
-                             pip_requirements=PIP_REQUIREMENTS,
-                             metadata={"labels": list(LABELS)})
+    # Models from code: MLflow stores finetune/pyfunc_entry.py instead of a pickled object.
+    entry = Path(__file__).with_name("pyfunc_entry.py")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no signature": inputs are checked in _texts
+        mlflow.pyfunc.save_model(str(path), python_model=str(entry),
+                                 artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
+                                 pip_requirements=PIP_REQUIREMENTS,
+                                 metadata={"labels": list(LABELS)})
     return Path(path)

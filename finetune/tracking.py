@@ -14,6 +14,7 @@ URI is set - so the loop, the CLI and tests can point at different stores in one
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -102,7 +103,11 @@ def log_dataset(client, run_id: str, snapshot, context: str = "train") -> bool:
     df = snapshot.train if context == "train" else snapshot.eval
     # MLflow digests the split's rows itself, so train and eval of one snapshot stay distinct
     # inputs; the snapshot's content hash is in the run's params (data.content_hash).
-    dataset = mlflow.data.from_pandas(df, source=str(snapshot.path), targets="label", name=snapshot.dataset_id)
+    with warnings.catch_warnings():
+        # MLflow registers its local-file dataset source twice and warns that a path is
+        # "ambiguous" between the two identical candidates; harmless.
+        warnings.simplefilter("ignore")
+        dataset = mlflow.data.from_pandas(df, source=str(snapshot.path), targets="label", name=snapshot.dataset_id)
     for existing in client.get_run(run_id).inputs.dataset_inputs:
         ds = existing.dataset
         ctx = {t.key: t.value for t in existing.tags}.get("mlflow.data.context")

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.config import TrainConfig
+from flywheel.contract import LABELS
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -111,7 +112,9 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             else:
                 result = train_plain_logged(snapshot, config, adapter_dir, batcher, progress, warm_dir)
             train_metrics = dict(result.metrics)
-            train_metrics["train.log_overhead_s"] = batcher.seconds
+            train_metrics.setdefault("train.log_overhead_s", batcher.seconds)  # Ray workers report their own
+            tracking.log_params(client, run_id, {"data.class_weights": ",".join(
+                f"{label}={w:.3g}" for label, w in zip(LABELS, result.class_weights))} if result.class_weights else {})
             tracking.log_metrics(client, run_id, {k: v for k, v in train_metrics.items() if k.startswith("train.")},
                                  step=int(train_metrics.get("train.steps", 0)))
         with timer.phase("eval_challenger"):
@@ -128,9 +131,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                           eval_labels=set(snapshot.eval["label"]))
 
         with timer.phase("register"):
-            confusion_png(report, work / "confusion_matrix.png")
             (work / "eval").mkdir()
-            shutil.copy(work / "confusion_matrix.png", work / "eval" / "confusion_matrix.png")
+            confusion_png(report, work / "eval" / "confusion_matrix.png")
             (work / "eval" / "confusion_matrix.json").write_text(json.dumps(
                 {"labels": report.labels, "matrix": report.confusion.tolist(), "rows": "truth", "columns": "prediction"}))
             (work / "eval" / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
