@@ -100,7 +100,6 @@ def _k8s_commands() -> list[Command]:
     out = []
     for path, doc in _k8s_docs():
         for label, pod in _pod_specs(doc):
-            mounts_by_volume = {}
             for c in pod.get("containers", []):
                 argv = list(c.get("command") or []) + list(c.get("args") or [])
                 if not argv or argv[0] != "flywheel":
@@ -108,7 +107,6 @@ def _k8s_commands() -> list[Command]:
                 env = {e["name"]: e.get("value", f"<{e['name']}>") for e in c.get("env", [])}
                 mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
                 out.append(Command(f"{path.name}: {label} container {c['name']!r}", argv, env, mounts))
-                mounts_by_volume[c["name"]] = mounts
         if doc.get("kind") == "RayJob":
             runtime_env = yaml.safe_load(doc["spec"].get("runtimeEnvYAML") or "{}") or {}
             env = {k: str(v) for k, v in (runtime_env.get("env_vars") or {}).items()}
