@@ -15,6 +15,7 @@ SUITES = {
     "train": "bench_train.py",
     "serve": "bench_serve.py",
     "demo": "bench_demo.py",
+    "infra": "bench_infra.py",
 }
 
 

@@ -32,7 +32,7 @@ def register(sub, common) -> None:
     p = sub.add_parser("run", help="run a campaign from a config file (any broker, Ray cluster, MLflow server)",
                        description="Like demo, but the config file is required: point it at your broker "
                                    "(--broker mqtts://...), cluster (--ray-address) and tracking server (--mlflow-uri).",
-                       epilog="examples:\n  flywheel run --config plant.yaml --broker mqtts://ingest:${PW}@broker:8883 "
+                       epilog="examples:\n  flywheel run --config plant.yaml --broker mqtts://campaign:${MQTT_CAMPAIGN_PASSWORD}@broker:8883 "
                               "--ray-address auto --mlflow-uri http://mlflow:5000",
                        formatter_class=fmt)
     common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)

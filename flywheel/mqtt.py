@@ -138,7 +138,18 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
         if prev is not None:
             prev(c, userdata, flags, reason_code, properties)
 
+    prev_disconnect = client.on_disconnect
+
+    def on_disconnect(c, userdata, flags, reason_code, properties):
+        # Dropped before CONNACK (e.g. plain MQTT to a TLS port): fail now, not at the timeout.
+        result.setdefault("rc", reason_code)
+        result.setdefault("dropped", True)
+        done.set()
+        if prev_disconnect is not None:
+            prev_disconnect(c, userdata, flags, reason_code, properties)
+
     client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
     props = None
     if client.protocol == paho.MQTTv5:
         props = Properties(PacketTypes.CONNECT)
@@ -154,14 +165,20 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
             client.connect(url.host, url.port, keepalive=keepalive)
     except (OSError, ssl.SSLError) as exc:
         client.on_connect = prev
+        client.on_disconnect = prev_disconnect
         raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}") from None
     client.loop_start()
     ok = done.wait(timeout)
     client.on_connect = prev
+    client.on_disconnect = prev_disconnect
     if not ok:
         client.loop_stop()
         raise ConnectError(f"no answer from broker {url.redacted()} within {timeout:.0f}s")
     rc = result["rc"]
+    if result.get("dropped"):
+        client.loop_stop()
+        raise ConnectError(f"broker {url.redacted()} closed the connection before accepting it ({rc}); "
+                           "check mqtt:// vs mqtts:// and the port")
     if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
         client.loop_stop()
         raise ConnectError(f"broker {url.redacted()} refused the connection: {rc}")
