@@ -60,13 +60,17 @@ def decode_batch(items: Iterable[tuple[str, bytes, float]], *, collector: str,
                 cols = tel.get(day := day_of(msg.ts))
                 if cols is None:
                     cols = tel[day] = _columns(TELEMETRY_SCHEMA.names)
+                    cols["_keys"], cols["_values"], cols["_offsets"] = [], [], [0]
                 cols["event_id"].append(msg.event_id)
                 cols["seq"].append(msg.seq)
                 cols["ts"].append(msg.ts)
                 cols["line"].append(msg.line)
                 cols["machine"].append(msg.machine)
                 cols["kind"].append(msg.kind)
-                cols["readings"].append(list(msg.readings.items()))
+                readings = msg.readings
+                cols["_keys"].extend(readings.keys())
+                cols["_values"].extend(readings.values())
+                cols["_offsets"].append(len(cols["_keys"]))
                 cols["received_at"].append(received_at)
                 cols["collector"].append(collector)
                 result.telemetry += 1
@@ -88,6 +92,10 @@ def decode_batch(items: Iterable[tuple[str, bytes, float]], *, collector: str,
             result.deadlettered += 1
             result.by_reason[exc.reason] += 1
     for day, cols in tel.items():
+        # The MAP column from flat keys/values/offsets: far cheaper than converting dicts row by row.
+        cols["readings"] = pa.MapArray.from_arrays(pa.array(cols.pop("_offsets"), pa.int32()),
+                                                   pa.array(cols.pop("_keys"), pa.string()),
+                                                   pa.array(cols.pop("_values"), pa.float64()))
         result.tables.append(("telemetry", day, pa.table(cols, schema=TELEMETRY_SCHEMA)))
     for day, cols in ev.items():
         result.tables.append(("events", day, pa.table(cols, schema=EVENTS_SCHEMA)))

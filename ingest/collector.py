@@ -41,11 +41,12 @@ import threading
 import time
 import uuid
 from collections import Counter
+from typing import Callable
 
 import paho.mqtt.client as paho
 
 from flywheel import contract
-from flywheel.mqtt import BrokerURL, connect, make_client
+from flywheel.mqtt import BrokerURL, ConnectError, connect, make_client
 from ingest.batch import decode_batch
 from ingest.config import IngestConfig
 from ingest.lake import Lake
@@ -64,7 +65,7 @@ class Collector:
 
     def __init__(self, broker_url: str, lake_uri: str, config: IngestConfig = IngestConfig(), *,
                  index: int = 0, topic_root: str = "factory", initial_counters: dict | None = None,
-                 restarts: int = 0):
+                 restarts: int = 0, on_fatal: Callable[[BaseException], None] | None = None):
         self.url = BrokerURL.parse(broker_url)
         self.lake = Lake.open(lake_uri)
         self.config = config
@@ -73,6 +74,8 @@ class Collector:
         self.topics = contract.Topics(topic_root)
         self.component = status_component(index)
         self.restarts = restarts
+        self._on_fatal = on_fatal  # under Ray: end the process so the actor is restarted
+        self._error: str | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._gen_lock = threading.Lock()
         self._generation = 0
@@ -143,10 +146,19 @@ class Collector:
         self._queue.put((topic, msg.payload, msg.mid, msg.qos, time.time(), self._generation))
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "Collector":
-        connect(self._client, self.url, clean_start=False, session_expiry_s=self.config.session_expiry_s)
+    def start(self, retry_s: float = 0.0) -> "Collector":
+        """Connect (retrying for ``retry_s`` seconds, e.g. while a broker restarts) and start writing."""
+        deadline = time.monotonic() + retry_s
+        while True:
+            try:
+                connect(self._client, self.url, clean_start=False, session_expiry_s=self.config.session_expiry_s)
+                break
+            except ConnectError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
         self._publish_status(online=True)
-        self._writer = threading.Thread(target=self._write_loop, name=f"{self.client_id}-writer", daemon=True)
+        self._writer = threading.Thread(target=self._run_writer, name=f"{self.client_id}-writer", daemon=True)
         self._writer.start()
         return self
 
@@ -167,6 +179,15 @@ class Collector:
         return self.status()
 
     # ------------------------------------------------------------------ writer thread
+    def _run_writer(self) -> None:
+        try:
+            self._write_loop()
+        except BaseException as exc:  # noqa: BLE001 - a dead writer would stall the stream silently
+            self._error = f"{type(exc).__name__}: {exc}"
+            log.exception("%s writer thread failed; unacknowledged messages stay with the broker", self.client_id)
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+
     def _write_loop(self) -> None:
         cfg = self.config
         batch: list[tuple] = []
@@ -244,7 +265,7 @@ class Collector:
         self._batch_no += 1
         stamp = f"{int(time.time() * 1000):013d}-{self._batch_no:06d}-{uuid.uuid4().hex[:6]}"
         for table, day, rows in result.tables:
-            path = self.lake.path(self.lake.partition_dir(table, day), f"{self.client_id}-{stamp}.parquet")
+            path = self.lake.file(table, day, f"{self.client_id}-{stamp}.parquet")
             self.lake.write_table(rows, path)
             self._files += 1
         # Durable now.  Count it, tell the status topic, then acknowledge.

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -129,15 +130,15 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     # ---- write the snapshot (manifest last: its presence marks a complete snapshot)
     path = lake.path("datasets", dataset_id)
     say(f"writing {dataset_id}")
-    train_path, eval_path = lake.path(path, "train.parquet"), lake.path(path, "eval.parquet")
+    train_path, eval_path = posixpath.join(path, "train.parquet"), posixpath.join(path, "eval.parquet")
     lake.write_table(pa.Table.from_pandas(train, preserve_index=False), train_path)
     lake.write_table(pa.Table.from_pandas(evaluation, preserve_index=False), eval_path)
-    lake.write_table(rows, lake.path(path, CACHE_DIR, "rows.parquet"))
+    lake.write_table(rows, posixpath.join(path, CACHE_DIR, "rows.parquet"))
     lake.write_table(pa.Table.from_pandas(events[EVENT_COLUMNS], preserve_index=False),
-                     lake.path(path, CACHE_DIR, "events.parquet"))
+                     posixpath.join(path, CACHE_DIR, "events.parquet"))
     state = {"window": asdict(config.window), "fingerprints": fingerprints, "event_files": event_files,
              "events_raw_rows": events_raw}
-    lake.write_bytes(lake.path(path, CACHE_DIR, "state.json"), json.dumps(state, sort_keys=True).encode())
+    lake.write_bytes(posixpath.join(path, CACHE_DIR, "state.json"), json.dumps(state, sort_keys=True).encode())
     n_tel = int(stats["n_rows"].sum()) if len(stats) else 0
     n_tel_dupes = int(stats["n_dupes"].sum()) if len(stats) else 0
     manifest = {
@@ -166,7 +167,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
                     "rebuilt_days": rebuilt_days, "reused_days": sorted(set(reused["partition"].to_pylist())),
                     "wall_s": round(time.monotonic() - t_start, 3)},
     }
-    lake.write_bytes(lake.path(path, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    lake.write_bytes(posixpath.join(path, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
     snap = Snapshot(dataset_id, path, manifest, train_path, eval_path)
     if mlflow_run_id is not None or _mlflow_run_active():
         say("logging to MLflow")
@@ -285,7 +286,7 @@ def _mlflow_run_active() -> bool:
 
 def _load_cache(lake: Lake, previous: str, config: BuildConfig) -> _Cache:
     path = previous if "/" in previous else lake.path("datasets", previous)
-    state_path = lake.path(path, CACHE_DIR, "state.json")
+    state_path = posixpath.join(path, CACHE_DIR, "state.json")
     if not lake.exists(state_path):
         known = sorted(i.base_name for i in lake.fs.get_file_info(
             pafs.FileSelector(lake.path("datasets"), allow_not_found=True)))
@@ -294,6 +295,6 @@ def _load_cache(lake: Lake, previous: str, config: BuildConfig) -> _Cache:
     state = json.loads(lake.read_bytes(state_path))
     if state["window"] != asdict(config.window):
         return _empty_cache()  # another window config: nothing to reuse, build in full
-    rows = pq.read_table(lake.path(path, CACHE_DIR, "rows.parquet"), filesystem=lake.fs).cast(OUTPUT_SCHEMA)
-    events = pq.read_table(lake.path(path, CACHE_DIR, "events.parquet"), filesystem=lake.fs).to_pandas()
+    rows = pq.read_table(posixpath.join(path, CACHE_DIR, "rows.parquet"), filesystem=lake.fs).cast(OUTPUT_SCHEMA)
+    events = pq.read_table(posixpath.join(path, CACHE_DIR, "events.parquet"), filesystem=lake.fs).to_pandas()
     return _Cache(state["fingerprints"], rows, state["event_files"], events, state["events_raw_rows"])

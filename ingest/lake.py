@@ -91,9 +91,18 @@ class LakeError(RuntimeError):
     """The lake cannot be opened or written; the message names the URI and the fix."""
 
 
+_DAYS: dict[int, str] = {}
+
+
 def day_of(ts: float) -> str:
     """UTC calendar day of an epoch-seconds time, as used in ``date=`` partitions."""
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%d")
+    n = int(ts // 86400)  # epoch days: UTC has no leap seconds in epoch time
+    day = _DAYS.get(n)
+    if day is None:
+        day = datetime.fromtimestamp(n * 86400, tz=timezone.utc).strftime("%Y-%m-%d")
+        if len(_DAYS) < 100_000:
+            _DAYS[n] = day
+    return day
 
 
 @dataclass(frozen=True)
@@ -105,7 +114,9 @@ class Lake:
     uri: str
 
     @classmethod
-    def open(cls, uri: str | os.PathLike) -> "Lake":
+    def open(cls, uri: "str | os.PathLike | Lake") -> "Lake":
+        if isinstance(uri, Lake):  # an already opened lake (e.g. on a filesystem object built by hand)
+            return uri
         text = os.fspath(uri)
         if "://" not in text:
             path = os.path.abspath(text)
@@ -122,6 +133,7 @@ class Lake:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:
+        """A path under the lake root (parts are relative to the root)."""
         return posixpath.join(self.root, *parts)
 
     def table_dir(self, table: str) -> str:
@@ -129,6 +141,10 @@ class Lake:
 
     def partition_dir(self, table: str, day: str) -> str:
         return self.path(TABLES[table], f"date={day}")
+
+    def file(self, table: str, day: str, name: str) -> str:
+        """Path of a new file ``name`` in one table's day partition."""
+        return self.path(TABLES[table], f"date={day}", name)
 
     # ------------------------------------------------------------------ writing
     def write_table(self, table: pa.Table, path: str) -> None:

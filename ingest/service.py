@@ -15,6 +15,7 @@ the counters it last published on its retained status topic.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict
 
@@ -36,11 +37,18 @@ def _actor_class():
 
                 cfg = IngestConfig(**config)
                 restarted = ray.get_runtime_context().was_current_actor_reconstructed
-                counters = restore_counters(broker_url, topic_root, status_component(index)) if restarted else {}
+                counters = {}
+                if restarted:  # continue the counts this collector last published
+                    try:
+                        counters = restore_counters(broker_url, topic_root, status_component(index))
+                    except ConnectionError:
+                        counters = {}
                 restarts = int(counters.get("restarts", 0)) + 1 if restarted else 0
                 self.collector = Collector(broker_url, lake_uri, cfg, index=index, topic_root=topic_root,
-                                           initial_counters=counters, restarts=restarts)
-                self.collector.start()
+                                           initial_counters=counters, restarts=restarts,
+                                           on_fatal=lambda exc: os._exit(1))  # Ray restarts the actor
+                # A first start fails fast on a wrong URL; a restart waits out a broker that is restarting too.
+                self.collector.start(retry_s=300.0 if restarted else 0.0)
 
             def status(self) -> dict:
                 return self.collector.status()
@@ -49,8 +57,6 @@ def _actor_class():
                 return self.collector.stop(drain=drain)
 
             def pid(self) -> int:
-                import os
-
                 return os.getpid()
 
         _ACTOR_CLASS = ray.remote(CollectorActor)
@@ -100,11 +106,12 @@ class IngestHandle:
             if s["landed"] + s["deadlettered"] >= min_landed:
                 return s
             if time.monotonic() >= deadline:
-                offline = [c["client_id"] for c in s["collectors"] if not c["connected"]]
+                per = "; ".join(f"{c['client_id']}: received {c['received']}, landed {c['landed']}, "
+                                f"{'connected' if c['connected'] else 'DISCONNECTED'}, restarts {c['restarts']}"
+                                + (f", error {c['error']}" if c.get("error") else "") for c in s["collectors"])
                 raise TimeoutError(
                     f"ingest landed {s['landed']} and dead-lettered {s['deadlettered']} messages "
-                    f"(received {s['received']}, lag {s['lag_s']:.1f}s, disconnected: {offline or 'none'}) "
-                    f"after {timeout_s:.0f}s; "
+                    f"(received {s['received']}, lag {s['lag_s']:.1f}s; {per}) after {timeout_s:.0f}s; "
                     f"waited for {min_landed}. Check that the publisher uses topic root {self.topic_root!r} "
                     f"and broker {self.broker_url}, or raise timeout_s.")
             time.sleep(poll_s)

@@ -50,9 +50,10 @@ def log_snapshot(snap, train: pd.DataFrame, evaluation: pd.DataFrame, run_id: st
         with warnings.catch_warnings():  # MLflow's hints on source kinds and integer columns do not apply
             warnings.simplefilter("ignore", UserWarning)
             ds = mlflow.data.from_pandas(df, source=path, name=snap.dataset_id, digest=digest)
-        # The client API (not mlflow.log_input) so a run that is not this process's active run is
-        # not started or ended here; the entity conversion is what mlflow.log_input does inside.
-        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
+            # The client API (not mlflow.log_input) so a run that is not this process's active run is
+            # not started or ended here; the entity conversion is what mlflow.log_input does inside.
+            entity = ds._to_mlflow_entity()
+        inputs.append(DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
     client.log_inputs(run_id, datasets=inputs)
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in snapshot_metrics(snap.manifest).items()])

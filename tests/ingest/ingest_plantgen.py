@@ -109,5 +109,5 @@ def write_lake(lake_uri: str, messages, *, batch: int = 500, collector: str = "g
                               topics=topics)
         for table, day, rows in result.tables:
             n += 1
-            lake.write_table(rows, lake.path(lake.partition_dir(table, day), f"{collector}-{start:08d}-{n}.parquet"))
+            lake.write_table(rows, lake.file(table, day, f"{collector}-{start:08d}-{n}.parquet"))
     return lake

@@ -108,7 +108,7 @@ def test_killed_collector_restarts_and_loses_nothing(broker, ray_local, publish,
 
     lake = tmp_path / "lake"
     # Long batches, so the kill lands while a batch is received but not yet written or acknowledged.
-    cfg = IngestConfig(client_prefix=uid, batch_max_messages=400, batch_max_age_s=30, idle_flush_s=30)
+    cfg = IngestConfig(client_prefix=uid, batch_max_messages=400, batch_max_age_s=4, idle_flush_s=4)
     handle = start_ingest(broker.url, str(lake), cfg, topic_root=uid)
     msgs, items = _published_plant(uid, 8, seed=11)
     half = len(items) // 2
