@@ -224,8 +224,12 @@ def main() -> int:
     register(uri, work, a)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     cfg = ServeConfig(app_name="bench-serve", route_prefix="/bench", poll_s=0, torch_threads=TORCH_THREADS,
-                      max_batch_size=64)
+                      max_batch_size=64, num_cpus_per_replica=0.5)
     h = start_serving(uri, "fault-detector", "champion", cfg)
+    # The same app with Ray Serve's @serve.batch instead of the continuous batcher, for comparison.
+    h_ray = start_serving(uri, "fault-detector", "champion",
+                          ServeConfig(**{**cfg.__dict__, "app_name": "bench-serve-ray", "route_prefix": "/bench-ray",
+                                         "batching": "ray"}))
     pool = AdapterPool(device="cpu", torch_threads=TORCH_THREADS)   # the baseline: the replica's own code
     pool.install("default", Resolved("fault-detector", "champion", "1", None), str(a))
     name = pool.slot("default").peft_name
@@ -247,9 +251,20 @@ def main() -> int:
             s = load(h.url, texts, bsz, 2, dur)
             add(f"thr_serve_{bsz}", s["windows_per_s"]); add("failures", len(s["failures"]))
             add(f"thr_inproc_{bsz}", inproc_rate(pool, name, texts, bsz, dur))
+        before = h.status()
         s = load(h.url, texts, 1, 16, dur)
+        after = h.status()
+        add("dyn_mean_batch", (after["batched_windows"] - before["batched_windows"]) /
+            max(1, after["batches"] - before["batches"]))
         add("thr_serve_dyn", s["windows_per_s"]); add("failures", len(s["failures"]))
         add("dyn_p50", s["p50"]); add("dyn_p99", s["p99"])
+        before = h_ray.status()
+        s = load(h_ray.url, texts, 1, 16, dur)
+        after = h_ray.status()
+        add("ray_dyn_mean_batch", (after["batched_windows"] - before["batched_windows"]) /
+            max(1, after["batches"] - before["batches"]))
+        add("thr_ray_dyn", s["windows_per_s"]); add("failures", len(s["failures"]))
+        add("ray_lat_p50", pct(latency_serve(h_ray.url, texts[0], n_lat // 2), .5))
         print(f"run {r + 1}/{runs}: p50 serve {ls and pct(ls, .5) * 1e3:.1f} ms vs in-process "
               f"{pct(li, .5) * 1e3:.1f} ms; batch 64: {res['thr_serve_64'][-1]:.0f} vs "
               f"{res['thr_inproc_64'][-1]:.0f} windows/s", flush=True)
@@ -259,6 +274,7 @@ def main() -> int:
         print(f"swap {r + 1}/{runs}: refresh {swaps[-1]['refresh_s']:.2f}s, failures {swaps[-1]['failures']}",
               flush=True)
     h.shutdown()
+    h_ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in res.items()}
     ms = lambda x: f"{x * 1e3:.1f} ms"  # noqa: E731
@@ -274,8 +290,11 @@ def main() -> int:
         print(f"throughput, {bsz} windows/request: Serve {med[f'thr_serve_{bsz}']:.0f} windows/s | in-process "
               f"{med[f'thr_inproc_{bsz}']:.0f} windows/s | ratio {ratio:.2f} (target >= 0.8)")
     print(f"dynamic batching, 16 clients x 1 window: Serve {med['thr_serve_dyn']:.0f} windows/s "
-          f"(p50 {ms(med['dyn_p50'])}, p99 {ms(med['dyn_p99'])}) | ratio vs in-process batch 16: "
+          f"(p50 {ms(med['dyn_p50'])}, p99 {ms(med['dyn_p99'])}, mean batch {med['dyn_mean_batch']:.1f} windows) "
+          f"| ratio vs in-process batch 16: "
           f"{med['thr_serve_dyn'] / med['thr_inproc_16']:.2f}")
+    print(f"  same load on Ray's @serve.batch: {med['thr_ray_dyn']:.0f} windows/s (mean batch "
+          f"{med['ray_dyn_mean_batch']:.1f} windows); its 1-window p50 {ms(med['ray_lat_p50'])}")
     print(f"failed requests under load: {sum(res['failures'])}")
     sm = lambda k: statistics.median(s[k] for s in swaps)  # noqa: E731
     print(f"hot swap under load (4 clients): refresh {sm('refresh_s'):.2f}s, first answer from the new version "

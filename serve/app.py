@@ -3,7 +3,8 @@
 Endpoints (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json``):
 
 * ``POST /predict``  - one or many windows -> label probabilities (dynamic batching
-  across requests; windows of different adapters share one forward pass)
+  across requests: :mod:`serve.batcher` by default, or Ray's ``@serve.batch``; windows
+  of different adapters share one batch, one forward per adapter)
 * ``GET /health``    - 200 once a model serves
 * ``GET /version``   - which registered version serves each adapter, and why the last
   candidate was refused if it was
@@ -35,6 +36,7 @@ from ray import serve as ray_serve
 from flywheel.contract import LABELS
 from serve.adapters import AdapterPool
 from serve.api import BadRequest, PredictBody, PredictResponse, WindowPrediction, window_texts
+from serve.batcher import ContinuousBatcher
 from serve.config import ServeConfig
 from serve.source import AdapterSource, ServeError
 
@@ -68,11 +70,17 @@ class FaultDetector:
         self.refusals: dict[str, dict] = {}        # adapter name -> last refusal (version, reason, at)
         self._refused: set[tuple[str, str]] = set()  # (model, version) never retried: artifacts are immutable
         self.swaps = 0
+        self.batches = 0              # forward passes, and windows through them (mean batch size)
+        self.batched_windows = 0
+        self.forward_s = 0.0
         self.last_check_at: float | None = None
         self._swap_lock = threading.Lock()
         self._stop = threading.Event()
         self._infer.set_max_batch_size(self.config.max_batch_size)
         self._infer.set_batch_wait_timeout_s(self.config.batch_wait_ms / 1000)
+        self._batcher = ContinuousBatcher(self._forward, self.config.max_batch_size,
+                                          self.config.batch_wait_ms / 1000) \
+            if self.config.batching == "continuous" else None
         self.refresh_now()
         if self.pool.slot("default") is None:
             why = self.refusals.get("default", {}).get("reason", "unknown")
@@ -129,15 +137,29 @@ class FaultDetector:
         return {"model_name": self.model_name, "alias": self.alias, "version": default.get("version"),
                 "base_model": pool["base_model"], "adapters": pool["adapters"], "refusals": self.refusals,
                 "swaps": self.swaps, "last_check_at": self.last_check_at, "labels": list(LABELS),
+                "batches": self.batches, "batched_windows": self.batched_windows, "forward_s": self.forward_s,
                 "replica": ctx.replica_id.unique_id if ctx else None, "pid": os.getpid(),
                 "config": asdict(self.config)}
 
     # ------------------------------------------------------------------ inference
-    @ray_serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _run_items(self, items: list[tuple[str, str]]) -> list:
+        """(text, peft adapter name) per window -> probability rows, through the configured batcher."""
+        if self._batcher is not None:
+            return await self._batcher.submit_many(items)
+        return await asyncio.gather(*[self._infer(it) for it in items])
+
+    @ray_serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
     async def _infer(self, items: list[tuple[str, str]]) -> list:
+        return await self._forward(items)
+
+    async def _forward(self, items: list[tuple[str, str]]) -> list:
         texts = [t for t, _ in items]
         names = [n for _, n in items]
+        t0 = time.perf_counter()
         probs = await asyncio.to_thread(self.pool.predict, texts, names)
+        self.forward_s += time.perf_counter() - t0
+        self.batches += 1
+        self.batched_windows += len(items)
         return list(probs)
 
     # ------------------------------------------------------------------ HTTP
@@ -160,8 +182,7 @@ class FaultDetector:
                 except KeyError:
                     raise HTTPException(404, f"unknown adapter {n!r}; this app serves: "
                                              f"{', '.join(self.pool.names())}") from None
-            probs = await asyncio.gather(*[self._infer((text, slots[n].peft_name))
-                                           for (text, _, _), n in zip(windows, names)])
+            probs = await self._run_items([(text, slots[n].peft_name) for (text, _, _), n in zip(windows, names)])
         finally:
             for s in slots.values():
                 self.pool.release(s)

@@ -28,7 +28,7 @@ from collections import Counter, deque
 
 from flywheel import contract
 from flywheel.features import Window, WindowBuilder
-from flywheel.mqtt import connect, make_client, unique_client_id, wait_published
+from flywheel.mqtt import BrokerURL, connect, make_client, unique_client_id, wait_published
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
 from serve.policy import MaintenancePolicy
@@ -49,6 +49,8 @@ class Bridge:
         self._cond = threading.Condition()
         self._last_arrival = 0.0
         self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._suback_error: str | None = None
         self._counts: Counter = Counter()
         self._decode_errors: Counter = Counter()
         self._recent: deque[Window] = deque(maxlen=4096)
@@ -63,8 +65,19 @@ class Bridge:
         self._client.will_set(self.topics.status(cfg.component), self._status_payload(online=False), qos=1,
                               retain=True)
         self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
         connect(self._client, self.broker_url)
+        # Return only once the broker confirmed the subscriptions: telemetry published after
+        # start() returns is then guaranteed to reach the bridge.
+        if not self._subscribed.wait(10.0):
+            self._client.loop_stop()
+            raise ConnectionError(f"broker {BrokerURL.parse(self.broker_url).redacted()} did not confirm the "
+                                  "bridge's subscriptions within 10 s")
+        if self._suback_error:
+            self._client.loop_stop()
+            raise ConnectionError(f"broker {BrokerURL.parse(self.broker_url).redacted()} refused the bridge's "
+                                  f"subscriptions ({self._suback_error}); check the ACL for this user")
         for target, name in ((self._work, "bridge-worker"), (self._report, "bridge-status")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -106,6 +119,11 @@ class Bridge:
         client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1)])
         client.publish(self.topics.status(self.config.component), self._status_payload(online=True), qos=1,
                        retain=True)
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        bad = [str(rc) for rc in reason_codes if getattr(rc, "is_failure", False)]
+        self._suback_error = ", ".join(bad) or None
+        self._subscribed.set()
 
     def _on_message(self, client, userdata, msg):
         try:

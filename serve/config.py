@@ -31,9 +31,13 @@ class ServeConfig:
     num_cpus_per_replica: float = field(default=1.0, metadata={"help": "Ray CPUs reserved per replica"})
     num_gpus_per_replica: float = field(default=0.0, metadata={"help": "Ray GPUs per replica"})
     torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads per replica; 0 = torch default"})
+    batching: str = field(default="continuous", metadata={
+        "help": "continuous (one forward at a time over all windows queued meanwhile; see serve/batcher.py) "
+                "or ray (Ray Serve's @serve.batch)"})
     max_batch_size: int = field(default=64, metadata={"help": "windows per model forward (dynamic batching)"})
     batch_wait_ms: float = field(default=1.0, metadata={
-        "help": "how long an idle replica waits for a batch to fill (wall ms); a busy one batches what queued meanwhile"})
+        "help": "how long an idle replica waits for a batch to fill (wall ms); "
+                "a busy one batches what queued meanwhile"})
     max_windows_per_request: int = field(default=1024, metadata={"help": "windows one POST /predict may carry"})
     max_readings_per_window: int = field(default=512, metadata={"help": "readings one structured window may carry"})
     max_text_chars: int = field(default=4000, metadata={"help": "longest window text accepted"})
@@ -54,6 +58,8 @@ class ServeConfig:
             raise ConfigError(f"http_port should be 0 (free port) or 1..65535, got {self.http_port}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size should be >= 1, got {self.max_batch_size}")
+        if self.batching not in ("continuous", "ray"):
+            raise ConfigError(f"batching should be continuous or ray, got {self.batching!r}")
         if self.batch_wait_ms < 0:
             raise ConfigError(f"batch_wait_ms should be >= 0, got {self.batch_wait_ms}")
         if self.max_windows_per_request < 1:

@@ -1,0 +1,65 @@
+"""Continuous micro-batching: one model forward at a time over everything that queued meanwhile.
+
+Ray Serve's ``@serve.batch`` closes a batch ``batch_wait_timeout_s`` after its first item
+even while the previous batch still runs on the model, so under load it queues many
+tiny batches behind one another (measured: 16 concurrent one-window clients gave a mean
+batch of 1.4 windows).  Here a single consumer takes *all* items that arrived while the
+last forward ran (up to ``max_batch_size``): a lone request waits at most ``idle_wait_s``
+(default 1 ms), and under load batches grow by themselves.  ``ServeConfig.batching``
+picks this (``continuous``, the default) or Ray's decorator (``ray``); the benchmark
+measures both in the same run.
+
+    batcher = ContinuousBatcher(forward, max_batch_size=64, idle_wait_s=0.001)
+    results = await batcher.submit_many([item1, item2])    # inside an asyncio event loop
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+
+class ContinuousBatcher:
+    def __init__(self, forward: Callable[[list], Awaitable[list]], max_batch_size: int = 64,
+                 idle_wait_s: float = 0.001):
+        self.forward = forward
+        self.max_batch_size = max_batch_size
+        self.idle_wait_s = idle_wait_s
+        self._queue: list[tuple[Any, asyncio.Future]] = []
+        self._ready: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+
+    async def submit_many(self, items: list) -> list:
+        """Queue ``items`` (one request's windows stay together) and wait for their results, in order."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._ready = asyncio.Event()
+            self._task = loop.create_task(self._run())
+        futures = [loop.create_future() for _ in items]
+        self._queue.extend(zip(items, futures))
+        self._ready.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        while True:
+            await self._ready.wait()
+            if self.idle_wait_s > 0 and len(self._queue) < self.max_batch_size:
+                # The model was idle: give requests arriving together a moment to join.
+                await asyncio.sleep(self.idle_wait_s)
+            batch = self._queue[:self.max_batch_size]
+            del self._queue[:self.max_batch_size]
+            if not self._queue:
+                self._ready.clear()
+            batch = [(item, fut) for item, fut in batch if not fut.done()]   # drop cancelled requests
+            if not batch:
+                continue
+            try:
+                results = await self.forward([item for item, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the loop goes on
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(result)
