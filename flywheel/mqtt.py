@@ -125,8 +125,13 @@ class ConnectError(ConnectionError):
 
 
 def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, timeout: float = 10.0,
-            clean_start: bool = True, session_expiry_s: int | None = None) -> None:
-    """Connect, start the network loop, and wait for CONNACK; raise ConnectError on refusal."""
+            clean_start: bool = True, session_expiry_s: int | None = None,
+            receive_maximum: int | None = None) -> None:
+    """Connect, start the network loop, and wait for CONNACK; raise ConnectError on refusal.
+
+    ``receive_maximum`` (MQTT 5) caps the QoS 1/2 messages the broker sends before this
+    client acknowledges them; a consumer that acks in batches sets it to fit its batches.
+    """
     url = BrokerURL.parse(url)
     done = threading.Event()
     result: dict = {}
@@ -155,6 +160,8 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
         props = Properties(PacketTypes.CONNECT)
         if session_expiry_s is not None:
             props.SessionExpiryInterval = session_expiry_s
+        if receive_maximum is not None:
+            props.ReceiveMaximum = receive_maximum
     if client.protocol != paho.MQTTv5:
         # MQTT 3.1.1 fixes the session flag at construction; mirror clean_start onto it.
         client._clean_session = clean_start
