@@ -6,8 +6,9 @@ Message path, and why each step is where it is:
    ``(topic, payload, mid, qos, received_at, generation)``: the network loop stays free
    to read the socket and answer keep-alives however slow the disk is.
 2. The writer thread takes messages off the queue into a batch, and flushes it when it
-   is full (``IngestConfig.flush_at``), old (``batch_max_age_s``) or the stream went
-   quiet (``idle_flush_s``).  Flushing decodes and validates every payload once
+   is full (``IngestConfig.flush_at``) or old (``batch_max_age_s``).  The collector
+   announces an MQTT 5 Receive Maximum of twice the batch size, so the broker keeps
+   sending while a batch is written, and never more than the collector can hold unacked.  Flushing decodes and validates every payload once
    (``ingest.batch``), writes the valid rows and the dead letters atomically
    (``ingest.lake``), publishes the retained status, and only then acknowledges the
    messages (paho ``manual_ack``).  A crash before the ack makes the broker redeliver:
@@ -151,7 +152,8 @@ class Collector:
         deadline = time.monotonic() + retry_s
         while True:
             try:
-                connect(self._client, self.url, clean_start=False, session_expiry_s=self.config.session_expiry_s)
+                connect(self._client, self.url, clean_start=False, session_expiry_s=self.config.session_expiry_s,
+                        receive_maximum=self.config.inflight_window)
                 break
             except ConnectError:
                 if time.monotonic() >= deadline:
@@ -190,12 +192,15 @@ class Collector:
 
     def _write_loop(self) -> None:
         cfg = self.config
+        idle_s = cfg.idle_flush_s
+        if idle_s is None:
+            idle_s = float("inf") if self._client.protocol == paho.MQTTv5 else 0.05
         batch: list[tuple] = []
         while True:
             timeout = cfg.status_interval_s
             if batch:
                 age = time.time() - batch[0][4]
-                timeout = max(0.0, min(cfg.idle_flush_s, cfg.batch_max_age_s - age))
+                timeout = max(0.0, min(idle_s, cfg.batch_max_age_s - age))
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -219,7 +224,7 @@ class Collector:
                         break
                     batch.append(more)
                     self._received += 1
-            if batch and (item is None or len(batch) >= cfg.flush_at
+            if batch and ((item is None and idle_s < cfg.batch_max_age_s) or len(batch) >= cfg.flush_at
                           or time.time() - batch[0][4] >= cfg.batch_max_age_s):
                 self._flush_until_done(batch)
                 batch = []

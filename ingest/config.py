@@ -28,14 +28,17 @@ class IngestConfig:
                 "($share/<group>/...) for several; shared/plain force one. Mosquitto 2.0.11 does not "
                 "restore shared subscriptions from persistence: after a broker restart it drops what is "
                 "published before the collectors resubscribe; a plain subscription keeps it"})
-    batch_max_messages: int = field(default=5000, metadata={"help": "flush a batch at this many messages"})
+    batch_max_messages: int = field(default=5000, metadata={
+        "help": "flush a batch at this many messages (at most inflight_window / 2)"})
     batch_max_age_s: float = field(default=1.0, metadata={
         "help": "flush a batch when its oldest message waited this long (wall seconds)"})
-    inflight_window: int = field(default=1000, metadata={
-        "help": "unacknowledged QoS 1 messages the broker sends before waiting for acks (Mosquitto's "
-                "max_inflight_messages); batches flush at half of it so the stream never stalls on a flush"})
-    idle_flush_s: float = field(default=0.05, metadata={
-        "help": "flush early when no message arrived for this long (wall seconds)"})
+    inflight_window: int = field(default=10_000, metadata={
+        "help": "MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send before it waits "
+                "for acks (max 65535); batches flush at half of it, so the stream never stalls on a flush"})
+    idle_flush_s: float | None = field(default=None, metadata={
+        "help": "flush early when no message arrived for this long (wall seconds); None: off with MQTT 5 "
+                "(the Receive Maximum bounds what is unacked), 0.05 s with MQTT 3.1.1 (the broker's own "
+                "in-flight limit, unknown here, could otherwise stall a batch until batch_max_age_s)"})
     session_expiry_s: int = field(default=7 * 24 * 3600, metadata={
         "help": "how long the broker keeps a disconnected collector's session and queue"})
     max_payload_bytes: int = field(default=DEFAULT_MAX_PAYLOAD_BYTES, metadata={
@@ -55,9 +58,11 @@ class IngestConfig:
             raise ValueError(f"batch_max_messages should be >= 1, got {self.batch_max_messages}")
         if not self.batch_max_age_s > 0:
             raise ValueError(f"batch_max_age_s should be > 0 seconds, got {self.batch_max_age_s}")
-        if self.inflight_window < 2:
-            raise ValueError(f"inflight_window should be >= 2 (the broker's max_inflight_messages), "
+        if not 2 <= self.inflight_window <= 65535:
+            raise ValueError(f"inflight_window should be 2..65535 (an MQTT 5 Receive Maximum), "
                              f"got {self.inflight_window}")
+        if self.idle_flush_s is not None and not self.idle_flush_s > 0:
+            raise ValueError(f"idle_flush_s should be > 0 seconds or None, got {self.idle_flush_s}")
         if self.session_expiry_s < 1:
             raise ValueError(f"session_expiry_s should be >= 1 so the broker keeps the session across a "
                              f"restart, got {self.session_expiry_s}")
@@ -82,7 +87,7 @@ class IngestConfig:
 
     @property
     def flush_at(self) -> int:
-        """Messages per batch: the size cap, but never more than half the broker's in-flight window."""
+        """Messages per batch: the size cap, but never more than half the in-flight window."""
         return max(1, min(self.batch_max_messages, self.inflight_window // 2))
 
 

@@ -187,13 +187,22 @@ def _window_days(lake: Lake, paths: list[str], config: BuildConfig, tails: dict[
         tables = [machine_windows(table.filter(pc.equal(keys, k)), **kwargs) for k in pc.unique(keys).to_pylist()]
     else:
         import ray
+        from ray.data.context import DataContext, ShuffleStrategy
 
         if not ray.is_initialized():
             ray.init(include_dashboard=False, configure_logging=False)
-        ds = ray.data.read_parquet(paths, filesystem=lake.fs, partitioning=None).select_columns(TELEMETRY_COLUMNS)
-        out = ds.groupby(["line", "machine"], num_partitions=config.partitions).map_groups(
-            machine_windows, fn_kwargs=kwargs, batch_format="pyarrow")
-        tables = ray.get(out.to_arrow_refs())
+        ctx = DataContext.get_current()
+        previous_strategy = ctx.shuffle_strategy
+        # Sort-based shuffle runs as plain tasks; the default hash shuffle starts aggregator actors,
+        # which cost more than they save for a group-by into a few dozen machines (measured).
+        ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+        try:
+            ds = ray.data.read_parquet(paths, filesystem=lake.fs, partitioning=None).select_columns(TELEMETRY_COLUMNS)
+            out = ds.groupby(["line", "machine"], num_partitions=config.partitions).map_groups(
+                machine_windows, fn_kwargs=kwargs, batch_format="pyarrow")
+            tables = ray.get(out.to_arrow_refs())
+        finally:
+            ctx.shuffle_strategy = previous_strategy
     tables = [t.cast(OUTPUT_SCHEMA) for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 

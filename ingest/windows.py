@@ -75,17 +75,15 @@ def machine_windows(group: pa.Table, config: WindowConfig, tails: dict[str, str]
     keep = np.ones(len(order), dtype=bool)
     keep[1:] = ids_sorted[1:] != ids_sorted[:-1]
     rows = group.take(pa.array(order))
-    ts_all = rows.column("ts").to_numpy()
-    days_all = [day_of(t) for t in ts_all]
+    ts_np = rows.column("ts").to_numpy()
+    day_no = (ts_np // 86400).astype(np.int64)  # epoch day of each row (UTC)
+    day_names = {d: day_of(d * 86400.0) for d in np.unique(day_no).tolist()}
 
-    # stats per day (raw rows and duplicates, before dropping them)
-    stats: dict[str, list] = {}
-    for day, k, t in zip(days_all, keep, ts_all):
-        s = stats.setdefault(day, [0, 0, t, t])
-        s[0] += 1
-        s[1] += 0 if k else 1
-        s[2] = min(s[2], t)
-        s[3] = max(s[3], t)
+    # stats per day (raw rows and duplicates, before dropping them), vectorised
+    bounds = np.flatnonzero(np.diff(day_no)) + 1
+    starts, ends = np.r_[0, bounds], np.r_[bounds, len(day_no)]
+    stats = [(day_names[int(day_no[a])], int(b - a), int((~keep[a:b]).sum()), float(ts_np[a:b].min()),
+              float(ts_np[a:b].max())) for a, b in zip(starts, ends)]
 
     wb = WindowBuilder(config)
     # The readings the next window continues from (what WindowBuilder holds, minus the oldest).
@@ -98,29 +96,38 @@ def machine_windows(group: pa.Table, config: WindowConfig, tails: dict[str, str]
             recent.append(t)
             last_seq = t.seq
 
+    # Plain Python lists for the per-row loop (numpy scalars and MAP-to-tuple conversion are slow).
     seqs = rows.column("seq").to_pylist()
     kinds = rows.column("kind").to_pylist()
-    readings = rows.column("readings").to_pylist()
+    ts_all = ts_np.tolist()
+    keep_all = keep.tolist()
+    last_of_day = np.zeros(len(seqs), dtype=bool)
+    last_of_day[ends - 1] = True
+    last_of_day = last_of_day.tolist()
+    day_all = day_no.tolist()
+    rmap = rows.column("readings").combine_chunks()
+    r_off = rmap.offsets.to_pylist()
+    r_keys = rmap.keys.to_pylist()
+    r_vals = rmap.items.to_pylist()
     kind = kinds[0]
     for i in range(len(seqs)):
-        if not keep[i]:
-            continue
-        t = Telemetry(event_id="", seq=seqs[i], ts=float(ts_all[i]), line=line, machine=machine, kind=kinds[i],
-                      readings=dict(readings[i]))
-        w = wb.push(t)
-        if t.seq > last_seq:  # WindowBuilder ignores replays and out-of-order readings; so do we
-            recent.append(t)
-            last_seq = t.seq
-        if w is not None:
-            _append(out, "window", days_all[i], line, machine, w.kind, w.start_seq, w.end_seq, w.start_ts,
-                    w.end_ts, w.text, 0, 0)
-        last_of_day = i + 1 == len(seqs) or days_all[i + 1] != days_all[i]
-        if last_of_day and recent:
+        if keep_all[i]:
+            a, b = r_off[i], r_off[i + 1]
+            t = Telemetry(event_id="", seq=seqs[i], ts=ts_all[i], line=line, machine=machine, kind=kinds[i],
+                          readings=dict(zip(r_keys[a:b], r_vals[a:b])))
+            w = wb.push(t)
+            if t.seq > last_seq:  # WindowBuilder ignores replays and out-of-order readings; so do we
+                recent.append(t)
+                last_seq = t.seq
+            if w is not None:
+                _append(out, "window", day_names[day_all[i]], line, machine, w.kind, w.start_seq, w.end_seq,
+                        w.start_ts, w.end_ts, w.text, 0, 0)
+        if last_of_day[i] and recent:
             buf = list(recent)
-            _append(out, "tail", days_all[i], line, machine, kind, buf[0].seq, buf[-1].seq, buf[0].ts,
+            _append(out, "tail", day_names[day_all[i]], line, machine, kind, buf[0].seq, buf[-1].seq, buf[0].ts,
                     buf[-1].ts, tail_json(buf), 0, 0)
-    for day, (n, d, lo, hi) in stats.items():
-        _append(out, "stats", day, line, machine, kind, 0, 0, float(lo), float(hi), "", n, d)
+    for day, n, d, lo, hi in stats:
+        _append(out, "stats", day, line, machine, kind, 0, 0, lo, hi, "", n, d)
     return pa.table(out, schema=OUTPUT_SCHEMA)
 
 

@@ -34,8 +34,8 @@ def running(broker, ray_local, tmp_path_factory):
 
     root = f"t{uuid.uuid4().hex[:8]}"
     lake = tmp_path_factory.mktemp("ingest") / "lake"
-    handle = start_ingest(broker.url, str(lake), IngestConfig(collectors=2, client_prefix=root,
-                                                              deadletter_max_bytes=256), topic_root=root)
+    config = IngestConfig(collectors=2, client_prefix=root, deadletter_max_bytes=256, batch_max_age_s=0.2)
+    handle = start_ingest(broker.url, str(lake), config, topic_root=root)
     yield {"handle": handle, "root": root, "lake": lake, "sent": [0], "examples": [0]}
     handle.stop(drain=True)
 
