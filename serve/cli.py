@@ -131,6 +131,7 @@ def _status(args) -> int:
 
 
 def _serve(args, tracking_uri, cfg, bcfg) -> int:
+    import signal
     import time
 
     from rich.console import Console
@@ -140,6 +141,8 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
     from serve.source import ServeError
 
     console = Console()
+    # SIGTERM (docker stop, Kubernetes, kill) stops as cleanly as Ctrl-C: bridge offline, app deleted.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with console.status(f"deploying {args.model_name}@{args.alias} on Ray Serve ..."):
             handle = start_serving(tracking_uri, args.model_name, args.alias, cfg, ray_address=args.ray_address)
@@ -172,6 +175,10 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
             bridge.stop()
         handle.shutdown()
     return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _redact(url: str) -> str:

@@ -49,6 +49,7 @@ class ServeConfig:
                 "model) or 'other-model@ref'; chosen per request with \"adapter\": name"})
     kind_adapters: dict[str, str] = field(default_factory=dict, metadata={
         "help": "default adapter per machine kind for windows that name none, e.g. {pump: pump}"})
+    access_log: bool = field(default=False, metadata={"help": "log every HTTP request in the replicas"})
     health_timeout_s: float = field(default=180.0, metadata={"help": "how long start_serving waits for health"})
 
     def __post_init__(self):

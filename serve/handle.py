@@ -166,7 +166,8 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
         ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
     ).bind(tracking_uri, model_name, alias, asdict(config))
     try:
-        ray_serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+        ray_serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False,
+                      logging_config={"enable_access_log": config.access_log})
     except Exception as exc:  # noqa: BLE001 - Ray wraps replica start errors in several types
         raise ServeError(f"the serve app for {model_name}@{alias} did not start: {exc}"
                          f"{_deployment_messages(config.app_name)}") from None
