@@ -73,19 +73,39 @@ class RayCluster:
                 *_ports("node-manager-port", "object-manager-port", "metrics-export-port",
                         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")]
 
-    def _launch(self, name: str, args: list[str]) -> None:
-        log = Path(self.temp_dir) / f"{name}.log"
-        with open(log, "wb") as out:
-            # Own session: the whole node (gcs, raylet, workers) is one process group we can end.
-            p = subprocess.Popen([str(BIN / "ray"), "start", *args, *self._common()], stdout=out,
-                                 stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
-        self.procs.append((name, p, log))
-        deadline = time.monotonic() + self.start_timeout_s
-        while "Ray runtime started" not in log.read_text(errors="replace"):
-            if p.poll() is not None or time.monotonic() > deadline:
+    def _launch(self, name: str, args: list[str], attempts: int = 1) -> None:
+        for attempt in range(1, attempts + 1):
+            log = Path(self.temp_dir) / f"{name}-{attempt}.log"
+            with open(log, "wb") as out:
+                # Own session: the whole node (gcs, raylet, workers) is one process group we can end.
+                p = subprocess.Popen([str(BIN / "ray"), "start", *args, *self._common()], stdout=out,
+                                     stderr=subprocess.STDOUT, env=self.env(), start_new_session=True)
+            self.procs.append((name, p, log))
+            deadline = time.monotonic() + self.start_timeout_s
+            while "Ray runtime started" not in log.read_text(errors="replace"):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            else:
+                return
+            # On a busy machine a joining node can miss the GCS's 30 s startup deadline; try again.
+            self._end(p)
+            if attempt == attempts:
                 raise RuntimeError(f"`ray start` ({name}) did not start (exit {p.poll()}); its log {log}:\n"
                                    + log.read_text(errors="replace")[-3000:])
-            time.sleep(0.5)
+
+    @staticmethod
+    def _end(p: subprocess.Popen) -> None:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # whatever is left of that node's process group
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def start(self) -> "RayCluster":
         try:
@@ -93,7 +113,7 @@ class RayCluster:
                                   "--dashboard-host=127.0.0.1",
                                   *_ports("dashboard-port", "ray-client-server-port")])
             for i in range(self.workers):
-                self._launch(f"worker{i}", [f"--address={self.address}"])
+                self._launch(f"worker{i}", [f"--address={self.address}"], attempts=3)
             self.wait_nodes(1 + self.workers)
         except BaseException:
             self.stop()
@@ -106,14 +126,7 @@ class RayCluster:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for _, p, _ in reversed(self.procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # whatever is left of that node's process group
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            self._end(p)
         self._kill_stragglers()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
