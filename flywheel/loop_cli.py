@@ -87,10 +87,21 @@ def _load(args, require_config: bool = False):
     return load_campaign(args.config, overrides)
 
 
+def _sigterm_as_interrupt() -> None:
+    """SIGTERM (docker stop, kill) unwinds like Ctrl-C, so every component stops cleanly."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _run(args, cfg, max_new_turns=None) -> int:
     from flywheel.loop import CampaignError, run_campaign
     from flywheel.report import write_report
 
+    _sigterm_as_interrupt()
     try:
         run_campaign(cfg, args.workdir, broker_url=args.broker, mlflow_uri=args.mlflow_uri,
                      ray_address=args.ray_address, max_new_turns=max_new_turns,
