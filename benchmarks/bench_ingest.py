@@ -137,7 +137,7 @@ def run_ingest(url: str, port: int, root: str, files, expected: int, collectors:
             raise
         t1 = time.time()
     finally:
-        handle.stop(drain=True)
+        handle.stop(drain=True, leave=True)  # end the sessions: the next run starts clean
     ids = pd.read_parquet(os.path.join(lake, "raw", "telemetry"), columns=["event_id"])["event_id"]
     if ids.nunique() != n_warm + expected:
         raise RuntimeError(f"lake holds {ids.nunique()} distinct events of {n_warm + expected}: loss")

@@ -18,8 +18,9 @@ _FMT = argparse.RawDescriptionHelpFormatter
 def register(sub, common) -> None:
     p = sub.add_parser(
         "ingest", help="collect MQTT telemetry and events into the Parquet lake (Ray actors)",
-        description="Start N collector actors on Ray that share the plant's MQTT stream (MQTT 5 shared "
-                    "subscription, QoS 1, persistent sessions), validate every message, write atomic Parquet "
+        description="Start N collector actors on Ray that share the plant's MQTT stream (QoS 1, persistent "
+                    "sessions; an MQTT 5 shared subscription when N > 1), validate every message, write atomic "
+                    "Parquet "
                     "batches to <workdir>/lake and acknowledge only what is written. Runs until Ctrl-C "
                     "(then flushes and disconnects; the broker keeps the sessions). --status prints the "
                     "counters the running collectors publish on <root>/_status/ingest-<i> and exits.",

@@ -45,6 +45,8 @@ from collections import Counter
 from typing import Callable
 
 import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from flywheel import contract
 from flywheel.mqtt import BrokerURL, ConnectError, connect, make_client
@@ -164,21 +166,42 @@ class Collector:
         self._writer.start()
         return self
 
-    def stop(self, drain: bool = True, timeout_s: float = 60.0) -> dict:
-        """Flush and ack what arrived (``drain``), publish an offline status, disconnect; session kept."""
+    def stop(self, drain: bool = True, leave: bool = False, timeout_s: float = 60.0) -> dict:
+        """Flush and ack what arrived (``drain``), publish an offline status and disconnect.
+
+        The broker keeps the session, so messages published while the collector is away
+        wait for it.  ``leave=True`` is for a collector that will not come back (scale-down,
+        benchmarks): it unsubscribes, writes and acks what was still in flight, and ends its
+        session, so an offline shared-subscription member strands nothing.
+        """
         if self._writer is None:
             return self.status()
-        self._drain_on_stop = drain
-        if not drain:
+        self._drain_on_stop = drain or leave
+        if not self._drain_on_stop:
             self._client.disconnect()  # unacked messages wait in the session for the next start
         self._queue.put(_STOP)
         self._writer.join(timeout_s)
         self._writer = None
-        if drain:
+        if leave:
+            self._leave(timeout_s)
+        if self._drain_on_stop:
             self._publish_status(online=False)
-            self._client.disconnect()
+            props = None
+            if leave and self._client.protocol == paho.MQTTv5:
+                props = Properties(PacketTypes.DISCONNECT)
+                props.SessionExpiryInterval = 0  # end the session now
+            self._client.disconnect(properties=props)
         self._client.loop_stop()
         return self.status()
+
+    def _leave(self, timeout_s: float) -> None:
+        done = threading.Event()
+        self._client.on_unsubscribe = lambda *args: done.set()
+        wanted, _ = self._filters()
+        self._client.unsubscribe(wanted)
+        done.wait(timeout_s)
+        time.sleep(0.2)  # anything sent before the UNSUBACK is in the queue by now
+        self._drain([])  # the broker sends nothing more: write and ack the rest
 
     # ------------------------------------------------------------------ writer thread
     def _run_writer(self) -> None:

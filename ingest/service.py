@@ -53,8 +53,8 @@ def _actor_class():
             def status(self) -> dict:
                 return self.collector.status()
 
-            def stop(self, drain: bool = True) -> dict:
-                return self.collector.stop(drain=drain)
+            def stop(self, drain: bool = True, leave: bool = False) -> dict:
+                return self.collector.stop(drain=drain, leave=leave)
 
             def pid(self) -> int:
                 return os.getpid()
@@ -116,13 +116,18 @@ class IngestHandle:
                     f"and broker {self.broker_url}, or raise timeout_s.")
             time.sleep(poll_s)
 
-    def stop(self, drain: bool = True) -> dict:
-        """Flush and ack (``drain``), publish offline status, disconnect (sessions kept), end the actors."""
+    def stop(self, drain: bool = True, leave: bool = False) -> dict:
+        """Flush and ack (``drain``), publish offline status, disconnect, end the actors.
+
+        Sessions are kept, so what is published while ingest is stopped waits for the next
+        start with the same ``client_prefix``.  ``leave=True`` ends the sessions instead
+        (ingest will not come back under these client ids).
+        """
         import ray
 
         if self._stopped:
             return {}
-        final = ray.get([a.stop.remote(drain) for a in self.actors], timeout=120)
+        final = ray.get([a.stop.remote(drain, leave) for a in self.actors], timeout=120)
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self._stopped = True
@@ -152,4 +157,44 @@ def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestCo
         for a in actors:
             ray.kill(a, no_restart=True)
         raise
+    retire_stale_collectors(broker_url, lake.uri, config, topic_root)
     return handle
+
+
+def retire_stale_collectors(broker_url: str, lake_uri: str, config: IngestConfig, topic_root: str,
+                            quiet_s: float = 1.0, timeout_s: float = 60.0) -> list[str]:
+    """Drain and end the sessions of collectors beyond ``config.collectors`` (a scale-down).
+
+    An offline member of an MQTT shared subscription keeps its share: the broker queues
+    every n-th message for it until it returns.  A collector index that an earlier run
+    had and this one does not is therefore reconnected here, under its own client id,
+    to land what was queued for it, then it unsubscribes and ends its session.  Found
+    through the retained status topics, which name each collector's client id.
+    """
+    from flywheel import contract
+    from flywheel.mqtt import connect, make_client
+    from ingest.collector import Collector
+    from ingest.status import read_statuses
+
+    retired = []
+    for name, status in read_statuses(broker_url, topic_root).items():
+        index = int(name.rsplit("-", 1)[1]) if name.rsplit("-", 1)[1].isdigit() else -1
+        if index < config.collectors or status.info.get("client_id") != config.client_id(index) or status.online:
+            continue
+        collector = Collector(broker_url, lake_uri, config, index=index, topic_root=topic_root).start()
+        deadline = time.monotonic() + timeout_s
+        last, since = -1, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet_s + config.batch_max_age_s:
+            received = collector.status()["received"]
+            if received != last:
+                last, since = received, time.monotonic()
+            time.sleep(0.1)
+        collector.stop(drain=True, leave=True)
+        # Clear the retained status, so the next start does not look for this collector again.
+        client = make_client(broker_url, prefix="flywheel-ingest-retire")
+        connect(client, broker_url)
+        client.publish(contract.Topics(topic_root).status(name), b"", qos=1, retain=True).wait_for_publish(10)
+        client.disconnect()
+        client.loop_stop()
+        retired.append(config.client_id(index))
+    return retired

@@ -170,3 +170,25 @@ def test_broker_restart_mid_stream_loses_no_acknowledged_event(broker_factory, r
     assert {m.event_id for m in acked} <= landed
     landed_msgs = [m for m in msgs if m.event_id in landed]
     _assert_dataset_equals_clean_build(lake, landed_msgs, tmp_path)
+
+
+def test_scale_down_drains_the_share_of_a_retired_collector(broker, ray_local, publish, uid, tmp_path):
+    """2 collectors stop (sessions kept), the plant publishes, 1 collector starts: nothing is stranded."""
+    lake = tmp_path / "lake"
+    two = start_ingest(broker.url, str(lake), IngestConfig(collectors=2, client_prefix=uid, batch_max_age_s=0.2),
+                       topic_root=uid)
+    two.stop(drain=True)  # sessions kept: each member's share of what comes next waits for it
+    msgs, items = _published_plant(uid, 4, seed=13)
+    assert len(publish(broker.url, items)) == len(items)
+    one = start_ingest(broker.url, str(lake), IngestConfig(collectors=1, client_prefix=uid, batch_max_age_s=0.2),
+                       topic_root=uid)
+    try:
+        deadline = time.monotonic() + 30
+        while len(set(_lake_ids(lake)) | set(_lake_ids(lake, "events"))) < len(msgs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        one.stop(drain=True, leave=True)
+    assert set(_lake_ids(lake)) | set(_lake_ids(lake, "events")) == {m.event_id for m in msgs}
+    from ingest.status import read_statuses
+
+    assert set(read_statuses(broker.url, uid)) == {"ingest-0"}  # the retired collector's status is gone
