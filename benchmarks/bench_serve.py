@@ -197,7 +197,7 @@ def swap_under_load(h, uri: str, work: Path, adapter_dir: Path, texts: list[str]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="3 short runs (about 1-2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="3 short runs (about 1-2 minutes on an idle machine)")
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads on both sides (default 1: on 2 shared cores more threads only contend)")
@@ -205,8 +205,8 @@ def main() -> int:
     global TORCH_THREADS
     TORCH_THREADS = args.torch_threads
     runs = args.runs or (3 if args.quick else 5)
-    dur = 2.0 if args.quick else 5.0
-    n_lat = 100 if args.quick else 300
+    dur = 1.5 if args.quick else 5.0
+    n_lat = 40 if args.quick else 300
 
     import ray
     import torch
