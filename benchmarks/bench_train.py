@@ -1,7 +1,8 @@
 """Benchmark of the fine-tune stage: our training core against a bare PyTorch loop.
 
-    python benchmarks/bench_train.py            # ~3-5 min on 2 CPU cores
-    python benchmarks/bench_train.py --quick    # < 1 min
+    python benchmarks/bench_train.py            # ~2-3 min on 2 idle CPU cores
+    python benchmarks/bench_train.py --quick    # < 1 min idle
+    python benchmarks/bench_train.py --threads 1   # steadiest CPU-time numbers on a shared machine
     python benchmarks/bench_train.py --gpu      # + bf16 LoRA on a Qwen2.5-0.5B-sized model (CUDA only)
 
 What it measures (medians of several runs, baselines measured in the same process, runs
@@ -184,12 +185,15 @@ def _reset_peak_rss() -> None:
 
 
 def bench_lora_vs_full(runs: int, steps: int, batch_size: int) -> dict:
+    import torch
+
     out = {}
     for mode in ("lora", "full"):
         res = []
         for _ in range(runs):
             p = subprocess.run([sys.executable, __file__, "--child", mode, "--steps", str(steps),
-                                "--batch-size", str(batch_size)], capture_output=True, text=True, check=True)
+                                "--batch-size", str(batch_size), "--threads", str(torch.get_num_threads())],
+                               capture_output=True, text=True, check=True)
             res.append(json.loads(p.stdout.strip().splitlines()[-1]))
         out[mode] = {"trainable_params": res[0]["trainable_params"],
                      **{k: statistics.median(r[k] for r in res) for k in (
@@ -252,24 +256,27 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer, shorter runs (< 1 min)")
     ap.add_argument("--gpu", action="store_true", help="also run the CUDA bf16 part (skips without a GPU)")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch CPU threads (default: the cores available). On a shared machine 1 thread gives "
+                         "the steadiest CPU-time numbers (no spinning at thread barriers)")
     ap.add_argument("--child", choices=("lora", "full"), help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     import torch
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(a.threads or len(os.sched_getaffinity(0)))
     if a.child:
         print(json.dumps(child_peak(a.child, a.steps, a.batch_size)))
         return 0
-    runs, steps, bs = (3, 4, 16) if a.quick else (5, 10, 32)
+    runs, steps, bs = (3, 3, 16) if a.quick else (5, 5, 32)
     t0 = time.perf_counter()
     res = {"machine": f"{os.cpu_count()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
            "date": time.strftime("%Y-%m-%d"), "quick": a.quick}
     print("core vs bare loop, MLflow logging ...", file=sys.stderr)
     res["overhead"] = bench_overhead(runs, steps, bs)
     print("LoRA vs full fine-tune (subprocesses) ...", file=sys.stderr)
-    res["lora_vs_full"] = bench_lora_vs_full(1 if a.quick else 3, 3 if a.quick else 6, bs)
+    res["lora_vs_full"] = bench_lora_vs_full(1 if a.quick else 2, 3 if a.quick else 4, bs)
     if a.gpu:
         res["gpu"] = bench_gpu()
     else:

@@ -83,13 +83,14 @@ def build_model(config: TrainConfig, device: DeviceSpec, warm_start_dir: str | N
 
     from finetune.model import ModelError, read_adapter_meta
 
-    torch.manual_seed(config.seed)  # before load: the new classification head initialises the same
-    model, tok = load_base(config.base_model, device=device, trust_remote_code=config.trust_remote_code)
     if warm_start_dir:
         meta = read_adapter_meta(warm_start_dir)
         if meta.get("base_model") != config.base_model:
             raise ModelError(f"warm start needs the champion's base model {meta.get('base_model')!r}, "
                              f"but this run uses {config.base_model!r}; set warm_start=false")
+    torch.manual_seed(config.seed)  # before load: the new classification head initialises the same
+    model, tok = load_base(config.base_model, device=device, trust_remote_code=config.trust_remote_code)
+    if warm_start_dir:
         model = PeftModel.from_pretrained(model, str(warm_start_dir), is_trainable=True)
     else:
         model = add_lora(model, config.lora)

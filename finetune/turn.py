@@ -135,8 +135,10 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             confusion_png(report, work / "eval" / "confusion_matrix.png")
             (work / "eval" / "confusion_matrix.json").write_text(json.dumps(
                 {"labels": report.labels, "matrix": report.confusion.tolist(), "rows": "truth", "columns": "prediction"}))
-            (work / "eval" / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
             client.log_artifacts(run_id, str(work / "eval"), "eval")
+            (work / "config").mkdir()
+            (work / "config" / "train_config.json").write_text(json.dumps(asdict(config), indent=2))
+            client.log_artifacts(run_id, str(work / "config"), "config")
             client.log_artifacts(run_id, adapter_dir, "adapter")
             save_pyfunc(adapter_dir, work / MODEL_ARTIFACT)
             client.log_artifacts(run_id, str(work / MODEL_ARTIFACT), MODEL_ARTIFACT)

@@ -108,3 +108,34 @@ def _eval_frame():
     from finetune.synthetic import make_rows
 
     return pd.DataFrame(make_rows(20, 42))
+
+
+def test_empty_eval_split_registers_but_refuses_to_promote(snapshot_dir, tmp_path, mlflow_uri):
+    from finetune import train_and_register
+    from finetune.synthetic import write_snapshot
+
+    rows = pd.read_parquet(f"{snapshot_dir}/train.parquet").to_dict("records")[:64]
+    snap = write_snapshot(tmp_path / "ds-noeval", train_rows=rows, eval_rows=[])
+    o = train_and_register(str(snap), fast_config(tmp_path, max_steps=1), mlflow_uri, progress=False)
+    assert not o.promoted and "eval split is empty" in o.reason and o.champion_version is None
+    assert get_version(mlflow_uri, "fault-detector", "challenger").version == o.version
+    with pytest.raises(RegistryError, match="no alias 'champion'"):
+        get_version(mlflow_uri, "fault-detector", "champion")
+
+
+def test_warm_start_continues_from_the_champion(registry, snapshot_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from finetune.launch import train_plain
+    from finetune.model import ModelError
+
+    _, first = registry
+    cfg = fast_config(tmp_path, max_steps=1, lr=1e-9, warm_start=True)
+    res = train_plain(snapshot_dir, cfg, tmp_path / "warm", progress=False, warm_start_dir=first.adapter_dir)
+    a = load_file(f"{first.adapter_dir}/adapter_model.safetensors")
+    b = load_file(f"{res.adapter_dir}/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-5) for k in a)  # lr ~ 0: still the champion
+    with pytest.raises(ModelError, match="warm start needs the champion's base model"):
+        train_plain(snapshot_dir, fast_config(tmp_path, base_model="./elsewhere", warm_start=True),
+                    tmp_path / "warm2", progress=False, warm_start_dir=first.adapter_dir)
