@@ -9,7 +9,8 @@ Topics (root ``factory`` by default)::
 
     {root}/{line}/{machine}/telemetry    QoS 1  sim -> ingest, serve      Telemetry
     {root}/{line}/{machine}/event        QoS 1  sim -> ingest             MachineEvent
-    {root}/{line}/{machine}/prediction   QoS 0  serve -> anyone           Prediction
+    {root}/{line}/{machine}/prediction   QoS 1  serve -> anyone           Prediction
+                                          (QoS 1, not 0: the simulator's lockstep waits for every one)
     {root}/{line}/{machine}/command      QoS 1  serve/person -> sim       Command
     {root}/_status/{component}           QoS 1, retained                  Status
 

@@ -357,8 +357,7 @@ class Campaign:
             from serve.bridge import Bridge
 
             bridge = Bridge(self.broker_url, self.serving.url, self.stages["bridge"], topic_root=cfg.topic_root)
-            bridge.start()
-            time.sleep(0.5)  # let its SUBSCRIBE reach the broker before the period's first telemetry
+            bridge.start()  # returns once the broker confirmed its subscriptions
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
                                lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,
                                **_runner_window_kwargs(MqttSimRunner, self.stages["window"]))
