@@ -211,3 +211,29 @@ class FaultDetector:
 
     def __del__(self):
         self._stop.set()
+
+
+def build_app(args: dict):
+    """Application builder for ``serve run`` / KubeRay RayService (``import_path: serve.app:build_app``).
+
+    ``args``: ``tracking_uri``, ``model_name`` (default fault-detector), ``alias`` (default
+    champion) and ``config`` (ServeConfig fields).  Unknown keys are an error, as everywhere.
+    """
+    from flywheel.config import ConfigError, from_dict
+
+    from serve.config import ServeConfig
+
+    args = dict(args or {})
+    unknown = set(args) - {"tracking_uri", "model_name", "alias", "config"}
+    if unknown:
+        raise ConfigError(f"serve.app:build_app got unknown args {sorted(unknown)}; "
+                          "known: tracking_uri, model_name, alias, config")
+    if not args.get("tracking_uri"):
+        raise ConfigError("serve.app:build_app needs args.tracking_uri (the MLflow server)")
+    config = from_dict(ServeConfig, args.get("config") or {}, prefix="config.")
+    return FaultDetector.options(
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=max(64, 4 * config.max_batch_size),
+        ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
+    ).bind(args["tracking_uri"], args.get("model_name", "fault-detector"), args.get("alias", "champion"),
+           asdict(config))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-ACTIONS = ("start", "rollback", "status")
+ACTIONS = ("start", "rollback", "status", "bridge")
 
 EPILOG = """\
 actions (first positional argument, default start):
@@ -92,6 +92,8 @@ def run(args) -> int:
     tracking_uri = args.mlflow_uri or f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}"
     if action == "status":
         return _status(args)
+    if action == "bridge":
+        return _bridge_only(args, load(BridgeConfig, args.config, bridge_o, section="bridge"))
     if action == "rollback":
         try:
             version = rollback(tracking_uri, args.model_name, args.alias, args.url)
@@ -114,6 +116,30 @@ def run(args) -> int:
         print("flywheel serve: --bridge needs --broker mqtt://host:port (the plant's broker)")
         return 2
     return _serve(args, tracking_uri, cfg, bcfg)
+
+
+def _bridge_only(args, bcfg) -> int:
+    """``flywheel serve bridge --url URL --broker URL``: only the MQTT bridge, against a running app
+    (e.g. a KubeRay RayService); the app itself is deployed elsewhere."""
+    import signal
+    import time
+
+    from serve.bridge import Bridge
+
+    if not args.url or not args.broker:
+        print("flywheel serve bridge: give the running app's --url and the plant's --broker")
+        return 2
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    bridge = Bridge(args.broker, args.url, bcfg, topic_root=args.topic_root).start()
+    print(f"bridge: {_redact(args.broker)} -> {args.url} (threshold {bcfg.threshold}); Ctrl-C stops")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print("stopping")
+    finally:
+        bridge.stop()
+    return 0
 
 
 def _status(args) -> int:
