@@ -50,8 +50,12 @@ def test_pyfunc_loads_from_the_champion_alias_and_predicts(registry, snapshot_di
     import mlflow
 
     uri, _ = registry
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/fault-detector@champion")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)  # what a user of the registry does; restored below for other tests
+    try:
+        model = mlflow.pyfunc.load_model("models:/fault-detector@champion")
+    finally:
+        mlflow.set_tracking_uri(previous)
     texts = list(pd.read_parquet(f"{snapshot_dir}/eval.parquet")["text"][:6])
     df = model.predict(pd.DataFrame({"text": texts}))
     assert list(df.columns) == list(LABELS) and len(df) == 6
