@@ -42,18 +42,22 @@ def label_windows(windows: pd.DataFrame, events: pd.DataFrame, horizon_s: float,
     decisive = events[events["type"].isin(DECISIVE)] if len(events) else events
     by_machine = {k: g.sort_values(["ts", "seq"]) for k, g in decisive.groupby(["line", "machine"], sort=False)} \
         if len(decisive) else {}
+    all_end_ts = out["end_ts"].to_numpy(dtype=float)
+    all_end_seq = out["end_seq"].to_numpy(dtype=np.int64)
     for (line, machine), idx in out.groupby(["line", "machine"], sort=False).indices.items():
-        end_ts = out["end_ts"].to_numpy()[idx]
-        end_seq = out["end_seq"].to_numpy()[idx]
+        end_ts = all_end_ts[idx]
+        end_seq = all_end_seq[idx]
         known[idx] = end_ts + horizon_s <= max_ts.get((line, machine), -np.inf)
         ev = by_machine.get((line, machine))
         if ev is None or len(ev) == 0:
             continue
-        ev_ts = ev["ts"].to_numpy()
-        ev_seq = ev["seq"].to_numpy()
-        ev_type = ev["type"].to_numpy()
-        ev_value = np.where(ev_type == "failure", ev["mode"].to_numpy(), ev["finding"].to_numpy())
-        first = np.searchsorted(ev_ts, end_ts, side="left")
+        ev_ts = ev["ts"].to_numpy(dtype=float)
+        ev_seq = ev["seq"].to_numpy(dtype=np.int64)
+        ev_type = ev["type"].to_numpy(dtype=object)
+        ev_value = np.where(ev_type == "failure", ev["mode"].to_numpy(dtype=object),
+                            ev["finding"].to_numpy(dtype=object))
+        first = np.searchsorted(ev_ts, end_ts, side="left").tolist()
+        end_ts, end_seq = end_ts.tolist(), end_seq.tolist()
         for j, i in enumerate(first):
             # An event at the very second of the window's end counts only if it came after the reading.
             while i < len(ev_ts) and ev_ts[i] == end_ts[j] and ev_seq[i] <= end_seq[j]:
