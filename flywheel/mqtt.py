@@ -147,8 +147,9 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
 
     def on_disconnect(c, userdata, flags, reason_code, properties):
         # Dropped before CONNACK (e.g. plain MQTT to a TLS port): fail now, not at the timeout.
-        result.setdefault("rc", reason_code)
-        result.setdefault("dropped", True)
+        if "rc" not in result:  # a refusal's CONNACK came first: keep its reason
+            result["rc"] = reason_code
+            result["dropped"] = True
         done.set()
         if prev_disconnect is not None:
             prev_disconnect(c, userdata, flags, reason_code, properties)
