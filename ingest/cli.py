@@ -117,8 +117,10 @@ def run_ingest(args) -> int:
     from ingest.service import start_ingest
 
     lake = _lake(args)
+    from flywheel.mqtt import BrokerURL  # prints the URL with its password redacted
+
     handle = start_ingest(args.broker, lake, config, topic_root=args.topic_root)
-    console.print(f"ingesting {args.topic_root}/+/+/(telemetry|event) from {args.broker} into {lake} "
+    console.print(f"ingesting {args.topic_root}/+/+/(telemetry|event) from {BrokerURL.parse(args.broker)} into {lake} "
                   f"with {config.collectors} collector(s); Ctrl-C stops")
     t0 = time.monotonic()
 
