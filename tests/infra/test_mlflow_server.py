@@ -78,7 +78,9 @@ def test_run_metrics_artifact_registry_and_alias_over_http(tracking_server, monk
 
     uri = tracking_server.url
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(None)  # follow the environment variable, as a deployed pod does
+    # A deployed pod follows the environment variable; in a long test session another test's
+    # in-process tracking URI may still be in force, so pin the same URI explicitly too.
+    mlflow.set_tracking_uri(uri)
     assert mlflow.get_tracking_uri() == uri
 
     experiment = f"flywheel-infra-{uuid.uuid4().hex[:8]}"
