@@ -1,4 +1,4 @@
-"""One MQTT collector: shared subscription in, atomic Parquet batches out, acks last.
+"""One MQTT collector: QoS 1 messages in, atomic Parquet batches out, acks last.
 
 Message path, and why each step is where it is:
 
@@ -8,12 +8,12 @@ Message path, and why each step is where it is:
 2. The writer thread takes messages off the queue into a batch, and flushes it when it
    is full (``IngestConfig.flush_at``) or old (``batch_max_age_s``).  The collector
    announces an MQTT 5 Receive Maximum of twice the batch size, so the broker keeps
-   sending while a batch is written, and never more than the collector can hold unacked.  Flushing decodes and validates every payload once
-   (``ingest.batch``), writes the valid rows and the dead letters atomically
-   (``ingest.lake``), publishes the retained status, and only then acknowledges the
-   messages (paho ``manual_ack``).  A crash before the ack makes the broker redeliver:
-   duplicates are possible, loss of an acknowledged message is not; the dataset
-   builder removes duplicates by ``event_id``.
+   sending while a batch is written, and never more than the collector can hold
+   unacked.  Flushing decodes and validates every payload once (``ingest.batch``),
+   writes the valid rows and the dead letters atomically (``ingest.lake``), publishes
+   the retained status, and only then acknowledges the messages (paho ``manual_ack``).
+   A crash before the ack makes the broker redeliver: duplicates are possible, loss of
+   an acknowledged message is not; the dataset builder removes duplicates by ``event_id``.
 3. Acks belong to one connection: a message received before a reconnect is written but
    never acked on the new connection (its packet id may by then name another message);
    the broker redelivers it and the copy is removed downstream.

@@ -102,7 +102,8 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     rebuilt_days = [d for d in days if first is not None and d >= first and d in tel_files]
     new_rows = OUTPUT_SCHEMA.empty_table()
     if rebuilt_days:
-        say(f"windowing {len(rebuilt_days)} day(s) of telemetry ({'Ray Data' if config.engine == 'ray' else 'local'}) "
+        engine = "Ray Data" if config.engine == "ray" else "in-process"
+        say(f"windowing {len(rebuilt_days)} day(s) of telemetry with {engine} "
             f"(reusing {len(set(reused['partition'].to_pylist()))})")
         new_rows = _window_days(lake, [p for d in rebuilt_days for p, _ in tel_files[d]], config,
                                 _seed_tails(reused))

@@ -31,7 +31,8 @@ def test_ingest_runs_then_status_reads_the_retained_counters(broker, ray_local, 
 
 def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, capsys):
     t0 = day_start()
-    msgs = stream([("l1", "p1", "pump")], t0, 30 * 3600, incidents=[Incident("p1", t0 + 5 * 3600 + 30, "failure", "BRG")])
+    msgs = stream([("l1", "p1", "pump")], t0, 30 * 3600,
+                  incidents=[Incident("p1", t0 + 5 * 3600 + 30, "failure", "BRG")])
     write_lake(str(tmp_path / "lake"), msgs)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     assert main(["dataset", "build", "--workdir", str(tmp_path), "--mlflow-uri", uri, "engine=local",
