@@ -228,6 +228,9 @@ def run_foreground(port: int | None, host: str, impl: str, data_dir: str | None,
         stop["flag"] = True
 
     signal.signal(signal.SIGTERM, handler)
+    # Also SIGINT explicitly: a process started in the background by a non-interactive shell
+    # inherits SIGINT as ignored, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, handler)
     broker.start()
     print_fn(f"{broker.impl} broker listening at {broker.url}  (data in {broker.data_dir}; Ctrl-C stops)")
     try:

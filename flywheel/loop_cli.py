@@ -95,6 +95,9 @@ def _sigterm_as_interrupt() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+    # A background start by a non-interactive shell inherits SIGINT as ignored; Ctrl-C/kill -INT
+    # must still stop the campaign cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run(args, cfg, max_new_turns=None) -> int:
