@@ -84,29 +84,23 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
     paths = []
     seeds = f" (mean ± SD over {len(tables)} seeds)" if len(tables) > 1 else ""
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    _plot_line(ax, tables, "oee", "served model", COLORS["model"], pct=True)
-    for p in POLICIES:
-        _plot_line(ax, tables, f"oee_{p}", LABELS[p], COLORS[p], pct=True)
-    ax.set(xlabel="turn (0 = run to failure, collecting data)", ylabel="OEE (%)", title=f"{title}: OEE per turn{seeds}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(out_dir / "oee.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    def model_vs_baselines(model_key, baseline_prefix, pct, xlabel, ylabel, what, name):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        _plot_line(ax, tables, model_key, "served model", COLORS["model"], pct=pct)
+        for p in POLICIES:
+            _plot_line(ax, tables, f"{baseline_prefix}_{p}", LABELS[p], COLORS[p], pct=pct)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title}: {what}{seeds}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(out_dir / name)
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    _plot_line(ax, tables, "unplanned_downtime_min", "served model", COLORS["model"])
-    for p in POLICIES:
-        _plot_line(ax, tables, f"downtime_{p}", LABELS[p], COLORS[p])
-    ax.set(xlabel="turn", ylabel="unplanned downtime (plant min)", title=f"{title}: unplanned downtime{seeds}")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    paths.append(out_dir / "downtime.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    model_vs_baselines("oee", "oee", True, "turn (0 = run to failure, collecting data)", "OEE (%)",
+                       "OEE per turn", "oee.png")
+    model_vs_baselines("unplanned_downtime_min", "downtime", False, "turn", "unplanned downtime (plant min)",
+                       "unplanned downtime", "downtime.png")
 
     fig, ax1 = plt.subplots(figsize=(7, 4.2))
     _plot_line(ax1, tables, "macro_f1", "macro-F1", "#9467bd")
