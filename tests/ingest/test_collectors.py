@@ -103,10 +103,6 @@ def _assert_dataset_equals_clean_build(lake_dir, msgs, tmp_path):
     return got
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known intermittent bug (issue #3 stays open): in one clean-clone run the restarted collector "
-    "got 595 of 995 messages within 90 s - the broker did not redeliver the rest to the reconnected "
-    "persistent session in time; it passed in every other run"))
 def test_killed_collector_restarts_and_loses_nothing(broker, ray_local, publish, uid, tmp_path):
     import ray
 
