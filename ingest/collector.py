@@ -105,7 +105,12 @@ class Collector:
         client = make_client(self.url, self.client_id, manual_ack=True)
         client.reconnect_delay_set(min_delay=1, max_delay=5)
         offline = contract.Status(component=self.component, online=False, info={"client_id": self.client_id})
-        client.will_set(self.topics.status(self.component), contract.encode(offline), qos=1, retain=True)
+        will_props = None
+        if client.protocol == paho.MQTTv5 and self.config.offline_after_s > 0:
+            will_props = Properties(PacketTypes.WILLMESSAGE)
+            will_props.WillDelayInterval = self.config.offline_after_s  # a quick restart does not flap offline
+        client.will_set(self.topics.status(self.component), contract.encode(offline), qos=1, retain=True,
+                        properties=will_props)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

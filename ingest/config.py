@@ -41,6 +41,9 @@ class IngestConfig:
                 "in-flight limit, unknown here, could otherwise stall a batch until batch_max_age_s)"})
     session_expiry_s: int = field(default=7 * 24 * 3600, metadata={
         "help": "how long the broker keeps a disconnected collector's session and queue"})
+    offline_after_s: int = field(default=30, metadata={
+        "help": "MQTT 5 Will Delay: a crashed collector is marked offline on its status topic only if it "
+                "has not reconnected within this many seconds (a Ray restart usually takes a few)"})
     max_payload_bytes: int = field(default=DEFAULT_MAX_PAYLOAD_BYTES, metadata={
         "help": "payloads above this size are dead-lettered (reason too_large)"})
     deadletter_max_bytes: int = field(default=4096, metadata={
@@ -66,6 +69,8 @@ class IngestConfig:
         if self.session_expiry_s < 1:
             raise ValueError(f"session_expiry_s should be >= 1 so the broker keeps the session across a "
                              f"restart, got {self.session_expiry_s}")
+        if self.offline_after_s < 0:
+            raise ValueError(f"offline_after_s should be >= 0 seconds, got {self.offline_after_s}")
         if self.deadletter_max_bytes < 0:
             raise ValueError(f"deadletter_max_bytes should be >= 0, got {self.deadletter_max_bytes}")
         if self.subscription not in ("auto", "shared", "plain"):

@@ -201,5 +201,16 @@ class Lake:
             out.setdefault(part[5:], []).append((info.path, info.size))
         return {d: sorted(v) for d, v in sorted(out.items())}
 
+    def writer_files(self, table: str, writer: str) -> list[str]:
+        """Finished files of one table written by ``writer`` (a collector's client id names its files)."""
+        prefix = f"{writer}-"
+        return [path for files in self.list_files(table).values() for path, _size in files
+                if posixpath.basename(path).startswith(prefix)]
+
+    def count_rows(self, path: str) -> int:
+        """Rows of one Parquet file, from its footer (the data is not read)."""
+        with self.fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+
     def relative(self, path: str) -> str:
         return posixpath.relpath(path, self.root)

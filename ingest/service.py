@@ -39,10 +39,8 @@ def _actor_class():
                 restarted = ray.get_runtime_context().was_current_actor_reconstructed
                 counters = {}
                 if restarted:  # continue the counts this collector last published
-                    try:
-                        counters = restore_counters(broker_url, topic_root, status_component(index))
-                    except ConnectionError:
-                        counters = {}
+                    counters = restore_counters(broker_url, topic_root, status_component(index),
+                                                lake_uri=lake_uri, client_id=cfg.client_id(index))
                 restarts = int(counters.get("restarts", 0)) + 1 if restarted else 0
                 self.collector = Collector(broker_url, lake_uri, cfg, index=index, topic_root=topic_root,
                                            initial_counters=counters, restarts=restarts,

@@ -48,10 +48,45 @@ def read_statuses(broker_url: str, topic_root: str = "factory", *, prefix: str =
     return dict(sorted(found.items()))
 
 
-def restore_counters(broker_url: str, topic_root: str, component: str) -> dict[str, float]:
-    """The counters a collector last published (so a restarted actor continues its counts)."""
-    status = read_statuses(broker_url, topic_root, prefix=component, wait_s=0.3).get(component)
-    return dict(status.counters) if status is not None else {}
+def restore_counters(broker_url: str, topic_root: str, component: str, lake_uri: str | None = None,
+                     client_id: str | None = None) -> dict[str, float]:
+    """The counters a restarted collector continues from.
+
+    The landed and dead-lettered counts are recounted from the lake files this collector
+    wrote (their names start with its client id): the lake is the truth, while the retained
+    status can lag one batch behind it, or carry no counters at all once the will message
+    of a crashed collector replaced it.  Restarts, batches and acks come from the retained
+    status when it still has them.
+    """
+    try:
+        status = read_statuses(broker_url, topic_root, prefix=component, wait_s=0.3).get(component)
+    except ConnectionError:  # the broker is restarting too: the lake still has the counts
+        status = None
+    counters = dict(status.counters) if status is not None else {}
+    if lake_uri is None or client_id is None:
+        return counters
+    import pyarrow.parquet as pq
+
+    from ingest.lake import Lake
+
+    lake = Lake.open(lake_uri)
+    telemetry = sum(lake.count_rows(p) for p in lake.writer_files("telemetry", client_id))
+    events = sum(lake.count_rows(p) for p in lake.writer_files("events", client_id))
+    reasons: dict[str, int] = {}
+    dead_files = lake.writer_files("deadletter", client_id)
+    for path in dead_files:
+        with lake.fs.open_input_file(path) as f:
+            for reason in pq.read_table(f, columns=["reason"]).column("reason").to_pylist():
+                reasons[reason] = reasons.get(reason, 0) + 1
+    files = sum(len(lake.writer_files(t, client_id)) for t in ("telemetry", "events")) + len(dead_files)
+    counters = {k: v for k, v in counters.items() if not k.startswith("deadlettered.")}
+    counters.update({
+        "landed_telemetry": telemetry, "landed_events": events, "files": files,
+        # What was received but not landed before the crash is redelivered and counted again.
+        "received": telemetry + events + sum(reasons.values()),
+    })
+    counters.update({f"deadlettered.{k}": v for k, v in reasons.items()})
+    return counters
 
 
 def summarise(statuses: dict[str, contract.Status]) -> dict:

@@ -107,16 +107,20 @@ def test_killed_collector_restarts_and_loses_nothing(broker, ray_local, publish,
     import ray
 
     lake = tmp_path / "lake"
-    # Long batches, so the kill lands while a batch is received but not yet written or acknowledged.
-    cfg = IngestConfig(client_prefix=uid, batch_max_messages=400, batch_max_age_s=4, idle_flush_s=4)
+    # Batches of 200 that wait long when not full: the kill lands after some batches were
+    # written and acknowledged, while the rest is received but not yet written or acknowledged.
+    cfg = IngestConfig(client_prefix=uid, batch_max_messages=200, batch_max_age_s=6, idle_flush_s=6)
     handle = start_ingest(broker.url, str(lake), cfg, topic_root=uid)
     msgs, items = _published_plant(uid, 8, seed=11)
     half = len(items) // 2
     try:
         assert len(publish(broker.url, items[:half])) == half
-        time.sleep(0.5)
+        deadline = time.monotonic() + 5
+        while handle.status()["landed"] < half // 200 * 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
         before = handle.status()
-        assert before["received"] > before["landed"]  # a batch is in flight, unacknowledged
+        assert before["landed"] == half // 200 * 200 > 0  # whole batches landed and acknowledged ...
+        assert before["received"] > before["landed"]  # ... and a partial one is in flight, unacknowledged
         ray.kill(handle.actors[0], no_restart=False)
         assert len(publish(broker.url, items[half:])) == len(items) - half
         after = handle.wait_landed(len(items), timeout_s=90)
