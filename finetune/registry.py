@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flywheel.mqtt import redact_url
+
 HISTORY_TAG = "flywheel.alias_history.{alias}"
 HISTORY_MAX = 50
 
@@ -59,7 +61,7 @@ def get_version(tracking_uri: str, model_name: str, ref: str) -> ModelVersionInf
             client.get_model_version_by_alias(model_name, ref)
     except MlflowException as exc:
         what = f"version {ref}" if ref.isdigit() else f"alias {ref!r}"
-        raise RegistryError(f"registered model {model_name!r} has no {what} at {_redact(tracking_uri)} "
+        raise RegistryError(f"registered model {model_name!r} has no {what} at {redact_url(tracking_uri)} "
                             f"({exc.error_code}); train one first with `flywheel train`") from None
     return _info(mv)
 
@@ -146,10 +148,3 @@ def fetch_adapter(tracking_uri: str, model_name: str, version: str, dst_dir: str
                                                 tracking_uri=tracking_uri)
     check_adapter_dir(local)
     return str(local)
-
-
-def _redact(uri: str) -> str:
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return uri

@@ -47,14 +47,14 @@ class BrokerURL:
             return url
         parts = urlsplit(url.strip())
         if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-            raise ConfigError(f"broker URL {_redact_text(url)!r} must start with mqtt:// or mqtts://")
+            raise ConfigError(f"broker URL {redact_url(url)!r} must start with mqtt:// or mqtts://")
         tls = parts.scheme in ("mqtts", "ssl")
         if not parts.hostname:
-            raise ConfigError(f"broker URL {_redact_text(url)!r} has no host (example: mqtt://127.0.0.1:1883)")
+            raise ConfigError(f"broker URL {redact_url(url)!r} has no host (example: mqtt://127.0.0.1:1883)")
         try:
             port = parts.port or (8883 if tls else 1883)
         except ValueError:
-            raise ConfigError(f"broker URL {_redact_text(url)!r} has an invalid port") from None
+            raise ConfigError(f"broker URL {redact_url(url)!r} has an invalid port") from None
         q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         unknown = set(q) - {"ca", "cert", "key", "insecure", "protocol"}
         if unknown:
@@ -81,10 +81,15 @@ class BrokerURL:
         return self.redacted()
 
 
-def _redact_text(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
+def redact_url(url: str) -> str:
+    """Any URL (broker, MLflow, object store) with its password replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable URL>"
+    if password:
+        return url.replace(f":{password}@", ":***@", 1)
     return url
 
 

@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict
 
+from flywheel.mqtt import redact_url
 from ingest.config import IngestConfig
 
 _ACTOR_CLASS = None
@@ -111,7 +112,7 @@ class IngestHandle:
                     f"ingest landed {s['landed']} and dead-lettered {s['deadlettered']} messages "
                     f"(received {s['received']}, lag {s['lag_s']:.1f}s; {per}) after {timeout_s:.0f}s; "
                     f"waited for {min_landed}. Check that the publisher uses topic root {self.topic_root!r} "
-                    f"and broker {_redacted(self.broker_url)}, or raise timeout_s.")
+                    f"and broker {redact_url(self.broker_url)}, or raise timeout_s.")
             time.sleep(poll_s)
 
     def stop(self, drain: bool = True, leave: bool = False) -> dict:
@@ -196,13 +197,3 @@ def retire_stale_collectors(broker_url: str, lake_uri: str, config: IngestConfig
         client.loop_stop()
         retired.append(config.client_id(index))
     return retired
-
-
-def _redacted(url: str) -> str:
-    """The broker URL as it may appear in messages and logs (password replaced)."""
-    from flywheel.mqtt import BrokerURL
-
-    try:
-        return BrokerURL.parse(url).redacted()
-    except ValueError:
-        return "<unparseable broker URL>"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from flywheel.mqtt import redact_url
+
 ACTIONS = ("start", "rollback", "status", "bridge")
 
 EPILOG = """\
@@ -131,7 +133,7 @@ def _bridge_only(args, bcfg) -> int:
         return 2
     signal.signal(signal.SIGTERM, _raise_interrupt)
     bridge = Bridge(args.broker, args.url, bcfg, topic_root=args.topic_root).start()
-    print(f"bridge: {_redact(args.broker)} -> {args.url} (threshold {bcfg.threshold}); Ctrl-C stops")
+    print(f"bridge: {redact_url(args.broker)} -> {args.url} (threshold {bcfg.threshold}); Ctrl-C stops")
     try:
         while True:
             time.sleep(1.0)
@@ -183,7 +185,7 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
             from serve.bridge import Bridge
 
             bridge = Bridge(args.broker, handle.url, bcfg, topic_root=args.topic_root).start()
-            console.print(f"bridge: {args.broker and _redact(args.broker)} topics {args.topic_root}/+/+/telemetry "
+            console.print(f"bridge: {args.broker and redact_url(args.broker)} topics {args.topic_root}/+/+/telemetry "
                           f"-> predictions and commands (threshold {bcfg.threshold})")
         with Live(console=console, refresh_per_second=2, transient=True) as live:
             while True:
@@ -205,9 +207,3 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-def _redact(url: str) -> str:
-    from flywheel.mqtt import BrokerURL
-
-    return BrokerURL.parse(url).redacted()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from flywheel.mqtt import redact_url
+
 log = logging.getLogger(__name__)
 
 
@@ -52,7 +54,7 @@ class AdapterSource:
         try:
             info = registry.get_version(self.tracking_uri, model, r)
         except Exception as exc:  # noqa: BLE001 - MLflow raises many types; all mean "not resolvable"
-            raise ServeError(f"cannot resolve {model}@{r} in the MLflow registry at {self.tracking_uri}: "
+            raise ServeError(f"cannot resolve {model}@{r} in the MLflow registry at {redact_url(self.tracking_uri)}: "
                              f"{exc}. Register a model first (flywheel train) or check --mlflow-uri") from None
         return Resolved(model, r, str(info.version), getattr(info, "run_id", None))
 

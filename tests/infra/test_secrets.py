@@ -93,3 +93,14 @@ def test_env_password_logs_into_the_secured_broker(secured_broker, monkeypatch):
     connect(client, url, timeout=5)
     client.disconnect()
     client.loop_stop()
+
+
+@pytest.mark.parametrize("url", ["http://alice:pa55@mlflow.internal:5000", "postgresql://mlflow:pa55@db/mlflow",
+                                 "mqtts://sim:pa55@broker:8883?ca=/etc/ca.pem", "s3://key:pa55@bucket/lake"])
+def test_any_url_is_redacted_before_it_reaches_a_message(url):
+    from flywheel.mqtt import redact_url
+
+    out = redact_url(url)
+    assert "pa55" not in out and ":***@" in out
+    assert redact_url("sqlite:///tmp/mlflow.db") == "sqlite:///tmp/mlflow.db"
+    assert redact_url("http://[bad") == "<unparseable URL>"
