@@ -17,6 +17,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from typing import Callable
 
 from flywheel.config import ConfigError
@@ -85,7 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Third-party warnings that say nothing a flywheel user can act on (checked by hand; each
+#: names code the stack does not control).  Everything else still shows.
+QUIET_WARNINGS = (
+    # mlflow.data.from_pandas on a snapshot with integer columns (they never hold missing values)
+    (UserWarning, r"Hint: Inferred schema contains integer column"),
+    # the pyfunc model checks its inputs itself (finetune.pyfunc._texts) instead of via type hints
+    (UserWarning, r".*Add type hints to the `predict` method"),
+    # PEFT calls a transformers method that transformers renamed; nothing to change on our side
+    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
+)
+
+
+def quiet_known_warnings() -> None:
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
