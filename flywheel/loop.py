@@ -28,6 +28,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -260,8 +262,75 @@ class Campaign:
             self._save()
             self.status.history.append(_history_row(record))
             self.view.log(_summary_line(record))
+        if len(self.state["turns"]) == self.cfg.turns + 1 and len(self.state["turns"]) > 1:
+            self.final_evaluation()
         self.view.stage("done")
         return self.state
+
+    def final_evaluation(self) -> dict:
+        """Score every turn's champion, and the no-model policy, on one held-out set.
+
+        Each turn's own ``eval.macro_f1`` is measured on that turn's eval split, which grows
+        and moves with the data, so those numbers do not compare across turns.  This scores
+        all of them on the eval split of a snapshot of everything the campaign produced: the
+        latest ``eval_fraction`` of each machine's plant time, which lies after the training
+        data of every model (each trained on an earlier snapshot's earlier part).  Turn 0
+        served no model: its row is the no-model predictor (every window ``ok``).
+        """
+        import mlflow
+
+        from finetune.data import load_snapshot
+        from finetune.evaluate import evaluate_adapter_report, majority_baseline
+        from finetune.registry import fetch_adapter
+        from ingest import build_snapshot
+
+        self.view.stage("final evaluation on held-out data")
+        t0 = time.monotonic()
+        # The plant has stopped: free the serving replica's CPUs for the snapshot build (a Ray
+        # Data task needs a whole CPU, and a small local Ray may have none left beside Serve).
+        # A campaign continued later starts serving again.
+        self._stop_serving()
+        snap = build_snapshot(self.lake_uri, self.stages["dataset"], previous=self.state["last_snapshot"])
+        held_out = load_snapshot(snap.path).eval
+        out: dict = {"dataset_id": snap.dataset_id, "windows": len(held_out),
+                     "labels": {k: int(v) for k, v in held_out["label"].value_counts().items()}, "by_turn": {}}
+        if len(held_out) == 0:
+            self.state["holdout"] = out
+            self._save()
+            return out
+        keys = ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy")
+        scored: dict[str, dict] = {}
+        work = Path(tempfile.mkdtemp(prefix="flywheel-holdout-", dir=self.workdir))
+        try:
+            for rec in self.state["turns"]:
+                version = rec.get("champion_version")
+                if version is None:
+                    metrics = majority_baseline(["ok"], list(held_out["label"])).metrics
+                else:
+                    if version not in scored:
+                        adapter = fetch_adapter(self.tracking_uri, self.cfg.model_name, str(version),
+                                                str(work / f"v{version}"))
+                        scored[version] = evaluate_adapter_report(adapter, held_out,
+                                                                  self.stages["train"].eval_batch_size).metrics
+                    metrics = scored[version]
+                out["by_turn"][str(rec["turn"])] = {"model_version": version,
+                                                   **{k: metrics[k] for k in keys if k in metrics}}
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        out["wall_s"] = time.monotonic() - t0
+        self.state["holdout"] = out
+        self._save()
+        client = mlflow.MlflowClient()
+        for turn, m in out["by_turn"].items():
+            for k in keys:
+                if m.get(k) is not None:
+                    client.log_metric(self.state["parent_run_id"], k.replace("eval.", "holdout.", 1), m[k],
+                                      step=int(turn))
+        first, last = out["by_turn"]["0"], out["by_turn"][str(self.state["turns"][-1]["turn"])]
+        self.view.log(f"held-out data ({out['windows']} windows none of the models trained on): macro-F1 "
+                      f"{first.get('eval.macro_f1', 0):.3f} without a model -> "
+                      f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn")
+        return out
 
     def run_turn(self, turn: int) -> dict:
         """One turn of the flywheel, top to bottom."""

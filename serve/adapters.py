@@ -197,6 +197,10 @@ class AdapterPool:
 
         if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
+        elif self.torch_threads == -1:
+            from finetune.launch import cores_available
+
+            torch.set_num_threads(cores_available())
         self.model, self.tokenizer = load_base(base, device=pick_device(self.device))
         self.base_model = base
 

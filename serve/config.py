@@ -30,7 +30,10 @@ class ServeConfig:
     num_replicas: int = field(default=1, metadata={"help": "replicas (each loads the base model once)"})
     num_cpus_per_replica: float = field(default=1.0, metadata={"help": "Ray CPUs reserved per replica"})
     num_gpus_per_replica: float = field(default=0.0, metadata={"help": "Ray GPUs per replica"})
-    torch_threads: int = field(default=0, metadata={"help": "torch intra-op threads per replica; 0 = torch default"})
+    torch_threads: int = field(default=0, metadata={
+        "help": "torch intra-op threads per replica; 0 = torch's default under Ray (one per reserved CPU), "
+                "-1 = every core the replica's machine offers (one replica on a laptop, e.g. the demo, "
+                "whose plant waits for each prediction)"})
     batching: str = field(default="continuous", metadata={
         "help": "continuous (one forward at a time over all windows queued meanwhile; see serve/batcher.py) "
                 "or ray (Ray Serve's @serve.batch)"})
@@ -57,6 +60,9 @@ class ServeConfig:
             raise ConfigError(f"num_replicas should be >= 1, got {self.num_replicas}")
         if not 0 <= self.http_port < 65536:
             raise ConfigError(f"http_port should be 0 (free port) or 1..65535, got {self.http_port}")
+        if self.torch_threads < -1:
+            raise ConfigError(f"torch_threads should be -1 (all cores), 0 (torch default) or a thread count, "
+                              f"got {self.torch_threads}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size should be >= 1, got {self.max_batch_size}")
         if self.batching not in ("continuous", "ray"):

@@ -41,6 +41,12 @@ def test_every_turn_ran_and_was_recorded(campaign):
     for rec in (t0, t1):
         assert set(rec["baselines"]) == {"run_to_failure", "fixed_interval", "oracle"}
         assert rec["wall_s"]["turn"] > 0
+    # after the last turn, every turn's model (turn 0: none) is scored on the same held-out data
+    held_out = state["holdout"]
+    assert held_out["windows"] > 0 and set(held_out["by_turn"]) == {"0", "1"}
+    assert held_out["by_turn"]["0"]["model_version"] is None
+    assert held_out["by_turn"]["1"]["model_version"] == t1["champion_version"]
+    assert 0.0 <= held_out["by_turn"]["1"]["eval.macro_f1"] <= 1.0
 
 
 def test_simulator_received_maintenance_commands_from_the_served_model(campaign):
@@ -73,7 +79,7 @@ def test_mlflow_holds_parent_and_child_runs_and_the_champion(campaign):
 
 def test_report_files_exist(campaign):
     _, workdir, state, report = campaign
-    assert report.is_file() and "| turn |" in report.read_text()
+    assert report.is_file() and "| turn |" in report.read_text() and "macro-F1 held-out" in report.read_text()
     for png in ("oee.png", "downtime.png", "model_quality.png", "wall_time.png"):
         p = report.parent / png
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG"
