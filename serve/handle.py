@@ -144,6 +144,30 @@ def _deployment_messages(app_name: str) -> str:
     return (" - " + " | ".join(lines)) if lines else ""
 
 
+def serve_http_host(bind_host: str, nodes: list[dict] | None = None, client_mode: bool | None = None) -> str:
+    """The host this process reaches Serve's HTTP proxy at.
+
+    A proxy bound to a wildcard address runs on every node, so a driver on a cluster node
+    uses its own loopback.  A Ray Client driver (``ray://head:10001``) is on no node: it uses
+    the head node's address (Serve's proxy always runs there).
+    """
+    if bind_host not in ("0.0.0.0", "::"):
+        return bind_host
+    if client_mode is None:
+        import ray
+
+        client_mode = ray.util.client.ray.is_connected()
+    if client_mode:
+        if nodes is None:
+            import ray
+
+            nodes = ray.nodes()
+        for node in nodes:
+            if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+                return node["NodeManagerAddress"]
+    return "127.0.0.1"
+
+
 def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: str = "champion",
                   config: ServeConfig | None = None, ray_address: str | None = None) -> ServingHandle:
     """Deploy the fault detector for ``model_name@alias`` and return once it is healthy."""
@@ -172,7 +196,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
         raise ServeError(f"the serve app for {model_name}@{alias} did not start: {exc}"
                          f"{_deployment_messages(config.app_name)}") from None
     prefix = config.route_prefix.rstrip("/")
-    host = "127.0.0.1" if config.http_host in ("0.0.0.0", "::") else config.http_host
+    host = serve_http_host(config.http_host)
     handle = ServingHandle(f"http://{host}:{port}{prefix}", config.app_name, tracking_uri, model_name,
                            alias, config)
     deadline = time.monotonic() + config.health_timeout_s

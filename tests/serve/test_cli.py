@@ -34,3 +34,15 @@ def test_help_has_examples(capsys):
         main(["serve", "--help"])
     out = capsys.readouterr().out
     assert "flywheel serve rollback" in out and "bridge.threshold" in out
+
+
+def test_serve_url_host_follows_where_the_driver_runs():
+    from serve.handle import serve_http_host
+
+    nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.7", "Resources": {"CPU": 4.0}},
+             {"Alive": False, "NodeManagerAddress": "10.0.0.2", "Resources": {"node:__internal_head__": 1.0}},
+             {"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"node:__internal_head__": 1.0}}]
+    assert serve_http_host("10.9.9.9", nodes, client_mode=True) == "10.9.9.9"     # an explicit bind address
+    assert serve_http_host("0.0.0.0", nodes, client_mode=False) == "127.0.0.1"    # on a node: its own proxy
+    assert serve_http_host("0.0.0.0", nodes, client_mode=True) == "10.0.0.1"      # Ray Client: the live head
+    assert serve_http_host("::", [], client_mode=True) == "127.0.0.1"
