@@ -10,6 +10,9 @@ Metrics (all floats, named as MLflow logs them):
 * ``eval.precision.<L>``, ``eval.recall.<L>``, ``eval.f1.<L>``, ``eval.support.<L>`` per label;
 * ``eval.auroc_any_failure`` - "any failure within the horizon" as a binary problem,
   score = 1 - P(ok); absent when the eval truth holds only one of the two classes;
+* ``eval.risk_threshold`` / ``eval.f1_any_failure`` - the risk (1 - P(ok)) threshold that
+  maximises the F1 of "any failure within the horizon" on this split, and that F1: the
+  operating point at which a promoted model asks for maintenance (absent like the AUROC);
 * ``eval.ece`` - expected calibration error of the top-label confidence, 10 equal bins;
 * ``eval.n_windows``.
 
@@ -49,6 +52,22 @@ def expected_calibration_error(probs: np.ndarray, truth_idx: np.ndarray, bins: i
     return float(ece)
 
 
+def best_f1_threshold(risk: np.ndarray, positive: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1): the cut on ``risk`` (flag when ``risk >= threshold``) with the best F1.
+
+    Candidates are the observed risks; a tie keeps the highest threshold (fewer alarms).
+    """
+    order = np.argsort(-risk, kind="stable")
+    r, pos = risk[order], positive[order].astype(np.int64)
+    tp = np.cumsum(pos)
+    flagged = np.arange(1, len(r) + 1)
+    # Only cut between distinct risk values: flagging one of two equal risks is not a threshold.
+    last_of_value = np.r_[r[1:] != r[:-1], True]
+    f1 = np.where(last_of_value, 2 * tp / (flagged + pos.sum()), -1.0)
+    best = int(np.argmax(f1))  # first maximum = the highest threshold reaching it
+    return float(r[best]), float(f1[best])
+
+
 def score(probs: np.ndarray, truth: Sequence[str]) -> EvalReport:
     """All eval metrics from label probabilities (columns in LABELS order) and true labels."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
@@ -74,7 +93,9 @@ def score(probs: np.ndarray, truth: Sequence[str]) -> EvalReport:
         m[f"eval.support.{label}"] = float(s)
     failure = truth_idx != index["ok"]
     if 0 < failure.sum() < n:
-        m["eval.auroc_any_failure"] = float(roc_auc_score(failure, 1.0 - probs[:, index["ok"]]))
+        risk = 1.0 - probs[:, index["ok"]]
+        m["eval.auroc_any_failure"] = float(roc_auc_score(failure, risk))
+        m["eval.risk_threshold"], m["eval.f1_any_failure"] = best_f1_threshold(risk, failure)
     cm = confusion_matrix(truth_idx, pred_idx, labels=present)
     return EvalReport(m, cm, labels, probs)
 

@@ -48,6 +48,9 @@ class CampaignConfig:
     train: dict = field(default_factory=dict, metadata={"help": "finetune.TrainConfig fields"})
     serve: dict = field(default_factory=dict, metadata={"help": "serve.ServeConfig fields"})
     bridge: dict = field(default_factory=dict, metadata={"help": "serve.BridgeConfig fields (threshold, cooldown...)"})
+    tune_threshold: bool = field(default=True, metadata={
+        "help": "ask for maintenance at each model's own operating point: the risk threshold that maximised "
+                "its any-failure F1 on the eval split it was promoted on; false: bridge.threshold for every model"})
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
 
     def __post_init__(self):

@@ -377,6 +377,10 @@ class Campaign:
                 self.status.train_progress = f"v{outcome.version}: {'promoted' if outcome.promoted else 'refused'}" \
                                              f" ({outcome.reason})"
                 champion = outcome.champion_version
+                if outcome.promoted and outcome.challenger_metrics.get("eval.risk_threshold") is not None:
+                    # A model's operating point is fixed when it wins: on the eval split it won on.
+                    self.state.setdefault("thresholds", {})[str(outcome.version)] = \
+                        outcome.challenger_metrics["eval.risk_threshold"]
 
                 # 3. Deploy: Serve hot-swaps to whatever holds the champion alias now.
                 if champion:
@@ -386,8 +390,11 @@ class Campaign:
             self.status.champion = f"v{champion}" if champion else "none (run to failure)"
 
             # 4. Plant: run the next period; the served model's commands drive maintenance.
+            threshold = self._threshold(champion)
+            if champion:
+                record["bridge_threshold"] = threshold
             with timer("plant", f"running the plant for {cfg.period} of plant time"):
-                sim = self._run_period(lockstep=champion is not None)
+                sim = self._run_period(lockstep=champion is not None, threshold=threshold)
             with timer("ingest", "waiting for ingest to land the period"):
                 landed = self.ingest.wait_landed(self.published_total, timeout_s=max(120.0, sim["published"] / 500))
             factory = self.plant.kpis().to_dict()
@@ -415,7 +422,14 @@ class Campaign:
             self.serving.refresh()
         self.serving.wait_for_version(str(version), timeout_s=300)
 
-    def _run_period(self, lockstep: bool) -> dict:
+    def _threshold(self, champion: str | None) -> float:
+        """The risk at which the bridge asks for maintenance while ``champion`` serves."""
+        configured = self.stages["bridge"].threshold
+        if not self.cfg.tune_threshold or champion is None:
+            return configured
+        return float(self.state.get("thresholds", {}).get(str(champion), configured))
+
+    def _run_period(self, lockstep: bool, threshold: float | None = None) -> dict:
         """Run one plant period over MQTT; with a model, in lockstep with the serving bridge."""
         from factory_sim.mqtt_runner import MqttSimRunner
 
@@ -425,7 +439,10 @@ class Campaign:
         if lockstep:
             from serve.bridge import Bridge
 
-            bridge = Bridge(self.broker_url, self.serving.url, self.stages["bridge"], topic_root=cfg.topic_root)
+            bridge_cfg = self.stages["bridge"]
+            if threshold is not None:
+                bridge_cfg = dataclasses.replace(bridge_cfg, threshold=threshold)
+            bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root)
             bridge.start()  # returns once the broker confirmed its subscriptions
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
                                lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,
@@ -502,6 +519,8 @@ class Campaign:
                     metrics[f"baseline.{name}.{k}"] = kp[k]
         if r.get("gap_closed") is not None:
             metrics["factory.gap_closed"] = r["gap_closed"]
+        if r.get("bridge_threshold") is not None:
+            metrics["serve.risk_threshold"] = r["bridge_threshold"]
         metrics["factory.failures_avoided"] = r["failures_avoided"]
         for k, v in r.get("sim", {}).get("bridge", {}).items():
             metrics[f"serve.bridge_{k}"] = v

@@ -51,6 +51,7 @@ def turn_table(state: dict) -> list[dict]:
             "maintenance_unneeded": r["factory"].get("maintenance_unneeded"),
             "failures_avoided": r.get("failures_avoided"),
             "gap_closed": r.get("gap_closed"),
+            "risk_threshold": r.get("bridge_threshold"),
             "wall_s": r.get("wall_s", {}),
         }
         for p in POLICIES:
@@ -162,7 +163,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
               "measured on each turn's own eval split, which grows with the data.", ""]
     cols = ["turn", "model", "train windows", "macro-F1 held-out", "macro-F1", "AUROC", "OEE", "OEE run-to-failure", "OEE fixed-interval",
             "OEE oracle", "gap closed", "unplanned downtime (min)", "failures", "failures avoided",
-            "maintenance needed/unneeded"]
+            "maintenance needed/unneeded", "risk threshold"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for i in range(min(len(t) for t in tables)):
         if len(tables) == 1:
@@ -171,7 +172,8 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
                     _f(r["auroc"]),
                     _f(r["oee"], True), _f(r["oee_run_to_failure"], True), _f(r["oee_fixed_interval"], True),
                     _f(r["oee_oracle"], True), _f(r["gap_closed"], True), _f(r["unplanned_downtime_min"], nd=0),
-                    r["failures"], r["failures_avoided"], f"{r['maintenance_needed']}/{r['maintenance_unneeded']}"]
+                    r["failures"], r["failures_avoided"], f"{r['maintenance_needed']}/{r['maintenance_unneeded']}",
+                    _f(r["risk_threshold"])]
         else:
             def ms(key, pct=False):
                 _, m, s = _series(tables, key)
@@ -181,7 +183,8 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
             vals = [r["turn"], "-", ms("windows_train").split(".")[0], ms("holdout_macro_f1"), ms("macro_f1"),
                     ms("auroc"), ms("oee", True),
                     ms("oee_run_to_failure", True), ms("oee_fixed_interval", True), ms("oee_oracle", True),
-                    ms("gap_closed", True), ms("unplanned_downtime_min"), ms("failures"), ms("failures_avoided"), "-"]
+                    ms("gap_closed", True), ms("unplanned_downtime_min"), ms("failures"), ms("failures_avoided"), "-",
+                    ms("risk_threshold")]
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     lines.append("")
     first, last = tables[0][0], tables[0][-1]

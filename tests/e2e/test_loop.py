@@ -41,6 +41,10 @@ def test_every_turn_ran_and_was_recorded(campaign):
     for rec in (t0, t1):
         assert set(rec["baselines"]) == {"run_to_failure", "fixed_interval", "oracle"}
         assert rec["wall_s"]["turn"] > 0
+    # the served model asked for maintenance at its own operating point, fixed when it was promoted
+    assert t1["bridge_threshold"] == state["thresholds"][str(t1["champion_version"])] == \
+        t1["eval"]["eval.risk_threshold"]
+    assert 0.0 < t1["bridge_threshold"] <= 1.0
     # after the last turn, every turn's model (turn 0: none) is scored on the same held-out data
     held_out = state["holdout"]
     assert held_out["windows"] > 0 and set(held_out["by_turn"]) == {"0", "1"}

@@ -78,3 +78,23 @@ def test_gate_lower_is_better_metric():
     kw = dict(metric="eval.ece", margin=0.01, min_eval_windows=1, eval_labels={"ok", "TWF"})
     assert decide({"eval.n_windows": 10, "eval.ece": 0.05}, {"eval.ece": 0.20}, None, **kw).promoted
     assert not decide({"eval.n_windows": 10, "eval.ece": 0.20}, {"eval.ece": 0.05}, None, **kw).promoted
+
+
+def test_risk_threshold_is_the_best_f1_cut_and_prefers_fewer_alarms():
+    import numpy as np
+
+    from finetune.evaluate import best_f1_threshold, score
+
+    risk = np.array([0.99, 0.98, 0.95, 0.90, 0.60, 0.50, 0.20, 0.10])
+    failed = np.array([1, 1, 1, 0, 1, 0, 0, 0], dtype=bool)
+    # cut at 0.60: 4 of 4 failures flagged, 1 false alarm -> F1 8/9 (0.95 gives only 6/7)
+    assert best_f1_threshold(risk, failed) == (0.60, 8 / 9)
+    # F1 2/3 at 0.9 (1 of 2 failures, no false alarm) and at 0.6 (both, 2 false alarms): the higher cut wins
+    assert best_f1_threshold(np.array([0.9, 0.8, 0.7, 0.6, 0.1]), np.array([1, 0, 0, 1, 0], bool)) == (0.9, 2 / 3)
+    # tied risks cannot be split by a threshold
+    assert best_f1_threshold(np.array([0.5, 0.5, 0.5]), np.array([1, 0, 0], bool)) == (0.5, 0.5)
+    # score() reports it from 1 - P(ok), and only when both outcomes occur
+    probs = np.array([[0.05, 0.95, 0, 0, 0, 0, 0], [0.9, 0.1, 0, 0, 0, 0, 0], [0.3, 0.7, 0, 0, 0, 0, 0]])
+    m = score(probs, ["TWF", "ok", "ok"]).metrics
+    assert m["eval.risk_threshold"] == 0.95 and m["eval.f1_any_failure"] == 1.0
+    assert "eval.risk_threshold" not in score(probs, ["ok", "ok", "ok"]).metrics
