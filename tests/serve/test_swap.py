@@ -44,7 +44,12 @@ def test_swap_under_concurrent_requests_fails_nothing_and_changes_the_version(ap
     time.sleep(1.0)
     v2 = registry.register(adapter_dirs.b, alias="champion")
     assert app.refresh() == v2 == "2"
-    time.sleep(1.0)
+    # Keep the load on until every client has had an answer from the new version (a loaded
+    # machine can take seconds per request), then a little longer.
+    deadline = time.monotonic() + 60
+    while not all(v and v[-1] == "2" for v in seen) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
     stop.set()
     for t in threads:
         t.join()
