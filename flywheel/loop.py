@@ -215,7 +215,7 @@ class Campaign:
                 # Logical CPUs above the physical count: Serve, ingest and training share a
                 # laptop's cores in turn, never all at full load at once.
                 ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-            self.stack.callback(ray.shutdown)
+            self.stack.callback(_shutdown_ray)
         self.view.stage("starting MLflow")
         import mlflow
 
@@ -548,6 +548,21 @@ class Campaign:
 
 
 # --------------------------------------------------------------------------- helpers
+def _shutdown_ray() -> None:
+    """Stop the Ray this campaign started, and Serve on it: a later campaign in the same
+    process (``--seeds``) starts a new Ray, and Serve's cached controller client would
+    still point into the old one."""
+    import ray
+
+    try:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+    ray.shutdown()
+
+
 def _quiet_libraries(offline: bool) -> None:
     """Keep the terminal for the live view: library chatter goes to warnings only.
 

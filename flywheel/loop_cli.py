@@ -124,9 +124,16 @@ def _where_to_look(args, md: Path) -> None:
           f"MLflow:  mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
 
 
-def cmd_demo(args) -> int:
+def seed_campaign(cfg, seed: int):
+    """One seed's campaign in a multi-seed run: its own state, MLflow experiment and registered
+    model (a shared model would let one seed's champion gate another seed's challengers)."""
     import dataclasses
 
+    return dataclasses.replace(cfg, seed=seed, campaign=f"{cfg.campaign}-s{seed}",
+                               model_name=f"{cfg.model_name}-s{seed}")
+
+
+def cmd_demo(args) -> int:
     from flywheel.report import write_report
 
     seeds = _seeds(args.seeds)
@@ -134,7 +141,7 @@ def cmd_demo(args) -> int:
     if not seeds:
         return _run(args, cfg)
     for s in seeds:
-        rc = _run(args, dataclasses.replace(cfg, seed=s, campaign=f"{cfg.campaign}-s{s}"))
+        rc = _run(args, seed_campaign(cfg, s))
         if rc:
             return rc
     md = write_report(args.workdir, cfg.campaign, seeds=seeds, tracking_uri=args.mlflow_uri)

@@ -83,3 +83,14 @@ def test_cli_bad_arguments_give_clear_errors(tmp_path):
     assert r.returncode == 2 and "--config" in r.stderr
     r = run_cli("report", "--workdir", str(tmp_path))
     assert r.returncode == 1 and "no finished turns" in r.stderr
+
+
+def test_each_seed_of_a_multi_seed_demo_has_its_own_campaign_and_model():
+    from flywheel.campaign import default_config_path, load_campaign
+    from flywheel.loop_cli import seed_campaign
+
+    cfg = load_campaign(str(default_config_path("demo")))
+    a, b = seed_campaign(cfg, 1), seed_campaign(cfg, 2)
+    assert (a.seed, a.campaign, a.model_name) == (1, "demo-s1", "fault-detector-s1")
+    assert b.model_name != a.model_name and b.campaign != a.campaign
+    assert a.turns == cfg.turns and a.scenario == cfg.scenario
