@@ -91,8 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
 QUIET_WARNINGS = (
     # mlflow.data.from_pandas on a snapshot with integer columns (they never hold missing values)
     (UserWarning, r"Hint: Inferred schema contains integer column"),
-    # the pyfunc model checks its inputs itself (finetune.pyfunc._texts) instead of via type hints
-    (UserWarning, r".*Add type hints to the `predict` method"),
     # PEFT calls a transformers method that transformers renamed; nothing to change on our side
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
 )

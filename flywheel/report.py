@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,8 @@ def _series(tables: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray,
     n = min(len(t) for t in tables)
     vals = np.array([[np.nan if t[i].get(key) is None else float(t[i][key]) for i in range(n)] for t in tables])
     turns = np.array([tables[0][i]["turn"] for i in range(n)])
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a turn no seed has a value for: nan, shown as "-"
         mean = np.nanmean(vals, axis=0) if len(tables) > 1 else vals[0]
         std = np.nanstd(vals, axis=0) if len(tables) > 1 else np.zeros(n)
     return turns, mean, std
@@ -178,6 +180,8 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
             def ms(key, pct=False):
                 _, m, s = _series(tables, key)
                 k = 100 if pct else 1
+                if np.isnan(m[i]):
+                    return "-"
                 return f"{m[i] * k:.1f} ± {s[i] * k:.1f}" if pct else f"{m[i]:.3f} ± {s[i]:.3f}"
             r = tables[0][i]
             vals = [r["turn"], "-", ms("windows_train").split(".")[0], ms("holdout_macro_f1"), ms("macro_f1"),
@@ -192,8 +196,9 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
         lines += [f"After the last turn the served model runs the plant at OEE {_f(last['oee'], True)} "
                   f"(turn 0, run to failure: {_f(first['oee'], True)}; oracle: {_f(last['oee_oracle'], True)}), "
                   f"closing {_f(last['gap_closed'], True)} of the gap. On held-out data its macro-F1 is "
-                  f"{_f(last['holdout_macro_f1'])} (no model: {_f(first['holdout_macro_f1'])}; first model, "
-                  f"trained on turn 0's data: {_f(tables[0][1]['holdout_macro_f1'])}).", ""]
+                  f"{_f(last['holdout_macro_f1'])} (no model: {_f(first['holdout_macro_f1'])}; the model served in "
+                  f"turn 1: {_f(tables[0][1]['holdout_macro_f1'])})."
+                  + (f" (Campaign {names[0]}; the table above has every seed.)" if len(tables) > 1 else ""), ""]
     lines += ["## Wall time per stage (s)", ""]
     stages = sorted({k for r in tables[0] for k in r["wall_s"]})
     lines += ["| turn | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]

@@ -20,8 +20,7 @@ def register(sub, common) -> None:
         "ingest", help="collect MQTT telemetry and events into the Parquet lake (Ray actors)",
         description="Start N collector actors on Ray that share the plant's MQTT stream (QoS 1, persistent "
                     "sessions; an MQTT 5 shared subscription when N > 1), validate every message, write atomic "
-                    "Parquet "
-                    "batches to <workdir>/lake and acknowledge only what is written. Runs until Ctrl-C "
+                    "Parquet batches to <workdir>/lake and acknowledge only what is written. Runs until Ctrl-C "
                     "(then flushes and disconnects; the broker keeps the sessions). --status prints the "
                     "counters the running collectors publish on <root>/_status/ingest-<i> and exits.",
         epilog="examples:\n  flywheel ingest --broker mqtt://127.0.0.1:1884\n"
@@ -117,10 +116,10 @@ def run_ingest(args) -> int:
     from ingest.service import start_ingest
 
     lake = _lake(args)
-    from flywheel.mqtt import BrokerURL  # prints the URL with its password redacted
+    from flywheel.mqtt import redact_url
 
     handle = start_ingest(args.broker, lake, config, topic_root=args.topic_root)
-    console.print(f"ingesting {args.topic_root}/+/+/(telemetry|event) from {BrokerURL.parse(args.broker)} into {lake} "
+    console.print(f"ingesting {args.topic_root}/+/+/(telemetry|event) from {redact_url(args.broker)} into {lake} "
                   f"with {config.collectors} collector(s); Ctrl-C stops")
     t0 = time.monotonic()
 

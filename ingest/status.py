@@ -70,18 +70,17 @@ def restore_counters(broker_url: str, topic_root: str, component: str, lake_uri:
     from ingest.lake import Lake
 
     lake = Lake.open(lake_uri)
-    telemetry = sum(lake.count_rows(p) for p in lake.writer_files("telemetry", client_id))
-    events = sum(lake.count_rows(p) for p in lake.writer_files("events", client_id))
+    files = {t: lake.writer_files(t, client_id) for t in ("telemetry", "events", "deadletter")}
+    telemetry = sum(lake.count_rows(p) for p in files["telemetry"])
+    events = sum(lake.count_rows(p) for p in files["events"])
     reasons: dict[str, int] = {}
-    dead_files = lake.writer_files("deadletter", client_id)
-    for path in dead_files:
+    for path in files["deadletter"]:
         with lake.fs.open_input_file(path) as f:
             for reason in pq.read_table(f, columns=["reason"]).column("reason").to_pylist():
                 reasons[reason] = reasons.get(reason, 0) + 1
-    files = sum(len(lake.writer_files(t, client_id)) for t in ("telemetry", "events")) + len(dead_files)
     counters = {k: v for k, v in counters.items() if not k.startswith("deadlettered.")}
     counters.update({
-        "landed_telemetry": telemetry, "landed_events": events, "files": files,
+        "landed_telemetry": telemetry, "landed_events": events, "files": sum(len(f) for f in files.values()),
         # What was received but not landed before the crash is redelivered and counted again.
         "received": telemetry + events + sum(reasons.values()),
     })

@@ -119,14 +119,6 @@ def _ensure_serve_http(config: ServeConfig) -> int:
     import ray
 
     client = _get_global_client(raise_if_no_controller_running=False)
-    if client is not None:
-        try:
-            ray.get(client._controller.check_alive.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - a client cached from a Ray this process shut down
-            from ray.serve.context import _set_global_client
-
-            _set_global_client(None)
-            client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         port = config.http_port or free_port(config.http_host)
         ray_serve.start(http_options={"host": config.http_host, "port": port})
