@@ -49,7 +49,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from flywheel import contract
-from flywheel.mqtt import BrokerURL, ConnectError, connect, make_client
+from flywheel.mqtt import BrokerURL, ConnectError, ack_many, connect, make_client
 from ingest.batch import decode_batch
 from ingest.config import IngestConfig
 from ingest.lake import Lake
@@ -89,6 +89,7 @@ class Collector:
         self._oldest_pending: float | None = None
         self._last_status = 0.0
         c = initial_counters or {}
+        self._landed_at = float(c.get("landed_at", 0.0))  # wall time of the last batch made durable
         self._received = int(c.get("received", 0))
         self._telemetry = int(c.get("landed_telemetry", 0))
         self._events = int(c.get("landed_events", 0))
@@ -222,7 +223,7 @@ class Collector:
         cfg = self.config
         idle_s = cfg.idle_flush_s
         if idle_s is None:
-            idle_s = float("inf") if self._client.protocol == paho.MQTTv5 else 0.05
+            idle_s = 0.25 if self._client.protocol == paho.MQTTv5 else 0.05
         batch: list[tuple] = []
         while True:
             timeout = cfg.status_interval_s
@@ -306,18 +307,14 @@ class Collector:
         self._events += result.events
         self._by_reason.update(result.by_reason)
         self._batches += 1
+        self._landed_at = time.time()
         self._publish_status(online=True)
         with self._gen_lock:  # a reconnect cannot slip in between the check and the acks
             if not self._connected:
                 return
             gen = self._generation
-            client = self._client
-            acked = 0
-            for _t, _p, mid, qos, _r, g in batch:
-                if qos > 0 and g == gen:
-                    client.ack(mid, qos)
-                    acked += 1
-            self._acked += acked
+            self._acked += ack_many(self._client, [(mid, qos) for _t, _p, mid, qos, _r, g in batch
+                                                   if qos > 0 and g == gen])
 
     # ------------------------------------------------------------------ status
     def counters(self) -> dict[str, float]:
@@ -328,7 +325,7 @@ class Collector:
             "landed_telemetry": self._telemetry, "landed_events": self._events,
             "deadlettered": sum(self._by_reason.values()), "lag_s": round(lag, 3),
             "batches": self._batches, "files": self._files, "acked": self._acked,
-            "write_errors": self._write_errors, "restarts": self.restarts,
+            "write_errors": self._write_errors, "restarts": self.restarts, "landed_at": self._landed_at,
         }
         c.update({f"deadlettered.{k}": v for k, v in sorted(self._by_reason.items())})
         return c
@@ -340,7 +337,7 @@ class Collector:
             "received": c["received"], "landed": c["landed"], "deadlettered": c["deadlettered"],
             "by_reason": dict(self._by_reason), "lag_s": c["lag_s"], "batches": c["batches"],
             "files": c["files"], "acked": c["acked"], "write_errors": c["write_errors"],
-            "restarts": self.restarts,
+            "restarts": self.restarts, "landed_at": self._landed_at,
         }
 
     def _publish_status(self, online: bool) -> None:

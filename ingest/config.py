@@ -36,9 +36,10 @@ class IngestConfig:
         "help": "MQTT 5 Receive Maximum: unacknowledged QoS 1 messages the broker may send before it waits "
                 "for acks (max 65535); batches flush at half of it, so the stream never stalls on a flush"})
     idle_flush_s: float | None = field(default=None, metadata={
-        "help": "flush early when no message arrived for this long (wall seconds); None: off with MQTT 5 "
-                "(the Receive Maximum bounds what is unacked), 0.05 s with MQTT 3.1.1 (the broker's own "
-                "in-flight limit, unknown here, could otherwise stall a batch until batch_max_age_s)"})
+        "help": "flush early when no message arrived for this long (wall seconds), so the end of a burst "
+                "lands without waiting for batch_max_age_s; None: 0.25 s with MQTT 5 (the Receive Maximum "
+                "keeps the broker sending during a flush), 0.05 s with MQTT 3.1.1 (the broker's own "
+                "in-flight limit, unknown here, stalls the stream until a batch is acked)"})
     session_expiry_s: int = field(default=7 * 24 * 3600, metadata={
         "help": "how long the broker keeps a disconnected collector's session and queue"})
     offline_after_s: int = field(default=30, metadata={

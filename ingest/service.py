@@ -80,7 +80,10 @@ class IngestHandle:
         return ray.get([a.status.remote() for a in self.actors], timeout=timeout_s)
 
     def status(self) -> dict:
-        """Totals: ``{"received", "landed", "deadlettered", "by_reason", "lag_s", "collectors": [...]}``."""
+        """Totals: ``{"received", "landed", "deadlettered", "by_reason", "lag_s", "landed_at", "collectors": [...]}``.
+
+        ``landed_at`` is the wall time at which the last batch became durable (0 before any).
+        """
         per = self.collector_status()
         by_reason: dict[str, int] = {}
         for s in per:
@@ -94,6 +97,7 @@ class IngestHandle:
             "lag_s": max((s["lag_s"] for s in per), default=0.0),
             "batches": sum(s["batches"] for s in per),
             "restarts": sum(s["restarts"] for s in per),
+            "landed_at": max((s.get("landed_at", 0.0) for s in per), default=0.0),
             "collectors": per,
         }
 
