@@ -9,7 +9,8 @@ same batch sizes, same torch thread count.  The loopback load generator runs in 
 process too (threads with keep-alive HTTP connections).
 
 * latency: one window per request, one request at a time -> p50/p99; overhead = Serve
-  p50 - in-process p50 (target <= 5 ms).
+  p50 - in-process p50 (target <= 5 ms).  Also GET /health: the floor any request pays
+  for the HTTP hop through Ray Serve's proxy into the replica on this machine.
 * throughput: windows/s with B windows per request (2 concurrent clients keep the
   pipeline full) and with 16 clients sending one window each (dynamic batching), vs the
   in-process forward of the same batch size (target >= 0.8x).
@@ -97,6 +98,20 @@ def latency_serve(url: str, text: str, n: int) -> list[float]:
     for _ in range(n):
         t0 = time.perf_counter()
         c.predict([{"text": text}])
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def latency_health(url: str, n: int) -> list[float]:
+    """GET /health: the HTTP round trip through Ray Serve's proxy and the replica, no model."""
+    from serve.client import ServeClient
+
+    c = ServeClient(url)
+    c.health()
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        c.health()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -245,6 +260,7 @@ def main() -> int:
     for r in range(runs):
         ls = latency_serve(h.url, texts[0], n_lat)
         li = latency_inproc(pool, name, texts[0], n_lat)
+        add("lat_health_p50", pct(latency_health(h.url, n_lat), .5))
         add("lat_serve_p50", pct(ls, .5)); add("lat_serve_p99", pct(ls, .99))
         add("lat_inproc_p50", pct(li, .5)); add("lat_inproc_p99", pct(li, .99))
         for bsz in batches:
@@ -285,6 +301,8 @@ def main() -> int:
     print(f"latency, 1 window/request: Serve p50 {ms(med['lat_serve_p50'])} p99 {ms(med['lat_serve_p99'])} | "
           f"in-process p50 {ms(med['lat_inproc_p50'])} p99 {ms(med['lat_inproc_p99'])} | "
           f"overhead p50 {ms(med['lat_serve_p50'] - med['lat_inproc_p50'])} (target <= 5 ms)")
+    print(f"  of which Ray Serve's own HTTP round trip (GET /health through the proxy, no model): "
+          f"p50 {ms(med['lat_health_p50'])}")
     for bsz in batches:
         ratio = med[f"thr_serve_{bsz}"] / med[f"thr_inproc_{bsz}"]
         print(f"throughput, {bsz} windows/request: Serve {med[f'thr_serve_{bsz}']:.0f} windows/s | in-process "

@@ -248,10 +248,13 @@ def load_adapter(base_model, adapter_dir: str | os.PathLike, adapter_name: str =
 
 
 def predict_proba(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 96,
-                  adapter_names: Sequence[str] | None = None) -> np.ndarray:
+                  adapter_names: Sequence[str] | None = None, set_eval: bool = True) -> np.ndarray:
     """Label probabilities, shape (len(texts), num_labels), in LABELS order.
 
     ``adapter_names`` (one per text) runs a mixed-adapter batch on a PeftModel.
+    ``set_eval=False`` is for callers that keep the model in eval mode themselves (the
+    serving pool does, once per adapter install): ``model.eval()`` walks every module, a
+    measurable share of a one-window request.
     """
     import torch
 
@@ -259,7 +262,8 @@ def predict_proba(model, tokenizer, texts: Sequence[str], *, batch_size: int = 6
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
     device = next(model.parameters()).device
     out = []
-    model.eval()
+    if set_eval:
+        model.eval()
     with torch.inference_mode():
         for i in range(0, len(texts), batch_size):
             chunk = list(texts[i:i + batch_size])

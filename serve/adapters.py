@@ -140,9 +140,10 @@ class AdapterPool:
         """One adapter's forward pass (model lock held)."""
         from finetune.model import predict_proba
 
-        self.model.set_adapter(peft_name)
+        if self.model.active_adapter != peft_name:  # PEFT's set_adapter walks every module: only on a change
+            self.model.set_adapter(peft_name)
         return predict_proba(self.model, self.tokenizer, texts, batch_size=max(1, len(texts)),
-                             max_length=self.max_length_tokens)
+                             max_length=self.max_length_tokens, set_eval=False)  # eval mode set at install
 
     # ------------------------------------------------------------------ swaps
     def install(self, name: str, resolved: Resolved, adapter_dir: str) -> Slot:
