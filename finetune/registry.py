@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune.tracking import plain_uri
 from flywheel.mqtt import redact_url
 
 HISTORY_TAG = "flywheel.alias_history.{alias}"
@@ -141,10 +142,10 @@ def fetch_adapter(tracking_uri: str, model_name: str, version: str, dst_dir: str
     dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix=f"flywheel-{model_name}-v{version}-"))
     dst.mkdir(parents=True, exist_ok=True)
     mlmodel = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/MLmodel", dst_path=str(dst / ".mlmodel"),
-                                                       tracking_uri=tracking_uri))
+                                                       tracking_uri=plain_uri(tracking_uri)))
     flavor = yaml.safe_load(mlmodel.read_text())["flavors"]["python_function"]
     rel = flavor["artifacts"]["adapter"]["path"]
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{rel}", dst_path=str(dst),
-                                                tracking_uri=tracking_uri)
+                                                tracking_uri=plain_uri(tracking_uri))
     check_adapter_dir(local)
     return str(local)

@@ -21,10 +21,40 @@ from typing import Iterable
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
+def plain_uri(tracking_uri: str) -> str:
+    """The tracking URI without ``user:password@``, the credentials moved to MLflow's own variables.
+
+    MLflow prints its tracking URI ("View run ... at http://...") and stores it in run
+    metadata, so credentials written into the URI would end up in logs.  An ``http(s)``
+    URI that carries them sets ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``
+    (MLflow's documented basic-auth settings) in this process, unless they are set
+    already, and the URI MLflow sees is the one without them.  Every process that talks
+    to MLflow (the loop, Serve replicas, training workers) goes through here, so the
+    URI handed between them may carry the credentials.
+    """
+    import os
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(tracking_uri)
+        user, password = parts.username, parts.password
+    except (ValueError, TypeError):
+        return tracking_uri
+    if parts.scheme not in ("http", "https") or not (user or password):
+        return tracking_uri
+    if user:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(user))
+    if password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(password))
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
 def client_for(tracking_uri: str):
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    uri = plain_uri(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 class MetricBatcher:

@@ -38,6 +38,7 @@ from pathlib import Path
 from flywheel.campaign import CampaignConfig, stage_configs
 from flywheel.config import ConfigError
 from flywheel.live import LiveView, LoopStatus
+from flywheel.mqtt import BrokerURL, redact_url
 
 log = logging.getLogger("flywheel.loop")
 
@@ -148,7 +149,9 @@ class Campaign:
         self.dir = campaign_dir(self.workdir, cfg.campaign)
         self.lake_uri = str(self.workdir / "lake")
         self.tracking_uri = mlflow_uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
-        self.broker_url = broker_url
+        # ${ENV} references in the URL resolve here, once: a missing variable fails before anything
+        # starts, and the actors this campaign starts get the resolved URL (their nodes may lack it).
+        self.broker_url = BrokerURL.parse(broker_url).resolved_url() if broker_url else None
         self.ray_address = ray_address
         self.status = LoopStatus(campaign=cfg.campaign, turns=cfg.turns)
         self.view = LiveView(self.status, enabled=view)
@@ -219,12 +222,16 @@ class Campaign:
         self.view.stage("starting MLflow")
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
+        from finetune.tracking import plain_uri
+
+        mlflow.set_tracking_uri(plain_uri(self.tracking_uri))  # credentials, if any, go to MLflow's env vars
         exp = mlflow.set_experiment(f"flywheel-{cfg.campaign}")
         if self.state["parent_run_id"]:
             parent = mlflow.start_run(run_id=self.state["parent_run_id"])
         else:
-            parent = mlflow.start_run(run_name=cfg.campaign, tags={"flywheel.campaign": cfg.campaign})
+            parent = mlflow.start_run(run_name=cfg.campaign, tags={
+                "flywheel.campaign": cfg.campaign, "flywheel.broker": redact_url(self.broker_url),
+                "flywheel.ray_address": redact_url(self.ray_address or "local")})
             self.state["parent_run_id"] = parent.info.run_id
             self.state["experiment_id"] = exp.experiment_id
             mlflow.log_params(_flat_params(cfg))

@@ -17,7 +17,7 @@ import ssl
 import threading
 import uuid
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
@@ -77,6 +77,24 @@ class BrokerURL:
             auth = f"{self.username}:***@" if self.password else f"{self.username}@"
         query = "?protocol=3.1.1" if self.protocol != "5" else ""
         return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}{query}"
+
+    def resolved_url(self) -> str:
+        """The URL with ``${ENV}`` references already resolved, password included.
+
+        For handing the broker to components this process starts (Ray actors on other
+        nodes may not have the variable); never log it: ``str()`` and ``redacted()`` are
+        for messages.
+        """
+        auth = ""
+        if self.username:
+            auth = quote(self.username, safe="")
+            if self.password is not None:
+                auth += ":" + quote(self.password, safe="")
+            auth += "@"
+        opts = {"ca": self.ca_file, "cert": self.cert_file, "key": self.key_file,
+                "insecure": "1" if self.insecure else None, "protocol": None if self.protocol == "5" else self.protocol}
+        query = urlencode({k: v for k, v in opts.items() if v is not None})
+        return f"{'mqtts' if self.tls else 'mqtt'}://{auth}{self.host}:{self.port}" + (f"?{query}" if query else "")
 
     def __str__(self) -> str:
         return self.redacted()

@@ -230,7 +230,9 @@ def write_report(workdir, campaign: str = "demo", seeds: list[int] | None = None
         import mlflow
 
         uri = tracking_uri or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
-        client = mlflow.MlflowClient(tracking_uri=uri)
+        from finetune.tracking import plain_uri
+
+        client = mlflow.MlflowClient(tracking_uri=plain_uri(uri))
         run_id = states[0].get("parent_run_id")
         if run_id:
             for p in [md, *plots]:

@@ -158,7 +158,9 @@ def run_dataset_build(args) -> int:
         import mlflow
 
         os.makedirs(args.workdir, exist_ok=True)
-        mlflow.set_tracking_uri(args.mlflow_uri or f"sqlite:///{os.path.abspath(args.workdir)}/mlflow.db")
+        from finetune.tracking import plain_uri
+
+        mlflow.set_tracking_uri(plain_uri(args.mlflow_uri or f"sqlite:///{os.path.abspath(args.workdir)}/mlflow.db"))
         mlflow.set_experiment(args.experiment)
         run = mlflow.start_run(run_name="dataset-build")
     try:

@@ -104,3 +104,35 @@ def test_any_url_is_redacted_before_it_reaches_a_message(url):
     assert "pa55" not in out and ":***@" in out
     assert redact_url("sqlite:///tmp/mlflow.db") == "sqlite:///tmp/mlflow.db"
     assert redact_url("http://[bad") == "<unparseable URL>"
+
+
+def test_resolved_url_carries_the_env_password_and_round_trips(monkeypatch):
+    """What a campaign hands its actors: the variable resolved once, every option kept."""
+    monkeypatch.setenv("MQTT_CAMPAIGN_PASSWORD", "p@ss:w/rd%1")
+    parsed = BrokerURL.parse("mqtts://campaign:${MQTT_CAMPAIGN_PASSWORD}@broker.plant:8883"
+                             "?ca=/certs/ca.pem&protocol=3.1.1")
+    url = parsed.resolved_url()
+    assert "${" not in url and "p@ss:w/rd%1" not in url          # quoted, not raw
+    monkeypatch.delenv("MQTT_CAMPAIGN_PASSWORD")
+    again = BrokerURL.parse(url)                                   # no variable needed any more
+    assert again == parsed and again.password == "p@ss:w/rd%1"
+    assert BrokerURL.parse("mqtt://127.0.0.1:1883").resolved_url() == "mqtt://127.0.0.1:1883"
+
+
+def test_mlflow_credentials_leave_the_uri_for_mlflows_own_variables(monkeypatch):
+    """MLflow prints its tracking URI ("View run at ..."): the credentials must not be in it."""
+    import os
+
+    from finetune.tracking import plain_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert plain_uri(f"https://flywheel:{SECRET}@mlflow.plant:5000/prefix?x=1") == \
+        "https://mlflow.plant:5000/prefix?x=1"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("flywheel", SECRET)
+    # variables set by the deployment win over the URI; URIs without credentials pass unchanged
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
+    assert plain_uri("http://other:pw@127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "from-env"
+    for uri in ("sqlite:///tmp/mlflow.db", "http://127.0.0.1:5000", "databricks"):
+        assert plain_uri(uri) == uri
