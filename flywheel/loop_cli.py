@@ -11,7 +11,9 @@ EXAMPLES_DEMO = """examples:
   flywheel demo --seed 3 turns=4                  # another seed, one more turn
   flywheel demo --seeds 1,2,3                     # researchers: three campaigns, report with mean and spread
   flywheel demo --config flywheel/configs/tiny.yaml --workdir /tmp/fw   # a 2-minute smoke run
-  flywheel demo scenario=drift campaign=drift     # the drift scenario
+  flywheel demo scenario=drift campaign=drift     # the drift scenario: the drop after a supplier change
+  flywheel demo scenario=drift campaign=drift-recover train.warm_start=true train.gate_metric=eval.f1_any_failure
+                                                  # ... and the recovery (see benchmarks/RESULTS.md)
 """
 
 
