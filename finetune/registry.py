@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.tracking import plain_uri
+from finetune.tracking import auth_error, plain_uri
 from flywheel.mqtt import redact_url
 
 HISTORY_TAG = "flywheel.alias_history.{alias}"
@@ -61,6 +61,8 @@ def get_version(tracking_uri: str, model_name: str, ref: str) -> ModelVersionInf
         mv = client.get_model_version(model_name, ref) if ref.isdigit() else \
             client.get_model_version_by_alias(model_name, ref)
     except MlflowException as exc:
+        if (denied := auth_error(exc, tracking_uri)) is not None:
+            raise denied from None
         what = f"version {ref}" if ref.isdigit() else f"alias {ref!r}"
         raise RegistryError(f"registered model {model_name!r} has no {what} at {redact_url(tracking_uri)} "
                             f"({exc.error_code}); train one first with `flywheel train`") from None
@@ -72,7 +74,9 @@ def ensure_registered_model(client, model_name: str) -> None:
 
     try:
         client.get_registered_model(model_name)
-    except MlflowException:
+    except MlflowException as exc:
+        if (denied := auth_error(exc, getattr(client, "_registry_uri", ""))) is not None:
+            raise denied from None
         try:
             client.create_registered_model(model_name, description="Fault detector: window text -> label "
                                            "probabilities (LoRA adapter on a small open model).")

@@ -50,6 +50,50 @@ def plain_uri(tracking_uri: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
+#: MLflow's error codes for HTTP 401 and 403 from a tracking server with authentication.
+AUTH_ERROR_CODES = {"UNAUTHENTICATED": "the server did not accept the credentials",
+                    "PERMISSION_DENIED": "this user has no permission for that experiment or model"}
+
+
+class TrackingAuthError(PermissionError):
+    """The tracking server refused this process's credentials (401) or their rights (403)."""
+
+
+def auth_error(exc: BaseException, tracking_uri: str) -> TrackingAuthError | None:
+    """``exc`` as a ``TrackingAuthError`` that says what to do, or None when it is not one.
+
+    Callers that read "not found" into an MLflow error (no champion yet, no such version)
+    check this first: with wrong credentials nothing is "not found", the server said no.
+    """
+    code = getattr(exc, "error_code", None)
+    if code not in AUTH_ERROR_CODES:
+        return None
+    from flywheel.mqtt import redact_url
+
+    return TrackingAuthError(
+        f"MLflow at {redact_url(tracking_uri)} refused the request ({code}: {AUTH_ERROR_CODES[code]}). "
+        "Give the user and password in the URI (http://USER:PASSWORD@host:port) or in "
+        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+
+
+def error_message(exc: BaseException) -> str | None:
+    """A one-line message for an MLflow error reaching the CLI (credentials redacted), else None."""
+    import re
+    import sys
+
+    if isinstance(exc, TrackingAuthError):
+        return str(exc)
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")
+    if mlflow_exceptions is None or not isinstance(exc, mlflow_exceptions.MlflowException):
+        return None
+    text = re.sub(r"//[^/@\s]+:[^/@\s]*@", "//***:***@", str(exc)).strip()
+    hint = AUTH_ERROR_CODES.get(getattr(exc, "error_code", ""))
+    if hint:
+        text += (f" ({hint}: give the user and password in the URI or in MLFLOW_TRACKING_USERNAME / "
+                 "MLFLOW_TRACKING_PASSWORD)")
+    return f"MLflow error: {text}"
+
+
 def client_for(tracking_uri: str):
     from mlflow import MlflowClient
 

@@ -119,6 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"flywheel {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # an MLflow server's refusal is a message, not a traceback
+        from finetune.tracking import error_message
+
+        message = error_message(exc)
+        if message is None:
+            raise
+        print(f"flywheel {args.command}: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,8 +54,14 @@ class MlflowServer:
         _stop_group(self.proc)
 
 
-def start_mlflow_server(root: Path, backend_store_uri: str) -> MlflowServer:
-    """``mlflow server`` with ``backend_store_uri`` and proxied artifacts under ``root``."""
+def start_mlflow_server(root: Path, backend_store_uri: str,
+                        basic_auth: tuple[str, str] | None = None) -> MlflowServer:
+    """``mlflow server`` with ``backend_store_uri`` and proxied artifacts under ``root``.
+
+    ``basic_auth=(user, password)`` starts MLflow's own ``basic-auth`` app (``mlflow[auth]``):
+    that user is the admin, everybody else has no permission, and every API call without
+    valid credentials gets 401.  Its user store lives in ``root``.
+    """
     from flywheel.broker import free_port
 
     port = free_port()
@@ -66,9 +72,21 @@ def start_mlflow_server(root: Path, backend_store_uri: str) -> MlflowServer:
            "--backend-store-uri", backend_store_uri,
            "--artifacts-destination", str(artifacts), "--serve-artifacts",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = dict(os.environ)
+    if basic_auth is not None:
+        user, password = basic_auth
+        ini = root / "basic_auth.ini"
+        ini.write_text("[mlflow]\n"
+                       "default_permission = NO_PERMISSIONS\n"
+                       f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
+                       f"admin_username = {user}\n"
+                       "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=password,
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
+        cmd += ["--app-name", "basic-auth"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                cwd=root)
+                                cwd=root, env=env)
     server = MlflowServer(f"http://127.0.0.1:{port}", artifacts, log_path, proc)
     deadline = time.monotonic() + MLFLOW_START_TIMEOUT_S
     while time.monotonic() < deadline:

@@ -2,12 +2,13 @@
 
 The tiny campaign runs against the production broker (password file + ACL, as user
 ``campaign``, its password given as ``${MQTT_CAMPAIGN_PASSWORD}`` the way the deployment
-files pass it) and an ``mlflow server`` reached through a URL that carries a user and
-password (requests sends them as HTTP basic auth; this server ignores them, a proxy in
-front of a real one would check them).  Then every byte the stack wrote is searched for
-both secrets: the workdir (state, lake, reports, adapters), the tracking server's whole
-store (its database: params, tags, descriptions; its artifacts), the server's log, and
-what the campaign printed.
+files pass it) and an ``mlflow server`` with MLflow's own authentication (``--app-name
+basic-auth``: only user ``flywheel`` may do anything), reached through a URL that carries
+that user and password.  Then every byte the stack wrote is searched for both secrets: the
+workdir (state, lake, reports, adapters), the tracking server's whole store (its database:
+params, tags, descriptions; its artifacts), the server's log, and what the campaign printed.
+Wrong or missing MLflow credentials get a message that says so, not a traceback and not a
+misleading "not found".
 """
 
 from __future__ import annotations
@@ -42,14 +43,20 @@ def secret_campaign(secured_broker, infra_servers, ray_local, tmp_path_factory):
     from flywheel.report import write_report
 
     mlflow_root = Path(tempfile.mkdtemp(prefix="flywheel-mlflow-secrets-"))
-    server = infra_servers.start_mlflow_server(mlflow_root, f"sqlite:///{mlflow_root / 'mlflow.db'}")
+    server = infra_servers.start_mlflow_server(mlflow_root, f"sqlite:///{mlflow_root / 'mlflow.db'}",
+                                               basic_auth=("flywheel", MLFLOW_SECRET))
     mp = pytest.MonkeyPatch()
     try:
+        # the campaign moves the URI's credentials into these (finetune.tracking.plain_uri); undo
+        # removes them again so no later test talks to its own server with this one's password
+        mp.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+        mp.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
         mp.setenv("MQTT_CAMPAIGN_PASSWORD", secured_broker.passwords["campaign"])
         broker = f"mqtt://campaign:${{MQTT_CAMPAIGN_PASSWORD}}@127.0.0.1:{secured_broker.plain_port}"
         mlflow_uri = server.url.replace("http://", f"http://flywheel:{MLFLOW_SECRET}@")
         workdir = tmp_path_factory.mktemp("secrets")
-        cfg = load_campaign(str(default_config_path("tiny")), ["campaign=secrets"])
+        # in-process windowing: Ray Data's path is the end-to-end test's; this one is about credentials
+        cfg = load_campaign(str(default_config_path("tiny")), ["campaign=secrets", "dataset.engine=local"])
         printed = io.StringIO()
         log_handler, root = logging.StreamHandler(printed), logging.getLogger()
         old_level = root.level
@@ -120,3 +127,25 @@ def test_no_secret_in_what_the_campaign_printed_or_logged(secret_campaign, secur
     session = Path(ray._private.worker.global_worker.node.get_session_dir_path())  # noqa: SLF001
     secrets = [secured_broker.passwords["campaign"].encode(), MLFLOW_SECRET.encode()]
     assert not _files_holding(session / "logs", secrets)
+
+
+@pytest.mark.parametrize("credentials", ["flywheel:wrong-Pa55-0000@", ""], ids=["wrong password", "none"])
+def test_refused_mlflow_credentials_are_named_not_hidden(secret_campaign, credentials):
+    import os
+    import subprocess
+    import sys
+
+    import requests
+
+    server = secret_campaign[3]
+    assert requests.get(f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1",
+                        timeout=30).status_code == 401           # the server really checks
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    uri = server.url.replace("http://", f"http://{credentials}")
+    done = subprocess.run([sys.executable, "-m", "flywheel.cli", "serve", "rollback", "--mlflow-uri", uri],
+                          capture_output=True, text=True, env=env, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "refused the request (UNAUTHENTICATED" in out and "MLFLOW_TRACKING_PASSWORD" in out, out
+    assert "Traceback" not in out and "no alias" not in out
+    assert "wrong-Pa55-0000" not in out and MLFLOW_SECRET not in out

@@ -136,3 +136,24 @@ def test_mlflow_credentials_leave_the_uri_for_mlflows_own_variables(monkeypatch)
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "from-env"
     for uri in ("sqlite:///tmp/mlflow.db", "http://127.0.0.1:5000", "databricks"):
         assert plain_uri(uri) == uri
+
+
+def test_mlflow_refusals_become_one_clear_line_without_the_password():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, UNAUTHENTICATED
+
+    from finetune.tracking import TrackingAuthError, auth_error, error_message
+
+    uri = f"http://flywheel:{SECRET}@mlflow.plant:5000"
+    denied = auth_error(MlflowException("401", error_code=UNAUTHENTICATED), uri)
+    assert isinstance(denied, TrackingAuthError) and isinstance(denied, PermissionError)
+    assert "UNAUTHENTICATED" in str(denied) and "flywheel:***@mlflow.plant:5000" in str(denied)
+    assert "MLFLOW_TRACKING_PASSWORD" in str(denied) and SECRET not in str(denied)
+    assert "no permission" in str(auth_error(MlflowException("403", error_code=PERMISSION_DENIED), uri))
+    # "not found" stays "not found": only refusals are turned into credential errors
+    assert auth_error(MlflowException("gone", error_code=RESOURCE_DOES_NOT_EXIST), uri) is None
+    # whatever MLflow error reaches the CLI loses any password a URL in it carried
+    line = error_message(MlflowException(f"API request to {uri}/api/2.0/x failed", error_code=UNAUTHENTICATED))
+    assert line.startswith("MLflow error:") and SECRET not in line and "MLFLOW_TRACKING_USERNAME" in line
+    assert error_message(ValueError("not MLflow's")) is None
+
