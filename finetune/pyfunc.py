@@ -14,6 +14,7 @@ works offline) and attaches the adapter::
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -46,11 +47,31 @@ def _texts(model_input) -> list[str]:
                      "'text' column or a list of texts")
 
 
-# MLflow warns at class creation that ``predict`` has no type hints.  Hints would make
-# MLflow convert inputs itself (a list[...] hint silently keeps only the first column of a
-# DataFrame); ``_texts`` checks inputs instead and names what is wrong.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
+@contextlib.contextmanager
+def _without_type_hint_advice():
+    """Drop MLflow's "Add type hints to the `predict` method" warning, show every other one.
+
+    MLflow warns at class creation (and again when it loads the model from code) that
+    ``predict`` has no type hints.  Hints would make MLflow convert inputs itself (a
+    list[...] hint silently keeps only the first column of a DataFrame); ``_texts`` checks
+    inputs instead and names what is wrong.  MLflow raises it inside its own
+    ``simplefilter("once")``, which overrides any warning filter set out here, so this
+    filters at display time instead (``warnings.showwarning`` outlives their filters).
+    """
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "Add type hints to the `predict` method" not in str(message):
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+with _without_type_hint_advice():
 
     class FaultDetector(mlflow.pyfunc.PythonModel):
         """Window texts -> DataFrame of label probabilities (one column per contract label)."""
@@ -77,7 +98,7 @@ def save_pyfunc(adapter_dir: str | Path, path: str | Path) -> Path:
     """Write the pyfunc model directory (MLmodel + the adapter as artifact) to ``path``."""
     # Models from code: MLflow stores finetune/pyfunc_entry.py instead of a pickled object.
     entry = Path(__file__).with_name("pyfunc_entry.py")
-    with warnings.catch_warnings():
+    with _without_type_hint_advice(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no signature": inputs are checked in _texts
         mlflow.pyfunc.save_model(str(path), python_model=str(entry),
                                  artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},

@@ -143,3 +143,24 @@ def test_warm_start_continues_from_the_champion(registry, snapshot_dir, tmp_path
     with pytest.raises(ModelError, match="warm start needs the champion's base model"):
         train_plain(snapshot_dir, fast_config(tmp_path, base_model="./elsewhere", warm_start=True),
                     tmp_path / "warm2", progress=False, warm_start_dir=first.adapter_dir)
+
+
+def test_registering_a_model_prints_no_type_hint_advice(tmp_path):
+    """MLflow's "Add type hints to the `predict` method" showed in every `flywheel demo`; other
+    warnings still show.  A fresh process: MLflow warns once, when the class is created."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "flywheel_model.json").write_text("{}")
+    code = ("import warnings\n"
+            "from finetune.pyfunc import save_pyfunc\n"
+            f"save_pyfunc({str(tmp_path / 'adapter')!r}, {str(tmp_path / 'model')!r})\n"
+            "warnings.warn('a warning of our own still shows')\n")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "model" / "MLmodel").is_file()
+    assert "Add type hints" not in done.stderr
+    assert "a warning of our own still shows" in done.stderr
