@@ -119,11 +119,14 @@ def _run(args, cfg, max_new_turns=None) -> int:
     return 0
 
 
-def _where_to_look(args, md: Path) -> None:
+def _where_to_look(args, md: Path, mlflow: bool = True) -> None:
+    from flywheel.mqtt import redact_url
+
     wd = Path(args.workdir).resolve()
     uri = args.mlflow_uri or f"sqlite:///{wd / 'mlflow.db'}"
-    print(f"\nreport:  {md}\nplots:   {md.parent}/*.png\n"
-          f"MLflow:  mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    print(f"\nreport:  {md}\nplots:   {md.parent}/*.png")
+    if mlflow:  # a multi-seed report is files only
+        print(f"MLflow:  mlflow ui --backend-store-uri {redact_url(uri)}   (then open http://127.0.0.1:5000)")
 
 
 def seed_campaign(cfg, seed: int):
@@ -147,7 +150,7 @@ def cmd_demo(args) -> int:
         if rc:
             return rc
     md = write_report(args.workdir, cfg.campaign, seeds=seeds, tracking_uri=args.mlflow_uri)
-    _where_to_look(args, md)
+    _where_to_look(args, md, mlflow=False)
     return 0
 
 
@@ -168,5 +171,5 @@ def cmd_report(args) -> int:
     except ReportError as exc:
         print(f"flywheel report: {exc}", file=sys.stderr)
         return 1
-    _where_to_look(args, md)
+    _where_to_look(args, md, mlflow=not args.seeds)
     return 0

@@ -87,6 +87,7 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -98,6 +99,7 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
         for p in POLICIES:
             _plot_line(ax, tables, f"{baseline_prefix}_{p}", LABELS[p], COLORS[p], pct=pct)
         ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title}: {what}{seeds}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # turns are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
         paths.append(out_dir / name)
@@ -116,6 +118,7 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
     _plot_line(ax1, tables, "macro_f1", "macro-F1, the turn's eval split", "#9467bd")
     _plot_line(ax1, tables, "auroc", "AUROC (any failure), the turn's eval split", "#8c564b")
     ax1.set(xlabel="turn", ylabel="score", ylim=(0, 1.02), title=f"{title}: model quality vs data{seeds}")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax1.twinx()
     turns, mean, _ = _series(tables, "windows_train")
     ax2.bar(turns, mean, alpha=0.15, color="grey", label="training windows")
@@ -138,6 +141,7 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
         ax.bar([r["turn"] for r in t0], vals, bottom=bottom, label=s)
         bottom += vals
     ax.set(xlabel="turn", ylabel="wall seconds", title=f"{title}: wall time per stage")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     paths.append(out_dir / "wall_time.png")
     fig.tight_layout()
@@ -177,18 +181,19 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
                     r["failures"], r["failures_avoided"], f"{r['maintenance_needed']}/{r['maintenance_unneeded']}",
                     _f(r["risk_threshold"])]
         else:
-            def ms(key, pct=False):
+            def ms(key, pct=False, nd=3):
                 _, m, s = _series(tables, key)
                 k = 100 if pct else 1
                 if np.isnan(m[i]):
                     return "-"
-                return f"{m[i] * k:.1f} ± {s[i] * k:.1f}" if pct else f"{m[i]:.3f} ± {s[i]:.3f}"
+                nd = 1 if pct else nd
+                return f"{m[i] * k:.{nd}f} ± {s[i] * k:.{nd}f}"
             r = tables[0][i]
-            vals = [r["turn"], "-", ms("windows_train").split(".")[0], ms("holdout_macro_f1"), ms("macro_f1"),
+            vals = [r["turn"], "-", ms("windows_train", nd=0).split(" ")[0], ms("holdout_macro_f1"), ms("macro_f1"),
                     ms("auroc"), ms("oee", True),
                     ms("oee_run_to_failure", True), ms("oee_fixed_interval", True), ms("oee_oracle", True),
-                    ms("gap_closed", True), ms("unplanned_downtime_min"), ms("failures"), ms("failures_avoided"), "-",
-                    ms("risk_threshold")]
+                    ms("gap_closed", True), ms("unplanned_downtime_min", nd=0), ms("failures", nd=1),
+                    ms("failures_avoided", nd=1), "-", ms("risk_threshold")]
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     lines.append("")
     first, last = tables[0][0], tables[0][-1]
