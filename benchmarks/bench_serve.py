@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve.py            # full: 5 runs per measurement
     python benchmarks/bench_serve.py --quick    # ~1-2 min smoke run: 3 short runs
+    python benchmarks/bench_serve.py --direct-ingress   # the replica's own HTTP port, no proxy hop
 
 Baseline, measured in the same run on the same machine: the same adapter on the same
 base model in this process (serve.adapters.AdapterPool, the code each replica runs),
@@ -86,6 +87,30 @@ def window_texts(n: int) -> list[str]:
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def direct_url(app_name: str, prefix: str, timeout_s: float = 60.0) -> str:
+    """The replica's own HTTP address under direct ingress (one replica per app).
+
+    Ray 2.60 has no public API for it; each replica logs the port it bound."""
+    import glob
+    import re
+
+    import ray
+
+    session = ray._private.worker.global_worker.node.get_session_dir_path()  # noqa: SLF001
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ports = set()
+        for f in glob.glob(f"{session}/logs/serve/replica_{app_name}_*.log"):
+            with open(f, errors="replace") as fh:
+                ports |= set(re.findall(r"Successfully started (?:RequestProtocol\.)?HTTP server on port (\d+)",
+                                        fh.read()))
+        if len(ports) == 1:
+            return f"http://127.0.0.1:{ports.pop()}{prefix}"
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"expected one direct-ingress port for {app_name}, found {sorted(ports)}")
+        time.sleep(0.5)
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -214,6 +239,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 short runs (about 1-2 minutes on an idle machine)")
     ap.add_argument("--runs", type=int, default=None)
+    ap.add_argument("--direct-ingress", action="store_true",
+                    help="start Ray with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (experimental in Ray 2.60) and send "
+                         "the load straight to the replica's own HTTP port instead of through Serve's proxy")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads on both sides (default 1: on 2 shared cores more threads only contend)")
     args = ap.parse_args()
@@ -223,6 +251,8 @@ def main() -> int:
     dur = 1.5 if args.quick else 5.0
     n_lat = 40 if args.quick else 300
 
+    if args.direct_ingress:  # read by Serve's controller and replicas when they start
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     import ray
     import torch
 
@@ -245,6 +275,10 @@ def main() -> int:
     h_ray = start_serving(uri, "fault-detector", "champion",
                           ServeConfig(**{**cfg.__dict__, "app_name": "bench-serve-ray", "route_prefix": "/bench-ray",
                                          "batching": "ray"}))
+    url, url_ray = h.url, h_ray.url
+    if args.direct_ingress:
+        url, url_ray = direct_url("bench-serve", "/bench"), direct_url("bench-serve-ray", "/bench-ray")
+        print(f"direct ingress: {url}, {url_ray}", flush=True)
     pool = AdapterPool(device="cpu", torch_threads=TORCH_THREADS)   # the baseline: the replica's own code
     pool.install("default", Resolved("fault-detector", "champion", "1", None), str(a))
     name = pool.slot("default").peft_name
@@ -258,29 +292,29 @@ def main() -> int:
 
     batches = (16, 64)
     for r in range(runs):
-        ls = latency_serve(h.url, texts[0], n_lat)
+        ls = latency_serve(url, texts[0], n_lat)
         li = latency_inproc(pool, name, texts[0], n_lat)
-        add("lat_health_p50", pct(latency_health(h.url, n_lat), .5))
+        add("lat_health_p50", pct(latency_health(url, n_lat), .5))
         add("lat_serve_p50", pct(ls, .5)); add("lat_serve_p99", pct(ls, .99))
         add("lat_inproc_p50", pct(li, .5)); add("lat_inproc_p99", pct(li, .99))
         for bsz in batches:
-            s = load(h.url, texts, bsz, 2, dur)
+            s = load(url, texts, bsz, 2, dur)
             add(f"thr_serve_{bsz}", s["windows_per_s"]); add("failures", len(s["failures"]))
             add(f"thr_inproc_{bsz}", inproc_rate(pool, name, texts, bsz, dur))
         before = h.status()
-        s = load(h.url, texts, 1, 16, dur)
+        s = load(url, texts, 1, 16, dur)
         after = h.status()
         add("dyn_mean_batch", (after["batched_windows"] - before["batched_windows"]) /
             max(1, after["batches"] - before["batches"]))
         add("thr_serve_dyn", s["windows_per_s"]); add("failures", len(s["failures"]))
         add("dyn_p50", s["p50"]); add("dyn_p99", s["p99"])
         before = h_ray.status()
-        s = load(h_ray.url, texts, 1, 16, dur)
+        s = load(url_ray, texts, 1, 16, dur)
         after = h_ray.status()
         add("ray_dyn_mean_batch", (after["batched_windows"] - before["batched_windows"]) /
             max(1, after["batches"] - before["batches"]))
         add("thr_ray_dyn", s["windows_per_s"]); add("failures", len(s["failures"]))
-        add("ray_lat_p50", pct(latency_serve(h_ray.url, texts[0], n_lat // 2), .5))
+        add("ray_lat_p50", pct(latency_serve(url_ray, texts[0], n_lat // 2), .5))
         print(f"run {r + 1}/{runs}: p50 serve {ls and pct(ls, .5) * 1e3:.1f} ms vs in-process "
               f"{pct(li, .5) * 1e3:.1f} ms; batch 64: {res['thr_serve_64'][-1]:.0f} vs "
               f"{res['thr_inproc_64'][-1]:.0f} windows/s", flush=True)
@@ -301,7 +335,8 @@ def main() -> int:
     print(f"latency, 1 window/request: Serve p50 {ms(med['lat_serve_p50'])} p99 {ms(med['lat_serve_p99'])} | "
           f"in-process p50 {ms(med['lat_inproc_p50'])} p99 {ms(med['lat_inproc_p99'])} | "
           f"overhead p50 {ms(med['lat_serve_p50'] - med['lat_inproc_p50'])} (target <= 5 ms)")
-    print(f"  of which Ray Serve's own HTTP round trip (GET /health through the proxy, no model): "
+    print(f"  of which Ray Serve's own HTTP round trip (GET /health, no model, "
+          f"{'direct to the replica' if args.direct_ingress else 'through the proxy'}): "
           f"p50 {ms(med['lat_health_p50'])}")
     for bsz in batches:
         ratio = med[f"thr_serve_{bsz}"] / med[f"thr_inproc_{bsz}"]
