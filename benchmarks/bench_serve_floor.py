@@ -1,6 +1,6 @@
 """The HTTP floor under the serve latency target: what a request costs before any model runs.
 
-    python benchmarks/bench_serve_floor.py [--runs 3] [--requests 300]
+    python benchmarks/bench_serve_floor.py [--runs 3] [--requests 300] [--quick]
 
 One no-op endpoint (``GET /health`` returning ``{"ok": true}``, FastAPI, as in serve/api.py),
 reached over loopback with a keep-alive ``requests.Session``, one request at a time, three ways,
@@ -122,8 +122,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="fresh processes per mode (default 3)")
     ap.add_argument("--requests", type=int, default=300, help="sequential requests per run (default 300)")
+    ap.add_argument("--quick", action="store_true", help="1 run x 100 requests (smoke-check the benchmark)")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.runs, args.requests = 1, 100
     if args.child:
         child(args.child, args.requests)
         return 0

@@ -14,6 +14,7 @@ SUITES = {
     "dataset": "bench_dataset.py",
     "train": "bench_train.py",
     "serve": "bench_serve.py",
+    "serve-floor": "bench_serve_floor.py",
     "demo": "bench_demo.py",
     "infra": "bench_infra.py",
 }
