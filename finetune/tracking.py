@@ -53,6 +53,8 @@ def plain_uri(tracking_uri: str) -> str:
 #: MLflow's error codes for HTTP 401 and 403 from a tracking server with authentication.
 AUTH_ERROR_CODES = {"UNAUTHENTICATED": "the server did not accept the credentials",
                     "PERMISSION_DENIED": "this user has no permission for that experiment or model"}
+CREDENTIALS_HINT = ("give the user and password in the URI (http://USER:PASSWORD@host:port) or in "
+                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
 
 
 class TrackingAuthError(PermissionError):
@@ -70,10 +72,8 @@ def auth_error(exc: BaseException, tracking_uri: str) -> TrackingAuthError | Non
         return None
     from flywheel.mqtt import redact_url
 
-    return TrackingAuthError(
-        f"MLflow at {redact_url(tracking_uri)} refused the request ({code}: {AUTH_ERROR_CODES[code]}). "
-        "Give the user and password in the URI (http://USER:PASSWORD@host:port) or in "
-        "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
+    return TrackingAuthError(f"MLflow at {redact_url(tracking_uri)} refused the request "
+                             f"({code}: {AUTH_ERROR_CODES[code]}); {CREDENTIALS_HINT}")
 
 
 def error_message(exc: BaseException) -> str | None:
@@ -89,8 +89,7 @@ def error_message(exc: BaseException) -> str | None:
     text = re.sub(r"//[^/@\s]+:[^/@\s]*@", "//***:***@", str(exc)).strip()
     hint = AUTH_ERROR_CODES.get(getattr(exc, "error_code", ""))
     if hint:
-        text += (f" ({hint}: give the user and password in the URI or in MLFLOW_TRACKING_USERNAME / "
-                 "MLFLOW_TRACKING_PASSWORD)")
+        text += f" ({hint}: {CREDENTIALS_HINT})"
     return f"MLflow error: {text}"
 
 

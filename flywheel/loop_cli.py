@@ -125,8 +125,12 @@ def _where_to_look(args, md: Path, mlflow: bool = True) -> None:
     wd = Path(args.workdir).resolve()
     uri = args.mlflow_uri or f"sqlite:///{wd / 'mlflow.db'}"
     print(f"\nreport:  {md}\nplots:   {md.parent}/*.png")
-    if mlflow:  # a multi-seed report is files only
-        print(f"MLflow:  mlflow ui --backend-store-uri {redact_url(uri)}   (then open http://127.0.0.1:5000)")
+    if not mlflow:  # a multi-seed report is files only
+        return
+    if uri.startswith(("http://", "https://")):  # a tracking server has its own UI
+        print(f"MLflow:  {redact_url(uri)}")
+    else:
+        print(f"MLflow:  mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
 
 
 def seed_campaign(cfg, seed: int):
