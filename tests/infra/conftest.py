@@ -149,6 +149,37 @@ def stop_broker(b: SecuredBroker) -> None:
             b.proc.wait()
 
 
+MLFLOW_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def _mlflow_credentials_put_back():
+    """Clear MLflow's credential variables, and afterwards put them back as they were.
+
+    ``finetune.tracking.plain_uri`` writes a URI's user and password into ``os.environ``.
+    pytest's monkeypatch only undoes what it set itself, so a test that lets plain_uri run
+    would leave them behind, and every Ray worker started later inherits them (and, since
+    set variables win over a URI's credentials, logs in to the next server with them).
+    Request it before ``monkeypatch``: teardown runs in reverse, so this puts things back last.
+    """
+    saved = {k: os.environ.pop(k) for k in MLFLOW_CREDENTIAL_VARS if k in os.environ}
+    try:
+        yield
+    finally:
+        for k in MLFLOW_CREDENTIAL_VARS:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+
+
+@pytest.fixture
+def no_mlflow_credentials():
+    yield from _mlflow_credentials_put_back()
+
+
+@pytest.fixture(scope="module")
+def no_mlflow_credentials_module():
+    yield from _mlflow_credentials_put_back()
+
+
 @pytest.fixture
 def broker_root():
     """A private dir directly under the system temp dir: pytest's own tmp dirs sit below a

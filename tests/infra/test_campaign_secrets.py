@@ -37,7 +37,7 @@ def _files_holding(root: Path, secrets: list[bytes]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def secret_campaign(secured_broker, infra_servers, ray_local, tmp_path_factory):
+def secret_campaign(secured_broker, infra_servers, ray_local, tmp_path_factory, no_mlflow_credentials_module):
     from flywheel.campaign import default_config_path, load_campaign
     from flywheel.loop import run_campaign
     from flywheel.report import write_report
@@ -47,10 +47,6 @@ def secret_campaign(secured_broker, infra_servers, ray_local, tmp_path_factory):
                                                basic_auth=("flywheel", MLFLOW_SECRET))
     mp = pytest.MonkeyPatch()
     try:
-        # the campaign moves the URI's credentials into these (finetune.tracking.plain_uri); undo
-        # removes them again so no later test talks to its own server with this one's password
-        mp.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-        mp.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
         mp.setenv("MQTT_CAMPAIGN_PASSWORD", secured_broker.passwords["campaign"])
         broker = f"mqtt://campaign:${{MQTT_CAMPAIGN_PASSWORD}}@127.0.0.1:{secured_broker.plain_port}"
         mlflow_uri = server.url.replace("http://", f"http://flywheel:{MLFLOW_SECRET}@")

@@ -119,7 +119,7 @@ def test_resolved_url_carries_the_env_password_and_round_trips(monkeypatch):
     assert BrokerURL.parse("mqtt://127.0.0.1:1883").resolved_url() == "mqtt://127.0.0.1:1883"
 
 
-def test_mlflow_credentials_leave_the_uri_for_mlflows_own_variables(monkeypatch):
+def test_mlflow_credentials_leave_the_uri_for_mlflows_own_variables(no_mlflow_credentials, monkeypatch):
     """MLflow prints its tracking URI ("View run at ..."): the credentials must not be in it."""
     import os
 
