@@ -19,10 +19,8 @@ budget each way of reaching a Ray Serve replica spends on a request that does no
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -99,18 +97,10 @@ def child(mode: str, n: int) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(Floor.bind(), name="floor", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        if mode == "serve-direct":  # the replica's own port: Ray logs it when the replica binds
-            session = ray._private.worker.global_worker.node.get_session_dir_path()  # noqa: SLF001
-            ports: set[str] = set()
-            deadline = time.monotonic() + 60
-            while not ports and time.monotonic() < deadline:
-                for f in glob.glob(f"{session}/logs/serve/replica_*.log"):
-                    with open(f, errors="replace") as fh:
-                        ports |= set(re.findall(r"Successfully started (?:RequestProtocol\.)?HTTP server on port (\d+)", fh.read()))
-                time.sleep(0.5)
-            if len(ports) != 1:
-                raise RuntimeError(f"expected one replica HTTP port in the Serve logs, found {sorted(ports)}")
-            url = f"http://127.0.0.1:{ports.pop()}"
+        if mode == "serve-direct":  # the replica's own port, found as bench_serve.py finds it
+            from bench_serve import direct_url
+
+            url = direct_url("floor", "")
         lat = _measure(url, n)
         serve.shutdown()
         ray.shutdown()
