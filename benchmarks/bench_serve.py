@@ -2,7 +2,7 @@
 
     python benchmarks/bench_serve.py            # full: 5 runs per measurement
     python benchmarks/bench_serve.py --quick    # ~1-2 min smoke run: 3 short runs
-    python benchmarks/bench_serve.py --direct-ingress   # the replica's own HTTP port, no proxy hop
+    python benchmarks/bench_serve.py --ingress direct   # serve.ingress=direct: the replica's own port
 
 Baseline, measured in the same run on the same machine: the same adapter on the same
 base model in this process (serve.adapters.AdapterPool, the code each replica runs),
@@ -10,8 +10,11 @@ same batch sizes, same torch thread count.  The loopback load generator runs in 
 process too (threads with keep-alive HTTP connections).
 
 * latency: one window per request, one request at a time -> p50/p99; overhead = Serve
-  p50 - in-process p50 (target <= 5 ms).  Also GET /health: the floor any request pays
-  for the HTTP hop through Ray Serve's proxy into the replica on this machine.
+  p50 - in-process p50 (target <= 5 ms).  The two are paired: each Serve request is
+  followed by one in-process forward of the same window, so both see the same machine
+  (a shared VM's speed drifts by 20-30% over minutes, more than the overhead measured);
+  the median of the per-pair differences is printed too.  Also GET /health: the floor any
+  request pays for the HTTP hop into the replica on this machine.
 * throughput: windows/s with B windows per request (2 concurrent clients keep the
   pipeline full) and with 16 clients sending one window each (dynamic batching), vs the
   in-process forward of the same batch size (target >= 0.8x).
@@ -89,31 +92,31 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def direct_url(app_name: str, prefix: str, timeout_s: float = 60.0) -> str:
-    """The replica's own HTTP address under direct ingress (one replica per app).
-
-    Ray 2.60 has no public API for it; each replica logs the port it bound."""
-    import glob
-    import re
-
-    import ray
-
-    session = ray._private.worker.global_worker.node.get_session_dir_path()  # noqa: SLF001
-    deadline = time.monotonic() + timeout_s
-    while True:
-        ports = set()
-        for f in glob.glob(f"{session}/logs/serve/replica_{app_name}_*.log"):
-            with open(f, errors="replace") as fh:
-                ports |= set(re.findall(r"Successfully started (?:RequestProtocol\.)?HTTP server on port (\d+)",
-                                        fh.read()))
-        if len(ports) == 1:
-            return f"http://127.0.0.1:{ports.pop()}{prefix}"
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"expected one direct-ingress port for {app_name}, found {sorted(ports)}")
-        time.sleep(0.5)
-
-
 # ----------------------------------------------------------------------------- measurements
+def latency_paired(url: str, pool, name: str, text: str, n: int) -> tuple[list[float], list[float], list[float]]:
+    """Serve request, in-process forward, GET /health, in turn, ``n`` times: three latency lists."""
+    from serve.client import ServeClient
+
+    c = ServeClient(url)
+    body = [{"text": text}]
+    for _ in range(5):
+        c.predict(body)
+        pool.predict([text], [name])
+    serve_s, inproc_s, health_s = [], [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        c.predict(body)
+        t1 = time.perf_counter()
+        pool.predict([text], [name])
+        t2 = time.perf_counter()
+        c.health()
+        t3 = time.perf_counter()
+        serve_s.append(t1 - t0)
+        inproc_s.append(t2 - t1)
+        health_s.append(t3 - t2)
+    return serve_s, inproc_s, health_s
+
+
 def latency_serve(url: str, text: str, n: int) -> list[float]:
     from serve.client import ServeClient
 
@@ -123,30 +126,6 @@ def latency_serve(url: str, text: str, n: int) -> list[float]:
     for _ in range(n):
         t0 = time.perf_counter()
         c.predict([{"text": text}])
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def latency_health(url: str, n: int) -> list[float]:
-    """GET /health: the HTTP round trip through Ray Serve's proxy and the replica, no model."""
-    from serve.client import ServeClient
-
-    c = ServeClient(url)
-    c.health()
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        c.health()
-        out.append(time.perf_counter() - t0)
-    return out
-
-
-def latency_inproc(pool, name: str, text: str, n: int) -> list[float]:
-    pool.predict([text], [name])
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        pool.predict([text], [name])
         out.append(time.perf_counter() - t0)
     return out
 
@@ -239,9 +218,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 short runs (about 1-2 minutes on an idle machine)")
     ap.add_argument("--runs", type=int, default=None)
-    ap.add_argument("--direct-ingress", action="store_true",
-                    help="start Ray with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 (experimental in Ray 2.60) and send "
-                         "the load straight to the replica's own HTTP port instead of through Serve's proxy")
+    ap.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                    help="serve.ingress of both apps: proxy (Ray Serve's HTTP proxy, the default) or direct (each "
+                         "replica's own HTTP port; Ray starts with RAY_SERVE_ENABLE_DIRECT_INGRESS=1)")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads on both sides (default 1: on 2 shared cores more threads only contend)")
     args = ap.parse_args()
@@ -251,13 +230,12 @@ def main() -> int:
     dur = 1.5 if args.quick else 5.0
     n_lat = 40 if args.quick else 300
 
-    if args.direct_ingress:  # read by Serve's controller and replicas when they start
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     import ray
     import torch
 
     from serve import ServeConfig, start_serving
     from serve.adapters import AdapterPool
+    from serve.handle import prepare_local_ray
     from serve.source import Resolved
 
     torch.set_num_threads(TORCH_THREADS)
@@ -267,18 +245,17 @@ def main() -> int:
     b = make_adapter(work / "b", 1)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     register(uri, work, a)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     cfg = ServeConfig(app_name="bench-serve", route_prefix="/bench", poll_s=0, torch_threads=TORCH_THREADS,
-                      max_batch_size=64, num_cpus_per_replica=0.5)
+                      max_batch_size=64, num_cpus_per_replica=0.5, ingress=args.ingress)
+    prepare_local_ray(cfg)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     h = start_serving(uri, "fault-detector", "champion", cfg)
     # The same app with Ray Serve's @serve.batch instead of the continuous batcher, for comparison.
     h_ray = start_serving(uri, "fault-detector", "champion",
                           ServeConfig(**{**cfg.__dict__, "app_name": "bench-serve-ray", "route_prefix": "/bench-ray",
                                          "batching": "ray"}))
     url, url_ray = h.url, h_ray.url
-    if args.direct_ingress:
-        url, url_ray = direct_url("bench-serve", "/bench"), direct_url("bench-serve-ray", "/bench-ray")
-        print(f"direct ingress: {url}, {url_ray}", flush=True)
+    print(f"ingress {args.ingress}: {url}, {url_ray}", flush=True)
     pool = AdapterPool(device="cpu", torch_threads=TORCH_THREADS)   # the baseline: the replica's own code
     pool.install("default", Resolved("fault-detector", "champion", "1", None), str(a))
     name = pool.slot("default").peft_name
@@ -292,9 +269,9 @@ def main() -> int:
 
     batches = (16, 64)
     for r in range(runs):
-        ls = latency_serve(url, texts[0], n_lat)
-        li = latency_inproc(pool, name, texts[0], n_lat)
-        add("lat_health_p50", pct(latency_health(url, n_lat), .5))
+        ls, li, lh = latency_paired(url, pool, name, texts[0], n_lat)
+        add("lat_health_p50", pct(lh, .5))
+        add("lat_pair_diff_p50", statistics.median(x - y for x, y in zip(ls, li)))
         add("lat_serve_p50", pct(ls, .5)); add("lat_serve_p99", pct(ls, .99))
         add("lat_inproc_p50", pct(li, .5)); add("lat_inproc_p99", pct(li, .99))
         for bsz in batches:
@@ -331,12 +308,14 @@ def main() -> int:
     load1 = os.getloadavg()[0]
     print()
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, python {platform.python_version()}, "
-          f"torch threads {TORCH_THREADS}, load average at end {load1:.1f}; median of {runs} runs")
+          f"torch threads {TORCH_THREADS}, load average at end {load1:.1f}; median of {runs} runs; "
+          f"ingress {args.ingress}, batch_wait_ms {cfg.batch_wait_ms:g}")
     print(f"latency, 1 window/request: Serve p50 {ms(med['lat_serve_p50'])} p99 {ms(med['lat_serve_p99'])} | "
           f"in-process p50 {ms(med['lat_inproc_p50'])} p99 {ms(med['lat_inproc_p99'])} | "
-          f"overhead p50 {ms(med['lat_serve_p50'] - med['lat_inproc_p50'])} (target <= 5 ms)")
+          f"overhead p50 {ms(med['lat_serve_p50'] - med['lat_inproc_p50'])} (target <= 5 ms; median of the "
+          f"paired differences {ms(med['lat_pair_diff_p50'])})")
     print(f"  of which Ray Serve's own HTTP round trip (GET /health, no model, "
-          f"{'direct to the replica' if args.direct_ingress else 'through the proxy'}): "
+          f"{'direct to the replica' if args.ingress == 'direct' else 'through the proxy'}): "
           f"p50 {ms(med['lat_health_p50'])}")
     for bsz in batches:
         ratio = med[f"thr_serve_{bsz}"] / med[f"thr_inproc_{bsz}"]

@@ -81,8 +81,10 @@ def child(mode: str, n: int) -> None:
         lat = _measure(f"http://127.0.0.1:{port}", n)
         server.should_exit = True
     else:
-        if mode == "serve-direct":
-            os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        if mode == "serve-direct":   # what serve.ingress=direct sets before flywheel starts Ray
+            from serve.handle import DIRECT_INGRESS_ENV
+
+            os.environ.update(DIRECT_INGRESS_ENV)
         import ray
         from ray import serve
 
@@ -97,10 +99,10 @@ def child(mode: str, n: int) -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(Floor.bind(), name="floor", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        if mode == "serve-direct":  # the replica's own port, found as bench_serve.py finds it
-            from bench_serve import direct_url
+        if mode == "serve-direct":  # the replica's own port, found as serve.ingress=direct finds it
+            from serve.handle import direct_ingress_url
 
-            url = direct_url("floor", "")
+            url = direct_ingress_url("floor", "", "127.0.0.1")
         lat = _measure(url, n)
         serve.shutdown()
         ray.shutdown()

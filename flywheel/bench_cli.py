@@ -14,6 +14,7 @@ SUITES = {
     "dataset": "bench_dataset.py",
     "train": "bench_train.py",
     "serve": "bench_serve.py",
+    "serve-direct": "bench_serve.py --ingress direct",
     "serve-floor": "bench_serve_floor.py",
     "demo": "bench_demo.py",
     "infra": "bench_infra.py",
@@ -43,12 +44,13 @@ def run(args) -> int:
     names = list(SUITES) if args.suite == "all" else [args.suite]
     rc = 0
     for name in names:
-        script = root / SUITES[name]
+        script_name, *script_args = SUITES[name].split()
+        script = root / script_name
         if not script.is_file():
             print(f"flywheel bench: {script.name} is missing")
             rc = 1
             continue
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick and name != "contract" else [])
+        cmd = [sys.executable, str(script), *script_args] + (["--quick"] if args.quick and name != "contract" else [])
         if args.quick and name == "contract":
             cmd += ["--n", "20000", "--repeats", "3"]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)

@@ -215,6 +215,9 @@ class Campaign:
             if self.ray_address:
                 ray.init(address=self.ray_address, log_to_driver=False)
             else:
+                from serve.handle import prepare_local_ray
+
+                prepare_local_ray(self.stages["serve"])   # serve.ingress=direct is set up as Ray starts
                 # Logical CPUs above the physical count: Serve, ingest and training share a
                 # laptop's cores in turn, never all at full load at once.
                 ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
@@ -449,7 +452,8 @@ class Campaign:
             bridge_cfg = self.stages["bridge"]
             if threshold is not None:
                 bridge_cfg = dataclasses.replace(bridge_cfg, threshold=threshold)
-            bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root)
+            bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root,
+                            resolve_url=self.serving.current_url)
             bridge.start()  # returns once the broker confirmed its subscriptions
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
                                lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,

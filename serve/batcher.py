@@ -4,12 +4,14 @@ Ray Serve's ``@serve.batch`` closes a batch ``batch_wait_timeout_s`` after its f
 even while the previous batch still runs on the model, so under load it queues many
 tiny batches behind one another (measured: 16 concurrent one-window clients gave a mean
 batch of 1.4 windows).  Here a single consumer takes *all* items that arrived while the
-last forward ran (up to ``max_batch_size``): a lone request waits at most ``idle_wait_s``
-(default 1 ms), and under load batches grow by themselves.  ``ServeConfig.batching``
+last forward ran (up to ``max_batch_size``): when the model was idle, a batch takes what
+the event loop has already received (one loop turn), plus whatever arrives within
+``idle_wait_s`` if that is set (default 0: a lone request does not wait); under load
+batches grow by themselves.  ``ServeConfig.batching``
 picks this (``continuous``, the default) or Ray's decorator (``ray``); the benchmark
 measures both in the same run.
 
-    batcher = ContinuousBatcher(forward, max_batch_size=64, idle_wait_s=0.001)
+    batcher = ContinuousBatcher(forward, max_batch_size=64, idle_wait_s=0.0)
     results = await batcher.submit_many([item1, item2])    # inside an asyncio event loop
 """
 
@@ -21,7 +23,7 @@ from typing import Any, Awaitable, Callable
 
 class ContinuousBatcher:
     def __init__(self, forward: Callable[[list], Awaitable[list]], max_batch_size: int = 64,
-                 idle_wait_s: float = 0.001):
+                 idle_wait_s: float = 0.0):
         self.forward = forward
         self.max_batch_size = max_batch_size
         self.idle_wait_s = idle_wait_s
@@ -43,8 +45,9 @@ class ContinuousBatcher:
     async def _run(self) -> None:
         while True:
             await self._ready.wait()
-            if self.idle_wait_s > 0 and len(self._queue) < self.max_batch_size:
-                # The model was idle: give requests arriving together a moment to join.
+            if len(self._queue) < self.max_batch_size:
+                # The model was idle: requests the loop has already received join this batch
+                # (sleep(0) is one loop turn, microseconds); idle_wait_s > 0 also waits for later ones.
                 await asyncio.sleep(self.idle_wait_s)
             batch = self._queue[:self.max_batch_size]
             del self._queue[:self.max_batch_size]

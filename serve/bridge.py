@@ -38,11 +38,13 @@ log = logging.getLogger(__name__)
 
 class Bridge:
     def __init__(self, broker_url: str, serve_url: str, config: BridgeConfig | None = None,
-                 topic_root: str = "factory"):
+                 topic_root: str = "factory", resolve_url=None):
+        """``resolve_url``: where the app answers now (``ServingHandle.current_url``), asked when
+        ``serve_url`` stops answering, e.g. a replica restarted on another port under direct ingress."""
         self.config = config or BridgeConfig()
         self.broker_url = broker_url
         self.topics = contract.Topics(topic_root)
-        self.serve = ServeClient(serve_url, timeout_s=self.config.http_timeout_s)
+        self.serve = ServeClient(serve_url, timeout_s=self.config.http_timeout_s, resolve=resolve_url)
         self.policy = MaintenancePolicy(self.config)
         self._builders: dict[tuple[str, str], WindowBuilder] = {}
         self._pending: list[Window] = []

@@ -169,22 +169,28 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
     from serve.source import ServeError
 
     console = Console()
-    # SIGTERM (docker stop, Kubernetes, kill) stops as cleanly as Ctrl-C: bridge offline, app deleted.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with console.status(f"deploying {args.model_name}@{args.alias} on Ray Serve ..."):
             handle = start_serving(tracking_uri, args.model_name, args.alias, cfg, ray_address=args.ray_address)
     except ServeError as exc:
         console.print(f"[red]flywheel serve:[/red] {exc}")
         return 1
+    # SIGTERM (docker stop, Kubernetes, kill) stops as cleanly as Ctrl-C: bridge offline, app deleted.
+    # Installed after Ray started: ray.init puts in its own handler (exit at once, and Ray's crash
+    # handler then aborts the process), which must not be the one that runs.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     bridge = None
     try:
         console.print(f"serving {args.model_name}@{args.alias} version {handle.version()} at {handle.url} "
                       f"(OpenAPI: {handle.url}/docs)")
+        if handle.url != handle.proxy_url:
+            console.print(f"direct ingress: the replica answers at {handle.url}; "
+                          f"Ray Serve's proxy at {handle.proxy_url}")
         if args.bridge:
             from serve.bridge import Bridge
 
-            bridge = Bridge(args.broker, handle.url, bcfg, topic_root=args.topic_root).start()
+            bridge = Bridge(args.broker, handle.url, bcfg, topic_root=args.topic_root,
+                            resolve_url=handle.current_url).start()
             console.print(f"bridge: {args.broker and redact_url(args.broker)} topics {args.topic_root}/+/+/telemetry "
                           f"-> predictions and commands (threshold {bcfg.threshold})")
         with Live(console=console, refresh_per_second=2, transient=True) as live:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+from typing import Callable
 from urllib.parse import urlsplit
 
 
@@ -23,14 +24,21 @@ class ServeHTTPError(RuntimeError):
 
 
 class ServeClient:
-    def __init__(self, url: str, timeout_s: float = 30.0):
+    """``resolve``: optional callable giving the app's current URL, asked when the app cannot be
+    reached (a replica restarted on another port under direct ingress); one retry there."""
+
+    def __init__(self, url: str, timeout_s: float = 30.0, resolve: Callable[[], str] | None = None):
+        self.timeout_s = timeout_s
+        self.resolve = resolve
+        self._set_url(url)
+        self._local = threading.local()   # http.client connections are not thread-safe
+
+    def _set_url(self, url: str) -> None:
         parts = urlsplit(url.rstrip("/"))
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"serve URL {url!r} should look like http://127.0.0.1:8000")
         self.url = url.rstrip("/")
         self._host, self._port, self._prefix = parts.hostname, parts.port or 80, parts.path
-        self.timeout_s = timeout_s
-        self._local = threading.local()   # http.client connections are not thread-safe
 
     def _conn(self) -> http.client.HTTPConnection:
         c = getattr(self._local, "conn", None)
@@ -41,7 +49,9 @@ class ServeClient:
     def request(self, method: str, path: str, body: object = None) -> tuple[int, object]:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        for attempt in (0, 1):   # a kept-alive connection the server closed is retried once, fresh
+        # A kept-alive connection the server closed is retried once, fresh; then once more at the
+        # URL ``resolve`` gives, if it moved.
+        for attempt in (0, 1, 2):
             conn = self._conn()
             try:
                 conn.request(method, self._prefix + path, body=data, headers=headers)
@@ -51,13 +61,29 @@ class ServeClient:
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 conn.close()
                 self._local.conn = None
-                if attempt:
-                    raise ServeHTTPError(0, f"cannot reach the serve app at {self.url}: {exc}") from None
+                if attempt == 0:
+                    continue
+                if attempt == 1 and self._moved():
+                    continue
+                raise ServeHTTPError(0, f"cannot reach the serve app at {self.url}: {exc}") from None
         try:
             payload = json.loads(raw) if raw else None
         except ValueError:
             payload = raw.decode("utf-8", "replace")
         return resp.status, payload
+
+    def _moved(self) -> bool:
+        """Ask ``resolve`` where the app is now; True if that is somewhere else."""
+        if self.resolve is None:
+            return False
+        try:
+            url = self.resolve().rstrip("/")
+        except Exception:  # noqa: BLE001 - the caller reports the unreachable URL instead
+            return False
+        if url == self.url:
+            return False
+        self._set_url(url)
+        return True
 
     def call(self, method: str, path: str, body: object = None) -> object:
         status, payload = self.request(method, path, body)

@@ -25,6 +25,12 @@ class ServeConfig:
     http_host: str = field(default="127.0.0.1", metadata={"help": "interface the HTTP proxy binds"})
     http_port: int = field(default=0, metadata={
         "help": "HTTP port; 0 = a free port (ignored when Ray Serve already runs on this cluster)"})
+    ingress: str = field(default="proxy", metadata={
+        "help": "how HTTP reaches the app. proxy: through Ray Serve's HTTP proxy on http_port, which balances "
+                "over the replicas. direct: the replica answers on its own port (Ray Serve's direct ingress, "
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS=1): one hop less, about 15 ms lower p50 on a 2-core machine "
+                "(benchmarks/RESULTS.md); one replica; the Ray cluster must run with that variable (a Ray that "
+                "flywheel starts itself gets it)"})
     app_name: str = field(default="flywheel", metadata={"help": "Ray Serve application name"})
     route_prefix: str = field(default="/", metadata={"help": "URL prefix of the app, e.g. / or /fault"})
     num_replicas: int = field(default=1, metadata={"help": "replicas (each loads the base model once)"})
@@ -38,9 +44,9 @@ class ServeConfig:
         "help": "continuous (one forward at a time over all windows queued meanwhile; see serve/batcher.py) "
                 "or ray (Ray Serve's @serve.batch)"})
     max_batch_size: int = field(default=64, metadata={"help": "windows per model forward (dynamic batching)"})
-    batch_wait_ms: float = field(default=1.0, metadata={
-        "help": "how long an idle replica waits for a batch to fill (wall ms); "
-                "a busy one batches what queued meanwhile"})
+    batch_wait_ms: float = field(default=0.0, metadata={
+        "help": "how long an idle replica waits for more requests to join a batch (wall ms); 0 = only those "
+                "already received; a busy replica batches whatever queued during the last forward anyway"})
     max_windows_per_request: int = field(default=1024, metadata={"help": "windows one POST /predict may carry"})
     max_readings_per_window: int = field(default=512, metadata={"help": "readings one structured window may carry"})
     max_text_chars: int = field(default=4000, metadata={"help": "longest window text accepted"})
@@ -63,6 +69,11 @@ class ServeConfig:
         if self.torch_threads < -1:
             raise ConfigError(f"torch_threads should be -1 (all cores), 0 (torch default) or a thread count, "
                               f"got {self.torch_threads}")
+        if self.ingress not in ("proxy", "direct"):
+            raise ConfigError(f"ingress should be proxy or direct, got {self.ingress!r}")
+        if self.ingress == "direct" and self.num_replicas != 1:
+            raise ConfigError(f"ingress=direct serves one replica on its own port, got num_replicas="
+                              f"{self.num_replicas}; use ingress=proxy to balance over several replicas")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size should be >= 1, got {self.max_batch_size}")
         if self.batching not in ("continuous", "ray"):

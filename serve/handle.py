@@ -13,11 +13,18 @@
 ``start_serving`` connects to Ray (``ray_address``, or the Ray already initialised by the
 caller, or a local one), starts Ray Serve's HTTP proxy on a free port if Serve is not
 running yet, deploys the app and returns once ``/health`` answers.
+
+With ``ServeConfig(ingress="direct")`` the handle's URL is the replica's own HTTP port
+(Ray Serve's direct ingress) instead of the proxy: one hop less per request.  Ray reads
+that switch from the environment of its processes, so it must be set before the cluster
+starts: :func:`prepare_local_ray` does it for a Ray this process is about to start, and
+``start_serving`` refuses with a clear message on a cluster started without it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from dataclasses import asdict
@@ -28,6 +35,59 @@ from serve.config import ServeConfig
 from serve.source import AdapterSource, ServeError
 
 log = logging.getLogger(__name__)
+
+# What Ray Serve's direct ingress needs in the environment Ray's processes inherit.  The
+# drain period is how long a stopping replica keeps its port open so that an external load
+# balancer can notice (Ray's default 30 s); nothing sits in front of a replica on a cluster
+# flywheel starts itself, and in-flight requests still finish before it stops.
+DIRECT_INGRESS_ENV = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                      "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
+
+
+def prepare_local_ray(config: ServeConfig) -> None:
+    """Call before this process starts a local Ray: sets what ``config.ingress`` needs.
+
+    (Variables the user already set win: e.g. a longer drain period behind a load balancer.)
+    """
+    if config.ingress == "direct":
+        for key, value in DIRECT_INGRESS_ENV.items():
+            os.environ.setdefault(key, value)
+
+
+def _cluster_has_direct_ingress() -> bool:
+    """Whether Ray Serve on the connected cluster runs with direct ingress (asked of a worker)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def probe() -> bool:
+        from ray.serve._private import constants
+
+        return bool(constants.RAY_SERVE_ENABLE_DIRECT_INGRESS)
+
+    return ray.get(probe.remote(), timeout=120)
+
+
+def direct_ingress_url(app_name: str, prefix: str, bind_host: str, timeout_s: float = 60.0) -> str:
+    """The URL of the app's replica under direct ingress (waits until the replica has bound its port).
+
+    Ray Serve's controller lists each app's replica ports as target groups (Ray >= 2.5x);
+    there is no higher-level API for them.
+    """
+    import ray
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller  # noqa: SLF001 - see docstring
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = ray.get(controller.get_target_groups.remote(app_name))
+        targets = [t for g in groups if g.app_name == app_name and g.ingress_deployment_name
+                   and getattr(g.protocol, "value", g.protocol) == "HTTP" for t in g.targets]
+        if targets:
+            host = targets[0].ip if bind_host in ("0.0.0.0", "::") else bind_host
+            return f"http://{host}:{targets[0].port}{prefix}"
+        if time.monotonic() > deadline:
+            raise ServeError(f"Ray Serve lists no direct-ingress port for app {app_name!r} after {timeout_s:.0f}s")
+        time.sleep(0.2)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -49,11 +109,19 @@ class ServingHandle:
     """A deployed serve app: its URL, version, refresh and shutdown."""
 
     def __init__(self, url: str, app_name: str, tracking_uri: str, model_name: str, alias: str,
-                 config: ServeConfig):
+                 config: ServeConfig, proxy_url: str | None = None):
         self.url = url
+        self.proxy_url = proxy_url or url   # Ray Serve's proxy: reaches the app whatever the ingress
         self.app_name = app_name
         self.tracking_uri, self.model_name, self.alias, self.config = tracking_uri, model_name, alias, config
-        self.client = ServeClient(url, timeout_s=120.0)
+        self.client = ServeClient(url, timeout_s=120.0, resolve=self.current_url)
+
+    def current_url(self) -> str:
+        """Where the app answers now: a restarted replica binds a new port under direct ingress."""
+        if self.config.ingress == "direct":
+            self.url = direct_ingress_url(self.app_name, self.config.route_prefix.rstrip("/"),
+                                          self.config.http_host, timeout_s=self.config.health_timeout_s)
+        return self.url
 
     def status(self) -> dict:
         """The app's /version answer: versions per adapter, refusals, swaps, replica."""
@@ -182,7 +250,13 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     resolved = AdapterSource(tracking_uri, model_name).resolve(alias)
     log.info("serving %s@%s = version %s", model_name, alias, resolved.version)
     if not ray.is_initialized():
+        if ray_address in (None, "local"):
+            prepare_local_ray(config)
         ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
+    if config.ingress == "direct" and not _cluster_has_direct_ingress():
+        raise ServeError("serve.ingress=direct needs a Ray cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
+                         "(e.g. `RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`); this one runs without it. "
+                         "Use serve.ingress=proxy here, or let flywheel start its own Ray")
     port = _ensure_serve_http(config)
     app = FaultDetector.options(
         num_replicas=config.num_replicas,
@@ -197,8 +271,15 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
                          f"{_deployment_messages(config.app_name)}") from None
     prefix = config.route_prefix.rstrip("/")
     host = serve_http_host(config.http_host)
-    handle = ServingHandle(f"http://{host}:{port}{prefix}", config.app_name, tracking_uri, model_name,
-                           alias, config)
+    proxy_url = f"http://{host}:{port}{prefix}"
+    url = proxy_url
+    if config.ingress == "direct":
+        try:
+            url = direct_ingress_url(config.app_name, prefix, config.http_host, timeout_s=config.health_timeout_s)
+        except ServeError:
+            ray_serve.delete(config.app_name)
+            raise
+    handle = ServingHandle(url, config.app_name, tracking_uri, model_name, alias, config, proxy_url=proxy_url)
     deadline = time.monotonic() + config.health_timeout_s
     while True:
         try:

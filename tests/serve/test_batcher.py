@@ -46,3 +46,23 @@ def test_a_failing_forward_fails_its_requests_and_the_batcher_goes_on():
         return await b.submit_many(["good"])
 
     assert asyncio.run(main()) == ["good"]
+
+
+def test_an_idle_model_takes_requests_already_received_in_one_batch_without_waiting():
+    sizes: list[int] = []
+
+    async def forward(items):
+        sizes.append(len(items))
+        return items
+
+    async def main():
+        b = ContinuousBatcher(forward, max_batch_size=8)      # default: no idle wait
+        # Three requests handed to the loop together (as the HTTP server does for requests whose
+        # bodies arrived in the same turn): one forward, not three.
+        together = await asyncio.gather(b.submit_many(["a"]), b.submit_many(["b", "c"]), b.submit_many(["d"]))
+        alone = await b.submit_many(["e"])
+        return together, alone
+
+    together, alone = asyncio.run(main())
+    assert together == [["a"], ["b", "c"], ["d"]] and alone == ["e"]
+    assert sizes == [4, 1]
