@@ -26,6 +26,7 @@ overrides are dotted by section, e.g. serve.poll_s=5 serve.max_batch_size=32 bri
 examples:
   flywheel serve
   flywheel serve --port 8000 serve.adapters.pump=pump-detector@champion
+  flywheel serve serve.ingress=direct      # the replica's own port, no proxy hop (lowest latency)
   flywheel serve --bridge --broker mqtt://127.0.0.1:1884 bridge.threshold=0.4 bridge.cooldown_s=7200
   flywheel serve rollback --url http://127.0.0.1:8000
   flywheel serve status --url http://127.0.0.1:8000

@@ -70,7 +70,7 @@ def _cluster_has_direct_ingress() -> bool:
 def direct_ingress_url(app_name: str, prefix: str, bind_host: str, timeout_s: float = 60.0) -> str:
     """The URL of the app's replica under direct ingress (waits until the replica has bound its port).
 
-    Ray Serve's controller lists each app's replica ports as target groups (Ray >= 2.5x);
+    Ray Serve's controller lists each app's replica ports as target groups (Ray 2.60);
     there is no higher-level API for them.
     """
     import ray

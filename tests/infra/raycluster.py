@@ -45,8 +45,10 @@ def _ports(*names: str) -> list[str]:
 class RayCluster:
     """A head and ``workers`` worker nodes, each started with ``ray start --block``."""
 
-    def __init__(self, num_cpus: int = 2, workers: int = 1, start_timeout_s: float = 180.0):
+    def __init__(self, num_cpus: int = 2, workers: int = 1, start_timeout_s: float = 180.0,
+                 extra_env: dict[str, str] | None = None):
         self.num_cpus = num_cpus
+        self.extra_env = dict(extra_env or {})
         self.workers = workers
         self.start_timeout_s = start_timeout_s
         self.port = free_port()
@@ -61,6 +63,7 @@ class RayCluster:
                    TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", MLFLOW_ENABLE_ASYNC_LOGGING="false",
                    COLUMNS="200", PYTHONUNBUFFERED="1")
         env.pop("RAY_ADDRESS", None)
+        env.update(self.extra_env)
         env.update(extra)
         return env
 

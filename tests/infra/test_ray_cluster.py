@@ -44,7 +44,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    with rc_mod.RayCluster(num_cpus=2, workers=1) as rc:
+    from serve.handle import DIRECT_INGRESS_ENV
+
+    # Ray Serve's direct ingress on every node, as infra/README.md says for serve.ingress=direct;
+    # the proxy keeps working beside it (the serve test uses both).
+    with rc_mod.RayCluster(num_cpus=2, workers=1, extra_env=DIRECT_INGRESS_ENV) as rc:
         yield rc
 
 
@@ -187,17 +191,19 @@ def test_serve_answers_health_and_predict_from_the_cluster(cluster, trained, tmp
     srv = Background(cluster, tmp_path / "serve.log", "serve", "--ray-address", cluster.address,
                      "--workdir", str(work), "--mlflow-uri", uri, "--port", str(rc_mod.free_port()),
                      # A 4-step challenger need not pass the gate; every trained version gets this alias.
-                     "--alias", "challenger")
+                     "--alias", "challenger", "serve.ingress=direct")
     try:
-        url = srv.wait_for(r"version (\S+) at (http://\S+)", timeout_s=240).group(2)
-        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+        m = srv.wait_for(r"the replica answers at (http://\S+); Ray Serve's proxy at (http://\S+)", timeout_s=240)
         rows = make_rows(3, seed=7, failure_frac=0.5)
-        r = requests.post(f"{url}/predict", json={"windows": [{"text": row["text"]} for row in rows]}, timeout=60)
-        assert r.status_code == 200, r.text
-        preds = r.json()["predictions"]
-        assert len(preds) == 3
-        assert all(p["label"] in LABELS and p["model_version"] == "1" and 0.0 <= p["risk"] <= 1.0 for p in preds)
-        assert abs(sum(preds[0]["probs"].values()) - 1.0) < 1e-3
+        for url in m.groups():              # the replica's own port, and the proxy beside it
+            assert requests.get(f"{url}/health", timeout=30).status_code == 200
+            r = requests.post(f"{url}/predict", json={"windows": [{"text": row["text"]} for row in rows]},
+                              timeout=60)
+            assert r.status_code == 200, r.text
+            preds = r.json()["predictions"]
+            assert len(preds) == 3
+            assert all(p["label"] in LABELS and p["model_version"] == "1" and 0.0 <= p["risk"] <= 1.0 for p in preds)
+            assert abs(sum(preds[0]["probs"].values()) - 1.0) < 1e-3
         assert srv.interrupt() == 0, srv.output()[-3000:]
     finally:
         srv.kill()
