@@ -211,17 +211,26 @@ class Campaign:
         self.view.stage("starting Ray")
         import ray
 
+        from flywheel.rayinit import init_ray
+
         if not ray.is_initialized():
             if self.ray_address:
-                ray.init(address=self.ray_address, log_to_driver=False)
+                init_ray(address=self.ray_address, log_to_driver=False)
             else:
                 from serve.handle import prepare_local_ray
 
                 prepare_local_ray(self.stages["serve"])   # serve.ingress=direct is set up as Ray starts
                 # Logical CPUs above the physical count: Serve, ingest and training share a
                 # laptop's cores in turn, never all at full load at once.
-                ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+                init_ray(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
             self.stack.callback(_shutdown_ray)
+        from serve.handle import check_ingress
+        from serve.source import ServeError
+
+        try:
+            check_ingress(self.stages["serve"])   # now, not after the first plant period
+        except ServeError as exc:
+            raise CampaignError(str(exc)) from None
         self.view.stage("starting MLflow")
         import mlflow
 

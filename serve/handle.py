@@ -67,6 +67,14 @@ def _cluster_has_direct_ingress() -> bool:
     return ray.get(probe.remote(), timeout=120)
 
 
+def check_ingress(config: ServeConfig) -> None:
+    """Raise ServeError, naming what to do, if the connected Ray cannot serve ``config.ingress``."""
+    if config.ingress == "direct" and not _cluster_has_direct_ingress():
+        raise ServeError("serve.ingress=direct needs a Ray cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
+                         "(e.g. `RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`); this one runs without it. "
+                         "Use serve.ingress=proxy here, or let flywheel start its own Ray")
+
+
 def direct_ingress_url(app_name: str, prefix: str, bind_host: str, timeout_s: float = 60.0) -> str:
     """The URL of the app's replica under direct ingress (waits until the replica has bound its port).
 
@@ -242,6 +250,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     import ray
     from ray import serve as ray_serve
 
+    from flywheel.rayinit import init_ray
     from serve.app import FaultDetector
 
     config = config or ServeConfig()
@@ -252,11 +261,8 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     if not ray.is_initialized():
         if ray_address in (None, "local"):
             prepare_local_ray(config)
-        ray.init(address=ray_address, include_dashboard=False, configure_logging=False)
-    if config.ingress == "direct" and not _cluster_has_direct_ingress():
-        raise ServeError("serve.ingress=direct needs a Ray cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
-                         "(e.g. `RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`); this one runs without it. "
-                         "Use serve.ingress=proxy here, or let flywheel start its own Ray")
+        init_ray(address=ray_address, include_dashboard=False, configure_logging=False)
+    check_ingress(config)
     port = _ensure_serve_http(config)
     app = FaultDetector.options(
         num_replicas=config.num_replicas,

@@ -38,6 +38,16 @@ def test_a_cluster_without_direct_ingress_is_named_and_nothing_is_deployed(ray_l
     assert "direct-refused" not in apps
 
 
+def test_a_campaign_asking_for_direct_ingress_on_such_a_cluster_stops_before_the_plant_runs(ray_local, tmp_path):
+    from flywheel.campaign import default_config_path, load_campaign
+    from flywheel.loop import CampaignError, run_campaign
+
+    cfg = load_campaign(str(default_config_path("tiny")), ["campaign=direct-refused", "serve.ingress=direct"])
+    with pytest.raises(CampaignError, match="RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
+        run_campaign(cfg, tmp_path, view=False)
+    assert ray_local.is_initialized()          # the session's Ray was not the campaign's to stop
+
+
 def test_direct_ingress_config_errors_are_clear():
     from flywheel.config import ConfigError
     from serve import ServeConfig
