@@ -78,15 +78,21 @@ def _load_config(cls, args):
 def _init_ray(address: str | None) -> None:
     import ray
 
+    from flywheel.rayinit import init_ray
+
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        init_ray(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def run_ingest(args) -> int:
-    import time
+    import signal
+    import threading
 
     from rich.console import Console
-    from rich.live import Live
 
     from flywheel.mqtt import ConnectError
     from ingest.config import IngestConfig
@@ -112,6 +118,25 @@ def run_ingest(args) -> int:
     if args.collectors:
         args.overrides = list(args.overrides) + [f"collectors={args.collectors}"]
     config = _load_config(IngestConfig, args)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        # SIGTERM (docker stop, Kubernetes, kill) drains and stops like Ctrl-C: last batches
+        # landed, final counters printed (init_ray keeps this handler; Ray's own would abort).
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _ingest_until_stopped(args, config, console)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _ingest_until_stopped(args, config, console) -> int:
+    import time
+
+    from rich.live import Live
+
+    from ingest.status import render_table
+
     _init_ray(args.ray_address)
     from ingest.service import start_ingest
 

@@ -53,3 +53,38 @@ def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, 
     assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "--previous", "ds-nope"]) == 1
     assert "ds-nope" in capsys.readouterr().out
     assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "eval_fraction=2"]) == 2
+
+
+def test_sigterm_drains_and_stops_ingest_like_ctrl_c(broker, publish, uid, tmp_path):
+    """docker stop / kill: what the broker handed over is landed and counted, exit 0, no abort."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    items = encoded(stream([("l1", "m1", "milling")], day_start(), 3600), uid)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # its own Ray, as a user runs it
+    env.update(COLUMNS="200", PYTHONUNBUFFERED="1")
+    log = tmp_path / "ingest.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "ingest", "--broker", broker.url,
+                                 "--workdir", str(tmp_path), "--topic-root", uid, f"client_prefix={uid}-term",
+                                 "batch_max_age_s=60"], stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while "Ctrl-C stops" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        time.sleep(1.0)                       # the collectors have subscribed
+        publish(broker.url, items)
+        time.sleep(1.0)                       # delivered, sitting in a batch (batch_max_age_s=60)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert rc == 0, text[-3000:]
+    assert f"stopped: {len(items):,} landed, 0 dead-lettered" in text
+    assert "SIGTERM received" not in text
