@@ -93,10 +93,9 @@ def _sigterm_as_interrupt() -> None:
     """SIGTERM (docker stop, kill) unwinds like Ctrl-C, so every component stops cleanly."""
     import signal
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    from flywheel.rayinit import stop_like_ctrl_c
 
-    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     # A background start by a non-interactive shell inherits SIGINT as ignored; Ctrl-C/kill -INT
     # must still stop the campaign cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -84,10 +84,6 @@ def _init_ray(address: str | None) -> None:
         init_ray(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run_ingest(args) -> int:
     import signal
     import threading
@@ -95,6 +91,7 @@ def run_ingest(args) -> int:
     from rich.console import Console
 
     from flywheel.mqtt import ConnectError
+    from flywheel.rayinit import stop_like_ctrl_c
     from ingest.config import IngestConfig
     from ingest.status import read_statuses, render_table, status_rows
 
@@ -122,7 +119,7 @@ def run_ingest(args) -> int:
     if main_thread:
         # SIGTERM (docker stop, Kubernetes, kill) drains and stops like Ctrl-C: last batches
         # landed, final counters printed (init_ray keeps this handler; Ray's own would abort).
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+        previous = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     try:
         return _ingest_until_stopped(args, config, console)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from flywheel.mqtt import redact_url
+from flywheel.rayinit import stop_like_ctrl_c
 
 ACTIONS = ("start", "rollback", "status", "bridge")
 
@@ -132,7 +133,7 @@ def _bridge_only(args, bcfg) -> int:
     if not args.url or not args.broker:
         print("flywheel serve bridge: give the running app's --url and the plant's --broker")
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     bridge = Bridge(args.broker, args.url, bcfg, topic_root=args.topic_root).start()
     print(f"bridge: {redact_url(args.broker)} -> {args.url} (threshold {bcfg.threshold}); Ctrl-C stops")
     try:
@@ -177,9 +178,8 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
         console.print(f"[red]flywheel serve:[/red] {exc}")
         return 1
     # SIGTERM (docker stop, Kubernetes, kill) stops as cleanly as Ctrl-C: bridge offline, app deleted.
-    # Installed after Ray started: ray.init puts in its own handler (exit at once, and Ray's crash
-    # handler then aborts the process), which must not be the one that runs.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    # (Installed once there is an app to delete; ray.init inside start_serving keeps it either way.)
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     bridge = None
     try:
         console.print(f"serving {args.model_name}@{args.alias} version {handle.version()} at {handle.url} "
@@ -212,5 +212,3 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
     return 0
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt

@@ -70,9 +70,12 @@ def _cluster_has_direct_ingress() -> bool:
 def check_ingress(config: ServeConfig) -> None:
     """Raise ServeError, naming what to do, if the connected Ray cannot serve ``config.ingress``."""
     if config.ingress == "direct" and not _cluster_has_direct_ingress():
+        local = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS")
+        why = (f" (this environment sets RAY_SERVE_ENABLE_DIRECT_INGRESS={local!r}, which a Ray started here "
+               "inherits; unset it or set it to 1)") if local not in (None, "1") else ""
         raise ServeError("serve.ingress=direct needs a Ray cluster started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1 "
-                         "(e.g. `RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`); this one runs without it. "
-                         "Use serve.ingress=proxy here, or let flywheel start its own Ray")
+                         "(e.g. `RAY_SERVE_ENABLE_DIRECT_INGRESS=1 ray start --head`); this one runs without it"
+                         f"{why}. Use serve.ingress=proxy here, or let flywheel start its own Ray")
 
 
 def direct_ingress_url(app_name: str, prefix: str, bind_host: str, timeout_s: float = 60.0) -> str:

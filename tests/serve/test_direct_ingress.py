@@ -48,6 +48,17 @@ def test_a_campaign_asking_for_direct_ingress_on_such_a_cluster_stops_before_the
     assert ray_local.is_initialized()          # the session's Ray was not the campaign's to stop
 
 
+def test_a_local_setting_that_turns_direct_ingress_off_is_named(ray_local, monkeypatch):
+    from serve import ServeConfig
+    from serve.handle import check_ingress
+    from serve.source import ServeError
+
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "0")   # wins over what flywheel would set
+    with pytest.raises(ServeError, match="this environment sets RAY_SERVE_ENABLE_DIRECT_INGRESS='0'"):
+        check_ingress(ServeConfig(ingress="direct"))
+    check_ingress(ServeConfig(ingress="proxy"))                 # the proxy needs nothing
+
+
 def test_direct_ingress_config_errors_are_clear():
     from flywheel.config import ConfigError
     from serve import ServeConfig
