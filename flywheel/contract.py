@@ -307,14 +307,16 @@ def decode(topic: str, payload: bytes, *, topics: Topics | None = None,
                             "payload", len(payload))
     try:
         msg = _DECODERS[info.channel].decode(payload)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # Invalid UTF-8 first, whatever msgspec tripped over: it may reach a type error before
+        # the bad bytes (b'"\x80"' is "not an object"), raise UnicodeDecodeError itself while
+        # decoding a string field, and nothing after can parse the payload as text.
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ContractError("not_utf8", "payload is not valid UTF-8", None, None) from None
         err = _classify_msgspec_error(exc)
-        if err.reason == "not_json":
-            try:
-                payload.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ContractError("not_utf8", "payload is not valid UTF-8", None, None) from None
-        else:
+        if err.reason != "not_json":
             _check_schema_name(payload, info.channel)  # an unknown major explains field errors best
         raise err from None
     validate(msg)

@@ -140,3 +140,12 @@ def test_arbitrary_json_objects_are_decoded_or_rejected_cleanly(obj):
         c.decode(TOPIC, payload)
     except c.ContractError as e:
         assert e.reason in c.ContractError.REASONS
+
+
+@pytest.mark.parametrize("payload", [b'"\x80"', b'[1, "\xc3"]', b'{"schema": "telemetry/1", "line": "\xff"}'])
+def test_invalid_utf8_inside_valid_json_shapes_is_not_utf8(payload):
+    # Found by the fuzz test above: msgspec reports a type error before the bad bytes, and the
+    # schema check that followed raised UnicodeDecodeError out of decode().
+    with pytest.raises(c.ContractError) as err:
+        c.decode("factory/l1/m1/telemetry", payload)
+    assert err.value.reason == "not_utf8"
