@@ -71,6 +71,7 @@ class Collector:
                  restarts: int = 0, on_fatal: Callable[[BaseException], None] | None = None):
         self.url = BrokerURL.parse(broker_url)
         self.lake = Lake.open(lake_uri)
+        self.lake.ensure_readable_when_empty()
         self.config = config
         self.index = index
         self.client_id = config.client_id(index)

@@ -28,6 +28,13 @@ Read it without project code::
     import pandas as pd, duckdb
     pd.read_parquet("lake/raw/telemetry")
     duckdb.sql("select machine, avg(readings['torque_nm']) from 'lake/raw/telemetry/*/*.parquet' group by 1")
+    duckdb.sql("select reason, count(*) from 'lake/deadletter/*/*.parquet' group by 1")
+
+Each table holds a zero-row ``date=1970-01-01/_schema.parquet`` from the moment a collector
+opens the lake: a glob over a table that has no data yet (a clean stream leaves the
+dead-letter store empty) then reads as zero rows with the table's columns instead of
+DuckDB's "No files found".  Tools that skip ``_``-files (pyarrow datasets, pandas, this
+package's readers) never see it.
 """
 
 from __future__ import annotations
@@ -85,6 +92,10 @@ DEADLETTER_SCHEMA = pa.schema([
 ])
 
 TABLES = {"telemetry": "raw/telemetry", "events": "raw/events", "deadletter": "deadletter"}
+# A zero-row file per table (see the module docstring): the partition is the epoch's day so
+# that DuckDB's hive partitioning still types ``date`` as a DATE.
+EMPTY_PARTITION = "date=1970-01-01"
+SCHEMA_FILE = "_schema.parquet"
 
 
 class LakeError(RuntimeError):
@@ -147,6 +158,17 @@ class Lake:
         return self.path(TABLES[table], f"date={day}", name)
 
     # ------------------------------------------------------------------ writing
+    def ensure_readable_when_empty(self) -> None:
+        """Give every table a zero-row schema file, so globs over an empty table read as zero rows.
+
+        Idempotent and cheap (one existence check per table once the files exist).
+        """
+        schemas = {"telemetry": TELEMETRY_SCHEMA, "events": EVENTS_SCHEMA, "deadletter": DEADLETTER_SCHEMA}
+        for table, schema in schemas.items():
+            path = self.path(TABLES[table], EMPTY_PARTITION, SCHEMA_FILE)
+            if not self.exists(path):
+                self.write_table(schema.empty_table(), path)
+
     def write_table(self, table: pa.Table, path: str) -> None:
         """Write ``table`` as Parquet at ``path`` so that it appears complete or not at all."""
         buf = io.BytesIO()

@@ -129,6 +129,12 @@ def test_killed_collector_restarts_and_loses_nothing(broker, ray_local, publish,
         handle.stop(drain=True)
     assert set(_lake_ids(lake)) | set(_lake_ids(lake, "events")) == {m.event_id for m in msgs}
     _assert_dataset_equals_clean_build(lake, msgs, tmp_path)
+    # A clean stream leaves the dead-letter store empty; plain DuckDB still reads it, as zero rows.
+    import duckdb
+
+    assert duckdb.sql(f"select count(*) from '{lake}/deadletter/*/*.parquet'").fetchall() == [(0,)]
+    assert duckdb.sql(f"select count(distinct event_id) from '{lake}/raw/telemetry/*/*.parquet'").fetchall() == \
+        [(len(set(_lake_ids(lake))),)]
 
 
 def test_broker_restart_mid_stream_loses_no_acknowledged_event(broker_factory, ray_local, uid, tmp_path):
