@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 
 EXAMPLES = """examples:
   flywheel sim --scenario demo --speed max --duration 1d --broker mqtt://127.0.0.1:1884
@@ -189,8 +188,3 @@ def run(args) -> int:
             console.print(f"compare with the AI4I 2020 data set: python -m factory_sim.calibration {args.out}")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from flywheel.cli import main
-
-    sys.exit(main(["sim", *sys.argv[1:]]))

@@ -13,4 +13,17 @@ Heavy libraries load lazily; importing this package is cheap.
 from finetune.config import TrainConfig
 from finetune.turn import TurnOutcome, train_and_register
 
-__all__ = ["TrainConfig", "TurnOutcome", "train_and_register"]
+__all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "load_snapshot", "evaluate_adapter_report",
+           "majority_baseline", "fetch_adapter"]
+
+#: Names the facade loads on first use (their modules pull in torch, pandas or MLflow).
+_LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.evaluate",
+         "majority_baseline": "finetune.evaluate", "fetch_adapter": "finetune.registry"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -211,8 +210,3 @@ def run_dataset_build(args) -> int:
     console.print(f"  path {snap.path}")
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from flywheel.cli import main
-
-    sys.exit(main(["ingest", *sys.argv[1:]]))

@@ -9,7 +9,16 @@ Importing this package is cheap: Ray, torch and MLflow load only when serving st
 """
 
 from serve.config import BridgeConfig, ServeConfig
-from serve.handle import ServingHandle, start_serving
+from serve.handle import ServingHandle, check_ingress, prepare_local_ray, start_serving
 from serve.source import ServeError
 
-__all__ = ["ServeConfig", "BridgeConfig", "start_serving", "ServingHandle", "ServeError"]
+__all__ = ["ServeConfig", "BridgeConfig", "start_serving", "ServingHandle", "ServeError", "Bridge",
+           "check_ingress", "prepare_local_ray"]
+
+
+def __getattr__(name: str):
+    if name == "Bridge":   # paho and the HTTP client load only when a bridge is wanted
+        from serve.bridge import Bridge
+
+        return Bridge
+    raise AttributeError(f"module 'serve' has no attribute {name!r}")
