@@ -11,6 +11,11 @@ batches grow by themselves.  ``ServeConfig.batching``
 picks this (``continuous``, the default) or Ray's decorator (``ray``); the benchmark
 measures both in the same run.
 
+A batch mixes windows of unrelated requests, so one bad window must not fail the others:
+when a batched forward raises, :func:`forward_isolated` runs the batch again one item at
+a time, and only the items that fail on their own get the error (both batching paths
+use it).
+
     batcher = ContinuousBatcher(forward, max_batch_size=64, idle_wait_s=0.0)
     results = await batcher.submit_many([item1, item2])    # inside an asyncio event loop
 """
@@ -18,7 +23,41 @@ measures both in the same run.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+async def forward_isolated(forward: Callable[[list], Awaitable[list]], items: list) -> list:
+    """``forward(items)``; if that raises, each item alone: its result, or the exception it raised.
+
+    Failures are expected to be rare (the API validates windows before they are queued), so
+    the item-by-item retry costs nothing in the normal case and only slows the batch that
+    carried the bad item.
+    """
+    try:
+        return _checked(await forward(items), len(items))
+    except Exception as exc:  # noqa: BLE001 - which item caused it is found below
+        if len(items) == 1:
+            return [exc]
+        log.warning("a batch of %d windows failed (%s: %s); retrying them one by one",
+                    len(items), type(exc).__name__, exc)
+    out: list = []
+    for item in items:
+        try:
+            out.extend(_checked(await forward([item]), 1))
+        except Exception as exc:  # noqa: BLE001 - this item fails alone; the others are answered
+            out.append(exc)
+    return out
+
+
+def _checked(results: list, n: int) -> list:
+    # A result list of the wrong length would silently pair results with the wrong requests.
+    results = list(results)
+    if len(results) != n:
+        raise RuntimeError(f"the model returned {len(results)} results for {n} windows")
+    return results
 
 
 class ContinuousBatcher:
@@ -31,8 +70,13 @@ class ContinuousBatcher:
         self._ready: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
 
-    async def submit_many(self, items: list) -> list:
-        """Queue ``items`` (one request's windows stay together) and wait for their results, in order."""
+    async def submit_many(self, items: list, return_exceptions: bool = False) -> list:
+        """Queue ``items`` (one request's windows stay together) and wait for their results, in order.
+
+        An item whose forward failed raises its exception here, or, with
+        ``return_exceptions``, stands in the result list as the exception (so the caller can
+        say which item failed).
+        """
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._ready = asyncio.Event()
@@ -40,7 +84,7 @@ class ContinuousBatcher:
         futures = [loop.create_future() for _ in items]
         self._queue.extend(zip(items, futures))
         self._ready.set()
-        return list(await asyncio.gather(*futures))
+        return list(await asyncio.gather(*futures, return_exceptions=return_exceptions))
 
     async def _run(self) -> None:
         while True:
@@ -57,12 +101,15 @@ class ContinuousBatcher:
             if not batch:
                 continue
             try:
-                results = await self.forward([item for item, _ in batch])
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error, the loop goes on
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
+                results = await forward_isolated(self.forward, [item for item, _ in batch])
+            except asyncio.CancelledError:
+                for _, fut in batch:     # the replica is stopping: nobody may wait forever
+                    fut.cancel()
+                raise
             for (_, fut), result in zip(batch, results):
-                if not fut.done():
+                if fut.done():
+                    continue
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
                     fut.set_result(result)
