@@ -37,7 +37,7 @@ DEFAULT_WORKDIR = ".flywheel"
 
 
 class Common:
-    """Adds the shared options (DESIGN.md, CLI) to a sub-command's parser."""
+    """Adds the shared options (docs/architecture.md, "CLI") to a sub-command's parser."""
 
     @staticmethod
     def add(parser: argparse.ArgumentParser, *, broker: bool = False, workdir: bool = False,

@@ -1,6 +1,6 @@
 """The Parquet lake: where it lives, its table schemas, and atomic writes.
 
-Layout (DESIGN.md)::
+Layout (docs/architecture.md, "Storage")::
 
     <lake>/raw/telemetry/date=YYYY-MM-DD/<collector>-<batch>-<nonce>.parquet
     <lake>/raw/events/date=YYYY-MM-DD/...
