@@ -38,7 +38,7 @@ import msgspec
 __all__ = [
     "ContractError", "Telemetry", "MachineEvent", "Prediction", "Command", "Status",
     "Topics", "TopicInfo", "decode", "encode", "event_id", "LABELS", "FAILURE_MODES",
-    "MACHINE_KINDS", "EVENT_TYPES", "DEFAULT_MAX_PAYLOAD_BYTES", "SCHEMA_MAJORS",
+    "MACHINE_KINDS", "EVENT_TYPES", "PRODUCT_VARIANTS", "DEFAULT_MAX_PAYLOAD_BYTES", "SCHEMA_MAJORS",
     "is_failure",
 ]
 
@@ -56,6 +56,9 @@ LABELS: tuple[str, ...] = ("ok",) + tuple(m for modes in FAILURE_MODES.values() 
 EVENT_TYPES = ("failure", "maintenance_start", "maintenance_done", "part")
 MAINTENANCE_REASONS = ("planned", "breakdown")
 PART_QUALITIES = ("ok", "scrap")
+#: AI4I 2020 product variants (low/medium/high quality); a milled part's variant sets its
+#: cutting time and its overstrain (OSF) limit.
+PRODUCT_VARIANTS = ("L", "M", "H")
 COMMANDS = ("maintain",)
 
 SCHEMA_MAJORS = {"telemetry": 1, "event": 1, "prediction": 1, "command": 1, "status": 1}
@@ -121,9 +124,14 @@ class Telemetry(msgspec.Struct, frozen=True, kw_only=True):
 class MachineEvent(msgspec.Struct, frozen=True, kw_only=True):
     """A discrete machine event: failure, maintenance start/done, or a finished part.
 
-    ``mode`` is set for failures; ``reason`` (planned/breakdown) and ``finding`` (the
-    true condition seen at inspection: a failure mode or ``ok``) for maintenance;
-    ``quality`` (ok/scrap) for parts.
+    ``mode`` is set for failures; ``reason`` (planned/breakdown) and ``finding`` (what
+    the inspection reported: a failure mode or ``ok``; an inspection can miss a developing
+    failure or report one on a healthy machine) for maintenance; ``quality`` (ok/scrap)
+    and ``variant`` (the product variant L/M/H of a milled part, which sets its overstrain
+    limit; null for pump batches) for parts.
+
+    ``variant`` came in a minor version of ``event/1``: it is optional, producers before
+    it never send it and consumers before it ignore it.
     """
 
     schema: str = "event/1"
@@ -138,6 +146,7 @@ class MachineEvent(msgspec.Struct, frozen=True, kw_only=True):
     finding: str | None = None
     quality: str | None = None
     command_id: str | None = None
+    variant: str | None = None
 
 
 class Prediction(msgspec.Struct, frozen=True, kw_only=True):
@@ -427,6 +436,9 @@ def validate(msg: Message) -> None:
                 raise _bad("bad_value", "finding", msg.finding, f"an inspection finding must be one of {LABELS}")
         if msg.type == "part" and msg.quality not in PART_QUALITIES:
             raise _bad("bad_value", "quality", msg.quality, f"must be one of {PART_QUALITIES}")
+        if msg.variant is not None and (msg.type != "part" or msg.variant not in PRODUCT_VARIANTS):
+            raise _bad("bad_value", "variant", msg.variant,
+                       f"a product variant is one of {PRODUCT_VARIANTS}, on part events only")
     elif t is Prediction:
         _check_schema(msg.schema, "prediction")
         _check_finite("ts", msg.ts)

@@ -149,3 +149,42 @@ def test_invalid_utf8_inside_valid_json_shapes_is_not_utf8(payload):
     with pytest.raises(c.ContractError) as err:
         c.decode("factory/l1/m1/telemetry", payload)
     assert err.value.reason == "not_utf8"
+
+
+def test_part_variant_is_an_optional_minor_addition():
+    """``variant`` on part events: new payloads carry it, old payloads (without it) still decode,
+    and a consumer built before it (a struct without the field) ignores it."""
+    topic = "factory/L1/mill-01/event"
+    part = c.MachineEvent(event_id="e7", seq=9, ts=5.0, line="L1", machine="mill-01", type="part",
+                          quality="ok", variant="H")
+    payload = c.encode(part)
+    assert json.loads(payload)["variant"] == "H" and json.loads(payload)["schema"] == "event/1"
+    assert c.decode(topic, payload) == part
+    old_payload = json.dumps({k: v for k, v in json.loads(payload).items() if k != "variant"}).encode()
+    assert c.decode(topic, old_payload).variant is None
+
+    class EventBeforeVariant(msgspec.Struct, frozen=True, kw_only=True):
+        schema: str
+        event_id: str
+        seq: int
+        ts: float
+        line: str
+        machine: str
+        type: str
+        mode: str | None = None
+        reason: str | None = None
+        finding: str | None = None
+        quality: str | None = None
+        command_id: str | None = None
+
+    old = msgspec.json.decode(payload, type=EventBeforeVariant)
+    assert (old.type, old.quality, old.seq) == ("part", "ok", 9)
+
+    pump_batch = c.MachineEvent(event_id="e8", seq=1, ts=5.0, line="L1", machine="pump-01", type="part",
+                                quality="scrap")
+    assert c.decode("factory/L1/pump-01/event", c.encode(pump_batch)).variant is None
+    for bad in ({"variant": "X"}, {"variant": "l"}, {"type": "failure", "mode": "OSF", "quality": None}):
+        obj = {**json.loads(payload), **bad}
+        with pytest.raises(c.ContractError) as e:
+            c.decode(topic, json.dumps(obj).encode())
+        assert e.value.reason == "bad_value" and e.value.field == "variant"
