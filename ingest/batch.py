@@ -22,7 +22,7 @@ import pyarrow as pa
 from flywheel import contract
 from ingest.lake import DEADLETTER_SCHEMA, EVENTS_SCHEMA, TELEMETRY_SCHEMA, day_of
 
-_EVENT_FIELDS = ("mode", "reason", "finding", "quality", "command_id")
+_EVENT_FIELDS = ("mode", "reason", "finding", "quality", "command_id", "variant")
 
 
 @dataclass

@@ -78,6 +78,9 @@ EVENTS_SCHEMA = pa.schema([
     ("command_id", pa.string()),
     ("received_at", pa.float64()),
     ("collector", pa.string()),
+    # Last, so files written before it read the same by position; null in those files,
+    # for pump batches and for every event that is not a part.
+    ("variant", pa.string()),
 ])
 
 DEADLETTER_SCHEMA = pa.schema([

@@ -70,3 +70,19 @@ def test_dead_letter_keeps_reason_field_and_capped_bytes():
     assert len(dead[0]["payload"]) == 100 and dead[0]["payload_bytes"] == len(big)
     assert dead[2]["field"] == "schema" and "telemetry/7" in dead[2]["message"]
     assert result.landed == 0 and result.by_reason == {"not_json": 1, "not_utf8": 1, "unknown_schema": 1}
+
+
+def test_part_variant_lands_in_the_events_table():
+    """A part's product variant is stored; events without one (pumps, old producers) store null."""
+    def part(seq, machine, variant):
+        return contract.MachineEvent(event_id=f"e{seq}", seq=seq, ts=day_start() + seq, line="l1",
+                                     machine=machine, type="part", quality="ok", variant=variant)
+
+    msgs = [part(1, "m1", "M"), part(2, "p1", None),
+            contract.MachineEvent(event_id="e3", seq=3, ts=day_start() + 3, line="l1", machine="m1",
+                                  type="failure", mode="OSF")]
+    topics = contract.Topics("factory")
+    result = decode_batch([(topics.for_message(m), contract.encode(m), 1.0) for m in msgs], collector="c0")
+    (table,) = [t for name, _, t in result.tables if name == "events"]
+    assert table.schema.names[-1] == "variant"
+    assert {r["event_id"]: r["variant"] for r in table.to_pylist()} == {"e1": "M", "e2": None, "e3": None}
