@@ -12,6 +12,13 @@ and splits by time without leakage (``ingest.labels``).  It writes::
 ``dataset_id`` is ``ds-`` plus the first 12 hex digits of the content hash (SHA-256
 over the rows in a fixed order), so building twice from the same lake gives the same id.
 
+Two timelines are refused, never merged: an ``event_id`` that the lake holds with two
+different contents (what a killed and rerun plant period writes: the same deterministic
+ids, other readings) raises :class:`DatasetError` naming a few of them.  Exact copies (a
+redelivered message) are removed and counted as ``duplicates_removed``.  Rows a resumed
+campaign set aside (``<lake>/aborted/``, see ``ingest.lake``) are never read; the manifest
+counts them as ``set_aside_rows``.
+
 Incremental builds (``previous=<dataset_id>``) reuse the previous snapshot's per-day
 window rows and deduplicated events: only days whose files changed, and the days after
 them (a window continues across midnight), are read again, seeded with the previous
@@ -108,6 +115,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
         new_rows = _window_days(lake, [p for d in rebuilt_days for p, _ in tel_files[d]], config,
                                 _seed_tails(reused))
     rows = pa.concat_tables([reused, new_rows]).combine_chunks()
+    _check_conflicts(rows, lake)
 
     # ---- events: cached (deduplicated) plus files not seen before
     say("reading events")
@@ -159,7 +167,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
                    "event_rows": events_raw, "events_unique": len(events),
                    "unique": n_tel - n_tel_dupes + len(events),
                    "duplicates_removed": n_tel_dupes + events_raw - len(events),
-                   "deadletter_rows": _count_rows(lake, "deadletter")},
+                   "deadletter_rows": _count_rows(lake, "deadletter"), "set_aside_rows": lake.aside_rows()},
         "plant_time": _plant_time(ranges, split_stats["split_ts"]),
         "machines": sorted(f"{a}/{b}" for a, b in ranges),
         "source_files": {"telemetry": [f for d in sorted(fingerprints) for f, _ in fingerprints[d]],
@@ -219,6 +227,25 @@ def _seed_tails(reused: pa.Table) -> dict[str, str]:
     return {k: v[1] for k, v in tails.items()}
 
 
+_TWO_TIMELINES = ("two timelines of the plant reached the lake {uri} (e.g. a campaign turn killed and rerun "
+                  "without setting the first attempt's rows aside, or two campaigns with the same seed in one "
+                  "workdir); the builder will not pick one. Resume the campaign with `flywheel run`/`turn` (it "
+                  "moves an aborted attempt's rows to <lake>/aborted/), or move the files of the run that should "
+                  "not count out of <lake>/raw/")
+
+
+def _check_conflicts(rows: pa.Table, lake: Lake) -> None:
+    stats = rows.filter(pc.and_(pc.equal(rows["row_type"], "stats"), pc.greater(rows["n_conflicts"], 0)))
+    if stats.num_rows == 0:
+        return
+    n = int(pc.sum(stats["n_conflicts"]).as_py())
+    sample = sorted({i for text in stats["text"].to_pylist() for i in json.loads(text or "[]")})[:5]
+    where = sorted({f"{a}/{b} {d}" for a, b, d in zip(stats["line"].to_pylist(), stats["machine"].to_pylist(),
+                                                         stats["partition"].to_pylist())})[:5]
+    raise DatasetError(f"{n} telemetry rows share an event_id with rows of other contents (e.g. "
+                       f"{', '.join(sample)}; in {', '.join(where)}): " + _TWO_TIMELINES.format(uri=lake.uri))
+
+
 def _update_events(lake: Lake, cache: _Cache) -> tuple[pd.DataFrame, int, list[str]]:
     files = {lake.relative(p): p for d, fs in lake.list_files("events").items() for p, _ in fs}
     if not set(cache.event_files) <= set(files):  # files vanished (compaction?): start over
@@ -236,6 +263,13 @@ def _update_events(lake: Lake, cache: _Cache) -> tuple[pd.DataFrame, int, list[s
     events = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \
         else pd.DataFrame(columns=EVENT_COLUMNS)
     events = events.sort_values(["line", "machine", "seq", "event_id"], kind="stable")
+    copies = events[events.duplicated("event_id", keep=False)]
+    if len(copies):
+        distinct = copies.drop_duplicates(EVENT_COLUMNS)
+        bad = distinct["event_id"][distinct.duplicated("event_id", keep=False)]
+        if len(bad):
+            raise DatasetError(f"{bad.nunique()} event ids carry events of different contents (e.g. "
+                               f"{', '.join(sorted(bad.unique())[:5])}): " + _TWO_TIMELINES.format(uri=lake.uri))
     events = events.drop_duplicates("event_id").reset_index(drop=True)
     return events, raw, sorted(set(cache.event_files) | set(new))
 
@@ -305,6 +339,9 @@ def _load_cache(lake: Lake, previous: str, config: BuildConfig) -> _Cache:
     state = json.loads(lake.read_bytes(state_path))
     if state["window"] != asdict(config.window):
         return _empty_cache()  # another window config: nothing to reuse, build in full
-    rows = pq.read_table(posixpath.join(path, CACHE_DIR, "rows.parquet"), filesystem=lake.fs).cast(OUTPUT_SCHEMA)
+    rows = pq.read_table(posixpath.join(path, CACHE_DIR, "rows.parquet"), filesystem=lake.fs)
+    if rows.schema.names != OUTPUT_SCHEMA.names:  # written by an older builder (no conflict counts)
+        return _empty_cache()
+    rows = rows.cast(OUTPUT_SCHEMA)
     events = pq.read_table(posixpath.join(path, CACHE_DIR, "events.parquet"), filesystem=lake.fs).to_pandas()
     return _Cache(state["fingerprints"], rows, state["event_files"], events, state["events_raw_rows"])

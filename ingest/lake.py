@@ -6,6 +6,7 @@ Layout (docs/architecture.md, "Storage")::
     <lake>/raw/events/date=YYYY-MM-DD/...
     <lake>/deadletter/date=YYYY-MM-DD/...
     <lake>/datasets/<dataset_id>/{train,eval}.parquet, manifest.json
+    <lake>/aborted/<attempt>/raw/{telemetry,events}/date=YYYY-MM-DD/...   set aside, never read
 
 ``date`` is the UTC day of the plant time ``ts`` (dead letters have no trusted plant
 time: their day is the receive time's).  One row per received message; a collector
@@ -17,6 +18,13 @@ has the same schema whatever sensors a machine kind has, so pyarrow, pandas and 
 read a whole directory without schema merging, values stay typed doubles (no JSON to
 parse), and DuckDB addresses a sensor as ``readings['torque_nm']``; pandas shows each
 cell as a list of (name, value) pairs (``dict(cell)``).
+
+Fencing: the flywheel loop commits the lake at turn boundaries (the plant's time when a
+turn's period was fully landed).  A turn attempt that dies before it commits leaves rows
+past that boundary; when the campaign resumes, :meth:`Lake.set_aside` moves them (whole
+files, or the part of a file past the boundary) under ``<lake>/aborted/<attempt>/`` with the
+same layout, so the rerun's period - the same plant time, the same deterministic
+``event_id`` values, other contents - is the only one the dataset builder sees.
 
 Atomic writes: on a local disk a file is written under a dot-name (readers skip
 dot-files), fsynced, renamed into place and the directory fsynced, so a reader or a
@@ -95,6 +103,7 @@ DEADLETTER_SCHEMA = pa.schema([
 ])
 
 TABLES = {"telemetry": "raw/telemetry", "events": "raw/events", "deadletter": "deadletter"}
+ABORTED_DIR = "aborted"
 # A zero-row file per table (see the module docstring): the partition is the epoch's day so
 # that DuckDB's hive partitioning still types ``date`` as a DATE.
 EMPTY_PARTITION = "date=1970-01-01"
@@ -239,3 +248,74 @@ class Lake:
 
     def relative(self, path: str) -> str:
         return posixpath.relpath(path, self.root)
+
+    # ------------------------------------------------------------------ fencing
+    def set_aside(self, after_ts: float, attempt: str, owns=None,
+                  tables: tuple[str, ...] = ("telemetry", "events")) -> dict[str, int]:
+        """Move rows with plant time ``ts > after_ts`` out of ``tables`` into ``aborted/<attempt>/``.
+
+        ``owns(event_ids, machines, seqs) -> bool mask`` limits the move to rows a given
+        writer produced (the loop passes its plant's ``event_id`` test: a lake shared with
+        another campaign keeps that campaign's rows).  A file entirely past the boundary
+        is moved; a file that straddles it is split: the part past the boundary is written
+        aside first, then the rest under a new name, then the original removed, so a crash
+        in between leaves at worst identical duplicates, which readers remove.  Returns the
+        rows set aside per table.
+        """
+        import numpy as np
+        import pyarrow.compute as pc
+
+        first_day = day_of(after_ts)
+        moved: dict[str, int] = {}
+        for table in tables:
+            n = 0
+            for day, files in self.list_files(table).items():
+                if day < first_day:
+                    continue
+                for path, _size in files:
+                    with self.fs.open_input_file(path) as f:
+                        data = pq.read_table(f)
+                    late = pc.greater(data["ts"], after_ts).to_numpy(zero_copy_only=False)
+                    if owns is not None and late.any():
+                        late &= np.asarray(owns(data["event_id"].to_pylist(), data["machine"].to_pylist(),
+                                                data["seq"].to_pylist()), dtype=bool)
+                    k = int(late.sum())
+                    if k == 0:
+                        continue
+                    name = posixpath.basename(path)
+                    aside = self.path(ABORTED_DIR, attempt, TABLES[table], f"date={day}", name)
+                    if k == data.num_rows:
+                        self._move(path, aside)
+                    else:
+                        mask = pa.array(late)
+                        self.write_table(data.filter(mask), aside)
+                        kept = posixpath.join(posixpath.dirname(path), name[:-len(".parquet")] + "-kept.parquet")
+                        self.write_table(data.filter(pc.invert(mask)), kept)
+                        self.fs.delete_file(path)
+                    n += k
+            moved[table] = n
+        return moved
+
+    def aside_rows(self) -> int:
+        """Rows under ``aborted/`` (set aside by :meth:`set_aside`); 0 when there are none."""
+        base = self.path(ABORTED_DIR)
+        if not self.exists(base):
+            return 0
+        return sum(self.count_rows(i.path) for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                   if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+                   and not i.base_name.startswith((".", "_")))
+
+    def _move(self, src: str, dst: str) -> None:
+        parent = posixpath.dirname(dst)
+        if self.local:
+            os.makedirs(parent, exist_ok=True)
+            os.replace(src, dst)
+            for d in (parent, posixpath.dirname(src)):
+                dfd = os.open(d, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        else:
+            self.fs.create_dir(parent, recursive=True)
+            self.fs.move(src, dst)

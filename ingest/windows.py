@@ -9,7 +9,11 @@ serving uses; nothing is re-implemented here) and emits three kinds of rows:
 * ``tail``   - the last ``length - 1`` readings at the end of each day (JSON), so a
   later incremental build can continue the machine's windows from that day without
   re-reading it;
-* ``stats``  - rows, duplicates and plant-time range per machine and day.
+* ``stats``  - rows, duplicates and plant-time range per machine and day, and conflicts:
+  rows whose ``event_id`` another row carries with different contents (``seq``, ``ts``,
+  ``kind``, readings), with a few of those ids (JSON) in ``text``.  A redelivered message
+  is an exact copy; a conflict means two timelines of the plant reached the lake, and the
+  dataset builder refuses to pick one.
 
 A build that starts at day D seeds each machine's builder with the tail of the last
 day before D in which it had telemetry; a full build starts with no tail.  The two
@@ -42,6 +46,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("text", pa.string()),         # window text, or a tail's readings as JSON
     ("n_rows", pa.int64()),
     ("n_dupes", pa.int64()),
+    ("n_conflicts", pa.int64()),   # stats rows: duplicates of an event_id with other contents
 ])
 
 TELEMETRY_COLUMNS = ["event_id", "seq", "ts", "line", "machine", "kind", "readings"]
@@ -78,12 +83,16 @@ def machine_windows(group: pa.Table, config: WindowConfig, tails: dict[str, str]
     ts_np = rows.column("ts").to_numpy()
     day_no = (ts_np // 86400).astype(np.int64)  # epoch day of each row (UTC)
     day_names = {d: day_of(d * 86400.0) for d in np.unique(day_no).tolist()}
+    rmap = rows.column("readings").combine_chunks()
+    conflict = _conflicts(rows, rmap, ids_sorted, keep)
 
-    # stats per day (raw rows and duplicates, before dropping them), vectorised
+    # stats per day (raw rows, duplicates, conflicts, before dropping them), vectorised
     bounds = np.flatnonzero(np.diff(day_no)) + 1
     starts, ends = np.r_[0, bounds], np.r_[bounds, len(day_no)]
     stats = [(day_names[int(day_no[a])], int(b - a), int((~keep[a:b]).sum()), float(ts_np[a:b].min()),
-              float(ts_np[a:b].max())) for a, b in zip(starts, ends)]
+              float(ts_np[a:b].max()), int(conflict[a:b].sum()),
+              json.dumps(sorted(set(ids_sorted[a:b][conflict[a:b]].tolist()))[:3]) if conflict[a:b].any() else "")
+             for a, b in zip(starts, ends)]
 
     wb = WindowBuilder(config)
     # The readings the next window continues from (what WindowBuilder holds, minus the oldest).
@@ -105,7 +114,6 @@ def machine_windows(group: pa.Table, config: WindowConfig, tails: dict[str, str]
     last_of_day[ends - 1] = True
     last_of_day = last_of_day.tolist()
     day_all = day_no.tolist()
-    rmap = rows.column("readings").combine_chunks()
     r_off = rmap.offsets.to_pylist()
     r_keys = rmap.keys.to_pylist()
     r_vals = rmap.items.to_pylist()
@@ -126,13 +134,41 @@ def machine_windows(group: pa.Table, config: WindowConfig, tails: dict[str, str]
             buf = list(recent)
             _append(out, "tail", day_names[day_all[i]], line, machine, kind, buf[0].seq, buf[-1].seq, buf[0].ts,
                     buf[-1].ts, tail_json(buf), 0, 0)
-    for day, n, d, lo, hi in stats:
-        _append(out, "stats", day, line, machine, kind, 0, 0, lo, hi, "", n, d)
+    for day, n, d, lo, hi, c, sample in stats:
+        _append(out, "stats", day, line, machine, kind, 0, 0, lo, hi, sample, n, d, c)
     return pa.table(out, schema=OUTPUT_SCHEMA)
 
 
+def _conflicts(rows: pa.Table, rmap: pa.MapArray, ids_sorted: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Per row (in the sorted order): does another row carry its ``event_id`` with other contents?
+
+    Rows are sorted by (seq, event_id), so exact copies sit side by side; an id that also
+    appears at another ``seq`` is a conflict too (the ids are unique per seq by design).
+    """
+    conflict = np.zeros(len(keep), dtype=bool)
+    dup = np.flatnonzero(~keep)
+    if len(dup):
+        seq = rows.column("seq").to_numpy()
+        ts = rows.column("ts").to_numpy()
+        kinds = rows.column("kind")
+        off = rmap.offsets.to_numpy()
+        keys, vals = rmap.keys, rmap.items
+        for i in dup.tolist():
+            j = i - 1
+            same = (seq[i] == seq[j] and ts[i] == ts[j] and kinds[i].as_py() == kinds[j].as_py()
+                    and keys[off[i]:off[i + 1]].equals(keys[off[j]:off[j + 1]])
+                    and vals[off[i]:off[i + 1]].equals(vals[off[j]:off[j + 1]]))
+            if not same:
+                conflict[i] = conflict[j] = True
+    kept_ids = ids_sorted[keep]
+    if len(np.unique(kept_ids)) < len(kept_ids):  # one id at two seqs
+        uniq, counts = np.unique(kept_ids, return_counts=True)
+        conflict |= np.isin(ids_sorted, uniq[counts > 1])
+    return conflict
+
+
 def _append(out, row_type, partition, line, machine, kind, start_seq, end_seq, start_ts, end_ts, text,
-            n_rows, n_dupes) -> None:
+            n_rows, n_dupes, n_conflicts=0) -> None:
     out["row_type"].append(row_type)
     out["partition"].append(partition)
     out["line"].append(line)
@@ -145,3 +181,4 @@ def _append(out, row_type, partition, line, machine, kind, start_seq, end_seq, s
     out["text"].append(text)
     out["n_rows"].append(int(n_rows))
     out["n_dupes"].append(int(n_dupes))
+    out["n_conflicts"].append(int(n_conflicts))
