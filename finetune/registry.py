@@ -11,6 +11,13 @@ Alias moves made here are recorded in a registered-model tag
     info = get_version(uri, "fault-detector", "champion")     # or "challenger", or "3"
     adapter_dir = fetch_adapter(uri, "fault-detector", info.version)
     rollback(uri, "fault-detector")                            # champion -> previous champion
+
+A version's operating point (the risk threshold tuned on the eval split it was scored
+on) is a version tag, ``flywheel.risk_threshold``, written at registration: whoever
+serves the version later (a resumed campaign, another process) reads it from the
+registry, not from memory.  :func:`abandon_run` undoes what a killed turn attempt did to
+the registry: its versions are tagged ``flywheel.aborted`` and every alias is put back
+where it pointed when the attempt began.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from flywheel.mqtt import redact_url
 
 HISTORY_TAG = "flywheel.alias_history.{alias}"
 HISTORY_MAX = 50
+THRESHOLD_TAG = "flywheel.risk_threshold"
+ABORTED_TAG = "flywheel.aborted"
 
 
 class RegistryError(LookupError):
@@ -129,6 +138,64 @@ def rollback(tracking_uri: str, model_name: str, alias: str = "champion") -> str
     client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias), json.dumps(hist))
     client.set_model_version_tag(model_name, current, f"flywheel.rolled_back_from_{alias}", "true")
     return previous
+
+
+def version_threshold(tracking_uri: str, model_name: str, version: str) -> float | None:
+    """The operating point registered with ``version`` (tag ``flywheel.risk_threshold``), if any."""
+    raw = get_version(tracking_uri, model_name, str(version)).tags.get(THRESHOLD_TAG)
+    try:
+        return None if raw in (None, "") else float(raw)
+    except ValueError:
+        return None
+
+
+def aliases(tracking_uri: str, model_name: str) -> dict[str, str]:
+    """``{alias: version}`` of a registered model (empty when it does not exist yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = _client(tracking_uri).get_registered_model(model_name)
+    except MlflowException as exc:
+        if (denied := auth_error(exc, tracking_uri)) is not None:
+            raise denied from None
+        return {}
+    return {str(a): str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def abandon_run(tracking_uri: str, model_name: str, run_id: str, restore: dict[str, str | None],
+                note: str = "true") -> list[str]:
+    """Undo a dead turn attempt in the registry; returns the versions it had registered.
+
+    Its versions (those registered from ``run_id``) get tag ``flywheel.aborted=<note>`` and
+    leave every alias history; each alias in ``restore`` is pointed back at its version
+    there (``None``: the alias is removed), and any other alias still on an abandoned
+    version is removed.  Idempotent: a second call changes nothing.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:  # nothing was ever registered: nothing to undo
+        return []
+    versions = sorted((str(mv.version) for mv in client.search_model_versions(f"run_id='{run_id}'")
+                       if mv.name == model_name), key=int)
+    for v in versions:
+        client.set_model_version_tag(model_name, v, ABORTED_TAG, note)
+    current = aliases(tracking_uri, model_name)
+    for alias in sorted(set(restore) | {a for a, v in current.items() if v in versions}):
+        want = restore.get(alias)
+        if want is not None and want in versions:
+            want = None
+        if want is None and alias in current:
+            client.delete_registered_model_alias(model_name, alias)
+        elif want is not None and current.get(alias) != want:
+            client.set_registered_model_alias(model_name, alias, want)
+        hist = alias_history(tracking_uri, model_name, alias)
+        if any(v in versions for v in hist):
+            client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias),
+                                            json.dumps([v for v in hist if v not in versions]))
+    return versions
 
 
 def fetch_adapter(tracking_uri: str, model_name: str, version: str, dst_dir: str | None = None) -> str:

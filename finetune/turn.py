@@ -147,6 +147,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                     "flywheel.run_id": run_id, "flywheel.gate_metric": config.gate_metric,
                     config.gate_metric: f"{challenger_metrics.get(config.gate_metric, float('nan')):.6f}",
                     "flywheel.promoted": str(decision.promoted).lower(), "flywheel.gate_reason": decision.reason}
+            if challenger_metrics.get("eval.risk_threshold") is not None:  # its operating point, with it
+                tags[registry.THRESHOLD_TAG] = repr(float(challenger_metrics["eval.risk_threshold"]))
             version = registry.register_version(tracking_uri, model_name, run_id, MODEL_ARTIFACT, tags).version
             registry.set_alias(tracking_uri, model_name, "challenger", version)
             if decision.promoted:
