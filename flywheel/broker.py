@@ -143,8 +143,11 @@ class EmbeddedBroker:
             conf.write_text(mosquitto_config(self.port, self.data_dir, self.host, self.persistence,
                                              self.extra_config))
             self._log = open(self.data_dir / "mosquitto.log", "ab")
+            from flywheel.rayinit import die_with_parent  # SIGTERM if this process dies (Linux)
+
             self._proc = subprocess.Popen([self._binary, "-c", str(conf)], stdout=self._log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          preexec_fn=die_with_parent())
         else:
             ctx = mp.get_context("spawn")
             self._proc = ctx.Process(target=_run_amqtt, args=(self.host, self.port), daemon=True,

@@ -1,5 +1,6 @@
 """``init_ray``: ``ray.init`` that leaves the process's own SIGTERM handler in place; and
-``stop_like_ctrl_c``, the handler the long-running commands install.
+``stop_like_ctrl_c``, the handler the long-running commands install; ``watch_driver`` and
+``die_with_parent``, so that children die with a driver killed outright (kill -9).
 
 ``ray.init`` installs its own SIGTERM handler (exit at once), and Ray's native crash handler,
 which runs first, then aborts the process on the way out (exit status -6, a stack dump on
@@ -32,3 +33,122 @@ def init_ray(**kwargs):
     if callable(before):  # ours, not SIG_DFL/SIG_IGN: Ray's own then decides nothing
         signal.signal(signal.SIGTERM, before)
     return ctx
+
+
+# --------------------------------------------------------------------------- dying together
+# A driver killed outright (kill -9, the OOM killer) runs no cleanup. Ray's own fate sharing
+# stops the GCS and the raylet it started (PR_SET_PDEATHSIG), and workers follow the raylet,
+# but the agents the raylet starts (dashboard, runtime env) outlive it, and so would any
+# other child. The watchdog below is a tiny separate process that notes, every second, the
+# driver's descendants (pid and start time, so a reused pid is never hit); when the driver
+# is gone without having said goodbye, it sends them SIGTERM, then SIGKILL after a grace.
+_WATCHDOG = r"""
+import os, select, signal, sys, time
+driver, me, grace = int(sys.argv[1]), os.getpid(), float(sys.argv[2])
+
+def table():
+    kids, start = {}, {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                rest = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        pid = int(name)
+        kids.setdefault(int(rest[1]), []).append(pid)  # fields 4 (ppid) and 22 (start time)
+        start[pid] = rest[19]
+    return kids, start
+
+def below(roots, kids):
+    out, todo = set(), list(roots)
+    while todo:
+        for c in kids.get(todo.pop(), ()):
+            if c != me and c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+known = {}
+while True:
+    ready, _, _ = select.select([0], [], [], 1.0)
+    said = os.read(0, 64) if ready else b""
+    if b"bye" in said:
+        sys.exit(0)
+    kids, start = table()
+    if ready and not said or os.getppid() != driver or driver not in start:
+        break
+    known = {p: s for p, s in known.items() if start.get(p) == s}  # forget the ones that ended
+    known.update({p: start[p] for p in below([driver], kids) if p in start})
+alive = {p for p, s in known.items() if start.get(p) == s}
+victims = {p: start[p] for p in alive | below(alive, kids) if p in start}
+for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 0.0)):
+    for p in victims:
+        try:
+            os.kill(p, sig)
+        except OSError:
+            pass
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        _, start = table()
+        victims = {p: s for p, s in victims.items() if start.get(p) == s}
+        if not victims:
+            sys.exit(0)
+        time.sleep(0.1)
+"""
+
+
+def watch_driver(grace_s: float = 3.0):
+    """Start the watchdog for this process's children; returns a function that stands it down.
+
+    Call the returned function after a clean shutdown (children stopped their own way);
+    if this process dies first, every descendant it had dies too. No-op off Linux.
+    """
+    import os
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux") or not os.path.isdir("/proc"):
+        return lambda: None
+    proc = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(grace_s)],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
+
+    def stand_down() -> None:
+        if proc.poll() is None:
+            try:
+                proc.stdin.write(b"bye")
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    return stand_down
+
+
+def die_with_parent(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` for ``subprocess.Popen``: the child gets ``sig`` when this thread's
+    process dies (Linux ``PR_SET_PDEATHSIG``); ``None`` elsewhere, or off the main thread
+    (the signal follows the thread that forked, and other threads end early)."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # loaded here, not in the forked child
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, int(sig), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:   # the parent died before the line above
+            os.kill(os.getpid(), sig)
+
+    return preexec
