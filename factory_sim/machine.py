@@ -70,6 +70,7 @@ class Machine:
         self.counters = Counters()
         self.life_id = 0               # +1 at every restore (tool change, pump service)
         self.run_s_since_restore = 0.0
+        self.life_base = (0.0, 0, 0)    # counters (ideal_s, parts, scrap) at the last restore
         self.telemetry_count = 0
         self.last_telemetry_seq = -1
         self.last_incident: tuple[float, tuple[str, ...]] | None = None
@@ -98,6 +99,7 @@ class Machine:
                 self.down = False
                 self.down_reason = None
                 self.down_command_id = None
+                self.life_base = (c.ideal_s, c.parts, c.scrap)
                 self._restore(t)
             return
         self.counters.run_s += self.tick_s

@@ -95,6 +95,13 @@ class MachineView:
         return (None, []) if inc is None else (inc[0], trace)
 
     @property
+    def life_output(self) -> tuple[float, int, int]:
+        """(nominal work seconds, parts, scrapped parts) since the last restore."""
+        m = self._m
+        c, (ideal0, parts0, scrap0) = m.counters, m.life_base
+        return c.ideal_s - ideal0, c.parts - parts0, c.scrap - scrap0
+
+    @property
     def maintenance_s(self) -> float:
         return self._m.params.maintenance_s
 

@@ -96,8 +96,9 @@ class Oracle(Policy):
     waits longer keeps more tool life and can beat it.
 
     The plan is cached per machine life: without an intervention the machine's future is
-    exactly the copy's.  An instance follows one plant: use a new one for another plant
-    (or a restored state).
+    exactly the copy's; a plan depends only on the plant's state, so a new instance on a
+    restored plant decides as the old one would.  An instance follows one plant: use a new
+    one for another plant.
     """
 
     name = "oracle"
@@ -133,14 +134,18 @@ class Oracle(Policy):
         return act_ts
 
     def _best_point(self, m: MachineView, now_ts: float, trace: list) -> float:
+        # The whole life counts (output before now too), so a plan made later in a life - after a
+        # resume from a saved state - picks the same point as one made at its start.
         iv = self.decision_interval_s
-        run0_s = m.run_s_since_restore     # work before now counts as nominal (wear losses come late)
+        run0_s = m.run_s_since_restore
+        ideal0_s, parts0, scrap0 = m.life_output
         down_s = m.maintenance_s
         best_ts, best_rate = now_ts, -1.0
         for ts, ideal_s, parts, scrap in [(now_ts, 0.0, 0, 0), *trace]:
             if iv is not None and not _on_grid(ts, iv):
                 continue
-            good = (run0_s + ideal_s) * (1.0 - scrap / parts if parts else 1.0)
+            n_parts = parts0 + parts
+            good = (ideal0_s + ideal_s) * (1.0 - (scrap0 + scrap) / n_parts if n_parts else 1.0)
             rate = good / (run0_s + (ts - now_ts) + down_s)
             if rate >= best_rate:        # ties: the later point keeps more life
                 best_ts, best_rate = ts, rate
