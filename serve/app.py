@@ -1,14 +1,29 @@
 """The Ray Serve application: one base model per replica, LoRA adapters from MLflow, batching.
 
-Endpoints (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json``):
+Endpoints (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json``, with the limits below):
 
 * ``POST /predict``  - one or many windows -> label probabilities (dynamic batching
   across requests: :mod:`serve.batcher` by default, or Ray's ``@serve.batch``; windows
   of different adapters share one batch, one forward per adapter)
-* ``GET /health``    - 200 once a model serves
-* ``GET /version``   - which registered version serves each adapter, and why the last
-  candidate was refused if it was
-* ``POST /refresh``  - check the registry now and hot-swap moved aliases
+* ``GET /health``    - ``{"status": "ok", "version": ...}`` once a model serves, else 503
+* ``GET /version``   - which registered version serves each adapter, why the last
+  candidate was refused if it was, batching counters and the request limits.  The
+  replica id, process id, MLflow run ids and the full config are shown only with
+  ``ServeConfig.version_details`` (this API has no authentication yet; a plant network
+  should not learn them)
+* ``POST /refresh``  - check the registry now and hot-swap moved aliases (answers as /version)
+
+Status codes (every error body is JSON ``{"detail": ...}``):
+
+* 400 - the body is not UTF-8, or Content-Length is not a number
+* 404 - ``/predict`` names an adapter this app does not serve
+* 413 - the body is over ``max_body_bytes`` (any endpoint; refused before the body is
+  read), or ``/predict`` carries more than ``max_windows_per_request`` windows
+* 422 - the JSON does not fit the request schema, or a window breaks a limit or the
+  contract (:mod:`serve.api`); the detail names the window, field and position
+* 500 - the model failed on a window that passed validation (a bug, not bad input); only
+  that request fails: other requests batched with it are answered (:mod:`serve.batcher`)
+* 503 - ``/health`` before a model serves
 
 Each replica polls the registry every ``poll_s`` seconds as well.  Deploy it with
 :func:`serve.handle.start_serving` (or ``flywheel serve``), not by importing this module.
@@ -19,6 +34,8 @@ endpoint parameters through Ray Serve's ingress wrapper.)
 
 
 import asyncio
+import copy
+import json
 import logging
 import os
 import shutil
@@ -32,20 +49,59 @@ from fastapi import Body, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve as ray_serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flywheel.contract import LABELS
 from serve.adapters import AdapterPool
-from serve.api import BadRequest, PredictBody, PredictResponse, WindowPrediction, window_texts
-from serve.batcher import ContinuousBatcher
+from serve.api import (DEFAULT_LIMITS, BadRequest, BodySizeLimit, ErrorResponse, Limits, PredictBody,
+                       PredictResponse, WindowPrediction, publish_limits, window_texts)
+from serve.batcher import ContinuousBatcher, forward_isolated
 from serve.config import ServeConfig
 from serve.source import AdapterSource, ServeError
 
 log = logging.getLogger("serve.app")
 
-api = FastAPI(title="flywheel fault detector",
-              description="Label probabilities for machine telemetry windows, from a LoRA-adapted model "
-                          "served from the MLflow registry. Labels: " + ", ".join(LABELS),
-              version="1")
+# The limits of the replica in this process (a replica process holds one FaultDetector,
+# whose __init__ sets them).  The body-size middleware and the OpenAPI document belong
+# to the app, which exists before any config does, so they ask current_limits() per
+# request.  Only module-level functions touch the variable: Ray ships the deployment class
+# and a frozen copy of the app to the replica by value, and module-level functions are the
+# parts that resolve, there, to this module's one variable.
+_limits: Limits = DEFAULT_LIMITS
+
+
+def current_limits() -> Limits:
+    return _limits
+
+
+def _use_limits(limits: Limits) -> None:
+    global _limits
+    _limits = limits
+
+
+def _max_body_bytes() -> int:
+    return _limits.max_body_bytes
+
+
+class _API(FastAPI):
+    """FastAPI whose OpenAPI document carries this replica's configured limits."""
+
+    def openapi(self) -> dict:
+        return publish_limits(copy.deepcopy(super().openapi()), current_limits())
+
+
+api = _API(title="flywheel fault detector",
+           description="Label probabilities for machine telemetry windows, from a LoRA-adapted model "
+                       "served from the MLflow registry. Labels: " + ", ".join(LABELS),
+           version="1")
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error detail may quote a client's string, and one
+    holding a lone surrogate cannot be written as UTF-8 (Starlette's default would 500)."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
 
 
 @api.exception_handler(RequestValidationError)
@@ -54,7 +110,36 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
     # written as JSON (a 500); location and message are what a client needs.
     errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": e.get("msg", ""), "type": e.get("type", "")}
               for e in exc.errors()]
-    return JSONResponse(status_code=422, content={"detail": errors})
+    return SafeJSONResponse(status_code=422, content={"detail": errors})
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+        # FastAPI's own 400 says only "error parsing the body"; say what and where.
+        detail = f"the body is not UTF-8 (byte {cause.start} cannot be decoded); JSON text must be UTF-8"
+    return SafeJSONResponse(status_code=exc.status_code, content={"detail": detail},
+                            headers=getattr(exc, "headers", None))
+
+
+api.add_middleware(BodySizeLimit, max_bytes=_max_body_bytes)
+
+_ERROR = {"model": ErrorResponse}
+_TOO_LARGE = {413: {**_ERROR, "description": "the body is over max_body_bytes (refused before it is read)"}}
+PREDICT_RESPONSES = {
+    400: {**_ERROR, "description": "the body is not UTF-8, or Content-Length is not a number"},
+    404: {**_ERROR, "description": "a window or the request names an adapter this app does not serve"},
+    413: {**_ERROR, "description": "the body is over max_body_bytes (refused before it is read), or it "
+                                   "carries more than max_windows_per_request windows"},
+    422: {**_ERROR, "description": "the body does not fit the schema, or a window breaks a limit (text "
+                                   "length, also of text rendered from readings; readings per window; names "
+                                   "per reading) or holds text that is not valid Unicode (a lone surrogate); "
+                                   "the detail names the window and the position"},
+    500: {**_ERROR, "description": "the model failed on a window that passed validation; only this request "
+                                   "fails, other requests batched with it are answered"},
+}
 
 
 @ray_serve.deployment(name="FaultDetector")
@@ -62,6 +147,7 @@ async def _invalid_body(request: Request, exc: RequestValidationError) -> JSONRe
 class FaultDetector:
     def __init__(self, tracking_uri: str, model_name: str, alias: str, config: dict):
         self.config = ServeConfig(**config)
+        _use_limits(Limits.from_config(self.config))
         self.source = AdapterSource(tracking_uri, model_name)
         self.model_name, self.alias = model_name, alias
         self.refs = {"default": alias, **self.config.adapters}
@@ -133,24 +219,35 @@ class FaultDetector:
     def describe(self) -> dict:
         pool = self.pool.describe()
         default = pool["adapters"].get("default", {})
-        ctx = ray_serve.get_replica_context()
-        return {"model_name": self.model_name, "alias": self.alias, "version": default.get("version"),
-                "base_model": pool["base_model"], "adapters": pool["adapters"], "refusals": self.refusals,
-                "swaps": self.swaps, "last_check_at": self.last_check_at, "labels": list(LABELS),
-                "batches": self.batches, "batched_windows": self.batched_windows, "forward_s": self.forward_s,
-                "replica": ctx.replica_id.unique_id if ctx else None, "pid": os.getpid(),
-                "config": asdict(self.config)}
+        details = self.config.version_details
+        # Without version_details, /version says what serves, not where or how it was built:
+        # run ids, pid, replica id and config help an attacker more than a client.
+        adapters = pool["adapters"] if details else \
+            {n: {k: v for k, v in a.items() if k != "run_id"} for n, a in pool["adapters"].items()}
+        out = {"model_name": self.model_name, "alias": self.alias, "version": default.get("version"),
+               "base_model": pool["base_model"], "adapters": adapters, "refusals": self.refusals,
+               "swaps": self.swaps, "last_check_at": self.last_check_at, "labels": list(LABELS),
+               "batches": self.batches, "batched_windows": self.batched_windows, "forward_s": self.forward_s,
+               "limits": asdict(current_limits())}
+        if details:
+            ctx = ray_serve.get_replica_context()
+            out.update(replica=ctx.replica_id.unique_id if ctx else None, pid=os.getpid(),
+                       config=asdict(self.config))
+        return out
 
     # ------------------------------------------------------------------ inference
     async def _run_items(self, items: list[tuple[str, str]]) -> list:
-        """(text, peft adapter name) per window -> probability rows, through the configured batcher."""
+        """(text, peft adapter name) per window -> probability row, or the exception that window
+        failed with, through the configured batcher."""
         if self._batcher is not None:
-            return await self._batcher.submit_many(items)
-        return await asyncio.gather(*[self._infer(it) for it in items])
+            return await self._batcher.submit_many(items, return_exceptions=True)
+        return await asyncio.gather(*[self._infer(it) for it in items], return_exceptions=True)
 
     @ray_serve.batch(max_batch_size=64, batch_wait_timeout_s=0.001)
     async def _infer(self, items: list[tuple[str, str]]) -> list:
-        return await self._forward(items)
+        # Ray hands an exception raised here to every request in the batch; returned per item
+        # instead, it reaches only the request whose window failed.
+        return await forward_isolated(self._forward, items)
 
     async def _forward(self, items: list[tuple[str, str]]) -> list:
         texts = [t for t, _ in items]
@@ -163,9 +260,7 @@ class FaultDetector:
         return list(probs)
 
     # ------------------------------------------------------------------ HTTP
-    @api.post("/predict", response_model=PredictResponse,
-              responses={404: {"description": "unknown adapter"}, 413: {"description": "too many windows"},
-                         422: {"description": "malformed body or window"}})
+    @api.post("/predict", response_model=PredictResponse, responses=PREDICT_RESPONSES)
     async def predict(self, body: Annotated[PredictBody, Body()]) -> PredictResponse:
         cfg = self.config
         try:
@@ -186,6 +281,12 @@ class FaultDetector:
         finally:
             for s in slots.values():
                 self.pool.release(s)
+        failed = next((i for i, p in enumerate(probs) if isinstance(p, BaseException)), None)
+        if failed is not None:
+            exc = probs[failed]
+            log.error("the model failed on windows[%d] of a request: %s: %s", failed, type(exc).__name__, exc)
+            raise HTTPException(500, f"the model failed on windows[{failed}] ({type(exc).__name__}); "
+                                     "the replica logs the cause")
         preds = []
         for p, n in zip(probs, names):
             pd = {label: float(x) for label, x in zip(LABELS, p)}
@@ -194,18 +295,18 @@ class FaultDetector:
         versions = ",".join(dict.fromkeys(p.model_version for p in preds))
         return PredictResponse(model_version=versions, predictions=preds)
 
-    @api.get("/health")
+    @api.get("/health", responses={503: {**_ERROR, "description": "no model serves yet"}, **_TOO_LARGE})
     async def health(self) -> dict:
         slot = self.pool.slot("default")
         if slot is None:
             raise HTTPException(503, "no model loaded yet")
         return {"status": "ok", "version": slot.version}
 
-    @api.get("/version")
+    @api.get("/version", responses=_TOO_LARGE)
     async def version(self) -> dict:
         return self.describe()
 
-    @api.post("/refresh")
+    @api.post("/refresh", responses=_TOO_LARGE)
     async def refresh(self) -> dict:
         return await asyncio.to_thread(self.refresh_now)
 

@@ -49,7 +49,16 @@ class ServeConfig:
                 "already received; a busy replica batches whatever queued during the last forward anyway"})
     max_windows_per_request: int = field(default=1024, metadata={"help": "windows one POST /predict may carry"})
     max_readings_per_window: int = field(default=512, metadata={"help": "readings one structured window may carry"})
-    max_text_chars: int = field(default=4000, metadata={"help": "longest window text accepted"})
+    max_text_chars: int = field(default=4000, metadata={
+        "help": "longest window text accepted, whether sent as text or rendered from readings"})
+    max_body_bytes: int = field(default=4 * 1024 * 1024, metadata={
+        "help": "largest POST body accepted, in bytes; a longer one gets 413 before it is read into memory "
+                "(checked on Content-Length, and counted while a chunked body streams in). The default, "
+                "4 MiB, fits max_windows_per_request text windows of max_text_chars at their defaults"})
+    version_details: bool = field(default=False, metadata={
+        "help": "GET /version also shows the replica id, process id, each adapter's MLflow run id and the "
+                "full serve config; off by default because /version is unauthenticated: turn it on only "
+                "where the HTTP port is reachable from trusted hosts alone"})
     max_length_tokens: int = field(default=96, metadata={"help": "tokenizer truncation length"})
     poll_s: float = field(default=10.0, metadata={
         "help": "wall seconds between registry checks for a moved alias; 0 = only on refresh"})
@@ -82,6 +91,13 @@ class ServeConfig:
             raise ConfigError(f"batch_wait_ms should be >= 0, got {self.batch_wait_ms}")
         if self.max_windows_per_request < 1:
             raise ConfigError(f"max_windows_per_request should be >= 1, got {self.max_windows_per_request}")
+        if self.max_readings_per_window < 1:
+            raise ConfigError(f"max_readings_per_window should be >= 1, got {self.max_readings_per_window}")
+        if self.max_text_chars < 1:
+            raise ConfigError(f"max_text_chars should be >= 1, got {self.max_text_chars}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes should be >= 1024 (one window with its JSON), got "
+                              f"{self.max_body_bytes}")
         if self.poll_s < 0:
             raise ConfigError(f"poll_s should be >= 0 (0 = no polling), got {self.poll_s}")
         if not self.route_prefix.startswith("/"):

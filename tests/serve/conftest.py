@@ -4,6 +4,9 @@
   (so they predict differently), plus a corrupt one (garbage safetensors) and a mismatched
   one (wrong label set in flywheel_model.json).
 * ``registry`` (module) - a fresh MLflow on SQLite with ``register(adapter_dir, alias=...)``.
+* ``served`` (session) - one app on the test session's Ray for the HTTP and MQTT tests.
+* ``http_probe`` - raw HTTP: a POST whose body never ends, and a burst of good requests
+  with poisoned ones among them.
 """
 
 from __future__ import annotations
@@ -132,3 +135,86 @@ def served(ray_local, tmp_path_factory, adapter_dirs):
     h = start_serving(reg.tracking_uri, reg.model_name, "champion", cfg)
     yield h
     h.shutdown()
+
+
+# --------------------------------------------------------------------------- raw HTTP probes
+def post_unfinished_body(url: str, path: str, *, sent: bytes, declared: int | None = None,
+                         timeout_s: float = 60.0) -> tuple[int, dict]:
+    """POST ``sent`` and never the rest: with ``declared``, a Content-Length promising more bytes;
+    without, a chunked body whose last chunk never comes.  Returns the (status, JSON body) the
+    server answers with; a server that waits for the whole body times out instead.
+
+    ``sent`` stays well under what a server reads ahead on its own (64 KiB), so the server has
+    taken all of it when it answers and closes: a close with unread bytes would reset the
+    connection and lose the answer.
+    """
+    import json
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    head = [f"POST {parts.path.rstrip('/')}{path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}",
+            "Content-Type: application/json"]
+    if declared is not None:
+        head.append(f"Content-Length: {declared}")
+        payload = sent
+    else:
+        head.append("Transfer-Encoding: chunked")
+        piece = 4096
+        payload = b"".join(b"%x\r\n%s\r\n" % (len(sent[i:i + piece]), sent[i:i + piece])
+                           for i in range(0, len(sent), piece))
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + payload)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            data = sock.recv(65536)
+            assert data, f"the server closed without an answer after {len(raw)} bytes: {raw!r}"
+            raw += data
+        header, body = raw.split(b"\r\n\r\n", 1)
+        lines = header.decode("latin-1").split("\r\n")
+        fields = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
+        length = int(fields.get("content-length", "0"))
+        while len(body) < length:
+            data = sock.recv(65536)
+            if not data:
+                break
+            body += data
+    return int(lines[0].split()[1]), json.loads(body) if body else {}
+
+
+def poison_among_good(url: str, good: dict, poisoned: list[bytes], n_good: int = 48, workers: int = 16
+                      ) -> tuple[list[tuple[int, object]], list[tuple[int, object]]]:
+    """Send ``n_good`` copies of ``good`` and the ``poisoned`` bodies at once (interleaved, from
+    ``workers`` threads); return the (status, payload) of the good and of the poisoned ones."""
+    import json
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve.client import ServeClient
+
+    bodies = [json.dumps(good).encode()] * n_good
+    step = max(1, n_good // max(1, len(poisoned)))
+    for k, p in enumerate(poisoned):
+        bodies.insert(k * (step + 1) + step // 2, p)
+    is_poisoned = [b in poisoned for b in bodies]
+    local = threading.local()
+    start = threading.Barrier(workers)
+
+    def send(body: bytes):
+        if not hasattr(local, "client"):
+            local.client = ServeClient(url, timeout_s=120)
+            start.wait(timeout=60)          # every worker connected: the burst arrives together
+        return local.client.request("POST", "/predict", body)
+
+    with ThreadPoolExecutor(workers) as ex:
+        results = list(ex.map(send, bodies))
+    return ([r for r, bad in zip(results, is_poisoned) if not bad],
+            [r for r, bad in zip(results, is_poisoned) if bad])
+
+
+@pytest.fixture(scope="session")
+def http_probe():
+    """The raw HTTP probes above (test modules here are not importable from one another)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(post_unfinished_body=post_unfinished_body, poison_among_good=poison_among_good)

@@ -1,8 +1,14 @@
-"""The Ray Serve app over HTTP: predictions, OpenAPI, named adapters, bad input (real Ray, MLflow, MiniLM)."""
+"""The Ray Serve app over HTTP: predictions, OpenAPI, named adapters, bad input, limits (real Ray, MLflow, MiniLM).
+
+Two apps: the session's ``served`` (default config, continuous batching) and ``limited``
+(Ray's ``@serve.batch``, small limits, version details on) to show that configured limits
+are the ones enforced and published.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,9 +21,26 @@ PUMP = [{"vibration_mm_s": 2.0 + 0.3 * i, "bearing_temp_k": 331.0, "discharge_pr
          "motor_current_a": 20.5} for i in range(8)]
 
 
+LONG_NAMES = {f"{'n' * 58}_{i:02d}_x": 1.0 for i in range(64)}   # 64 names, the cap, rendering > 4000 chars
+POISON = b'{"windows": [{"text": "pump. vib \\ud800 high."}]}'    # JSON-valid; no UTF-8 holds it
+
+
 @pytest.fixture(scope="module")
 def app(served):
     return served
+
+
+@pytest.fixture(scope="module")
+def limited(ray_local, registry, adapter_dirs):
+    from serve import ServeConfig, start_serving
+
+    registry.register(adapter_dirs.a, alias="champion")
+    cfg = ServeConfig(app_name="serve-limits", route_prefix="/serve-limits", poll_s=0, num_cpus_per_replica=0,
+                      batching="ray", max_text_chars=300, max_windows_per_request=8, max_readings_per_window=16,
+                      max_body_bytes=16 * 1024, version_details=True)
+    h = start_serving(registry.tracking_uri, registry.model_name, "champion", cfg)
+    yield h
+    h.shutdown()
 
 
 def _sum1(probs: dict) -> bool:
@@ -48,6 +71,9 @@ def test_openapi_docs_health_version(app):
     v = c.version()
     assert v["version"] == "1" and v["adapters"]["pump"]["version"] == "2" and v["base_model"] == "minilm"
     assert app.version() == "1"
+    # /version is unauthenticated: by default it names versions, not run ids, process or config.
+    assert not {"pid", "config", "replica"} & set(v) and "run_id" not in v["adapters"]["default"]
+    assert v["limits"]["max_body_bytes"] == 4 * 1024 * 1024 and v["limits"]["max_names_per_reading"] == 64
 
 
 def test_named_adapters_in_one_mixed_batch(app):
@@ -86,6 +112,12 @@ BAD_BODIES = [
     (json.dumps({"windows": [{"text": "pump. vib 2.0 normal flat."}], "adapter": "nope"}), 404),
     (json.dumps({"windows": [{"text": "x" * 5000}]}), 422),
     (json.dumps({"windows": [{"text": "pump."}] * 1025}), 413),
+    (b'{"windows": [{"text": "pump. \xff"}]}', 400),                         # not UTF-8
+    (POISON, 422),
+    (b'{"windows": [{"text": "pump.", "\\udfff": 1}]}', 422),               # a lone surrogate in a key
+    (b'{"windows": [{"kind": "pump", "readings": [{"vib\\ud800": 1.0}]}]}', 422),
+    (json.dumps({"windows": [{"kind": "pump", "readings": [{**LONG_NAMES, "one_more": 1.0}]}]}), 422),
+    (json.dumps({"windows": [{"kind": "pump", "readings": [LONG_NAMES]}]}), 422),
 ]
 
 
@@ -103,4 +135,101 @@ def test_replica_survives_bad_input(app):
         c.request("POST", "/predict", body.encode() if isinstance(body, str) else body)
     assert c.health()["status"] == "ok"
     assert c.predict([{"text": "pump. vib 2.0 normal flat."}])["model_version"] == "1"
-    assert c.version()["replica"] is not None
+    assert c.version()["version"] == "1"
+
+
+def test_bad_input_details_name_the_window_and_the_position(app):
+    c = ServeClient(app.url)
+    status, out = c.request("POST", "/predict", b'{"windows": [{"text": "pump."}, {"text": "pump. vib \\ud800."}]}')
+    assert status == 422 and "windows[1].text" in out["detail"] and "character 10" in out["detail"] \
+        and "U+D800" in out["detail"], out
+    status, out = c.request("POST", "/predict", json.dumps(
+        {"windows": [{"kind": "pump", "readings": [PUMP[0], {**LONG_NAMES, "one_more": 1.0}]}]}).encode())
+    assert status == 422 and "windows[0].readings[1] has 65 names; the limit is 64" in out["detail"], out
+    status, out = c.request("POST", "/predict", json.dumps({"windows": [{"kind": "pump", "readings": [LONG_NAMES]}]}
+                                                           ).encode())
+    assert status == 422 and "windows[0] renders to" in out["detail"] and "the limit is 4000" in out["detail"], out
+    status, out = c.request("POST", "/predict", b'{"windows": [{"text": "pump. \xff"}]}')
+    assert status == 400 and "not UTF-8 (byte 29" in out["detail"], out
+
+
+@pytest.mark.parametrize("which", ["served", "limited"])
+def test_a_poisoned_request_fails_alone_among_concurrent_good_ones(app, limited, http_probe, which):
+    # Both batching paths: continuous (served) and Ray's @serve.batch (limited).
+    url = (app if which == "served" else limited).url
+    good = {"windows": [{"text": render("pump", PUMP)}]}
+    two = b'{"windows": [{"text": "pump. vib 2.0 normal flat."}, {"text": "pump.\\udc00"}]}'
+    goods, bads = http_probe.poison_among_good(url, good, [POISON, two, POISON], n_good=48)
+    assert [s for s, _ in goods] == [200] * 48, [p for s, p in goods if s != 200][:3]
+    ref = goods[0][1]["predictions"][0]["probs"]
+    assert all(p["predictions"][0]["probs"] == pytest.approx(ref, abs=1e-4) for _, p in goods)
+    assert [s for s, _ in bads] == [422, 422, 422]
+    assert "windows[0].text" in bads[0][1]["detail"] and "character 10" in bads[0][1]["detail"]
+    assert "windows[1].text" in bads[1][1]["detail"] and "character 5" in bads[1][1]["detail"]
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(app, limited, http_probe):
+    # 50 MB announced, 32 KiB sent and the rest never: a server reading the body first would
+    # wait for it until the timeout; this one answers 413 at once, through Ray Serve's proxy.
+    start = time.monotonic()
+    status, out = http_probe.post_unfinished_body(app.url, "/predict", sent=b'{"windows": [' + b" " * 32000,
+                                                  declared=50_000_000, timeout_s=30)
+    assert status == 413 and "50000000 bytes; the limit is 4194304" in out["detail"], out
+    assert time.monotonic() - start < 15
+    # A chunked body has no length to check: it is counted as it arrives, refused once over.
+    status, out = http_probe.post_unfinished_body(limited.url, "/predict", sent=b" " * 24 * 1024, timeout_s=30)
+    assert status == 413 and "over 16384 bytes" in out["detail"], out
+    # Any endpoint: the limit is on the body, not on /predict.
+    status, out = http_probe.post_unfinished_body(limited.url, "/refresh", sent=b"x", declared=10**9)
+    assert status == 413, out
+    # The replica is fine, and a body within the limit still works.
+    assert ServeClient(limited.url).predict([{"text": "pump. vib 2.0 normal flat."}])["predictions"]
+
+
+def test_configured_limits_are_enforced_and_published(app, limited):
+    d, lim = ServeClient(app.url), ServeClient(limited.url)
+
+    def limits(spec):
+        s = spec["components"]["schemas"]
+        text, readings = s["TextWindow"]["properties"]["text"], s["ReadingsWindow"]["properties"]["readings"]
+        windows = s["PredictRequest"]["properties"]["windows"]
+        return (text["minLength"], text["maxLength"], readings["minItems"], readings["maxItems"],
+                readings["items"]["maxProperties"], windows["minItems"], windows["maxItems"])
+
+    spec = d.call("GET", "/openapi.json")
+    assert limits(spec) == (1, 4000, 1, 512, 64, 1, 1024)
+    assert limits(lim.call("GET", "/openapi.json")) == (1, 300, 1, 16, 64, 1, 8)
+    # Every error status the API answers with is documented, with its body's shape.
+    assert {"400", "404", "413", "422", "500"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+    for path in ("/health", "/version", "/refresh"):
+        assert "413" in next(iter(spec["paths"][path].values()))["responses"], path
+    assert "16384 bytes" in lim.call("GET", "/openapi.json")["paths"]["/predict"]["post"]["responses"]["413"][
+        "description"]
+
+    status, out = lim.request("POST", "/predict", {"windows": [{"text": "pump. " + "x" * 300}]})
+    assert status == 422 and "the limit is 300" in out["detail"], out
+    status, out = lim.request("POST", "/predict", {"windows": [{"text": "pump."}] * 9})
+    assert status == 413 and "the limit is 8" in out["detail"], out
+    status, out = lim.request("POST", "/predict", {"windows": [{"kind": "pump", "readings": PUMP * 3}]})
+    assert status == 422 and "24 readings; the limit is 16" in out["detail"], out
+    wide = [{f"reading_{i:02d}_of_a_long_name_k": 300.0 + i for i in range(12)}] * 2
+    status, out = lim.request("POST", "/predict", {"windows": [{"kind": "pump", "readings": wide}]})
+    assert status == 422 and "renders to" in out["detail"] and "the limit is 300" in out["detail"], out
+
+
+def test_version_details_are_shown_only_when_configured(limited):
+    v = ServeClient(limited.url).version()
+    assert v["pid"] > 0 and v["replica"] and v["config"]["max_body_bytes"] == 16 * 1024
+    assert v["adapters"]["default"]["run_id"]
+
+
+def test_limit_config_errors_are_clear():
+    from flywheel.config import ConfigError
+    from serve import ServeConfig
+
+    with pytest.raises(ConfigError, match="max_body_bytes should be >= 1024"):
+        ServeConfig(max_body_bytes=100)
+    with pytest.raises(ConfigError, match="max_text_chars should be >= 1"):
+        ServeConfig(max_text_chars=0)
+    with pytest.raises(ConfigError, match="max_readings_per_window should be >= 1"):
+        ServeConfig(max_readings_per_window=0)
