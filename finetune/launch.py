@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -37,6 +36,7 @@ from typing import Callable
 from finetune.config import TrainConfig
 from finetune.core import OptimConfig, train_core, unwrap
 from finetune.model import DeviceSpec, add_lora, load_base, pick_device, upcast_trainable, write_adapter_meta
+from flywheel.threads import cores_available, setup_torch  # noqa: F401 - cores_available: callers import it here
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "train_metrics.json"
@@ -47,13 +47,6 @@ class TrainResult:
     adapter_dir: str
     metrics: dict
     class_weights: list = field(default_factory=list)
-
-
-def cores_available() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS
-        return os.cpu_count() or 1
 
 
 def fingerprint(snapshot, config: TrainConfig, world_size: int, warm_start_dir: str | None) -> str:
@@ -146,13 +139,12 @@ def train_plain(snapshot_dir, config: TrainConfig, out_dir, *, report=None, prog
                 warm_start_dir: str | None = None, device: DeviceSpec | None = None,
                 keep_checkpoints_after: bool = False) -> TrainResult:
     """Train in this process (tests, notebooks, the demo). Resumes from a matching checkpoint."""
-    import torch
+    setup_torch(config.num_threads)   # before torch loads: threads and OpenMP's wait policy
 
     from finetune.checkpoint import latest_state, save_atomic
     from finetune.data import Snapshot, load_snapshot
 
     snapshot = snapshot_dir if isinstance(snapshot_dir, Snapshot) else load_snapshot(snapshot_dir)
-    torch.set_num_threads(config.num_threads or cores_available())
     device = device or pick_device("cuda" if config.use_gpu else "auto")
     fp = fingerprint(snapshot, config, 1, warm_start_dir)
     root = checkpoint_root(config, fp)

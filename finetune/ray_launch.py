@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from finetune.config import TrainConfig
-from finetune.launch import METRICS_FILE, TrainResult, checkpoint_root, cores_available, fingerprint
+from finetune.launch import METRICS_FILE, TrainResult, checkpoint_root, fingerprint
 
 log = logging.getLogger(__name__)
 FINAL = "final"
@@ -33,8 +33,13 @@ FINAL = "final"
 def _worker_loop(cfg: dict) -> None:
     """``train_loop_per_worker``: runs in every Ray Train worker process."""
     import ray.train
+
+    from flywheel.threads import setup_torch
+
+    config: TrainConfig = cfg["config"]
+    # The node's cores shared among this node's workers; before our first torch import.
+    setup_torch(config.num_threads, share=ray.train.get_context().get_local_world_size())
     import ray.train.torch
-    import torch
 
     from finetune.checkpoint import read_state, write_state
     from finetune.data import load_snapshot
@@ -42,10 +47,8 @@ def _worker_loop(cfg: dict) -> None:
     from finetune.model import DeviceSpec, pick_device
     from finetune.tracking import MetricBatcher
 
-    config: TrainConfig = cfg["config"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(config.num_threads or max(1, cores_available() // max(1, ctx.get_local_world_size())))
     if config.use_gpu:
         spec = pick_device("cuda")
         device = DeviceSpec(str(ray.train.torch.get_device()), spec.dtype_name)
@@ -107,6 +110,9 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
 
     snapshot = load_snapshot(snapshot_dir)  # check at the boundary, before any worker starts
     if not ray.is_initialized():
+        from flywheel.threads import set_openmp_env
+
+        set_openmp_env()   # the workers this Ray starts inherit it (they load torch before our code runs)
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     fp = fingerprint(snapshot, config, config.num_workers, warm_start_dir)
     root = checkpoint_root(config, fp)

@@ -192,16 +192,11 @@ class AdapterPool:
         return new
 
     def _load_base(self, base: str) -> None:
-        import torch
-
         from finetune.model import load_base, pick_device
+        from flywheel.threads import setup_torch
 
-        if self.torch_threads > 0:
-            torch.set_num_threads(self.torch_threads)
-        elif self.torch_threads == -1:
-            from finetune.launch import cores_available
-
-            torch.set_num_threads(cores_available())
+        # 0: torch's own count (in a Ray actor, one thread per reserved CPU); -1: all cores.
+        setup_torch(self.torch_threads or None)
         self.model, self.tokenizer = load_base(base, device=pick_device(self.device))
         self.base_model = base
 
