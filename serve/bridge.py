@@ -3,14 +3,21 @@
 It subscribes (QoS 1) to every machine's telemetry and events, builds per-machine
 rolling windows with :class:`flywheel.features.WindowBuilder` (the same code the
 dataset builder uses, so the model sees what it was trained on), asks the serve app
-for predictions in batches (all windows that are ready: sent once no telemetry arrived
-for ``flush_idle_ms`` or ``max_pending`` windows wait), and for each window publishes
+for predictions in batches (all windows that are ready), and for each window publishes
 
 1. a ``maintain`` Command when the policy says so (:mod:`serve.policy`), then
 2. its Prediction (``model_version``, ``window_end_seq``),
 
 both QoS 1 on one client, in that order: the simulator's lockstep mode waits for the
 prediction of every window and relies on the command arriving first.
+
+A batch is sent as soon as it is complete: every machine the bridge knows has sent
+telemetry at or after the newest pending window's end, or is down (a failure or
+maintenance event, or silent; :mod:`serve.policy`), so no further window for that moment
+can come.  Otherwise it goes once no telemetry arrived for ``flush_idle_ms`` (a machine
+that stopped reporting) or when ``max_pending`` windows wait.  In the simulator's lockstep
+every stride's batch is complete when the last machine's reading arrives: the plant, which
+waits for these predictions, never waits out the idle timer.
 
 Telemetry that fails the contract is counted by reason and skipped.  Counters are
 published retained on ``{root}/_status/serve-bridge``; the will marks it offline.
@@ -48,6 +55,9 @@ class Bridge:
         self.policy = MaintenancePolicy(self.config)
         self._builders: dict[tuple[str, str], WindowBuilder] = {}
         self._pending: list[Window] = []
+        self._pending_end_ts = float("-inf")   # newest end among the pending windows
+        self._complete = False                 # no other window can join the pending ones
+        self._seen_ts: dict[tuple[str, str], float] = {}   # machine -> newest telemetry time
         self._cond = threading.Condition()
         self._last_arrival = 0.0
         self._stop = threading.Event()
@@ -145,6 +155,10 @@ class Bridge:
         if isinstance(m, contract.MachineEvent):
             self._counts["events"] += 1
             self.policy.on_event(m)
+            with self._cond:   # a machine that went down will send no window: the batch may be complete now
+                if self._pending and not self._complete and self._batch_complete():
+                    self._complete = True
+                    self._cond.notify()
             return
         self._counts["telemetry"] += 1
         self.policy.on_telemetry(m)
@@ -155,11 +169,28 @@ class Bridge:
         w = wb.push(m)
         with self._cond:
             self._last_arrival = time.monotonic()
+            if m.ts > self._seen_ts.get(key, float("-inf")):
+                self._seen_ts[key] = m.ts
             if w is not None:
                 self._counts["windows"] += 1
                 self._recent.append(w)
                 self._pending.append(w)
+                if w.end_ts > self._pending_end_ts:
+                    self._pending_end_ts = w.end_ts
+                    self._complete = False
                 self._cond.notify()
+            if self._pending and not self._complete and self._batch_complete():
+                self._complete = True
+                self._cond.notify()
+
+    def _batch_complete(self) -> bool:
+        """Whether every known machine is past the newest pending window's end or down (cond held)."""
+        end = self._pending_end_ts
+        seen = self._seen_ts
+        for key in self._builders:
+            if seen.get(key, float("-inf")) < end and self.policy.down_reason(*key) is None:
+                return False
+        return True
 
     # ------------------------------------------------------------------ model + MQTT out
     def _work(self) -> None:
@@ -169,14 +200,18 @@ class Bridge:
             with self._cond:
                 while not self._pending and not self._stop.is_set():
                     self._cond.wait(0.5)
-                # Wait for a quiet moment (the tick's telemetry has arrived) or a full batch.
-                while self._pending and len(self._pending) < cfg.max_pending and not self._stop.is_set():
+                # Wait for a complete batch, a quiet moment or a full batch (see the module docstring).
+                while self._pending and len(self._pending) < cfg.max_pending and not self._complete \
+                        and not self._stop.is_set():
                     quiet = time.monotonic() - self._last_arrival
                     if quiet >= idle_s:
                         break
                     self._cond.wait(idle_s - quiet)
                 batch = self._pending[:cfg.max_pending]
                 del self._pending[:cfg.max_pending]
+                if not self._pending:
+                    self._complete = False
+                    self._pending_end_ts = float("-inf")
             if batch:
                 try:
                     self._process(batch)

@@ -223,3 +223,27 @@ def test_a_maintain_command_reaches_the_simulator_and_changes_the_machine(broker
     # The bridge saw the sim's maintenance events: those machines were down, so no command was repeated.
     assert stats["events"] >= len(ours)
     assert summary.commands_refused == 0
+
+
+def test_a_complete_batch_goes_at_once_without_waiting_for_quiet(broker, served):
+    """Once every machine has reported the window's moment (or is down), the batch is sent: with an
+    idle timer of ten minutes, predictions still arrive for every window (the lockstep never waits it out)."""
+    root = "complete"
+    topics = contract.Topics(root)
+    rec = Recorder(broker.url, root)
+    cfg = BridgeConfig(window=WINDOW, threshold=1.0, flush_idle_ms=600_000)
+    down = pump_stream("L1", "p3", 3, seed=3)
+    failure = contract.MachineEvent(event_id=contract.event_id(3, "p3", 3), seq=3, ts=down[-1].ts, line="L1",
+                                    machine="p3", type="failure", mode="TWF")
+    streams = {m: pump_stream("L1", m, 11, seed=k) for k, m in enumerate(("p1", "p2"))}
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        pub = publisher(broker.url)
+        publish_all(pub, topics, [*down, failure])      # p3 went down: no window of it will come
+        publish_all(pub, topics, [t for pair in zip(*streams.values()) for t in pair])
+        n = sum(len(windows(s, WINDOW)) for s in streams.values())
+        preds = rec.wait("prediction", n, timeout_s=120)
+        assert len(preds) == n == 4 and b.stats()["windows"] == n
+        assert sorted((p["machine"], p["window_end_seq"]) for p in preds) == \
+            [("p1", 5), ("p1", 10), ("p2", 5), ("p2", 10)]
+        pub.disconnect()
+    rec.close()
