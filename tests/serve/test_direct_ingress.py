@@ -74,7 +74,7 @@ def _read_lines(proc: subprocess.Popen, lines: list[str]) -> None:
         lines.append(line.rstrip("\n"))
 
 
-def test_flywheel_serve_with_direct_ingress_serves_swaps_and_stops(registry, adapter_dirs, tmp_path):
+def test_flywheel_serve_with_direct_ingress_serves_swaps_and_stops(registry, adapter_dirs, tmp_path, http_probe):
     v1 = registry.register(adapter_dirs.a)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("RAY_SERVE_") and k not in ("RAY_ADDRESS",)}
@@ -107,6 +107,16 @@ def test_flywheel_serve_with_direct_ingress_serves_swaps_and_stops(registry, ada
         with pytest.raises(ServeHTTPError) as bad:          # bad input: 4xx with a reason on this path too
             c.call("POST", "/predict", {"windows": [{"readings": []}]})
         assert 400 <= bad.value.status < 500
+        # The replica's own HTTP server: a poisoned window fails alone among concurrent good
+        # ones, and a body over the limit is refused before it is read, as through the proxy.
+        poison = b'{"windows": [{"text": "pump. vib \\ud800 high."}]}'
+        goods, bads = http_probe.poison_among_good(direct, {"windows": [{"text": "pump. vib 2.1 steady."}]},
+                                                   [poison, poison], n_good=30, workers=10)
+        assert [s for s, _ in goods] == [200] * 30 and [s for s, _ in bads] == [422, 422], bads
+        assert "character 10" in bads[0][1]["detail"]
+        status, out = http_probe.post_unfinished_body(direct, "/predict", sent=b"{" + b" " * 1000,
+                                                      declared=50_000_000, timeout_s=30)
+        assert status == 413 and "the limit is" in out["detail"], out
         assert c.health()["status"] == "ok"
 
         v2 = registry.register(adapter_dirs.b)               # the alias moves; a refresh swaps it in
