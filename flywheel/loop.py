@@ -16,8 +16,42 @@ oracle that knows the true condition: the physical limit), so every turn reports
 of the run-to-failure -> oracle gap the model has closed.
 
 State lives in ``<workdir>/campaigns/<campaign>/``: ``state.json`` (finished turns and
-their metrics) and the plant's exact state at the last turn boundary, so a rerun with the
-same workdir continues the campaign where it stopped.
+their metrics) and the plant's exact state at the last turn boundary
+(``plant-<n>.state``, ``baseline-<policy>-<n>.state``, named in ``state.json``, which is
+written last), so a rerun with the same workdir continues the campaign where it stopped.
+
+A turn is a transaction.  ``turn-progress.json`` (atomic writes) journals the turn in
+flight, stage by stage: its attempt number, the plant time of the committed boundary it
+started from, its MLflow run, the aliases before it, its snapshot, the version it
+registered and that version's operating point.  The turn commits when ``state.json``
+lists it.  A process that dies before (kill -9, power cut) leaves the journal behind, and
+the next ``flywheel run``/``turn`` rolls the attempt back before it reruns the turn:
+
+* MLflow: the attempt's run (and any child run left RUNNING) is marked FAILED and renamed
+  ``turn-<n> (aborted attempt <k>)``; the rerun's run is the one that counts.
+* Registry: the versions it registered are tagged ``flywheel.aborted`` and every alias
+  goes back where it pointed when the attempt began (``finetune.registry.abandon_run``);
+  the rerun trains, registers and promotes again.  Each version carries its operating
+  point as tag ``flywheel.risk_threshold``, so a served version never falls back to the
+  configured threshold because a process died.
+* Lake: messages the attempt published that were still queued in the broker are let in
+  first; then every row of this campaign's plant past the committed boundary moves to
+  ``<lake>/aborted/turn-<n>-attempt-<k>/`` (``ingest.lake.Lake.set_aside``), counted in
+  the turn's record (``aborted_attempts``) and MLflow (``lake.rows_set_aside``).  The
+  dataset builder refuses an ``event_id`` with two contents, should two timelines ever
+  meet in the lake.
+* Processes: the embedded Mosquitto gets SIGTERM when its parent dies, Ray's GCS and
+  raylet die with the driver (Ray's own fate sharing), and a watchdog
+  (``flywheel.rayinit.watch_driver``) ends everything else the driver had started.
+
+The rerun then reaches the metrics an uninterrupted campaign on the same seed reaches:
+the plant restarts from the committed state and the builder sees the same rows.  Model
+version numbers differ (the aborted version keeps its number) and so do wall times.
+
+Test hook: ``FLYWHEEL_TEST_KILL_AT=<stage>[@<turn>]`` makes the process SIGKILL itself at
+``plant`` (half-way through the plant period), ``train`` / ``swap`` (``FLYWHEEL_TEST_KILL_DELAY_S``,
+default 2, seconds into that stage), ``registered`` (right after the challenger was
+registered and gated) or ``commit`` (the turn done, before ``state.json`` is written).
 """
 
 from __future__ import annotations
@@ -29,6 +63,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -72,6 +107,58 @@ def load_state(workdir, campaign: str) -> dict | None:
         return json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise CampaignError(f"{p} is corrupt ({exc}); move it away to start the campaign over") from None
+
+
+class TurnJournal:
+    """``turn-progress.json``: the turn in flight, stage by stage (every write atomic)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict | None = None
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            self.data = json.loads(self.path.read_text())
+        except json.JSONDecodeError:
+            # a write is atomic (tmp + rename), so this is damage from outside: the attempt
+            # it described is unknown, recovery falls back to what MLflow and the lake say
+            self.data = {"turn": None, "unreadable": True}
+        return self.data
+
+    def begin(self, **fields) -> None:
+        self.data = dict(fields)
+        self._write()
+
+    def update(self, **fields) -> None:
+        assert self.data is not None
+        self.data.update(fields)
+        self._write()
+
+    def clear(self) -> None:
+        self.data = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _write(self) -> None:
+        _atomic_write(self.path, json.dumps(self.data, indent=1, default=str).encode())
+
+
+def _kill_point(stage: str, turn: int, delayed: bool = False) -> None:
+    """Test hook: SIGKILL this process at a named point (``FLYWHEEL_TEST_KILL_AT``)."""
+    want = os.environ.get("FLYWHEEL_TEST_KILL_AT")
+    if not want or want not in (stage, f"{stage}@{turn}"):
+        return
+    log.warning("FLYWHEEL_TEST_KILL_AT=%s: killing this process", want)
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if delayed:
+        threading.Timer(float(os.environ.get("FLYWHEEL_TEST_KILL_DELAY_S", "2")), die).start()
+    else:
+        die()
 
 
 def _config_fingerprint(cfg: CampaignConfig) -> str:
@@ -159,6 +246,8 @@ class Campaign:
         self.serving = None
         self.published_total = 0
         self.state: dict = {}
+        self.journal = TurnJournal(self.dir / "turn-progress.json")
+        self.aborted: dict | None = None   # the dead attempt of the turn to rerun, if any
 
     # -- set-up -------------------------------------------------------------
     def __enter__(self) -> "Campaign":
@@ -178,7 +267,11 @@ class Campaign:
     def _start(self) -> None:
         from factory_sim import Plant, load_scenario
 
+        from flywheel.rayinit import watch_driver
+
         cfg = self.cfg
+        # First on the stack, so it stands down last, after every child stopped its own way.
+        self.stack.callback(watch_driver())
         _quiet_libraries(offline=cfg.base_model == "minilm")
         self.stack.enter_context(self.view)
         state = load_state(self.workdir, cfg.campaign)
@@ -192,13 +285,23 @@ class Campaign:
                                "last_snapshot": None, "parent_run_id": None}
         self.scenario = load_scenario(cfg.scenario, overrides=list(cfg.scenario_overrides))
         if self.state["turns"]:
-            self.plant = Plant.from_state_bytes((self.dir / "plant.state").read_bytes())
-            states = {k: (self.dir / f"baseline-{k}.state").read_bytes() for k in POLICIES}
+            files = self.state.get("boundary_files") or {"plant": "plant.state",   # before boundary_files
+                                                         **{k: f"baseline-{k}.state" for k in POLICIES}}
+            self.plant = Plant.from_state_bytes((self.dir / files["plant"]).read_bytes())
+            states = {k: (self.dir / files[k]).read_bytes() for k in POLICIES}
             self.baselines = Baselines(self.scenario, cfg.seed, cfg.baselines, states)
             self.view.log(f"resuming campaign {cfg.campaign!r} after turn {self.state['turns'][-1]['turn']}")
         else:
             self.plant = Plant(self.scenario, seed=cfg.seed)
             self.baselines = Baselines(self.scenario, cfg.seed, cfg.baselines)
+        pending = self.journal.load()
+        if pending is not None:
+            if pending.get("turn") is not None and pending["turn"] < len(self.state["turns"]):
+                self.journal.clear()   # that turn committed; the process died before it said so
+            else:
+                self.aborted = pending
+                self.view.log(f"turn {len(self.state['turns'])} attempt {pending.get('attempt', '?')} died at stage "
+                              f"{pending.get('stage', '?')!r}; rolling it back before the turn reruns")
 
         self.view.stage("starting broker")
         if self.broker_url is None:
@@ -247,7 +350,9 @@ class Campaign:
             self.state["parent_run_id"] = parent.info.run_id
             self.state["experiment_id"] = exp.experiment_id
             mlflow.log_params(_flat_params(cfg))
+            self._save()   # the parent run is reused, not orphaned, if turn 0 dies
         self.stack.callback(mlflow.end_run)
+        self._fail_dead_runs()
 
         self.view.stage("starting ingest")
         from ingest import IngestConfig, start_ingest
@@ -260,6 +365,80 @@ class Campaign:
                                    topic_root=cfg.topic_root)
         self.stack.callback(self.ingest.stop)
         self.stack.callback(self._stop_serving)
+        if self.aborted is not None:
+            self._fence_lake()
+
+    # -- rolling back a dead attempt ------------------------------------------
+    def _fail_dead_runs(self) -> None:
+        """Mark child runs a dead process left RUNNING as FAILED; undo the dead attempt's registry moves."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        parent = self.state["parent_run_id"]
+        turn = len(self.state["turns"])
+        dead = {r.info.run_id: r for r in client.search_runs(
+            [self.state.get("experiment_id") or mlflow.get_run(parent).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.status = 'RUNNING'")}
+        j = self.aborted or {}
+        attempt = j.get("attempt", "?")
+        if j.get("run_id") and j["run_id"] not in dead:
+            with contextlib.suppress(Exception):
+                run = client.get_run(j["run_id"])
+                if run.info.status == "RUNNING":
+                    dead[j["run_id"]] = run
+        for run_id, run in dead.items():
+            name = run.data.tags.get("mlflow.runName", f"turn-{turn}")
+            if "(aborted" not in name:
+                client.set_tag(run_id, "mlflow.runName", f"{name} (aborted attempt {attempt})")
+            client.set_tag(run_id, "flywheel.aborted", "true")
+            client.set_terminated(run_id, "FAILED")
+        abandoned: list[str] = []
+        if self.aborted is not None:
+            from finetune.registry import abandon_run
+
+            for run_id in sorted(set(dead) | ({j["run_id"]} if j.get("run_id") else set())):
+                abandoned += abandon_run(self.tracking_uri, self.cfg.model_name, run_id,
+                                         restore=j.get("aliases_before") or {},
+                                         note=f"turn {turn} attempt {attempt}")
+            self.aborted["failed_runs"] = sorted(set(dead))
+            self.aborted["abandoned_versions"] = abandoned
+            for v in abandoned:
+                self.state.get("thresholds", {}).pop(str(v), None)
+        if dead or abandoned:
+            self.view.log(f"marked {len(dead)} dead run(s) FAILED"
+                          + (f"; abandoned model version(s) {', '.join(abandoned)} and restored the aliases"
+                             if abandoned else ""))
+
+    def _fence_lake(self) -> None:
+        """Let in what the dead attempt left queued in the broker, then set aside its rows."""
+        from flywheel.contract import event_id
+        from ingest.lake import Lake
+
+        quiet_s, t0 = 2.0, time.monotonic()
+        last, since = None, time.monotonic()
+        while time.monotonic() - t0 < 60:
+            st = self.ingest.status()
+            done = st["landed"] + st["deadlettered"]
+            if (done, st["received"]) != last:
+                last, since = (done, st["received"]), time.monotonic()
+            elif done >= st["received"] and time.monotonic() - since >= quiet_s:
+                break
+            time.sleep(0.2)
+        self.published_total = last[0] if last else 0   # what this ingest landed so far is not ours
+        seed = self.cfg.seed
+
+        def owns(ids, machines, seqs):   # rows this campaign's plant wrote (a lake may be shared)
+            return [i == event_id(seed, m, q) for i, m, q in zip(ids, machines, seqs)]
+
+        j = self.aborted
+        turn = len(self.state["turns"])
+        label = f"turn-{turn}-attempt-{j.get('attempt', 0)}"
+        moved = Lake.open(self.lake_uri).set_aside(self.plant.now_ts, label, owns=owns)
+        j["rows_set_aside"] = moved
+        j["redelivered"] = self.published_total
+        self.view.log(f"set aside {sum(moved.values())} lake rows past the committed boundary "
+                      f"({', '.join(f'{k} {v}' for k, v in moved.items())}) under lake/aborted/{label}; "
+                      f"{self.published_total} queued message(s) of the dead attempt landed first")
 
     def _stop_serving(self) -> None:
         if self.serving is not None:
@@ -277,8 +456,11 @@ class Campaign:
             self._ensure_serving(self.state["turns"][-1]["champion_version"])
         for turn in range(first, last + 1):
             record = self.run_turn(turn)
+            _kill_point("commit", turn)
             self.state["turns"].append(record)
-            self._save()
+            self._save()   # the commit point of the turn
+            self.journal.clear()
+            self.aborted = None
             self.status.history.append(_history_row(record))
             self.view.log(_summary_line(record))
         if len(self.state["turns"]) == self.cfg.turns + 1 and len(self.state["turns"]) > 1:
@@ -360,9 +542,24 @@ class Campaign:
         timer = StageTimer(self.view)
         record: dict = {"turn": turn, "started": datetime.now(timezone.utc).isoformat()}
         t_turn = time.monotonic()
+        dead = self.aborted or {}
+        aborted = list(dead.get("aborted", [])) + ([{k: dead.get(k) for k in (
+            "attempt", "stage", "run_id", "failed_runs", "abandoned_versions", "rows_set_aside", "redelivered")}]
+            if self.aborted is not None else [])
+        attempt = int(dead.get("attempt") or 0) + 1 if self.aborted is not None else 1
+        if attempt > 1:
+            record["attempt"] = attempt
+            record["aborted_attempts"] = aborted
+        from finetune.registry import aliases
+
+        self.journal.begin(turn=turn, attempt=attempt, stage="starting", pid=os.getpid(),
+                           started=record["started"], boundary_ts=self.plant.now_ts, run_id=None,
+                           aliases_before=aliases(self.tracking_uri, cfg.model_name), aborted=aborted)
         with mlflow.start_run(run_name=f"turn-{turn}", nested=True,
-                              tags={"flywheel.turn": str(turn), "flywheel.campaign": cfg.campaign}) as child:
+                              tags={"flywheel.turn": str(turn), "flywheel.campaign": cfg.campaign,
+                                    "flywheel.attempt": str(attempt)}) as child:
             record["run_id"] = child.info.run_id
+            self.journal.update(run_id=child.info.run_id, stage="dataset" if turn > 0 else "plant")
             champion = self.state["turns"][-1].get("champion_version") if self.state["turns"] else None
 
             if turn > 0:
@@ -376,6 +573,7 @@ class Campaign:
                 self.state["last_snapshot"] = snap.dataset_id
                 record["dataset_id"] = snap.dataset_id
                 record["data"] = _data_counts(snap.manifest)
+                self.journal.update(stage="train", dataset_id=snap.dataset_id)
                 self.status.dataset = f"{snap.dataset_id}  ({record['data']['windows_train']} train / " \
                                       f"{record['data']['windows_eval']} eval windows)"
 
@@ -385,10 +583,12 @@ class Campaign:
 
                 with timer("train", "training challenger (LoRA)"):
                     self.status.train_progress = "training..."
+                    _kill_point("train", turn, delayed=True)
                     outcome = train_and_register(
                         snap.path, st["train"], self.tracking_uri, model_name=cfg.model_name,
                         campaign=cfg.campaign, turn=turn, run_id=child.info.run_id,
                         ray_address=self.ray_address, progress=False)
+                _kill_point("registered", turn)
                 record.update(challenger_version=outcome.version, promoted=outcome.promoted,
                               gate_reason=outcome.reason, eval=_prefixed(outcome.challenger_metrics, "eval."),
                               champion_eval=_prefixed(outcome.champion_metrics or {}, "eval."),
@@ -400,11 +600,16 @@ class Campaign:
                     # A model's operating point is fixed when it wins: on the eval split it won on.
                     self.state.setdefault("thresholds", {})[str(outcome.version)] = \
                         outcome.challenger_metrics["eval.risk_threshold"]
+                self.journal.update(stage="swap", version=outcome.version, promoted=outcome.promoted,
+                                    champion=champion,
+                                    threshold=outcome.challenger_metrics.get("eval.risk_threshold"))
 
                 # 3. Deploy: Serve hot-swaps to whatever holds the champion alias now.
                 if champion:
                     with timer("swap", f"hot-swapping Serve to v{champion}"):
+                        _kill_point("swap", turn, delayed=True)
                         self._ensure_serving(champion)
+                self.journal.update(stage="plant")
             record["champion_version"] = champion
             self.status.champion = f"v{champion}" if champion else "none (run to failure)"
 
@@ -413,13 +618,14 @@ class Campaign:
             if champion:
                 record["bridge_threshold"] = threshold
             with timer("plant", f"running the plant for {cfg.period} of plant time"):
-                sim = self._run_period(lockstep=champion is not None, threshold=threshold)
+                sim = self._run_period(lockstep=champion is not None, threshold=threshold, turn=turn)
             with timer("ingest", "waiting for ingest to land the period"):
                 landed = self.ingest.wait_landed(self.published_total, timeout_s=max(120.0, sim["published"] / 500))
             factory = self.plant.kpis().to_dict()
             record["sim"] = sim
             record["ingest"] = {k: v for k, v in landed.items() if isinstance(v, (int, float))}
             record["factory"] = factory
+            self.journal.update(stage="baselines")
 
             # 5. Baselines: the same period under run-to-failure, fixed-interval and oracle.
             with timer("baselines", "running baselines (in-process)"):
@@ -429,6 +635,7 @@ class Campaign:
             record["failures_avoided"] = record["baselines"]["run_to_failure"]["failures"] - factory["failures"]
             record["wall_s"] = {**timer.wall_s, "turn": time.monotonic() - t_turn}
             self._log_turn(record)
+        self.journal.update(stage="commit")
         return record
 
     def _ensure_serving(self, version: str) -> None:
@@ -446,9 +653,17 @@ class Campaign:
         configured = self.stages["bridge"].threshold
         if not self.cfg.tune_threshold or champion is None:
             return configured
-        return float(self.state.get("thresholds", {}).get(str(champion), configured))
+        known = self.state.get("thresholds", {}).get(str(champion))
+        if known is None:   # promoted by another process: its operating point is registered with it
+            from finetune.registry import RegistryError, version_threshold
 
-    def _run_period(self, lockstep: bool, threshold: float | None = None) -> dict:
+            with contextlib.suppress(RegistryError):
+                known = version_threshold(self.tracking_uri, self.cfg.model_name, str(champion))
+            if known is not None:
+                self.state.setdefault("thresholds", {})[str(champion)] = known
+        return float(configured if known is None else known)
+
+    def _run_period(self, lockstep: bool, threshold: float | None = None, turn: int = -1) -> dict:
         """Run one plant period over MQTT; with a model, in lockstep with the serving bridge."""
         from factory_sim.mqtt_runner import MqttSimRunner
 
@@ -484,6 +699,8 @@ class Campaign:
         try:
             while not done.wait(0.25):
                 self._update_plant_status(start_ts, bridge)
+                if self.status.period_done_frac >= 0.5:
+                    _kill_point("plant", turn)
         except KeyboardInterrupt:
             if hasattr(runner, "stop"):
                 runner.stop()
@@ -541,6 +758,10 @@ class Campaign:
             metrics["factory.gap_closed"] = r["gap_closed"]
         if r.get("bridge_threshold") is not None:
             metrics["serve.risk_threshold"] = r["bridge_threshold"]
+        if r.get("aborted_attempts"):
+            metrics["turn.aborted_attempts"] = len(r["aborted_attempts"])
+            metrics["lake.rows_set_aside"] = sum(sum((a.get("rows_set_aside") or {}).values())
+                                                 for a in r["aborted_attempts"])
         metrics["factory.failures_avoided"] = r["failures_avoided"]
         for k, v in r.get("sim", {}).get("bridge", {}).items():
             metrics[f"serve.bridge_{k}"] = v
@@ -561,10 +782,22 @@ class Campaign:
                 client.log_metric(self.state["parent_run_id"], k, metrics[k], step=r["turn"])
 
     def _save(self) -> None:
-        _atomic_write(self.dir / "plant.state", self.plant.state_bytes())
+        """Commit: the boundary's plant states under names of their own, then ``state.json`` naming them.
+
+        A death between the writes leaves the previous ``state.json`` and the files it names intact.
+        """
+        n = len(self.state["turns"])
+        files = {"plant": f"plant-{n}.state", **{k: f"baseline-{k}-{n}.state" for k in POLICIES}}
+        _atomic_write(self.dir / files["plant"], self.plant.state_bytes())
         for k, b in self.baselines.states().items():
-            _atomic_write(self.dir / f"baseline-{k}.state", b)
+            _atomic_write(self.dir / files[k], b)
+        self.state["boundary_files"] = files
         _atomic_write(self.dir / "state.json", json.dumps(self.state, indent=2, default=str).encode())
+        keep = set(files.values())
+        for p in self.dir.glob("*.state"):   # older boundaries (and the names used before)
+            if p.name not in keep:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 # --------------------------------------------------------------------------- helpers
