@@ -11,20 +11,10 @@ import json
 
 import pytest
 
+# ``campaign`` (the uninterrupted tiny campaign) lives in conftest.py: test_resume.py compares
+# a killed and resumed campaign with it.
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def campaign(tmp_path_factory, ray_local):
-    from flywheel.campaign import default_config_path, load_campaign
-    from flywheel.loop import run_campaign
-    from flywheel.report import write_report
-
-    workdir = tmp_path_factory.mktemp("e2e")
-    cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e"])
-    state = run_campaign(cfg, workdir, view=False)  # its own embedded Mosquitto, as flywheel demo does
-    report = write_report(workdir, "e2e")
-    return cfg, workdir, state, report
 
 
 def test_every_turn_ran_and_was_recorded(campaign):

@@ -1,0 +1,19 @@
+"""The uninterrupted tiny campaign, run once per session: test_loop.py checks it, test_resume.py
+compares a campaign killed and resumed on the same seed with it."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def campaign(tmp_path_factory, ray_local):
+    from flywheel.campaign import default_config_path, load_campaign
+    from flywheel.loop import run_campaign
+    from flywheel.report import write_report
+
+    workdir = tmp_path_factory.mktemp("e2e")
+    cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e"])
+    state = run_campaign(cfg, workdir, view=False)  # its own embedded Mosquitto, as flywheel demo does
+    report = write_report(workdir, "e2e")
+    return cfg, workdir, state, report
