@@ -7,9 +7,29 @@ messages and persistent sessions), and per-client queue limits raised well above
 default 1000 messages, which otherwise drops QoS 1 messages to a slow subscriber under a
 flood.  Production brokers: see ``infra/mosquitto/``.
 
+The in-Python broker (amqtt, for a laptop without Mosquitto: ``pip install`` is all it
+needs) is run with the settings the stack relies on, checked by ``tests/flywheel/test_broker.py``:
+QoS 1, persistent sessions that queue QoS 1 messages while a client is away, retained
+messages, wills.  What it lacks, and what the stack does instead (:data:`AMQTT_LIMITS`,
+logged once at start-up):
+
+* MQTT 3.1.1 only: the URL carries ``?protocol=3.1.1`` so every client speaks it.  No
+  shared subscriptions, so ingest runs one collector (``collectors>1`` is refused with a
+  ConfigError naming the fix), and no will delay or session expiry.
+* Sessions, queued messages and retained messages live in memory: a restart of the
+  broker loses them.  A campaign rerun after a crash is unaffected (it fences off what
+  the dead attempt left), but ``EmbeddedBroker.restart()`` keeps nothing.
+* A QoS 1 message the client has not acknowledged within 5 s is not redelivered later
+  (amqtt gives up on it); the collectors acknowledge each batch within about a second.
+
+Which implementation: ``prefer`` (``flywheel broker --impl``, ``flywheel demo|run|turn
+--embedded-broker``), else the environment variable ``FLYWHEEL_EMBEDDED_BROKER``, else
+``auto`` (Mosquitto when installed, on PATH or at Debian's /usr/sbin/mosquitto).
+
 Run it::
 
     flywheel broker --port 1884           # prints mqtt://127.0.0.1:1884, Ctrl-C stops it
+    flywheel broker --impl amqtt          # the in-Python broker even where Mosquitto is installed
 """
 
 from __future__ import annotations
@@ -21,6 +41,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,25 +98,100 @@ def mosquitto_config(port: int, data_dir: Path, host: str = "127.0.0.1", persist
     return "\n".join(lines) + "\n" + extra
 
 
-def _run_amqtt(host: str, port: int) -> None:  # pragma: no cover - runs in a child process
-    import asyncio
+#: Implementations ``prefer`` / ``--impl`` / ``--embedded-broker`` / FLYWHEEL_EMBEDDED_BROKER accept.
+IMPLS = ("auto", "mosquitto", "amqtt")
+ENV_IMPL = "FLYWHEEL_EMBEDDED_BROKER"
 
-    from amqtt.broker import Broker
+#: One line for logs and the live view when the in-Python broker runs: what it lacks.
+AMQTT_LIMITS = ("in-Python MQTT broker (amqtt; Mosquitto not used): MQTT 3.1.1 only, so one ingest collector "
+                "(no shared subscriptions) and no will delay; sessions and retained messages live in memory "
+                "(a broker restart loses them). Install Mosquitto for the full feature set.")
 
-    config = {
+
+def default_impl() -> str:
+    """The implementation asked for by FLYWHEEL_EMBEDDED_BROKER (``auto`` when unset)."""
+    value = os.environ.get(ENV_IMPL, "").strip().lower() or "auto"
+    if value not in IMPLS:
+        raise BrokerError(f"{ENV_IMPL}={value!r}: must be one of {', '.join(IMPLS)}")
+    return value
+
+
+def amqtt_config(host: str, port: int) -> dict:
+    """The amqtt broker config: one listener, one plugin (:class:`_OpenAuth`), nothing else.
+
+    amqtt's default plugin set (loaded from entry points by its legacy ``auth`` section)
+    marks every client of an anonymous listener ``is_anonymous``, and amqtt neither queues
+    messages for an offline anonymous session nor keeps it: persistent sessions silently
+    do not work.  It also runs a packet logger, an event logger, a $SYS publisher and two
+    topic checkers, each an asyncio task per packet or message (measured: a QoS 1 stream to
+    two subscribers cost ~30 % more broker CPU).  Naming the plugins replaces all of that.
+    """
+    return {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "sys_interval": 0,
-        "auth": {"allow-anonymous": True},
-        "topic-check": {"enabled": False},
+        "plugins": {f"{__name__}._OpenAuth": {}},
     }
 
+
+def _amqtt_classes():  # pragma: no cover - runs in the broker's child process
+    """Build the amqtt plugin and broker subclass (amqtt is imported only in that process)."""
+    from amqtt.broker import Broker
+    from amqtt.plugins.base import BaseAuthPlugin
+
+    class _OpenAuth(BaseAuthPlugin):
+        """Accept every client without marking it anonymous (so its persistent session is kept)."""
+
+        async def authenticate(self, *, session) -> bool:
+            return True
+
+    class _Broker(Broker):
+        async def _publish_retained_messages_for_subscription(self, subscription, session) -> None:
+            # amqtt 0.12 calls this on every connect for every filter any client subscribed,
+            # so a client got retained messages for topics it never subscribed to.  Only a
+            # filter this session holds may deliver retained messages to it.
+            if any(s is session for s, _qos in self._subscriptions.get(subscription[0], ())):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return _OpenAuth, _Broker
+
+
+def _die_with(parent: int) -> None:  # pragma: no cover - runs in the broker's child process
+    """SIGTERM this process when ``parent`` dies (Linux), as the Mosquitto child gets it."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(0)
+
+
+def _run_amqtt(host: str, port: int, ready=None, parent: int | None = None) -> None:  # pragma: no cover
+    import asyncio
+    import logging
+
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    if parent is not None:
+        _die_with(parent)
+
+    global _OpenAuth
+    _OpenAuth, broker_cls = _amqtt_classes()  # found by amqtt under this module's name
+    # amqtt logs every refused or probing connection as a warning; errors still show.
+    logging.getLogger("amqtt").setLevel(logging.ERROR)
+    logging.getLogger("transitions").setLevel(logging.WARNING)  # amqtt's session state machine
+
     async def main():
-        broker = Broker(config)
+        broker = broker_cls(amqtt_config(host, port))
         await broker.start()
+        if ready is not None:
+            ready.set()
         while True:
             await asyncio.sleep(3600)
 
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     asyncio.run(main())
 
 
@@ -107,8 +203,10 @@ class EmbeddedBroker:
     """
 
     def __init__(self, port: int | None = None, host: str = "127.0.0.1", data_dir: str | os.PathLike | None = None,
-                 prefer: str = "auto", persistence: bool = True, extra_config: str = ""):
-        if prefer not in ("auto", "mosquitto", "amqtt"):
+                 prefer: str | None = None, persistence: bool = True, extra_config: str = ""):
+        if prefer is None:
+            prefer = default_impl()
+        if prefer not in IMPLS:
             raise BrokerError(f"broker implementation must be auto, mosquitto or amqtt, got {prefer!r}")
         self.host = host
         self.port = port or free_port(host)
@@ -127,6 +225,12 @@ class EmbeddedBroker:
         self._binary = binary
         self._proc: subprocess.Popen | mp.Process | None = None
         self._log = None
+        self._ready = None
+
+    @property
+    def notice(self) -> str | None:
+        """What this broker lacks that the stack would otherwise use (one line), or None."""
+        return AMQTT_LIMITS if self.impl == "amqtt" else None
 
     @property
     def url(self) -> str:
@@ -134,7 +238,7 @@ class EmbeddedBroker:
         suffix = "?protocol=3.1.1" if self.impl == "amqtt" else ""
         return f"mqtt://{self.host}:{self.port}{suffix}"
 
-    def start(self, timeout: float = 10.0) -> "EmbeddedBroker":
+    def start(self, timeout: float | None = None) -> "EmbeddedBroker":
         if port_open(self.host, self.port):
             raise BrokerError(f"port {self.port} on {self.host} is already in use; pick another with --port")
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -150,12 +254,20 @@ class EmbeddedBroker:
                                           preexec_fn=die_with_parent())
         else:
             ctx = mp.get_context("spawn")
-            self._proc = ctx.Process(target=_run_amqtt, args=(self.host, self.port), daemon=True,
-                                     name="flywheel-amqtt")
+            self._ready = ctx.Event()
+            # Die with this process (the signal follows the forking thread: only from the main one).
+            parent = os.getpid() if threading.current_thread() is threading.main_thread() else None
+            self._proc = ctx.Process(target=_run_amqtt, args=(self.host, self.port, self._ready, parent),
+                                     daemon=True, name="flywheel-amqtt")
             self._proc.start()
+        if timeout is None:  # a fresh interpreter importing amqtt takes seconds on a busy laptop
+            timeout = 10.0 if self.impl == "mosquitto" else 60.0
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if port_open(self.host, self.port):
+            if self._ready is not None:   # amqtt says when it listens (a probe would log a warning there)
+                if self._ready.wait(0.05):
+                    return self
+            elif port_open(self.host, self.port):
                 return self
             if not self.alive():
                 break
@@ -206,6 +318,7 @@ class EmbeddedBroker:
         self.stop()
 
     def restart(self) -> None:
+        """Stop and start on the same port; Mosquitto keeps sessions and queues, amqtt does not."""
         self.stop()
         self.start()
 
@@ -222,7 +335,7 @@ class EmbeddedBroker:
         self.close()
 
 
-def run_foreground(port: int | None, host: str, impl: str, data_dir: str | None, print_fn=print) -> int:
+def run_foreground(port: int | None, host: str, impl: str | None, data_dir: str | None, print_fn=print) -> int:
     """``flywheel broker``: run until Ctrl-C / SIGTERM, printing the URL."""
     broker = EmbeddedBroker(port=port, host=host, data_dir=data_dir, prefer=impl)
     stop = {"flag": False}
@@ -236,6 +349,8 @@ def run_foreground(port: int | None, host: str, impl: str, data_dir: str | None,
     signal.signal(signal.SIGINT, handler)
     broker.start()
     print_fn(f"{broker.impl} broker listening at {broker.url}  (data in {broker.data_dir}; Ctrl-C stops)")
+    if broker.notice:
+        print_fn(broker.notice)
     try:
         while not stop["flag"]:
             if not broker.alive():

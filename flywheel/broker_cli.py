@@ -6,14 +6,16 @@ from __future__ import annotations
 def register(sub, common) -> None:
     p = sub.add_parser(
         "broker", help="run an embedded MQTT broker (Mosquitto if installed, else amqtt)",
-        description="Run an MQTT broker for one laptop: Mosquitto as a child process if it is on PATH, "
-                    "otherwise an in-Python broker (amqtt) in its own process. Prints the URL; Ctrl-C stops it.",
+        description="Run an MQTT broker for one laptop: Mosquitto as a child process if it is installed, "
+                    "otherwise an in-Python broker (amqtt) in its own process. Prints the URL (amqtt: with "
+                    "?protocol=3.1.1, and a line on what it lacks); Ctrl-C stops it.",
         epilog="examples:\n  flywheel broker\n  flywheel broker --port 1884 --impl amqtt",
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=None, help="port to listen on (default: a free port)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback)")
-    p.add_argument("--impl", choices=("auto", "mosquitto", "amqtt"), default="auto",
-                   help="broker implementation (default auto: Mosquitto when installed)")
+    p.add_argument("--impl", choices=("auto", "mosquitto", "amqtt"), default=None,
+                   help="broker implementation (default: $FLYWHEEL_EMBEDDED_BROKER, else auto: Mosquitto "
+                        "when installed)")
     p.add_argument("--data-dir", default=None, help="persistence directory (default: a temp dir)")
     p.set_defaults(func=run)
 
