@@ -21,7 +21,8 @@ Message path, and why each step is where it is:
 The session is persistent (``clean_start=False``, session expiry, a stable client id
 per collector index), so a collector that reconnects - after a broker restart or a
 Ray restart of its actor - receives what was queued for it while it was away.
-Several collectors split the stream with an MQTT 5 shared subscription; a single one
+Several collectors split the stream with an MQTT 5 shared subscription (an MQTT 3.1.1
+broker has none: :func:`check_broker_support` refuses several collectors there); a single one
 subscribes plainly, because Mosquitto 2.0.11 does not restore shared subscriptions from
 its persistence file: after a broker restart it drops (while acknowledging them to the
 publisher) messages published before the members subscribe again.
@@ -63,6 +64,25 @@ def status_component(index: int) -> str:
     return f"ingest-{index}"
 
 
+def check_broker_support(broker_url: str | BrokerURL, config: IngestConfig) -> None:
+    """Refuse a collector set-up the broker cannot carry (ConfigError naming the fix).
+
+    Several collectors split the stream with an MQTT 5 shared subscription.  An MQTT 3.1.1
+    broker (the in-Python amqtt one a laptop without Mosquitto gets) has none: each plain
+    subscriber would receive every message, so every message would be written once per
+    collector.  One collector lands the tiny and demo plants with room to spare.
+    """
+    from flywheel.config import ConfigError
+
+    url = BrokerURL.parse(broker_url)
+    if url.protocol != "5" and config.shared:
+        what = f"collectors={config.collectors}" if config.collectors > 1 else "subscription=shared"
+        raise ConfigError(
+            f"{what} needs MQTT 5 shared subscriptions, and broker {url.redacted()} speaks MQTT 3.1.1 (the "
+            "in-Python broker, used when Mosquitto is not installed); set collectors=1, or install Mosquitto "
+            "(apt-get install mosquitto / brew install mosquitto) or pass --broker with an MQTT 5 broker")
+
+
 class Collector:
     """A shared-subscription member that lands QoS 1 messages in the lake before acking them."""
 
@@ -70,6 +90,7 @@ class Collector:
                  index: int = 0, topic_root: str = "factory", initial_counters: dict | None = None,
                  restarts: int = 0, on_fatal: Callable[[BaseException], None] | None = None):
         self.url = BrokerURL.parse(broker_url)
+        check_broker_support(self.url, config)
         self.lake = Lake.open(lake_uri)
         self.lake.ensure_readable_when_empty()
         self.config = config

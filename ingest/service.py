@@ -144,9 +144,11 @@ def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestCo
     import ray
 
     from flywheel.contract import Topics
+    from ingest.collector import check_broker_support
     from ingest.lake import Lake
 
     Topics(topic_root)  # a bad root fails here, before any actor starts
+    check_broker_support(broker_url, config)  # collectors > 1 on an MQTT 3.1.1 broker: a ConfigError, now
     lake = Lake.open(lake_uri)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, configure_logging=False)
