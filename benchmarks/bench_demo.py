@@ -1,6 +1,7 @@
 """The default ``flywheel demo`` end to end: wall time per stage and the gain per turn.
 
-    python benchmarks/bench_demo.py [--seeds 0,1,2] [--workdir /tmp/fw-bench] [--quick] [--repeat 2]
+    python benchmarks/bench_demo.py [--seeds 0,1,2] [--workdir /tmp/fw-bench] [--quick] [--repeat 2] [--ratios]
+    python benchmarks/bench_demo.py --analyze WORKDIR [--quick]     # the ratios of a finished campaign
 
 For each seed it runs the embedded demo campaign in a fresh workdir (``--quick``: the tiny
 campaign) and prints, per turn, the wall seconds of every stage and the OEE of the served
@@ -8,6 +9,18 @@ model against the run-to-failure and oracle baselines measured on the same seed 
 run.  Targets (issue): the whole demo <= 15 min on 2 CPU cores; after the last turn, macro-F1
 and OEE beat turn 0 and run-to-failure; the same seed and config give the same metrics
 (``--repeat 2`` runs every seed twice in fresh workdirs and prints the largest difference).
+
+``--ratios`` (or ``--analyze`` on a finished campaign's workdir) then measures, in the same
+run, how close the campaign's two slow stages come to the same work done alone:
+
+* lockstep: the last turn's plant stage, predictions per wall second, against in-process
+  batched inference of the same model (thread setting of the replica) on the same windows
+  (the period's windows from the campaign's last snapshot, one batch per window end, as the
+  bridge sends them).  Target >= 0.8.
+* training: the last turn's ``train.samples_per_s`` against the same training (config,
+  snapshot, seed) run again in this process with nothing else of the stack running.
+  Target >= 0.8.  On a shared machine the neighbours move both sides: read the ratio, and
+  the load average printed with it.
 """
 
 from __future__ import annotations
@@ -26,11 +39,18 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/flywheel-bench-demo")
     ap.add_argument("--quick", action="store_true", help="the tiny campaign instead of the demo")
     ap.add_argument("--repeat", type=int, default=1, help="runs per seed (>1: a determinism check)")
+    ap.add_argument("--ratios", action="store_true", help="after each campaign, the same-run ratios (docstring)")
+    ap.add_argument("--analyze", metavar="WORKDIR", help="only the ratios of the campaign finished in WORKDIR")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flywheel.campaign import default_config_path, load_campaign
     from flywheel.loop import run_campaign
+
+    if args.analyze:
+        cfg = load_campaign(str(default_config_path("tiny" if args.quick else "demo")), list(args.overrides))
+        same_run_ratios(cfg, Path(args.analyze))
+        return
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     runs: dict[int, list[list[dict]]] = {}
@@ -66,6 +86,8 @@ def main() -> None:
         if held_out:
             print("held-out macro-F1 per turn (turn 0: no model): "
                   + ", ".join(f"{t}: {v:.3f}" for t, v in sorted(held_out.items()) if v is not None))
+        if args.ratios:
+            same_run_ratios(cfg, wd)
     if args.repeat > 1:
         print("\ndeterminism (largest difference between runs of the same seed):")
         keys = [("factory", "oee"), ("factory", "failures"), ("eval", "eval.macro_f1"), ("sim", "commands_applied")]
@@ -82,6 +104,68 @@ def main() -> None:
                         d = float("inf")
                 diffs[key] = d
             print(f"seed {seed}: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+
+
+def same_run_ratios(cfg, workdir: Path) -> dict:
+    """Lockstep and training of the campaign's last learning turn against the same work alone."""
+    import tempfile
+
+    from finetune.data import load_snapshot
+    from finetune.launch import train_plain
+    from finetune.registry import fetch_adapter
+    from flywheel.campaign import stage_configs
+    from flywheel.loop import load_state
+    from serve.adapters import AdapterPool
+    from serve.source import Resolved
+
+    st = stage_configs(cfg)
+    state = load_state(workdir, cfg.campaign)
+    turn = next((t for t in reversed(state["turns"]) if t.get("champion_version") and t.get("sim", {}).get("bridge")),
+                None)
+    out: dict = {}
+    if turn is None:
+        print("ratios: no turn ran the plant with a model")
+        return out
+    tracking = f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    lake = Path(workdir) / "lake" / "datasets"
+    every = load_snapshot(str(lake / state.get("holdout", {}).get("dataset_id", state["last_snapshot"])))
+    sim = turn["sim"]
+    frames = [f for f in (every.train, every.eval) if len(f)]
+    import pandas as pd
+
+    period = pd.concat(frames)
+    period = period[(period["end_ts"] > sim["plant_start_ts"]) & (period["end_ts"] <= sim["plant_end_ts"])]
+    batches = [list(g["text"]) for _, g in period.sort_values(["end_ts", "line", "machine"]).groupby("end_ts")]
+    with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
+        version = str(turn["champion_version"])
+        adapter = fetch_adapter(tracking, cfg.model_name, version, str(Path(tmp) / "adapter"))
+        serve_cfg = st["serve"]
+        pool = AdapterPool(serve_cfg.base_model, "cpu", serve_cfg.max_length_tokens, serve_cfg.torch_threads)
+        slot = pool.install("default", Resolved(cfg.model_name, "champion", version, None), adapter)
+        pool.predict(batches[0], [slot.peft_name] * len(batches[0]))       # warm-up
+        t0 = time.monotonic()
+        n = 0
+        for b in batches:
+            pool.predict(b, [slot.peft_name] * len(b))
+            n += len(b)
+        alone = n / (time.monotonic() - t0)
+        lockstep = sim["bridge"]["predictions"] / turn["wall_s"]["plant"]
+        out["lockstep_ratio"] = lockstep / alone
+        print(f"lockstep, turn {turn['turn']}: {lockstep:.1f} predictions/s in the plant stage vs {alone:.1f}/s "
+              f"in-process on the same {n} windows in {len(batches)} batches: ratio {out['lockstep_ratio']:.2f} "
+              f"(target >= 0.8; load {os.getloadavg()[0]:.1f})")
+        del pool
+        trained = next((t for t in reversed(state["turns"]) if t.get("train")), None)
+        if trained is not None:
+            snap = load_snapshot(str(lake / trained["dataset_id"]))
+            res = train_plain(snap, st["train"], str(Path(tmp) / "retrained"), progress=False)
+            inside, again = trained["train"]["train.samples_per_s"], res.metrics["train.samples_per_s"]
+            out["train_ratio"] = inside / again
+            same = abs(res.metrics["train.loss_end"] - trained["train"]["train.loss_end"]) < 1e-9
+            print(f"training, turn {trained['turn']}: {inside:.1f} samples/s in the campaign vs {again:.1f} alone: "
+                  f"ratio {out['train_ratio']:.2f} (target >= 0.8; load {os.getloadavg()[0]:.1f}; same final loss: "
+                  f"{same})")
+    return out
 
 
 if __name__ == "__main__":
