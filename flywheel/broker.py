@@ -192,7 +192,12 @@ def _run_amqtt(host: str, port: int, ready=None, parent: int | None = None) -> N
         while True:
             await asyncio.sleep(3600)
 
-    asyncio.run(main())
+    try:  # uvloop (Linux, macOS; Ray Serve installs it with uvicorn[standard]): ~25 % less broker CPU
+        import uvloop
+    except ImportError:  # Windows
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
 
 
 class EmbeddedBroker:
