@@ -1,0 +1,223 @@
+"""A campaign killed (SIGKILL) mid-turn and run again ends where an uninterrupted one does.
+
+``flywheel run`` runs as a subprocess and kills itself with SIGKILL at a named point
+(``FLYWHEEL_TEST_KILL_AT``, a test hook of ``flywheel.loop``): in turn 1's plant period,
+while the model it trained is served, then - on the rerun - right after the rerun
+registered and promoted its model; a third run finishes.  Every run's descendants
+(Mosquitto, Ray's processes, Serve, ingest actors) are listed while it runs and must be
+gone shortly after it died.
+The result is compared with the uninterrupted tiny campaign of test_loop.py (same seed).
+
+``FLYWHEEL_RESUME_KILLS=train@1,swap@1,commit@1`` runs other kill points (each run
+costs up to a tiny campaign, ~2 minutes here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+KILLS = [k for k in os.environ.get("FLYWHEEL_RESUME_KILLS", "plant@1,registered@1").split(",") if k]
+
+
+def _proc_table() -> tuple[dict[int, list[int]], dict[int, bytes]]:
+    kids: dict[int, list[int]] = {}
+    start: dict[int, bytes] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                rest = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        kids.setdefault(int(rest[1]), []).append(int(name))
+        start[int(name)] = rest[19]
+    return kids, start
+
+
+def _descendants(pid: int) -> dict[int, bytes]:
+    kids, start = _proc_table()
+    out, todo = {}, [pid]
+    while todo:
+        for c in kids.get(todo.pop(), ()):
+            if c not in out and c in start:
+                out[c] = start[c]
+                todo.append(c)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
+
+
+def _run(workdir: Path, kill_at: str | None, timeout_s: float = 600) -> dict:
+    """One ``flywheel run`` of the tiny campaign; returns rc, output and the descendants left behind."""
+    from flywheel.campaign import default_config_path
+
+    env = dict(os.environ)
+    env.pop("FLYWHEEL_TEST_KILL_AT", None)
+    if kill_at:
+        env["FLYWHEEL_TEST_KILL_AT"] = kill_at
+    log = workdir.parent / f"{workdir.name}-{kill_at or 'final'}.log"
+    cmd = [sys.executable, "-m", "flywheel.cli", "run", "--config", str(default_config_path("tiny")),
+           "--workdir", str(workdir), "--no-live", "campaign=e2e"]
+    seen: dict[int, bytes] = {}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen.update(_descendants(proc.pid))
+            time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+        rc = proc.wait()
+    left = {}
+    for _ in range(100):  # children get SIGTERM, then SIGKILL after a grace of 3 s
+        _, start = _proc_table()
+        left = {p: _cmdline(p) for p, s in seen.items() if start.get(p) == s}
+        if not left:
+            break
+        time.sleep(0.2)
+    for p in left:  # leave no mess behind for the next test, whatever the assertion says
+        try:
+            os.kill(p, 9)
+        except OSError:
+            pass
+    return {"rc": rc, "output": log.read_text(errors="replace"), "left": left, "children": len(seen)}
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("lists processes through /proc")
+    workdir = tmp_path_factory.mktemp("resume") / "wd"
+    runs = [(k, _run(workdir, k)) for k in KILLS]
+    runs.append((None, _run(workdir, None)))
+    return workdir, runs
+
+
+def _state(workdir: Path) -> dict:
+    return json.loads((workdir / "campaigns" / "e2e" / "state.json").read_text())
+
+
+def test_killed_runs_died_and_took_every_child_with_them(resumed):
+    _, runs = resumed
+    for kill_at, r in runs:
+        tail = r["output"][-3000:]
+        if kill_at:
+            assert r["rc"] == -9, (kill_at, tail)
+            assert f"FLYWHEEL_TEST_KILL_AT={kill_at}" in r["output"], tail
+        else:
+            assert r["rc"] == 0, tail
+        assert r["children"] >= 5, "Mosquitto, Ray and its workers should have been seen"
+        assert not r["left"], f"outlived the driver ({kill_at or 'final run'}): {r['left']}"
+
+
+def test_each_rerun_rolled_back_the_dead_attempt(resumed):
+    workdir, runs = resumed
+    assert "rolling it back" in runs[1][1]["output"]
+    t1 = _state(workdir)["turns"][1]
+    assert t1["attempt"] == len(KILLS) + 1
+    aborted = t1["aborted_attempts"]
+    assert [a["attempt"] for a in aborted] == list(range(1, len(KILLS) + 1))
+    journal_stage = {"plant": "plant", "train": "train", "registered": "train", "swap": "swap", "commit": "commit"}
+    assert [a["stage"] for a in aborted] == [journal_stage[k.split("@")[0]] for k in KILLS]
+    if "plant@1" in KILLS:
+        # the dead attempt's part of the period (and what the broker still held of it) moved aside
+        first = aborted[KILLS.index("plant@1")]
+        assert sum(first["rows_set_aside"].values()) > 0
+        assert (workdir / "lake" / "aborted" / f"turn-1-attempt-{first['attempt']}").is_dir()
+    assert not (workdir / "campaigns" / "e2e" / "turn-progress.json").exists()
+
+
+def test_mlflow_has_one_finished_run_per_turn_and_no_running_leftovers(resumed):
+    import mlflow
+
+    workdir, _ = resumed
+    state = _state(workdir)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("flywheel-e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
+    finished = sorted(r.data.tags["flywheel.turn"] for r in children if r.info.status == "FINISHED")
+    assert finished == ["0", "1"]
+    failed = [r for r in children if r.info.status == "FAILED"]
+    assert len(failed) == len(KILLS) and all(r.data.tags.get("flywheel.aborted") == "true" for r in failed)
+    assert {r.info.run_id for r in children if r.info.status == "FINISHED"} == \
+        {t["run_id"] for t in state["turns"]}
+
+
+def test_champion_is_the_reruns_model_at_its_own_operating_point(resumed):
+    from finetune.registry import THRESHOLD_TAG, aliases, alias_history, get_version
+
+    workdir, _ = resumed
+    t1 = _state(workdir)["turns"][1]
+    uri = f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    mine = get_version(uri, "fault-detector", str(t1["challenger_version"]))
+    assert mine.run_id == t1["run_id"]
+    assert float(mine.tags[THRESHOLD_TAG]) == t1["eval"]["eval.risk_threshold"]
+    for a in t1["aborted_attempts"]:
+        for v in a["abandoned_versions"]:
+            mv = get_version(uri, "fault-detector", v)
+            assert mv.tags.get("flywheel.aborted") and not mv.aliases
+    if t1["promoted"]:
+        champion = get_version(uri, "fault-detector", "champion")
+        assert champion.version == str(t1["champion_version"]) == mine.version
+        assert float(champion.tags[THRESHOLD_TAG]) == t1["bridge_threshold"]
+        assert alias_history(uri, "fault-detector", "champion") == [champion.version]
+        assert set(aliases(uri, "fault-detector").values()) == {champion.version}
+    else:   # refused by the gate, as in the uninterrupted run: no dead attempt's model holds the alias
+        assert t1["champion_version"] is None
+        assert "champion" not in aliases(uri, "fault-detector")
+
+
+def test_every_snapshot_has_one_event_per_event_id(resumed):
+    import pandas as pd
+
+    workdir, _ = resumed
+    manifests = list((workdir / "lake" / "datasets").glob("*/manifest.json"))
+    assert manifests
+    for m in manifests:
+        man = json.loads(m.read_text())
+        assert man["events"]["duplicates_removed"] == 0, (m, man["events"])
+        events = pd.read_parquet(m.parent / "_cache" / "events.parquet")
+        assert events["event_id"].is_unique
+    # and what is left in the raw lake is one timeline: no id twice
+    for table in ("telemetry", "events"):
+        ids = pd.read_parquet(workdir / "lake" / "raw" / table, columns=["event_id"])["event_id"]
+        assert ids.is_unique, table
+
+
+def test_final_metrics_equal_an_uninterrupted_run(resumed, campaign):
+    workdir, _ = resumed
+    _, _, clean, _ = campaign
+    got = _state(workdir)
+
+    def essentials(state):
+        out = []
+        for t in state["turns"]:
+            out.append({"turn": t["turn"], "factory": t["factory"], "baselines": t["baselines"],
+                        "gap_closed": t["gap_closed"], "dataset_id": t.get("dataset_id"),
+                        "data": t.get("data"), "eval": t.get("eval"), "threshold": t.get("bridge_threshold"),
+                        "commands": t["sim"].get("commands_applied"), "published": t["sim"]["published"],
+                        "promoted": t.get("promoted")})
+        held = {k: v for k, v in state["holdout"].items() if k not in ("wall_s", "by_turn")}
+        # the aborted attempts' versions kept their numbers: compare the scores, not the numbers
+        held["by_turn"] = {t: {k: v for k, v in row.items() if k != "model_version"}
+                           for t, row in state["holdout"]["by_turn"].items()}
+        return out, held
+
+    assert essentials(got) == essentials(clean)
