@@ -21,6 +21,8 @@ logged once at start-up):
   the dead attempt left), but ``EmbeddedBroker.restart()`` keeps nothing.
 * A QoS 1 message the client has not acknowledged within 5 s is not redelivered later
   (amqtt gives up on it); the collectors acknowledge each batch within about a second.
+* No in-flight limit: collectors need not flush at every short pause of the stream
+  (:attr:`EmbeddedBroker.collector_idle_flush_s`).
 
 Which implementation: ``prefer`` (``flywheel broker --impl``, ``flywheel demo|run|turn
 --embedded-broker``), else the environment variable ``FLYWHEEL_EMBEDDED_BROKER``, else
@@ -236,6 +238,19 @@ class EmbeddedBroker:
     def notice(self) -> str | None:
         """What this broker lacks that the stack would otherwise use (one line), or None."""
         return AMQTT_LIMITS if self.impl == "amqtt" else None
+
+    @property
+    def collector_idle_flush_s(self) -> float | None:
+        """``IngestConfig.idle_flush_s`` for collectors on this broker; None: their default.
+
+        Over MQTT 3.1.1 a collector flushes after 0.05 s without a message, because a 3.1.1
+        broker may stop sending at its in-flight limit until a batch is acked.  amqtt has no
+        such limit, and at 0.05 s a lockstep period (bursts between short waits for the
+        model) was flushed at nearly every wait: the tiny campaign's turn 1 wrote 286 batches
+        instead of 42, the lake held 589 Parquet files instead of 102, and its final dataset
+        build took 111 s instead of 23 s.  0.25 s, as over MQTT 5: 62 batches, 138 files, 26 s.
+        """
+        return 0.25 if self.impl == "amqtt" else None
 
     @property
     def url(self) -> str:
