@@ -370,7 +370,7 @@ class Campaign:
 
     # -- rolling back a dead attempt ------------------------------------------
     def _fail_dead_runs(self) -> None:
-        """Mark child runs a dead process left RUNNING as FAILED; undo the dead attempt's registry moves."""
+        """Mark child runs a dead process left RUNNING, and the dead attempt's run, FAILED; undo its registry moves."""
         import mlflow
 
         client = mlflow.MlflowClient()
@@ -384,7 +384,7 @@ class Campaign:
         if j.get("run_id") and j["run_id"] not in dead:
             with contextlib.suppress(Exception):
                 run = client.get_run(j["run_id"])
-                if run.info.status == "RUNNING":
+                if run.info.status != "FAILED":   # FINISHED too: an attempt that died at its commit
                     dead[j["run_id"]] = run
         for run_id, run in dead.items():
             name = run.data.tags.get("mlflow.runName", f"turn-{turn}")
