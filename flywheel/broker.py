@@ -105,9 +105,8 @@ IMPLS = ("auto", "mosquitto", "amqtt")
 ENV_IMPL = "FLYWHEEL_EMBEDDED_BROKER"
 
 #: One line for logs and the live view when the in-Python broker runs: what it lacks.
-AMQTT_LIMITS = ("in-Python MQTT broker (amqtt; Mosquitto not used): MQTT 3.1.1 only, so one ingest collector "
-                "(no shared subscriptions) and no will delay; sessions and retained messages live in memory "
-                "(a broker restart loses them). Install Mosquitto for the full feature set.")
+#: It fits a terminal line; the module docstring and the README say more.
+AMQTT_LIMITS = "in-Python MQTT broker (amqtt): MQTT 3.1.1 only, one ingest collector, sessions in memory"
 
 
 def default_impl() -> str:
