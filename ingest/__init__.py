@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from ingest.config import BuildConfig, IngestConfig
 
-__all__ = ["IngestConfig", "BuildConfig", "start_ingest", "IngestHandle", "build_snapshot", "Snapshot"]
+__all__ = ["IngestConfig", "BuildConfig", "start_ingest", "IngestHandle", "build_snapshot", "Snapshot",
+           "check_broker_support"]
 
 
 def __getattr__(name: str):
@@ -31,6 +32,10 @@ def __getattr__(name: str):
         from ingest import service
 
         return getattr(service, name)
+    if name == "check_broker_support":   # collectors > 1 need MQTT 5: a ConfigError before anything starts
+        from ingest import collector
+
+        return collector.check_broker_support
     if name in ("build_snapshot", "Snapshot"):
         from ingest import dataset
 
