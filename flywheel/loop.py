@@ -320,9 +320,13 @@ class Campaign:
             if self.ray_address:
                 init_ray(address=self.ray_address, log_to_driver=False)
             else:
+                from flywheel.threads import set_openmp_env
                 from serve.handle import prepare_local_ray
 
                 prepare_local_ray(self.stages["serve"])   # serve.ingress=direct is set up as Ray starts
+                # Every Ray worker inherits this environment: OpenMP threads of the replica, Ray
+                # Train workers and Ray Data tasks wait passively instead of spinning on shared cores.
+                set_openmp_env()
                 # Logical CPUs above the physical count: Serve, ingest and training share a
                 # laptop's cores in turn, never all at full load at once.
                 init_ray(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)

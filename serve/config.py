@@ -30,7 +30,8 @@ class ServeConfig:
                 "over the replicas. direct: the replica answers on its own port (Ray Serve's direct ingress, "
                 "RAY_SERVE_ENABLE_DIRECT_INGRESS=1): one hop less, about 15 ms lower p50 on a 2-core machine "
                 "(benchmarks/RESULTS.md); one replica; the Ray cluster must run with that variable (a Ray that "
-                "flywheel starts itself gets it)"})
+                "flywheel starts itself gets it). The demo and tiny campaigns use direct (one replica on a "
+                "laptop, in lockstep with the plant); keep proxy on a cluster of several replicas"})
     app_name: str = field(default="flywheel", metadata={"help": "Ray Serve application name"})
     route_prefix: str = field(default="/", metadata={"help": "URL prefix of the app, e.g. / or /fault"})
     num_replicas: int = field(default=1, metadata={"help": "replicas (each loads the base model once)"})
