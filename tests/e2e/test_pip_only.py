@@ -27,7 +27,9 @@ def amqtt_campaign(tmp_path_factory, ray_local):
     from flywheel.loop import run_campaign
 
     workdir = tmp_path_factory.mktemp("e2e-amqtt")
-    cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e"])
+    # The session's Ray runs without direct ingress (tests of that refusal share it); the
+    # direct path the tiny config asks for is covered by the CLI runs in test_resume.py.
+    cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e", "serve.ingress=proxy"])
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not p.rstrip("/").endswith("sbin"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLYWHEEL_EMBEDDED_BROKER", "amqtt")
