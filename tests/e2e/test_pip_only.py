@@ -22,14 +22,13 @@ _VOLATILE = {"wall_s", "started", "finished", "run_id", "mlflow_run_id", "landed
 
 
 @pytest.fixture(scope="module")
-def amqtt_campaign(tmp_path_factory, ray_local):
-    from flywheel.campaign import default_config_path, load_campaign
+def amqtt_campaign(campaign, tmp_path_factory, ray_local):
     from flywheel.loop import run_campaign
 
     workdir = tmp_path_factory.mktemp("e2e-amqtt")
-    # The session's Ray runs without direct ingress (tests of that refusal share it); the
-    # direct path the tiny config asks for is covered by the CLI runs in test_resume.py.
-    cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e", "serve.ingress=proxy"])
+    # The Mosquitto campaign's own config (same seed and overrides; e.g. serve.ingress=proxy,
+    # as the session's Ray runs without direct ingress), so the comparison below is like for like.
+    cfg = campaign[0]
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not p.rstrip("/").endswith("sbin"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLYWHEEL_EMBEDDED_BROKER", "amqtt")
