@@ -10,13 +10,9 @@ The kinds (:mod:`factory_sim.milling`, :mod:`factory_sim.pump`) supply the physi
 ``_advance_env`` (every tick, even when down), ``_run_tick`` (a running tick) and
 ``_restore`` (a new tool / a serviced pump).
 
-The *true* condition of a machine (used for the maintenance KPIs and by the Oracle
+The *true* condition of a machine (used for maintenance findings and by the Oracle
 baseline) is found by simulating a copy of the machine forward with its own random
-streams: exactly what would have happened had nobody intervened.  What a planned
-inspection *reports* (the ``finding`` on the wire) is that truth seen through the
-scenario's ``inspection_sensitivity`` and ``inspection_false_finding_prob``; its draws
-come from the machine's INSPECT stream keyed by plant tick, so two policies inspecting
-a machine at the same plant time get the same report for the same truth.
+streams: exactly what would have happened had nobody intervened.
 """
 
 from __future__ import annotations
@@ -25,11 +21,11 @@ import copy
 import hashlib
 import math
 
-from flywheel.contract import FAILURE_MODES, MachineEvent, Telemetry
+from flywheel.contract import MachineEvent, Telemetry
 
 from factory_sim.kpis import Counters
 from factory_sim.scenario import Scenario
-from factory_sim.streams import ENV, INSPECT, PART, UNIT, Rows, keyed_row, stream_key
+from factory_sim.streams import ENV, PART, UNIT, Rows, generator
 
 def quantize(x: float, per_unit: float) -> float:
     """Round ``x`` to a sensor's resolution (``per_unit`` steps per unit, e.g. 10.0 for 0.1).
@@ -43,8 +39,6 @@ def quantize(x: float, per_unit: float) -> float:
 
 #: Degradation-driven failure modes (predictable from the proxies); the rest are random.
 DEGRADATION_MODES = frozenset({"TWF", "OSF", "BRG"})
-#: What a false finding on a healthy machine reports: the wear modes an inspection looks for.
-FALSE_FINDING_MODES = {kind: tuple(m for m in modes if m in DEGRADATION_MODES) for kind, modes in FAILURE_MODES.items()}
 
 
 class Machine:
@@ -70,18 +64,13 @@ class Machine:
         self.counters = Counters()
         self.life_id = 0               # +1 at every restore (tool change, pump service)
         self.run_s_since_restore = 0.0
-        self.life_base = (0.0, 0, 0)    # counters (ideal_s, parts, scrap) at the last restore
         self.telemetry_count = 0
         self.last_telemetry_seq = -1
         self.last_incident: tuple[float, tuple[str, ...]] | None = None
         self._id_prefix = None
-        self.part_variant: str | None = None     # product variant of the part in progress (milling)
-        self.epoch_ts = scenario.epoch_ts
-        # Block sizes are part of the streams' definition: changing one changes the numbers.
-        self._env = Rows(stream_key(seed, self.kind, number, ENV), self.ENV_NORMALS, 0, 512)
-        self._parts = Rows(stream_key(seed, self.kind, number, PART), self.PART_NORMALS, self.PART_UNIFORMS, 256)
-        self._units = Rows(stream_key(seed, self.kind, number, UNIT), self.UNIT_NORMALS, self.UNIT_UNIFORMS, 32)
-        self._inspect_key = stream_key(seed, self.kind, number, INSPECT)
+        self._env = Rows(generator(seed, self.kind, number, ENV), self.ENV_NORMALS, 0, 512)
+        self._parts = Rows(generator(seed, self.kind, number, PART), self.PART_NORMALS, self.PART_UNIFORMS, 256)
+        self._units = Rows(generator(seed, self.kind, number, UNIT), self.UNIT_NORMALS, self.UNIT_UNIFORMS, 32)
 
     # ------------------------------------------------------------------ stepping
     def step(self, t: float, out: list | None) -> None:
@@ -99,7 +88,6 @@ class Machine:
                 self.down = False
                 self.down_reason = None
                 self.down_command_id = None
-                self.life_base = (c.ideal_s, c.parts, c.scrap)
                 self._restore(t)
             return
         self.counters.run_s += self.tick_s
@@ -146,7 +134,7 @@ class Machine:
         if scrap:
             c.scrap += 1
             c.cost_eur += self.scenario.costs.scrap_part_eur
-        self._event(out, t, "part", quality="scrap" if scrap else "ok", variant=self.part_variant)
+        self._event(out, t, "part", quality="scrap" if scrap else "ok")
 
     # ------------------------------------------------------------------ failures and maintenance
     def _fail(self, out: list | None, t: float, modes: tuple[str, ...], stop: bool) -> None:
@@ -170,56 +158,28 @@ class Machine:
         self.down_until = t + duration_s
         self.down_command_id = command_id
 
-    def maintain(self, t: float, out: list | None, command_id: str) -> tuple[str, str]:
-        """Start planned maintenance now; returns (true condition, what the inspection reported).
-
-        The KPIs count the maintenance as needed / unneeded by the truth; the
-        ``maintenance_start`` event carries the report.
-        """
-        truth = self.finding(t)
-        reported = self.inspection_report(t, truth)
+    def maintain(self, t: float, out: list | None, command_id: str) -> str:
+        """Start planned maintenance now; returns the inspection finding (true condition)."""
+        finding = self.finding(t)
         c = self.counters
-        if truth == "ok":
+        if finding == "ok":
             c.maintenance_unneeded += 1
         else:
             c.maintenance_needed += 1
         c.cost_eur += self.scenario.costs.planned_maintenance_eur
-        self._event(out, t, "maintenance_start", reason="planned", finding=reported, command_id=command_id)
+        self._event(out, t, "maintenance_start", reason="planned", finding=finding, command_id=command_id)
         self._go_down(t, "planned", self.params.maintenance_s, command_id)
-        return truth, reported
-
-    def inspection_report(self, t: float, truth: str) -> str:
-        """What a planned inspection at ``t`` reports when the true condition is ``truth``.
-
-        A developing failure is reported with probability ``inspection_sensitivity`` (else
-        ``ok``); a healthy machine is reported failing with ``inspection_false_finding_prob``
-        (one of the kind's wear modes, picked uniformly).  Both draws are the INSPECT row of
-        this plant tick, drawn whatever the truth, so the report is paired across policies.
-        """
-        sc = self.scenario
-        if sc.inspection_sensitivity >= 1.0 and sc.inspection_false_finding_prob <= 0.0:
-            return truth          # a perfect inspection needs no draw
-        tick = round((t - self.epoch_ts) / self.tick_s)
-        u_report, u_mode = keyed_row(self._inspect_key, tick, 2)
-        if truth != "ok":
-            return truth if u_report < sc.inspection_sensitivity else "ok"
-        if u_report < sc.inspection_false_finding_prob:
-            modes = FALSE_FINDING_MODES[self.kind]
-            return modes[min(int(u_mode * len(modes)), len(modes) - 1)]
-        return "ok"
+        return finding
 
     # ------------------------------------------------------------------ the true condition
     def _clone(self) -> "Machine":
         return copy.deepcopy(self, memo={id(self.scenario): self.scenario, id(self.params): self.params})
 
-    def forward_incident(self, t: float, horizon_s: float, want=None,
-                         trace: list | None = None) -> tuple[float, tuple[str, ...]] | None:
+    def forward_incident(self, t: float, horizon_s: float, want=None) -> tuple[float, tuple[str, ...]] | None:
         """The first failure incident within ``horizon_s`` after ``t`` had nobody intervened.
 
         ``want(modes)`` filters incidents (e.g. degradation only); the search stops at the first
         incident that stops the machine whether wanted or not (a repair changes everything after).
-        ``trace``, if given, receives ``(ts, ideal_s, parts, scrap)`` after every tick before the
-        incident: the copy's output since ``t`` (nominal work seconds, parts, scrapped parts).
         Runs on a copy with copied random streams, so the machine itself is untouched.
         """
         if self.down:
@@ -228,13 +188,9 @@ class Machine:
         m.last_incident = None
         steps = int(math.floor(horizon_s / self.tick_s + 1e-9))
         ts = t
-        c = m.counters
-        ideal0, parts0, scrap0 = c.ideal_s, c.parts, c.scrap
         for _ in range(steps):
             ts += self.tick_s
             m.step(ts, None)
-            if trace is not None and m.last_incident is None:
-                trace.append((ts, c.ideal_s - ideal0, c.parts - parts0, c.scrap - scrap0))
             if m.last_incident is not None:
                 inc = m.last_incident
                 if want is None or want(inc[1]):

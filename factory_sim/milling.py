@@ -124,7 +124,6 @@ class Milling(Machine):
         z_torque, z_speed, u_variant, u_rnf, u_scrap = self._parts.next()
         mix = p.quality_mix
         self.variant = 0 if u_variant < mix[0] else (1 if u_variant < mix[0] + mix[1] else 2)
-        self.part_variant = VARIANTS[self.variant]
         torque = quantize(max(p.torque_min_nm, p.torque_mean_nm + p.torque_sd_nm * z_torque), 10.0)
         speed = p.speed_ref_rpm * (torque / SPEED_CURVE_TORQUE_NM) ** -p.speed_exponent * (1.0 + p.speed_noise_frac * z_speed)
         self.torque_nm = torque

@@ -15,7 +15,7 @@ Usage (no MQTT)::
     from factory_sim import Plant, load_scenario
     from factory_sim.policies import Oracle
     plant = Plant(load_scenario("demo"), seed=0)
-    plant.run(12 * 3600, sink=print, policy=Oracle(decision_interval_s=600))
+    plant.run(12 * 3600, sink=print, policy=Oracle(lead_s=1800))
     print(plant.kpis().to_dict())
 """
 
@@ -34,9 +34,7 @@ from factory_sim.pump import Pump
 from factory_sim.scenario import Scenario
 
 _KINDS = {"milling": Milling, "pump": Pump}
-# 2: counter-keyed random streams (factory_sim.streams); a state of 1 cannot be continued.
-_STATE_MAGIC = b"FSIMSTATE2\n"
-_OLD_STATE_MAGICS = (b"FSIMSTATE1\n",)
+_STATE_MAGIC = b"FSIMSTATE1\n"
 
 
 class SimError(Exception):
@@ -72,7 +70,6 @@ class MachineView:
     last_telemetry_seq = property(lambda self: self._m.last_telemetry_seq)
     run_s_since_restore = property(lambda self: self._m.run_s_since_restore)
     life_id = property(lambda self: self._m.life_id, doc="+1 at every restore (maintenance or repair)")
-    tick_s = property(lambda self: self._m.tick_s)
 
     @property
     def latent(self) -> dict:
@@ -84,31 +81,6 @@ class MachineView:
         ``horizon_s`` if nobody intervenes, else None.  Latent knowledge: the Oracle's only."""
         inc = self._m.forward_incident(now_ts, horizon_s, want=lambda modes: bool(DEGRADATION_MODES & set(modes)))
         return None if inc is None else inc[0] - now_ts
-
-    def degradation_outlook(self, now_ts: float, horizon_s: float) -> tuple[float | None, list]:
-        """(plant time of the next degradation failure within ``horizon_s`` or None, the untouched
-        machine's output trace until then: ``(ts, ideal_s, parts, scrap)`` per tick since now).
-        Latent knowledge: the Oracle's only."""
-        trace: list = []
-        inc = self._m.forward_incident(now_ts, horizon_s, want=lambda modes: bool(DEGRADATION_MODES & set(modes)),
-                                       trace=trace)
-        return (None, []) if inc is None else (inc[0], trace)
-
-    @property
-    def life_output(self) -> tuple[float, int, int]:
-        """(nominal work seconds, parts, scrapped parts) since the last restore."""
-        m = self._m
-        c, (ideal0, parts0, scrap0) = m.counters, m.life_base
-        return c.ideal_s - ideal0, c.parts - parts0, c.scrap - scrap0
-
-    @property
-    def maintenance_s(self) -> float:
-        return self._m.params.maintenance_s
-
-    def next_failure(self, now_ts: float, horizon_s: float) -> tuple[float, tuple[str, ...]] | None:
-        """The next failure incident of any mode within ``horizon_s`` if nobody intervenes:
-        ``(plant time, modes)``, else None.  Latent knowledge: for the baseline policies only."""
-        return self._m.forward_incident(now_ts, horizon_s)
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.machine_id} on {self.line}{' (down)' if self.down else ''}>"
@@ -257,7 +229,7 @@ class Plant:
                 results.append((cmd, exc))
         return results
 
-    def _maintain(self, m: Machine, command_id: str, out: list) -> tuple[str, str]:
+    def _maintain(self, m: Machine, command_id: str, out: list) -> str:
         if m.down:
             raise SimCommandError("machine_down", f"machine {m.machine_id!r} is already down ({m.down_reason})")
         return m.maintain(self.now_ts, out, command_id)
@@ -294,9 +266,6 @@ class Plant:
 
     @classmethod
     def from_state_bytes(cls, data: bytes) -> "Plant":
-        if data.startswith(_OLD_STATE_MAGICS):
-            raise SimError("plant state written by an older simulator (other random streams): it cannot be "
-                           "continued identically; start the run over")
         if not data.startswith(_STATE_MAGIC):
             raise SimError("not a plant state (it should come from Plant.state_bytes())")
         try:

@@ -258,19 +258,7 @@ class Scenario:
     lines: int = field(default=2, metadata={"help": "production lines L1..Ln; machines spread evenly"})
     machines: MachineCounts = field(default_factory=MachineCounts)
     inspection_horizon_s: float = field(default=3600.0, metadata={
-        "help": "a planned maintenance's true condition is the failure the machine would have had within "
-                "this time (plant seconds)"})
-    inspection_sensitivity: float = field(default=1.0, metadata={
-        "help": "probability (0..1, per planned inspection) that the inspection reports the failure mode "
-                "truly developing (due within inspection_horizon_s); a miss reports ok.  Default 1.0, a "
-                "perfect inspection: the reported finding equals the truth, as in every run before this "
-                "setting existed, so earlier label sets stay comparable.  Below 1 models a technician who "
-                "misses some worn tools or bearings (the labels the model learns from get noisier)"})
-    inspection_false_finding_prob: float = field(default=0.0, metadata={
-        "help": "probability (0..1, per planned inspection of a healthy machine) that the inspection reports "
-                "a failure mode anyway (one of the kind's wear modes: TWF/OSF for milling, BRG for pumps).  "
-                "Default 0.0 for the same reason as inspection_sensitivity's 1.0.  The simulator's KPIs "
-                "(maintenance needed/unneeded) always use the truth, never the report"})
+        "help": "a planned maintenance's finding is the failure the machine would have had within this time"})
     stop_after_parts: int = field(default=0, metadata={"help": "stop by itself after this many parts (0: never)"})
     milling: MillingParams = field(default_factory=MillingParams)
     pump: PumpParams = field(default_factory=PumpParams)
@@ -284,8 +272,6 @@ class Scenario:
         _check(self.stop_after_parts >= 0, "stop_after_parts", self.stop_after_parts, "should be >= 0")
         _check(self.inspection_horizon_s >= self.tick_s, "inspection_horizon_s", self.inspection_horizon_s,
                f"should be at least one tick ({self.tick_s:g} s)")
-        _prob("inspection_sensitivity", self.inspection_sensitivity)
-        _prob("inspection_false_finding_prob", self.inspection_false_finding_prob)
         ts = self.epoch_ts  # parses
         _check(ts % self.tick_s == 0, "epoch", self.epoch, f"should be a whole multiple of tick_s={self.tick_s:g} s "
                "after 1970-01-01 so telemetry lands on aligned plant times")

@@ -70,21 +70,3 @@ def test_report_lists_every_statistic(stats):
     text = cal.report(stats)
     for key in cal.AI4I_PUBLISHED:
         assert key in text
-
-
-def test_part_events_carry_the_variant_the_table_reads():
-    """The variant on the wire is the one the physics used (its cutting time), and the table takes
-    it from the event; a stream without it (older producers) is still read by part length."""
-    import msgspec
-
-    from flywheel import contract
-
-    sc = load_scenario("ai4i", overrides=["stop_after_parts=300"])
-    msgs = []
-    Plant(sc, seed=1).run(10 ** 9, sink=msgs.append)
-    parts = [m for m in msgs if isinstance(m, contract.MachineEvent) and m.type == "part"]
-    assert len(parts) == 300 and {p.variant for p in parts} == {"L", "M", "H"}
-    rows = cal.table(msgs, sc.epoch_ts)
-    assert [r.variant for r in rows] == [p.variant for p in parts]
-    legacy = [msgspec.structs.replace(m, variant=None) if isinstance(m, contract.MachineEvent) else m for m in msgs]
-    assert [r.variant for r in cal.table(legacy, sc.epoch_ts)] == [p.variant for p in parts]

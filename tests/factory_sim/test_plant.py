@@ -226,31 +226,3 @@ def test_degradation_shows_in_the_proxies_before_failure(run_messages):
             if name in series[0].readings:
                 first_hour = [t.readings[name] for t in series[:60]]
                 assert abs(sum(first_hour) / 60 - typical) < 1.5 * spread, (mid, name)
-
-
-def test_state_round_trip_under_a_policy_with_imperfect_inspections(run_messages, to_jsonl):
-    """Resume mid-run (random streams are counter-keyed: their state is a key and an index) and
-    continue under the same policy: the stream equals the uninterrupted one, inspection reports too."""
-    import copy
-
-    from factory_sim.policies import Oracle
-
-    sc = load_scenario("tiny", overrides=["inspection_sensitivity=0.6", "inspection_false_finding_prob=0.3"])
-    policy = Oracle(decision_interval_s=600)
-    plant = Plant(sc, seed=11)
-    run_messages(plant, 9 * H + 180, policy=policy)
-    restored = Plant.from_state_bytes(plant.state_bytes())
-    rest = to_jsonl(run_messages(restored, 14 * H, policy=copy.deepcopy(policy)))
-    assert rest == to_jsonl(run_messages(plant, 14 * H, policy=policy))
-    assert b'"reason":"planned"' in rest
-    # A fresh oracle on the restored plant (a resumed campaign) decides as the old one would.
-    resumed = Plant.from_state_bytes(plant.state_bytes())
-    whole_rest = to_jsonl(run_messages(plant, 10 * H, policy=policy))
-    assert to_jsonl(run_messages(resumed, 10 * H, policy=Oracle(decision_interval_s=600))) == whole_rest
-
-
-def test_old_plant_states_are_refused_clearly():
-    from factory_sim import SimError
-
-    with pytest.raises(SimError, match="older simulator"):
-        Plant.from_state_bytes(b"FSIMSTATE1\n" + b"x" * 20)
