@@ -532,9 +532,13 @@ class Campaign:
                     client.log_metric(self.state["parent_run_id"], k.replace("eval.", "holdout.", 1), m[k],
                                       step=int(turn))
         first, last = out["by_turn"]["0"], out["by_turn"][str(self.state["turns"][-1]["turn"])]
-        self.view.log(f"held-out data ({out['windows']} windows none of the models trained on): macro-F1 "
-                      f"{first.get('eval.macro_f1', 0):.3f} without a model -> "
-                      f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn")
+        if last["model_version"] is None:     # the gate never promoted a model: nothing to compare
+            self.view.log(f"held-out data ({out['windows']} windows): macro-F1 {first.get('eval.macro_f1', 0):.3f} "
+                          "without a model; no model was promoted in this campaign")
+        else:
+            self.view.log(f"held-out data ({out['windows']} windows none of the models trained on): macro-F1 "
+                          f"{first.get('eval.macro_f1', 0):.3f} without a model -> "
+                          f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn")
         return out
 
     def run_turn(self, turn: int) -> dict:
