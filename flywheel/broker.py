@@ -17,8 +17,9 @@ logged once at start-up):
   shared subscriptions, so ingest runs one collector (``collectors>1`` is refused with a
   ConfigError naming the fix), and no will delay or session expiry.
 * Sessions, queued messages and retained messages live in memory: a restart of the
-  broker loses them.  A campaign rerun after a crash is unaffected (it fences off what
-  the dead attempt left), but ``EmbeddedBroker.restart()`` keeps nothing.
+  broker (``EmbeddedBroker.restart()``) loses them.  A campaign resumed after a crash
+  starts a new broker and replays the dead attempt's period, so it should not need them
+  (the resume tests run on Mosquitto only).
 * A QoS 1 message the client has not acknowledged within 5 s is not redelivered later
   (amqtt gives up on it); the collectors acknowledge each batch within about a second.
 * No in-flight limit: collectors need not flush at every short pause of the stream
