@@ -15,7 +15,7 @@ import platform
 import statistics
 import time
 
-from flywheel import contract as c
+from flywheel.base import contract as c
 
 
 def payloads(n: int) -> list[tuple[str, bytes]]:

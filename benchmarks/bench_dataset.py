@@ -26,8 +26,8 @@ from dataclasses import replace
 import numpy as np
 import pyarrow as pa
 
-from flywheel import contract
-from flywheel.features import WindowConfig
+from flywheel.base import contract
+from flywheel.base.features import WindowConfig
 from ingest import BuildConfig, build_snapshot
 from ingest.lake import EVENTS_SCHEMA, TELEMETRY_SCHEMA, Lake, day_of
 

@@ -43,7 +43,7 @@ def _infra_fixtures():
 
 def _default_broker(root: Path):
     """Mosquitto with its defaults except what the comparison needs (persistence, a listener)."""
-    from flywheel.broker import free_port, mosquitto_path, port_open
+    from flywheel.base.broker import free_port, mosquitto_path, port_open
 
     port = free_port()
     conf = root / "default.conf"
@@ -59,7 +59,7 @@ def _default_broker(root: Path):
 
 def retained_after_absence(pub_url: str, sub_url: str, n: int) -> int:
     """Messages a persistent QoS 1 subscriber receives after being away during ``n`` publishes."""
-    from flywheel.mqtt import connect, make_client, wait_published
+    from flywheel.base.mqtt import connect, make_client, wait_published
 
     client_id = f"bench-collector-{os.getpid()}-{time.monotonic_ns()}"
     # A group of its own each run: an offline member of a share group keeps its share of the
@@ -98,7 +98,7 @@ def retained_after_absence(pub_url: str, sub_url: str, n: int) -> int:
 
 
 def publish_rate(url: str, n: int) -> float:
-    from flywheel.mqtt import connect, make_client, wait_published
+    from flywheel.base.mqtt import connect, make_client, wait_published
 
     client = make_client(url, prefix="bench-rate")
     connect(client, url)

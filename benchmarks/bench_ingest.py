@@ -11,7 +11,7 @@ publisher is not the bottleneck).  Measured per run:
   own ``landed_at`` (so polling them often does not steal their CPU); zero loss checked
   against the lake (every event_id present).
 
-The broker is ``flywheel.broker.EmbeddedBroker``: Mosquitto with ``max_queued_messages``
+The broker is ``flywheel.base.broker.EmbeddedBroker``: Mosquitto with ``max_queued_messages``
 and ``max_queued_bytes`` raised (the default 1000 queued messages per client silently
 drops QoS 1 messages to a subscriber that falls behind a flood) and persistence on.
 
@@ -71,7 +71,7 @@ def publish_all(port: int, files: dict[str, str]) -> float:
 
 
 def _bare_subscriber(url: str, filters: list[str], n_warm: int, expected: int, ready, out) -> None:
-    from flywheel.mqtt import connect, make_client
+    from flywheel.base.mqtt import connect, make_client
 
     state = {"n": 0, "last": 0.0}
     client = make_client(url, prefix="bench-bare")
@@ -155,7 +155,7 @@ def main() -> int:
 
     import ray
 
-    from flywheel.broker import EmbeddedBroker
+    from flywheel.base.broker import EmbeddedBroker
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     work = tempfile.mkdtemp(prefix="bench-ingest-")

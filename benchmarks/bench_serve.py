@@ -76,7 +76,7 @@ def register(uri: str, work: Path, adapter_dir: Path, alias: str = "champion") -
 
 
 def window_texts(n: int) -> list[str]:
-    from flywheel.features import render
+    from flywheel.base.features import render
 
     out = []
     for i in range(n):

@@ -68,7 +68,7 @@ def _measure(url: str, n: int) -> list[float]:
 
 def child(mode: str, n: int) -> None:
     """Run one mode in this (fresh) process; print one line: ``RESULT p50_ms p99_ms``."""
-    from flywheel.broker import free_port
+    from flywheel.base.broker import free_port
 
     port = free_port()
     if mode == "uvicorn":

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flywheel import contract  # noqa: E402
-from flywheel.broker import EmbeddedBroker  # noqa: E402
-from flywheel.mqtt import connect, make_client  # noqa: E402
+from flywheel.base import contract  # noqa: E402
+from flywheel.base.broker import EmbeddedBroker  # noqa: E402
+from flywheel.base.mqtt import connect, make_client  # noqa: E402
 
 from factory_sim import Plant, load_scenario  # noqa: E402
 from factory_sim.mqtt_runner import MqttSimRunner  # noqa: E402

@@ -102,7 +102,7 @@ def lora_model():
 
 def bench_overhead(runs: int, steps: int, batch_size: int) -> dict:
     """(1) core vs bare and (2) MLflow batched logging, interleaved in one process."""
-    from finetune.tracking import MetricBatcher, client_for, open_run
+    from flywheel.base.tracking import MetricBatcher, client_for, open_run
 
     model, tok = lora_model()
     batches, plan = make_batches(steps, batch_size, tok)

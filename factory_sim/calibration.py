@@ -30,7 +30,7 @@ import sys
 from dataclasses import dataclass
 from typing import Iterable
 
-from flywheel.contract import MachineEvent, Telemetry, Topics, decode
+from flywheel.base.contract import MachineEvent, Telemetry, Topics, decode
 
 #: Statistics of the published AI4I 2020 data (10,000 rows), for comparison.
 AI4I_PUBLISHED = {

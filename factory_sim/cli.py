@@ -56,7 +56,7 @@ def _speed(text: str) -> float | None:
     except ValueError:
         v = float("nan")
     if not v > 0 or v == float("inf"):
-        from flywheel.config import ConfigError
+        from flywheel.base.config import ConfigError
 
         raise ConfigError(f"--speed {text!r} should be a number of plant seconds per wall second > 0, or max")
     return v
@@ -75,8 +75,8 @@ def run(args) -> int:
     from rich.live import Live
     from rich.text import Text
 
-    from flywheel.config import ConfigError, parse_duration
-    from flywheel.mqtt import ConnectError
+    from flywheel.base.config import ConfigError, parse_duration
+    from flywheel.base.mqtt import ConnectError
 
     from factory_sim import Plant, load_scenario
     from factory_sim.mqtt_runner import MqttSimRunner
@@ -99,14 +99,10 @@ def run(args) -> int:
     broker = None
     url = args.broker
     if url is None:
-        from flywheel.broker import BrokerError, EmbeddedBroker
+        from flywheel.base.broker import EmbeddedBroker
 
         broker = EmbeddedBroker()
-        try:
-            broker.start()
-        except BrokerError as exc:
-            console.print(f"flywheel sim: {exc}")
-            return 1
+        broker.start()      # a BrokerError says why and ends the command (exit 1)
         url = broker.url
         console.print(f"embedded {broker.impl} broker at [bold]{url}[/] (it stops with the sim)")
     try:
@@ -158,9 +154,8 @@ def run(args) -> int:
             live.start()
         summary = runner.run(duration_s, progress=progress)
     except ConnectError as exc:
-        console.print(f"flywheel sim: {exc}. Is the broker running? Start one with `flywheel broker`, "
-                      "or leave out --broker to use an embedded one.")
-        return 1
+        raise ConnectError(f"{exc}. Is the broker running? Start one with `flywheel broker`, "
+                           "or leave out --broker to use an embedded one") from None
     except KeyboardInterrupt:
         console.print("flywheel sim: aborted")
         return 130

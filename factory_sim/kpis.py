@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flywheel.contract import FAILURE_MODES
+from flywheel.base.contract import FAILURE_MODES
 
 _MODES = tuple(m for modes in FAILURE_MODES.values() for m in modes)
 _NUMERIC = ("run_s", "planned_down_s", "unplanned_down_s", "ideal_s", "parts", "scrap", "failures",

@@ -1,7 +1,7 @@
 """What every machine shares: message sequence, up/down state, maintenance, failure, KPIs.
 
 A machine advances one plant tick at a time (:meth:`Machine.step`).  While it runs
-it publishes one :class:`~flywheel.contract.Telemetry` per tick and the events of
+it publishes one :class:`~flywheel.base.contract.Telemetry` per tick and the events of
 that tick (parts, failures); while it is down (planned maintenance or repair) it
 publishes nothing until ``maintenance_done``.  Telemetry and events share one
 ``seq`` counter per machine, and ``event_id = contract.event_id(seed, machine, seq)``.
@@ -21,7 +21,7 @@ import copy
 import hashlib
 import math
 
-from flywheel.contract import MachineEvent, Telemetry
+from flywheel.base.contract import MachineEvent, Telemetry
 
 from factory_sim.kpis import Counters
 from factory_sim.scenario import Scenario

@@ -44,8 +44,9 @@ from typing import Callable
 
 import msgspec
 
-from flywheel import contract
-from flywheel.mqtt import BrokerURL, connect, make_client
+from flywheel.base import contract
+from flywheel.base.config import ConfigError
+from flywheel.base.mqtt import BrokerURL, connect, make_client
 
 from factory_sim.plant import Plant
 
@@ -84,11 +85,11 @@ class MqttSimRunner:
                  status_interval_s: float = 2.0, max_unacked: int = 5000, client_id: str | None = None,
                  progress_interval_s: float = 0.5):
         if speed is not None and not speed > 0:
-            raise ValueError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
+            raise ConfigError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
         if not stride_s > 0 or (stride_s % plant.tick_s) != 0:
-            raise ValueError(f"stride_s should be a positive multiple of the tick ({plant.tick_s:g} s), got {stride_s!r}")
+            raise ConfigError(f"stride_s should be a positive multiple of the tick ({plant.tick_s:g} s), got {stride_s!r}")
         if window_length < 1:
-            raise ValueError(f"window_length should be >= 1 readings, got {window_length!r}")
+            raise ConfigError(f"window_length should be >= 1 readings, got {window_length!r}")
         self.plant = plant
         self.url = BrokerURL.parse(broker_url)
         self.topics = contract.Topics(topic_root)

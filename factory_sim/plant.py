@@ -25,19 +25,19 @@ import pickle
 import zlib
 from typing import Callable, Iterable
 
-from flywheel.contract import Command
-
 from factory_sim.kpis import KPIs, build_kpis
 from factory_sim.machine import DEGRADATION_MODES, Machine
 from factory_sim.milling import Milling
 from factory_sim.pump import Pump
 from factory_sim.scenario import Scenario
+from flywheel.base.contract import Command
+from flywheel.base.errors import FlywheelError
 
 _KINDS = {"milling": Milling, "pump": Pump}
 _STATE_MAGIC = b"FSIMSTATE1\n"
 
 
-class SimError(Exception):
+class SimError(FlywheelError):
     """Base class of the simulator's errors."""
 
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-from flywheel.contract import MACHINE_KINDS
-
 from factory_sim.plant import MachineView
+from flywheel.base.config import ConfigError
+from flywheel.base.contract import MACHINE_KINDS
 
 
 class Policy:
@@ -50,13 +50,13 @@ class FixedInterval(Policy):
         if isinstance(interval_s, Mapping):
             unknown = set(interval_s) - set(MACHINE_KINDS)
             if unknown:
-                raise ValueError(f"FixedInterval: unknown machine kinds {sorted(unknown)}; known: {MACHINE_KINDS}")
+                raise ConfigError(f"FixedInterval: unknown machine kinds {sorted(unknown)}; known: {MACHINE_KINDS}")
             self.interval_s = {k: float(v) for k, v in interval_s.items()}
         else:
             self.interval_s = {k: float(interval_s) for k in MACHINE_KINDS}
         for k, v in self.interval_s.items():
             if not v > 0:
-                raise ValueError(f"FixedInterval: interval_s[{k!r}] should be > 0 plant seconds, got {v!r}")
+                raise ConfigError(f"FixedInterval: interval_s[{k!r}] should be > 0 plant seconds, got {v!r}")
 
     def decide(self, machines, now_ts):
         iv = self.interval_s
@@ -75,7 +75,7 @@ class Oracle(Policy):
 
     def __init__(self, lead_s: float = 1800.0, lookahead_s: float = 4 * 86400.0):
         if not lead_s > 0:
-            raise ValueError(f"Oracle: lead_s should be > 0 plant seconds, got {lead_s!r}")
+            raise ConfigError(f"Oracle: lead_s should be > 0 plant seconds, got {lead_s!r}")
         self.lead_s = float(lead_s)
         self.lookahead_s = float(lookahead_s)
         self._cache: dict[str, tuple[int, float, float | None]] = {}   # id -> (life_id, valid_until, fail_ts)

@@ -14,7 +14,7 @@ exponent_high) and a through the unit's life L ~ lognormal(median life_median_h,
 sigma life_sigma_log) running hours: a = ln(2 - d) / L^b, so D(L) = 1 exactly.  With
 the defaults a pump fails after ~1-1.5 plant days of running.
 
-The damage is latent; sensors see it (healthy values near flywheel.features.REFERENCE,
+The damage is latent; sensors see it (healthy values near flywheel.base.features.REFERENCE,
 degradation moving them by several reference spreads before failure):
 
 * vibration_mm_s         = 1.8 + 3.0 x D^4            + noise 0.15   (ref 2.0 +- 0.6)

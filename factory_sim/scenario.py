@@ -1,9 +1,9 @@
 """Scenarios: the typed description of a plant (lines, machines, physics constants, costs).
 
 A scenario is a YAML file in ``factory_sim/scenarios/`` (or any path) loaded into the
-:class:`Scenario` dataclass by :func:`flywheel.config.load`, with ``key=value``
+:class:`Scenario` dataclass by :func:`flywheel.base.config.load`, with ``key=value``
 overrides.  Unknown keys are an error that lists the known ones; bad values raise a
-:class:`~flywheel.config.ConfigError` that quotes them.  Every constant below carries
+:class:`~flywheel.base.config.ConfigError` that quotes them.  Every constant below carries
 its unit in its name; the physics that uses them is documented in
 :mod:`factory_sim.milling` and :mod:`factory_sim.pump`.
 
@@ -28,7 +28,7 @@ from typing import Sequence
 
 import yaml
 
-from flywheel.config import ConfigError, load
+from flywheel.base.config import ConfigError, load
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
@@ -173,7 +173,7 @@ class PumpParams:
     ambient_temp_tau_s: float = 7200.0
     load_sd_frac: float = 0.03
     load_tau_s: float = 3600.0
-    # -- healthy operating point (near flywheel.features.REFERENCE) and damage signatures (x D^exponent)
+    # -- healthy operating point (near flywheel.base.features.REFERENCE) and damage signatures (x D^exponent)
     vib_base_mm_s: float = 1.8
     vib_damage_gain_mm_s: float = 3.0
     vib_damage_exponent: float = 4.0

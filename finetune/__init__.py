@@ -14,11 +14,13 @@ from finetune.config import TrainConfig
 from finetune.turn import TurnOutcome, train_and_register
 
 __all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "load_snapshot", "evaluate_adapter_report",
-           "majority_baseline", "fetch_adapter"]
+           "majority_baseline", "fetch_adapter", "aliases", "abandon_run", "version_threshold", "RegistryError"]
 
 #: Names the facade loads on first use (their modules pull in torch, pandas or MLflow).
 _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.evaluate",
-         "majority_baseline": "finetune.evaluate", "fetch_adapter": "finetune.registry"}
+         "majority_baseline": "finetune.evaluate", "fetch_adapter": "finetune.registry",
+         "aliases": "finetune.registry", "abandon_run": "finetune.registry", "version_threshold": "finetune.registry",
+         "RegistryError": "finetune.registry"}
 
 
 def __getattr__(name: str):

@@ -44,7 +44,7 @@ def register(sub, common) -> None:
 
 
 def resolve_dataset(workdir: str, dataset: str) -> Path:
-    from finetune.data import DataError
+    from flywheel.base.errors import UsageError
 
     base = Path(workdir) / "lake" / "datasets"
     cand = base / dataset
@@ -54,14 +54,14 @@ def resolve_dataset(workdir: str, dataset: str) -> Path:
         return Path(dataset)
     known = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
     hint = f"known ids: {', '.join(known[-10:])}" if known else "build one with `flywheel dataset build`"
-    raise DataError(f"dataset {dataset!r} not found in {base}; {hint}")
+    raise UsageError(f"dataset {dataset!r} not found in {base}; {hint}")
 
 
 def load_train_config(path: str | None, overrides: list[str], flags: dict):
     import yaml
 
     from finetune.config import TrainConfig
-    from flywheel.config import load
+    from flywheel.base.config import load
 
     section = None
     if path and Path(path).is_file():
@@ -77,47 +77,35 @@ def run(args) -> int:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from finetune.data import DataError
-    from finetune.model import ModelError
-    from finetune.registry import RegistryError
+    from flywheel.base.errors import UsageError
 
     workdir = Path(args.workdir).resolve()
     uri = args.mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     overrides = list(args.overrides or [])
-    try:
-        if overrides[:1] == ["rollback"]:
-            return _rollback(uri, args.model_name, overrides[1:])
-        if not args.dataset:
-            print("flywheel train: --dataset ID is required (or use `flywheel train rollback`)")
-            return 2
-        snapshot = resolve_dataset(str(workdir), args.dataset)
-        config = load_train_config(args.config, overrides, {
-            "base_model": args.base_model, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
-            "seed": args.seed})
-        if not config.checkpoint_dir:
-            config.checkpoint_dir = str(workdir / "checkpoints")
-        workdir.mkdir(parents=True, exist_ok=True)
-        from finetune.turn import train_and_register
+    if overrides[:1] == ["rollback"]:
+        if overrides[1:]:
+            raise UsageError(f"flywheel train rollback takes no overrides, got {overrides[1:]}; "
+                             "only --model-name, --workdir, --mlflow-uri")
+        from finetune.registry import rollback_alias
 
-        outcome = train_and_register(str(snapshot), config, uri, model_name=args.model_name,
-                                     campaign=args.campaign, turn=args.turn, ray_address=args.ray_address,
-                                     progress=not args.no_progress)
-    except (DataError, ModelError, RegistryError) as exc:
-        print(f"flywheel train: {exc}")
-        return 1
+        print(rollback_alias(uri, args.model_name, "champion"))
+        return 0
+    if not args.dataset:
+        raise UsageError("--dataset ID is required (or use `flywheel train rollback`)")
+    snapshot = resolve_dataset(str(workdir), args.dataset)
+    config = load_train_config(args.config, overrides, {
+        "base_model": args.base_model, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
+        "seed": args.seed})
+    if not config.checkpoint_dir:
+        config.checkpoint_dir = str(workdir / "checkpoints")
+    workdir.mkdir(parents=True, exist_ok=True)
+    from finetune.turn import train_and_register
+
+    # DataError, ModelError, RegistryError: the CLI prints them on one line (exit 1)
+    outcome = train_and_register(str(snapshot), config, uri, model_name=args.model_name,
+                                 campaign=args.campaign, turn=args.turn, ray_address=args.ray_address,
+                                 progress=not args.no_progress)
     _print_outcome(outcome, config.gate_metric)
-    return 0
-
-
-def _rollback(uri: str, model_name: str, extra: list[str]) -> int:
-    from finetune.registry import get_version, rollback
-
-    if extra:
-        print(f"flywheel train rollback: unexpected arguments {extra}; only --model-name, --workdir, --mlflow-uri")
-        return 2
-    before = get_version(uri, model_name, "champion").version
-    after = rollback(uri, model_name, "champion")
-    print(f"{model_name}@champion: version {before} -> version {after}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """``TrainConfig``: every knob of one fine-tune turn, as one typed dataclass.
 
-Load it like every other stage config (``flywheel.config.load``)::
+Load it like every other stage config (``flywheel.base.config.load``)::
 
-    from flywheel.config import load
+    from flywheel.base.config import load
     cfg = load(TrainConfig, "train.yaml", ["lora.rank=16", "epochs=2"])
 
 Defaults fit the demo budget: about one to two minutes of LoRA training on two CPU
@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from finetune.model import LoraSettings
-from flywheel.config import ConfigError
+from flywheel.base.config import ConfigError
 
 #: Gate metrics where lower is better; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("eval.ece", "eval.loss", "eval.brier")

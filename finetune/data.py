@@ -24,13 +24,14 @@ from typing import Sequence
 
 import numpy as np
 
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
+from flywheel.base.errors import FlywheelError
 
 LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
 REQUIRED_COLUMNS = ("text", "label")
 
 
-class DataError(ValueError):
+class DataError(FlywheelError, ValueError):
     """A snapshot that cannot be trained or evaluated on; the message says what and how to fix it."""
 
 
@@ -67,7 +68,7 @@ def read_split(path: str | Path, split: str = "split") -> "object":
     unknown = sorted(set(df["label"].dropna().astype(str)) - set(LABELS))
     if unknown:
         raise DataError(f"{where} has label(s) {unknown} that are not in the contract's label set "
-                        f"{list(LABELS)}; rebuild the snapshot with the current flywheel.contract")
+                        f"{list(LABELS)}; rebuild the snapshot with the current flywheel.base.contract")
     # Rows without text or label cannot teach anything; drop them, keep the rest.
     keep = df["text"].notna() & df["label"].notna() & (df["text"].astype(str).str.len() > 0)
     df = df.loc[keep].reset_index(drop=True)

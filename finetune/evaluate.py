@@ -29,7 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
 
 
 @dataclass

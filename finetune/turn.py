@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.config import TrainConfig
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"

@@ -39,8 +39,9 @@ def bench_dir() -> Path:
 def run(args) -> int:
     root = bench_dir()
     if not root.is_dir():
-        print(f"flywheel bench: {root} not found; benchmarks run from a source checkout of the project")
-        return 2
+        from flywheel.base.errors import UsageError
+
+        raise UsageError(f"{root} not found; benchmarks run from a source checkout of the project")
     names = list(SUITES) if args.suite == "all" else [args.suite]
     rc = 0
     for name in names:

@@ -21,13 +21,9 @@ def register(sub, common) -> None:
 
 
 def run(args) -> int:
-    from flywheel.broker import BrokerError, run_foreground
+    from flywheel.base.broker import run_foreground
+    from flywheel.base.errors import UsageError
 
     if args.port is not None and not 0 < args.port < 65536:
-        print(f"flywheel broker: --port must be 1..65535, got {args.port}")
-        return 2
-    try:
-        return run_foreground(args.port, args.host, args.impl, args.data_dir)
-    except BrokerError as exc:
-        print(f"flywheel broker: {exc}")
-        return 1
+        raise UsageError(f"--port must be 1..65535, got {args.port}")
+    return run_foreground(args.port, args.host, args.impl, args.data_dir)   # BrokerError: exit 1

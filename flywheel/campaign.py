@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from flywheel.config import ConfigError, from_dict, load, parse_duration
+from flywheel.base.config import ConfigError, from_dict, load, parse_duration
 
 
 @dataclass
@@ -87,7 +87,7 @@ def load_campaign(path: str | None = None, overrides: list[str] | tuple[str, ...
 
 def stage_configs(cfg: CampaignConfig):
     """Build each stage's typed config from the campaign; errors name the section and key."""
-    from flywheel.features import WindowConfig
+    from flywheel.base.features import WindowConfig
 
     try:
         window = from_dict(WindowConfig, cfg.window, prefix="window.")

@@ -20,7 +20,8 @@ import sys
 import warnings
 from typing import Callable
 
-from flywheel.config import ConfigError
+from flywheel.base.config import ConfigError
+from flywheel.base.errors import FlywheelError, one_line
 
 #: Modules that register sub-commands, in the order they appear in ``--help``.
 COMMAND_MODULES = (
@@ -65,7 +66,7 @@ class Common:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="flywheel",
         description="Industrial deployment data flywheel: factory -> MQTT -> Ray -> LoRA -> serve -> factory.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -101,6 +102,13 @@ def quiet_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``flywheel train: error: ... (see flywheel train --help)``."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_known_warnings()
     parser = build_parser()
@@ -109,23 +117,26 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable | None = getattr(args, "func", None)
     if func is None:
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return 2
+    # Every error the stack raises on purpose derives from FlywheelError and says what to do:
+    # print it once, on one line, and end with its exit code (2: usage/config, 1: runtime).
     try:
         return int(func(args) or 0)
-    except ConfigError as exc:
-        print(f"flywheel {args.command}: configuration error: {exc}", file=sys.stderr)
-        return 2
+    except FlywheelError as exc:
+        kind = "configuration error: " if isinstance(exc, ConfigError) else ""
+        print(f"flywheel {args.command}: {kind}{one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"flywheel {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # an MLflow server's refusal is a message, not a traceback
-        from finetune.tracking import error_message
+        from flywheel.base.tracking import error_message
 
         message = error_message(exc)
         if message is None:
             raise
-        print(f"flywheel {args.command}: {message}", file=sys.stderr)
+        print(f"flywheel {args.command}: {one_line(message)}", file=sys.stderr)
         return 1
 
 

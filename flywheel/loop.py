@@ -42,7 +42,7 @@ the next ``flywheel run``/``turn`` rolls the attempt back before it reruns the t
   meet in the lake.
 * Processes: the embedded Mosquitto gets SIGTERM when its parent dies, Ray's GCS and
   raylet die with the driver (Ray's own fate sharing), and a watchdog
-  (``flywheel.rayinit.watch_driver``) ends everything else the driver had started.
+  (``flywheel.base.rayinit.watch_driver``) ends everything else the driver had started.
 
 The rerun then reaches the metrics an uninterrupted campaign on the same seed reaches:
 the plant restarts from the committed state and the builder sees the same rows.  Model
@@ -70,10 +70,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from flywheel.base.config import ConfigError
+from flywheel.base.errors import FlywheelError
+from flywheel.base.live import LiveView, LoopStatus
+from flywheel.base.mqtt import BrokerURL, redact_url
 from flywheel.campaign import CampaignConfig, stage_configs
-from flywheel.config import ConfigError
-from flywheel.live import LiveView, LoopStatus
-from flywheel.mqtt import BrokerURL, redact_url
 
 log = logging.getLogger("flywheel.loop")
 
@@ -81,7 +82,7 @@ STATE_VERSION = 1
 POLICIES = ("run_to_failure", "fixed_interval", "oracle")
 
 
-class CampaignError(RuntimeError):
+class CampaignError(FlywheelError, RuntimeError):
     """The campaign cannot continue; the message says what to do."""
 
 
@@ -191,7 +192,7 @@ class Baselines:
 
     def __init__(self, scenario, seed: int, cfg, states: dict[str, bytes] | None = None):
         from factory_sim import Plant
-        from factory_sim.policies import FixedInterval, Oracle, RunToFailure
+        from factory_sim import FixedInterval, Oracle, RunToFailure
 
         self.policies = {
             "run_to_failure": RunToFailure(),
@@ -229,7 +230,8 @@ class Campaign:
     """Owns the running stack (broker, Ray, ingest, serve, bridge) for one campaign."""
 
     def __init__(self, cfg: CampaignConfig, workdir: str | os.PathLike, *, broker_url: str | None = None,
-                 mlflow_uri: str | None = None, ray_address: str | None = None, view: bool | None = None):
+                 mlflow_uri: str | None = None, ray_address: str | None = None, view: bool | None = None,
+                 embedded_broker: str | None = None):
         self.cfg = cfg
         self.stages = stage_configs(cfg)
         self.workdir = Path(workdir).resolve()
@@ -240,6 +242,9 @@ class Campaign:
         # starts, and the actors this campaign starts get the resolved URL (their nodes may lack it).
         self.broker_url = BrokerURL.parse(broker_url).resolved_url() if broker_url else None
         self.ray_address = ray_address
+        # Without broker_url: which broker to start (auto | mosquitto | amqtt; None: $FLYWHEEL_EMBEDDED_BROKER).
+        self.embedded_broker = embedded_broker
+        self.ingest_idle_flush_s: float | None = None
         self.status = LoopStatus(campaign=cfg.campaign, turns=cfg.turns)
         self.view = LiveView(self.status, enabled=view)
         self.stack = contextlib.ExitStack()
@@ -267,7 +272,7 @@ class Campaign:
     def _start(self) -> None:
         from factory_sim import Plant, load_scenario
 
-        from flywheel.rayinit import watch_driver
+        from flywheel.base.rayinit import watch_driver
 
         cfg = self.cfg
         # First on the stack, so it stands down last, after every child stopped its own way.
@@ -305,23 +310,33 @@ class Campaign:
 
         self.view.stage("starting broker")
         if self.broker_url is None:
-            from flywheel.broker import EmbeddedBroker
+            from flywheel.base.broker import BrokerError, EmbeddedBroker
 
-            broker = EmbeddedBroker(data_dir=self.workdir / "broker")
-            broker.start()
+            try:
+                broker = EmbeddedBroker(data_dir=self.workdir / "broker", prefer=self.embedded_broker)
+                broker.start()
+            except BrokerError as exc:
+                raise CampaignError(str(exc)) from None
             self.stack.callback(broker.close)
             self.broker_url = broker.url
+            self.ingest_idle_flush_s = broker.collector_idle_flush_s   # amqtt: no in-flight limit to flush for
+            if broker.notice:   # the in-Python broker: say once what it lacks
+                self.view.log(broker.notice)
+        from ingest import IngestConfig, check_broker_support
+
+        # collectors > 1 on an MQTT 3.1.1 broker: a ConfigError naming the fix, before Ray starts.
+        check_broker_support(self.broker_url, IngestConfig(collectors=cfg.collectors))
         self.view.stage("starting Ray")
         import ray
 
-        from flywheel.rayinit import init_ray
+        from flywheel.base.rayinit import init_ray
 
         if not ray.is_initialized():
             if self.ray_address:
                 init_ray(address=self.ray_address, log_to_driver=False)
             else:
-                from flywheel.threads import set_openmp_env
-                from serve.handle import prepare_local_ray
+                from flywheel.base.threads import set_openmp_env
+                from serve import prepare_local_ray
 
                 prepare_local_ray(self.stages["serve"])   # serve.ingress=direct is set up as Ray starts
                 # Every Ray worker inherits this environment: OpenMP threads of the replica, Ray
@@ -331,8 +346,8 @@ class Campaign:
                 # laptop's cores in turn, never all at full load at once.
                 init_ray(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
             self.stack.callback(_shutdown_ray)
-        from serve.handle import check_ingress
-        from serve.source import ServeError
+        from serve import check_ingress
+        from serve import ServeError
 
         try:
             check_ingress(self.stages["serve"])   # now, not after the first plant period
@@ -341,7 +356,7 @@ class Campaign:
         self.view.stage("starting MLflow")
         import mlflow
 
-        from finetune.tracking import plain_uri
+        from flywheel.base.tracking import plain_uri
 
         mlflow.set_tracking_uri(plain_uri(self.tracking_uri))  # credentials, if any, go to MLflow's env vars
         exp = mlflow.set_experiment(f"flywheel-{cfg.campaign}")
@@ -359,12 +374,12 @@ class Campaign:
         self._fail_dead_runs()
 
         self.view.stage("starting ingest")
-        from ingest import IngestConfig, start_ingest
+        from ingest import start_ingest
 
         # Client ids and the share group are per campaign: an offline session of another
         # campaign in the same group would keep its share of the stream (MQTT 5 semantics).
         ingest_cfg = IngestConfig(collectors=cfg.collectors, client_prefix=f"fw-{cfg.campaign}",
-                                  share_group=f"ingest-{cfg.campaign}")
+                                  share_group=f"ingest-{cfg.campaign}", idle_flush_s=self.ingest_idle_flush_s)
         self.ingest = start_ingest(self.broker_url, self.lake_uri, ingest_cfg,
                                    topic_root=cfg.topic_root)
         self.stack.callback(self.ingest.stop)
@@ -398,7 +413,7 @@ class Campaign:
             client.set_terminated(run_id, "FAILED")
         abandoned: list[str] = []
         if self.aborted is not None:
-            from finetune.registry import abandon_run
+            from finetune import abandon_run
 
             for run_id in sorted(set(dead) | ({j["run_id"]} if j.get("run_id") else set())):
                 abandoned += abandon_run(self.tracking_uri, self.cfg.model_name, run_id,
@@ -415,8 +430,8 @@ class Campaign:
 
     def _fence_lake(self) -> None:
         """Let in what the dead attempt left queued in the broker, then set aside its rows."""
-        from flywheel.contract import event_id
-        from ingest.lake import Lake
+        from flywheel.base.contract import event_id
+        from ingest import Lake
 
         quiet_s, t0 = 2.0, time.monotonic()
         last, since = None, time.monotonic()
@@ -484,9 +499,9 @@ class Campaign:
         """
         import mlflow
 
-        from finetune.data import load_snapshot
-        from finetune.evaluate import evaluate_adapter_report, majority_baseline
-        from finetune.registry import fetch_adapter
+        from finetune import load_snapshot
+        from finetune import evaluate_adapter_report, majority_baseline
+        from finetune import fetch_adapter
         from ingest import build_snapshot
 
         self.view.stage("final evaluation on held-out data")
@@ -558,7 +573,7 @@ class Campaign:
         if attempt > 1:
             record["attempt"] = attempt
             record["aborted_attempts"] = aborted
-        from finetune.registry import aliases
+        from finetune import aliases
 
         self.journal.begin(turn=turn, attempt=attempt, stage="starting", pid=os.getpid(),
                            started=record["started"], boundary_ts=self.plant.now_ts, run_id=None,
@@ -663,7 +678,7 @@ class Campaign:
             return configured
         known = self.state.get("thresholds", {}).get(str(champion))
         if known is None:   # promoted by another process: its operating point is registered with it
-            from finetune.registry import RegistryError, version_threshold
+            from finetune import RegistryError, version_threshold
 
             with contextlib.suppress(RegistryError):
                 known = version_threshold(self.tracking_uri, self.cfg.model_name, str(champion))
@@ -673,13 +688,13 @@ class Campaign:
 
     def _run_period(self, lockstep: bool, threshold: float | None = None, turn: int = -1) -> dict:
         """Run one plant period over MQTT; with a model, in lockstep with the serving bridge."""
-        from factory_sim.mqtt_runner import MqttSimRunner
+        from factory_sim import MqttSimRunner
 
         cfg = self.cfg
         self.plant.reset_kpis()
         bridge = None
         if lockstep:
-            from serve.bridge import Bridge
+            from serve import Bridge
 
             bridge_cfg = self.stages["bridge"]
             if threshold is not None:
@@ -924,10 +939,16 @@ def _summary_line(r: dict) -> str:
 
 
 def run_campaign(cfg: CampaignConfig, workdir, *, broker_url=None, mlflow_uri=None, ray_address=None,
-                 max_new_turns: int | None = None, view: bool | None = None) -> dict:
-    """Run (or continue) a campaign; returns its state (all finished turns and their metrics)."""
+                 max_new_turns: int | None = None, view: bool | None = None,
+                 embedded_broker: str | None = None) -> dict:
+    """Run (or continue) a campaign; returns its state (all finished turns and their metrics).
+
+    ``embedded_broker`` picks the broker started when ``broker_url`` is None: ``auto``
+    (Mosquitto when installed, else the in-Python amqtt), ``mosquitto`` or ``amqtt``;
+    None reads FLYWHEEL_EMBEDDED_BROKER (see :mod:`flywheel.base.broker`).
+    """
     with Campaign(cfg, workdir, broker_url=broker_url, mlflow_uri=mlflow_uri, ray_address=ray_address,
-                  view=view) as c:
+                  view=view, embedded_broker=embedded_broker) as c:
         return c.run(max_new_turns=max_new_turns)
 
 

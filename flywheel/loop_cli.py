@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 EXAMPLES_DEMO = """examples:
@@ -11,10 +10,18 @@ EXAMPLES_DEMO = """examples:
   flywheel demo --seed 3 turns=4                  # another seed, one more turn
   flywheel demo --seeds 1,2,3                     # researchers: three campaigns, report with mean and spread
   flywheel demo --config flywheel/configs/tiny.yaml --workdir /tmp/fw   # a 2-minute smoke run
+  flywheel demo --embedded-broker amqtt           # the pip-only path: the in-Python broker, even with Mosquitto
   flywheel demo scenario=drift campaign=drift     # the drift scenario: the drop after a supplier change
   flywheel demo scenario=drift campaign=drift-recover train.warm_start=true train.gate_metric=eval.f1_any_failure
                                                   # ... and the recovery (see benchmarks/RESULTS.md)
 """
+
+
+def _embedded_broker_option(p) -> None:
+    p.add_argument("--embedded-broker", choices=("auto", "mosquitto", "amqtt"), default=None,
+                   help="the broker started when --broker is not given: auto (Mosquitto when installed, else the "
+                        "in-Python amqtt: MQTT 3.1.1, one collector), mosquitto, or amqtt (default: "
+                        "$FLYWHEEL_EMBEDDED_BROKER, else auto)")
 
 
 def register(sub, common) -> None:
@@ -29,6 +36,7 @@ def register(sub, common) -> None:
     p.add_argument("--seed", type=int, default=None, help="plant/split/training seed (default: the config's, 0)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds: one campaign per seed, then a combined report")
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
+    _embedded_broker_option(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("run", help="run a campaign from a config file (any broker, Ray cluster, MLflow server)",
@@ -40,6 +48,7 @@ def register(sub, common) -> None:
     common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)
     p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
+    _embedded_broker_option(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("turn", help="run one more turn of the campaign in --workdir",
@@ -49,6 +58,7 @@ def register(sub, common) -> None:
     common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)
     p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
     p.add_argument("--no-live", action="store_true", help="plain log lines instead of the live view")
+    _embedded_broker_option(p)
     p.set_defaults(func=cmd_turn)
 
     p = sub.add_parser("report", help="write PNG plots and a Markdown summary of a campaign",
@@ -67,11 +77,11 @@ def _seeds(text: str | None) -> list[int] | None:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        from flywheel.config import ConfigError
+        from flywheel.base.config import ConfigError
 
         raise ConfigError(f"--seeds should be comma-separated integers like 1,2,3, got {text!r}") from None
     if not seeds:
-        from flywheel.config import ConfigError
+        from flywheel.base.config import ConfigError
 
         raise ConfigError(f"--seeds should name at least one seed, got {text!r}")
     return seeds
@@ -79,7 +89,7 @@ def _seeds(text: str | None) -> list[int] | None:
 
 def _load(args, require_config: bool = False):
     from flywheel.campaign import load_campaign
-    from flywheel.config import ConfigError
+    from flywheel.base.config import ConfigError
 
     if require_config and not args.config:
         raise ConfigError("flywheel run needs --config FILE (flywheel demo runs the embedded defaults)")
@@ -93,7 +103,7 @@ def _sigterm_as_interrupt() -> None:
     """SIGTERM (docker stop, kill) unwinds like Ctrl-C, so every component stops cleanly."""
     import signal
 
-    from flywheel.rayinit import stop_like_ctrl_c
+    from flywheel.base.rayinit import stop_like_ctrl_c
 
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     # A background start by a non-interactive shell inherits SIGINT as ignored; Ctrl-C/kill -INT
@@ -102,24 +112,21 @@ def _sigterm_as_interrupt() -> None:
 
 
 def _run(args, cfg, max_new_turns=None) -> int:
-    from flywheel.loop import CampaignError, run_campaign
+    from flywheel.loop import run_campaign
     from flywheel.report import write_report
 
     _sigterm_as_interrupt()
-    try:
-        run_campaign(cfg, args.workdir, broker_url=args.broker, mlflow_uri=args.mlflow_uri,
-                     ray_address=args.ray_address, max_new_turns=max_new_turns,
-                     view=False if args.no_live else None)
-    except CampaignError as exc:
-        print(f"flywheel: {exc}", file=sys.stderr)
-        return 1
+    # a CampaignError says what to do; the CLI prints it on one line (exit 1)
+    run_campaign(cfg, args.workdir, broker_url=args.broker, mlflow_uri=args.mlflow_uri,
+                 ray_address=args.ray_address, max_new_turns=max_new_turns,
+                 view=False if args.no_live else None, embedded_broker=args.embedded_broker)
     md = write_report(args.workdir, cfg.campaign, tracking_uri=args.mlflow_uri)
     _where_to_look(args, md)
     return 0
 
 
 def _where_to_look(args, md: Path, mlflow: bool = True) -> None:
-    from flywheel.mqtt import redact_url
+    from flywheel.base.mqtt import redact_url
 
     wd = Path(args.workdir).resolve()
     uri = args.mlflow_uri or f"sqlite:///{wd / 'mlflow.db'}"
@@ -166,13 +173,10 @@ def cmd_turn(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from flywheel.report import ReportError, write_report
+    from flywheel.report import write_report
 
-    try:
-        md = write_report(args.workdir, args.campaign, seeds=_seeds(args.seeds), out_dir=args.out,
-                          tracking_uri=args.mlflow_uri)
-    except ReportError as exc:
-        print(f"flywheel report: {exc}", file=sys.stderr)
-        return 1
+    # a ReportError says what is missing; the CLI prints it on one line (exit 1)
+    md = write_report(args.workdir, args.campaign, seeds=_seeds(args.seeds), out_dir=args.out,
+                      tracking_uri=args.mlflow_uri)
     _where_to_look(args, md, mlflow=not args.seeds)
     return 0

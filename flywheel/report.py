@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from flywheel.base.errors import FlywheelError
 from flywheel.loop import POLICIES, campaign_dir, load_state
 
 LABELS = {"run_to_failure": "run to failure", "fixed_interval": "fixed-interval PM", "oracle": "oracle (limit)"}
 COLORS = {"model": "#1f77b4", "run_to_failure": "#d62728", "fixed_interval": "#ff7f0e", "oracle": "#2ca02c"}
 
 
-class ReportError(RuntimeError):
+class ReportError(FlywheelError, RuntimeError):
     pass
 
 
@@ -235,7 +236,7 @@ def write_report(workdir, campaign: str = "demo", seeds: list[int] | None = None
         import mlflow
 
         uri = tracking_uri or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
-        from finetune.tracking import plain_uri
+        from flywheel.base.tracking import plain_uri
 
         client = mlflow.MlflowClient(tracking_uri=plain_uri(uri))
         run_id = states[0].get("parent_run_id")

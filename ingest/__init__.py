@@ -24,7 +24,7 @@ from __future__ import annotations
 from ingest.config import BuildConfig, IngestConfig
 
 __all__ = ["IngestConfig", "BuildConfig", "start_ingest", "IngestHandle", "build_snapshot", "Snapshot",
-           "check_broker_support"]
+           "check_broker_support", "Lake"]
 
 
 def __getattr__(name: str):
@@ -36,6 +36,10 @@ def __getattr__(name: str):
         from ingest import collector
 
         return collector.check_broker_support
+    if name == "Lake":
+        from ingest.lake import Lake
+
+        return Lake
     if name in ("build_snapshot", "Snapshot"):
         from ingest import dataset
 

@@ -1,6 +1,6 @@
 """Turn one batch of raw MQTT messages into lake tables: the validation boundary of ingest.
 
-Every payload is decoded and validated once, by ``flywheel.contract.decode``.  Valid
+Every payload is decoded and validated once, by ``flywheel.base.contract.decode``.  Valid
 telemetry and events become rows of the raw tables; anything else becomes a dead
 letter carrying the topic, the raw bytes (capped), the contract's reason code and
 message, and the receive time.  A bad message never stops the good ones beside it.
@@ -19,7 +19,7 @@ from typing import Iterable
 
 import pyarrow as pa
 
-from flywheel import contract
+from flywheel.base import contract
 from ingest.lake import DEADLETTER_SCHEMA, EVENTS_SCHEMA, TELEMETRY_SCHEMA, day_of
 
 _EVENT_FIELDS = ("mode", "reason", "finding", "quality", "command_id", "variant")

@@ -64,7 +64,7 @@ def _lake(args) -> str:
 
 def _load_config(cls, args):
     """The stage config from --config and key=value overrides; bad values become ConfigErrors."""
-    from flywheel.config import ConfigError, load
+    from flywheel.base.config import ConfigError, load
 
     try:
         return load(cls, args.config, list(args.overrides))
@@ -77,7 +77,7 @@ def _load_config(cls, args):
 def _init_ray(address: str | None) -> None:
     import ray
 
-    from flywheel.rayinit import init_ray
+    from flywheel.base.rayinit import init_ray
 
     if not ray.is_initialized():
         init_ray(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -89,26 +89,20 @@ def run_ingest(args) -> int:
 
     from rich.console import Console
 
-    from flywheel.mqtt import ConnectError
-    from flywheel.rayinit import stop_like_ctrl_c
+    from flywheel.base.errors import FlywheelError, UsageError
+    from flywheel.base.rayinit import stop_like_ctrl_c
     from ingest.config import IngestConfig
     from ingest.status import read_statuses, render_table, status_rows
 
     console = Console()
     if not args.broker:
-        console.print("flywheel ingest: --broker URL is required (start one with `flywheel broker`, "
-                      "e.g. --broker mqtt://127.0.0.1:1884)")
-        return 2
+        raise UsageError("--broker URL is required (start one with `flywheel broker`, "
+                         "e.g. --broker mqtt://127.0.0.1:1884)")
     if args.status:
-        try:
-            statuses = read_statuses(args.broker, args.topic_root)
-        except ConnectError as exc:
-            console.print(f"flywheel ingest --status: {exc}")
-            return 1
+        statuses = read_statuses(args.broker, args.topic_root)   # a ConnectError names the broker
         if not statuses:
-            console.print(f"no ingest status on {args.topic_root}/_status/ingest-* at this broker "
-                          "(no collector has run against it with this topic root)")
-            return 1
+            raise FlywheelError(f"no ingest status on {args.topic_root}/_status/ingest-* at this broker "
+                                "(no collector has run against it with this topic root)")
         console.print(render_table(status_rows(statuses)))
         return 0
     if args.collectors:
@@ -137,7 +131,7 @@ def _ingest_until_stopped(args, config, console) -> int:
     from ingest.service import start_ingest
 
     lake = _lake(args)
-    from flywheel.mqtt import redact_url
+    from flywheel.base.mqtt import redact_url
 
     handle = start_ingest(args.broker, lake, config, topic_root=args.topic_root)
     console.print(f"ingesting {args.topic_root}/+/+/(telemetry|event) from {redact_url(args.broker)} into {lake} "
@@ -179,7 +173,7 @@ def run_dataset_build(args) -> int:
         import mlflow
 
         os.makedirs(args.workdir, exist_ok=True)
-        from finetune.tracking import plain_uri
+        from flywheel.base.tracking import plain_uri
 
         mlflow.set_tracking_uri(plain_uri(args.mlflow_uri or f"sqlite:///{os.path.abspath(args.workdir)}/mlflow.db"))
         mlflow.set_experiment(args.experiment)
@@ -188,13 +182,12 @@ def run_dataset_build(args) -> int:
         with console.status("building dataset snapshot") as spinner:
             snap = build_snapshot(_lake(args), config, previous=args.previous,
                                   progress=lambda msg: spinner.update(f"dataset build: {msg}"))
-    except DatasetError as exc:
-        console.print(f"flywheel dataset build: {exc}")
+    except DatasetError:
         if run is not None:
             import mlflow
 
             mlflow.end_run(status="FAILED")
-        return 1
+        raise       # the CLI prints it on one line (exit 1)
     if run is not None:
         import mlflow
 

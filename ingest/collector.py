@@ -49,8 +49,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from flywheel import contract
-from flywheel.mqtt import BrokerURL, ConnectError, ack_many, connect, make_client
+from flywheel.base import contract
+from flywheel.base.mqtt import BrokerURL, ConnectError, ack_many, connect, make_client
 from ingest.batch import decode_batch
 from ingest.config import IngestConfig
 from ingest.lake import Lake
@@ -72,7 +72,7 @@ def check_broker_support(broker_url: str | BrokerURL, config: IngestConfig) -> N
     subscriber would receive every message, so every message would be written once per
     collector.  One collector lands the tiny and demo plants with room to spare.
     """
-    from flywheel.config import ConfigError
+    from flywheel.base.config import ConfigError
 
     url = BrokerURL.parse(broker_url)
     if url.protocol != "5" and config.shared:

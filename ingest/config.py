@@ -1,9 +1,9 @@
 """Typed configuration of the ingest stage: the collectors and the dataset builder.
 
-Both are plain dataclasses, so ``flywheel.config.load`` builds them from YAML plus
+Both are plain dataclasses, so ``flywheel.base.config.load`` builds them from YAML plus
 ``key=value`` overrides (unknown keys are an error)::
 
-    from flywheel.config import load
+    from flywheel.base.config import load
     cfg = load(BuildConfig, "dataset.yaml", ["window.length=12", "eval_fraction=0.25"])
 """
 
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flywheel.contract import DEFAULT_MAX_PAYLOAD_BYTES
-from flywheel.features import WindowConfig
+from flywheel.base.config import ConfigError
+from flywheel.base.contract import DEFAULT_MAX_PAYLOAD_BYTES
+from flywheel.base.features import WindowConfig
 
 
 @dataclass(frozen=True)
@@ -57,32 +58,32 @@ class IngestConfig:
 
     def __post_init__(self):
         if self.collectors < 1:
-            raise ValueError(f"collectors should be >= 1, got {self.collectors}")
+            raise ConfigError(f"collectors should be >= 1, got {self.collectors}")
         if self.batch_max_messages < 1:
-            raise ValueError(f"batch_max_messages should be >= 1, got {self.batch_max_messages}")
+            raise ConfigError(f"batch_max_messages should be >= 1, got {self.batch_max_messages}")
         if not self.batch_max_age_s > 0:
-            raise ValueError(f"batch_max_age_s should be > 0 seconds, got {self.batch_max_age_s}")
+            raise ConfigError(f"batch_max_age_s should be > 0 seconds, got {self.batch_max_age_s}")
         if not 2 <= self.inflight_window <= 65535:
-            raise ValueError(f"inflight_window should be 2..65535 (an MQTT 5 Receive Maximum), "
+            raise ConfigError(f"inflight_window should be 2..65535 (an MQTT 5 Receive Maximum), "
                              f"got {self.inflight_window}")
         if self.idle_flush_s is not None and not self.idle_flush_s > 0:
-            raise ValueError(f"idle_flush_s should be > 0 seconds or None, got {self.idle_flush_s}")
+            raise ConfigError(f"idle_flush_s should be > 0 seconds or None, got {self.idle_flush_s}")
         if self.session_expiry_s < 1:
-            raise ValueError(f"session_expiry_s should be >= 1 so the broker keeps the session across a "
+            raise ConfigError(f"session_expiry_s should be >= 1 so the broker keeps the session across a "
                              f"restart, got {self.session_expiry_s}")
         if self.offline_after_s < 0:
-            raise ValueError(f"offline_after_s should be >= 0 seconds, got {self.offline_after_s}")
+            raise ConfigError(f"offline_after_s should be >= 0 seconds, got {self.offline_after_s}")
         if self.deadletter_max_bytes < 0:
-            raise ValueError(f"deadletter_max_bytes should be >= 0, got {self.deadletter_max_bytes}")
+            raise ConfigError(f"deadletter_max_bytes should be >= 0, got {self.deadletter_max_bytes}")
         if self.subscription not in ("auto", "shared", "plain"):
-            raise ValueError(f"subscription should be auto, shared or plain, got {self.subscription!r}")
+            raise ConfigError(f"subscription should be auto, shared or plain, got {self.subscription!r}")
         if self.subscription == "plain" and self.collectors > 1:
-            raise ValueError(f"subscription=plain with {self.collectors} collectors would give every collector "
+            raise ConfigError(f"subscription=plain with {self.collectors} collectors would give every collector "
                              "every message; use subscription=shared (or auto)")
         if not self.client_prefix or any(c in self.client_prefix for c in "/+#"):
-            raise ValueError(f"client_prefix should be a plain name, got {self.client_prefix!r}")
+            raise ConfigError(f"client_prefix should be a plain name, got {self.client_prefix!r}")
         if not self.share_group or any(c in self.share_group for c in "/+#"):
-            raise ValueError(f"share_group should be a plain name, got {self.share_group!r}")
+            raise ConfigError(f"share_group should be a plain name, got {self.share_group!r}")
 
     @property
     def shared(self) -> bool:
@@ -115,10 +116,10 @@ class BuildConfig:
 
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction should lie in (0, 1), got {self.eval_fraction}")
+            raise ConfigError(f"eval_fraction should lie in (0, 1), got {self.eval_fraction}")
         if self.engine not in ("ray", "local"):
-            raise ValueError(f"engine should be 'ray' or 'local', got {self.engine!r}")
+            raise ConfigError(f"engine should be 'ray' or 'local', got {self.engine!r}")
         if self.partitions < 1:
-            raise ValueError(f"partitions should be >= 1, got {self.partitions}")
+            raise ConfigError(f"partitions should be >= 1, got {self.partitions}")
         if self.ok_per_failure is not None and not self.ok_per_failure > 0:
-            raise ValueError(f"ok_per_failure should be > 0 or None, got {self.ok_per_failure}")
+            raise ConfigError(f"ok_per_failure should be > 0 or None, got {self.ok_per_failure}")

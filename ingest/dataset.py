@@ -1,7 +1,7 @@
 """The dataset builder: lake -> deduplicated, windowed, labelled, time-split snapshot.
 
 ``build_snapshot`` reads the lake's telemetry with Ray Data, windows each machine with
-``flywheel.features`` (via ``ingest.windows``), joins delayed labels from the events
+``flywheel.base.features`` (via ``ingest.windows``), joins delayed labels from the events
 and splits by time without leakage (``ingest.labels``).  It writes::
 
     <lake>/datasets/<dataset_id>/train.parquet   line, machine, kind, start_seq, end_seq,
@@ -44,7 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
+from flywheel.base.errors import FlywheelError
 from ingest.config import BuildConfig
 from ingest.labels import downsample_ok, label_windows, split_windows
 from ingest.lake import Lake
@@ -56,7 +57,7 @@ EVENT_COLUMNS = ["event_id", "seq", "ts", "line", "machine", "type", "mode", "re
 CACHE_DIR = "_cache"
 
 
-class DatasetError(RuntimeError):
+class DatasetError(FlywheelError, RuntimeError):
     """The lake or a previous snapshot cannot be used; the message says what to do."""
 
 

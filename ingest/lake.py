@@ -58,6 +58,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from flywheel.base.errors import FlywheelError
+
 READINGS_TYPE = pa.map_(pa.string(), pa.float64())
 
 TELEMETRY_SCHEMA = pa.schema([
@@ -110,7 +112,7 @@ EMPTY_PARTITION = "date=1970-01-01"
 SCHEMA_FILE = "_schema.parquet"
 
 
-class LakeError(RuntimeError):
+class LakeError(FlywheelError, RuntimeError):
     """The lake cannot be opened or written; the message names the URI and the fix."""
 
 

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import asdict
 
-from flywheel.mqtt import redact_url
+from flywheel.base.mqtt import redact_url
 from ingest.config import IngestConfig
 
 _ACTOR_CLASS = None
@@ -143,7 +143,7 @@ def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestCo
     """Start ``config.collectors`` collector actors on the current Ray; returns once all are connected."""
     import ray
 
-    from flywheel.contract import Topics
+    from flywheel.base.contract import Topics
     from ingest.collector import check_broker_support
     from ingest.lake import Lake
 
@@ -176,8 +176,8 @@ def retire_stale_collectors(broker_url: str, lake_uri: str, config: IngestConfig
     to land what was queued for it, then it unsubscribes and ends its session.  Found
     through the retained status topics, which name each collector's client id.
     """
-    from flywheel import contract
-    from flywheel.mqtt import connect, make_client
+    from flywheel.base import contract
+    from flywheel.base.mqtt import connect, make_client
     from ingest.collector import Collector
     from ingest.status import read_statuses
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import threading
 import time
 
-from flywheel import contract
-from flywheel.mqtt import connect, make_client
+from flywheel.base import contract
+from flywheel.base.mqtt import connect, make_client
 
 COUNTER_COLUMNS = ("received", "landed", "deadlettered", "lag_s", "batches", "restarts")
 

@@ -2,7 +2,7 @@
 
 The dataset builder groups telemetry by machine (Ray Data ``map_groups``) and calls
 :func:`machine_windows` on each group.  It deduplicates by ``event_id``, feeds the
-readings in ``seq`` order to ``flywheel.features.WindowBuilder`` (the featurisation
+readings in ``seq`` order to ``flywheel.base.features.WindowBuilder`` (the featurisation
 serving uses; nothing is re-implemented here) and emits three kinds of rows:
 
 * ``window`` - one model-input window, assigned to the UTC day of its end;
@@ -29,8 +29,8 @@ from collections import deque
 import numpy as np
 import pyarrow as pa
 
-from flywheel.contract import Telemetry
-from flywheel.features import WindowBuilder, WindowConfig
+from flywheel.base.contract import Telemetry
+from flywheel.base.features import WindowBuilder, WindowConfig
 from ingest.lake import day_of
 
 OUTPUT_SCHEMA = pa.schema([

@@ -31,8 +31,8 @@ from itertools import count
 
 import numpy as np
 
-from flywheel.contract import LABELS
-from flywheel.features import REFERENCE, render
+from flywheel.base.contract import LABELS
+from flywheel.base.features import REFERENCE, render
 from serve.source import Resolved
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class AdapterPool:
 
     def _load_base(self, base: str) -> None:
         from finetune.model import load_base, pick_device
-        from flywheel.threads import setup_torch
+        from flywheel.base.threads import setup_torch
 
         # 0: torch's own count (in a Ray actor, one thread per reserved CPU); -1: all cores.
         setup_torch(self.torch_threads or None)

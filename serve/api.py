@@ -2,8 +2,8 @@
 
 ``POST /predict`` takes one window or many.  A window is either its rendered text
 (``{"text": "pump. vib 4.1 high rising. ..."}``, what the MQTT bridge sends, rendered by
-``flywheel.features``) or raw readings (``{"kind": "pump", "readings": [{...}, ...]}``,
-oldest first), which are rendered here with the same :func:`flywheel.features.render`.
+``flywheel.base.features``) or raw readings (``{"kind": "pump", "readings": [{...}, ...]}``,
+oldest first), which are rendered here with the same :func:`flywheel.base.features.render`.
 ``adapter`` (per request or per window) picks a named adapter.
 
 Shapes are checked strictly: readings must be finite JSON numbers (``"1.0"`` is not a
@@ -20,7 +20,7 @@ windows per request           1..1024     ``max_windows_per_request``           
 window text, sent or          1..4000     ``max_text_chars``                          422
 rendered from readings        characters
 readings per window           1..512      ``max_readings_per_window``                 422
-names per reading             1..64       fixed: ``flywheel.contract.MAX_READINGS``   422
+names per reading             1..64       fixed: ``flywheel.base.contract.MAX_READINGS``   422
                                           (the MQTT telemetry cap)
 ============================  ==========  ==========================================  ======
 
@@ -40,8 +40,8 @@ from typing import Annotated, Callable, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from flywheel.contract import LABELS, MACHINE_KINDS, MAX_READINGS
-from flywheel.features import render
+from flywheel.base.contract import LABELS, MACHINE_KINDS, MAX_READINGS
+from flywheel.base.features import render
 from serve.config import ServeConfig
 
 #: Names one reading may carry: the same cap as a telemetry message on MQTT.
@@ -80,7 +80,7 @@ Reading = Annotated[dict[str, Number], Field(json_schema_extra={
 
 class TextWindow(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    text: str = Field(description="a window rendered by flywheel.features.render (valid Unicode: no lone "
+    text: str = Field(description="a window rendered by flywheel.base.features.render (valid Unicode: no lone "
                                   "surrogates); at most max_text_chars characters after trimming whitespace",
                       examples=["pump. vib 4.1 high rising. temp 341 normal flat."],
                       json_schema_extra={"minLength": 1, "maxLength": DEFAULT_LIMITS.max_text_chars})

@@ -51,7 +51,7 @@ from fastapi.responses import JSONResponse
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
 from serve.adapters import AdapterPool
 from serve.api import (DEFAULT_LIMITS, BadRequest, BodySizeLimit, ErrorResponse, Limits, PredictBody,
                        PredictResponse, WindowPrediction, publish_limits, window_texts)
@@ -320,7 +320,7 @@ def build_app(args: dict):
     ``args``: ``tracking_uri``, ``model_name`` (default fault-detector), ``alias`` (default
     champion) and ``config`` (ServeConfig fields).  Unknown keys are an error, as everywhere.
     """
-    from flywheel.config import ConfigError, from_dict
+    from flywheel.base.config import ConfigError, from_dict
 
     from serve.config import ServeConfig
 

@@ -1,7 +1,7 @@
 """The MQTT bridge: plant telemetry in, predictions and maintenance commands out.
 
 It subscribes (QoS 1) to every machine's telemetry and events, builds per-machine
-rolling windows with :class:`flywheel.features.WindowBuilder` (the same code the
+rolling windows with :class:`flywheel.base.features.WindowBuilder` (the same code the
 dataset builder uses, so the model sees what it was trained on), asks the serve app
 for predictions in batches (all windows that are ready), and for each window publishes
 
@@ -33,9 +33,9 @@ import threading
 import time
 from collections import Counter, deque
 
-from flywheel import contract
-from flywheel.features import Window, WindowBuilder
-from flywheel.mqtt import BrokerURL, connect, make_client, unique_client_id, wait_published
+from flywheel.base import contract
+from flywheel.base.features import Window, WindowBuilder
+from flywheel.base.mqtt import BrokerURL, connect, make_client, unique_client_id, wait_published
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
 from serve.policy import MaintenancePolicy

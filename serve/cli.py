@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from flywheel.mqtt import redact_url
-from flywheel.rayinit import stop_like_ctrl_c
+from flywheel.base.errors import UsageError
+from flywheel.base.mqtt import redact_url
+from flywheel.base.rayinit import stop_like_ctrl_c
 
 ACTIONS = ("start", "rollback", "status", "bridge")
 
@@ -54,7 +55,7 @@ def register(sub, common) -> None:
 
 
 def _split(overrides: list[str]) -> tuple[str, list[str], list[str]]:
-    from flywheel.config import ConfigError
+    from flywheel.base.config import ConfigError
 
     action, rest = "start", list(overrides)
     if rest and rest[0] in ACTIONS:
@@ -71,24 +72,10 @@ def _split(overrides: list[str]) -> tuple[str, list[str], list[str]]:
     return action, serve_o, bridge_o
 
 
-def rollback(tracking_uri: str, model_name: str = "fault-detector", alias: str = "champion",
-             url: str | None = None) -> str:
-    """Move ``alias`` back to the previous champion; refresh the app at ``url``; return the version now serving
-    (or the alias's new version when no app is given)."""
-    from finetune.registry import rollback as registry_rollback
-
-    previous = registry_rollback(tracking_uri, model_name, alias)
-    if url is None:
-        return previous
-    from serve.client import ServeClient
-
-    return ServeClient(url).refresh().get("version")
-
-
 def run(args) -> int:
     from pathlib import Path
 
-    from flywheel.config import load
+    from flywheel.base.config import load
 
     from serve.config import BridgeConfig, ServeConfig
 
@@ -98,17 +85,10 @@ def run(args) -> int:
         return _status(args)
     if action == "bridge":
         return _bridge_only(args, load(BridgeConfig, args.config, bridge_o, section="bridge"))
-    if action == "rollback":
-        try:
-            version = rollback(tracking_uri, args.model_name, args.alias, args.url)
-        except LookupError as exc:   # finetune.registry.RegistryError: nothing to roll back to
-            print(f"flywheel serve rollback: {exc}")
-            return 1
-        if args.url:
-            print(f"{args.model_name}@{args.alias} rolled back; the app at {args.url} now serves version {version}")
-        else:
-            print(f"{args.model_name}@{args.alias} -> version {version}; running apps pick it up at their next "
-                  "registry poll (or POST /refresh)")
+    if action == "rollback":    # the same implementation as `flywheel train rollback`
+        from finetune.registry import rollback_alias
+
+        print(rollback_alias(tracking_uri, args.model_name, args.alias, args.url))
         return 0
     cfg = load(ServeConfig, args.config, serve_o, section="serve")
     if args.port is not None:
@@ -117,8 +97,7 @@ def run(args) -> int:
         cfg.http_host = args.host
     bcfg = load(BridgeConfig, args.config, bridge_o, section="bridge")
     if args.bridge and not args.broker:
-        print("flywheel serve: --bridge needs --broker mqtt://host:port (the plant's broker)")
-        return 2
+        raise UsageError("--bridge needs --broker mqtt://host:port (the plant's broker)")
     return _serve(args, tracking_uri, cfg, bcfg)
 
 
@@ -131,8 +110,7 @@ def _bridge_only(args, bcfg) -> int:
     from serve.bridge import Bridge
 
     if not args.url or not args.broker:
-        print("flywheel serve bridge: give the running app's --url and the plant's --broker")
-        return 2
+        raise UsageError("serve bridge needs the running app's --url and the plant's --broker")
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     bridge = Bridge(args.broker, args.url, bcfg, topic_root=args.topic_root).start()
     print(f"bridge: {redact_url(args.broker)} -> {args.url} (threshold {bcfg.threshold}); Ctrl-C stops")
@@ -152,8 +130,7 @@ def _status(args) -> int:
     from serve.client import ServeClient
 
     if not args.url:
-        print("flywheel serve status: give the app's --url (printed by `flywheel serve`)")
-        return 2
+        raise UsageError("serve status needs the app's --url (printed by `flywheel serve`)")
     info = ServeClient(args.url).version()
     info.pop("config", None)
     print(json.dumps(info, indent=2))
@@ -168,15 +145,11 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
     from rich.live import Live
 
     from serve.handle import start_serving
-    from serve.source import ServeError
 
     console = Console()
-    try:
-        with console.status(f"deploying {args.model_name}@{args.alias} on Ray Serve ..."):
-            handle = start_serving(tracking_uri, args.model_name, args.alias, cfg, ray_address=args.ray_address)
-    except ServeError as exc:
-        console.print(f"[red]flywheel serve:[/red] {exc}")
-        return 1
+    with console.status(f"deploying {args.model_name}@{args.alias} on Ray Serve ..."):
+        # a ServeError says why it cannot serve; the CLI prints it on one line (exit 1)
+        handle = start_serving(tracking_uri, args.model_name, args.alias, cfg, ray_address=args.ray_address)
     # SIGTERM (docker stop, Kubernetes, kill) stops as cleanly as Ctrl-C: bridge offline, app deleted.
     # (Installed once there is an app to delete; ray.init inside start_serving keeps it either way.)
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)

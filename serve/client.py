@@ -14,8 +14,10 @@ import threading
 from typing import Callable
 from urllib.parse import urlsplit
 
+from flywheel.base.errors import FlywheelError
 
-class ServeHTTPError(RuntimeError):
+
+class ServeHTTPError(FlywheelError, RuntimeError):
     """The app answered with an error status (``status``) or could not be reached (``status`` 0)."""
 
     def __init__(self, status: int, message: str):

@@ -1,8 +1,8 @@
 """Typed configuration of the serve stage: the Ray Serve app and the MQTT bridge.
 
-Both load from YAML with ``key=value`` overrides through :func:`flywheel.config.load`::
+Both load from YAML with ``key=value`` overrides through :func:`flywheel.base.config.load`::
 
-    from flywheel.config import load
+    from flywheel.base.config import load
     cfg = load(ServeConfig, "serve.yaml", ["poll_s=5", "max_batch_size=32"])
     bcfg = load(BridgeConfig, None, ["threshold=0.3", "window.length=10"])
 
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flywheel.config import ConfigError
-from flywheel.features import WindowConfig
+from flywheel.base.config import ConfigError
+from flywheel.base.features import WindowConfig
 
 
 @dataclass

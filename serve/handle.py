@@ -253,7 +253,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     import ray
     from ray import serve as ray_serve
 
-    from flywheel.rayinit import init_ray
+    from flywheel.base.rayinit import init_ray
     from serve.app import FaultDetector
 
     config = config or ServeConfig()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
-from flywheel.contract import MachineEvent, Telemetry
+from flywheel.base.contract import MachineEvent, Telemetry
 from serve.config import BridgeConfig
 
 Key = tuple[str, str]   # (line, machine)

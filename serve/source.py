@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from flywheel.mqtt import redact_url
+from flywheel.base.errors import FlywheelError
+from flywheel.base.mqtt import redact_url
 
 log = logging.getLogger(__name__)
 
 
-class ServeError(RuntimeError):
+class ServeError(FlywheelError, RuntimeError):
     """Serving cannot start or an adapter cannot be served; the message says why and the fix."""
 
 

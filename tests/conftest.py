@@ -23,7 +23,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
 def _require_mosquitto():
-    from flywheel.broker import mosquitto_path
+    from flywheel.base.broker import mosquitto_path
 
     if mosquitto_path() is None:
         pytest.fail("mosquitto is not installed: run the tests with ./dev.sh test (installs it as root) "
@@ -34,7 +34,7 @@ def _require_mosquitto():
 def broker():
     """A real Mosquitto for the session; yields the EmbeddedBroker (``.url``)."""
     _require_mosquitto()
-    from flywheel.broker import EmbeddedBroker
+    from flywheel.base.broker import EmbeddedBroker
 
     b = EmbeddedBroker(prefer="mosquitto")
     b.start()
@@ -46,7 +46,7 @@ def broker():
 def broker_factory(tmp_path):
     """Start private Mosquitto brokers (closed at the end of the test)."""
     _require_mosquitto()
-    from flywheel.broker import EmbeddedBroker
+    from flywheel.base.broker import EmbeddedBroker
 
     made = []
 

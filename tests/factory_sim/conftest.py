@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from flywheel import contract
+from flywheel.base import contract
 
 
 def _jsonl(messages, root: str = "factory") -> bytes:

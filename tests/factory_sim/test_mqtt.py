@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from flywheel import contract
-from flywheel.mqtt import ConnectError, connect, make_client
+from flywheel.base import contract
+from flywheel.base.mqtt import ConnectError, connect, make_client
 
 from factory_sim import Plant, load_scenario
 from factory_sim.mqtt_runner import MqttSimRunner

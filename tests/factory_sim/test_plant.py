@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel import contract
-from flywheel.features import REFERENCE, WindowConfig, is_window_end
+from flywheel.base import contract
+from flywheel.base.features import REFERENCE, WindowConfig, is_window_end
 
 from factory_sim import Plant, SimCommandError, load_scenario
 

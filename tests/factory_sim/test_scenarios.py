@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel.config import ConfigError
-from flywheel.contract import Command
+from flywheel.base.config import ConfigError
+from flywheel.base.contract import Command
 
 from factory_sim import Plant, known_scenarios, load_scenario
 from factory_sim.scenario import SCENARIO_DIR

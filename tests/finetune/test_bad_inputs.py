@@ -59,7 +59,7 @@ def test_unknown_base_model():
 
 def test_unknown_config_key_names_the_key():
     from finetune import TrainConfig
-    from flywheel.config import ConfigError, load
+    from flywheel.base.config import ConfigError, load
 
     with pytest.raises(ConfigError, match="unknown config key 'lora.rnk'.*did you mean 'rank'"):
         load(TrainConfig, None, ["lora.rnk=4"])

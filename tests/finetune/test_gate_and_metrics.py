@@ -7,7 +7,7 @@ import pytest
 
 from finetune.evaluate import expected_calibration_error, majority_baseline, score
 from finetune.gate import decide
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
 
 
 def onehot(labels, p=1.0):

@@ -14,7 +14,7 @@ def test_ray_train_runs_the_same_core_on_two_workers(ray_local, snapshot_dir, tm
     from finetune.data import label_ids, load_snapshot, plan_batches
     from finetune.evaluate import evaluate_adapter
     from finetune.ray_launch import train_ray
-    from finetune.tracking import client_for, open_run
+    from flywheel.base.tracking import client_for, open_run
 
     cfg = fast_config(tmp_path, max_steps=6, batch_size=8, num_workers=2, checkpoint_every=3, num_threads=1)
     run_id, _ = open_run(client_for(mlflow_uri), mlflow_uri, None, "ray-test", None)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from flywheel.threads import OPENMP_ENV, cores_available, set_openmp_env, torch_threads
+from flywheel.base.threads import OPENMP_ENV, cores_available, set_openmp_env, torch_threads
 
 
 def test_thread_counts():
@@ -33,7 +33,7 @@ def test_openmp_env_is_added_but_never_overrides_the_user():
 
 PROBE = """
 import json, os, sys
-from flywheel.threads import setup_torch
+from flywheel.base.threads import setup_torch
 before = "torch" in sys.modules
 torch = setup_torch(int(sys.argv[1]))
 print(json.dumps({"before": before, "policy": os.environ.get("OMP_WAIT_POLICY"), "threads": torch.get_num_threads()}))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from finetune.registry import RegistryError, alias_history, fetch_adapter, get_version, rollback, set_alias
-from flywheel.contract import LABELS
+from flywheel.base.contract import LABELS
 
 from .conftest import fast_config
 

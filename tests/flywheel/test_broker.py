@@ -8,9 +8,9 @@ import uuid
 
 import pytest
 
-from flywheel import contract as c
-from flywheel.broker import BrokerError, EmbeddedBroker, port_open
-from flywheel.mqtt import ConnectError, connect, make_client
+from flywheel.base import contract as c
+from flywheel.base.broker import BrokerError, EmbeddedBroker, port_open
+from flywheel.base.mqtt import ConnectError, connect, make_client
 
 
 def _roundtrip(url):
@@ -46,7 +46,7 @@ def test_port_in_use_is_a_clear_error(broker):
 
 
 def test_unreachable_broker_is_a_clear_error():
-    from flywheel.broker import free_port
+    from flywheel.base.broker import free_port
 
     port = free_port()
     cl = make_client(f"mqtt://u:hunter2@127.0.0.1:{port}")
@@ -83,7 +83,7 @@ def test_persistent_session_survives_broker_restart(broker_factory):
 
 
 def test_flywheel_broker_command_prints_url_and_stops_on_sigint(tmp_path):
-    from flywheel.broker import free_port
+    from flywheel.base.broker import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "broker", "--port", str(port)],
@@ -129,7 +129,7 @@ def _wait(pred, timeout=5.0):
 
 
 def test_amqtt_url_says_mqtt_311_and_the_broker_says_what_it_lacks(amqtt_broker):
-    from flywheel.mqtt import BrokerURL
+    from flywheel.base.mqtt import BrokerURL
 
     assert BrokerURL.parse(amqtt_broker.url).protocol == "3.1.1"
     assert "3.1.1" in amqtt_broker.notice and "one ingest collector" in amqtt_broker.notice
@@ -193,7 +193,7 @@ def test_amqtt_publishes_the_will_of_a_client_that_died(amqtt_broker):
 
 def test_collector_lands_acks_and_resumes_its_session_on_amqtt(amqtt_broker, tmp_path):
     """The ingest path end to end on amqtt: QoS 1 in, Parquet out, manual acks, persistent session."""
-    from flywheel import contract
+    from flywheel.base import contract
     from ingest import IngestConfig
     from ingest.collector import Collector
 
@@ -232,7 +232,7 @@ def test_collector_lands_acks_and_resumes_its_session_on_amqtt(amqtt_broker, tmp
 
 def test_several_collectors_on_amqtt_are_refused_with_the_fix(amqtt_broker, tmp_path):
     # MQTT 3.1.1 has no shared subscriptions: each collector would get (and write) every message.
-    from flywheel.config import ConfigError
+    from flywheel.base.config import ConfigError
     from ingest import IngestConfig
     from ingest.collector import Collector, check_broker_support
 
@@ -252,13 +252,13 @@ def test_the_implementation_can_be_forced(monkeypatch, tmp_path):
     with pytest.raises(BrokerError, match="FLYWHEEL_EMBEDDED_BROKER"):
         EmbeddedBroker(data_dir=tmp_path)
     monkeypatch.delenv("FLYWHEEL_EMBEDDED_BROKER")
-    from flywheel.broker import mosquitto_path
+    from flywheel.base.broker import mosquitto_path
 
     assert EmbeddedBroker(data_dir=tmp_path).impl == ("mosquitto" if mosquitto_path() else "amqtt")
 
 
 def test_flywheel_broker_impl_amqtt_prints_the_url_and_what_it_lacks():
-    from flywheel.broker import free_port
+    from flywheel.base.broker import free_port
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "broker", "--port", str(port), "--impl", "amqtt"],

@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from flywheel.config import ConfigError, load, parse_duration
-from flywheel.mqtt import BrokerURL
+from flywheel.base.config import ConfigError, load, parse_duration
+from flywheel.base.mqtt import BrokerURL
 
 
 @dataclass

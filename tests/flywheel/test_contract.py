@@ -7,7 +7,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from flywheel import contract as c
+from flywheel.base import contract as c
 
 TOPICS = c.Topics("factory")
 

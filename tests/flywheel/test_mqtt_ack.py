@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from flywheel.mqtt import ack_many, connect, make_client
+from flywheel.base.mqtt import ack_many, connect, make_client
 
 
 def _receive(url, client_id, topic, protocol, *, expect, timeout_s=10.0):

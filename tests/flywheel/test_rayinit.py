@@ -8,7 +8,7 @@ import sys
 
 SCRIPT = r"""
 import os, signal, time
-from flywheel.rayinit import init_ray
+from flywheel.base.rayinit import init_ray
 
 def stop(signum, frame):
     raise KeyboardInterrupt

@@ -104,7 +104,7 @@ def _hand_to_broker_user(root: Path) -> None:
 
 
 def start_secured_broker(root: Path, passwords: dict[str, str] | None = None) -> SecuredBroker:
-    from flywheel.broker import free_port, mosquitto_path, port_open
+    from flywheel.base.broker import free_port, mosquitto_path, port_open
 
     binary = mosquitto_path()
     if binary is None or shutil.which("mosquitto_passwd") is None:
@@ -155,7 +155,7 @@ MLFLOW_CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 def _mlflow_credentials_put_back():
     """Clear MLflow's credential variables, and afterwards put them back as they were.
 
-    ``finetune.tracking.plain_uri`` writes a URI's user and password into ``os.environ``.
+    ``flywheel.base.tracking.plain_uri`` writes a URI's user and password into ``os.environ``.
     pytest's monkeypatch only undoes what it set itself, so a test that lets plain_uri run
     would leave them behind, and every Ray worker started later inherits them (and, since
     set variables win over a URI's credentials, logs in to the next server with them).
@@ -203,7 +203,7 @@ class Inbox:
     """A connected client collecting what it receives, with SUBACK/PUBACK results."""
 
     def __init__(self, url: str, prefix: str):
-        from flywheel.mqtt import connect, make_client
+        from flywheel.base.mqtt import connect, make_client
 
         self.messages: list[tuple[str, bytes, bool]] = []
         self._cond = threading.Condition()

@@ -62,7 +62,7 @@ def start_mlflow_server(root: Path, backend_store_uri: str,
     that user is the admin, everybody else has no permission, and every API call without
     valid credentials gets 401.  Its user store lives in ``root``.
     """
-    from flywheel.broker import free_port
+    from flywheel.base.broker import free_port
 
     port = free_port()
     artifacts = root / "artifacts"
@@ -142,7 +142,7 @@ def _as_postgres_user() -> list[str]:
 
 def start_postgres(bin_dir: Path) -> Postgres:
     """A throwaway cluster in a temp dir on a free port, password auth, sockets in the dir."""
-    from flywheel.broker import free_port
+    from flywheel.base.broker import free_port
 
     root = Path(tempfile.mkdtemp(prefix="flywheel-pg-"))
     data = root / "data"

@@ -2,7 +2,7 @@
 
 There is no Docker engine or Kubernetes here, so the compose stack and the manifests are
 checked by reading them: each command in them is parsed by ``flywheel.cli.build_parser()``
-(the parser the containers run), broker URLs are parsed by ``flywheel.mqtt.BrokerURL`` with
+(the parser the containers run), broker URLs are parsed by ``flywheel.base.mqtt.BrokerURL`` with
 the container's environment, and each ``${VAR}`` a command needs is set in that container.
 A command whose stage is not registered in the CLI fails here with the stage's name.
 """
@@ -164,7 +164,7 @@ def test_command_is_accepted_by_the_real_cli(cmd):
 
 @pytest.mark.parametrize("cmd", [c for c in COMMANDS if "--broker" in c.argv], ids=lambda c: c.where)
 def test_broker_url_is_tls_with_the_components_own_user_and_an_env_password(cmd, monkeypatch):
-    from flywheel.mqtt import BrokerURL
+    from flywheel.base.mqtt import BrokerURL
 
     raw = cmd.argv[cmd.argv.index("--broker") + 1]
     m = re.search(r"://([^:@]+):([^@]*)@", raw)

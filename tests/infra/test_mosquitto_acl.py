@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from flywheel.mqtt import ConnectError, connect, make_client
+from flywheel.base.mqtt import ConnectError, connect, make_client
 from ingest.collector import status_component
 
 NOT_AUTHORIZED = 0x87

@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from flywheel.mqtt import BrokerURL, ConnectError, connect, make_client
+from flywheel.base.mqtt import BrokerURL, ConnectError, connect, make_client
 
 
 def test_stack_connects_over_tls_and_verifies_the_server(secured_broker, inbox_factory):

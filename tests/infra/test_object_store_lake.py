@@ -26,7 +26,7 @@ def s3_endpoint():
     except ImportError:
         pytest.fail("moto[server] is missing: the object-store lake test needs `pip install 'moto[server]'` "
                     "(an S3 API server on loopback standing in for MinIO)")
-    from flywheel.broker import free_port
+    from flywheel.base.broker import free_port
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -100,10 +100,10 @@ def test_cluster_has_a_head_and_a_separate_worker_node(cluster):
 def test_ingest_lands_published_telemetry_in_the_lake(cluster, broker, tmp_path):
     import pyarrow.parquet as pq
 
-    from flywheel.mqtt import connect, make_client
+    from flywheel.base.mqtt import connect, make_client
 
     plantgen = _load("flywheel_ingest_plantgen", REPO / "tests" / "ingest" / "ingest_plantgen.py")
-    from flywheel import contract
+    from flywheel.base import contract
 
     uid = f"rc{uuid.uuid4().hex[:8]}"
     machines = [("l1", "m1", "milling"), ("l1", "p1", "pump")]
@@ -184,7 +184,7 @@ def test_serve_answers_health_and_predict_from_the_cluster(cluster, trained, tmp
     import requests
 
     from finetune.synthetic import make_rows
-    from flywheel.contract import LABELS
+    from flywheel.base.contract import LABELS
 
     work, uri, proc = trained
     assert proc.returncode == 0, "training failed; see the test above"

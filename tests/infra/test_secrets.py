@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from flywheel.config import ConfigError, load
-from flywheel.mqtt import BrokerURL, connect, make_client
+from flywheel.base.config import ConfigError, load
+from flywheel.base.mqtt import BrokerURL, connect, make_client
 
 SECRET = "s3cr3t-Pa55"
 
@@ -98,7 +98,7 @@ def test_env_password_logs_into_the_secured_broker(secured_broker, monkeypatch):
 @pytest.mark.parametrize("url", ["http://alice:pa55@mlflow.internal:5000", "postgresql://mlflow:pa55@db/mlflow",
                                  "mqtts://sim:pa55@broker:8883?ca=/etc/ca.pem", "s3://key:pa55@bucket/lake"])
 def test_any_url_is_redacted_before_it_reaches_a_message(url):
-    from flywheel.mqtt import redact_url
+    from flywheel.base.mqtt import redact_url
 
     out = redact_url(url)
     assert "pa55" not in out and ":***@" in out
@@ -123,7 +123,7 @@ def test_mlflow_credentials_leave_the_uri_for_mlflows_own_variables(no_mlflow_cr
     """MLflow prints its tracking URI ("View run at ..."): the credentials must not be in it."""
     import os
 
-    from finetune.tracking import plain_uri
+    from flywheel.base.tracking import plain_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
@@ -142,7 +142,7 @@ def test_mlflow_refusals_become_one_clear_line_without_the_password():
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, UNAUTHENTICATED
 
-    from finetune.tracking import TrackingAuthError, auth_error, error_message
+    from flywheel.base.tracking import TrackingAuthError, auth_error, error_message
 
     uri = f"http://flywheel:{SECRET}@mlflow.plant:5000"
     denied = auth_error(MlflowException("401", error_code=UNAUTHENTICATED), uri)

@@ -27,7 +27,7 @@ def uid():
 @pytest.fixture
 def publish():
     """publish(url, [(topic, payload), ...]) -> the indices the broker acknowledged (QoS 1)."""
-    from flywheel.mqtt import connect, make_client
+    from flywheel.base.mqtt import connect, make_client
 
     clients = []
 

@@ -18,7 +18,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from flywheel import contract
+from flywheel.base import contract
 
 DAY_S = 86400
 

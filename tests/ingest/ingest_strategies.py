@@ -10,7 +10,7 @@ import json
 
 from hypothesis import strategies as st
 
-from flywheel import contract
+from flywheel.base import contract
 
 ROOT_DEFAULT = "factory"
 _REQUIRED = ("event_id", "seq", "ts", "line", "machine", "kind", "readings")

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from ingest_plantgen import day_start, encoded, stream
 from ingest_strategies import malformed
 
-from flywheel import contract
+from flywheel.base import contract
 from ingest.batch import decode_batch
 
 MACHINES = [("l1", "m1", "milling"), ("l1", "p1", "pump")]

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from ingest_plantgen import Incident, day_start, encoded, stream, write_lake
 from ingest_strategies import malformed
 
-from flywheel import contract
-from flywheel.features import WindowConfig
+from flywheel.base import contract
+from flywheel.base.features import WindowConfig
 from ingest import BuildConfig, IngestConfig, build_snapshot, start_ingest
 from ingest.lake import Lake
 
@@ -138,7 +138,7 @@ def test_killed_collector_restarts_and_loses_nothing(broker, ray_local, publish,
 
 
 def test_broker_restart_mid_stream_loses_no_acknowledged_event(broker_factory, ray_local, uid, tmp_path):
-    from flywheel.mqtt import connect, make_client
+    from flywheel.base.mqtt import connect, make_client
 
     b = broker_factory()  # persistence on: sessions and queued messages survive the restart
     lake = tmp_path / "lake"

@@ -12,8 +12,8 @@ import pyarrow.dataset as pads
 import pytest
 from ingest_plantgen import Incident, day_start, stream, write_lake
 
-from flywheel import contract
-from flywheel.features import WindowConfig
+from flywheel.base import contract
+from flywheel.base.features import WindowConfig
 from ingest import BuildConfig, build_snapshot
 
 T0 = day_start()

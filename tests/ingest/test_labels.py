@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from ingest_plantgen import Incident, day_start, stream
 
-from flywheel import contract
-from flywheel.features import WindowConfig, windows
+from flywheel.base import contract
+from flywheel.base.features import WindowConfig, windows
 from ingest.labels import downsample_ok, label_windows, split_windows
 
 CFG = WindowConfig(length=10, stride_s=600, horizon_s=3600)

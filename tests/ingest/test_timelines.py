@@ -14,8 +14,8 @@ from dataclasses import replace
 import pytest
 from ingest_plantgen import Incident, day_start, stream, write_lake
 
-from flywheel import contract
-from flywheel.features import WindowConfig
+from flywheel.base import contract
+from flywheel.base.features import WindowConfig
 from ingest import BuildConfig, build_snapshot
 from ingest.dataset import DatasetError
 from ingest.lake import Lake

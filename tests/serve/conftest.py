@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.features import render
+from flywheel.base.features import render
 
 TRAIN_TEXTS = [
     render("pump", [{"vibration_mm_s": 2.0 + i * 0.1, "bearing_temp_k": 330.0, "discharge_pressure_bar": 6.0,
@@ -32,7 +32,7 @@ def _train_adapter(out_dir: Path, label: str, seed: int) -> Path:
     import torch
 
     from finetune.model import LoraSettings, add_lora, load_base, write_adapter_meta
-    from flywheel.contract import LABELS
+    from flywheel.base.contract import LABELS
 
     torch.manual_seed(seed)
     model, tok = load_base("minilm")

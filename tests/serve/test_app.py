@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from flywheel.contract import LABELS
-from flywheel.features import render
+from flywheel.base.contract import LABELS
+from flywheel.base.features import render
 from serve.client import ServeClient
 
 PUMP = [{"vibration_mm_s": 2.0 + 0.3 * i, "bearing_temp_k": 331.0, "discharge_pressure_bar": 5.9,
@@ -224,7 +224,7 @@ def test_version_details_are_shown_only_when_configured(limited):
 
 
 def test_limit_config_errors_are_clear():
-    from flywheel.config import ConfigError
+    from flywheel.base.config import ConfigError
     from serve import ServeConfig
 
     with pytest.raises(ConfigError, match="max_body_bytes should be >= 1024"):

@@ -6,9 +6,9 @@ import json
 import threading
 import time
 
-from flywheel import contract
-from flywheel.features import WindowConfig, windows
-from flywheel.mqtt import connect, make_client, unique_client_id, wait_published
+from flywheel.base import contract
+from flywheel.base.features import WindowConfig, windows
+from flywheel.base.mqtt import connect, make_client, unique_client_id, wait_published
 from serve import BridgeConfig
 from serve.bridge import Bridge
 
@@ -90,7 +90,7 @@ def test_bridge_windows_equal_dataset_windows_and_every_window_gets_a_prediction
         preds = rec.wait("prediction", n)
         for m, exp in expected.items():
             got = [w for w in b.recent_windows() if w.machine == m]
-            assert got == exp, f"bridge windows for {m} differ from flywheel.features.windows()"
+            assert got == exp, f"bridge windows for {m} differ from flywheel.base.features.windows()"
         assert len(preds) == n and b.stats()["windows"] == n
         for m, exp in expected.items():
             mine = [p for p in preds if p["machine"] == m]

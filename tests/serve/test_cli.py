@@ -17,16 +17,17 @@ def test_rollback_moves_the_alias_back(registry, adapter_dirs, capsys):
     assert "version 1" in capsys.readouterr().out
     # Nothing older to go back to: a clear message, not a traceback.
     assert main(["serve", "rollback", "--mlflow-uri", registry.tracking_uri]) == 1
-    assert "cannot roll back" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "cannot roll back" in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_overrides_and_missing_options_are_clear(capsys, tmp_path):
     assert main(["serve", "--workdir", str(tmp_path), "poll_s=3"]) == 2
     assert "serve. or bridge." in capsys.readouterr().err
     assert main(["serve", "status"]) == 2
-    assert "--url" in capsys.readouterr().out
+    assert "--url" in capsys.readouterr().err
     assert main(["serve", "--workdir", str(tmp_path), "--bridge"]) == 2
-    assert "--broker" in capsys.readouterr().out
+    assert "--broker" in capsys.readouterr().err
 
 
 def test_help_has_examples(capsys):

@@ -60,7 +60,7 @@ def test_a_local_setting_that_turns_direct_ingress_off_is_named(ray_local, monke
 
 
 def test_direct_ingress_config_errors_are_clear():
-    from flywheel.config import ConfigError
+    from flywheel.base.config import ConfigError
     from serve import ServeConfig
 
     with pytest.raises(ConfigError, match="proxy or direct"):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flywheel import contract
-from flywheel.config import ConfigError, load
+from flywheel.base import contract
+from flywheel.base.config import ConfigError, load
 from serve import BridgeConfig, ServeConfig
 from serve.policy import MaintenancePolicy
 

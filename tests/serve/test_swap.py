@@ -63,10 +63,11 @@ def test_swap_under_concurrent_requests_fails_nothing_and_changes_the_version(ap
 
 
 def test_rollback_returns_to_the_previous_champion(app, registry):
-    from serve.cli import rollback
+    from finetune.registry import rollback_alias
 
     assert app.version() == "2"
-    assert rollback(registry.tracking_uri, registry.model_name, "champion", app.url) == "1"
+    assert rollback_alias(registry.tracking_uri, registry.model_name, "champion", app.url).endswith(
+        "now serves version 1")
     assert app.version() == "1"
     assert ServeClient(app.url).predict([{"text": TEXT}])["model_version"] == "1"
 

@@ -7,7 +7,7 @@ which runs first, then aborts the process on the way out (exit status -6, a stac
 stderr). A command that turns SIGTERM into a clean stop (``flywheel serve``, ``flywheel
 demo``/``run``: docker stop, Kubernetes, kill) would lose that: this puts its handler back.
 
-    from flywheel.rayinit import init_ray, stop_like_ctrl_c
+    from flywheel.base.rayinit import init_ray, stop_like_ctrl_c
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)     # SIGTERM unwinds like Ctrl-C
     init_ray(address=None, include_dashboard=False)    # ... and still does once Ray runs
 """

@@ -11,9 +11,9 @@ logged or recorded; the password never leaves this object otherwise.
 from __future__ import annotations
 
 import itertools
-import struct
 import os
 import ssl
+import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -24,7 +24,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from flywheel.config import ConfigError, expand_env
+from flywheel.base.config import ConfigError, expand_env
+from flywheel.base.errors import FlywheelError
 
 DEFAULT_URL = "mqtt://127.0.0.1:1883"
 
@@ -144,7 +145,7 @@ def make_client(url: BrokerURL | str, client_id: str | None = None, *, prefix: s
     return client
 
 
-class ConnectError(ConnectionError):
+class ConnectError(FlywheelError, ConnectionError):
     """The broker refused or could not be reached; the message says which and why."""
 
 

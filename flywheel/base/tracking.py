@@ -18,6 +18,8 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
+from flywheel.base.errors import FlywheelError
+
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
@@ -57,7 +59,7 @@ CREDENTIALS_HINT = ("give the user and password in the URI (http://USER:PASSWORD
                     "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD")
 
 
-class TrackingAuthError(PermissionError):
+class TrackingAuthError(FlywheelError, PermissionError):
     """The tracking server refused this process's credentials (401) or their rights (403)."""
 
 
@@ -70,7 +72,7 @@ def auth_error(exc: BaseException, tracking_uri: str) -> TrackingAuthError | Non
     code = getattr(exc, "error_code", None)
     if code not in AUTH_ERROR_CODES:
         return None
-    from flywheel.mqtt import redact_url
+    from flywheel.base.mqtt import redact_url
 
     return TrackingAuthError(f"MLflow at {redact_url(tracking_uri)} refused the request "
                              f"({code}: {AUTH_ERROR_CODES[code]}); {CREDENTIALS_HINT}")

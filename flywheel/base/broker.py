@@ -48,6 +48,8 @@ import threading
 import time
 from pathlib import Path
 
+from flywheel.base.errors import FlywheelError
+
 #: Queue limits per client.  A collector that falls behind for a while must not lose
 #: QoS 1 messages; memory is the cost (~1 KB a message), bounded by max_queued_bytes.
 MAX_QUEUED_MESSAGES = 2_000_000
@@ -55,7 +57,7 @@ MAX_QUEUED_BYTES = 1_000_000_000
 MAX_INFLIGHT = 1000
 
 
-class BrokerError(RuntimeError):
+class BrokerError(FlywheelError, RuntimeError):
     """The broker could not be started; the message says why and what to do."""
 
 
@@ -81,7 +83,7 @@ def mosquitto_config(port: int, data_dir: Path, host: str = "127.0.0.1", persist
     import pwd
 
     lines = [
-        "# Written by flywheel.broker for the embedded broker.",
+        "# Written by flywheel.base.broker for the embedded broker.",
         # Run as the invoking user: as root, Mosquitto would otherwise switch to the
         # `mosquitto` user, which cannot write the persistence file into our data dir.
         f"user {pwd.getpwuid(os.geteuid()).pw_name}",
@@ -267,7 +269,7 @@ class EmbeddedBroker:
             conf.write_text(mosquitto_config(self.port, self.data_dir, self.host, self.persistence,
                                              self.extra_config))
             self._log = open(self.data_dir / "mosquitto.log", "ab")
-            from flywheel.rayinit import die_with_parent  # SIGTERM if this process dies (Linux)
+            from flywheel.base.rayinit import die_with_parent  # SIGTERM if this process dies (Linux)
 
             self._proc = subprocess.Popen([self._binary, "-c", str(conf)], stdout=self._log,
                                           stderr=subprocess.STDOUT, start_new_session=True,

@@ -24,12 +24,16 @@ from typing import Any, TypeVar
 
 import yaml
 
+from flywheel.base.errors import FlywheelError
+
 T = TypeVar("T")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class ConfigError(ValueError):
+class ConfigError(FlywheelError, ValueError):
     """A config file, key or value that cannot be used; the message names it and the fix."""
+
+    exit_code = 2
 
 
 def expand_env(value: str) -> str:

@@ -17,7 +17,7 @@ Train workers.  Each calls :func:`setup_torch` before its first ``import torch``
   it must be in ``os.environ`` before the process's first ``import torch``, and processes
   started afterwards (Ray workers) inherit it.
 
-    from flywheel.threads import setup_torch
+    from flywheel.base.threads import setup_torch
     torch = setup_torch(-1)          # the replica: all cores, passive waiting
 """
 

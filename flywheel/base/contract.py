@@ -20,7 +20,7 @@ minor version may add some).
 
 Usage::
 
-    from flywheel import contract
+    from flywheel.base import contract
     topics = contract.Topics("factory")
     msg = contract.decode(topic, payload_bytes)     # raises contract.ContractError
     payload = contract.encode(msg)                   # bytes, ready to publish
@@ -34,6 +34,8 @@ import re
 from typing import Literal, Union
 
 import msgspec
+
+from flywheel.base.errors import FlywheelError
 
 __all__ = [
     "ContractError", "Telemetry", "MachineEvent", "Prediction", "Command", "Status",
@@ -87,7 +89,7 @@ def is_failure(label: str) -> bool:
     return label != "ok"
 
 
-class ContractError(ValueError):
+class ContractError(FlywheelError, ValueError):
     """A payload or topic that breaks the contract.
 
     ``reason`` is a short stable code (used to count dead letters by reason),

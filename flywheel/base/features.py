@@ -30,7 +30,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-from flywheel.contract import Telemetry
+from flywheel.base.config import ConfigError
+from flywheel.base.contract import Telemetry
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,11 @@ class WindowConfig:
 
     def __post_init__(self):
         if self.length < 2:
-            raise ValueError(f"window length should be >= 2 readings, got {self.length}")
+            raise ConfigError(f"window length should be >= 2 readings, got {self.length}")
         if not self.stride_s > 0:
-            raise ValueError(f"window stride_s should be > 0 plant seconds, got {self.stride_s}")
+            raise ConfigError(f"window stride_s should be > 0 plant seconds, got {self.stride_s}")
         if not self.horizon_s > 0:
-            raise ValueError(f"label horizon_s should be > 0 plant seconds, got {self.horizon_s}")
+            raise ConfigError(f"label horizon_s should be > 0 plant seconds, got {self.horizon_s}")
 
 
 @dataclass(frozen=True)
