@@ -60,7 +60,8 @@ def make_adapter(out_dir: Path, seed: int) -> Path:
 
 
 def register(uri: str, work: Path, adapter_dir: Path, alias: str = "champion") -> str:
-    from finetune import registry, tracking
+    from finetune import registry
+    from flywheel.base import tracking
     from finetune.pyfunc import save_pyfunc
 
     client = tracking.client_for(uri)

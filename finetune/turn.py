@@ -72,7 +72,8 @@ def _champion(tracking_uri: str, model_name: str):
 def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str, model_name: str = "fault-detector",
                        campaign: str | None = None, turn: int | None = None, run_id: str | None = None,
                        ray_address: str | None = None, progress: bool = True) -> TurnOutcome:
-    from finetune import registry, tracking
+    from finetune import registry
+    from flywheel.base import tracking
     from finetune.data import load_snapshot
     from finetune.evaluate import confusion_png, evaluate_adapter_report, majority_baseline
     from finetune.gate import decide

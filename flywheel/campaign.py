@@ -43,7 +43,7 @@ class CampaignConfig:
     topic_root: str = field(default="factory", metadata={"help": "MQTT topic root"})
     collectors: int = field(default=1, metadata={"help": "ingest collector actors"})
     lockstep_timeout_s: float = field(default=60.0, metadata={"help": "sim waits this long for the model"})
-    window: dict = field(default_factory=dict, metadata={"help": "flywheel.features.WindowConfig fields"})
+    window: dict = field(default_factory=dict, metadata={"help": "flywheel.base.features.WindowConfig fields"})
     dataset: dict = field(default_factory=dict, metadata={"help": "ingest.BuildConfig fields (besides window)"})
     train: dict = field(default_factory=dict, metadata={"help": "finetune.TrainConfig fields"})
     serve: dict = field(default_factory=dict, metadata={"help": "serve.ServeConfig fields"})

@@ -91,7 +91,8 @@ class Registry:
     def register(self, adapter_dir: Path, alias: str | None = "champion", model_name: str | None = None) -> str:
         import tempfile
 
-        from finetune import registry, tracking
+        from finetune import registry
+        from flywheel.base import tracking
         from finetune.pyfunc import save_pyfunc
 
         name = model_name or self.model_name
