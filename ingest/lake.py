@@ -130,6 +130,15 @@ def day_of(ts: float) -> str:
     return day
 
 
+def _fsync_dir(path: str) -> None:
+    """Make a directory's entries (a rename into or out of it) durable."""
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 @dataclass(frozen=True)
 class Lake:
     """A lake root on a pyarrow filesystem (local path or any ``FileSystem.from_uri`` URI)."""
@@ -199,12 +208,7 @@ class Lake:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-            # The rename itself must survive a power cut: fsync the directory entry.
-            dfd = os.open(parent, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_dir(parent)   # the rename itself must survive a power cut
         else:
             # Object stores: one put of the finished object is atomic (no partial objects).
             self.fs.create_dir(parent, recursive=True)
@@ -313,11 +317,7 @@ class Lake:
             os.makedirs(parent, exist_ok=True)
             os.replace(src, dst)
             for d in (parent, posixpath.dirname(src)):
-                dfd = os.open(d, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                _fsync_dir(d)
         else:
             self.fs.create_dir(parent, recursive=True)
             self.fs.move(src, dst)

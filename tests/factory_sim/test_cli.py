@@ -25,8 +25,9 @@ def test_bad_arguments_are_clear(capsys):
 
 def test_unreachable_broker_is_reported_with_the_password_redacted(capsys):
     assert main(["sim", "--broker", "mqtt://ops:hunter2@127.0.0.1:9", "--duration", "1h", "--no-live"]) == 1
-    out = capsys.readouterr().out
-    assert "cannot reach broker mqtt://ops:***@127.0.0.1:9" in out.replace("\n", "") and "hunter2" not in out
+    out, err = capsys.readouterr()
+    assert "cannot reach broker mqtt://ops:***@127.0.0.1:9" in err and "hunter2" not in out + err
+    assert len(err.strip().splitlines()) == 1     # the error is one line on stderr
 
 
 def test_calibration_scenario_stops_by_itself_and_writes_its_stream(broker, tmp_path, capsys):

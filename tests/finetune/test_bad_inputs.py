@@ -102,7 +102,8 @@ def test_adapter_with_other_labels_is_refused(adapter_copy):
 def test_cli_errors_are_clear(tmp_path, capsys):
     from flywheel.cli import main
 
-    assert main(["train", "--workdir", str(tmp_path), "--dataset", "ds-missing"]) == 1
-    assert "dataset 'ds-missing' not found" in capsys.readouterr().out
+    # Both are the user's to fix on the command line: exit 2, one line on stderr.
+    assert main(["train", "--workdir", str(tmp_path), "--dataset", "ds-missing"]) == 2
+    assert "dataset 'ds-missing' not found" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path)]) == 2
-    assert "--dataset ID is required" in capsys.readouterr().out
+    assert "--dataset ID is required" in capsys.readouterr().err

@@ -27,6 +27,7 @@ def test_ingest_runs_then_status_reads_the_retained_counters(broker, ray_local, 
     table = capsys.readouterr().out
     assert "ingest-0" in table and "offline" in table and "not_utf8=1" in table
     assert main(["ingest", "--broker", broker.url, "--topic-root", uid + "x", "--status"]) == 1
+    assert "no ingest status" in capsys.readouterr().err
 
 
 def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, capsys):
@@ -51,7 +52,8 @@ def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, 
                  "engine=local", "window.length=6"]) == 0
     assert capsys.readouterr().out.split()[1] == dataset_id
     assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "--previous", "ds-nope"]) == 1
-    assert "ds-nope" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "ds-nope" in err and len(err.strip().splitlines()) == 1
     assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "eval_fraction=2"]) == 2
 
 
