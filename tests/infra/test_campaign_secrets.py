@@ -52,7 +52,9 @@ def secret_campaign(secured_broker, infra_servers, ray_local, tmp_path_factory, 
         mlflow_uri = server.url.replace("http://", f"http://flywheel:{MLFLOW_SECRET}@")
         workdir = tmp_path_factory.mktemp("secrets")
         # in-process windowing: Ray Data's path is the end-to-end test's; this one is about credentials
-        cfg = load_campaign(str(default_config_path("tiny")), ["campaign=secrets", "dataset.engine=local"])
+        # (the proxy: the session's Ray runs without direct ingress)
+        cfg = load_campaign(str(default_config_path("tiny")), ["campaign=secrets", "dataset.engine=local",
+                                                               "serve.ingress=proxy"])
         printed = io.StringIO()
         log_handler, root = logging.StreamHandler(printed), logging.getLogger()
         old_level = root.level
