@@ -2,7 +2,7 @@
 
     python benchmarks/bench_contract.py [--n 200000] [--repeats 5]
 
-Target (issue): >= 100k telemetry messages/s decoded *and validated* on one core.  The
+Target: >= 100k telemetry messages/s decoded *and validated* on one core.  The
 baseline is the standard library parsing the same payloads with no validation at all, so
 the ratio says what full validation costs relative to the cheapest thing a consumer could do.
 """

@@ -6,7 +6,7 @@
 For each seed it runs the embedded demo campaign in a fresh workdir (``--quick``: the tiny
 campaign) and prints, per turn, the wall seconds of every stage and the OEE of the served
 model against the run-to-failure and oracle baselines measured on the same seed in the same
-run.  Targets (issue): the whole demo <= 15 min on 2 CPU cores; after the last turn, macro-F1
+run.  Targets: the whole demo <= 5 min on 2 CPU cores; after the last turn, macro-F1
 and OEE beat turn 0 and run-to-failure; the same seed and config give the same metrics
 (``--repeat 2`` runs every seed twice in fresh workdirs and prints the largest difference).
 
