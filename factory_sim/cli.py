@@ -105,12 +105,10 @@ def run(args) -> int:
         broker.start()      # a BrokerError says why and ends the command (exit 1)
         url = broker.url
         console.print(f"embedded {broker.impl} broker at [bold]{url}[/] (it stops with the sim)")
-    try:
-        runner = MqttSimRunner(plant, url, topic_root=args.topic_root, speed=speed, lockstep=args.lockstep,
-                               lockstep_timeout_s=args.lockstep_timeout, out_path=args.out, stride_s=args.stride_s,
-                               window_length=args.window_length)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    # bad --stride-s / --window-length: the runner raises ConfigError (exit 2)
+    runner = MqttSimRunner(plant, url, topic_root=args.topic_root, speed=speed, lockstep=args.lockstep,
+                           lockstep_timeout_s=args.lockstep_timeout, out_path=args.out, stride_s=args.stride_s,
+                           window_length=args.window_length)
     lines = sorted({v.line for v in plant.machines})
     n = len(plant.machines)
     until = (f"until {scenario.stop_after_parts:,} parts are made" if scenario.stop_after_parts and args.duration is None

@@ -64,14 +64,9 @@ def _lake(args) -> str:
 
 def _load_config(cls, args):
     """The stage config from --config and key=value overrides; bad values become ConfigErrors."""
-    from flywheel.base.config import ConfigError, load
+    from flywheel.base.config import load
 
-    try:
-        return load(cls, args.config, list(args.overrides))
-    except ValueError as exc:  # __post_init__ checks quote the bad value; report them like config errors
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(str(exc)) from None
+    return load(cls, args.config, list(args.overrides))   # __post_init__ checks raise ConfigError
 
 
 def _init_ray(address: str | None) -> None:

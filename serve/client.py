@@ -14,6 +14,7 @@ import threading
 from typing import Callable
 from urllib.parse import urlsplit
 
+from flywheel.base.config import ConfigError
 from flywheel.base.errors import FlywheelError
 
 
@@ -38,7 +39,7 @@ class ServeClient:
     def _set_url(self, url: str) -> None:
         parts = urlsplit(url.rstrip("/"))
         if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"serve URL {url!r} should look like http://127.0.0.1:8000")
+            raise ConfigError(f"serve URL {url!r} should look like http://127.0.0.1:8000 (the URL `flywheel serve` printed)")
         self.url = url.rstrip("/")
         self._host, self._port, self._prefix = parts.hostname, parts.port or 80, parts.path
 

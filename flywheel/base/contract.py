@@ -127,13 +127,14 @@ class MachineEvent(msgspec.Struct, frozen=True, kw_only=True):
     """A discrete machine event: failure, maintenance start/done, or a finished part.
 
     ``mode`` is set for failures; ``reason`` (planned/breakdown) and ``finding`` (what
-    the inspection reported: a failure mode or ``ok``; an inspection can miss a developing
-    failure or report one on a healthy machine) for maintenance; ``quality`` (ok/scrap)
-    and ``variant`` (the product variant L/M/H of a milled part, which sets its overstrain
-    limit; null for pump batches) for parts.
+    the inspection reported: a failure mode or ``ok``; the simulator reports the true
+    condition, a real plant's technician may not) for maintenance; ``quality`` (ok/scrap)
+    and, optionally, ``variant`` (the product variant L/M/H of a milled part, which sets its
+    overstrain limit) for parts.
 
-    ``variant`` came in a minor version of ``event/1``: it is optional, producers before
-    it never send it and consumers before it ignore it.
+    ``variant`` came in a minor version of ``event/1``: it is optional (the simulator does
+    not send it yet; a plant gateway may), producers before it never send it and consumers
+    before it ignore it.
     """
 
     schema: str = "event/1"

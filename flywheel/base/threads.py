@@ -27,6 +27,8 @@ import logging
 import os
 import sys
 
+from flywheel.base.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 #: What the stack puts in the environment unless the user already set it (before torch loads).
@@ -46,7 +48,7 @@ def torch_threads(requested: int = 0, share: int = 1) -> int:
     if requested > 0:
         return int(requested)
     if requested not in (0, -1):
-        raise ValueError(f"torch threads should be -1 (all cores), 0 (automatic) or a count, got {requested!r}")
+        raise ConfigError(f"torch threads should be -1 (all cores), 0 (automatic) or a count, got {requested!r}")
     cores = cores_available()
     if requested == -1:
         return cores

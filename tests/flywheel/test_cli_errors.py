@@ -32,6 +32,7 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     (["sim", "--speed", "-3"], "--speed"),
     (["serve", "--workdir", "{tmp}", "poll_s=3"], "serve. or bridge."),
     (["serve", "status"], "--url"),
+    (["serve", "status", "--url", "foo"], "http://127.0.0.1:8000"),
     (["broker", "--port", "70000"], "--port"),
     (["ingest", "--workdir", "{tmp}"], "--broker"),
     (["sim", "--no-such-flag"], "--no-such-flag"),
