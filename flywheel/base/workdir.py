@@ -1,0 +1,80 @@
+"""The working directory: one object that names every place the stack keeps state.
+
+Every CLI takes ``--workdir`` (default ``.flywheel``); everything below it is named here
+and nowhere else::
+
+    <workdir>/lake/                  the data lake (raw/, deadletter/, aborted/, datasets/)
+    <workdir>/lake/datasets/<ID>/    dataset snapshots
+    <workdir>/mlflow.db              MLflow tracking + registry (SQLite) unless --mlflow-uri
+    <workdir>/checkpoints/           training checkpoints (resume after a kill)
+    <workdir>/campaigns/<name>/      a campaign's state.json and plant states
+    <workdir>/reports/<name>/        report.md and the PNG plots
+    <workdir>/broker/                the embedded broker's config and persistence
+
+    wd = Workdir(".flywheel")
+    wd.lake_uri, wd.mlflow_uri, wd.dataset("ds-0123456789ab"), wd.campaign("demo")
+
+``lake`` and ``mlflow`` may point elsewhere (an ``s3://`` lake, an MLflow server); the
+other places always live under the root.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_WORKDIR = ".flywheel"
+
+
+@dataclass(frozen=True)
+class Workdir:
+    root: Path
+    lake_override: str | None = None
+    mlflow_override: str | None = None
+
+    def __init__(self, root: str | os.PathLike = DEFAULT_WORKDIR, *, lake: str | None = None,
+                 mlflow_uri: str | None = None):
+        object.__setattr__(self, "root", Path(root).resolve())
+        object.__setattr__(self, "lake_override", lake or None)
+        object.__setattr__(self, "mlflow_override", mlflow_uri or None)
+
+    @property
+    def lake_uri(self) -> str:
+        """The lake: ``--lake`` when given (a path or ``s3://bucket/prefix``), else ``<workdir>/lake``."""
+        return self.lake_override or str(self.root / "lake")
+
+    @property
+    def mlflow_uri(self) -> str:
+        """The MLflow tracking URI: ``--mlflow-uri`` when given, else ``sqlite:///<workdir>/mlflow.db``."""
+        return self.mlflow_override or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def datasets(self) -> str:
+        """Where dataset snapshots live (under the lake, so an ``s3://`` lake keeps them too)."""
+        return self.lake_uri.rstrip("/") + "/datasets"
+
+    def dataset(self, dataset_id: str) -> str:
+        return f"{self.datasets}/{dataset_id}"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def campaigns(self) -> Path:
+        return self.root / "campaigns"
+
+    def campaign(self, name: str) -> Path:
+        return self.campaigns / name
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def report(self, name: str) -> Path:
+        return self.reports / name
+
+    @property
+    def broker(self) -> Path:
+        return self.root / "broker"
