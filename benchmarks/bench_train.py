@@ -42,9 +42,12 @@ sys.path.insert(0, str(ROOT))
 def make_batches(n_steps: int, batch_size: int, tok, max_length: int = 96):
     from finetune.data import Batches, label_ids, plan_batches, tokenize
     from finetune.synthetic import make_rows
+    from flywheel.base.features import get_featuriser, parse_readings
 
     rows = make_rows(n_steps * batch_size * 2, seed=7)
-    texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
+    feat = get_featuriser("text-summary/1")
+    texts = [feat(r["kind"], parse_readings(r["readings"])) for r in rows]
+    labels = [r["label"] for r in rows]
     y = label_ids(labels)
     plan = plan_batches(y, epochs=1, batch_size=batch_size, seed=0, ok_ratio=0, max_train_samples=0,
                         max_steps=n_steps)

@@ -10,11 +10,13 @@ retained status on ``{root}/_status/sim`` (its will message marks the sim offlin
   refuses (bad payload, unknown machine, machine already down) is logged and counted
   on the status (``commands_refused``, ``last_error``, ``refused_by_machine``); the run
   goes on.
-* **Lockstep** (the closed loop's determinism) - at every window end (plant time a
-  multiple of ``stride_s``), after publishing that tick, the runner waits until it has a
-  Prediction on ``{root}/+/+/prediction`` for every machine that published telemetry in
-  this tick and has at least ``window_length`` readings, with ``window_end_seq`` equal to
-  that telemetry's seq.  The serving bridge publishes a machine's ``maintain`` command
+* **Lockstep** (the closed loop's determinism) - at every window end of ``window`` (a
+  :class:`flywheel.base.features.WindowConfig`, the served model's: plant time a multiple
+  of ``window.stride_s``, :func:`flywheel.base.features.is_window_end`), after
+  publishing that tick, the runner waits until it has a Prediction on
+  ``{root}/+/+/prediction`` for every machine that published telemetry in this tick and
+  has at least ``window.length`` readings, with ``window_end_seq`` equal to that
+  telemetry's seq.  The serving bridge publishes a machine's ``maintain`` command
   before its prediction from one client, so the decision's commands have arrived by
   then; they are applied in machine-id order.  A wait longer than
   ``lockstep_timeout_s`` logs a warning, is counted, and the run continues.
@@ -46,6 +48,7 @@ import msgspec
 
 from flywheel.base import contract
 from flywheel.base.config import ConfigError
+from flywheel.base.features import WindowConfig, is_window_end
 from flywheel.base.mqtt import BrokerURL, connect, make_client
 
 from factory_sim.plant import Plant
@@ -81,15 +84,15 @@ class MqttSimRunner:
 
     def __init__(self, plant: Plant, broker_url: str | BrokerURL, topic_root: str = "factory",
                  speed: float | None = None, lockstep: bool = False, lockstep_timeout_s: float = 30.0,
-                 out_path: str | None = None, stride_s: float = 600.0, window_length: int = 10,
+                 out_path: str | None = None, window: WindowConfig | None = None,
                  status_interval_s: float = 2.0, max_unacked: int = 5000, client_id: str | None = None,
                  progress_interval_s: float = 0.5):
         if speed is not None and not speed > 0:
             raise ConfigError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
-        if not stride_s > 0 or (stride_s % plant.tick_s) != 0:
-            raise ConfigError(f"stride_s should be a positive multiple of the tick ({plant.tick_s:g} s), got {stride_s!r}")
-        if window_length < 1:
-            raise ConfigError(f"window_length should be >= 1 readings, got {window_length!r}")
+        window = window or WindowConfig()
+        if window.stride_s % plant.tick_s != 0:
+            raise ConfigError(f"window stride_s should be a multiple of the plant tick ({plant.tick_s:g} s), "
+                              f"got {window.stride_s:g}")
         self.plant = plant
         self.url = BrokerURL.parse(broker_url)
         self.topics = contract.Topics(topic_root)
@@ -97,8 +100,7 @@ class MqttSimRunner:
         self.lockstep = lockstep
         self.lockstep_timeout_s = float(lockstep_timeout_s)
         self.out_path = out_path
-        self.stride_s = float(stride_s)
-        self.window_length = int(window_length)
+        self.window = window
         self._published_readings: dict[str, int] = {}
         self.status_interval_s = status_interval_s
         self.progress_interval_s = progress_interval_s
@@ -268,7 +270,6 @@ class MqttSimRunner:
         wall0 = time.monotonic()
         s.plant_start_ts = plant_ts0 = plant.now_ts
         next_status = next_progress = wall0
-        stride_ms = round(self.stride_s * 1000)
         n_ticks = int(duration_s / plant.tick_s + 1e-9)
         try:
             self._publish_status(True)
@@ -289,13 +290,13 @@ class MqttSimRunner:
                         lag = due - time.monotonic()
                 out = plant.step()
                 s.ticks += 1
-                if self.lockstep and round(plant.now_ts * 1000) % stride_ms == 0:
+                if self.lockstep and is_window_end(plant.now_ts, self.window):
                     self._publish(out)
                     # Count readings published by THIS runner: the bridge serving this period
                     # subscribed just before it started, so it holds a full window exactly when
-                    # this runner has published window_length readings of that machine.
+                    # this runner has published window.length readings of that machine.
                     expected = {m.machine: m.seq for m in out if isinstance(m, contract.Telemetry)
-                                and self._published_readings.get(m.machine, 0) >= self.window_length}
+                                and self._published_readings.get(m.machine, 0) >= self.window.length}
                     if expected:
                         self._wait_predictions(expected)
                     out = []

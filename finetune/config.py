@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from finetune.model import LoraSettings
 from flywheel.base.config import ConfigError
+from flywheel.base.features import FeaturiserError, get_featuriser
 
 #: Gate metrics where lower is better; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("eval.ece", "eval.loss", "eval.brier")
@@ -41,6 +42,8 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_frac: float = field(default=0.06, metadata={"help": "fraction of steps with linear LR warm-up"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = no clipping)"})
+    featuriser: str = field(default="text-summary/1", metadata={
+        "help": "how a window's readings become model input (name/version; recorded with the model)"})
     max_length: int = field(default=96, metadata={"help": "max tokens per window text (batches pad dynamically)"})
     max_train_samples: int = field(default=4000, metadata={
         "help": "windows trained on per turn, all epochs together, after class balancing (0 = no cap)"})
@@ -93,6 +96,13 @@ class TrainConfig:
             raise ConfigError(f"class_weight_max should be >= 1, got {self.class_weight_max}")
         if not self.gate_metric.startswith("eval."):
             raise ConfigError(f"gate_metric should be an eval.* metric such as eval.macro_f1, got {self.gate_metric!r}")
+        try:
+            feat = get_featuriser(self.featuriser)
+        except FeaturiserError as exc:
+            raise ConfigError(f"featuriser: {exc}") from None
+        if feat.output != "text":
+            raise ConfigError(f"featuriser {self.featuriser!r} makes {feat.output} input; a LoRA language model "
+                              "needs a text featuriser such as 'text-summary/1'")
         if self.batch_size < self.num_workers:
             raise ConfigError(f"batch_size ({self.batch_size}) should be >= num_workers ({self.num_workers}): "
                              "each worker needs at least one window per step")

@@ -2,11 +2,16 @@
 
 A snapshot is a directory written by the dataset builder::
 
-    <snapshot>/train.parquet   rows: line, machine, kind, ..., text, label, label_source
+    <snapshot>/train.parquet   rows: line, machine, kind, ..., readings, label, label_source
     <snapshot>/eval.parquet
     <snapshot>/manifest.json   {"dataset_id", "content_hash", "counts", "window", ...}
 
-``load_snapshot`` checks it once, at the boundary (labels must be the contract's).
+``load_snapshot`` checks it once, at the boundary (labels must be the contract's), and
+featurises it: each window's ``readings`` (JSON, oldest first) become the model's input
+column ``text`` through the featuriser the run trains with (``TrainConfig.featuriser``),
+the same one serving applies.  A split that already carries ``text`` and no ``readings``
+(hand-made frames, snapshots written before readings were stored) is taken as featurised
+with ``text-summary/1``.
 ``plan_batches`` turns the training split into the exact sequence of optimizer-step
 batches: per epoch a seeded draw of ``ok`` windows (at most ``ok_ratio`` x the failure
 windows), a seeded shuffle, a cap so a turn stays in its time budget, and global batches
@@ -26,9 +31,10 @@ import numpy as np
 
 from flywheel.base.contract import LABELS
 from flywheel.base.errors import FlywheelError
+from flywheel.base.features import DEFAULT_FEATURISER, FeaturiserSpec, get_featuriser, parse_readings
 
 LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
-REQUIRED_COLUMNS = ("text", "label")
+REQUIRED_COLUMNS = ("label",)
 
 
 class DataError(FlywheelError, ValueError):
@@ -45,8 +51,8 @@ class Snapshot:
     eval: "object"    # pandas.DataFrame
 
 
-def read_split(path: str | Path, split: str = "split") -> "object":
-    """Read one split (a parquet file or an in-memory DataFrame) and check its columns and labels."""
+def read_split(path: str | Path, split: str = "split", featuriser: str | dict = DEFAULT_FEATURISER) -> "object":
+    """Read one split (a parquet file or an in-memory DataFrame), check it and featurise it into ``text``."""
     import pandas as pd
 
     if isinstance(path, pd.DataFrame):
@@ -63,8 +69,19 @@ def read_split(path: str | Path, split: str = "split") -> "object":
             raise DataError(f"{p} is not a readable parquet file: {exc}") from None
         where = str(p)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if "readings" not in df.columns and "text" not in df.columns:
+        missing.append("readings")
+    elif "readings" in df.columns and "kind" not in df.columns:
+        missing.append("kind")
     if missing:
-        raise DataError(f"{where} lacks column(s) {missing}; a snapshot split needs {list(REQUIRED_COLUMNS)}")
+        raise DataError(f"{where} lacks column(s) {missing}; a snapshot split needs label and either kind + "
+                        "readings (what `flywheel dataset build` writes) or featurised text")
+    if "readings" in df.columns:
+        df = _featurise(df, featuriser, where)
+    elif FeaturiserSpec.parse(featuriser).ref != DEFAULT_FEATURISER:
+        raise DataError(f"{where} holds featurised text ({DEFAULT_FEATURISER}) and no readings, so it cannot be "
+                        f"featurised with {FeaturiserSpec.parse(featuriser).ref!r}; rebuild the snapshot with "
+                        "`flywheel dataset build`")
     unknown = sorted(set(df["label"].dropna().astype(str)) - set(LABELS))
     if unknown:
         raise DataError(f"{where} has label(s) {unknown} that are not in the contract's label set "
@@ -77,8 +94,25 @@ def read_split(path: str | Path, split: str = "split") -> "object":
     return df
 
 
-def load_snapshot(path: str | Path) -> Snapshot:
-    """Load and check a snapshot directory (train split: >= 2 labels; eval may be empty)."""
+def _featurise(df, featuriser, where: str):
+    feat = get_featuriser(featuriser)
+    df = df.copy()
+    texts = []
+    for i, (kind, raw) in enumerate(zip(df["kind"], df["readings"])):
+        if raw is None or kind is None or (isinstance(raw, float) and raw != raw):
+            texts.append(None)   # dropped below with the other rows that cannot teach anything
+            continue
+        try:
+            texts.append(feat(str(kind), parse_readings(raw)))
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise DataError(f"{where} row {i}: readings {str(raw)[:80]!r} are not a JSON list of readings "
+                            f"({exc}); rebuild the snapshot with `flywheel dataset build`") from None
+    df["text"] = texts
+    return df
+
+
+def load_snapshot(path: str | Path, featuriser: str | dict = DEFAULT_FEATURISER) -> Snapshot:
+    """Load, check and featurise a snapshot directory (train split: >= 2 labels; eval may be empty)."""
     p = Path(path)
     if not p.is_dir():
         raise DataError(f"dataset snapshot {str(p)!r} is not a directory; pass a snapshot built by "
@@ -90,8 +124,8 @@ def load_snapshot(path: str | Path) -> Snapshot:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"{mpath} is not valid JSON: {exc}") from None
-    train = read_split(p / "train.parquet", "train")
-    evals = read_split(p / "eval.parquet", "eval")
+    train = read_split(p / "train.parquet", "train", featuriser)
+    evals = read_split(p / "eval.parquet", "eval", featuriser)
     if len(train) == 0:
         raise DataError(f"snapshot {p.name} has an empty training split: collect more plant time first")
     present = sorted(set(train["label"]))

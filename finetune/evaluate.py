@@ -130,10 +130,14 @@ def load_adapter_model(adapter_dir: str | Path, device=None):
 
 
 def evaluate_adapter_report(adapter_dir: str | Path, eval_df_or_path, batch_size: int = 64) -> EvalReport:
-    from finetune.model import predict_proba
+    """Score an adapter on an eval split, featurised with the adapter's own featuriser."""
+    from finetune.data import read_split
+    from finetune.model import adapter_featuriser, predict_proba
 
     df = _eval_frame(eval_df_or_path)
     model, tok, meta = load_adapter_model(adapter_dir)
+    if "readings" in df.columns:   # the champion may featurise otherwise than the run that loaded the split
+        df = read_split(df, "eval", adapter_featuriser(meta).to_dict())
     probs = predict_proba(model, tok, list(df["text"]), batch_size=batch_size, max_length=int(meta.get("max_length", 96)))
     return score(probs, list(df["label"]))
 

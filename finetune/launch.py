@@ -36,6 +36,7 @@ from typing import Callable
 from finetune.config import TrainConfig
 from finetune.core import OptimConfig, train_core, unwrap
 from finetune.model import DeviceSpec, add_lora, load_base, pick_device, upcast_trainable, write_adapter_meta
+from flywheel.base.features import FeaturiserSpec
 from flywheel.base.threads import setup_torch
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,9 @@ def save_adapter(model, out_dir: str | Path, config: TrainConfig, snapshot, metr
     write_adapter_meta(out, base_model=config.base_model, max_length=config.max_length,
                        dataset_id=snapshot.dataset_id, dataset_hash=snapshot.content_hash,
                        lora=asdict(config.lora), seed=config.seed,
-                       trust_remote_code=config.trust_remote_code)
+                       trust_remote_code=config.trust_remote_code,
+                       featuriser=FeaturiserSpec.parse(config.featuriser).to_dict(),
+                       window=snapshot.manifest.get("window"))
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return str(out)
 
@@ -144,7 +147,7 @@ def train_plain(snapshot_dir, config: TrainConfig, out_dir, *, report=None, prog
     from finetune.checkpoint import latest_state, save_atomic
     from finetune.data import Snapshot, load_snapshot
 
-    snapshot = snapshot_dir if isinstance(snapshot_dir, Snapshot) else load_snapshot(snapshot_dir)
+    snapshot = snapshot_dir if isinstance(snapshot_dir, Snapshot) else load_snapshot(snapshot_dir, config.featuriser)
     device = device or pick_device("cuda" if config.use_gpu else "auto")
     fp = fingerprint(snapshot, config, 1, warm_start_dir)
     root = checkpoint_root(config, fp)

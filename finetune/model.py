@@ -8,6 +8,12 @@ contract's labels (``flywheel.base.contract.LABELS``) on top of any Hugging Face
   works for users with network access.
 * Weights load from safetensors only; ``trust_remote_code`` is off unless asked for.
 * ``pick_device()`` is the one place CPU/fp32 and GPU/bf16 differ.
+* An adapter directory carries ``flywheel_model.json``: base model, labels, max_length,
+  lineage, and the model's input pipeline: ``window`` (length, stride_s, horizon_s) and
+  ``featuriser`` (name, version, params), so serving windows and featurises as training
+  did.  An adapter recorded before these keys existed is read as featuriser
+  ``text-summary/1`` (the only one there was) with no window config: an MQTT bridge then
+  needs one stated; an unknown featuriser is refused when the adapter is read.
 
 Usage::
 
@@ -27,8 +33,11 @@ from typing import Sequence
 
 import numpy as np
 
+from flywheel.base.config import ConfigError
 from flywheel.base.contract import LABELS
 from flywheel.base.errors import FlywheelError
+from flywheel.base.features import (DEFAULT_FEATURISER, FeaturiserError, FeaturiserSpec, WindowConfig,
+                                    get_featuriser)
 
 ADAPTER_META = "flywheel_model.json"
 
@@ -217,7 +226,26 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict:
     if list(meta.get("labels", [])) != list(LABELS):
         raise ModelError(f"adapter {adapter_dir} was trained on labels {meta.get('labels')} but the "
                          f"contract's labels are {list(LABELS)}")
+    try:
+        get_featuriser(adapter_featuriser(meta))
+    except FeaturiserError as exc:
+        raise ModelError(f"adapter {adapter_dir}: {exc}") from None
+    try:
+        adapter_window(meta)
+    except ConfigError as exc:
+        raise ModelError(f"adapter {adapter_dir} records a bad window config: {exc}") from None
     return meta
+
+
+def adapter_featuriser(meta: dict) -> FeaturiserSpec:
+    """The featuriser an adapter was trained with (``text-summary/1`` for adapters that predate the record)."""
+    return FeaturiserSpec.parse(meta.get("featuriser") or DEFAULT_FEATURISER)
+
+
+def adapter_window(meta: dict) -> WindowConfig | None:
+    """The window config an adapter was trained on, or None when it records none."""
+    w = meta.get("window")
+    return None if w is None else WindowConfig.from_dict(w)
 
 
 def check_adapter_dir(adapter_dir: str | os.PathLike) -> dict:

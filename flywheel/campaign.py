@@ -112,11 +112,8 @@ def stage_configs(cfg: CampaignConfig):
     from serve import BridgeConfig, ServeConfig
 
     out["serve"] = _build(ServeConfig, dict(cfg.serve), "serve.")
-    bridge = dict(cfg.bridge)
-    bridge_fields = {f.name for f in dataclasses.fields(BridgeConfig)}
-    if "window" in bridge_fields:
-        bridge["window"] = window
-    out["bridge"] = _build(BridgeConfig, bridge, "bridge.")
+    # No window for the bridge: it reads the one the served model version was trained on.
+    out["bridge"] = _build(BridgeConfig, dict(cfg.bridge), "bridge.")
     return out
 
 

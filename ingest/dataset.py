@@ -5,9 +5,14 @@
 and splits by time without leakage (``ingest.labels``).  It writes::
 
     <lake>/datasets/<dataset_id>/train.parquet   line, machine, kind, start_seq, end_seq,
-    <lake>/datasets/<dataset_id>/eval.parquet    start_ts, end_ts, text, label, label_source
+    <lake>/datasets/<dataset_id>/eval.parquet    start_ts, end_ts, readings, label, label_source
     <lake>/datasets/<dataset_id>/manifest.json   hash, counts, plant-time range, sources, config
     <lake>/datasets/<dataset_id>/_cache/         windows per day and events, for the next build
+
+A window is stored featuriser-neutral: ``readings`` is the JSON list of its numeric
+readings, oldest first (``flywheel.base.features.readings_json``).  Training and serving
+turn it into model input with the featuriser the model records; the manifest records the
+window config (``window``) and the storage format (``window_format``).
 
 ``dataset_id`` is ``ds-`` plus the first 12 hex digits of the content hash (SHA-256
 over the rows in a fixed order), so building twice from the same lake gives the same id.
@@ -51,7 +56,9 @@ from ingest.labels import downsample_ok, label_windows, split_windows
 from ingest.lake import Lake
 from ingest.windows import OUTPUT_SCHEMA, TELEMETRY_COLUMNS, machine_windows
 
-WINDOW_COLUMNS = ["line", "machine", "kind", "start_seq", "end_seq", "start_ts", "end_ts", "text"]
+WINDOW_COLUMNS = ["line", "machine", "kind", "start_seq", "end_seq", "start_ts", "end_ts", "readings"]
+#: How windows are stored: readings JSON (``flywheel.base.features.readings_json``).
+WINDOW_FORMAT = "readings-json/1"
 SNAPSHOT_COLUMNS = WINDOW_COLUMNS + ["label", "label_source"]
 EVENT_COLUMNS = ["event_id", "seq", "ts", "line", "machine", "type", "mode", "reason", "finding"]
 CACHE_DIR = "_cache"
@@ -125,7 +132,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     # ---- labels and splits
     say("joining labels and splitting by time")
     df = rows.to_pandas()
-    win = df[df["row_type"] == "window"][WINDOW_COLUMNS]
+    win = df[df["row_type"] == "window"].rename(columns={"payload": "readings"})[WINDOW_COLUMNS]
     stats = df[df["row_type"] == "stats"]
     ranges = _machine_ranges(stats, events)
     labeled = label_windows(win, events, config.window.horizon_s, {k: hi for k, (_lo, hi) in ranges.items()})
@@ -159,6 +166,8 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
         "parent": _parent_id(previous),
         "lake": lake.uri,
         "columns": SNAPSHOT_COLUMNS,
+        "window": asdict(config.window),
+        "window_format": WINDOW_FORMAT,
         "counts": {"train": _label_counts(train), "eval": _label_counts(evaluation)},
         "label_sources": {"train": train["label_source"].value_counts().sort_index().to_dict(),
                           "eval": evaluation["label_source"].value_counts().sort_index().to_dict()},
@@ -221,7 +230,7 @@ def _seed_tails(reused: pa.Table) -> dict[str, str]:
     """Per machine, the tail of the last reused day it had telemetry in."""
     tails: dict[str, tuple[str, str]] = {}
     t = reused.filter(pc.equal(reused["row_type"], "tail")).to_pydict()
-    for day, line, machine, text in zip(t["partition"], t["line"], t["machine"], t["text"]):
+    for day, line, machine, text in zip(t["partition"], t["line"], t["machine"], t["payload"]):
         key = f"{line}/{machine}"
         if key not in tails or day > tails[key][0]:
             tails[key] = (day, text)
@@ -240,7 +249,7 @@ def _check_conflicts(rows: pa.Table, lake: Lake) -> None:
     if stats.num_rows == 0:
         return
     n = int(pc.sum(stats["n_conflicts"]).as_py())
-    sample = sorted({i for text in stats["text"].to_pylist() for i in json.loads(text or "[]")})[:5]
+    sample = sorted({i for text in stats["payload"].to_pylist() for i in json.loads(text or "[]")})[:5]
     where = sorted({f"{a}/{b} {d}" for a, b, d in zip(stats["line"].to_pylist(), stats["machine"].to_pylist(),
                                                          stats["partition"].to_pylist())})[:5]
     raise DatasetError(f"{n} telemetry rows share an event_id with rows of other contents (e.g. "
@@ -341,7 +350,7 @@ def _load_cache(lake: Lake, previous: str, config: BuildConfig) -> _Cache:
     if state["window"] != asdict(config.window):
         return _empty_cache()  # another window config: nothing to reuse, build in full
     rows = pq.read_table(posixpath.join(path, CACHE_DIR, "rows.parquet"), filesystem=lake.fs)
-    if rows.schema.names != OUTPUT_SCHEMA.names:  # written by an older builder (no conflict counts)
+    if rows.schema.names != OUTPUT_SCHEMA.names:  # written by an older builder (text windows, no conflict counts)
         return _empty_cache()
     rows = rows.cast(OUTPUT_SCHEMA)
     events = pq.read_table(posixpath.join(path, CACHE_DIR, "events.parquet"), filesystem=lake.fs).to_pandas()

@@ -5,13 +5,15 @@ The dataset builder groups telemetry by machine (Ray Data ``map_groups``) and ca
 readings in ``seq`` order to ``flywheel.base.features.WindowBuilder`` (the featurisation
 serving uses; nothing is re-implemented here) and emits three kinds of rows:
 
-* ``window`` - one model-input window, assigned to the UTC day of its end;
+* ``window`` - one window, its readings oldest first as JSON
+  (``flywheel.base.features.readings_json``: featuriser-neutral; training and serving
+  featurise them), assigned to the UTC day of its end;
 * ``tail``   - the last ``length - 1`` readings at the end of each day (JSON), so a
   later incremental build can continue the machine's windows from that day without
   re-reading it;
 * ``stats``  - rows, duplicates and plant-time range per machine and day, and conflicts:
   rows whose ``event_id`` another row carries with different contents (``seq``, ``ts``,
-  ``kind``, readings), with a few of those ids (JSON) in ``text``.  A redelivered message
+  ``kind``, readings), with a few of those ids (JSON) in ``payload``.  A redelivered message
   is an exact copy; a conflict means two timelines of the plant reached the lake, and the
   dataset builder refuses to pick one.
 
@@ -30,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from flywheel.base.contract import Telemetry
-from flywheel.base.features import WindowBuilder, WindowConfig
+from flywheel.base.features import WindowBuilder, WindowConfig, readings_json
 from ingest.lake import day_of
 
 OUTPUT_SCHEMA = pa.schema([
@@ -43,7 +45,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("end_seq", pa.int64()),
     ("start_ts", pa.float64()),
     ("end_ts", pa.float64()),
-    ("text", pa.string()),         # window text, or a tail's readings as JSON
+    ("payload", pa.string()),      # JSON: a window's readings, a tail's readings, or stats' conflicting ids
     ("n_rows", pa.int64()),
     ("n_dupes", pa.int64()),
     ("n_conflicts", pa.int64()),   # stats rows: duplicates of an event_id with other contents
@@ -129,7 +131,7 @@ def machine_windows(group: pa.Table, config: WindowConfig, tails: dict[str, str]
                 last_seq = t.seq
             if w is not None:
                 _append(out, "window", day_names[day_all[i]], line, machine, w.kind, w.start_seq, w.end_seq,
-                        w.start_ts, w.end_ts, w.text, 0, 0)
+                        w.start_ts, w.end_ts, readings_json(w.readings), 0, 0)
         if last_of_day[i] and recent:
             buf = list(recent)
             _append(out, "tail", day_names[day_all[i]], line, machine, kind, buf[0].seq, buf[-1].seq, buf[0].ts,
@@ -167,7 +169,7 @@ def _conflicts(rows: pa.Table, rmap: pa.MapArray, ids_sorted: np.ndarray, keep: 
     return conflict
 
 
-def _append(out, row_type, partition, line, machine, kind, start_seq, end_seq, start_ts, end_ts, text,
+def _append(out, row_type, partition, line, machine, kind, start_seq, end_seq, start_ts, end_ts, payload,
             n_rows, n_dupes, n_conflicts=0) -> None:
     out["row_type"].append(row_type)
     out["partition"].append(partition)
@@ -178,7 +180,7 @@ def _append(out, row_type, partition, line, machine, kind, start_seq, end_seq, s
     out["end_seq"].append(int(end_seq))
     out["start_ts"].append(float(start_ts))
     out["end_ts"].append(float(end_ts))
-    out["text"].append(text)
+    out["payload"].append(payload)
     out["n_rows"].append(int(n_rows))
     out["n_dupes"].append(int(n_dupes))
     out["n_conflicts"].append(int(n_conflicts))

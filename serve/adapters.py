@@ -7,7 +7,8 @@ request pins its slot when it arrives, so a swap never changes the version of a 
 already in flight.
 
 A swap loads the new adapter *beside* the old one, checks it (it loads, the label set
-matches the contract, predictions on a fixed probe set of windows are finite
+matches the contract, its featuriser is one this release knows, predictions on a fixed probe
+set of windows (featurised with that featuriser) are finite
 probabilities summing to 1), and only then re-points the public name.  A refused
 adapter is unloaded and the old one keeps serving.  An old adapter is deleted once no
 pinned request uses it any more.
@@ -26,13 +27,14 @@ import logging
 import re
 import threading
 import time
+from typing import Callable
 from dataclasses import dataclass, field
 from itertools import count
 
 import numpy as np
 
 from flywheel.base.contract import LABELS
-from flywheel.base.features import REFERENCE, render
+from flywheel.base.features import REFERENCE, WindowConfig, get_featuriser
 from serve.source import Resolved
 
 log = logging.getLogger(__name__)
@@ -49,25 +51,30 @@ class Slot:
     run_id: str | None
     peft_name: str
     base_model: str
+    featuriser: Callable = field(default_factory=get_featuriser)   # readings -> this version's model input
+    window: WindowConfig | None = None                            # the window config it was trained on
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     retired: bool = False
 
     def describe(self) -> dict:
         return {"model_name": self.model_name, "ref": self.ref, "version": self.version, "run_id": self.run_id,
-                "base_model": self.base_model, "loaded_at": self.loaded_at}
+                "base_model": self.base_model, "loaded_at": self.loaded_at,
+                "featuriser": self.featuriser.spec.to_dict(),
+                "window": self.window.to_dict() if self.window is not None else None}
 
 
-def probe_texts() -> list[str]:
-    """A fixed probe set: every machine kind at its reference point and under stress."""
-    texts = []
+def probe_windows() -> list[tuple[str, list[dict[str, float]]]]:
+    """A fixed probe set of (kind, readings): every machine kind at its reference point and under
+    stress, and a kind no model was trained on."""
+    out = []
     for kind, ref in REFERENCE.items():
         raw = {n: typical for n, (_, typical, _) in ref.items() if n not in ("power_w", "temp_diff_k")}
         calm = [dict(raw) for _ in range(6)]
         stressed = [{n: v + (i * 0.6 * ref[n][2]) for n, v in raw.items()} for i in range(6)]
-        texts += [render(kind, calm), render(kind, stressed)]
-    texts.append("unknown machine. vib 9.99 vhigh surging.")
-    return texts
+        out += [(kind, calm), (kind, stressed)]
+    out.append(("unknown machine", [{"vibration_mm_s": 9.99 + i} for i in range(6)]))
+    return out
 
 
 def check_probabilities(probs: np.ndarray, n: int) -> str | None:
@@ -98,7 +105,7 @@ class AdapterPool:
         self._state_lock = threading.Lock()   # slots, pins
         self._model_lock = threading.Lock()   # the module tree: forward vs load/delete
         self._ids = count(1)
-        self._probe = probe_texts()
+        self._probe = probe_windows()
 
     # ------------------------------------------------------------------ routing
     def names(self) -> list[str]:
@@ -148,9 +155,13 @@ class AdapterPool:
     # ------------------------------------------------------------------ swaps
     def install(self, name: str, resolved: Resolved, adapter_dir: str) -> Slot:
         """Load ``adapter_dir`` beside what serves ``name``, check it, then switch; raise ModelError if refused."""
-        from finetune.model import ModelError, check_adapter_dir, load_adapter, resolve_base_model
+        from finetune.model import (ModelError, adapter_featuriser, adapter_window, check_adapter_dir, load_adapter,
+                                    resolve_base_model)
 
-        meta = check_adapter_dir(adapter_dir)   # label set and safetensors-only, before touching the model
+        # label set, safetensors only, a known featuriser and a valid window, before touching the model
+        meta = check_adapter_dir(adapter_dir)
+        featuriser = get_featuriser(adapter_featuriser(meta))
+        window = adapter_window(meta)
         adapter_base = str(meta.get("base_model") or "")
         base = self.base_model or adapter_base
         if not base:
@@ -168,7 +179,7 @@ class AdapterPool:
             try:
                 self.model = load_adapter(self.model, adapter_dir, peft_name)
                 self.model.eval()
-                probs = self._forward(peft_name, self._probe)
+                probs = self._forward(peft_name, [featuriser(kind, rows) for kind, rows in self._probe])
             except ModelError:
                 self._forget(peft_name)
                 raise
@@ -180,7 +191,8 @@ class AdapterPool:
                 self._forget(peft_name)
                 raise ModelError(f"adapter {resolved.model_name} v{resolved.version} refused: {why}")
         new = Slot(name=name, model_name=resolved.model_name, ref=resolved.ref, version=resolved.version,
-                   run_id=resolved.run_id, peft_name=peft_name, base_model=self.base_model)
+                   run_id=resolved.run_id, peft_name=peft_name, base_model=self.base_model,
+                   featuriser=featuriser, window=window)
         with self._state_lock:  # the atomic switch: one dict assignment under the pin lock
             old = self._slots.get(name)
             self._slots[name] = new

@@ -1,10 +1,12 @@
-"""The HTTP API's request and response shapes, its limits, and turning a request into window texts.
+"""The HTTP API's request and response shapes, its limits, and turning a request into model input.
 
-``POST /predict`` takes one window or many.  A window is either its rendered text
-(``{"text": "pump. vib 4.1 high rising. ..."}``, what the MQTT bridge sends, rendered by
-``flywheel.base.features``) or raw readings (``{"kind": "pump", "readings": [{...}, ...]}``,
-oldest first), which are rendered here with the same :func:`flywheel.base.features.render`.
-``adapter`` (per request or per window) picks a named adapter.
+``POST /predict`` takes one window or many.  A window is either raw readings
+(``{"kind": "pump", "readings": [{...}, ...]}``, oldest first: what the MQTT bridge sends),
+which the app featurises with the featuriser the serving model version records (the one
+it was trained with, ``text-summary/1`` today), or model input already featurised
+(``{"text": "pump. vib 4.1 high rising. ..."}``, as ``flywheel.base.features.render``
+writes it).  ``adapter`` (per request or per window) picks a named adapter.  ``GET
+/version`` names each adapter's featuriser and window config.
 
 Shapes are checked strictly: readings must be finite JSON numbers (``"1.0"`` is not a
 number), kinds must be the contract's, and every problem with a request is a 4xx naming
@@ -41,7 +43,6 @@ from typing import Annotated, Callable, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
 from flywheel.base.contract import LABELS, MACHINE_KINDS, MAX_READINGS
-from flywheel.base.features import render
 from serve.config import ServeConfig
 
 #: Names one reading may carry: the same cap as a telemetry message on MQTT.
@@ -72,7 +73,7 @@ DEFAULT_LIMITS = Limits.from_config(ServeConfig())
 
 # The models carry the default limits in their JSON schema (so the schema is right for a
 # default config even outside the app); the app rewrites them to its configured values.
-# They are not enforced by pydantic: window_texts checks them with messages naming the window.
+# They are not enforced by pydantic: parse_windows checks them with messages naming the window.
 Reading = Annotated[dict[str, Number], Field(json_schema_extra={
     "minProperties": 1, "maxProperties": MAX_NAMES_PER_READING,
     "propertyNames": {"pattern": _READING_PATTERN}})]
@@ -149,9 +150,22 @@ def _unencodable_at(text: str) -> int | None:
         return exc.start
 
 
-def window_texts(body: PredictBody, *, max_windows: int, max_readings: int, max_text_chars: int
-                 ) -> list[tuple[str, str | None, str | None]]:
-    """(text, adapter or None, kind or None) per window; raise BadRequest naming the bad window."""
+@dataclass(frozen=True)
+class ApiWindow:
+    """One checked window of a request: model input ``text``, or ``readings`` still to featurise."""
+
+    text: str | None
+    readings: list[dict[str, float]] | None
+    adapter: str | None
+    kind: str | None
+
+
+def parse_windows(body: PredictBody, *, max_windows: int, max_readings: int, max_text_chars: int
+                  ) -> list[ApiWindow]:
+    """Check every window of a request; raise BadRequest naming the bad window.
+
+    Readings are featurised later, by :func:`featurise`, with the featuriser of the adapter
+    the window is served by."""
     if isinstance(body, PredictRequest):
         windows, default_adapter = body.windows, body.adapter
         if not windows:
@@ -177,7 +191,8 @@ def window_texts(body: PredictBody, *, max_windows: int, max_readings: int, max_
                 raise BadRequest(422, f"{where}.text is empty")
             if len(text) > max_text_chars:
                 raise BadRequest(422, f"{where}.text has {len(text)} characters; the limit is {max_text_chars}")
-            out.append((text, adapter, text.split(".", 1)[0] if text.split(".", 1)[0] in MACHINE_KINDS else None))
+            kind = text.split(".", 1)[0]
+            out.append(ApiWindow(text, None, adapter, kind if kind in MACHINE_KINDS else None))
             continue
         if w.kind not in MACHINE_KINDS:
             raise BadRequest(422, f"{where}.kind {w.kind!r} is unknown; known kinds: {', '.join(MACHINE_KINDS)}")
@@ -195,13 +210,24 @@ def window_texts(body: PredictBody, *, max_windows: int, max_readings: int, max_
             if bad:
                 raise BadRequest(422, f"{where}.readings[{j}] has reading name {bad[0]!r}; names are "
                                       "snake_case with units, e.g. vibration_mm_s")
-        text = render(w.kind, [{k: float(v) for k, v in r.items()} for r in w.readings])
-        # Rendered text reaches the tokenizer like sent text, so it has the same limit (many
+        out.append(ApiWindow(None, [{k: float(v) for k, v in r.items()} for r in w.readings], adapter, w.kind))
+    return out
+
+
+def featurise(windows: list[ApiWindow], featurisers: list[Callable], max_text_chars: int) -> list[str]:
+    """Model input per window: sent text as is, readings through that window's featuriser."""
+    out = []
+    for i, (w, feat) in enumerate(zip(windows, featurisers)):
+        if w.text is not None:
+            out.append(w.text)
+            continue
+        text = feat(w.kind, w.readings)
+        # Featurised text reaches the tokenizer like sent text, so it has the same limit (many
         # distinct names render long text even when each reading is small).
         if len(text) > max_text_chars:
-            raise BadRequest(422, f"{where} renders to {len(text)} characters of text; the limit is "
+            raise BadRequest(422, f"windows[{i}] renders to {len(text)} characters of text; the limit is "
                                   f"{max_text_chars} (send fewer distinct reading names)")
-        out.append((text, adapter, w.kind))
+        out.append(text)
     return out
 
 

@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flywheel.base.contract import LABELS
 from serve.adapters import AdapterPool
 from serve.api import (DEFAULT_LIMITS, BadRequest, BodySizeLimit, ErrorResponse, Limits, PredictBody,
-                       PredictResponse, WindowPrediction, publish_limits, window_texts)
+                       PredictResponse, WindowPrediction, featurise, parse_windows, publish_limits)
 from serve.batcher import ContinuousBatcher, forward_isolated
 from serve.config import ServeConfig
 from serve.source import AdapterSource, ServeError
@@ -264,11 +264,11 @@ class FaultDetector:
     async def predict(self, body: Annotated[PredictBody, Body()]) -> PredictResponse:
         cfg = self.config
         try:
-            windows = window_texts(body, max_windows=cfg.max_windows_per_request,
-                                   max_readings=cfg.max_readings_per_window, max_text_chars=cfg.max_text_chars)
+            windows = parse_windows(body, max_windows=cfg.max_windows_per_request,
+                                    max_readings=cfg.max_readings_per_window, max_text_chars=cfg.max_text_chars)
         except BadRequest as exc:
             raise HTTPException(exc.status, str(exc)) from None
-        names = [a or cfg.kind_adapters.get(kind or "", "default") for _, a, kind in windows]
+        names = [w.adapter or cfg.kind_adapters.get(w.kind or "", "default") for w in windows]
         slots = {}
         try:
             for n in dict.fromkeys(names):   # pin each adapter's current version for this request
@@ -277,7 +277,11 @@ class FaultDetector:
                 except KeyError:
                     raise HTTPException(404, f"unknown adapter {n!r}; this app serves: "
                                              f"{', '.join(self.pool.names())}") from None
-            probs = await self._run_items([(text, slots[n].peft_name) for (text, _, _), n in zip(windows, names)])
+            try:   # readings become model input through the featuriser of the version that serves them
+                texts = featurise(windows, [slots[n].featuriser for n in names], cfg.max_text_chars)
+            except BadRequest as exc:
+                raise HTTPException(exc.status, str(exc)) from None
+            probs = await self._run_items([(text, slots[n].peft_name) for text, n in zip(texts, names)])
         finally:
             for s in slots.values():
                 self.pool.release(s)

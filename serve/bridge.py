@@ -2,8 +2,8 @@
 
 It subscribes (QoS 1) to every machine's telemetry and events, builds per-machine
 rolling windows with :class:`flywheel.base.features.WindowBuilder` (the same code the
-dataset builder uses, so the model sees what it was trained on), asks the serve app
-for predictions in batches (all windows that are ready), and for each window publishes
+dataset builder uses), asks the serve app for predictions in batches (all windows that
+are ready), and for each window publishes
 
 1. a ``maintain`` Command when the policy says so (:mod:`serve.policy`), then
 2. its Prediction (``model_version``, ``window_end_seq``),
@@ -19,11 +19,21 @@ that stopped reporting) or when ``max_pending`` windows wait.  In the simulator'
 every stride's batch is complete when the last machine's reading arrives: the plant, which
 waits for these predictions, never waits out the idle timer.
 
+The model carries its input pipeline: at start the bridge reads, from the app's
+``/version``, the window config and the featuriser the served version was trained with,
+windows the telemetry with that config and sends each window's raw readings, which the
+app featurises with that version's featuriser.  So a bridge started with no window
+settings of its own feeds the model exactly its training input.  A version that records
+no window config needs ``BridgeConfig.window``; a configured window that differs from
+the one the version records, or a featuriser this release does not know, is refused
+(:class:`BridgeError`).  When a hot swap brings a version trained on another window
+config, the bridge re-reads it and starts its windows afresh.
+
 Telemetry that fails the contract is counted by reason and skipped.  Counters are
 published retained on ``{root}/_status/serve-bridge``; the will marks it offline.
 
     b = Bridge("mqtt://127.0.0.1:1883", "http://127.0.0.1:8000", BridgeConfig(threshold=0.5))
-    b.start(); ...; print(b.stats()); b.stop()
+    b.start(); b.window; ...; print(b.stats()); b.stop()
 """
 
 from __future__ import annotations
@@ -34,13 +44,18 @@ import time
 from collections import Counter, deque
 
 from flywheel.base import contract
-from flywheel.base.features import Window, WindowBuilder
+from flywheel.base.errors import FlywheelError
+from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
 from flywheel.base.mqtt import BrokerURL, connect, make_client, unique_client_id, wait_published
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
 from serve.policy import MaintenancePolicy
 
 log = logging.getLogger(__name__)
+
+
+class BridgeError(FlywheelError, RuntimeError):
+    """The served model cannot be fed safely (unknown featuriser, no or another window config)."""
 
 
 class Bridge:
@@ -67,12 +82,16 @@ class Bridge:
         self._decode_errors: Counter = Counter()
         self._recent: deque[Window] = deque(maxlen=4096)
         self.model_version: str | None = None
+        self.window: WindowConfig | None = None   # the served version's, read at start()
+        self.featuriser: str | None = None
         self._client = None
         self._threads: list[threading.Thread] = []
+        self._synced_version: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> "Bridge":
         cfg = self.config
+        self._sync_model(self.serve.version())   # before subscribing: no telemetry without a window config
         self._client = make_client(self.broker_url, unique_client_id("serve-bridge"))
         self._client.will_set(self.topics.status(cfg.component), self._status_payload(online=False), qos=1,
                               retain=True)
@@ -123,6 +142,39 @@ class Bridge:
     def __exit__(self, *exc):
         self.stop()
 
+    # ------------------------------------------------------------------ the model's input pipeline
+    def _sync_model(self, info: dict) -> None:
+        """Take the window config and featuriser of the version the app serves (``/version``)."""
+        name = self.config.adapter or "default"
+        adapter = (info.get("adapters") or {}).get(name) or {}
+        version = adapter.get("version") or info.get("version")
+        what = f"{info.get('model_name', 'the model')} v{version}"
+        spec = adapter.get("featuriser")
+        try:
+            feat = get_featuriser(spec or "text-summary/1")
+        except FeaturiserError as exc:
+            raise BridgeError(f"{what}: {exc}") from None
+        recorded = adapter.get("window")
+        window = WindowConfig.from_dict(recorded) if recorded is not None else None
+        configured = self.config.window
+        if window is None and configured is None:
+            raise BridgeError(f"{what} records no window config (trained before models carried one); set "
+                              "bridge.window.length, bridge.window.stride_s and bridge.window.horizon_s to the "
+                              "window it was trained on, or serve a version trained since")
+        if window is not None and configured is not None and window != configured:
+            raise BridgeError(f"bridge.window {configured.to_dict()} differs from the window {what} was trained "
+                              f"on {window.to_dict()}: its input would not be its training input; drop "
+                              "bridge.window (the bridge reads it from the model)")
+        window = window or configured
+        with self._cond:
+            if self.window is not None and window != self.window:
+                log.warning("%s was trained on window %s (was %s): starting the windows afresh", what,
+                            window.to_dict(), self.window.to_dict())
+                self._builders.clear()
+                self._counts["window_changes"] += 1
+            self.window, self.featuriser = window, feat.spec.ref
+            self._synced_version = str(version)
+
     # ------------------------------------------------------------------ MQTT in
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if getattr(reason_code, "is_failure", False):
@@ -165,7 +217,7 @@ class Bridge:
         key = (m.line, m.machine)
         wb = self._builders.get(key)
         if wb is None:
-            wb = self._builders[key] = WindowBuilder(self.config.window)
+            wb = self._builders[key] = WindowBuilder(self.window)
         w = wb.push(m)
         with self._cond:
             self._last_arrival = time.monotonic()
@@ -223,7 +275,9 @@ class Bridge:
         cfg = self.config
         for attempt in range(cfg.max_retries):
             try:
-                return self.serve.predict([{"text": w.text} for w in batch], adapter=cfg.adapter)
+                # raw readings: the app featurises them with the serving version's own featuriser
+                return self.serve.predict([{"kind": w.kind, "readings": [dict(r) for r in w.readings]}
+                                           for w in batch], adapter=cfg.adapter)
             except ServeHTTPError as exc:
                 self._counts["serve_errors"] += 1
                 if 400 <= exc.status < 500:   # the model refuses these windows: retrying cannot help
@@ -241,6 +295,13 @@ class Bridge:
         if out is None:
             return
         self._counts["batches"] += 1
+        served = out["model_version"].split(",")[-1]
+        if served != self._synced_version:   # a hot swap: does the new version window otherwise?
+            try:
+                self._sync_model(self.serve.version())
+            except BridgeError as exc:
+                self._counts["model_refused"] += 1
+                log.error("bridge cannot feed the model now serving: %s", exc)
         infos = []
         for w, p in zip(batch, out["predictions"]):
             version = p["model_version"]
@@ -272,6 +333,8 @@ class Bridge:
         s["pending"] = len(self._pending)
         s["model_version"] = self.model_version
         s["machines"] = len(self._builders)
+        s["window"] = self.window.to_dict() if self.window is not None else None
+        s["featuriser"] = self.featuriser
         s["down"] = self.policy.snapshot()["down"]
         return s
 
@@ -284,7 +347,8 @@ class Bridge:
         s = self.stats()
         counters = {k: float(v) for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         counters.update({f"decode_errors.{r}": float(n) for r, n in s["decode_errors"].items()})
-        info = {"serve_url": self.serve.url, "model_version": s["model_version"], "down": s["down"]}
+        info = {"serve_url": self.serve.url, "model_version": s["model_version"], "down": s["down"],
+                "window": s["window"], "featuriser": s["featuriser"]}
         return contract.encode(contract.Status(component=self.config.component, online=online, ts=time.time(),
                                                counters=counters, info=info))
 

@@ -4,7 +4,7 @@ Both load from YAML with ``key=value`` overrides through :func:`flywheel.base.co
 
     from flywheel.base.config import load
     cfg = load(ServeConfig, "serve.yaml", ["poll_s=5", "max_batch_size=32"])
-    bcfg = load(BridgeConfig, None, ["threshold=0.3", "window.length=10"])
+    bcfg = load(BridgeConfig, None, ["threshold=0.3"])   # windowing comes from the served model
 
 Times in the bridge are plant seconds (from telemetry ``ts``) unless the name says wall.
 """
@@ -12,6 +12,7 @@ Times in the bridge are plant seconds (from telemetry ``ts``) unless the name sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from flywheel.base.config import ConfigError
 from flywheel.base.features import WindowConfig
@@ -115,8 +116,9 @@ class ServeConfig:
 
 @dataclass
 class BridgeConfig:
-    window: WindowConfig = field(default_factory=WindowConfig, metadata={
-        "help": "windowing (length, stride_s, horizon_s); must match the dataset the model was trained on"})
+    window: Optional[WindowConfig] = field(default=None, metadata={
+        "help": "windowing (length, stride_s, horizon_s); None = the window config the served model version "
+                "records (set it only for a version that records none; it must match one that does)"})
     threshold: float = field(default=0.5, metadata={
         "help": "risk = 1 - P(ok) at or above which a maintain command is sent"})
     cooldown_s: float = field(default=3600.0, metadata={

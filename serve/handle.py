@@ -259,7 +259,9 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     config = config or ServeConfig()
     tracking_uri = absolute_tracking_uri(tracking_uri)
     # Fail fast, in the caller's process, with a clear message when there is nothing to serve.
-    resolved = AdapterSource(tracking_uri, model_name).resolve(alias)
+    source = AdapterSource(tracking_uri, model_name)
+    resolved = source.resolve(alias)
+    source.check_featuriser(resolved)   # the replica checks the adapter's own record again when it loads
     log.info("serving %s@%s = version %s", model_name, alias, resolved.version)
     if not ray.is_initialized():
         if ray_address in (None, "local"):

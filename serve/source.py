@@ -27,6 +27,7 @@ class Resolved:
     ref: str
     version: str
     run_id: str | None
+    featuriser: str | None = None   # the version's flywheel.featuriser tag, when it has one
 
 
 def split_ref(ref: str, default_model: str) -> tuple[str, str]:
@@ -57,7 +58,18 @@ class AdapterSource:
         except Exception as exc:  # noqa: BLE001 - MLflow raises many types; all mean "not resolvable"
             raise ServeError(f"cannot resolve {model}@{r} in the MLflow registry at {redact_url(self.tracking_uri)}: "
                              f"{exc}. Register a model first (flywheel train) or check --mlflow-uri") from None
-        return Resolved(model, r, str(info.version), getattr(info, "run_id", None))
+        return Resolved(model, r, str(info.version), getattr(info, "run_id", None),
+                        (getattr(info, "tags", None) or {}).get(registry.FEATURISER_TAG))
+
+    def check_featuriser(self, resolved: Resolved) -> None:
+        """Refuse, before anything loads, a version whose recorded featuriser this release does not know."""
+        from flywheel.base.features import FeaturiserError, get_featuriser
+
+        if resolved.featuriser:
+            try:
+                get_featuriser(resolved.featuriser)
+            except FeaturiserError as exc:
+                raise ServeError(f"{resolved.model_name} v{resolved.version} cannot be served: {exc}") from None
 
     def fetch(self, resolved: Resolved, dst_dir: str | None = None) -> str:
         """The adapter's local directory; ModelError (not ServeError) when the adapter itself is unusable."""

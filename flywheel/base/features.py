@@ -16,22 +16,44 @@ reference operating point, and a trend word over the window, e.g.::
 
     pump. vib 4.1 high rising. temp 341 normal flat. pres 5.9 low falling. cur 21.7 high rising.
 
+The window itself is featuriser-neutral: the numeric readings it holds, oldest first.
+A *featuriser* turns a window into model input; the dataset builder stores readings,
+and training and serving call the featuriser the model was trained with.  A registered
+model records both its window config and its featuriser (name, version, parameters) in
+``flywheel_model.json`` (see ``finetune.model``), so whoever serves it windows and
+featurises exactly as training did.  Featurisers this release knows:
+
+=================  ==========================================================  =======
+name/version       model input                                                 params
+=================  ==========================================================  =======
+text-summary/1     the text above (:func:`render`), for language models        none
+=================  ==========================================================  =======
+
+A version recorded with a featuriser not in :data:`FEATURISERS` is refused
+(:class:`FeaturiserError` names it); a featuriser's output for given readings never
+changes within a version: a change is a new version.
+
 Usage::
 
     wb = WindowBuilder(WindowConfig(length=10, stride_s=600))
+    feat = get_featuriser("text-summary/1")
     for t in telemetry_of_one_machine_in_seq_order:
         w = wb.push(t)          # a Window, or None when no window ends here
+        if w is not None:
+            model_input = feat(w.kind, w.readings)
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
 
 from flywheel.base.config import ConfigError
 from flywheel.base.contract import Telemetry
+from flywheel.base.errors import FlywheelError
 
 
 @dataclass(frozen=True)
@@ -48,9 +70,26 @@ class WindowConfig:
         if not self.horizon_s > 0:
             raise ConfigError(f"label horizon_s should be > 0 plant seconds, got {self.horizon_s}")
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "WindowConfig":
+        """From a recorded window config (``flywheel_model.json``, a manifest); bad ones raise ConfigError."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a window config is a mapping of length, stride_s, horizon_s; got {d!r}")
+        unknown = sorted(set(d) - {"length", "stride_s", "horizon_s"})
+        if unknown:
+            raise ConfigError(f"unknown window config key(s) {unknown}; known: length, stride_s, horizon_s")
+        try:
+            return cls(**{k: (int(v) if k == "length" else float(v)) for k, v in d.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"window config {dict(d)!r}: {exc}") from None
+
 
 @dataclass(frozen=True)
 class Window:
+    """One machine's window: its readings oldest first (featuriser-neutral), and where it lies."""
     line: str
     machine: str
     kind: str
@@ -58,7 +97,7 @@ class Window:
     end_seq: int
     start_ts: float
     end_ts: float
-    text: str
+    readings: tuple[Mapping[str, float], ...]
 
 
 #: Reference operating point per machine kind and reading: (short name, typical value,
@@ -168,7 +207,7 @@ class WindowBuilder:
             return None
         first = self._buf[0]
         return Window(line=t.line, machine=t.machine, kind=t.kind, start_seq=first.seq, end_seq=t.seq,
-                      start_ts=first.ts, end_ts=t.ts, text=render(t.kind, [x.readings for x in self._buf]))
+                      start_ts=first.ts, end_ts=t.ts, readings=tuple(x.readings for x in self._buf))
 
 
 def is_window_end(ts: float, config: WindowConfig) -> bool:
@@ -185,3 +224,92 @@ def windows(telemetry: Iterable[Telemetry], config: WindowConfig) -> list[Window
         if w is not None:
             out.append(w)
     return out
+
+
+# --------------------------------------------------------------------------- featurisers
+class FeaturiserError(FlywheelError, ValueError):
+    """A featuriser this release does not know, or bad parameters for one."""
+
+
+@dataclass(frozen=True)
+class FeaturiserSpec:
+    """What a model records of its featuriser: name, version and parameters."""
+    name: str
+    version: int
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "params": dict(self.params)}
+
+    @classmethod
+    def parse(cls, value: "str | Mapping[str, Any] | FeaturiserSpec") -> "FeaturiserSpec":
+        """``"text-summary/1"``, ``"text-summary"`` (the newest version) or a recorded mapping."""
+        if isinstance(value, FeaturiserSpec):
+            return value
+        if isinstance(value, Mapping):
+            try:
+                return cls(str(value["name"]), int(value["version"]), dict(value.get("params") or {}))
+            except (KeyError, TypeError, ValueError):
+                raise FeaturiserError(f"a recorded featuriser needs name, version and params; got {dict(value)!r}") \
+                    from None
+        if isinstance(value, str) and value.strip():
+            name, _, version = value.strip().partition("/")
+            if not version:
+                versions = [v for n, v in FEATURISERS if n == name]
+                if not versions:
+                    raise FeaturiserError(_unknown(name))
+                return cls(name, max(versions))
+            try:
+                return cls(name, int(version))
+            except ValueError:
+                raise FeaturiserError(f"featuriser {value!r}: the version after '/' should be a whole number, "
+                                      f"e.g. {DEFAULT_FEATURISER!r}") from None
+        raise FeaturiserError(f"a featuriser is named like {DEFAULT_FEATURISER!r}; got {value!r}")
+
+
+class TextSummary:
+    """``text-summary/1``: the window as compact text (:func:`render`), input for a language model."""
+
+    name, version = "text-summary", 1
+    output = "text"
+
+    def __init__(self, **params):
+        if params:
+            raise FeaturiserError(f"featuriser {self.name}/{self.version} takes no parameters, got {sorted(params)}")
+        self.spec = FeaturiserSpec(self.name, self.version)
+
+    def __call__(self, kind: str, readings: Sequence[Mapping[str, float]]) -> str:
+        return render(kind, readings)
+
+
+#: Every featuriser this release can run, by (name, version).
+FEATURISERS: dict[tuple[str, int], type] = {(TextSummary.name, TextSummary.version): TextSummary}
+DEFAULT_FEATURISER = "text-summary/1"
+
+
+def _unknown(ref: str) -> str:
+    known = ", ".join(f"{n}/{v}" for n, v in sorted(FEATURISERS))
+    return (f"featuriser {ref!r} is not known to this flywheel release (known: {known}); serve or train with a "
+            "known one, or install the release that provides it")
+
+
+def get_featuriser(spec: "str | Mapping[str, Any] | FeaturiserSpec" = DEFAULT_FEATURISER):
+    """The featuriser for a spec; :class:`FeaturiserError` names an unknown one and lists the known ones."""
+    s = FeaturiserSpec.parse(spec)
+    cls = FEATURISERS.get((s.name, s.version))
+    if cls is None:
+        raise FeaturiserError(_unknown(s.ref))
+    return cls(**dict(s.params))
+
+
+def readings_json(readings: Sequence[Mapping[str, float]]) -> str:
+    """A window's readings as stored in a snapshot: a JSON list, oldest first, keys sorted (exact floats)."""
+    return json.dumps([dict(r) for r in readings], sort_keys=True, separators=(",", ":"))
+
+
+def parse_readings(text: str) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in r.items()} for r in json.loads(text)]

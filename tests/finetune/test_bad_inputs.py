@@ -43,11 +43,34 @@ def test_missing_snapshot_and_missing_columns(tmp_path):
         load_snapshot(snap)
 
 
-def test_rows_without_text_are_dropped_not_fatal(tmp_path):
+def test_rows_without_readings_are_dropped_not_fatal(tmp_path):
     rows = make_rows(40, 5)
-    rows[0]["text"] = None
+    rows[0]["readings"] = None
     snap = load_snapshot(write_snapshot(tmp_path / "nulls", train_rows=rows, eval_rows=make_rows(5, 6)))
     assert len(snap.train) == 39
+
+
+def test_readings_that_are_not_json_name_the_row_and_the_fix(tmp_path):
+    rows = make_rows(40, 5)
+    rows[3]["readings"] = "[{'vib': 1.0}"
+    snap = write_snapshot(tmp_path / "badjson", train_rows=rows, eval_rows=make_rows(5, 6))
+    with pytest.raises(DataError, match=r"row 3: readings .* not a JSON list of readings.*flywheel dataset build"):
+        load_snapshot(snap)
+
+
+def test_snapshot_is_featurised_with_the_named_featuriser_and_unknown_ones_are_refused(tmp_path):
+    from finetune import TrainConfig
+    from flywheel.base.config import ConfigError
+    from flywheel.base.features import FeaturiserError, parse_readings, render
+
+    snap = write_snapshot(tmp_path / "feat", n_train=20, n_eval=5)
+    loaded = load_snapshot(snap, "text-summary/1")
+    row = loaded.train.iloc[0]
+    assert row["text"] == render(row["kind"], parse_readings(row["readings"]))
+    with pytest.raises(FeaturiserError, match=r"'numeric-stats/3' is not known.*known: text-summary/1"):
+        load_snapshot(snap, "numeric-stats/3")
+    with pytest.raises(ConfigError, match=r"featuriser: .*'numeric-stats/3' is not known"):
+        TrainConfig(featuriser="numeric-stats/3")
 
 
 def test_unknown_base_model():
@@ -96,6 +119,20 @@ def test_adapter_with_other_labels_is_refused(adapter_copy):
     meta["labels"] = ["ok", "broken"]
     (adapter_copy / "flywheel_model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match="trained on labels"):
+        check_adapter_dir(adapter_copy)
+
+
+def test_trained_adapter_records_its_input_pipeline_and_an_unknown_featuriser_is_refused(adapter_copy):
+    from finetune.model import adapter_featuriser, adapter_window
+    from flywheel.base.features import WindowConfig
+
+    meta = json.loads((adapter_copy / "flywheel_model.json").read_text())
+    assert meta["featuriser"] == {"name": "text-summary", "version": 1, "params": {}}
+    assert adapter_featuriser(meta).ref == "text-summary/1"
+    assert adapter_window(meta) == WindowConfig(length=6, stride_s=600.0, horizon_s=3600.0)   # the snapshot's
+    meta["featuriser"] = {"name": "spectral-bands", "version": 2, "params": {}}
+    (adapter_copy / "flywheel_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"featuriser 'spectral-bands/2' is not known.*known: text-summary/1"):
         check_adapter_dir(adapter_copy)
 
 

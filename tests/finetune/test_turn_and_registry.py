@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from finetune.registry import RegistryError, alias_history, fetch_adapter, get_version, rollback, set_alias
 from flywheel.base.contract import LABELS
+from flywheel.base.features import parse_readings, render
 
 from .conftest import fast_config
 
@@ -56,12 +59,25 @@ def test_pyfunc_loads_from_the_champion_alias_and_predicts(registry, snapshot_di
         model = mlflow.pyfunc.load_model("models:/fault-detector@champion")
     finally:
         mlflow.set_tracking_uri(previous)
-    texts = list(pd.read_parquet(f"{snapshot_dir}/eval.parquet")["text"][:6])
+    rows = pd.read_parquet(f"{snapshot_dir}/eval.parquet")[:6]
+    texts = [render(k, parse_readings(r)) for k, r in zip(rows["kind"], rows["readings"])]
     df = model.predict(pd.DataFrame({"text": texts}))
     assert list(df.columns) == list(LABELS) and len(df) == 6
     assert np.allclose(df.sum(axis=1), 1.0, atol=1e-5)
     as_list = model.predict(texts)
     assert np.allclose(as_list.values, df.values, atol=1e-6)
+    # raw readings: the model featurises them with its own featuriser, to the same input
+    from_readings = model.predict(rows[["kind", "readings"]])
+    assert np.allclose(from_readings.values, df.values, atol=1e-6)
+
+
+def test_registered_version_records_its_window_and_featuriser(registry):
+    from finetune.registry import FEATURISER_TAG, WINDOW_TAG, get_version
+
+    uri, outcome = registry
+    tags = get_version(uri, "fault-detector", str(outcome.version)).tags
+    assert tags[FEATURISER_TAG] == "text-summary/1"
+    assert json.loads(tags[WINDOW_TAG]) == {"length": 6, "stride_s": 600.0, "horizon_s": 3600.0}
 
 
 def test_worse_challenger_is_refused_then_rollback(registry, snapshot_dir, tmp_path):

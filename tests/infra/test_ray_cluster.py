@@ -13,6 +13,7 @@ through short-lived client subprocesses.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import signal
 import subprocess
@@ -197,7 +198,8 @@ def test_serve_answers_health_and_predict_from_the_cluster(cluster, trained, tmp
         rows = make_rows(3, seed=7, failure_frac=0.5)
         for url in m.groups():              # the replica's own port, and the proxy beside it
             assert requests.get(f"{url}/health", timeout=30).status_code == 200
-            r = requests.post(f"{url}/predict", json={"windows": [{"text": row["text"]} for row in rows]},
+            r = requests.post(f"{url}/predict", json={"windows": [{"kind": row["kind"], "readings": json.loads(row["readings"])}
+                                                          for row in rows]},
                               timeout=60)
             assert r.status_code == 200, r.text
             preds = r.json()["predictions"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import dataclasses
 from dataclasses import replace
 
 import duckdb
@@ -53,7 +54,15 @@ def test_snapshot_labels_splits_and_manifest(first_snapshot, plant):
     train, evaluation = pd.read_parquet(snap.train_path), pd.read_parquet(snap.eval_path)
     m = snap.manifest
     assert snap.dataset_id == "ds-" + m["content_hash"][:12]
-    assert list(train.columns) == m["columns"] and {"text", "label", "label_source"} <= set(train.columns)
+    assert list(train.columns) == m["columns"] and {"readings", "label", "label_source"} <= set(train.columns)
+    assert "text" not in train.columns and m["window"] == dataclasses.asdict(CFG.window)
+    # featuriser-neutral: a window holds its machine's raw readings, oldest first, exactly
+    tel = [x for x in plant if isinstance(x, contract.Telemetry)]
+    for row in train.head(20).itertuples():
+        readings = json.loads(row.readings)
+        assert len(readings) == CFG.window.length
+        assert readings == [dict(x.readings) for x in sorted(tel, key=lambda x: x.seq)
+                            if x.machine == row.machine and row.start_seq <= x.seq <= row.end_seq]
     assert m["counts"]["train"] == {lab: int((train["label"] == lab).sum()) for lab in contract.LABELS}
     assert m["windows"]["eval"] == len(evaluation) > 0
     # the prevented failure keeps its label, from the inspection

@@ -46,7 +46,9 @@ def _train_adapter(out_dir: Path, label: str, seed: int) -> Path:
         opt.step()
         opt.zero_grad()
     model.save_pretrained(out_dir)
-    write_adapter_meta(out_dir, base_model="minilm")
+    # the input pipeline the bridge tests window with (tests/serve/test_bridge.py WINDOW)
+    write_adapter_meta(out_dir, base_model="minilm", window={"length": 5, "stride_s": 300.0, "horizon_s": 3600.0},
+                       featuriser={"name": "text-summary", "version": 1, "params": {}})
     return out_dir
 
 

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from finetune.model import ModelError
-from serve.adapters import AdapterPool, check_probabilities, probe_texts
+from flywheel.base.features import render
+from serve.adapters import AdapterPool, check_probabilities, probe_windows
 from serve.source import Resolved
 
-TEXTS = probe_texts()[:4]
+TEXTS = [render(kind, rows) for kind, rows in probe_windows()[:4]]
 
 
 def _r(version: str) -> Resolved:

@@ -6,6 +6,8 @@ import json
 import threading
 import time
 
+import pytest
+
 from flywheel.base import contract
 from flywheel.base.features import WindowConfig, windows
 from flywheel.base.mqtt import connect, make_client, unique_client_id, wait_published
@@ -78,8 +80,9 @@ def test_bridge_windows_equal_dataset_windows_and_every_window_gets_a_prediction
     topics = contract.Topics(root)
     streams = {m: pump_stream("L1", m, 23, seed=k) for k, m in enumerate(("p1", "p2"))}
     rec = Recorder(broker.url, root)
-    cfg = BridgeConfig(window=WINDOW, threshold=1.0)
+    cfg = BridgeConfig(threshold=1.0)   # no window of its own: the served version's
     with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        assert b.window == WINDOW and b.featuriser == "text-summary/1"
         pub = publisher(broker.url)
         interleaved = [t for pair in zip(*streams.values()) for t in pair]
         publish_all(pub, topics, interleaved[:20])
@@ -196,7 +199,6 @@ def test_a_maintain_command_reaches_the_simulator_and_changes_the_machine(broker
     from factory_sim.mqtt_runner import MqttSimRunner
 
     root = "closedloop"
-    window = WindowConfig(length=5, stride_s=600, horizon_s=3600)
     events: list[dict] = []
     ev_client = make_client(broker.url, unique_client_id("serve-test-ev"))
     ev_client.on_message = lambda c, u, m: events.append(json.loads(m.payload))
@@ -204,11 +206,12 @@ def test_a_maintain_command_reaches_the_simulator_and_changes_the_machine(broker
     ev_client.subscribe(f"{root}/+/+/event", 1)
     time.sleep(0.2)
     # Threshold 0: every window is risky enough; the cooldown allows one command per machine.
-    cfg = BridgeConfig(window=window, threshold=0.0, cooldown_s=10 * 86400)
+    cfg = BridgeConfig(threshold=0.0, cooldown_s=10 * 86400)
     plant = Plant(load_scenario("tiny"), seed=0)
     with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        # the runner steps in lockstep with the served model's window, as the campaign loop does
         runner = MqttSimRunner(plant, broker.url, topic_root=root, speed=None, lockstep=True,
-                               lockstep_timeout_s=30, stride_s=window.stride_s, window_length=window.length)
+                               lockstep_timeout_s=30, window=b.window)
         summary = runner.run(3 * 3600)
         time.sleep(0.5)
         stats = b.stats()
@@ -247,3 +250,28 @@ def test_a_complete_batch_goes_at_once_without_waiting_for_quiet(broker, served)
             [("p1", 5), ("p1", 10), ("p2", 5), ("p2", 10)]
         pub.disconnect()
     rec.close()
+
+
+def test_the_bridge_refuses_to_feed_a_model_it_cannot_window_or_featurise():
+    """A version without a window record needs one configured; a configured window must be the
+    version's; an unknown featuriser is refused by name (no broker needed: checked before connecting)."""
+    from serve.bridge import BridgeError
+
+    def info(window, featuriser=None):
+        return {"model_name": "fault-detector", "version": "7",
+                "adapters": {"default": {"version": "7", "window": window,
+                                         "featuriser": featuriser or {"name": "text-summary", "version": 1}}}}
+
+    b = Bridge("mqtt://127.0.0.1:1", "http://127.0.0.1:1", BridgeConfig())
+    with pytest.raises(BridgeError, match=r"fault-detector v7 records no window config.*bridge.window.length"):
+        b._sync_model(info(None))
+    b._sync_model(info(WINDOW.to_dict()))
+    assert b.window == WINDOW
+    other = Bridge("mqtt://127.0.0.1:1", "http://127.0.0.1:1", BridgeConfig(window=WindowConfig(length=7)))
+    with pytest.raises(BridgeError, match=r"bridge.window .*'length': 7.* differs from the window fault-detector v7 "
+                                          r"was trained on .*'length': 5"):
+        other._sync_model(info(WINDOW.to_dict()))
+    other._sync_model(info(None))            # no record: the configured window is used
+    assert other.window == WindowConfig(length=7)
+    with pytest.raises(BridgeError, match=r"featuriser 'spectral-bands/2' is not known.*known: text-summary/1"):
+        b._sync_model(info(WINDOW.to_dict(), {"name": "spectral-bands", "version": 2, "params": {}}))
