@@ -1,10 +1,11 @@
-"""Typed configs: YAML + overrides, unknown keys refused, env references, durations, broker URLs."""
+"""Typed configs: YAML + overrides, unknown keys refused, env references, durations, broker URLs;
+the stage loader's one grammar (section.key=value, a bare alias of the command's own section)."""
 
 from dataclasses import dataclass, field
 
 import pytest
 
-from flywheel.base.config import ConfigError, load, parse_duration
+from flywheel.base.config import ConfigError, load, load_section, load_sections, parse_duration
 from flywheel.base.mqtt import BrokerURL
 
 
@@ -61,6 +62,79 @@ def test_missing_or_broken_file(tmp_path):
     lst.write_text("- 1\n")
     with pytest.raises(ConfigError, match="mapping"):
         load(Outer, lst)
+
+
+@dataclass
+class Other:
+    threshold: float = 0.5
+
+
+SECTIONS = {"train": Outer, "bridge": Other}
+
+
+def test_sections_take_section_dot_key_overrides_and_the_alias_takes_bare_keys():
+    cfgs = load_sections(SECTIONS, None, ["train.epochs=2", "train.inner.rank=4", "lr=0.5", "bridge.threshold=0.3"],
+                         alias="train")
+    assert cfgs == {"train": Outer(epochs=2, lr=0.5, inner=Inner(rank=4)), "bridge": Other(threshold=0.3)}
+    # flags go last, None skipped; base goes first (a mapping or a config object)
+    cfg = load_section(Outer, "train", None, ["train.epochs=2"], values={"train.epochs": 5, "train.lr": None},
+                       base=Outer(name="base", inner=Inner(rank=3)))
+    assert cfg == Outer(epochs=5, name="base", inner=Inner(rank=3))
+    # without an alias every override names its section
+    with pytest.raises(ConfigError, match=r"'lr=0.5' names no section; write train.lr=0.5"):
+        load_sections(SECTIONS, None, ["lr=0.5"])
+
+
+@pytest.mark.parametrize("override,alias,message", [
+    ("trian.epochs=2", "train", r"unknown config section 'trian' in 'trian.epochs=2' \(did you mean 'train'\?\); "
+                                r"sections: train, bridge; train keys \(bare or train.KEY\): epochs, lr"),
+    ("trian.epochs=2", None, r"unknown config section 'trian'.*sections: train, bridge"),
+    ("serve.poll_s=1", "train", r"section 'serve' \(in 'serve.poll_s=1'\) does not apply to this command; "
+                                r"its sections: train, bridge"),
+    ("train.epoch=2", "train", r"unknown config key 'train.epoch' \(did you mean 'epochs'\?\); known keys: epochs"),
+    ("epoch=2", "train", r"unknown config key 'train.epoch'"),
+    ("bridge.nope=1", "train", r"unknown config key 'bridge.nope'; known keys: threshold"),
+    ("train=1", "train", r"names the section 'train' but no key"),
+    ("train.epochs=x", "train", r"train.epochs: expected an integer, got 'x'"),
+    ("train.epochs", "train", r"section.key=value"),
+])
+def test_unknown_sections_and_keys_name_themselves_and_the_valid_ones(override, alias, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sections(SECTIONS, None, [override], alias=alias)
+
+
+def test_a_file_holds_the_sections_or_is_the_alias_section(tmp_path):
+    sectioned = tmp_path / "s.yaml"
+    sectioned.write_text("campaign: x\nturns: 3\nseed: 9\ntrain: {epochs: 3}\nserve: {poll_s: 1}\n")
+    # a campaign-like file: each command takes its own sections, other keys belong to other commands
+    cfgs = load_sections(SECTIONS, sectioned, ["train.lr=0.5"], alias="train")
+    assert cfgs == {"train": Outer(epochs=3, lr=0.5), "bridge": Other()}
+    flat = tmp_path / "f.yaml"
+    flat.write_text("epochs: 4\ninner: {rank: 2}\n")
+    assert load_sections(SECTIONS, flat, [], alias="train")["train"] == Outer(epochs=4, inner=Inner(rank=2))
+    with pytest.raises(ConfigError, match="has none of the sections train, bridge"):
+        load_sections(SECTIONS, flat, [])
+    typo = tmp_path / "t.yaml"
+    typo.write_text("epoch: 4\n")
+    with pytest.raises(ConfigError, match="unknown config key 'train.epoch'"):
+        load_sections(SECTIONS, typo, [], alias="train")
+    bad = tmp_path / "b.yaml"
+    bad.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="section 'train' should be a mapping"):
+        load_sections(SECTIONS, bad, [], alias="train")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_sections(SECTIONS, tmp_path / "nope.yaml", [])
+
+
+def test_campaign_wide_keys_reach_the_stage_sections_that_take_them(tmp_path):
+    from ingest.config import BuildConfig
+
+    f = tmp_path / "c.yaml"
+    f.write_text("seed: 7\nwindow: {length: 6}\ndataset: {eval_fraction: 0.3}\n")
+    build = load_section(BuildConfig, "dataset", f, [])
+    assert (build.seed, build.window.length, build.eval_fraction) == (7, 6, 0.3)
+    f.write_text("seed: 7\ndataset: {seed: 1}\n")      # the section's own value wins
+    assert load_section(BuildConfig, "dataset", f, []).seed == 1
 
 
 def test_env_references(monkeypatch):
