@@ -2,7 +2,12 @@
 
     flywheel sim --scenario demo --speed max --duration 1d --broker mqtt://127.0.0.1:1884
     flywheel sim --scenario ai4i --out ai4i.jsonl          # calibration run; stops by itself
-    flywheel sim --scenario demo --speed 600 milling.repair_s=7200 machines.pump=4
+    flywheel sim --scenario demo --speed 600 scenario.milling.repair_s=7200 scenario.machines.pump=4
+
+Overrides are ``scenario.key=value`` on the --scenario's settings (a bare key means
+``scenario.``), the grammar of ``flywheel.base.config``; ``--config`` takes a file with a
+``scenario:`` section or Scenario keys at its top, or a campaign file (its scenario, with its
+scenario_overrides).
 
 Without ``--broker`` an embedded broker is started (its URL is printed; it stops with the
 sim).  Ctrl-C stops after the current tick and prints the final KPIs; a second Ctrl-C aborts.
@@ -13,12 +18,17 @@ from __future__ import annotations
 import argparse
 import signal
 
-EXAMPLES = """examples:
+EXAMPLES = """config: the --scenario's Scenario, section scenario; overrides scenario.KEY=VALUE, nested keys
+dotted (a bare KEY=VALUE means scenario.KEY=VALUE); --config FILE holds a scenario: section or
+Scenario keys at its top, or is a campaign file (its scenario and scenario_overrides).
+
+examples:
   flywheel sim --scenario demo --speed max --duration 1d --broker mqtt://127.0.0.1:1884
   flywheel sim --scenario demo --speed 3600 --duration 12h        # one plant hour per second
   flywheel sim --scenario ai4i --out ai4i.jsonl                  # calibration run (stops after 10,000 parts)
   python -m factory_sim.calibration ai4i.jsonl                   # ...compared with the AI4I 2020 data set
-  flywheel sim --scenario drift --duration 4d drift.at_s=86400 machines.milling=6
+  flywheel sim --scenario drift --duration 4d scenario.drift.at_s=86400 scenario.machines.milling=6
+  flywheel sim --config flywheel/configs/demo.yaml --duration 2d       # a campaign's plant
   flywheel sim --scenario tiny --lockstep --broker mqtt://127.0.0.1:1884   # wait for the serving bridge
 """
 
@@ -30,7 +40,8 @@ def register(sub, common) -> None:
                                    "byte-identical stream at any --speed. Maintenance commands arrive on "
                                    "<root>/<line>/<machine>/command; the retained status is <root>/_status/sim.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", default="demo", help="scenario name or YAML path (default demo)")
+    p.add_argument("--scenario", default=None,
+                   help="scenario name or YAML path (default demo, or the scenario of a campaign --config)")
     p.add_argument("--speed", default="max", help="plant seconds per wall second, or max (default max)")
     p.add_argument("--duration", default=None,
                    help="plant time to run: 90m, 12h, 7d (default 1d; self-stopping scenarios: until done)")
@@ -68,6 +79,25 @@ def _fmt_duration(seconds: float) -> str:
     return f"{d}d {h:02d}:{rem // 60:02d}" if d else f"{h:02d}:{rem // 60:02d}"
 
 
+def load_sim_scenario(name: str | None, config: str | None, overrides) -> "Scenario":
+    """The scenario ``name`` (default demo), then --config and scenario.key=value overrides.
+
+    A campaign file (``scenario: NAME``, ``scenario_overrides: [...]``) gives the plant it runs.
+    """
+    from flywheel.base.config import load_section, read_config_file
+
+    from factory_sim import load_scenario
+    from factory_sim.scenario import Scenario
+
+    overrides = list(overrides or [])
+    data = read_config_file(config) if config else {}
+    if isinstance(data.get("scenario"), str):      # a campaign file: its plant, not Scenario keys
+        name = name or data["scenario"]
+        overrides = [f"scenario.{o}" for o in data.get("scenario_overrides") or []] + overrides
+        config = None
+    return load_section(Scenario, "scenario", config, overrides, base=load_scenario(name or "demo"))
+
+
 def run(args) -> int:
     from datetime import datetime, timezone
 
@@ -78,11 +108,11 @@ def run(args) -> int:
     from flywheel.base.config import ConfigError, parse_duration
     from flywheel.base.mqtt import ConnectError
 
-    from factory_sim import Plant, load_scenario
+    from factory_sim import Plant
     from factory_sim.mqtt_runner import MqttSimRunner
 
     console = Console(stderr=False, highlight=False)
-    scenario = load_scenario(args.scenario, overrides=args.overrides, config_path=args.config)
+    scenario = load_sim_scenario(args.scenario, args.config, args.overrides)
     speed = _speed(args.speed)
     if args.duration is not None:
         duration_s = parse_duration(args.duration)
@@ -105,10 +135,12 @@ def run(args) -> int:
         broker.start()      # a BrokerError says why and ends the command (exit 1)
         url = broker.url
         console.print(f"embedded {broker.impl} broker at [bold]{url}[/] (it stops with the sim)")
-    # bad --stride-s / --window-length: the runner raises ConfigError (exit 2)
+    from flywheel.base.features import WindowConfig
+
+    # bad --stride-s / --window-length: WindowConfig or the runner raises ConfigError (exit 2)
+    window = WindowConfig(length=args.window_length, stride_s=args.stride_s)
     runner = MqttSimRunner(plant, url, topic_root=args.topic_root, speed=speed, lockstep=args.lockstep,
-                           lockstep_timeout_s=args.lockstep_timeout, out_path=args.out, stride_s=args.stride_s,
-                           window_length=args.window_length)
+                           lockstep_timeout_s=args.lockstep_timeout, out_path=args.out, window=window)
     lines = sorted({v.line for v in plant.machines})
     n = len(plant.machines)
     until = (f"until {scenario.stop_after_parts:,} parts are made" if scenario.stop_after_parts and args.duration is None

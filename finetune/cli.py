@@ -1,9 +1,13 @@
 """``flywheel train``: fine-tune a challenger on a dataset snapshot, gate it, register it.
 
     flywheel train --dataset ds-20261125-1 --base-model minilm
-    flywheel train --dataset ds-1 epochs=2 lora.rank=16 --seed 3
+    flywheel train --dataset ds-1 train.epochs=2 train.lora.rank=16 --seed 3
+    flywheel train --dataset ds-1 epochs=2                 # bare keys mean train.
     flywheel train --dataset ds-1 --num-workers 2 --ray-address auto
     flywheel train rollback --model-name fault-detector
+
+Overrides are ``train.key=value`` (``flywheel.base.config``); ``--config`` takes a file with a
+``train:`` section (a campaign file works) or TrainConfig keys at its top.
 """
 
 from __future__ import annotations
@@ -11,13 +15,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-EPILOG = """examples:
-  flywheel train --dataset ds-1                          # LoRA on the packaged MiniLM, CPU
-  flywheel train --dataset ds-1 epochs=2 lora.rank=16    # key=value overrides of TrainConfig
-  flywheel train --dataset ds-1 --config train.yaml      # a YAML file (top level, or a 'train:' section)
-  flywheel train --dataset ds-1 --num-workers 2          # Ray Train, 2 workers (local Ray)
+EPILOG = """config: TrainConfig, section train; overrides train.KEY=VALUE (nested keys dotted), a bare
+KEY=VALUE means train.KEY=VALUE; --config FILE holds a train: section (a campaign file works) or
+TrainConfig keys at its top.
+
+examples:
+  flywheel train --dataset ds-1                                # LoRA on the packaged MiniLM, CPU
+  flywheel train --dataset ds-1 train.epochs=2 train.lora.rank=16
+  flywheel train --dataset ds-1 --config flywheel/configs/demo.yaml   # its train: section
+  flywheel train --dataset ds-1 --num-workers 2                # Ray Train, 2 workers (local Ray)
   flywheel train --dataset ds-1 --base-model Qwen/Qwen2.5-0.5B --use-gpu --ray-address auto
-  flywheel train rollback                                # move 'champion' back to the previous version
+  flywheel train rollback                                      # move 'champion' back to the previous version
 
 The dataset ID names <workdir>/lake/datasets/<ID> (a snapshot directory path works too).
 The challenger is registered as a new version of --model-name with alias 'challenger';
@@ -26,10 +34,12 @@ majority-label baseline) on gate_metric by more than gate_margin."""
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("train", help="fine-tune a challenger (LoRA), evaluate, gate and register it in MLflow",
+    p = sub.add_parser("train", help="fine-tune a challenger (LoRA), evaluate, gate and register it in MLflow; "
+                                     "rollback",
                        description="Fine-tune a challenger on a dataset snapshot, gate it against the champion, "
                                    "and register it in MLflow.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = common.actions(p, overrides="train.key=value")
     p.add_argument("--dataset", metavar="ID", help="dataset snapshot id under <workdir>/lake/datasets (or a path)")
     p.add_argument("--base-model", default=None,
                    help="'minilm' (packaged, offline; the default), a local model directory or a hub id")
@@ -42,12 +52,32 @@ def register(sub, common) -> None:
     common.add(p, workdir=True, mlflow=True, ray=True, seed=True, config=True)
     p.set_defaults(func=run, seed=None)
 
+    r = actions.add_parser("rollback", help="move the alias back to the previous champion version",
+                           description="Move --model-name's 'champion' alias back to the version it pointed to "
+                                       "before (the same as `flywheel serve rollback`); running apps pick it up "
+                                       "at their next registry poll.",
+                           epilog="examples:\n  flywheel train rollback\n"
+                                  "  flywheel train rollback --model-name pump-detector --mlflow-uri http://mlflow:5000",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("--model-name", default="fault-detector", help="registered model name (default fault-detector)")
+    common.add(r, workdir=True, mlflow=True)
+    r.set_defaults(func=run_rollback)
 
-def resolve_dataset(workdir: str, dataset: str) -> Path:
+
+def _workdir(args):
+    from flywheel.base.workdir import Workdir
+
+    return Workdir(args.workdir, mlflow_uri=args.mlflow_uri)
+
+
+def resolve_dataset(workdir, dataset: str) -> Path:
+    """A dataset id under the workdir's lake (``flywheel.base.workdir.Workdir``), or a snapshot directory."""
     from flywheel.base.errors import UsageError
+    from flywheel.base.workdir import Workdir
 
-    base = Path(workdir) / "lake" / "datasets"
-    cand = base / dataset
+    wd = workdir if isinstance(workdir, Workdir) else Workdir(workdir)
+    base = Path(wd.datasets)
+    cand = Path(wd.dataset(dataset))
     if cand.is_dir():
         return cand
     if Path(dataset).is_dir():
@@ -57,20 +87,22 @@ def resolve_dataset(workdir: str, dataset: str) -> Path:
     raise UsageError(f"dataset {dataset!r} not found in {base}; {hint}")
 
 
-def load_train_config(path: str | None, overrides: list[str], flags: dict):
-    import yaml
-
+def load_train_config(path: str | None, overrides: list[str], flags: dict | None = None):
+    """TrainConfig from --config (its train: section, or flat) and train.key=value overrides; ``flags``
+    (TrainConfig keys from the command's options) go last, None values skipped."""
     from finetune.config import TrainConfig
-    from flywheel.base.config import load
+    from flywheel.base.config import load_section
 
-    section = None
-    if path and Path(path).is_file():
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if isinstance(data, dict) and isinstance(data.get("train"), dict):
-            section = "train"
-    overrides = [o[len("train."):] if o.startswith("train.") else o for o in overrides]
-    overrides += [f"{k}={v}" for k, v in flags.items() if v is not None]
-    return load(TrainConfig, path, overrides, section=section)
+    return load_section(TrainConfig, "train", path, overrides,
+                        values={f"train.{k}": v for k, v in (flags or {}).items()})
+
+
+def run_rollback(args) -> int:
+    """``flywheel train rollback``: the registry's shared rollback (as ``flywheel serve rollback``)."""
+    from finetune.registry import rollback_alias
+
+    print(rollback_alias(_workdir(args).mlflow_uri, args.model_name, "champion"))
+    return 0
 
 
 def run(args) -> int:
@@ -79,30 +111,20 @@ def run(args) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from flywheel.base.errors import UsageError
 
-    workdir = Path(args.workdir).resolve()
-    uri = args.mlflow_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-    overrides = list(args.overrides or [])
-    if overrides[:1] == ["rollback"]:
-        if overrides[1:]:
-            raise UsageError(f"flywheel train rollback takes no overrides, got {overrides[1:]}; "
-                             "only --model-name, --workdir, --mlflow-uri")
-        from finetune.registry import rollback_alias
-
-        print(rollback_alias(uri, args.model_name, "champion"))
-        return 0
+    wd = _workdir(args)
     if not args.dataset:
         raise UsageError("--dataset ID is required (or use `flywheel train rollback`)")
-    snapshot = resolve_dataset(str(workdir), args.dataset)
-    config = load_train_config(args.config, overrides, {
+    config = load_train_config(args.config, list(args.overrides or []), {
         "base_model": args.base_model, "num_workers": args.num_workers, "use_gpu": args.use_gpu,
         "seed": args.seed})
+    snapshot = resolve_dataset(wd, args.dataset)
     if not config.checkpoint_dir:
-        config.checkpoint_dir = str(workdir / "checkpoints")
-    workdir.mkdir(parents=True, exist_ok=True)
+        config.checkpoint_dir = str(wd.checkpoints)
+    wd.root.mkdir(parents=True, exist_ok=True)
     from finetune.turn import train_and_register
 
     # DataError, ModelError, RegistryError: the CLI prints them on one line (exit 1)
-    outcome = train_and_register(str(snapshot), config, uri, model_name=args.model_name,
+    outcome = train_and_register(str(snapshot), config, wd.mlflow_uri, model_name=args.model_name,
                                  campaign=args.campaign, turn=args.turn, ray_address=args.ray_address,
                                  progress=not args.no_progress)
     _print_outcome(outcome, config.gate_metric)

@@ -5,10 +5,15 @@ Each stage package registers its own sub-commands (``<package>/cli.py`` with a
 Heavy libraries (torch, ray, mlflow) are imported inside the commands, never here, so
 ``flywheel --help`` is instant.
 
-    flywheel demo                      # the whole loop on embedded defaults
-    flywheel broker                    # an embedded MQTT broker
-    flywheel sim --scenario demo       # the factory simulator
-    flywheel --help                    # everything else
+Config overrides have one grammar, ``section.key=value`` (``flywheel.base.config``): a
+command's positional words are overrides of its sections, or, for a command that has
+actions, an action's name first (``flywheel train rollback``, ``flywheel serve status``).
+
+    flywheel demo                                  # the whole loop on embedded defaults
+    flywheel broker                                # an embedded MQTT broker
+    flywheel sim --scenario demo                   # the factory simulator
+    flywheel train --dataset ds-1 train.epochs=2   # one stage, its section's overrides
+    flywheel --help                                # everything else
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Callable
 
 from flywheel.base.config import ConfigError
 from flywheel.base.errors import FlywheelError, one_line
+from flywheel.base.workdir import DEFAULT_WORKDIR
 
 #: Modules that register sub-commands, in the order they appear in ``--help``.
 COMMAND_MODULES = (
@@ -34,11 +40,74 @@ COMMAND_MODULES = (
     "flywheel.bench_cli",     # bench
 )
 
-DEFAULT_WORKDIR = ".flywheel"
+
+class _Actions(argparse._SubParsersAction):
+    """The actions of a command that also runs on its own: ``flywheel train`` trains,
+    ``flywheel train rollback`` rolls back.
+
+    Each action is an argparse sub-command with its own options.  A first positional word that
+    names no action starts the command's own run: it and every later positional are its
+    ``section.key=value`` overrides (``args.overrides``), and options may follow them.
+    """
+
+    class _AnyWord(dict):
+        """argparse checks the first word against the choices; __call__ sorts it out instead."""
+
+        def __contains__(self, word) -> bool:
+            return True
+
+    def __init__(self, *args, run_name: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_name = run_name
+        self.choices = self._AnyWord()
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name, rest = values[0], list(values[1:])
+        if name in self._name_parser_map and name != self.run_name:
+            sub = self._name_parser_map[name]
+            if self.dest is not argparse.SUPPRESS:
+                setattr(namespace, self.dest, name)
+            subns, extras = sub.parse_known_args(rest, None)
+            # Options given before the action name stay unless the action's own line sets them.
+            for key, value in vars(subns).items():
+                if key in sub._defaults or not hasattr(namespace, key) or value != sub.get_default(key):
+                    setattr(namespace, key, value)
+        else:
+            if name == self.run_name:
+                values = rest
+            elif "=" not in name:
+                actions = ", ".join(n for n in self._name_parser_map if n != self.run_name)
+                raise argparse.ArgumentError(self, f"{name!r} is neither an action ({actions}) "
+                                                   "nor a section.key=value override")
+            n = next((i for i, v in enumerate(values) if v.startswith("-")), len(values))
+            namespace.overrides = list(getattr(namespace, "overrides", None) or []) + list(values[:n])
+            # what follows the overrides (options, more overrides) is the command's own line
+            _, extras = parser.parse_known_args(values[n:], namespace) if values[n:] else (namespace, [])
+        if extras:
+            vars(namespace).setdefault(argparse._UNRECOGNIZED_ARGS_ATTR, []).extend(extras)
 
 
 class Common:
     """Adds the shared options (docs/architecture.md, "CLI") to a sub-command's parser."""
+
+    @staticmethod
+    def actions(parser: argparse.ArgumentParser, *, run: tuple[str, str] | None = None,
+                overrides: str = "section.key=value"):
+        """Give ``parser`` actions (sub-commands, ``.add_parser(name, ...)`` each); call before :meth:`add`.
+
+        Without an action the command runs itself with ``args.overrides``; ``run`` names that
+        run as an action too (``("start", "help")``: ``flywheel serve start``).
+        """
+        parser.set_defaults(overrides=[])
+        own = f"`{parser.prog} {run[0]}` or " if run else ""
+        sub = parser.add_subparsers(
+            action=_Actions, run_name=run[0] if run else None, metavar=f"[ACTION | {overrides}]", title="actions",
+            description=f"without an action ({own}no positional word naming one) the command runs itself; its "
+                        f"positional words are then {overrides} overrides")
+        if run:
+            sub.add_parser(run[0], help=run[1], add_help=False)
+        parser._flywheel_actions = True
+        return sub
 
     @staticmethod
     def add(parser: argparse.ArgumentParser, *, broker: bool = False, workdir: bool = False,
@@ -60,9 +129,11 @@ class Common:
         if seed:
             g.add_argument("--seed", type=int, default=0, help="random seed (plant, splits, training)")
         if config:
-            g.add_argument("--config", metavar="FILE", default=None, help="YAML config file")
-            g.add_argument("overrides", nargs="*", metavar="key=value",
-                           help="config overrides, nested keys dotted (e.g. train.epochs=2)")
+            g.add_argument("--config", metavar="FILE", default=None,
+                           help="YAML config file, sections as top-level keys (a campaign file works)")
+            if not getattr(parser, "_flywheel_actions", False):   # with actions, the positionals are theirs
+                g.add_argument("overrides", nargs="*", metavar="section.key=value",
+                               help="config overrides, nested keys dotted (e.g. train.epochs=2)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,7 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  flywheel demo\n  flywheel broker --port 1884\n"
                "  flywheel sim --scenario demo --speed max --duration 1d --broker mqtt://127.0.0.1:1884\n"
-               "  flywheel report --workdir .flywheel",
+               "  flywheel train --dataset ds-1 train.epochs=2 train.lora.rank=16\n"
+               "  flywheel serve rollback\n"
+               "  flywheel report --workdir .flywheel\n\n"
+               "config overrides are section.key=value everywhere (train.epochs=2, serve.poll_s=5, "
+               "bridge.threshold=0.3);\na campaign's own keys need no section (flywheel run ... turns=3).",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -117,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     func: Callable | None = getattr(args, "func", None)
     if func is None:
-        parser.print_help(sys.stderr)
+        parser.print_help()
+        print("flywheel: error: name a command (see flywheel --help)", file=sys.stderr)
         return 2
     # Every error the stack raises on purpose derives from FlywheelError and says what to do:
     # print it once, on one line, and end with its exit code (2: usage/config, 1: runtime).

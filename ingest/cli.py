@@ -1,15 +1,19 @@
 """``flywheel ingest`` and ``flywheel dataset build``.
 
     flywheel ingest --broker mqtt://127.0.0.1:1884 --collectors 2     # runs until Ctrl-C, live counters
+    flywheel ingest --broker mqtt://127.0.0.1:1884 ingest.batch_max_messages=2000
     flywheel ingest --broker mqtt://127.0.0.1:1884 --status           # counters from the broker, then exit
-    flywheel dataset build --workdir .flywheel window.length=12       # prints id, counts, path
+    flywheel dataset build --workdir .flywheel dataset.window.length=12   # prints id, counts, path
     flywheel dataset build --previous ds-0123456789ab                  # incremental
+
+Overrides are ``ingest.key=value`` (IngestConfig) and ``dataset.key=value`` (BuildConfig), the
+grammar of ``flywheel.base.config``; on each command a bare key means its own section, and
+``--config`` takes a file with that section (a campaign file works) or its keys at the top.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -22,8 +26,10 @@ def register(sub, common) -> None:
                     "Parquet batches to <workdir>/lake and acknowledge only what is written. Runs until Ctrl-C "
                     "(then flushes and disconnects; the broker keeps the sessions). --status prints the "
                     "counters the running collectors publish on <root>/_status/ingest-<i> and exits.",
-        epilog="examples:\n  flywheel ingest --broker mqtt://127.0.0.1:1884\n"
-               "  flywheel ingest --broker mqtt://127.0.0.1:1884 --collectors 2 batch_max_messages=2000\n"
+        epilog="config: IngestConfig, section ingest; overrides ingest.KEY=VALUE (a bare KEY=VALUE means "
+               "ingest.KEY=VALUE); --config FILE holds an ingest: section or IngestConfig keys at its top.\n\n"
+               "examples:\n  flywheel ingest --broker mqtt://127.0.0.1:1884\n"
+               "  flywheel ingest --broker mqtt://127.0.0.1:1884 --collectors 2 ingest.batch_max_messages=2000\n"
                "  flywheel ingest --broker mqtt://127.0.0.1:1884 --status",
         formatter_class=_FMT)
     common.add(p, broker=True, workdir=True, ray=True, config=True)
@@ -45,8 +51,12 @@ def register(sub, common) -> None:
                     "of maintenance that intervened, else ok; unknown outcomes held back), split by time per "
                     "machine with purging, and write <lake>/datasets/<id>/{train,eval}.parquet + manifest.json. "
                     "Logs the snapshot to MLflow as dataset inputs of a run.",
-        epilog="examples:\n  flywheel dataset build\n  flywheel dataset build --previous ds-0123456789ab\n"
-               "  flywheel dataset build --config dataset.yaml window.length=12 eval_fraction=0.25\n"
+        epilog="config: BuildConfig, section dataset; overrides dataset.KEY=VALUE, nested keys dotted (a bare "
+               "KEY=VALUE means dataset.KEY=VALUE); --config FILE holds a dataset: section (a campaign file "
+               "works: its window and seed too) or BuildConfig keys at its top.\n\n"
+               "examples:\n  flywheel dataset build\n  flywheel dataset build --previous ds-0123456789ab\n"
+               "  flywheel dataset build dataset.window.length=12 dataset.eval_fraction=0.25\n"
+               "  flywheel dataset build --config flywheel/configs/demo.yaml   # the demo campaign's dataset\n"
                "  flywheel dataset build --mlflow-uri http://mlflow:5000 --experiment flywheel-plant7",
         formatter_class=_FMT)
     common.add(b, workdir=True, mlflow=True, ray=True, config=True)
@@ -55,18 +65,27 @@ def register(sub, common) -> None:
     b.add_argument("--experiment", default="flywheel-datasets", help="MLflow experiment of the build run")
     b.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     b.set_defaults(func=run_dataset_build)
-    d.set_defaults(func=lambda args: (d.print_help(), 2)[1])
+    d.set_defaults(func=_dataset_needs_an_action)
 
 
-def _lake(args) -> str:
-    return args.lake or os.path.join(args.workdir, "lake")
+def _dataset_needs_an_action(args) -> int:
+    from flywheel.base.errors import UsageError
+
+    raise UsageError("name an action: build (see flywheel dataset --help)")
 
 
-def _load_config(cls, args):
-    """The stage config from --config and key=value overrides; bad values become ConfigErrors."""
-    from flywheel.base.config import load
+def _workdir(args):
+    from flywheel.base.workdir import Workdir
 
-    return load(cls, args.config, list(args.overrides))   # __post_init__ checks raise ConfigError
+    return Workdir(args.workdir, lake=args.lake, mlflow_uri=getattr(args, "mlflow_uri", None))
+
+
+def _load_config(cls, section: str, args, values: dict | None = None):
+    """The stage config from --config and section.key=value overrides (bare keys: this section)."""
+    from flywheel.base.config import load_section
+
+    # __post_init__ checks raise ConfigError
+    return load_section(cls, section, args.config, list(args.overrides), values=values)
 
 
 def _init_ray(address: str | None) -> None:
@@ -100,9 +119,7 @@ def run_ingest(args) -> int:
                                 "(no collector has run against it with this topic root)")
         console.print(render_table(status_rows(statuses)))
         return 0
-    if args.collectors:
-        args.overrides = list(args.overrides) + [f"collectors={args.collectors}"]
-    config = _load_config(IngestConfig, args)
+    config = _load_config(IngestConfig, "ingest", args, {"ingest.collectors": args.collectors})
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
         # SIGTERM (docker stop, Kubernetes, kill) drains and stops like Ctrl-C: last batches
@@ -125,7 +142,7 @@ def _ingest_until_stopped(args, config, console) -> int:
     _init_ray(args.ray_address)
     from ingest.service import start_ingest
 
-    lake = _lake(args)
+    lake = _workdir(args).lake_uri
     from flywheel.base.mqtt import redact_url
 
     handle = start_ingest(args.broker, lake, config, topic_root=args.topic_root)
@@ -152,6 +169,21 @@ def _ingest_until_stopped(args, config, console) -> int:
     return 0
 
 
+def _check_previous(wd, previous: str | None) -> None:
+    """A --previous id that names no snapshot in a local lake is a usage error, found before Ray starts
+    (an object-store lake is checked by the build itself)."""
+    from pathlib import Path
+
+    from flywheel.base.errors import UsageError
+
+    if not previous or "/" in previous or "://" in wd.datasets or Path(wd.dataset(previous)).is_dir():
+        return
+    base = Path(wd.datasets)
+    known = sorted(p.name for p in base.iterdir() if p.is_dir()) if base.is_dir() else []
+    raise UsageError(f"--previous {previous!r}: no snapshot of that id under {base} "
+                     f"(known: {', '.join(known[-10:]) or 'none'}); pass one of them or omit --previous")
+
+
 def run_dataset_build(args) -> int:
     from rich.console import Console
 
@@ -159,7 +191,9 @@ def run_dataset_build(args) -> int:
     from ingest.dataset import DatasetError
 
     console = Console()
-    config = _load_config(BuildConfig, args)
+    config = _load_config(BuildConfig, "dataset", args)
+    wd = _workdir(args)
+    _check_previous(wd, args.previous)
     _init_ray(args.ray_address)
     from ingest.dataset import build_snapshot
 
@@ -167,15 +201,15 @@ def run_dataset_build(args) -> int:
     if not args.no_mlflow:
         import mlflow
 
-        os.makedirs(args.workdir, exist_ok=True)
+        wd.root.mkdir(parents=True, exist_ok=True)
         from flywheel.base.tracking import plain_uri
 
-        mlflow.set_tracking_uri(plain_uri(args.mlflow_uri or f"sqlite:///{os.path.abspath(args.workdir)}/mlflow.db"))
+        mlflow.set_tracking_uri(plain_uri(wd.mlflow_uri))
         mlflow.set_experiment(args.experiment)
         run = mlflow.start_run(run_name="dataset-build")
     try:
         with console.status("building dataset snapshot") as spinner:
-            snap = build_snapshot(_lake(args), config, previous=args.previous,
+            snap = build_snapshot(wd.lake_uri, config, previous=args.previous,
                                   progress=lambda msg: spinner.update(f"dataset build: {msg}"))
     except DatasetError:
         if run is not None:

@@ -2,8 +2,14 @@
 
     flywheel serve                                   # serve fault-detector@champion from the workdir's MLflow
     flywheel serve --bridge --broker mqtt://127.0.0.1:1884 bridge.threshold=0.4
+    flywheel serve serve.poll_s=5 serve.max_batch_size=32
     flywheel serve rollback --url http://127.0.0.1:8000
     flywheel serve status --url http://127.0.0.1:8000
+    flywheel serve bridge --url http://127.0.0.1:8000 --broker mqtt://127.0.0.1:1884
+
+Overrides are ``serve.key=value`` (ServeConfig) and ``bridge.key=value`` (BridgeConfig), the
+grammar of ``flywheel.base.config``; ``--config`` takes a file with ``serve:`` and ``bridge:``
+sections (a campaign file works).  The actions are sub-commands with their own options.
 """
 
 from __future__ import annotations
@@ -14,16 +20,12 @@ from flywheel.base.errors import UsageError
 from flywheel.base.mqtt import redact_url
 from flywheel.base.rayinit import stop_like_ctrl_c
 
-ACTIONS = ("start", "rollback", "status", "bridge")
+_FMT = argparse.RawDescriptionHelpFormatter
 
 EPILOG = """\
-actions (first positional argument, default start):
-  start      deploy the app on Ray Serve and keep it running (Ctrl-C stops it)
-  rollback   move the alias back to the previous champion, then refresh the app at --url
-  status     print which version(s) the app at --url serves, and the last refusal if any
-
-config: a YAML file with optional sections `serve:` (ServeConfig) and `bridge:` (BridgeConfig);
-overrides are dotted by section, e.g. serve.poll_s=5 serve.max_batch_size=32 bridge.threshold=0.3
+config: sections serve (ServeConfig) and bridge (BridgeConfig); overrides serve.KEY=VALUE and
+bridge.KEY=VALUE (nested keys dotted); --config FILE holds serve: and bridge: sections (a campaign
+file works).
 
 examples:
   flywheel serve
@@ -32,73 +34,102 @@ examples:
   flywheel serve --bridge --broker mqtt://127.0.0.1:1884 bridge.threshold=0.4 bridge.cooldown_s=7200
   flywheel serve rollback --url http://127.0.0.1:8000
   flywheel serve status --url http://127.0.0.1:8000
+  flywheel serve bridge --url http://127.0.0.1:8000 --broker mqtt://127.0.0.1:1884 bridge.threshold=0.4
 """
 
 
 def register(sub, common) -> None:
     p = sub.add_parser(
-        "serve", help="serve the fault detector (Ray Serve + MQTT bridge); rollback; status",
+        "serve", help="serve the fault detector (Ray Serve + MQTT bridge); rollback; status; bridge",
         description="Serve the registered fault detector (LoRA adapter from MLflow, alias champion) with Ray "
                     "Serve: POST /predict, GET /health, GET /version, OpenAPI at /docs. The app hot-swaps when "
                     "the alias moves. With --bridge it also turns plant telemetry on MQTT into predictions "
                     "and maintenance commands.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, formatter_class=_FMT)
+    actions = common.actions(p, run=("start", "deploy the app on Ray Serve and keep it running (the default; "
+                                              "Ctrl-C stops it)"),
+                             overrides="section.key=value")
     common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)
     p.add_argument("--model-name", default="fault-detector", help="registered model (default fault-detector)")
-    p.add_argument("--alias", default="champion", help="alias to serve and roll back (default champion)")
+    p.add_argument("--alias", default="champion", help="alias to serve (default champion)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: a free port)")
     p.add_argument("--host", default=None, help="HTTP interface (default 127.0.0.1)")
-    p.add_argument("--url", default=None, help="a running app's URL (rollback/status)")
     p.add_argument("--bridge", action="store_true", help="also run the MQTT bridge (needs --broker)")
     p.add_argument("--topic-root", default="factory", help="MQTT topic root (default factory)")
     p.set_defaults(func=run)
 
+    r = actions.add_parser(
+        "rollback", help="move the alias back to the previous champion, then refresh the app at --url",
+        description="Move --model-name's --alias back to the version it pointed to before (the same as "
+                    "`flywheel train rollback`); with --url the running app reloads at once, otherwise at its "
+                    "next registry poll.",
+        epilog="examples:\n  flywheel serve rollback --url http://127.0.0.1:8000\n"
+               "  flywheel serve rollback --mlflow-uri http://mlflow:5000 --model-name pump-detector",
+        formatter_class=_FMT)
+    r.add_argument("--url", default=None, help="the running app's URL, refreshed after the move")
+    r.add_argument("--model-name", default="fault-detector", help="registered model (default fault-detector)")
+    r.add_argument("--alias", default="champion", help="alias to roll back (default champion)")
+    common.add(r, workdir=True, mlflow=True)
+    r.set_defaults(func=run_rollback)
 
-def _split(overrides: list[str]) -> tuple[str, list[str], list[str]]:
-    from flywheel.base.config import ConfigError
+    st = actions.add_parser(
+        "status", help="print which version(s) the app at --url serves, and the last refusal if any",
+        epilog="examples:\n  flywheel serve status --url http://127.0.0.1:8000", formatter_class=_FMT)
+    st.add_argument("--url", default=None, help="the running app's URL (printed by `flywheel serve`)")
+    st.set_defaults(func=_status)
 
-    action, rest = "start", list(overrides)
-    if rest and rest[0] in ACTIONS:
-        action = rest.pop(0)
-    serve_o, bridge_o = [], []
-    for o in rest:
-        if o.startswith("serve."):
-            serve_o.append(o[len("serve."):])
-        elif o.startswith("bridge."):
-            bridge_o.append(o[len("bridge."):])
-        else:
-            raise ConfigError(f"override {o!r} should start with serve. or bridge. (e.g. serve.poll_s=5), "
-                              f"or be one of the actions {', '.join(ACTIONS)} as the first argument")
-    return action, serve_o, bridge_o
+    b = actions.add_parser(
+        "bridge", help="only the MQTT bridge, against an app already running at --url",
+        description="Run only the MQTT bridge (plant telemetry -> predictions and maintenance commands) against "
+                    "an app deployed elsewhere, e.g. a KubeRay RayService. Overrides are bridge.KEY=VALUE.",
+        epilog="examples:\n  flywheel serve bridge --url http://127.0.0.1:8000 --broker mqtt://127.0.0.1:1884 "
+               "bridge.threshold=0.4",
+        formatter_class=_FMT)
+    b.add_argument("--url", default=None, help="the running app's URL")
+    b.add_argument("--topic-root", default="factory", help="MQTT topic root (default factory)")
+    common.add(b, broker=True, workdir=True, mlflow=True, config=True)
+    b.set_defaults(func=run_bridge)
 
 
-def run(args) -> int:
-    from pathlib import Path
+def _workdir(args):
+    from flywheel.base.workdir import Workdir
 
-    from flywheel.base.config import load
+    return Workdir(args.workdir, mlflow_uri=args.mlflow_uri)
+
+
+def load_configs(path, overrides, sections=("serve", "bridge")) -> dict:
+    """ServeConfig and BridgeConfig from --config (serve: and bridge: sections) and section.key=value overrides."""
+    from flywheel.base.config import load_sections
 
     from serve.config import BridgeConfig, ServeConfig
 
-    action, serve_o, bridge_o = _split(args.overrides)
-    tracking_uri = args.mlflow_uri or f"sqlite:///{Path(args.workdir).resolve() / 'mlflow.db'}"
-    if action == "status":
-        return _status(args)
-    if action == "bridge":
-        return _bridge_only(args, load(BridgeConfig, args.config, bridge_o, section="bridge"))
-    if action == "rollback":    # the same implementation as `flywheel train rollback`
-        from finetune.registry import rollback_alias
+    classes = {"serve": ServeConfig, "bridge": BridgeConfig}
+    return load_sections({name: classes[name] for name in sections}, path, list(overrides or []))
 
-        print(rollback_alias(tracking_uri, args.model_name, args.alias, args.url))
-        return 0
-    cfg = load(ServeConfig, args.config, serve_o, section="serve")
+
+def run(args) -> int:
+    """``flywheel serve`` (``flywheel serve start``): deploy the app, optionally with the bridge."""
+    cfgs = load_configs(args.config, args.overrides)
+    cfg, bcfg = cfgs["serve"], cfgs["bridge"]
     if args.port is not None:
         cfg.http_port = args.port
     if args.host is not None:
         cfg.http_host = args.host
-    bcfg = load(BridgeConfig, args.config, bridge_o, section="bridge")
     if args.bridge and not args.broker:
         raise UsageError("--bridge needs --broker mqtt://host:port (the plant's broker)")
-    return _serve(args, tracking_uri, cfg, bcfg)
+    return _serve(args, _workdir(args).mlflow_uri, cfg, bcfg)
+
+
+def run_rollback(args) -> int:
+    """``flywheel serve rollback``: the registry's shared rollback (as ``flywheel train rollback``)."""
+    from finetune.registry import rollback_alias
+
+    print(rollback_alias(_workdir(args).mlflow_uri, args.model_name, args.alias, args.url))
+    return 0
+
+
+def run_bridge(args) -> int:
+    return _bridge_only(args, load_configs(args.config, args.overrides, sections=("bridge",))["bridge"])
 
 
 def _bridge_only(args, bcfg) -> int:

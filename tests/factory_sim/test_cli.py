@@ -1,4 +1,5 @@
-"""``flywheel sim``: clear errors, a self-stopping calibration run, embedded broker, Ctrl-C."""
+"""``flywheel sim``: clear errors, scenario.key=value overrides (bare keys: the alias), a campaign file as
+--config, a self-stopping calibration run, embedded broker, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -19,8 +20,17 @@ def test_bad_arguments_are_clear(capsys):
     assert "unknown scenario 'nope'; known scenarios: ai4i, demo, drift" in capsys.readouterr().err
     assert main(["sim", "--speed", "fast"]) == 2
     assert "--speed 'fast' should be a number" in capsys.readouterr().err
-    assert main(["sim", "milling.torque_sd_nm=-1"]) == 2
-    assert "milling.torque_sd_nm: should be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    for override in ("scenario.milling.torque_sd_nm=-1", "milling.torque_sd_nm=-1"):   # the bare alias too
+        assert main(["sim", override]) == 2
+        assert "milling.torque_sd_nm: should be a finite number >= 0, got -1.0" in capsys.readouterr().err
+    assert main(["sim", "scenaro.machines.pump=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config section 'scenaro'" in err and "(did you mean 'scenario'?)" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["sim", "scenario.machines.pumps=1"]) == 2
+    assert "unknown config key 'scenario.machines.pumps'" in capsys.readouterr().err
+    assert main(["sim", "train.epochs=1"]) == 2
+    assert "its sections: scenario" in capsys.readouterr().err
 
 
 def test_unreachable_broker_is_reported_with_the_password_redacted(capsys):
@@ -33,7 +43,7 @@ def test_unreachable_broker_is_reported_with_the_password_redacted(capsys):
 def test_calibration_scenario_stops_by_itself_and_writes_its_stream(broker, tmp_path, capsys):
     out = tmp_path / "ai4i.jsonl"
     rc = main(["sim", "--scenario", "ai4i", "--broker", broker.url, "--out", str(out), "--no-live",
-               "--topic-root", "cli1", "stop_after_parts=300"])
+               "--topic-root", "cli1", "scenario.stop_after_parts=300"])
     assert rc == 0
     text = capsys.readouterr().out.replace("\n", " ")
     assert "finished its parts" in text and "parts 300" in text and "python -m factory_sim.calibration" in text
@@ -43,10 +53,14 @@ def test_calibration_scenario_stops_by_itself_and_writes_its_stream(broker, tmp_
     assert "tool_wear_min" in rows[0]["payload"]["readings"]
 
 
-def test_without_broker_an_embedded_one_is_started(capsys):
-    assert main(["sim", "--scenario", "tiny", "--duration", "2h", "--no-live"]) == 0
+def test_without_broker_an_embedded_one_is_started(capsys, tmp_path):
+    # a campaign file as --config: its scenario and scenario_overrides, then the command's overrides
+    campaign = tmp_path / "campaign.yaml"
+    campaign.write_text("campaign: c\nscenario: tiny\nscenario_overrides: [machines.pump=1]\ntrain: {epochs: 1}\n")
+    assert main(["sim", "--config", str(campaign), "--duration", "2h", "--no-live", "scenario.machines.milling=1"]) == 0
     text = capsys.readouterr().out.replace("\n", " ")
     assert "embedded" in text and "mqtt://127.0.0.1:" in text and "ran its duration" in text and "OEE" in text
+    assert "scenario tiny (2 machines on 1 line)" in text
 
 
 def test_ctrl_c_stops_cleanly_with_a_final_summary(broker):

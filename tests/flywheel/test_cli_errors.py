@@ -30,16 +30,42 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     (["train", "--workdir", "{tmp}", "--dataset", "ds-missing"], "ds-missing"),  # a dataset that is not there
     (["train", "--workdir", "{tmp}"], "--dataset"),
     (["sim", "--speed", "-3"], "--speed"),
-    (["serve", "--workdir", "{tmp}", "poll_s=3"], "serve. or bridge."),
+    (["serve", "--workdir", "{tmp}", "poll_s=3"], "write serve.poll_s=3"),   # serve has no bare alias
     (["serve", "status"], "--url"),
     (["serve", "status", "--url", "foo"], "http://127.0.0.1:8000"),
     (["broker", "--port", "70000"], "--port"),
     (["ingest", "--workdir", "{tmp}"], "--broker"),
     (["sim", "--no-such-flag"], "--no-such-flag"),
+    # the one override grammar, section.key=value: unknown sections and keys name themselves
+    (["train", "--workdir", "{tmp}", "--dataset", "ds-1", "trian.epochs=2"], "unknown config section 'trian'"),
+    (["train", "--workdir", "{tmp}", "--dataset", "ds-1", "train.epoch=2"], "'train.epoch' (did you mean 'epochs'?)"),
+    (["train", "--workdir", "{tmp}", "--dataset", "ds-1", "serve.poll_s=2"], "its sections: train"),
+    (["train", "--workdir", "{tmp}", "--dataset", "ds-1", "train.epochs=many"], "train.epochs"),
+    (["train", "--workdir", "{tmp}", "--dataset", "ds-1", "--config", "{tmp}/none.yaml"], "none.yaml"),
+    (["serve", "--workdir", "{tmp}", "serv.poll_s=3"], "unknown config section 'serv'"),
+    (["serve", "--workdir", "{tmp}", "bridge.nope=3"], "'bridge.nope'"),
+    (["serve", "--workdir", "{tmp}", "train.epochs=3"], "its sections: serve, bridge"),
+    (["serve", "bridge", "--url", "http://127.0.0.1:8000", "--broker", "mqtt://127.0.0.1:9", "serve.poll_s=1"],
+     "its sections: bridge"),
+    (["ingest", "--workdir", "{tmp}", "--broker", "mqtt://127.0.0.1:9", "ingset.collectors=2"], "'ingset'"),
+    (["ingest", "--workdir", "{tmp}", "--broker", "mqtt://127.0.0.1:9", "ingest.collectors=0"], "collectors"),
+    (["dataset", "build", "--workdir", "{tmp}", "--no-mlflow", "datset.eval_fraction=0.3"], "'datset'"),
+    (["dataset", "build", "--workdir", "{tmp}", "--previous", "ds-missing"], "ds-missing"),  # before Ray starts
+    (["dataset", "build", "--workdir", "{tmp}", "--no-mlflow", "dataset.window.lenght=3"], "dataset.window.lenght"),
+    (["sim", "scenaro.machines.pump=2"], "unknown config section 'scenaro'"),
+    (["sim", "scenario.machines.pump=-2"], "machines.pump"),
+    # actions are sub-commands; a word that is neither an action nor an override is refused
+    (["train", "frobnicate"], "'frobnicate' is neither an action (rollback)"),
+    (["serve", "frobnicate"], "'frobnicate' is neither an action (rollback, status, bridge)"),
+    (["train", "rollback", "train.epochs=2"], "unrecognized arguments: train.epochs=2"),
+    (["dataset", "frobnicate"], "invalid choice: 'frobnicate'"),
+    (["dataset"], "build"),
+    ([], "name a command"),
 ])
 def test_usage_and_config_errors_are_one_line_on_stderr_with_exit_2(argv, needle, capsys, tmp_path):
     rc, out, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
     assert rc == 2, (rc, out, err)
+    assert not (tmp_path / "mlflow.db").exists(), "a refused command left state behind"
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
     assert lines[0].startswith("flywheel")
@@ -67,3 +93,65 @@ def test_every_project_error_derives_from_one_base_with_its_exit_code():
     # Callers that catch the builtin kinds keep working.
     assert issubclass(ConfigError, ValueError) and issubclass(RegistryError, LookupError)
     assert one_line(ConfigError("a\n  b\n")) == "a; b"
+
+
+def test_actions_are_sub_commands_and_the_command_runs_itself_without_one():
+    from flywheel.cli import build_parser
+    from finetune import cli as train_cli
+    from serve import cli as serve_cli
+
+    parser = build_parser()
+    # no action: the command's own run; overrides may sit between options
+    args = parser.parse_args(["train", "--dataset", "ds-1", "train.epochs=2", "lora.rank=4", "--seed", "3",
+                              "train.lr=0.01"])
+    assert args.func is train_cli.run and args.seed == 3 and args.dataset == "ds-1"
+    assert args.overrides == ["train.epochs=2", "lora.rank=4", "train.lr=0.01"]
+    # an action: its own parser; options before its name stay unless it sets them again
+    args = parser.parse_args(["train", "--workdir", "/w", "rollback", "--model-name", "pump"])
+    assert args.func is train_cli.run_rollback and (args.workdir, args.model_name) == ("/w", "pump")
+    args = parser.parse_args(["serve", "rollback", "--url", "http://x:1", "--alias", "prod"])
+    assert args.func is serve_cli.run_rollback and (args.url, args.alias) == ("http://x:1", "prod")
+    assert parser.parse_args(["serve", "status", "--url", "http://x:1"]).func is serve_cli._status
+    args = parser.parse_args(["serve", "bridge", "--url", "http://x:1", "--broker", "mqtt://b:1",
+                              "bridge.threshold=0.3"])
+    assert args.func is serve_cli.run_bridge and args.overrides == ["bridge.threshold=0.3"]
+    # `serve start` is the command's own run, named
+    args = parser.parse_args(["serve", "start", "serve.poll_s=5", "--port", "8001"])
+    assert args.func is serve_cli.run and args.overrides == ["serve.poll_s=5"] and args.port == 8001
+    assert parser.parse_args(["serve", "bridge.threshold=0.3"]).overrides == ["bridge.threshold=0.3"]
+
+
+def test_every_stage_command_takes_section_overrides_and_its_own_bare_alias(tmp_path):
+    """One loader, one grammar: each stage command's config from section.key=value (and bare keys where
+    the command has an own section), and a campaign file as --config takes the command's sections."""
+    from factory_sim.cli import load_sim_scenario
+    from finetune.cli import load_train_config
+    from flywheel.base.config import load_section
+    from flywheel.campaign import default_config_path, load_campaign, stage_configs
+    from ingest import BuildConfig
+    from ingest.config import IngestConfig
+    from serve.cli import load_configs
+
+    train = load_train_config(None, ["train.epochs=2", "train.lora.rank=16", "lr=0.01"], {"seed": 3, "use_gpu": None})
+    assert (train.epochs, train.lora.rank, train.lr, train.seed, train.use_gpu) == (2, 16, 0.01, 3, False)
+    cfgs = load_configs(None, ["serve.poll_s=5", "bridge.threshold=0.3"])
+    assert cfgs["serve"].poll_s == 5.0 and cfgs["bridge"].threshold == 0.3
+    assert load_section(IngestConfig, "ingest", None, ["ingest.collectors=2"]).collectors == 2
+    build = load_section(BuildConfig, "dataset", None, ["dataset.eval_fraction=0.3", "window.length=6"])
+    assert build.eval_fraction == 0.3 and build.window.length == 6
+    plant = load_sim_scenario("tiny", None, ["scenario.machines.pump=2", "milling.repair_s=60"])
+    assert plant.name == "tiny" and plant.machines.pump == 2 and plant.milling.repair_s == 60
+
+    # A campaign file works as each stage's --config and gives the configs the campaign would use.
+    demo = default_config_path("demo")
+    campaign = stage_configs(load_campaign(demo))
+    assert load_train_config(str(demo), []) == campaign["train"]
+    assert load_configs(str(demo), [])["serve"] == campaign["serve"]
+    assert load_configs(str(demo), [])["bridge"] == campaign["bridge"]
+    assert load_section(BuildConfig, "dataset", demo, []) == campaign["dataset"]
+    assert load_sim_scenario(None, str(demo), []).name == "demo"
+    # ... and a flat file is the command's own section; the flags go last
+    flat = tmp_path / "train.yaml"
+    flat.write_text("epochs: 3\nlora: {rank: 4}\n")
+    train = load_train_config(str(flat), ["train.epochs=5"], {"num_workers": 2})
+    assert (train.epochs, train.lora.rank, train.num_workers) == (5, 4, 2)

@@ -1,4 +1,5 @@
-"""``flywheel ingest`` and ``flywheel dataset build`` end to end, in-process (real broker, Ray, MLflow)."""
+"""``flywheel ingest`` and ``flywheel dataset build`` end to end, in-process (real broker, Ray, MLflow), with
+ingest.key=value / dataset.key=value overrides (and each command's bare alias)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ def test_ingest_runs_then_status_reads_the_retained_counters(broker, ray_local, 
     publish(broker.url, [("%s/l1/m1/telemetry" % uid, b"not json")])  # before anyone listens: not queued
     # A first run creates the persistent session; what is published while it is away waits for the next run.
     assert main(["ingest", "--broker", broker.url, "--workdir", str(tmp_path), "--topic-root", uid,
-                 "--duration", "1", f"client_prefix={uid}"]) == 0
+                 "--duration", "1", f"ingest.client_prefix={uid}"]) == 0
     publish(broker.url, items + [("%s/l1/m1/telemetry" % uid, b"\xff")])
     assert main(["ingest", "--broker", broker.url, "--workdir", str(tmp_path), "--topic-root", uid,
-                 "--duration", "4", f"client_prefix={uid}", "batch_max_age_s=0.5"]) == 0
+                 "--duration", "4", f"client_prefix={uid}", "ingest.batch_max_age_s=0.5"]) == 0
     out = capsys.readouterr().out
     assert f"stopped: {len(items):,} landed, 1 dead-lettered" in out
     assert main(["ingest", "--broker", broker.url, "--topic-root", uid, "--status"]) == 0
@@ -36,8 +37,8 @@ def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, 
                   incidents=[Incident("p1", t0 + 5 * 3600 + 30, "failure", "BRG")])
     write_lake(str(tmp_path / "lake"), msgs)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert main(["dataset", "build", "--workdir", str(tmp_path), "--mlflow-uri", uri, "engine=local",
-                 "window.length=6", "window.stride_s=600"]) == 0
+    assert main(["dataset", "build", "--workdir", str(tmp_path), "--mlflow-uri", uri, "dataset.engine=local",
+                 "dataset.window.length=6", "window.stride_s=600"]) == 0
     out = capsys.readouterr().out
     dataset_id = out.split()[1]
     manifest = json.loads((tmp_path / "lake" / "datasets" / dataset_id / "manifest.json").read_text())
@@ -47,14 +48,18 @@ def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, 
     runs = mlflow.search_runs(experiment_names=["flywheel-datasets"], output_format="list")
     assert runs[0].data.tags["flywheel.dataset_id"] == dataset_id
     assert runs[0].data.metrics["data.windows_train"] == manifest["windows"]["train"]
-    # incremental from it, and errors that name the fix
+    # incremental from it, configured by a campaign file (its window, its dataset: section), and errors
+    # that name the fix
+    campaign = tmp_path / "campaign.yaml"
+    campaign.write_text("campaign: c\nseed: 0\nwindow: {length: 6}\ndataset: {engine: local}\ntrain: {epochs: 1}\n")
     assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "--previous", dataset_id,
-                 "engine=local", "window.length=6"]) == 0
+                 "--config", str(campaign)]) == 0
     assert capsys.readouterr().out.split()[1] == dataset_id
-    assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "--previous", "ds-nope"]) == 1
+    assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "--previous", "ds-nope"]) == 2
     err = capsys.readouterr().err
-    assert "ds-nope" in err and len(err.strip().splitlines()) == 1
-    assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "eval_fraction=2"]) == 2
+    assert "ds-nope" in err and dataset_id in err and len(err.strip().splitlines()) == 1
+    assert main(["dataset", "build", "--workdir", str(tmp_path), "--no-mlflow", "dataset.eval_fraction=2"]) == 2
+    assert "eval_fraction" in capsys.readouterr().err
 
 
 def test_sigterm_drains_and_stops_ingest_like_ctrl_c(broker, publish, uid, tmp_path):

@@ -1,4 +1,5 @@
-"""``flywheel serve`` sub-commands that need no running app: rollback, argument errors, help."""
+"""``flywheel serve`` sub-commands that need no running app: rollback, argument errors, help, and the
+serve.key=value / bridge.key=value overrides reaching the configs."""
 
 from __future__ import annotations
 
@@ -22,19 +23,49 @@ def test_rollback_moves_the_alias_back(registry, adapter_dirs, capsys):
 
 
 def test_bad_overrides_and_missing_options_are_clear(capsys, tmp_path):
-    assert main(["serve", "--workdir", str(tmp_path), "poll_s=3"]) == 2
-    assert "serve. or bridge." in capsys.readouterr().err
+    assert main(["serve", "--workdir", str(tmp_path), "poll_s=3"]) == 2      # no bare alias: two sections
+    assert "names no section; write serve.poll_s=3" in capsys.readouterr().err
+    assert main(["serve", "--workdir", str(tmp_path), "sevre.poll_s=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config section 'sevre'" in err and "sections: serve, bridge" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as exc:       # argparse's own error, one line too
+        main(["serve", "--workdir", str(tmp_path), "rolback"])
+    assert exc.value.code == 2 and "neither an action (rollback, status, bridge)" in capsys.readouterr().err
     assert main(["serve", "status"]) == 2
     assert "--url" in capsys.readouterr().err
     assert main(["serve", "--workdir", str(tmp_path), "--bridge"]) == 2
     assert "--broker" in capsys.readouterr().err
 
 
+def test_section_overrides_and_a_config_file_reach_the_app_and_the_bridge(monkeypatch, tmp_path):
+    from serve import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_serve", lambda args, uri, cfg, bcfg: seen.update(uri=uri, cfg=cfg, bcfg=bcfg) or 0)
+    monkeypatch.setattr(cli, "_bridge_only", lambda args, bcfg: seen.update(bridge=bcfg, url=args.url) or 0)
+    conf = tmp_path / "serve.yaml"
+    conf.write_text("serve: {max_batch_size: 16}\nbridge: {cooldown_s: 60}\ntrain: {epochs: 9}\n")
+    assert main(["serve", "--workdir", str(tmp_path), "--config", str(conf), "serve.poll_s=5",
+                 "bridge.threshold=0.3", "--port", "8123"]) == 0
+    assert seen["uri"] == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert (seen["cfg"].poll_s, seen["cfg"].max_batch_size, seen["cfg"].http_port) == (5.0, 16, 8123)
+    assert (seen["bcfg"].threshold, seen["bcfg"].cooldown_s) == (0.3, 60.0)
+    assert main(["serve", "start", "serve.ingress=direct"]) == 0 and seen["cfg"].ingress == "direct"
+    assert main(["serve", "bridge", "--url", "http://127.0.0.1:8000", "--broker", "mqtt://127.0.0.1:1884",
+                 "bridge.threshold=0.7", "--config", str(conf)]) == 0
+    assert (seen["bridge"].threshold, seen["bridge"].cooldown_s, seen["url"]) == (0.7, 60.0, "http://127.0.0.1:8000")
+
+
 def test_help_has_examples(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     out = capsys.readouterr().out
-    assert "flywheel serve rollback" in out and "bridge.threshold" in out
+    assert "flywheel serve rollback" in out and "bridge.threshold" in out and "serve.KEY=VALUE" in out
+    for action in ("rollback", "status", "bridge"):
+        with pytest.raises(SystemExit):
+            main(["serve", action, "--help"])
+        assert f"usage: flywheel serve {action}" in capsys.readouterr().out
 
 
 def test_serve_url_host_follows_where_the_driver_runs():
