@@ -1,6 +1,7 @@
 """Snapshot loading and the deterministic batch plan of a training run.
 
-A snapshot is a directory written by the dataset builder::
+A snapshot is a directory written by the dataset builder, read through
+``flywheel.base.snapshot`` (a local path or a lake URI such as ``s3://...``)::
 
     <snapshot>/train.parquet   rows: line, machine, kind, ..., readings, label, label_source
     <snapshot>/eval.parquet
@@ -12,6 +13,7 @@ column ``text`` through the featuriser the run trains with (``TrainConfig.featur
 the same one serving applies.  A split that already carries ``text`` and no ``readings``
 (hand-made frames, snapshots written before readings were stored) is taken as featurised
 with ``text-summary/1``.
+
 ``plan_batches`` turns the training split into the exact sequence of optimizer-step
 batches: per epoch a seeded draw of ``ok`` windows (at most ``ok_ratio`` x the failure
 windows), a seeded shuffle, a cap so a turn stays in its time budget, and global batches
@@ -21,7 +23,6 @@ for a given seed, which is what makes resume-after-kill land on identical weight
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 from flywheel.base.contract import LABELS
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import DEFAULT_FEATURISER, FeaturiserSpec, get_featuriser, parse_readings
+from flywheel.base.snapshot import SPLITS, Snapshot, SnapshotError, open_snapshot
 
 LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
 REQUIRED_COLUMNS = ("label",)
@@ -41,23 +43,21 @@ class DataError(FlywheelError, ValueError):
     """A snapshot that cannot be trained or evaluated on; the message says what and how to fix it."""
 
 
-@dataclass
-class Snapshot:
-    path: Path
-    dataset_id: str
-    content_hash: str
-    manifest: dict
-    train: "object"   # pandas.DataFrame
-    eval: "object"    # pandas.DataFrame
+@dataclass(frozen=True)
+class LoadedSnapshot(Snapshot):
+    """A snapshot (``flywheel.base.snapshot``) with its splits read, checked and featurised."""
+    train: "object" = None   # pandas.DataFrame, with the model-input column ``text``
+    eval: "object" = None
 
 
-def read_split(path: str | Path, split: str = "split", featuriser: str | dict = DEFAULT_FEATURISER) -> "object":
+def read_split(path: str | Path, split: str = "split", featuriser: str | dict = DEFAULT_FEATURISER,
+               where: str | None = None) -> "object":
     """Read one split (a parquet file or an in-memory DataFrame), check it and featurise it into ``text``."""
     import pandas as pd
 
     if isinstance(path, pd.DataFrame):
         df = path
-        where = f"the {split} DataFrame"
+        where = where or f"the {split} DataFrame"
     else:
         p = Path(path)
         if not p.is_file():
@@ -111,30 +111,27 @@ def _featurise(df, featuriser, where: str):
     return df
 
 
-def load_snapshot(path: str | Path, featuriser: str | dict = DEFAULT_FEATURISER) -> Snapshot:
-    """Load, check and featurise a snapshot directory (train split: >= 2 labels; eval may be empty)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise DataError(f"dataset snapshot {str(p)!r} is not a directory; pass a snapshot built by "
-                        "`flywheel dataset build` (<workdir>/lake/datasets/<ID>)")
-    mpath = p / "manifest.json"
-    if not mpath.is_file():
-        raise DataError(f"{p} has no manifest.json: not a dataset snapshot")
+def load_snapshot(path: "str | Path | Snapshot", featuriser: str | dict = DEFAULT_FEATURISER) -> LoadedSnapshot:
+    """Load, check and featurise a snapshot (train split: >= 2 labels; eval may be empty).
+
+    ``path`` is a local snapshot directory, a URI on the lake's filesystem (``s3://...``) or a
+    :class:`flywheel.base.snapshot.Snapshot` the builder returned."""
     try:
-        manifest = json.loads(mpath.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{mpath} is not valid JSON: {exc}") from None
-    train = read_split(p / "train.parquet", "train", featuriser)
-    evals = read_split(p / "eval.parquet", "eval", featuriser)
+        snap = path if isinstance(path, Snapshot) else open_snapshot(path)
+        frames = {split: snap.read(split) for split in SPLITS}
+    except SnapshotError as exc:
+        raise DataError(str(exc)) from None
+    name = snap.dataset_id
+    train = read_split(frames["train"], "train", featuriser, where=f"{snap.path}/train.parquet")
+    evals = read_split(frames["eval"], "eval", featuriser, where=f"{snap.path}/eval.parquet")
     if len(train) == 0:
-        raise DataError(f"snapshot {p.name} has an empty training split: collect more plant time first")
+        raise DataError(f"snapshot {name} has an empty training split: collect more plant time first")
     present = sorted(set(train["label"]))
     if len(present) < 2:
-        raise DataError(f"snapshot {p.name}: the training split holds only label {present}; a classifier needs "
+        raise DataError(f"snapshot {name}: the training split holds only label {present}; a classifier needs "
                         "at least two labels (run the plant longer so failures occur, or lower the window stride)")
-    return Snapshot(path=p, dataset_id=str(manifest.get("dataset_id") or p.name),
-                    content_hash=str(manifest.get("content_hash", "")), manifest=manifest,
-                    train=train, eval=evals)
+    return LoadedSnapshot(snap.dataset_id, snap.path, snap.manifest, snap.train_path, snap.eval_path, snap.fs,
+                          train=train, eval=evals)
 
 
 def label_ids(labels: Sequence[str]) -> np.ndarray:

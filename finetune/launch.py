@@ -145,9 +145,9 @@ def train_plain(snapshot_dir, config: TrainConfig, out_dir, *, report=None, prog
     setup_torch(config.num_threads)   # before torch loads: threads and OpenMP's wait policy
 
     from finetune.checkpoint import latest_state, save_atomic
-    from finetune.data import Snapshot, load_snapshot
+    from finetune.data import LoadedSnapshot, load_snapshot
 
-    snapshot = snapshot_dir if isinstance(snapshot_dir, Snapshot) else load_snapshot(snapshot_dir, config.featuriser)
+    snapshot = snapshot_dir if isinstance(snapshot_dir, LoadedSnapshot) else load_snapshot(snapshot_dir, config.featuriser)
     device = device or pick_device("cuda" if config.use_gpu else "auto")
     fp = fingerprint(snapshot, config, 1, warm_start_dir)
     root = checkpoint_root(config, fp)

@@ -109,11 +109,9 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
     from finetune.data import load_snapshot
 
     snapshot = load_snapshot(snapshot_dir, config.featuriser)  # check at the boundary, before any worker starts
-    if not ray.is_initialized():
-        from flywheel.base.threads import set_openmp_env
+    from flywheel.base.rayinit import ensure_ray
 
-        set_openmp_env()   # the workers this Ray starts inherit it (they load torch before our code runs)
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ensure_ray(ray_address)   # a local Ray's workers wait passively in OpenMP (they load torch before our code)
     fp = fingerprint(snapshot, config, config.num_workers, warm_start_dir)
     root = checkpoint_root(config, fp)
     storage = root / "ray"

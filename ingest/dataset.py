@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 
 from flywheel.base.contract import LABELS
 from flywheel.base.errors import FlywheelError
+from flywheel.base.snapshot import Snapshot, child_uri
 from ingest.config import BuildConfig
 from ingest.labels import downsample_ok, label_windows, split_windows
 from ingest.lake import Lake
@@ -66,20 +67,6 @@ CACHE_DIR = "_cache"
 
 class DatasetError(FlywheelError, RuntimeError):
     """The lake or a previous snapshot cannot be used; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    dataset_id: str
-    path: str
-    manifest: dict
-    train_path: str
-    eval_path: str
-
-    def load(self, split: str = "train") -> pd.DataFrame:
-        lake = Lake.open(self.manifest["lake"])
-        return pq.read_table(self.train_path if split == "train" else self.eval_path,
-                             filesystem=lake.fs).to_pandas()
 
 
 @dataclass
@@ -187,7 +174,8 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
                     "wall_s": round(time.monotonic() - t_start, 3)},
     }
     lake.write_bytes(posixpath.join(path, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
-    snap = Snapshot(dataset_id, path, manifest, train_path, eval_path)
+    where = path if lake.local else child_uri(lake.uri, "datasets", dataset_id)   # a URI training can open
+    snap = Snapshot(dataset_id, where, manifest, train_path, eval_path, lake.fs)
     if mlflow_run_id is not None or _mlflow_run_active():
         say("logging to MLflow")
         from ingest.tracking import log_snapshot
@@ -208,8 +196,9 @@ def _window_days(lake: Lake, paths: list[str], config: BuildConfig, tails: dict[
         import ray
         from ray.data.context import DataContext, ShuffleStrategy
 
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, configure_logging=False)
+        from flywheel.base.rayinit import ensure_ray
+
+        ensure_ray()
         ctx = DataContext.get_current()
         previous_strategy = ctx.shuffle_strategy
         # Sort-based shuffle runs as plain tasks; the default hash shuffle starts aggregator actors,

@@ -145,13 +145,13 @@ def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestCo
 
     from flywheel.base.contract import Topics
     from ingest.collector import check_broker_support
+    from flywheel.base.rayinit import ensure_ray
     from ingest.lake import Lake
 
     Topics(topic_root)  # a bad root fails here, before any actor starts
     check_broker_support(broker_url, config)  # collectors > 1 on an MQTT 3.1.1 broker: a ConfigError, now
     lake = Lake.open(lake_uri)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, configure_logging=False)
+    ensure_ray()
     cls = _actor_class().options(max_restarts=config.max_restarts, max_task_retries=-1,
                                  num_cpus=config.actor_num_cpus)
     actors = [cls.remote(broker_url, lake.uri, asdict(config), i, topic_root) for i in range(config.collectors)]

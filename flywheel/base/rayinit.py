@@ -1,4 +1,5 @@
-"""``init_ray``: ``ray.init`` that leaves the process's own SIGTERM handler in place; and
+"""``ensure_ray``: the one way the stack joins or starts Ray; ``init_ray``: ``ray.init`` that
+leaves the process's own SIGTERM handler in place; and
 ``stop_like_ctrl_c``, the handler the long-running commands install; ``watch_driver`` and
 ``die_with_parent``, so that children die with a driver killed outright (kill -9).
 
@@ -21,6 +22,26 @@ import threading
 def stop_like_ctrl_c(signum, frame):
     """A SIGTERM handler: raise KeyboardInterrupt, so a command stops through its Ctrl-C path."""
     raise KeyboardInterrupt
+
+
+def ensure_ray(address: str | None = None, **kwargs):
+    """Join the Ray this process already runs, or start one (``address`` None: a local one).
+
+    Every stage calls this instead of ``ray.init``: quiet defaults (no dashboard, no log
+    forwarding, the process's logging untouched), and a local Ray's workers inherit passive
+    OpenMP waiting (``flywheel.base.threads.set_openmp_env``) so torch in Ray Data tasks and
+    Ray Train workers does not spin on shared cores.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return None
+    if address in (None, "local"):
+        from flywheel.base.threads import set_openmp_env
+
+        set_openmp_env()
+    opts = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False, **kwargs}
+    return init_ray(address=None if address == "local" else address, **opts)
 
 
 def init_ray(**kwargs):

@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from flywheel.base.snapshot import child_uri
+
 DEFAULT_WORKDIR = ".flywheel"
 
 
@@ -52,10 +54,11 @@ class Workdir:
     @property
     def datasets(self) -> str:
         """Where dataset snapshots live (under the lake, so an ``s3://`` lake keeps them too)."""
-        return self.lake_uri.rstrip("/") + "/datasets"
+        return child_uri(self.lake_uri, "datasets")
 
     def dataset(self, dataset_id: str) -> str:
-        return f"{self.datasets}/{dataset_id}"
+        """A snapshot's path or URI (``s3://bucket/lake/datasets/ds-1?endpoint_override=...``)."""
+        return child_uri(self.lake_uri, "datasets", dataset_id)
 
     @property
     def checkpoints(self) -> Path:

@@ -89,6 +89,32 @@ def test_stack_lake_on_plain_s3_uri_with_endpoint_from_environment(s3_endpoint, 
 
 
 
+def test_a_snapshot_built_on_an_s3_lake_is_read_for_training_from_its_uri(s3_endpoint, s3_env, tmp_path):
+    """One snapshot reader: the builder's snapshot on object storage is what training loads."""
+    import sys
+    from pathlib import Path
+
+    from finetune import load_snapshot
+    from flywheel.base.features import WindowConfig
+    from ingest import BuildConfig, build_snapshot
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
+    from ingest_plantgen import Incident, day_start, stream, write_lake
+
+    t0 = day_start()
+    uri = f"s3://{BUCKET}/snap-form?endpoint_override={s3_endpoint}&scheme=http"
+    write_lake(uri, stream([("L1", "p0", "pump"), ("L1", "p1", "pump")], t0, 8 * 3600,
+                           incidents=[Incident("p0", t0 + 3 * 3600, "failure", "BRG")]))
+    snap = build_snapshot(uri, BuildConfig(window=WindowConfig(length=6, stride_s=300, horizon_s=1800),
+                                           engine="local"))
+    assert snap.path == f"s3://{BUCKET}/snap-form/datasets/{snap.dataset_id}?endpoint_override={s3_endpoint}" \
+                        "&scheme=http"
+    loaded = load_snapshot(snap.path)
+    assert loaded.dataset_id == snap.dataset_id and loaded.content_hash == snap.manifest["content_hash"]
+    assert len(loaded.train) == sum(snap.manifest["counts"]["train"].values()) > 0
+    assert set(loaded.train["label"]) == {"ok", "BRG"} and loaded.train["text"].str.startswith("pump.").all()
+
+
 def test_make_buckets_tool_is_idempotent(s3_endpoint, s3_env):
     """infra/minio/make_buckets.py, run by the compose stack and the k8s Job before MLflow starts."""
     import subprocess

@@ -161,4 +161,5 @@ def test_object_store_lake_is_written_by_single_puts_and_builds(plant):
         pafs.FileSelector("bucket/lake", recursive=True)))
     snap = build_snapshot(lake, LOCAL)
     assert snap.manifest["events"]["unique"] == len(msgs)
-    assert lake.exists(snap.train_path) and lake.exists(snap.path + "/manifest.json")
+    assert lake.exists(snap.train_path) and lake.exists(snap.train_path.rsplit("/", 1)[0] + "/manifest.json")
+    assert snap.path == f"mock:///bucket/lake/datasets/{snap.dataset_id}"   # a URI, which training opens too
