@@ -26,9 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-from flywheel.base.config import ConfigError, load
+from flywheel.base.config import ConfigError, load, read_config_file
 
 SCENARIO_DIR = Path(__file__).parent / "scenarios"
 
@@ -314,11 +312,6 @@ def load_scenario(name_or_path: str | Path = "demo", overrides: Sequence[str] = 
                   config_path: str | Path | None = None) -> Scenario:
     """Load a scenario by name or path, then an optional config file, then ``key=value`` overrides."""
     path = scenario_path(name_or_path)
-    try:
-        base = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"scenario file {str(path)!r} is not valid YAML: {exc}") from None
-    if not isinstance(base, dict):
-        raise ConfigError(f"scenario file {str(path)!r} must hold a mapping at the top")
+    base = read_config_file(path)   # broken YAML or no mapping: a ConfigError naming the file
     base.setdefault("name", path.stem)
     return load(Scenario, config_path, list(overrides), base=base)
