@@ -1,6 +1,8 @@
 """Typed configuration of the ingest stage: the collectors and the dataset builder.
 
-Both are plain dataclasses, so ``flywheel.base.config.load`` builds them from YAML plus
+On the command line they are sections ``ingest`` and ``dataset`` (``flywheel ingest
+ingest.collectors=2``, ``flywheel dataset build dataset.eval_fraction=0.25``).  Both are
+plain dataclasses, so from Python ``flywheel.base.config.load`` builds them from YAML plus
 ``key=value`` overrides (unknown keys are an error)::
 
     from flywheel.base.config import load

@@ -1,6 +1,8 @@
 """Typed configuration of the serve stage: the Ray Serve app and the MQTT bridge.
 
-Both load from YAML with ``key=value`` overrides through :func:`flywheel.base.config.load`::
+On the command line they are sections ``serve`` and ``bridge`` (``flywheel serve
+serve.poll_s=5 bridge.threshold=0.3``); from Python, each loads from YAML with ``key=value``
+overrides through :func:`flywheel.base.config.load`::
 
     from flywheel.base.config import load
     cfg = load(ServeConfig, "serve.yaml", ["poll_s=5", "max_batch_size=32"])
