@@ -19,12 +19,12 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.config import TrainConfig
 from flywheel.base.contract import LABELS
+from flywheel.base.timing import StageTimer
 
 log = logging.getLogger(__name__)
 MODEL_ARTIFACT = "model"
@@ -41,23 +41,6 @@ class TurnOutcome:
     train_metrics: dict
     adapter_dir: str
     wall_s: dict = field(default_factory=dict)
-
-
-class _Timer:
-    def __init__(self):
-        self.wall_s: dict[str, float] = {}
-
-    def phase(self, name: str):
-        timer = self
-
-        class _Phase:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.wall_s[name] = timer.wall_s.get(name, 0.0) + time.perf_counter() - self.t
-
-        return _Phase()
 
 
 def _champion(tracking_uri: str, model_name: str):
@@ -79,16 +62,15 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
     from finetune.gate import decide
     from finetune.pyfunc import save_pyfunc
 
-    t_start = time.perf_counter()
-    timer = _Timer()
-    with timer.phase("load"):
+    timer = StageTimer()
+    with timer("load"):
         snapshot = load_snapshot(snapshot_dir)
         client = tracking.client_for(tracking_uri)
         run_id, created = tracking.open_run(client, tracking_uri, run_id, campaign, turn)
     work = Path(tempfile.mkdtemp(prefix="flywheel-train-"))
     status = "FAILED"
     try:
-        with timer.phase("log_inputs"):
+        with timer("log_inputs"):
             params = tracking.flatten("train", asdict(config))
             params.update({"data.dataset_id": snapshot.dataset_id, "data.content_hash": snapshot.content_hash,
                            "data.train_windows": len(snapshot.train), "data.eval_windows": len(snapshot.eval)})
@@ -99,10 +81,10 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         champion = _champion(tracking_uri, model_name)
         warm_dir = None
         if config.warm_start and champion is not None:
-            with timer.phase("fetch_champion"):
+            with timer("fetch_champion"):
                 warm_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "warm"))
 
-        with timer.phase("train"):
+        with timer("train"):
             batcher = tracking.MetricBatcher(tracking_uri, run_id, every=config.log_every)
             adapter_dir = str(work / "adapter")
             if config.num_workers > 1 or ray_address:
@@ -118,20 +100,20 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                 f"{label}={w:.3g}" for label, w in zip(LABELS, result.class_weights))} if result.class_weights else {})
             tracking.log_metrics(client, run_id, {k: v for k, v in train_metrics.items() if k.startswith("train.")},
                                  step=int(train_metrics.get("train.steps", 0)))
-        with timer.phase("eval_challenger"):
+        with timer("eval_challenger"):
             report = evaluate_adapter_report(adapter_dir, snapshot.eval, config.eval_batch_size)
             challenger_metrics = report.metrics
             baseline = majority_baseline(snapshot.train["label"], list(snapshot.eval["label"])).metrics
         champion_metrics = None
         if champion is not None:
-            with timer.phase("eval_champion"):
+            with timer("eval_champion"):
                 champ_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "champion"))
                 champion_metrics = evaluate_adapter_report(champ_dir, snapshot.eval, config.eval_batch_size).metrics
         decision = decide(challenger_metrics, champion_metrics, baseline, metric=config.gate_metric,
                           margin=config.gate_margin, min_eval_windows=config.min_eval_windows,
                           eval_labels=set(snapshot.eval["label"]))
 
-        with timer.phase("register"):
+        with timer("register"):
             (work / "eval").mkdir()
             confusion_png(report, work / "eval" / "confusion_matrix.png")
             (work / "eval" / "confusion_matrix.json").write_text(json.dumps(
@@ -156,7 +138,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                 registry.set_alias(tracking_uri, model_name, "champion", version)
         champion_version = version if decision.promoted else (champion.version if champion else None)
 
-        timer.wall_s["total"] = time.perf_counter() - t_start
+        timer.wall_s["total"] = timer.elapsed_s
         logged = dict(challenger_metrics)
         logged.update({k.replace("eval.", "eval.baseline.", 1): v for k, v in baseline.items()
                        if k in ("eval.macro_f1", "eval.accuracy")})

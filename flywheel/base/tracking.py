@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from flywheel.base.errors import FlywheelError
 
@@ -153,12 +153,19 @@ def log_params(client, run_id: str, params: dict) -> None:
         client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
 
 
-def flatten(prefix: str, obj) -> dict:
+def flatten(prefix: str, obj, leaf: Callable[[Any], Any] | None = None) -> dict:
+    """Nested dicts as one flat dict of dotted keys (MLflow params): ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``.
+
+    ``leaf`` writes each value that is not a dict; by default lists and tuples are joined
+    with commas and everything else is kept as it is.  An empty dict leaves no key.
+    """
     if isinstance(obj, dict):
         out = {}
         for k, v in obj.items():
-            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v, leaf))
         return out
+    if leaf is not None:
+        return {prefix: leaf(obj)}
     if isinstance(obj, (list, tuple)):
         return {prefix: ",".join(map(str, obj))}
     return {prefix: obj}
