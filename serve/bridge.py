@@ -165,6 +165,13 @@ class Bridge:
             raise BridgeError(f"bridge.window {configured.to_dict()} differs from the window {what} was trained "
                               f"on {window.to_dict()}: its input would not be its training input; drop "
                               "bridge.window (the bridge reads it from the model)")
+        others = {n: a.get("window") for n, a in (info.get("adapters") or {}).items()
+                  if n != name and a.get("window") is not None}
+        clash = {n: w for n, w in others.items() if WindowConfig.from_dict(w) != (window or configured)}
+        if clash:
+            raise BridgeError(f"the app's adapters were trained on different window configs ({name}: "
+                              f"{(window or configured).to_dict()}, " + ", ".join(f"{n}: {w}" for n, w in clash.items())
+                              + "); one bridge windows telemetry one way: serve adapters of one window config")
         window = window or configured
         with self._cond:
             if self.window is not None and window != self.window:
@@ -295,8 +302,9 @@ class Bridge:
         if out is None:
             return
         self._counts["batches"] += 1
-        served = out["model_version"].split(",")[-1]
-        if served != self._synced_version:   # a hot swap: does the new version window otherwise?
+        name = self.config.adapter or "default"
+        served = next((p["model_version"] for p in out["predictions"] if p.get("adapter", name) == name), None)
+        if served is not None and served != self._synced_version:   # a hot swap: windowed otherwise?
             try:
                 self._sync_model(self.serve.version())
             except BridgeError as exc:
