@@ -1,6 +1,6 @@
 """The flywheel turn loop: deployment makes data, data makes a model, the model makes a plant.
 
-Read :func:`run_turn` top to bottom; it is the whole idea::
+Read :meth:`Campaign.run_turn` top to bottom; it is the whole idea::
 
     turn 0 : run the plant under run-to-failure (no model) -> the lake fills with telemetry,
              failures and their labels
@@ -14,6 +14,13 @@ callbacks, so any stage can be rerun or replaced.  The same plant periods also r
 in-process under three baselines (run-to-failure, fixed-interval maintenance, and an
 oracle that knows the true condition: the physical limit), so every turn reports how much
 of the run-to-failure -> oracle gap the model has closed.
+
+Each stage step of the turn returns a typed result (:mod:`flywheel.record`); the turn's
+``TurnRecord`` is built from them and is what ``state.json``, the turn's MLflow metrics and
+the live view read.  The stack the turns run on (broker, Ray, the MLflow parent run,
+ingest) starts and stops as one (:mod:`flywheel.stack`); the held-out evaluation after the
+last turn is :mod:`flywheel.holdout`; ``state.json`` and the turn journal are
+:mod:`flywheel.state`.
 
 State lives in ``<workdir>/campaigns/<campaign>/``: ``state.json`` (finished turns and
 their metrics) and the plant's exact state at the last turn boundary
@@ -58,92 +65,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 from flywheel.base.config import ConfigError
-from flywheel.base.errors import FlywheelError
 from flywheel.base.live import LiveView, LoopStatus
-from flywheel.base.mqtt import BrokerURL, redact_url
+from flywheel.base.mqtt import BrokerURL
+from flywheel.base.timing import StageTimer
+from flywheel.base.workdir import Workdir
 from flywheel.campaign import CampaignConfig, stage_configs
+from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
+from flywheel.record import (ABORTED_FIELDS, PARENT_CURVE, POLICIES, BaselineResult, DataResult, DeployResult,
+                             GateResult, PlantResult, TurnRecord, gap_closed)
+from flywheel.stack import Stack
+from flywheel.state import (STATE_VERSION, CampaignError, TurnJournal, atomic_write, campaign_dir,
+                            config_fingerprint, load_state)
 
 log = logging.getLogger("flywheel.loop")
-
-STATE_VERSION = 1
-POLICIES = ("run_to_failure", "fixed_interval", "oracle")
-
-
-class CampaignError(FlywheelError, RuntimeError):
-    """The campaign cannot continue; the message says what to do."""
-
-
-# --------------------------------------------------------------------------- state
-def campaign_dir(workdir: str | os.PathLike, campaign: str) -> Path:
-    return Path(workdir) / "campaigns" / campaign
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_state(workdir, campaign: str) -> dict | None:
-    p = campaign_dir(workdir, campaign) / "state.json"
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise CampaignError(f"{p} is corrupt ({exc}); move it away to start the campaign over") from None
-
-
-class TurnJournal:
-    """``turn-progress.json``: the turn in flight, stage by stage (every write atomic)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.data: dict | None = None
-
-    def load(self) -> dict | None:
-        if not self.path.is_file():
-            return None
-        try:
-            self.data = json.loads(self.path.read_text())
-        except json.JSONDecodeError:
-            # a write is atomic (tmp + rename), so this is damage from outside: the attempt
-            # it described is unknown, recovery falls back to what MLflow and the lake say
-            self.data = {"turn": None, "unreadable": True}
-        return self.data
-
-    def begin(self, **fields) -> None:
-        self.data = dict(fields)
-        self._write()
-
-    def update(self, **fields) -> None:
-        assert self.data is not None
-        self.data.update(fields)
-        self._write()
-
-    def clear(self) -> None:
-        self.data = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-    def _write(self) -> None:
-        _atomic_write(self.path, json.dumps(self.data, indent=1, default=str).encode())
 
 
 def _kill_point(stage: str, turn: int, delayed: bool = False) -> None:
@@ -160,30 +103,6 @@ def _kill_point(stage: str, turn: int, delayed: bool = False) -> None:
         threading.Timer(float(os.environ.get("FLYWHEEL_TEST_KILL_DELAY_S", "2")), die).start()
     else:
         die()
-
-
-def _config_fingerprint(cfg: CampaignConfig) -> str:
-    """Everything that changes the campaign's results except how many turns it runs."""
-    d = dataclasses.asdict(cfg)
-    d.pop("turns", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-class StageTimer:
-    """Wall seconds per stage of a turn, so the slowest stage is visible."""
-
-    def __init__(self, view: LiveView):
-        self.view = view
-        self.wall_s: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str, label: str | None = None):
-        self.view.stage(label or stage)
-        t0 = time.monotonic()
-        try:
-            yield
-        finally:
-            self.wall_s[stage] = self.wall_s.get(stage, 0.0) + time.monotonic() - t0
 
 
 # --------------------------------------------------------------------------- baselines
@@ -217,75 +136,70 @@ class Baselines:
         return {k: p.state_bytes() for k, p in self.plants.items()}
 
 
-def gap_closed(oee_model: float, oee_rtf: float, oee_oracle: float) -> float | None:
-    """Fraction of the run-to-failure -> oracle OEE gap the model's policy has closed."""
-    gap = oee_oracle - oee_rtf
-    if gap <= 1e-9:
-        return None
-    return (oee_model - oee_rtf) / gap
-
-
 # --------------------------------------------------------------------------- the loop
 class Campaign:
-    """Owns the running stack (broker, Ray, ingest, serve, bridge) for one campaign."""
+    """One campaign's turns on its running stack (:class:`flywheel.stack.Stack`), its state and serving."""
 
     def __init__(self, cfg: CampaignConfig, workdir: str | os.PathLike, *, broker_url: str | None = None,
                  mlflow_uri: str | None = None, ray_address: str | None = None, view: bool | None = None,
                  embedded_broker: str | None = None):
         self.cfg = cfg
         self.stages = stage_configs(cfg)
-        self.workdir = Path(workdir).resolve()
-        self.dir = campaign_dir(self.workdir, cfg.campaign)
-        self.lake_uri = str(self.workdir / "lake")
-        self.tracking_uri = mlflow_uri or f"sqlite:///{self.workdir / 'mlflow.db'}"
+        self.workdir = Workdir(workdir, mlflow_uri=mlflow_uri)
+        self.dir = self.workdir.campaign(cfg.campaign)
+        self.lake_uri = self.workdir.lake_uri
+        self.tracking_uri = self.workdir.mlflow_uri
         # ${ENV} references in the URL resolve here, once: a missing variable fails before anything
         # starts, and the actors this campaign starts get the resolved URL (their nodes may lack it).
         self.broker_url = BrokerURL.parse(broker_url).resolved_url() if broker_url else None
         self.ray_address = ray_address
         # Without broker_url: which broker to start (auto | mosquitto | amqtt; None: $FLYWHEEL_EMBEDDED_BROKER).
         self.embedded_broker = embedded_broker
-        self.ingest_idle_flush_s: float | None = None
         self.status = LoopStatus(campaign=cfg.campaign, turns=cfg.turns)
         self.view = LiveView(self.status, enabled=view)
-        self.stack = contextlib.ExitStack()
+        self.stack: Stack | None = None
+        self.ingest = None
         self.serving = None
         self.published_total = 0
         self.state: dict = {}
         self.journal = TurnJournal(self.dir / "turn-progress.json")
         self.aborted: dict | None = None   # the dead attempt of the turn to rerun, if any
+        self.timer = StageTimer(self.view.stage)   # the turn's, new each turn
+        self._running = contextlib.ExitStack()
 
     # -- set-up -------------------------------------------------------------
     def __enter__(self) -> "Campaign":
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.stack.__enter__()
-        try:
-            self._start()
-        except BaseException:
-            self.stack.__exit__(None, None, None)
-            raise
+        with contextlib.ExitStack() as running:
+            running.enter_context(self.view)
+            self._load()
+            self.stack = running.enter_context(Stack(
+                self.cfg, self.stages["serve"], self.workdir, view=self.view, broker_url=self.broker_url,
+                ray_address=self.ray_address, embedded_broker=self.embedded_broker,
+                parent_run_id=self.state["parent_run_id"], on_tracking=self._tracking_ready))
+            self.broker_url, self.ingest = self.stack.broker_url, self.stack.ingest
+            running.callback(self._stop_serving)
+            if self.aborted is not None:
+                self._fence_lake()
+            self._running = running.pop_all()
         return self
 
     def __exit__(self, *exc) -> None:
         self.view.stage("stopping")
-        self.stack.__exit__(*exc)
+        self._running.__exit__(*exc)
 
-    def _start(self) -> None:
+    def _load(self) -> None:
+        """The committed campaign: ``state.json``, the plants at the last turn boundary, a dead attempt."""
         from factory_sim import Plant, load_scenario
 
-        from flywheel.base.rayinit import watch_driver
-
         cfg = self.cfg
-        # First on the stack, so it stands down last, after every child stopped its own way.
-        self.stack.callback(watch_driver())
-        _quiet_libraries(offline=cfg.base_model == "minilm")
-        self.stack.enter_context(self.view)
-        state = load_state(self.workdir, cfg.campaign)
-        if state and state.get("fingerprint") != _config_fingerprint(cfg):
+        state = load_state(self.workdir.root, cfg.campaign)
+        if state and state.get("fingerprint") != config_fingerprint(cfg):
             raise CampaignError(
                 f"{self.dir} holds campaign {cfg.campaign!r} run with a different config; continue it with the "
                 f"same config (only `turns` may change), or pick another --workdir or campaign=<name>")
         self.state = state or {"version": STATE_VERSION, "campaign": cfg.campaign, "seed": cfg.seed,
-                               "fingerprint": _config_fingerprint(cfg), "config": dataclasses.asdict(cfg),
+                               "fingerprint": config_fingerprint(cfg), "config": dataclasses.asdict(cfg),
                                "created": datetime.now(timezone.utc).isoformat(), "turns": [],
                                "last_snapshot": None, "parent_run_id": None}
         self.scenario = load_scenario(cfg.scenario, overrides=list(cfg.scenario_overrides))
@@ -308,84 +222,13 @@ class Campaign:
                 self.view.log(f"turn {len(self.state['turns'])} attempt {pending.get('attempt', '?')} died at stage "
                               f"{pending.get('stage', '?')!r}; rolling it back before the turn reruns")
 
-        self.view.stage("starting broker")
-        if self.broker_url is None:
-            from flywheel.base.broker import BrokerError, EmbeddedBroker
-
-            try:
-                broker = EmbeddedBroker(data_dir=self.workdir / "broker", prefer=self.embedded_broker)
-                broker.start()
-            except BrokerError as exc:
-                raise CampaignError(str(exc)) from None
-            self.stack.callback(broker.close)
-            self.broker_url = broker.url
-            self.ingest_idle_flush_s = broker.collector_idle_flush_s   # amqtt: no in-flight limit to flush for
-            if broker.notice:   # the in-Python broker: say once what it lacks
-                self.view.log(broker.notice)
-        from ingest import IngestConfig, check_broker_support
-
-        # collectors > 1 on an MQTT 3.1.1 broker: a ConfigError naming the fix, before Ray starts.
-        check_broker_support(self.broker_url, IngestConfig(collectors=cfg.collectors))
-        self.view.stage("starting Ray")
-        import ray
-
-        from flywheel.base.rayinit import init_ray
-
-        if not ray.is_initialized():
-            if self.ray_address:
-                init_ray(address=self.ray_address, log_to_driver=False)
-            else:
-                from flywheel.base.threads import set_openmp_env
-                from serve import prepare_local_ray
-
-                prepare_local_ray(self.stages["serve"])   # serve.ingress=direct is set up as Ray starts
-                # Every Ray worker inherits this environment: OpenMP threads of the replica, Ray
-                # Train workers and Ray Data tasks wait passively instead of spinning on shared cores.
-                set_openmp_env()
-                # Logical CPUs above the physical count: Serve, ingest and training share a
-                # laptop's cores in turn, never all at full load at once.
-                init_ray(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
-            self.stack.callback(_shutdown_ray)
-        from serve import check_ingress
-        from serve import ServeError
-
-        try:
-            check_ingress(self.stages["serve"])   # now, not after the first plant period
-        except ServeError as exc:
-            raise CampaignError(str(exc)) from None
-        self.view.stage("starting MLflow")
-        import mlflow
-
-        from flywheel.base.tracking import plain_uri
-
-        mlflow.set_tracking_uri(plain_uri(self.tracking_uri))  # credentials, if any, go to MLflow's env vars
-        exp = mlflow.set_experiment(f"flywheel-{cfg.campaign}")
-        if self.state["parent_run_id"]:
-            parent = mlflow.start_run(run_id=self.state["parent_run_id"])
-        else:
-            parent = mlflow.start_run(run_name=cfg.campaign, tags={
-                "flywheel.campaign": cfg.campaign, "flywheel.broker": redact_url(self.broker_url),
-                "flywheel.ray_address": redact_url(self.ray_address or "local")})
-            self.state["parent_run_id"] = parent.info.run_id
-            self.state["experiment_id"] = exp.experiment_id
-            mlflow.log_params(_flat_params(cfg))
+    def _tracking_ready(self, stack: Stack) -> None:
+        """MLflow is up (ingest not yet): commit a new parent run at once, roll back a dead attempt's runs."""
+        if stack.created_parent:
+            self.state["parent_run_id"] = stack.parent_run_id
+            self.state["experiment_id"] = stack.experiment_id
             self._save()   # the parent run is reused, not orphaned, if turn 0 dies
-        self.stack.callback(mlflow.end_run)
         self._fail_dead_runs()
-
-        self.view.stage("starting ingest")
-        from ingest import start_ingest
-
-        # Client ids and the share group are per campaign: an offline session of another
-        # campaign in the same group would keep its share of the stream (MQTT 5 semantics).
-        ingest_cfg = IngestConfig(collectors=cfg.collectors, client_prefix=f"fw-{cfg.campaign}",
-                                  share_group=f"ingest-{cfg.campaign}", idle_flush_s=self.ingest_idle_flush_s)
-        self.ingest = start_ingest(self.broker_url, self.lake_uri, ingest_cfg,
-                                   topic_root=cfg.topic_root)
-        self.stack.callback(self.ingest.stop)
-        self.stack.callback(self._stop_serving)
-        if self.aborted is not None:
-            self._fence_lake()
 
     # -- rolling back a dead attempt ------------------------------------------
     def _fail_dead_runs(self) -> None:
@@ -476,190 +319,153 @@ class Campaign:
         for turn in range(first, last + 1):
             record = self.run_turn(turn)
             _kill_point("commit", turn)
-            self.state["turns"].append(record)
+            self.state["turns"].append(record.to_dict())
             self._save()   # the commit point of the turn
             self.journal.clear()
             self.aborted = None
-            self.status.history.append(_history_row(record))
-            self.view.log(_summary_line(record))
+            self.status.history.append(record.history_row())
+            self.view.log(record.summary_line())
         if len(self.state["turns"]) == self.cfg.turns + 1 and len(self.state["turns"]) > 1:
             self.final_evaluation()
         self.view.stage("done")
         return self.state
 
     def final_evaluation(self) -> dict:
-        """Score every turn's champion, and the no-model policy, on one held-out set.
-
-        Each turn's own ``eval.macro_f1`` is measured on that turn's eval split, which grows
-        and moves with the data, so those numbers do not compare across turns.  This scores
-        all of them on the eval split of a snapshot of everything the campaign produced: the
-        latest ``eval_fraction`` of each machine's plant time, which lies after the training
-        data of every model (each trained on an earlier snapshot's earlier part).  Turn 0
-        served no model: its row is the no-model predictor (every window ``ok``).
-        """
-        import mlflow
-
-        from finetune import load_snapshot
-        from finetune import evaluate_adapter_report, majority_baseline
-        from finetune import fetch_adapter
-        from ingest import build_snapshot
-
+        """Score every turn's champion, and the no-model policy, on one held-out set (:mod:`flywheel.holdout`)."""
         self.view.stage("final evaluation on held-out data")
-        t0 = time.monotonic()
         # The plant has stopped: free the serving replica's CPUs for the snapshot build (a Ray
         # Data task needs a whole CPU, and a small local Ray may have none left beside Serve).
         # A campaign continued later starts serving again.
         self._stop_serving()
-        snap = build_snapshot(self.lake_uri, self.stages["dataset"], previous=self.state["last_snapshot"])
-        held_out = load_snapshot(snap.path).eval
-        out: dict = {"dataset_id": snap.dataset_id, "windows": len(held_out),
-                     "labels": {k: int(v) for k, v in held_out["label"].value_counts().items()}, "by_turn": {}}
-        if len(held_out) == 0:
-            self.state["holdout"] = out
-            self._save()
-            return out
-        keys = ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy")
-        scored: dict[str, dict] = {}
-        work = Path(tempfile.mkdtemp(prefix="flywheel-holdout-", dir=self.workdir))
-        try:
-            for rec in self.state["turns"]:
-                version = rec.get("champion_version")
-                if version is None:
-                    metrics = majority_baseline(["ok"], list(held_out["label"])).metrics
-                else:
-                    if version not in scored:
-                        adapter = fetch_adapter(self.tracking_uri, self.cfg.model_name, str(version),
-                                                str(work / f"v{version}"))
-                        scored[version] = evaluate_adapter_report(adapter, held_out,
-                                                                  self.stages["train"].eval_batch_size).metrics
-                    metrics = scored[version]
-                out["by_turn"][str(rec["turn"])] = {"model_version": version,
-                                                   **{k: metrics[k] for k in keys if k in metrics}}
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        out["wall_s"] = time.monotonic() - t0
+        out = evaluate_holdout(self.state["turns"], lake_uri=self.lake_uri, dataset_config=self.stages["dataset"],
+                               previous_snapshot=self.state["last_snapshot"], tracking_uri=self.tracking_uri,
+                               model_name=self.cfg.model_name, eval_batch_size=self.stages["train"].eval_batch_size,
+                               scratch_dir=self.workdir.root)
         self.state["holdout"] = out
         self._save()
-        client = mlflow.MlflowClient()
-        for turn, m in out["by_turn"].items():
-            for k in keys:
-                if m.get(k) is not None:
-                    client.log_metric(self.state["parent_run_id"], k.replace("eval.", "holdout.", 1), m[k],
-                                      step=int(turn))
-        first, last = out["by_turn"]["0"], out["by_turn"][str(self.state["turns"][-1]["turn"])]
-        if last["model_version"] is None:     # the gate never promoted a model: nothing to compare
-            self.view.log(f"held-out data ({out['windows']} windows): macro-F1 {first.get('eval.macro_f1', 0):.3f} "
-                          "without a model; no model was promoted in this campaign")
-        else:
-            self.view.log(f"held-out data ({out['windows']} windows none of the models trained on): macro-F1 "
-                          f"{first.get('eval.macro_f1', 0):.3f} without a model -> "
-                          f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn")
+        if out["by_turn"]:
+            log_holdout(out, self.state["parent_run_id"])
+            self.view.log(holdout_line(out, self.state["turns"][-1]["turn"]))
         return out
 
-    def run_turn(self, turn: int) -> dict:
-        """One turn of the flywheel, top to bottom."""
+    def run_turn(self, turn: int) -> TurnRecord:
+        """One turn of the flywheel, top to bottom (a transaction: see the module docstring)."""
+        with self._turn(turn) as record:
+            if turn > 0:
+                record.data = self.build_dataset(record)       # 1. Data: a snapshot of the lake
+                record.gate = self.train_and_gate(record)      # 2. Model: a challenger, gated against the champion
+            record.deploy = self.deploy(record)                # 3. Deploy: Serve hot-swaps to the champion
+            record.plant = self.run_plant(record)              # 4. Plant: the served model drives maintenance
+            record.baselines = self.run_baselines(record)      # 5. Baselines: the same period, three policies
+        return record
+
+    @contextlib.contextmanager
+    def _turn(self, turn: int):
+        """The turn as a transaction: journal it, open its MLflow run and time its stages; once
+        every stage is done, log the record and journal the turn ready to commit (``run`` commits)."""
         import mlflow
 
-        cfg, st = self.cfg, self.stages
-        self.status.turn = turn
-        timer = StageTimer(self.view)
-        record: dict = {"turn": turn, "started": datetime.now(timezone.utc).isoformat()}
-        t_turn = time.monotonic()
-        dead = self.aborted or {}
-        aborted = list(dead.get("aborted", [])) + ([{k: dead.get(k) for k in (
-            "attempt", "stage", "run_id", "failed_runs", "abandoned_versions", "rows_set_aside", "redelivered")}]
-            if self.aborted is not None else [])
-        attempt = int(dead.get("attempt") or 0) + 1 if self.aborted is not None else 1
-        if attempt > 1:
-            record["attempt"] = attempt
-            record["aborted_attempts"] = aborted
         from finetune import aliases
 
-        self.journal.begin(turn=turn, attempt=attempt, stage="starting", pid=os.getpid(),
-                           started=record["started"], boundary_ts=self.plant.now_ts, run_id=None,
+        cfg = self.cfg
+        self.status.turn = turn
+        self.timer = StageTimer(self.view.stage)
+        attempt, aborted = self._attempt()
+        record = TurnRecord(turn=turn, started=datetime.now(timezone.utc).isoformat(), attempt=attempt,
+                            aborted_attempts=aborted if attempt > 1 else [])
+        self.journal.begin(turn=turn, attempt=attempt, stage="starting", pid=os.getpid(), started=record.started,
+                           boundary_ts=self.plant.now_ts, run_id=None,
                            aliases_before=aliases(self.tracking_uri, cfg.model_name), aborted=aborted)
         with mlflow.start_run(run_name=f"turn-{turn}", nested=True,
                               tags={"flywheel.turn": str(turn), "flywheel.campaign": cfg.campaign,
                                     "flywheel.attempt": str(attempt)}) as child:
-            record["run_id"] = child.info.run_id
+            record.run_id = child.info.run_id
             self.journal.update(run_id=child.info.run_id, stage="dataset" if turn > 0 else "plant")
-            champion = self.state["turns"][-1].get("champion_version") if self.state["turns"] else None
-
-            if turn > 0:
-                # 1. Data: a versioned snapshot of everything the plant has produced so far.
-                from ingest import build_snapshot
-
-                with timer("dataset", "building dataset snapshot"):
-                    snap = build_snapshot(self.lake_uri, st["dataset"], previous=self.state["last_snapshot"],
-                                          mlflow_run_id=child.info.run_id,
-                                          progress=lambda msg: setattr(self.status, "dataset", msg))
-                self.state["last_snapshot"] = snap.dataset_id
-                record["dataset_id"] = snap.dataset_id
-                record["data"] = _data_counts(snap.manifest)
-                self.journal.update(stage="train", dataset_id=snap.dataset_id)
-                self.status.dataset = f"{snap.dataset_id}  ({record['data']['windows_train']} train / " \
-                                      f"{record['data']['windows_eval']} eval windows)"
-
-                # 2. Model: train a challenger, score it and the champion on the same eval
-                #    slice, promote it only if it wins by the configured margin.
-                from finetune import train_and_register
-
-                with timer("train", "training challenger (LoRA)"):
-                    self.status.train_progress = "training..."
-                    _kill_point("train", turn, delayed=True)
-                    outcome = train_and_register(
-                        snap.path, st["train"], self.tracking_uri, model_name=cfg.model_name,
-                        campaign=cfg.campaign, turn=turn, run_id=child.info.run_id,
-                        ray_address=self.ray_address, progress=False)
-                _kill_point("registered", turn)
-                record.update(challenger_version=outcome.version, promoted=outcome.promoted,
-                              gate_reason=outcome.reason, eval=_prefixed(outcome.challenger_metrics, "eval."),
-                              champion_eval=_prefixed(outcome.champion_metrics or {}, "eval."),
-                              train=_prefixed(outcome.train_metrics, "train."))
-                self.status.train_progress = f"v{outcome.version}: {'promoted' if outcome.promoted else 'refused'}" \
-                                             f" ({outcome.reason})"
-                champion = outcome.champion_version
-                if outcome.promoted and outcome.challenger_metrics.get("eval.risk_threshold") is not None:
-                    # A model's operating point is fixed when it wins: on the eval split it won on.
-                    self.state.setdefault("thresholds", {})[str(outcome.version)] = \
-                        outcome.challenger_metrics["eval.risk_threshold"]
-                self.journal.update(stage="swap", version=outcome.version, promoted=outcome.promoted,
-                                    champion=champion,
-                                    threshold=outcome.challenger_metrics.get("eval.risk_threshold"))
-
-                # 3. Deploy: Serve hot-swaps to whatever holds the champion alias now.
-                if champion:
-                    with timer("swap", f"hot-swapping Serve to v{champion}"):
-                        _kill_point("swap", turn, delayed=True)
-                        self._ensure_serving(champion)
-                self.journal.update(stage="plant")
-            record["champion_version"] = champion
-            self.status.champion = f"v{champion}" if champion else "none (run to failure)"
-
-            # 4. Plant: run the next period; the served model's commands drive maintenance.
-            threshold = self._threshold(champion)
-            if champion:
-                record["bridge_threshold"] = threshold
-            with timer("plant", f"running the plant for {cfg.period} of plant time"):
-                sim = self._run_period(lockstep=champion is not None, threshold=threshold, turn=turn)
-            with timer("ingest", "waiting for ingest to land the period"):
-                landed = self.ingest.wait_landed(self.published_total, timeout_s=max(120.0, sim["published"] / 500))
-            factory = self.plant.kpis().to_dict()
-            record["sim"] = sim
-            record["ingest"] = {k: v for k, v in landed.items() if isinstance(v, (int, float))}
-            record["factory"] = factory
-            self.journal.update(stage="baselines")
-
-            # 5. Baselines: the same period under run-to-failure, fixed-interval and oracle.
-            with timer("baselines", "running baselines (in-process)"):
-                record["baselines"] = self.baselines.run_period(cfg.period_s)
-            record["gap_closed"] = gap_closed(factory["oee"], record["baselines"]["run_to_failure"]["oee"],
-                                              record["baselines"]["oracle"]["oee"])
-            record["failures_avoided"] = record["baselines"]["run_to_failure"]["failures"] - factory["failures"]
-            record["wall_s"] = {**timer.wall_s, "turn": time.monotonic() - t_turn}
+            yield record
+            record.wall_s = {**self.timer.wall_s, "turn": self.timer.elapsed_s}
             self._log_turn(record)
         self.journal.update(stage="commit")
-        return record
+
+    def _attempt(self) -> tuple[int, list[dict]]:
+        """This attempt's number, and what the journal said of each dead attempt of the turn."""
+        if self.aborted is None:
+            return 1, []
+        dead = self.aborted
+        aborted = list(dead.get("aborted", [])) + [{k: dead.get(k) for k in ABORTED_FIELDS}]
+        return int(dead.get("attempt") or 0) + 1, aborted
+
+    # -- the stages of a turn ---------------------------------------------------
+    def build_dataset(self, record: TurnRecord) -> DataResult:
+        """1. Data: a versioned snapshot of everything the plant has produced so far."""
+        from ingest import build_snapshot
+
+        with self.timer("dataset", "building dataset snapshot"):
+            snap = build_snapshot(self.lake_uri, self.stages["dataset"], previous=self.state["last_snapshot"],
+                                  mlflow_run_id=record.run_id,
+                                  progress=lambda msg: setattr(self.status, "dataset", msg))
+        data = DataResult.from_snapshot(snap)
+        self.state["last_snapshot"] = data.dataset_id
+        self.journal.update(stage="train", dataset_id=data.dataset_id)
+        self.status.dataset = data.describe()
+        return data
+
+    def train_and_gate(self, record: TurnRecord) -> GateResult:
+        """2. Model: train a challenger, score it and the champion on the same eval slice, promote
+        it only if it wins by the configured margin."""
+        from finetune import train_and_register
+
+        cfg = self.cfg
+        with self.timer("train", "training challenger (LoRA)"):
+            self.status.train_progress = "training..."
+            _kill_point("train", record.turn, delayed=True)
+            outcome = train_and_register(
+                record.data.path, self.stages["train"], self.tracking_uri, model_name=cfg.model_name,
+                campaign=cfg.campaign, turn=record.turn, run_id=record.run_id,
+                ray_address=self.ray_address, progress=False)
+        _kill_point("registered", record.turn)
+        gate = GateResult.from_outcome(outcome)
+        self.status.train_progress = gate.describe()
+        if gate.promoted and gate.risk_threshold is not None:
+            # A model's operating point is fixed when it wins: on the eval split it won on.
+            self.state.setdefault("thresholds", {})[str(gate.challenger_version)] = gate.risk_threshold
+        self.journal.update(stage="swap", version=gate.challenger_version, promoted=gate.promoted,
+                            champion=gate.champion_version, threshold=gate.risk_threshold)
+        return gate
+
+    def deploy(self, record: TurnRecord) -> DeployResult:
+        """3. Deploy: Serve hot-swaps to whatever holds the champion alias now (turn 0: no model yet)."""
+        if record.gate is None:
+            turns = self.state["turns"]
+            deployed = DeployResult(turns[-1].get("champion_version") if turns else None)
+        else:
+            champion = record.gate.champion_version
+            if champion:
+                with self.timer("swap", f"hot-swapping Serve to v{champion}"):
+                    _kill_point("swap", record.turn, delayed=True)
+                    self._ensure_serving(champion)
+            self.journal.update(stage="plant")
+            deployed = DeployResult(champion, swapped=bool(champion))
+        self.status.champion = deployed.describe()
+        return deployed
+
+    def run_plant(self, record: TurnRecord) -> PlantResult:
+        """4. Plant: run the next period; the served model's commands drive maintenance."""
+        champion = record.champion_version
+        threshold = self._threshold(champion)
+        with self.timer("plant", f"running the plant for {self.cfg.period} of plant time"):
+            sim = self._run_period(lockstep=champion is not None, threshold=threshold, turn=record.turn)
+        with self.timer("ingest", "waiting for ingest to land the period"):
+            landed = self.ingest.wait_landed(self.published_total, timeout_s=max(120.0, sim["published"] / 500))
+        plant = PlantResult.from_period(sim, ingest={k: v for k, v in landed.items() if isinstance(v, (int, float))},
+                                        factory=self.plant.kpis().to_dict(), threshold=threshold if champion else None)
+        self.journal.update(stage="baselines")
+        return plant
+
+    def run_baselines(self, record: TurnRecord) -> BaselineResult:
+        """5. Baselines: the same period under run-to-failure, fixed-interval and oracle."""
+        with self.timer("baselines", "running baselines (in-process)"):
+            kpis = self.baselines.run_period(self.cfg.period_s)
+        return BaselineResult.compare(kpis, record.plant.factory)
 
     def _ensure_serving(self, version: str) -> None:
         from serve import start_serving
@@ -762,47 +568,19 @@ class Campaign:
         except Exception:  # noqa: BLE001 - the view must never break the loop
             pass
 
-    def _log_turn(self, r: dict) -> None:
+    def _log_turn(self, record: TurnRecord) -> None:
+        """The turn's metrics and record on its MLflow run; the curve (``PARENT_CURVE``) on the parent run."""
         import mlflow
 
-        metrics: dict[str, float] = {}
-        for k, v in r.get("data", {}).items():
-            metrics[f"data.{k}"] = v
-        metrics.update(r.get("eval", {}))
-        metrics.update(r.get("train", {}))
-        for k, v in r["factory"].items():
-            if isinstance(v, (int, float)):
-                metrics[f"factory.{k}"] = v
-        for name, kp in r["baselines"].items():
-            for k in ("oee", "unplanned_downtime_min", "failures", "maintenance_needed", "maintenance_unneeded"):
-                if k in kp:
-                    metrics[f"baseline.{name}.{k}"] = kp[k]
-        if r.get("gap_closed") is not None:
-            metrics["factory.gap_closed"] = r["gap_closed"]
-        if r.get("bridge_threshold") is not None:
-            metrics["serve.risk_threshold"] = r["bridge_threshold"]
-        if r.get("aborted_attempts"):
-            metrics["turn.aborted_attempts"] = len(r["aborted_attempts"])
-            metrics["lake.rows_set_aside"] = sum(sum((a.get("rows_set_aside") or {}).values())
-                                                 for a in r["aborted_attempts"])
-        metrics["factory.failures_avoided"] = r["failures_avoided"]
-        for k, v in r.get("sim", {}).get("bridge", {}).items():
-            metrics[f"serve.bridge_{k}"] = v
-        metrics["turn.wall_s"] = r["wall_s"]["turn"]
-        for k, v in r["wall_s"].items():
-            if k != "turn":
-                metrics[f"turn.stage_s.{k}"] = v
-        metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v}
+        metrics = record.metrics()
         mlflow.log_metrics(metrics)
-        if r.get("champion_version"):
-            mlflow.set_tag("serve.model_version", r["champion_version"])
-        mlflow.log_dict(r, "turn.json")
-        # the parent run carries the curve, one step per turn
+        if record.champion_version:
+            mlflow.set_tag("serve.model_version", record.champion_version)
+        mlflow.log_dict(record.to_dict(), "turn.json")
         client = mlflow.MlflowClient()
-        for k in ("factory.oee", "eval.macro_f1", "eval.auroc_any_failure", "factory.gap_closed",
-                  "factory.unplanned_downtime_min"):
+        for k in PARENT_CURVE:
             if k in metrics:
-                client.log_metric(self.state["parent_run_id"], k, metrics[k], step=r["turn"])
+                client.log_metric(self.state["parent_run_id"], k, metrics[k], step=record.turn)
 
     def _save(self) -> None:
         """Commit: the boundary's plant states under names of their own, then ``state.json`` naming them.
@@ -811,11 +589,11 @@ class Campaign:
         """
         n = len(self.state["turns"])
         files = {"plant": f"plant-{n}.state", **{k: f"baseline-{k}-{n}.state" for k in POLICIES}}
-        _atomic_write(self.dir / files["plant"], self.plant.state_bytes())
+        atomic_write(self.dir / files["plant"], self.plant.state_bytes())
         for k, b in self.baselines.states().items():
-            _atomic_write(self.dir / files[k], b)
+            atomic_write(self.dir / files[k], b)
         self.state["boundary_files"] = files
-        _atomic_write(self.dir / "state.json", json.dumps(self.state, indent=2, default=str).encode())
+        atomic_write(self.dir / "state.json", json.dumps(self.state, indent=2, default=str).encode())
         keep = set(files.values())
         for p in self.dir.glob("*.state"):   # older boundaries (and the names used before)
             if p.name not in keep:
@@ -824,42 +602,6 @@ class Campaign:
 
 
 # --------------------------------------------------------------------------- helpers
-def _shutdown_ray() -> None:
-    """Stop the Ray this campaign started, and Serve on it: a later campaign in the same
-    process (``--seeds``) starts a new Ray, and Serve's cached controller client would
-    still point into the old one."""
-    import ray
-
-    try:
-        from ray import serve as ray_serve
-
-        ray_serve.shutdown()
-    except Exception:  # noqa: BLE001 - Serve may never have started
-        pass
-    ray.shutdown()
-
-
-def _quiet_libraries(offline: bool) -> None:
-    """Keep the terminal for the live view: library chatter goes to warnings only.
-
-    Set before Ray starts so its workers inherit the same environment.
-    """
-    env = {"TRANSFORMERS_VERBOSITY": "error", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
-    if offline:  # the packaged model needs no hub; never wait on a network that is not there
-        env["HF_HUB_OFFLINE"] = "1"
-    for k, v in env.items():
-        os.environ.setdefault(k, v)
-    for name in ("ray", "ray.data", "ray.serve", "ray.train", "mlflow", "transformers", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-    except ImportError:  # pragma: no cover - ray[data] is a dependency
-        pass
-
-
 def _runner_window_kwargs(runner_cls, window) -> dict:
     import inspect
 
@@ -882,62 +624,6 @@ def _as_dict(obj) -> dict:
     return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
 
 
-def _prefixed(metrics: dict, prefix: str) -> dict:
-    return {(k if k.startswith(prefix) else prefix + k): v for k, v in (metrics or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def _data_counts(manifest: dict) -> dict:
-    counts = manifest.get("counts", {})
-    train = counts.get("train", {})
-    ev = counts.get("eval", {})
-    out = {"windows_train": int(sum(train.values())), "windows_eval": int(sum(ev.values()))}
-    out["failure_windows_train"] = int(sum(v for k, v in train.items() if k != "ok"))
-    for k in ("events", "telemetry", "duplicates_removed"):
-        if isinstance(manifest.get(k), (int, float)):
-            out[k] = manifest[k]
-    return out
-
-
-def _flat_params(cfg: CampaignConfig) -> dict:
-    d = dataclasses.asdict(cfg)
-    out = {}
-
-    def walk(prefix, v):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                walk(f"{prefix}{k}.", x)
-        else:
-            out[prefix.rstrip(".")] = str(v)[:500]
-
-    walk("", d)
-    return out
-
-
-def _fmt(x, pct=False, nd=3):
-    if x is None:
-        return "-"
-    return f"{100 * x:.1f}%" if pct else f"{x:.{nd}f}"
-
-
-def _history_row(r: dict) -> dict:
-    b = r["baselines"]
-    return {"turn": r["turn"], "windows": r.get("data", {}).get("windows_train", "-"),
-            "macro_f1": _fmt(r.get("eval", {}).get("eval.macro_f1")),
-            "auroc": _fmt(r.get("eval", {}).get("eval.auroc_any_failure")),
-            "model": f"v{r['champion_version']}" if r.get("champion_version") else "-",
-            "oee": _fmt(r["factory"]["oee"], pct=True), "oee_rtf": _fmt(b["run_to_failure"]["oee"], pct=True),
-            "oee_oracle": _fmt(b["oracle"]["oee"], pct=True), "gap": _fmt(r.get("gap_closed"), pct=True),
-            "failures": r["factory"]["failures"], "wall": f"{r['wall_s']['turn']:.0f}"}
-
-
-def _summary_line(r: dict) -> str:
-    h = _history_row(r)
-    return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}, AUROC {h['auroc']}, "
-            f"OEE {h['oee']} (run-to-failure {h['oee_rtf']}, oracle {h['oee_oracle']}, gap closed {h['gap']}), "
-            f"failures {h['failures']}, {h['wall']} s")
-
-
 def run_campaign(cfg: CampaignConfig, workdir, *, broker_url=None, mlflow_uri=None, ray_address=None,
                  max_new_turns: int | None = None, view: bool | None = None,
                  embedded_broker: str | None = None) -> dict:
@@ -952,4 +638,5 @@ def run_campaign(cfg: CampaignConfig, workdir, *, broker_url=None, mlflow_uri=No
         return c.run(max_new_turns=max_new_turns)
 
 
-__all__ = ["Campaign", "CampaignError", "run_campaign", "load_state", "gap_closed", "ConfigError"]
+__all__ = ["Campaign", "CampaignError", "run_campaign", "load_state", "gap_closed", "campaign_dir",
+           "ConfigError"]

@@ -127,9 +127,9 @@ def _run(args, cfg, max_new_turns=None) -> int:
 
 def _where_to_look(args, md: Path, mlflow: bool = True) -> None:
     from flywheel.base.mqtt import redact_url
+    from flywheel.base.workdir import Workdir
 
-    wd = Path(args.workdir).resolve()
-    uri = args.mlflow_uri or f"sqlite:///{wd / 'mlflow.db'}"
+    uri = Workdir(args.workdir, mlflow_uri=args.mlflow_uri).mlflow_uri
     print(f"\nreport:  {md}\nplots:   {md.parent}/*.png")
     if not mlflow:  # a multi-seed report is files only
         return

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from flywheel.base.errors import FlywheelError
-from flywheel.loop import POLICIES, campaign_dir, load_state
+from flywheel.base.workdir import Workdir
+from flywheel.record import POLICIES, TurnRecord
+from flywheel.state import load_state
 
 LABELS = {"run_to_failure": "run to failure", "fixed_interval": "fixed-interval PM", "oracle": "oracle (limit)"}
 COLORS = {"model": "#1f77b4", "run_to_failure": "#d62728", "fixed_interval": "#ff7f0e", "oracle": "#2ca02c"}
@@ -32,29 +34,31 @@ def turn_table(state: dict) -> list[dict]:
     """One flat row per turn: the numbers the report plots and tabulates."""
     rows = []
     held_out = (state.get("holdout") or {}).get("by_turn", {})
-    for r in state["turns"]:
-        b = r["baselines"]
-        h = held_out.get(str(r["turn"]), {})
+    for rec in map(TurnRecord.from_dict, state["turns"]):
+        counts = rec.data.counts if rec.data else {}
+        ev = rec.gate.eval if rec.gate else {}
+        factory, b = rec.plant.factory, rec.baselines.kpis
+        h = held_out.get(str(rec.turn), {})
         row = {
-            "turn": r["turn"],
-            "model_version": r.get("champion_version") or "-",
-            "promoted": r.get("promoted"),
-            "windows_train": r.get("data", {}).get("windows_train", 0),
-            "windows_eval": r.get("data", {}).get("windows_eval", 0),
-            "macro_f1": r.get("eval", {}).get("eval.macro_f1"),
-            "auroc": r.get("eval", {}).get("eval.auroc_any_failure"),
+            "turn": rec.turn,
+            "model_version": rec.champion_version or "-",
+            "promoted": rec.gate.promoted if rec.gate else None,
+            "windows_train": counts.get("windows_train", 0),
+            "windows_eval": counts.get("windows_eval", 0),
+            "macro_f1": ev.get("eval.macro_f1"),
+            "auroc": ev.get("eval.auroc_any_failure"),
             # every turn's champion (turn 0: no model) on the same held-out data, comparable across turns
             "holdout_macro_f1": h.get("eval.macro_f1"),
             "holdout_auroc": h.get("eval.auroc_any_failure"),
-            "oee": r["factory"]["oee"],
-            "unplanned_downtime_min": r["factory"]["unplanned_downtime_min"],
-            "failures": r["factory"]["failures"],
-            "maintenance_needed": r["factory"].get("maintenance_needed"),
-            "maintenance_unneeded": r["factory"].get("maintenance_unneeded"),
-            "failures_avoided": r.get("failures_avoided"),
-            "gap_closed": r.get("gap_closed"),
-            "risk_threshold": r.get("bridge_threshold"),
-            "wall_s": r.get("wall_s", {}),
+            "oee": factory["oee"],
+            "unplanned_downtime_min": factory["unplanned_downtime_min"],
+            "failures": factory["failures"],
+            "maintenance_needed": factory.get("maintenance_needed"),
+            "maintenance_unneeded": factory.get("maintenance_unneeded"),
+            "failures_avoided": rec.baselines.failures_avoided,
+            "gap_closed": rec.baselines.gap_closed,
+            "risk_threshold": rec.plant.threshold,
+            "wall_s": rec.wall_s,
         }
         for p in POLICIES:
             row[f"oee_{p}"] = b[p]["oee"]
@@ -217,17 +221,18 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
 def write_report(workdir, campaign: str = "demo", seeds: list[int] | None = None,
                  out_dir: str | None = None, log_to_mlflow: bool = True, tracking_uri: str | None = None) -> Path:
     """Write ``report.md`` and PNGs; returns the Markdown path."""
+    wd = Workdir(workdir, mlflow_uri=tracking_uri)
     names = [f"{campaign}-s{s}" for s in seeds] if seeds else [campaign]
     states = []
     for n in names:
         st = load_state(workdir, n)
         if st is None or not st.get("turns"):
-            raise ReportError(f"no finished turns for campaign {n!r} in {campaign_dir(workdir, n)}; "
+            raise ReportError(f"no finished turns for campaign {n!r} in {wd.campaign(n)}; "
                               "run `flywheel demo` (or `flywheel run`) first")
         states.append(st)
     tables = [turn_table(s) for s in states]
     title = campaign if not seeds else f"{campaign} ({len(seeds)} seeds)"
-    out = Path(out_dir) if out_dir else Path(workdir) / "reports" / (campaign if not seeds else f"{campaign}-seeds")
+    out = Path(out_dir) if out_dir else wd.report(campaign if not seeds else f"{campaign}-seeds")
     plots = make_plots(tables, out, title)
     md = out / "report.md"
     md.write_text(markdown(tables, names, plots, title))
@@ -235,10 +240,9 @@ def write_report(workdir, campaign: str = "demo", seeds: list[int] | None = None
     if log_to_mlflow and not seeds:
         import mlflow
 
-        uri = tracking_uri or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
         from flywheel.base.tracking import plain_uri
 
-        client = mlflow.MlflowClient(tracking_uri=plain_uri(uri))
+        client = mlflow.MlflowClient(tracking_uri=plain_uri(wd.mlflow_uri))
         run_id = states[0].get("parent_run_id")
         if run_id:
             for p in [md, *plots]:

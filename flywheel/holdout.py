@@ -1,0 +1,84 @@
+"""The campaign's last word: every turn's champion scored on one held-out set.
+
+Each turn's own ``eval.macro_f1`` is measured on that turn's eval split, which grows and
+moves with the data, so those numbers do not compare across turns.  :func:`evaluate_holdout`
+scores all of them on the eval split of a snapshot of everything the campaign produced: the
+latest ``eval_fraction`` of each machine's plant time, which lies after the training data of
+every model (each trained on an earlier snapshot's earlier part).  Turn 0 served no model:
+its row is the no-model predictor (every window ``ok``).
+
+The result is stored as ``state.json`` -> ``holdout`` and logged on the campaign's parent
+run as ``holdout.*``, one step per turn (:func:`log_holdout`).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from flywheel.record import TurnRecord
+
+#: The scores kept per turn (logged on the parent run as ``holdout.*``).
+KEYS = ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy")
+
+
+def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previous_snapshot: str | None,
+                     tracking_uri: str, model_name: str, eval_batch_size: int, scratch_dir: str | Path) -> dict:
+    """Score each stored turn's champion on the eval split of a snapshot of the whole lake.
+
+    Returns ``{"dataset_id", "windows", "labels", "by_turn": {turn: {"model_version", eval.*}},
+    "wall_s"}`` (``by_turn`` empty and no ``wall_s`` when the snapshot has no eval windows).
+    Adapters are fetched into a temporary folder under ``scratch_dir``, removed at the end.
+    """
+    from finetune import evaluate_adapter_report, fetch_adapter, load_snapshot, majority_baseline
+    from ingest import build_snapshot
+
+    t0 = time.monotonic()
+    snap = build_snapshot(lake_uri, dataset_config, previous=previous_snapshot)
+    held_out = load_snapshot(snap.path).eval
+    out: dict = {"dataset_id": snap.dataset_id, "windows": len(held_out),
+                 "labels": {k: int(v) for k, v in held_out["label"].value_counts().items()}, "by_turn": {}}
+    if len(held_out) == 0:
+        return out
+    scored: dict[str, dict] = {}
+    work = Path(tempfile.mkdtemp(prefix="flywheel-holdout-", dir=scratch_dir))
+    try:
+        for rec in map(TurnRecord.from_dict, turns):
+            version = rec.champion_version
+            if version is None:
+                metrics = majority_baseline(["ok"], list(held_out["label"])).metrics
+            else:
+                if version not in scored:
+                    adapter = fetch_adapter(tracking_uri, model_name, str(version), str(work / f"v{version}"))
+                    scored[version] = evaluate_adapter_report(adapter, held_out, eval_batch_size).metrics
+                metrics = scored[version]
+            out["by_turn"][str(rec.turn)] = {"model_version": version,
+                                             **{k: metrics[k] for k in KEYS if k in metrics}}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out["wall_s"] = time.monotonic() - t0
+    return out
+
+
+def log_holdout(out: dict, parent_run_id: str) -> None:
+    """``holdout.*`` on the parent run, one step per turn (the active tracking URI's MLflow)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for turn, m in out["by_turn"].items():
+        for k in KEYS:
+            if m.get(k) is not None:
+                client.log_metric(parent_run_id, k.replace("eval.", "holdout.", 1), m[k], step=int(turn))
+
+
+def holdout_line(out: dict, last_turn: int) -> str:
+    """One line for the live view: no model (turn 0) -> the last turn's champion, on the held-out data."""
+    first, last = out["by_turn"]["0"], out["by_turn"][str(last_turn)]
+    if last["model_version"] is None:     # the gate never promoted a model: nothing to compare
+        return (f"held-out data ({out['windows']} windows): macro-F1 {first.get('eval.macro_f1', 0):.3f} "
+                "without a model; no model was promoted in this campaign")
+    return (f"held-out data ({out['windows']} windows none of the models trained on): macro-F1 "
+            f"{first.get('eval.macro_f1', 0):.3f} without a model -> "
+            f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn")

@@ -1,0 +1,292 @@
+"""What one turn did, stage by stage: a typed result per stage and the turn record built from them.
+
+Each stage step of :meth:`flywheel.loop.Campaign.run_turn` returns one result; the
+:class:`TurnRecord` holds them and is the one place that knows the turn's layout:
+
+* ``to_dict()`` / ``from_dict()``: the turn as ``state.json`` stores it (``turns[i]``), read
+  back by the report;
+* ``metrics()``: the turn's MLflow metrics (their names are a public interface, see
+  ``docs/architecture.md``);
+* ``history_row()`` / ``summary_line()``: the live view's table row and log line.
+
+The stored turn, key by key (``[...]``: only when it applies)::
+
+    turn, started, [attempt, aborted_attempts], run_id,                 the turn, its attempt, its MLflow run
+    [dataset_id, data,                                                  1. DataResult      (turn > 0)
+     challenger_version, promoted, gate_reason, eval, champion_eval, train]   2. GateResult (turn > 0)
+    champion_version,                                                   3. DeployResult
+    [bridge_threshold], sim (+ sim.bridge), ingest, factory,            4. PlantResult
+    baselines, gap_closed, failures_avoided,                            5. BaselineResult
+    wall_s                                                              seconds per stage, and the turn's
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POLICIES = ("run_to_failure", "fixed_interval", "oracle")
+#: The KPIs of each baseline policy logged as ``baseline.<policy>.<kpi>``.
+BASELINE_KPIS = ("oee", "unplanned_downtime_min", "failures", "maintenance_needed", "maintenance_unneeded")
+#: The turn's metrics the campaign's parent run carries too, one step per turn: the curve.
+PARENT_CURVE = ("factory.oee", "eval.macro_f1", "eval.auroc_any_failure", "factory.gap_closed",
+                "factory.unplanned_downtime_min")
+#: What the journal of a dead attempt says about it in the record of the turn that reran.
+ABORTED_FIELDS = ("attempt", "stage", "run_id", "failed_runs", "abandoned_versions", "rows_set_aside", "redelivered")
+
+
+def gap_closed(oee_model: float, oee_rtf: float, oee_oracle: float) -> float | None:
+    """Fraction of the run-to-failure -> oracle OEE gap the model's policy has closed."""
+    gap = oee_oracle - oee_rtf
+    if gap <= 1e-9:
+        return None
+    return (oee_model - oee_rtf) / gap
+
+
+@dataclass
+class DataResult:
+    """1. Data: the snapshot built from the lake."""
+
+    dataset_id: str | None
+    #: windows_train, windows_eval, failure_windows_train (+ events, telemetry, duplicates_removed)
+    counts: dict
+    #: where the snapshot lives, for training (not stored: the id names it)
+    path: str | None = None
+
+    @classmethod
+    def from_snapshot(cls, snap) -> "DataResult":
+        manifest = snap.manifest
+        split = manifest.get("counts", {})
+        train, ev = split.get("train", {}), split.get("eval", {})
+        counts = {"windows_train": int(sum(train.values())), "windows_eval": int(sum(ev.values())),
+                  "failure_windows_train": int(sum(v for k, v in train.items() if k != "ok"))}
+        for k in ("events", "telemetry", "duplicates_removed"):
+            if isinstance(manifest.get(k), (int, float)):
+                counts[k] = manifest[k]
+        return cls(snap.dataset_id, counts, snap.path)
+
+    def describe(self) -> str:
+        return (f"{self.dataset_id}  ({self.counts['windows_train']} train / "
+                f"{self.counts['windows_eval']} eval windows)")
+
+
+@dataclass
+class GateResult:
+    """2. Model: the challenger trained on the snapshot, and what the gate decided."""
+
+    challenger_version: str | None
+    promoted: bool | None
+    reason: str | None
+    #: the version holding the champion alias after the gate (None: no model yet)
+    champion_version: str | None
+    #: the challenger on the snapshot's eval split (``eval.*``)
+    eval: dict = field(default_factory=dict)
+    #: the champion before the gate on the same slice (``eval.*``; empty without one)
+    champion_eval: dict = field(default_factory=dict)
+    #: ``train.*``
+    train: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_outcome(cls, outcome) -> "GateResult":
+        """From ``finetune.train_and_register``'s outcome."""
+        return cls(challenger_version=outcome.version, promoted=outcome.promoted, reason=outcome.reason,
+                   champion_version=outcome.champion_version, eval=_prefixed(outcome.challenger_metrics, "eval."),
+                   champion_eval=_prefixed(outcome.champion_metrics or {}, "eval."),
+                   train=_prefixed(outcome.train_metrics, "train."))
+
+    @property
+    def risk_threshold(self) -> float | None:
+        """The challenger's operating point: the risk that maximised its any-failure F1 on the eval split."""
+        return self.eval.get("eval.risk_threshold")
+
+    def describe(self) -> str:
+        return f"v{self.challenger_version}: {'promoted' if self.promoted else 'refused'} ({self.reason})"
+
+
+@dataclass
+class DeployResult:
+    """3. Deploy: the version Serve runs for the next plant period (None: no model, run to failure)."""
+
+    champion_version: str | None
+    #: Serve was pointed at it in this turn
+    swapped: bool = False
+
+    def describe(self) -> str:
+        return f"v{self.champion_version}" if self.champion_version else "none (run to failure)"
+
+
+@dataclass
+class PlantResult:
+    """4. Plant: the period the served model drove, and what ingest landed of it."""
+
+    #: the simulator's summary (published, commands_applied, ...)
+    sim: dict
+    #: ingest's counters once the period landed
+    ingest: dict
+    #: the plant's KPIs over the period (oee, unplanned_downtime_min, failures, maintenance_*)
+    factory: dict
+    #: the bridge's counters (predictions, commands, ...); None when no model served
+    bridge: dict | None = None
+    #: the risk at which the bridge asked for maintenance; None when no model served
+    threshold: float | None = None
+
+    @classmethod
+    def from_period(cls, sim: dict, ingest: dict, factory: dict, threshold: float | None) -> "PlantResult":
+        """From ``Campaign._run_period``'s summary (the bridge's counters under ``bridge``)."""
+        sim = dict(sim)
+        bridge = sim.pop("bridge", None)
+        return cls(sim=sim, ingest=ingest, factory=factory, bridge=bridge, threshold=threshold)
+
+    def sim_dict(self) -> dict:
+        return self.sim if self.bridge is None else {**self.sim, "bridge": self.bridge}
+
+
+@dataclass
+class BaselineResult:
+    """5. Baselines: the same period under each policy, and how the served model compares."""
+
+    #: per policy (``POLICIES``): its KPIs over the period
+    kpis: dict[str, dict]
+    #: share of the run-to-failure -> oracle OEE gap the model closed (None: no gap)
+    gap_closed: float | None
+    #: run-to-failure's failures minus the plant's
+    failures_avoided: int | None
+
+    @classmethod
+    def compare(cls, kpis: dict[str, dict], factory: dict) -> "BaselineResult":
+        return cls(kpis=kpis,
+                   gap_closed=gap_closed(factory["oee"], kpis["run_to_failure"]["oee"], kpis["oracle"]["oee"]),
+                   failures_avoided=kpis["run_to_failure"]["failures"] - factory["failures"])
+
+
+@dataclass
+class TurnRecord:
+    """One turn: its stage results, its attempt, its MLflow run and its wall time per stage."""
+
+    turn: int
+    started: str | None = None
+    run_id: str | None = None
+    #: 1, or the attempt that reran the turn after ``attempt - 1`` died
+    attempt: int = 1
+    #: what the journal said of each dead attempt (stored only with ``attempt > 1``)
+    aborted_attempts: list[dict] = field(default_factory=list)
+    data: DataResult | None = None
+    gate: GateResult | None = None
+    deploy: DeployResult | None = None
+    plant: PlantResult | None = None
+    baselines: BaselineResult | None = None
+    #: seconds per stage (dataset, train, swap, plant, ingest, baselines) and ``turn``, the whole turn
+    wall_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def champion_version(self) -> str | None:
+        return self.deploy.champion_version if self.deploy else None
+
+    # -- state.json ---------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The turn as ``state.json`` stores it (the layout in the module docstring)."""
+        d: dict = {"turn": self.turn, "started": self.started}
+        if self.attempt > 1:
+            d["attempt"] = self.attempt
+            d["aborted_attempts"] = self.aborted_attempts
+        d["run_id"] = self.run_id
+        if self.data is not None:
+            d["dataset_id"] = self.data.dataset_id
+            d["data"] = self.data.counts
+        if self.gate is not None:
+            g = self.gate
+            d.update(challenger_version=g.challenger_version, promoted=g.promoted, gate_reason=g.reason,
+                     eval=g.eval, champion_eval=g.champion_eval, train=g.train)
+        d["champion_version"] = self.champion_version
+        if self.plant is not None:
+            if self.plant.threshold is not None:
+                d["bridge_threshold"] = self.plant.threshold
+            d["sim"] = self.plant.sim_dict()
+            d["ingest"] = self.plant.ingest
+            d["factory"] = self.plant.factory
+        if self.baselines is not None:
+            d["baselines"] = self.baselines.kpis
+            d["gap_closed"] = self.baselines.gap_closed
+            d["failures_avoided"] = self.baselines.failures_avoided
+        d["wall_s"] = self.wall_s
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TurnRecord":
+        """A stored turn (``state.json``), also one of an older layout with keys missing."""
+        rec = cls(turn=d["turn"], started=d.get("started"), run_id=d.get("run_id"), attempt=d.get("attempt", 1),
+                  aborted_attempts=list(d.get("aborted_attempts", [])), wall_s=dict(d.get("wall_s", {})))
+        if "data" in d or "dataset_id" in d:
+            rec.data = DataResult(d.get("dataset_id"), dict(d.get("data", {})))
+        if any(k in d for k in ("challenger_version", "promoted", "gate_reason", "eval", "champion_eval", "train")):
+            rec.gate = GateResult(challenger_version=d.get("challenger_version"), promoted=d.get("promoted"),
+                                  reason=d.get("gate_reason"), champion_version=d.get("champion_version"),
+                                  eval=dict(d.get("eval", {})), champion_eval=dict(d.get("champion_eval", {})),
+                                  train=dict(d.get("train", {})))
+        rec.deploy = DeployResult(d.get("champion_version"), swapped="swap" in rec.wall_s)
+        rec.plant = PlantResult.from_period(d.get("sim", {}), dict(d.get("ingest", {})), dict(d.get("factory", {})),
+                                            d.get("bridge_threshold"))
+        rec.baselines = BaselineResult(dict(d.get("baselines", {})), d.get("gap_closed"), d.get("failures_avoided"))
+        return rec
+
+    # -- MLflow -------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """The turn's flat MLflow metrics: ``data.*``, ``eval.*``, ``train.*``, ``factory.*``,
+        ``baseline.<policy>.*``, ``serve.*``, ``turn.*``, ``lake.rows_set_aside``."""
+        m: dict = {}
+        if self.data is not None:
+            m.update({f"data.{k}": v for k, v in self.data.counts.items()})
+        if self.gate is not None:
+            m.update(self.gate.eval)
+            m.update(self.gate.train)
+        if self.plant is not None:
+            m.update({f"factory.{k}": v for k, v in self.plant.factory.items() if isinstance(v, (int, float))})
+        if self.baselines is not None:
+            for name, kp in self.baselines.kpis.items():
+                m.update({f"baseline.{name}.{k}": kp[k] for k in BASELINE_KPIS if k in kp})
+            if self.baselines.gap_closed is not None:
+                m["factory.gap_closed"] = self.baselines.gap_closed
+        if self.plant is not None and self.plant.threshold is not None:
+            m["serve.risk_threshold"] = self.plant.threshold
+        if self.attempt > 1 and self.aborted_attempts:
+            m["turn.aborted_attempts"] = len(self.aborted_attempts)
+            m["lake.rows_set_aside"] = sum(sum((a.get("rows_set_aside") or {}).values())
+                                           for a in self.aborted_attempts)
+        if self.baselines is not None:
+            m["factory.failures_avoided"] = self.baselines.failures_avoided
+        if self.plant is not None:
+            m.update({f"serve.bridge_{k}": v for k, v in (self.plant.bridge or {}).items()})
+        if "turn" in self.wall_s:
+            m["turn.wall_s"] = self.wall_s["turn"]
+        m.update({f"turn.stage_s.{k}": v for k, v in self.wall_s.items() if k != "turn"})
+        return {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and v == v}
+
+    # -- the live view ------------------------------------------------------
+    def history_row(self) -> dict:
+        """The turn's row in the live view's table."""
+        b = self.baselines.kpis
+        factory = self.plant.factory
+        ev = self.gate.eval if self.gate else {}
+        return {"turn": self.turn, "windows": self.data.counts.get("windows_train", "-") if self.data else "-",
+                "macro_f1": _fmt(ev.get("eval.macro_f1")), "auroc": _fmt(ev.get("eval.auroc_any_failure")),
+                "model": f"v{self.champion_version}" if self.champion_version else "-",
+                "oee": _fmt(factory["oee"], pct=True), "oee_rtf": _fmt(b["run_to_failure"]["oee"], pct=True),
+                "oee_oracle": _fmt(b["oracle"]["oee"], pct=True), "gap": _fmt(self.baselines.gap_closed, pct=True),
+                "failures": factory["failures"], "wall": f"{self.wall_s['turn']:.0f}"}
+
+    def summary_line(self) -> str:
+        """The line the live view keeps for the turn."""
+        h = self.history_row()
+        return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}, AUROC {h['auroc']}, "
+                f"OEE {h['oee']} (run-to-failure {h['oee_rtf']}, oracle {h['oee_oracle']}, gap closed {h['gap']}), "
+                f"failures {h['failures']}, {h['wall']} s")
+
+
+def _prefixed(metrics: dict, prefix: str) -> dict:
+    return {(k if k.startswith(prefix) else prefix + k): v for k, v in (metrics or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _fmt(x, pct=False, nd=3):
+    if x is None:
+        return "-"
+    return f"{100 * x:.1f}%" if pct else f"{x:.{nd}f}"

@@ -1,0 +1,208 @@
+"""The running stack a campaign's turns use: broker, Ray, the MLflow parent run, ingest.
+
+    with Stack(cfg, stages["serve"], Workdir(".flywheel"), view=view, parent_run_id=None) as stack:
+        stack.broker_url, stack.ingest, stack.parent_run_id
+
+Entering starts each part in that order; leaving stops what it started in reverse (a
+broker given by URL, or a Ray already running in this process, is left alone).  Before any
+of it, a watchdog (:func:`flywheel.base.rayinit.watch_driver`) is started: should this
+process die (kill -9), it ends every process the stack had started; it stands down last.
+
+* broker: ``broker_url`` (``${ENV}`` references already resolved), else an embedded one
+  (Mosquitto when installed, else the in-Python amqtt; ``embedded_broker`` picks) under
+  ``<workdir>/broker``;
+* Ray: ``ray_address``, else a local Ray sized for one machine (Serve's direct ingress set up
+  as it starts), then the serve config's ingress is checked, before any plant period runs;
+* MLflow: experiment ``flywheel-<campaign>`` and the campaign's parent run, continued when
+  ``parent_run_id`` is given, else started with the campaign config as params
+  (``created_parent``); ``on_tracking(stack)`` is called once it is open, before ingest starts;
+* ingest: the collectors, landing the campaign's topics in the lake.
+
+The Serve app is the campaign's (it swaps versions between turns); the campaign stops it
+before the stack stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+from typing import Callable
+
+from flywheel.base.live import LiveView
+from flywheel.base.mqtt import redact_url
+from flywheel.base.workdir import Workdir
+from flywheel.state import CampaignError
+
+#: A logged param value is cut to this many characters.
+PARAM_CHARS = 500
+
+
+class Stack:
+    """Context manager: starts broker, Ray, the MLflow parent run and ingest; stops them in reverse."""
+
+    def __init__(self, cfg, serve_config, workdir: Workdir, *, view: LiveView, broker_url: str | None = None,
+                 ray_address: str | None = None, embedded_broker: str | None = None,
+                 parent_run_id: str | None = None, on_tracking: Callable[["Stack"], None] | None = None):
+        self.cfg = cfg
+        self.serve_config = serve_config
+        self.workdir = workdir
+        self.view = view
+        self.broker_url = broker_url
+        self.ray_address = ray_address
+        # Without broker_url: which broker to start (auto | mosquitto | amqtt; None: $FLYWHEEL_EMBEDDED_BROKER).
+        self.embedded_broker = embedded_broker
+        self.parent_run_id = parent_run_id
+        self.experiment_id: str | None = None
+        self.created_parent = False
+        self.on_tracking = on_tracking
+        self.ingest = None
+        self._ingest_idle_flush_s: float | None = None
+        self._stops = contextlib.ExitStack()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.workdir.mlflow_uri
+
+    def __enter__(self) -> "Stack":
+        self._stops.__enter__()
+        try:
+            self._start()
+        except BaseException:
+            self._stops.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stops.__exit__(*exc)
+
+    def _start(self) -> None:
+        from flywheel.base.rayinit import watch_driver
+
+        # First on the stack, so it stands down last, after every child stopped its own way.
+        self._stops.callback(watch_driver())
+        _quiet_libraries(offline=self.cfg.base_model == "minilm")
+        self._start_broker()
+        self._start_ray()
+        self._start_tracking()
+        if self.on_tracking is not None:
+            self.on_tracking(self)
+        self._start_ingest()
+
+    def _start_broker(self) -> None:
+        self.view.stage("starting broker")
+        if self.broker_url is None:
+            from flywheel.base.broker import BrokerError, EmbeddedBroker
+
+            try:
+                broker = EmbeddedBroker(data_dir=self.workdir.broker, prefer=self.embedded_broker)
+                broker.start()
+            except BrokerError as exc:
+                raise CampaignError(str(exc)) from None
+            self._stops.callback(broker.close)
+            self.broker_url = broker.url
+            self._ingest_idle_flush_s = broker.collector_idle_flush_s   # amqtt: no in-flight limit to flush for
+            if broker.notice:   # the in-Python broker: say once what it lacks
+                self.view.log(broker.notice)
+        from ingest import IngestConfig, check_broker_support
+
+        # collectors > 1 on an MQTT 3.1.1 broker: a ConfigError naming the fix, before Ray starts.
+        check_broker_support(self.broker_url, IngestConfig(collectors=self.cfg.collectors))
+
+    def _start_ray(self) -> None:
+        self.view.stage("starting Ray")
+        import ray
+
+        from flywheel.base.rayinit import init_ray
+
+        if not ray.is_initialized():
+            if self.ray_address:
+                init_ray(address=self.ray_address, log_to_driver=False)
+            else:
+                from flywheel.base.threads import set_openmp_env
+                from serve import prepare_local_ray
+
+                prepare_local_ray(self.serve_config)   # serve.ingress=direct is set up as Ray starts
+                # Every Ray worker inherits this environment: OpenMP threads of the replica, Ray
+                # Train workers and Ray Data tasks wait passively instead of spinning on shared cores.
+                set_openmp_env()
+                # Logical CPUs above the physical count: Serve, ingest and training share a
+                # laptop's cores in turn, never all at full load at once.
+                init_ray(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+            self._stops.callback(_shutdown_ray)
+        from serve import ServeError, check_ingress
+
+        try:
+            check_ingress(self.serve_config)   # now, not after the first plant period
+        except ServeError as exc:
+            raise CampaignError(str(exc)) from None
+
+    def _start_tracking(self) -> None:
+        self.view.stage("starting MLflow")
+        import mlflow
+
+        from flywheel.base.tracking import flatten, plain_uri
+
+        cfg = self.cfg
+        mlflow.set_tracking_uri(plain_uri(self.tracking_uri))  # credentials, if any, go to MLflow's env vars
+        exp = mlflow.set_experiment(f"flywheel-{cfg.campaign}")
+        if self.parent_run_id:
+            mlflow.start_run(run_id=self.parent_run_id)
+        else:
+            parent = mlflow.start_run(run_name=cfg.campaign, tags={
+                "flywheel.campaign": cfg.campaign, "flywheel.broker": redact_url(self.broker_url),
+                "flywheel.ray_address": redact_url(self.ray_address or "local")})
+            self.parent_run_id = parent.info.run_id
+            self.experiment_id = exp.experiment_id
+            self.created_parent = True
+            mlflow.log_params(flatten("", dataclasses.asdict(cfg), leaf=lambda v: str(v)[:PARAM_CHARS]))
+        self._stops.callback(mlflow.end_run)
+
+    def _start_ingest(self) -> None:
+        self.view.stage("starting ingest")
+        from ingest import IngestConfig, start_ingest
+
+        cfg = self.cfg
+        # Client ids and the share group are per campaign: an offline session of another
+        # campaign in the same group would keep its share of the stream (MQTT 5 semantics).
+        ingest_cfg = IngestConfig(collectors=cfg.collectors, client_prefix=f"fw-{cfg.campaign}",
+                                  share_group=f"ingest-{cfg.campaign}", idle_flush_s=self._ingest_idle_flush_s)
+        self.ingest = start_ingest(self.broker_url, self.workdir.lake_uri, ingest_cfg, topic_root=cfg.topic_root)
+        self._stops.callback(self.ingest.stop)
+
+
+def _shutdown_ray() -> None:
+    """Stop the Ray this campaign started, and Serve on it: a later campaign in the same
+    process (``--seeds``) starts a new Ray, and Serve's cached controller client would
+    still point into the old one."""
+    import ray
+
+    try:
+        from ray import serve as ray_serve
+
+        ray_serve.shutdown()
+    except Exception:  # noqa: BLE001 - Serve may never have started
+        pass
+    ray.shutdown()
+
+
+def _quiet_libraries(offline: bool) -> None:
+    """Keep the terminal for the live view: library chatter goes to warnings only.
+
+    Set before Ray starts so its workers inherit the same environment.
+    """
+    env = {"TRANSFORMERS_VERBOSITY": "error", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if offline:  # the packaged model needs no hub; never wait on a network that is not there
+        env["HF_HUB_OFFLINE"] = "1"
+    for k, v in env.items():
+        os.environ.setdefault(k, v)
+    for name in ("ray", "ray.data", "ray.serve", "ray.train", "mlflow", "transformers", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    except ImportError:  # pragma: no cover - ray[data] is a dependency
+        pass

@@ -1,0 +1,101 @@
+"""The turn record: the stored layout of a turn (state.json) and its MLflow metric names do not drift."""
+
+from __future__ import annotations
+
+import json
+import time
+import types
+
+import pytest
+
+from flywheel.base.timing import StageTimer
+from flywheel.base.tracking import flatten
+from flywheel.record import (PARENT_CURVE, BaselineResult, DataResult, DeployResult, GateResult, PlantResult,
+                             TurnRecord)
+
+BASELINES = {"run_to_failure": {"oee": 0.60, "unplanned_downtime_min": 900.0, "failures": 12},
+             "fixed_interval": {"oee": 0.64, "unplanned_downtime_min": 500.0, "failures": 7},
+             "oracle": {"oee": 0.74, "unplanned_downtime_min": 60.0, "failures": 1}}
+FACTORY = {"oee": 0.67, "unplanned_downtime_min": 300.0, "failures": 4, "maintenance_needed": 3,
+           "maintenance_unneeded": 1}
+
+
+def learning_turn() -> TurnRecord:
+    """Turn 1, rerun after its first attempt died, as the stages build it."""
+    snap = types.SimpleNamespace(dataset_id="ds-1", path="/lake/datasets/ds-1", manifest={
+        "counts": {"train": {"ok": 90, "bearing": 10}, "eval": {"ok": 20}}, "events": 50, "telemetry": 900})
+    outcome = types.SimpleNamespace(version="2", promoted=True, reason="better", champion_version="2",
+                                    challenger_metrics={"eval.macro_f1": 0.5, "eval.risk_threshold": 0.3},
+                                    champion_metrics=None, train_metrics={"loss": 0.1, "train.steps": 40})
+    rec = TurnRecord(turn=1, started="2026-01-01T00:00:00+00:00", run_id="r1", attempt=2,
+                     aborted_attempts=[{"attempt": 1, "stage": "plant", "rows_set_aside": {"telemetry": 10}}])
+    rec.data = DataResult.from_snapshot(snap)
+    rec.gate = GateResult.from_outcome(outcome)
+    rec.deploy = DeployResult("2", swapped=True)
+    rec.plant = PlantResult.from_period({"published": 1300, "bridge": {"predictions": 100, "commands": 4}},
+                                        ingest={"landed": 1300}, factory=FACTORY, threshold=0.3)
+    rec.baselines = BaselineResult.compare(BASELINES, FACTORY)
+    rec.wall_s = {"dataset": 1.0, "train": 20.0, "swap": 3.0, "plant": 10.0, "turn": 40.0}
+    return rec
+
+
+def test_a_turn_is_stored_with_the_keys_state_json_has_always_had():
+    d = learning_turn().to_dict()
+    assert list(d) == ["turn", "started", "attempt", "aborted_attempts", "run_id", "dataset_id", "data",
+                       "challenger_version", "promoted", "gate_reason", "eval", "champion_eval", "train",
+                       "champion_version", "bridge_threshold", "sim", "ingest", "factory", "baselines",
+                       "gap_closed", "failures_avoided", "wall_s"]
+    assert d["data"] == {"windows_train": 100, "windows_eval": 20, "failure_windows_train": 10,
+                         "events": 50, "telemetry": 900}
+    assert d["train"] == {"train.loss": 0.1, "train.steps": 40} and d["champion_eval"] == {}
+    assert d["sim"] == {"published": 1300, "bridge": {"predictions": 100, "commands": 4}}
+    assert d["gap_closed"] == pytest.approx(0.5) and d["failures_avoided"] == 8
+    # read back (the report does) and written again: the same turn
+    assert json.dumps(TurnRecord.from_dict(d).to_dict()) == json.dumps(d)
+
+
+def test_turn_zero_has_no_data_gate_threshold_or_attempt_keys():
+    rec = TurnRecord(turn=0, started="t", run_id="r0", deploy=DeployResult(None),
+                     plant=PlantResult.from_period({"published": 5}, {"landed": 5}, FACTORY, threshold=None),
+                     baselines=BaselineResult.compare(BASELINES, FACTORY), wall_s={"plant": 1.0, "turn": 2.0})
+    d = rec.to_dict()
+    assert list(d) == ["turn", "started", "run_id", "champion_version", "sim", "ingest", "factory", "baselines",
+                       "gap_closed", "failures_avoided", "wall_s"]
+    assert rec.history_row()["model"] == "-" and rec.summary_line().startswith("turn 0: model -")
+    assert json.dumps(TurnRecord.from_dict(d).to_dict()) == json.dumps(d)
+
+
+def test_the_turns_mlflow_metric_names():
+    m = learning_turn().metrics()
+    assert set(m) == {
+        "data.windows_train", "data.windows_eval", "data.failure_windows_train", "data.events", "data.telemetry",
+        "eval.macro_f1", "eval.risk_threshold", "train.loss", "train.steps",
+        *(f"factory.{k}" for k in FACTORY), "factory.gap_closed", "factory.failures_avoided",
+        *(f"baseline.{p}.{k}" for p in BASELINES for k in ("oee", "unplanned_downtime_min", "failures")),
+        "serve.risk_threshold", "serve.bridge_predictions", "serve.bridge_commands",
+        "turn.aborted_attempts", "lake.rows_set_aside", "turn.wall_s",
+        "turn.stage_s.dataset", "turn.stage_s.train", "turn.stage_s.swap", "turn.stage_s.plant"}
+    assert m["lake.rows_set_aside"] == 10.0 and m["turn.aborted_attempts"] == 1.0
+    assert all(isinstance(v, float) for v in m.values())
+    # the parent run's curve, one step per turn
+    assert PARENT_CURVE == ("factory.oee", "eval.macro_f1", "eval.auroc_any_failure", "factory.gap_closed",
+                            "factory.unplanned_downtime_min")
+
+
+def test_one_timer_adds_up_a_stage_entered_twice_and_announces_each():
+    seen = []
+    timer = StageTimer(seen.append)
+    for _ in range(2):
+        with timer("plant", "running the plant"):
+            time.sleep(0.01)
+    with timer("swap"):
+        pass
+    assert seen == ["running the plant", "running the plant", "swap"]
+    assert timer.wall_s["plant"] >= 0.02 and timer.elapsed_s >= timer.wall_s["plant"]
+
+
+def test_one_flattener_for_params():
+    cfg = {"a": {"b": 1, "c": [1, 2]}, "d": {}, "e": "x"}
+    assert flatten("", cfg) == {"a.b": 1, "a.c": "1,2", "e": "x"}
+    assert flatten("train", {"lr": 0.1}) == {"train.lr": 0.1}
+    assert flatten("", cfg, leaf=lambda v: str(v)[:3]) == {"a.b": "1", "a.c": "[1,", "e": "x"}
