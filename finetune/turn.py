@@ -24,6 +24,7 @@ from pathlib import Path
 
 from finetune.config import TrainConfig
 from flywheel.base.contract import LABELS
+from flywheel.base.features import FeaturiserSpec
 from flywheel.base.timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
 
     timer = StageTimer()
     with timer("load"):
-        snapshot = load_snapshot(snapshot_dir)
+        snapshot = load_snapshot(snapshot_dir, config.featuriser)
         client = tracking.client_for(tracking_uri)
         run_id, created = tracking.open_run(client, tracking_uri, run_id, campaign, turn)
     work = Path(tempfile.mkdtemp(prefix="flywheel-train-"))
@@ -130,6 +131,9 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                     "flywheel.run_id": run_id, "flywheel.gate_metric": config.gate_metric,
                     config.gate_metric: f"{challenger_metrics.get(config.gate_metric, float('nan')):.6f}",
                     "flywheel.promoted": str(decision.promoted).lower(), "flywheel.gate_reason": decision.reason}
+            tags[registry.FEATURISER_TAG] = FeaturiserSpec.parse(config.featuriser).ref
+            if snapshot.manifest.get("window") is not None:   # the input pipeline it was trained with
+                tags[registry.WINDOW_TAG] = json.dumps(snapshot.manifest["window"], sort_keys=True)
             if challenger_metrics.get("eval.risk_threshold") is not None:  # its operating point, with it
                 tags[registry.THRESHOLD_TAG] = repr(float(challenger_metrics["eval.risk_threshold"]))
             version = registry.register_version(tracking_uri, model_name, run_id, MODEL_ARTIFACT, tags).version

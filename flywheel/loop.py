@@ -510,7 +510,7 @@ class Campaign:
             bridge.start()  # returns once the broker confirmed its subscriptions
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
                                lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,
-                               **_runner_window_kwargs(MqttSimRunner, self.stages["window"]))
+                               window=bridge.window if bridge is not None else self.stages["window"])
         start_ts = self.plant.now_ts
         result: dict = {}
         done = threading.Event()
@@ -602,18 +602,6 @@ class Campaign:
 
 
 # --------------------------------------------------------------------------- helpers
-def _runner_window_kwargs(runner_cls, window) -> dict:
-    import inspect
-
-    params = inspect.signature(runner_cls).parameters
-    out = {}
-    if "stride_s" in params:
-        out["stride_s"] = window.stride_s
-    if "window_length" in params:
-        out["window_length"] = window.length
-    return out
-
-
 def _as_dict(obj) -> dict:
     if obj is None:
         return {}
