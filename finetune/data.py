@@ -9,10 +9,11 @@ A snapshot is a directory written by the dataset builder, read through
 
 ``load_snapshot`` checks it once, at the boundary (labels must be the contract's), and
 featurises it: each window's ``readings`` (JSON, oldest first) become the model's input
-column ``text`` through the featuriser the run trains with (``TrainConfig.featuriser``),
-the same one serving applies.  A split that already carries ``text`` and no ``readings``
-(hand-made frames, snapshots written before readings were stored) is taken as featurised
-with ``text-summary/1``.
+column through the featuriser the run trains with (``TrainConfig.featuriser``), the same
+one serving applies: ``text`` for a text featuriser, ``features`` (one dict of named
+floats per row, see :func:`feature_matrix`) for a numeric one such as ``numeric-stats/1``.
+A split that already carries ``text`` and no ``readings`` (hand-made frames, snapshots
+written before readings were stored) is taken as featurised with ``text-summary/1``.
 
 ``plan_batches`` turns the training split into the exact sequence of optimizer-step
 batches: per epoch a seeded draw of ``ok`` windows (at most ``ok_ratio`` x the failure
@@ -37,6 +38,8 @@ from flywheel.base.snapshot import SPLITS, Snapshot, SnapshotError, open_snapsho
 
 LABEL_INDEX = {label: i for i, label in enumerate(LABELS)}
 REQUIRED_COLUMNS = ("label",)
+#: The model-input column a featuriser's output lands in, by its ``output``.
+INPUT_COLUMNS = {"text": "text", "numeric": "features"}
 
 
 class DataError(FlywheelError, ValueError):
@@ -46,7 +49,7 @@ class DataError(FlywheelError, ValueError):
 @dataclass(frozen=True)
 class LoadedSnapshot(Snapshot):
     """A snapshot (``flywheel.base.snapshot``) with its splits read, checked and featurised."""
-    train: "object" = None   # pandas.DataFrame, with the model-input column ``text``
+    train: "object" = None   # pandas.DataFrame, with the model-input column (``text`` or ``features``)
     eval: "object" = None
 
 
@@ -76,8 +79,9 @@ def read_split(path: str | Path, split: str = "split", featuriser: str | dict = 
     if missing:
         raise DataError(f"{where} lacks column(s) {missing}; a snapshot split needs label and either kind + "
                         "readings (what `flywheel dataset build` writes) or featurised text")
+    column = INPUT_COLUMNS[get_featuriser(featuriser).output]
     if "readings" in df.columns:
-        df = _featurise(df, featuriser, where)
+        df = _featurise(df, featuriser, where, column)
     elif FeaturiserSpec.parse(featuriser).ref != DEFAULT_FEATURISER:
         raise DataError(f"{where} holds featurised text ({DEFAULT_FEATURISER}) and no readings, so it cannot be "
                         f"featurised with {FeaturiserSpec.parse(featuriser).ref!r}; rebuild the snapshot with "
@@ -86,28 +90,43 @@ def read_split(path: str | Path, split: str = "split", featuriser: str | dict = 
     if unknown:
         raise DataError(f"{where} has label(s) {unknown} that are not in the contract's label set "
                         f"{list(LABELS)}; rebuild the snapshot with the current flywheel.base.contract")
-    # Rows without text or label cannot teach anything; drop them, keep the rest.
-    keep = df["text"].notna() & df["label"].notna() & (df["text"].astype(str).str.len() > 0)
+    # Rows without model input or label cannot teach anything; drop them, keep the rest.
+    if column == "text":
+        keep = df["text"].notna() & df["label"].notna() & (df["text"].astype(str).str.len() > 0)
+    else:
+        keep = df[column].notna() & df["label"].notna()
     df = df.loc[keep].reset_index(drop=True)
-    df["text"] = df["text"].astype(str)
+    if column == "text":
+        df["text"] = df["text"].astype(str)
     df["label"] = df["label"].astype(str)
     return df
 
 
-def _featurise(df, featuriser, where: str):
+def feature_matrix(df, feature_names: Sequence[str]) -> np.ndarray:
+    """A numeric split's ``features`` column as a float64 matrix, columns in ``feature_names`` order."""
+    if "features" not in df.columns:
+        raise DataError("this split was not featurised with a numeric featuriser (no 'features' column); "
+                        "read it with read_split(..., featuriser='numeric-stats/1')")
+    names = list(feature_names)
+    if len(df) == 0:
+        return np.zeros((0, len(names)), dtype=np.float64)
+    return np.array([[f[n] for n in names] for f in df["features"]], dtype=np.float64)
+
+
+def _featurise(df, featuriser, where: str, column: str = "text"):
     feat = get_featuriser(featuriser)
     df = df.copy()
-    texts = []
+    values = []
     for i, (kind, raw) in enumerate(zip(df["kind"], df["readings"])):
         if raw is None or kind is None or (isinstance(raw, float) and raw != raw):
-            texts.append(None)   # dropped below with the other rows that cannot teach anything
+            values.append(None)   # dropped below with the other rows that cannot teach anything
             continue
         try:
-            texts.append(feat(str(kind), parse_readings(raw)))
+            values.append(feat(str(kind), parse_readings(raw)))
         except (ValueError, TypeError, AttributeError) as exc:
             raise DataError(f"{where} row {i}: readings {str(raw)[:80]!r} are not a JSON list of readings "
                             f"({exc}); rebuild the snapshot with `flywheel dataset build`") from None
-    df["text"] = texts
+    df[column] = values
     return df
 
 

@@ -227,9 +227,13 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict:
         raise ModelError(f"adapter {adapter_dir} was trained on labels {meta.get('labels')} but the "
                          f"contract's labels are {list(LABELS)}")
     try:
-        get_featuriser(adapter_featuriser(meta))
+        feat = get_featuriser(adapter_featuriser(meta))
     except FeaturiserError as exc:
         raise ModelError(f"adapter {adapter_dir}: {exc}") from None
+    if feat.output != "text":
+        raise ModelError(f"adapter {adapter_dir} records featuriser {feat.spec.ref}, which makes {feat.output} "
+                         "input; a language-model adapter reads text (e.g. text-summary/1): retrain it with a "
+                         "text featuriser")
     try:
         adapter_window(meta)
     except ConfigError as exc:

@@ -27,7 +27,14 @@ featurises exactly as training did.  Featurisers this release knows:
 name/version       model input                                                 params
 =================  ==========================================================  =======
 text-summary/1     the text above (:func:`render`), for language models        none
+numeric-stats/1    named floats (:class:`NumericStats`): per reading of        none
+                   :data:`REFERENCE` (raw and derived) its window mean, last,
+                   min, max and least-squares slope per reading step, plus a
+                   one-hot of the machine kind; for tree models
 =================  ==========================================================  =======
+
+A featuriser's ``output`` says what it makes: ``"text"`` (a string) or ``"numeric"``
+(a dict of floats whose keys are exactly its ``feature_names``, in that order).
 
 A version recorded with a featuriser not in :data:`FEATURISERS` is refused
 (:class:`FeaturiserError` names it); a featuriser's output for given readings never
@@ -286,8 +293,84 @@ class TextSummary:
         return render(kind, readings)
 
 
+#: Statistics of each reading in a ``numeric-stats/1`` vector, in their order.
+NUMERIC_STATS = ("mean", "last", "min", "max", "slope")
+
+
+def _reading_names() -> tuple[str, ...]:
+    """Every reading :data:`REFERENCE` lists (raw and derived), first-seen order over kinds."""
+    names: dict[str, None] = {}
+    for per_kind in REFERENCE.values():
+        names.update(dict.fromkeys(per_kind))
+    return tuple(names)
+
+
+class NumericStats:
+    """``numeric-stats/1``: a window as a fixed vector of named floats, input for tree models.
+
+    For each reading :data:`REFERENCE` lists for any kind (raw readings and the derived
+    physics of :func:`derived_readings`), in :data:`REFERENCE` order: ``<reading>.mean``,
+    ``.last``, ``.min``, ``.max`` and ``.slope`` (least squares over the reading index:
+    change per reading step); then ``kind.<k>`` for each kind of :data:`REFERENCE` (1.0 for
+    the window's kind, else 0.0; all 0.0 for a kind not listed).
+
+    The names and their order are fixed (:attr:`feature_names`), whatever the window holds:
+    a reading the window lacks (a pump has no torque) gives NaN for its five statistics
+    (tree libraries treat NaN as missing), a reading seen at fewer than two steps gives a
+    NaN slope, non-finite values are skipped, and readings :data:`REFERENCE` does not list
+    are left out (a vector that grew with the data would not match the model's features;
+    adding a reading to the vector is a new version).
+    """
+
+    name, version = "numeric-stats", 1
+    output = "numeric"
+    readings: tuple[str, ...] = _reading_names()
+    kinds: tuple[str, ...] = tuple(REFERENCE)
+    feature_names: tuple[str, ...] = (tuple(f"{r}.{s}" for r in readings for s in NUMERIC_STATS)
+                                      + tuple(f"kind.{k}" for k in kinds))
+
+    def __init__(self, **params):
+        if params:
+            raise FeaturiserError(f"featuriser {self.name}/{self.version} takes no parameters, got {sorted(params)}")
+        self.spec = FeaturiserSpec(self.name, self.version)
+
+    def __call__(self, kind: str, readings: Sequence[Mapping[str, float]]) -> dict[str, float]:
+        if not readings:
+            raise ValueError("cannot featurise an empty window")
+        series: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in self.readings}
+        for i, r in enumerate(readings):
+            for name, value in (*r.items(), *derived_readings(kind, r).items()):
+                s = series.get(name)
+                if s is not None and math.isfinite(value):
+                    s[0].append(i)
+                    s[1].append(float(value))
+        out: dict[str, float] = {}
+        nan = math.nan
+        for name in self.readings:
+            xs, ys = series[name]
+            n = len(ys)
+            if not n:
+                out.update(dict.fromkeys((f"{name}.{s}" for s in NUMERIC_STATS), nan))
+                continue
+            mean = math.fsum(ys) / n
+            slope = nan
+            if n >= 2:
+                xm = math.fsum(xs) / n
+                sxx = math.fsum((x - xm) ** 2 for x in xs)
+                slope = math.fsum((x - xm) * (y - mean) for x, y in zip(xs, ys)) / sxx
+            out[f"{name}.mean"] = mean
+            out[f"{name}.last"] = ys[-1]
+            out[f"{name}.min"] = min(ys)
+            out[f"{name}.max"] = max(ys)
+            out[f"{name}.slope"] = slope
+        for k in self.kinds:
+            out[f"kind.{k}"] = 1.0 if k == kind else 0.0
+        return out
+
+
 #: Every featuriser this release can run, by (name, version).
-FEATURISERS: dict[tuple[str, int], type] = {(TextSummary.name, TextSummary.version): TextSummary}
+FEATURISERS: dict[tuple[str, int], type] = {(TextSummary.name, TextSummary.version): TextSummary,
+                                            (NumericStats.name, NumericStats.version): NumericStats}
 DEFAULT_FEATURISER = "text-summary/1"
 
 

@@ -135,6 +135,6 @@ def test_a_version_with_an_unknown_featuriser_is_refused_by_name(trained):
                                {"flywheel.featuriser": "spectral-bands/2"}).version
     set_alias(uri, "fault-detector", "odd", version)
     with pytest.raises(ServeError, match=r"featuriser 'spectral-bands/2' is not known to this flywheel release "
-                                         r"\(known: text-summary/1\)"):
+                                         r"\(known: numeric-stats/1, text-summary/1\)"):
         start_serving(uri, "fault-detector", "odd",
                       ServeConfig(app_name="skew-odd", route_prefix="/skew-odd", poll_s=0, num_cpus_per_replica=0))

@@ -67,7 +67,8 @@ def test_snapshot_is_featurised_with_the_named_featuriser_and_unknown_ones_are_r
     loaded = load_snapshot(snap, "text-summary/1")
     row = loaded.train.iloc[0]
     assert row["text"] == render(row["kind"], parse_readings(row["readings"]))
-    with pytest.raises(FeaturiserError, match=r"'numeric-stats/3' is not known.*known: text-summary/1"):
+    with pytest.raises(FeaturiserError, match=r"'numeric-stats/3' is not known.*"
+                                              r"known: numeric-stats/1, text-summary/1"):
         load_snapshot(snap, "numeric-stats/3")
     with pytest.raises(ConfigError, match=r"featuriser: .*'numeric-stats/3' is not known"):
         TrainConfig(featuriser="numeric-stats/3")
@@ -132,7 +133,13 @@ def test_trained_adapter_records_its_input_pipeline_and_an_unknown_featuriser_is
     assert adapter_window(meta) == WindowConfig(length=6, stride_s=600.0, horizon_s=3600.0)   # the snapshot's
     meta["featuriser"] = {"name": "spectral-bands", "version": 2, "params": {}}
     (adapter_copy / "flywheel_model.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match=r"featuriser 'spectral-bands/2' is not known.*known: text-summary/1"):
+    with pytest.raises(ModelError, match=r"featuriser 'spectral-bands/2' is not known.*"
+                                         r"known: numeric-stats/1, text-summary/1"):
+        check_adapter_dir(adapter_copy)
+    meta["featuriser"] = {"name": "numeric-stats", "version": 1, "params": {}}   # a tree model's featuriser
+    (adapter_copy / "flywheel_model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"records featuriser numeric-stats/1, which makes numeric input; a "
+                                         r"language-model adapter reads text"):
         check_adapter_dir(adapter_copy)
 
 

@@ -273,5 +273,6 @@ def test_the_bridge_refuses_to_feed_a_model_it_cannot_window_or_featurise():
         other._sync_model(info(WINDOW.to_dict()))
     other._sync_model(info(None))            # no record: the configured window is used
     assert other.window == WindowConfig(length=7)
-    with pytest.raises(BridgeError, match=r"featuriser 'spectral-bands/2' is not known.*known: text-summary/1"):
+    with pytest.raises(BridgeError, match=r"featuriser 'spectral-bands/2' is not known.*"
+                                          r"known: numeric-stats/1, text-summary/1"):
         b._sync_model(info(WINDOW.to_dict(), {"name": "spectral-bands", "version": 2, "params": {}}))
