@@ -13,6 +13,7 @@ SUITES = {
     "ingest": "bench_ingest.py",
     "dataset": "bench_dataset.py",
     "train": "bench_train.py",
+    "families": "bench_families.py",
     "serve": "bench_serve.py",
     "serve-direct": "bench_serve.py --ingress direct",
     "serve-floor": "bench_serve_floor.py",
