@@ -6,7 +6,8 @@
 Modules: ``model`` (base model, device, LoRA), ``config`` (TrainConfig), ``data`` (snapshot,
 batch plan), ``core`` (the training loop), ``launch`` / ``ray_launch`` (plain and Ray Train
 launchers), ``checkpoint``, ``evaluate``, ``gate``, ``tracking`` (MLflow), ``pyfunc``,
-``registry`` (aliases, rollback, adapter download), ``turn`` (one whole turn), ``cli``.
+``registry`` (aliases, rollback, adapter download), ``gbdt`` (the tree reference family),
+``turn`` (one whole turn), ``cli``.
 Heavy libraries load lazily; importing this package is cheap.
 """
 
@@ -14,13 +15,15 @@ from finetune.config import TrainConfig
 from finetune.turn import TurnOutcome, train_and_register
 
 __all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "load_snapshot", "evaluate_adapter_report",
-           "majority_baseline", "fetch_adapter", "aliases", "abandon_run", "version_threshold", "RegistryError"]
+           "majority_baseline", "fetch_adapter", "aliases", "abandon_run", "version_threshold", "RegistryError",
+           "evaluate_gbdt_report", "fetch_reference_model"]
 
 #: Names the facade loads on first use (their modules pull in torch, pandas or MLflow).
 _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.evaluate",
          "majority_baseline": "finetune.evaluate", "fetch_adapter": "finetune.registry",
          "aliases": "finetune.registry", "abandon_run": "finetune.registry", "version_threshold": "finetune.registry",
-         "RegistryError": "finetune.registry"}
+         "RegistryError": "finetune.registry", "evaluate_gbdt_report": "finetune.gbdt",
+         "fetch_reference_model": "finetune.gbdt"}
 
 
 def __getattr__(name: str):

@@ -17,6 +17,10 @@ Class imbalance (failures are rare) is handled twice, on purpose:
 2. the cross-entropy is class-weighted with inverse-frequency weights computed from that
    balanced epoch (weight_c = n / (K * n_c), K = labels present), clipped to
    [1 / class_weight_max, class_weight_max] so a label with three windows cannot dominate.
+
+``reference_family`` (default ``gbdt``) also trains a tree model on the same snapshot each
+turn, balanced the same way (``finetune.gbdt``), as the reference the LoRA challenger is
+compared with; it is logged, never registered or served.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ class TrainConfig:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow model code from the hub to run (off: only built-in architectures load)"})
     max_failures: int = field(default=0, metadata={"help": "Ray Train worker-failure restarts (resume from checkpoint)"})
+    reference_family: str = field(default="gbdt", metadata={
+        "help": "model family trained beside the challenger on the same snapshot and logged as "
+                "reference_model.<family>.* ('gbdt': LightGBM trees; '' = none)"})
 
     def __post_init__(self):
         if isinstance(self.lora, dict):  # TrainConfig(lora={...}) from Python code
@@ -103,6 +110,11 @@ class TrainConfig:
         if feat.output != "text":
             raise ConfigError(f"featuriser {self.featuriser!r} makes {feat.output} input; a LoRA language model "
                               "needs a text featuriser such as 'text-summary/1'")
+        from finetune.gbdt import REFERENCE_FAMILIES
+
+        if self.reference_family and self.reference_family not in REFERENCE_FAMILIES:
+            raise ConfigError(f"reference_family {self.reference_family!r} is not known; known: "
+                              f"{', '.join(REFERENCE_FAMILIES)}, or '' for none")
         if self.batch_size < self.num_workers:
             raise ConfigError(f"batch_size ({self.batch_size}) should be >= num_workers ({self.num_workers}): "
                              "each worker needs at least one window per step")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -103,6 +104,17 @@ class GbdtConfig:
                 "num_leaves": self.num_leaves, "min_data_in_leaf": self.min_child_samples,
                 "min_sum_hessian_in_leaf": 1e-3, "lambda_l2": self.reg_lambda, "seed": self.seed,
                 "deterministic": True, "force_row_wise": True, "num_threads": self.num_threads, "verbose": -1}
+
+
+def _lightgbm():
+    """The lightgbm module, its OpenMP threads waiting passively (``flywheel.base.threads``) when it loads first."""
+    if "lightgbm" not in sys.modules:
+        from flywheel.base.threads import set_openmp_env
+
+        set_openmp_env()
+    import lightgbm
+
+    return lightgbm
 
 
 def sample_weights(labels, ok_ratio: float, clip: float) -> np.ndarray:
@@ -200,8 +212,7 @@ def _check_meta(d: Path, meta: Mapping) -> Any:
 
 def load_gbdt(model_dir: str | os.PathLike) -> GbdtModel:
     """Load and check a saved tree model; :class:`ModelError` says what is wrong and how to fix it."""
-    import lightgbm as lgb
-
+    lgb = _lightgbm()
     d = Path(model_dir)
     meta_path = d / ADAPTER_META
     if not meta_path.is_file():
@@ -266,11 +277,10 @@ def train_gbdt(snapshot, config: GbdtConfig | None = None, out_dir: str | os.Pat
     metrics)``: the ``eval.*`` metrics of :func:`finetune.evaluate.score` on the eval split,
     plus ``train.wall_s`` (featurise + fit), ``train.windows`` and ``eval.predict_s``.
     """
-    import lightgbm as lgb
-
     from finetune.data import feature_matrix, label_ids
     from finetune.evaluate import score
 
+    lgb = _lightgbm()
     config = config or GbdtConfig()
     t0 = time.perf_counter()
     snap, train, evals = _splits(snapshot, config.featuriser)
@@ -321,8 +331,43 @@ def evaluate_gbdt(model_dir: str | os.PathLike, eval_df) -> dict:
     return evaluate_gbdt_report(model_dir, eval_df).metrics
 
 
+# --------------------------------------------------------------------------- the reference of a turn
 #: Reference families a turn can train beside the LoRA challenger (``TrainConfig.reference_family``).
 REFERENCE_FAMILIES = (FAMILY,)
+
+
+def reference_artifact(family: str = FAMILY) -> str:
+    """Where a turn logs its reference model on its MLflow run (``reference_model/gbdt``)."""
+    return f"reference_model/{family}"
+
+
+def train_reference(snapshot, train_config, out_dir: str | os.PathLike | None = None) -> tuple[str, dict]:
+    """The turn's tree reference: :func:`train_gbdt` balanced and seeded as the LoRA run (``TrainConfig``)."""
+    if train_config.reference_family != FAMILY:
+        raise ConfigError(f"reference_family {train_config.reference_family!r} is not known; known: "
+                          f"{', '.join(REFERENCE_FAMILIES)}")
+    config = GbdtConfig(ok_ratio=train_config.ok_ratio, class_weight_max=train_config.class_weight_max,
+                        seed=train_config.seed)
+    return train_gbdt(snapshot, config, out_dir)
+
+
+def fetch_reference_model(tracking_uri: str, run_id: str, dst_dir: str | os.PathLike,
+                          family: str = FAMILY) -> str:
+    """Download the reference model a turn logged on its run and check it (:func:`load_gbdt`); its local path."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    from flywheel.base.tracking import plain_uri
+
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=reference_artifact(family),
+                                                    dst_path=str(dst_dir), tracking_uri=plain_uri(tracking_uri))
+    except (MlflowException, OSError) as exc:
+        raise ModelError(f"run {run_id} has no {family} reference model at {reference_artifact(family)} "
+                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); turns trained with "
+                         "train.reference_family='' log none") from None
+    load_gbdt(local)
+    return str(local)
 
 
 def reference_metrics(metrics: Mapping[str, float], family: str = FAMILY) -> dict:

@@ -11,6 +11,14 @@ or a Ray address is given), scores challenger and current champion on the snapsh
 eval split, registers the challenger (alias ``challenger``), and moves ``champion`` when
 the gate says so.  Everything is logged into ``run_id`` when given (the loop's per-turn
 child run), else into a new run of experiment ``flywheel-<campaign>``.
+
+Once the challenger is scored, the turn also trains the reference model family
+(``config.reference_family``, default ``gbdt``: LightGBM trees, ``finetune.gbdt``) on the same
+snapshot and scores it on the same eval split: its metrics are logged to the same run as
+``reference_model.gbdt.<metric>`` (``macro_f1``, ``auroc_any_failure``, ... and ``train_s``),
+the model under the run's artifacts ``reference_model/gbdt``, and both come back on the
+outcome (``reference_metrics``).  The reference is never registered or served; it says what
+the LoRA turn is worth against a cheap model on the same windows.
 """
 
 from __future__ import annotations
@@ -42,6 +50,10 @@ class TurnOutcome:
     train_metrics: dict
     adapter_dir: str
     wall_s: dict = field(default_factory=dict)
+    #: the majority-label baseline ("no model") on the same eval split (``eval.*``)
+    baseline_metrics: dict = field(default_factory=dict)
+    #: the reference family on the same eval split, as logged (``reference_model.<family>.*``; empty: none)
+    reference_metrics: dict = field(default_factory=dict)
 
 
 def _champion(tracking_uri: str, model_name: str):
@@ -110,6 +122,10 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             with timer("eval_champion"):
                 champ_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "champion"))
                 champion_metrics = evaluate_adapter_report(champ_dir, snapshot.eval, config.eval_batch_size).metrics
+        reference_metrics = {}
+        if config.reference_family:
+            with timer("reference"):
+                reference_metrics = _train_reference(snapshot, config, work, client, run_id)
         decision = decide(challenger_metrics, champion_metrics, baseline, metric=config.gate_metric,
                           margin=config.gate_margin, min_eval_windows=config.min_eval_windows,
                           eval_labels=set(snapshot.eval["label"]))
@@ -149,6 +165,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         if champion_metrics:
             logged.update({k.replace("eval.", "eval.champion.", 1): v for k, v in champion_metrics.items()
                            if k.count(".") == 1})
+        logged.update(reference_metrics)
         logged["gate.promoted"] = float(decision.promoted)
         logged.update({f"train.wall_s.{k}": v for k, v in timer.wall_s.items()})
         tracking.log_metrics(client, run_id, logged)
@@ -164,11 +181,31 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         return TurnOutcome(version=version, promoted=decision.promoted, reason=decision.reason,
                            challenger_metrics=challenger_metrics, champion_metrics=champion_metrics,
                            champion_version=champion_version, train_metrics=train_metrics,
-                           adapter_dir=str(keep), wall_s=dict(timer.wall_s))
+                           adapter_dir=str(keep), wall_s=dict(timer.wall_s), baseline_metrics=dict(baseline),
+                           reference_metrics=reference_metrics)
     finally:
         if created:
             client.set_terminated(run_id, status)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _train_reference(snapshot, config: TrainConfig, work: Path, client, run_id: str) -> dict:
+    """Train and score the reference family on the turn's snapshot; log the model; its logged metrics.
+
+    A snapshot the trees cannot featurise (one that holds only featurised text, no readings)
+    skips the reference with a warning and a run tag rather than failing the turn."""
+    from finetune.data import DataError
+    from finetune.gbdt import reference_artifact, reference_metrics, train_reference
+
+    family = config.reference_family
+    try:
+        model_dir, metrics = train_reference(snapshot, config, work / "reference")
+    except DataError as exc:
+        log.warning("no %s reference model this turn: %s", family, exc)
+        client.set_tag(run_id, f"reference_model.{family}.skipped", str(exc)[:500])
+        return {}
+    client.log_artifacts(run_id, model_dir, reference_artifact(family))
+    return reference_metrics(metrics, family)
 
 
 def train_plain_logged(snapshot, config, adapter_dir, batcher, progress, warm_dir):

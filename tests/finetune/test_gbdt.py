@@ -176,3 +176,11 @@ def test_reference_metric_names():
                                "eval.predict_s": 0.01, "train.wall_s": 1.5, "train.windows": 300.0})
     assert names == {"reference_model.gbdt.macro_f1": 0.5, "reference_model.gbdt.auroc_any_failure": 0.9,
                      "reference_model.gbdt.train_s": 1.5}
+
+
+def test_the_turns_reference_family_is_checked():
+    from finetune import TrainConfig
+
+    assert TrainConfig().reference_family == "gbdt" and TrainConfig(reference_family="").reference_family == ""
+    with pytest.raises(ConfigError, match=r"reference_family 'xgboost' is not known; known: gbdt, or '' for none"):
+        TrainConfig(reference_family="xgboost")

@@ -80,6 +80,33 @@ def test_registered_version_records_its_window_and_featuriser(registry):
     assert json.loads(tags[WINDOW_TAG]) == {"length": 6, "stride_s": 600.0, "horizon_s": 3600.0}
 
 
+def test_the_turn_trains_the_tree_reference_and_logs_it_to_the_same_run(registry, snapshot_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    from finetune import evaluate_gbdt_report, fetch_reference_model
+
+    uri, o = registry
+    ref = o.reference_metrics
+    assert {"reference_model.gbdt.macro_f1", "reference_model.gbdt.auroc_any_failure", "reference_model.gbdt.accuracy",
+            "reference_model.gbdt.risk_threshold", "reference_model.gbdt.train_s"} <= set(ref)
+    assert all(k.startswith("reference_model.gbdt.") and k.count(".") == 2 for k in ref)
+    # scored like the challenger, on the same eval split, and far above no model
+    assert ref["reference_model.gbdt.n_windows"] == o.challenger_metrics["eval.n_windows"]
+    assert ref["reference_model.gbdt.macro_f1"] > o.baseline_metrics["eval.macro_f1"] + 0.3
+    assert "reference" in o.wall_s
+    run = MlflowClient(uri).get_run(get_version(uri, "fault-detector", o.version).run_id)
+    assert {k: run.data.metrics[k] for k in ref} == pytest.approx(ref)
+    assert run.data.params["train.reference_family"] == "gbdt"
+    # the model itself is on the run: the held-out evaluation scores it again
+    model_dir = fetch_reference_model(uri, run.info.run_id, tmp_path / "ref")
+    again = evaluate_gbdt_report(model_dir, f"{snapshot_dir}/eval.parquet").metrics
+    assert again["eval.macro_f1"] == pytest.approx(ref["reference_model.gbdt.macro_f1"])
+    from finetune.model import ModelError
+
+    with pytest.raises(ModelError, match=r"has no xgb reference model at reference_model/xgb"):
+        fetch_reference_model(uri, run.info.run_id, tmp_path / "none", family="xgb")
+
+
 def test_worse_challenger_is_refused_then_rollback(registry, snapshot_dir, tmp_path):
     """A model trained one step on shuffled labels must not replace a good champion."""
     from finetune import train_and_register
@@ -93,9 +120,15 @@ def test_worse_challenger_is_refused_then_rollback(registry, snapshot_dir, tmp_p
         r["label"] = label
     evals = pd.read_parquet(f"{snapshot_dir}/eval.parquet").to_dict("records")
     bad = write_snapshot(tmp_path / "ds-shuffled", train_rows=rows, eval_rows=evals)
-    o = train_and_register(str(bad), fast_config(tmp_path, max_steps=1), uri, campaign="test", turn=2,
-                           progress=False)
+    o = train_and_register(str(bad), fast_config(tmp_path, max_steps=1, reference_family=""), uri, campaign="test",
+                           turn=2, progress=False)
     assert not o.promoted and "kept the champion" in o.reason
+    # no reference family asked for: no trees trained, none logged
+    assert o.reference_metrics == {} and "reference" not in o.wall_s
+    from mlflow import MlflowClient
+
+    logged = MlflowClient(uri).get_run(get_version(uri, "fault-detector", o.version).run_id).data.metrics
+    assert not any(k.startswith("reference_model.") for k in logged)
     assert o.champion_version == first.version
     assert o.champion_metrics["eval.macro_f1"] > o.challenger_metrics["eval.macro_f1"]
     assert get_version(uri, "fault-detector", "champion").version == first.version
@@ -138,6 +171,7 @@ def test_empty_eval_split_registers_but_refuses_to_promote(snapshot_dir, tmp_pat
     snap = write_snapshot(tmp_path / "ds-noeval", train_rows=rows, eval_rows=[])
     o = train_and_register(str(snap), fast_config(tmp_path, max_steps=1), mlflow_uri, progress=False)
     assert not o.promoted and "eval split is empty" in o.reason and o.champion_version is None
+    assert o.reference_metrics["reference_model.gbdt.n_windows"] == 0      # trees trained, nothing to score
     assert get_version(mlflow_uri, "fault-detector", "challenger").version == o.version
     with pytest.raises(RegistryError, match="no alias 'champion'"):
         get_version(mlflow_uri, "fault-detector", "champion")
