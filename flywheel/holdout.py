@@ -7,18 +7,27 @@ latest ``eval_fraction`` of each machine's plant time, which lies after the trai
 every model (each trained on an earlier snapshot's earlier part).  Turn 0 served no model:
 its row is the no-model predictor (every window ``ok``).
 
+Beside each turn's champion it scores the reference model trained in that turn (the trees
+of ``finetune.gbdt``, fetched from the turn's MLflow run), so the held-out table shows
+LoRA champion vs trees vs no model on the same windows.
+
 The result is stored as ``state.json`` -> ``holdout`` and logged on the campaign's parent
-run as ``holdout.*``, one step per turn (:func:`log_holdout`).
+run as ``holdout.*`` (the champion) and ``holdout.reference_<family>.*`` (the turn's
+reference model), one step per turn (:func:`log_holdout`).
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from flywheel.base.errors import FlywheelError
 from flywheel.record import TurnRecord
+
+log = logging.getLogger(__name__)
 
 #: The scores kept per turn (logged on the parent run as ``holdout.*``).
 KEYS = ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy")
@@ -28,11 +37,14 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
                      tracking_uri: str, model_name: str, eval_batch_size: int, scratch_dir: str | Path) -> dict:
     """Score each stored turn's champion on the eval split of a snapshot of the whole lake.
 
-    Returns ``{"dataset_id", "windows", "labels", "by_turn": {turn: {"model_version", eval.*}},
-    "wall_s"}`` (``by_turn`` empty and no ``wall_s`` when the snapshot has no eval windows).
-    Adapters are fetched into a temporary folder under ``scratch_dir``, removed at the end.
+    Returns ``{"dataset_id", "windows", "labels", "no_model": {eval.*}, "by_turn": {turn:
+    {"model_version", eval.*, ["reference_<family>": {eval.*}]}}, "wall_s"}`` (``by_turn``
+    empty and no ``wall_s`` when the snapshot has no eval windows).  A turn's reference model
+    is scored when the turn trained one; one that cannot be fetched is left out with a warning.
+    Models are fetched into a temporary folder under ``scratch_dir``, removed at the end.
     """
-    from finetune import evaluate_adapter_report, fetch_adapter, load_snapshot, majority_baseline
+    from finetune import (evaluate_adapter_report, evaluate_gbdt_report, fetch_adapter, fetch_reference_model,
+                          load_snapshot, majority_baseline)
     from ingest import build_snapshot
 
     t0 = time.monotonic()
@@ -43,19 +55,30 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
     if len(held_out) == 0:
         return out
     scored: dict[str, dict] = {}
+    no_model = majority_baseline(["ok"], list(held_out["label"])).metrics
+    out["no_model"] = {k: no_model[k] for k in KEYS if k in no_model}
     work = Path(tempfile.mkdtemp(prefix="flywheel-holdout-", dir=scratch_dir))
     try:
         for rec in map(TurnRecord.from_dict, turns):
             version = rec.champion_version
             if version is None:
-                metrics = majority_baseline(["ok"], list(held_out["label"])).metrics
+                metrics = no_model
             else:
                 if version not in scored:
                     adapter = fetch_adapter(tracking_uri, model_name, str(version), str(work / f"v{version}"))
                     scored[version] = evaluate_adapter_report(adapter, held_out, eval_batch_size).metrics
                 metrics = scored[version]
-            out["by_turn"][str(rec.turn)] = {"model_version": version,
-                                             **{k: metrics[k] for k in KEYS if k in metrics}}
+            row = out["by_turn"][str(rec.turn)] = {"model_version": version,
+                                                   **{k: metrics[k] for k in KEYS if k in metrics}}
+            for family in (rec.gate.reference_families if rec.gate and rec.run_id else []):
+                try:
+                    model_dir = fetch_reference_model(tracking_uri, rec.run_id, work / f"turn{rec.turn}-{family}",
+                                                      family)
+                except FlywheelError as exc:
+                    log.warning("held-out scores of turn %s leave out its %s reference: %s", rec.turn, family, exc)
+                    continue
+                ref = evaluate_gbdt_report(model_dir, held_out).metrics
+                row[f"reference_{family}"] = {k: ref[k] for k in KEYS if k in ref}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out["wall_s"] = time.monotonic() - t0
@@ -71,6 +94,12 @@ def log_holdout(out: dict, parent_run_id: str) -> None:
         for k in KEYS:
             if m.get(k) is not None:
                 client.log_metric(parent_run_id, k.replace("eval.", "holdout.", 1), m[k], step=int(turn))
+        for name, ref in m.items():
+            if name.startswith("reference_") and isinstance(ref, dict):
+                for k in KEYS:
+                    if ref.get(k) is not None:
+                        client.log_metric(parent_run_id, k.replace("eval.", f"holdout.{name}.", 1), ref[k],
+                                          step=int(turn))
 
 
 def holdout_line(out: dict, last_turn: int) -> str:
@@ -79,6 +108,8 @@ def holdout_line(out: dict, last_turn: int) -> str:
     if last["model_version"] is None:     # the gate never promoted a model: nothing to compare
         return (f"held-out data ({out['windows']} windows): macro-F1 {first.get('eval.macro_f1', 0):.3f} "
                 "without a model; no model was promoted in this campaign")
+    trees = (last.get("reference_gbdt") or {}).get("eval.macro_f1")
     return (f"held-out data ({out['windows']} windows none of the models trained on): macro-F1 "
             f"{first.get('eval.macro_f1', 0):.3f} without a model -> "
-            f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn")
+            f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn"
+            + (f" (the trees trained in that turn: {trees:.3f})" if trees is not None else ""))

@@ -80,8 +80,8 @@ from flywheel.base.timing import StageTimer
 from flywheel.base.workdir import Workdir
 from flywheel.campaign import CampaignConfig, stage_configs
 from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
-from flywheel.record import (ABORTED_FIELDS, PARENT_CURVE, POLICIES, BaselineResult, DataResult, DeployResult,
-                             GateResult, PlantResult, TurnRecord, gap_closed)
+from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, DataResult, DeployResult, GateResult,
+                             PlantResult, TurnRecord, gap_closed, parent_curve)
 from flywheel.stack import Stack
 from flywheel.state import (STATE_VERSION, CampaignError, TurnJournal, atomic_write, campaign_dir,
                             config_fingerprint, load_state)
@@ -415,7 +415,9 @@ class Campaign:
         from finetune import train_and_register
 
         cfg = self.cfg
-        with self.timer("train", "training challenger (LoRA)"):
+        reference = self.stages["train"].reference_family
+        label = "training challenger (LoRA)" + (f" and the {reference} reference" if reference else "")
+        with self.timer("train", label):
             self.status.train_progress = "training..."
             _kill_point("train", record.turn, delayed=True)
             outcome = train_and_register(
@@ -569,7 +571,8 @@ class Campaign:
             pass
 
     def _log_turn(self, record: TurnRecord) -> None:
-        """The turn's metrics and record on its MLflow run; the curve (``PARENT_CURVE``) on the parent run."""
+        """The turn's metrics and record on its MLflow run; the curve (``PARENT_CURVE`` and the
+        reference family's ``reference_model.*``) on the parent run."""
         import mlflow
 
         metrics = record.metrics()
@@ -578,9 +581,8 @@ class Campaign:
             mlflow.set_tag("serve.model_version", record.champion_version)
         mlflow.log_dict(record.to_dict(), "turn.json")
         client = mlflow.MlflowClient()
-        for k in PARENT_CURVE:
-            if k in metrics:
-                client.log_metric(self.state["parent_run_id"], k, metrics[k], step=record.turn)
+        for k, v in parent_curve(metrics).items():
+            client.log_metric(self.state["parent_run_id"], k, v, step=record.turn)
 
     def _save(self) -> None:
         """Commit: the boundary's plant states under names of their own, then ``state.json`` naming them.

@@ -13,7 +13,8 @@ The stored turn, key by key (``[...]``: only when it applies)::
 
     turn, started, [attempt, aborted_attempts], run_id,                 the turn, its attempt, its MLflow run
     [dataset_id, data,                                                  1. DataResult      (turn > 0)
-     challenger_version, promoted, gate_reason, eval, champion_eval, train]   2. GateResult (turn > 0)
+     challenger_version, promoted, gate_reason, eval, champion_eval, train,   2. GateResult (turn > 0)
+     [baseline_eval], [reference]]                                         (when the turn had them)
     champion_version,                                                   3. DeployResult
     [bridge_threshold], sim (+ sim.bridge), ingest, factory,            4. PlantResult
     baselines, gap_closed, failures_avoided,                            5. BaselineResult
@@ -30,8 +31,18 @@ BASELINE_KPIS = ("oee", "unplanned_downtime_min", "failures", "maintenance_neede
 #: The turn's metrics the campaign's parent run carries too, one step per turn: the curve.
 PARENT_CURVE = ("factory.oee", "eval.macro_f1", "eval.auroc_any_failure", "factory.gap_closed",
                 "factory.unplanned_downtime_min")
+#: The turn's reference-family metrics (``reference_model.<family>.*``) go on the parent run too.
+REFERENCE_PREFIX = "reference_model."
+#: The "no model" scores kept per turn (the majority label on the turn's eval split).
+BASELINE_KEYS = ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy")
 #: What the journal of a dead attempt says about it in the record of the turn that reran.
 ABORTED_FIELDS = ("attempt", "stage", "run_id", "failed_runs", "abandoned_versions", "rows_set_aside", "redelivered")
+
+
+def parent_curve(metrics: dict) -> dict:
+    """The turn's metrics its campaign's parent run carries, one step per turn: the curve
+    (:data:`PARENT_CURVE`) and every reference-family metric (``reference_model.*``)."""
+    return {k: v for k, v in metrics.items() if k in PARENT_CURVE or k.startswith(REFERENCE_PREFIX)}
 
 
 def gap_closed(oee_model: float, oee_rtf: float, oee_oracle: float) -> float | None:
@@ -84,14 +95,26 @@ class GateResult:
     champion_eval: dict = field(default_factory=dict)
     #: ``train.*``
     train: dict = field(default_factory=dict)
+    #: no model: the majority label on the same eval split (``eval.*`` of :data:`BASELINE_KEYS`)
+    baseline_eval: dict = field(default_factory=dict)
+    #: the reference family on the same eval split (``reference_model.<family>.*``; empty: none trained)
+    reference: dict = field(default_factory=dict)
 
     @classmethod
     def from_outcome(cls, outcome) -> "GateResult":
         """From ``finetune.train_and_register``'s outcome."""
+        baseline = getattr(outcome, "baseline_metrics", None) or {}
         return cls(challenger_version=outcome.version, promoted=outcome.promoted, reason=outcome.reason,
                    champion_version=outcome.champion_version, eval=_prefixed(outcome.challenger_metrics, "eval."),
                    champion_eval=_prefixed(outcome.champion_metrics or {}, "eval."),
-                   train=_prefixed(outcome.train_metrics, "train."))
+                   train=_prefixed(outcome.train_metrics, "train."),
+                   baseline_eval=_prefixed({k: v for k, v in baseline.items() if k in BASELINE_KEYS}, "eval."),
+                   reference=_prefixed(getattr(outcome, "reference_metrics", None) or {}, REFERENCE_PREFIX))
+
+    @property
+    def reference_families(self) -> list[str]:
+        """The reference families trained in the turn (``gbdt``), in the order first logged."""
+        return list(dict.fromkeys(k.split(".")[1] for k in self.reference if k.count(".") >= 2))
 
     @property
     def risk_threshold(self) -> float | None:
@@ -196,6 +219,10 @@ class TurnRecord:
             g = self.gate
             d.update(challenger_version=g.challenger_version, promoted=g.promoted, gate_reason=g.reason,
                      eval=g.eval, champion_eval=g.champion_eval, train=g.train)
+            if g.baseline_eval:
+                d["baseline_eval"] = g.baseline_eval
+            if g.reference:
+                d["reference"] = g.reference
         d["champion_version"] = self.champion_version
         if self.plant is not None:
             if self.plant.threshold is not None:
@@ -221,7 +248,8 @@ class TurnRecord:
             rec.gate = GateResult(challenger_version=d.get("challenger_version"), promoted=d.get("promoted"),
                                   reason=d.get("gate_reason"), champion_version=d.get("champion_version"),
                                   eval=dict(d.get("eval", {})), champion_eval=dict(d.get("champion_eval", {})),
-                                  train=dict(d.get("train", {})))
+                                  train=dict(d.get("train", {})), baseline_eval=dict(d.get("baseline_eval", {})),
+                                  reference=dict(d.get("reference", {})))
         rec.deploy = DeployResult(d.get("champion_version"), swapped="swap" in rec.wall_s)
         rec.plant = PlantResult.from_period(d.get("sim", {}), dict(d.get("ingest", {})), dict(d.get("factory", {})),
                                             d.get("bridge_threshold"))
@@ -230,14 +258,15 @@ class TurnRecord:
 
     # -- MLflow -------------------------------------------------------------
     def metrics(self) -> dict[str, float]:
-        """The turn's flat MLflow metrics: ``data.*``, ``eval.*``, ``train.*``, ``factory.*``,
-        ``baseline.<policy>.*``, ``serve.*``, ``turn.*``, ``lake.rows_set_aside``."""
+        """The turn's flat MLflow metrics: ``data.*``, ``eval.*``, ``train.*``, ``reference_model.*``,
+        ``factory.*``, ``baseline.<policy>.*``, ``serve.*``, ``turn.*``, ``lake.rows_set_aside``."""
         m: dict = {}
         if self.data is not None:
             m.update({f"data.{k}": v for k, v in self.data.counts.items()})
         if self.gate is not None:
             m.update(self.gate.eval)
             m.update(self.gate.train)
+            m.update(self.gate.reference)
         if self.plant is not None:
             m.update({f"factory.{k}": v for k, v in self.plant.factory.items() if isinstance(v, (int, float))})
         if self.baselines is not None:
@@ -276,7 +305,9 @@ class TurnRecord:
     def summary_line(self) -> str:
         """The line the live view keeps for the turn."""
         h = self.history_row()
-        return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}, AUROC {h['auroc']}, "
+        trees = self.gate.reference.get(f"{REFERENCE_PREFIX}gbdt.macro_f1") if self.gate else None
+        return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}"
+                + (f" (trees {_fmt(trees)})" if trees is not None else "") + f", AUROC {h['auroc']}, "
                 f"OEE {h['oee']} (run-to-failure {h['oee_rtf']}, oracle {h['oee_oracle']}, gap closed {h['gap']}), "
                 f"failures {h['failures']}, {h['wall']} s")
 

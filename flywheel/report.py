@@ -33,12 +33,19 @@ class ReportError(FlywheelError, RuntimeError):
 def turn_table(state: dict) -> list[dict]:
     """One flat row per turn: the numbers the report plots and tabulates."""
     rows = []
-    held_out = (state.get("holdout") or {}).get("by_turn", {})
+    holdout = state.get("holdout") or {}
+    held_out = holdout.get("by_turn", {})
+    # no model on the held-out data: stored since the trees joined; before, turn 0's row (always 'ok') was it
+    no_model = holdout.get("no_model") or (held_out.get("0", {}) if held_out.get("0", {}).get("model_version")
+                                           is None else {})
     for rec in map(TurnRecord.from_dict, state["turns"]):
         counts = rec.data.counts if rec.data else {}
         ev = rec.gate.eval if rec.gate else {}
+        ref = rec.gate.reference if rec.gate else {}
+        base = rec.gate.baseline_eval if rec.gate else {}
         factory, b = rec.plant.factory, rec.baselines.kpis
         h = held_out.get(str(rec.turn), {})
+        h_trees = h.get("reference_gbdt", {})
         row = {
             "turn": rec.turn,
             "model_version": rec.champion_version or "-",
@@ -50,6 +57,17 @@ def turn_table(state: dict) -> list[dict]:
             # every turn's champion (turn 0: no model) on the same held-out data, comparable across turns
             "holdout_macro_f1": h.get("eval.macro_f1"),
             "holdout_auroc": h.get("eval.auroc_any_failure"),
+            # the model families on the turn's eval split: LoRA challenger (above), trees, no model (majority)
+            "trees_macro_f1": ref.get("reference_model.gbdt.macro_f1"),
+            "trees_auroc": ref.get("reference_model.gbdt.auroc_any_failure"),
+            "trees_train_s": ref.get("reference_model.gbdt.train_s"),
+            "no_model_macro_f1": base.get("eval.macro_f1"),
+            "no_model_auroc": base.get("eval.auroc_any_failure"),
+            # ... and on the held-out data: the turn's champion (above), the turn's trees, no model
+            "holdout_trees_macro_f1": h_trees.get("eval.macro_f1"),
+            "holdout_trees_auroc": h_trees.get("eval.auroc_any_failure"),
+            "holdout_no_model_macro_f1": no_model.get("eval.macro_f1") if h else None,
+            "holdout_no_model_auroc": no_model.get("eval.auroc_any_failure") if h else None,
             "oee": factory["oee"],
             "unplanned_downtime_min": factory["unplanned_downtime_min"],
             "failures": factory["failures"],
@@ -121,6 +139,9 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
     if any(r.get("holdout_macro_f1") is not None for t in tables for r in t):
         _plot_line(ax1, tables, "holdout_macro_f1", "macro-F1, held-out set (same for every turn)", "#17becf")
     _plot_line(ax1, tables, "macro_f1", "macro-F1, the turn's eval split", "#9467bd")
+    if any(r.get("trees_macro_f1") is not None for t in tables for r in t):
+        _plot_line(ax1, tables, "trees_macro_f1", "macro-F1 of the trees (reference), the turn's eval split",
+                   "#bcbd22")
     _plot_line(ax1, tables, "auroc", "AUROC (any failure), the turn's eval split", "#8c564b")
     ax1.set(xlabel="turn", ylabel="score", ylim=(0, 1.02), title=f"{title}: model quality vs data{seeds}")
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -159,6 +180,56 @@ def _f(x, pct=False, nd=3):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     return f"{100 * x:.1f}%" if pct else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def _cell(tables: list[list[dict]], i: int, key: str, pct: bool = False, nd: int = 3) -> str:
+    """Row ``i``'s ``key``: the value (one campaign) or mean ± SD across seeds; "-" where there is none."""
+    if len(tables) == 1:
+        return _f(tables[0][i].get(key), pct, nd)
+    _, m, s = _series(tables, key)
+    if np.isnan(m[i]):
+        return "-"
+    k, nd = (100, 1) if pct else (1, nd)
+    return f"{m[i] * k:.{nd}f} ± {s[i] * k:.{nd}f}"
+
+
+def _families(tables: list[list[dict]]) -> list[str]:
+    """The model families side by side per turn: on the turn's eval split, and on the held-out data."""
+    n = min(len(t) for t in tables)
+    learning = [i for i in range(n) if tables[0][i]["turn"] > 0]
+    if not learning:
+        return []
+    trio = ("macro-F1 LoRA", "macro-F1 trees", "macro-F1 no model", "AUROC LoRA", "AUROC trees", "AUROC no model")
+    lines = ["## LoRA vs trees vs no model", "",
+             "Each learning turn trains the LoRA challenger and, on the same snapshot, the reference tree model "
+             "(LightGBM on `numeric-stats/1` features, `finetune.gbdt`); both, and the majority label (*no "
+             "model*), are scored on the turn's eval split with the same metrics. The trees are never served. "
+             "\"-\": not recorded (a turn trained without `train.reference_family`, or a campaign older than it).",
+             "", "| turn | eval windows | " + " | ".join(trio) + " | trees training (s) |",
+             "|" + "---|" * (len(trio) + 3)]
+    for i in learning:
+        r = tables[0][i]
+        vals = [r["turn"], _cell(tables, i, "windows_eval", nd=0), _cell(tables, i, "macro_f1"),
+                _cell(tables, i, "trees_macro_f1"), _cell(tables, i, "no_model_macro_f1"), _cell(tables, i, "auroc"),
+                _cell(tables, i, "trees_auroc"), _cell(tables, i, "no_model_auroc"),
+                _cell(tables, i, "trees_train_s", nd=1)]
+        lines.append("| " + " | ".join(str(v) for v in vals) + " |")
+    lines.append("")
+    if any(tables[0][i].get("holdout_macro_f1") is not None for i in range(n)):
+        lines += ["### On the held-out data", "",
+                  "The same held-out windows for every turn (the campaign's latest part, which no model trained "
+                  "on): the LoRA model the turn served (its champion), the trees trained in that turn, and no "
+                  "model (every window `ok`).", "",
+                  "| turn | LoRA champion | " + " | ".join(trio) + " |", "|" + "---|" * (len(trio) + 2)]
+        for i in learning:
+            r = tables[0][i]
+            vals = [r["turn"], r["model_version"] if len(tables) == 1 else "-", _cell(tables, i, "holdout_macro_f1"),
+                    _cell(tables, i, "holdout_trees_macro_f1"), _cell(tables, i, "holdout_no_model_macro_f1"),
+                    _cell(tables, i, "holdout_auroc"), _cell(tables, i, "holdout_trees_auroc"),
+                    _cell(tables, i, "holdout_no_model_auroc")]
+            lines.append("| " + " | ".join(str(v) for v in vals) + " |")
+        lines.append("")
+    return lines
 
 
 def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], title: str) -> str:
@@ -209,6 +280,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
                   f"{_f(last['holdout_macro_f1'])} (no model: {_f(first['holdout_macro_f1'])}; the model served in "
                   f"turn 1: {_f(tables[0][1]['holdout_macro_f1'])})."
                   + (f" (Campaign {names[0]}; the table above has every seed.)" if len(tables) > 1 else ""), ""]
+    lines += _families(tables)
     lines += ["## Wall time per stage (s)", ""]
     stages = sorted({k for r in tables[0] for k in r["wall_s"]})
     lines += ["| turn | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]

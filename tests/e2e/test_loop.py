@@ -41,6 +41,12 @@ def test_every_turn_ran_and_was_recorded(campaign):
     assert held_out["by_turn"]["0"]["model_version"] is None
     assert held_out["by_turn"]["1"]["model_version"] == t1["champion_version"]
     assert 0.0 <= held_out["by_turn"]["1"]["eval.macro_f1"] <= 1.0
+    # the learning turn also trained the tree reference on its snapshot; it and no model are recorded
+    assert 0.0 <= t1["reference"]["reference_model.gbdt.macro_f1"] <= 1.0
+    assert t1["reference"]["reference_model.gbdt.train_s"] > 0 and "eval.macro_f1" in t1["baseline_eval"]
+    # ... and scored on the held-out data beside the champion (turn 0 trained nothing)
+    assert 0.0 <= held_out["by_turn"]["1"]["reference_gbdt"]["eval.macro_f1"] <= 1.0
+    assert "reference_gbdt" not in held_out["by_turn"]["0"] and "eval.macro_f1" in held_out["no_model"]
 
 
 def test_simulator_received_maintenance_commands_from_the_served_model(campaign):
@@ -67,6 +73,9 @@ def test_mlflow_holds_parent_and_child_runs_and_the_champion(campaign):
                 "baseline.oracle.oee", "turn.wall_s"):
         assert key in t1.data.metrics, key
     assert t1.inputs.dataset_inputs, "the snapshot is logged as the turn's dataset input"
+    assert "reference_model.gbdt.macro_f1" in t1.data.metrics
+    for key in ("reference_model.gbdt.macro_f1", "holdout.macro_f1", "holdout.reference_gbdt.macro_f1"):
+        assert key in parent[0].data.metrics, key
     champion = client.get_model_version_by_alias(cfg.model_name, "champion")
     assert str(champion.version) == str(state["turns"][1]["champion_version"])
 
@@ -74,6 +83,7 @@ def test_mlflow_holds_parent_and_child_runs_and_the_champion(campaign):
 def test_report_files_exist(campaign):
     _, workdir, state, report = campaign
     assert report.is_file() and "| turn |" in report.read_text() and "macro-F1 held-out" in report.read_text()
+    assert "## LoRA vs trees vs no model" in report.read_text() and "### On the held-out data" in report.read_text()
     for png in ("oee.png", "downtime.png", "model_quality.png", "wall_time.png"):
         p = report.parent / png
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG"

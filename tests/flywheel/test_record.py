@@ -11,7 +11,7 @@ import pytest
 from flywheel.base.timing import StageTimer
 from flywheel.base.tracking import flatten
 from flywheel.record import (PARENT_CURVE, BaselineResult, DataResult, DeployResult, GateResult, PlantResult,
-                             TurnRecord)
+                             TurnRecord, parent_curve)
 
 BASELINES = {"run_to_failure": {"oee": 0.60, "unplanned_downtime_min": 900.0, "failures": 12},
              "fixed_interval": {"oee": 0.64, "unplanned_downtime_min": 500.0, "failures": 7},
@@ -80,6 +80,30 @@ def test_the_turns_mlflow_metric_names():
     # the parent run's curve, one step per turn
     assert PARENT_CURVE == ("factory.oee", "eval.macro_f1", "eval.auroc_any_failure", "factory.gap_closed",
                             "factory.unplanned_downtime_min")
+
+
+def test_the_reference_family_and_no_model_are_recorded_and_logged_on_the_parent_run_too():
+    rec = learning_turn()
+    outcome = types.SimpleNamespace(
+        version="2", promoted=True, reason="better", champion_version="2", champion_metrics=None,
+        challenger_metrics={"eval.macro_f1": 0.5}, train_metrics={},
+        baseline_metrics={"eval.macro_f1": 0.2, "eval.auroc_any_failure": 0.5, "eval.loss": 3.0,
+                          "eval.baseline_label": 0.0},
+        reference_metrics={"reference_model.gbdt.macro_f1": 0.6, "reference_model.gbdt.train_s": 1.2})
+    rec.gate = GateResult.from_outcome(outcome)
+    assert rec.gate.reference_families == ["gbdt"]
+    d = rec.to_dict()
+    keys = list(d)
+    assert keys[keys.index("train") + 1:keys.index("champion_version")] == ["baseline_eval", "reference"]
+    assert d["baseline_eval"] == {"eval.macro_f1": 0.2, "eval.auroc_any_failure": 0.5}   # the no-model scores kept
+    assert d["reference"] == {"reference_model.gbdt.macro_f1": 0.6, "reference_model.gbdt.train_s": 1.2}
+    assert json.dumps(TurnRecord.from_dict(d).to_dict()) == json.dumps(d)
+    m = rec.metrics()
+    assert m["reference_model.gbdt.macro_f1"] == 0.6 and m["reference_model.gbdt.train_s"] == 1.2
+    assert set(parent_curve(m)) == {"factory.oee", "eval.macro_f1", "factory.gap_closed",
+                                    "factory.unplanned_downtime_min", "reference_model.gbdt.macro_f1",
+                                    "reference_model.gbdt.train_s"}
+    assert "(trees 0.600)" in rec.summary_line()
 
 
 def test_one_timer_adds_up_a_stage_entered_twice_and_announces_each():

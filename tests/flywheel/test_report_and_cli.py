@@ -59,6 +59,47 @@ def test_multi_seed_report_shows_mean_and_spread(tmp_path):
     assert "±" in md.read_text() and "3 seeds" in md.read_text()
 
 
+def with_families(state: dict) -> dict:
+    """The state with what a turn records since the tree reference: trees and no model per turn, held out."""
+    by_turn = {}
+    for rec in state["turns"]:
+        t = rec["turn"]
+        h = {"model_version": rec["champion_version"], "eval.macro_f1": 0.2 + 0.1 * t, "eval.auroc_any_failure": 0.6}
+        if t:
+            rec["baseline_eval"] = {"eval.macro_f1": 0.15, "eval.auroc_any_failure": 0.5, "eval.accuracy": 0.8}
+            rec["reference"] = {"reference_model.gbdt.macro_f1": 0.45 + 0.01 * t,
+                                "reference_model.gbdt.auroc_any_failure": 0.81, "reference_model.gbdt.train_s": 1.5}
+            h["reference_gbdt"] = {"eval.macro_f1": 0.33 + 0.01 * t, "eval.auroc_any_failure": 0.77}
+        by_turn[str(t)] = h
+    state["holdout"] = {"dataset_id": "ds-h", "windows": 300, "by_turn": by_turn,
+                        "no_model": {"eval.macro_f1": 0.12, "eval.auroc_any_failure": 0.5}}
+    return state
+
+
+def test_report_compares_lora_trees_and_no_model_per_turn(tmp_path):
+    write_state(tmp_path, "demo", with_families(fake_state(0)))
+    text = write_report(tmp_path, "demo", log_to_mlflow=False).read_text()
+    section = text[text.index("## LoRA vs trees vs no model"):text.index("## Wall time")]
+    # turn 2 on its eval split: LoRA 0.5, trees 0.47, no model 0.15; AUROC 0.8 / 0.81 / 0.5; trees trained in 1.5 s
+    assert "| 2 | 500 | 0.500 | 0.470 | 0.150 | 0.800 | 0.810 | 0.500 | 1.5 |" in section
+    held = section[section.index("### On the held-out data"):]
+    # the champion v2, the trees of turn 2 and no model on the same held-out windows
+    assert "| 2 | 2 | 0.400 | 0.350 | 0.120 | 0.600 | 0.770 | 0.500 |" in held
+    assert "| 0 |" not in section           # turn 0 trains nothing
+    row = turn_table(with_families(fake_state(0)))[1]
+    assert (row["trees_macro_f1"], row["no_model_macro_f1"], row["holdout_trees_macro_f1"]) == (0.46, 0.15, 0.34)
+
+
+def test_a_campaign_recorded_before_the_trees_shows_dashes(tmp_path):
+    write_state(tmp_path, "demo", fake_state(0))
+    text = write_report(tmp_path, "demo", log_to_mlflow=False).read_text()
+    assert "| 1 | 250 | 0.400 | - | - | 0.750 | - | - | - |" in text
+    for s in (1, 2):
+        write_state(tmp_path, f"many-s{s}", with_families(fake_state(s)))
+    text = write_report(tmp_path, "many", seeds=[1, 2], log_to_mlflow=False).read_text()
+    assert "| 1 | 250 ± 0 | 0.400 ± 0.000 | 0.460 ± 0.000 |" in text
+
+
 def test_report_without_a_campaign_says_what_to_run(tmp_path):
     with pytest.raises(ReportError, match="flywheel demo"):
         write_report(tmp_path, "demo", log_to_mlflow=False)
