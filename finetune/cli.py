@@ -139,12 +139,18 @@ def _print_outcome(o, gate_metric: str) -> None:
     t.add_column("metric")
     t.add_column("challenger", justify="right")
     t.add_column("champion", justify="right")
+    families = sorted({k.split(".")[1] for k in o.reference_metrics})   # the reference trained beside it
+    for family in families:
+        t.add_column(f"{family} (reference)", justify="right")
     keys = [gate_metric] + [k for k in ("eval.macro_f1", "eval.accuracy", "eval.auroc_any_failure", "eval.ece",
                                         "eval.n_windows") if k != gate_metric]
+
+    def cell(v):
+        return "-" if v is None else f"{v:.4f}"
+
     for k in keys:
-        c = o.challenger_metrics.get(k)
-        ch = (o.champion_metrics or {}).get(k)
-        t.add_row(k, "-" if c is None else f"{c:.4f}", "-" if ch is None else f"{ch:.4f}")
+        refs = [o.reference_metrics.get(f"reference_model.{f}.{k.removeprefix('eval.')}") for f in families]
+        t.add_row(k, cell(o.challenger_metrics.get(k)), cell((o.champion_metrics or {}).get(k)), *map(cell, refs))
     con = Console()
     con.print(t)
     con.print(f"gate: {o.reason}")
