@@ -9,10 +9,11 @@ whenever a reading's plant time ``ts`` is a multiple of ``stride_s``.  Alignment
 plant time (not on arrival order) means an offline build over the lake and a live
 bridge that joined mid-stream produce the same windows.
 
-The model is a language model, so a window is rendered as compact, stable text: for
+The served model is a language model, so a window is rendered as compact, stable text: for
 each reading (plus derived physics such as mechanical power and the process-air
 temperature difference) its window mean, a level word relative to the machine kind's
-reference operating point, and a trend word over the window, e.g.::
+reference operating point, and a trend word over the window (the reference tree models of
+``finetune.gbdt`` read the same window as numbers instead, ``numeric-stats/1`` below), e.g.::
 
     pump. vib 4.1 high rising. temp 341 normal flat. pres 5.9 low falling. cur 21.7 high rising.
 
