@@ -23,6 +23,7 @@ The stored turn, key by key (``[...]``: only when it applies)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 POLICIES = ("run_to_failure", "fixed_interval", "oracle")
@@ -296,10 +297,10 @@ class TurnRecord:
         factory = self.plant.factory
         ev = self.gate.eval if self.gate else {}
         return {"turn": self.turn, "windows": self.data.counts.get("windows_train", "-") if self.data else "-",
-                "macro_f1": _fmt(ev.get("eval.macro_f1")), "auroc": _fmt(ev.get("eval.auroc_any_failure")),
+                "macro_f1": fmt(ev.get("eval.macro_f1")), "auroc": fmt(ev.get("eval.auroc_any_failure")),
                 "model": f"v{self.champion_version}" if self.champion_version else "-",
-                "oee": _fmt(factory["oee"], pct=True), "oee_rtf": _fmt(b["run_to_failure"]["oee"], pct=True),
-                "oee_oracle": _fmt(b["oracle"]["oee"], pct=True), "gap": _fmt(self.baselines.gap_closed, pct=True),
+                "oee": fmt(factory["oee"], pct=True), "oee_rtf": fmt(b["run_to_failure"]["oee"], pct=True),
+                "oee_oracle": fmt(b["oracle"]["oee"], pct=True), "gap": fmt(self.baselines.gap_closed, pct=True),
                 "failures": factory["failures"], "wall": f"{self.wall_s['turn']:.0f}"}
 
     def summary_line(self) -> str:
@@ -307,7 +308,7 @@ class TurnRecord:
         h = self.history_row()
         trees = self.gate.reference.get(f"{REFERENCE_PREFIX}gbdt.macro_f1") if self.gate else None
         return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}"
-                + (f" (trees {_fmt(trees)})" if trees is not None else "") + f", AUROC {h['auroc']}, "
+                + (f" (trees {fmt(trees)})" if trees is not None else "") + f", AUROC {h['auroc']}, "
                 f"OEE {h['oee']} (run-to-failure {h['oee_rtf']}, oracle {h['oee_oracle']}, gap closed {h['gap']}), "
                 f"failures {h['failures']}, {h['wall']} s")
 
@@ -317,7 +318,9 @@ def _prefixed(metrics: dict, prefix: str) -> dict:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _fmt(x, pct=False, nd=3):
-    if x is None:
+def fmt(x, pct: bool = False, nd: int = 3) -> str:
+    """A number as people read it in the live view and the report: ``-`` when missing, a
+    percentage with one decimal for fractions (``pct``), else ``nd`` decimals."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
-    return f"{100 * x:.1f}%" if pct else f"{x:.{nd}f}"
+    return f"{100 * x:.1f}%" if pct else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))

@@ -11,7 +11,6 @@ so it needs no running service.  With several seeds (``--seeds 1,2,3``: campaign
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from flywheel.base.errors import FlywheelError
 from flywheel.base.workdir import Workdir
-from flywheel.record import POLICIES, TurnRecord
+from flywheel.record import POLICIES, TurnRecord, fmt
 from flywheel.state import load_state
 
 LABELS = {"run_to_failure": "run to failure", "fixed_interval": "fixed-interval PM", "oracle": "oracle (limit)"}
@@ -176,16 +175,10 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
     return paths
 
 
-def _f(x, pct=False, nd=3):
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{100 * x:.1f}%" if pct else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
-
-
 def _cell(tables: list[list[dict]], i: int, key: str, pct: bool = False, nd: int = 3) -> str:
     """Row ``i``'s ``key``: the value (one campaign) or mean ± SD across seeds; "-" where there is none."""
     if len(tables) == 1:
-        return _f(tables[0][i].get(key), pct, nd)
+        return fmt(tables[0][i].get(key), pct, nd)
     _, m, s = _series(tables, key)
     if np.isnan(m[i]):
         return "-"
@@ -250,12 +243,12 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
     for i in range(min(len(t) for t in tables)):
         if len(tables) == 1:
             r = tables[0][i]
-            vals = [r["turn"], r["model_version"], r["windows_train"], _f(r["holdout_macro_f1"]), _f(r["macro_f1"]),
-                    _f(r["auroc"]),
-                    _f(r["oee"], True), _f(r["oee_run_to_failure"], True), _f(r["oee_fixed_interval"], True),
-                    _f(r["oee_oracle"], True), _f(r["gap_closed"], True), _f(r["unplanned_downtime_min"], nd=0),
+            vals = [r["turn"], r["model_version"], r["windows_train"], fmt(r["holdout_macro_f1"]), fmt(r["macro_f1"]),
+                    fmt(r["auroc"]),
+                    fmt(r["oee"], True), fmt(r["oee_run_to_failure"], True), fmt(r["oee_fixed_interval"], True),
+                    fmt(r["oee_oracle"], True), fmt(r["gap_closed"], True), fmt(r["unplanned_downtime_min"], nd=0),
                     r["failures"], r["failures_avoided"], f"{r['maintenance_needed']}/{r['maintenance_unneeded']}",
-                    _f(r["risk_threshold"])]
+                    fmt(r["risk_threshold"])]
         else:
             def ms(key, pct=False, nd=3):
                 _, m, s = _series(tables, key)
@@ -274,11 +267,11 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
     lines.append("")
     first, last = tables[0][0], tables[0][-1]
     if len(tables[0]) > 1:
-        lines += [f"After the last turn the served model runs the plant at OEE {_f(last['oee'], True)} "
-                  f"(turn 0, run to failure: {_f(first['oee'], True)}; oracle: {_f(last['oee_oracle'], True)}), "
-                  f"closing {_f(last['gap_closed'], True)} of the gap. On held-out data its macro-F1 is "
-                  f"{_f(last['holdout_macro_f1'])} (no model: {_f(first['holdout_macro_f1'])}; the model served in "
-                  f"turn 1: {_f(tables[0][1]['holdout_macro_f1'])})."
+        lines += [f"After the last turn the served model runs the plant at OEE {fmt(last['oee'], True)} "
+                  f"(turn 0, run to failure: {fmt(first['oee'], True)}; oracle: {fmt(last['oee_oracle'], True)}), "
+                  f"closing {fmt(last['gap_closed'], True)} of the gap. On held-out data its macro-F1 is "
+                  f"{fmt(last['holdout_macro_f1'])} (no model: {fmt(first['holdout_macro_f1'])}; the model served in "
+                  f"turn 1: {fmt(tables[0][1]['holdout_macro_f1'])})."
                   + (f" (Campaign {names[0]}; the table above has every seed.)" if len(tables) > 1 else ""), ""]
     lines += _families(tables)
     lines += ["## Wall time per stage (s)", ""]
