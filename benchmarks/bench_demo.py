@@ -2,6 +2,7 @@
 
     python benchmarks/bench_demo.py [--seeds 0,1,2] [--workdir /tmp/fw-bench] [--quick] [--repeat 2] [--ratios]
     python benchmarks/bench_demo.py --analyze WORKDIR [--quick]     # the ratios of a finished campaign
+    python benchmarks/bench_demo.py --summary WORKDIR                # the table over the seeds run there
 
 For each seed it runs the embedded demo campaign in a fresh workdir (``--quick``: the tiny
 campaign) and prints, per turn, the wall seconds of every stage and the OEE of the served
@@ -26,6 +27,8 @@ run, how close the campaign's two slow stages come to the same work done alone:
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import platform
 import shutil
@@ -41,12 +44,16 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per seed (>1: a determinism check)")
     ap.add_argument("--ratios", action="store_true", help="after each campaign, the same-run ratios (docstring)")
     ap.add_argument("--analyze", metavar="WORKDIR", help="only the ratios of the campaign finished in WORKDIR")
+    ap.add_argument("--summary", metavar="WORKDIR", help="only the cross-seed table of the seeds run in WORKDIR")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from flywheel.campaign import default_config_path, load_campaign
     from flywheel.loop import run_campaign
 
+    if args.summary:
+        summarize(Path(args.summary))
+        return
     if args.analyze:
         cfg = load_campaign(str(default_config_path("tiny" if args.quick else "demo")), list(args.overrides))
         same_run_ratios(cfg, Path(args.analyze))
@@ -65,8 +72,9 @@ def main() -> None:
         turns = state["turns"]
         runs.setdefault(seed, []).append(turns)
         held_out = {int(k): v.get("eval.macro_f1") for k, v in state.get("holdout", {}).get("by_turn", {}).items()}
-        print(f"\nseed {seed}: {len(turns)} turns in {total / 60:.1f} min (target <= 15 min: "
-              f"{'met' if total <= 900 else 'NOT met'})")
+        (wd / "bench.json").write_text(json.dumps({"seed": seed, "total_s": total, "load_end": os.getloadavg()[0]}))
+        print(f"\nseed {seed}: {len(turns)} turns in {total / 60:.1f} min (target <= 5 min: "
+              f"{'met' if total <= 300 else 'NOT met'})")
         stages = sorted({k for t in turns for k in t["wall_s"] if k != "turn"})
         print("turn | " + " | ".join(stages) + " | total s | macro-F1 | OEE | OEE rtf | OEE oracle | gap closed")
         for t in turns:
@@ -88,6 +96,8 @@ def main() -> None:
                   + ", ".join(f"{t}: {v:.3f}" for t, v in sorted(held_out.items()) if v is not None))
         if args.ratios:
             same_run_ratios(cfg, wd)
+    if len(runs) > 1:
+        summarize(Path(args.workdir))
     if args.repeat > 1:
         print("\ndeterminism (largest difference between runs of the same seed):")
         keys = [("factory", "oee"), ("factory", "failures"), ("eval", "eval.macro_f1"), ("sim", "commands_applied")]
@@ -166,6 +176,64 @@ def same_run_ratios(cfg, workdir: Path) -> dict:
                   f"ratio {out['train_ratio']:.2f} (target >= 0.8; load {os.getloadavg()[0]:.1f}; same final loss: "
                   f"{same})")
     return out
+
+
+def _interval(values: list[float]) -> str:
+    """Mean and a 95% t-interval over seeds (the seeds are the independent runs)."""
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return "-"
+    mean = sum(vals) / len(vals)
+    if len(vals) < 2:
+        return f"{mean:.3f}"
+    from scipy import stats
+
+    sd = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    half = stats.t.ppf(0.975, len(vals) - 1) * sd / len(vals) ** 0.5
+    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
+
+
+def summarize(root: Path) -> list[dict]:
+    """One row per seed run under ``root`` (``seed*/``) and the mean with a 95% interval over seeds.
+
+    Per seed: wall minutes (``bench.json``), OEE of the last turn's plant against turn 0 and the
+    run-to-failure, fixed-interval and oracle baselines of the same period, and held-out macro-F1
+    after the last turn for the LoRA champion, the trees trained in the last turn and no model.
+    """
+    rows = []
+    for wd in sorted(root.glob("seed*")):
+        states = list(wd.glob("campaigns/*/state.json"))
+        if not states:
+            continue
+        st = json.loads(states[0].read_text())
+        turns = st["turns"]
+        last = turns[-1]
+        b = last["baselines"]
+        bench = json.loads((wd / "bench.json").read_text()) if (wd / "bench.json").is_file() else {}
+        ho = st.get("holdout", {})
+        by = ho.get("by_turn", {}).get(str(last["turn"]), {})
+        rows.append({"seed": st["seed"], "minutes": bench.get("total_s", float("nan")) / 60,
+                     "oee_turn0": turns[0]["factory"]["oee"], "oee_last": last["factory"]["oee"],
+                     "oee_rtf": b["run_to_failure"]["oee"], "oee_fixed": b["fixed_interval"]["oee"],
+                     "oee_oracle": b["oracle"]["oee"],
+                     "holdout_lora": by.get("eval.macro_f1"),
+                     "holdout_trees": (by.get("reference_gbdt") or {}).get("eval.macro_f1"),
+                     "holdout_none": (ho.get("no_model") or {}).get("eval.macro_f1"),
+                     "auroc_lora": by.get("eval.auroc_any_failure"),
+                     "auroc_trees": (by.get("reference_gbdt") or {}).get("eval.auroc_any_failure")})
+    if not rows:
+        print(f"no finished seeds under {root}")
+        return rows
+    cols = ["minutes", "oee_turn0", "oee_last", "oee_rtf", "oee_fixed", "oee_oracle", "holdout_lora",
+            "holdout_trees", "holdout_none", "auroc_lora", "auroc_trees"]
+    print("\nover seeds (last turn; held-out = the campaign's final reference set):")
+    print("| seed | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    for r in rows:
+        print(f"| {r['seed']} | " + " | ".join("-" if r[c] is None else f"{r[c]:.3f}" for c in cols) + " |")
+    print(f"| mean [95% t-interval, n={len(rows)}] | " + " | ".join(_interval([r[c] for r in rows]) for c in cols)
+          + " |")
+    return rows
 
 
 if __name__ == "__main__":
