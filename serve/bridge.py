@@ -336,7 +336,8 @@ class Bridge:
     def stats(self) -> dict:
         s = {k: self._counts.get(k, 0) for k in ("telemetry", "events", "windows", "predictions", "commands",
                                                  "batches", "serve_errors", "windows_dropped", "internal_errors",
-                                                 "suppressed_down", "suppressed_cooldown")}
+                                                 "suppressed_down", "suppressed_cooldown", "window_changes",
+                                                 "model_refused")}
         s["decode_errors"] = dict(self._decode_errors)
         s["pending"] = len(self._pending)
         s["model_version"] = self.model_version

@@ -276,3 +276,50 @@ def test_the_bridge_refuses_to_feed_a_model_it_cannot_window_or_featurise():
     with pytest.raises(BridgeError, match=r"featuriser 'spectral-bands/2' is not known.*"
                                           r"known: numeric-stats/1, text-summary/1"):
         b._sync_model(info(WINDOW.to_dict(), {"name": "spectral-bands", "version": 2, "params": {}}))
+
+
+def test_a_hot_swap_to_a_version_trained_on_another_window_is_followed_by_the_bridge(
+        broker, ray_local, registry, adapter_dirs, tmp_path):
+    """v1 windows 5 readings; the champion moves to v2, trained on 7: the bridge re-reads the window
+    from the version it now feeds and builds 7-reading windows from then on."""
+    import shutil
+
+    from serve import ServeConfig, start_serving
+
+    registry.register(adapter_dirs.a, alias="champion")                       # v1: WINDOW (5 readings)
+    seven = tmp_path / "seven"
+    shutil.copytree(adapter_dirs.a, seven)
+    meta = json.loads((seven / "flywheel_model.json").read_text())
+    meta["window"] = {**WINDOW.to_dict(), "length": 7}
+    (seven / "flywheel_model.json").write_text(json.dumps(meta))
+    h = start_serving(registry.tracking_uri, registry.model_name, "champion",
+                      ServeConfig(app_name="bridge-swap", route_prefix="/bridge-swap", poll_s=0,
+                                  num_cpus_per_replica=0))
+    root = "bridgeswap"
+    topics = contract.Topics(root)
+    rec = Recorder(broker.url, root)
+    try:
+        with Bridge(broker.url, h.url, BridgeConfig(threshold=1.0), topic_root=root) as b:
+            assert b.window == WINDOW
+            pub = publisher(broker.url)
+            stream = pump_stream("L1", "p1", 40)
+            publish_all(pub, topics, stream[:12])              # windows end at seq 5 and 10 (v1)
+            rec.wait("prediction", 2)
+            registry.register(seven, alias="champion")         # v2, another window
+            assert h.refresh() == "2"
+            publish_all(pub, topics, stream[12:17])            # seq 15: a 5-reading window, answered by v2
+            rec.wait("prediction", 3)
+            deadline = time.monotonic() + 30
+            while b.window.length != 7 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert b.window == WindowConfig(length=7, stride_s=300, horizon_s=3600)
+            assert b.stats()["window_changes"] == 1 and b.stats()["model_refused"] == 0
+            publish_all(pub, topics, stream[17:])              # fresh builders: the next windows hold 7 readings
+            preds = rec.wait("prediction", 5, timeout_s=60)
+            later = [w for w in b.recent_windows() if w.end_seq > 16]
+            assert later and all(len(w.readings) == 7 for w in later)
+            assert [p["model_version"] for p in preds[3:]] == ["2"] * len(preds[3:])
+            pub.disconnect()
+    finally:
+        rec.close()
+        h.shutdown()
