@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from finetune.model import LoraSettings
 from flywheel.base.config import ConfigError
-from flywheel.base.features import FeaturiserError, get_featuriser
+from flywheel.base.features import require_featuriser
 
 #: Gate metrics where lower is better; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("eval.ece", "eval.loss", "eval.brier")
@@ -103,13 +103,7 @@ class TrainConfig:
             raise ConfigError(f"class_weight_max should be >= 1, got {self.class_weight_max}")
         if not self.gate_metric.startswith("eval."):
             raise ConfigError(f"gate_metric should be an eval.* metric such as eval.macro_f1, got {self.gate_metric!r}")
-        try:
-            feat = get_featuriser(self.featuriser)
-        except FeaturiserError as exc:
-            raise ConfigError(f"featuriser: {exc}") from None
-        if feat.output != "text":
-            raise ConfigError(f"featuriser {self.featuriser!r} makes {feat.output} input; a LoRA language model "
-                              "needs a text featuriser such as 'text-summary/1'")
+        require_featuriser(self.featuriser, "text", "featuriser", "text-summary/1")   # a LoRA language model
         from finetune.gbdt import REFERENCE_FAMILIES
 
         if self.reference_family and self.reference_family not in REFERENCE_FAMILIES:

@@ -51,7 +51,7 @@ import numpy as np
 from finetune.model import ADAPTER_META, ModelError
 from flywheel.base.config import ConfigError
 from flywheel.base.contract import LABELS
-from flywheel.base.features import FeaturiserError, FeaturiserSpec, WindowConfig, get_featuriser
+from flywheel.base.features import FeaturiserError, FeaturiserSpec, WindowConfig, get_featuriser, require_featuriser
 
 FAMILY = "gbdt"
 MODEL_FILE = "model.txt"
@@ -91,13 +91,7 @@ class GbdtConfig:
             raise ConfigError(f"gbdt.{bad} should be >= 0, got {getattr(self, bad)}")
         if self.class_weight_max < 1:
             raise ConfigError(f"gbdt.class_weight_max should be >= 1, got {self.class_weight_max}")
-        try:
-            feat = get_featuriser(self.featuriser)
-        except FeaturiserError as exc:
-            raise ConfigError(f"gbdt.featuriser: {exc}") from None
-        if feat.output != "numeric":
-            raise ConfigError(f"gbdt.featuriser {self.featuriser!r} makes {feat.output} input; trees need a numeric "
-                              f"featuriser such as {DEFAULT_FEATURISER!r}")
+        require_featuriser(self.featuriser, "numeric", "gbdt.featuriser", DEFAULT_FEATURISER)   # trees
 
     def lgb_params(self) -> dict:
         return {"objective": "multiclass", "num_class": len(LABELS), "learning_rate": self.learning_rate,

@@ -390,6 +390,19 @@ def get_featuriser(spec: "str | Mapping[str, Any] | FeaturiserSpec" = DEFAULT_FE
     return cls(**dict(s.params))
 
 
+def require_featuriser(spec: str, output: str, key: str, example: str):
+    """The featuriser ``spec`` names for a config field ``key``; a ConfigError when it is unknown or
+    does not make ``output`` input (``text`` for language models, ``numeric`` for trees)."""
+    try:
+        feat = get_featuriser(spec)
+    except FeaturiserError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if feat.output != output:
+        raise ConfigError(f"{key} {spec!r} makes {feat.output} input; this model needs a {output} featuriser "
+                          f"such as {example!r}")
+    return feat
+
+
 def readings_json(readings: Sequence[Mapping[str, float]]) -> str:
     """A window's readings as stored in a snapshot: a JSON list, oldest first, keys sorted (exact floats)."""
     return json.dumps([dict(r) for r in readings], sort_keys=True, separators=(",", ":"))

@@ -103,7 +103,7 @@ def test_ok_is_weighted_as_one_lora_epoch_draws_it():
     (dict(num_threads=0), "gbdt.num_threads should be positive"),
     (dict(ok_ratio=-1.0), "gbdt.ok_ratio should be >= 0"),
     (dict(class_weight_max=0.5), "gbdt.class_weight_max should be >= 1"),
-    (dict(featuriser="text-summary/1"), "makes text input; trees need a numeric featuriser"),
+    (dict(featuriser="text-summary/1"), "makes text input; this model needs a numeric featuriser"),
     (dict(featuriser="numeric-stats/9"), r"gbdt.featuriser: .*'numeric-stats/9' is not known"),
 ])
 def test_bad_config_is_refused(kw, message):
