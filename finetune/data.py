@@ -80,7 +80,9 @@ def read_split(path: str | Path, split: str = "split", featuriser: str | dict = 
         raise DataError(f"{where} lacks column(s) {missing}; a snapshot split needs label and either kind + "
                         "readings (what `flywheel dataset build` writes) or featurised text")
     column = INPUT_COLUMNS[get_featuriser(featuriser).output]
-    if "readings" in df.columns:
+    ref = FeaturiserSpec.parse(featuriser).ref
+    done = df.attrs.get("featuriser") == ref and column in df.columns   # read_split's own output, same featuriser
+    if "readings" in df.columns and not done:
         df = _featurise(df, featuriser, where, column)
     elif FeaturiserSpec.parse(featuriser).ref != DEFAULT_FEATURISER:
         raise DataError(f"{where} holds featurised text ({DEFAULT_FEATURISER}) and no readings, so it cannot be "
@@ -99,6 +101,7 @@ def read_split(path: str | Path, split: str = "split", featuriser: str | dict = 
     if column == "text":
         df["text"] = df["text"].astype(str)
     df["label"] = df["label"].astype(str)
+    df.attrs["featuriser"] = ref   # what made the model-input column: featurised once per featuriser
     return df
 
 

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from flywheel.base.contract import LABELS
+from flywheel.base.features import DEFAULT_FEATURISER
 
 
 @dataclass
@@ -111,12 +112,12 @@ def majority_baseline(train_labels: Sequence[str], truth: Sequence[str]) -> Eval
     return rep
 
 
-def _eval_frame(eval_df_or_path):
+def _eval_frame(eval_df_or_path, featuriser: "str | dict" = DEFAULT_FEATURISER):
     from finetune.data import read_split
 
     if isinstance(eval_df_or_path, (str, Path)) and Path(eval_df_or_path).is_dir():
         eval_df_or_path = Path(eval_df_or_path) / "eval.parquet"
-    return read_split(eval_df_or_path, "eval")
+    return read_split(eval_df_or_path, "eval", featuriser)
 
 
 def load_adapter_model(adapter_dir: str | Path, device=None):
@@ -131,13 +132,12 @@ def load_adapter_model(adapter_dir: str | Path, device=None):
 
 def evaluate_adapter_report(adapter_dir: str | Path, eval_df_or_path, batch_size: int = 64) -> EvalReport:
     """Score an adapter on an eval split, featurised with the adapter's own featuriser."""
-    from finetune.data import read_split
     from finetune.model import adapter_featuriser, predict_proba
 
-    df = _eval_frame(eval_df_or_path)
     model, tok, meta = load_adapter_model(adapter_dir)
-    if "readings" in df.columns:   # the champion may featurise otherwise than the run that loaded the split
-        df = read_split(df, "eval", adapter_featuriser(meta).to_dict())
+    # the adapter's featuriser (a champion may featurise otherwise than the run that loaded the split);
+    # a split read_split already featurised with it is not featurised again
+    df = _eval_frame(eval_df_or_path, adapter_featuriser(meta).to_dict())
     probs = predict_proba(model, tok, list(df["text"]), batch_size=batch_size, max_length=int(meta.get("max_length", 96)))
     return score(probs, list(df["label"]))
 

@@ -67,6 +67,13 @@ def test_snapshot_is_featurised_with_the_named_featuriser_and_unknown_ones_are_r
     loaded = load_snapshot(snap, "text-summary/1")
     row = loaded.train.iloc[0]
     assert row["text"] == render(row["kind"], parse_readings(row["readings"]))
+    # featurised once per featuriser: a split read_split made is passed through for the same one
+    from finetune.data import read_split
+
+    assert loaded.train.attrs["featuriser"] == "text-summary/1"
+    marked = loaded.train.copy()
+    marked.loc[0, "text"] = "pump. already featurised."
+    assert read_split(marked, "train", "text-summary/1").loc[0, "text"] == "pump. already featurised."
     with pytest.raises(FeaturiserError, match=r"'numeric-stats/3' is not known.*"
                                               r"known: numeric-stats/1, text-summary/1"):
         load_snapshot(snap, "numeric-stats/3")
