@@ -75,9 +75,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if type(None) in args:
                 return None
         errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        options = [arg for arg in args if arg is not type(None)]
+        if len(options) == 1:   # Optional[X]: X's own error names the key and the fix
+            return _coerce(value, options[0], key)
+        for arg in options:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
@@ -166,6 +167,10 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{prefix or cls.__name__}: {exc}") from None
+    except ConfigError as exc:   # a nested section's own check: say which section it is
+        if not prefix.rstrip(".") or str(exc).startswith(prefix.rstrip(".")):
+            raise
+        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from None
 
 
 def to_dict(obj: Any) -> dict:
