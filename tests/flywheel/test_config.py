@@ -51,6 +51,19 @@ def test_bad_values_are_quoted():
         load(Outer, None, ["epochs"])
 
 
+def test_a_nested_sections_own_check_names_the_section():
+    from typing import Optional
+
+    @dataclass
+    class Holder:
+        outer: Optional[Outer] = None
+
+    with pytest.raises(ConfigError, match=r"^outer: epochs should be >= 1, got 0$"):
+        load(Holder, None, ["outer.epochs=0"])
+    assert load(Holder, None, ["outer.epochs=2"]).outer == Outer(epochs=2)
+    assert load(Holder, None, []).outer is None
+
+
 def test_missing_or_broken_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(Outer, tmp_path / "nope.yaml")
