@@ -96,6 +96,9 @@ class Collector:
         self.config = config
         self.index = index
         self.client_id = config.client_id(index)
+        # A killed predecessor with this client id may have left a write half done: its rows
+        # were not acknowledged, the broker redelivers them, so the partial file goes.
+        self.lake.remove_partials(self.client_id)
         self.topics = contract.Topics(topic_root)
         self.component = status_component(index)
         self.restarts = restarts

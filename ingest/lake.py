@@ -110,6 +110,7 @@ ABORTED_DIR = "aborted"
 # that DuckDB's hive partitioning still types ``date`` as a DATE.
 EMPTY_PARTITION = "date=1970-01-01"
 SCHEMA_FILE = "_schema.parquet"
+PARTIAL_SUFFIX = ".partial"  # an unfinished local write: hidden, and never matched by *.parquet
 
 
 class LakeError(FlywheelError, RuntimeError):
@@ -202,7 +203,7 @@ class Lake:
         parent = posixpath.dirname(path)
         if self.local:
             os.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            tmp = self.partial_path(path)
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
@@ -214,6 +215,14 @@ class Lake:
             self.fs.create_dir(parent, recursive=True)
             with self.fs.open_output_stream(path) as out:
                 out.write(data)
+
+    @staticmethod
+    def partial_path(path: str) -> str:
+        """Where a local write of ``path`` is staged before its atomic rename: a hidden name that
+        does not end in .parquet, so plain globs (DuckDB's ``*/*.parquet``) never see a write in
+        progress, nor one a killed writer left behind."""
+        parent, name = posixpath.split(path)
+        return posixpath.join(parent, f".{name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open_input_stream(path) as f:
@@ -240,6 +249,24 @@ class Lake:
                 continue
             out.setdefault(part[5:], []).append((info.path, info.size))
         return {d: sorted(v) for d, v in sorted(out.items())}
+
+    def remove_partials(self, writer: str) -> int:
+        """Delete the unfinished writes ``writer`` left behind when it was killed; their rows were
+        never acknowledged, so the broker redelivers them. Only that writer may call this (another
+        writer's partial file may be a write in progress). Returns how many were removed."""
+        if not self.local:
+            return 0  # object stores have no partial objects
+        prefix, removed = f".{writer}-", 0
+        for table in TABLES:
+            base = self.table_dir(table)
+            if not self.exists(base):
+                continue
+            for info in self.fs.get_file_info(pafs.FileSelector(base, recursive=True)):
+                name = info.base_name
+                if info.type == pafs.FileType.File and name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX):
+                    self.fs.delete_file(info.path)
+                    removed += 1
+        return removed
 
     def writer_files(self, table: str, writer: str) -> list[str]:
         """Finished files of one table written by ``writer`` (a collector's client id names its files)."""
