@@ -150,7 +150,8 @@ def same_run_ratios(cfg, workdir: Path) -> dict:
         version = str(turn["champion_version"])
         adapter = fetch_adapter(tracking, cfg.model_name, version, str(Path(tmp) / "adapter"))
         serve_cfg = st["serve"]
-        pool = AdapterPool(serve_cfg.base_model, "cpu", serve_cfg.max_length_tokens, serve_cfg.torch_threads)
+        pool = AdapterPool(serve_cfg.base_model, "cpu", serve_cfg.max_length_tokens, serve_cfg.torch_threads,
+                            serve_cfg.precision)
         slot = pool.install("default", Resolved(cfg.model_name, "champion", version, None), adapter)
         pool.predict(batches[0], [slot.peft_name] * len(batches[0]))       # warm-up
         t0 = time.monotonic()

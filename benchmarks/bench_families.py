@@ -92,24 +92,26 @@ def run_lora(snapshot: str, out: Path, threads: int) -> dict:
     from finetune.config import TrainConfig
     from finetune.evaluate import load_adapter_model, score
     from finetune.launch import train_plain
-    from finetune.model import predict_proba
+    from finetune.model import pick_device, predict_proba
     from flywheel.base.features import get_featuriser
 
     config = TrainConfig(checkpoint_every=0, checkpoint_dir=str(out / "ckpt"), num_threads=threads)
     t = time.perf_counter()
     result = train_plain(snapshot, config, out / "adapter", progress=False)
     train_s = time.perf_counter() - t
-    model, tok, meta = load_adapter_model(result.adapter_dir)
+    device = pick_device("auto", config.precision)
+    model, tok, meta = load_adapter_model(result.adapter_dir, device)
     feat = get_featuriser(meta["featuriser"])
     _, kinds, readings, labels = _windows(snapshot)
     t = time.perf_counter()
     texts = [feat(k, r) for k, r in zip(kinds, readings)]
-    probs = predict_proba(model, tok, texts, batch_size=config.eval_batch_size, max_length=config.max_length)
+    probs = predict_proba(model, tok, texts, batch_size=config.eval_batch_size, max_length=config.max_length,
+                          device=device)
     batch_s = time.perf_counter() - t
     one = []
     for k, r in list(zip(kinds, readings))[:20]:
         t = time.perf_counter()
-        predict_proba(model, tok, [feat(k, r)], max_length=config.max_length)
+        predict_proba(model, tok, [feat(k, r)], max_length=config.max_length, device=device)
         one.append(time.perf_counter() - t)
     import torch
 

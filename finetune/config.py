@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from finetune.model import LoraSettings
+from finetune.model import PRECISIONS, LoraSettings
 from flywheel.base.config import ConfigError
 from flywheel.base.features import require_featuriser
 
@@ -59,6 +59,9 @@ class TrainConfig:
     num_workers: int = field(default=1, metadata={"help": "training workers; > 1 launches Ray Train"})
     use_gpu: bool = field(default=False, metadata={"help": "one GPU per worker (Ray Train) / train on CUDA"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads per worker (0 = cores available)"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on a GPU or on a CPU with native bf16, else fp32), fp32 or bf16; "
+                "also what the turn scores champion and challenger in"})
     checkpoint_every: int = field(default=50, metadata={"help": "write a resumable checkpoint every N steps (0 = never)"})
     checkpoint_dir: str = field(default="", metadata={
         "help": "where checkpoints go ('' = <tmp>/flywheel-checkpoints); a killed run resumes from here"})
@@ -104,6 +107,8 @@ class TrainConfig:
         if not self.gate_metric.startswith("eval."):
             raise ConfigError(f"gate_metric should be an eval.* metric such as eval.macro_f1, got {self.gate_metric!r}")
         require_featuriser(self.featuriser, "text", "featuriser", "text-summary/1")   # a LoRA language model
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision should be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         from finetune.gbdt import REFERENCE_FAMILIES
 
         if self.reference_family and self.reference_family not in REFERENCE_FAMILIES:

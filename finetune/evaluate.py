@@ -121,7 +121,8 @@ def _eval_frame(eval_df_or_path, featuriser: "str | dict" = DEFAULT_FEATURISER):
 
 
 def load_adapter_model(adapter_dir: str | Path, device=None):
-    """(model, tokenizer, meta) for a saved flywheel adapter, ready for ``predict_proba``."""
+    """(model, tokenizer, meta) for a saved flywheel adapter, ready for ``predict_proba``
+    (pass it the same ``device``: a :class:`~finetune.model.DeviceSpec`, default ``pick_device()``)."""
     from finetune.model import check_adapter_dir, load_adapter, load_base, pick_device
 
     meta = check_adapter_dir(adapter_dir)
@@ -130,21 +131,26 @@ def load_adapter_model(adapter_dir: str | Path, device=None):
     return load_adapter(base, adapter_dir), tok, meta
 
 
-def evaluate_adapter_report(adapter_dir: str | Path, eval_df_or_path, batch_size: int = 64) -> EvalReport:
-    """Score an adapter on an eval split, featurised with the adapter's own featuriser."""
-    from finetune.model import adapter_featuriser, predict_proba
+def evaluate_adapter_report(adapter_dir: str | Path, eval_df_or_path, batch_size: int = 64,
+                            device=None) -> EvalReport:
+    """Score an adapter on an eval split, featurised with the adapter's own featuriser, on
+    ``device`` (a :class:`~finetune.model.DeviceSpec`; default ``pick_device()``: the precision
+    serving picks on this machine)."""
+    from finetune.model import adapter_featuriser, pick_device, predict_proba
 
-    model, tok, meta = load_adapter_model(adapter_dir)
+    device = device or pick_device()
+    model, tok, meta = load_adapter_model(adapter_dir, device)
     # the adapter's featuriser (a champion may featurise otherwise than the run that loaded the split);
     # a split read_split already featurised with it is not featurised again
     df = _eval_frame(eval_df_or_path, adapter_featuriser(meta).to_dict())
-    probs = predict_proba(model, tok, list(df["text"]), batch_size=batch_size, max_length=int(meta.get("max_length", 96)))
+    probs = predict_proba(model, tok, list(df["text"]), batch_size=batch_size, max_length=int(meta.get("max_length", 96)),
+                          device=device)
     return score(probs, list(df["label"]))
 
 
-def evaluate_adapter(adapter_dir: str | Path, eval_df_or_path, batch_size: int = 64) -> dict:
+def evaluate_adapter(adapter_dir: str | Path, eval_df_or_path, batch_size: int = 64, device=None) -> dict:
     """``eval.*`` metrics of the adapter on an eval split (a DataFrame, a parquet path or a snapshot dir)."""
-    return evaluate_adapter_report(adapter_dir, eval_df_or_path, batch_size).metrics
+    return evaluate_adapter_report(adapter_dir, eval_df_or_path, batch_size, device).metrics
 
 
 def confusion_png(report: EvalReport, path: str | Path, title: str = "confusion matrix (eval)") -> Path:

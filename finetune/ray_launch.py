@@ -50,10 +50,10 @@ def _worker_loop(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.use_gpu:
-        spec = pick_device("cuda")
-        device = DeviceSpec(str(ray.train.torch.get_device()), spec.dtype_name)
+        spec = pick_device("cuda", config.precision)
+        device = DeviceSpec(str(ray.train.torch.get_device()), spec.dtype_name, spec.compute_name)
     else:
-        device = DeviceSpec("cpu", "float32")
+        device = pick_device("cpu", config.precision)
     snapshot = load_snapshot(cfg["snapshot_dir"], config.featuriser)
 
     resume = None
@@ -92,7 +92,7 @@ def _worker_loop(cfg: dict) -> None:
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
-            save_adapter(model, d, config, snapshot, metrics)
+            save_adapter(model, d, config, snapshot, metrics, device)
             checkpoint = ray.train.Checkpoint.from_directory(d)
         ray.train.report({"step": metrics["train.steps"]}, checkpoint=checkpoint, checkpoint_dir_name=FINAL)
 

@@ -73,6 +73,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
     from finetune.data import load_snapshot
     from finetune.evaluate import confusion_png, evaluate_adapter_report, majority_baseline
     from finetune.gate import decide
+    from finetune.model import pick_device
     from finetune.pyfunc import save_pyfunc
 
     timer = StageTimer()
@@ -113,15 +114,18 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                 f"{label}={w:.3g}" for label, w in zip(LABELS, result.class_weights))} if result.class_weights else {})
             tracking.log_metrics(client, run_id, {k: v for k, v in train_metrics.items() if k.startswith("train.")},
                                  step=int(train_metrics.get("train.steps", 0)))
+        # Scored in the precision training picked, which serving picks too on this machine.
+        device = pick_device("cuda" if config.use_gpu else "auto", config.precision)
         with timer("eval_challenger"):
-            report = evaluate_adapter_report(adapter_dir, snapshot.eval, config.eval_batch_size)
+            report = evaluate_adapter_report(adapter_dir, snapshot.eval, config.eval_batch_size, device)
             challenger_metrics = report.metrics
             baseline = majority_baseline(snapshot.train["label"], list(snapshot.eval["label"])).metrics
         champion_metrics = None
         if champion is not None:
             with timer("eval_champion"):
                 champ_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "champion"))
-                champion_metrics = evaluate_adapter_report(champ_dir, snapshot.eval, config.eval_batch_size).metrics
+                champion_metrics = evaluate_adapter_report(champ_dir, snapshot.eval, config.eval_batch_size,
+                                                           device).metrics
         reference_metrics = {}
         if config.reference_family:
             with timer("reference"):

@@ -93,9 +93,11 @@ def check_probabilities(probs: np.ndarray, n: int) -> str | None:
 
 class AdapterPool:
     def __init__(self, base_model: str = "", device: str = "auto", max_length_tokens: int = 96,
-                 torch_threads: int = 0):
+                 torch_threads: int = 0, precision: str = "auto"):
         self.base_model = base_model          # "" = taken from the first adapter's metadata
         self.device = device
+        self.precision = precision
+        self.spec = None                      # the DeviceSpec, decided when the base model loads
         self.max_length_tokens = max_length_tokens
         self.torch_threads = torch_threads
         self.model = None                     # a PeftModel once the first adapter is in
@@ -150,7 +152,8 @@ class AdapterPool:
         if self.model.active_adapter != peft_name:  # PEFT's set_adapter walks every module: only on a change
             self.model.set_adapter(peft_name)
         return predict_proba(self.model, self.tokenizer, texts, batch_size=max(1, len(texts)),
-                             max_length=self.max_length_tokens, set_eval=False)  # eval mode set at install
+                             max_length=self.max_length_tokens, set_eval=False,  # eval mode set at install
+                             device=self.spec)
 
     # ------------------------------------------------------------------ swaps
     def install(self, name: str, resolved: Resolved, adapter_dir: str) -> Slot:
@@ -209,7 +212,8 @@ class AdapterPool:
 
         # 0: torch's own count (in a Ray actor, one thread per reserved CPU); -1: all cores.
         setup_torch(self.torch_threads or None)
-        self.model, self.tokenizer = load_base(base, device=pick_device(self.device))
+        self.spec = pick_device(self.device, self.precision)
+        self.model, self.tokenizer = load_base(base, device=self.spec)
         self.base_model = base
 
     def _forget(self, peft_name: str) -> None:
@@ -246,5 +250,6 @@ class AdapterPool:
     def describe(self) -> dict:
         with self._state_lock:
             return {"base_model": self.base_model,
+                    "precision": self.spec.precision if self.spec is not None else None,
                     "adapters": {n: s.describe() for n, s in self._slots.items()},
                     "retired_pending": [s.peft_name for s in self._retired]}

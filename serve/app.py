@@ -152,7 +152,7 @@ class FaultDetector:
         self.model_name, self.alias = model_name, alias
         self.refs = {"default": alias, **self.config.adapters}
         self.pool = AdapterPool(self.config.base_model, self.config.device, self.config.max_length_tokens,
-                                self.config.torch_threads)
+                                self.config.torch_threads, self.config.precision)
         self.refusals: dict[str, dict] = {}        # adapter name -> last refusal (version, reason, at)
         self._refused: set[tuple[str, str]] = set()  # (model, version) never retried: artifacts are immutable
         self.swaps = 0
@@ -225,7 +225,7 @@ class FaultDetector:
         adapters = pool["adapters"] if details else \
             {n: {k: v for k, v in a.items() if k != "run_id"} for n, a in pool["adapters"].items()}
         out = {"model_name": self.model_name, "alias": self.alias, "version": default.get("version"),
-               "base_model": pool["base_model"], "adapters": adapters, "refusals": self.refusals,
+               "base_model": pool["base_model"], "precision": pool["precision"], "adapters": adapters, "refusals": self.refusals,
                "swaps": self.swaps, "last_check_at": self.last_check_at, "labels": list(LABELS),
                "batches": self.batches, "batched_windows": self.batched_windows, "forward_s": self.forward_s,
                "limits": asdict(current_limits())}

@@ -25,6 +25,8 @@ class ServeConfig:
     base_model: str = field(default="", metadata={
         "help": "base model to serve adapters on; empty = the base_model the champion adapter names"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (decided once per replica)"})
+    precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on a GPU or on a CPU with native bf16 instructions, else fp32), fp32 or bf16"})
     http_host: str = field(default="127.0.0.1", metadata={"help": "interface the HTTP proxy binds"})
     http_port: int = field(default=0, metadata={
         "help": "HTTP port; 0 = a free port (ignored when Ray Serve already runs on this cluster)"})
@@ -108,6 +110,8 @@ class ServeConfig:
             raise ConfigError(f"route_prefix should start with '/', got {self.route_prefix!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device should be auto, cpu or cuda, got {self.device!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision should be auto, fp32 or bf16, got {self.precision!r}")
         if "default" in self.adapters:
             raise ConfigError("adapters may not redefine 'default' (it is the served model at its alias)")
         for kind, name in self.kind_adapters.items():
