@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from finetune.bootstrap import BOOTSTRAP_METRICS
 from finetune.model import PRECISIONS, LoraSettings
 from flywheel.base.config import ConfigError
 from flywheel.base.features import require_featuriser
@@ -72,6 +73,14 @@ class TrainConfig:
     gate_margin: float = field(default=0.01, metadata={
         "help": "the challenger must beat the champion (or the majority baseline) by more than this"})
     min_eval_windows: int = field(default=20, metadata={"help": "refuse to promote on a smaller eval split"})
+    min_failure_windows: int = field(default=5, metadata={
+        "help": "refuse to promote on an eval split with fewer failure windows than this"})
+    gate_bootstrap: int = field(default=1000, metadata={
+        "help": "paired block-bootstrap replicates of the gain; promote only if the interval's lower end "
+                "clears gate_margin (0 = compare point estimates)"})
+    gate_block_windows: int = field(default=8, metadata={
+        "help": "consecutive windows of one machine resampled together (autocorrelation)"})
+    gate_confidence: float = field(default=0.95, metadata={"help": "the bootstrap interval's level"})
     warm_start: bool = field(default=False, metadata={
         "help": "start from the champion's adapter (same base model) instead of a fresh LoRA"})
     trust_remote_code: bool = field(default=False, metadata={
@@ -91,6 +100,7 @@ class TrainConfig:
             if value <= 0:
                 raise ConfigError(f"{name} should be positive, got {value}")
         non_negative = dict(max_train_samples=self.max_train_samples, max_steps=self.max_steps,
+                            min_failure_windows=self.min_failure_windows, gate_bootstrap=self.gate_bootstrap,
                             ok_ratio=self.ok_ratio, checkpoint_every=self.checkpoint_every,
                             num_threads=self.num_threads, gate_margin=self.gate_margin,
                             min_eval_windows=self.min_eval_windows, grad_clip=self.grad_clip,
@@ -102,6 +112,13 @@ class TrainConfig:
             raise ConfigError(f"lr should be > 0, got {self.lr}")
         if not 0 <= self.warmup_frac < 1:
             raise ConfigError(f"warmup_frac should be in [0, 1), got {self.warmup_frac}")
+        if self.gate_block_windows < 1:
+            raise ConfigError(f"gate_block_windows should be >= 1, got {self.gate_block_windows}")
+        if not 0.5 <= self.gate_confidence < 1:
+            raise ConfigError(f"gate_confidence should be in [0.5, 1), got {self.gate_confidence}")
+        if self.gate_bootstrap and self.gate_metric not in BOOTSTRAP_METRICS:
+            raise ConfigError(f"gate_metric {self.gate_metric!r} cannot be bootstrapped; use one of "
+                              f"{', '.join(BOOTSTRAP_METRICS)}, or gate_bootstrap=0 for the point rule")
         if self.class_weight_max < 1:
             raise ConfigError(f"class_weight_max should be >= 1, got {self.class_weight_max}")
         if not self.gate_metric.startswith("eval."):

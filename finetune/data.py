@@ -51,6 +51,8 @@ class LoadedSnapshot(Snapshot):
     """A snapshot (``flywheel.base.snapshot``) with its splits read, checked and featurised."""
     train: "object" = None   # pandas.DataFrame, with the model-input column (``text`` or ``features``)
     eval: "object" = None
+    #: where a model's operating point is chosen; None for a snapshot built without one
+    calibration: "object" = None
 
 
 def read_split(path: str | Path, split: str = "split", featuriser: str | dict = DEFAULT_FEATURISER,
@@ -141,11 +143,15 @@ def load_snapshot(path: "str | Path | Snapshot", featuriser: str | dict = DEFAUL
     try:
         snap = path if isinstance(path, Snapshot) else open_snapshot(path)
         frames = {split: snap.read(split) for split in SPLITS}
+        if snap.has_split("calibration"):
+            frames["calibration"] = snap.read("calibration")
     except SnapshotError as exc:
         raise DataError(str(exc)) from None
     name = snap.dataset_id
     train = read_split(frames["train"], "train", featuriser, where=f"{snap.path}/train.parquet")
     evals = read_split(frames["eval"], "eval", featuriser, where=f"{snap.path}/eval.parquet")
+    calibration = None if "calibration" not in frames else \
+        read_split(frames["calibration"], "calibration", featuriser, where=f"{snap.path}/calibration.parquet")
     if len(train) == 0:
         raise DataError(f"snapshot {name} has an empty training split: collect more plant time first")
     present = sorted(set(train["label"]))
@@ -153,7 +159,7 @@ def load_snapshot(path: "str | Path | Snapshot", featuriser: str | dict = DEFAUL
         raise DataError(f"snapshot {name}: the training split holds only label {present}; a classifier needs "
                         "at least two labels (run the plant longer so failures occur, or lower the window stride)")
     return LoadedSnapshot(snap.dataset_id, snap.path, snap.manifest, snap.train_path, snap.eval_path, snap.fs,
-                          train=train, eval=evals)
+                          train=train, eval=evals, calibration=calibration)
 
 
 def label_ids(labels: Sequence[str]) -> np.ndarray:

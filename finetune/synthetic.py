@@ -57,8 +57,9 @@ def make_rows(n: int, seed: int, failure_frac: float = 0.3, length: int = 6, lab
 
 def write_snapshot(path: str | Path, *, n_train: int = 400, n_eval: int = 120, seed: int = 0,
                    failure_frac: float = 0.3, dataset_id: str | None = None, train_rows: list[dict] | None = None,
-                   eval_rows: list[dict] | None = None) -> Path:
-    """Write train.parquet, eval.parquet and manifest.json; returns the snapshot directory."""
+                   eval_rows: list[dict] | None = None, n_calibration: int = 0) -> Path:
+    """Write train.parquet, eval.parquet (and calibration.parquet with ``n_calibration`` > 0)
+    and manifest.json; returns the snapshot directory."""
     import pandas as pd
 
     out = Path(path)
@@ -69,9 +70,13 @@ def write_snapshot(path: str | Path, *, n_train: int = 400, n_eval: int = 120, s
             "label_source"]
     pd.DataFrame(train, columns=cols).to_parquet(out / "train.parquet", index=False)
     pd.DataFrame(evals, columns=cols).to_parquet(out / "eval.parquet", index=False)
+    splits = {"train": train, "eval": evals}
+    if n_calibration:
+        splits["calibration"] = make_rows(n_calibration, seed + 20_000, failure_frac)
+        pd.DataFrame(splits["calibration"], columns=cols).to_parquet(out / "calibration.parquet", index=False)
     digest = hashlib.sha256()
-    for split in ("train.parquet", "eval.parquet"):
-        digest.update((out / split).read_bytes())
+    for split in splits:
+        digest.update((out / f"{split}.parquet").read_bytes())
 
     def counts(rows):
         c: dict[str, int] = {}
@@ -80,7 +85,7 @@ def write_snapshot(path: str | Path, *, n_train: int = 400, n_eval: int = 120, s
         return c
 
     manifest = {"dataset_id": dataset_id or out.name, "content_hash": digest.hexdigest(),
-                "counts": {"train": counts(train), "eval": counts(evals)},
+                "splits": list(splits), "counts": {name: counts(rows) for name, rows in splits.items()},
                 "window": {"length": 6, "stride_s": 600.0, "horizon_s": 3600.0}, "window_format": "readings-json/1",
                 "source": "finetune.synthetic"}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -54,6 +54,11 @@ class TurnOutcome:
     baseline_metrics: dict = field(default_factory=dict)
     #: the reference family on the same eval split, as logged (``reference_model.<family>.*``; empty: none)
     reference_metrics: dict = field(default_factory=dict)
+    #: the gate's evidence, as logged: ``gate.diff``, ``gate.ci_low``, ``gate.ci_high``, ``gate.n_failure_windows``
+    gate_metrics: dict = field(default_factory=dict)
+    #: the operating point, as logged: ``calibration.risk_threshold`` (chosen on the calibration split),
+    #: ``calibration.f1_any_failure``, ``calibration.n_windows``, ``eval.f1_at_operating_point``
+    calibration_metrics: dict = field(default_factory=dict)
 
 
 def _champion(tracking_uri: str, model_name: str):
@@ -119,20 +124,28 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         with timer("eval_challenger"):
             report = evaluate_adapter_report(adapter_dir, snapshot.eval, config.eval_batch_size, device)
             challenger_metrics = report.metrics
-            baseline = majority_baseline(snapshot.train["label"], list(snapshot.eval["label"])).metrics
-        champion_metrics = None
+            baseline_report = majority_baseline(snapshot.train["label"], list(snapshot.eval["label"]))
+            baseline = baseline_report.metrics
+        with timer("calibrate"):
+            calibration_metrics = operating_point(adapter_dir, snapshot, report, config, device)
+        champion_metrics = champion_report = None
         if champion is not None:
             with timer("eval_champion"):
                 champ_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "champion"))
-                champion_metrics = evaluate_adapter_report(champ_dir, snapshot.eval, config.eval_batch_size,
-                                                           device).metrics
+                champion_report = evaluate_adapter_report(champ_dir, snapshot.eval, config.eval_batch_size, device)
+                champion_metrics = champion_report.metrics
         reference_metrics = {}
         if config.reference_family:
             with timer("reference"):
                 reference_metrics = _train_reference(snapshot, config, work, client, run_id)
+        reference = champion_report if champion_metrics and config.gate_metric in champion_metrics else baseline_report
+        with timer("gate"):
+            gate_metrics, estimate = gate_evidence(snapshot.eval, report, reference, config)
         decision = decide(challenger_metrics, champion_metrics, baseline, metric=config.gate_metric,
                           margin=config.gate_margin, min_eval_windows=config.min_eval_windows,
-                          eval_labels=set(snapshot.eval["label"]))
+                          eval_labels=set(snapshot.eval["label"]), estimate=estimate,
+                          n_failure_windows=int(gate_metrics["gate.n_failure_windows"]),
+                          min_failure_windows=config.min_failure_windows)
 
         with timer("register"):
             (work / "eval").mkdir()
@@ -154,8 +167,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             tags[registry.FEATURISER_TAG] = FeaturiserSpec.parse(config.featuriser).ref
             if snapshot.manifest.get("window") is not None:   # the input pipeline it was trained with
                 tags[registry.WINDOW_TAG] = json.dumps(snapshot.manifest["window"], sort_keys=True)
-            if challenger_metrics.get("eval.risk_threshold") is not None:  # its operating point, with it
-                tags[registry.THRESHOLD_TAG] = repr(float(challenger_metrics["eval.risk_threshold"]))
+            if calibration_metrics.get("calibration.risk_threshold") is not None:  # its operating point, with it
+                tags[registry.THRESHOLD_TAG] = repr(float(calibration_metrics["calibration.risk_threshold"]))
             version = registry.register_version(tracking_uri, model_name, run_id, MODEL_ARTIFACT, tags).version
             registry.set_alias(tracking_uri, model_name, "challenger", version)
             if decision.promoted:
@@ -170,6 +183,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             logged.update({k.replace("eval.", "eval.champion.", 1): v for k, v in champion_metrics.items()
                            if k.count(".") == 1})
         logged.update(reference_metrics)
+        logged.update(gate_metrics)
+        logged.update(calibration_metrics)
         logged["gate.promoted"] = float(decision.promoted)
         logged.update({f"train.wall_s.{k}": v for k, v in timer.wall_s.items()})
         tracking.log_metrics(client, run_id, logged)
@@ -186,11 +201,70 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                            challenger_metrics=challenger_metrics, champion_metrics=champion_metrics,
                            champion_version=champion_version, train_metrics=train_metrics,
                            adapter_dir=str(keep), wall_s=dict(timer.wall_s), baseline_metrics=dict(baseline),
-                           reference_metrics=reference_metrics)
+                           reference_metrics=reference_metrics, gate_metrics=gate_metrics,
+                           calibration_metrics=calibration_metrics)
     finally:
         if created:
             client.set_terminated(run_id, status)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def operating_point(adapter_dir: str, snapshot, eval_report, config: TrainConfig, device) -> dict:
+    """Choose the challenger's operating point on the calibration split, never on eval.
+
+    The risk threshold (flag maintenance when 1 - P(ok) >= it) with the best any-failure F1 on
+    calibration is ``calibration.risk_threshold``; ``eval.f1_at_operating_point`` is the F1 that
+    threshold then gets on eval, an estimate nothing was tuned on. A snapshot without a
+    calibration split (built with ``calibration_fraction=0`` or before it existed) falls back to
+    eval's best threshold, marked by ``calibration.on_eval = 1``; a calibration split without
+    failure windows gives no operating point (the bridge's threshold then applies).
+    """
+    import numpy as np
+
+    from finetune.evaluate import evaluate_adapter_report
+
+    if snapshot.calibration is None:
+        t = eval_report.metrics.get("eval.risk_threshold")
+        return {} if t is None else {"calibration.risk_threshold": t, "calibration.on_eval": 1.0}
+    out = {"calibration.n_windows": float(len(snapshot.calibration)),
+           "calibration.n_failure_windows": float((snapshot.calibration["label"] != "ok").sum())}
+    if not len(snapshot.calibration):
+        return out
+    cal = evaluate_adapter_report(adapter_dir, snapshot.calibration, config.eval_batch_size, device).metrics
+    t = cal.get("eval.risk_threshold")
+    if t is None:
+        return out
+    out.update({"calibration.risk_threshold": t, "calibration.f1_any_failure": cal["eval.f1_any_failure"]})
+    probs, truth = eval_report.probs, np.asarray([str(x) for x in snapshot.eval["label"]])
+    if probs is not None and len(probs) == len(truth) and len(truth):
+        flagged = (1.0 - probs[:, LABELS.index("ok")]) >= t
+        failing = truth != "ok"
+        tp = float((flagged & failing).sum())
+        denom = float(flagged.sum() + failing.sum())
+        out["eval.f1_at_operating_point"] = 2 * tp / denom if denom else 0.0
+    return out
+
+
+def gate_evidence(eval_df, challenger, reference, config: TrainConfig):
+    """``gate.*`` metrics and the bootstrap estimate (None when off or when it cannot run) of the
+    challenger's gain over ``reference`` (both :class:`~finetune.evaluate.EvalReport`) on the eval split."""
+    from finetune.bootstrap import paired_block_bootstrap
+
+    labels = [str(x) for x in eval_df["label"]]
+    out = {"gate.n_failure_windows": float(sum(label != "ok" for label in labels))}
+    if not config.gate_bootstrap or not labels or challenger.probs is None or reference.probs is None \
+            or len(challenger.probs) != len(labels) or len(reference.probs) != len(labels):
+        return out, None
+    # A split without machine and time (a hand-made text snapshot): blocks of consecutive rows.
+    machines = list(eval_df["machine"]) if "machine" in eval_df.columns else [""] * len(labels)
+    starts = list(eval_df["start_ts"]) if "start_ts" in eval_df.columns else list(range(len(labels)))
+    est = paired_block_bootstrap(config.gate_metric, labels, challenger.probs, reference.probs, machines, starts,
+                                 block_windows=config.gate_block_windows, replicates=config.gate_bootstrap,
+                                 confidence=config.gate_confidence, seed=config.seed,
+                                 lower_is_better=not config.higher_is_better)
+    out.update({"gate.diff": est.diff, "gate.ci_low": est.ci_low, "gate.ci_high": est.ci_high,
+                "gate.n_blocks": float(est.n_blocks), "gate.replicates": float(est.replicates)})
+    return out, est
 
 
 def _train_reference(snapshot, config: TrainConfig, work: Path, client, run_id: str) -> dict:

@@ -59,7 +59,8 @@ class DataResult:
     """1. Data: the snapshot built from the lake."""
 
     dataset_id: str | None
-    #: windows_train, windows_eval, failure_windows_train (+ events, telemetry, duplicates_removed)
+    #: windows_train, windows_eval, failure_windows_train, and with a calibration split
+    #: windows_calibration (+ events, telemetry, duplicates_removed)
     counts: dict
     #: where the snapshot lives, for training (not stored: the id names it)
     path: str | None = None
@@ -71,14 +72,17 @@ class DataResult:
         train, ev = split.get("train", {}), split.get("eval", {})
         counts = {"windows_train": int(sum(train.values())), "windows_eval": int(sum(ev.values())),
                   "failure_windows_train": int(sum(v for k, v in train.items() if k != "ok"))}
+        if "calibration" in split:
+            counts["windows_calibration"] = int(sum(split["calibration"].values()))
         for k in ("events", "telemetry", "duplicates_removed"):
             if isinstance(manifest.get(k), (int, float)):
                 counts[k] = manifest[k]
         return cls(snap.dataset_id, counts, snap.path)
 
     def describe(self) -> str:
+        cal = self.counts.get("windows_calibration")
         return (f"{self.dataset_id}  ({self.counts['windows_train']} train / "
-                f"{self.counts['windows_eval']} eval windows)")
+                + (f"{cal} calibration / " if cal is not None else "") + f"{self.counts['windows_eval']} eval windows)")
 
 
 @dataclass
@@ -100,6 +104,10 @@ class GateResult:
     baseline_eval: dict = field(default_factory=dict)
     #: the reference family on the same eval split (``reference_model.<family>.*``; empty: none trained)
     reference: dict = field(default_factory=dict)
+    #: the gate's evidence: ``gate.diff``, ``gate.ci_low``, ``gate.ci_high``, ``gate.n_failure_windows``, ...
+    evidence: dict = field(default_factory=dict)
+    #: the operating point chosen on the calibration split: ``calibration.risk_threshold``, ...
+    calibration: dict = field(default_factory=dict)
 
     @classmethod
     def from_outcome(cls, outcome) -> "GateResult":
@@ -110,7 +118,9 @@ class GateResult:
                    champion_eval=_prefixed(outcome.champion_metrics or {}, "eval."),
                    train=_prefixed(outcome.train_metrics, "train."),
                    baseline_eval=_prefixed({k: v for k, v in baseline.items() if k in BASELINE_KEYS}, "eval."),
-                   reference=_prefixed(getattr(outcome, "reference_metrics", None) or {}, REFERENCE_PREFIX))
+                   reference=_prefixed(getattr(outcome, "reference_metrics", None) or {}, REFERENCE_PREFIX),
+                   evidence=_prefixed(getattr(outcome, "gate_metrics", None) or {}, "gate."),
+                   calibration=dict(getattr(outcome, "calibration_metrics", None) or {}))
 
     @property
     def reference_families(self) -> list[str]:
@@ -119,7 +129,10 @@ class GateResult:
 
     @property
     def risk_threshold(self) -> float | None:
-        """The challenger's operating point: the risk that maximised its any-failure F1 on the eval split."""
+        """The challenger's operating point: the risk that maximised its any-failure F1 on the
+        calibration split (a turn recorded before calibration splits: on the eval split)."""
+        if self.calibration:
+            return self.calibration.get("calibration.risk_threshold")
         return self.eval.get("eval.risk_threshold")
 
     def describe(self) -> str:
@@ -224,6 +237,10 @@ class TurnRecord:
                 d["baseline_eval"] = g.baseline_eval
             if g.reference:
                 d["reference"] = g.reference
+            if g.evidence:
+                d["gate"] = g.evidence
+            if g.calibration:
+                d["calibration"] = g.calibration
         d["champion_version"] = self.champion_version
         if self.plant is not None:
             if self.plant.threshold is not None:
@@ -250,7 +267,8 @@ class TurnRecord:
                                   reason=d.get("gate_reason"), champion_version=d.get("champion_version"),
                                   eval=dict(d.get("eval", {})), champion_eval=dict(d.get("champion_eval", {})),
                                   train=dict(d.get("train", {})), baseline_eval=dict(d.get("baseline_eval", {})),
-                                  reference=dict(d.get("reference", {})))
+                                  reference=dict(d.get("reference", {})), evidence=dict(d.get("gate", {})),
+                                  calibration=dict(d.get("calibration", {})))
         rec.deploy = DeployResult(d.get("champion_version"), swapped="swap" in rec.wall_s)
         rec.plant = PlantResult.from_period(d.get("sim", {}), dict(d.get("ingest", {})), dict(d.get("factory", {})),
                                             d.get("bridge_threshold"))
@@ -268,6 +286,8 @@ class TurnRecord:
             m.update(self.gate.eval)
             m.update(self.gate.train)
             m.update(self.gate.reference)
+            m.update(self.gate.evidence)
+            m.update(self.gate.calibration)
         if self.plant is not None:
             m.update({f"factory.{k}": v for k, v in self.plant.factory.items() if isinstance(v, (int, float))})
         if self.baselines is not None:
@@ -307,8 +327,11 @@ class TurnRecord:
         """The line the live view keeps for the turn."""
         h = self.history_row()
         trees = self.gate.reference.get(f"{REFERENCE_PREFIX}gbdt.macro_f1") if self.gate else None
+        ev = self.gate.evidence if self.gate else {}
+        gate = (f", gate {ev['gate.diff']:+.3f} [{ev['gate.ci_low']:+.3f}, {ev['gate.ci_high']:+.3f}]"
+                if "gate.ci_low" in ev else "")
         return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}"
-                + (f" (trees {fmt(trees)})" if trees is not None else "") + f", AUROC {h['auroc']}, "
+                + (f" (trees {fmt(trees)})" if trees is not None else "") + gate + f", AUROC {h['auroc']}, "
                 f"OEE {h['oee']} (run-to-failure {h['oee_rtf']}, oracle {h['oee_oracle']}, gap closed {h['gap']}), "
                 f"failures {h['failures']}, {h['wall']} s")
 

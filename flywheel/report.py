@@ -49,6 +49,12 @@ def turn_table(state: dict) -> list[dict]:
             "turn": rec.turn,
             "model_version": rec.champion_version or "-",
             "promoted": rec.gate.promoted if rec.gate else None,
+            # the gate: the challenger's gain on the gate metric and its bootstrap interval
+            "gate_diff": rec.gate.evidence.get("gate.diff") if rec.gate else None,
+            "gate_ci_low": rec.gate.evidence.get("gate.ci_low") if rec.gate else None,
+            "gate_ci_high": rec.gate.evidence.get("gate.ci_high") if rec.gate else None,
+            "gate_n_failure_windows": rec.gate.evidence.get("gate.n_failure_windows") if rec.gate else None,
+            "challenger_version": rec.gate.challenger_version if rec.gate else None,
             "windows_train": counts.get("windows_train", 0),
             "windows_eval": counts.get("windows_eval", 0),
             "macro_f1": ev.get("eval.macro_f1"),
@@ -225,6 +231,25 @@ def _families(tables: list[list[dict]]) -> list[str]:
     return lines
 
 
+def _gate(tables: list[list[dict]]) -> list[str]:
+    """One campaign's gate decisions: the gain on the gate metric and its bootstrap interval."""
+    rows = [r for r in tables[0] if r["challenger_version"] is not None] if len(tables) == 1 else []
+    if not rows:
+        return []
+    lines = ["## The gate", "",
+             "Each challenger against the champion (or, before the first model, the majority label) on the "
+             "turn's eval split: the gain on the gate metric with its paired block-bootstrap interval "
+             "(blocks of consecutive windows per machine). A challenger is promoted only when the interval's "
+             "lower end clears the margin. \"-\": not recorded (`train.gate_bootstrap=0`: the point rule).", "",
+             "| turn | challenger | gain | interval | failure windows | promoted |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        interval = "-" if r["gate_ci_low"] is None else f"[{r['gate_ci_low']:+.3f}, {r['gate_ci_high']:+.3f}]"
+        gain = "-" if r["gate_diff"] is None else f"{r['gate_diff']:+.3f}"
+        lines.append(f"| {r['turn']} | v{r['challenger_version']} | {gain} | {interval} | "
+                     f"{fmt(r['gate_n_failure_windows'], nd=0)} | {'yes' if r['promoted'] else 'no'} |")
+    return lines + [""]
+
+
 def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], title: str) -> str:
     lines = [f"# Flywheel report: {title}", ""]
     if len(tables) > 1:
@@ -274,6 +299,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
                   f"turn 1: {fmt(tables[0][1]['holdout_macro_f1'])})."
                   + (f" (Campaign {names[0]}; the table above has every seed.)" if len(tables) > 1 else ""), ""]
     lines += _families(tables)
+    lines += _gate(tables)
     lines += ["## Wall time per stage (s)", ""]
     stages = sorted({k for r in tables[0] for k in r["wall_s"]})
     lines += ["| turn | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]

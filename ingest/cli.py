@@ -224,11 +224,11 @@ def run_dataset_build(args) -> int:
         mlflow.end_run()
     m = snap.manifest
     console.print(f"dataset {snap.dataset_id}  (hash {m['content_hash'][:16]}..., parent {m['parent']})")
-    for split in ("train", "eval"):
+    for split in m.get("splits", ("train", "eval")):
         counts = ", ".join(f"{k}={v}" for k, v in m["counts"][split].items() if v)
-        console.print(f"  {split:5s} {m['windows'][split]:>7,} windows: {counts or 'none'}")
+        console.print(f"  {split:11s} {m['windows'][split]:>7,} windows: {counts or 'none'}")
     console.print(f"  held back {m['windows']['held_back']:,} (outcome unknown), purged {m['windows']['purged']:,} "
-                  f"(label horizon crosses the split), duplicates removed {m['events']['duplicates_removed']:,}")
+                  f"(label horizon crosses a split), duplicates removed {m['events']['duplicates_removed']:,}")
     console.print(f"  path {snap.path}")
     return 0
 

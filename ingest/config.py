@@ -106,6 +106,9 @@ class BuildConfig:
         "help": "window length (readings), stride_s and label horizon_s (plant seconds)"})
     eval_fraction: float = field(default=0.2, metadata={
         "help": "latest fraction of each machine's plant-time range held out for evaluation"})
+    calibration_fraction: float = field(default=0.1, metadata={
+        "help": "the fraction before it, held out for calibration: where a model's operating point "
+                "is chosen (0 = none: the operating point is then chosen on eval)"})
     seed: int = field(default=0, metadata={"help": "seed of the (optional) ok-window down-sampling"})
     ok_per_failure: float | None = field(default=None, metadata={
         "help": "keep at most this many ok windows per non-ok window in TRAIN (None: keep all); "
@@ -119,6 +122,9 @@ class BuildConfig:
     def __post_init__(self):
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction should lie in (0, 1), got {self.eval_fraction}")
+        if not 0.0 <= self.calibration_fraction < 1.0 - self.eval_fraction:
+            raise ConfigError(f"calibration_fraction should lie in [0, 1 - eval_fraction) = "
+                              f"[0, {1.0 - self.eval_fraction:g}), got {self.calibration_fraction}")
         if self.engine not in ("ray", "local"):
             raise ConfigError(f"engine should be 'ray' or 'local', got {self.engine!r}")
         if self.partitions < 1:

@@ -123,11 +123,15 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     stats = df[df["row_type"] == "stats"]
     ranges = _machine_ranges(stats, events)
     labeled = label_windows(win, events, config.window.horizon_s, {k: hi for k, (_lo, hi) in ranges.items()})
-    train, evaluation, split_stats = split_windows(labeled, ranges, config.eval_fraction, config.window.horizon_s)
+    train, calibration, evaluation, split_stats = split_windows(
+        labeled, ranges, config.eval_fraction, config.window.horizon_s, config.calibration_fraction)
     n_train_before = len(train)
     train = downsample_ok(_ordered(train), config.ok_per_failure, config.seed)
-    train, evaluation = _ordered(train), _ordered(evaluation)
-    split_hashes = {"train": _split_hash(train), "eval": _split_hash(evaluation)}
+    train, calibration, evaluation = _ordered(train), _ordered(calibration), _ordered(evaluation)
+    splits = {"train": train, "eval": evaluation}
+    if config.calibration_fraction > 0:
+        splits["calibration"] = calibration
+    split_hashes = {name: _split_hash(df) for name, df in splits.items()}
     content_hash = _content_hash(split_hashes)
     dataset_id = f"ds-{content_hash[:12]}"
 
@@ -135,8 +139,8 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     path = lake.path("datasets", dataset_id)
     say(f"writing {dataset_id}")
     train_path, eval_path = posixpath.join(path, "train.parquet"), posixpath.join(path, "eval.parquet")
-    lake.write_table(pa.Table.from_pandas(train, preserve_index=False), train_path)
-    lake.write_table(pa.Table.from_pandas(evaluation, preserve_index=False), eval_path)
+    for name, df in splits.items():
+        lake.write_table(pa.Table.from_pandas(df, preserve_index=False), posixpath.join(path, f"{name}.parquet"))
     lake.write_table(rows, posixpath.join(path, CACHE_DIR, "rows.parquet"))
     lake.write_table(pa.Table.from_pandas(events[EVENT_COLUMNS], preserve_index=False),
                      posixpath.join(path, CACHE_DIR, "events.parquet"))
@@ -155,17 +159,19 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
         "columns": SNAPSHOT_COLUMNS,
         "window": asdict(config.window),
         "window_format": WINDOW_FORMAT,
-        "counts": {"train": _label_counts(train), "eval": _label_counts(evaluation)},
-        "label_sources": {"train": train["label_source"].value_counts().sort_index().to_dict(),
-                          "eval": evaluation["label_source"].value_counts().sort_index().to_dict()},
-        "windows": {"train": len(train), "eval": len(evaluation), "held_back": split_stats["held_back"],
+        "splits": list(splits),
+        "counts": {name: _label_counts(df) for name, df in splits.items()},
+        "label_sources": {name: df["label_source"].value_counts().sort_index().to_dict()
+                          for name, df in splits.items()},
+        "windows": {**{name: len(df) for name, df in splits.items()}, "held_back": split_stats["held_back"],
                     "purged": split_stats["purged"], "downsampled": n_train_before - len(train)},
         "events": {"telemetry_rows": n_tel, "telemetry_unique": n_tel - n_tel_dupes,
                    "event_rows": events_raw, "events_unique": len(events),
                    "unique": n_tel - n_tel_dupes + len(events),
                    "duplicates_removed": n_tel_dupes + events_raw - len(events),
                    "deadletter_rows": _count_rows(lake, "deadletter"), "set_aside_rows": lake.aside_rows()},
-        "plant_time": _plant_time(ranges, split_stats["split_ts"]),
+        "plant_time": _plant_time(ranges, split_stats["split_ts"], split_stats["calibration_ts"]),
+        "ranges": _split_ranges(splits),
         "machines": sorted(f"{a}/{b}" for a, b in ranges),
         "source_files": {"telemetry": [f for d in sorted(fingerprints) for f, _ in fingerprints[d]],
                          "events": sorted(event_files)},
@@ -180,7 +186,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
         say("logging to MLflow")
         from ingest.tracking import log_snapshot
 
-        log_snapshot(snap, train, evaluation, mlflow_run_id)
+        log_snapshot(snap, train, evaluation, mlflow_run_id, calibration=splits.get("calibration"))
     return snap
 
 
@@ -302,13 +308,31 @@ def _label_counts(df: pd.DataFrame) -> dict[str, int]:
     return {label: int(counts.get(label, 0)) for label in LABELS}
 
 
-def _plant_time(ranges: dict, split_ts: dict) -> dict:
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _plant_time(ranges: dict, split_ts: dict, calibration_ts: dict) -> dict:
+    """The lake's plant-time range and, per machine, where eval (``split_ts``) and calibration
+    (``calibration_ts``; empty without a calibration split) begin."""
     if not ranges:
         return {}
     start = min(lo for lo, _ in ranges.values())
     end = max(hi for _, hi in ranges.values())
-    iso = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))  # noqa: E731
-    return {"start_ts": start, "end_ts": end, "start": iso(start), "end": iso(end), "split_ts": split_ts}
+    out = {"start_ts": start, "end_ts": end, "start": _iso(start), "end": _iso(end), "split_ts": split_ts}
+    if calibration_ts:
+        out["calibration_ts"] = calibration_ts
+    return out
+
+
+def _split_ranges(splits: dict[str, pd.DataFrame]) -> dict:
+    """Per split: the plant time its windows cover (first window start, last window end)."""
+    out = {}
+    for name, df in splits.items():
+        if len(df):
+            lo, hi = float(df["start_ts"].min()), float(df["end_ts"].max())
+            out[name] = {"start_ts": lo, "end_ts": hi, "start": _iso(lo), "end": _iso(hi)}
+    return out
 
 
 def _count_rows(lake: Lake, table: str) -> int:

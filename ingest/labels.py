@@ -14,10 +14,17 @@ machine has an unknown outcome: it is *held back* (not labelled ``ok``) and all 
 windows are, even those whose failure already happened, so the tail of the data is
 not skewed towards failures.
 
-Split per machine over its plant-time range ``[t0, t1]``: ``split = t0 + (1 - f)(t1 - t0)``.
-Evaluation holds the windows starting at or after ``split``; training holds windows
-whose label horizon ends at or before it (``end_ts + h <= split``).  Windows in
-between are *purged*: their labels come from evaluation-period events (leakage).
+Split per machine over its plant-time range ``[t0, t1]``, three ways by time: with eval
+fraction ``e`` and calibration fraction ``c``, ``eval_split = t0 + (1 - e)(t1 - t0)`` and
+``cal_split = t0 + (1 - e - c)(t1 - t0)``::
+
+    train:        end_ts + h <= cal_split
+    calibration:  start_ts >= cal_split  and  end_ts + h <= eval_split
+    eval:         start_ts >= eval_split
+
+Windows in between are *purged*: their labels come from the next split's events (leakage).
+Calibration (where a model's operating point is chosen) and evaluation (where the gate
+scores) never train; with ``c = 0`` there is no calibration split.
 """
 
 from __future__ import annotations
@@ -70,26 +77,33 @@ def label_windows(windows: pd.DataFrame, events: pd.DataFrame, horizon_s: float,
 
 
 def split_windows(labeled: pd.DataFrame, ranges: dict[tuple[str, str], tuple[float, float]],
-                  eval_fraction: float, horizon_s: float) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Train/eval by time per machine, purging windows whose labels reach into evaluation."""
+                  eval_fraction: float, horizon_s: float, calibration_fraction: float = 0.0,
+                  ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """(train, calibration, eval, stats) by time per machine, purging windows whose labels reach
+    into the next split."""
     if len(labeled) == 0:
         empty = labeled.drop(columns=["known"], errors="ignore")
-        return empty, empty.copy(), {"held_back": 0, "purged": 0, "split_ts": {}}
+        return empty, empty.copy(), empty.copy(), {"held_back": 0, "purged": 0, "split_ts": {}, "calibration_ts": {}}
     keys = list(zip(labeled["line"], labeled["machine"]))
     split_ts = {k: lo + (1.0 - eval_fraction) * (hi - lo) for k, (lo, hi) in ranges.items()}
+    cal_ts = {k: lo + (1.0 - eval_fraction - calibration_fraction) * (hi - lo) for k, (lo, hi) in ranges.items()}
     split = np.array([split_ts.get(k, np.inf) for k in keys])
+    cal = np.array([cal_ts.get(k, np.inf) for k in keys])
     known = labeled["known"].to_numpy()
     start = labeled["start_ts"].to_numpy()
     end = labeled["end_ts"].to_numpy()
     is_eval = known & (start >= split)
-    is_train = known & (end + horizon_s <= split)
+    is_cal = known & (start >= cal) & (end + horizon_s <= split) if calibration_fraction > 0 else np.zeros_like(known)
+    is_train = known & (end + horizon_s <= cal)
     stats = {
         "held_back": int((~known).sum()),
-        "purged": int((known & ~is_eval & ~is_train).sum()),
+        "purged": int((known & ~is_eval & ~is_cal & ~is_train).sum()),
         "split_ts": {f"{k[0]}/{k[1]}": float(v) for k, v in sorted(split_ts.items())},
+        "calibration_ts": ({f"{k[0]}/{k[1]}": float(v) for k, v in sorted(cal_ts.items())}
+                           if calibration_fraction > 0 else {}),
     }
     cols = [c for c in labeled.columns if c != "known"]
-    return labeled.loc[is_train, cols], labeled.loc[is_eval, cols], stats
+    return labeled.loc[is_train, cols], labeled.loc[is_cal, cols], labeled.loc[is_eval, cols], stats
 
 
 def downsample_ok(train: pd.DataFrame, ok_per_failure: float | None, seed: int) -> pd.DataFrame:

@@ -25,13 +25,22 @@ def snapshot_metrics(manifest: dict) -> dict[str, float]:
         "data.events": e["unique"], "data.duplicates_removed": e["duplicates_removed"],
         "data.deadletter": e["deadletter_rows"],
     }
+    if "calibration" in w:
+        metrics["data.windows_calibration"] = w["calibration"]
+    prefix = {"train": "data.label_", "eval": "data.eval_label_", "calibration": "data.calibration_label_"}
     for split, counts in manifest["counts"].items():
         for label, n in counts.items():
-            metrics[f"data.label_{label}" if split == "train" else f"data.eval_label_{label}"] = n
+            metrics[f"{prefix[split]}{label}"] = n
     return {k: float(v) for k, v in metrics.items()}
 
 
-def log_snapshot(snap, train: pd.DataFrame, evaluation: pd.DataFrame, run_id: str | None = None) -> str:
+def snapshot_ranges(manifest: dict) -> dict[str, str]:
+    """``data.range.<split>`` params: the plant time each split's windows cover (ISO start/end)."""
+    return {f"data.range.{split}": f"{r['start']}/{r['end']}" for split, r in manifest.get("ranges", {}).items()}
+
+
+def log_snapshot(snap, train: pd.DataFrame, evaluation: pd.DataFrame, run_id: str | None = None,
+                 calibration: pd.DataFrame | None = None) -> str:
     """Log the snapshot to run ``run_id`` (default: the active run); returns the run id."""
     import mlflow
     from mlflow.entities import DatasetInput, InputTag, Metric
@@ -44,8 +53,10 @@ def log_snapshot(snap, train: pd.DataFrame, evaluation: pd.DataFrame, run_id: st
         run_id = active.info.run_id
     client = mlflow.MlflowClient()
     inputs = []
-    for df, context, path, split in ((train, "training", snap.train_path, "train"),
-                                     (evaluation, "evaluation", snap.eval_path, "eval")):
+    splits = [(train, "training", snap.train_path, "train"), (evaluation, "evaluation", snap.eval_path, "eval")]
+    if calibration is not None and "calibration" in snap.manifest["split_hashes"]:
+        splits.append((calibration, "calibration", snap.split_path("calibration"), "calibration"))
+    for df, context, path, split in splits:
         digest = snap.manifest["split_hashes"][split][:32]
         with warnings.catch_warnings():  # MLflow's hints on source kinds and integer columns do not apply
             warnings.simplefilter("ignore", UserWarning)
@@ -58,4 +69,6 @@ def log_snapshot(snap, train: pd.DataFrame, evaluation: pd.DataFrame, run_id: st
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in snapshot_metrics(snap.manifest).items()])
     client.set_tag(run_id, "flywheel.dataset_id", snap.dataset_id)
+    for key, value in snapshot_ranges(snap.manifest).items():
+        client.log_param(run_id, key, value)
     return run_id

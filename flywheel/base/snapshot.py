@@ -3,8 +3,9 @@
 A snapshot is a directory the dataset builder (``ingest.dataset``) writes under the lake::
 
     <lake>/datasets/<dataset_id>/train.parquet   one row per window (readings JSON, label, ...)
+    <lake>/datasets/<dataset_id>/calibration.parquet   (when built with a calibration split)
     <lake>/datasets/<dataset_id>/eval.parquet
-    <lake>/datasets/<dataset_id>/manifest.json   dataset_id, content_hash, counts, window, ...
+    <lake>/datasets/<dataset_id>/manifest.json   dataset_id, content_hash, splits, counts, window, ...
 
 The lake may be a local directory or any ``pyarrow.fs`` URI (``s3://bucket/prefix`` with the
 usual ``AWS_*`` variables for MinIO), so a snapshot is named by a path or a URI:
@@ -25,7 +26,8 @@ from dataclasses import dataclass, field
 
 from flywheel.base.errors import FlywheelError
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval")                      #: every snapshot has these
+OPTIONAL_SPLITS = ("calibration",)              #: these when the manifest's ``splits`` lists them
 
 
 class SnapshotError(FlywheelError, ValueError):
@@ -45,10 +47,17 @@ class Snapshot:
     def content_hash(self) -> str:
         return str(self.manifest.get("content_hash", ""))
 
+    def has_split(self, split: str) -> bool:
+        return split in SPLITS or split in self.manifest.get("splits", ())
+
     def split_path(self, split: str) -> str:
-        if split not in SPLITS:
-            raise SnapshotError(f"a snapshot has splits {', '.join(SPLITS)}, not {split!r}")
-        return self.train_path if split == "train" else self.eval_path
+        if split not in SPLITS + OPTIONAL_SPLITS:
+            raise SnapshotError(f"a snapshot has splits {', '.join(SPLITS + OPTIONAL_SPLITS)}, not {split!r}")
+        if split == "train":
+            return self.train_path
+        if split == "eval":
+            return self.eval_path
+        return posixpath.join(posixpath.dirname(self.train_path), f"{split}.parquet")
 
     def read(self, split: str = "train"):
         """One split as a pandas DataFrame."""
@@ -58,6 +67,9 @@ class Snapshot:
         try:
             return pq.read_table(path, filesystem=self._fs()).to_pandas()
         except FileNotFoundError:
+            if split in OPTIONAL_SPLITS:
+                raise SnapshotError(f"{self.path} has no {split}.parquet although its manifest lists it: "
+                                    "rebuild the snapshot with `flywheel dataset build`") from None
             raise SnapshotError(f"{self.path} has no {split}.parquet: a snapshot needs train.parquet and "
                                 "eval.parquet (build one with `flywheel dataset build`)") from None
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files

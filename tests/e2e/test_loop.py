@@ -26,14 +26,19 @@ def test_every_turn_ran_and_was_recorded(campaign):
     assert t0["factory"]["failures"] > 0
     # turn 1: a snapshot was built, a model trained, gated and promoted, then served
     assert t1["dataset_id"] and t1["data"]["windows_train"] > 0 and t1["data"]["windows_eval"] > 0
+    assert t1["data"]["windows_calibration"] > 0
     assert t1["promoted"] is True and t1["champion_version"] == t1["challenger_version"]
-    assert 0.0 <= t1["eval"]["eval.macro_f1"] <= 1.0
+    # promoted with confidence: the interval of its gain over no model clears the margin
+    gate = t1["gate"]
+    assert gate["gate.ci_low"] > 0.01 and gate["gate.ci_low"] <= gate["gate.diff"] <= gate["gate.ci_high"]
+    assert gate["gate.n_failure_windows"] >= 5 and "gate.ci_low" in t1["gate_reason"]
     for rec in (t0, t1):
         assert set(rec["baselines"]) == {"run_to_failure", "fixed_interval", "oracle"}
         assert rec["wall_s"]["turn"] > 0
-    # the served model asked for maintenance at its own operating point, fixed when it was promoted
+    # the served model asked for maintenance at its own operating point, chosen on the calibration
+    # split (not on eval, where the gate scored it) and fixed when it was promoted
     assert t1["bridge_threshold"] == state["thresholds"][str(t1["champion_version"])] == \
-        t1["eval"]["eval.risk_threshold"]
+        t1["calibration"]["calibration.risk_threshold"]
     assert 0.0 < t1["bridge_threshold"] <= 1.0
     # after the last turn, every turn's model (turn 0: none) is scored on the same held-out data
     held_out = state["holdout"]
@@ -55,6 +60,17 @@ def test_simulator_received_maintenance_commands_from_the_served_model(campaign)
     assert t1["sim"]["bridge"]["predictions"] > 0
     assert t1["sim"]["commands_applied"] > 0
     assert t1["factory"]["maintenance_needed"] + t1["factory"]["maintenance_unneeded"] > 0
+
+
+def test_the_served_model_makes_the_plant_better_than_run_to_failure(campaign):
+    """The outcome, not a range: in the same period, the plant the model drove beat run-to-failure,
+    closed part of the gap to the oracle, and the lockstep never timed out."""
+    _, _, state, _ = campaign
+    t1 = state["turns"][1]
+    assert t1["factory"]["oee"] > t1["baselines"]["run_to_failure"]["oee"]
+    assert t1["factory"]["failures"] < t1["baselines"]["run_to_failure"]["failures"]
+    assert 0.0 < t1["gap_closed"] <= 1.0
+    assert t1["sim"]["lockstep_timeouts"] == 0 and t1["sim"]["lockstep_waits"] > 0
 
 
 def test_mlflow_holds_parent_and_child_runs_and_the_champion(campaign):
@@ -84,6 +100,7 @@ def test_report_files_exist(campaign):
     _, workdir, state, report = campaign
     assert report.is_file() and "| turn |" in report.read_text() and "macro-F1 held-out" in report.read_text()
     assert "## LoRA vs trees vs no model" in report.read_text() and "### On the held-out data" in report.read_text()
+    assert "## The gate" in report.read_text() and "| 1 | v1 | +" in report.read_text()
     for png in ("oee.png", "downtime.png", "model_quality.png", "wall_time.png"):
         p = report.parent / png
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG"

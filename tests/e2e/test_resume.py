@@ -168,7 +168,7 @@ def test_champion_is_the_reruns_model_at_its_own_operating_point(resumed):
     uri = f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
     mine = get_version(uri, "fault-detector", str(t1["challenger_version"]))
     assert mine.run_id == t1["run_id"]
-    assert float(mine.tags[THRESHOLD_TAG]) == t1["eval"]["eval.risk_threshold"]
+    assert float(mine.tags[THRESHOLD_TAG]) == t1["calibration"]["calibration.risk_threshold"]
     for a in t1["aborted_attempts"]:
         for v in a["abandoned_versions"]:
             mv = get_version(uri, "fault-detector", v)

@@ -23,7 +23,8 @@ def fast_config(tmp_path, **kw):
 def snapshot_dir(tmp_path_factory):
     from finetune.synthetic import write_snapshot
 
-    return str(write_snapshot(tmp_path_factory.mktemp("snap") / "ds-synth", n_train=400, n_eval=100, seed=1))
+    return str(write_snapshot(tmp_path_factory.mktemp("snap") / "ds-synth", n_train=400, n_eval=100, seed=1,
+                              n_calibration=100))
 
 
 @pytest.fixture(scope="session")

@@ -98,3 +98,102 @@ def test_risk_threshold_is_the_best_f1_cut_and_prefers_fewer_alarms():
     m = score(probs, ["TWF", "ok", "ok"]).metrics
     assert m["eval.risk_threshold"] == 0.95 and m["eval.f1_any_failure"] == 1.0
     assert "eval.risk_threshold" not in score(probs, ["ok", "ok", "ok"]).metrics
+
+
+# -- the bootstrap gate --------------------------------------------------------------------------
+
+def _plant_split(n_machines=4, per_machine=40, seed=0):
+    """Eval windows of a few machines, failures in runs of consecutive windows (as in a plant)."""
+    rng = np.random.default_rng(seed)
+    truth, machines, starts = [], [], []
+    for m in range(n_machines):
+        labels = ["ok"] * per_machine
+        for start in rng.choice(np.arange(0, per_machine - 4, 8), size=2, replace=False):
+            labels[start:start + 4] = ["TWF"] * 4
+        truth += labels
+        machines += [f"M{m}"] * per_machine
+        starts += [float(t * 900) for t in range(per_machine)]
+    return truth, machines, starts
+
+
+def test_numpy_bootstrap_metrics_match_the_reported_metrics():
+    from finetune.bootstrap import BOOTSTRAP_METRICS, OK
+
+    rng = np.random.default_rng(3)
+    truth = list(rng.choice(["ok", "ok", "ok", "TWF", "HDF", "PWF"], size=120))
+    probs = rng.dirichlet(np.ones(len(LABELS)) * 0.7, size=120)
+    reported = score(probs, truth).metrics
+    t = np.array([LABELS.index(x) for x in truth])
+    for name, fn in BOOTSTRAP_METRICS.items():
+        assert fn(t, probs.argmax(axis=1), 1.0 - probs[:, OK]) == pytest.approx(reported[name], abs=1e-12), name
+
+
+def test_blocks_are_consecutive_windows_of_one_machine_in_time_order():
+    from finetune.bootstrap import blocks
+
+    machines = ["B", "A", "B", "A", "A", "B", "A"]
+    starts = [30.0, 20.0, 10.0, 0.0, 10.0, 20.0, 30.0]
+    got = [b.tolist() for b in blocks(machines, starts, 3)]
+    assert got == [[3, 4, 1], [6], [2, 5, 0]]
+
+
+def test_bootstrap_gate_refuses_a_hair_and_promotes_a_clear_win_deterministically():
+    from finetune.bootstrap import paired_block_bootstrap
+
+    truth, machines, starts = _plant_split()
+    champion_pred = list(truth)
+    for i in range(0, len(truth), 16):         # the champion misses one window in sixteen ...
+        champion_pred[i] = "ok" if truth[i] != "ok" else "TWF"
+    hair = list(champion_pred)
+    hair[0], hair[16] = truth[0], truth[16]     # ... a hair better: two windows more right
+    clear = list(truth)                         # ... clearly better: every window right
+    champion = onehot(champion_pred, 0.9)
+
+    def gate(pred):
+        challenger = onehot(pred, 0.9)
+        est = paired_block_bootstrap("eval.macro_f1", truth, challenger, champion, machines, starts,
+                                     block_windows=8, replicates=400, seed=7)
+        decision = decide(score(challenger, truth).metrics, score(champion, truth).metrics, None,
+                          metric="eval.macro_f1", margin=0.01, min_eval_windows=20, eval_labels=set(truth),
+                          estimate=est, n_failure_windows=sum(t != "ok" for t in truth), min_failure_windows=5)
+        return est, decision
+
+    est, refused = gate(hair)
+    assert est.diff > 0.01 and est.ci_low <= 0.01      # the point estimate would have promoted it
+    assert not refused.promoted and "gate.ci_low" in refused.reason and "does not clear" in refused.reason
+    est2, promoted = gate(clear)
+    assert est2.ci_low > 0.01 and promoted.promoted
+    assert gate(hair)[0] == est                          # the same seed, the same interval
+
+
+def test_blocks_widen_the_interval_on_autocorrelated_windows():
+    """Failures come in runs: resampling single windows would claim more confidence than there is."""
+    from finetune.bootstrap import paired_block_bootstrap
+
+    truth, machines, starts = _plant_split(n_machines=6, per_machine=64, seed=1)
+    rng = np.random.default_rng(2)
+    champion = onehot(["ok"] * len(truth), 0.6)
+    pred = [t if rng.random() < 0.7 else "ok" for t in truth]
+    challenger = onehot(pred, 0.9)
+    widths = {}
+    for block in (1, 8):
+        est = paired_block_bootstrap("eval.f1_any_failure", truth, challenger, champion, machines, starts,
+                                     block_windows=block, replicates=400, seed=0)
+        widths[block] = est.ci_high - est.ci_low
+    assert widths[8] > widths[1]
+
+
+def test_gate_refuses_too_few_failure_windows_and_names_the_count():
+    d = decide({"eval.n_windows": 100, "eval.macro_f1": 0.9}, None, {"eval.macro_f1": 0.3},
+               metric="eval.macro_f1", margin=0.01, min_eval_windows=20, eval_labels={"ok", "TWF"},
+               n_failure_windows=3, min_failure_windows=5)
+    assert not d.promoted and "3 failure windows (gate.n_failure_windows)" in d.reason
+
+
+def test_a_gate_metric_the_bootstrap_cannot_resample_is_a_config_error():
+    from finetune import TrainConfig
+    from flywheel.base.config import ConfigError
+
+    with pytest.raises(ConfigError, match="cannot be bootstrapped.*gate_bootstrap=0"):
+        TrainConfig(gate_metric="eval.loss")
+    assert TrainConfig(gate_metric="eval.loss", gate_bootstrap=0).gate_bootstrap == 0

@@ -83,6 +83,50 @@ def test_low_precision_path_on_cpu(snapshot_dir, tmp_path):
     assert metrics["train.steps"] == 3 and torch.isfinite(torch.tensor(metrics["train.loss_end"]))
 
 
+def test_cpu_mixed_precision_keeps_fp32_weights_runs_bf16_matmuls_and_is_recorded(snapshot_dir, tmp_path):
+    """precision=bf16 on a CPU: weights stay fp32, autocast runs the matmuls in bf16; training
+    records it with the adapter, and inference in bf16 moves probabilities only slightly."""
+    import numpy as np
+
+    from finetune.evaluate import load_adapter_model
+    from finetune.model import pick_device, predict_proba, read_adapter_meta
+
+    spec = pick_device("cpu", "bf16")
+    assert (spec.dtype_name, spec.compute_name, spec.precision) == ("float32", "bfloat16", "bf16")
+    with spec.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    trainable, frozen, metrics = _bf16_run(snapshot_dir, tmp_path / "w", spec)
+    assert trainable == frozen == {torch.float32} and metrics["train.steps"] == 3
+
+    cfg = fast_config(tmp_path / "p", max_steps=3, batch_size=4, precision="bf16")
+    adapter = train_plain(snapshot_dir, cfg, tmp_path / "adapter", progress=False).adapter_dir
+    assert read_adapter_meta(adapter)["trained_on"] == {"device": "cpu", "precision": "bf16"}
+
+    texts = ["milling. vib 2.1 normal flat. temp 301 K rising.", "pump. flow 12 low falling."] * 4
+    fp32 = pick_device("cpu", "fp32")
+    model, tok, _ = load_adapter_model(adapter, fp32)
+    exact = predict_proba(model, tok, texts, device=fp32)
+    mixed = predict_proba(model, tok, texts, device=spec)
+    assert np.allclose(mixed.sum(axis=1), 1.0, atol=1e-5)
+    assert 0 < np.abs(mixed - exact).max() < 0.05     # bf16 really ran, and stays close
+
+
+def test_precision_names_are_checked_where_they_are_set():
+    from finetune import TrainConfig
+    from finetune.model import ModelError, cpu_has_native_bf16, pick_device
+    from flywheel.base.config import ConfigError
+    from serve.config import ServeConfig
+
+    assert pick_device("cpu", "auto").precision == ("bf16" if cpu_has_native_bf16() else "fp32")
+    assert pick_device("cpu", "fp32").precision == "fp32"
+    with pytest.raises(ModelError, match="precision must be one of auto, fp32, bf16, got 'fp16'"):
+        pick_device("cpu", "fp16")
+    with pytest.raises(ConfigError, match="precision should be one of auto, fp32, bf16"):
+        TrainConfig(precision="half")
+    with pytest.raises(ConfigError, match="precision should be auto, fp32 or bf16"):
+        ServeConfig(precision="half")
+
+
 @pytest.mark.gpu
 def test_bf16_path_on_gpu(snapshot_dir, tmp_path):
     from finetune.model import pick_device

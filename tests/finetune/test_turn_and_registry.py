@@ -107,6 +107,38 @@ def test_the_turn_trains_the_tree_reference_and_logs_it_to_the_same_run(registry
         fetch_reference_model(uri, run.info.run_id, tmp_path / "none", family="xgb")
 
 
+def test_the_operating_point_is_chosen_on_calibration_and_never_sees_eval(registry, snapshot_dir, tmp_path):
+    """By construction: the threshold is the best-F1 cut on the calibration split's risks, the
+    same whatever the eval split holds; the version carries it and the gate's interval."""
+    from finetune.data import load_snapshot
+    from finetune.evaluate import best_f1_threshold, evaluate_adapter_report
+    from finetune.model import pick_device
+    from finetune.registry import THRESHOLD_TAG
+    from finetune.turn import operating_point
+
+    uri, o = registry
+    config = fast_config(tmp_path)
+    device = pick_device("auto", config.precision)
+    snap = load_snapshot(snapshot_dir)
+    cal = evaluate_adapter_report(o.adapter_dir, snap.calibration, 64, device)
+    risk = 1.0 - cal.probs[:, LABELS.index("ok")]
+    expected, _ = best_f1_threshold(risk, (snap.calibration["label"] != "ok").to_numpy())
+    chosen = o.calibration_metrics["calibration.risk_threshold"]
+    assert chosen == pytest.approx(expected) and chosen != o.challenger_metrics["eval.risk_threshold"]
+    assert get_version(uri, "fault-detector", o.version).tags[THRESHOLD_TAG] == repr(float(chosen))
+    assert 0 < o.calibration_metrics["eval.f1_at_operating_point"] <= o.challenger_metrics["eval.f1_any_failure"]
+    # another eval split (labels flipped), the same operating point
+    flipped = snap.eval.assign(label=np.where(snap.eval["label"] == "ok", "TWF", "ok"))
+    other = type(snap)(**{**{f: getattr(snap, f) for f in ("dataset_id", "path", "manifest", "train_path",
+                                                           "eval_path", "fs", "train", "calibration")},
+                          "eval": flipped})
+    report = evaluate_adapter_report(o.adapter_dir, flipped, 64, device)
+    assert operating_point(o.adapter_dir, other, report, config, device)["calibration.risk_threshold"] == chosen
+    # the gate's evidence went with it
+    assert {"gate.diff", "gate.ci_low", "gate.ci_high", "gate.n_failure_windows"} <= set(o.gate_metrics)
+    assert o.gate_metrics["gate.ci_low"] > 0.01 and "gate.ci_low" in o.reason
+
+
 def test_worse_challenger_is_refused_then_rollback(registry, snapshot_dir, tmp_path):
     """A model trained one step on shuffled labels must not replace a good champion."""
     from finetune import train_and_register

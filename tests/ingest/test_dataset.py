@@ -79,6 +79,17 @@ def test_snapshot_labels_splits_and_manifest(first_snapshot, plant):
         last_seen = max(x.ts for x in plant if x.machine == name and x.ts < T0 + 38 * 3600)
         assert (ev["end_ts"] + 3600 <= last_seen).all()
     assert m["windows"]["held_back"] >= 2 * 5 and m["windows"]["purged"] > 0
+    # the third split: calibration, between train and eval, with purge gaps; the manifest's ranges
+    calibration = snap.read("calibration")
+    assert m["splits"] == ["train", "eval", "calibration"] and m["windows"]["calibration"] == len(calibration) > 0
+    for machine, cal_ts in m["plant_time"]["calibration_ts"].items():
+        line, name = machine.split("/")
+        tr = train[(train["machine"] == name) & (train["line"] == line)]
+        ca = calibration[(calibration["machine"] == name) & (calibration["line"] == line)]
+        assert (tr["end_ts"] + 3600 <= cal_ts).all() and (ca["start_ts"] >= cal_ts).all()
+        assert (ca["end_ts"] + 3600 <= m["plant_time"]["split_ts"][machine]).all()
+    assert m["ranges"]["train"]["end_ts"] <= m["ranges"]["eval"]["end_ts"]
+    assert m["ranges"]["calibration"]["start_ts"] == calibration["start_ts"].min()
     assert m["events"]["duplicates_removed"] == 0
     assert m["events"]["unique"] == sum(1 for x in plant if x.ts < T0 + 38 * 3600)
     assert len(m["source_files"]["telemetry"]) > 0 and m["parent"] is None

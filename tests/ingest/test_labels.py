@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 from ingest_plantgen import Incident, day_start, stream
 
 from flywheel.base import contract
@@ -17,7 +18,9 @@ def _frames(messages):
     tel = [m for m in messages if isinstance(m, contract.Telemetry)]
     win = pd.DataFrame([w.__dict__ for w in windows(tel, CFG)])
     ev = pd.DataFrame([contract.to_dict(m) for m in messages if isinstance(m, contract.MachineEvent)])
-    max_ts = {("l1", "m1"): max(m.ts for m in messages)}
+    max_ts = {}
+    for m in messages:
+        max_ts[(m.line, m.machine)] = max(max_ts.get((m.line, m.machine), m.ts), m.ts)
     return win, ev, max_ts
 
 
@@ -55,7 +58,7 @@ def test_unknown_outcomes_are_held_back_not_ok():
     last = max_ts[("l1", "m1")]
     assert set(out.loc[~out["known"], "end_ts"]) == {e for e in out["end_ts"] if e + 3600 > last}
     assert (~out["known"]).sum() >= 5
-    train, evaluation, stats = split_windows(out, {("l1", "m1"): (T0, last)}, 0.2, CFG.horizon_s)
+    train, _, evaluation, stats = split_windows(out, {("l1", "m1"): (T0, last)}, 0.2, CFG.horizon_s)
     assert stats["held_back"] == (~out["known"]).sum()
     assert ((train["end_ts"] + 3600 <= last).all() and (evaluation["end_ts"] + 3600 <= last).all())
 
@@ -67,7 +70,8 @@ def test_split_is_by_time_purges_the_boundary_and_nothing_leaks():
     win, ev, max_ts = _frames(msgs)
     out = label_windows(win, ev, CFG.horizon_s, max_ts)
     lo, hi = T0, max_ts[("l1", "m1")]
-    train, evaluation, stats = split_windows(out, {("l1", "m1"): (lo, hi)}, 0.2, CFG.horizon_s)
+    train, calibration, evaluation, stats = split_windows(out, {("l1", "m1"): (lo, hi)}, 0.2, CFG.horizon_s)
+    assert len(calibration) == 0 and stats["calibration_ts"] == {}   # no calibration fraction, no split
     split = stats["split_ts"]["l1/m1"]
     assert split == lo + 0.8 * (hi - lo)
     assert (train["end_ts"] + CFG.horizon_s <= split).all()      # labels fully inside training time
@@ -84,3 +88,33 @@ def test_downsampling_ok_is_deterministic_and_train_only():
     assert (a["label"] == "ok").sum() == 10 and (a["label"] == "TWF").sum() == 5
     assert a.equals(downsample_ok(df, 2.0, seed=1))
     assert not a.equals(downsample_ok(df, 2.0, seed=2))
+
+
+def test_three_way_split_by_time_purges_both_boundaries_and_calibration_never_trains():
+    """train | purge | calibration | purge | eval, per machine by time: the operating point is
+    chosen on calibration, which neither trains nor overlaps eval."""
+    msgs = stream([("l1", "m1", "milling"), ("l1", "m2", "milling")], T0, 30 * 3600, incidents=[
+        Incident("m1", T0 + 19 * 3600 + 900, "failure", "HDF"),   # inside the calibration period
+    ])
+    win, ev, max_ts = _frames(msgs)
+    out = label_windows(win, ev, CFG.horizon_s, max_ts)
+    ranges = {k: (T0, hi) for k, hi in max_ts.items()}
+    train, calibration, evaluation, stats = split_windows(out, ranges, 0.2, CFG.horizon_s, calibration_fraction=0.2)
+    for key in ("l1/m1", "l1/m2"):
+        lo, hi = T0, max_ts[tuple(key.split("/"))]
+        assert stats["calibration_ts"][key] == pytest.approx(lo + 0.6 * (hi - lo))
+        assert stats["split_ts"][key] == pytest.approx(lo + 0.8 * (hi - lo))
+    for df, name in ((train, "train"), (calibration, "calibration"), (evaluation, "eval")):
+        assert len(df) > 0, name
+    for machine in ("m1", "m2"):
+        cal_ts, eval_ts = stats["calibration_ts"][f"l1/{machine}"], stats["split_ts"][f"l1/{machine}"]
+        t = train[train["machine"] == machine]
+        c = calibration[calibration["machine"] == machine]
+        e = evaluation[evaluation["machine"] == machine]
+        assert (t["end_ts"] + CFG.horizon_s <= cal_ts).all()                    # train labels end before calibration
+        assert (c["start_ts"] >= cal_ts).all() and (c["end_ts"] + CFG.horizon_s <= eval_ts).all()
+        assert (e["start_ts"] >= eval_ts).all()
+    keys = [set(zip(df["machine"], df["start_seq"])) for df in (train, calibration, evaluation)]
+    assert not (keys[0] & keys[1]) and not (keys[1] & keys[2]) and not (keys[0] & keys[2])
+    assert "HDF" in set(calibration["label"]) and "HDF" not in set(train["label"])
+    assert len(train) + len(calibration) + len(evaluation) + stats["purged"] + stats["held_back"] == len(out)

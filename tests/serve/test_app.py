@@ -70,6 +70,9 @@ def test_openapi_docs_health_version(app):
     assert c.health() == {"status": "ok", "version": "1"}
     v = c.version()
     assert v["version"] == "1" and v["adapters"]["pump"]["version"] == "2" and v["base_model"] == "minilm"
+    from finetune.model import pick_device
+
+    assert v["precision"] == pick_device("cpu", "auto").precision   # serve.precision=auto, on this CPU
     assert app.version() == "1"
     # /version is unauthenticated: by default it names versions, not run ids, process or config.
     assert not {"pid", "config", "replica"} & set(v) and "run_id" not in v["adapters"]["default"]
