@@ -21,7 +21,7 @@ import copy
 import hashlib
 import math
 
-from flywheel.base.contract import MachineEvent, Telemetry
+from flywheel.base.contract import FAILURE_MODES, MachineEvent, Telemetry
 
 from factory_sim.kpis import Counters
 from factory_sim.scenario import Scenario
@@ -159,7 +159,11 @@ class Machine:
         self.down_command_id = command_id
 
     def maintain(self, t: float, out: list | None, command_id: str) -> str:
-        """Start planned maintenance now; returns the inspection finding (true condition)."""
+        """Start planned maintenance now; returns the true condition (what the KPIs count).
+
+        The ``maintenance_start`` event carries what the inspection *reported*
+        (:meth:`reported_finding`), which is the true condition unless the scenario's
+        ``inspection`` makes inspections imperfect."""
         finding = self.finding(t)
         c = self.counters
         if finding == "ok":
@@ -167,9 +171,29 @@ class Machine:
         else:
             c.maintenance_needed += 1
         c.cost_eur += self.scenario.costs.planned_maintenance_eur
-        self._event(out, t, "maintenance_start", reason="planned", finding=finding, command_id=command_id)
+        self._event(out, t, "maintenance_start", reason="planned", finding=self.reported_finding(t, finding),
+                    command_id=command_id)
         self._go_down(t, "planned", self.params.maintenance_s, command_id)
         return finding
+
+    def reported_finding(self, t: float, true_finding: str) -> str:
+        """What the inspection at ``t`` reports, given the true condition.
+
+        Its randomness is a stream of its own, keyed by seed, machine and plant time: it draws
+        nothing from the machine's physics streams, so making inspections imperfect changes the
+        labels and nothing else, and a perfect inspection reports the truth without a draw."""
+        spec = self.scenario.inspection
+        if spec.perfect:
+            return true_finding
+        digest = hashlib.blake2b(f"inspection/{self.seed}/{self.machine_id}/{t:.0f}".encode(), digest_size=16).digest()
+        u_hit = int.from_bytes(digest[:8], "big") / 2.0 ** 64
+        u_mode = int.from_bytes(digest[8:], "big") / 2.0 ** 64
+        if true_finding != "ok":
+            return true_finding if u_hit < spec.sensitivity else "ok"
+        if u_hit < spec.false_finding_rate:
+            modes = FAILURE_MODES[self.kind]
+            return modes[min(int(u_mode * len(modes)), len(modes) - 1)]
+        return "ok"
 
     # ------------------------------------------------------------------ the true condition
     def _clone(self) -> "Machine":

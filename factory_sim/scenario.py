@@ -236,6 +236,35 @@ class DriftParams:
 
 
 @dataclass(frozen=True)
+class InspectionParams:
+    """How well a planned maintenance's inspection reports the machine's condition.
+
+    The defaults are a perfect inspection: it reports exactly the failure the machine would
+    have had within ``inspection_horizon_s`` (or ``ok``), which is what the labels of every
+    published result assumed. A real technician misses early damage and sometimes reports
+    wear that would not have failed in time: set ``sensitivity`` below 1 and
+    ``false_finding_rate`` above 0 to study labels with that noise. The report goes on the
+    wire (the ``finding`` of ``maintenance_start``) and into the labels; the plant's own KPIs
+    (maintenance needed / unneeded) and the oracle keep the true condition.
+    """
+
+    sensitivity: float = field(default=1.0, metadata={
+        "help": "probability (0-1) that an inspection of a machine due to fail reports that failure mode; "
+                "else it reports ok"})
+    false_finding_rate: float = field(default=0.0, metadata={
+        "help": "probability (0-1) that an inspection of a machine not due to fail reports a failure mode "
+                "of its kind (drawn uniformly); else ok"})
+
+    def __post_init__(self):
+        _prob("inspection.sensitivity", self.sensitivity)
+        _prob("inspection.false_finding_rate", self.false_finding_rate)
+
+    @property
+    def perfect(self) -> bool:
+        return self.sensitivity == 1.0 and self.false_finding_rate == 0.0
+
+
+@dataclass(frozen=True)
 class CostParams:
     planned_maintenance_eur: float = 400.0
     breakdown_eur: float = 4000.0
@@ -257,6 +286,8 @@ class Scenario:
     machines: MachineCounts = field(default_factory=MachineCounts)
     inspection_horizon_s: float = field(default=3600.0, metadata={
         "help": "a planned maintenance's finding is the failure the machine would have had within this time"})
+    inspection: InspectionParams = field(default_factory=InspectionParams, metadata={
+        "help": "how reliably an inspection reports the true condition (default: perfectly)"})
     stop_after_parts: int = field(default=0, metadata={"help": "stop by itself after this many parts (0: never)"})
     milling: MillingParams = field(default_factory=MillingParams)
     pump: PumpParams = field(default_factory=PumpParams)

@@ -226,3 +226,60 @@ def test_degradation_shows_in_the_proxies_before_failure(run_messages):
             if name in series[0].readings:
                 first_hour = [t.readings[name] for t in series[:60]]
                 assert abs(sum(first_hour) / 60 - typical) < 1.5 * spread, (mid, name)
+
+
+def _maintained_run(run_messages, **inspection):
+    """The tiny plant for a day, checked every 20 minutes: a machine due to fail is maintained,
+    and every hour one healthy machine too (the same decisions whatever the inspection reports:
+    they read the true condition)."""
+    overrides = [f"inspection.{k}={v}" for k, v in inspection.items()]
+    plant = Plant(load_scenario("tiny", overrides), seed=1)
+    msgs = []
+    for i in range(72):
+        msgs += run_messages(plant, 20 * 60)
+        running = [v for v in plant.machines if not v.down]
+        due = [v for v in running if plant._get(v.machine_id).finding(plant.now_ts) != "ok"]
+        healthy = [v for v in running if v not in due][:1] if i % 3 == 0 else []
+        for view in due + healthy:
+            plant.command(contract.Command(command_id=f"c{i}-{view.machine_id}", line=view.line,
+                                           machine=view.machine_id, command="maintain", reason="t"),
+                          sink=msgs.append)
+    return plant, msgs
+
+
+def _planned(msgs):
+    return [m for m in msgs if getattr(m, "type", None) == "maintenance_start" and m.reason == "planned"]
+
+
+def test_inspections_report_the_truth_by_default_and_can_miss_or_invent(run_messages):
+    """A perfect inspection (the default) reproduces the stream exactly; an imperfect one
+    changes only what the inspections report, never the physics or the plant's own ledger."""
+    default_plant, default = _maintained_run(run_messages)
+    _, perfect = _maintained_run(run_messages, sensitivity=1.0, false_finding_rate=0.0)
+    assert perfect == default                              # 100% / 0%: today's stream, so today's labels
+    truth = {m.event_id: m.finding for m in _planned(default)}
+    assert "ok" in truth.values() and set(truth.values()) - {"ok"}, "the run needs both kinds of inspection"
+
+    blind_plant, blind = _maintained_run(run_messages, sensitivity=0.0, false_finding_rate=1.0)
+    reported = {m.event_id: m.finding for m in _planned(blind)}
+    assert reported.keys() == truth.keys()
+    kinds = {m.machine: m.kind for m in default if isinstance(m, contract.Telemetry)}
+    machine_of = {m.event_id: m.machine for m in _planned(default)}
+    for eid, true in truth.items():
+        if true == "ok":   # every healthy machine gets a failure mode of its own kind
+            assert reported[eid] in contract.FAILURE_MODES[kinds[machine_of[eid]]]
+        else:              # every coming failure is missed
+            assert reported[eid] == "ok"
+    # everything else is the same stream: telemetry, failures, parts
+    other = [m for m in default if getattr(m, "type", None) != "maintenance_start"]
+    assert [m for m in blind if getattr(m, "type", None) != "maintenance_start"] == other
+    # the plant's own KPIs count the true condition
+    k, kb = default_plant.kpis().to_dict(), blind_plant.kpis().to_dict()
+    assert (kb["maintenance_needed"], kb["maintenance_unneeded"]) == (k["maintenance_needed"], k["maintenance_unneeded"])
+
+
+def test_inspection_parameters_are_probabilities():
+    from flywheel.base.config import ConfigError
+
+    with pytest.raises(ConfigError, match="inspection.sensitivity"):
+        load_scenario("tiny", ["inspection.sensitivity=1.5"])
