@@ -6,8 +6,8 @@ AI4I columns, and failures that scrap the part without stopping the machine (the
 data set is per part: a failure row is followed by the next part).  Its stream holds
 everything a data set row has:
 
-* a part spans the ticks since the previous ``part`` event, so its length gives the
-  product variant (2/3/5 min of cutting = L/M/H, as the tool wear increments do);
+* a ``part`` event states the part's product variant (L/M/H); a stream recorded before
+  part events carried it gives it by the part's length (2/3/5 min of cutting = L/M/H);
 * the part's first telemetry gives its temperatures, speed, torque and tool wear;
 * ``failure`` events at the part's end give its failure modes (one per mode).
 
@@ -75,7 +75,10 @@ def table(messages: Iterable[Telemetry | MachineEvent], epoch_ts: float, tick_s:
         elif msg.type == "part":
             minutes = round((msg.ts - start_ts) / 60.0)
             r = first.readings if first is not None else {}
-            rows.append(Row(variant=_VARIANT_BY_MIN.get(minutes, "?"), air_temp_k=r.get("air_temp_k", math.nan),
+            # the variant as the part event states it; a stream recorded before parts carried it:
+            # inferred from the cutting time (2/3/5 min = L/M/H)
+            variant = msg.variant or _VARIANT_BY_MIN.get(minutes, "?")
+            rows.append(Row(variant=variant, air_temp_k=r.get("air_temp_k", math.nan),
                             process_temp_k=r.get("process_temp_k", math.nan),
                             speed_rpm=r.get("rotational_speed_rpm", math.nan), torque_nm=r.get("torque_nm", math.nan),
                             # the first reading comes one tick into the part

@@ -134,7 +134,12 @@ class Machine:
         if scrap:
             c.scrap += 1
             c.cost_eur += self.scenario.costs.scrap_part_eur
-        self._event(out, t, "part", quality="scrap" if scrap else "ok")
+        self._event(out, t, "part", quality="scrap" if scrap else "ok", variant=self.part_variant())
+
+    def part_variant(self) -> str | None:
+        """The product variant of the part in progress, sent on its ``part`` event (None: the
+        machine kind has no variants)."""
+        return None
 
     # ------------------------------------------------------------------ failures and maintenance
     def _fail(self, out: list | None, t: float, modes: tuple[str, ...], stop: bool) -> None:

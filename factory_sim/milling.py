@@ -227,6 +227,9 @@ class Milling(Machine):
             r["tool_wear_min"] = float(floor(self.wear_min + 0.5))
         return r
 
+    def part_variant(self) -> str | None:
+        return VARIANTS[self.variant]   # AI4I's L/M/H: sets the part's cutting time and overstrain limit
+
     # ------------------------------------------------------------------ latent state (for tests, the Oracle)
     @property
     def latent(self) -> dict[str, float]:

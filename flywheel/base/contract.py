@@ -132,9 +132,9 @@ class MachineEvent(msgspec.Struct, frozen=True, kw_only=True):
     and, optionally, ``variant`` (the product variant L/M/H of a milled part, which sets its
     overstrain limit) for parts.
 
-    ``variant`` came in a minor version of ``event/1``: it is optional (the simulator does
-    not send it yet; a plant gateway may), producers before it never send it and consumers
-    before it ignore it.
+    ``variant`` came in a minor version of ``event/1``: it is optional (the simulator sends
+    it on every milled part; pumps have none), producers before it never send it and
+    consumers before it ignore it.
     """
 
     schema: str = "event/1"

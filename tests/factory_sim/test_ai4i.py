@@ -27,6 +27,11 @@ def stats():
     assert plant.finished and plant.parts == 10000
     rows = cal.table(msgs, sc.epoch_ts)
     assert len(rows) == 10000 and all(r.variant in "LMH" for r in rows)
+    # the variant the part events state is the one their cutting time implies (what was inferred before)
+    parts = [m for m in msgs if getattr(m, "type", None) == "part"]
+    starts = [sc.epoch_ts] + [m.ts for m in parts[:-1]]
+    implied = [{2: "L", 3: "M", 5: "H"}.get(round((p.ts - t0) / 60.0)) for p, t0 in zip(parts, starts)]
+    assert [p.variant for p in parts] == implied
     return cal.statistics(rows)
 
 

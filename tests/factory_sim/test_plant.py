@@ -283,3 +283,22 @@ def test_inspection_parameters_are_probabilities():
 
     with pytest.raises(ConfigError, match="inspection.sensitivity"):
         load_scenario("tiny", ["inspection.sensitivity=1.5"])
+
+
+def test_milled_parts_carry_their_product_variant(run_messages):
+    """(The ai4i calibration test checks that the variant matches each part's cutting time.)"""
+    plant = tiny(seed=3)
+    msgs = run_messages(plant, 12 * H)
+    parts = {}
+    for m in msgs:
+        if getattr(m, "type", None) == "part":
+            parts.setdefault(m.machine, []).append(m)
+    milled = [p for machine, ps in parts.items() if machine.startswith("mill") for p in ps]
+    assert milled and {p.variant for p in milled} == {"L", "M", "H"}
+    for machine, ps in parts.items():
+        if machine.startswith("pump"):
+            assert {p.variant for p in ps} == {None}
+            continue
+        # the wire carries it, and it decodes back
+        topic = contract.Topics("factory").for_message(ps[0])
+        assert contract.decode(topic, contract.encode(ps[0])).variant == ps[0].variant
