@@ -2,7 +2,8 @@
 
 Reads ``<workdir>/campaigns/<campaign>/state.json`` (written by the loop at every turn),
 so it needs no running service.  With several seeds (``--seeds 1,2,3``: campaigns named
-``<campaign>-s<seed>``) it plots the mean and the spread across seeds.
+``<campaign>-s<seed>``) it plots the mean and its 95% t-interval across seeds and pairs each
+seed's model with its baselines.
 
     flywheel report --workdir .flywheel                  # the demo campaign
     flywheel report --campaign drift --seeds 1,2,3
@@ -92,22 +93,43 @@ def turn_table(state: dict) -> list[dict]:
 
 
 def _series(tables: list[list[dict]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(turns, mean, half-width of the 95% t-interval) of ``key`` over the seeds' tables, per
+    turn; one table: its values and zero widths. A turn with one seed's value has no interval (nan)."""
     n = min(len(t) for t in tables)
     vals = np.array([[np.nan if t[i].get(key) is None else float(t[i][key]) for i in range(n)] for t in tables])
-    turns = np.array([tables[0][i]["turn"] for i in range(n)])
+    return np.array([tables[0][i]["turn"] for i in range(n)]), *_mean_ci(vals)
+
+
+def _mean_ci(vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means of ``vals`` (seeds x turns) and the half-widths of their 95% t-intervals."""
+    from scipy import stats
+
+    if len(vals) == 1:
+        return vals[0], np.zeros(vals.shape[1])
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a turn no seed has a value for: nan, shown as "-"
-        mean = np.nanmean(vals, axis=0) if len(tables) > 1 else vals[0]
-        std = np.nanstd(vals, axis=0) if len(tables) > 1 else np.zeros(n)
-    return turns, mean, std
+        count = np.sum(~np.isnan(vals), axis=0)
+        mean = np.nanmean(vals, axis=0)
+        sd = np.nanstd(vals, axis=0, ddof=1)
+        half = np.where(count > 1, stats.t.ppf(0.975, np.maximum(count - 1, 1)) * sd / np.sqrt(count), np.nan)
+    return mean, half
+
+
+def _interval(m: float, h: float, k: float = 1, nd: int = 3) -> str:
+    """``mean [low, high]`` (``-`` where there is no mean)."""
+    if np.isnan(m):
+        return "-"
+    if np.isnan(h):
+        return f"{m * k:.{nd}f}"
+    return f"{m * k:.{nd}f} [{(m - h) * k:.{nd}f}, {(m + h) * k:.{nd}f}]"
 
 
 def _plot_line(ax, tables, key, label, color, pct=False):
-    turns, mean, std = _series(tables, key)
+    turns, mean, half = _series(tables, key)
     k = 100 if pct else 1
     ax.plot(turns, mean * k, marker="o", label=label, color=color)
-    if len(tables) > 1:
-        ax.fill_between(turns, (mean - std) * k, (mean + std) * k, color=color, alpha=0.2)
+    if len(tables) > 1:   # the 95% t-interval of the mean over the seeds
+        ax.fill_between(turns, (mean - half) * k, (mean + half) * k, color=color, alpha=0.2)
 
 
 def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path]:
@@ -119,7 +141,7 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    seeds = f" (mean ± SD over {len(tables)} seeds)" if len(tables) > 1 else ""
+    seeds = f" (mean and 95% t-interval over {len(tables)} seeds)" if len(tables) > 1 else ""
 
     def model_vs_baselines(model_key, baseline_prefix, pct, xlabel, ylabel, what, name):
         fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -182,14 +204,37 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
 
 
 def _cell(tables: list[list[dict]], i: int, key: str, pct: bool = False, nd: int = 3) -> str:
-    """Row ``i``'s ``key``: the value (one campaign) or mean ± SD across seeds; "-" where there is none."""
+    """Row ``i``'s ``key``: the value (one campaign) or the mean and 95% t-interval across seeds;
+    "-" where there is none."""
     if len(tables) == 1:
         return fmt(tables[0][i].get(key), pct, nd)
-    _, m, s = _series(tables, key)
-    if np.isnan(m[i]):
-        return "-"
-    k, nd = (100, 1) if pct else (1, nd)
-    return f"{m[i] * k:.{nd}f} ± {s[i] * k:.{nd}f}"
+    _, m, h = _series(tables, key)
+    return _interval(m[i], h[i], *((100, 1) if pct else (1, nd)))
+
+
+def _paired(tables: list[list[dict]]) -> list[str]:
+    """Several seeds: the model's plant against each baseline, paired within each seed."""
+    if len(tables) < 2:
+        return []
+    n = min(len(t) for t in tables)
+    lines = ["## Against the baselines, paired by seed", "",
+             "Per turn, the served model's OEE minus each baseline's OEE in the same period of the same seed, "
+             "and the failures it avoided against run-to-failure: mean and 95% t-interval over the seeds "
+             "(Student's t, n-1 degrees of freedom). An interval above 0 says the model's plant beat that "
+             "policy on these seeds.", "",
+             "| turn | OEE - run-to-failure (points) | OEE - fixed interval (points) | OEE - oracle (points) | "
+             "failures avoided |", "|---|---|---|---|---|"]
+    for i in range(n):
+        cells = []
+        for p in POLICIES:
+            d = np.array([[np.nan if t[i].get("oee") is None or t[i].get(f"oee_{p}") is None
+                           else t[i]["oee"] - t[i][f"oee_{p}"]] for t in tables])
+            m, h = _mean_ci(d)
+            cells.append(_interval(m[0], h[0], 100, 1))
+        _, m, h = _series(tables, "failures_avoided")
+        cells.append(_interval(m[i], h[i], 1, 1))
+        lines.append(f"| {tables[0][i]['turn']} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _families(tables: list[list[dict]]) -> list[str]:
@@ -253,7 +298,7 @@ def _gate(tables: list[list[dict]]) -> list[str]:
 def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], title: str) -> str:
     lines = [f"# Flywheel report: {title}", ""]
     if len(tables) > 1:
-        lines += [f"Campaigns: {', '.join(names)} (mean ± SD across seeds).", ""]
+        lines += [f"Campaigns: {', '.join(names)} (mean and 95% t-interval across seeds).", ""]
     lines += ["Turn 0 runs the plant under run-to-failure to collect the first data; each later turn trains a "
               "challenger on everything collected so far, promotes it if it beats the champion, and runs the next "
               "plant period with maintenance driven by the served model. Baselines run the same periods with the "
@@ -276,12 +321,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
                     fmt(r["risk_threshold"])]
         else:
             def ms(key, pct=False, nd=3):
-                _, m, s = _series(tables, key)
-                k = 100 if pct else 1
-                if np.isnan(m[i]):
-                    return "-"
-                nd = 1 if pct else nd
-                return f"{m[i] * k:.{nd}f} ± {s[i] * k:.{nd}f}"
+                return _cell(tables, i, key, pct, nd)
             r = tables[0][i]
             vals = [r["turn"], "-", ms("windows_train", nd=0).split(" ")[0], ms("holdout_macro_f1"), ms("macro_f1"),
                     ms("auroc"), ms("oee", True),
@@ -298,6 +338,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
                   f"{fmt(last['holdout_macro_f1'])} (no model: {fmt(first['holdout_macro_f1'])}; the model served in "
                   f"turn 1: {fmt(tables[0][1]['holdout_macro_f1'])})."
                   + (f" (Campaign {names[0]}; the table above has every seed.)" if len(tables) > 1 else ""), ""]
+    lines += _paired(tables)
     lines += _families(tables)
     lines += _gate(tables)
     lines += ["## Wall time per stage (s)", ""]

@@ -52,11 +52,20 @@ def test_report_writes_markdown_and_pngs(tmp_path):
     assert [r["turn"] for r in turn_table(fake_state(0))] == [0, 1, 2]
 
 
-def test_multi_seed_report_shows_mean_and_spread(tmp_path):
+def test_multi_seed_report_shows_means_with_t_intervals_and_pairs_each_seed_with_its_baselines(tmp_path):
+    from scipy import stats
+
     for s in (1, 2, 3):
         write_state(tmp_path, f"demo-s{s}", fake_state(s))
-    md = write_report(tmp_path, "demo", seeds=[1, 2, 3], log_to_mlflow=False)
-    assert "±" in md.read_text() and "3 seeds" in md.read_text()
+    text = write_report(tmp_path, "demo", seeds=[1, 2, 3], log_to_mlflow=False).read_text()
+    assert "3 seeds" in text and "95% t-interval" in text
+    # turn 1 OEE per seed: 0.645, 0.650, 0.655 -> mean 65.0%, half-width t(0.975, 2) * 0.5 / sqrt(3) points
+    half = stats.t.ppf(0.975, 2) * 0.5 / 3 ** 0.5
+    assert f"65.0 [{65 - half:.1f}, {65 + half:.1f}]" in text
+    # paired with run-to-failure (60% on every seed): the same interval, 5 points higher than 60
+    paired = text[text.index("## Against the baselines, paired by seed"):]
+    assert f"| 1 | 5.0 [{5 - half:.1f}, {5 + half:.1f}] | 1.0 [{1 - half:.1f}, {1 + half:.1f}] | " \
+           f"-9.0 [{-9 - half:.1f}, {-9 + half:.1f}] | 3.0 [3.0, 3.0] |" in paired
 
 
 def with_families(state: dict) -> dict:
@@ -97,7 +106,7 @@ def test_a_campaign_recorded_before_the_trees_shows_dashes(tmp_path):
     for s in (1, 2):
         write_state(tmp_path, f"many-s{s}", with_families(fake_state(s)))
     text = write_report(tmp_path, "many", seeds=[1, 2], log_to_mlflow=False).read_text()
-    assert "| 1 | 250 ± 0 | 0.400 ± 0.000 | 0.460 ± 0.000 |" in text
+    assert "| 1 | 250 [250, 250] | 0.400 [0.400, 0.400] | 0.460 [0.460, 0.460] |" in text
 
 
 def test_report_without_a_campaign_says_what_to_run(tmp_path):
