@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from flywheel.base.config import ConfigError, from_dict, load, parse_duration
+from flywheel.reference import ReferenceConfig
 
 
 @dataclass
@@ -52,6 +53,8 @@ class CampaignConfig:
         "help": "ask for maintenance at each model's own operating point: the risk threshold that maximised "
                 "its any-failure F1 on the eval split it was promoted on; false: bridge.threshold for every model"})
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={
+        "help": "the reference plant every turn's models are scored on (flywheel.reference)"})
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.campaign):

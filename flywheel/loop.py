@@ -165,6 +165,7 @@ class Campaign:
         self.journal = TurnJournal(self.dir / "turn-progress.json")
         self.aborted: dict | None = None   # the dead attempt of the turn to rerun, if any
         self.timer = StageTimer(self.view.stage)   # the turn's, new each turn
+        self.reference_set = None                  # the reference plant's windows, made at the first learning turn
         self._running = contextlib.ExitStack()
 
     # -- set-up -------------------------------------------------------------
@@ -426,6 +427,7 @@ class Campaign:
                 ray_address=self.ray_address, progress=False)
         _kill_point("registered", record.turn)
         gate = GateResult.from_outcome(outcome)
+        gate.reference_plant = self.score_reference(outcome.adapter_dir)
         self.status.train_progress = gate.describe()
         if gate.promoted and gate.risk_threshold is not None:
             # A model's operating point is fixed when it wins: on the eval split it won on.
@@ -433,6 +435,47 @@ class Campaign:
         self.journal.update(stage="swap", version=gate.challenger_version, promoted=gate.promoted,
                             champion=gate.champion_version, threshold=gate.risk_threshold)
         return gate
+
+    def score_reference(self, challenger_dir: str) -> dict:
+        """The challenger and the champion it was gated against on the reference plant
+        (:mod:`flywheel.reference`): ``reference.challenger.*``, ``reference.champion.*``."""
+        import tempfile
+
+        from finetune import fetch_adapter, pick_device
+        from flywheel.reference import build_reference_set, score_on_reference
+
+        period_s = self.cfg.reference.period_s
+        if not period_s:
+            return {}
+        train = self.stages["train"]
+        with self.timer("reference", "scoring challenger and champion on the reference plant"):
+            if self.reference_set is None:
+                path = self.dir / "reference.parquet"
+                if path.is_file():
+                    import pandas as pd
+
+                    self.reference_set = pd.read_parquet(path)
+                else:
+                    self.reference_set = build_reference_set(
+                        self.scenario, seed=self.cfg.seed + self.cfg.reference.seed_offset, period_s=period_s,
+                        window=self.stages["window"])
+                    self.reference_set.to_parquet(path, index=False)
+            ref = self.reference_set
+            out = {"reference.windows": float(len(ref)),
+                   "reference.failure_windows": float((ref["label"] != "ok").sum())}
+            if not len(ref):
+                return out
+            device = pick_device("cuda" if train.use_gpu else "auto", train.precision)
+            kw = dict(batch_size=train.eval_batch_size, device=device)
+            out.update({f"reference.challenger.{k}": v
+                        for k, v in score_on_reference(ref, challenger_dir, **kw).items()})
+            turns = self.state["turns"]
+            champion = turns[-1].get("champion_version") if turns else None
+            if champion is not None:
+                with tempfile.TemporaryDirectory(dir=self.workdir.root) as tmp:
+                    adapter = fetch_adapter(self.tracking_uri, self.cfg.model_name, str(champion), tmp)
+                    out.update({f"reference.champion.{k}": v for k, v in score_on_reference(ref, adapter, **kw).items()})
+        return out
 
     def deploy(self, record: TurnRecord) -> DeployResult:
         """3. Deploy: Serve hot-swaps to whatever holds the champion alias now (turn 0: no model yet)."""

@@ -108,6 +108,8 @@ class GateResult:
     evidence: dict = field(default_factory=dict)
     #: the operating point chosen on the calibration split: ``calibration.risk_threshold``, ...
     calibration: dict = field(default_factory=dict)
+    #: challenger and champion on the reference plant: ``reference.challenger.<m>``, ``reference.champion.<m>``
+    reference_plant: dict = field(default_factory=dict)
 
     @classmethod
     def from_outcome(cls, outcome) -> "GateResult":
@@ -241,6 +243,8 @@ class TurnRecord:
                 d["gate"] = g.evidence
             if g.calibration:
                 d["calibration"] = g.calibration
+            if g.reference_plant:
+                d["reference_plant"] = g.reference_plant
         d["champion_version"] = self.champion_version
         if self.plant is not None:
             if self.plant.threshold is not None:
@@ -268,7 +272,8 @@ class TurnRecord:
                                   eval=dict(d.get("eval", {})), champion_eval=dict(d.get("champion_eval", {})),
                                   train=dict(d.get("train", {})), baseline_eval=dict(d.get("baseline_eval", {})),
                                   reference=dict(d.get("reference", {})), evidence=dict(d.get("gate", {})),
-                                  calibration=dict(d.get("calibration", {})))
+                                  calibration=dict(d.get("calibration", {})),
+                                  reference_plant=dict(d.get("reference_plant", {})))
         rec.deploy = DeployResult(d.get("champion_version"), swapped="swap" in rec.wall_s)
         rec.plant = PlantResult.from_period(d.get("sim", {}), dict(d.get("ingest", {})), dict(d.get("factory", {})),
                                             d.get("bridge_threshold"))
@@ -288,6 +293,7 @@ class TurnRecord:
             m.update(self.gate.reference)
             m.update(self.gate.evidence)
             m.update(self.gate.calibration)
+            m.update(self.gate.reference_plant)
         if self.plant is not None:
             m.update({f"factory.{k}": v for k, v in self.plant.factory.items() if isinstance(v, (int, float))})
         if self.baselines is not None:

@@ -56,6 +56,18 @@ def turn_table(state: dict) -> list[dict]:
             "gate_ci_high": rec.gate.evidence.get("gate.ci_high") if rec.gate else None,
             "gate_n_failure_windows": rec.gate.evidence.get("gate.n_failure_windows") if rec.gate else None,
             "challenger_version": rec.gate.challenger_version if rec.gate else None,
+        }
+        rp = rec.gate.reference_plant if rec.gate else {}
+        served = "challenger" if rec.gate and rec.gate.promoted else "champion"
+        row |= {
+            # the reference plant: a twin under run-to-failure that no policy touched and no model trained on
+            "ref_windows": rp.get("reference.windows"),
+            "ref_challenger_macro_f1": rp.get("reference.challenger.macro_f1"),
+            "ref_challenger_auroc": rp.get("reference.challenger.auroc_any_failure"),
+            "ref_champion_macro_f1": rp.get("reference.champion.macro_f1"),
+            "ref_champion_auroc": rp.get("reference.champion.auroc_any_failure"),
+            "ref_served_macro_f1": rp.get(f"reference.{served}.macro_f1"),
+            "ref_served_auroc": rp.get(f"reference.{served}.auroc_any_failure"),
             "windows_train": counts.get("windows_train", 0),
             "windows_eval": counts.get("windows_eval", 0),
             "macro_f1": ev.get("eval.macro_f1"),
@@ -170,6 +182,8 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
         _plot_line(ax1, tables, "trees_macro_f1", "macro-F1 of the trees (reference), the turn's eval split",
                    "#bcbd22")
     _plot_line(ax1, tables, "auroc", "AUROC (any failure), the turn's eval split", "#8c564b")
+    if any(r.get("ref_served_macro_f1") is not None for t in tables for r in t):
+        _plot_line(ax1, tables, "ref_served_macro_f1", "macro-F1 of the served model, reference plant", "#d62728")
     ax1.set(xlabel="turn", ylabel="score", ylim=(0, 1.02), title=f"{title}: model quality vs data{seeds}")
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax1.twinx()
@@ -276,6 +290,28 @@ def _families(tables: list[list[dict]]) -> list[str]:
     return lines
 
 
+def _reference_plant(tables: list[list[dict]]) -> list[str]:
+    """Per learning turn: challenger, champion and the model served next on the reference plant."""
+    n = min(len(t) for t in tables)
+    rows = [i for i in range(n) if tables[0][i]["turn"] > 0 and tables[0][i].get("ref_challenger_macro_f1") is not None]
+    if not rows:
+        return []
+    lines = ["## On the reference plant", "",
+             "A twin of the plant (same scenario, its own fixed seed) ran under run-to-failure once, before any "
+             "model; its windows, labelled like every snapshot, are the yardstick no policy touched and no model "
+             "trained on. Each turn scores its challenger and the champion it was gated against there; *served* "
+             "is whichever the gate left in charge. This is a simulator's capability: a real plant's equivalent is "
+             "a control fleet kept on fixed-interval maintenance.", "",
+             "| turn | windows | macro-F1 challenger | champion | served | AUROC challenger | champion | served |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i in rows:
+        keys = ("ref_challenger_macro_f1", "ref_champion_macro_f1", "ref_served_macro_f1", "ref_challenger_auroc",
+                "ref_champion_auroc", "ref_served_auroc")
+        lines.append(f"| {tables[0][i]['turn']} | {_cell(tables, i, 'ref_windows', nd=0)} | "
+                     + " | ".join(_cell(tables, i, k) for k in keys) + " |")
+    return lines + [""]
+
+
 def _gate(tables: list[list[dict]]) -> list[str]:
     """One campaign's gate decisions: the gain on the gate metric and its bootstrap interval."""
     rows = [r for r in tables[0] if r["challenger_version"] is not None] if len(tables) == 1 else []
@@ -339,6 +375,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
                   f"turn 1: {fmt(tables[0][1]['holdout_macro_f1'])})."
                   + (f" (Campaign {names[0]}; the table above has every seed.)" if len(tables) > 1 else ""), ""]
     lines += _paired(tables)
+    lines += _reference_plant(tables)
     lines += _families(tables)
     lines += _gate(tables)
     lines += ["## Wall time per stage (s)", ""]

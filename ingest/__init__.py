@@ -24,7 +24,7 @@ from __future__ import annotations
 from ingest.config import BuildConfig, IngestConfig
 
 __all__ = ["IngestConfig", "BuildConfig", "start_ingest", "IngestHandle", "build_snapshot", "Snapshot",
-           "check_broker_support", "Lake"]
+           "check_broker_support", "Lake", "label_windows"]
 
 
 def __getattr__(name: str):
@@ -40,6 +40,10 @@ def __getattr__(name: str):
         from ingest.lake import Lake
 
         return Lake
+    if name == "label_windows":   # the builder's label join, for windows made elsewhere (a reference plant)
+        from ingest.labels import label_windows
+
+        return label_windows
     if name in ("build_snapshot", "Snapshot"):
         from ingest import dataset
 

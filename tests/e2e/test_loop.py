@@ -49,6 +49,11 @@ def test_every_turn_ran_and_was_recorded(campaign):
     # the learning turn also trained the tree reference on its snapshot; it and no model are recorded
     assert 0.0 <= t1["reference"]["reference_model.gbdt.macro_f1"] <= 1.0
     assert t1["reference"]["reference_model.gbdt.train_s"] > 0 and "eval.macro_f1" in t1["baseline_eval"]
+    # the reference plant (a twin under run-to-failure) scored the challenger; turn 1 had no champion
+    rp = t1["reference_plant"]
+    assert rp["reference.windows"] > 0 and rp["reference.failure_windows"] > 0
+    assert "reference.challenger.macro_f1" in rp and not any(k.startswith("reference.champion.") for k in rp)
+    assert (workdir / "campaigns" / cfg.campaign / "reference.parquet").is_file()
     # ... and scored on the held-out data beside the champion (turn 0 trained nothing)
     assert 0.0 <= held_out["by_turn"]["1"]["reference_gbdt"]["eval.macro_f1"] <= 1.0
     assert "reference_gbdt" not in held_out["by_turn"]["0"] and "eval.macro_f1" in held_out["no_model"]
@@ -101,6 +106,7 @@ def test_report_files_exist(campaign):
     assert report.is_file() and "| turn |" in report.read_text() and "macro-F1 held-out" in report.read_text()
     assert "## LoRA vs trees vs no model" in report.read_text() and "### On the held-out data" in report.read_text()
     assert "## The gate" in report.read_text() and "| 1 | v1 | +" in report.read_text()
+    assert "## On the reference plant" in report.read_text()
     for png in ("oee.png", "downtime.png", "model_quality.png", "wall_time.png"):
         p = report.parent / png
         assert p.is_file() and p.read_bytes()[:4] == b"\x89PNG"
