@@ -51,7 +51,7 @@ class CampaignConfig:
     bridge: dict = field(default_factory=dict, metadata={"help": "serve.BridgeConfig fields (threshold, cooldown...)"})
     tune_threshold: bool = field(default=True, metadata={
         "help": "ask for maintenance at each model's own operating point: the risk threshold that maximised "
-                "its any-failure F1 on the eval split it was promoted on; false: bridge.threshold for every model"})
+                "its any-failure F1 on its snapshot's calibration split; false: bridge.threshold for every model"})
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={
         "help": "the reference plant every turn's models are scored on (flywheel.reference)"})

@@ -430,7 +430,7 @@ class Campaign:
         gate.reference_plant = self.score_reference(outcome.adapter_dir)
         self.status.train_progress = gate.describe()
         if gate.promoted and gate.risk_threshold is not None:
-            # A model's operating point is fixed when it wins: on the eval split it won on.
+            # A model's operating point is fixed when it wins: the one chosen on its calibration split.
             self.state.setdefault("thresholds", {})[str(gate.challenger_version)] = gate.risk_threshold
         self.journal.update(stage="swap", version=gate.challenger_version, promoted=gate.promoted,
                             champion=gate.champion_version, threshold=gate.risk_threshold)
