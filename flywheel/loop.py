@@ -471,10 +471,18 @@ class Campaign:
                         for k, v in score_on_reference(ref, challenger_dir, **kw).items()})
             turns = self.state["turns"]
             champion = turns[-1].get("champion_version") if turns else None
-            if champion is not None:
+            if champion is None:
+                return out
+            # The champion was scored on this same reference set in the turn it was the challenger.
+            earlier = next((t.get("reference_plant", {}) for t in turns
+                            if str(t.get("challenger_version")) == str(champion)), {})
+            scores = {k.removeprefix("reference.challenger."): v for k, v in earlier.items()
+                      if k.startswith("reference.challenger.")}
+            if not scores:   # it was trained before the campaign had a reference set, or elsewhere
                 with tempfile.TemporaryDirectory(dir=self.workdir.root) as tmp:
                     adapter = fetch_adapter(self.tracking_uri, self.cfg.model_name, str(champion), tmp)
-                    out.update({f"reference.champion.{k}": v for k, v in score_on_reference(ref, adapter, **kw).items()})
+                    scores = score_on_reference(ref, adapter, **kw)
+            out.update({f"reference.champion.{k}": v for k, v in scores.items()})
         return out
 
     def deploy(self, record: TurnRecord) -> DeployResult:
