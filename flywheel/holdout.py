@@ -108,8 +108,12 @@ def holdout_line(out: dict, last_turn: int) -> str:
     if last["model_version"] is None:     # the gate never promoted a model: nothing to compare
         return (f"held-out data ({out['windows']} windows): macro-F1 {first.get('eval.macro_f1', 0):.3f} "
                 "without a model; no model was promoted in this campaign")
-    trees = (last.get("reference_gbdt") or {}).get("eval.macro_f1")
+    trees = last.get("reference_gbdt") or {}
+    auroc = last.get("eval.auroc_any_failure")
     return (f"held-out data ({out['windows']} windows none of the models trained on): macro-F1 "
             f"{first.get('eval.macro_f1', 0):.3f} without a model -> "
             f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn"
-            + (f" (the trees trained in that turn: {trees:.3f})" if trees is not None else ""))
+            + (f", any-failure AUROC 0.500 -> {auroc:.3f}" if auroc is not None else "")
+            + (f" (the trees trained in that turn: macro-F1 {trees['eval.macro_f1']:.3f}"
+               + (f", AUROC {trees['eval.auroc_any_failure']:.3f}" if "eval.auroc_any_failure" in trees else "")
+               + ")" if "eval.macro_f1" in trees else ""))

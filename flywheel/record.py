@@ -24,6 +24,7 @@ The stored turn, key by key (``[...]``: only when it applies)::
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 POLICIES = ("run_to_failure", "fixed_interval", "oracle")
@@ -334,8 +335,11 @@ class TurnRecord:
         h = self.history_row()
         trees = self.gate.reference.get(f"{REFERENCE_PREFIX}gbdt.macro_f1") if self.gate else None
         ev = self.gate.evidence if self.gate else {}
-        gate = (f", gate {ev['gate.diff']:+.3f} [{ev['gate.ci_low']:+.3f}, {ev['gate.ci_high']:+.3f}]"
-                if "gate.ci_low" in ev else "")
+        metric = re.search(r"eval\.(\w+)", self.gate.reason or "") if self.gate else None
+        name = {"auroc_any_failure": "AUROC", "macro_f1": "macro-F1"}.get(metric.group(1), metric.group(1)) \
+            if metric else ""
+        gate = (f", gate {name + ' ' if name else ''}{ev['gate.diff']:+.3f} "
+                f"[{ev['gate.ci_low']:+.3f}, {ev['gate.ci_high']:+.3f}]" if "gate.ci_low" in ev else "")
         return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}"
                 + (f" (trees {fmt(trees)})" if trees is not None else "") + gate + f", AUROC {h['auroc']}, "
                 f"OEE {h['oee']} (run-to-failure {h['oee_rtf']}, oracle {h['oee_oracle']}, gap closed {h['gap']}), "
