@@ -283,7 +283,35 @@ def _train_reference(snapshot, config: TrainConfig, work: Path, client, run_id: 
         client.set_tag(run_id, f"reference_model.{family}.skipped", str(exc)[:500])
         return {}
     client.log_artifacts(run_id, model_dir, reference_artifact(family))
-    return reference_metrics(metrics, family)
+    out = reference_metrics(metrics, family)
+    out.update(_reference_operating_point(model_dir, snapshot, family))
+    return out
+
+
+def _reference_operating_point(model_dir: str, snapshot, family: str) -> dict:
+    """The reference model's operating point chosen like the challenger's, on calibration
+    (``reference_model.<family>.calibration_risk_threshold``), and its any-failure F1 there on
+    eval (``reference_model.<family>.f1_at_operating_point``); empty without a calibration split
+    with failures. (``reference_model.<family>.risk_threshold`` stays eval's best cut.)"""
+    import numpy as np
+
+    from finetune.evaluate import best_f1_threshold
+    from finetune.gbdt import evaluate_gbdt_report
+
+    cal = snapshot.calibration
+    if cal is None or not len(cal) or not len(snapshot.eval):
+        return {}
+    failing = (cal["label"] != "ok").to_numpy()
+    if failing.all() or not failing.any():
+        return {}
+    ok = LABELS.index("ok")
+    threshold, _ = best_f1_threshold(1.0 - evaluate_gbdt_report(model_dir, cal).probs[:, ok], failing)
+    risk = 1.0 - evaluate_gbdt_report(model_dir, snapshot.eval).probs[:, ok]
+    flagged, truth = risk >= threshold, (snapshot.eval["label"] != "ok").to_numpy()
+    denom = float(flagged.sum() + truth.sum())
+    return {f"reference_model.{family}.calibration_risk_threshold": float(threshold),
+            f"reference_model.{family}.f1_at_operating_point":
+                2.0 * float(np.sum(flagged & truth)) / denom if denom else 0.0}
 
 
 def train_plain_logged(snapshot, config, adapter_dir, batcher, progress, warm_dir):

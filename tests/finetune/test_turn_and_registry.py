@@ -101,6 +101,15 @@ def test_the_turn_trains_the_tree_reference_and_logs_it_to_the_same_run(registry
     model_dir = fetch_reference_model(uri, run.info.run_id, tmp_path / "ref")
     again = evaluate_gbdt_report(model_dir, f"{snapshot_dir}/eval.parquet").metrics
     assert again["eval.macro_f1"] == pytest.approx(ref["reference_model.gbdt.macro_f1"])
+    # its operating point is chosen on calibration too, like the challenger's
+    from finetune.data import load_snapshot
+    from finetune.evaluate import best_f1_threshold
+
+    snap = load_snapshot(snapshot_dir)
+    cal_risk = 1.0 - evaluate_gbdt_report(model_dir, snap.calibration).probs[:, LABELS.index("ok")]
+    expected, _ = best_f1_threshold(cal_risk, (snap.calibration["label"] != "ok").to_numpy())
+    assert ref["reference_model.gbdt.calibration_risk_threshold"] == pytest.approx(expected)
+    assert 0 < ref["reference_model.gbdt.f1_at_operating_point"] <= 1
     from finetune.model import ModelError
 
     with pytest.raises(ModelError, match=r"has no xgb reference model at reference_model/xgb"):
