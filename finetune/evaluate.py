@@ -69,6 +69,14 @@ def best_f1_threshold(risk: np.ndarray, positive: np.ndarray) -> tuple[float, fl
     return float(r[best]), float(f1[best])
 
 
+def f1_at_threshold(risk: np.ndarray, positive: np.ndarray, threshold: float) -> float:
+    """Any-failure F1 when flagging ``risk >= threshold`` (an operating point chosen elsewhere)."""
+    flagged = np.asarray(risk) >= threshold
+    positive = np.asarray(positive, dtype=bool)
+    denom = float(flagged.sum() + positive.sum())
+    return 2.0 * float((flagged & positive).sum()) / denom if denom else 0.0
+
+
 def score(probs: np.ndarray, truth: Sequence[str]) -> EvalReport:
     """All eval metrics from label probabilities (columns in LABELS order) and true labels."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score

@@ -221,7 +221,7 @@ def operating_point(adapter_dir: str, snapshot, eval_report, config: TrainConfig
     """
     import numpy as np
 
-    from finetune.evaluate import evaluate_adapter_report
+    from finetune.evaluate import evaluate_adapter_report, f1_at_threshold
 
     if snapshot.calibration is None:
         t = eval_report.metrics.get("eval.risk_threshold")
@@ -237,11 +237,7 @@ def operating_point(adapter_dir: str, snapshot, eval_report, config: TrainConfig
     out.update({"calibration.risk_threshold": t, "calibration.f1_any_failure": cal["eval.f1_any_failure"]})
     probs, truth = eval_report.probs, np.asarray([str(x) for x in snapshot.eval["label"]])
     if probs is not None and len(probs) == len(truth) and len(truth):
-        flagged = (1.0 - probs[:, LABELS.index("ok")]) >= t
-        failing = truth != "ok"
-        tp = float((flagged & failing).sum())
-        denom = float(flagged.sum() + failing.sum())
-        out["eval.f1_at_operating_point"] = 2 * tp / denom if denom else 0.0
+        out["eval.f1_at_operating_point"] = f1_at_threshold(1.0 - probs[:, LABELS.index("ok")], truth != "ok", t)
     return out
 
 
@@ -293,9 +289,7 @@ def _reference_operating_point(model_dir: str, snapshot, family: str) -> dict:
     (``reference_model.<family>.calibration_risk_threshold``), and its any-failure F1 there on
     eval (``reference_model.<family>.f1_at_operating_point``); empty without a calibration split
     with failures. (``reference_model.<family>.risk_threshold`` stays eval's best cut.)"""
-    import numpy as np
-
-    from finetune.evaluate import best_f1_threshold
+    from finetune.evaluate import best_f1_threshold, f1_at_threshold
     from finetune.gbdt import evaluate_gbdt_report
 
     cal = snapshot.calibration
@@ -307,11 +301,9 @@ def _reference_operating_point(model_dir: str, snapshot, family: str) -> dict:
     ok = LABELS.index("ok")
     threshold, _ = best_f1_threshold(1.0 - evaluate_gbdt_report(model_dir, cal).probs[:, ok], failing)
     risk = 1.0 - evaluate_gbdt_report(model_dir, snapshot.eval).probs[:, ok]
-    flagged, truth = risk >= threshold, (snapshot.eval["label"] != "ok").to_numpy()
-    denom = float(flagged.sum() + truth.sum())
     return {f"reference_model.{family}.calibration_risk_threshold": float(threshold),
             f"reference_model.{family}.f1_at_operating_point":
-                2.0 * float(np.sum(flagged & truth)) / denom if denom else 0.0}
+                f1_at_threshold(risk, (snapshot.eval["label"] != "ok").to_numpy(), threshold)}
 
 
 def train_plain_logged(snapshot, config, adapter_dir, batcher, progress, warm_dir):
