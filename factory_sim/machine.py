@@ -64,6 +64,7 @@ class Machine:
         self.counters = Counters()
         self.life_id = 0               # +1 at every restore (tool change, pump service)
         self.run_s_since_restore = 0.0
+        self.life_base = (0.0, 0, 0)    # counters (ideal_s, parts, scrap) at the last restore
         self.telemetry_count = 0
         self.last_telemetry_seq = -1
         self.last_incident: tuple[float, tuple[str, ...]] | None = None
@@ -88,6 +89,7 @@ class Machine:
                 self.down = False
                 self.down_reason = None
                 self.down_command_id = None
+                self.life_base = (c.ideal_s, c.parts, c.scrap)
                 self._restore(t)
             return
         self.counters.run_s += self.tick_s
@@ -204,11 +206,14 @@ class Machine:
     def _clone(self) -> "Machine":
         return copy.deepcopy(self, memo={id(self.scenario): self.scenario, id(self.params): self.params})
 
-    def forward_incident(self, t: float, horizon_s: float, want=None) -> tuple[float, tuple[str, ...]] | None:
+    def forward_incident(self, t: float, horizon_s: float, want=None,
+                         trace: list | None = None) -> tuple[float, tuple[str, ...]] | None:
         """The first failure incident within ``horizon_s`` after ``t`` had nobody intervened.
 
         ``want(modes)`` filters incidents (e.g. degradation only); the search stops at the first
         incident that stops the machine whether wanted or not (a repair changes everything after).
+        ``trace``, if given, receives ``(ts, ideal_s, parts, scrap)`` after every tick before the
+        incident: the copy's output since ``t`` (nominal work seconds, parts, scrapped parts).
         Runs on a copy with copied random streams, so the machine itself is untouched.
         """
         if self.down:
@@ -217,9 +222,13 @@ class Machine:
         m.last_incident = None
         steps = int(math.floor(horizon_s / self.tick_s + 1e-9))
         ts = t
+        c = m.counters
+        ideal0, parts0, scrap0 = c.ideal_s, c.parts, c.scrap
         for _ in range(steps):
             ts += self.tick_s
             m.step(ts, None)
+            if trace is not None and m.last_incident is None:
+                trace.append((ts, c.ideal_s - ideal0, c.parts - parts0, c.scrap - scrap0))
             if m.last_incident is not None:
                 inc = m.last_incident
                 if want is None or want(inc[1]):

@@ -15,7 +15,7 @@ Usage (no MQTT)::
     from factory_sim import Plant, load_scenario
     from factory_sim.policies import Oracle
     plant = Plant(load_scenario("demo"), seed=0)
-    plant.run(12 * 3600, sink=print, policy=Oracle(lead_s=1800))
+    plant.run(12 * 3600, sink=print, policy=Oracle(decision_interval_s=900))
     print(plant.kpis().to_dict())
 """
 
@@ -44,7 +44,8 @@ class SimError(FlywheelError):
 class SimCommandError(SimError):
     """A command the plant refuses (unknown machine, machine down, unknown command).
 
-    ``reason`` is a short stable code: unknown_machine, machine_down, wrong_line, bad_command.
+    ``reason`` is a short stable code: unknown_machine, machine_down, wrong_line, bad_command,
+    control_fleet.
     """
 
     def __init__(self, reason: str, message: str):
@@ -70,6 +71,7 @@ class MachineView:
     last_telemetry_seq = property(lambda self: self._m.last_telemetry_seq)
     run_s_since_restore = property(lambda self: self._m.run_s_since_restore)
     life_id = property(lambda self: self._m.life_id, doc="+1 at every restore (maintenance or repair)")
+    tick_s = property(lambda self: self._m.tick_s)
 
     @property
     def latent(self) -> dict:
@@ -82,8 +84,50 @@ class MachineView:
         inc = self._m.forward_incident(now_ts, horizon_s, want=lambda modes: bool(DEGRADATION_MODES & set(modes)))
         return None if inc is None else inc[0] - now_ts
 
+    def degradation_outlook(self, now_ts: float, horizon_s: float) -> tuple[float | None, list]:
+        """(plant time of the next degradation failure within ``horizon_s`` or None, the untouched
+        machine's output trace until then: ``(ts, ideal_s, parts, scrap)`` per tick since now).
+        Latent knowledge: the Oracle's only."""
+        trace: list = []
+        inc = self._m.forward_incident(now_ts, horizon_s, want=lambda modes: bool(DEGRADATION_MODES & set(modes)),
+                                       trace=trace)
+        return (None, []) if inc is None else (inc[0], trace)
+
+    @property
+    def life_output(self) -> tuple[float, int, int]:
+        """(nominal work seconds, parts, scrapped parts) since the last restore."""
+        m = self._m
+        c, (ideal0, parts0, scrap0) = m.counters, getattr(m, "life_base", (0.0, 0, 0))
+        return c.ideal_s - ideal0, c.parts - parts0, c.scrap - scrap0
+
+    @property
+    def maintenance_s(self) -> float:
+        return self._m.params.maintenance_s
+
+    def next_failure(self, now_ts: float, horizon_s: float) -> tuple[float, tuple[str, ...]] | None:
+        """The next failure incident of any mode within ``horizon_s`` if nobody intervenes:
+        ``(plant time, modes)``, else None.  Latent knowledge: for the baseline policies only."""
+        return self._m.forward_incident(now_ts, horizon_s)
+
     def __repr__(self) -> str:
         return f"<{self.kind} {self.machine_id} on {self.line}{' (down)' if self.down else ''}>"
+
+
+def choose_control_fleet(machines: Iterable[MachineView], share: float, seed: int) -> list[str]:
+    """A control fleet of ``share`` of each machine kind (rounded; none for 0), chosen by ``seed``."""
+    if not 0.0 <= share < 1.0:
+        raise SimError(f"control fleet share should be in [0, 1), got {share!r}")
+    import random
+
+    by_kind: dict[str, list[str]] = {}
+    for v in machines:
+        by_kind.setdefault(v.kind, []).append(v.machine_id)
+    rng = random.Random(f"control-fleet/{seed}")
+    out: list[str] = []
+    for kind in sorted(by_kind):
+        ids = sorted(by_kind[kind])
+        out += rng.sample(ids, round(share * len(ids)))
+    return sorted(out)
 
 
 class Plant:
@@ -108,6 +152,8 @@ class Plant:
         self._by_id = {m.machine_id: m for m in self._machines}
         self._views = [MachineView(m) for m in self._machines]
         self._outbox: list = []          # messages of commands applied between runs
+        self._control: frozenset[str] = frozenset()   # the control fleet (see set_control_fleet)
+        self._control_policy = None
         self._period_start_ticks = 0
         self._period_base = {m.machine_id: m.counters.copy() for m in self._machines}
 
@@ -141,6 +187,7 @@ class Plant:
         t = self.now_ts
         for m in self._machines:
             m.step(t, out)
+        self._control_tick(out)
         if sink is not None:
             for msg in out:
                 sink(msg)
@@ -152,6 +199,31 @@ class Plant:
         t = self.now_ts
         for m in self._machines:
             m.step(t, None)
+        self._control_tick(None)
+
+    # ------------------------------------------------------------------ control fleet
+    def set_control_fleet(self, machine_ids: Iterable[str], policy) -> None:
+        """Keep ``machine_ids`` on ``policy`` (e.g. today's fixed-interval maintenance) whatever else
+        runs the plant: the policy decides for them after every tick, and commands for them are
+        refused (``control_fleet``).  Their outcomes, scored apart (:meth:`group_kpis`), are what the
+        model-driven machines are compared with in the same plant and the same periods: the
+        real-plant counterpart of a baseline simulation.  Saved with :meth:`state_bytes`."""
+        ids = frozenset(machine_ids)
+        for mid in ids:
+            self._get(mid)
+        self._control, self._control_policy = ids, (policy if ids else None)
+
+    @property
+    def control_fleet(self) -> frozenset[str]:
+        return getattr(self, "_control", frozenset())
+
+    def _control_tick(self, out: list | None) -> None:
+        policy = getattr(self, "_control_policy", None)
+        if policy is None:
+            return
+        views = [v for v in self._views if v.machine_id in self._control]
+        for mid in sorted(set(policy.decide(views, self.now_ts) or ())):
+            self._maintain(self._get(mid), self._policy_command_id(policy, mid), out)
 
     def run(self, duration_s: float, sink: Callable | None = None, policy=None,
             stop: Callable[[], bool] | None = None) -> None:
@@ -194,6 +266,10 @@ class Plant:
         if cmd.command != "maintain":
             raise SimCommandError("bad_command", f"unknown command {cmd.command!r}; known: maintain")
         m = self._get(cmd.machine)
+        if cmd.machine in self.control_fleet:
+            raise SimCommandError("control_fleet", f"machine {cmd.machine!r} is in the control fleet (kept on "
+                                  f"{getattr(self._control_policy, 'name', 'its own')} maintenance): nothing else "
+                                  "commands it")
         if cmd.line != m.line:
             raise SimCommandError("wrong_line", f"machine {cmd.machine!r} is on line {m.line!r}, "
                                   f"not {cmd.line!r}")
@@ -247,6 +323,16 @@ class Plant:
     def kpis(self) -> KPIs:
         """KPIs since the last :meth:`reset_kpis` (or the start)."""
         return build_kpis("plant", (self.ticks - self._period_start_ticks) * self.tick_s, self._per_machine(True))
+
+    def group_kpis(self) -> dict[str, KPIs]:
+        """This period's KPIs of the control fleet (``control``) and of the other machines
+        (``treated``); empty without a control fleet."""
+        if not self.control_fleet:
+            return {}
+        per = self._per_machine(True)
+        period_s = (self.ticks - self._period_start_ticks) * self.tick_s
+        return {name: build_kpis(name, period_s, {k: v for k, v in per.items() if (k in self.control_fleet) == inside})
+                for name, inside in (("treated", False), ("control", True))}
 
     def cumulative_kpis(self) -> KPIs:
         return build_kpis("plant", self.ticks * self.tick_s, self._per_machine(False))

@@ -27,8 +27,10 @@ class BaselineConfig:
     fixed_interval_s: dict[str, float] = field(
         default_factory=lambda: {"milling": 9000.0, "pump": 86400.0},
         metadata={"help": "fixed-interval preventive maintenance: run time between services, per kind"})
-    oracle_lead_s: float = field(default=1800.0, metadata={
-        "help": "the oracle maintains when the true time to failure is below this (the physical limit)"})
+    oracle_lead_s: float | None = field(default=None, metadata={
+        "help": "unset (default): the oracle is the bound - perfect information, maintaining at the best of the "
+                "model's decision points (window ends) before each wear failure; a number of plant seconds: the "
+                "older, cautious oracle that maintains once the true time to failure is below it (not a bound)"})
 
 
 @dataclass
@@ -44,6 +46,10 @@ class CampaignConfig:
     topic_root: str = field(default="factory", metadata={"help": "MQTT topic root"})
     collectors: int = field(default=1, metadata={"help": "ingest collector actors"})
     lockstep_timeout_s: float = field(default=60.0, metadata={"help": "sim waits this long for the model"})
+    control_fleet: float = field(default=0.0, metadata={
+        "help": "share of each machine kind (chosen by seed) kept on fixed-interval maintenance "
+                "(baselines.fixed_interval_s) and scored apart (control.*, treated.*): the comparison a real plant "
+                "can make without a simulated baseline; 0 = none"})
     window: dict = field(default_factory=dict, metadata={"help": "flywheel.base.features.WindowConfig fields"})
     dataset: dict = field(default_factory=dict, metadata={"help": "ingest.BuildConfig fields (besides window)"})
     train: dict = field(default_factory=dict, metadata={"help": "finetune.TrainConfig fields"})
@@ -63,6 +69,8 @@ class CampaignConfig:
             raise ConfigError(f"turns should be >= 0, got {self.turns}")
         if parse_duration(self.period) <= 0:
             raise ConfigError(f"period should be a positive plant time such as 2d, got {self.period!r}")
+        if not 0.0 <= self.control_fleet < 1.0:
+            raise ConfigError(f"control_fleet should be a share in [0, 1) of each machine kind, got {self.control_fleet}")
         if self.collectors < 1:
             raise ConfigError(f"collectors should be >= 1, got {self.collectors}")
 

@@ -47,6 +47,10 @@ def parent_curve(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k in PARENT_CURVE or k.startswith(REFERENCE_PREFIX)}
 
 
+#: The KPIs logged per machine group when the plant has a control fleet (``control.*``, ``treated.*``).
+GROUP_KPIS = ("oee", "availability", "failures", "unplanned_downtime_min", "maintenance_actions", "scrap")
+
+
 def gap_closed(oee_model: float, oee_rtf: float, oee_oracle: float) -> float | None:
     """Fraction of the run-to-failure -> oracle OEE gap the model's policy has closed."""
     gap = oee_oracle - oee_rtf
@@ -191,6 +195,16 @@ class BaselineResult:
     #: run-to-failure's failures minus the plant's
     failures_avoided: int | None
 
+    @property
+    def above_bound(self) -> bool:
+        """The model's plant beat the oracle in this period (gap closed above 1).
+
+        The oracle decides on the model's grid with perfect information and the same random
+        streams, so this should not happen; when it does, either luck (a random failure that
+        depends on when a part runs, a maintenance the oracle put just before the period's end)
+        or a bug (leaked information, a broken baseline). The report flags it loudly."""
+        return self.gap_closed is not None and self.gap_closed > 1.0 + 1e-9
+
     @classmethod
     def compare(cls, kpis: dict[str, dict], factory: dict) -> "BaselineResult":
         return cls(kpis=kpis,
@@ -297,11 +311,15 @@ class TurnRecord:
             m.update(self.gate.reference_plant)
         if self.plant is not None:
             m.update({f"factory.{k}": v for k, v in self.plant.factory.items() if isinstance(v, (int, float))})
+            for group, kp in (self.plant.factory.get("groups") or {}).items():   # control fleet vs the rest
+                m.update({f"{group}.{k}": kp[k] for k in GROUP_KPIS if k in kp})
         if self.baselines is not None:
             for name, kp in self.baselines.kpis.items():
                 m.update({f"baseline.{name}.{k}": kp[k] for k in BASELINE_KPIS if k in kp})
             if self.baselines.gap_closed is not None:
                 m["factory.gap_closed"] = self.baselines.gap_closed
+                # 1.0 when the model's plant beat the oracle (the bound) in this period: see above_bound
+                m["factory.above_oracle"] = float(self.baselines.above_bound)
         if self.plant is not None and self.plant.threshold is not None:
             m["serve.risk_threshold"] = self.plant.threshold
         if self.attempt > 1 and self.aborted_attempts:

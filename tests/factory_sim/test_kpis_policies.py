@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from factory_sim import Plant, load_scenario
-from factory_sim.policies import FixedInterval, Oracle, RunToFailure
+from factory_sim.policies import FixedInterval, Oracle, PerfectRecall, RunToFailure
 
 DAY = 86400.0
 
@@ -57,21 +57,23 @@ def test_period_kpis_reset_and_cumulative():
 @pytest.mark.parametrize("scenario,days", [("tiny", 4), ("demo", 1)])
 def test_policies_rank_oracle_fixed_run_to_failure(scenario, days):
     results = {}
-    for policy in (RunToFailure(), FixedInterval({"milling": 2.5 * 3600, "pump": 20 * 3600}), Oracle(lead_s=1800)):
+    for policy in (RunToFailure(), FixedInterval({"milling": 2.5 * 3600, "pump": 20 * 3600}), Oracle()):
         plant = Plant(load_scenario(scenario), seed=0)
         plant.run(days * DAY, policy=policy)
         results[policy.name] = check_consistent(plant.kpis())
     rtf, fixed, oracle = results["run_to_failure"], results["fixed_interval"], results["oracle"]
     assert oracle["oee"] > fixed["oee"] > rtf["oee"]
-    assert oracle["failures"] < fixed["failures"] < rtf["failures"]
-    assert oracle["maintenance_unneeded"] == 0, "the oracle only maintains what would fail"
+    # Random failures (HDF/PWF/RNF) are left to chance by every policy, so only the totals of
+    # maintained vs unmaintained plants are ordered; the wear failures are below.
+    assert fixed["failures"] < rtf["failures"] and oracle["failures"] < rtf["failures"]
+    assert sum(oracle["failures_by_mode"][m] for m in ("TWF", "OSF", "BRG")) == 0, "the oracle prevents every wear failure"
     assert rtf["maintenance_actions"] == 0
 
 
 def test_policies_are_deterministic():
     a, b = Plant(load_scenario("tiny"), seed=2), Plant(load_scenario("tiny"), seed=2)
-    a.run(DAY, policy=Oracle(lead_s=1800))
-    b.run(DAY, policy=Oracle(lead_s=1800))
+    a.run(DAY, policy=Oracle(decision_interval_s=600))
+    b.run(DAY, policy=Oracle(decision_interval_s=600))
     assert a.state_bytes() == b.state_bytes()
 
 
@@ -82,3 +84,53 @@ def test_policy_arguments_are_checked():
         FixedInterval(0)
     with pytest.raises(ValueError, match="lead_s should be > 0"):
         Oracle(lead_s=-1)
+    with pytest.raises(ValueError, match="decision_interval_s should be > 0"):
+        Oracle(decision_interval_s=0)
+    with pytest.raises(ValueError, match="not both"):
+        Oracle(1800, decision_interval_s=600)
+
+
+WEAR_MODES = ("TWF", "OSF", "BRG")
+
+
+def _policies():
+    fixed = {f"fixed_{h:g}h": FixedInterval({"milling": h * 3600, "pump": 3 * h * 3600}) for h in (1.5, 2.5, 3.0)}
+    return {"run_to_failure": RunToFailure(), **fixed, "perfect_recall": PerfectRecall(horizon_s=3600, stride_s=600),
+            "oracle_600s": Oracle(decision_interval_s=600), "oracle": Oracle()}
+
+
+def test_oracle_bounds_the_other_policies_on_paired_periods():
+    """Every policy runs each period from the same plant state (the perfect-recall stand-in's, as the
+    campaign's plant is the model's) with the same random streams, so differences are paired.
+
+    What must hold in every period: the oracle has no wear failure (it sees each one coming and
+    maintains before it); run-to-failure does no better than the perfect-recall stand-in (every wear
+    failure costs a repair that the stand-in avoids); the oracle does no worse than run-to-failure.
+    Over all periods the oracle's OEE is the highest (on either decision grid).  In a single period another policy can come out
+    ahead by luck - a random HDF depends on when each part runs, and a maintenance the oracle puts
+    just before a period's end counts in that period - so per period only the above is asserted.
+    """
+    period_s = 12 * 3600.0
+    totals: dict[str, float] = {}
+    for seed in (0, 1, 2):
+        reference, stand_in = Plant(load_scenario("tiny"), seed=seed), PerfectRecall(horizon_s=3600, stride_s=600)
+        for _period in range(3):
+            start = reference.state_bytes()
+            res = {}
+            for name, policy in _policies().items():
+                plant = Plant.from_state_bytes(start)
+                plant.reset_kpis()
+                plant.run(period_s, policy=policy)
+                res[name] = check_consistent(plant.kpis())
+                totals[name] = totals.get(name, 0.0) + res[name]["oee"]
+            for name in ("oracle", "oracle_600s"):
+                assert sum(res[name]["failures_by_mode"][m] for m in WEAR_MODES) == 0, (seed, name, res[name])
+            assert res["run_to_failure"]["oee"] <= res["perfect_recall"]["oee"], seed
+            assert res["run_to_failure"]["oee"] <= res["oracle"]["oee"], seed
+            reference.reset_kpis()
+            reference.run(period_s, policy=stand_in)
+    # The oracle's plan per machine life (best output rate) is not the exact optimum of a finite
+    # period, and random failures depend on when each part runs: which grid the oracle decides on
+    # moves its total by a little either way. Both grids bound every other policy.
+    best_other = max(v for k, v in totals.items() if not k.startswith("oracle"))
+    assert totals["oracle"] >= best_other and totals["oracle_600s"] >= best_other, totals

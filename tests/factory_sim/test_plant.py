@@ -302,3 +302,38 @@ def test_milled_parts_carry_their_product_variant(run_messages):
         # the wire carries it, and it decodes back
         topic = contract.Topics("factory").for_message(ps[0])
         assert contract.decode(topic, contract.encode(ps[0])).variant == ps[0].variant
+
+
+def test_control_fleet_keeps_its_policy_refuses_commands_and_is_scored_apart(run_messages):
+    from factory_sim import FixedInterval, choose_control_fleet
+
+    plant = tiny(seed=3)
+    fleet = choose_control_fleet(plant.machines, 0.5, seed=3)
+    kinds = {v.machine_id: v.kind for v in plant.machines}
+    # half of each kind, chosen by seed: the same seed chooses the same machines
+    assert sorted(kinds[m] for m in fleet) == ["milling", "pump"] and fleet == choose_control_fleet(plant.machines, 0.5, 3)
+    assert choose_control_fleet(plant.machines, 0.0, 3) == []
+    with pytest.raises(Exception, match=r"share should be in \[0, 1\)"):
+        choose_control_fleet(plant.machines, 1.0, 3)
+    plant.set_control_fleet(fleet, FixedInterval({"milling": 1 * H, "pump": 2 * H}))
+    mill = next(m for m in fleet if kinds[m] == "milling")
+    line = plant.machine(mill).line
+    with pytest.raises(SimCommandError, match="control fleet") as err:
+        plant.command(contract.Command(command_id="x", line=line, machine=mill, command="maintain", reason="t"))
+    assert err.value.reason == "control_fleet"
+    msgs = run_messages(plant, 6 * H)
+    starts = [m for m in msgs if getattr(m, "type", None) == "maintenance_start" and m.reason == "planned"]
+    # the fixed-interval policy, and only it, maintains the control fleet; the other machines run to failure
+    assert starts and {m.machine for m in starts} <= set(fleet)
+    assert all(m.command_id.startswith("fixed_interval-") for m in starts)
+    groups = {k: v.to_dict() for k, v in plant.group_kpis().items()}
+    total = plant.kpis().to_dict()
+    assert set(groups) == {"treated", "control"}
+    for key in ("parts", "failures", "maintenance_actions"):
+        assert groups["treated"][key] + groups["control"][key] == total[key]
+    assert groups["treated"]["maintenance_actions"] == 0 and groups["control"]["maintenance_actions"] == len(starts)
+    # the fleet and its policy are part of the plant's state: a resumed plant continues identically
+    again = Plant.from_state_bytes(plant.state_bytes())
+    assert again.control_fleet == frozenset(fleet)
+    assert run_messages(again, 2 * H) == run_messages(plant, 2 * H)
+    assert tiny(seed=3).group_kpis() == {}

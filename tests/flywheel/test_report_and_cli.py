@@ -50,6 +50,34 @@ def test_report_writes_markdown_and_pngs(tmp_path):
     for png in ("oee.png", "downtime.png", "model_quality.png", "wall_time.png"):
         assert (md.parent / png).read_bytes()[:4] == b"\x89PNG"
     assert [r["turn"] for r in turn_table(fake_state(0))] == [0, 1, 2]
+    assert "beat the oracle" not in text
+
+
+def test_report_shows_the_control_fleet_against_the_model_driven_machines(tmp_path):
+    from flywheel.record import TurnRecord
+
+    state = fake_state(0)
+    for t in state["turns"]:
+        t["factory"]["groups"] = {"treated": {"oee": 0.70 + 0.02 * t["turn"], "failures": 3},
+                                  "control": {"oee": 0.66, "failures": 2}}
+    write_state(tmp_path, "demo", state)
+    text = write_report(tmp_path, "demo", log_to_mlflow=False).read_text()
+    assert "## The control fleet" in text and "| 2 | 74.0% | 66.0% | 8.0 | 3 | 2 |" in text
+    metrics = TurnRecord.from_dict(state["turns"][2]).metrics()
+    assert metrics["treated.oee"] == pytest.approx(0.74) and metrics["control.failures"] == 2
+    # without a control fleet: no section, no group metrics
+    write_state(tmp_path / "other", "demo", fake_state(0))
+    assert "control fleet" not in write_report(tmp_path / "other", "demo", log_to_mlflow=False).read_text()
+
+
+def test_report_flags_a_model_that_beat_the_oracle(tmp_path):
+    state = fake_state(0)
+    last = state["turns"][-1]
+    last["factory"]["oee"] = 0.76                 # above the oracle's 0.74
+    last["gap_closed"] = gap_closed(0.76, 0.60, 0.74)
+    write_state(tmp_path, "demo", state)
+    text = write_report(tmp_path, "demo", log_to_mlflow=False).read_text()
+    assert "WARNING: the model beat the oracle** in demo turn 2 (114.3%)" in text
 
 
 def test_multi_seed_report_shows_means_with_t_intervals_and_pairs_each_seed_with_its_baselines(tmp_path):
