@@ -17,6 +17,9 @@ Definitions (per machine, and for a line or the plant by summing the counters fi
 
 Maintenance actions are planned maintenances only, split by the inspection finding:
 *needed* (the machine would have failed within the inspection horizon) or *unneeded*.
+
+Money (:meth:`KPIs.costs`, the scenario's ``costs``): ``cost_total`` and its parts, per machine,
+line and plant, over the period.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ from dataclasses import dataclass, field
 from flywheel.base.contract import FAILURE_MODES
 
 _MODES = tuple(m for modes in FAILURE_MODES.values() for m in modes)
+#: Money, in the scenario's currency (EUR by default; ``factory_sim.scenario.CostParams``).
+#: Additive parts of ``cost_total``; ``cost_false_alarms`` is "of which" (see KPIs.to_dict).
+COST_PARTS = ("cost_failures", "cost_maintenance", "cost_scrap", "cost_unplanned_downtime", "cost_planned_downtime")
 _NUMERIC = ("run_s", "planned_down_s", "unplanned_down_s", "ideal_s", "parts", "scrap", "failures",
-            "maintenance_needed", "maintenance_unneeded", "cost_eur")
+            "maintenance_needed", "maintenance_unneeded") + COST_PARTS + ("cost_false_alarms",)
 
 
 class Counters:
@@ -59,7 +65,11 @@ class Counters:
         return {name: getattr(self, name) for name in self.__slots__}
 
     def __setstate__(self, state):
+        for name in _NUMERIC:          # a state saved before a counter existed: it starts at 0
+            setattr(self, name, 0.0)
         for k, v in state.items():
+            if k == "cost_eur":        # the single cost counter of older states: not split, dropped
+                continue
             setattr(self, k, v)
 
 
@@ -113,6 +123,18 @@ class KPIs:
     def by_machine(self) -> dict[str, "KPIs"]:
         return dict(self.machines)
 
+    def costs(self) -> dict:
+        """Money over the period: ``cost_total`` = failures (repair labour and parts per failure) +
+        maintenance (labour and parts per planned maintenance, plus ``false_alarm_eur`` for one that
+        found nothing) + scrap + lost production while broken (``cost_unplanned_downtime``) and
+        while maintained (``cost_planned_downtime``).  ``cost_false_alarms`` is the part of the
+        maintenance and planned downtime spent on machines that were not going to fail."""
+        c = self.counters
+        out = {k: float(getattr(c, k)) for k in COST_PARTS}
+        out["cost_total"] = sum(out.values())
+        out["cost_false_alarms"] = float(c.cost_false_alarms)
+        return out
+
     def to_dict(self) -> dict:
         """Flat dict (failures_by_mode is the one nested mapping, every mode present)."""
         c = self.counters
@@ -131,7 +153,7 @@ class KPIs:
             "maintenance_unneeded": c.maintenance_unneeded,
             "parts": c.parts,
             "scrap": c.scrap,
-            "cost_eur": c.cost_eur,
+            **self.costs(),
             "period_min": self.period_s / 60.0,
         }
 

@@ -83,7 +83,11 @@ class Machine:
                 c.planned_down_s += self.tick_s
             else:
                 c.unplanned_down_s += self.tick_s
-            c.cost_eur += self.tick_s / 3600.0 * self.scenario.costs.downtime_eur_per_h
+            lost = self.tick_s / 3600.0 * self.scenario.costs.downtime_eur_per_h
+            if self.down_reason == "planned":
+                c.cost_planned_downtime += lost
+            else:
+                c.cost_unplanned_downtime += lost
             if t >= self.down_until:
                 self._event(out, t, "maintenance_done", reason=self.down_reason, command_id=self.down_command_id)
                 self.down = False
@@ -135,7 +139,7 @@ class Machine:
         c.parts += 1
         if scrap:
             c.scrap += 1
-            c.cost_eur += self.scenario.costs.scrap_part_eur
+            c.cost_scrap += self.scenario.costs.scrap_part_eur
         self._event(out, t, "part", quality="scrap" if scrap else "ok", variant=self.part_variant())
 
     def part_variant(self) -> str | None:
@@ -149,7 +153,7 @@ class Machine:
         scrapped, and (when ``stop``) a breakdown repair of ``repair_s``."""
         c = self.counters
         c.failures += 1
-        c.cost_eur += self.scenario.costs.breakdown_eur
+        c.cost_failures += self.scenario.costs.breakdown_eur
         for m in modes:
             c.failures_by_mode[m] = c.failures_by_mode.get(m, 0) + 1
             self._event(out, t, "failure", mode=m)
@@ -173,11 +177,16 @@ class Machine:
         ``inspection`` makes inspections imperfect."""
         finding = self.finding(t)
         c = self.counters
+        costs = self.scenario.costs
+        c.cost_maintenance += costs.planned_maintenance_eur
         if finding == "ok":
             c.maintenance_unneeded += 1
+            c.cost_maintenance += costs.false_alarm_eur
+            # what this false alarm costs: the maintenance, the check, and the production lost meanwhile
+            c.cost_false_alarms += (costs.planned_maintenance_eur + costs.false_alarm_eur
+                                    + self.params.maintenance_s / 3600.0 * costs.downtime_eur_per_h)
         else:
             c.maintenance_needed += 1
-        c.cost_eur += self.scenario.costs.planned_maintenance_eur
         self._event(out, t, "maintenance_start", reason="planned", finding=self.reported_finding(t, finding),
                     command_id=command_id)
         self._go_down(t, "planned", self.params.maintenance_s, command_id)

@@ -87,6 +87,11 @@ def turn_table(state: dict) -> list[dict]:
             "holdout_no_model_macro_f1": no_model.get("eval.macro_f1") if h else None,
             "holdout_no_model_auroc": no_model.get("eval.auroc_any_failure") if h else None,
             "oee": factory["oee"],
+            # money over the period (EUR): the plant's cost and what it saved against each baseline
+            "cost_total": factory.get("cost_total"),
+            "cost_false_alarms": factory.get("cost_false_alarms"),
+            **{f"cost_{p}": b[p].get("cost_total") for p in ("run_to_failure", "fixed_interval", "oracle")},
+            **rec.baselines.savings(factory),
             # the control fleet (fixed-interval maintenance) and the machines the model drove, same periods
             "treated_oee": (factory.get("groups") or {}).get("treated", {}).get("oee"),
             "control_oee": (factory.get("groups") or {}).get("control", {}).get("oee"),
@@ -309,6 +314,27 @@ def _families(tables: list[list[dict]]) -> list[str]:
     return lines
 
 
+def _money(tables: list[list[dict]]) -> list[str]:
+    """Per turn: what the plant cost under the model, under each baseline, and the savings."""
+    n = min(len(t) for t in tables)
+    rows = [i for i in range(n) if tables[0][i].get("cost_total") is not None]
+    if not rows:
+        return []
+    lines = ["## In money", "",
+             "Cost of each plant period in EUR at the scenario's prices (`costs`: failures, planned maintenance, "
+             "scrap, and production lost while down), for the model-driven plant and each baseline; *saved* is "
+             "the baseline's cost minus the model's (negative: the model cost more). *False alarms* is the part "
+             "of the model's cost spent maintaining machines that were not going to fail.", "",
+             "| turn | model | run-to-failure | fixed interval | oracle | saved vs run-to-failure | "
+             "saved vs fixed interval | false alarms |", "|---|---|---|---|---|---|---|---|"]
+    for i in rows:
+        vals = [_cell(tables, i, k, nd=0) for k in ("cost_total", "cost_run_to_failure", "cost_fixed_interval",
+                                                     "cost_oracle", "savings_vs_run_to_failure",
+                                                     "savings_vs_fixed_interval", "cost_false_alarms")]
+        lines.append(f"| {tables[0][i]['turn']} | " + " | ".join(vals) + " |")
+    return lines + [""]
+
+
 def _control_fleet(tables: list[list[dict]]) -> list[str]:
     """Per turn: the machines the model drove against the control fleet kept on fixed intervals."""
     n = min(len(t) for t in tables)
@@ -418,6 +444,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
                   + (f" (Campaign {names[0]}; the table above has every seed.)" if len(tables) > 1 else ""), ""]
     lines += _above_bound(tables, names)
     lines += _paired(tables)
+    lines += _money(tables)
     lines += _reference_plant(tables)
     lines += _control_fleet(tables)
     lines += _families(tables)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from factory_sim import Plant, load_scenario
+from factory_sim.kpis import COST_PARTS
 from factory_sim.policies import FixedInterval, Oracle, PerfectRecall, RunToFailure
+from factory_sim.scenario import CostParams
 
 DAY = 86400.0
 
@@ -16,6 +18,15 @@ def check_consistent(k):
     assert d["maintenance_needed"] + d["maintenance_unneeded"] == d["maintenance_actions"]
     assert 0 <= d["availability"] <= 1 and 0 <= d["quality"] <= 1 and 0 < d["performance"] <= 1.0 + 1e-9
     assert sum(d["failures_by_mode"].values()) >= d["failures"]
+    # money: the parts add up to the total, each from its own count at the default prices
+    costs = CostParams()
+    assert d["cost_total"] == pytest.approx(sum(d[k] for k in COST_PARTS))
+    assert d["cost_failures"] == pytest.approx(d["failures"] * costs.breakdown_eur)
+    assert d["cost_maintenance"] == pytest.approx(d["maintenance_actions"] * costs.planned_maintenance_eur)
+    assert d["cost_scrap"] == pytest.approx(d["scrap"] * costs.scrap_part_eur)
+    assert d["cost_unplanned_downtime"] == pytest.approx(d["unplanned_downtime_min"] / 60 * costs.downtime_eur_per_h)
+    assert d["cost_planned_downtime"] == pytest.approx(d["planned_downtime_min"] / 60 * costs.downtime_eur_per_h)
+    assert (d["cost_false_alarms"] > 0) == (d["maintenance_unneeded"] > 0)
     return d
 
 
@@ -68,6 +79,8 @@ def test_policies_rank_oracle_fixed_run_to_failure(scenario, days):
     assert fixed["failures"] < rtf["failures"] and oracle["failures"] < rtf["failures"]
     assert sum(oracle["failures_by_mode"][m] for m in ("TWF", "OSF", "BRG")) == 0, "the oracle prevents every wear failure"
     assert rtf["maintenance_actions"] == 0
+    # the money follows: the oracle's plant is the cheapest, run-to-failure's the dearest
+    assert oracle["cost_total"] < fixed["cost_total"] < rtf["cost_total"]
 
 
 def test_policies_are_deterministic():

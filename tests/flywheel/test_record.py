@@ -13,11 +13,11 @@ from flywheel.base.tracking import flatten
 from flywheel.record import (PARENT_CURVE, BaselineResult, DataResult, DeployResult, GateResult, PlantResult,
                              TurnRecord, parent_curve)
 
-BASELINES = {"run_to_failure": {"oee": 0.60, "unplanned_downtime_min": 900.0, "failures": 12},
-             "fixed_interval": {"oee": 0.64, "unplanned_downtime_min": 500.0, "failures": 7},
-             "oracle": {"oee": 0.74, "unplanned_downtime_min": 60.0, "failures": 1}}
+BASELINES = {"run_to_failure": {"oee": 0.60, "unplanned_downtime_min": 900.0, "failures": 12, "cost_total": 70000.0},
+             "fixed_interval": {"oee": 0.64, "unplanned_downtime_min": 500.0, "failures": 7, "cost_total": 42000.0},
+             "oracle": {"oee": 0.74, "unplanned_downtime_min": 60.0, "failures": 1, "cost_total": 15000.0}}
 FACTORY = {"oee": 0.67, "unplanned_downtime_min": 300.0, "failures": 4, "maintenance_needed": 3,
-           "maintenance_unneeded": 1}
+           "maintenance_unneeded": 1, "cost_total": 45000.0}
 
 
 def learning_turn() -> TurnRecord:
@@ -71,11 +71,14 @@ def test_the_turns_mlflow_metric_names():
         "data.windows_train", "data.windows_eval", "data.failure_windows_train", "data.events", "data.telemetry",
         "eval.macro_f1", "eval.risk_threshold", "train.loss", "train.steps",
         *(f"factory.{k}" for k in FACTORY), "factory.gap_closed", "factory.above_oracle", "factory.failures_avoided",
-        *(f"baseline.{p}.{k}" for p in BASELINES for k in ("oee", "unplanned_downtime_min", "failures")),
+        "factory.savings_vs_run_to_failure", "factory.savings_vs_fixed_interval",
+        *(f"baseline.{p}.{k}" for p in BASELINES for k in ("oee", "unplanned_downtime_min", "failures", "cost_total")),
         "serve.risk_threshold", "serve.bridge_predictions", "serve.bridge_commands",
         "turn.aborted_attempts", "lake.rows_set_aside", "turn.wall_s",
         "turn.stage_s.dataset", "turn.stage_s.train", "turn.stage_s.swap", "turn.stage_s.plant"}
     assert m["lake.rows_set_aside"] == 10.0 and m["turn.aborted_attempts"] == 1.0
+    # money saved against each baseline: its cost minus the plant's (negative: the model cost more)
+    assert m["factory.savings_vs_run_to_failure"] == 25000.0 and m["factory.savings_vs_fixed_interval"] == -3000.0
     assert all(isinstance(v, float) for v in m.values())
     # the parent run's curve, one step per turn
     assert PARENT_CURVE == ("factory.oee", "eval.macro_f1", "eval.auroc_any_failure", "factory.gap_closed",

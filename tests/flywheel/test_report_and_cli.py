@@ -16,15 +16,16 @@ def fake_state(seed: int, turns: int = 3) -> dict:
     rows = []
     for t in range(turns):
         oee = 0.60 + 0.04 * t + 0.005 * seed
-        base = {"run_to_failure": {"oee": 0.60, "unplanned_downtime_min": 900.0, "failures": 12},
-                "fixed_interval": {"oee": 0.64, "unplanned_downtime_min": 500.0, "failures": 7},
-                "oracle": {"oee": 0.74, "unplanned_downtime_min": 60.0, "failures": 1}}
+        base = {"run_to_failure": {"oee": 0.60, "unplanned_downtime_min": 900.0, "failures": 12, "cost_total": 70000.0},
+                "fixed_interval": {"oee": 0.64, "unplanned_downtime_min": 500.0, "failures": 7, "cost_total": 45000.0},
+                "oracle": {"oee": 0.74, "unplanned_downtime_min": 60.0, "failures": 1, "cost_total": 20000.0}}
         rows.append({
             "turn": t, "champion_version": str(t) if t else None, "promoted": bool(t),
             "data": {"windows_train": 1000 * t, "windows_eval": 250 * t},
             "eval": {"eval.macro_f1": 0.3 + 0.1 * t, "eval.auroc_any_failure": 0.7 + 0.05 * t} if t else {},
             "factory": {"oee": oee, "unplanned_downtime_min": 900.0 - 200 * t, "failures": 12 - 3 * t,
-                        "maintenance_needed": 3 * t, "maintenance_unneeded": t},
+                        "maintenance_needed": 3 * t, "maintenance_unneeded": t,
+                        "cost_total": 70000.0 - 15000 * t - 1000 * seed, "cost_false_alarms": 550.0 * t},
             "baselines": base, "gap_closed": gap_closed(oee, 0.60, 0.74), "failures_avoided": 3 * t,
             "wall_s": {"turn": 100.0 + t, "plant": 40.0, "train": 50.0 * (t > 0)},
         })
@@ -51,6 +52,8 @@ def test_report_writes_markdown_and_pngs(tmp_path):
         assert (md.parent / png).read_bytes()[:4] == b"\x89PNG"
     assert [r["turn"] for r in turn_table(fake_state(0))] == [0, 1, 2]
     assert "beat the oracle" not in text
+    # money per turn: the model's plant, each baseline, and the savings (turn 2: 40,000 vs 70,000 and 45,000)
+    assert "## In money" in text and "| 2 | 40000 | 70000 | 45000 | 20000 | 30000 | 5000 | 1100 |" in text
 
 
 def test_report_shows_the_control_fleet_against_the_model_driven_machines(tmp_path):
