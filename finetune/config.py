@@ -69,6 +69,12 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (older ones deleted)"})
     log_every: int = field(default=10, metadata={"help": "send buffered per-step metrics to MLflow every N steps"})
     eval_batch_size: int = field(default=64, metadata={"help": "windows per inference batch in evaluation"})
+    operating_point: str = field(default="cost", metadata={
+        "help": "how the risk threshold is chosen on the calibration split: cost (the least money, from costs; "
+                "without costs it falls back to f1) or f1 (the best any-failure F1)"})
+    costs: dict = field(default_factory=dict, metadata={
+        "help": "money per decision and machine kind: {false_alarm: {kind: EUR}, caught: {...}, missed: {...}} "
+                "(finetune.evaluate.WindowCosts); a campaign derives them from its scenario's costs"})
     gate_metric: str = field(default="eval.macro_f1", metadata={"help": "metric the promotion gate compares"})
     gate_margin: float = field(default=0.01, metadata={
         "help": "the challenger must beat the champion (or the majority baseline) by more than this"})
@@ -119,6 +125,10 @@ class TrainConfig:
         if self.gate_bootstrap and self.gate_metric not in BOOTSTRAP_METRICS:
             raise ConfigError(f"gate_metric {self.gate_metric!r} cannot be bootstrapped; use one of "
                               f"{', '.join(BOOTSTRAP_METRICS)}, or gate_bootstrap=0 for the point rule")
+        if self.operating_point not in ("cost", "f1"):
+            raise ConfigError(f"operating_point should be cost or f1, got {self.operating_point!r}")
+        if self.costs:
+            self.window_costs()
         if self.class_weight_max < 1:
             raise ConfigError(f"class_weight_max should be >= 1, got {self.class_weight_max}")
         if not self.gate_metric.startswith("eval."):
@@ -134,6 +144,22 @@ class TrainConfig:
         if self.batch_size < self.num_workers:
             raise ConfigError(f"batch_size ({self.batch_size}) should be >= num_workers ({self.num_workers}): "
                              "each worker needs at least one window per step")
+
+    def window_costs(self):
+        """:attr:`costs` as a :class:`~finetune.evaluate.WindowCosts`, or None without costs."""
+        if not self.costs:
+            return None
+        from finetune.evaluate import WindowCosts
+
+        extra = set(self.costs) - {"false_alarm", "caught", "missed"}
+        if extra:
+            raise ConfigError(f"costs has unknown keys {sorted(extra)}; it takes false_alarm, caught and missed, "
+                              "each {machine kind: EUR}")
+        try:
+            return WindowCosts(**{k: {kind: float(v) for kind, v in dict(self.costs.get(k) or {}).items()}
+                                  for k in ("false_alarm", "caught", "missed")})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"costs: {exc}") from None
 
     @property
     def higher_is_better(self) -> bool:

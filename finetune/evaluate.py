@@ -69,6 +69,85 @@ def best_f1_threshold(risk: np.ndarray, positive: np.ndarray) -> tuple[float, fl
     return float(r[best]), float(f1[best])
 
 
+@dataclass(frozen=True)
+class WindowCosts:
+    """What a decision on one window costs, per machine kind, in money (EUR by default).
+
+    ``false_alarm``: maintaining a machine that was not going to fail (the maintenance and the
+    production lost meanwhile); ``caught``: maintaining one that was (the same, now worth it);
+    ``missed``: the failure nobody prevented (repair, scrapped part, production lost while broken).
+    The orchestrator derives them from the plant scenario's costs."""
+
+    false_alarm: dict[str, float]
+    caught: dict[str, float]
+    missed: dict[str, float]
+
+    def __post_init__(self):
+        kinds = set(self.false_alarm)
+        if not kinds or set(self.caught) != kinds or set(self.missed) != kinds:
+            raise ValueError("WindowCosts needs false_alarm, caught and missed for the same machine kinds")
+        for name in ("false_alarm", "caught", "missed"):
+            for kind, v in getattr(self, name).items():
+                if not (v >= 0 and np.isfinite(v)):
+                    raise ValueError(f"cost {name}[{kind!r}] should be a finite number >= 0, got {v!r}")
+
+
+def _episodes(risk, positive, machine, end_ts, kind, costs: "WindowCosts"):
+    """Windows per machine in time order, and the runs of failure windows (episodes) among them:
+    (risk, positive, false-alarm cost per window, episode index per window, episode kinds)."""
+    unknown = sorted(set(kind) - set(costs.false_alarm))
+    if unknown:
+        raise ValueError(f"no costs for machine kind(s) {unknown}; costs cover {sorted(costs.false_alarm)}")
+    order = np.lexsort((np.asarray(end_ts, dtype=float), np.asarray(machine, dtype=object).astype(str)))
+    r = np.asarray(risk, dtype=float)[order]
+    pos = np.asarray(positive, dtype=bool)[order]
+    mach = np.asarray(machine, dtype=object)[order]
+    kinds = np.asarray(kind, dtype=object)[order]
+    fa = np.array([costs.false_alarm[k] for k in kinds], dtype=float)
+    starts = pos & ~np.r_[False, pos[:-1] & (mach[1:] == mach[:-1])]
+    return r, pos, fa, np.cumsum(starts) - 1, kinds[starts]
+
+
+def min_cost_threshold(risk: np.ndarray, positive: np.ndarray, machine: Sequence[str], end_ts: np.ndarray,
+                       kind: Sequence[str], costs: WindowCosts) -> tuple[float, float]:
+    """(threshold, cost): the cut on ``risk`` (flag when ``risk >= threshold``) that minimises
+    the money the decisions cost on these windows.
+
+    Windows are taken per machine in time order. A run of consecutive failure windows is one
+    coming failure (an *episode*): it is caught when any of its windows is flagged (``caught``,
+    once), else it happens (``missed``); every flagged window without a coming failure is a
+    false alarm. Candidates are the observed risks and "flag nothing" (+inf); a tie keeps the
+    highest threshold (fewer alarms). A window of a kind ``costs`` lacks is refused.
+    """
+    r, pos, fa, episode, ep_kinds = _episodes(risk, positive, machine, end_ts, kind, costs)
+    ep_max = np.full(len(ep_kinds), -np.inf)
+    np.maximum.at(ep_max, episode[pos], r[pos])
+    ep_missed = np.array([costs.missed[k] for k in ep_kinds], dtype=float)
+    ep_gain = ep_missed - np.array([costs.caught[k] for k in ep_kinds], dtype=float)   # what catching saves
+    cands = np.r_[np.inf, np.unique(r)[::-1]]            # from "flag nothing" down to "flag everything"
+    # cost(t) = false alarms flagged at t + every episode missed - the gain of the episodes caught at t
+    neg_r = -np.sort(-r[~pos])
+    neg_fa = fa[~pos][np.argsort(-r[~pos], kind="stable")]
+    o = np.argsort(-ep_max, kind="stable")
+    flagged_neg = np.searchsorted(-neg_r, -cands, side="right")
+    caught = np.searchsorted(-ep_max[o], -cands, side="right")
+    total = np.r_[0.0, np.cumsum(neg_fa)][flagged_neg] + ep_missed.sum() - np.r_[0.0, np.cumsum(ep_gain[o])][caught]
+    best = int(np.argmin(np.round(total, 6)))            # first minimum = the highest threshold
+    return float(cands[best]), float(total[best])
+
+
+def cost_at_threshold(risk: np.ndarray, positive: np.ndarray, machine: Sequence[str], end_ts: np.ndarray,
+                      kind: Sequence[str], costs: WindowCosts, threshold: float) -> float:
+    """The money the decisions at ``threshold`` cost on these windows, counted as in
+    :func:`min_cost_threshold` (an operating point chosen elsewhere)."""
+    r, pos, fa, episode, ep_kinds = _episodes(risk, positive, machine, end_ts, kind, costs)
+    flagged = r >= threshold
+    caught = np.zeros(len(ep_kinds), dtype=bool)
+    np.logical_or.at(caught, episode[pos], flagged[pos])
+    return float(fa[flagged & ~pos].sum()
+                 + sum(costs.caught[k] if c else costs.missed[k] for k, c in zip(ep_kinds, caught)))
+
+
 def f1_at_threshold(risk: np.ndarray, positive: np.ndarray, threshold: float) -> float:
     """Any-failure F1 when flagging ``risk >= threshold`` (an operating point chosen elsewhere)."""
     flagged = np.asarray(risk) >= threshold

@@ -209,35 +209,81 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         shutil.rmtree(work, ignore_errors=True)
 
 
+#: The threshold served when flagging nothing is cheapest: above any probability, so never maintain.
+NEVER = 1.01
+
+
+def choose_threshold(risk, frame, config: TrainConfig) -> tuple[float | None, dict]:
+    """The risk threshold on ``frame`` (a calibration split) by ``config.operating_point``:
+    ``(threshold, metrics)``; threshold None when the split cannot choose one (no failure window).
+    ``calibration.objective_cost`` says which objective was used (1: least money, 0: best F1)."""
+    import numpy as np
+
+    from finetune.evaluate import best_f1_threshold, min_cost_threshold
+
+    failing = (frame["label"] != "ok").to_numpy()
+    if not failing.any():
+        return None, {}
+    costs = config.window_costs() if config.operating_point == "cost" else None
+    if costs is None:
+        t, _ = best_f1_threshold(np.asarray(risk), failing)
+        return float(t), {"calibration.objective_cost": 0.0}
+    t, cost = min_cost_threshold(risk, failing, frame["machine"].astype(str).to_numpy(), frame["end_ts"].to_numpy(),
+                                 frame["kind"].astype(str).to_numpy(), costs)
+    return (NEVER if not np.isfinite(t) else float(t)), {"calibration.objective_cost": 1.0, "calibration.cost": cost,
+                                                          "calibration.cost_per_window": cost / len(frame)}
+
+
+def _eval_at(threshold: float, risk, frame, config: TrainConfig, prefix: str) -> dict:
+    """The chosen threshold scored on eval: any-failure F1 and, with costs, the money (and the
+    money of flagging nothing, for scale)."""
+    from finetune.evaluate import cost_at_threshold, f1_at_threshold
+
+    failing = (frame["label"] != "ok").to_numpy()
+    out = {f"{prefix}f1_at_operating_point": f1_at_threshold(risk, failing, threshold)}
+    costs = config.window_costs()
+    if costs is not None:
+        args = (risk, failing, frame["machine"].astype(str).to_numpy(), frame["end_ts"].to_numpy(),
+                frame["kind"].astype(str).to_numpy(), costs)
+        out[f"{prefix}cost_at_operating_point"] = cost_at_threshold(*args, threshold)
+        out[f"{prefix}cost_flag_nothing"] = cost_at_threshold(*args, float("inf"))
+    return out
+
+
 def operating_point(adapter_dir: str, snapshot, eval_report, config: TrainConfig, device) -> dict:
     """Choose the challenger's operating point on the calibration split, never on eval.
 
-    The risk threshold (flag maintenance when 1 - P(ok) >= it) with the best any-failure F1 on
-    calibration is ``calibration.risk_threshold``; ``eval.f1_at_operating_point`` is the F1 that
-    threshold then gets on eval, an estimate nothing was tuned on. A snapshot without a
-    calibration split (built with ``calibration_fraction=0`` or before it existed) falls back to
-    eval's best threshold, marked by ``calibration.on_eval = 1``; a calibration split without
-    failure windows gives no operating point (the bridge's threshold then applies).
+    The risk threshold (flag maintenance when 1 - P(ok) >= it) is ``calibration.risk_threshold``:
+    by default (``operating_point=cost``, with ``costs``) the one with the least money on
+    calibration (:func:`finetune.evaluate.min_cost_threshold`), else the best any-failure F1
+    there; ``calibration.objective_cost`` says which. On eval, an estimate nothing was tuned on:
+    ``eval.f1_at_operating_point`` and, with costs, ``eval.cost_at_operating_point`` beside
+    ``eval.cost_flag_nothing``. A snapshot without a calibration split (built with
+    ``calibration_fraction=0`` or before it existed) falls back to eval's best-F1 threshold, marked
+    ``calibration.on_eval = 1``; a calibration split without failure windows gives no operating
+    point (the bridge's threshold then applies).
     """
-    import numpy as np
-
-    from finetune.evaluate import evaluate_adapter_report, f1_at_threshold
+    from finetune.evaluate import evaluate_adapter_report
 
     if snapshot.calibration is None:
         t = eval_report.metrics.get("eval.risk_threshold")
         return {} if t is None else {"calibration.risk_threshold": t, "calibration.on_eval": 1.0}
-    out = {"calibration.n_windows": float(len(snapshot.calibration)),
-           "calibration.n_failure_windows": float((snapshot.calibration["label"] != "ok").sum())}
-    if not len(snapshot.calibration):
+    cal = snapshot.calibration
+    out = {"calibration.n_windows": float(len(cal)), "calibration.n_failure_windows": float((cal["label"] != "ok").sum())}
+    if not len(cal):
         return out
-    cal = evaluate_adapter_report(adapter_dir, snapshot.calibration, config.eval_batch_size, device).metrics
-    t = cal.get("eval.risk_threshold")
+    ok = LABELS.index("ok")
+    cal_report = evaluate_adapter_report(adapter_dir, cal, config.eval_batch_size, device)
+    t, chosen = choose_threshold(1.0 - cal_report.probs[:, ok], cal, config)
     if t is None:
         return out
-    out.update({"calibration.risk_threshold": t, "calibration.f1_any_failure": cal["eval.f1_any_failure"]})
-    probs, truth = eval_report.probs, np.asarray([str(x) for x in snapshot.eval["label"]])
-    if probs is not None and len(probs) == len(truth) and len(truth):
-        out["eval.f1_at_operating_point"] = f1_at_threshold(1.0 - probs[:, LABELS.index("ok")], truth != "ok", t)
+    out.update(chosen)
+    out["calibration.risk_threshold"] = t
+    if "eval.f1_any_failure" in cal_report.metrics:
+        out["calibration.f1_any_failure"] = cal_report.metrics["eval.f1_any_failure"]
+    probs = eval_report.probs
+    if probs is not None and len(probs) == len(snapshot.eval) and len(snapshot.eval):
+        out.update(_eval_at(t, 1.0 - probs[:, ok], snapshot.eval, config, "eval."))
     return out
 
 
@@ -280,16 +326,16 @@ def _train_reference(snapshot, config: TrainConfig, work: Path, client, run_id: 
         return {}
     client.log_artifacts(run_id, model_dir, reference_artifact(family))
     out = reference_metrics(metrics, family)
-    out.update(_reference_operating_point(model_dir, snapshot, family))
+    out.update(_reference_operating_point(model_dir, snapshot, family, config))
     return out
 
 
-def _reference_operating_point(model_dir: str, snapshot, family: str) -> dict:
-    """The reference model's operating point chosen like the challenger's, on calibration
-    (``reference_model.<family>.calibration_risk_threshold``), and its any-failure F1 there on
-    eval (``reference_model.<family>.f1_at_operating_point``); empty without a calibration split
-    with failures. (``reference_model.<family>.risk_threshold`` stays eval's best cut.)"""
-    from finetune.evaluate import best_f1_threshold, f1_at_threshold
+def _reference_operating_point(model_dir: str, snapshot, family: str, config: TrainConfig) -> dict:
+    """The reference model's operating point chosen like the challenger's, on calibration and by
+    the same objective (``reference_model.<family>.calibration_risk_threshold``), and what it gets
+    there on eval (``reference_model.<family>.f1_at_operating_point``, with costs
+    ``..cost_at_operating_point``); empty without a calibration split with failures.
+    (``reference_model.<family>.risk_threshold`` stays eval's best cut.)"""
     from finetune.gbdt import evaluate_gbdt_report
 
     cal = snapshot.calibration
@@ -299,11 +345,11 @@ def _reference_operating_point(model_dir: str, snapshot, family: str) -> dict:
     if failing.all() or not failing.any():
         return {}
     ok = LABELS.index("ok")
-    threshold, _ = best_f1_threshold(1.0 - evaluate_gbdt_report(model_dir, cal).probs[:, ok], failing)
+    threshold, _ = choose_threshold(1.0 - evaluate_gbdt_report(model_dir, cal).probs[:, ok], cal, config)
     risk = 1.0 - evaluate_gbdt_report(model_dir, snapshot.eval).probs[:, ok]
-    return {f"reference_model.{family}.calibration_risk_threshold": float(threshold),
-            f"reference_model.{family}.f1_at_operating_point":
-                f1_at_threshold(risk, (snapshot.eval["label"] != "ok").to_numpy(), threshold)}
+    at = _eval_at(threshold, risk, snapshot.eval, config, f"reference_model.{family}.")
+    at.pop(f"reference_model.{family}.cost_flag_nothing", None)   # the challenger's row has it
+    return {f"reference_model.{family}.calibration_risk_threshold": float(threshold), **at}
 
 
 def train_plain_logged(snapshot, config, adapter_dir, batcher, progress, warm_dir):

@@ -117,6 +117,8 @@ def stage_configs(cfg: CampaignConfig):
     from finetune import TrainConfig
 
     train = dict(cfg.train)
+    if "costs" in build_fields_of_train() and not train.get("costs"):
+        train["costs"] = decision_costs(cfg)
     train.setdefault("base_model", cfg.base_model)
     train.setdefault("seed", cfg.seed)
     out["train"] = _build(TrainConfig, train, "train.")
@@ -125,6 +127,32 @@ def stage_configs(cfg: CampaignConfig):
     out["serve"] = _build(ServeConfig, dict(cfg.serve), "serve.")
     # No window for the bridge: it reads the one the served model version was trained on.
     out["bridge"] = _build(BridgeConfig, dict(cfg.bridge), "bridge.")
+    return out
+
+
+def build_fields_of_train() -> set[str]:
+    from finetune import TrainConfig
+
+    return {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def decision_costs(cfg: CampaignConfig) -> dict:
+    """The money one maintenance decision costs per machine kind, from the campaign's scenario
+    (``costs`` and each kind's maintenance and repair durations), for the cost-optimal operating
+    point (``train.costs``): a false alarm is a maintenance and its lost production (plus
+    ``costs.false_alarm_eur``); a caught failure, the same maintenance; a missed failure, the
+    repair, the scrapped part and the production lost while broken."""
+    from factory_sim import load_scenario
+
+    sc = load_scenario(cfg.scenario, cfg.scenario_overrides)
+    c = sc.costs
+    out: dict = {"false_alarm": {}, "caught": {}, "missed": {}}
+    for kind in ("milling", "pump"):
+        p = getattr(sc, kind)
+        maintain = c.planned_maintenance_eur + p.maintenance_s / 3600.0 * c.downtime_eur_per_h
+        out["false_alarm"][kind] = maintain + c.false_alarm_eur
+        out["caught"][kind] = maintain
+        out["missed"][kind] = c.breakdown_eur + c.scrap_part_eur + p.repair_s / 3600.0 * c.downtime_eur_per_h
     return out
 
 

@@ -55,6 +55,10 @@ def turn_table(state: dict) -> list[dict]:
             "gate_ci_low": rec.gate.evidence.get("gate.ci_low") if rec.gate else None,
             "gate_ci_high": rec.gate.evidence.get("gate.ci_high") if rec.gate else None,
             "gate_n_failure_windows": rec.gate.evidence.get("gate.n_failure_windows") if rec.gate else None,
+            # how the challenger's operating point was chosen on calibration: 1 least money, 0 best F1
+            "objective_cost": rec.gate.calibration.get("calibration.objective_cost") if rec.gate else None,
+            "eval_cost_at_operating_point": rec.gate.calibration.get("eval.cost_at_operating_point") if rec.gate else None,
+            "eval_cost_flag_nothing": rec.gate.calibration.get("eval.cost_flag_nothing") if rec.gate else None,
             "challenger_version": rec.gate.challenger_version if rec.gate else None,
         }
         rp = rec.gate.reference_plant if rec.gate else {}
@@ -390,12 +394,21 @@ def _gate(tables: list[list[dict]]) -> list[str]:
              "turn's eval split: the gain on the gate metric with its paired block-bootstrap interval "
              "(blocks of consecutive windows per machine). A challenger is promoted only when the interval's "
              "lower end clears the margin. \"-\": not recorded (`train.gate_bootstrap=0`: the point rule).", "",
-             "| turn | challenger | gain | interval | failure windows | promoted |", "|---|---|---|---|---|---|"]
+             "*Operating point*: how the challenger's risk threshold was chosen on the calibration split, "
+             "by the least money its decisions cost there (`train.operating_point=cost`, the default, with "
+             "the plant's costs) or by the best any-failure F1; *eval cost* is what that threshold's "
+             "decisions cost on the eval split, beside flagging nothing.", "",
+             "| turn | challenger | gain | interval | failure windows | promoted | operating point | "
+             "eval cost (flag nothing) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         interval = "-" if r["gate_ci_low"] is None else f"[{r['gate_ci_low']:+.3f}, {r['gate_ci_high']:+.3f}]"
         gain = "-" if r["gate_diff"] is None else f"{r['gate_diff']:+.3f}"
+        objective = {1.0: "least cost", 0.0: "best F1"}.get(r.get("objective_cost"), "-")
+        cost = "-" if r.get("eval_cost_at_operating_point") is None else \
+            f"{r['eval_cost_at_operating_point']:.0f} ({r['eval_cost_flag_nothing']:.0f})"
         lines.append(f"| {r['turn']} | v{r['challenger_version']} | {gain} | {interval} | "
-                     f"{fmt(r['gate_n_failure_windows'], nd=0)} | {'yes' if r['promoted'] else 'no'} |")
+                     f"{fmt(r['gate_n_failure_windows'], nd=0)} | {'yes' if r['promoted'] else 'no'} | {objective} | "
+                     f"{cost} |")
     return lines + [""]
 
 

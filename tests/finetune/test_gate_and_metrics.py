@@ -197,3 +197,44 @@ def test_a_gate_metric_the_bootstrap_cannot_resample_is_a_config_error():
     with pytest.raises(ConfigError, match="cannot be bootstrapped.*gate_bootstrap=0"):
         TrainConfig(gate_metric="eval.loss")
     assert TrainConfig(gate_metric="eval.loss", gate_bootstrap=0).gate_bootstrap == 0
+
+
+def test_the_cost_optimal_threshold_counts_one_failure_per_run_of_failure_windows():
+    import numpy as np
+
+    from finetune.evaluate import WindowCosts, cost_at_threshold, min_cost_threshold
+
+    # machine a: two failure windows before one failure (one episode); machine b: one
+    machine = ["a"] * 5 + ["b"] * 2
+    end_ts = np.array([0, 1, 2, 3, 4, 0, 1], dtype=float)
+    risk = np.array([0.1, 0.3, 0.8, 0.6, 0.2, 0.7, 0.4])
+    failing = np.array([False, False, True, True, False, False, True])
+    kind = ["milling"] * 7
+    dear = WindowCosts({"milling": 1.0}, {"milling": 1.0}, {"milling": 10.0})
+    # flag at 0.4: one false alarm (b's 0.7), both failures caught: 1 + 1 + 1
+    assert min_cost_threshold(risk, failing, machine, end_ts, kind, dear) == (0.4, 3.0)
+    cheap = WindowCosts({"milling": 1.0}, {"milling": 1.0}, {"milling": 1.5})
+    # a missed failure costing little: catch only a's (no false alarm), let b's happen: 1 + 1.5
+    assert min_cost_threshold(risk, failing, machine, end_ts, kind, cheap) == (0.8, 2.5)
+    assert cost_at_threshold(risk, failing, machine, end_ts, kind, dear, float("inf")) == 20.0
+    # shuffled rows give the same answer: windows are taken per machine in time order
+    perm = np.array([6, 2, 0, 5, 4, 1, 3])
+    assert min_cost_threshold(risk[perm], failing[perm], [machine[i] for i in perm], end_ts[perm],
+                              [kind[i] for i in perm], dear) == (0.4, 3.0)
+    with pytest.raises(ValueError, match=r"no costs for machine kind\(s\) \['pump'\]"):
+        min_cost_threshold(risk, failing, machine, end_ts, ["pump"] * 7, dear)
+    with pytest.raises(ValueError, match="missed"):
+        WindowCosts({"milling": 1.0}, {"milling": 1.0}, {"milling": -5.0})
+
+
+def test_the_operating_point_objective_is_checked_and_costs_are_validated():
+    from finetune.config import TrainConfig
+    from flywheel.base.config import ConfigError
+
+    with pytest.raises(ConfigError, match="operating_point should be cost or f1"):
+        TrainConfig(operating_point="profit")
+    with pytest.raises(ConfigError, match="unknown keys \\['misses'\\]"):
+        TrainConfig(costs={"misses": {"milling": 1}})
+    with pytest.raises(ConfigError, match="costs: .*same machine kinds"):
+        TrainConfig(costs={"false_alarm": {"milling": 1}, "caught": {"milling": 1}, "missed": {"pump": 2}})
+    assert TrainConfig().window_costs() is None        # no costs: the F1 operating point

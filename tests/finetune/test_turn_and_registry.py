@@ -143,6 +143,25 @@ def test_the_operating_point_is_chosen_on_calibration_and_never_sees_eval(regist
                           "eval": flipped})
     report = evaluate_adapter_report(o.adapter_dir, flipped, 64, device)
     assert operating_point(o.adapter_dir, other, report, config, device)["calibration.risk_threshold"] == chosen
+    assert o.calibration_metrics["calibration.objective_cost"] == 0.0       # no costs: by F1
+    # with costs (a campaign derives them from its plant): the least money on calibration, eval untouched
+    import dataclasses
+
+    from finetune.evaluate import min_cost_threshold
+
+    costs = {"false_alarm": {"milling": 550.0, "pump": 700.0}, "caught": {"milling": 550.0, "pump": 700.0},
+             "missed": {"milling": 5260.0, "pump": 6460.0}}
+    priced = dataclasses.replace(config, costs=costs)
+    by_cost = operating_point(o.adapter_dir, snap, evaluate_adapter_report(o.adapter_dir, snap.eval, 64, device),
+                              priced, device)
+    c = snap.calibration
+    want, money = min_cost_threshold(risk, (c["label"] != "ok").to_numpy(), c["machine"].to_numpy(),
+                                     c["end_ts"].to_numpy(), c["kind"].to_numpy(), priced.window_costs())
+    assert by_cost["calibration.objective_cost"] == 1.0 and by_cost["calibration.cost"] == pytest.approx(money)
+    assert by_cost["calibration.risk_threshold"] == pytest.approx(want)
+    assert by_cost["eval.cost_at_operating_point"] < by_cost["eval.cost_flag_nothing"]
+    assert operating_point(o.adapter_dir, other, report, priced, device)["calibration.risk_threshold"] \
+        == by_cost["calibration.risk_threshold"]
     # the gate's evidence went with it
     assert {"gate.diff", "gate.ci_low", "gate.ci_high", "gate.n_failure_windows"} <= set(o.gate_metrics)
     assert o.gate_metrics["gate.ci_low"] > 0.01 and "gate.ci_low" in o.reason

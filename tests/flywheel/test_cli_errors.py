@@ -6,6 +6,8 @@ Runtime failures (a broker that is not there, a model that cannot load) exit 1 t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from flywheel.base.config import ConfigError
@@ -146,7 +148,11 @@ def test_every_stage_command_takes_section_overrides_and_its_own_bare_alias(tmp_
     # A campaign file works as each stage's --config and gives the configs the campaign would use.
     demo = default_config_path("demo")
     campaign = stage_configs(load_campaign(demo))
-    assert load_train_config(str(demo), []) == campaign["train"]
+    # ... except the decision costs, which a campaign derives from its scenario (the train stage
+    # alone has no plant: it takes train.costs, else chooses the operating point by F1)
+    alone = load_train_config(str(demo), [])
+    assert alone.costs == {} and campaign["train"].costs["missed"]["milling"] > 0
+    assert dataclasses.replace(alone, costs=campaign["train"].costs) == campaign["train"]
     assert load_configs(str(demo), [])["serve"] == campaign["serve"]
     assert load_configs(str(demo), [])["bridge"] == campaign["bridge"]
     assert load_section(BuildConfig, "dataset", demo, []) == campaign["dataset"]

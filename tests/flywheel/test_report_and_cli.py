@@ -184,12 +184,15 @@ def test_report_lists_the_gate_with_its_interval_and_the_turn_line_shows_it(tmp_
     for t, (diff, low, high) in zip(state["turns"][1:], [(0.2, 0.12, 0.29), (0.01, -0.03, 0.05)]):
         t["challenger_version"] = t["champion_version"]
         t["gate"] = {"gate.diff": diff, "gate.ci_low": low, "gate.ci_high": high, "gate.n_failure_windows": 40.0}
+    state["turns"][1]["calibration"] = {"calibration.risk_threshold": 0.3, "calibration.objective_cost": 1.0,
+                                        "eval.cost_at_operating_point": 21500.0, "eval.cost_flag_nothing": 52600.0}
+    state["turns"][2]["calibration"] = {"calibration.risk_threshold": 0.4, "calibration.objective_cost": 0.0}
     state["turns"][2]["promoted"] = False
     write_state(tmp_path, "demo", state)
     text = write_report(tmp_path, "demo", log_to_mlflow=False).read_text()
     gate = text[text.index("## The gate"):]
-    assert "| 1 | v1 | +0.200 | [+0.120, +0.290] | 40 | yes |" in gate
-    assert "| 2 | v2 | +0.010 | [-0.030, +0.050] | 40 | no |" in gate
+    assert "| 1 | v1 | +0.200 | [+0.120, +0.290] | 40 | yes | least cost | 21500 (52600) |" in gate
+    assert "| 2 | v2 | +0.010 | [-0.030, +0.050] | 40 | no | best F1 | - |" in gate
     line = TurnRecord.from_dict(state["turns"][2]).summary_line()
     assert "gate +0.010 [-0.030, +0.050]" in line
     assert TurnRecord.from_dict(state["turns"][2]).metrics()["gate.ci_low"] == -0.03
