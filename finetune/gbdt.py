@@ -368,10 +368,14 @@ def reference_metrics(metrics: Mapping[str, float], family: str = FAMILY) -> dic
     """The names a turn logs a reference model's figures under: ``reference_model.<family>.<metric>``.
 
     Top-level ``eval.*`` metrics lose their ``eval.`` prefix (``eval.macro_f1`` ->
-    ``reference_model.gbdt.macro_f1``); ``train.wall_s`` becomes ``reference_model.gbdt.train_s``.
+    ``reference_model.gbdt.macro_f1``); ``train.wall_s`` becomes ``reference_model.gbdt.train_s`` and
+    ``eval.predict_s`` ``reference_model.gbdt.predict_ms_per_window``.
     Per-label metrics (``eval.f1.BRG``) stay in the model's own report."""
     out = {f"reference_model.{family}.{k[len('eval.'):]}": float(v) for k, v in metrics.items()
            if k.startswith("eval.") and k.count(".") == 1 and k != "eval.predict_s"}
     if "train.wall_s" in metrics:
         out[f"reference_model.{family}.train_s"] = float(metrics["train.wall_s"])
+    if metrics.get("eval.predict_s") is not None and metrics.get("eval.n_windows"):
+        out[f"reference_model.{family}.predict_ms_per_window"] = \
+            1000.0 * float(metrics["eval.predict_s"]) / float(metrics["eval.n_windows"])
     return out

@@ -59,6 +59,8 @@ class TurnOutcome:
     #: the operating point, as logged: ``calibration.risk_threshold`` (chosen on the calibration split),
     #: ``calibration.f1_any_failure``, ``calibration.n_windows``, ``eval.f1_at_operating_point``
     calibration_metrics: dict = field(default_factory=dict)
+    #: what each family's model took to make and to run on this machine (:func:`compute_metrics`)
+    compute_metrics: dict = field(default_factory=dict)
 
 
 def _champion(tracking_uri: str, model_name: str):
@@ -202,11 +204,34 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                            champion_version=champion_version, train_metrics=train_metrics,
                            adapter_dir=str(keep), wall_s=dict(timer.wall_s), baseline_metrics=dict(baseline),
                            reference_metrics=reference_metrics, gate_metrics=gate_metrics,
-                           calibration_metrics=calibration_metrics)
+                           calibration_metrics=calibration_metrics,
+                           compute_metrics=compute_metrics(timer.wall_s, len(snapshot.eval), device, reference_metrics))
     finally:
         if created:
             client.set_terminated(run_id, status)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def compute_metrics(wall_s: dict, n_eval: int, device, reference_metrics: dict) -> dict:
+    """Compute per family, on this machine: ``compute.<family>.train_s`` (wall seconds of training),
+    ``compute.<family>.predict_ms_per_window`` (scoring the eval split, featurisation included),
+    ``compute.<family>.cores`` (CPU threads it ran on) and ``compute.<family>.gpus``. The campaign
+    prices them (``model_cost.*``)."""
+    import torch
+
+    out: dict = {}
+    if "train" in wall_s and n_eval and "eval_challenger" in wall_s:
+        on_gpu = str(getattr(device, "device", device)).startswith("cuda")
+        out.update({"compute.lora.train_s": float(wall_s["train"]),
+                    "compute.lora.predict_ms_per_window": 1000.0 * float(wall_s["eval_challenger"]) / n_eval,
+                    "compute.lora.cores": float(torch.get_num_threads()), "compute.lora.gpus": float(on_gpu)})
+    for key, v in reference_metrics.items():
+        family, _, name = key[len("reference_model."):].partition(".")
+        if name in ("train_s", "predict_ms_per_window"):
+            out[f"compute.{family}.{name}"] = float(v)
+            out.setdefault(f"compute.{family}.cores", 1.0)      # LightGBM runs on num_threads (default 1)
+            out.setdefault(f"compute.{family}.gpus", 0.0)
+    return out
 
 
 #: The threshold served when flagging nothing is cheapest: above any probability, so never maintain.

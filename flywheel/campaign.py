@@ -46,6 +46,9 @@ class CampaignConfig:
     topic_root: str = field(default="factory", metadata={"help": "MQTT topic root"})
     collectors: int = field(default=1, metadata={"help": "ingest collector actors"})
     lockstep_timeout_s: float = field(default=60.0, metadata={"help": "sim waits this long for the model"})
+    compute_prices: dict = field(default_factory=lambda: {"cpu_core_hour_eur": 0.04, "gpu_hour_eur": 2.5}, metadata={
+        "help": "what compute costs, to price each model family's training and inference (model_cost.*): EUR per "
+                "CPU core-hour and per GPU-hour (defaults: orders of magnitude of cloud on-demand prices)"})
     control_fleet: float = field(default=0.0, metadata={
         "help": "share of each machine kind (chosen by seed) kept on fixed-interval maintenance "
                 "(baselines.fixed_interval_s) and scored apart (control.*, treated.*): the comparison a real plant "
@@ -69,6 +72,14 @@ class CampaignConfig:
             raise ConfigError(f"turns should be >= 0, got {self.turns}")
         if parse_duration(self.period) <= 0:
             raise ConfigError(f"period should be a positive plant time such as 2d, got {self.period!r}")
+        extra = set(self.compute_prices) - {"cpu_core_hour_eur", "gpu_hour_eur"}
+        if extra:
+            raise ConfigError(f"compute_prices has unknown keys {sorted(extra)}; it takes cpu_core_hour_eur and "
+                              "gpu_hour_eur (EUR per hour)")
+        for key in ("cpu_core_hour_eur", "gpu_hour_eur"):
+            v = self.compute_prices.get(key)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0:
+                raise ConfigError(f"compute_prices.{key} should be a number of EUR per hour >= 0, got {v!r}")
         if not 0.0 <= self.control_fleet < 1.0:
             raise ConfigError(f"control_fleet should be a share in [0, 1) of each machine kind, got {self.control_fleet}")
         if self.collectors < 1:

@@ -81,7 +81,7 @@ from flywheel.base.workdir import Workdir
 from flywheel.campaign import CampaignConfig, stage_configs
 from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, DataResult, DeployResult, GateResult,
-                             PlantResult, TurnRecord, gap_closed, parent_curve)
+                             PlantResult, TurnRecord, gap_closed, parent_curve, price_compute)
 from flywheel.stack import Stack
 from flywheel.state import (STATE_VERSION, CampaignError, TurnJournal, atomic_write, campaign_dir,
                             config_fingerprint, load_state)
@@ -440,6 +440,7 @@ class Campaign:
                 ray_address=self.ray_address, progress=False)
         _kill_point("registered", record.turn)
         gate = GateResult.from_outcome(outcome)
+        gate.compute.update(price_compute(gate.compute, cfg.compute_prices))
         gate.reference_plant = self.score_reference(outcome.adapter_dir)
         self.status.train_progress = gate.describe()
         if gate.promoted and gate.risk_threshold is not None:

@@ -52,6 +52,22 @@ def parent_curve(metrics: dict) -> dict:
 GROUP_KPIS = ("oee", "availability", "failures", "unplanned_downtime_min", "maintenance_actions", "scrap")
 
 
+def price_compute(compute: dict, prices: dict) -> dict:
+    """``model_cost.<family>.train_eur`` (one training) and ``.eur_per_1k_predictions`` from the
+    ``compute.<family>.*`` seconds, at ``prices`` (``cpu_core_hour_eur`` per CPU core-hour,
+    ``gpu_hour_eur`` per GPU-hour; a run on GPUs pays for the GPUs, one on CPUs for its cores)."""
+    out: dict = {}
+    families = sorted({k.split(".")[1] for k in compute if k.startswith("compute.") and k.count(".") == 2})
+    for f in families:
+        gpus, cores = compute.get(f"compute.{f}.gpus", 0.0), compute.get(f"compute.{f}.cores", 1.0)
+        per_s = (gpus * prices["gpu_hour_eur"] if gpus else cores * prices["cpu_core_hour_eur"]) / 3600.0
+        if f"compute.{f}.train_s" in compute:
+            out[f"model_cost.{f}.train_eur"] = compute[f"compute.{f}.train_s"] * per_s
+        if f"compute.{f}.predict_ms_per_window" in compute:
+            out[f"model_cost.{f}.eur_per_1k_predictions"] = compute[f"compute.{f}.predict_ms_per_window"] * per_s
+    return out
+
+
 def gap_closed(oee_model: float, oee_rtf: float, oee_oracle: float) -> float | None:
     """Fraction of the run-to-failure -> oracle OEE gap the model's policy has closed."""
     gap = oee_oracle - oee_rtf
@@ -116,6 +132,9 @@ class GateResult:
     calibration: dict = field(default_factory=dict)
     #: challenger and champion on the reference plant: ``reference.challenger.<m>``, ``reference.champion.<m>``
     reference_plant: dict = field(default_factory=dict)
+    #: what each family took on this machine (``compute.<family>.*``) and what that costs at the
+    #: campaign's prices (``model_cost.<family>.*``, :func:`price_compute`)
+    compute: dict = field(default_factory=dict)
 
     @classmethod
     def from_outcome(cls, outcome) -> "GateResult":
@@ -128,7 +147,8 @@ class GateResult:
                    baseline_eval=_prefixed({k: v for k, v in baseline.items() if k in BASELINE_KEYS}, "eval."),
                    reference=_prefixed(getattr(outcome, "reference_metrics", None) or {}, REFERENCE_PREFIX),
                    evidence=_prefixed(getattr(outcome, "gate_metrics", None) or {}, "gate."),
-                   calibration=dict(getattr(outcome, "calibration_metrics", None) or {}))
+                   calibration=dict(getattr(outcome, "calibration_metrics", None) or {}),
+                   compute=dict(getattr(outcome, "compute_metrics", None) or {}))
 
     @property
     def reference_families(self) -> list[str]:
@@ -269,6 +289,8 @@ class TurnRecord:
                 d["calibration"] = g.calibration
             if g.reference_plant:
                 d["reference_plant"] = g.reference_plant
+            if g.compute:
+                d["compute"] = g.compute
         d["champion_version"] = self.champion_version
         if self.plant is not None:
             if self.plant.threshold is not None:
@@ -297,7 +319,8 @@ class TurnRecord:
                                   train=dict(d.get("train", {})), baseline_eval=dict(d.get("baseline_eval", {})),
                                   reference=dict(d.get("reference", {})), evidence=dict(d.get("gate", {})),
                                   calibration=dict(d.get("calibration", {})),
-                                  reference_plant=dict(d.get("reference_plant", {})))
+                                  reference_plant=dict(d.get("reference_plant", {})),
+                                  compute=dict(d.get("compute", {})))
         rec.deploy = DeployResult(d.get("champion_version"), swapped="swap" in rec.wall_s)
         rec.plant = PlantResult.from_period(d.get("sim", {}), dict(d.get("ingest", {})), dict(d.get("factory", {})),
                                             d.get("bridge_threshold"))
@@ -318,6 +341,7 @@ class TurnRecord:
             m.update(self.gate.evidence)
             m.update(self.gate.calibration)
             m.update(self.gate.reference_plant)
+            m.update(self.gate.compute)
         if self.plant is not None:
             m.update({f"factory.{k}": v for k, v in self.plant.factory.items() if isinstance(v, (int, float))})
             for group, kp in (self.plant.factory.get("groups") or {}).items():   # control fleet vs the rest

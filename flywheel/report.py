@@ -55,6 +55,10 @@ def turn_table(state: dict) -> list[dict]:
             "gate_ci_low": rec.gate.evidence.get("gate.ci_low") if rec.gate else None,
             "gate_ci_high": rec.gate.evidence.get("gate.ci_high") if rec.gate else None,
             "gate_n_failure_windows": rec.gate.evidence.get("gate.n_failure_windows") if rec.gate else None,
+            # what each family took and cost on this machine (compute.*, model_cost.*)
+            **{f"{k.split('.')[0]}_{k.split('.')[1]}_{k.split('.')[2]}": v
+               for k, v in (rec.gate.compute if rec.gate else {}).items()},
+            "predictions": (rec.plant.bridge or {}).get("predictions"),
             # how the challenger's operating point was chosen on calibration: 1 least money, 0 best F1
             "objective_cost": rec.gate.calibration.get("calibration.objective_cost") if rec.gate else None,
             "eval_cost_at_operating_point": rec.gate.calibration.get("eval.cost_at_operating_point") if rec.gate else None,
@@ -339,6 +343,34 @@ def _money(tables: list[list[dict]]) -> list[str]:
     return lines + [""]
 
 
+def _model_cost(tables: list[list[dict]]) -> list[str]:
+    """Per learning turn: what each family took to train and to run, priced, beside the savings."""
+    n = min(len(t) for t in tables)
+    rows = [i for i in range(n) if tables[0][i].get("model_cost_lora_train_eur") is not None]
+    if not rows:
+        return []
+    lines = ["## What the models cost", "",
+             "Compute on the machine that ran the campaign, priced at `compute_prices` (EUR per CPU core-hour "
+             "and per GPU-hour): one training of each family, and inference per 1,000 windows (scoring the "
+             "eval split, featurisation included). *Plant period* is what the LoRA model's predictions in the "
+             "next period cost at that rate, beside what the period saved against fixed-interval maintenance.",
+             "", "| turn | LoRA: train s | LoRA: ms/window | LoRA: train EUR | LoRA: EUR/1k | trees: train s | "
+             "trees: ms/window | trees: EUR/1k | plant period: inference EUR | saved vs fixed interval EUR |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for i in rows:
+        period = [t[i]["model_cost_lora_eur_per_1k_predictions"] * t[i]["predictions"] / 1000 for t in tables
+                  if t[i].get("predictions") is not None and t[i].get("model_cost_lora_eur_per_1k_predictions")]
+        lines.append(
+            f"| {tables[0][i]['turn']} | {_cell(tables, i, 'compute_lora_train_s', nd=1)} | "
+            f"{_cell(tables, i, 'compute_lora_predict_ms_per_window', nd=2)} | "
+            f"{_cell(tables, i, 'model_cost_lora_train_eur', nd=5)} | "
+            f"{_cell(tables, i, 'model_cost_lora_eur_per_1k_predictions', nd=6)} | "
+            f"{_cell(tables, i, 'compute_gbdt_train_s', nd=2)} | {_cell(tables, i, 'compute_gbdt_predict_ms_per_window', nd=3)} | "
+            f"{_cell(tables, i, 'model_cost_gbdt_eur_per_1k_predictions', nd=7)} | "
+            f"{fmt(float(np.mean(period)), nd=6) if period else '-'} | {_cell(tables, i, 'savings_vs_fixed_interval', nd=0)} |")
+    return lines + [""]
+
+
 def _control_fleet(tables: list[list[dict]]) -> list[str]:
     """Per turn: the machines the model drove against the control fleet kept on fixed intervals."""
     n = min(len(t) for t in tables)
@@ -458,6 +490,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
     lines += _above_bound(tables, names)
     lines += _paired(tables)
     lines += _money(tables)
+    lines += _model_cost(tables)
     lines += _reference_plant(tables)
     lines += _control_fleet(tables)
     lines += _families(tables)

@@ -144,6 +144,12 @@ def test_the_operating_point_is_chosen_on_calibration_and_never_sees_eval(regist
     report = evaluate_adapter_report(o.adapter_dir, flipped, 64, device)
     assert operating_point(o.adapter_dir, other, report, config, device)["calibration.risk_threshold"] == chosen
     assert o.calibration_metrics["calibration.objective_cost"] == 0.0       # no costs: by F1
+    # what each family took on this machine, for the campaign to price
+    comp = o.compute_metrics
+    assert comp["compute.lora.train_s"] == pytest.approx(o.wall_s["train"]) and comp["compute.lora.cores"] >= 1
+    assert comp["compute.lora.predict_ms_per_window"] == pytest.approx(1000 * o.wall_s["eval_challenger"]
+                                                                       / len(snap.eval))
+    assert comp["compute.gbdt.predict_ms_per_window"] > 0 and comp["compute.gbdt.gpus"] == 0.0
     # with costs (a campaign derives them from its plant): the least money on calibration, eval untouched
     import dataclasses
 

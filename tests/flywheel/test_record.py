@@ -126,3 +126,24 @@ def test_one_flattener_for_params():
     assert flatten("", cfg) == {"a.b": 1, "a.c": "1,2", "e": "x"}
     assert flatten("train", {"lr": 0.1}) == {"train.lr": 0.1}
     assert flatten("", cfg, leaf=lambda v: str(v)[:3]) == {"a.b": "1", "a.c": "[1,", "e": "x"}
+
+
+def test_compute_is_priced_per_family_on_cpu_cores_or_gpus():
+    from flywheel.record import price_compute
+
+    compute = {"compute.lora.train_s": 60.0, "compute.lora.predict_ms_per_window": 4.5, "compute.lora.cores": 2.0,
+               "compute.lora.gpus": 0.0, "compute.gbdt.train_s": 1.8, "compute.gbdt.predict_ms_per_window": 0.09,
+               "compute.gbdt.cores": 1.0, "compute.gbdt.gpus": 0.0}
+    prices = {"cpu_core_hour_eur": 0.036, "gpu_hour_eur": 3.6}
+    cost = price_compute(compute, prices)
+    # 60 s on 2 cores at 0.036 EUR per core-hour = 0.0012 EUR; 4.5 ms x 1000 windows on 2 cores = 0.00009 EUR
+    assert cost["model_cost.lora.train_eur"] == pytest.approx(0.0012)
+    assert cost["model_cost.lora.eur_per_1k_predictions"] == pytest.approx(0.00009)
+    assert cost["model_cost.gbdt.train_eur"] == pytest.approx(1.8 * 0.036 / 3600)
+    # on a GPU the GPU-hour is what is paid
+    gpu = price_compute({**compute, "compute.lora.gpus": 1.0}, prices)
+    assert gpu["model_cost.lora.train_eur"] == pytest.approx(0.06)
+    rec = learning_turn()
+    rec.gate.compute = {**compute, **cost}
+    again = TurnRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
+    assert again.metrics()["model_cost.lora.train_eur"] == pytest.approx(0.0012)

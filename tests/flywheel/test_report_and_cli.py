@@ -188,8 +188,15 @@ def test_report_lists_the_gate_with_its_interval_and_the_turn_line_shows_it(tmp_
                                         "eval.cost_at_operating_point": 21500.0, "eval.cost_flag_nothing": 52600.0}
     state["turns"][2]["calibration"] = {"calibration.risk_threshold": 0.4, "calibration.objective_cost": 0.0}
     state["turns"][2]["promoted"] = False
+    state["turns"][1]["compute"] = {"compute.lora.train_s": 60.0, "compute.lora.predict_ms_per_window": 4.5,
+                                    "model_cost.lora.train_eur": 0.0012, "model_cost.lora.eur_per_1k_predictions": 0.00009,
+                                    "compute.gbdt.train_s": 1.8, "compute.gbdt.predict_ms_per_window": 0.09,
+                                    "model_cost.gbdt.eur_per_1k_predictions": 0.0000009}
+    state["turns"][1]["sim"] = {"bridge": {"predictions": 4000}}
     write_state(tmp_path, "demo", state)
     text = write_report(tmp_path, "demo", log_to_mlflow=False).read_text()
+    # the models' compute, priced, beside the money the period saved (4,000 predictions: 0.00036 EUR)
+    assert "| 1 | 60.0 | 4.50 | 0.00120 | 0.000090 | 1.80 | 0.090 | 0.0000009 | 0.000360 | -10000 |" in text
     gate = text[text.index("## The gate"):]
     assert "| 1 | v1 | +0.200 | [+0.120, +0.290] | 40 | yes | least cost | 21500 (52600) |" in gate
     assert "| 2 | v2 | +0.010 | [-0.030, +0.050] | 40 | no | best F1 | - |" in gate
