@@ -441,7 +441,7 @@ class Campaign:
         _kill_point("registered", record.turn)
         gate = GateResult.from_outcome(outcome)
         gate.compute.update(price_compute(gate.compute, cfg.compute_prices))
-        gate.reference_plant = self.score_reference(outcome.adapter_dir)
+        gate.reference_plant = self.score_reference(outcome.adapter_dir, gate, record.run_id)
         self.status.train_progress = gate.describe()
         if gate.promoted and gate.risk_threshold is not None:
             # A model's operating point is fixed when it wins: the one chosen on its calibration split.
@@ -450,12 +450,14 @@ class Campaign:
                             champion=gate.champion_version, threshold=gate.risk_threshold)
         return gate
 
-    def score_reference(self, challenger_dir: str) -> dict:
-        """The challenger and the champion it was gated against on the reference plant
-        (:mod:`flywheel.reference`): ``reference.challenger.*``, ``reference.champion.*``."""
+    def score_reference(self, challenger_dir: str, gate: GateResult | None = None, run_id: str | None = None) -> dict:
+        """The challenger, the champion it was gated against and the turn's reference family (the
+        trees logged on ``run_id``) on the reference plant (:mod:`flywheel.reference`):
+        ``reference.challenger.*``, ``reference.champion.*``, ``reference.<family>.*``; with the
+        decision costs each at its own operating point also ``cost_per_1k_windows``."""
         import tempfile
 
-        from finetune import fetch_adapter, pick_device
+        from finetune import RegistryError, fetch_adapter, fetch_reference_model, pick_device
         from flywheel.reference import build_reference_set, score_on_reference
 
         period_s = self.cfg.reference.period_s
@@ -480,9 +482,19 @@ class Campaign:
             if not len(ref):
                 return out
             device = pick_device("cuda" if train.use_gpu else "auto", train.precision)
+            costs = train.window_costs()
             kw = dict(batch_size=train.eval_batch_size, device=device)
-            out.update({f"reference.challenger.{k}": v
-                        for k, v in score_on_reference(ref, challenger_dir, **kw).items()})
+            out.update({f"reference.challenger.{k}": v for k, v in score_on_reference(
+                ref, challenger_dir, threshold=gate.risk_threshold if gate else None, costs=costs, **kw).items()})
+            for family in (gate.reference_families if gate is not None and run_id else []):
+                threshold = gate.reference.get(f"reference_model.{family}.calibration_risk_threshold")
+                try:
+                    with tempfile.TemporaryDirectory(dir=self.workdir.root) as tmp:
+                        model_dir = fetch_reference_model(self.tracking_uri, run_id, tmp, family=family)
+                        out.update({f"reference.{family}.{k}": v for k, v in score_on_reference(
+                            ref, model_dir, family=family, threshold=threshold, costs=costs).items()})
+                except (RegistryError, OSError, ValueError) as exc:
+                    log.warning("the %s reference model is not scored on the reference plant: %s", family, exc)
             turns = self.state["turns"]
             champion = turns[-1].get("champion_version") if turns else None
             if champion is None:

@@ -13,9 +13,13 @@ champion it is gated against on it (``reference.challenger.<metric>``,
 ``reference.champion.<metric>``, the ``eval.*`` metric names without ``eval.``), and the
 report draws the curve: does data make the model better, or not?
 
-This is a simulator's capability: a real plant has no twin.  Its equivalent is a **control
-fleet**, a share of machines (chosen by seed) that keep the fixed-interval policy and whose
-outcomes are scored apart; the stack does not build one yet.
+The reference family trained in the same turn (the trees) is scored on it too
+(``reference.<family>.<metric>``), so the report's data-value curve shows both families
+against the data they were trained on.
+
+This is a simulator's capability: a real plant has no twin.  Its equivalent is the campaign's
+**control fleet** (``control_fleet``): a share of machines, chosen by seed, that keep the
+fixed-interval policy and whose outcomes are scored apart.
 
     ref = build_reference_set(scenario, seed=1_000_003, period_s=43_200, window=WindowConfig())
     scores = score_on_reference(ref, "adapter/", device=pick_device())
@@ -85,12 +89,25 @@ def build_reference_set(scenario, *, seed: int, period_s: float, window):
     return labeled[labeled["known"]].drop(columns=["known"]).reset_index(drop=True)[list(COLUMNS)]
 
 
-def score_on_reference(reference, adapter_dir: str, *, batch_size: int = 64, device=None) -> dict:
-    """An adapter's ``eval.*`` metrics on the reference set, named without ``eval.``."""
-    from finetune import evaluate_adapter_report
+def score_on_reference(reference, adapter_dir: str, *, batch_size: int = 64, device=None, threshold=None,
+                       costs=None, family: str = "lora") -> dict:
+    """A model's ``eval.*`` metrics on the reference set, named without ``eval.``: a LoRA adapter
+    (``family="lora"``) or a tree model (``"gbdt"``). With its operating point (``threshold``) and
+    the decision costs (``costs``, :class:`finetune.evaluate.WindowCosts`) also
+    ``cost_per_1k_windows``: the money its decisions would cost per 1,000 reference windows."""
+    from finetune import cost_at_threshold, evaluate_adapter_report, evaluate_gbdt_report
+    from flywheel.base.contract import LABELS
 
     t0 = time.perf_counter()
-    metrics = evaluate_adapter_report(adapter_dir, reference, batch_size, device).metrics
-    out = {k.removeprefix("eval."): v for k, v in metrics.items() if k.count(".") == 1}
+    report = (evaluate_gbdt_report(adapter_dir, reference) if family == "gbdt"
+              else evaluate_adapter_report(adapter_dir, reference, batch_size, device))
+    out = {k.removeprefix("eval."): v for k, v in report.metrics.items() if k.count(".") == 1}
+    out.pop("predict_s", None)
+    if threshold is not None and costs is not None and len(reference) and report.probs is not None:
+        risk = 1.0 - report.probs[:, LABELS.index("ok")]
+        money = cost_at_threshold(risk, (reference["label"] != "ok").to_numpy(), reference["machine"].astype(str).to_numpy(),
+                                  reference["end_ts"].to_numpy(), reference["kind"].astype(str).to_numpy(), costs,
+                                  float(threshold))
+        out["cost_per_1k_windows"] = 1000.0 * money / len(reference)
     out["score_s"] = time.perf_counter() - t0
     return out

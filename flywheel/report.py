@@ -76,6 +76,11 @@ def turn_table(state: dict) -> list[dict]:
             "ref_champion_auroc": rp.get("reference.champion.auroc_any_failure"),
             "ref_served_macro_f1": rp.get(f"reference.{served}.macro_f1"),
             "ref_served_auroc": rp.get(f"reference.{served}.auroc_any_failure"),
+            # the data-value curve: each family trained this turn, on the reference plant
+            "ref_trees_macro_f1": rp.get("reference.gbdt.macro_f1"),
+            "ref_trees_auroc": rp.get("reference.gbdt.auroc_any_failure"),
+            "ref_challenger_cost_per_1k": rp.get("reference.challenger.cost_per_1k_windows"),
+            "ref_trees_cost_per_1k": rp.get("reference.gbdt.cost_per_1k_windows"),
             "windows_train": counts.get("windows_train", 0),
             "windows_eval": counts.get("windows_eval", 0),
             "macro_f1": ev.get("eval.macro_f1"),
@@ -217,6 +222,9 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    if any(r.get("ref_challenger_auroc") is not None for t in tables for r in t):
+        paths.append(_data_value_plot(plt, tables, out_dir, title, seeds))
+
     t0 = tables[0]
     stages = sorted({k for r in t0 for k in r["wall_s"] if k != "turn"})
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -233,6 +241,37 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def _data_value_plot(plt, tables, out_dir: Path, title: str, seeds: str) -> Path:
+    """Quality on the reference plant against the training windows, per family: the data-value curve."""
+    n = min(len(t) for t in tables)
+    rows = [i for i in range(n) if tables[0][i]["turn"] > 0]
+    x = np.array([np.nanmean([np.nan if t[i].get("windows_train") is None else t[i]["windows_train"] for t in tables])
+                  for i in rows])
+    metrics = [("auroc", "any-failure AUROC"), ("macro_f1", "macro-F1")]
+    if any(r.get("ref_challenger_cost_per_1k") is not None for t in tables for r in t):
+        metrics.append(("cost_per_1k", "cost per 1,000 windows (EUR)"))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.0))
+    for ax, (metric, label) in zip(axes, metrics):
+        for who, name, color in (("challenger", "LoRA", COLORS["model"]), ("trees", "trees (LightGBM)", "#bcbd22")):
+            key = f"ref_{who}_{metric}"
+            vals = np.array([[np.nan if t[i].get(key) is None else float(t[i][key]) for i in rows] for t in tables])
+            if np.all(np.isnan(vals)):
+                continue
+            mean, half = _mean_ci(vals)
+            ax.plot(x, mean, marker="o", label=name, color=color)
+            if len(tables) > 1:
+                ax.fill_between(x, mean - half, mean + half, color=color, alpha=0.2)
+        ax.set(xlabel="training windows (turns 1, 2, ...)", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: quality on the reference plant vs training data{seeds}", fontsize=10)
+    path = out_dir / "data_value.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _cell(tables: list[list[dict]], i: int, key: str, pct: bool = False, nd: int = 3) -> str:
@@ -413,7 +452,21 @@ def _reference_plant(tables: list[list[dict]]) -> list[str]:
                 "ref_champion_auroc", "ref_served_auroc")
         lines.append(f"| {tables[0][i]['turn']} | {_cell(tables, i, 'ref_windows', nd=0)} | "
                      + " | ".join(_cell(tables, i, k) for k in keys) + " |")
-    return lines + [""]
+    lines.append("")
+    if any(tables[0][i].get("ref_trees_auroc") is not None for i in rows):
+        lines += ["**The data-value curve** (`data_value.png`): each family trained in the turn, LoRA and the "
+                  "trees, on the same reference windows, against the training windows it had; the cost is what "
+                  "each one's decisions at its own operating point would cost per 1,000 reference windows.", "",
+                  "| turn | training windows | AUROC LoRA | AUROC trees | macro-F1 LoRA | macro-F1 trees | "
+                  "EUR/1k windows LoRA | EUR/1k windows trees |", "|---|---|---|---|---|---|---|---|"]
+        for i in rows:
+            keys = ("ref_challenger_auroc", "ref_trees_auroc", "ref_challenger_macro_f1", "ref_trees_macro_f1")
+            lines.append(f"| {tables[0][i]['turn']} | {_cell(tables, i, 'windows_train', nd=0)} | "
+                         + " | ".join(_cell(tables, i, k) for k in keys) + " | "
+                         + " | ".join(_cell(tables, i, k, nd=0) for k in ("ref_challenger_cost_per_1k",
+                                                                          "ref_trees_cost_per_1k")) + " |")
+        lines.append("")
+    return lines
 
 
 def _gate(tables: list[list[dict]]) -> list[str]:

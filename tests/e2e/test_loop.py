@@ -40,6 +40,14 @@ def test_every_turn_ran_and_was_recorded(campaign):
     assert t1["bridge_threshold"] == state["thresholds"][str(t1["champion_version"])] == \
         t1["calibration"]["calibration.risk_threshold"]
     assert 0.0 < t1["bridge_threshold"] <= 1.0
+    # ... the threshold with the least money on calibration, at the plant's own prices, and what its
+    # decisions cost on eval beside flagging nothing (at this tiny size about the same: not asserted)
+    cal = t1["calibration"]
+    assert cal["calibration.objective_cost"] == 1.0 and {"eval.cost_at_operating_point", "eval.cost_flag_nothing"} <= set(cal)
+    # in money, the model-driven plant cost less than run-to-failure's in the same period
+    assert t1["factory"]["cost_total"] < t1["baselines"]["run_to_failure"]["cost_total"]
+    # each family's compute, priced
+    assert t1["compute"]["model_cost.lora.eur_per_1k_predictions"] > 0 and t1["compute"]["compute.gbdt.train_s"] > 0
     # after the last turn, every turn's model (turn 0: none) is scored on the same held-out data
     held_out = state["holdout"]
     assert held_out["windows"] > 0 and set(held_out["by_turn"]) == {"0", "1"}
@@ -53,6 +61,9 @@ def test_every_turn_ran_and_was_recorded(campaign):
     rp = t1["reference_plant"]
     assert rp["reference.windows"] > 0 and rp["reference.failure_windows"] > 0
     assert "reference.challenger.macro_f1" in rp and not any(k.startswith("reference.champion.") for k in rp)
+    # the trees of the same turn there too, and each family's decisions in money (the data-value curve)
+    assert 0.0 <= rp["reference.gbdt.auroc_any_failure"] <= 1.0
+    assert rp["reference.challenger.cost_per_1k_windows"] > 0 and rp["reference.gbdt.cost_per_1k_windows"] > 0
     assert (workdir / "campaigns" / cfg.campaign / "reference.parquet").is_file()
     # ... and scored on the held-out data beside the champion (turn 0 trained nothing)
     assert 0.0 <= held_out["by_turn"]["1"]["reference_gbdt"]["eval.macro_f1"] <= 1.0
