@@ -33,6 +33,7 @@ version's run); ``flywheel bom MODEL_URI [--out FILE]`` builds a current one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -380,12 +381,18 @@ def _num(v) -> str:
     return UNDECLARED if v is None else f"{float(v):.6g}"
 
 
-def validate_bom(bom: dict) -> None:
-    """Raise :class:`BomError` unless ``bom`` validates against the CycloneDX 1.6 JSON schema
-    (``cyclonedx-python-lib``'s strict validator)."""
+@functools.lru_cache(maxsize=1)
+def _validator():
+    """The strict CycloneDX 1.6 JSON validator, its schema loaded once per process."""
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator
 
-    error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(bom))
+    return JsonStrictValidator(SchemaVersion.V1_6)
+
+
+def validate_bom(bom: dict) -> None:
+    """Raise :class:`BomError` unless ``bom`` validates against the CycloneDX 1.6 JSON schema
+    (``cyclonedx-python-lib``'s strict validator)."""
+    error = _validator().validate_str(json.dumps(bom))
     if error is not None:
         raise BomError(f"the BOM does not validate against CycloneDX {SPEC_VERSION}: {error}")
