@@ -63,6 +63,22 @@ def register(sub, common) -> None:
     common.add(r, workdir=True, mlflow=True)
     r.set_defaults(func=run_rollback)
 
+    k = sub.add_parser("keys", help="the key pair that signs model versions (init)",
+                       description="Manage the P-256 key pair that signs each registered version (its files and "
+                                   "its BOM, OpenSSF model-signing in key mode) and that serving verifies before it "
+                                   "loads a version.",
+                       epilog="examples:\n  flywheel keys init                 # <workdir>/keys/signing.key + signing.pub\n"
+                              "  flywheel keys init --force         # a new pair (old signatures stop verifying)\n\n"
+                              "production: bring your own key - train.signing_key=/path/to/key.pem where training "
+                              "runs,\nserve.signing_public_key=/path/to/key.pub and serve.require_signature=true "
+                              "where serving runs.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    kactions = k.add_subparsers(dest="keys_action", metavar="ACTION", required=True)
+    ki = kactions.add_parser("init", help="create the workdir's key pair (kept if it exists)")
+    ki.add_argument("--force", action="store_true", help="replace an existing pair")
+    common.add(ki, workdir=True)
+    ki.set_defaults(func=run_keys_init)
+
     b = sub.add_parser("bom", help="the Model Bill of Materials (CycloneDX 1.6 JSON) of a registered version",
                        description="Build the CycloneDX 1.6 Model BOM of a registered version from the registry: "
                                    "base model (source, file hashes, licence), adapter files, derivation chain, "
@@ -81,6 +97,19 @@ def register(sub, common) -> None:
     b.add_argument("--site", default="local", help="the site name recorded as where the version runs (default local)")
     common.add(b, workdir=True, mlflow=True)
     b.set_defaults(func=run_bom)
+
+
+def run_keys_init(args) -> int:
+    """``flywheel keys init``: the workdir's signing key pair."""
+    from flywheel.base.workdir import Workdir
+    from finetune.signing import fingerprint, init_keys
+
+    wd = Workdir(args.workdir)
+    existed = (wd.keys / "signing.key").exists() and not args.force
+    private, public = init_keys(wd.keys, force=args.force)
+    print(f"{'kept' if existed else 'created'} {private} (private, keep it where training runs) and {public} "
+          f"(public, give it to serving); fingerprint {fingerprint(public)}")
+    return 0
 
 
 def run_bom(args) -> int:

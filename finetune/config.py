@@ -92,6 +92,9 @@ class TrainConfig:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow model code from the hub to run (off: only built-in architectures load)"})
     max_failures: int = field(default=0, metadata={"help": "Ray Train worker-failure restarts (resume from checkpoint)"})
+    signing_key: str = field(default="", metadata={
+        "help": "private key (PEM, P-256) that signs each registered version's files and BOM (finetune.signing); "
+                "'' = versions are not signed. A campaign uses <workdir>/keys/signing.key, created on first use"})
     reference_family: str = field(default="gbdt", metadata={
         "help": "model family trained beside the challenger on the same snapshot and logged as "
                 "reference_model.<family>.* ('gbdt': LightGBM trees; '' = none)"})

@@ -180,7 +180,10 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             if decision.promoted:
                 registry.set_alias(tracking_uri, model_name, "champion", version)
         with timer("bom"):
-            _log_bom(client, run_id, tracking_uri, model_name, version, snapshot.manifest)
+            bom_text = _log_bom(client, run_id, tracking_uri, model_name, version, snapshot.manifest)
+        if config.signing_key:
+            with timer("sign"):
+                _sign(client, run_id, tracking_uri, model_name, version, bom_text, config.signing_key)
         champion_version = version if decision.promoted else (champion.version if champion else None)
 
         timer.wall_s["total"] = timer.elapsed_s
@@ -218,9 +221,10 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _log_bom(client, run_id: str, tracking_uri: str, model_name: str, version: str, manifest: dict) -> None:
-    """The version's Model BOM (CycloneDX, :mod:`finetune.bom`) on its run as ``bom/bom.cdx.json``.
-    One that does not validate is logged anyway, tagged ``flywheel.bom_invalid`` with the reason."""
+def _log_bom(client, run_id: str, tracking_uri: str, model_name: str, version: str, manifest: dict) -> str:
+    """The version's Model BOM (CycloneDX, :mod:`finetune.bom`) on its run as ``bom/bom.cdx.json``
+    (returned as logged). One that does not validate is logged anyway, tagged
+    ``flywheel.bom_invalid`` with the reason."""
     from finetune.bom import BOM_ARTIFACT, BomError, model_bom, validate_bom
 
     bom = model_bom(tracking_uri, model_name, version, manifest=manifest)
@@ -229,7 +233,20 @@ def _log_bom(client, run_id: str, tracking_uri: str, model_name: str, version: s
     except BomError as exc:
         log.error("version %s: %s", version, exc)
         client.set_tag(run_id, "flywheel.bom_invalid", str(exc)[:500])
-    client.log_text(run_id, json.dumps(bom, indent=2), BOM_ARTIFACT)
+    text = json.dumps(bom, indent=2)
+    client.log_text(run_id, text, BOM_ARTIFACT)
+    return text
+
+
+def _sign(client, run_id: str, tracking_uri: str, model_name: str, version: str, bom_text: str, key: str) -> None:
+    """Sign the version as serving will fetch it (its adapter files) with the BOM just logged."""
+    from finetune import registry
+    from finetune.signing import KEY_TAG, sign_version
+
+    with tempfile.TemporaryDirectory(prefix="flywheel-sign-") as tmp:
+        adapter = registry.fetch_adapter(tracking_uri, model_name, version, tmp)
+        fp = sign_version(client, run_id, adapter, bom_text, key)
+    client.set_model_version_tag(model_name, str(version), KEY_TAG, fp)
 
 
 def compute_metrics(wall_s: dict, n_eval: int, device, reference_metrics: dict) -> dict:

@@ -151,6 +151,7 @@ class Campaign:
         self.cfg = cfg
         self.stages = stage_configs(cfg)
         self.workdir = Workdir(workdir, mlflow_uri=mlflow_uri)
+        self._signing_keys()
         self.dir = self.workdir.campaign(cfg.campaign)
         self.lake_uri = self.workdir.lake_uri
         self.tracking_uri = self.workdir.mlflow_uri
@@ -172,6 +173,19 @@ class Campaign:
         self.timer = StageTimer(self.view.stage)   # the turn's, new each turn
         self.reference_set = None                  # the reference plant's windows, made at the first learning turn
         self._running = contextlib.ExitStack()
+
+    def _signing_keys(self) -> None:
+        """Sign every version with the workdir's key pair (created on first use) unless train.signing_key
+        names another, and verify with its public key where serve.require_signature asks for it."""
+        train, serve = self.stages["train"], self.stages["serve"]
+        if not train.signing_key or (serve.require_signature and not serve.signing_public_key):
+            from finetune import init_keys
+
+            private, public = init_keys(self.workdir.keys)
+            if not train.signing_key:
+                self.stages["train"] = dataclasses.replace(train, signing_key=str(private))
+            if serve.require_signature and not serve.signing_public_key:
+                self.stages["serve"] = dataclasses.replace(serve, signing_public_key=str(public))
 
     # -- set-up -------------------------------------------------------------
     def __enter__(self) -> "Campaign":

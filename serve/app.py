@@ -192,6 +192,8 @@ class FaultDetector:
                     tmp = tempfile.mkdtemp(prefix="flywheel-adapter-")
                     try:
                         adapter_dir = self.source.fetch(resolved, tmp)
+                        if self.config.require_signature:   # before anything of it loads
+                            self.source.verify(resolved, adapter_dir, self.config.signing_public_key)
                         self.pool.install(name, resolved, adapter_dir)
                     except ModelError as exc:
                         self._refused.add(key)

@@ -37,6 +37,12 @@ class ServeConfig:
                 "(benchmarks/RESULTS.md); one replica; the Ray cluster must run with that variable (a Ray that "
                 "flywheel starts itself gets it). The demo and tiny campaigns use direct (one replica on a "
                 "laptop, in lockstep with the plant); keep proxy on a cluster of several replicas"})
+    require_signature: bool = field(default=False, metadata={
+        "help": "verify each version's signature (finetune.signing) against signing_public_key before loading "
+                "it; a missing, foreign or broken signature is refused and the serving version stays. On in the "
+                "demo campaigns and the infra profiles"})
+    signing_public_key: str = field(default="", metadata={
+        "help": "the signer's public key (PEM) for require_signature; a campaign uses <workdir>/keys/signing.pub"})
     app_name: str = field(default="flywheel", metadata={"help": "Ray Serve application name"})
     route_prefix: str = field(default="/", metadata={"help": "URL prefix of the app, e.g. / or /fault"})
     num_replicas: int = field(default=1, metadata={"help": "replicas (each loads the base model once)"})

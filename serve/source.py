@@ -85,6 +85,18 @@ class AdapterSource:
                              f"{exc}") from None
 
 
+    def verify(self, resolved: Resolved, adapter_dir: str, public_key: str) -> None:
+        """Refuse a version whose signature is missing, foreign or does not match its files: raises
+        ``finetune.model.ModelError`` (never retried: artifacts are immutable) naming the reason."""
+        from finetune.model import ModelError
+        from finetune.signing import SignatureError, verify_version
+
+        try:
+            verify_version(self.tracking_uri, resolved.model_name, resolved.version, adapter_dir, public_key)
+        except SignatureError as exc:
+            raise ModelError(f"refused, signature check failed: {exc}") from None
+
+
 def _registry():
     from finetune import registry
 

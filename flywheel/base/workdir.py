@@ -81,3 +81,8 @@ class Workdir:
     @property
     def broker(self) -> Path:
         return self.root / "broker"
+
+    @property
+    def keys(self) -> Path:
+        """The signing key pair (``signing.key``, ``signing.pub``; ``flywheel keys init``)."""
+        return self.root / "keys"

@@ -25,11 +25,15 @@ pytestmark = pytest.mark.slow
 def two_versions(tmp_path_factory, snapshot_dir):
     from finetune import train_and_register
 
+    from finetune.signing import init_keys
+
     d = tmp_path_factory.mktemp("bom")
     uri = f"sqlite:///{d / 'mlflow.db'}"
-    first = train_and_register(snapshot_dir, fast_config(d), uri, campaign="bom", turn=1, progress=False)
-    second = train_and_register(snapshot_dir, fast_config(d, max_steps=2, warm_start=True), uri, campaign="bom",
-                                turn=2, progress=False)
+    key, _ = init_keys(d / "keys")         # both versions are signed at registration
+    first = train_and_register(snapshot_dir, fast_config(d, signing_key=str(key)), uri, campaign="bom", turn=1,
+                               progress=False)
+    second = train_and_register(snapshot_dir, fast_config(d, max_steps=2, warm_start=True, signing_key=str(key)), uri,
+                                campaign="bom", turn=2, progress=False)
     return uri, d, first, second
 
 
@@ -139,3 +143,49 @@ def test_flywheel_bom_writes_a_file_and_refuses_what_is_not_there(two_versions, 
     broken["components"][0]["hashes"][0]["alg"] = "SHA-0"
     with pytest.raises(BomError, match="does not validate against CycloneDX 1.6"):
         validate_bom(broken)
+
+
+def test_registered_versions_are_signed_and_a_changed_file_or_another_key_fails(two_versions, tmp_path):
+    import shutil
+
+    from finetune.registry import fetch_adapter, get_version
+    from finetune.signing import KEY_TAG, SignatureError, fingerprint, init_keys, verify_version
+
+    uri, d, first, _ = two_versions
+    public = d / "keys" / "signing.pub"
+    adapter = fetch_adapter(uri, "fault-detector", first.version, str(tmp_path / "a"))
+    verify_version(uri, "fault-detector", first.version, adapter, public)      # as served: verifies
+    assert get_version(uri, "fault-detector", first.version).tags[KEY_TAG] == fingerprint(public)
+    assert first.wall_s["sign"] < 10 and first.wall_s["bom"] < 10
+    # a file changed after signing: refused, naming it
+    changed = Path(shutil.copytree(adapter, tmp_path / "changed"))
+    (changed / "adapter_config.json").write_text((changed / "adapter_config.json").read_text() + " ")
+    with pytest.raises(SignatureError, match="changed after signing.*adapter_config.json"):
+        verify_version(uri, "fault-detector", first.version, changed, public)
+    # a file added after signing: refused too
+    added = Path(shutil.copytree(adapter, tmp_path / "added"))
+    (added / "extra.bin").write_bytes(b"x")
+    with pytest.raises(SignatureError, match="changed after signing"):
+        verify_version(uri, "fault-detector", first.version, added, public)
+    # another key pair's public key: refused
+    _, other = init_keys(tmp_path / "other")
+    with pytest.raises(SignatureError, match="signed with another key"):
+        verify_version(uri, "fault-detector", first.version, adapter, other)
+    with pytest.raises(SignatureError, match="no public key at"):
+        verify_version(uri, "fault-detector", first.version, adapter, tmp_path / "none.pub")
+
+
+def test_keys_init_keeps_a_pair_and_protects_the_private_key(tmp_path):
+    import stat
+
+    from finetune.signing import init_keys
+
+    private, public = init_keys(tmp_path / "k")
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600 and public.read_text().startswith("-----BEGIN PUBLIC KEY")
+    before = private.read_bytes()
+    assert init_keys(tmp_path / "k") == (private, public) and private.read_bytes() == before
+    init_keys(tmp_path / "k", force=True)
+    assert private.read_bytes() != before
+    res = subprocess.run([sys.executable, "-m", "flywheel.cli", "keys", "init", "--workdir", str(tmp_path / "wd")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "created" in res.stdout and (tmp_path / "wd" / "keys" / "signing.key").is_file()

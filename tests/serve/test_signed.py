@@ -1,0 +1,101 @@
+"""Verify before serving: a live Serve app that requires signatures refuses a version whose files
+changed in the MLflow store after signing, one that is not signed and one signed with another
+key, and keeps serving the version it had; a properly signed version swaps in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve import ServeConfig, ServeError, start_serving
+from serve.client import ServeClient
+
+TEXT = "pump. vib 3.05 high surging. temp 331 normal flat. pres 5.90 normal flat. cur 20.5 normal flat."
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from finetune.signing import init_keys
+
+    ours = init_keys(tmp_path_factory.mktemp("keys"))
+    theirs = init_keys(tmp_path_factory.mktemp("other-keys"))
+    return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def app(ray_local, registry, adapter_dirs, keys):
+    from finetune.signing import sign_registered
+
+    (private, public), _ = keys
+    v1 = registry.register(adapter_dirs.a, alias="champion")
+    sign_registered(registry.tracking_uri, registry.model_name, v1, private)
+    cfg = ServeConfig(app_name="serve-signed-tests", route_prefix="/serve-signed", poll_s=0,
+                      num_cpus_per_replica=0, max_batch_size=16, require_signature=True,
+                      signing_public_key=str(public))
+    h = start_serving(registry.tracking_uri, registry.model_name, "champion", cfg)
+    yield h
+    h.shutdown()
+
+
+def _artifact_file(registry, version: str, name: str) -> Path:
+    """The file ``name`` of a version's adapter inside the MLflow store itself."""
+    from mlflow import MlflowClient
+
+    from finetune.registry import get_version
+
+    run = MlflowClient(tracking_uri=registry.tracking_uri).get_run(get_version(registry.tracking_uri,
+                                                                                registry.model_name, version).run_id)
+    root = Path(run.info.artifact_uri.removeprefix("file://"))
+    (hit,) = list(root.rglob(name))
+    return hit
+
+
+def _refused(app, registry, version: str, why: str) -> None:
+    serving = app.version()
+    registry.set_alias(version, "champion")
+    assert app.refresh() == serving != version
+    assert why in app.status()["refusals"]["default"]["reason"]
+    assert ServeClient(app.url).predict([{"text": TEXT}])["model_version"] == serving
+
+
+def test_a_version_changed_in_the_store_after_signing_is_refused_live(app, registry, adapter_dirs, keys):
+    from finetune.signing import sign_registered
+
+    (private, _), _ = keys
+    assert app.version() == "1"
+    v2 = registry.register(adapter_dirs.b, alias=None)
+    sign_registered(registry.tracking_uri, registry.model_name, v2, private)
+    weights = _artifact_file(registry, v2, "adapter_model.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF                                  # one bit of the weights, in the store, after signing
+    weights.write_bytes(bytes(data))
+    _refused(app, registry, v2, "changed after signing")
+    assert "adapter_model.safetensors" in app.status()["refusals"]["default"]["reason"]
+
+
+def test_an_unsigned_version_and_one_signed_with_another_key_are_refused(app, registry, adapter_dirs, keys):
+    from finetune.signing import sign_registered
+
+    _, (foreign, _) = keys
+    unsigned = registry.register(adapter_dirs.b, alias=None)
+    _refused(app, registry, unsigned, "is not signed")
+    other = registry.register(adapter_dirs.b, alias=None)
+    sign_registered(registry.tracking_uri, registry.model_name, other, foreign)
+    _refused(app, registry, other, "signed with another key")
+
+
+def test_a_properly_signed_version_swaps_in(app, registry, adapter_dirs, keys):
+    from finetune.signing import sign_registered
+
+    (private, _), _ = keys
+    good = registry.register(adapter_dirs.b, alias=None)
+    sign_registered(registry.tracking_uri, registry.model_name, good, private)
+    registry.set_alias(good, "champion")
+    assert app.refresh() == good
+    assert ServeClient(app.url).predict([{"text": TEXT}])["model_version"] == good
+
+
+def test_requiring_signatures_without_a_public_key_is_a_clear_error(ray_local, registry):
+    with pytest.raises(ServeError, match="signing_public_key is empty"):
+        start_serving(registry.tracking_uri, registry.model_name, "champion", ServeConfig(require_signature=True))
