@@ -234,7 +234,7 @@ def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", l
         "flywheel:code_version": tags.get(CODE_VERSION_TAG, UNDECLARED),
         "flywheel:code_commit": tags.get(CODE_COMMIT_TAG, UNDECLARED),
         "flywheel:libraries": json.dumps(env, sort_keys=True) if env else UNDECLARED,
-        "flywheel:trained_on": json.dumps(meta.get("trained_on") or {}) or UNDECLARED,
+        "flywheel:trained_on": json.dumps(meta["trained_on"]) if meta.get("trained_on") else UNDECLARED,
         "flywheel:run_id": info.run_id,
         "flywheel:campaign": tags.get("flywheel.campaign", UNDECLARED),
         "flywheel:turn": tags.get("flywheel.turn", UNDECLARED),

@@ -148,6 +148,18 @@ def cost_at_threshold(risk: np.ndarray, positive: np.ndarray, machine: Sequence[
                  + sum(costs.caught[k] if c else costs.missed[k] for k, c in zip(ep_kinds, caught)))
 
 
+def frame_decision_cost(risk, frame, costs: WindowCosts, threshold: float | None = None) -> tuple[float, float]:
+    """The decision-cost model on a split's windows (a DataFrame with ``label``, ``machine``,
+    ``end_ts`` and ``kind``): ``(threshold, money)``, the least-money threshold
+    (:func:`min_cost_threshold`) when ``threshold`` is None, else ``threshold`` and what it costs
+    (:func:`cost_at_threshold`)."""
+    args = (risk, (frame["label"] != "ok").to_numpy(), frame["machine"].astype(str).to_numpy(),
+            frame["end_ts"].to_numpy(), frame["kind"].astype(str).to_numpy(), costs)
+    if threshold is None:
+        return min_cost_threshold(*args)
+    return float(threshold), cost_at_threshold(*args, threshold)
+
+
 def f1_at_threshold(risk: np.ndarray, positive: np.ndarray, threshold: float) -> float:
     """Any-failure F1 when flagging ``risk >= threshold`` (an operating point chosen elsewhere)."""
     flagged = np.asarray(risk) >= threshold

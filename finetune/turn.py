@@ -84,6 +84,10 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
     from finetune.bom import provenance_tags
     from finetune.pyfunc import save_pyfunc
 
+    if config.signing_key:   # before any compute: a version must never be registered and then fail to sign
+        from finetune.signing import public_of
+
+        public_of(config.signing_key)
     timer = StageTimer()
     with timer("load"):
         snapshot = load_snapshot(snapshot_dir, config.featuriser)
@@ -281,7 +285,7 @@ def choose_threshold(risk, frame, config: TrainConfig) -> tuple[float | None, di
     ``calibration.objective_cost`` says which objective was used (1: least money, 0: best F1)."""
     import numpy as np
 
-    from finetune.evaluate import best_f1_threshold, min_cost_threshold
+    from finetune.evaluate import best_f1_threshold, frame_decision_cost
 
     failing = (frame["label"] != "ok").to_numpy()
     if not failing.any():
@@ -290,8 +294,7 @@ def choose_threshold(risk, frame, config: TrainConfig) -> tuple[float | None, di
     if costs is None:
         t, _ = best_f1_threshold(np.asarray(risk), failing)
         return float(t), {"calibration.objective_cost": 0.0}
-    t, cost = min_cost_threshold(risk, failing, frame["machine"].astype(str).to_numpy(), frame["end_ts"].to_numpy(),
-                                 frame["kind"].astype(str).to_numpy(), costs)
+    t, cost = frame_decision_cost(risk, frame, costs)
     return (NEVER if not np.isfinite(t) else float(t)), {"calibration.objective_cost": 1.0, "calibration.cost": cost,
                                                           "calibration.cost_per_window": cost / len(frame)}
 
@@ -299,16 +302,13 @@ def choose_threshold(risk, frame, config: TrainConfig) -> tuple[float | None, di
 def _eval_at(threshold: float, risk, frame, config: TrainConfig, prefix: str) -> dict:
     """The chosen threshold scored on eval: any-failure F1 and, with costs, the money (and the
     money of flagging nothing, for scale)."""
-    from finetune.evaluate import cost_at_threshold, f1_at_threshold
+    from finetune.evaluate import f1_at_threshold, frame_decision_cost
 
-    failing = (frame["label"] != "ok").to_numpy()
-    out = {f"{prefix}f1_at_operating_point": f1_at_threshold(risk, failing, threshold)}
+    out = {f"{prefix}f1_at_operating_point": f1_at_threshold(risk, (frame["label"] != "ok").to_numpy(), threshold)}
     costs = config.window_costs()
     if costs is not None:
-        args = (risk, failing, frame["machine"].astype(str).to_numpy(), frame["end_ts"].to_numpy(),
-                frame["kind"].astype(str).to_numpy(), costs)
-        out[f"{prefix}cost_at_operating_point"] = cost_at_threshold(*args, threshold)
-        out[f"{prefix}cost_flag_nothing"] = cost_at_threshold(*args, float("inf"))
+        out[f"{prefix}cost_at_operating_point"] = frame_decision_cost(risk, frame, costs, threshold)[1]
+        out[f"{prefix}cost_flag_nothing"] = frame_decision_cost(risk, frame, costs, float("inf"))[1]
     return out
 
 

@@ -128,7 +128,7 @@ def stage_configs(cfg: CampaignConfig):
     from finetune import TrainConfig
 
     train = dict(cfg.train)
-    if "costs" in build_fields_of_train() and not train.get("costs"):
+    if not train.get("costs"):
         train["costs"] = decision_costs(cfg)
     train.setdefault("base_model", cfg.base_model)
     train.setdefault("seed", cfg.seed)
@@ -139,12 +139,6 @@ def stage_configs(cfg: CampaignConfig):
     # No window for the bridge: it reads the one the served model version was trained on.
     out["bridge"] = _build(BridgeConfig, dict(cfg.bridge), "bridge.")
     return out
-
-
-def build_fields_of_train() -> set[str]:
-    from finetune import TrainConfig
-
-    return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def decision_costs(cfg: CampaignConfig) -> dict:

@@ -95,7 +95,7 @@ def score_on_reference(reference, adapter_dir: str, *, batch_size: int = 64, dev
     (``family="lora"``) or a tree model (``"gbdt"``). With its operating point (``threshold``) and
     the decision costs (``costs``, :class:`finetune.evaluate.WindowCosts`) also
     ``cost_per_1k_windows``: the money its decisions would cost per 1,000 reference windows."""
-    from finetune import cost_at_threshold, evaluate_adapter_report, evaluate_gbdt_report
+    from finetune import evaluate_adapter_report, evaluate_gbdt_report, frame_decision_cost
     from flywheel.base.contract import LABELS
 
     t0 = time.perf_counter()
@@ -104,10 +104,7 @@ def score_on_reference(reference, adapter_dir: str, *, batch_size: int = 64, dev
     out = {k.removeprefix("eval."): v for k, v in report.metrics.items() if k.count(".") == 1}
     out.pop("predict_s", None)
     if threshold is not None and costs is not None and len(reference) and report.probs is not None:
-        risk = 1.0 - report.probs[:, LABELS.index("ok")]
-        money = cost_at_threshold(risk, (reference["label"] != "ok").to_numpy(), reference["machine"].astype(str).to_numpy(),
-                                  reference["end_ts"].to_numpy(), reference["kind"].astype(str).to_numpy(), costs,
-                                  float(threshold))
+        _, money = frame_decision_cost(1.0 - report.probs[:, LABELS.index("ok")], reference, costs, float(threshold))
         out["cost_per_1k_windows"] = 1000.0 * money / len(reference)
     out["score_s"] = time.perf_counter() - t0
     return out

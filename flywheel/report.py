@@ -361,10 +361,14 @@ def _families(tables: list[list[dict]]) -> list[str]:
     return lines
 
 
+def _rows_with(tables: list[list[dict]], key: str) -> list[int]:
+    """The turns (row indexes every seed has) whose first campaign recorded ``key``."""
+    return [i for i in range(min(len(t) for t in tables)) if tables[0][i].get(key) is not None]
+
+
 def _money(tables: list[list[dict]]) -> list[str]:
     """Per turn: what the plant cost under the model, under each baseline, and the savings."""
-    n = min(len(t) for t in tables)
-    rows = [i for i in range(n) if tables[0][i].get("cost_total") is not None]
+    rows = _rows_with(tables, "cost_total")
     if not rows:
         return []
     lines = ["## In money", "",
@@ -384,8 +388,7 @@ def _money(tables: list[list[dict]]) -> list[str]:
 
 def _model_cost(tables: list[list[dict]]) -> list[str]:
     """Per learning turn: what each family took to train and to run, priced, beside the savings."""
-    n = min(len(t) for t in tables)
-    rows = [i for i in range(n) if tables[0][i].get("model_cost_lora_train_eur") is not None]
+    rows = _rows_with(tables, "model_cost_lora_train_eur")
     if not rows:
         return []
     lines = ["## What the models cost", "",
@@ -412,8 +415,7 @@ def _model_cost(tables: list[list[dict]]) -> list[str]:
 
 def _control_fleet(tables: list[list[dict]]) -> list[str]:
     """Per turn: the machines the model drove against the control fleet kept on fixed intervals."""
-    n = min(len(t) for t in tables)
-    rows = [i for i in range(n) if tables[0][i].get("control_oee") is not None]
+    rows = _rows_with(tables, "control_oee")
     if not rows:
         return []
     lines = ["## The control fleet", "",
@@ -435,8 +437,7 @@ def _control_fleet(tables: list[list[dict]]) -> list[str]:
 
 def _reference_plant(tables: list[list[dict]]) -> list[str]:
     """Per learning turn: challenger, champion and the model served next on the reference plant."""
-    n = min(len(t) for t in tables)
-    rows = [i for i in range(n) if tables[0][i]["turn"] > 0 and tables[0][i].get("ref_challenger_macro_f1") is not None]
+    rows = [i for i in _rows_with(tables, "ref_challenger_macro_f1") if tables[0][i]["turn"] > 0]
     if not rows:
         return []
     lines = ["## On the reference plant", "",
