@@ -78,9 +78,19 @@ def fingerprint(public_key: str | os.PathLike) -> str:
 
 
 def public_of(private_key: str | os.PathLike) -> bytes:
+    """The public key PEM of a private key file; :class:`SignatureError` naming the fix when the
+    file is missing or not an unencrypted PEM private key."""
     from cryptography.hazmat.primitives import serialization
 
-    key = serialization.load_pem_private_key(Path(private_key).read_bytes(), password=None)
+    path = Path(private_key)
+    if not path.is_file():
+        raise SignatureError(f"no signing key at {path}: create one with `flywheel keys init` or point "
+                             "train.signing_key at yours")
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise SignatureError(f"{path} is not an unencrypted PEM private key ({exc}); create one with "
+                             "`flywheel keys init` or point train.signing_key at yours") from None
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -97,9 +107,7 @@ def sign_payload(adapter_dir: str | os.PathLike, bom_text: str, private_key: str
     from model_signing import signing
 
     key = Path(private_key)
-    if not key.is_file():
-        raise SignatureError(f"no signing key at {key}: create one with `flywheel keys init` or point "
-                             "train.signing_key at yours")
+    public_of(key)                    # a missing or unreadable key: refused, naming the fix
     with tempfile.TemporaryDirectory(prefix="flywheel-sign-") as tmp:
         payload = _payload(adapter_dir, bom_text, Path(tmp) / "payload")
         signing.Config().use_elliptic_key_signer(private_key=key).sign(payload, signature_path)

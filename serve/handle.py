@@ -261,6 +261,9 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
         raise ServeError("serve.require_signature is on but serve.signing_public_key is empty: give the signer's "
                          "public key (flywheel keys init writes <workdir>/keys/signing.pub), or set "
                          "serve.require_signature=false")
+    if config.require_signature and not os.path.isfile(config.signing_public_key):
+        raise ServeError(f"serve.signing_public_key {config.signing_public_key!r} is not a file: give the signer's "
+                         "public key (flywheel keys init writes <workdir>/keys/signing.pub)")
     tracking_uri = absolute_tracking_uri(tracking_uri)
     # Fail fast, in the caller's process, with a clear message when there is nothing to serve.
     source = AdapterSource(tracking_uri, model_name)

@@ -189,3 +189,20 @@ def test_keys_init_keeps_a_pair_and_protects_the_private_key(tmp_path):
     res = subprocess.run([sys.executable, "-m", "flywheel.cli", "keys", "init", "--workdir", str(tmp_path / "wd")],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "created" in res.stdout and (tmp_path / "wd" / "keys" / "signing.key").is_file()
+
+
+def test_a_bad_signing_key_is_refused_before_anything_is_trained_or_registered(snapshot_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    from finetune import train_and_register
+    from finetune.signing import SignatureError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    garbage = tmp_path / "key.pem"
+    garbage.write_text("not a key\n")
+    with pytest.raises(SignatureError, match="is not an unencrypted PEM private key.*flywheel keys init"):
+        train_and_register(snapshot_dir, fast_config(tmp_path, signing_key=str(garbage)), uri, progress=False)
+    with pytest.raises(SignatureError, match="no signing key at"):
+        train_and_register(snapshot_dir, fast_config(tmp_path, signing_key=str(tmp_path / "none.pem")), uri,
+                           progress=False)
+    assert MlflowClient(tracking_uri=uri).search_model_versions("") == []     # nothing half-registered

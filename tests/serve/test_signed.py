@@ -96,6 +96,9 @@ def test_a_properly_signed_version_swaps_in(app, registry, adapter_dirs, keys):
     assert ServeClient(app.url).predict([{"text": TEXT}])["model_version"] == good
 
 
-def test_requiring_signatures_without_a_public_key_is_a_clear_error(ray_local, registry):
+def test_requiring_signatures_without_a_public_key_is_a_clear_error(ray_local, registry, tmp_path):
     with pytest.raises(ServeError, match="signing_public_key is empty"):
         start_serving(registry.tracking_uri, registry.model_name, "champion", ServeConfig(require_signature=True))
+    with pytest.raises(ServeError, match="none.pub' is not a file"):
+        start_serving(registry.tracking_uri, registry.model_name, "champion",
+                      ServeConfig(require_signature=True, signing_public_key=str(tmp_path / "none.pub")))
