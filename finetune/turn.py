@@ -88,6 +88,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         from finetune.signing import public_of
 
         public_of(config.signing_key)
+    base_tags = governed_base_model(config)   # before any compute too: the policy may refuse the base model
     timer = StageTimer()
     with timer("load"):
         snapshot = load_snapshot(snapshot_dir, config.featuriser)
@@ -173,6 +174,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                     "flywheel.promoted": str(decision.promoted).lower(), "flywheel.gate_reason": decision.reason}
             tags[registry.FEATURISER_TAG] = FeaturiserSpec.parse(config.featuriser).ref
             tags.update(provenance_tags())                 # code version and commit, library versions
+            tags.update(base_tags)                         # where the base model came from, its licence
             if warm_dir is not None:                       # the derivation chain: warm-started from the champion
                 tags[registry.PARENT_TAG] = champion.version
             if snapshot.manifest.get("window") is not None:   # the input pipeline it was trained with
@@ -251,6 +253,19 @@ def _sign(client, run_id: str, tracking_uri: str, model_name: str, version: str,
         adapter = registry.fetch_adapter(tracking_uri, model_name, version, tmp)
         fp = sign_version(client, run_id, adapter, bom_text, key)
     client.set_model_version_tag(model_name, str(version), KEY_TAG, fp)
+
+
+def governed_base_model(config: TrainConfig) -> dict[str, str]:
+    """Check the base model against ``config.governance`` (raises
+    :class:`flywheel.base.governance.GovernanceError` naming the fix) and return the tags that
+    record where it came from and its licence, which serving checks against its own policy."""
+    from finetune.bom import base_model_facts
+    from flywheel.base.governance import BASE_MODEL_ID_TAG, BASE_MODEL_LICENCE_TAG, base_model_id
+
+    facts = base_model_facts(config.base_model, hashes=False)
+    ident, licence = base_model_id(facts), facts["licence"]
+    config.governance.check(ident, licence, f"training on base model {config.base_model!r}")
+    return {BASE_MODEL_ID_TAG: ident, BASE_MODEL_LICENCE_TAG: licence}
 
 
 def compute_metrics(wall_s: dict, n_eval: int, device, reference_metrics: dict) -> dict:

@@ -19,6 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 from flywheel.base.config import ConfigError, from_dict, load, parse_duration
+from flywheel.base.governance import GovernancePolicy
 from flywheel.reference import ReferenceConfig
 
 
@@ -61,6 +62,9 @@ class CampaignConfig:
     tune_threshold: bool = field(default=True, metadata={
         "help": "ask for maintenance at each model's own operating point: the risk threshold that maximised "
                 "its any-failure F1 on its snapshot's calibration split; false: bridge.threshold for every model"})
+    governance: GovernancePolicy = field(default_factory=GovernancePolicy, metadata={
+        "help": "which base models and licences the campaign's models may build on (flywheel.base.governance): "
+                "training refuses others before any compute, serving refuses versions built on them"})
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={
         "help": "the reference plant every turn's models are scored on (flywheel.reference)"})
@@ -131,11 +135,15 @@ def stage_configs(cfg: CampaignConfig):
     if not train.get("costs"):
         train["costs"] = decision_costs(cfg)
     train.setdefault("base_model", cfg.base_model)
+    policy = dataclasses.asdict(cfg.governance)
+    train.setdefault("governance", policy)
     train.setdefault("seed", cfg.seed)
     out["train"] = _build(TrainConfig, train, "train.")
     from serve import BridgeConfig, ServeConfig
 
-    out["serve"] = _build(ServeConfig, dict(cfg.serve), "serve.")
+    serve = dict(cfg.serve)
+    serve.setdefault("governance", policy)
+    out["serve"] = _build(ServeConfig, serve, "serve.")
     # No window for the bridge: it reads the one the served model version was trained on.
     out["bridge"] = _build(BridgeConfig, dict(cfg.bridge), "bridge.")
     return out

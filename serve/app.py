@@ -191,6 +191,7 @@ class FaultDetector:
                         continue
                     tmp = tempfile.mkdtemp(prefix="flywheel-adapter-")
                     try:
+                        self.source.check_governance(resolved, self.config.governance)
                         adapter_dir = self.source.fetch(resolved, tmp)
                         if self.config.require_signature:   # before anything of it loads
                             self.source.verify(resolved, adapter_dir, self.config.signing_public_key)

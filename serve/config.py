@@ -18,6 +18,7 @@ from typing import Optional
 
 from flywheel.base.config import ConfigError
 from flywheel.base.features import WindowConfig
+from flywheel.base.governance import GovernancePolicy
 
 
 @dataclass
@@ -43,6 +44,10 @@ class ServeConfig:
                 "demo campaigns and the infra profiles"})
     signing_public_key: str = field(default="", metadata={
         "help": "the signer's public key (PEM) for require_signature; a campaign uses <workdir>/keys/signing.pub"})
+    governance: GovernancePolicy = field(default_factory=GovernancePolicy, metadata={
+        "help": "which base models and licences a served version may build on (flywheel.base.governance, read "
+                "from the version's tags); a version outside them is refused and the serving version stays. A "
+                "campaign copies its top-level governance section here"})
     app_name: str = field(default="flywheel", metadata={"help": "Ray Serve application name"})
     route_prefix: str = field(default="/", metadata={"help": "URL prefix of the app, e.g. / or /fault"})
     num_replicas: int = field(default=1, metadata={"help": "replicas (each loads the base model once)"})
@@ -83,6 +88,8 @@ class ServeConfig:
     health_timeout_s: float = field(default=180.0, metadata={"help": "how long start_serving waits for health"})
 
     def __post_init__(self):
+        if isinstance(self.governance, dict):   # the replica gets its config as a dict (asdict)
+            self.governance = GovernancePolicy(**self.governance)
         if self.num_replicas < 1:
             raise ConfigError(f"num_replicas should be >= 1, got {self.num_replicas}")
         if not 0 <= self.http_port < 65536:

@@ -97,6 +97,25 @@ class AdapterSource:
             raise ModelError(f"refused, signature check failed: {exc}") from None
 
 
+    def check_governance(self, resolved: Resolved, policy) -> None:
+        """Refuse a version whose recorded base model (tags ``flywheel.base_model_id`` and
+        ``flywheel.base_model_licence``) the governance policy does not allow: raises
+        ``finetune.model.ModelError`` (never retried) naming the base model and the fix."""
+        from finetune.model import ModelError
+        from flywheel.base.governance import BASE_MODEL_ID_TAG, BASE_MODEL_LICENCE_TAG, GovernanceError
+
+        if not policy.active:
+            return
+        tags = _registry().get_version(self.tracking_uri, resolved.model_name, resolved.version).tags or {}
+        if tags.get("flywheel.family", "lora") == "gbdt":   # trees build on no base model
+            return
+        try:
+            policy.check(tags.get(BASE_MODEL_ID_TAG), tags.get(BASE_MODEL_LICENCE_TAG),
+                         f"{resolved.model_name} version {resolved.version}")
+        except GovernanceError as exc:
+            raise ModelError(f"refused by the governance policy: {exc}") from None
+
+
 def _registry():
     from finetune import registry
 

