@@ -55,6 +55,7 @@ from factory_sim.plant import Plant
 
 log = logging.getLogger("factory_sim.mqtt")
 COMPONENT = "sim"
+GUARDRAIL_REASONS = ("line_order_cap", "line_down_cap")
 
 
 @dataclass
@@ -74,6 +75,8 @@ class RunSummary:
     stopped_by: str = "duration"          # duration | finished | stop
     last_error: str | None = None
     refused_by_machine: dict[str, int] = field(default_factory=dict)
+    #: refused commands by SimCommandError reason (machine_down, line_order_cap, line_down_cap, ...)
+    refused_by_reason: dict[str, int] = field(default_factory=dict)
     kpis: dict = field(default_factory=dict)
 
     @property
@@ -146,17 +149,19 @@ class MqttSimRunner:
                     self._preds[decoded.machine] = decoded.window_end_seq
             self._lock.notify_all()
 
-    def _refuse(self, machine: str | None, why: str, command: bool = True) -> None:
+    def _refuse(self, machine: str | None, why: str, command: bool = True, reason: str = "bad_payload") -> None:
         s = self.summary
         with self._lock:
             if command:
                 s.commands_refused += 1
+                s.refused_by_reason[reason] = s.refused_by_reason.get(reason, 0) + 1
                 if machine:
                     s.refused_by_machine[machine] = s.refused_by_machine.get(machine, 0) + 1
             else:
                 s.bad_messages += 1
             s.last_error = why
-        log.warning("refused: %s", why)
+        # a guardrail holding against a flood of orders is the plant working as meant: counted, not shouted
+        (log.info if reason in GUARDRAIL_REASONS else log.warning)("refused: %s", why)
 
     def _status(self, online: bool) -> contract.Status:
         s = self.summary
@@ -167,10 +172,13 @@ class MqttSimRunner:
             "lockstep_timeouts": s.lockstep_timeouts, "ticks": s.ticks, "plant_ts": self.plant.now_ts,
             "oee": k["oee"], "failures": k["failures"], "parts": k["parts"],
             "unplanned_downtime_min": k["unplanned_downtime_min"],
+            **{f"refused.{r}": n for r, n in s.refused_by_reason.items()},
         }
         info = {"scenario": self.plant.scenario.name, "seed": self.plant.seed, "speed": self.speed or "max",
                 "lockstep": self.lockstep, "last_error": s.last_error,
-                "refused_by_machine": dict(s.refused_by_machine), "kpis": k,
+                "refused_by_machine": dict(s.refused_by_machine), "refused_by_reason": dict(s.refused_by_reason),
+                "guardrails": dict(zip(("max_orders_per_line_per_h", "max_down_per_line"), self.plant.guardrails)),
+                "kpis": k,
                 "kpis_period": self.plant.kpis().to_dict(),
                 "down": sorted(v.machine_id for v in self.plant.machines if v.down)}
         return contract.Status(component=COMPONENT, online=online, ts=time.time(), counters=counters, info=info)
@@ -256,7 +264,7 @@ class MqttSimRunner:
                 self.summary.commands_to_control_fleet += 1
                 log.debug("not applied: %s", err)
             else:
-                self._refuse(cmd.machine, f"command {cmd.command_id!r} for {cmd.machine!r}: {err}")
+                self._refuse(cmd.machine, f"command {cmd.command_id!r} for {cmd.machine!r}: {err}", reason=err.reason)
 
     def run(self, duration_s: float, progress: Callable[[RunSummary], None] | None = None) -> RunSummary:
         """Run ``duration_s`` plant seconds (or until the scenario finishes or :meth:`stop`)."""

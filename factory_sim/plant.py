@@ -45,7 +45,7 @@ class SimCommandError(SimError):
     """A command the plant refuses (unknown machine, machine down, unknown command).
 
     ``reason`` is a short stable code: unknown_machine, machine_down, wrong_line, bad_command,
-    control_fleet.
+    control_fleet, line_order_cap, line_down_cap (the gateway's guardrails, :meth:`Plant.set_guardrails`).
     """
 
     def __init__(self, reason: str, message: str):
@@ -217,6 +217,44 @@ class Plant:
     def control_fleet(self) -> frozenset[str]:
         return getattr(self, "_control", frozenset())
 
+    # ------------------------------------------------------------------ the gateway's guardrails
+    def set_guardrails(self, max_orders_per_line_per_h: int = 0, max_down_per_line: int = 0) -> None:
+        """What a plant gateway enforces on orders from outside, whatever the model does: at most
+        ``max_orders_per_line_per_h`` maintenance orders applied per line in any plant hour
+        (``line_order_cap``), and none that would take more than ``max_down_per_line`` machines of
+        one line down at once (``line_down_cap``); 0 = no cap.  The serving bridge applies the same
+        caps before it orders (``serve.policy``); these hold even when it does not.  The control
+        fleet's own maintenance is not an order and is not capped.  Saved with :meth:`state_bytes`."""
+        if max_orders_per_line_per_h < 0 or max_down_per_line < 0:
+            raise SimError("guardrails are counts >= 0 (0 = no cap), got "
+                           f"max_orders_per_line_per_h={max_orders_per_line_per_h}, "
+                           f"max_down_per_line={max_down_per_line}")
+        self._guard = (int(max_orders_per_line_per_h), int(max_down_per_line))
+        self._orders_by_line: dict[str, list[float]] = getattr(self, "_orders_by_line", {})
+
+    @property
+    def guardrails(self) -> tuple[int, int]:
+        """``(max_orders_per_line_per_h, max_down_per_line)``; 0 = no cap."""
+        return getattr(self, "_guard", (0, 0))
+
+    def _check_guardrails(self, m: Machine) -> None:
+        per_h, down = self.guardrails
+        if per_h:
+            recent = [ts for ts in self._orders_by_line.get(m.line, []) if ts > self.now_ts - 3600.0]
+            self._orders_by_line[m.line] = recent
+            if len(recent) >= per_h:
+                raise SimCommandError("line_order_cap", f"line {m.line!r} already had {len(recent)} maintenance "
+                                      f"orders in the last plant hour (gateway cap {per_h})")
+        if down:
+            n = sum(1 for x in self._machines if x.line == m.line and x.down)
+            if n >= down:
+                raise SimCommandError("line_down_cap", f"{n} machines of line {m.line!r} are down already "
+                                      f"(gateway cap {down}); {m.machine_id!r} keeps running")
+
+    def _record_order(self, m: Machine) -> None:
+        if self.guardrails[0]:
+            self._orders_by_line.setdefault(m.line, []).append(self.now_ts)
+
     def _control_tick(self, out: list | None) -> None:
         policy = getattr(self, "_control_policy", None)
         if policy is None:
@@ -276,6 +314,7 @@ class Plant:
         if m.down:
             raise SimCommandError("machine_down", f"machine {cmd.machine!r} is already down "
                                   f"({m.down_reason}) until plant time {m.down_until:.0f}")
+        self._check_guardrails(m)
         return m
 
     def command(self, cmd: Command, sink: Callable | None = None) -> None:
@@ -287,6 +326,7 @@ class Plant:
         m = self.check_command(cmd)
         out: list = []
         self._maintain(m, cmd.command_id, out)
+        self._record_order(m)
         if sink is not None:
             for msg in out:
                 sink(msg)
@@ -300,6 +340,7 @@ class Plant:
             try:
                 m = self.check_command(cmd)
                 self._maintain(m, cmd.command_id, out)
+                self._record_order(m)
                 results.append((cmd, None))
             except SimCommandError as exc:
                 results.append((cmd, exc))

@@ -241,6 +241,9 @@ class Campaign:
                 self.view.log(f"control fleet (fixed-interval maintenance, scored apart): {', '.join(fleet)}")
             self.baselines = Baselines(self.scenario, cfg.seed, cfg.baselines,
                                        decision_interval_s=self.stages["window"].stride_s)
+        # The plant's gateway holds the same caps on orders as the bridge (bridge.max_*), on its own.
+        guard = self.stages["bridge"]
+        self.plant.set_guardrails(guard.max_orders_per_line_per_h, guard.max_down_per_line)
         pending = self.journal.load()
         if pending is not None:
             if pending.get("turn") is not None and pending["turn"] < len(self.state["turns"]):

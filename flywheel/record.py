@@ -365,6 +365,8 @@ class TurnRecord:
             m["factory.failures_avoided"] = self.baselines.failures_avoided
         if self.plant is not None:
             m.update({f"serve.bridge_{k}": v for k, v in (self.plant.bridge or {}).items()})
+            # orders the plant's gateway refused, by reason (its guardrails, a machine already down, ...)
+            m.update({f"sim.refused.{r}": n for r, n in (self.plant.sim.get("refused_by_reason") or {}).items()})
         if "turn" in self.wall_s:
             m["turn.wall_s"] = self.wall_s["turn"]
         m.update({f"turn.stage_s.{k}": v for k, v in self.wall_s.items() if k != "turn"})

@@ -32,6 +32,12 @@ config, the bridge re-reads it and starts its windows afresh.
 Telemetry that fails the contract is counted by reason and skipped.  Counters are
 published retained on ``{root}/_status/serve-bridge``; the will marks it offline.
 
+The orders pass the policy's guardrails (:mod:`serve.policy`: orders per line per plant hour,
+machines down at once per line, the off switch); refusals are counted by reason
+(``suppressed_<reason>``).  The off switch is a retained :class:`~flywheel.base.contract.Control`
+on ``{root}/_control/serve-bridge`` (``flywheel serve pause|resume``; under the broker's ACL only
+the operator identity may write it): while paused, predictions still flow, no order is sent.
+
     b = Bridge("mqtt://127.0.0.1:1883", "http://127.0.0.1:8000", BridgeConfig(threshold=0.5))
     b.start(); b.window; ...; print(b.stats()); b.stop()
 """
@@ -187,7 +193,8 @@ class Bridge:
         if getattr(reason_code, "is_failure", False):
             return
         # (Re)subscribe on every connect: a clean session forgets subscriptions.
-        client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1)])
+        client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1),
+                          (self.topics.control(self.config.component), 1)])
         client.publish(self.topics.status(self.config.component), self._status_payload(online=True), qos=1,
                        retain=True)
 
@@ -204,6 +211,9 @@ class Bridge:
             log.exception("bridge failed on a message from %s", msg.topic)
 
     def _handle(self, topic: str, payload: bytes) -> None:
+        if topic == self.topics.control(self.config.component):
+            self._control(payload)
+            return
         try:
             m = contract.decode(topic, payload, topics=self.topics)
         except contract.ContractError as exc:
@@ -241,6 +251,23 @@ class Bridge:
             if self._pending and not self._complete and self._batch_complete():
                 self._complete = True
                 self._cond.notify()
+
+    def _control(self, payload: bytes) -> None:
+        """The off switch (a retained Control from the operator)."""
+        if not payload:        # a cleared retained message: back to the configured state
+            self.policy.set_paused(self.config.paused)
+            return
+        try:
+            c = contract.decode_control(payload)
+        except contract.ContractError as exc:
+            self._decode_errors[exc.reason] += 1
+            log.error("ignored a control message: %s", exc)
+            return
+        self._counts["control_messages"] += 1
+        self.policy.set_paused(c.paused)
+        log.warning("%s by %s%s: %s", "PAUSED" if c.paused else "resumed", c.by or "an operator",
+                    f" ({c.reason})" if c.reason else "",
+                    "no maintenance order is sent" if c.paused else "orders flow again")
 
     def _batch_complete(self) -> bool:
         """Whether every known machine is past the newest pending window's end or down (cond held)."""
@@ -336,8 +363,10 @@ class Bridge:
     def stats(self) -> dict:
         s = {k: self._counts.get(k, 0) for k in ("telemetry", "events", "windows", "predictions", "commands",
                                                  "batches", "serve_errors", "windows_dropped", "internal_errors",
-                                                 "suppressed_down", "suppressed_cooldown", "window_changes",
-                                                 "model_refused")}
+                                                 "suppressed_down", "suppressed_cooldown", "suppressed_paused",
+                                                 "suppressed_line_order_cap", "suppressed_line_down_cap",
+                                                 "control_messages", "window_changes", "model_refused")}
+        s["paused"] = int(self.policy.paused)
         s["decode_errors"] = dict(self._decode_errors)
         s["pending"] = len(self._pending)
         s["model_version"] = self.model_version

@@ -6,6 +6,8 @@
     flywheel serve rollback --url http://127.0.0.1:8000
     flywheel serve status --url http://127.0.0.1:8000
     flywheel serve bridge --url http://127.0.0.1:8000 --broker mqtt://127.0.0.1:1884
+    flywheel serve pause --broker mqtts://operator:...@broker:8883 --reason "line 2 inspection"
+    flywheel serve resume --broker mqtts://operator:...@broker:8883
 
 Overrides are ``serve.key=value`` (ServeConfig) and ``bridge.key=value`` (BridgeConfig), the
 grammar of ``flywheel.base.config``; ``--config`` takes a file with ``serve:`` and ``bridge:``
@@ -35,6 +37,8 @@ examples:
   flywheel serve rollback --url http://127.0.0.1:8000
   flywheel serve status --url http://127.0.0.1:8000
   flywheel serve bridge --url http://127.0.0.1:8000 --broker mqtt://127.0.0.1:1884 bridge.threshold=0.4
+  flywheel serve pause --broker mqtt://127.0.0.1:1884 --reason "line 2 inspection"
+  flywheel serve resume --broker mqtt://127.0.0.1:1884
 """
 
 
@@ -89,6 +93,23 @@ def register(sub, common) -> None:
     b.add_argument("--topic-root", default="factory", help="MQTT topic root (default factory)")
     common.add(b, broker=True, workdir=True, mlflow=True, config=True)
     b.set_defaults(func=run_bridge)
+
+    for name, paused, what in (("pause", True, "stop the bridge from ordering maintenance (predictions go on)"),
+                               ("resume", False, "let the bridge order maintenance again")):
+        c = actions.add_parser(
+            name, help=f"the off switch: {what}",
+            description=f"The off switch: {what}. Publishes a retained control message on "
+                        "{root}/_control/serve-bridge, which every running bridge obeys at once and a restarted "
+                        "one reads when it connects. Under the broker's ACL only the operator identity may write "
+                        "it: connect as that user.",
+            epilog=f"examples:\n  flywheel serve {name} --broker mqtt://127.0.0.1:1884"
+                   + (' --reason "line 2 inspection"' if paused else ""),
+            formatter_class=_FMT)
+        c.add_argument("--topic-root", default="factory", help="MQTT topic root (default factory)")
+        c.add_argument("--reason", default="", help="why, recorded with the switch and logged by the bridge")
+        c.add_argument("--component", default="serve-bridge", help="the bridge's component name (default serve-bridge)")
+        common.add(c, broker=True)
+        c.set_defaults(func=run_switch, paused=paused)
 
 
 def _workdir(args):
@@ -152,6 +173,24 @@ def _bridge_only(args, bcfg) -> int:
         print("stopping")
     finally:
         bridge.stop()
+    return 0
+
+
+def run_switch(args) -> int:
+    """``flywheel serve pause|resume``: the retained control message the bridges obey."""
+    import getpass
+    import time
+
+    from flywheel.base import contract
+    from flywheel.base.mqtt import publish_retained
+
+    if not args.broker:
+        raise UsageError(f"serve {'pause' if args.paused else 'resume'} needs the plant's --broker "
+                         "(as the operator identity where the broker has an ACL)")
+    topic = contract.Topics(args.topic_root).control(args.component)
+    msg = contract.Control(paused=args.paused, by=getpass.getuser(), reason=args.reason, ts=time.time())
+    publish_retained(args.broker, topic, contract.encode(msg))
+    print(f"{'paused' if args.paused else 'resumed'}: {topic} on {redact_url(args.broker)}")
     return 0
 
 

@@ -144,6 +144,15 @@ class BridgeConfig:
         "help": "plant seconds after a command before the same machine may get another"})
     silent_after_s: float = field(default=1800.0, metadata={
         "help": "a machine with no telemetry for this many plant seconds (behind the plant clock) counts as down"})
+    max_orders_per_line_per_h: int = field(default=0, metadata={
+        "help": "guardrail: at most this many maintenance orders per line in any plant hour; more are refused "
+                "(suppressed_line_order_cap); 0 = no cap"})
+    max_down_per_line: int = field(default=0, metadata={
+        "help": "guardrail: no order that would take more than this many machines of one line down at once "
+                "(down by the plant's events, or ordered and not yet started; suppressed_line_down_cap); 0 = no cap"})
+    paused: bool = field(default=False, metadata={
+        "help": "start with the off switch on: predictions flow, no order is sent (suppressed_paused) until "
+                "`flywheel serve resume` (a retained message on {root}/_control/serve-bridge overrides this)"})
     adapter: str | None = field(default=None, metadata={"help": "adapter to ask the model for; None = the app's choice"})
     flush_idle_ms: float = field(default=10.0, metadata={
         "help": "send the pending windows once no telemetry arrived for this long (wall ms)"})
@@ -165,6 +174,9 @@ class BridgeConfig:
             raise ConfigError(f"silent_after_s should be > 0 plant seconds, got {self.silent_after_s}")
         if self.max_pending < 1:
             raise ConfigError(f"max_pending should be >= 1, got {self.max_pending}")
+        for name in ("max_orders_per_line_per_h", "max_down_per_line"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} should be >= 0 (0 = no cap), got {getattr(self, name)}")
         if self.flush_idle_ms < 0:
             raise ConfigError(f"flush_idle_ms should be >= 0, got {self.flush_idle_ms}")
         if self.max_retries < 1:

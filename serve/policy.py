@@ -9,6 +9,17 @@ A command is sent for a window when its risk (1 - P(ok)) reaches ``threshold``, 
 * the machine got a command less than ``cooldown_s`` plant seconds before this window's
   end (the plant needs time to act on it; repeating it would only add noise).
 
+and then the **guardrails** that keep a bad or hijacked model from flooding the plant with
+orders (the plant's gateway enforces the same caps again, :mod:`factory_sim.plant`):
+
+* ``paused``: the off switch (``flywheel serve pause``); nothing is ordered;
+* ``line_order_cap``: the line already got ``max_orders_per_line_per_h`` orders in the plant
+  hour up to this window's end;
+* ``line_down_cap``: ``max_down_per_line`` machines of the line are down already (by their
+  events) or ordered and not started yet (for up to ``silent_after_s``).
+
+A refused order is counted by its reason (``suppressed_<reason>`` in the bridge's counters).
+
 All times are plant time from the messages themselves, so the policy behaves the same
 at any simulation speed.  Thread-safe: events and telemetry arrive on the MQTT thread,
 decisions are taken on the bridge's worker thread.
@@ -17,6 +28,7 @@ decisions are taken on the bridge's worker thread.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass
 
 from flywheel.base.contract import MachineEvent, Telemetry
@@ -39,6 +51,9 @@ class MaintenancePolicy:
         self._last_event_ts: dict[Key, float] = {}
         self._last_seen_ts: dict[Key, float] = {}
         self._last_command_ts: dict[Key, float] = {}
+        self._line_orders: dict[str, deque] = {}          # line -> plant times of its recent orders
+        self._ordered: dict[Key, float] = {}              # ordered, no maintenance_start seen yet
+        self.paused = bool(config.paused)
         self.plant_now_ts = 0.0
 
     def on_telemetry(self, t: Telemetry) -> None:
@@ -56,6 +71,7 @@ class MaintenancePolicy:
                 return   # an older event delivered late: the newer one already set the state
             if ev.type in ("maintenance_start", "failure"):
                 self._down[key] = (ev.ts, ev.type)
+                self._ordered.pop(key, None)
             elif ev.type == "maintenance_done":
                 self._down.pop(key, None)
             else:
@@ -85,10 +101,33 @@ class MaintenancePolicy:
             last = self._last_command_ts.get(key)
             if last is not None and end_ts - last < cfg.cooldown_s:
                 return Decision(False, "cooldown")
+            if self.paused:
+                return Decision(False, "paused")
+            orders = self._line_orders.setdefault(line, deque())
+            while orders and orders[0] <= end_ts - 3600.0:
+                orders.popleft()
+            if cfg.max_orders_per_line_per_h and len(orders) >= cfg.max_orders_per_line_per_h:
+                return Decision(False, "line_order_cap")
+            if cfg.max_down_per_line and self._down_on_line(line, end_ts) >= cfg.max_down_per_line:
+                return Decision(False, "line_down_cap")
             self._last_command_ts[key] = end_ts
+            orders.append(end_ts)
+            self._ordered[key] = end_ts
         return Decision(True, f"risk {risk:.3f} >= threshold {cfg.threshold:.3f}")
+
+    def _down_on_line(self, line: str, now_ts: float) -> int:
+        """Machines of ``line`` down by their events, or ordered and not started (lock held). An
+        order the plant never acted on (refused, lost) stops counting after ``silent_after_s``."""
+        keys = {k for k in self._down if k[0] == line}
+        keys |= {k for k, ts in self._ordered.items() if k[0] == line and now_ts - ts < self.config.silent_after_s}
+        return len(keys)
+
+    def set_paused(self, paused: bool) -> None:
+        """The off switch: while paused no order is sent."""
+        with self._lock:
+            self.paused = bool(paused)
 
     def snapshot(self) -> dict:
         with self._lock:
             return {"down": {f"{l}/{m}": why for (l, m), (_, why) in self._down.items()},
-                    "plant_now_ts": self.plant_now_ts}
+                    "plant_now_ts": self.plant_now_ts, "paused": self.paused}

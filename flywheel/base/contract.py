@@ -13,6 +13,8 @@ Topics (root ``factory`` by default)::
                                           (QoS 1, not 0: the simulator's lockstep waits for every one)
     {root}/{line}/{machine}/command      QoS 1  serve/person -> sim       Command
     {root}/_status/{component}           QoS 1, retained                  Status
+    {root}/_control/{component}          QoS 1, retained  operator -> serve-bridge   Control
+                                          (the off switch; only the operator identity may write it)
 
 Every payload is a UTF-8 JSON object with ``"schema": "<name>/<major>"``.  A
 consumer rejects majors it does not know; extra fields are ignored (a newer
@@ -188,6 +190,36 @@ class Status(msgspec.Struct, frozen=True, kw_only=True):
     info: dict[str, object] = {}
 
 
+class Control(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator's switch for a component, retained on ``{root}/_control/{component}``:
+    ``paused`` true stops the serving bridge from ordering anything until a later Control says
+    false (``flywheel serve pause|resume``)."""
+
+    schema: str = "control/1"
+    paused: bool
+    by: str = ""
+    reason: str = ""
+    ts: float | None = None
+
+
+_CONTROL_DECODER = None
+
+
+def decode_control(payload: bytes) -> Control:
+    """Decode a Control payload; :class:`ContractError` names what is wrong."""
+    global _CONTROL_DECODER
+    if _CONTROL_DECODER is None:
+        _CONTROL_DECODER = msgspec.json.Decoder(Control)
+    try:
+        msg = _CONTROL_DECODER.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ContractError("bad_value", f"control message is not a control/1 object ({exc}); send e.g. "
+                            '{"schema": "control/1", "paused": true, "by": "operator"}', "payload", payload[:200]) from None
+    if msg.schema != "control/1":
+        raise ContractError("unknown_schema", f"control schema {msg.schema!r} is not control/1", "schema", msg.schema)
+    return msg
+
+
 Message = Union[Telemetry, MachineEvent, Prediction, Command, Status]
 Channel = Literal["telemetry", "event", "prediction", "command", "status"]
 _CHANNEL_TYPES: dict[str, type] = {
@@ -232,6 +264,9 @@ class Topics:
 
     def status(self, component: str) -> str:
         return f"{self.root}/_status/{component}"
+
+    def control(self, component: str) -> str:
+        return f"{self.root}/_control/{component}"
 
     def for_message(self, msg: Message) -> str:
         """The topic a message is published on."""
@@ -472,6 +507,9 @@ def validate(msg: Message) -> None:
         _check_name("component", msg.component)
         for k, v in msg.counters.items():
             _check_finite(f"counters.{k}", v)
+    elif t is Control:
+        if msg.schema != "control/1":
+            raise _bad("unknown_schema", "schema", msg.schema, "control messages are control/1")
     else:  # pragma: no cover - programming error
         raise TypeError(f"not a contract message: {msg!r}")
 

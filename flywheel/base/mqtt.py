@@ -225,6 +225,35 @@ def wait_published(infos, timeout: float = 30.0) -> None:
         info.wait_for_publish(timeout)
 
 
+def publish_retained(url: BrokerURL | str, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+    """Publish one retained QoS 1 message over MQTT 5 and wait for its PUBACK; a broker that
+    refuses it (an ACL: "not authorized") raises :class:`ConnectError` naming the user to use."""
+    url = BrokerURL.parse(url)
+    client = make_client(url, protocol=paho.MQTTv5, prefix="flywheel-control")
+    acked = threading.Event()
+    result: dict = {}
+
+    def on_publish(c, userdata, mid, reason_code, properties):
+        result["rc"] = reason_code
+        acked.set()
+
+    client.on_publish = on_publish
+    connect(client, url, timeout=timeout)
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise ConnectError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if not acked.wait(timeout):
+            raise ConnectError(f"broker {url.redacted()} did not acknowledge {topic} within {timeout:.0f}s")
+        rc = result.get("rc")
+        if getattr(rc, "is_failure", False):
+            raise ConnectError(f"broker {url.redacted()} refused {topic} ({rc}); connect as a user the ACL lets "
+                               f"write it (the operator identity: mqtts://operator:...@host)")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 _PUBACK = struct.Struct("!BBH")
 
 

@@ -162,6 +162,33 @@ def test_bad_commands_are_refused_clearly():
     plant.run(H)  # the plant keeps running
 
 
+def test_the_gateway_caps_orders_per_line_hour_and_machines_down_and_survives_a_resume():
+    def cmd(machine, n):
+        return contract.Command(command_id=f"g{n}", line="L1", machine=machine, command="maintain", reason="t")
+
+    plant = tiny()
+    plant.run(H)
+    plant.set_guardrails(max_orders_per_line_per_h=2)
+    out: list = []
+    results = plant.apply_commands([cmd("mill-01", 1), cmd("mill-02", 2), cmd("pump-01", 3)], out)
+    assert [err.reason if err else None for _c, err in results] == [None, None, "line_order_cap"]
+    assert "already had 2 maintenance orders in the last plant hour (gateway cap 2)" in str(results[2][1])
+    plant = Plant.from_state_bytes(plant.state_bytes())            # the caps and the order history persist
+    assert plant.guardrails == (2, 0)
+    assert plant.apply_commands([cmd("pump-01", 4)], out)[0][1].reason == "line_order_cap"
+    plant.run(H)                                                   # an hour later the cap has room again
+    assert plant.apply_commands([cmd("pump-01", 5)], out)[0][1] is None
+
+    plant = tiny()
+    plant.run(H)
+    plant.set_guardrails(max_down_per_line=1)
+    results = plant.apply_commands([cmd("mill-01", 6), cmd("mill-02", 7)], out)
+    assert results[0][1] is None and results[1][1].reason == "line_down_cap"
+    assert "1 machines of line 'L1' are down already (gateway cap 1)" in str(results[1][1])
+    with pytest.raises(Exception, match="guardrails are counts >= 0"):
+        plant.set_guardrails(max_down_per_line=-1)
+
+
 def test_finding_is_the_true_counterfactual(run_messages):
     """The finding of a maintenance equals the failure the untouched twin actually has."""
     seen = {"ok": 0, "fail": 0}

@@ -232,3 +232,22 @@ def test_serve_bridge_reports_its_own_status(secured_broker, inbox_factory):
     serve = inbox_factory(secured_broker.url("serve"), "srv")
     assert accepted(serve.publish(f"factory/_status/{BridgeConfig().component}", payload("up"), retain=True))
     assert serve.publish("factory/_status/sim", payload("forged")) == NOT_AUTHORIZED
+
+
+def test_only_the_operator_may_throw_the_off_switch_and_the_bridge_reads_it(secured_broker, inbox_factory):
+    """``flywheel serve pause`` publishes a retained control message: the operator may, the model's
+    own identity (serve) and the plant (sim) may not, and the serve identity receives it."""
+    from flywheel.base import contract
+    from flywheel.base.mqtt import publish_retained
+
+    switch = contract.Topics("factory").control("serve-bridge")
+    bridge = inbox_factory(secured_broker.url("serve"), "srv")
+    assert bridge.subscribe(switch) == 1
+    paused = contract.encode(contract.Control(paused=True, by="test"))
+    for user in ("serve", "sim"):
+        with pytest.raises(ConnectError, match="refused factory/_control/serve-bridge.*operator identity"):
+            publish_retained(secured_broker.url(user), switch, paused)
+    publish_retained(secured_broker.url("operator"), switch, paused)
+    assert bridge.wait_for(lambda m: any(t == switch for t, _p, _r in m), 5.0)
+    assert [contract.decode_control(p).by for t, p, _r in bridge.messages if t == switch] == ["test"]
+    publish_retained(secured_broker.url("operator"), switch, b"")      # clear it for the other tests
