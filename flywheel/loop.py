@@ -73,7 +73,7 @@ import threading
 import time
 from datetime import datetime, timezone
 
-from flywheel.base.config import ConfigError
+from flywheel.base.config import ConfigError, redacted
 from flywheel.base.live import LiveView, LoopStatus
 from flywheel.base.mqtt import BrokerURL
 from flywheel.base.timing import StageTimer
@@ -219,7 +219,7 @@ class Campaign:
                 f"{self.dir} holds campaign {cfg.campaign!r} run with a different config; continue it with the "
                 f"same config (only `turns` may change), or pick another --workdir or campaign=<name>")
         self.state = state or {"version": STATE_VERSION, "campaign": cfg.campaign, "seed": cfg.seed,
-                               "fingerprint": config_fingerprint(cfg), "config": dataclasses.asdict(cfg),
+                               "fingerprint": config_fingerprint(cfg), "config": redacted(dataclasses.asdict(cfg)),
                                "created": datetime.now(timezone.utc).isoformat(), "turns": [],
                                "last_snapshot": None, "parent_run_id": None}
         self.scenario = load_scenario(cfg.scenario, overrides=list(cfg.scenario_overrides))
@@ -611,6 +611,7 @@ class Campaign:
             if threshold is not None:
                 bridge_cfg = dataclasses.replace(bridge_cfg, threshold=threshold)
             bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root,
+                            api_token=self.stages["serve"].api_token or None,
                             resolve_url=self.serving.current_url)
             bridge.start()  # returns once the broker confirmed its subscriptions
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,

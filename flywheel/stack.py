@@ -30,6 +30,7 @@ import logging
 import os
 from typing import Callable
 
+from flywheel.base.config import redacted
 from flywheel.base.live import LiveView
 from flywheel.base.mqtt import redact_url
 from flywheel.base.workdir import Workdir
@@ -156,7 +157,7 @@ class Stack:
             self.parent_run_id = parent.info.run_id
             self.experiment_id = exp.experiment_id
             self.created_parent = True
-            mlflow.log_params(flatten("", dataclasses.asdict(cfg), leaf=lambda v: str(v)[:PARAM_CHARS]))
+            mlflow.log_params(flatten("", redacted(dataclasses.asdict(cfg)), leaf=lambda v: str(v)[:PARAM_CHARS]))
         self._stops.callback(mlflow.end_run)
 
     def _start_ingest(self) -> None:

@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+from flywheel.base.config import redacted
 from flywheel.base.errors import FlywheelError
 from flywheel.base.workdir import Workdir
 
@@ -50,7 +51,7 @@ def load_state(workdir, campaign: str) -> dict | None:
 
 def config_fingerprint(cfg) -> str:
     """Everything that changes the campaign's results except how many turns it runs."""
-    d = dataclasses.asdict(cfg)
+    d = redacted(dataclasses.asdict(cfg))      # a rotated API token is the same campaign
     d.pop("turns", None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

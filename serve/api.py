@@ -35,6 +35,8 @@ the serving replica's configured values (:func:`publish_limits`).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 from dataclasses import dataclass
@@ -262,6 +264,38 @@ def _too_large(limits: Limits) -> str:
 
 
 # --------------------------------------------------------------------------- body size
+class BearerToken:
+    """ASGI middleware: when ``digest()`` gives a sha256 (hex) of the API token, every request
+    but ``GET /health`` must carry ``Authorization: Bearer <token>``; otherwise 401 with the
+    reason and ``WWW-Authenticate: Bearer``.  Compared in constant time, on digests."""
+
+    def __init__(self, app, digest: Callable[[], str]):
+        self.app = app
+        self.digest = digest
+
+    async def __call__(self, scope, receive, send):
+        want = self.digest()
+        if scope["type"] != "http" or not want:
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if path.rstrip("/") == "/health":
+            return await self.app(scope, receive, send)
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return await _refuse(send, 401, "this app needs an API token: send 'Authorization: Bearer <token>' "
+                                            "(the serve.api_token it was started with; flywheel commands read "
+                                            "$FLYWHEEL_API_TOKEN)", auth=True)
+        got = hashlib.sha256(token.strip()).hexdigest()
+        if not hmac.compare_digest(got, want):
+            return await _refuse(send, 401, "wrong API token: send the serve.api_token this app was started with",
+                                 auth=True)
+        return await self.app(scope, receive, send)
+
+
 class BodySizeLimit:
     """ASGI middleware: answer 413 to a body over ``max_bytes()`` without reading it into memory.
 
@@ -317,9 +351,11 @@ class BodySizeLimit:
         return await self.app(scope, replay, send)
 
 
-async def _refuse(send, status: int, detail: str) -> None:
+async def _refuse(send, status: int, detail: str, auth: bool = False) -> None:
     payload = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-                            (b"connection", b"close")]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+               (b"connection", b"close")]
+    if auth:
+        headers.append((b"www-authenticate", b'Bearer realm="flywheel"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

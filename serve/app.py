@@ -37,6 +37,7 @@ import asyncio
 import copy
 import json
 import logging
+import hashlib
 import os
 import shutil
 import tempfile
@@ -53,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flywheel.base.contract import LABELS
 from serve.adapters import AdapterPool
-from serve.api import (DEFAULT_LIMITS, BadRequest, BodySizeLimit, ErrorResponse, Limits, PredictBody,
+from serve.api import (DEFAULT_LIMITS, BadRequest, BearerToken, BodySizeLimit, ErrorResponse, Limits, PredictBody,
                        PredictResponse, WindowPrediction, featurise, parse_windows, publish_limits)
 from serve.batcher import ContinuousBatcher, forward_isolated
 from serve.config import ServeConfig
@@ -81,6 +82,24 @@ def _use_limits(limits: Limits) -> None:
 
 def _max_body_bytes() -> int:
     return _limits.max_body_bytes
+
+
+# The sha256 (hex) of this replica's API token, "" = no token needed (see current_limits).
+_token_sha256 = ""
+
+
+def _use_token(api_token: str) -> None:
+    global _token_sha256
+    if not api_token:
+        _token_sha256 = ""
+    elif api_token.startswith("sha256:"):      # what start_serving passes: the digest, never the secret
+        _token_sha256 = api_token.removeprefix("sha256:")
+    else:                                     # a RayService config with ${FLYWHEEL_API_TOKEN} expanded
+        _token_sha256 = hashlib.sha256(api_token.encode()).hexdigest()
+
+
+def _api_token_sha256() -> str:
+    return _token_sha256
 
 
 class _API(FastAPI):
@@ -125,6 +144,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 api.add_middleware(BodySizeLimit, max_bytes=_max_body_bytes)
+api.add_middleware(BearerToken, digest=_api_token_sha256)     # added last: runs first
 
 _ERROR = {"model": ErrorResponse}
 _TOO_LARGE = {413: {**_ERROR, "description": "the body is over max_body_bytes (refused before it is read)"}}
@@ -148,6 +168,7 @@ class FaultDetector:
     def __init__(self, tracking_uri: str, model_name: str, alias: str, config: dict):
         self.config = ServeConfig(**config)
         _use_limits(Limits.from_config(self.config))
+        _use_token(self.config.api_token)
         self.source = AdapterSource(tracking_uri, model_name)
         self.model_name, self.alias = model_name, alias
         self.refs = {"default": alias, **self.config.adapters}
@@ -235,7 +256,7 @@ class FaultDetector:
         if details:
             ctx = ray_serve.get_replica_context()
             out.update(replica=ctx.replica_id.unique_id if ctx else None, pid=os.getpid(),
-                       config=asdict(self.config))
+                       config={**asdict(self.config), "api_token": "***" if self.config.api_token else ""})
         return out
 
     # ------------------------------------------------------------------ inference
@@ -344,4 +365,4 @@ def build_app(args: dict):
         max_ongoing_requests=max(64, 4 * config.max_batch_size),
         ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
     ).bind(args["tracking_uri"], args.get("model_name", "fault-detector"), args.get("alias", "champion"),
-           asdict(config))
+           config.replica_dict())

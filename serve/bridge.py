@@ -66,13 +66,14 @@ class BridgeError(FlywheelError, RuntimeError):
 
 class Bridge:
     def __init__(self, broker_url: str, serve_url: str, config: BridgeConfig | None = None,
-                 topic_root: str = "factory", resolve_url=None):
+                 topic_root: str = "factory", resolve_url=None, api_token: str | None = None):
         """``resolve_url``: where the app answers now (``ServingHandle.current_url``), asked when
-        ``serve_url`` stops answering, e.g. a replica restarted on another port under direct ingress."""
+        ``serve_url`` stops answering, e.g. a replica restarted on another port under direct ingress.
+        ``api_token``: the app's ``serve.api_token`` (None: ``$FLYWHEEL_API_TOKEN`` if set)."""
         self.config = config or BridgeConfig()
         self.broker_url = broker_url
         self.topics = contract.Topics(topic_root)
-        self.serve = ServeClient(serve_url, timeout_s=self.config.http_timeout_s, resolve=resolve_url)
+        self.serve = ServeClient(serve_url, timeout_s=self.config.http_timeout_s, resolve=resolve_url, token=api_token)
         self.policy = MaintenancePolicy(self.config)
         self._builders: dict[tuple[str, str], WindowBuilder] = {}
         self._pending: list[Window] = []

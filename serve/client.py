@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import threading
 from typing import Callable
 from urllib.parse import urlsplit
@@ -30,9 +31,13 @@ class ServeClient:
     """``resolve``: optional callable giving the app's current URL, asked when the app cannot be
     reached (a replica restarted on another port under direct ingress); one retry there."""
 
-    def __init__(self, url: str, timeout_s: float = 30.0, resolve: Callable[[], str] | None = None):
+    def __init__(self, url: str, timeout_s: float = 30.0, resolve: Callable[[], str] | None = None,
+                 token: str | None = None):
+        """``token``: the app's API token (``serve.api_token``), sent as a bearer token; None = the
+        environment's ``FLYWHEEL_API_TOKEN`` if set."""
         self.timeout_s = timeout_s
         self.resolve = resolve
+        self._token = token if token is not None else os.environ.get("FLYWHEEL_API_TOKEN") or None
         self._set_url(url)
         self._local = threading.local()   # http.client connections are not thread-safe
 
@@ -52,6 +57,8 @@ class ServeClient:
     def request(self, method: str, path: str, body: object = None) -> tuple[int, object]:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
         headers = {"Content-Type": "application/json"} if data is not None else {}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
         # A kept-alive connection the server closed is retried once, fresh; then once more at the
         # URL ``resolve`` gives, if it moved.
         for attempt in (0, 1, 2):

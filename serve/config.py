@@ -13,7 +13,8 @@ Times in the bridge are plant seconds (from telemetry ``ts``) unless the name sa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from flywheel.base.config import ConfigError
@@ -48,6 +49,11 @@ class ServeConfig:
         "help": "which base models and licences a served version may build on (flywheel.base.governance, read "
                 "from the version's tags); a version outside them is refused and the serving version stays. A "
                 "campaign copies its top-level governance section here"})
+    api_token: str = field(default="", metadata={
+        "help": "when set, every endpoint but /health needs 'Authorization: Bearer <token>' (401 otherwise); "
+                "write it as ${FLYWHEEL_API_TOKEN}. The app keeps only its sha256; it is never logged, recorded "
+                "in MLflow or written to the campaign's files. Clients (the bridge, flywheel serve status ...) "
+                "send the campaign's token or $FLYWHEEL_API_TOKEN"})
     app_name: str = field(default="flywheel", metadata={"help": "Ray Serve application name"})
     route_prefix: str = field(default="/", metadata={"help": "URL prefix of the app, e.g. / or /fault"})
     num_replicas: int = field(default=1, metadata={"help": "replicas (each loads the base model once)"})
@@ -86,6 +92,14 @@ class ServeConfig:
         "help": "default adapter per machine kind for windows that name none, e.g. {pump: pump}"})
     access_log: bool = field(default=False, metadata={"help": "log every HTTP request in the replicas"})
     health_timeout_s: float = field(default=180.0, metadata={"help": "how long start_serving waits for health"})
+
+    def replica_dict(self) -> dict:
+        """The config as the replica gets it: the API token only as its sha256 (``sha256:<hex>``), so
+        the secret never passes through Ray (deployment arguments, controller logs)."""
+        d = asdict(self)
+        if self.api_token and not self.api_token.startswith("sha256:"):
+            d["api_token"] = "sha256:" + hashlib.sha256(self.api_token.encode()).hexdigest()
+        return d
 
     def __post_init__(self):
         if isinstance(self.governance, dict):   # the replica gets its config as a dict (asdict)

