@@ -90,7 +90,8 @@ class Registry:
         self.model_name = model_name
         self._work = work
 
-    def register(self, adapter_dir: Path, alias: str | None = "champion", model_name: str | None = None) -> str:
+    def register(self, adapter_dir: Path, alias: str | None = "champion", model_name: str | None = None,
+                 tags: dict | None = None) -> str:
         import tempfile
 
         from finetune import registry
@@ -106,7 +107,7 @@ class Registry:
         client.log_artifacts(run_id, str(pyfunc_dir), "model")
         client.set_terminated(run_id)
         version = registry.register_version(self.tracking_uri, name, run_id, "model",
-                                            {"flywheel.base_model": "minilm"}).version
+                                            tags or {"flywheel.base_model": "minilm"}).version
         if alias:
             registry.set_alias(self.tracking_uri, name, alias, version)
         return version
