@@ -6,7 +6,8 @@
 Modules: ``model`` (base model, device, LoRA), ``config`` (TrainConfig), ``data`` (snapshot,
 batch plan), ``core`` (the training loop), ``launch`` / ``ray_launch`` (plain and Ray Train
 launchers), ``checkpoint``, ``evaluate``, ``gate``, ``tracking`` (MLflow), ``pyfunc``,
-``registry`` (aliases, rollback, adapter download), ``gbdt`` (the tree reference family),
+``registry`` (aliases, rollback, model download), ``families`` (lora | gbdt: check and score
+either), ``gbdt`` (the tree family: challenger with ``train.family=gbdt``, else the reference),
 ``turn`` (one whole turn), ``cli``.
 Heavy libraries load lazily; importing this package is cheap.
 """
@@ -17,7 +18,7 @@ from finetune.turn import TurnOutcome, train_and_register
 __all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "load_snapshot", "evaluate_adapter_report",
            "majority_baseline", "fetch_adapter", "aliases", "abandon_run", "version_threshold", "RegistryError",
            "evaluate_gbdt_report", "fetch_reference_model", "pick_device", "frame_decision_cost",
-           "init_keys"]
+           "init_keys", "evaluate_model_report", "model_family"]
 
 #: Names the facade loads on first use (their modules pull in torch, pandas or MLflow).
 _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.evaluate",
@@ -25,7 +26,8 @@ _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.
          "aliases": "finetune.registry", "abandon_run": "finetune.registry", "version_threshold": "finetune.registry",
          "RegistryError": "finetune.registry", "evaluate_gbdt_report": "finetune.gbdt",
          "fetch_reference_model": "finetune.gbdt", "pick_device": "finetune.model",
-         "frame_decision_cost": "finetune.evaluate", "init_keys": "finetune.signing"}
+         "frame_decision_cost": "finetune.evaluate", "init_keys": "finetune.signing",
+         "evaluate_model_report": "finetune.families", "model_family": "finetune.families"}
 
 
 def __getattr__(name: str):

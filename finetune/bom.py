@@ -13,7 +13,10 @@ plant's snapshot, maybe warm-started from an earlier version, served for some pe
 * **the base model** (a ``machine-learning-model`` component): where it came from (PyPI
   package and version, a hub id and revision, or a local path), the sha256 of every weight
   and config file, and its licence and supplier as its package metadata or files declare
-  them: ``undeclared`` rather than a guess;
+  them: ``undeclared`` rather than a guess.  A tree version (``flywheel.family`` ``gbdt``) has
+  none: it is trained from scratch, so its BOM lists no base model, no base ancestor and no
+  LoRA config; it records ``flywheel:family``, its tree settings (``flywheel:gbdt_config``),
+  the number of trees and the LightGBM version instead;
 * **the derivation chain** (``pedigree.ancestors`` of the model): the warm-start parent
   version (tag ``flywheel.parent_version``), recursively, down to the base model;
 * **the data** (``data`` components): each snapshot trained, calibrated and evaluated on,
@@ -202,7 +205,7 @@ def run_bom(tracking_uri: str, run_id: str, model_name: str = "fault-detector", 
 
 def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", lake_root=None, manifest=None,
              serial=None) -> dict:
-    from finetune.registry import PARENT_TAG, _client, _periods, fetch_adapter
+    from finetune.registry import PARENT_TAG, _client, _periods, fetch_adapter, version_family
 
     client = _client(tracking_uri)
     run = client.get_run(info.run_id)
@@ -213,22 +216,29 @@ def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", l
         meta = json.loads((adapter / "flywheel_model.json").read_text())
         lora = json.loads((adapter / "adapter_config.json").read_text()) if (adapter / "adapter_config.json").is_file() \
             else {}
-    base = base_model_facts(tags.get("flywheel.base_model") or meta.get("base_model") or "minilm")
-    base_ref = f"base-model:{base['name']}"
+        trees = (adapter / "model.txt").read_text().count("\nTree=") if (adapter / "model.txt").is_file() else 0
+    family = version_family(info)
+    base = None if family == "gbdt" else \
+        base_model_facts(tags.get("flywheel.base_model") or meta.get("base_model") or "minilm")
+    base_ref = f"base-model:{base['name']}" if base else None
     model_ref = f"model:{model_name}@{info.version}"
 
     ancestors = [_ancestor(client, model_name, tags.get(PARENT_TAG), seen={info.version})] \
         if tags.get(PARENT_TAG) else []
-    ancestors = [a for a in ancestors if a] + [{"type": "machine-learning-model", "bom-ref": f"{base_ref}#ancestor",
-                                                "name": base["name"], "version": base["version"]}]
+    ancestors = [a for a in ancestors if a] + ([{"type": "machine-learning-model", "bom-ref": f"{base_ref}#ancestor",
+                                                 "name": base["name"], "version": base["version"]}] if base else [])
     env = _json(tags.get("flywheel.environment"), {})
     props = {
+        "flywheel:family": family,
         "flywheel:featuriser": tags.get("flywheel.featuriser", meta.get("featuriser", UNDECLARED)),
         "flywheel:window": tags.get("flywheel.window", json.dumps(meta.get("window")) if meta.get("window") else
                                     UNDECLARED),
         "flywheel:risk_threshold": tags.get("flywheel.risk_threshold", UNDECLARED),
-        "flywheel:lora_config": json.dumps({k: lora[k] for k in sorted(lora) if k in (
-            "r", "lora_alpha", "lora_dropout", "target_modules", "peft_type", "task_type")}, default=str),
+        **({"flywheel:gbdt_config": json.dumps(meta.get("config") or {}, sort_keys=True),
+            "flywheel:trees": str(trees),
+            "flywheel:lightgbm_version": meta.get("lightgbm_version") or UNDECLARED} if family == "gbdt" else
+           {"flywheel:lora_config": json.dumps({k: lora[k] for k in sorted(lora) if k in (
+               "r", "lora_alpha", "lora_dropout", "target_modules", "peft_type", "task_type")}, default=str)}),
         "flywheel:training_config": json.dumps({k: v for k, v in sorted(params.items()) if k.startswith("train.")}),
         "flywheel:seed": params.get("train.seed", UNDECLARED),
         "flywheel:code_version": tags.get(CODE_VERSION_TAG, UNDECLARED),
@@ -251,8 +261,9 @@ def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", l
              if m in metrics and m != gate_metric]
     model = {
         "type": "machine-learning-model", "bom-ref": model_ref, "name": model_name, "version": str(info.version),
-        "description": "LoRA adapter over the base model; classifies a machine's telemetry window by the failure "
-                       "due within the label horizon",
+        "description": ("LightGBM gradient-boosted trees (multiclass, trained from scratch, no base model) on "
+                        "numeric window statistics" if family == "gbdt" else "LoRA adapter over the base model")
+        + "; classifies a machine's telemetry window by the failure due within the label horizon",
         "hashes": [{"alg": "SHA-256", "content": h} for h in hashes.values()],
         "properties": [{"name": k, "value": str(v)} for k, v in props.items()]
         + [{"name": f"flywheel:file:{p}", "value": h} for p, h in hashes.items()],
@@ -260,7 +271,9 @@ def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", l
         "modelCard": {
             "modelParameters": {
                 "approach": {"type": "supervised"}, "task": "classification",
-                "architectureFamily": "transformer", "modelArchitecture": f"LoRA adapter on {base['name']}",
+                "architectureFamily": "gradient-boosted decision trees" if family == "gbdt" else "transformer",
+                "modelArchitecture": f"LightGBM multiclass, {trees} trees" if family == "gbdt" else
+                f"LoRA adapter on {base['name']}",
                 "datasets": [{"ref": data["bom-ref"]}] if data else [],
                 "inputs": [{"format": "telemetry window (readings per plant tick), featurised as "
                                       f"{props['flywheel:featuriser']}"}],
@@ -271,7 +284,7 @@ def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", l
                            {"name": "flywheel:gate_reason", "value": tags.get("flywheel.gate_reason", UNDECLARED)}],
         },
     }
-    base_component = {
+    base_component = None if base is None else {
         "type": "machine-learning-model", "bom-ref": base_ref, "name": base["name"], "version": base["version"],
         "supplier": {"name": base["supplier"]},
         "licenses": [{"license": {"name": base["licence"]}}],
@@ -282,7 +295,7 @@ def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", l
         + ([{"name": "flywheel:hub_id", "value": base["hub_id"]}] if "hub_id" in base else [])
         + [{"name": f"flywheel:file:{p}", "value": h} for p, h in base["hashes"].items()],
     }
-    if "purl" in base:
+    if base is not None and "purl" in base:
         base_component["purl"] = base["purl"]
     periods = _periods(tags)
     services = [{"bom-ref": f"serving:{site}:{model_name}@{info.version}", "name": f"{model_name} serving at {site}",
@@ -298,9 +311,10 @@ def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", l
                      "tools": {"components": [{"type": "application", "name": "flywheel-stack",
                                                "version": _dist_version("flywheel-stack") or "unknown"}]},
                      "component": model},
-        "components": [base_component] + ([data] if data else []),
+        "components": ([base_component] if base_component else []) + ([data] if data else []),
         "services": services,
-        "dependencies": [{"ref": model_ref, "dependsOn": [base_ref] + ([data["bom-ref"]] if data else [])}],
+        "dependencies": [{"ref": model_ref, "dependsOn": ([base_ref] if base_ref else [])
+                          + ([data["bom-ref"]] if data else [])}],
     }
     return bom
 

@@ -22,6 +22,8 @@ TrainConfig keys at its top.
 examples:
   flywheel train --dataset ds-1                                # LoRA on the packaged MiniLM, CPU
   flywheel train --dataset ds-1 train.epochs=2 train.lora.rank=16
+  flywheel train --dataset ds-1 train.family=gbdt               # LightGBM trees as the challenger (the LoRA
+                                                               # reference beside them: train.reference_family='' = none)
   flywheel train --dataset ds-1 --config flywheel/configs/demo.yaml   # its train: section
   flywheel train --dataset ds-1 --num-workers 2                # Ray Train, 2 workers (local Ray)
   flywheel train --dataset ds-1 --base-model Qwen/Qwen2.5-0.5B --use-gpu --ray-address auto

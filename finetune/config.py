@@ -18,9 +18,13 @@ Class imbalance (failures are rare) is handled twice, on purpose:
    balanced epoch (weight_c = n / (K * n_c), K = labels present), clipped to
    [1 / class_weight_max, class_weight_max] so a label with three windows cannot dominate.
 
-``reference_family`` (default ``gbdt``) also trains a tree model on the same snapshot each
-turn, balanced the same way (``finetune.gbdt``), as the reference the LoRA challenger is
-compared with; it is logged, never registered or served.
+``family`` picks the challenger's model family (``finetune.families``): ``lora`` (the default,
+a LoRA adapter on the base model) or ``gbdt`` (LightGBM trees, ``finetune.gbdt``); either is
+registered, gated and served.  ``reference_family`` (default ``other``: the family the
+challenger is not) also trains that family on the same snapshot each turn, balanced and seeded
+the same way, as the reference the challenger is compared with; it is logged as
+``reference_model.<family>.*``, never registered or served (``''`` = none: with ``family=gbdt``
+the reference is a LoRA fine-tune, which costs far more than the trees themselves).
 """
 
 from __future__ import annotations
@@ -48,8 +52,12 @@ class TrainConfig:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
     warmup_frac: float = field(default=0.06, metadata={"help": "fraction of steps with linear LR warm-up"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm (0 = no clipping)"})
-    featuriser: str = field(default="text-summary/1", metadata={
-        "help": "how a window's readings become model input (name/version; recorded with the model)"})
+    family: str = field(default="lora", metadata={
+        "help": "the challenger's model family, registered, gated and served: lora (a LoRA adapter on base_model) "
+                "or gbdt (LightGBM trees on numeric window statistics)"})
+    featuriser: str = field(default="", metadata={
+        "help": "how a window's readings become model input (name/version; recorded with the model); '' = the "
+                "family's own: text-summary/1 for lora, numeric-stats/1 for gbdt"})
     max_length: int = field(default=96, metadata={"help": "max tokens per window text (batches pad dynamically)"})
     max_train_samples: int = field(default=4000, metadata={
         "help": "windows trained on per turn, all epochs together, after class balancing (0 = no cap)"})
@@ -98,10 +106,12 @@ class TrainConfig:
                 "'' = versions are not signed. A campaign uses <workdir>/keys/signing.key, created on first use"})
     governance: GovernancePolicy = field(default_factory=GovernancePolicy, metadata={
         "help": "which base models and licences training may build on (flywheel.base.governance); checked before "
-                "any compute. A campaign copies its top-level governance section here"})
-    reference_family: str = field(default="gbdt", metadata={
+                "any compute (a tree model builds on none). A campaign copies its top-level governance section here"})
+    reference_family: str = field(default="other", metadata={
         "help": "model family trained beside the challenger on the same snapshot and logged as "
-                "reference_model.<family>.* ('gbdt': LightGBM trees; '' = none)"})
+                "reference_model.<family>.*, never served: 'other' = the family the challenger is not (gbdt "
+                "beside lora, lora beside gbdt), or lora, gbdt, or '' = none (a lora reference beside gbdt "
+                "trees costs a LoRA fine-tune per turn)"})
 
     def __post_init__(self):
         if isinstance(self.lora, dict):  # TrainConfig(lora={...}) from Python code
@@ -142,14 +152,31 @@ class TrainConfig:
             raise ConfigError(f"class_weight_max should be >= 1, got {self.class_weight_max}")
         if not self.gate_metric.startswith("eval."):
             raise ConfigError(f"gate_metric should be an eval.* metric such as eval.macro_f1, got {self.gate_metric!r}")
-        require_featuriser(self.featuriser, "text", "featuriser", "text-summary/1")   # a LoRA language model
+        from finetune.families import DEFAULT_FEATURISERS, INPUTS, check_family, other_family
+
+        check_family(self.family, "train.family")
+        if not self.featuriser:
+            self.featuriser = DEFAULT_FEATURISERS[self.family]
+        try:   # the featuriser must make what the family reads
+            require_featuriser(self.featuriser, INPUTS[self.family], "featuriser", DEFAULT_FEATURISERS[self.family])
+        except ConfigError as exc:
+            raise ConfigError(f"train.family={self.family}: {exc}") from None
+        if self.family != "lora" and self.warm_start:
+            raise ConfigError(f"warm_start continues the champion's LoRA adapter; train.family={self.family} "
+                              "trains from scratch: drop train.warm_start or use train.family=lora")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision should be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        from finetune.gbdt import REFERENCE_FAMILIES
+        from finetune.families import FAMILIES
 
-        if self.reference_family and self.reference_family not in REFERENCE_FAMILIES:
+        if self.reference_family == "other":
+            self.reference_family = other_family(self.family)
+        if self.reference_family and self.reference_family not in FAMILIES:
             raise ConfigError(f"reference_family {self.reference_family!r} is not known; known: "
-                              f"{', '.join(REFERENCE_FAMILIES)}, or '' for none")
+                              f"other, {', '.join(FAMILIES)}, or '' for none")
+        if self.reference_family == self.family:
+            raise ConfigError(f"reference_family {self.reference_family!r} is the challenger's own family "
+                              f"(train.family={self.family}); the reference is another family: use "
+                              f"reference_family=other ({other_family(self.family)}) or '' for none")
         if self.batch_size < self.num_workers:
             raise ConfigError(f"batch_size ({self.batch_size}) should be >= num_workers ({self.num_workers}): "
                              "each worker needs at least one window per step")

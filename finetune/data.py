@@ -86,7 +86,7 @@ def read_split(path: str | Path, split: str = "split", featuriser: str | dict = 
     done = df.attrs.get("featuriser") == ref and column in df.columns   # read_split's own output, same featuriser
     if "readings" in df.columns and not done:
         df = _featurise(df, featuriser, where, column)
-    elif FeaturiserSpec.parse(featuriser).ref != DEFAULT_FEATURISER:
+    elif not done and ref != DEFAULT_FEATURISER:   # featurised text only, and another featuriser is asked for
         raise DataError(f"{where} holds featurised text ({DEFAULT_FEATURISER}) and no readings, so it cannot be "
                         f"featurised with {FeaturiserSpec.parse(featuriser).ref!r}; rebuild the snapshot with "
                         "`flywheel dataset build`")

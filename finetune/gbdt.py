@@ -1,7 +1,8 @@
-"""Gradient-boosted trees on the same windows: the reference model family of every turn.
+"""Gradient-boosted trees on the same windows: the ``gbdt`` model family.
 
-The served model is the LoRA classifier; this module trains the number a LoRA turn has
-to be worth: a LightGBM multiclass model on the same snapshot, featurised with
+A turn trains them as its challenger (``train.family=gbdt``: registered, gated and served
+like a LoRA version) or, beside a LoRA challenger, as its reference: the number a LoRA turn
+has to be worth.  A LightGBM multiclass model on the turn's snapshot, featurised with
 ``numeric-stats/1`` (per reading mean, last, min, max and slope, plus the machine kind),
 scored on the same eval split by the same :func:`finetune.evaluate.score`, so its
 ``eval.*`` metrics compare one for one with the challenger's::
@@ -185,8 +186,9 @@ def _check_meta(d: Path, meta: Mapping) -> Any:
     except FeaturiserError as exc:
         raise ModelError(f"tree model {d}: {exc}") from None
     if feat.output != "numeric":
-        raise ModelError(f"tree model {d} records featuriser {feat.spec.ref}, which makes {feat.output} input; "
-                         f"trees read numeric features: retrain it with {DEFAULT_FEATURISER!r}")
+        raise ModelError(f"tree model {d} (family {FAMILY!r}) records featuriser {feat.spec.ref}, which makes "
+                         f"{feat.output} input; a {FAMILY} model reads numeric features: retrain it with "
+                         f"{DEFAULT_FEATURISER!r}")
     recorded, expected = list(meta.get("feature_names") or []), list(feat.feature_names)
     if recorded != expected:
         first = next((i for i, (a, b) in enumerate(zip(recorded, expected)) if a != b), min(len(recorded),
@@ -325,29 +327,38 @@ def evaluate_gbdt(model_dir: str | os.PathLike, eval_df) -> dict:
     return evaluate_gbdt_report(model_dir, eval_df).metrics
 
 
-# --------------------------------------------------------------------------- the reference of a turn
-#: Reference families a turn can train beside the LoRA challenger (``TrainConfig.reference_family``).
-REFERENCE_FAMILIES = (FAMILY,)
+# --------------------------------------------------------------------------- the tree model of a turn
+#: Families a turn can train beside its challenger (``TrainConfig.reference_family``): every family.
+REFERENCE_FAMILIES = ("lora", FAMILY)
 
 
 def reference_artifact(family: str = FAMILY) -> str:
-    """Where a turn logs its reference model on its MLflow run (``reference_model/gbdt``)."""
+    """Where a turn logs its reference model on its MLflow run (``reference_model/<family>``)."""
     return f"reference_model/{family}"
 
 
+def gbdt_config(train_config) -> GbdtConfig:
+    """The tree settings of a turn: balanced and seeded as its ``TrainConfig``; featurised with
+    ``train.featuriser`` when the trees are the challenger (``train.family=gbdt``), else with
+    :data:`DEFAULT_FEATURISER`."""
+    featuriser = train_config.featuriser if train_config.family == FAMILY else DEFAULT_FEATURISER
+    return GbdtConfig(ok_ratio=train_config.ok_ratio, class_weight_max=train_config.class_weight_max,
+                      seed=train_config.seed, featuriser=featuriser)
+
+
 def train_reference(snapshot, train_config, out_dir: str | os.PathLike | None = None) -> tuple[str, dict]:
-    """The turn's tree reference: :func:`train_gbdt` balanced and seeded as the LoRA run (``TrainConfig``)."""
-    if train_config.reference_family != FAMILY:
-        raise ConfigError(f"reference_family {train_config.reference_family!r} is not known; known: "
-                          f"{', '.join(REFERENCE_FAMILIES)}")
-    config = GbdtConfig(ok_ratio=train_config.ok_ratio, class_weight_max=train_config.class_weight_max,
-                        seed=train_config.seed)
-    return train_gbdt(snapshot, config, out_dir)
+    """The turn's tree model (its challenger with ``train.family=gbdt``, else its reference):
+    :func:`train_gbdt` with :func:`gbdt_config`."""
+    if FAMILY not in (train_config.family, train_config.reference_family):
+        raise ConfigError(f"this turn trains no {FAMILY} model (train.family={train_config.family!r}, "
+                          f"train.reference_family={train_config.reference_family!r}); set either to {FAMILY!r}")
+    return train_gbdt(snapshot, gbdt_config(train_config), out_dir)
 
 
 def fetch_reference_model(tracking_uri: str, run_id: str, dst_dir: str | os.PathLike,
                           family: str = FAMILY) -> str:
-    """Download the reference model a turn logged on its run and check it (:func:`load_gbdt`); its local path."""
+    """Download the reference model a turn logged on its run and check it as ``family``
+    (``finetune.families.check_model_dir``); its local path."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
 
@@ -360,7 +371,9 @@ def fetch_reference_model(tracking_uri: str, run_id: str, dst_dir: str | os.Path
         raise ModelError(f"run {run_id} has no {family} reference model at {reference_artifact(family)} "
                          f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); turns trained with "
                          "train.reference_family='' log none") from None
-    load_gbdt(local)
+    from finetune.families import check_model_dir
+
+    check_model_dir(local, expect=family)
     return str(local)
 
 

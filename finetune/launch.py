@@ -55,7 +55,7 @@ def fingerprint(snapshot, config: TrainConfig, world_size: int, warm_start_dir: 
     keep = {k: v for k, v in asdict(config).items()
             if k not in ("num_threads", "checkpoint_dir", "keep_checkpoints", "log_every", "eval_batch_size",
                          "gate_metric", "gate_margin", "min_eval_windows", "max_failures", "checkpoint_every",
-                         "reference_family")}
+                         "reference_family", "family")}
     data_id = snapshot.content_hash or hashlib.sha256(
         "\n".join(snapshot.train["text"] + "\t" + snapshot.train["label"]).encode()).hexdigest()
     warm = ""
@@ -131,7 +131,7 @@ def save_adapter(model, out_dir: str | Path, config: TrainConfig, snapshot, metr
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out), safe_serialization=True)
-    write_adapter_meta(out, base_model=config.base_model, max_length=config.max_length,
+    write_adapter_meta(out, family="lora", base_model=config.base_model, max_length=config.max_length,
                        dataset_id=snapshot.dataset_id, dataset_hash=snapshot.content_hash,
                        lora=asdict(config.lora), seed=config.seed,
                        trust_remote_code=config.trust_remote_code,

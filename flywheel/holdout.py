@@ -43,8 +43,7 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
     is scored when the turn trained one; one that cannot be fetched is left out with a warning.
     Models are fetched into a temporary folder under ``scratch_dir``, removed at the end.
     """
-    from finetune import (evaluate_adapter_report, evaluate_gbdt_report, fetch_adapter, fetch_reference_model,
-                          load_snapshot, majority_baseline)
+    from finetune import evaluate_model_report, fetch_adapter, fetch_reference_model, load_snapshot, majority_baseline
     from ingest import build_snapshot
 
     t0 = time.monotonic()
@@ -66,7 +65,7 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
             else:
                 if version not in scored:
                     adapter = fetch_adapter(tracking_uri, model_name, str(version), str(work / f"v{version}"))
-                    scored[version] = evaluate_adapter_report(adapter, held_out, eval_batch_size).metrics
+                    scored[version] = evaluate_model_report(adapter, held_out, eval_batch_size).metrics
                 metrics = scored[version]
             row = out["by_turn"][str(rec.turn)] = {"model_version": version,
                                                    **{k: metrics[k] for k in KEYS if k in metrics}}
@@ -77,7 +76,7 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
                 except FlywheelError as exc:
                     log.warning("held-out scores of turn %s leave out its %s reference: %s", rec.turn, family, exc)
                     continue
-                ref = evaluate_gbdt_report(model_dir, held_out).metrics
+                ref = evaluate_model_report(model_dir, held_out, eval_batch_size).metrics
                 row[f"reference_{family}"] = {k: ref[k] for k in KEYS if k in ref}
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -108,12 +107,14 @@ def holdout_line(out: dict, last_turn: int) -> str:
     if last["model_version"] is None:     # the gate never promoted a model: nothing to compare
         return (f"held-out data ({out['windows']} windows): macro-F1 {first.get('eval.macro_f1', 0):.3f} "
                 "without a model; no model was promoted in this campaign")
-    trees = last.get("reference_gbdt") or {}
+    family = next((k.removeprefix("reference_") for k in last if k.startswith("reference_")), "gbdt")
+    trees = last.get(f"reference_{family}") or {}
+    what = "the trees" if family == "gbdt" else f"the {family} reference"
     auroc = last.get("eval.auroc_any_failure")
     return (f"held-out data ({out['windows']} windows none of the models trained on): macro-F1 "
             f"{first.get('eval.macro_f1', 0):.3f} without a model -> "
             f"{last.get('eval.macro_f1', 0):.3f} with v{last['model_version']} after the last turn"
             + (f", any-failure AUROC 0.500 -> {auroc:.3f}" if auroc is not None else "")
-            + (f" (the trees trained in that turn: macro-F1 {trees['eval.macro_f1']:.3f}"
+            + (f" ({what} trained in that turn: macro-F1 {trees['eval.macro_f1']:.3f}"
                + (f", AUROC {trees['eval.auroc_any_failure']:.3f}" if "eval.auroc_any_failure" in trees else "")
                + ")" if "eval.macro_f1" in trees else ""))

@@ -446,8 +446,10 @@ class Campaign:
         from finetune import train_and_register
 
         cfg = self.cfg
-        reference = self.stages["train"].reference_family
-        label = "training challenger (LoRA)" + (f" and the {reference} reference" if reference else "")
+        train = self.stages["train"]
+        reference = train.reference_family
+        label = f"training challenger ({'LoRA' if train.family == 'lora' else 'trees'})" + \
+            (f" and the {reference} reference" if reference else "")
         with self.timer("train", label):
             self.status.train_progress = "training..."
             _kill_point("train", record.turn, delayed=True)

@@ -388,7 +388,10 @@ class TurnRecord:
     def summary_line(self) -> str:
         """The line the live view keeps for the turn."""
         h = self.history_row()
-        trees = self.gate.reference.get(f"{REFERENCE_PREFIX}gbdt.macro_f1") if self.gate else None
+        families = self.gate.reference_families if self.gate else []
+        family = families[0] if families else "gbdt"
+        trees = self.gate.reference.get(f"{REFERENCE_PREFIX}{family}.macro_f1") if self.gate else None
+        word = "trees" if family == "gbdt" else family
         ev = self.gate.evidence if self.gate else {}
         metric = re.search(r"eval\.(\w+)", self.gate.reason or "") if self.gate else None
         name = {"auroc_any_failure": "AUROC", "macro_f1": "macro-F1"}.get(metric.group(1), metric.group(1)) \
@@ -396,7 +399,7 @@ class TurnRecord:
         gate = (f", gate {name + ' ' if name else ''}{ev['gate.diff']:+.3f} "
                 f"[{ev['gate.ci_low']:+.3f}, {ev['gate.ci_high']:+.3f}]" if "gate.ci_low" in ev else "")
         return (f"turn {h['turn']}: model {h['model']}, macro-F1 {h['macro_f1']}"
-                + (f" (trees {fmt(trees)})" if trees is not None else "") + gate + f", AUROC {h['auroc']}, "
+                + (f" ({word} {fmt(trees)})" if trees is not None else "") + gate + f", AUROC {h['auroc']}, "
                 f"OEE {h['oee']} (run-to-failure {h['oee_rtf']}, oracle {h['oee_oracle']}, gap closed {h['gap']}), "
                 f"failures {h['failures']}" + _money(self.plant.factory, self.baselines.savings(self.plant.factory))
                 + f", {h['wall']} s")

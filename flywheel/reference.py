@@ -92,15 +92,14 @@ def build_reference_set(scenario, *, seed: int, period_s: float, window):
 def score_on_reference(reference, adapter_dir: str, *, batch_size: int = 64, device=None, threshold=None,
                        costs=None, family: str = "lora") -> dict:
     """A model's ``eval.*`` metrics on the reference set, named without ``eval.``: a LoRA adapter
-    (``family="lora"``) or a tree model (``"gbdt"``). With its operating point (``threshold``) and
+    or a tree model, as its directory records (``family`` is only a hint for readers). With its operating point (``threshold``) and
     the decision costs (``costs``, :class:`finetune.evaluate.WindowCosts`) also
     ``cost_per_1k_windows``: the money its decisions would cost per 1,000 reference windows."""
-    from finetune import evaluate_adapter_report, evaluate_gbdt_report, frame_decision_cost
+    from finetune import evaluate_model_report, frame_decision_cost
     from flywheel.base.contract import LABELS
 
     t0 = time.perf_counter()
-    report = (evaluate_gbdt_report(adapter_dir, reference) if family == "gbdt"
-              else evaluate_adapter_report(adapter_dir, reference, batch_size, device))
+    report = evaluate_model_report(adapter_dir, reference, batch_size, device)
     out = {k.removeprefix("eval."): v for k, v in report.metrics.items() if k.count(".") == 1}
     out.pop("predict_s", None)
     if threshold is not None and costs is not None and len(reference) and report.probs is not None:

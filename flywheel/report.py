@@ -332,7 +332,8 @@ def _families(tables: list[list[dict]]) -> list[str]:
     lines = ["## LoRA vs trees vs no model", "",
              "Each learning turn trains the LoRA challenger and, on the same snapshot, the reference tree model "
              "(LightGBM on `numeric-stats/1` features, `finetune.gbdt`); both, and the majority label (*no "
-             "model*), are scored on the turn's eval split with the same metrics. The trees are never served. "
+             "model*), are scored on the turn's eval split with the same metrics. As the reference the trees are not served "
+             "(with `train.family=gbdt` the trees are the challenger and these LoRA columns hold them). "
              "\"-\": not recorded (a turn trained without `train.reference_family`, or a campaign older than it).",
              "", "| turn | eval windows | " + " | ".join(trio) + " | trees training (s) |",
              "|" + "---|" * (len(trio) + 3)]

@@ -13,6 +13,13 @@ probabilities summing to 1), and only then re-points the public name.  A refused
 adapter is unloaded and the old one keeps serving.  An old adapter is deleted once no
 pinned request uses it any more.
 
+A tree version (family ``gbdt``, ``finetune.gbdt``) needs no base model: the pool loads it
+with ``finetune.gbdt.load_gbdt`` (which refuses a ``model.txt`` that is not a LightGBM model,
+labels or feature names other than recorded, and a featuriser that does not make numbers),
+probes it the same way and keeps it beside the LoRA adapters; a request's windows go to the
+model of their slot, so a swap may change the family of a name (LoRA -> trees or back).  A
+directory whose family differs from the version's ``flywheel.family`` tag is refused.
+
 Usage (no Ray needed)::
 
     pool = AdapterPool(device="cpu")
@@ -53,13 +60,14 @@ class Slot:
     base_model: str
     featuriser: Callable = field(default_factory=get_featuriser)   # readings -> this version's model input
     window: WindowConfig | None = None                            # the window config it was trained on
+    family: str = "lora"                                          # lora (an adapter on the base) or gbdt (trees)
     loaded_at: float = field(default_factory=time.time)
     inflight: int = 0
     retired: bool = False
 
     def describe(self) -> dict:
         return {"model_name": self.model_name, "ref": self.ref, "version": self.version, "run_id": self.run_id,
-                "base_model": self.base_model, "loaded_at": self.loaded_at,
+                "base_model": self.base_model, "family": self.family, "loaded_at": self.loaded_at,
                 "featuriser": self.featuriser.spec.to_dict(),
                 "window": self.window.to_dict() if self.window is not None else None}
 
@@ -91,6 +99,13 @@ def check_probabilities(probs: np.ndarray, n: int) -> str | None:
     return None
 
 
+def _tree_forward(trees, features: list) -> np.ndarray:
+    """A tree model's probabilities for featurised windows (dicts of the featuriser's named floats)."""
+    names = trees.feature_names
+    x = np.array([[f[n] for n in names] for f in features], dtype=np.float64).reshape(len(features), len(names))
+    return trees.predict_proba(x)
+
+
 class AdapterPool:
     def __init__(self, base_model: str = "", device: str = "auto", max_length_tokens: int = 96,
                  torch_threads: int = 0, precision: str = "auto"):
@@ -108,6 +123,7 @@ class AdapterPool:
         self._model_lock = threading.Lock()   # the module tree: forward vs load/delete
         self._ids = count(1)
         self._probe = probe_windows()
+        self._trees: dict = {}                # internal name -> finetune.gbdt.GbdtModel (tree versions)
 
     # ------------------------------------------------------------------ routing
     def names(self) -> list[str]:
@@ -142,7 +158,9 @@ class AdapterPool:
         with self._model_lock:
             self._delete_unused()
             for name, idx in groups.items():
-                out[idx] = self._forward(name, [texts[i] for i in idx])
+                trees = self._trees.get(name)
+                out[idx] = self._forward(name, [texts[i] for i in idx]) if trees is None else \
+                    _tree_forward(trees, [texts[i] for i in idx])
         return out
 
     def _forward(self, peft_name: str, texts: list[str]) -> np.ndarray:
@@ -158,9 +176,17 @@ class AdapterPool:
     # ------------------------------------------------------------------ swaps
     def install(self, name: str, resolved: Resolved, adapter_dir: str) -> Slot:
         """Load ``adapter_dir`` beside what serves ``name``, check it, then switch; raise ModelError if refused."""
+        from finetune.families import GBDT, model_family
         from finetune.model import (ModelError, adapter_featuriser, adapter_window, check_adapter_dir, load_adapter,
                                     resolve_base_model)
 
+        family = model_family(adapter_dir)
+        if resolved.family and family != resolved.family:
+            raise ModelError(f"{resolved.model_name} v{resolved.version} says family {resolved.family!r} (tag "
+                             f"flywheel.family) but its model directory holds a {family} model; register the "
+                             "model directory again (flywheel train)")
+        if family == GBDT:
+            return self._install_trees(name, resolved, adapter_dir)
         # label set, safetensors only, a known featuriser and a valid window, before touching the model
         meta = check_adapter_dir(adapter_dir)
         featuriser = get_featuriser(adapter_featuriser(meta))
@@ -196,14 +222,39 @@ class AdapterPool:
         new = Slot(name=name, model_name=resolved.model_name, ref=resolved.ref, version=resolved.version,
                    run_id=resolved.run_id, peft_name=peft_name, base_model=self.base_model,
                    featuriser=featuriser, window=window)
+        return self._switch(new, t0)
+
+    def _install_trees(self, name: str, resolved: Resolved, model_dir: str) -> Slot:
+        """Load a tree version (``load_gbdt`` checks model file, labels, features and featuriser), probe it, switch."""
+        from finetune.gbdt import load_gbdt
+        from finetune.model import ModelError
+
+        t0 = time.perf_counter()
+        trees = load_gbdt(model_dir)
+        internal = re.sub(r"[^A-Za-z0-9_]", "_", f"{name}_v{resolved.version}_{next(self._ids)}")
+        try:
+            probs = _tree_forward(trees, [trees.featuriser(kind, rows) for kind, rows in self._probe])
+        except Exception as exc:  # noqa: BLE001 - any failure of an untrusted model is a refusal
+            raise ModelError(f"tree model {model_dir} fails on the probe windows: {exc}") from None
+        why = check_probabilities(probs, len(self._probe))
+        if why is not None:
+            raise ModelError(f"tree model {resolved.model_name} v{resolved.version} refused: {why}")
+        with self._model_lock:
+            self._trees[internal] = trees
+        new = Slot(name=name, model_name=resolved.model_name, ref=resolved.ref, version=resolved.version,
+                   run_id=resolved.run_id, peft_name=internal, base_model="", featuriser=trees.featuriser,
+                   window=trees.window, family="gbdt")
+        return self._switch(new, t0)
+
+    def _switch(self, new: Slot, t0: float) -> Slot:
         with self._state_lock:  # the atomic switch: one dict assignment under the pin lock
-            old = self._slots.get(name)
-            self._slots[name] = new
+            old = self._slots.get(new.name)
+            self._slots[new.name] = new
             if old is not None:
                 old.retired = True
                 self._retired.append(old)
-        log.info("serving %s = %s v%s (loaded and checked in %.2fs)", name, resolved.model_name,
-                 resolved.version, time.perf_counter() - t0)
+        log.info("serving %s = %s v%s (%s, loaded and checked in %.2fs)", new.name, new.model_name, new.version,
+                 new.family, time.perf_counter() - t0)
         return new
 
     def _load_base(self, base: str) -> None:
@@ -237,6 +288,11 @@ class AdapterPool:
             done = [s for s in self._retired if s.inflight == 0]
             self._retired = [s for s in self._retired if s.inflight > 0]
         for s in done:
+            if self._trees.pop(s.peft_name, None) is not None:
+                log.info("unloaded %s v%s (%s, trees)", s.model_name, s.version, s.peft_name)
+                continue
+            if self.model is None:
+                continue
             if s.peft_name in self.model.peft_config and len(self.model.peft_config) > 1:
                 self.model.delete_adapter(s.peft_name)
                 log.info("unloaded %s v%s (%s)", s.model_name, s.version, s.peft_name)
@@ -244,8 +300,7 @@ class AdapterPool:
     def collect(self) -> None:
         """Unload retired adapters now (also happens before each forward)."""
         with self._model_lock:
-            if self.model is not None:
-                self._delete_unused()
+            self._delete_unused()
 
     def describe(self) -> dict:
         with self._state_lock:

@@ -3,9 +3,10 @@
 ``POST /predict`` takes one window or many.  A window is either raw readings
 (``{"kind": "pump", "readings": [{...}, ...]}``, oldest first: what the MQTT bridge sends),
 which the app featurises with the featuriser the serving model version records (the one
-it was trained with, ``text-summary/1`` today), or model input already featurised
+it was trained with: ``text-summary/1`` for a LoRA version, ``numeric-stats/1`` for a tree
+version), or, for a LoRA version only, model input already featurised
 (``{"text": "pump. vib 4.1 high rising. ..."}``, as ``flywheel.base.features.render``
-writes it).  ``adapter`` (per request or per window) picks a named adapter.  ``GET
+writes it; a text window sent to a tree version is a 422 that says to send readings).  ``adapter`` (per request or per window) picks a named adapter.  ``GET
 /version`` names each adapter's featuriser and window config.
 
 Shapes are checked strictly: readings must be finite JSON numbers (``"1.0"`` is not a
@@ -216,12 +217,21 @@ def parse_windows(body: PredictBody, *, max_windows: int, max_readings: int, max
     return out
 
 
-def featurise(windows: list[ApiWindow], featurisers: list[Callable], max_text_chars: int) -> list[str]:
-    """Model input per window: sent text as is, readings through that window's featuriser."""
-    out = []
+def featurise(windows: list[ApiWindow], featurisers: list[Callable], max_text_chars: int) -> list:
+    """Model input per window: sent text as is, readings through that window's featuriser (text for a
+    LoRA version, named floats for a tree version; a tree version takes readings only)."""
+    out: list = []
     for i, (w, feat) in enumerate(zip(windows, featurisers)):
+        numeric = getattr(feat, "output", "text") != "text"
         if w.text is not None:
+            if numeric:
+                raise BadRequest(422, f"windows[{i}] sends text, but the version serving it reads numbers "
+                                      f"({feat.spec.ref}, a tree model): send the window's raw readings "
+                                      '({"kind": ..., "readings": [...]}) instead')
             out.append(w.text)
+            continue
+        if numeric:
+            out.append(feat(w.kind, w.readings))
             continue
         text = feat(w.kind, w.readings)
         # Featurised text reaches the tokenizer like sent text, so it has the same limit (many

@@ -1,4 +1,8 @@
-"""The Ray Serve application: one base model per replica, LoRA adapters from MLflow, batching.
+"""The Ray Serve application: one base model per replica, versions from MLflow, batching.
+
+A version is a LoRA adapter on the replica's base model or a tree model (``train.family=gbdt``,
+LightGBM, no base model); either serves any adapter name and a hot swap may change the family
+(:mod:`serve.adapters`). Readings are featurised with the serving version's own featuriser.
 
 Endpoints (FastAPI; OpenAPI at ``/docs`` and ``/openapi.json``, with the limits below):
 
@@ -210,6 +214,11 @@ class FaultDetector:
                     key = (resolved.model_name, resolved.version)
                     if key in self._refused:
                         continue
+                    try:   # family and featuriser as the version's tags say, before anything is fetched
+                        self.source.check_featuriser(resolved)
+                    except ServeError:
+                        self._refused.add(key)
+                        raise
                     tmp = tempfile.mkdtemp(prefix="flywheel-adapter-")
                     try:
                         self.source.check_governance(resolved, self.config.governance)

@@ -28,6 +28,7 @@ class Resolved:
     version: str
     run_id: str | None
     featuriser: str | None = None   # the version's flywheel.featuriser tag, when it has one
+    family: str | None = None       # the version's flywheel.family tag (lora, gbdt), when it has one
 
 
 def split_ref(ref: str, default_model: str) -> tuple[str, str]:
@@ -58,18 +59,26 @@ class AdapterSource:
         except Exception as exc:  # noqa: BLE001 - MLflow raises many types; all mean "not resolvable"
             raise ServeError(f"cannot resolve {model}@{r} in the MLflow registry at {redact_url(self.tracking_uri)}: "
                              f"{exc}. Register a model first (flywheel train) or check --mlflow-uri") from None
+        tags = getattr(info, "tags", None) or {}
         return Resolved(model, r, str(info.version), getattr(info, "run_id", None),
-                        (getattr(info, "tags", None) or {}).get(registry.FEATURISER_TAG))
+                        tags.get(registry.FEATURISER_TAG), tags.get(registry.FAMILY_TAG))
 
     def check_featuriser(self, resolved: Resolved) -> None:
-        """Refuse, before anything loads, a version whose recorded featuriser this release does not know."""
-        from flywheel.base.features import FeaturiserError, get_featuriser
+        """Refuse, before anything loads, a version whose recorded family or featuriser this release does
+        not know, or whose featuriser cannot feed its family (trees read numbers, LoRA reads text)."""
+        from finetune.families import FAMILIES, featuriser_fits
 
+        what = f"{resolved.model_name} v{resolved.version}"
+        family = resolved.family or "lora"
+        if family not in FAMILIES:
+            raise ServeError(f"{what} cannot be served: its tag flywheel.family is {family!r}, not a family this "
+                             f"release serves ({', '.join(FAMILIES)}); serve it with a release that knows it")
         if resolved.featuriser:
-            try:
-                get_featuriser(resolved.featuriser)
-            except FeaturiserError as exc:
-                raise ServeError(f"{resolved.model_name} v{resolved.version} cannot be served: {exc}") from None
+            why = featuriser_fits(family, resolved.featuriser)
+            if why is not None:
+                raise ServeError(f"{what} cannot be served: its tags say family {family!r} with featuriser "
+                                 f"{resolved.featuriser!r}: {why}; retrain it, or register it again with the "
+                                 "featuriser its model was trained with") from None
 
     def fetch(self, resolved: Resolved, dst_dir: str | None = None) -> str:
         """The adapter's local directory; ModelError (not ServeError) when the adapter itself is unusable."""

@@ -19,3 +19,21 @@ def campaign(tmp_path_factory, ray_local):
     state = run_campaign(cfg, workdir, view=False)  # its own embedded Mosquitto, as flywheel demo does
     report = write_report(workdir, "e2e")
     return cfg, workdir, state, report
+
+
+@pytest.fixture(scope="session")
+def gbdt_campaign(tmp_path_factory, ray_local):
+    """The tiny campaign with trees as the served family (``train.family=gbdt``), through the same
+    registry, gate, signing and Serve; no LoRA reference (``train.reference_family=''``), which
+    would add a LoRA fine-tune to a turn that otherwise trains in about a second."""
+    import time
+
+    from flywheel.campaign import default_config_path, load_campaign
+    from flywheel.loop import run_campaign
+
+    workdir = tmp_path_factory.mktemp("e2e-gbdt")
+    cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e-gbdt", "serve.ingress=proxy",
+                                                            "train.family=gbdt", "train.reference_family="])
+    t0 = time.monotonic()
+    state = run_campaign(cfg, workdir, view=False)
+    return cfg, workdir, state, time.monotonic() - t0

