@@ -305,16 +305,18 @@ class Campaign:
         from ingest import Lake
 
         quiet_s, t0 = 2.0, time.monotonic()
-        last, since = None, time.monotonic()
+        last, since, plant_rows = None, time.monotonic(), 0
         while time.monotonic() - t0 < 60:
             st = self.ingest.status()
-            done = st["landed"] + st["deadlettered"]
+            # the plant's rows (what wait_landed counts) and the bridge's predictions and commands
+            plant_rows = st["landed"] + st["deadlettered"]
+            done = plant_rows + st.get("predictions", 0) + st.get("commands", 0)
             if (done, st["received"]) != last:
                 last, since = (done, st["received"]), time.monotonic()
             elif done >= st["received"] and time.monotonic() - since >= quiet_s:
                 break
             time.sleep(0.2)
-        self.published_total = last[0] if last else 0   # what this ingest landed so far is not ours
+        self.published_total = plant_rows   # what this ingest landed so far is not ours
         seed = self.cfg.seed
 
         def owns(ids, machines, seqs):   # rows this campaign's plant wrote (a lake may be shared)
@@ -323,7 +325,8 @@ class Campaign:
         j = self.aborted
         turn = len(self.state["turns"])
         label = f"turn-{turn}-attempt-{j.get('attempt', 0)}"
-        moved = Lake.open(self.lake_uri).set_aside(self.plant.now_ts, label, owns=owns)
+        moved = Lake.open(self.lake_uri).set_aside(self.plant.now_ts, label, owns=owns,
+                                                   tables=("telemetry", "events", "predictions", "commands"))
         j["rows_set_aside"] = moved
         j["redelivered"] = self.published_total
         self.view.log(f"set aside {sum(moved.values())} lake rows past the committed boundary "
