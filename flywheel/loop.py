@@ -78,6 +78,7 @@ from flywheel.base.live import LiveView, LoopStatus
 from flywheel.base.mqtt import BrokerURL
 from flywheel.base.timing import StageTimer
 from flywheel.base.workdir import Workdir
+from flywheel.audit import ServingLedger, record_version
 from flywheel.campaign import CampaignConfig, stage_configs
 from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, DataResult, DeployResult, GateResult,
@@ -172,6 +173,8 @@ class Campaign:
         self.aborted: dict | None = None   # the dead attempt of the turn to rerun, if any
         self.timer = StageTimer(self.view.stage)   # the turn's, new each turn
         self.reference_set = None                  # the reference plant's windows, made at the first learning turn
+        # which version serves the plant, from when to when, in the lake (flywheel/audit.py)
+        self.serving_ledger = ServingLedger(self.lake_uri, cfg.model_name, cfg.campaign)
         self._running = contextlib.ExitStack()
 
     def _signing_keys(self) -> None:
@@ -337,6 +340,7 @@ class Campaign:
         if self.serving is not None:
             self.serving.shutdown()
             self.serving = None
+            self.serving_ledger.stop(self.plant.now_ts, len(self.state["turns"]))
 
     # -- the turns ----------------------------------------------------------
     def run(self, max_new_turns: int | None = None) -> dict:
@@ -345,8 +349,10 @@ class Campaign:
         if first > self.cfg.turns:
             self.view.log(f"campaign {self.cfg.campaign!r} already ran {first - 1} learning turns "
                           f"(turns={self.cfg.turns}); raise turns=N to continue it")
+        # A killed process left its serving period open: it ended at the committed boundary.
+        self.serving_ledger.close_dangling(self.plant.now_ts, first)
         if first > 0 and self.state["turns"][-1].get("champion_version"):
-            self._ensure_serving(self.state["turns"][-1]["champion_version"])
+            self._ensure_serving(self.state["turns"][-1]["champion_version"], first)
         for turn in range(first, last + 1):
             record = self.run_turn(turn)
             _kill_point("commit", turn)
@@ -456,6 +462,8 @@ class Campaign:
                 campaign=cfg.campaign, turn=record.turn, run_id=record.run_id,
                 ray_address=self.ray_address, progress=False)
         _kill_point("registered", record.turn)
+        # The audit trail: every registered version in the lake's model ledger, promoted or not.
+        record_version(self.lake_uri, self.tracking_uri, cfg.model_name, str(outcome.version))
         gate = GateResult.from_outcome(outcome)
         gate.compute.update(price_compute(gate.compute, cfg.compute_prices))
         gate.reference_plant = self.score_reference(outcome.adapter_dir, gate, record.run_id)
@@ -538,7 +546,7 @@ class Campaign:
             if champion:
                 with self.timer("swap", f"hot-swapping Serve to v{champion}"):
                     _kill_point("swap", record.turn, delayed=True)
-                    self._ensure_serving(champion)
+                    self._ensure_serving(champion, record.turn)
             self.journal.update(stage="plant")
             deployed = DeployResult(champion, swapped=bool(champion))
         self.status.champion = deployed.describe()
@@ -572,7 +580,7 @@ class Campaign:
                           "factory.above_oracle")
         return result
 
-    def _ensure_serving(self, version: str) -> None:
+    def _ensure_serving(self, version: str, turn: int) -> None:
         from serve import start_serving
 
         if self.serving is None:
@@ -581,6 +589,11 @@ class Campaign:
         else:
             self.serving.refresh()
         self.serving.wait_for_version(str(version), timeout_s=300)
+        # The audit trail: the version is in the lake's model ledger (a version registered before the
+        # ledger existed, or by another process, is backfilled) and serves from this plant time on.
+        record_version(self.lake_uri, self.tracking_uri, self.cfg.model_name, str(version))
+        self.serving_ledger.serve(str(version), endpoint=self.serving.url, app_name=self.serving.app_name,
+                                  plant_ts=self.plant.now_ts, turn=turn)
 
     def _threshold(self, champion: str | None) -> float:
         """The risk at which the bridge asks for maintenance while ``champion`` serves."""
