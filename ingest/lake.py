@@ -41,6 +41,10 @@ Read it without project code::
     pd.read_parquet("lake/raw/telemetry")
     duckdb.sql("select machine, avg(readings['torque_nm']) from 'lake/raw/telemetry/*/*.parquet' group by 1")
     duckdb.sql("select reason, count(*) from 'lake/deadletter/*/*.parquet' group by 1")
+    duckdb.sql("select model_version, count(*), min(risk - threshold) from 'lake/raw/commands/*/*.parquet' group by 1")
+
+The audit trail's query (which version ordered a stop, on which snapshots, from which base model)
+joins the commands, events and both ledgers: ``flywheel/audit.py`` ``LINEAGE_SQL``.
 
 Each table holds a zero-row ``date=1970-01-01/_schema.parquet`` from the moment a collector
 opens the lake: a glob over a table that has no data yet (a clean stream leaves the
