@@ -42,11 +42,14 @@ the next ``flywheel run``/``turn`` rolls the attempt back before it reruns the t
   point as tag ``flywheel.risk_threshold``, so a served version never falls back to the
   configured threshold because a process died.
 * Lake: messages the attempt published that were still queued in the broker are let in
-  first; then every row of this campaign's plant past the committed boundary moves to
+  first; then every row of this campaign's plant (and every prediction and command) past the
+  committed boundary moves to
   ``<lake>/aborted/turn-<n>-attempt-<k>/`` (``ingest.lake.Lake.set_aside``), counted in
   the turn's record (``aborted_attempts``) and MLflow (``lake.rows_set_aside``).  The
   dataset builder refuses an ``event_id`` with two contents, should two timelines ever
   meet in the lake.
+* Serving ledger (``lake/ledger/serving``, :mod:`flywheel.audit`): a period the dead process
+  left open is closed at the committed boundary.
 * Processes: the embedded Mosquitto gets SIGTERM when its parent dies, Ray's GCS and
   raylet die with the driver (Ray's own fate sharing), and a watchdog
   (``flywheel.base.rayinit.watch_driver``) ends everything else the driver had started.

@@ -31,8 +31,9 @@ def stop(campaign):
         SELECT c.command_id, c.machine, c.ts, c.model_version, e.ts AS stop_ts
         FROM '{lake}/raw/commands/*/*.parquet' c JOIN '{lake}/raw/events/*/*.parquet' e
           ON e.command_id = c.command_id AND e.type = 'maintenance_start'
-        ORDER BY e.ts LIMIT 1""").fetchone()
-    assert row is not None, "the campaign applied no command the lake holds"
+        ORDER BY e.ts LIMIT 1""").fetchall()
+    assert row, "the campaign applied no command the lake holds"
+    row = row[0]
     return dict(zip(("command_id", "machine", "ts", "model_version", "stop_ts"), row))
 
 
@@ -44,10 +45,10 @@ def test_the_lake_holds_every_prediction_and_command_the_bridge_sent(campaign):
     bridge = state["turns"][1]["sim"]["bridge"]
     n_cmd, n_with_risk = duckdb.sql(
         f"SELECT count(DISTINCT command_id), count(DISTINCT command_id) FILTER (WHERE risk >= threshold) "
-        f"FROM '{lake}/raw/commands/*/*.parquet'").fetchone()
+        f"FROM '{lake}/raw/commands/*/*.parquet'").fetchall()[0]
     assert n_cmd == n_with_risk == bridge["commands"] > 0
     n_pred = duckdb.sql(f"SELECT count(*) FROM (SELECT DISTINCT machine, window_end_seq, model_version "
-                        f"FROM '{lake}/raw/predictions/*/*.parquet')").fetchone()[0]
+                        f"FROM '{lake}/raw/predictions/*/*.parquet')").fetchall()[0][0]
     assert n_pred == bridge["predictions"]
 
 
