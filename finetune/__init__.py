@@ -18,7 +18,7 @@ from finetune.turn import TurnOutcome, train_and_register
 __all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "load_snapshot", "evaluate_adapter_report",
            "majority_baseline", "fetch_adapter", "aliases", "abandon_run", "version_threshold", "RegistryError",
            "evaluate_gbdt_report", "fetch_reference_model", "pick_device", "frame_decision_cost",
-           "init_keys", "evaluate_model_report", "model_family"]
+           "init_keys", "evaluate_model_report", "model_family", "lineage_record", "get_version"]
 
 #: Names the facade loads on first use (their modules pull in torch, pandas or MLflow).
 _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.evaluate",
@@ -27,7 +27,8 @@ _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.
          "RegistryError": "finetune.registry", "evaluate_gbdt_report": "finetune.gbdt",
          "fetch_reference_model": "finetune.gbdt", "pick_device": "finetune.model",
          "frame_decision_cost": "finetune.evaluate", "init_keys": "finetune.signing",
-         "evaluate_model_report": "finetune.families", "model_family": "finetune.families"}
+         "evaluate_model_report": "finetune.families", "model_family": "finetune.families",
+         "lineage_record": "finetune.bom", "get_version": "finetune.registry"}
 
 
 def __getattr__(name: str):

@@ -149,6 +149,48 @@ def base_model_facts(name: str, hashes: bool = True) -> dict:
     return facts
 
 
+def base_model_digest(hashes: dict[str, str]) -> str:
+    """One sha256 for a base model's files: over the sorted ``<sha256>  <path>`` lines (``sha256sum``'s
+    format), so ``sha256sum`` of the files, sorted by path, then hashed, gives the same value."""
+    lines = "".join(f"{h}  {p}\n" for p, h in sorted(hashes.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def lineage_record(tracking_uri: str, model_name: str, version: str) -> dict:
+    """What the lake's model ledger keeps of a registered version (``ingest.lake.MODELS_LEDGER_SCHEMA``):
+    its run, base model (name, source, version, one digest of its files, licence), the snapshot it was
+    trained, calibrated and evaluated on with its content hash, its warm-start parent, operating point,
+    gate decision and when it was registered; all from the registry, so the lake can answer for it
+    without MLflow."""
+    from finetune.registry import PARENT_TAG, THRESHOLD_TAG, _client
+
+    mv = _client(tracking_uri).get_model_version(model_name, str(version))
+    tags = dict(mv.tags or {})
+    base = base_model_facts(tags.get("flywheel.base_model") or "minilm")
+    dataset = tags.get("flywheel.dataset_id")
+    try:
+        threshold = float(tags[THRESHOLD_TAG]) if tags.get(THRESHOLD_TAG) else None
+    except ValueError:
+        threshold = None
+    turn = tags.get("flywheel.turn")
+    return {
+        "model_name": model_name, "version": str(mv.version), "run_id": mv.run_id or None, "family": "lora",
+        "base_model": base["name"], "base_model_source": base["source"], "base_model_package": base.get("package"),
+        "base_model_version": base["version"], "base_model_sha256": base_model_digest(base["hashes"]),
+        "base_model_licence": base["licence"],
+        "train_dataset": dataset, "calibration_dataset": dataset, "eval_dataset": dataset,
+        "dataset_hash": tags.get("flywheel.dataset_hash"), "parent_version": tags.get(PARENT_TAG) or None,
+        "risk_threshold": threshold,
+        "promoted": {"true": True, "false": False}.get(tags.get("flywheel.promoted", "")),
+        "campaign": tags.get("flywheel.campaign") or None,
+        "turn": int(turn) if turn and turn.lstrip("-").isdigit() else None,
+        "code_commit": tags.get(CODE_COMMIT_TAG),
+        "registered_at": datetime.fromtimestamp(mv.creation_timestamp / 1000, tz=timezone.utc)
+        if mv.creation_timestamp else None,
+        "recorded_at": datetime.now(timezone.utc),
+    }
+
+
 def _classifier_licence(meta) -> str | None:
     for c in meta.get_all("Classifier") or []:
         if c.startswith("License ::"):

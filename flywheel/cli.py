@@ -38,6 +38,7 @@ COMMAND_MODULES = (
     "finetune.cli",           # train
     "serve.cli",              # serve
     "flywheel.bench_cli",     # bench
+    "flywheel.audit_cli",     # lineage
 )
 
 

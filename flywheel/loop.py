@@ -42,11 +42,14 @@ the next ``flywheel run``/``turn`` rolls the attempt back before it reruns the t
   point as tag ``flywheel.risk_threshold``, so a served version never falls back to the
   configured threshold because a process died.
 * Lake: messages the attempt published that were still queued in the broker are let in
-  first; then every row of this campaign's plant past the committed boundary moves to
+  first; then every row of this campaign's plant (and every prediction and command) past the
+  committed boundary moves to
   ``<lake>/aborted/turn-<n>-attempt-<k>/`` (``ingest.lake.Lake.set_aside``), counted in
   the turn's record (``aborted_attempts``) and MLflow (``lake.rows_set_aside``).  The
   dataset builder refuses an ``event_id`` with two contents, should two timelines ever
   meet in the lake.
+* Serving ledger (``lake/ledger/serving``, :mod:`flywheel.audit`): a period the dead process
+  left open is closed at the committed boundary.
 * Processes: the embedded Mosquitto gets SIGTERM when its parent dies, Ray's GCS and
   raylet die with the driver (Ray's own fate sharing), and a watchdog
   (``flywheel.base.rayinit.watch_driver``) ends everything else the driver had started.
@@ -78,6 +81,7 @@ from flywheel.base.live import LiveView, LoopStatus
 from flywheel.base.mqtt import BrokerURL
 from flywheel.base.timing import StageTimer
 from flywheel.base.workdir import Workdir
+from flywheel.audit import ServingLedger, record_version
 from flywheel.campaign import CampaignConfig, stage_configs
 from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, DataResult, DeployResult, GateResult,
@@ -172,6 +176,8 @@ class Campaign:
         self.aborted: dict | None = None   # the dead attempt of the turn to rerun, if any
         self.timer = StageTimer(self.view.stage)   # the turn's, new each turn
         self.reference_set = None                  # the reference plant's windows, made at the first learning turn
+        # which version serves the plant, from when to when, in the lake (flywheel/audit.py)
+        self.serving_ledger = ServingLedger(self.lake_uri, cfg.model_name, cfg.campaign)
         self._running = contextlib.ExitStack()
 
     def _signing_keys(self) -> None:
@@ -308,16 +314,18 @@ class Campaign:
         from ingest import Lake
 
         quiet_s, t0 = 2.0, time.monotonic()
-        last, since = None, time.monotonic()
+        last, since, plant_rows = None, time.monotonic(), 0
         while time.monotonic() - t0 < 60:
             st = self.ingest.status()
-            done = st["landed"] + st["deadlettered"]
+            # the plant's rows (what wait_landed counts) and the bridge's predictions and commands
+            plant_rows = st["landed"] + st["deadlettered"]
+            done = plant_rows + st.get("predictions", 0) + st.get("commands", 0)
             if (done, st["received"]) != last:
                 last, since = (done, st["received"]), time.monotonic()
             elif done >= st["received"] and time.monotonic() - since >= quiet_s:
                 break
             time.sleep(0.2)
-        self.published_total = last[0] if last else 0   # what this ingest landed so far is not ours
+        self.published_total = plant_rows   # what this ingest landed so far is not ours
         seed = self.cfg.seed
 
         def owns(ids, machines, seqs):   # rows this campaign's plant wrote (a lake may be shared)
@@ -326,7 +334,8 @@ class Campaign:
         j = self.aborted
         turn = len(self.state["turns"])
         label = f"turn-{turn}-attempt-{j.get('attempt', 0)}"
-        moved = Lake.open(self.lake_uri).set_aside(self.plant.now_ts, label, owns=owns)
+        moved = Lake.open(self.lake_uri).set_aside(self.plant.now_ts, label, owns=owns,
+                                                   tables=("telemetry", "events", "predictions", "commands"))
         j["rows_set_aside"] = moved
         j["redelivered"] = self.published_total
         self.view.log(f"set aside {sum(moved.values())} lake rows past the committed boundary "
@@ -337,6 +346,7 @@ class Campaign:
         if self.serving is not None:
             self.serving.shutdown()
             self.serving = None
+            self.serving_ledger.stop(self.plant.now_ts, len(self.state["turns"]))
 
     # -- the turns ----------------------------------------------------------
     def run(self, max_new_turns: int | None = None) -> dict:
@@ -345,8 +355,10 @@ class Campaign:
         if first > self.cfg.turns:
             self.view.log(f"campaign {self.cfg.campaign!r} already ran {first - 1} learning turns "
                           f"(turns={self.cfg.turns}); raise turns=N to continue it")
+        # A killed process left its serving period open: it ended at the committed boundary.
+        self.serving_ledger.close_dangling(self.plant.now_ts, first)
         if first > 0 and self.state["turns"][-1].get("champion_version"):
-            self._ensure_serving(self.state["turns"][-1]["champion_version"])
+            self._ensure_serving(self.state["turns"][-1]["champion_version"], first)
         for turn in range(first, last + 1):
             record = self.run_turn(turn)
             _kill_point("commit", turn)
@@ -458,6 +470,8 @@ class Campaign:
                 campaign=cfg.campaign, turn=record.turn, run_id=record.run_id,
                 ray_address=self.ray_address, progress=False)
         _kill_point("registered", record.turn)
+        # The audit trail: every registered version in the lake's model ledger, promoted or not.
+        record_version(self.lake_uri, self.tracking_uri, cfg.model_name, str(outcome.version))
         gate = GateResult.from_outcome(outcome)
         gate.compute.update(price_compute(gate.compute, cfg.compute_prices))
         gate.reference_plant = self.score_reference(outcome.adapter_dir, gate, record.run_id)
@@ -540,7 +554,7 @@ class Campaign:
             if champion:
                 with self.timer("swap", f"hot-swapping Serve to v{champion}"):
                     _kill_point("swap", record.turn, delayed=True)
-                    self._ensure_serving(champion)
+                    self._ensure_serving(champion, record.turn)
             self.journal.update(stage="plant")
             deployed = DeployResult(champion, swapped=bool(champion))
         self.status.champion = deployed.describe()
@@ -574,7 +588,7 @@ class Campaign:
                           "factory.above_oracle")
         return result
 
-    def _ensure_serving(self, version: str) -> None:
+    def _ensure_serving(self, version: str, turn: int) -> None:
         from serve import start_serving
 
         if self.serving is None:
@@ -583,6 +597,11 @@ class Campaign:
         else:
             self.serving.refresh()
         self.serving.wait_for_version(str(version), timeout_s=300)
+        # The audit trail: the version is in the lake's model ledger (a version registered before the
+        # ledger existed, or by another process, is backfilled) and serves from this plant time on.
+        record_version(self.lake_uri, self.tracking_uri, self.cfg.model_name, str(version))
+        self.serving_ledger.serve(str(version), endpoint=self.serving.url, app_name=self.serving.app_name,
+                                  plant_ts=self.plant.now_ts, turn=turn)
 
     def _threshold(self, champion: str | None) -> float:
         """The risk at which the bridge asks for maintenance while ``champion`` serves."""

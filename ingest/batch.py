@@ -1,8 +1,8 @@
 """Turn one batch of raw MQTT messages into lake tables: the validation boundary of ingest.
 
 Every payload is decoded and validated once, by ``flywheel.base.contract.decode``.  Valid
-telemetry and events become rows of the raw tables; anything else becomes a dead
-letter carrying the topic, the raw bytes (capped), the contract's reason code and
+telemetry, events, predictions and commands become rows of the raw tables; anything else
+becomes a dead letter carrying the topic, the raw bytes (capped), the contract's reason code and
 message, and the receive time.  A bad message never stops the good ones beside it.
 
 Pure and synchronous (no network, no Ray), so it is tested directly::
@@ -20,9 +20,11 @@ from typing import Iterable
 import pyarrow as pa
 
 from flywheel.base import contract
-from ingest.lake import DEADLETTER_SCHEMA, EVENTS_SCHEMA, TELEMETRY_SCHEMA, day_of
+from ingest.lake import (COMMANDS_SCHEMA, DEADLETTER_SCHEMA, EVENTS_SCHEMA, PREDICTIONS_SCHEMA, TELEMETRY_SCHEMA,
+                         day_of)
 
 _EVENT_FIELDS = ("mode", "reason", "finding", "quality", "command_id", "variant")
+_COMMAND_FIELDS = ("command_id", "ts", "line", "machine", "command", "reason", "model_version", "risk", "threshold")
 
 
 @dataclass
@@ -31,11 +33,14 @@ class BatchResult:
     tables: list[tuple[str, str, pa.Table]] = field(default_factory=list)
     telemetry: int = 0
     events: int = 0
+    predictions: int = 0
+    commands: int = 0
     deadlettered: int = 0
     by_reason: Counter = field(default_factory=Counter)
 
     @property
     def landed(self) -> int:
+        """Telemetry and events: what the plant published (predictions and commands are counted apart)."""
         return self.telemetry + self.events
 
 
@@ -47,10 +52,13 @@ def decode_batch(items: Iterable[tuple[str, bytes, float]], *, collector: str,
                  topics: contract.Topics | None = None,
                  max_payload_bytes: int = contract.DEFAULT_MAX_PAYLOAD_BYTES,
                  deadletter_max_bytes: int = 4096) -> BatchResult:
-    """Decode ``(topic, payload, received_at)`` items into telemetry, event and dead-letter tables."""
+    """Decode ``(topic, payload, received_at)`` items into telemetry, event, prediction, command and
+    dead-letter tables."""
     topics = topics or contract.Topics("factory")
     tel: dict[str, dict[str, list]] = {}
     ev: dict[str, dict[str, list]] = {}
+    preds: dict[str, dict[str, list]] = {}
+    cmds: dict[str, dict[str, list]] = {}
     dead: dict[str, dict[str, list]] = {}
     result = BatchResult()
     for topic, payload, received_at in items:
@@ -83,9 +91,34 @@ def decode_batch(items: Iterable[tuple[str, bytes, float]], *, collector: str,
                 cols["received_at"].append(received_at)
                 cols["collector"].append(collector)
                 result.events += 1
-            else:  # a prediction/command/status topic slipped through the subscription filter
+            elif type(msg) is contract.Prediction:
+                cols = preds.get(day := day_of(msg.ts))
+                if cols is None:
+                    cols = preds[day] = _columns(PREDICTIONS_SCHEMA.names)
+                    cols["_keys"], cols["_values"], cols["_offsets"] = [], [], [0]
+                for name in ("ts", "line", "machine", "model_version", "window_end_seq"):
+                    cols[name].append(getattr(msg, name))
+                ok = msg.probs.get("ok")
+                cols["risk"].append(None if ok is None else min(1.0, max(0.0, 1.0 - ok)))
+                cols["_keys"].extend(msg.probs.keys())
+                cols["_values"].extend(msg.probs.values())
+                cols["_offsets"].append(len(cols["_keys"]))
+                cols["received_at"].append(received_at)
+                cols["collector"].append(collector)
+                result.predictions += 1
+            elif type(msg) is contract.Command:
+                cols = cmds.get(day := day_of(msg.ts if msg.ts is not None and msg.ts >= 0 else received_at))
+                if cols is None:
+                    cols = cmds[day] = _columns(COMMANDS_SCHEMA.names)
+                for name in _COMMAND_FIELDS:
+                    cols[name].append(getattr(msg, name))
+                cols["received_at"].append(received_at)
+                cols["collector"].append(collector)
+                result.commands += 1
+            else:  # a status topic slipped through the subscription filter
                 raise contract.ContractError("bad_topic", f"topic {topic!r} carries "
-                                             f"{type(msg).__name__}, not telemetry or an event", "topic", topic)
+                                             f"{type(msg).__name__}, not telemetry, an event, a prediction or a "
+                                             "command", "topic", topic)
         except contract.ContractError as exc:
             _dead_letter(dead, topic, payload, received_at, collector, exc.reason, exc.field, str(exc),
                          deadletter_max_bytes)
@@ -99,6 +132,13 @@ def decode_batch(items: Iterable[tuple[str, bytes, float]], *, collector: str,
         result.tables.append(("telemetry", day, pa.table(cols, schema=TELEMETRY_SCHEMA)))
     for day, cols in ev.items():
         result.tables.append(("events", day, pa.table(cols, schema=EVENTS_SCHEMA)))
+    for day, cols in preds.items():
+        cols["probs"] = pa.MapArray.from_arrays(pa.array(cols.pop("_offsets"), pa.int32()),
+                                                pa.array(cols.pop("_keys"), pa.string()),
+                                                pa.array(cols.pop("_values"), pa.float64()))
+        result.tables.append(("predictions", day, pa.table(cols, schema=PREDICTIONS_SCHEMA)))
+    for day, cols in cmds.items():
+        result.tables.append(("commands", day, pa.table(cols, schema=COMMANDS_SCHEMA)))
     for day, cols in dead.items():
         result.tables.append(("deadletter", day, pa.table(cols, schema=DEADLETTER_SCHEMA)))
     return result

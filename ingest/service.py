@@ -80,8 +80,11 @@ class IngestHandle:
         return ray.get([a.status.remote() for a in self.actors], timeout=timeout_s)
 
     def status(self) -> dict:
-        """Totals: ``{"received", "landed", "deadlettered", "by_reason", "lag_s", "landed_at", "collectors": [...]}``.
+        """Totals: ``{"received", "landed", "deadlettered", "predictions", "commands", "by_reason", "lag_s",
+        "landed_at", "collectors": [...]}``.
 
+        ``landed`` counts telemetry and events (what the plant published); ``predictions`` and
+        ``commands`` what the serving bridge published, landed for the audit trail.
         ``landed_at`` is the wall time at which the last batch became durable (0 before any).
         """
         per = self.collector_status()
@@ -93,6 +96,8 @@ class IngestHandle:
             "received": sum(s["received"] for s in per),
             "landed": sum(s["landed"] for s in per),
             "deadlettered": sum(s["deadlettered"] for s in per),
+            "predictions": sum(s.get("predictions", 0) for s in per),
+            "commands": sum(s.get("commands", 0) for s in per),
             "by_reason": dict(sorted(by_reason.items())),
             "lag_s": max((s["lag_s"] for s in per), default=0.0),
             "batches": sum(s["batches"] for s in per),

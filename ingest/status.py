@@ -70,9 +70,12 @@ def restore_counters(broker_url: str, topic_root: str, component: str, lake_uri:
     from ingest.lake import Lake
 
     lake = Lake.open(lake_uri)
-    files = {t: lake.writer_files(t, client_id) for t in ("telemetry", "events", "deadletter")}
+    files = {t: lake.writer_files(t, client_id) for t in ("telemetry", "events", "predictions", "commands",
+                                                         "deadletter")}
     telemetry = sum(lake.count_rows(p) for p in files["telemetry"])
     events = sum(lake.count_rows(p) for p in files["events"])
+    predictions = sum(lake.count_rows(p) for p in files["predictions"])
+    commands = sum(lake.count_rows(p) for p in files["commands"])
     reasons: dict[str, int] = {}
     for path in files["deadletter"]:
         with lake.fs.open_input_file(path) as f:
@@ -80,9 +83,10 @@ def restore_counters(broker_url: str, topic_root: str, component: str, lake_uri:
                 reasons[reason] = reasons.get(reason, 0) + 1
     counters = {k: v for k, v in counters.items() if not k.startswith("deadlettered.")}
     counters.update({
-        "landed_telemetry": telemetry, "landed_events": events, "files": sum(len(f) for f in files.values()),
+        "landed_telemetry": telemetry, "landed_events": events, "landed_predictions": predictions,
+        "landed_commands": commands, "files": sum(len(f) for f in files.values()),
         # What was received but not landed before the crash is redelivered and counted again.
-        "received": telemetry + events + sum(reasons.values()),
+        "received": telemetry + events + predictions + commands + sum(reasons.values()),
     })
     counters.update({f"deadlettered.{k}": v for k, v in reasons.items()})
     return counters

@@ -5,7 +5,8 @@ rolling windows with :class:`flywheel.base.features.WindowBuilder` (the same cod
 dataset builder uses), asks the serve app for predictions in batches (all windows that
 are ready), and for each window publishes
 
-1. a ``maintain`` Command when the policy says so (:mod:`serve.policy`), then
+1. a ``maintain`` Command when the policy says so (:mod:`serve.policy`), carrying the
+   model version, the window's risk and the threshold it reached, then
 2. its Prediction (``model_version``, ``window_end_seq``),
 
 both QoS 1 on one client, in that order: the simulator's lockstep mode waits for the
@@ -347,7 +348,8 @@ class Bridge:
                 cmd = contract.Command(command_id=f"maintain-{w.line}-{w.machine}-{w.end_seq}", line=w.line,
                                        machine=w.machine, command="maintain", model_version=version,
                                        reason=f"{decision.reason} (top {p['label']} {p['probs'][p['label']]:.3f})",
-                                       ts=w.end_ts)
+                                       ts=w.end_ts, risk=min(1.0, max(0.0, float(p["risk"]))),
+                                       threshold=float(self.config.threshold))
                 infos.append(self._client.publish(self.topics.command(w.line, w.machine), contract.encode(cmd),
                                                   qos=1))
                 self._counts["commands"] += 1

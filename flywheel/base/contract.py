@@ -12,6 +12,7 @@ Topics (root ``factory`` by default)::
     {root}/{line}/{machine}/prediction   QoS 1  serve -> anyone           Prediction
                                           (QoS 1, not 0: the simulator's lockstep waits for every one)
     {root}/{line}/{machine}/command      QoS 1  serve/person -> sim       Command
+                                          (ingest lands predictions and commands too: the audit trail)
     {root}/_status/{component}           QoS 1, retained                  Status
     {root}/_control/{component}          QoS 1, retained  operator -> serve-bridge   Control
                                           (the off switch; only the operator identity may write it)
@@ -167,7 +168,13 @@ class Prediction(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True):
-    """A request to the plant: ``maintain`` takes the machine down for planned maintenance."""
+    """A request to the plant: ``maintain`` takes the machine down for planned maintenance.
+
+    ``ts`` is the plant time of the window that triggered it.  ``risk`` (1 - P(ok) of that
+    window) and ``threshold`` (the operating point it reached) came in a minor version of
+    ``command/1``: optional, sent by the serving bridge so the lake records why each command
+    was issued; a person's command, or a producer before them, sends neither.
+    """
 
     schema: str = "command/1"
     command_id: str
@@ -177,6 +184,8 @@ class Command(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
     model_version: str | None = None
     ts: float | None = None
+    risk: float | None = None
+    threshold: float | None = None
 
 
 class Status(msgspec.Struct, frozen=True, kw_only=True):
@@ -502,6 +511,14 @@ def validate(msg: Message) -> None:
             raise _bad("bad_value", "command_id", msg.command_id, "must be non-empty")
         if msg.ts is not None:
             _check_finite("ts", msg.ts)
+        if msg.risk is not None:
+            _check_finite("risk", msg.risk)
+            if not 0.0 <= msg.risk <= 1.0:
+                raise _bad("bad_value", "risk", msg.risk, "a risk (1 - P(ok)) must lie in [0, 1]")
+        if msg.threshold is not None:
+            _check_finite("threshold", msg.threshold)
+            if msg.threshold < 0.0:
+                raise _bad("bad_value", "threshold", msg.threshold, "a risk threshold must be >= 0")
     elif t is Status:
         _check_schema(msg.schema, "status")
         _check_name("component", msg.component)

@@ -64,6 +64,10 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     (["dataset", "frobnicate"], "invalid choice: 'frobnicate'"),
     (["dataset"], "build"),
     ([], "name a command"),
+    # the audit trail: a workdir without a lake, a time that is no time
+    (["lineage", "--workdir", "{tmp}", "--machine", "mill-01", "--at", "0"], "no lake at"),
+    (["lineage", "--workdir", "{tmp}", "--machine", "mill-01", "--at", "noon"], "neither plant epoch seconds"),
+    (["lineage", "--workdir", "{tmp}", "--at", "0"], "--machine"),
 ])
 def test_usage_and_config_errors_are_one_line_on_stderr_with_exit_2(argv, needle, capsys, tmp_path):
     rc, out, err = _run([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)

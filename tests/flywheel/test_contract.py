@@ -188,3 +188,22 @@ def test_part_variant_is_an_optional_minor_addition():
         with pytest.raises(c.ContractError) as e:
             c.decode(topic, json.dumps(obj).encode())
         assert e.value.reason == "bad_value" and e.value.field == "variant"
+
+
+def test_command_risk_and_threshold_are_an_optional_minor_addition():
+    """The bridge's commands carry the risk and the threshold that triggered them; a person's
+    command (and every payload before them) has neither and still decodes; out-of-range values
+    are refused naming the field."""
+    topic = "factory/L1/mill-01/command"
+    cmd = c.Command(command_id="maintain-L1-mill-01-40", line="L1", machine="mill-01", command="maintain",
+                    reason="risk 0.710 >= threshold 0.420", model_version="2", ts=6000.0, risk=0.71, threshold=0.42)
+    payload = c.encode(cmd)
+    assert json.loads(payload)["schema"] == "command/1" and c.decode(topic, payload) == cmd
+    old = json.dumps({k: v for k, v in json.loads(payload).items() if k not in ("risk", "threshold")}).encode()
+    assert (c.decode(topic, old).risk, c.decode(topic, old).threshold) == (None, None)
+    for field, value in (("risk", 1.2), ("risk", -0.1), ("threshold", -1.0)):
+        with pytest.raises(c.ContractError) as err:
+            c.decode(topic, json.dumps({**json.loads(payload), field: value}).encode())
+        assert (err.value.reason, err.value.field) == ("bad_value", field)
+    # the "never asks" operating point (1.01) is a valid threshold
+    assert c.decode(topic, json.dumps({**json.loads(payload), "threshold": 1.01}).encode()).threshold == 1.01

@@ -202,3 +202,84 @@ def test_scale_down_drains_the_share_of_a_retired_collector(broker, ray_local, p
     from ingest.status import read_statuses
 
     assert set(read_statuses(broker.url, uid)) == {"ingest-0"}  # the retired collector's status is gone
+
+
+# ------------------------------------------------------------------ the audit trail: predictions and commands
+def _served(root, machines, t0, hours, seed):
+    """A plant stream and what a served model said of it: a prediction per 10 plant minutes and
+    machine, and a maintain command where the risk reached the threshold (as the bridge sends them)."""
+    msgs = stream(machines, t0, hours * 3600, seed=seed, part_every_s=0)
+    topics = contract.Topics(root)
+    preds, cmds = [], []
+    for k, (line, machine, _kind) in enumerate(machines):
+        for i in range(hours * 6):
+            ts, risk = t0 + 600 * (i + 1), round(((i * 7 + k * 3) % 10) / 10, 3)
+            preds.append(contract.Prediction(ts=ts, line=line, machine=machine, model_version="3",
+                                             probs={"ok": 1 - risk, "BRG": risk}, window_end_seq=10 * (i + 1)))
+            if risk >= 0.6:
+                cmds.append(contract.Command(command_id=f"maintain-{line}-{machine}-{10 * (i + 1)}", line=line,
+                                             machine=machine, command="maintain", reason=f"risk {risk} >= 0.6",
+                                             model_version="3", ts=ts, risk=risk, threshold=0.6))
+    return msgs, preds, cmds, [(topics.for_message(m), contract.encode(m)) for m in preds + cmds]
+
+
+def test_predictions_and_commands_land_beside_their_dead_letters_and_leave_snapshots_alone(
+        broker, ray_local, publish, uid, tmp_path):
+    import json
+
+    import duckdb
+
+    machines = [("l1", "p1", "pump"), ("l1", "p2", "pump")]
+    msgs, preds, cmds, audit = _served(uid, machines, T0, 6, seed=21)
+    # a command sent by a person, before commands carried a risk and a threshold: still valid
+    manual = {"schema": "command/1", "command_id": "manual-1", "line": "l1", "machine": "p2",
+              "command": "maintain", "reason": "operator heard a bearing"}
+    audit.append((f"{uid}/l1/p2/command", json.dumps(manual).encode()))
+    good_pred = contract.to_dict(preds[0])
+    good_cmd = contract.to_dict(cmds[0])
+    bad = [  # (topic, payload, reason) each breaks one rule of the prediction or command schema
+        (f"{uid}/l1/p1/prediction", json.dumps({**good_pred, "probs": {"ok": 0.5, "BRG": 0.2}}).encode(), "bad_value"),
+        (f"{uid}/l1/p1/prediction", json.dumps({**good_pred, "model_version": 3}).encode(), "wrong_type"),
+        (f"{uid}/l1/p2/prediction", json.dumps(good_pred).encode(), "topic_mismatch"),
+        (f"{uid}/l1/p1/command", json.dumps({**good_cmd, "command": "explode"}).encode(), "bad_value"),
+        (f"{uid}/l1/p1/command", json.dumps({**good_cmd, "risk": 1.5}).encode(), "bad_value"),
+        (f"{uid}/l1/p1/command", json.dumps({k: v for k, v in good_cmd.items() if k != "command_id"}).encode(),
+         "missing_field"),
+        (f"{uid}/l1/p1/command", b"{not json", "not_json"),
+        (f"{uid}/l1/p1/command", json.dumps({**good_cmd, "schema": "command/2"}).encode(), "unknown_schema"),
+    ]
+    items = encoded(msgs, uid)
+    for i, (topic, payload, _reason) in enumerate(bad + [(t, p, None) for t, p in audit]):
+        items.insert((i * 37) % (len(items) + 1), (topic, payload))   # interleaved with the plant's stream
+    lake = tmp_path / "lake"
+    handle = start_ingest(broker.url, str(lake), IngestConfig(client_prefix=uid, batch_max_age_s=0.2),
+                          topic_root=uid)
+    try:
+        assert len(publish(broker.url, items)) == len(items)
+        deadline = time.monotonic() + 60
+        while True:
+            s = handle.status()
+            if s["landed"] + s["deadlettered"] + s["predictions"] + s["commands"] >= len(items) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        handle.stop(drain=True)
+    # counted apart: `landed` stays what the plant published (the loop waits on it)
+    assert (s["landed"], s["predictions"], s["commands"], s["deadlettered"]) == \
+        (len(msgs), len(preds), len(cmds) + 1, len(bad))
+
+    got_preds = duckdb.sql(f"select machine, ts, model_version, window_end_seq, risk, probs['BRG'] as brg "
+                           f"from '{lake}/raw/predictions/*/*.parquet' order by machine, ts").fetchall()
+    assert got_preds == sorted((p.machine, p.ts, "3", p.window_end_seq, pytest.approx(p.probs["BRG"]),
+                                p.probs["BRG"]) for p in preds)
+    got_cmds = duckdb.sql(f"select command_id, machine, ts, model_version, risk, threshold, reason "
+                          f"from '{lake}/raw/commands/*/*.parquet' order by command_id").fetchall()
+    want = sorted([(c.command_id, c.machine, c.ts, "3", c.risk, 0.6, c.reason) for c in cmds]
+                  + [("manual-1", "p2", None, None, None, None, manual["reason"])])
+    assert got_cmds == want
+    assert all(c[4] >= c[5] for c in got_cmds if c[4] is not None)   # each command's risk reached its threshold
+    dead = duckdb.sql(f"select topic, reason from '{lake}/deadletter/*/*.parquet'").fetchall()
+    assert sorted(dead) == sorted((t, r) for t, _p, r in bad)
+    # snapshots read telemetry and events only: the same dataset as a lake without any of it
+    _assert_dataset_equals_clean_build(lake, msgs, tmp_path)
