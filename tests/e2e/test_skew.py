@@ -103,7 +103,11 @@ def test_a_bridge_with_no_window_settings_feeds_the_model_its_training_input(tra
         direct = client.predict([{"text": r.text} for r in sample])["predictions"]
         for r, d in zip(sample, direct):
             got = by_window[(r.machine, r.end_seq)]["probs"]
-            assert got == pytest.approx(d["probs"], abs=1e-4)
+            # Same input, same model: equal up to the batch's arithmetic. Under native bf16 (precision
+            # auto on a CPU with bf16) the padding and size of the batch a window rides in move its
+            # probabilities by up to ~2e-4 (seen when a loaded machine batched differently); a skew
+            # in the input (another window or rendering) moves them by orders of magnitude more.
+            assert got == pytest.approx(d["probs"], abs=1e-3)
     finally:
         h.shutdown()
 
