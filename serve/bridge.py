@@ -39,6 +39,12 @@ machines down at once per line, the off switch); refusals are counted by reason
 on ``{root}/_control/serve-bridge`` (``flywheel serve pause|resume``; under the broker's ACL only
 the operator identity may write it): while paused, predictions still flow, no order is sent.
 
+``BridgeConfig.mode`` decides what an order does: ``auto`` sends it; ``approve`` proposes it
+(the Command, on ``{root}/_review/serve-bridge``) and sends it only when an Approval with its
+``command_id`` arrives on ``{root}/_approve/serve-bridge`` within ``proposal_ttl_s`` plant seconds
+of its window (``flywheel serve approve COMMAND_ID``); ``dry_run`` only counts it
+(``would_order``): the plant runs as without the model while the model's record builds up.
+
     b = Bridge("mqtt://127.0.0.1:1883", "http://127.0.0.1:8000", BridgeConfig(threshold=0.5))
     b.start(); b.window; ...; print(b.stats()); b.stop()
 """
@@ -49,6 +55,8 @@ import logging
 import threading
 import time
 from collections import Counter, deque
+
+import msgspec
 
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
@@ -89,6 +97,7 @@ class Bridge:
         self._counts: Counter = Counter()
         self._decode_errors: Counter = Counter()
         self._recent: deque[Window] = deque(maxlen=4096)
+        self._proposals: dict[str, contract.Command] = {}   # approve mode: command_id -> the proposed order
         self.model_version: str | None = None
         self.window: WindowConfig | None = None   # the served version's, read at start()
         self.featuriser: str | None = None
@@ -196,7 +205,8 @@ class Bridge:
             return
         # (Re)subscribe on every connect: a clean session forgets subscriptions.
         client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1),
-                          (self.topics.control(self.config.component), 1)])
+                          (self.topics.control(self.config.component), 1)]
+                         + ([(self.topics.approve(self.config.component), 1)] if self.config.mode == "approve" else []))
         client.publish(self.topics.status(self.config.component), self._status_payload(online=True), qos=1,
                        retain=True)
 
@@ -215,6 +225,9 @@ class Bridge:
     def _handle(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.control(self.config.component):
             self._control(payload)
+            return
+        if topic == self.topics.approve(self.config.component):
+            self._approve(payload)
             return
         try:
             m = contract.decode(topic, payload, topics=self.topics)
@@ -270,6 +283,33 @@ class Bridge:
         log.warning("%s by %s%s: %s", "PAUSED" if c.paused else "resumed", c.by or "an operator",
                     f" ({c.reason})" if c.reason else "",
                     "no maintenance order is sent" if c.paused else "orders flow again")
+
+    def _approve(self, payload: bytes) -> None:
+        """An operator approved a proposal: send it to the plant (approve mode)."""
+        try:
+            a = contract.decode_approval(payload)
+        except contract.ContractError as exc:
+            self._decode_errors[exc.reason] += 1
+            log.error("ignored an approval: %s", exc)
+            return
+        with self._cond:
+            cmd = self._proposals.pop(a.command_id, None)
+        if cmd is None:
+            self._counts["approvals_unknown"] += 1
+            log.warning("approval by %s for %r: no such proposal (never made, already sent or expired)",
+                        a.by or "an operator", a.command_id)
+            return
+        if self.policy.plant_now_ts - (cmd.ts or 0.0) > self.config.proposal_ttl_s:
+            self._counts["approvals_expired"] += 1
+            log.warning("approval by %s for %s came %.0f plant s after its window (> proposal_ttl_s %g): not sent",
+                        a.by or "an operator", a.command_id, self.policy.plant_now_ts - (cmd.ts or 0.0),
+                        self.config.proposal_ttl_s)
+            return
+        approved = msgspec.structs.replace(cmd, reason=f"{cmd.reason}; approved by {a.by or 'an operator'}")
+        self._client.publish(self.topics.command(cmd.line, cmd.machine), contract.encode(approved), qos=1)
+        self._counts["commands"] += 1
+        self._counts["approved"] += 1
+        log.info("approved by %s: %s on %s", a.by or "an operator", cmd.command_id, cmd.machine)
 
     def _batch_complete(self) -> bool:
         """Whether every known machine is past the newest pending window's end or down (cond held)."""
@@ -350,9 +390,19 @@ class Bridge:
                                        reason=f"{decision.reason} (top {p['label']} {p['probs'][p['label']]:.3f})",
                                        ts=w.end_ts, risk=min(1.0, max(0.0, float(p["risk"]))),
                                        threshold=float(self.config.threshold))
-                infos.append(self._client.publish(self.topics.command(w.line, w.machine), contract.encode(cmd),
-                                                  qos=1))
-                self._counts["commands"] += 1
+                mode = self.config.mode
+                if mode == "auto":
+                    infos.append(self._client.publish(self.topics.command(w.line, w.machine), contract.encode(cmd),
+                                                      qos=1))
+                    self._counts["commands"] += 1
+                elif mode == "approve":
+                    with self._cond:
+                        self._proposals[cmd.command_id] = cmd
+                    infos.append(self._client.publish(self.topics.review(self.config.component), contract.encode(cmd),
+                                                      qos=1))
+                    self._counts["proposed"] += 1
+                else:   # dry_run: what it would have ordered, for the record
+                    self._counts["would_order"] += 1
             elif decision.reason != "below_threshold":
                 self._counts[f"suppressed_{decision.reason}"] += 1
             pred = contract.Prediction(ts=w.end_ts, line=w.line, machine=w.machine, model_version=version,
@@ -368,7 +418,10 @@ class Bridge:
                                                  "batches", "serve_errors", "windows_dropped", "internal_errors",
                                                  "suppressed_down", "suppressed_cooldown", "suppressed_paused",
                                                  "suppressed_line_order_cap", "suppressed_line_down_cap",
-                                                 "control_messages", "window_changes", "model_refused")}
+                                                 "control_messages", "proposed", "approved", "approvals_unknown",
+                                                 "approvals_expired", "would_order", "window_changes",
+                                                 "model_refused")}
+        s["proposals_pending"] = len(self._proposals)
         s["paused"] = int(self.policy.paused)
         s["decode_errors"] = dict(self._decode_errors)
         s["pending"] = len(self._pending)
@@ -389,6 +442,7 @@ class Bridge:
         counters = {k: float(v) for k, v in s.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         counters.update({f"decode_errors.{r}": float(n) for r, n in s["decode_errors"].items()})
         info = {"serve_url": self.serve.url, "model_version": s["model_version"], "down": s["down"],
+                "mode": self.config.mode, "paused": bool(s["paused"]),
                 "window": s["window"], "featuriser": s["featuriser"]}
         return contract.encode(contract.Status(component=self.config.component, online=online, ts=time.time(),
                                                counters=counters, info=info))

@@ -8,6 +8,7 @@
     flywheel serve bridge --url http://127.0.0.1:8000 --broker mqtt://127.0.0.1:1884
     flywheel serve pause --broker mqtts://operator:...@broker:8883 --reason "line 2 inspection"
     flywheel serve resume --broker mqtts://operator:...@broker:8883
+    flywheel serve approve maintain-L1-mill-01-1440 --broker mqtts://operator:...@broker:8883
 
 Overrides are ``serve.key=value`` (ServeConfig) and ``bridge.key=value`` (BridgeConfig), the
 grammar of ``flywheel.base.config``; ``--config`` takes a file with ``serve:`` and ``bridge:``
@@ -111,6 +112,21 @@ def register(sub, common) -> None:
         common.add(c, broker=True)
         c.set_defaults(func=run_switch, paused=paused)
 
+    a = actions.add_parser(
+        "approve", help="approve a proposed maintenance order (a bridge in bridge.mode=approve)",
+        description="Send a proposed order to the plant: a bridge in bridge.mode=approve publishes each order it "
+                    "would give on {root}/_review/serve-bridge (a Command with its command_id) and sends it only when "
+                    "this approval arrives within bridge.proposal_ttl_s plant seconds of its window. Under the "
+                    "broker's ACL only the operator identity may approve.",
+        epilog="examples:\n  flywheel serve approve maintain-L1-mill-01-1440 --broker mqtt://127.0.0.1:1884\n"
+               "  mosquitto_sub -t 'factory/_review/serve-bridge'      # watch the proposals",
+        formatter_class=_FMT)
+    a.add_argument("command_id", help="the proposal's command_id (from the review topic)")
+    a.add_argument("--topic-root", default="factory", help="MQTT topic root (default factory)")
+    a.add_argument("--component", default="serve-bridge", help="the bridge's component name (default serve-bridge)")
+    common.add(a, broker=True)
+    a.set_defaults(func=run_approve)
+
 
 def _workdir(args):
     from flywheel.base.workdir import Workdir
@@ -191,6 +207,25 @@ def run_switch(args) -> int:
     msg = contract.Control(paused=args.paused, by=getpass.getuser(), reason=args.reason, ts=time.time())
     publish_retained(args.broker, topic, contract.encode(msg))
     print(f"{'paused' if args.paused else 'resumed'}: {topic} on {redact_url(args.broker)}")
+    return 0
+
+
+def run_approve(args) -> int:
+    """``flywheel serve approve COMMAND_ID``: one Approval on the bridge's approve topic."""
+    import getpass
+    import time
+
+    from flywheel.base import contract
+    from flywheel.base.mqtt import publish_once
+
+    if not args.broker:
+        raise UsageError("serve approve needs the plant's --broker (as the operator identity where the broker has an ACL)")
+    if not args.command_id.strip():
+        raise UsageError("serve approve needs the proposal's command_id (see the review topic)")
+    topic = contract.Topics(args.topic_root).approve(args.component)
+    publish_once(args.broker, topic, contract.encode(contract.Approval(command_id=args.command_id, by=getpass.getuser(),
+                                                                       ts=time.time())))
+    print(f"approved {args.command_id}: {topic} on {redact_url(args.broker)}")
     return 0
 
 

@@ -164,6 +164,13 @@ class BridgeConfig:
     max_down_per_line: int = field(default=0, metadata={
         "help": "guardrail: no order that would take more than this many machines of one line down at once "
                 "(down by the plant's events, or ordered and not yet started; suppressed_line_down_cap); 0 = no cap"})
+    mode: str = field(default="auto", metadata={
+        "help": "auto: orders go to the plant; approve: each order is proposed on {root}/_review/serve-bridge and "
+                "sent only once an operator approves it (flywheel serve approve COMMAND_ID); dry_run: orders are "
+                "only counted (would_order), the plant runs without the model"})
+    proposal_ttl_s: float = field(default=3600.0, metadata={
+        "help": "approve mode: plant seconds after its window during which a proposal may be approved; a later "
+                "approval is refused (approvals_expired): the evidence is stale"})
     paused: bool = field(default=False, metadata={
         "help": "start with the off switch on: predictions flow, no order is sent (suppressed_paused) until "
                 "`flywheel serve resume` (a retained message on {root}/_control/serve-bridge overrides this)"})
@@ -188,6 +195,10 @@ class BridgeConfig:
             raise ConfigError(f"silent_after_s should be > 0 plant seconds, got {self.silent_after_s}")
         if self.max_pending < 1:
             raise ConfigError(f"max_pending should be >= 1, got {self.max_pending}")
+        if self.mode not in ("auto", "approve", "dry_run"):
+            raise ConfigError(f"mode {self.mode!r} is not one of auto, approve, dry_run")
+        if self.proposal_ttl_s <= 0:
+            raise ConfigError(f"proposal_ttl_s should be > 0 plant seconds, got {self.proposal_ttl_s}")
         for name in ("max_orders_per_line_per_h", "max_down_per_line"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} should be >= 0 (0 = no cap), got {getattr(self, name)}")

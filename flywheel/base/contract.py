@@ -16,6 +16,8 @@ Topics (root ``factory`` by default)::
     {root}/_status/{component}           QoS 1, retained                  Status
     {root}/_control/{component}          QoS 1, retained  operator -> serve-bridge   Control
                                           (the off switch; only the operator identity may write it)
+    {root}/_review/{component}           QoS 1  serve-bridge -> operator  Command (a proposed order, approve mode)
+    {root}/_approve/{component}          QoS 1  operator -> serve-bridge   Approval (send that proposal)
 
 Every payload is a UTF-8 JSON object with ``"schema": "<name>/<major>"``.  A
 consumer rejects majors it does not know; extra fields are ignored (a newer
@@ -211,7 +213,34 @@ class Control(msgspec.Struct, frozen=True, kw_only=True):
     ts: float | None = None
 
 
+class Approval(msgspec.Struct, frozen=True, kw_only=True):
+    """An operator's approval of a proposed order, on ``{root}/_approve/{component}`` (not
+    retained): the bridge in approve mode sends the proposal with this ``command_id`` to the plant."""
+
+    schema: str = "approve/1"
+    command_id: str
+    by: str = ""
+    ts: float | None = None
+
+
 _CONTROL_DECODER = None
+_APPROVAL_DECODER = None
+
+
+def decode_approval(payload: bytes) -> Approval:
+    """Decode an Approval payload; :class:`ContractError` names what is wrong."""
+    global _APPROVAL_DECODER
+    if _APPROVAL_DECODER is None:
+        _APPROVAL_DECODER = msgspec.json.Decoder(Approval)
+    try:
+        msg = _APPROVAL_DECODER.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ContractError("bad_value", f"approval is not an approve/1 object ({exc}); send e.g. "
+                            '{"schema": "approve/1", "command_id": "maintain-L1-mill-01-42"}', "payload",
+                            payload[:200]) from None
+    if msg.schema != "approve/1":
+        raise ContractError("unknown_schema", f"approval schema {msg.schema!r} is not approve/1", "schema", msg.schema)
+    return msg
 
 
 def decode_control(payload: bytes) -> Control:
@@ -276,6 +305,14 @@ class Topics:
 
     def control(self, component: str) -> str:
         return f"{self.root}/_control/{component}"
+
+    def review(self, component: str) -> str:
+        """Where a bridge in approve mode proposes its orders (Command payloads)."""
+        return f"{self.root}/_review/{component}"
+
+    def approve(self, component: str) -> str:
+        """Where an operator approves a proposed order (Approval payloads)."""
+        return f"{self.root}/_approve/{component}"
 
     def for_message(self, msg: Message) -> str:
         """The topic a message is published on."""
@@ -527,6 +564,9 @@ def validate(msg: Message) -> None:
     elif t is Control:
         if msg.schema != "control/1":
             raise _bad("unknown_schema", "schema", msg.schema, "control messages are control/1")
+    elif t is Approval:
+        if msg.schema != "approve/1":
+            raise _bad("unknown_schema", "schema", msg.schema, "approvals are approve/1")
     else:  # pragma: no cover - programming error
         raise TypeError(f"not a contract message: {msg!r}")
 

@@ -228,6 +228,12 @@ def wait_published(infos, timeout: float = 30.0) -> None:
 def publish_retained(url: BrokerURL | str, topic: str, payload: bytes, timeout: float = 10.0) -> None:
     """Publish one retained QoS 1 message over MQTT 5 and wait for its PUBACK; a broker that
     refuses it (an ACL: "not authorized") raises :class:`ConnectError` naming the user to use."""
+    publish_once(url, topic, payload, timeout=timeout, retain=True)
+
+
+def publish_once(url: BrokerURL | str, topic: str, payload: bytes, timeout: float = 10.0, retain: bool = False) -> None:
+    """Publish one QoS 1 message over MQTT 5 and wait for its PUBACK; a broker that refuses it
+    (an ACL: "not authorized") raises :class:`ConnectError` naming the user to use."""
     url = BrokerURL.parse(url)
     client = make_client(url, protocol=paho.MQTTv5, prefix="flywheel-control")
     acked = threading.Event()
@@ -240,7 +246,7 @@ def publish_retained(url: BrokerURL | str, topic: str, payload: bytes, timeout: 
     client.on_publish = on_publish
     connect(client, url, timeout=timeout)
     try:
-        info = client.publish(topic, payload, qos=1, retain=True)
+        info = client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         if not acked.wait(timeout):

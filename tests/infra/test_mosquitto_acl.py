@@ -251,3 +251,12 @@ def test_only_the_operator_may_throw_the_off_switch_and_the_bridge_reads_it(secu
     assert bridge.wait_for(lambda m: any(t == switch for t, _p, _r in m), 5.0)
     assert [contract.decode_control(p).by for t, p, _r in bridge.messages if t == switch] == ["test"]
     publish_retained(secured_broker.url("operator"), switch, b"")      # clear it for the other tests
+    # approve mode: the bridge proposes on the review topic, only the operator approves
+    from flywheel.base.mqtt import publish_once
+
+    topics = contract.Topics("factory")
+    approval = contract.encode(contract.Approval(command_id="maintain-l1-m1-1", by="test"))
+    with pytest.raises(ConnectError, match="refused factory/_approve/serve-bridge"):
+        publish_once(secured_broker.url("serve"), topics.approve("serve-bridge"), approval)
+    publish_once(secured_broker.url("operator"), topics.approve("serve-bridge"), approval)
+    publish_once(secured_broker.url("serve"), topics.review("serve-bridge"), b'{"proposal": 1}')

@@ -1,5 +1,6 @@
 """Guardrails on a model that gives orders: caps on orders per line per plant hour and on machines
-down at once per line, held by the bridge and again by the plant's gateway, and an off switch.
+down at once per line, held by the bridge and again by the plant's gateway, an off switch, and the
+bridge's modes (approve: an operator releases each order; dry_run: orders are only counted).
 
 A model that flags every window (threshold 0, no cooldown) runs the tiny plant in lockstep through
 real Mosquitto and the real Serve app; the plant's own event stream shows the caps held."""
@@ -34,7 +35,8 @@ class Events:
         self.client.loop_stop()
 
 
-def _run(broker, served, root: str, cfg: BridgeConfig, hours: float, plant=None, guard=(PER_H, DOWN), before=None):
+def _run(broker, served, root: str, cfg: BridgeConfig, hours: float, plant=None, guard=(PER_H, DOWN), before=None,
+         progress=None):
     from factory_sim import Plant, load_scenario
     from factory_sim.mqtt_runner import MqttSimRunner
 
@@ -46,7 +48,8 @@ def _run(broker, served, root: str, cfg: BridgeConfig, hours: float, plant=None,
             before(b)
         runner = MqttSimRunner(plant, broker.url, topic_root=root, speed=None, lockstep=True,
                                lockstep_timeout_s=30, window=b.window)
-        summary = runner.run(hours * 3600)
+        runner.progress_interval_s = 0.2 if progress is not None else runner.progress_interval_s
+        summary = runner.run(hours * 3600, progress=progress)
         time.sleep(0.5)
         stats = b.stats()
     events.close()
@@ -156,3 +159,45 @@ def test_a_malformed_control_message_is_counted_and_changes_nothing(broker, serv
         assert stats["paused"] == 1 and stats["control_messages"] == 0 and stats["decode_errors"] == {"bad_value": 1}
     finally:
         publish_retained(broker.url, switch, b"")
+
+
+def test_dry_run_orders_nothing_and_counts_what_it_would_have(broker, served):
+    _, summary, stats, events = _run(broker, served, "mode-dry", BridgeConfig(threshold=0.0, mode="dry_run"), hours=1,
+                                     guard=(0, 0))
+    assert stats["would_order"] > 0 and stats["commands"] == 0 and stats["predictions"] > 0
+    assert summary.commands_applied == 0
+    assert not [e for e in events if (e.get("command_id") or "").startswith("maintain-")]
+
+
+def test_approve_mode_sends_only_the_orders_an_operator_approves(broker, served):
+    from flywheel.base.mqtt import publish_once
+
+    root = "mode-approve"
+    topics = contract.Topics(root)
+    proposals: list[dict] = []
+    watch = make_client(broker.url, unique_client_id("guard-test-review"))
+    watch.on_message = lambda c, u, m: proposals.append(json.loads(m.payload))
+    connect(watch, broker.url)
+    watch.subscribe(topics.review("serve-bridge"), 1)
+    time.sleep(0.2)
+    approved: list[str] = []
+
+    def approve_first(_summary):       # the operator, while the plant runs: approve the first proposal only
+        if proposals and not approved:
+            approved.append(proposals[0]["command_id"])
+            publish_once(broker.url, topics.approve("serve-bridge"),
+                         contract.encode(contract.Approval(command_id=approved[0], by="test")))
+            publish_once(broker.url, topics.approve("serve-bridge"),
+                         contract.encode(contract.Approval(command_id="maintain-nope-1", by="test")))
+
+    try:
+        _, summary, stats, events = _run(broker, served, root, BridgeConfig(threshold=0.0, mode="approve"), hours=2,
+                                         guard=(0, 0), progress=approve_first)
+    finally:
+        watch.disconnect()
+        watch.loop_stop()
+    assert stats["proposed"] >= 2 and approved                        # the model proposed several orders ...
+    ordered = [e["command_id"] for e in events if (e.get("command_id") or "").startswith("maintain-")]
+    assert ordered == approved and summary.commands_applied == 1      # ... the plant ran exactly the approved one
+    assert stats["approved"] == stats["commands"] == 1 and stats["approvals_unknown"] == 1
+    assert all(p["risk"] >= p["threshold"] for p in proposals)        # each proposal says why
