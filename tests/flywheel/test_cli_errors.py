@@ -59,7 +59,7 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     (["sim", "scenario.machines.pump=-2"], "machines.pump"),
     # actions are sub-commands; a word that is neither an action nor an override is refused
     (["train", "frobnicate"], "'frobnicate' is neither an action (rollback)"),
-    (["serve", "frobnicate"], "'frobnicate' is neither an action (rollback, status, bridge)"),
+    (["serve", "frobnicate"], "'frobnicate' is neither an action (rollback, status, bridge, pause, resume, approve)"),
     (["train", "rollback", "train.epochs=2"], "unrecognized arguments: train.epochs=2"),
     (["dataset", "frobnicate"], "invalid choice: 'frobnicate'"),
     (["dataset"], "build"),
@@ -156,8 +156,11 @@ def test_every_stage_command_takes_section_overrides_and_its_own_bare_alias(tmp_
     # alone has no plant: it takes train.costs, else chooses the operating point by F1)
     alone = load_train_config(str(demo), [])
     assert alone.costs == {} and campaign["train"].costs["missed"]["milling"] > 0
-    assert dataclasses.replace(alone, costs=campaign["train"].costs) == campaign["train"]
-    assert load_configs(str(demo), [])["serve"] == campaign["serve"]
+    # ... and the governance policy, a campaign's top-level section (a stage alone takes train.governance /
+    # serve.governance)
+    policy = campaign["train"].governance
+    assert dataclasses.replace(alone, costs=campaign["train"].costs, governance=policy) == campaign["train"]
+    assert dataclasses.replace(load_configs(str(demo), [])["serve"], governance=policy) == campaign["serve"]
     assert load_configs(str(demo), [])["bridge"] == campaign["bridge"]
     assert load_section(BuildConfig, "dataset", demo, []) == campaign["dataset"]
     assert load_sim_scenario(None, str(demo), []).name == "demo"

@@ -31,7 +31,7 @@ def test_bad_overrides_and_missing_options_are_clear(capsys, tmp_path):
     assert len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit) as exc:       # argparse's own error, one line too
         main(["serve", "--workdir", str(tmp_path), "rolback"])
-    assert exc.value.code == 2 and "neither an action (rollback, status, bridge)" in capsys.readouterr().err
+    assert exc.value.code == 2 and "neither an action (rollback, status, bridge, pause, resume, approve)" in capsys.readouterr().err
     assert main(["serve", "status"]) == 2
     assert "--url" in capsys.readouterr().err
     assert main(["serve", "--workdir", str(tmp_path), "--bridge"]) == 2
