@@ -166,7 +166,7 @@ def test_dry_run_orders_nothing_and_counts_what_it_would_have(broker, served):
                                      guard=(0, 0))
     assert stats["would_order"] > 0 and stats["commands"] == 0 and stats["predictions"] > 0
     assert summary.commands_applied == 0
-    assert not [e for e in events if (e.get("command_id") or "").startswith("maintain-")]
+    assert not [e for e in events if (e.get("command_id") or "").startswith("maintain-")]   # nothing ordered
 
 
 def test_approve_mode_sends_only_the_orders_an_operator_approves(broker, served):
@@ -197,7 +197,8 @@ def test_approve_mode_sends_only_the_orders_an_operator_approves(broker, served)
         watch.disconnect()
         watch.loop_stop()
     assert stats["proposed"] >= 2 and approved                        # the model proposed several orders ...
-    ordered = [e["command_id"] for e in events if (e.get("command_id") or "").startswith("maintain-")]
+    ordered = [e["command_id"] for e in events
+               if e["type"] == "maintenance_start" and (e.get("command_id") or "").startswith("maintain-")]
     assert ordered == approved and summary.commands_applied == 1      # ... the plant ran exactly the approved one
     assert stats["approved"] == stats["commands"] == 1 and stats["approvals_unknown"] == 1
     assert all(p["risk"] >= p["threshold"] for p in proposals)        # each proposal says why
