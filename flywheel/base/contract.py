@@ -223,39 +223,32 @@ class Approval(msgspec.Struct, frozen=True, kw_only=True):
     ts: float | None = None
 
 
-_CONTROL_DECODER = None
-_APPROVAL_DECODER = None
+_OPERATOR_DECODERS: dict[type, msgspec.json.Decoder] = {}
+
+
+def _decode_operator(payload: bytes, cls, schema: str, what: str, example: str):
+    """Decode one of the operator's messages (Control, Approval); ContractError names the fix."""
+    decoder = _OPERATOR_DECODERS.get(cls) or _OPERATOR_DECODERS.setdefault(cls, msgspec.json.Decoder(cls))
+    try:
+        msg = decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ContractError("bad_value", f"{what} is not a {schema} object ({exc}); send e.g. {example}", "payload",
+                            payload[:200]) from None
+    if msg.schema != schema:
+        raise ContractError("unknown_schema", f"{what} schema {msg.schema!r} is not {schema}", "schema", msg.schema)
+    return msg
 
 
 def decode_approval(payload: bytes) -> Approval:
     """Decode an Approval payload; :class:`ContractError` names what is wrong."""
-    global _APPROVAL_DECODER
-    if _APPROVAL_DECODER is None:
-        _APPROVAL_DECODER = msgspec.json.Decoder(Approval)
-    try:
-        msg = _APPROVAL_DECODER.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ContractError("bad_value", f"approval is not an approve/1 object ({exc}); send e.g. "
-                            '{"schema": "approve/1", "command_id": "maintain-L1-mill-01-42"}', "payload",
-                            payload[:200]) from None
-    if msg.schema != "approve/1":
-        raise ContractError("unknown_schema", f"approval schema {msg.schema!r} is not approve/1", "schema", msg.schema)
-    return msg
+    return _decode_operator(payload, Approval, "approve/1", "approval",
+                            '{"schema": "approve/1", "command_id": "maintain-L1-mill-01-42"}')
 
 
 def decode_control(payload: bytes) -> Control:
     """Decode a Control payload; :class:`ContractError` names what is wrong."""
-    global _CONTROL_DECODER
-    if _CONTROL_DECODER is None:
-        _CONTROL_DECODER = msgspec.json.Decoder(Control)
-    try:
-        msg = _CONTROL_DECODER.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        raise ContractError("bad_value", f"control message is not a control/1 object ({exc}); send e.g. "
-                            '{"schema": "control/1", "paused": true, "by": "operator"}', "payload", payload[:200]) from None
-    if msg.schema != "control/1":
-        raise ContractError("unknown_schema", f"control schema {msg.schema!r} is not control/1", "schema", msg.schema)
-    return msg
+    return _decode_operator(payload, Control, "control/1", "control message",
+                            '{"schema": "control/1", "paused": true, "by": "operator"}')
 
 
 Message = Union[Telemetry, MachineEvent, Prediction, Command, Status]
