@@ -38,6 +38,10 @@ def turn_table(state: dict) -> list[dict]:
     # no model on the held-out data: stored since the trees joined; before, turn 0's row (always 'ok') was it
     no_model = holdout.get("no_model") or (held_out.get("0", {}) if held_out.get("0", {}).get("model_version")
                                            is None else {})
+    # the served family (the challenger each turn trains) and the other one, trained as its reference:
+    # the report's LoRA and trees columns hold whichever of the two each one was
+    family = ((state.get("config") or {}).get("train") or {}).get("family") or "lora"
+    other = "gbdt" if family == "lora" else "lora"
     for rec in map(TurnRecord.from_dict, state["turns"]):
         counts = rec.data.counts if rec.data else {}
         ev = rec.gate.eval if rec.gate else {}
@@ -45,7 +49,7 @@ def turn_table(state: dict) -> list[dict]:
         base = rec.gate.baseline_eval if rec.gate else {}
         factory, b = rec.plant.factory, rec.baselines.kpis
         h = held_out.get(str(rec.turn), {})
-        h_trees = h.get("reference_gbdt", {})
+        h_other = h.get(f"reference_{other}", {})
         row = {
             "turn": rec.turn,
             "model_version": rec.champion_version or "-",
@@ -77,10 +81,10 @@ def turn_table(state: dict) -> list[dict]:
             "ref_served_macro_f1": rp.get(f"reference.{served}.macro_f1"),
             "ref_served_auroc": rp.get(f"reference.{served}.auroc_any_failure"),
             # the data-value curve: each family trained this turn, on the reference plant
-            "ref_trees_macro_f1": rp.get("reference.gbdt.macro_f1"),
-            "ref_trees_auroc": rp.get("reference.gbdt.auroc_any_failure"),
+            "ref_other_macro_f1": rp.get(f"reference.{other}.macro_f1"),
+            "ref_other_auroc": rp.get(f"reference.{other}.auroc_any_failure"),
             "ref_challenger_cost_per_1k": rp.get("reference.challenger.cost_per_1k_windows"),
-            "ref_trees_cost_per_1k": rp.get("reference.gbdt.cost_per_1k_windows"),
+            "ref_other_cost_per_1k": rp.get(f"reference.{other}.cost_per_1k_windows"),
             "windows_train": counts.get("windows_train", 0),
             "windows_eval": counts.get("windows_eval", 0),
             "macro_f1": ev.get("eval.macro_f1"),
@@ -88,15 +92,15 @@ def turn_table(state: dict) -> list[dict]:
             # every turn's champion (turn 0: no model) on the same held-out data, comparable across turns
             "holdout_macro_f1": h.get("eval.macro_f1"),
             "holdout_auroc": h.get("eval.auroc_any_failure"),
-            # the model families on the turn's eval split: LoRA challenger (above), trees, no model (majority)
-            "trees_macro_f1": ref.get("reference_model.gbdt.macro_f1"),
-            "trees_auroc": ref.get("reference_model.gbdt.auroc_any_failure"),
-            "trees_train_s": ref.get("reference_model.gbdt.train_s"),
+            # the model families on the turn's eval split: the challenger (above), the other family, no model
+            "other_macro_f1": ref.get(f"reference_model.{other}.macro_f1"),
+            "other_auroc": ref.get(f"reference_model.{other}.auroc_any_failure"),
+            "other_train_s": ref.get(f"reference_model.{other}.train_s"),
             "no_model_macro_f1": base.get("eval.macro_f1"),
             "no_model_auroc": base.get("eval.auroc_any_failure"),
             # ... and on the held-out data: the turn's champion (above), the turn's trees, no model
-            "holdout_trees_macro_f1": h_trees.get("eval.macro_f1"),
-            "holdout_trees_auroc": h_trees.get("eval.auroc_any_failure"),
+            "holdout_other_macro_f1": h_other.get("eval.macro_f1"),
+            "holdout_other_auroc": h_other.get("eval.auroc_any_failure"),
             "holdout_no_model_macro_f1": no_model.get("eval.macro_f1") if h else None,
             "holdout_no_model_auroc": no_model.get("eval.auroc_any_failure") if h else None,
             "oee": factory["oee"],
@@ -119,6 +123,17 @@ def turn_table(state: dict) -> list[dict]:
             "risk_threshold": rec.plant.threshold,
             "wall_s": rec.wall_s,
         }
+        # family-labelled views of the same numbers: lora_* and trees_* whichever of them was served
+        mine, theirs = ("lora", "trees") if family == "lora" else ("trees", "lora")
+        row["family"] = family
+        for a in ("macro_f1", "auroc"):
+            row[f"{mine}_{a}"], row[f"{theirs}_{a}"] = row[a], row[f"other_{a}"]
+            row[f"ref_{mine}_{a}"], row[f"ref_{theirs}_{a}"] = row[f"ref_challenger_{a}"], row[f"ref_other_{a}"]
+            row[f"holdout_{mine}_{a}"] = row[f"holdout_{a}"]
+            row[f"holdout_{theirs}_{a}"] = row[f"holdout_other_{a}"]
+        row[f"ref_{mine}_cost_per_1k"] = row["ref_challenger_cost_per_1k"]
+        row[f"ref_{theirs}_cost_per_1k"] = row["ref_other_cost_per_1k"]
+        row[f"{theirs}_train_s"] = row["other_train_s"]
         for p in POLICIES:
             row[f"oee_{p}"] = b[p]["oee"]
             row[f"downtime_{p}"] = b[p]["unplanned_downtime_min"]
@@ -201,9 +216,10 @@ def make_plots(tables: list[list[dict]], out_dir: Path, title: str) -> list[Path
     if any(r.get("holdout_macro_f1") is not None for t in tables for r in t):
         _plot_line(ax1, tables, "holdout_macro_f1", "macro-F1, held-out set (same for every turn)", "#17becf")
     _plot_line(ax1, tables, "macro_f1", "macro-F1, the turn's eval split", "#9467bd")
-    if any(r.get("trees_macro_f1") is not None for t in tables for r in t):
-        _plot_line(ax1, tables, "trees_macro_f1", "macro-F1 of the trees (reference), the turn's eval split",
-                   "#bcbd22")
+    other = "lora" if tables[0][0].get("family") == "gbdt" else "trees"
+    if any(r.get(f"{other}_macro_f1") is not None for t in tables for r in t):
+        _plot_line(ax1, tables, f"{other}_macro_f1", f"macro-F1 of the {'LoRA model' if other == 'lora' else 'trees'} "
+                   "(reference), the turn's eval split", "#bcbd22")
     _plot_line(ax1, tables, "auroc", "AUROC (any failure), the turn's eval split", "#8c564b")
     if any(r.get("ref_served_macro_f1") is not None for t in tables for r in t):
         _plot_line(ax1, tables, "ref_served_macro_f1", "macro-F1 of the served model, reference plant", "#d62728")
@@ -254,7 +270,7 @@ def _data_value_plot(plt, tables, out_dir: Path, title: str, seeds: str) -> Path
         metrics.append(("cost_per_1k", "cost per 1,000 windows (EUR)"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.0))
     for ax, (metric, label) in zip(axes, metrics):
-        for who, name, color in (("challenger", "LoRA", COLORS["model"]), ("trees", "trees (LightGBM)", "#bcbd22")):
+        for who, name, color in (("lora", "LoRA", COLORS["model"]), ("trees", "trees (LightGBM)", "#bcbd22")):
             key = f"ref_{who}_{metric}"
             vals = np.array([[np.nan if t[i].get(key) is None else float(t[i][key]) for i in rows] for t in tables])
             if np.all(np.isnan(vals)):
@@ -329,33 +345,37 @@ def _families(tables: list[list[dict]]) -> list[str]:
     if not learning:
         return []
     trio = ("macro-F1 LoRA", "macro-F1 trees", "macro-F1 no model", "AUROC LoRA", "AUROC trees", "AUROC no model")
+    trees_served = tables[0][0].get("family") == "gbdt"
+    served, reference = ("trees", "LoRA model") if trees_served else ("LoRA model", "trees")
     lines = ["## LoRA vs trees vs no model", "",
-             "Each learning turn trains the LoRA challenger and, on the same snapshot, the reference tree model "
-             "(LightGBM on `numeric-stats/1` features, `finetune.gbdt`); both, and the majority label (*no "
-             "model*), are scored on the turn's eval split with the same metrics. As the reference the trees are not served "
-             "(with `train.family=gbdt` the trees are the challenger and these LoRA columns hold them). "
+             f"The campaign serves the **{served}** (`train.family={'gbdt' if trees_served else 'lora'}`). Each "
+             f"learning turn trains it as the challenger and, on the same snapshot, the {reference} as the "
+             "reference (LoRA: an adapter on the base model over the text featuriser; trees: LightGBM on "
+             "`numeric-stats/1` features, `finetune.gbdt`); both, and the majority label (*no model*), are "
+             f"scored on the turn's eval split with the same metrics. The reference ({reference}) is not served. "
              "\"-\": not recorded (a turn trained without `train.reference_family`, or a campaign older than it).",
-             "", "| turn | eval windows | " + " | ".join(trio) + " | trees training (s) |",
+             "", f"| turn | eval windows | " + " | ".join(trio) + f" | {reference} training (s) |",
              "|" + "---|" * (len(trio) + 3)]
+    other = "lora" if trees_served else "trees"
     for i in learning:
         r = tables[0][i]
-        vals = [r["turn"], _cell(tables, i, "windows_eval", nd=0), _cell(tables, i, "macro_f1"),
-                _cell(tables, i, "trees_macro_f1"), _cell(tables, i, "no_model_macro_f1"), _cell(tables, i, "auroc"),
+        vals = [r["turn"], _cell(tables, i, "windows_eval", nd=0), _cell(tables, i, "lora_macro_f1"),
+                _cell(tables, i, "trees_macro_f1"), _cell(tables, i, "no_model_macro_f1"), _cell(tables, i, "lora_auroc"),
                 _cell(tables, i, "trees_auroc"), _cell(tables, i, "no_model_auroc"),
-                _cell(tables, i, "trees_train_s", nd=1)]
+                _cell(tables, i, f"{other}_train_s", nd=1)]
         lines.append("| " + " | ".join(str(v) for v in vals) + " |")
     lines.append("")
     if any(tables[0][i].get("holdout_macro_f1") is not None for i in range(n)):
         lines += ["### On the held-out data", "",
                   "The same held-out windows for every turn (the campaign's latest part, which no model trained "
-                  "on): the LoRA model the turn served (its champion), the trees trained in that turn, and no "
-                  "model (every window `ok`).", "",
-                  "| turn | LoRA champion | " + " | ".join(trio) + " |", "|" + "---|" * (len(trio) + 2)]
+                  f"on): the {served} the turn served (its champion), the {reference} trained in that turn, and "
+                  "no model (every window `ok`).", "",
+                  "| turn | champion | " + " | ".join(trio) + " |", "|" + "---|" * (len(trio) + 2)]
         for i in learning:
             r = tables[0][i]
-            vals = [r["turn"], r["model_version"] if len(tables) == 1 else "-", _cell(tables, i, "holdout_macro_f1"),
+            vals = [r["turn"], r["model_version"] if len(tables) == 1 else "-", _cell(tables, i, "holdout_lora_macro_f1"),
                     _cell(tables, i, "holdout_trees_macro_f1"), _cell(tables, i, "holdout_no_model_macro_f1"),
-                    _cell(tables, i, "holdout_auroc"), _cell(tables, i, "holdout_trees_auroc"),
+                    _cell(tables, i, "holdout_lora_auroc"), _cell(tables, i, "holdout_trees_auroc"),
                     _cell(tables, i, "holdout_no_model_auroc")]
             lines.append("| " + " | ".join(str(v) for v in vals) + " |")
         lines.append("")
@@ -389,20 +409,22 @@ def _money(tables: list[list[dict]]) -> list[str]:
 
 def _model_cost(tables: list[list[dict]]) -> list[str]:
     """Per learning turn: what each family took to train and to run, priced, beside the savings."""
-    rows = _rows_with(tables, "model_cost_lora_train_eur")
+    fam = "gbdt" if tables[0][0].get("family") == "gbdt" else "lora"
+    rows = _rows_with(tables, f"model_cost_{fam}_train_eur")
     if not rows:
         return []
     lines = ["## What the models cost", "",
              "Compute on the machine that ran the campaign, priced at `compute_prices` (EUR per CPU core-hour "
              "and per GPU-hour): one training of each family, and inference per 1,000 windows (scoring the "
-             "eval split, featurisation included). *Plant period* is what the LoRA model's predictions in the "
+             "eval split, featurisation included). *Plant period* is what the served model's predictions in the "
              "next period cost at that rate, beside what the period saved against fixed-interval maintenance.",
              "", "| turn | LoRA: train s | LoRA: ms/window | LoRA: train EUR | LoRA: EUR/1k | trees: train s | "
              "trees: ms/window | trees: EUR/1k | plant period: inference EUR | saved vs fixed interval EUR |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for i in rows:
-        period = [t[i]["model_cost_lora_eur_per_1k_predictions"] * t[i]["predictions"] / 1000 for t in tables
-                  if t[i].get("predictions") is not None and t[i].get("model_cost_lora_eur_per_1k_predictions")]
+        per_1k = f"model_cost_{fam}_eur_per_1k_predictions"   # the served family's rate
+        period = [t[i][per_1k] * t[i]["predictions"] / 1000 for t in tables
+                  if t[i].get("predictions") is not None and t[i].get(per_1k)]
         lines.append(
             f"| {tables[0][i]['turn']} | {_cell(tables, i, 'compute_lora_train_s', nd=1)} | "
             f"{_cell(tables, i, 'compute_lora_predict_ms_per_window', nd=2)} | "
@@ -455,17 +477,17 @@ def _reference_plant(tables: list[list[dict]]) -> list[str]:
         lines.append(f"| {tables[0][i]['turn']} | {_cell(tables, i, 'ref_windows', nd=0)} | "
                      + " | ".join(_cell(tables, i, k) for k in keys) + " |")
     lines.append("")
-    if any(tables[0][i].get("ref_trees_auroc") is not None for i in rows):
+    if any(tables[0][i].get("ref_other_auroc") is not None for i in rows):
         lines += ["**The data-value curve** (`data_value.png`): each family trained in the turn, LoRA and the "
                   "trees, on the same reference windows, against the training windows it had; the cost is what "
                   "each one's decisions at its own operating point would cost per 1,000 reference windows.", "",
                   "| turn | training windows | AUROC LoRA | AUROC trees | macro-F1 LoRA | macro-F1 trees | "
                   "EUR/1k windows LoRA | EUR/1k windows trees |", "|---|---|---|---|---|---|---|---|"]
         for i in rows:
-            keys = ("ref_challenger_auroc", "ref_trees_auroc", "ref_challenger_macro_f1", "ref_trees_macro_f1")
+            keys = ("ref_lora_auroc", "ref_trees_auroc", "ref_lora_macro_f1", "ref_trees_macro_f1")
             lines.append(f"| {tables[0][i]['turn']} | {_cell(tables, i, 'windows_train', nd=0)} | "
                          + " | ".join(_cell(tables, i, k) for k in keys) + " | "
-                         + " | ".join(_cell(tables, i, k, nd=0) for k in ("ref_challenger_cost_per_1k",
+                         + " | ".join(_cell(tables, i, k, nd=0) for k in ("ref_lora_cost_per_1k",
                                                                           "ref_trees_cost_per_1k")) + " |")
         lines.append("")
     return lines

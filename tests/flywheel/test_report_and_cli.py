@@ -130,6 +130,30 @@ def test_report_compares_lora_trees_and_no_model_per_turn(tmp_path):
     assert (row["trees_macro_f1"], row["no_model_macro_f1"], row["holdout_trees_macro_f1"]) == (0.46, 0.15, 0.34)
 
 
+def test_a_campaign_serving_trees_puts_them_in_the_trees_columns_and_lora_in_the_lora_ones(tmp_path):
+    """``train.family=gbdt``: the challenger is the trees and the reference the LoRA model; the report's
+    columns follow the family, not the role."""
+    state = with_families(fake_state(0))
+    state["config"] = {"train": {"family": "gbdt"}}
+    for rec in state["turns"]:
+        if rec["turn"]:   # the same numbers, the roles swapped: the reference now is the LoRA model
+            rec["reference"] = {k.replace(".gbdt.", ".lora."): v for k, v in rec["reference"].items()}
+    for h in state["holdout"]["by_turn"].values():
+        if "reference_gbdt" in h:
+            h["reference_lora"] = h.pop("reference_gbdt")
+    write_state(tmp_path, "demo", state)
+    text = write_report(tmp_path, "demo", log_to_mlflow=False).read_text()
+    section = text[text.index("## LoRA vs trees vs no model"):text.index("## Wall time")]
+    assert "serves the **trees** (`train.family=gbdt`)" in section
+    # turn 2: trees (the challenger) 0.5, LoRA (the reference) 0.47, trained in 1.5 s
+    assert "| 2 | 500 | 0.470 | 0.500 | 0.150 | 0.810 | 0.800 | 0.500 | 1.5 |" in section
+    assert "LoRA model training (s)" in section
+    held = section[section.index("### On the held-out data"):]
+    assert "| 2 | 2 | 0.350 | 0.400 | 0.120 | 0.770 | 0.600 | 0.500 |" in held
+    row = turn_table(state)[2]
+    assert (row["family"], row["trees_macro_f1"], row["lora_macro_f1"]) == ("gbdt", 0.5, pytest.approx(0.47))
+
+
 def test_a_campaign_recorded_before_the_trees_shows_dashes(tmp_path):
     write_state(tmp_path, "demo", fake_state(0))
     text = write_report(tmp_path, "demo", log_to_mlflow=False).read_text()
