@@ -10,9 +10,10 @@
 #   * without an NVIDIA GPU, installs PyTorch's CPU build first (a plain `torch` requirement
 #     would pull a multi-GB CUDA build); with a GPU, pip picks the CUDA build;
 #   * pip-installs this project with its test extras (editable), once per pyproject change;
-#   * `test` only: if `mosquitto` is missing and we are root, runs
-#     `apt-get update && apt-get install -y mosquitto mosquitto-clients` (Debian/Ubuntu).
-#     The tests start their own brokers on free ports; they never touch port 1883.
+#   * `test` only: if `mosquitto` or `prometheus` is missing and we are root, runs
+#     `apt-get update && apt-get install -y mosquitto mosquitto-clients prometheus` (Debian/Ubuntu)
+#     for what is missing. The tests start their own brokers and Prometheus servers on free
+#     ports; they never touch 1883 or 9090.
 set -euo pipefail
 cd "$(dirname "$0")"
 cmd="${1:-demo}"; shift || true
@@ -54,23 +55,29 @@ install() {
   echo "$want" > "$stamp"
 }
 
-ensure_mosquitto() {
-  if command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]]; then return; fi
+ensure_services() {
+  # The tests run real brokers (Mosquitto) and a real Prometheus; they start their own on free ports.
+  local missing=()
+  command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto mosquitto-clients)
+  command -v prometheus >/dev/null 2>&1 || [[ -x /usr/bin/prometheus ]] || missing+=(prometheus)
+  if [[ ${#missing[@]} -eq 0 ]]; then return; fi
   if [[ "$(id -u)" == "0" ]] && command -v apt-get >/dev/null 2>&1; then
-    log "mosquitto not found: running apt-get update && apt-get install -y mosquitto mosquitto-clients"
+    log "not found: ${missing[*]}: running apt-get update && apt-get install -y ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
-    # Debian starts a system broker on 1883; the tests do not need it.
-    (service mosquitto stop || systemctl stop mosquitto) >/dev/null 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # Debian starts a system broker on 1883 and a Prometheus on 9090; the tests need neither.
+    for svc in mosquitto prometheus prometheus-node-exporter; do
+      (service "$svc" stop || systemctl stop "$svc") >/dev/null 2>&1 || true
+    done
   else
-    log "mosquitto not found and cannot install it (not root or no apt-get): tests that need it will fail."
-    log "install it yourself (Debian/Ubuntu: sudo apt-get install -y mosquitto)"
+    log "not found and cannot install (not root or no apt-get): ${missing[*]}; tests that need them will fail."
+    log "install them yourself (Debian/Ubuntu: sudo apt-get install -y ${missing[*]})"
   fi
 }
 
 case "$cmd" in
   install) install ;;
   demo)    install; exec flywheel demo "$@" ;;
-  test)    install; ensure_mosquitto; exec python -m pytest "$@" ;;
+  test)    install; ensure_services; exec python -m pytest "$@" ;;
   *) echo "usage: ./dev.sh {demo|test|install} [args...]" >&2; exit 2 ;;
 esac

@@ -55,7 +55,7 @@ def register(sub, common) -> None:
     p.add_argument("--stride-s", type=float, default=600.0, help="window stride in plant seconds (default 600)")
     p.add_argument("--window-length", type=int, default=10, help="telemetry readings per window (default 10)")
     p.add_argument("--no-live", action="store_true", help="no live status line (plain output)")
-    common.add(p, broker=True, seed=True, config=True)
+    common.add(p, broker=True, seed=True, config=True, metrics=True)
     p.set_defaults(func=run)
 
 
@@ -141,6 +141,12 @@ def run(args) -> int:
     window = WindowConfig(length=args.window_length, stride_s=args.stride_s)
     runner = MqttSimRunner(plant, url, topic_root=args.topic_root, speed=speed, lockstep=args.lockstep,
                            lockstep_timeout_s=args.lockstep_timeout, out_path=args.out, window=window)
+    from flywheel.base.metrics import start_metrics
+    from factory_sim.mqtt_runner import sim_metrics
+
+    metrics = start_metrics(args.metrics_port, {"sim": lambda: sim_metrics(runner)})  # bad port: exit 2, named
+    if metrics is not None:
+        console.print(f"Prometheus metrics on {metrics.url}")
     lines = sorted({v.line for v in plant.machines})
     n = len(plant.machines)
     until = (f"until {scenario.stop_after_parts:,} parts are made" if scenario.stop_after_parts and args.duration is None
@@ -196,6 +202,8 @@ def run(args) -> int:
             signal.signal(signal.SIGINT, old)
         if broker is not None:
             broker.close()
+        if metrics is not None:
+            metrics.close()
     k = plant.cumulative_kpis()
     how = {"duration": "ran its duration", "finished": "finished its parts", "stop": "stopped (Ctrl-C)"}[summary.stopped_by]
     console.print(f"flywheel sim: {how}: {_fmt_duration(summary.plant_end_ts - summary.plant_start_ts)} of plant "

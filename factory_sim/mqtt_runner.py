@@ -345,3 +345,26 @@ class MqttSimRunner:
         if progress is not None:
             progress(s)
         return s
+
+
+def sim_metrics(runner: MqttSimRunner) -> list:
+    """The simulator's counters under the public metric names (:mod:`flywheel.base.metrics`):
+    events out, commands applied, refused by reason, bad messages, OEE and failures per line."""
+    from flywheel.base.metrics import Sample, by_reason
+
+    s = runner.summary
+    client = runner._client
+    k = runner.plant.cumulative_kpis()
+    out = [Sample("flywheel_up", float(client is not None and client.is_connected()), {"component": COMPONENT}),
+           Sample("flywheel_events", float(s.published), {"component": COMPONENT, "direction": "out"}),
+           Sample("flywheel_commands", float(s.commands_applied), {"component": COMPONENT, "outcome": "applied"}),
+           Sample("flywheel_plant_time_seconds", float(runner.plant.now_ts)),
+           Sample("flywheel_oee", float(k.oee), {"line": "all"}),
+           Sample("flywheel_failures", float(k.counters.failures), {"line": "all"})]
+    out += by_reason("flywheel_refused_commands", COMPONENT, dict(s.refused_by_reason))
+    if s.bad_messages:
+        out.append(Sample("flywheel_dead_letters", float(s.bad_messages), {"component": COMPONENT, "reason": "bad_message"}))
+    for line, lk in sorted(k.lines.items()):
+        out += [Sample("flywheel_oee", float(lk.oee), {"line": line}),
+                Sample("flywheel_failures", float(lk.counters.failures), {"line": line})]
+    return out

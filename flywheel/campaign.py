@@ -47,6 +47,9 @@ class CampaignConfig:
     topic_root: str = field(default="factory", metadata={"help": "MQTT topic root"})
     collectors: int = field(default=1, metadata={"help": "ingest collector actors"})
     lockstep_timeout_s: float = field(default=60.0, metadata={"help": "sim waits this long for the model"})
+    metrics_port: int | None = field(default=None, metadata={
+        "help": "serve Prometheus metrics of the simulator, the serving bridge and the ingest collectors on "
+                "this port (/metrics; 0: any free port); unset: none"})
     compute_prices: dict = field(default_factory=lambda: {"cpu_core_hour_eur": 0.04, "gpu_hour_eur": 2.5}, metadata={
         "help": "what compute costs, to price each model family's training and inference (model_cost.*): EUR per "
                 "CPU core-hour and per GPU-hour (defaults: orders of magnitude of cloud on-demand prices)"})

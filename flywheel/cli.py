@@ -112,7 +112,8 @@ class Common:
 
     @staticmethod
     def add(parser: argparse.ArgumentParser, *, broker: bool = False, workdir: bool = False,
-            mlflow: bool = False, ray: bool = False, seed: bool = False, config: bool = False) -> None:
+            mlflow: bool = False, ray: bool = False, seed: bool = False, config: bool = False,
+            metrics: bool = False) -> None:
         g = parser.add_argument_group("common options")
         if broker:
             g.add_argument("--broker", metavar="URL", default=None,
@@ -129,6 +130,10 @@ class Common:
                            help="existing Ray cluster (e.g. ray://head:10001 or auto); default: local Ray")
         if seed:
             g.add_argument("--seed", type=int, default=0, help="random seed (plant, splits, training)")
+        if metrics:
+            g.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                           help="serve Prometheus metrics on http://0.0.0.0:PORT/metrics (0: any free port; "
+                                "default: none)")
         if config:
             g.add_argument("--config", metavar="FILE", default=None,
                            help="YAML config file, sections as top-level keys (a campaign file works)")

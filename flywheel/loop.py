@@ -638,6 +638,15 @@ class Campaign:
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
                                lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,
                                window=bridge.window if bridge is not None else self.stages["window"])
+        metrics = self.stack.metrics if self.stack is not None else None
+        if metrics is not None:   # this period's runner and bridge: counts restart per period (a counter reset)
+            from factory_sim.mqtt_runner import sim_metrics
+
+            metrics.add("sim", lambda: sim_metrics(runner))
+            if bridge is not None:
+                from serve.bridge import bridge_metrics
+
+                metrics.add("bridge", lambda: bridge_metrics(bridge))
         start_ts = self.plant.now_ts
         result: dict = {}
         done = threading.Event()

@@ -59,6 +59,7 @@ class Stack:
         self.created_parent = False
         self.on_tracking = on_tracking
         self.ingest = None
+        self.metrics = None        # a flywheel.base.metrics.MetricsEndpoint with metrics_port set
         self._ingest_idle_flush_s: float | None = None
         self._stops = contextlib.ExitStack()
 
@@ -171,6 +172,20 @@ class Stack:
                                   share_group=f"ingest-{cfg.campaign}", idle_flush_s=self._ingest_idle_flush_s)
         self.ingest = start_ingest(self.broker_url, self.workdir.lake_uri, ingest_cfg, topic_root=cfg.topic_root)
         self._stops.callback(self.ingest.stop)
+        self._start_metrics()
+
+    def _start_metrics(self) -> None:
+        """``metrics_port``: one ``/metrics`` for the campaign's components; the loop adds the
+        simulator and the bridge of each plant period (:mod:`flywheel.base.metrics`)."""
+        from flywheel.base.metrics import start_metrics
+        from ingest.collector import collector_metrics
+
+        ingest = self.ingest
+        self.metrics = start_metrics(self.cfg.metrics_port, {
+            "ingest": lambda: [s for c in ingest.collector_status(timeout_s=5.0) for s in collector_metrics(c)]})
+        if self.metrics is not None:
+            self.view.log(f"Prometheus metrics on {self.metrics.url}")
+            self._stops.callback(self.metrics.close)
 
 
 def _shutdown_ray() -> None:

@@ -53,6 +53,7 @@ def config_fingerprint(cfg) -> str:
     """Everything that changes the campaign's results except how many turns it runs."""
     d = redacted(dataclasses.asdict(cfg))      # a rotated API token is the same campaign
     d.pop("turns", None)
+    d.pop("metrics_port", None)                # where metrics are served changes no result
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -32,7 +32,7 @@ def register(sub, common) -> None:
                "  flywheel ingest --broker mqtt://127.0.0.1:1884 --collectors 2 ingest.batch_max_messages=2000\n"
                "  flywheel ingest --broker mqtt://127.0.0.1:1884 --status",
         formatter_class=_FMT)
-    common.add(p, broker=True, workdir=True, ray=True, config=True)
+    common.add(p, broker=True, workdir=True, ray=True, config=True, metrics=True)
     p.add_argument("--collectors", type=int, default=None, help="collector actors (default 1)")
     p.add_argument("--lake", default=None, help="lake path or URI (default <workdir>/lake; s3://... for MinIO)")
     p.add_argument("--topic-root", default="factory", help="MQTT topic root (default factory)")
@@ -146,6 +146,17 @@ def _ingest_until_stopped(args, config, console) -> int:
     from flywheel.base.mqtt import redact_url
 
     handle = start_ingest(args.broker, lake, config, topic_root=args.topic_root)
+    from flywheel.base.metrics import start_metrics
+    from ingest.collector import collector_metrics
+
+    try:
+        metrics = start_metrics(args.metrics_port, {
+            "ingest": lambda: [s for c in handle.collector_status(timeout_s=5.0) for s in collector_metrics(c)]})
+    except Exception:
+        handle.stop(drain=True)
+        raise
+    if metrics is not None:
+        console.print(f"Prometheus metrics on {metrics.url}")
     console.print(f"ingesting {args.topic_root}/+/+/(telemetry|event) from {redact_url(args.broker)} into {lake} "
                   f"with {config.collectors} collector(s); Ctrl-C stops")
     t0 = time.monotonic()
@@ -164,6 +175,8 @@ def _ingest_until_stopped(args, config, console) -> int:
                 live.update(table())
     except KeyboardInterrupt:
         pass
+    if metrics is not None:
+        metrics.close()
     final = handle.stop(drain=True)
     console.print(f"stopped: {final['landed']:,} landed, {final['deadlettered']:,} dead-lettered; sessions kept")
     return 0

@@ -379,3 +379,17 @@ class Collector:
                               info={"client_id": self.client_id, "lake": self.lake.uri, "broker": self.url.redacted(),
                                     "host": socket.gethostname(), "pid": os.getpid()})
         self._client.publish(self.topics.status(self.component), contract.encode(msg), qos=1, retain=True)
+
+
+def collector_metrics(status: dict) -> list:
+    """A collector's :meth:`Collector.status` (wherever it runs: a thread, a Ray actor) under the
+    public metric names (:mod:`flywheel.base.metrics`): messages in and landed, dead letters by
+    reason, the lag of what waits to land."""
+    from flywheel.base.metrics import Sample, by_reason
+
+    name = status["component"]
+    return [Sample("flywheel_up", float(bool(status["connected"])), {"component": name}),
+            Sample("flywheel_events", float(status["received"]), {"component": name, "direction": "in"}),
+            Sample("flywheel_events", float(status["landed"]), {"component": name, "direction": "out"}),
+            Sample("flywheel_lag_seconds", float(status["lag_s"]), {"component": name}),
+            *by_reason("flywheel_dead_letters", name, status["by_reason"])]

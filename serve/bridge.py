@@ -454,3 +454,30 @@ class Bridge:
                                      qos=1, retain=True)
             except Exception as exc:  # noqa: BLE001 - status is best effort; the bridge goes on
                 log.debug("status not published: %s", exc)
+
+
+def bridge_metrics(bridge: "Bridge") -> list:
+    """The bridge's counters under the public metric names (:mod:`flywheel.base.metrics`): messages
+    in, predictions and orders by outcome, orders held back by reason, decode errors, the version
+    its model answers with."""
+    from flywheel.base.metrics import Sample, by_reason
+
+    s = bridge.stats()
+    c = bridge.config.component
+    client = getattr(bridge, "_client", None)
+    try:
+        version = float(s["model_version"]) if s["model_version"] is not None else 0.0
+    except (TypeError, ValueError):
+        version = 0.0
+    out = [Sample("flywheel_up", float(client is not None and client.is_connected()), {"component": c}),
+           Sample("flywheel_events", float(s["telemetry"] + s["events"]), {"component": c, "direction": "in"}),
+           Sample("flywheel_model_version_served", version, {"component": c})]
+    out += [Sample("flywheel_predictions", float(s[k]), {"component": c, "outcome": o})
+            for k, o in (("predictions", "scored"), ("serve_errors", "error"), ("windows_dropped", "dropped"))]
+    out += [Sample("flywheel_commands", float(s[k]), {"component": c, "outcome": o})
+            for k, o in (("commands", "sent"), ("proposed", "proposed"), ("approved", "approved"),
+                         ("would_order", "would_order"))]
+    out += by_reason("flywheel_refused_commands", c, {k.removeprefix("suppressed_"): v for k, v in s.items()
+                                                      if k.startswith("suppressed_")})
+    out += by_reason("flywheel_dead_letters", c, s["decode_errors"])
+    return out

@@ -54,7 +54,7 @@ def register(sub, common) -> None:
     actions = common.actions(p, run=("start", "deploy the app on Ray Serve and keep it running (the default; "
                                               "Ctrl-C stops it)"),
                              overrides="section.key=value")
-    common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)
+    common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True, metrics=True)
     p.add_argument("--model-name", default="fault-detector", help="registered model (default fault-detector)")
     p.add_argument("--alias", default="champion", help="alias to serve (default champion)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: a free port)")
@@ -92,7 +92,7 @@ def register(sub, common) -> None:
         formatter_class=_FMT)
     b.add_argument("--url", default=None, help="the running app's URL")
     b.add_argument("--topic-root", default="factory", help="MQTT topic root (default factory)")
-    common.add(b, broker=True, workdir=True, mlflow=True, config=True)
+    common.add(b, broker=True, workdir=True, mlflow=True, config=True, metrics=True)
     b.set_defaults(func=run_bridge)
 
     for name, paused, what in (("pause", True, "stop the bridge from ordering maintenance (predictions go on)"),
@@ -181,6 +181,7 @@ def _bridge_only(args, bcfg) -> int:
         raise UsageError("serve bridge needs the running app's --url and the plant's --broker")
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     bridge = Bridge(args.broker, args.url, bcfg, topic_root=args.topic_root).start()
+    metrics = _bridge_metrics(args, bridge)
     print(f"bridge: {redact_url(args.broker)} -> {args.url} (threshold {bcfg.threshold}); Ctrl-C stops")
     try:
         while True:
@@ -189,7 +190,20 @@ def _bridge_only(args, bcfg) -> int:
         print("stopping")
     finally:
         bridge.stop()
+        if metrics is not None:
+            metrics.close()
     return 0
+
+
+def _bridge_metrics(args, bridge):
+    """``--metrics-port``: the bridge's Prometheus metrics (:func:`serve.bridge.bridge_metrics`)."""
+    from flywheel.base.metrics import start_metrics
+    from serve.bridge import bridge_metrics
+
+    metrics = start_metrics(getattr(args, "metrics_port", None), {"bridge": lambda: bridge_metrics(bridge)})
+    if metrics is not None:
+        print(f"Prometheus metrics on {metrics.url}")
+    return metrics
 
 
 def run_switch(args) -> int:
@@ -258,7 +272,7 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
     # SIGTERM (docker stop, Kubernetes, kill) stops as cleanly as Ctrl-C: bridge offline, app deleted.
     # (Installed once there is an app to delete; ray.init inside start_serving keeps it either way.)
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
-    bridge = None
+    bridge = metrics = None
     try:
         console.print(f"serving {args.model_name}@{args.alias} version {handle.version()} at {handle.url} "
                       f"(OpenAPI: {handle.url}/docs)")
@@ -270,6 +284,7 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
 
             bridge = Bridge(args.broker, handle.url, bcfg, topic_root=args.topic_root,
                             resolve_url=handle.current_url).start()
+            metrics = _bridge_metrics(args, bridge)
             console.print(f"bridge: {args.broker and redact_url(args.broker)} topics {args.topic_root}/+/+/telemetry "
                           f"-> predictions and commands (threshold {bcfg.threshold})")
         with Live(console=console, refresh_per_second=2, transient=True) as live:
@@ -286,6 +301,8 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
     finally:
         if bridge is not None:
             bridge.stop()
+        if metrics is not None:
+            metrics.close()
         handle.shutdown()
     return 0
 

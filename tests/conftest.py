@@ -6,6 +6,8 @@
 * ``ray_local`` - one local Ray for the whole test session (2 CPUs).
 * ``mlflow_uri`` - MLflow on SQLite in a fresh temp dir per test.
 * ``minilm_path`` - the packaged all-MiniLM-L6-v2 (offline).
+* ``prometheus_factory`` - real Prometheus servers (Debian's ``prometheus``) scraping given
+  targets every second, with ``.query(promql)`` over its HTTP API.
 """
 
 from __future__ import annotations
@@ -84,6 +86,98 @@ def mlflow_uri(tmp_path):
     """A fresh MLflow tracking URI on SQLite in a temp dir (artifacts beside it)."""
     db = tmp_path / "mlflow.db"
     return f"sqlite:///{db}"
+
+
+class PrometheusServer:
+    """A real ``prometheus`` scraping ``targets`` (``host:port``) every second, on a free port."""
+
+    def __init__(self, targets: list[str], data_dir):
+        import json
+        import socket
+        import subprocess
+        import time
+        import urllib.request
+
+        binary = shutil.which("prometheus") or ("/usr/bin/prometheus" if os.path.exists("/usr/bin/prometheus") else None)
+        if binary is None:
+            pytest.fail("prometheus is not installed: run the tests with ./dev.sh test (installs it as root) "
+                        "or apt-get install -y prometheus")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "prometheus.yml").write_text(
+            "global: {scrape_interval: 1s, scrape_timeout: 900ms}\n"
+            f"scrape_configs:\n  - job_name: flywheel\n    static_configs:\n      - targets: {json.dumps(targets)}\n")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._log = open(data_dir / "prometheus.log", "wb")
+        self.proc = subprocess.Popen([binary, f"--config.file={data_dir / 'prometheus.yml'}",
+                                      f"--storage.tsdb.path={data_dir / 'tsdb'}",
+                                      f"--web.listen-address=127.0.0.1:{self.port}"],
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                pytest.fail(f"prometheus did not become ready: {(data_dir / 'prometheus.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        self._json, self._urlopen = json, urllib.request.urlopen
+
+    def query(self, promql: str) -> list[dict]:
+        """The instant query's result vector (``[{"metric": {...}, "value": [ts, "v"]}, ...]``)."""
+        from urllib.parse import quote
+
+        with self._urlopen(f"{self.url}/api/v1/query?query={quote(promql)}", timeout=10) as r:
+            body = self._json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def query_range(self, promql: str, start: float, end: float, step_s: float = 1.0) -> list[dict]:
+        """The range query's result matrix (``[{"metric": {...}, "values": [[ts, "v"], ...]}, ...]``)."""
+        from urllib.parse import urlencode
+
+        q = urlencode({"query": promql, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"})
+        with self._urlopen(f"{self.url}/api/v1/query_range?{q}", timeout=20) as r:
+            body = self._json.loads(r.read())
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except Exception:  # noqa: BLE001
+                self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def prometheus_factory(tmp_path_factory):
+    """Start real Prometheus servers: ``make(["127.0.0.1:PORT", ...])`` (closed at session end)."""
+    made = []
+
+    def make(targets: list[str]) -> PrometheusServer:
+        made.append(PrometheusServer(targets, tmp_path_factory.mktemp("prometheus")))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
