@@ -357,7 +357,8 @@ class Campaign:
                           f"(turns={self.cfg.turns}); raise turns=N to continue it")
         # A killed process left its serving period open: it ended at the committed boundary.
         self.serving_ledger.close_dangling(self.plant.now_ts, first)
-        if first > 0 and self.state["turns"][-1].get("champion_version"):
+        # Serve the champion only for turns that will run: a finished campaign run again deploys nothing.
+        if first <= last and first > 0 and self.state["turns"][-1].get("champion_version"):
             self._ensure_serving(self.state["turns"][-1]["champion_version"], first)
         for turn in range(first, last + 1):
             record = self.run_turn(turn)
@@ -368,7 +369,10 @@ class Campaign:
             self.aborted = None
             self.status.history.append(record.history_row())
             self.view.log(record.summary_line())
-        if len(self.state["turns"]) == self.cfg.turns + 1 and len(self.state["turns"]) > 1:
+        # Once, after the last turn: a rerun that ran no new turn keeps the evaluation it has (the
+        # same champions on the same held-out set), unless the process died before writing it.
+        if len(self.state["turns"]) == self.cfg.turns + 1 and len(self.state["turns"]) > 1 \
+                and (first <= last or not self.state.get("holdout")):
             self.final_evaluation()
         self.view.stage("done")
         return self.state

@@ -1,5 +1,7 @@
-"""The uninterrupted tiny campaign, run once per session: test_loop.py checks it, test_resume.py
-compares a campaign killed and resumed on the same seed with it."""
+"""The uninterrupted tiny campaigns, each run once per session: ``campaign`` (LoRA, windowed with
+Ray Data) is checked by test_loop.py and test_audit.py; ``gbdt_campaign`` (trees) by
+test_loop_gbdt.py, and test_resume.py and test_pip_only.py compare a campaign killed and resumed,
+or run on the in-Python broker, on the same seed and overrides (``GBDT_OVERRIDES``) with it."""
 
 from __future__ import annotations
 
@@ -32,11 +34,24 @@ def campaign(tmp_path_factory, ray_local, campaign_prometheus):
     return cfg, workdir, state, report
 
 
+#: The tree campaign's overrides of the tiny config. Trees train in about a second where the LoRA
+#: fine-tune dominates a tiny turn, and the in-process windowing builds the tiny lake's snapshots
+#: in a fraction of Ray Data's start-up (the same snapshot: tests/ingest/test_dataset.py compares
+#: the two engines; the LoRA ``campaign`` keeps Ray Data's path in the loop). No LoRA reference
+#: (``train.reference_family=``), which would add a LoRA fine-tune to the turn.
+GBDT_OVERRIDES = ("train.family=gbdt", "train.reference_family=", "dataset.engine=local")
+
+
+@pytest.fixture(scope="session")
+def gbdt_overrides() -> tuple[str, ...]:
+    """``GBDT_OVERRIDES``, for a test that runs the tree campaign itself (``flywheel run ...``)."""
+    return GBDT_OVERRIDES
+
+
 @pytest.fixture(scope="session")
 def gbdt_campaign(tmp_path_factory, ray_local):
-    """The tiny campaign with trees as the served family (``train.family=gbdt``), through the same
-    registry, gate, signing and Serve; no LoRA reference (``train.reference_family=''``), which
-    would add a LoRA fine-tune to a turn that otherwise trains in about a second."""
+    """The tiny campaign with trees as the served family (``GBDT_OVERRIDES``), through the same
+    registry, gate, signing and Serve."""
     import time
 
     from flywheel.campaign import default_config_path, load_campaign
@@ -44,7 +59,7 @@ def gbdt_campaign(tmp_path_factory, ray_local):
 
     workdir = tmp_path_factory.mktemp("e2e-gbdt")
     cfg = load_campaign(str(default_config_path("tiny")), ["campaign=e2e-gbdt", "serve.ingress=proxy",
-                                                            "train.family=gbdt", "train.reference_family="])
+                                                            *GBDT_OVERRIDES])
     t0 = time.monotonic()
     state = run_campaign(cfg, workdir, view=False)
     return cfg, workdir, state, time.monotonic() - t0

@@ -134,6 +134,8 @@ def test_rerun_with_same_workdir_continues_instead_of_starting_over(campaign):
     again = run_campaign(cfg, workdir, view=False)
     assert [t["turn"] for t in again["turns"]] == [0, 1]
     assert again["parent_run_id"] == state["parent_run_id"]
+    # ... and nothing is redone: the held-out evaluation is the first run's (its own wall time too)
+    assert json.loads(json.dumps(again["holdout"])) == json.loads(json.dumps(state["holdout"]))
     # a different config on the same campaign is refused with a clear message
     other = load_campaign(str(default_config_path("tiny")), ["campaign=e2e", "seed=5"])
     with pytest.raises(CampaignError, match="different config"):

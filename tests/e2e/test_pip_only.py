@@ -1,11 +1,15 @@
 """The pip-only laptop path: the tiny campaign on the in-Python broker (amqtt), Mosquitto hidden.
 
 A newcomer without Mosquitto (macOS, Windows, no root) gets amqtt.  This runs the same tiny
-campaign as ``test_loop.py`` with Mosquitto out of reach (FLYWHEEL_EMBEDDED_BROKER=amqtt
+tree campaign as ``test_loop_gbdt.py`` with Mosquitto out of reach (FLYWHEEL_EMBEDDED_BROKER=amqtt
 and a PATH without the sbin directories), and compares it with that campaign (the
-session's ``campaign`` fixture, so the Mosquitto run is paid once): the simulator runs in
+session's ``gbdt_campaign`` fixture, so the Mosquitto run is paid once): the simulator runs in
 lockstep with the served model, so the same seed must give the same data, the same model
 decisions and the same plant, whichever broker carried the messages.
+
+Trees, not LoRA: the broker carries the same messages whichever family the served model is, and
+the tree campaign trains in seconds where a LoRA fine-tune dominates the tiny turn; its served
+model is promoted, so the lockstep loop over amqtt is always closed.
 """
 
 from __future__ import annotations
@@ -22,13 +26,13 @@ _VOLATILE = {"wall_s", "started", "finished", "run_id", "mlflow_run_id", "landed
 
 
 @pytest.fixture(scope="module")
-def amqtt_campaign(campaign, tmp_path_factory, ray_local):
+def amqtt_campaign(gbdt_campaign, tmp_path_factory, ray_local):
     from flywheel.loop import run_campaign
 
     workdir = tmp_path_factory.mktemp("e2e-amqtt")
     # The Mosquitto campaign's own config (same seed and overrides; e.g. serve.ingress=proxy,
     # as the session's Ray runs without direct ingress), so the comparison below is like for like.
-    cfg = campaign[0]
+    cfg = gbdt_campaign[0]
     path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not p.rstrip("/").endswith("sbin"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLYWHEEL_EMBEDDED_BROKER", "amqtt")
@@ -65,9 +69,9 @@ def test_campaign_runs_to_the_end_on_the_in_python_broker(amqtt_campaign):
     assert not (workdir / "broker" / "mosquitto.conf").exists()
 
 
-def test_same_seed_same_campaign_as_on_mosquitto(amqtt_campaign, campaign):
+def test_same_seed_same_campaign_as_on_mosquitto(amqtt_campaign, gbdt_campaign):
     _, _, on_amqtt = amqtt_campaign
-    _, _, on_mosquitto, _ = campaign
+    _, _, on_mosquitto, _ = gbdt_campaign
     for a, m in zip(on_amqtt["turns"], on_mosquitto["turns"], strict=True):
         # what the plant published, what landed, what the model learnt and decided, what the plant did
         for key in ("sim", "ingest", "factory", "baselines", "data", "eval", "promoted", "champion_version",
@@ -76,7 +80,7 @@ def test_same_seed_same_campaign_as_on_mosquitto(amqtt_campaign, campaign):
     assert _stable(on_amqtt["holdout"]) == _stable(on_mosquitto["holdout"])
 
 
-def test_lockstep_on_amqtt_lands_in_as_few_batches_as_on_mosquitto(amqtt_campaign, campaign):
+def test_lockstep_on_amqtt_lands_in_as_few_batches_as_on_mosquitto(amqtt_campaign, gbdt_campaign):
     """Needs the campaign to hand ``EmbeddedBroker.collector_idle_flush_s`` to its collectors.
 
     At the MQTT 3.1.1 default (flush after 0.05 s without a message) a lockstep period, bursts
@@ -84,5 +88,5 @@ def test_lockstep_on_amqtt_lands_in_as_few_batches_as_on_mosquitto(amqtt_campaig
     of ~40, ~600 Parquet files instead of ~90, and every later dataset build read them all.
     """
     on_amqtt = amqtt_campaign[2]["turns"][-1]["ingest"]["batches"]
-    on_mosquitto = campaign[2]["turns"][-1]["ingest"]["batches"]
+    on_mosquitto = gbdt_campaign[2]["turns"][-1]["ingest"]["batches"]
     assert on_amqtt <= 3 * on_mosquitto + 20, (on_amqtt, on_mosquitto)

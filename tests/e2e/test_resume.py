@@ -6,10 +6,16 @@ while the model it trained is served, then - on the rerun - right after the reru
 registered and promoted its model; a third run finishes.  Every run's descendants
 (Mosquitto, Ray's processes, Serve, ingest actors) are listed while it runs and must be
 gone shortly after it died.
-The result is compared with the uninterrupted tiny campaign of test_loop.py (same seed).
+The result is compared with the uninterrupted tiny tree campaign (the session's ``gbdt_campaign``
+fixture, conftest.py): same seed, same overrides (``gbdt_overrides``), so the comparison is exact.
+
+Trees, not LoRA: what is tested here - the journal, the rollback of a dead attempt's runs,
+versions, aliases and lake rows, and processes dying with the driver - does not depend on the
+model family (``flywheel.loop`` handles both alike), and three runs of the LoRA campaign spent
+most of their time fine-tuning. The LoRA campaign's own run is test_loop.py's.
 
 ``FLYWHEEL_RESUME_KILLS=train@1,swap@1,commit@1`` runs other kill points (each run
-costs up to a tiny campaign, ~2 minutes here).
+costs up to a tiny campaign, ~1 minute here).
 """
 
 from __future__ import annotations
@@ -62,7 +68,7 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _run(workdir: Path, kill_at: str | None, timeout_s: float = 600) -> dict:
+def _run(workdir: Path, kill_at: str | None, overrides: tuple[str, ...], timeout_s: float = 600) -> dict:
     """One ``flywheel run`` of the tiny campaign; returns rc, output and the descendants left behind."""
     from flywheel.campaign import default_config_path
 
@@ -72,7 +78,7 @@ def _run(workdir: Path, kill_at: str | None, timeout_s: float = 600) -> dict:
         env["FLYWHEEL_TEST_KILL_AT"] = kill_at
     log = workdir.parent / f"{workdir.name}-{kill_at or 'final'}.log"
     cmd = [sys.executable, "-m", "flywheel.cli", "run", "--config", str(default_config_path("tiny")),
-           "--workdir", str(workdir), "--no-live", "campaign=e2e"]
+           "--workdir", str(workdir), "--no-live", "campaign=e2e", *overrides]
     seen: dict[int, bytes] = {}
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -99,12 +105,12 @@ def _run(workdir: Path, kill_at: str | None, timeout_s: float = 600) -> dict:
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory):
+def resumed(tmp_path_factory, gbdt_overrides):
     if not sys.platform.startswith("linux"):
         pytest.skip("lists processes through /proc")
     workdir = tmp_path_factory.mktemp("resume") / "wd"
-    runs = [(k, _run(workdir, k)) for k in KILLS]
-    runs.append((None, _run(workdir, None)))
+    runs = [(k, _run(workdir, k, gbdt_overrides)) for k in KILLS]
+    runs.append((None, _run(workdir, None, gbdt_overrides)))
     return workdir, runs
 
 
@@ -201,9 +207,9 @@ def test_every_snapshot_has_one_event_per_event_id(resumed):
         assert ids.is_unique, table
 
 
-def test_final_metrics_equal_an_uninterrupted_run(resumed, campaign):
+def test_final_metrics_equal_an_uninterrupted_run(resumed, gbdt_campaign):
     workdir, _ = resumed
-    _, _, clean, _ = campaign
+    _, _, clean, _ = gbdt_campaign
     got = _state(workdir)
 
     def essentials(state):
