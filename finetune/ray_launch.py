@@ -105,7 +105,7 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from finetune.checkpoint import list_checkpoints, read_state
+    from finetune.checkpoint import latest_dir
     from finetune.data import load_snapshot
 
     snapshot = load_snapshot(snapshot_dir, config.featuriser)  # check at the boundary, before any worker starts
@@ -116,14 +116,12 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
     root = checkpoint_root(config, fp)
     storage = root / "ray"
     resume_from = None
-    for d in reversed([p for p in list_checkpoints(storage / "run") if p.name != FINAL]):
-        try:
-            if read_state(d)["fingerprint"] == fp:
-                resume_from = ray.train.Checkpoint.from_directory(str(d))
-                log.warning("resuming Ray Train run from %s", d)
-                break
-        except Exception as exc:  # noqa: BLE001 - half-copied checkpoint: try the one before
-            log.warning("skipping unreadable checkpoint %s: %s", d, exc)
+    # Ray copies each reported checkpoint into storage itself: one a kill interrupted is torn, and
+    # its hashes say so (finetune.checkpoint.check); the one before it is used.
+    found = latest_dir(storage / "run", fp, exclude=(FINAL,))
+    if found is not None:
+        resume_from = ray.train.Checkpoint.from_directory(str(found))
+        log.warning("resuming Ray Train run from %s", found)
     # A fresh Ray run directory each time; the checkpoint to resume from is handed over explicitly.
     staged = None
     if resume_from is not None:
