@@ -180,8 +180,11 @@ def _bridge_only(args, bcfg) -> int:
     if not args.url or not args.broker:
         raise UsageError("serve bridge needs the running app's --url and the plant's --broker")
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    _default_state_dir(args, bcfg)
     bridge = Bridge(args.broker, args.url, bcfg, topic_root=args.topic_root).start()
-    print(f"bridge: {redact_url(args.broker)} -> {args.url} (threshold {bcfg.threshold}); Ctrl-C stops")
+    print(f"bridge: {redact_url(args.broker)} -> {args.url} (threshold {bcfg.threshold}); client id "
+          f"{bridge.client_id}" + (f", resumed from {bridge.restored_from}" if bridge.restored_from else "")
+          + "; Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(1.0)
@@ -190,6 +193,12 @@ def _bridge_only(args, bcfg) -> int:
     finally:
         bridge.stop()
     return 0
+
+
+def _default_state_dir(args, bcfg) -> None:
+    """A bridge run from the command line keeps its state file in the workdir unless told otherwise."""
+    if not bcfg.state_dir:
+        bcfg.state_dir = str(_workdir(args).root / "bridge")
 
 
 def run_switch(args) -> int:
@@ -268,6 +277,7 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
         if args.bridge:
             from serve.bridge import Bridge
 
+            _default_state_dir(args, bcfg)
             bridge = Bridge(args.broker, handle.url, bcfg, topic_root=args.topic_root,
                             resolve_url=handle.current_url).start()
             console.print(f"bridge: {args.broker and redact_url(args.broker)} topics {args.topic_root}/+/+/telemetry "
