@@ -109,12 +109,15 @@ def test_plain_training_killed_by_sigkill_resumes_and_ends_where_an_uninterrupte
 
 
 @pytest.mark.slow
-def test_ray_train_killed_by_sigkill_resumes_and_ends_where_an_uninterrupted_run_does(small_snapshot, tmp_path):
-    """The Ray Train launcher (one worker on a local Ray the command starts): the same batches and
-    seeds as the plain launcher, so the uninterrupted plain run is the reference."""
+def test_ray_train_killed_by_sigkill_resumes_and_ends_where_an_uninterrupted_run_does(ray_local, small_snapshot,
+                                                                                      tmp_path):
+    """The Ray Train launcher (one worker, on the test session's Ray, as `--ray-address` joins a
+    cluster): the driver is killed, its job's trainer and worker die with it; the rerun resumes.  The
+    same batches and seeds as the plain launcher, so the uninterrupted plain run is the reference."""
     from finetune.launch import train_plain
 
-    adapter, killed_at, out = _kill_and_rerun(small_snapshot, tmp_path, "--ray-address", "local")
+    address = ray_local.get_runtime_context().gcs_address
+    adapter, killed_at, out = _kill_and_rerun(small_snapshot, tmp_path, "--ray-address", address)
     ref = train_plain(small_snapshot, fast_config(tmp_path / "ref", **TRAIN), tmp_path / "ref-adapter", progress=False)
     metrics = _assert_same_run(adapter, Path(ref.adapter_dir))
     assert metrics["train.num_workers"] == 1
