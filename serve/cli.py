@@ -86,7 +86,10 @@ def register(sub, common) -> None:
     b = actions.add_parser(
         "bridge", help="only the MQTT bridge, against an app already running at --url",
         description="Run only the MQTT bridge (plant telemetry -> predictions and maintenance commands) against "
-                    "an app deployed elsewhere, e.g. a KubeRay RayService. Overrides are bridge.KEY=VALUE.",
+                    "an app deployed elsewhere, e.g. a KubeRay RayService. Overrides are bridge.KEY=VALUE. It "
+                    "connects under a stable client id (bridge.client_id, default flywheel-bridge-<topic root>) "
+                    "with a persistent session and keeps its state in <workdir>/bridge/: restarted under the "
+                    "same id (after a crash or kill -9), it answers everything that arrived while it was away.",
         epilog="examples:\n  flywheel serve bridge --url http://127.0.0.1:8000 --broker mqtt://127.0.0.1:1884 "
                "bridge.threshold=0.4",
         formatter_class=_FMT)
