@@ -52,6 +52,9 @@ def register(sub, common) -> None:
                    help="at each window end wait for the serving bridge's predictions (closed loop, deterministic)")
     p.add_argument("--lockstep-timeout", type=float, default=30.0, metavar="S",
                    help="seconds to wait for predictions before going on (default 30)")
+    p.add_argument("--bridge-restart-timeout", type=float, default=600.0, metavar="S",
+                   help="lockstep: how long to wait for a serving bridge that went offline (restarting) before "
+                        "stopping with an error (default 600)")
     p.add_argument("--stride-s", type=float, default=600.0, help="window stride in plant seconds (default 600)")
     p.add_argument("--window-length", type=int, default=10, help="telemetry readings per window (default 10)")
     p.add_argument("--no-live", action="store_true", help="no live status line (plain output)")
@@ -140,7 +143,8 @@ def run(args) -> int:
     # bad --stride-s / --window-length: WindowConfig or the runner raises ConfigError (exit 2)
     window = WindowConfig(length=args.window_length, stride_s=args.stride_s)
     runner = MqttSimRunner(plant, url, topic_root=args.topic_root, speed=speed, lockstep=args.lockstep,
-                           lockstep_timeout_s=args.lockstep_timeout, out_path=args.out, window=window)
+                           lockstep_timeout_s=args.lockstep_timeout, out_path=args.out, window=window,
+                           bridge_restart_timeout_s=args.bridge_restart_timeout)
     from flywheel.base.metrics import start_metrics
     from factory_sim.mqtt_runner import sim_metrics
 

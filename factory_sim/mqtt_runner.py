@@ -19,7 +19,15 @@ retained status on ``{root}/_status/sim`` (its will message marks the sim offlin
   telemetry's seq.  The serving bridge publishes a machine's ``maintain`` command
   before its prediction from one client, so the decision's commands have arrived by
   then; they are applied in machine-id order.  A wait longer than
-  ``lockstep_timeout_s`` logs a warning, is counted, and the run continues.
+  ``lockstep_timeout_s`` logs a warning, is counted, and the run continues (a slow model).
+  A bridge that is *away* is another matter: while its retained status
+  (``{root}/_status/{bridge_component}``) says offline (its will after a crash, or a stop),
+  the plant waits for it instead of running on without its decisions; the bridge's
+  persistent session holds the telemetry meanwhile, and once it is back it answers this
+  window.  If it stays away ``bridge_restart_timeout_s``, the run stops with a
+  :class:`LockstepError` that says how to bring it back.
+* **Each command once** - a command id received before is dropped and counted
+  (``commands_duplicate``): a restarted bridge may send the order of its last window again.
 * **No loss, bounded memory** - publishes are acknowledged (QoS 1); at most
   ``max_unacked`` wait for their PUBACK before the runner blocks on the oldest.
 * **Fast** - the runner drives paho's network loop itself (``client.loop``) in its own
@@ -48,6 +56,7 @@ import msgspec
 
 from flywheel.base import contract
 from flywheel.base.config import ConfigError
+from flywheel.base.errors import FlywheelError
 from flywheel.base.features import WindowConfig, is_window_end
 from flywheel.base.mqtt import BrokerURL, connect, make_client
 
@@ -58,6 +67,10 @@ COMPONENT = "sim"
 GUARDRAIL_REASONS = ("line_order_cap", "line_down_cap")
 
 
+class LockstepError(FlywheelError, RuntimeError):
+    """In lockstep the serving bridge stayed away longer than the plant may wait for it."""
+
+
 @dataclass
 class RunSummary:
     published: int = 0
@@ -66,6 +79,10 @@ class RunSummary:
     bad_messages: int = 0
     lockstep_waits: int = 0
     lockstep_timeouts: int = 0
+    #: lockstep waits during which the serving bridge was offline (restarting)
+    lockstep_bridge_waits: int = 0
+    #: commands whose command_id came before (a restarted bridge repeating its last order)
+    commands_duplicate: int = 0
     #: commands for machines of the plant's control fleet, which nothing but its own policy commands
     commands_to_control_fleet: int = 0
     ticks: int = 0
@@ -91,7 +108,8 @@ class MqttSimRunner:
                  speed: float | None = None, lockstep: bool = False, lockstep_timeout_s: float = 30.0,
                  out_path: str | None = None, window: WindowConfig | None = None,
                  status_interval_s: float = 2.0, max_unacked: int = 5000, client_id: str | None = None,
-                 progress_interval_s: float = 0.5):
+                 progress_interval_s: float = 0.5, bridge_component: str = "serve-bridge",
+                 bridge_restart_timeout_s: float = 600.0):
         if speed is not None and not speed > 0:
             raise ConfigError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
         window = window or WindowConfig()
@@ -104,6 +122,11 @@ class MqttSimRunner:
         self.speed = speed
         self.lockstep = lockstep
         self.lockstep_timeout_s = float(lockstep_timeout_s)
+        self.bridge_component = bridge_component
+        self.bridge_restart_timeout_s = float(bridge_restart_timeout_s)
+        self._bridge_online: bool | None = None   # the bridge's retained status; None = never heard
+        self._bridge_offline_since = 0.0          # monotonic time it went offline
+        self._applied_ids: set[str] = set()
         self.out_path = out_path
         self.window = window
         self._published_readings: dict[str, int] = {}
@@ -142,7 +165,14 @@ class MqttSimRunner:
             self._refuse(machine, f"bad message on {msg.topic}: {exc}", command=msg.topic.endswith("/command"))
             return
         with self._lock:
-            if isinstance(decoded, contract.Command):
+            if isinstance(decoded, contract.Status):
+                if decoded.component == self.bridge_component and decoded.online != self._bridge_online:
+                    self._bridge_online = decoded.online
+                    if not decoded.online:
+                        self._bridge_offline_since = time.monotonic()
+                    log.log(logging.INFO if decoded.online else logging.WARNING, "serving bridge %s is %s",
+                            self.bridge_component, "online" if decoded.online else "OFFLINE")
+            elif isinstance(decoded, contract.Command):
                 self._commands.append(decoded)
             elif isinstance(decoded, contract.Prediction):
                 if decoded.window_end_seq > self._preds.get(decoded.machine, -1):
@@ -233,12 +263,28 @@ class MqttSimRunner:
         s = self.summary
         s.lockstep_waits += 1
         deadline = time.monotonic() + self.lockstep_timeout_s
+        waited_for_bridge = False
         with self._lock:
             while not self._stop.is_set():
                 missing = [mid for mid, seq in expected.items() if self._preds.get(mid, -1) < seq]
                 if not missing:
                     return
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                if self._bridge_online is False:   # away (crashed, restarting): wait for it, not for the timeout
+                    if not waited_for_bridge:
+                        waited_for_bridge = True
+                        s.lockstep_bridge_waits += 1
+                    away = now - self._bridge_offline_since
+                    if away >= self.bridge_restart_timeout_s:
+                        s.last_error = (f"lockstep: the serving bridge ({self.bridge_component}) has been offline for "
+                                        f"{away:.0f} s at plant time {self.plant.now_ts:.0f}, and the plant waits for "
+                                        f"its decisions on {', '.join(sorted(missing))}")
+                        raise LockstepError(
+                            f"{s.last_error}; restart it under the same client id (flywheel serve bridge ... "
+                            "bridge.client_id=..., the same bridge.state_dir): it resumes its session and answers "
+                            "what arrived meanwhile; or raise bridge_restart_timeout_s, or run without lockstep")
+                    deadline = now + self.lockstep_timeout_s   # a slow model's clock starts when the bridge is back
+                left = deadline - now
                 if left <= 0:
                     s.lockstep_timeouts += 1
                     s.last_error = (f"lockstep: no prediction within {self.lockstep_timeout_s:g} s for "
@@ -256,6 +302,16 @@ class MqttSimRunner:
             cmds, self._commands = self._commands, []
         if not cmds:
             return
+        fresh = []
+        for cmd in cmds:
+            if cmd.command_id and cmd.command_id in self._applied_ids:
+                self.summary.commands_duplicate += 1
+                log.info("dropped command %s: received before (a restarted sender repeating it)", cmd.command_id)
+                continue
+            if cmd.command_id:
+                self._applied_ids.add(cmd.command_id)
+            fresh.append(cmd)
+        cmds = fresh
         for cmd, err in self.plant.apply_commands(cmds, out):
             if err is None:
                 self.summary.commands_applied += 1
@@ -278,7 +334,8 @@ class MqttSimRunner:
         connect(client, self.url)
         client.loop_stop()        # from here on this thread drives the network loop (see the docstring)
         client.subscribe([(self.topics.pattern("command"), 1)] +
-                         ([(self.topics.pattern("prediction"), 1)] if self.lockstep else []))
+                         ([(self.topics.pattern("prediction"), 1), (self.topics.status(self.bridge_component), 1)]
+                          if self.lockstep else []))
         self._out = open(self.out_path, "wb") if self.out_path else None
         wall0 = time.monotonic()
         s.plant_start_ts = plant_ts0 = plant.now_ts
@@ -362,6 +419,8 @@ def sim_metrics(runner: MqttSimRunner) -> list:
            Sample("flywheel_oee", float(k.oee), {"line": "all"}),
            Sample("flywheel_failures", float(k.counters.failures), {"line": "all"})]
     out += by_reason("flywheel_refused_commands", COMPONENT, dict(s.refused_by_reason))
+    if s.commands_duplicate:  # a restarted bridge's repeated order, dropped by its id
+        out.append(Sample("flywheel_commands", float(s.commands_duplicate), {"component": COMPONENT, "outcome": "duplicate"}))
     if s.bad_messages:
         out.append(Sample("flywheel_dead_letters", float(s.bad_messages), {"component": COMPONENT, "reason": "bad_message"}))
     for line, lk in sorted(k.lines.items()):

@@ -149,13 +149,14 @@ def train_plain(snapshot_dir, config: TrainConfig, out_dir, *, report=None, prog
     """Train in this process (tests, notebooks, the demo). Resumes from a matching checkpoint."""
     setup_torch(config.num_threads)   # before torch loads: threads and OpenMP's wait policy
 
-    from finetune.checkpoint import latest_state, save_atomic
+    from finetune.checkpoint import latest_state, remove_partial, save_atomic
     from finetune.data import LoadedSnapshot, load_snapshot
 
     snapshot = snapshot_dir if isinstance(snapshot_dir, LoadedSnapshot) else load_snapshot(snapshot_dir, config.featuriser)
     device = device or pick_device("cuda" if config.use_gpu else "auto", config.precision)
     fp = fingerprint(snapshot, config, 1, warm_start_dir)
     root = checkpoint_root(config, fp)
+    remove_partial(root)   # a write a killed run left unfinished
     resume = latest_state(root, fp)
     if resume is not None:
         log.warning("resuming training from checkpoint step %s in %s", resume["step"], root)

@@ -8,7 +8,8 @@ step of N workers sees the same windows as one step of the plain launcher.
 Checkpoints are reported to Ray (``ray.train.report(..., checkpoint=...)``) every
 ``checkpoint_every`` steps and persisted under ``<checkpoint_dir>/<fingerprint>/ray``.
 A worker failure restarts the group (``max_failures``) from the newest one; a killed
-driver resumes from it on the next call (``resume_from_checkpoint``).  The finished
+driver (SIGKILL included) resumes from it on the next call: the newest persisted checkpoint
+that checks out is copied to ``<fingerprint>/resume`` and read by every worker.  The finished
 adapter comes back as the last reported checkpoint, so this works across nodes too when
 ``checkpoint_dir`` is shared storage.
 
@@ -57,12 +58,16 @@ def _worker_loop(cfg: dict) -> None:
     snapshot = load_snapshot(cfg["snapshot_dir"], config.featuriser)
 
     resume = None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = ray.train.get_checkpoint()   # this run's own, after a worker failure restarted the group
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = read_state(d)
-        if state["fingerprint"] == cfg["fingerprint"]:
-            resume = state
+    elif cfg.get("resume_dir"):          # a previous run's, handed over by the driver
+        state = read_state(cfg["resume_dir"])
+    else:
+        state = None
+    if state is not None and state["fingerprint"] == cfg["fingerprint"]:
+        resume = state
 
     batcher = MetricBatcher(cfg["tracking_uri"], cfg["run_id"], config.log_every) \
         if rank == 0 and cfg.get("tracking_uri") and cfg.get("run_id") else None
@@ -101,11 +106,10 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
               tracking_uri: str | None = None, run_id: str | None = None,
               warm_start_dir: str | None = None) -> TrainResult:
     """Train with Ray Train's TorchTrainer on ``config.num_workers`` workers; returns the adapter."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from finetune.checkpoint import list_checkpoints, read_state
+    from finetune.checkpoint import latest_dir
     from finetune.data import load_snapshot
 
     snapshot = load_snapshot(snapshot_dir, config.featuriser)  # check at the boundary, before any worker starts
@@ -115,32 +119,29 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
     fp = fingerprint(snapshot, config, config.num_workers, warm_start_dir)
     root = checkpoint_root(config, fp)
     storage = root / "ray"
-    resume_from = None
-    for d in reversed([p for p in list_checkpoints(storage / "run") if p.name != FINAL]):
-        try:
-            if read_state(d)["fingerprint"] == fp:
-                resume_from = ray.train.Checkpoint.from_directory(str(d))
-                log.warning("resuming Ray Train run from %s", d)
-                break
-        except Exception as exc:  # noqa: BLE001 - half-copied checkpoint: try the one before
-            log.warning("skipping unreadable checkpoint %s: %s", d, exc)
-    # A fresh Ray run directory each time; the checkpoint to resume from is handed over explicitly.
+    # Ray copies each reported checkpoint into storage itself: one a kill interrupted is torn, and
+    # its hashes say so (finetune.checkpoint.check); the one before it is used.
+    found = latest_dir(storage / "run", fp, exclude=(FINAL,))
+    # A fresh Ray run directory each time; the checkpoint to resume from is handed to the workers as
+    # a directory beside it (on shared storage when checkpoint_dir is), since Ray Train 2 has no
+    # resume_from_checkpoint.
     staged = None
-    if resume_from is not None:
-        staged = Path(tempfile.mkdtemp(prefix="flywheel-resume-"))
-        shutil.copytree(resume_from.path, staged / "ckpt")
-        resume_from = ray.train.Checkpoint.from_directory(str(staged / "ckpt"))
+    if found is not None:
+        staged = root / "resume"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(found, staged)
+        log.warning("resuming Ray Train run from %s", found)
     shutil.rmtree(storage / "run", ignore_errors=True)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"config": config, "snapshot_dir": str(Path(snapshot_dir).resolve()),
                            "fingerprint": fp, "tracking_uri": tracking_uri, "run_id": run_id,
-                           "warm_start_dir": str(warm_start_dir) if warm_start_dir else None},
+                           "warm_start_dir": str(warm_start_dir) if warm_start_dir else None,
+                           "resume_dir": str(staged) if staged is not None else None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(name="run", storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints + 1),
                              failure_config=FailureConfig(max_failures=config.max_failures)),
-        resume_from_checkpoint=resume_from,
     )
     try:
         result = trainer.fit()

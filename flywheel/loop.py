@@ -635,10 +635,14 @@ class Campaign:
             bridge_cfg = self.stages["bridge"]
             if threshold is not None:
                 bridge_cfg = dataclasses.replace(bridge_cfg, threshold=threshold)
+            if not bridge_cfg.client_id:   # one id per campaign: campaigns sharing a broker never kick each other
+                bridge_cfg = dataclasses.replace(bridge_cfg, client_id=f"flywheel-bridge-{cfg.campaign}")
             bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root,
                             api_token=self.stages["serve"].api_token or None,
                             resolve_url=self.serving.current_url)
-            bridge.start()  # returns once the broker confirmed its subscriptions
+            # fresh: each period's bridge starts its windows afresh (the runner counts readings from here);
+            # returns once the broker confirmed its subscriptions
+            bridge.start(fresh=True)
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
                                lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,
                                window=bridge.window if bridge is not None else self.stages["window"])

@@ -30,6 +30,17 @@ the one the version records, or a featuriser this release does not know, is refu
 (:class:`BridgeError`).  When a hot swap brings a version trained on another window
 config, the bridge re-reads it and starts its windows afresh.
 
+**Restarts lose nothing.**  The bridge connects under a stable client id (``BridgeConfig.client_id``,
+default ``flywheel-bridge-{topic root}``) with a persistent session (MQTT 5 ``clean_start=False`` and
+``session_expiry_s``; MQTT 3.1.1 ``clean_session=False``) and QoS 1 subscriptions, so the broker queues
+what arrives while it is away.  It acknowledges a message only once it answered the windows that
+message completes and, with ``state_dir``, wrote its state file (:mod:`serve.bridge_state`): a bridge
+killed at any moment restarts from that state, the broker redelivers everything after it, and every
+window that arrived meanwhile gets its prediction and the decision an uninterrupted bridge would take.
+Outputs are at least once: a window answered just before a kill may be answered again, with the same
+``command_id`` (consumers drop a command id they already applied; the simulator does).
+``start(fresh=True)`` drops the session and the state instead (a campaign's period starts afresh).
+
 Telemetry that fails the contract is counted by reason and skipped.  Counters are
 published retained on ``{root}/_status/serve-bridge``; the will marks it offline.
 
@@ -61,7 +72,8 @@ import msgspec
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
-from flywheel.base.mqtt import BrokerURL, connect, make_client, unique_client_id, wait_published
+from flywheel.base.mqtt import BrokerURL, ack_many, connect, make_client, wait_published
+from serve import bridge_state
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
 from serve.policy import MaintenancePolicy
@@ -104,18 +116,36 @@ class Bridge:
         self._client = None
         self._threads: list[threading.Thread] = []
         self._synced_version: str | None = None
+        root = topic_root.replace("/", "-")
+        self.client_id = self.config.client_id or f"flywheel-bridge-{root}"
+        self._state_dirty = False                 # decisions taken since the last state write
+        self._outbox: list[tuple[str, bytes]] = []   # decided, not yet confirmed sent
+        self._last_checkpoint = 0.0
+        self._acks: list[tuple[int, int]] = []   # (mid, qos) of messages handled, not yet acknowledged
+        self._state_path = (bridge_state.state_path(self.config.state_dir, self.client_id)
+                            if self.config.state_dir else None)
+        self.restored_from: str | None = None    # the state file this bridge resumed from
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "Bridge":
+    def start(self, fresh: bool = False) -> "Bridge":
+        """Connect and subscribe; resume the session and the state file unless ``fresh``."""
         cfg = self.config
         self._sync_model(self.serve.version())   # before subscribing: no telemetry without a window config
-        self._client = make_client(self.broker_url, unique_client_id("serve-bridge"))
+        if self._state_path is not None:         # before connecting: the session's backlog flows at once
+            if fresh:
+                self._state_path.unlink(missing_ok=True)
+            else:
+                self._restore()
+        self._client = make_client(self.broker_url, self.client_id, manual_ack=True)
         self._client.will_set(self.topics.status(cfg.component), self._status_payload(online=False), qos=1,
                               retain=True)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
-        connect(self._client, self.broker_url)
+        # receive_maximum: the broker may send up to this many QoS 1 messages we have not acknowledged
+        # yet (we acknowledge after answering them); Mosquitto's own default would be 20.
+        connect(self._client, self.broker_url, clean_start=fresh,
+                session_expiry_s=0 if fresh else cfg.session_expiry_s, receive_maximum=65535)
         # Return only once the broker confirmed the subscriptions: telemetry published after
         # start() returns is then guaranteed to reach the bridge.
         if not self._subscribed.wait(10.0):
@@ -126,6 +156,12 @@ class Bridge:
             self._client.loop_stop()
             raise ConnectionError(f"broker {BrokerURL.parse(self.broker_url).redacted()} refused the bridge's "
                                   f"subscriptions ({self._suback_error}); check the ACL for this user")
+        if self._outbox:   # decided before the restart, maybe not sent: send again (same ids)
+            self._send(self._outbox)
+            self._counts["resent"] += len(self._outbox)
+            with self._cond:
+                self._outbox = []
+                self._state_dirty = True
         for target, name in ((self._work, "bridge-worker"), (self._report, "bridge-status")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -149,7 +185,7 @@ class Bridge:
                 wait_published([info], timeout=5)
             except Exception as exc:  # noqa: BLE001 - the broker may already be gone
                 log.debug("offline status not published: %s", exc)
-            self._client.disconnect()
+            self._client.disconnect()   # the session stays on the broker: a restart resumes it
             self._client.loop_stop()
         self.serve.close()
 
@@ -158,6 +194,44 @@ class Bridge:
 
     def __exit__(self, *exc):
         self.stop()
+
+    # ------------------------------------------------------------------ restarts
+    def _restore(self) -> None:
+        st = bridge_state.read_state(self._state_path, self.window)
+        if st is None:
+            return
+        with self._cond:
+            self._builders, self._seen_ts = st.builders, st.seen_ts
+            self._pending = st.pending
+            if st.pending:
+                self._pending_end_ts = max(w.end_ts for w in st.pending)
+            self._proposals = st.proposals
+            self._outbox = st.outbox
+            self._counts.update({k: v for k, v in st.counts.items() if isinstance(v, int)})
+            self._counts["restarts"] += 1
+        self.policy.restore(st.policy)
+        self.restored_from = str(self._state_path)
+        log.warning("bridge %s resumed from %s: %d machines, %d windows pending", self.client_id,
+                    self._state_path, len(st.builders), len(st.pending))
+
+    def _checkpoint(self) -> None:
+        """Write the state (with a state_dir), then acknowledge the messages it covers.  Runs on the
+        worker thread between batches: no window is then half decided."""
+        with self._cond:
+            acks, self._acks = self._acks, []
+            data = None
+            if self._state_path is not None and (acks or self._state_dirty):
+                data = bridge_state.encode_state(
+                    client_id=self.client_id, window=self.window, builders=self._builders, seen_ts=self._seen_ts,
+                    pending=self._pending, policy=self.policy.state(), proposals=dict(self._proposals),
+                    counts=dict(self._counts), outbox=list(self._outbox))
+            self._state_dirty = False
+        self._last_checkpoint = time.monotonic()
+        if data is not None:
+            bridge_state.write_atomic(self._state_path, data)
+            self._counts["state_writes"] += 1
+        if acks:
+            ack_many(self._client, acks)
 
     # ------------------------------------------------------------------ the model's input pipeline
     def _sync_model(self, info: dict) -> None:
@@ -221,6 +295,10 @@ class Bridge:
         except Exception:  # noqa: BLE001 - one bad message must never stop the MQTT thread
             self._counts["internal_errors"] += 1
             log.exception("bridge failed on a message from %s", msg.topic)
+        finally:
+            if msg.qos > 0:   # acknowledged at the next checkpoint, once the state includes it
+                with self._cond:
+                    self._acks.append((msg.mid, msg.qos))
 
     def _handle(self, topic: str, payload: bytes) -> None:
         if topic == self.topics.control(self.config.component):
@@ -247,11 +325,11 @@ class Bridge:
         self._counts["telemetry"] += 1
         self.policy.on_telemetry(m)
         key = (m.line, m.machine)
-        wb = self._builders.get(key)
-        if wb is None:
-            wb = self._builders[key] = WindowBuilder(self.window)
-        w = wb.push(m)
-        with self._cond:
+        with self._cond:   # the push and its window join the pending ones together (a checkpoint sees both or neither)
+            wb = self._builders.get(key)
+            if wb is None:
+                wb = self._builders[key] = WindowBuilder(self.window)
+            w = wb.push(m)
             self._last_arrival = time.monotonic()
             if m.ts > self._seen_ts.get(key, float("-inf")):
                 self._seen_ts[key] = m.ts
@@ -327,6 +405,10 @@ class Bridge:
         while not self._stop.is_set() or self._pending:
             with self._cond:
                 while not self._pending and not self._stop.is_set():
+                    # No window for a while (events, partial windows): write the state and acknowledge
+                    # what it holds once a second, so the session's unacknowledged messages stay few.
+                    if self._acks and time.monotonic() - self._last_checkpoint >= 1.0:
+                        break
                     self._cond.wait(0.5)
                 # Wait for a complete batch, a quiet moment or a full batch (see the module docstring).
                 while self._pending and len(self._pending) < cfg.max_pending and not self._complete \
@@ -346,6 +428,12 @@ class Bridge:
                 except Exception:  # noqa: BLE001 - keep the worker alive
                     self._counts["internal_errors"] += 1
                     log.exception("bridge failed on a batch of %d windows", len(batch))
+            try:
+                self._checkpoint()
+            except Exception:  # noqa: BLE001 - unacknowledged messages come back after a restart: nothing lost
+                self._counts["internal_errors"] += 1
+                log.exception("bridge could not write its state %s", self._state_path)
+                self._stop.wait(1.0)
 
     def _predict(self, batch: list[Window]) -> dict | None:
         cfg = self.config
@@ -379,7 +467,7 @@ class Bridge:
             except BridgeError as exc:
                 self._counts["model_refused"] += 1
                 log.error("bridge cannot feed the model now serving: %s", exc)
-        infos = []
+        outbox: list[tuple[str, bytes]] = []
         for w, p in zip(batch, out["predictions"]):
             version = p["model_version"]
             self.model_version = version
@@ -392,14 +480,12 @@ class Bridge:
                                        threshold=float(self.config.threshold))
                 mode = self.config.mode
                 if mode == "auto":
-                    infos.append(self._client.publish(self.topics.command(w.line, w.machine), contract.encode(cmd),
-                                                      qos=1))
+                    outbox.append((self.topics.command(w.line, w.machine), contract.encode(cmd)))
                     self._counts["commands"] += 1
                 elif mode == "approve":
                     with self._cond:
                         self._proposals[cmd.command_id] = cmd
-                    infos.append(self._client.publish(self.topics.review(self.config.component), contract.encode(cmd),
-                                                      qos=1))
+                    outbox.append((self.topics.review(self.config.component), contract.encode(cmd)))
                     self._counts["proposed"] += 1
                 else:   # dry_run: what it would have ordered, for the record
                     self._counts["would_order"] += 1
@@ -407,10 +493,21 @@ class Bridge:
                 self._counts[f"suppressed_{decision.reason}"] += 1
             pred = contract.Prediction(ts=w.end_ts, line=w.line, machine=w.machine, model_version=version,
                                        probs=p["probs"], window_end_seq=w.end_seq)
-            infos.append(self._client.publish(self.topics.prediction(w.line, w.machine), contract.encode(pred),
-                                              qos=1))
+            outbox.append((self.topics.prediction(w.line, w.machine), contract.encode(pred)))
             self._counts["predictions"] += 1
-        wait_published(infos, timeout=30)
+        # The decisions reach the state file before they leave (an outbox): a bridge killed while sending
+        # sends the same messages again after its restart instead of deciding these windows anew.
+        with self._cond:
+            self._outbox = outbox
+            self._state_dirty = True
+        self._checkpoint()
+        self._send(outbox)
+        with self._cond:
+            self._outbox = []
+            self._state_dirty = True   # the next state write drops the sent outbox
+
+    def _send(self, outbox: list[tuple[str, bytes]]) -> None:
+        wait_published([self._client.publish(topic, payload, qos=1) for topic, payload in outbox], timeout=30)
 
     # ------------------------------------------------------------------ status
     def stats(self) -> dict:

@@ -86,7 +86,10 @@ def register(sub, common) -> None:
     b = actions.add_parser(
         "bridge", help="only the MQTT bridge, against an app already running at --url",
         description="Run only the MQTT bridge (plant telemetry -> predictions and maintenance commands) against "
-                    "an app deployed elsewhere, e.g. a KubeRay RayService. Overrides are bridge.KEY=VALUE.",
+                    "an app deployed elsewhere, e.g. a KubeRay RayService. Overrides are bridge.KEY=VALUE. It "
+                    "connects under a stable client id (bridge.client_id, default flywheel-bridge-<topic root>) "
+                    "with a persistent session and keeps its state in <workdir>/bridge/: restarted under the "
+                    "same id (after a crash or kill -9), it answers everything that arrived while it was away.",
         epilog="examples:\n  flywheel serve bridge --url http://127.0.0.1:8000 --broker mqtt://127.0.0.1:1884 "
                "bridge.threshold=0.4",
         formatter_class=_FMT)
@@ -180,9 +183,12 @@ def _bridge_only(args, bcfg) -> int:
     if not args.url or not args.broker:
         raise UsageError("serve bridge needs the running app's --url and the plant's --broker")
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    _default_state_dir(args, bcfg)
     bridge = Bridge(args.broker, args.url, bcfg, topic_root=args.topic_root).start()
     metrics = _bridge_metrics(args, bridge)
-    print(f"bridge: {redact_url(args.broker)} -> {args.url} (threshold {bcfg.threshold}); Ctrl-C stops")
+    print(f"bridge: {redact_url(args.broker)} -> {args.url} (threshold {bcfg.threshold}); client id "
+          f"{bridge.client_id}" + (f", resumed from {bridge.restored_from}" if bridge.restored_from else "")
+          + "; Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(1.0)
@@ -204,6 +210,12 @@ def _bridge_metrics(args, bridge):
     if metrics is not None:
         print(f"Prometheus metrics on {metrics.url}")
     return metrics
+
+
+def _default_state_dir(args, bcfg) -> None:
+    """A bridge run from the command line keeps its state file in the workdir unless told otherwise."""
+    if not bcfg.state_dir:
+        bcfg.state_dir = str(_workdir(args).root / "bridge")
 
 
 def run_switch(args) -> int:
@@ -282,6 +294,7 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
         if args.bridge:
             from serve.bridge import Bridge
 
+            _default_state_dir(args, bcfg)
             bridge = Bridge(args.broker, handle.url, bcfg, topic_root=args.topic_root,
                             resolve_url=handle.current_url).start()
             metrics = _bridge_metrics(args, bridge)

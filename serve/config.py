@@ -183,6 +183,20 @@ class BridgeConfig:
     max_retries: int = field(default=30, metadata={"help": "model call attempts before a batch is dropped"})
     status_interval_s: float = field(default=5.0, metadata={"help": "wall seconds between status publications"})
     component: str = field(default="serve-bridge", metadata={"help": "status component name"})
+    client_id: str = field(default="", metadata={
+        "help": "MQTT client id, stable across restarts: the broker keeps this bridge's session (its "
+                "subscriptions and the QoS 1 messages that arrive while it is away) under it; '' = "
+                "flywheel-bridge-{topic root}. One running bridge per id: a second one with the same id "
+                "disconnects the first"})
+    session_expiry_s: int = field(default=86400, metadata={
+        "help": "how long the broker keeps the session of a bridge that went away (wall s; MQTT 5 session "
+                "expiry; MQTT 3.1.1 keeps it until the broker forgets it)"})
+    state_dir: str = field(default="", metadata={
+        "help": "where the bridge keeps its state file (<state_dir>/<client_id>.json: each machine's window "
+                "readings, pending windows, the policy's cooldowns and caps), written after every answered batch "
+                "before the messages it covers are acknowledged; a restarted bridge resumes from it and decides "
+                "as an uninterrupted one would. '' = none (a restart starts the windows afresh); flywheel serve "
+                "uses <workdir>/bridge"})
 
     def __post_init__(self):
         if isinstance(self.window, dict):  # convenience for Python callers
@@ -197,6 +211,10 @@ class BridgeConfig:
             raise ConfigError(f"max_pending should be >= 1, got {self.max_pending}")
         if self.mode not in ("auto", "approve", "dry_run"):
             raise ConfigError(f"mode {self.mode!r} is not one of auto, approve, dry_run")
+        if self.session_expiry_s < 0:
+            raise ConfigError(f"session_expiry_s should be >= 0 wall seconds, got {self.session_expiry_s}")
+        if self.client_id and (len(self.client_id) > 128 or any(c in self.client_id for c in "/+#")):
+            raise ConfigError(f"client_id should be at most 128 characters without / + #, got {self.client_id!r}")
         if self.proposal_ttl_s <= 0:
             raise ConfigError(f"proposal_ttl_s should be > 0 plant seconds, got {self.proposal_ttl_s}")
         for name in ("max_orders_per_line_per_h", "max_down_per_line"):

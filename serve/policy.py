@@ -127,6 +127,33 @@ class MaintenancePolicy:
         with self._lock:
             self.paused = bool(paused)
 
+    def state(self) -> dict:
+        """Everything a decision depends on, as JSON-ready data: a restarted bridge restores it
+        (:meth:`restore`) and decides as an uninterrupted one would (cooldowns, caps, down machines)."""
+        def keyed(d):
+            return [[l, m, v] for (l, m), v in d.items()]
+
+        with self._lock:
+            return {"down": keyed({k: list(v) for k, v in self._down.items()}),
+                    "last_event_ts": keyed(self._last_event_ts), "last_seen_ts": keyed(self._last_seen_ts),
+                    "last_command_ts": keyed(self._last_command_ts), "ordered": keyed(self._ordered),
+                    "line_orders": {line: list(q) for line, q in self._line_orders.items()},
+                    "plant_now_ts": self.plant_now_ts}
+
+    def restore(self, state: dict) -> None:
+        """Take back a :meth:`state` (the off switch is not part of it: its retained message is)."""
+        def unkeyed(rows, conv=float):
+            return {(l, m): conv(v) for l, m, v in rows}
+
+        with self._lock:
+            self._down = unkeyed(state["down"], lambda v: (float(v[0]), str(v[1])))
+            self._last_event_ts = unkeyed(state["last_event_ts"])
+            self._last_seen_ts = unkeyed(state["last_seen_ts"])
+            self._last_command_ts = unkeyed(state["last_command_ts"])
+            self._ordered = unkeyed(state["ordered"])
+            self._line_orders = {line: deque(float(t) for t in q) for line, q in state["line_orders"].items()}
+            self.plant_now_ts = float(state["plant_now_ts"])
+
     def snapshot(self) -> dict:
         with self._lock:
             return {"down": {f"{l}/{m}": why for (l, m), (_, why) in self._down.items()},

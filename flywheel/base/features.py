@@ -206,6 +206,23 @@ class WindowBuilder:
         self._buf: deque[Telemetry] = deque(maxlen=config.length)
         self._last_seq = -1
 
+    @property
+    def last_seq(self) -> int:
+        """The newest seq pushed (-1: none); a reading at or below it is ignored as a replay."""
+        return self._last_seq
+
+    def buffered(self) -> list[Telemetry]:
+        """The readings held for the next window, oldest first."""
+        return list(self._buf)
+
+    @classmethod
+    def resume(cls, config: WindowConfig, buffered: Iterable[Telemetry], last_seq: int) -> "WindowBuilder":
+        """A builder in the state :meth:`buffered` and :attr:`last_seq` describe (a restarted consumer)."""
+        wb = cls(config)
+        wb._buf.extend(buffered)
+        wb._last_seq = int(last_seq)
+        return wb
+
     def push(self, t: Telemetry) -> Window | None:
         if t.seq <= self._last_seq:  # duplicate or out of order: a replay, ignore it
             return None

@@ -106,7 +106,10 @@ def test_commands_over_mqtt_and_refusals_on_status(broker, tmp_path):
     ]
     infos = [pub.publish(topics.for_message(good), contract.encode(good), qos=1)]
     infos += [pub.publish(t, p, qos=1) for t, p in bad]
-    # the same machine twice: the second finds it down
+    # the same machine twice: the second order finds it down
+    again = contract.Command(command_id="cmd-again", line="L1", machine="mill-02", command="maintain", reason="test")
+    infos.append(pub.publish(topics.for_message(again), contract.encode(again), qos=1))
+    # the first order repeated (a restarted sender): dropped by its command id, neither applied nor refused
     infos.append(pub.publish(topics.for_message(good), contract.encode(good), qos=1))
     for i in infos:
         i.wait_for_publish(5)
@@ -117,7 +120,7 @@ def test_commands_over_mqtt_and_refusals_on_status(broker, tmp_path):
     col.close()
     s = runner.summary
     assert s.stopped_by == "duration", "bad commands do not stop the sim"
-    assert s.commands_applied == 1 and s.commands_refused == 4
+    assert s.commands_applied == 1 and s.commands_refused == 4 and s.commands_duplicate == 1
     assert s.refused_by_machine == {"mill-01": 2, "mill-77": 1, "mill-02": 1}
     assert "already down" in s.last_error or "unknown machine 'mill-77'" in s.last_error
     starts = [r["payload"] for r in read_jsonl(out) if r["payload"].get("type") == "maintenance_start"
