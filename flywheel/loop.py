@@ -634,7 +634,7 @@ class Campaign:
             from flywheel.shadow import score_period
 
             with self.timer("shadow", "scoring champion and shadow on the period's outcomes"):
-                kinds = {(m.line, m.machine_id): m.kind for m in self.plant.machines()}
+                kinds = {(m.line, m.machine_id): m.kind for m in self.plant.machines}
                 shadow_threshold = gate.risk_threshold if self.cfg.tune_threshold and gate.risk_threshold is not None \
                     else self.stages["bridge"].threshold
                 result.metrics = score_period(
