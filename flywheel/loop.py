@@ -176,6 +176,7 @@ class Campaign:
         self.aborted: dict | None = None   # the dead attempt of the turn to rerun, if any
         self.timer = StageTimer(self.view.stage)   # the turn's, new each turn
         self.reference_set = None                  # the reference plant's windows, made at the first learning turn
+        self._period_start_ts: float | None = None   # plant time the running period began (live scores)
         # which version serves the plant, from when to when, in the lake (flywheel/audit.py)
         self.serving_ledger = ServingLedger(self.lake_uri, cfg.model_name, cfg.campaign)
         self._running = contextlib.ExitStack()
