@@ -7,7 +7,11 @@ Read :meth:`Campaign.run_turn` top to bottom; it is the whole idea::
     turn k : build a dataset snapshot from the lake -> train a challenger (LoRA) ->
              evaluate it against the champion on the same held-out slice -> gate ->
              promote -> Serve hot-swaps to the champion -> run the next plant period with
-             maintenance driven by the served model's commands over MQTT
+             maintenance driven by the served model's commands over MQTT (with
+             ``serve.shadow=challenger`` the challenger answers the same windows beside it,
+             commanding nothing, and both are scored on the period's outcomes; with
+             ``train.promote_after_shadow`` that live score decides the promotion:
+             :mod:`flywheel.shadow`)
 
 Hand-offs between stages are durable artifacts (a dataset id, an MLflow alias), never
 callbacks, so any stage can be rerun or replaced.  The same plant periods also run
