@@ -18,7 +18,8 @@ from finetune.turn import TurnOutcome, train_and_register
 __all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "load_snapshot", "evaluate_adapter_report",
            "majority_baseline", "fetch_adapter", "aliases", "abandon_run", "version_threshold", "RegistryError",
            "evaluate_gbdt_report", "fetch_reference_model", "pick_device", "frame_decision_cost",
-           "init_keys", "evaluate_model_report", "model_family", "lineage_record", "get_version"]
+           "init_keys", "evaluate_model_report", "model_family", "lineage_record", "get_version",
+           "set_alias"]
 
 #: Names the facade loads on first use (their modules pull in torch, pandas or MLflow).
 _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.evaluate",
@@ -28,7 +29,8 @@ _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.
          "fetch_reference_model": "finetune.gbdt", "pick_device": "finetune.model",
          "frame_decision_cost": "finetune.evaluate", "init_keys": "finetune.signing",
          "evaluate_model_report": "finetune.families", "model_family": "finetune.families",
-         "lineage_record": "finetune.bom", "get_version": "finetune.registry"}
+         "lineage_record": "finetune.bom", "get_version": "finetune.registry",
+         "set_alias": "finetune.registry"}
 
 
 def __getattr__(name: str):

@@ -39,6 +39,8 @@ from flywheel.base.governance import GovernancePolicy
 
 #: Gate metrics where lower is better; every other metric is higher-is-better.
 LOWER_IS_BETTER = ("eval.ece", "eval.loss", "eval.brier")
+#: The live scores ``promote_after_shadow`` may compare (``live.<m>`` / ``shadow.<m>``); cost: lower is better.
+SHADOW_METRICS = ("f1_any_failure", "precision_any_failure", "recall_any_failure", "cost_per_1k_windows")
 
 
 @dataclass
@@ -96,6 +98,19 @@ class TrainConfig:
     gate_block_windows: int = field(default=8, metadata={
         "help": "consecutive windows of one machine resampled together (autocorrelation)"})
     gate_confidence: float = field(default=0.95, metadata={"help": "the bootstrap interval's level"})
+    promote_after_shadow: bool = field(default=False, metadata={
+        "help": "a campaign's challenger that passes the offline gate while a champion serves is not promoted at "
+                "once: it runs as the shadow (serve.shadow=challenger) for the turn's plant period and is promoted "
+                "only if its live score (shadow_metric on the period's outcomes) is not worse than the champion's by "
+                "more than shadow_margin. The turn record says which rule decided (promotion_rule)"})
+    shadow_metric: str = field(default="f1_any_failure", metadata={
+        "help": "the live score promote_after_shadow compares, on the windows both models saw: f1_any_failure, "
+                "precision_any_failure or recall_any_failure (the any-failure decision at each model's own "
+                "operating point; higher is better) or cost_per_1k_windows (money per 1,000 windows under "
+                "train.costs; lower is better)"})
+    shadow_margin: float = field(default=0.0, metadata={
+        "help": "promote_after_shadow: how much worse than the champion's live score the shadow's may be and still "
+                "be promoted (in shadow_metric's unit)"})
     warm_start: bool = field(default=False, metadata={
         "help": "start from the champion's adapter (same base model) instead of a fresh LoRA"})
     trust_remote_code: bool = field(default=False, metadata={
@@ -137,6 +152,11 @@ class TrainConfig:
             raise ConfigError(f"lr should be > 0, got {self.lr}")
         if not 0 <= self.warmup_frac < 1:
             raise ConfigError(f"warmup_frac should be in [0, 1), got {self.warmup_frac}")
+        if self.shadow_metric not in SHADOW_METRICS:
+            raise ConfigError(f"shadow_metric should be one of {', '.join(SHADOW_METRICS)}, got {self.shadow_metric!r}")
+        if not self.shadow_margin >= 0:
+            raise ConfigError(f"shadow_margin should be >= 0 (how much worse the shadow may score), got "
+                              f"{self.shadow_margin}")
         if self.gate_block_windows < 1:
             raise ConfigError(f"gate_block_windows should be >= 1, got {self.gate_block_windows}")
         if not 0.5 <= self.gate_confidence < 1:

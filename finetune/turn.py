@@ -66,6 +66,8 @@ class TurnOutcome:
     calibration_metrics: dict = field(default_factory=dict)
     #: what each family's model took to make and to run on this machine (:func:`compute_metrics`)
     compute_metrics: dict = field(default_factory=dict)
+    #: passed the gate but not promoted: ``hold_promotion`` keeps it for a shadow period
+    held: bool = False
 
 
 def _champion(tracking_uri: str, model_name: str):
@@ -79,7 +81,11 @@ def _champion(tracking_uri: str, model_name: str):
 
 def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str, model_name: str = "fault-detector",
                        campaign: str | None = None, turn: int | None = None, run_id: str | None = None,
-                       ray_address: str | None = None, progress: bool = True) -> TurnOutcome:
+                       ray_address: str | None = None, progress: bool = True,
+                       hold_promotion: bool = False) -> TurnOutcome:
+    """``hold_promotion``: a challenger that passes the gate while a champion exists is registered
+    (alias ``challenger``) but ``champion`` stays; the outcome says ``held`` (the campaign's
+    ``train.promote_after_shadow`` shadows it for a plant period and promotes it, or not, then)."""
     from finetune import registry
     from flywheel.base import tracking
     from finetune.data import load_snapshot
@@ -170,6 +176,10 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                           eval_labels=set(snapshot.eval["label"]), estimate=estimate,
                           n_failure_windows=int(gate_metrics["gate.n_failure_windows"]),
                           min_failure_windows=config.min_failure_windows)
+        held = hold_promotion and decision.promoted and champion is not None
+        if held:
+            decision = dataclasses.replace(decision, promoted=False, reason=(
+                f"held for a shadow period (passed the offline gate: {decision.reason})"))
 
         with timer("register"):
             (work / "eval").mkdir()
@@ -188,6 +198,8 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                     "flywheel.run_id": run_id, "flywheel.gate_metric": config.gate_metric,
                     config.gate_metric: f"{challenger_metrics.get(config.gate_metric, float('nan')):.6f}",
                     "flywheel.promoted": str(decision.promoted).lower(), "flywheel.gate_reason": decision.reason}
+            if held:
+                tags["flywheel.held_for_shadow"] = "true"
             if config.family == "lora":                  # trees have no base model
                 tags["flywheel.base_model"] = config.base_model
                 tags.update(base_tags)                     # where the base model came from, its licence
@@ -221,6 +233,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         logged.update(gate_metrics)
         logged.update(calibration_metrics)
         logged["gate.promoted"] = float(decision.promoted)
+        logged["gate.held"] = float(held)
         logged.update({f"train.wall_s.{k}": v for k, v in timer.wall_s.items()})
         tracking.log_metrics(client, run_id, logged)
         client.set_tag(run_id, "flywheel.model_version", version)
@@ -232,7 +245,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         if keep.exists():
             shutil.rmtree(keep)
         shutil.copytree(adapter_dir, keep)
-        return TurnOutcome(version=version, promoted=decision.promoted, reason=decision.reason,
+        return TurnOutcome(version=version, promoted=decision.promoted, reason=decision.reason, held=held,
                            challenger_metrics=challenger_metrics, champion_metrics=champion_metrics,
                            champion_version=champion_version, train_metrics=train_metrics,
                            adapter_dir=str(keep), wall_s=dict(timer.wall_s), baseline_metrics=dict(baseline),

@@ -149,6 +149,12 @@ def stage_configs(cfg: CampaignConfig):
     out["serve"] = _build(ServeConfig, serve, "serve.")
     # No window for the bridge: it reads the one the served model version was trained on.
     out["bridge"] = _build(BridgeConfig, dict(cfg.bridge), "bridge.")
+    if out["train"].promote_after_shadow and out["serve"].shadow != "challenger":
+        raise ConfigError("train.promote_after_shadow=true needs the challenger shadowed in the plant period: "
+                          "set serve.shadow=challenger as well")
+    if out["bridge"].shadow_adapter:
+        raise ConfigError("bridge.shadow_adapter is set by the campaign (serve.shadow=challenger), not by hand: "
+                          "drop it")
     return out
 
 

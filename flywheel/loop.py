@@ -7,7 +7,11 @@ Read :meth:`Campaign.run_turn` top to bottom; it is the whole idea::
     turn k : build a dataset snapshot from the lake -> train a challenger (LoRA) ->
              evaluate it against the champion on the same held-out slice -> gate ->
              promote -> Serve hot-swaps to the champion -> run the next plant period with
-             maintenance driven by the served model's commands over MQTT
+             maintenance driven by the served model's commands over MQTT (with
+             ``serve.shadow=challenger`` the challenger answers the same windows beside it,
+             commanding nothing, and both are scored on the period's outcomes; with
+             ``train.promote_after_shadow`` that live score decides the promotion:
+             :mod:`flywheel.shadow`)
 
 Hand-offs between stages are durable artifacts (a dataset id, an MLflow alias), never
 callbacks, so any stage can be rerun or replaced.  The same plant periods also run
@@ -85,7 +89,7 @@ from flywheel.audit import ServingLedger, record_version
 from flywheel.campaign import CampaignConfig, stage_configs
 from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, DataResult, DeployResult, GateResult,
-                             PlantResult, TurnRecord, gap_closed, parent_curve, price_compute)
+                             PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
 from flywheel.stack import Stack
 from flywheel.state import (STATE_VERSION, CampaignError, TurnJournal, atomic_write, campaign_dir,
                             config_fingerprint, load_state)
@@ -176,6 +180,7 @@ class Campaign:
         self.aborted: dict | None = None   # the dead attempt of the turn to rerun, if any
         self.timer = StageTimer(self.view.stage)   # the turn's, new each turn
         self.reference_set = None                  # the reference plant's windows, made at the first learning turn
+        self._period_start_ts: float | None = None   # plant time the running period began (live scores)
         # which version serves the plant, from when to when, in the lake (flywheel/audit.py)
         self.serving_ledger = ServingLedger(self.lake_uri, cfg.model_name, cfg.campaign)
         self._running = contextlib.ExitStack()
@@ -403,6 +408,7 @@ class Campaign:
                 record.gate = self.train_and_gate(record)      # 2. Model: a challenger, gated against the champion
             record.deploy = self.deploy(record)                # 3. Deploy: Serve hot-swaps to the champion
             record.plant = self.run_plant(record)              # 4. Plant: the served model drives maintenance
+            record.shadow = self.score_shadow(record)          # 4b. Shadow: both models on the period's outcomes
             record.baselines = self.run_baselines(record)      # 5. Baselines: the same period, three policies
         return record
 
@@ -472,7 +478,7 @@ class Campaign:
             outcome = train_and_register(
                 record.data.path, self.stages["train"], self.tracking_uri, model_name=cfg.model_name,
                 campaign=cfg.campaign, turn=record.turn, run_id=record.run_id,
-                ray_address=self.ray_address, progress=False)
+                ray_address=self.ray_address, progress=False, hold_promotion=train.promote_after_shadow)
         _kill_point("registered", record.turn)
         # The audit trail: every registered version in the lake's model ledger, promoted or not.
         record_version(self.lake_uri, self.tracking_uri, cfg.model_name, str(outcome.version))
@@ -561,17 +567,48 @@ class Campaign:
                     self._ensure_serving(champion, record.turn)
             self.journal.update(stage="plant")
             deployed = DeployResult(champion, swapped=bool(champion))
+            deployed.shadow_version, deployed.shadow_note = self._deploy_shadow(record.gate, champion)
         self.status.champion = deployed.describe()
         return deployed
 
+    def _deploy_shadow(self, gate: GateResult, champion: str | None) -> tuple[str | None, str]:
+        """The turn's challenger as the shadow beside the champion (``serve.shadow=challenger``):
+        (its version, "") once the app serves it under adapter ``shadow``, else (None, why not)."""
+        if self.stages["serve"].shadow != "challenger":
+            return None, ""
+        challenger = gate.challenger_version
+        if not champion or not challenger:
+            return None, "no champion to shadow beside" if challenger else "no challenger"
+        if str(challenger) == str(champion):
+            return None, f"the challenger v{challenger} is the champion (promoted by the offline gate)"
+        from serve import SHADOW_ADAPTER
+
+        with self.timer("shadow_swap", f"loading challenger v{challenger} as the shadow"):
+            try:
+                self.serving.wait_for_adapter(SHADOW_ADAPTER, str(challenger), timeout_s=300)
+            except TimeoutError as exc:
+                log.warning("no shadow this period: %s", exc)
+                return None, f"serve did not load the challenger as the shadow: {exc}"
+        return str(challenger), ""
+
     def run_plant(self, record: TurnRecord) -> PlantResult:
-        """4. Plant: run the next period; the served model's commands drive maintenance."""
+        """4. Plant: run the next period; the served model's commands drive maintenance (a shadow
+        challenger, if one is deployed, answers the same windows and commands nothing)."""
         champion = record.champion_version
         threshold = self._threshold(champion)
-        with self.timer("plant", f"running the plant for {self.cfg.period} of plant time"):
-            sim = self._run_period(lockstep=champion is not None, threshold=threshold, turn=record.turn)
+        shadow = record.deploy.shadow_version if record.deploy else None
+        self._period_start_ts = self.plant.now_ts
+        predictions_before = self.ingest.status().get("predictions", 0)
+        with self.timer("plant", f"running the plant for {self.cfg.period} of plant time"
+                        + (f" (v{shadow} in shadow)" if shadow else "")):
+            sim = self._run_period(lockstep=champion is not None, threshold=threshold, turn=record.turn,
+                                   shadow=bool(shadow))
         with self.timer("ingest", "waiting for ingest to land the period"):
             landed = self.ingest.wait_landed(self.published_total, timeout_s=max(120.0, sim["published"] / 500))
+            if shadow:   # the live scores read both models' predictions from the lake
+                bridge = sim.get("bridge") or {}
+                self._wait_predictions(predictions_before + bridge.get("predictions", 0)
+                                       + bridge.get("shadow_predictions", 0))
         factory = self.plant.kpis().to_dict()
         groups = self.plant.group_kpis()
         if groups:
@@ -580,6 +617,69 @@ class Campaign:
                                         factory=factory, threshold=threshold if champion else None)
         self.journal.update(stage="baselines")
         return plant
+
+    def _wait_predictions(self, expected: int, timeout_s: float = 120.0) -> None:
+        """Until ingest has landed ``expected`` predictions in all (the bridge's are published QoS 1)."""
+        deadline = time.monotonic() + timeout_s
+        while self.ingest.status().get("predictions", 0) < expected:
+            if time.monotonic() > deadline:
+                log.warning("ingest landed %s of %d predictions within %.0f s; the live scores use what landed",
+                            self.ingest.status().get("predictions", 0), expected, timeout_s)
+                return
+            time.sleep(0.2)
+
+    def score_shadow(self, record: TurnRecord) -> ShadowResult | None:
+        """4b. Shadow: the champion (``live.*``) and the shadow challenger (``shadow.*``) scored on the
+        same windows of the period against their real outcomes (:mod:`flywheel.shadow`); with
+        ``train.promote_after_shadow`` and a challenger the offline gate passed, the live rule decides
+        its promotion."""
+        deploy = record.deploy
+        if self.stages["serve"].shadow != "challenger" or record.gate is None or deploy is None:
+            return None
+        gate, train = record.gate, self.stages["train"]
+        result = ShadowResult(version=deploy.shadow_version, champion_version=deploy.champion_version,
+                              note=deploy.shadow_note)
+        if deploy.shadow_version is not None:
+            from flywheel.shadow import score_period
+
+            with self.timer("shadow", "scoring champion and shadow on the period's outcomes"):
+                kinds = {(m.line, m.machine_id): m.kind for m in self.plant.machines}
+                shadow_threshold = gate.risk_threshold if self.cfg.tune_threshold and gate.risk_threshold is not None \
+                    else self.stages["bridge"].threshold
+                result.metrics = score_period(
+                    self.lake_uri, start_ts=self._period_start_ts, end_ts=self.plant.now_ts,
+                    horizon_s=self.stages["window"].horizon_s, champion_version=str(deploy.champion_version),
+                    shadow_version=str(deploy.shadow_version), kinds=kinds, costs=train.window_costs(),
+                    thresholds={"champion": record.plant.threshold, "shadow": float(shadow_threshold)})
+        if gate.held:
+            from flywheel.shadow import decide
+
+            result.rule = "promote_after_shadow"
+            if deploy.shadow_version is None:
+                result.promoted, result.reason = False, f"kept the champion: nothing was shadowed ({result.note})"
+            else:
+                result.promoted, result.reason = decide(result.metrics, train.shadow_metric, train.shadow_margin)
+            if result.promoted:
+                self._promote(gate)
+            self.view.log(f"turn {record.turn}: v{gate.challenger_version} {result.reason}")
+        self.journal.update(stage="baselines", promoted=gate.promoted, champion=gate.champion_version)
+        return result
+
+    def _promote(self, gate: GateResult) -> None:
+        """Move ``champion`` to the challenger the promote-after-shadow rule accepted; the next turn serves it."""
+        import mlflow
+
+        from finetune import set_alias
+
+        version = str(gate.challenger_version)
+        set_alias(self.tracking_uri, self.cfg.model_name, "champion", version)
+        client = mlflow.MlflowClient(self.tracking_uri)
+        client.set_model_version_tag(self.cfg.model_name, version, "flywheel.promoted", "true")
+        client.set_model_version_tag(self.cfg.model_name, version, "flywheel.promotion_rule", "promote_after_shadow")
+        record_version(self.lake_uri, self.tracking_uri, self.cfg.model_name, version)   # the ledger says promoted
+        if gate.risk_threshold is not None:
+            self.state.setdefault("thresholds", {})[version] = gate.risk_threshold
+        gate.promoted, gate.champion_version = True, version
 
     def run_baselines(self, record: TurnRecord) -> BaselineResult:
         """5. Baselines: the same period under run-to-failure, fixed-interval and oracle."""
@@ -622,7 +722,7 @@ class Campaign:
                 self.state.setdefault("thresholds", {})[str(champion)] = known
         return float(configured if known is None else known)
 
-    def _run_period(self, lockstep: bool, threshold: float | None = None, turn: int = -1) -> dict:
+    def _run_period(self, lockstep: bool, threshold: float | None = None, turn: int = -1, shadow: bool = False) -> dict:
         """Run one plant period over MQTT; with a model, in lockstep with the serving bridge."""
         from factory_sim import MqttSimRunner
 
@@ -637,6 +737,10 @@ class Campaign:
                 bridge_cfg = dataclasses.replace(bridge_cfg, threshold=threshold)
             if not bridge_cfg.client_id:   # one id per campaign: campaigns sharing a broker never kick each other
                 bridge_cfg = dataclasses.replace(bridge_cfg, client_id=f"flywheel-bridge-{cfg.campaign}")
+            if shadow:
+                from serve import SHADOW_ADAPTER
+
+                bridge_cfg = dataclasses.replace(bridge_cfg, shadow_adapter=SHADOW_ADAPTER)
             bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root,
                             api_token=self.stages["serve"].api_token or None,
                             resolve_url=self.serving.current_url)

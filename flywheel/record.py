@@ -17,12 +17,15 @@ The stored turn, key by key (``[...]``: only when it applies)::
      [baseline_eval], [reference]]                                         (when the turn had them)
     champion_version,                                                   3. DeployResult
     [bridge_threshold], sim (+ sim.bridge), ingest, factory,            4. PlantResult
+    [shadow, promotion_rule]                                            4b. ShadowResult (serve.shadow) and
+                                                                            which rule decided the promotion
     baselines, gap_closed, failures_avoided,                            5. BaselineResult
     wall_s                                                              seconds per stage, and the turn's
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -135,6 +138,8 @@ class GateResult:
     #: what each family took on this machine (``compute.<family>.*``) and what that costs at the
     #: campaign's prices (``model_cost.<family>.*``, :func:`price_compute`)
     compute: dict = field(default_factory=dict)
+    #: passed the offline gate but held for a shadow period (``train.promote_after_shadow``)
+    held: bool = False
 
     @classmethod
     def from_outcome(cls, outcome) -> "GateResult":
@@ -148,7 +153,8 @@ class GateResult:
                    reference=_prefixed(getattr(outcome, "reference_metrics", None) or {}, REFERENCE_PREFIX),
                    evidence=_prefixed(getattr(outcome, "gate_metrics", None) or {}, "gate."),
                    calibration=dict(getattr(outcome, "calibration_metrics", None) or {}),
-                   compute=dict(getattr(outcome, "compute_metrics", None) or {}))
+                   compute=dict(getattr(outcome, "compute_metrics", None) or {}),
+                   held=bool(getattr(outcome, "held", False)))
 
     @property
     def reference_families(self) -> list[str]:
@@ -174,6 +180,10 @@ class DeployResult:
     champion_version: str | None
     #: Serve was pointed at it in this turn
     swapped: bool = False
+    #: the challenger served beside it as the shadow (``serve.shadow=challenger``; None: none)
+    shadow_version: str | None = None
+    #: why nothing is shadowed although ``serve.shadow`` asks for it
+    shadow_note: str = ""
 
     def describe(self) -> str:
         return f"v{self.champion_version}" if self.champion_version else "none (run to failure)"
@@ -203,6 +213,32 @@ class PlantResult:
 
     def sim_dict(self) -> dict:
         return self.sim if self.bridge is None else {**self.sim, "bridge": self.bridge}
+
+
+@dataclass
+class ShadowResult:
+    """4b. Shadow: the turn's challenger beside the champion in the plant period (``serve.shadow``),
+    both scored on the period's outcomes, and the promote-after-shadow rule when it applied."""
+
+    #: the shadow challenger (None: nothing was shadowed; ``note`` says why)
+    version: str | None
+    #: the champion it ran beside
+    champion_version: str | None
+    #: ``live.*`` (the champion) and ``shadow.*`` on the same windows (:func:`flywheel.shadow.score_period`)
+    metrics: dict = field(default_factory=dict)
+    note: str = ""
+    #: ``promote_after_shadow`` when that rule decided the promotion (else the offline gate did)
+    rule: str | None = None
+    promoted: bool | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ShadowResult":
+        return cls(**{f.name: d.get(f.name, f.default if f.default is not dataclasses.MISSING else {})
+                      for f in dataclasses.fields(cls)})
 
 
 @dataclass
@@ -257,12 +293,21 @@ class TurnRecord:
     deploy: DeployResult | None = None
     plant: PlantResult | None = None
     baselines: BaselineResult | None = None
+    shadow: ShadowResult | None = None
     #: seconds per stage (dataset, train, swap, plant, ingest, baselines) and ``turn``, the whole turn
     wall_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def champion_version(self) -> str | None:
         return self.deploy.champion_version if self.deploy else None
+
+    @property
+    def promotion_rule(self) -> str | None:
+        """Which rule decided the turn's promotion: ``promote_after_shadow`` (live evidence from a shadow
+        period) or ``offline_gate`` (the gate on the snapshot's eval split); None without a challenger."""
+        if self.gate is None:
+            return None
+        return "promote_after_shadow" if self.shadow is not None and self.shadow.rule else "offline_gate"
 
     # -- state.json ---------------------------------------------------------
     def to_dict(self) -> dict:
@@ -291,6 +336,8 @@ class TurnRecord:
                 d["reference_plant"] = g.reference_plant
             if g.compute:
                 d["compute"] = g.compute
+            if g.held:
+                d["held_for_shadow"] = True
         d["champion_version"] = self.champion_version
         if self.plant is not None:
             if self.plant.threshold is not None:
@@ -298,6 +345,9 @@ class TurnRecord:
             d["sim"] = self.plant.sim_dict()
             d["ingest"] = self.plant.ingest
             d["factory"] = self.plant.factory
+        if self.shadow is not None:
+            d["shadow"] = self.shadow.to_dict()
+            d["promotion_rule"] = self.promotion_rule
         if self.baselines is not None:
             d["baselines"] = self.baselines.kpis
             d["gap_closed"] = self.baselines.gap_closed
@@ -320,7 +370,9 @@ class TurnRecord:
                                   reference=dict(d.get("reference", {})), evidence=dict(d.get("gate", {})),
                                   calibration=dict(d.get("calibration", {})),
                                   reference_plant=dict(d.get("reference_plant", {})),
-                                  compute=dict(d.get("compute", {})))
+                                  compute=dict(d.get("compute", {})), held=bool(d.get("held_for_shadow")))
+        if "shadow" in d:
+            rec.shadow = ShadowResult.from_dict(d["shadow"])
         rec.deploy = DeployResult(d.get("champion_version"), swapped="swap" in rec.wall_s)
         rec.plant = PlantResult.from_period(d.get("sim", {}), dict(d.get("ingest", {})), dict(d.get("factory", {})),
                                             d.get("bridge_threshold"))
@@ -355,6 +407,10 @@ class TurnRecord:
                 m["factory.above_oracle"] = float(self.baselines.above_bound)
             if self.plant is not None:
                 m.update({f"factory.{k}": v for k, v in self.baselines.savings(self.plant.factory).items()})
+        if self.shadow is not None:
+            m.update(self.shadow.metrics)
+            if self.shadow.rule:
+                m["shadow.promoted"] = float(bool(self.shadow.promoted))
         if self.plant is not None and self.plant.threshold is not None:
             m["serve.risk_threshold"] = self.plant.threshold
         if self.attempt > 1 and self.aborted_attempts:

@@ -96,7 +96,7 @@ def decode_batch(items: Iterable[tuple[str, bytes, float]], *, collector: str,
                 if cols is None:
                     cols = preds[day] = _columns(PREDICTIONS_SCHEMA.names)
                     cols["_keys"], cols["_values"], cols["_offsets"] = [], [], [0]
-                for name in ("ts", "line", "machine", "model_version", "window_end_seq"):
+                for name in ("ts", "line", "machine", "model_version", "window_end_seq", "role"):
                     cols[name].append(getattr(msg, name))
                 ok = msg.probs.get("ok")
                 cols["risk"].append(None if ok is None else min(1.0, max(0.0, 1.0 - ok)))

@@ -146,8 +146,9 @@ class Collector:
 
     def _filters(self) -> tuple[list[str], list[str]]:
         """(filters to subscribe, filters to drop from a session an earlier run may have left)."""
-        # Predictions and commands too: the lake keeps the audit trail (which model ordered what).
-        plain = [self.topics.pattern(ch) for ch in ("telemetry", "event", "prediction", "command")]
+        # Predictions (the champion's and a shadow challenger's) and commands too: the lake keeps the
+        # audit trail (which model ordered what, and what a shadow would have said).
+        plain = [self.topics.pattern(ch) for ch in ("telemetry", "event", "prediction", "prediction/shadow", "command")]
         shared = [f"$share/{self.config.share_group}/{f}" for f in plain]
         if self._client.protocol != paho.MQTTv5:  # MQTT 3.1.1 has no shared subscriptions
             return plain, []

@@ -5,7 +5,8 @@ Layout (docs/architecture.md, "Storage")::
     <lake>/raw/telemetry/date=YYYY-MM-DD/<collector>-<batch>-<nonce>.parquet
     <lake>/raw/events/date=YYYY-MM-DD/...
     <lake>/deadletter/date=YYYY-MM-DD/...
-    <lake>/raw/predictions/date=YYYY-MM-DD/...     what the served model said of each window
+    <lake>/raw/predictions/date=YYYY-MM-DD/...     what the served model said of each window (column ``role``:
+                                                   champion, or shadow for a challenger run beside it)
     <lake>/raw/commands/date=YYYY-MM-DD/...        every command sent to the plant, with its risk and threshold
     <lake>/ledger/models/*.parquet                 the registered model versions (orchestrator, append-only)
     <lake>/ledger/serving/*.parquet                which version served where, from when to when (append-only)
@@ -114,7 +115,8 @@ DEADLETTER_SCHEMA = pa.schema([
 
 PROBS_TYPE = pa.map_(pa.string(), pa.float64())
 
-#: What the served model said of each window (``{root}/+/+/prediction``): the audit trail's evidence.
+#: What the served model said of each window (``{root}/+/+/prediction``): the audit trail's evidence;
+#: and what a shadow challenger said of the same windows (``{root}/+/+/prediction/shadow``, ``role`` shadow).
 PREDICTIONS_SCHEMA = pa.schema([
     ("ts", pa.float64()),             # plant time of the window's end, epoch seconds (UTC)
     ("line", pa.string()),
@@ -125,6 +127,9 @@ PREDICTIONS_SCHEMA = pa.schema([
     ("probs", PROBS_TYPE),
     ("received_at", pa.float64()),
     ("collector", pa.string()),
+    # Last, so files written before it read the same by position; null in those files = champion.
+    # champion: the served model, whose decisions command the plant; shadow: a challenger beside it.
+    ("role", pa.string()),
 ])
 
 #: Every command sent to the plant (``{root}/+/+/command``), with what triggered it.
@@ -309,6 +314,24 @@ class Lake:
                     with self.fs.open_input_file(info.path) as f:
                         parts.append(pq.read_table(f).cast(schema))
         return pa.concat_tables(parts)
+
+    def read_rows(self, table: str, columns: list[str], start_ts: float, end_ts: float | None = None) -> pa.Table:
+        """The rows of a raw table with ``start_ts <= ts`` (and ``ts <= end_ts``), in the table's schema:
+        a column added since a file was written (``predictions.role``) reads as null there.  Only the
+        day partitions the range touches are read; duplicates (redeliveries) are left to the caller."""
+        import pyarrow.dataset as ds
+
+        schema = {"telemetry": TELEMETRY_SCHEMA, "events": EVENTS_SCHEMA, "predictions": PREDICTIONS_SCHEMA,
+                  "commands": COMMANDS_SCHEMA}[table]
+        first, last = day_of(start_ts), day_of(end_ts) if end_ts is not None else "9999-12-31"
+        files = [p for day, fs in self.list_files(table).items() if first <= day <= last for p, _ in fs]
+        if not files:
+            return schema.empty_table().select(columns)
+        cond = ds.field("ts") >= start_ts
+        if end_ts is not None:
+            cond = cond & (ds.field("ts") <= end_ts)
+        return ds.dataset(files, schema=schema, filesystem=self.fs, format="parquet").to_table(columns=columns,
+                                                                                                filter=cond)
 
     def write_table(self, table: pa.Table, path: str) -> None:
         """Write ``table`` as Parquet at ``path`` so that it appears complete or not at all."""

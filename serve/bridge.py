@@ -50,6 +50,14 @@ machines down at once per line, the off switch); refusals are counted by reason
 on ``{root}/_control/serve-bridge`` (``flywheel serve pause|resume``; under the broker's ACL only
 the operator identity may write it): while paused, predictions still flow, no order is sent.
 
+A shadow (``BridgeConfig.shadow_adapter``, e.g. the ``shadow`` adapter that ``serve.shadow=challenger``
+serves): the bridge asks that adapter for the same windows too, once per batch and without retries,
+and publishes its Predictions (``role`` shadow) on ``{root}/{line}/{machine}/prediction/shadow``
+before the champion's.  A shadow's risk never reaches the policy: it commands nothing, proposes
+nothing, and a failed shadow call (``shadow_errors``) costs the champion one try, no retry.  A shadow
+the app does not serve, or one trained on another window config than the champion's, is not asked
+(``shadow_refused`` counts its windows): its input would not be its training input.
+
 ``BridgeConfig.mode`` decides what an order does: ``auto`` sends it; ``approve`` proposes it
 (the Command, on ``{root}/_review/serve-bridge``) and sends it only when an Approval with its
 ``command_id`` arrives on ``{root}/_approve/serve-bridge`` within ``proposal_ttl_s`` plant seconds
@@ -111,6 +119,7 @@ class Bridge:
         self._recent: deque[Window] = deque(maxlen=4096)
         self._proposals: dict[str, contract.Command] = {}   # approve mode: command_id -> the proposed order
         self.model_version: str | None = None
+        self.shadow_version: str | None = None   # the version the shadow adapter answered with last
         self.window: WindowConfig | None = None   # the served version's, read at start()
         self.featuriser: str | None = None
         self._client = None
@@ -125,6 +134,7 @@ class Bridge:
         self._state_path = (bridge_state.state_path(self.config.state_dir, self.client_id)
                             if self.config.state_dir else None)
         self.restored_from: str | None = None    # the state file this bridge resumed from
+        self._shadow_ok = False   # the shadow adapter serves and windows as the champion does (_sync_model)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, fresh: bool = False) -> "Bridge":
@@ -256,14 +266,24 @@ class Bridge:
             raise BridgeError(f"bridge.window {configured.to_dict()} differs from the window {what} was trained "
                               f"on {window.to_dict()}: its input would not be its training input; drop "
                               "bridge.window (the bridge reads it from the model)")
+        shadow_name = self.config.shadow_adapter
+        shadow = (info.get("adapters") or {}).get(shadow_name) or {} if shadow_name else {}
         others = {n: a.get("window") for n, a in (info.get("adapters") or {}).items()
-                  if n != name and a.get("window") is not None}
+                  if n not in (name, shadow_name) and a.get("window") is not None}
         clash = {n: w for n, w in others.items() if WindowConfig.from_dict(w) != (window or configured)}
         if clash:
             raise BridgeError(f"the app's adapters were trained on different window configs ({name}: "
                               f"{(window or configured).to_dict()}, " + ", ".join(f"{n}: {w}" for n, w in clash.items())
                               + "); one bridge windows telemetry one way: serve adapters of one window config")
         window = window or configured
+        shadow_window = shadow.get("window")
+        self._shadow_ok = bool(shadow) and (shadow_window is None or WindowConfig.from_dict(shadow_window) == window)
+        if shadow_name and not shadow:
+            log.warning("the app serves no adapter %r: no shadow predictions", shadow_name)
+        elif shadow and not self._shadow_ok:
+            log.error("the shadow adapter %r v%s was trained on window %s, the champion on %s: the shadow is not "
+                      "asked (its input would not be its training input)", shadow_name, shadow.get("version"),
+                      shadow_window, window.to_dict())
         with self._cond:
             if self.window is not None and window != self.window:
                 log.warning("%s was trained on window %s (was %s): starting the windows afresh", what,
@@ -454,6 +474,32 @@ class Bridge:
         log.error("dropped %d windows: the serve app at %s did not answer", len(batch), self.serve.url)
         return None
 
+    def _shadow_predict(self, batch: list[Window]) -> list[tuple[str, bytes]]:
+        """The shadow's predictions of ``batch``, as (topic, payload) to send (one try: the champion's
+        orders never wait on a retry)."""
+        name = self.config.shadow_adapter
+        if not name:
+            return []
+        if not self._shadow_ok:
+            self._counts["shadow_refused"] += len(batch)
+            return []
+        try:
+            out = self.serve.predict([{"kind": w.kind, "readings": [dict(r) for r in w.readings]} for w in batch],
+                                     adapter=name)
+        except ServeHTTPError as exc:
+            self._counts["shadow_errors"] += 1
+            if self._counts["shadow_errors"] <= 5:
+                log.warning("the shadow adapter %r did not answer for %d windows: %s", name, len(batch), exc)
+            return []
+        messages = []
+        for w, p in zip(batch, out["predictions"]):
+            pred = contract.Prediction(ts=w.end_ts, line=w.line, machine=w.machine, model_version=p["model_version"],
+                                       probs=p["probs"], window_end_seq=w.end_seq, role="shadow")
+            messages.append((self.topics.prediction(w.line, w.machine, "shadow"), contract.encode(pred)))
+            self._counts["shadow_predictions"] += 1
+            self.shadow_version = p["model_version"]
+        return messages
+
     def _process(self, batch: list[Window]) -> None:
         out = self._predict(batch)
         if out is None:
@@ -467,7 +513,8 @@ class Bridge:
             except BridgeError as exc:
                 self._counts["model_refused"] += 1
                 log.error("bridge cannot feed the model now serving: %s", exc)
-        outbox: list[tuple[str, bytes]] = []
+        # the shadow's predictions first: sent before the champion's, which the plant waits for
+        outbox: list[tuple[str, bytes]] = self._shadow_predict(batch)
         for w, p in zip(batch, out["predictions"]):
             version = p["model_version"]
             self.model_version = version
@@ -517,12 +564,14 @@ class Bridge:
                                                  "suppressed_line_order_cap", "suppressed_line_down_cap",
                                                  "control_messages", "proposed", "approved", "approvals_unknown",
                                                  "approvals_expired", "would_order", "window_changes",
-                                                 "model_refused")}
+                                                 "model_refused", "shadow_predictions", "shadow_errors",
+                                                 "shadow_refused")}
         s["proposals_pending"] = len(self._proposals)
         s["paused"] = int(self.policy.paused)
         s["decode_errors"] = dict(self._decode_errors)
         s["pending"] = len(self._pending)
         s["model_version"] = self.model_version
+        s["shadow_version"] = self.shadow_version
         s["machines"] = len(self._builders)
         s["window"] = self.window.to_dict() if self.window is not None else None
         s["featuriser"] = self.featuriser
@@ -570,7 +619,8 @@ def bridge_metrics(bridge: "Bridge") -> list:
            Sample("flywheel_events", float(s["telemetry"] + s["events"]), {"component": c, "direction": "in"}),
            Sample("flywheel_model_version_served", version, {"component": c})]
     out += [Sample("flywheel_predictions", float(s[k]), {"component": c, "outcome": o})
-            for k, o in (("predictions", "scored"), ("serve_errors", "error"), ("windows_dropped", "dropped"))]
+            for k, o in (("predictions", "scored"), ("serve_errors", "error"), ("windows_dropped", "dropped"),
+                         ("shadow_predictions", "shadow"), ("shadow_errors", "shadow_error"))]
     out += [Sample("flywheel_commands", float(s[k]), {"component": c, "outcome": o})
             for k, o in (("commands", "sent"), ("proposed", "proposed"), ("approved", "approved"),
                          ("would_order", "would_order"))]

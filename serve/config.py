@@ -22,6 +22,10 @@ from flywheel.base.features import WindowConfig
 from flywheel.base.governance import GovernancePolicy
 
 
+#: The adapter name under which ``ServeConfig.shadow`` serves the challenger beside the champion.
+SHADOW_ADAPTER = "shadow"
+
+
 @dataclass
 class ServeConfig:
     base_model: str = field(default="", metadata={
@@ -88,6 +92,12 @@ class ServeConfig:
     adapters: dict[str, str] = field(default_factory=dict, metadata={
         "help": "extra named adapters on the same base: name -> 'ref' (alias or version of the served "
                 "model) or 'other-model@ref'; chosen per request with \"adapter\": name"})
+    shadow: str = field(default="", metadata={
+        "help": "'' (off) or challenger: also serve the version holding the registry alias 'challenger' as adapter "
+                "'shadow' beside the champion. A campaign's bridge then asks it for every live window too and "
+                "publishes its predictions on {root}/{line}/{machine}/prediction/shadow (lake: raw/predictions, "
+                "role=shadow); a shadow never commands. The turn scores both on the period's outcomes (live.*, "
+                "shadow.*)"})
     kind_adapters: dict[str, str] = field(default_factory=dict, metadata={
         "help": "default adapter per machine kind for windows that name none, e.g. {pump: pump}"})
     access_log: bool = field(default=False, metadata={"help": "log every HTTP request in the replicas"})
@@ -141,6 +151,15 @@ class ServeConfig:
             raise ConfigError(f"precision should be auto, fp32 or bf16, got {self.precision!r}")
         if "default" in self.adapters:
             raise ConfigError("adapters may not redefine 'default' (it is the served model at its alias)")
+        if self.shadow not in ("", "challenger"):
+            raise ConfigError(f"shadow should be '' (off) or challenger (the version at the registry alias "
+                              f"'challenger'), got {self.shadow!r}")
+        if self.shadow:
+            if self.adapters.get(SHADOW_ADAPTER, self.shadow) != self.shadow:
+                raise ConfigError(f"adapters.{SHADOW_ADAPTER} is {self.adapters[SHADOW_ADAPTER]!r} but shadow="
+                                  f"{self.shadow} serves the alias {self.shadow!r} under that name; drop "
+                                  f"adapters.{SHADOW_ADAPTER}")
+            self.adapters = {**self.adapters, SHADOW_ADAPTER: self.shadow}
         for kind, name in self.kind_adapters.items():
             if name != "default" and name not in self.adapters:
                 raise ConfigError(f"kind_adapters.{kind} names adapter {name!r}, which is not in adapters "
@@ -175,6 +194,11 @@ class BridgeConfig:
         "help": "start with the off switch on: predictions flow, no order is sent (suppressed_paused) until "
                 "`flywheel serve resume` (a retained message on {root}/_control/serve-bridge overrides this)"})
     adapter: str | None = field(default=None, metadata={"help": "adapter to ask the model for; None = the app's choice"})
+    shadow_adapter: str | None = field(default=None, metadata={
+        "help": "an adapter of the app to ask for every window as well (e.g. shadow, which serve.shadow=challenger "
+                "serves): its predictions go to {root}/{line}/{machine}/prediction/shadow, it never commands. None: "
+                "no shadow. A failed shadow call is counted (shadow_errors) and never delays the champion's orders "
+                "beyond one try"})
     flush_idle_ms: float = field(default=10.0, metadata={
         "help": "send the pending windows once no telemetry arrived for this long (wall ms)"})
     max_pending: int = field(default=64, metadata={"help": "send at once when this many windows are pending"})

@@ -174,6 +174,27 @@ class ServingHandle:
                                    f"waiting for {version}{why}")
             time.sleep(0.5)
 
+    def wait_for_adapter(self, adapter: str, version: str, timeout_s: float = 60.0) -> None:
+        """Block until the app serves ``version`` under ``adapter`` (e.g. ``shadow``), refreshing as it
+        waits; raise TimeoutError with the app's last refusal otherwise."""
+        deadline = time.monotonic() + timeout_s
+        current = None
+        while True:
+            try:
+                info = self.client.refresh()
+                current = ((info.get("adapters") or {}).get(adapter) or {}).get("version")
+            except ServeHTTPError as exc:
+                log.debug("refresh failed while waiting: %s", exc)
+                info = {}
+            if current is not None and str(current) == str(version):
+                return
+            if time.monotonic() > deadline:
+                refusal = (info.get("refusals") or {}).get(adapter)
+                why = f"; last refusal: {refusal['reason']}" if refusal else ""
+                raise TimeoutError(f"serve's adapter {adapter!r} runs version {current} after {timeout_s:.0f}s, "
+                                   f"waiting for {version}{why}")
+            time.sleep(0.5)
+
     def shutdown(self) -> None:
         """Delete this app (Ray Serve itself and other apps keep running)."""
         from ray import serve as ray_serve

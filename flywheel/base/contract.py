@@ -11,6 +11,9 @@ Topics (root ``factory`` by default)::
     {root}/{line}/{machine}/event        QoS 1  sim -> ingest             MachineEvent
     {root}/{line}/{machine}/prediction   QoS 1  serve -> anyone           Prediction
                                           (QoS 1, not 0: the simulator's lockstep waits for every one)
+    {root}/{line}/{machine}/prediction/shadow   QoS 1  serve -> anyone    Prediction, role "shadow"
+                                          (a challenger run beside the champion on the same windows;
+                                           it never commands, and the simulator does not subscribe)
     {root}/{line}/{machine}/command      QoS 1  serve/person -> sim       Command
                                           (ingest lands predictions and commands too: the audit trail)
     {root}/_status/{component}           QoS 1, retained                  Status
@@ -45,7 +48,7 @@ from flywheel.base.errors import FlywheelError
 __all__ = [
     "ContractError", "Telemetry", "MachineEvent", "Prediction", "Command", "Status",
     "Topics", "TopicInfo", "decode", "encode", "event_id", "LABELS", "FAILURE_MODES",
-    "MACHINE_KINDS", "EVENT_TYPES", "PRODUCT_VARIANTS", "DEFAULT_MAX_PAYLOAD_BYTES", "SCHEMA_MAJORS",
+    "MACHINE_KINDS", "EVENT_TYPES", "PREDICTION_ROLES", "PRODUCT_VARIANTS", "DEFAULT_MAX_PAYLOAD_BYTES", "SCHEMA_MAJORS",
     "is_failure",
 ]
 
@@ -157,8 +160,18 @@ class MachineEvent(msgspec.Struct, frozen=True, kw_only=True):
     variant: str | None = None
 
 
+#: Who made a prediction: the served ``champion`` (whose decisions command the plant) or a
+#: ``shadow`` challenger run beside it on the same windows (published, recorded, never obeyed).
+PREDICTION_ROLES = ("champion", "shadow")
+
+
 class Prediction(msgspec.Struct, frozen=True, kw_only=True):
-    """The served model's label probabilities for the window ending at ``window_end_seq``."""
+    """The served model's label probabilities for the window ending at ``window_end_seq``.
+
+    ``role`` came in a minor version of ``prediction/1``: ``champion`` (the default, and what a
+    producer before it means) or ``shadow`` (a challenger's prediction, published only on
+    ``{root}/{line}/{machine}/prediction/shadow``; a consumer before it never subscribes there).
+    """
 
     schema: str = "prediction/1"
     ts: float
@@ -167,6 +180,7 @@ class Prediction(msgspec.Struct, frozen=True, kw_only=True):
     model_version: str
     probs: dict[str, float]
     window_end_seq: int
+    role: str = "champion"
 
 
 class Command(msgspec.Struct, frozen=True, kw_only=True):
@@ -268,6 +282,8 @@ class TopicInfo(msgspec.Struct, frozen=True):
     line: str | None
     machine: str | None
     component: str | None = None
+    #: ``shadow`` on ``.../prediction/shadow``, else None
+    role: str | None = None
 
 
 class Topics:
@@ -287,7 +303,14 @@ class Topics:
     def event(self, line: str, machine: str) -> str:
         return f"{self.root}/{line}/{machine}/event"
 
-    def prediction(self, line: str, machine: str) -> str:
+    def prediction(self, line: str, machine: str, role: str = "champion") -> str:
+        """The champion's prediction topic, or with ``role="shadow"`` the shadow challenger's
+        (one level below it, so ``{root}/+/+/prediction`` never matches a shadow prediction)."""
+        if role == "shadow":
+            return f"{self.root}/{line}/{machine}/prediction/shadow"
+        if role != "champion":
+            raise ContractError("bad_value", f"prediction role should be one of {PREDICTION_ROLES}, got {role!r}",
+                                "role", role)
         return f"{self.root}/{line}/{machine}/prediction"
 
     def command(self, line: str, machine: str) -> str:
@@ -311,12 +334,16 @@ class Topics:
         """The topic a message is published on."""
         if isinstance(msg, Status):
             return self.status(msg.component)
+        if isinstance(msg, Prediction):
+            return self.prediction(msg.line, msg.machine, msg.role)
         return f"{self.root}/{msg.line}/{msg.machine}/{_TYPE_CHANNEL[type(msg)]}"
 
     def pattern(self, channel: str) -> str:
         """Subscription filter for one channel over all lines and machines."""
         if channel == "status":
             return f"{self.root}/_status/+"
+        if channel == "prediction/shadow":
+            return f"{self.root}/+/+/prediction/shadow"
         if channel not in _CHANNEL_TYPES:
             raise ContractError("bad_topic", f"unknown channel {channel!r}", "channel", channel)
         return f"{self.root}/+/+/{channel}"
@@ -340,7 +367,11 @@ class Topics:
             line, machine = rest[0], rest[1]
             if _NAME_RE.match(line) and _NAME_RE.match(machine) and line != "_status":
                 return TopicInfo(rest[2], line, machine)
-        raise ContractError("bad_topic", f"topic {topic!r} does not match {self.root}/<line>/<machine>/<channel>",
+        if len(rest) == 4 and rest[2] == "prediction" and rest[3] == "shadow" \
+                and _NAME_RE.match(rest[0]) and _NAME_RE.match(rest[1]) and rest[0] != "_status":
+            return TopicInfo("prediction", rest[0], rest[1], role="shadow")
+        raise ContractError("bad_topic", f"topic {topic!r} does not match {self.root}/<line>/<machine>/<channel> "
+                            f"(or {self.root}/<line>/<machine>/prediction/shadow)",
                             "topic", topic)
 
 
@@ -413,6 +444,10 @@ def decode(topic: str, payload: bytes, *, topics: Topics | None = None,
     elif msg.line != info.line or msg.machine != info.machine:
         raise ContractError("topic_mismatch", f"payload says {msg.line}/{msg.machine} but topic says "
                             f"{info.line}/{info.machine}", "machine", f"{msg.line}/{msg.machine}")
+    elif info.channel == "prediction" and msg.role != (info.role or "champion"):
+        # A shadow's prediction on the champion's topic (or the reverse) would be taken for the other's.
+        raise ContractError("topic_mismatch", f"a {msg.role} prediction on a {info.role or 'champion'} prediction "
+                            f"topic ({topic!r}); shadow predictions go to .../prediction/shadow", "role", msg.role)
     return msg
 
 
@@ -523,6 +558,8 @@ def validate(msg: Message) -> None:
         _check_name("machine", msg.machine)
         if not msg.probs:
             raise _bad("bad_value", "probs", msg.probs, "must hold at least one label")
+        if msg.role not in PREDICTION_ROLES:
+            raise _bad("bad_value", "role", msg.role, f"must be one of {', '.join(PREDICTION_ROLES)}")
         total = 0.0
         for label, p in msg.probs.items():
             _check_finite(f"probs.{label}", p)

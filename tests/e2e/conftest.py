@@ -63,3 +63,26 @@ def gbdt_campaign(tmp_path_factory, ray_local):
     t0 = time.monotonic()
     state = run_campaign(cfg, workdir, view=False)
     return cfg, workdir, state, time.monotonic() - t0
+
+
+@pytest.fixture(scope="session")
+def shadow_campaign(tmp_path_factory, ray_local):
+    """The tiny campaign with trees and two learning turns, the challenger in shadow and promoted only
+    on live evidence (``serve.shadow=challenger train.promote_after_shadow=true``): turn 1's v1 has no
+    champion to run beside; turn 2's v2 passes the offline gate, runs beside v1 for the period and
+    the promote-after-shadow rule decides. The gate compares log loss (point rule), on which v2,
+    trained on two periods, beats v1 clearly on this seed: the offline gate passes, so the live
+    rule is what decides. No reference plant: the live scores are what is tested. The replica
+    reserves half a CPU: turn 2 builds its snapshot while Serve runs, and a Ray Data task needs a
+    whole CPU of the session's two beside the replica and the collector."""
+    from flywheel.campaign import default_config_path, load_campaign
+    from flywheel.loop import run_campaign
+
+    workdir = tmp_path_factory.mktemp("e2e-shadow")
+    cfg = load_campaign(str(default_config_path("tiny")), [
+        "campaign=e2e-shadow", "serve.ingress=proxy", "turns=2", "train.family=gbdt", "train.reference_family=",
+        "reference.period=0", "serve.shadow=challenger", "train.promote_after_shadow=true",
+        "train.shadow_margin=0.05", "train.gate_metric=eval.loss", "train.gate_bootstrap=0",
+        "serve.num_cpus_per_replica=0.5"])
+    state = run_campaign(cfg, workdir, view=False)
+    return cfg, workdir, state

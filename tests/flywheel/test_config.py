@@ -3,6 +3,8 @@ the stage loader's one grammar (section.key=value, a bare alias of the command's
 
 from dataclasses import dataclass, field
 
+import re
+
 import pytest
 
 from flywheel.base.config import ConfigError, load, load_section, load_sections, parse_duration
@@ -182,3 +184,26 @@ def test_broker_urls_parse_and_never_show_the_password(monkeypatch):
     with pytest.raises(ConfigError) as e:
         BrokerURL.parse("http://u:pw123@h")
     assert "pw123" not in str(e.value)
+
+
+def test_shadow_and_promote_after_shadow_settings_are_checked_where_they_are_loaded():
+    from flywheel.campaign import default_config_path, load_campaign, stage_configs
+    from serve import SHADOW_ADAPTER, ServeConfig
+
+    tiny = str(default_config_path("tiny"))
+    stages = stage_configs(load_campaign(tiny, ["serve.shadow=challenger", "train.promote_after_shadow=true",
+                                                "train.shadow_metric=cost_per_1k_windows", "train.shadow_margin=50"]))
+    # the app serves the version at the registry alias "challenger" as adapter "shadow" beside the champion
+    assert stages["serve"].adapters == {SHADOW_ADAPTER: "challenger"} and stages["train"].promote_after_shadow
+    # the replica gets its config as a dict: the same config again
+    assert ServeConfig(**stages["serve"].replica_dict()).adapters == {SHADOW_ADAPTER: "challenger"}
+    assert ServeConfig().adapters == {}
+    for overrides, message in (
+            (["train.promote_after_shadow=true"], "set serve.shadow=challenger"),
+            (["serve.shadow=champion"], "shadow should be '' (off) or challenger"),
+            (["serve.shadow=challenger", "serve.adapters.shadow=champion"], "drop adapters.shadow"),
+            (["train.shadow_metric=macro_f1"], "shadow_metric should be one of f1_any_failure"),
+            (["train.shadow_margin=-0.1"], "shadow_margin should be >= 0"),
+            (["bridge.shadow_adapter=shadow"], "set by the campaign")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_campaign(tiny, overrides)

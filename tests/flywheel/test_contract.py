@@ -207,3 +207,30 @@ def test_command_risk_and_threshold_are_an_optional_minor_addition():
         assert (err.value.reason, err.value.field) == ("bad_value", field)
     # the "never asks" operating point (1.01) is a valid threshold
     assert c.decode(topic, json.dumps({**json.loads(payload), "threshold": 1.01}).encode()).threshold == 1.01
+
+
+def test_a_shadow_prediction_has_its_own_topic_and_cannot_pass_for_the_champions():
+    """role came in a minor version of prediction/1: champion by default (what every producer before
+    it meant); a shadow's prediction lives one level below, where {root}/+/+/prediction never matches."""
+    t = c.Topics("factory")
+    shadow = c.Prediction(ts=6000.0, line="L1", machine="mill-01", model_version="3", probs={"ok": 0.7, "TWF": 0.3},
+                          window_end_seq=40, role="shadow")
+    topic = t.for_message(shadow)
+    assert topic == "factory/L1/mill-01/prediction/shadow" == t.prediction("L1", "mill-01", "shadow")
+    assert t.parse(topic) == c.TopicInfo("prediction", "L1", "mill-01", role="shadow")
+    assert t.pattern("prediction/shadow") == "factory/+/+/prediction/shadow"
+    assert c.decode(topic, c.encode(shadow)) == shadow
+    champion = msgspec.structs.replace(shadow, role="champion")
+    assert t.for_message(champion) == "factory/L1/mill-01/prediction"
+    old = json.dumps({k: v for k, v in json.loads(c.encode(champion)).items() if k != "role"}).encode()
+    assert c.decode("factory/L1/mill-01/prediction", old).role == "champion"
+    # each on the other's topic is refused, naming the field
+    for wrong_topic, msg in (("factory/L1/mill-01/prediction", shadow), (topic, champion)):
+        with pytest.raises(c.ContractError) as err:
+            c.decode(wrong_topic, c.encode(msg))
+        assert (err.value.reason, err.value.field) == ("topic_mismatch", "role")
+    with pytest.raises(c.ContractError) as err:
+        c.decode(topic, json.dumps({**json.loads(c.encode(shadow)), "role": "canary"}).encode())
+    assert (err.value.reason, err.value.field) == ("bad_value", "role")
+    with pytest.raises(c.ContractError):
+        t.parse("factory/L1/mill-01/prediction/other")

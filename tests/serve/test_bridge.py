@@ -323,3 +323,67 @@ def test_a_hot_swap_to_a_version_trained_on_another_window_is_followed_by_the_br
     finally:
         rec.close()
         h.shutdown()
+
+
+def test_a_shadow_answers_every_window_on_its_own_topic_and_never_commands(broker, served):
+    """``shadow_adapter``: the app's adapter "pump" (v2) answers every window beside the champion (v1);
+    its predictions go to .../prediction/shadow with role shadow, and every order is the champion's."""
+    root = "shadowed"
+    topics = contract.Topics(root)
+    rec = Recorder(broker.url, root)
+    shadow_rec = []
+    sub = make_client(broker.url, unique_client_id("serve-test-shadow"))
+    sub.on_message = lambda c, u, m: shadow_rec.append((m.topic, contract.decode(m.topic, m.payload, topics=topics)))
+    connect(sub, broker.url)
+    sub.subscribe(topics.pattern("prediction/shadow"), qos=1)
+    time.sleep(0.2)
+    cfg = BridgeConfig(threshold=0.0, cooldown_s=0, shadow_adapter="pump")   # every champion window orders
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        pub = publisher(broker.url)
+        streams = {m: pump_stream("L1", m, 20, seed=k) for k, m in enumerate(("p1", "p2"))}
+        publish_all(pub, topics, [t for pair in zip(*streams.values()) for t in pair])
+        n = sum(len(windows(s, WINDOW)) for s in streams.values())
+        preds = rec.wait("prediction", n)
+        deadline = time.monotonic() + 30
+        while len(shadow_rec) < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        st = b.stats()
+        pub.disconnect()
+    sub.disconnect()
+    sub.loop_stop()
+    rec.close()
+    # the champion's predictions alone on .../prediction (what the plant's lockstep subscribes to)
+    assert len(preds) == n and {p["model_version"] for p in preds} == {"1"}
+    assert {p.get("role", "champion") for p in preds} == {"champion"}
+    # the shadow answered the same windows, on its own topic, marked as such
+    assert len(shadow_rec) == n and st["shadow_predictions"] == n and st["shadow_version"] == "2"
+    assert all(t.endswith("/prediction/shadow") and m.role == "shadow" and m.model_version == "2"
+               for t, m in shadow_rec)
+    assert sorted((m.machine, m.window_end_seq) for _, m in shadow_rec) == \
+        sorted((p["machine"], p["window_end_seq"]) for p in preds)
+    # the two models said different things of those windows (adapter b leans to BRG, a to TWF) ...
+    shadow_probs = {(m.machine, m.window_end_seq): m.probs for _, m in shadow_rec}
+    assert any(abs(shadow_probs[(p["machine"], p["window_end_seq"])]["BRG"] - p["probs"]["BRG"]) > 1e-3
+               for p in preds)
+    # ... and every order came from the champion: one per window at threshold 0, none from v2
+    cmds = rec.of("command")
+    assert len(cmds) == n == st["commands"] and {c["model_version"] for c in cmds} == {"1"}
+
+
+def test_a_shadow_that_does_not_answer_costs_the_champion_nothing(broker, served):
+    root = "shadowless"
+    topics = contract.Topics(root)
+    rec = Recorder(broker.url, root)
+    cfg = BridgeConfig(threshold=1.0, shadow_adapter="no-such-adapter")
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        pub = publisher(broker.url)
+        s = pump_stream("L1", "p1", 15)
+        publish_all(pub, topics, s)
+        n = len(windows(s, WINDOW))
+        preds = rec.wait("prediction", n)
+        st = b.stats()
+        pub.disconnect()
+    rec.close()
+    assert len(preds) == n and st["shadow_predictions"] == 0
+    # the app does not serve it: refused when the bridge read /version, never asked (no 404 per batch)
+    assert st["shadow_refused"] == n and st["serve_errors"] == 0
