@@ -89,8 +89,10 @@ class OpcUaPlantServer:
         self._thread.start()
         self._call(self._start_server(), 60)
 
-    def run(self, duration_s: float) -> LinkSummary:
-        return self._call(self._run(duration_s))
+    def run(self, duration_s: float, on_tick=None) -> LinkSummary:
+        """Run ``duration_s`` plant seconds; ``on_tick(ticks)`` is called after each tick, in the
+        server's thread (tests restart the server from it)."""
+        return self._call(self._run(duration_s, on_tick))
 
     def restart(self, down_s: float) -> None:
         """Stop the server, keep the plant running ``down_s`` wall seconds without it, start it again
@@ -193,7 +195,7 @@ class OpcUaPlantServer:
             ua.DataValue(ua.Variant(msg.seq, ua.VariantType.Int64), SourceTimestamp=when, ServerTimestamp=now))
         self.summary.samples += 1
 
-    async def _run(self, duration_s: float) -> LinkSummary:
+    async def _run(self, duration_s: float, on_tick=None) -> LinkSummary:
         plant, s = self.plant, self.summary
         out_file = open(self.out_path, "wb") if self.out_path else None
         enc = msgspec.json.Encoder().encode
@@ -222,6 +224,8 @@ class OpcUaPlantServer:
                     if out_file is not None:
                         out_file.write(b'{"topic":' + enc(self.topics.for_message(msg)) + b',"payload":'
                                        + contract.encode(msg) + b"}\n")
+                if on_tick is not None:
+                    on_tick(s.ticks)
                 if self.speed is None:
                     await asyncio.sleep(0)      # let the server answer its clients between ticks
         finally:

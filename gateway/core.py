@@ -79,11 +79,12 @@ class Gateway:
     # ------------------------------------------------------------------ counting
     def count(self, key: str, n: float = 1, why: str | None = None, level: int = logging.WARNING) -> None:
         with self._lock:
+            first = key not in self.counters
             self.counters[key] = self.counters.get(key, 0) + n
             if why:
                 self.last_error = why
-        if why:
-            log.log(level, "%s", why)
+        if why:   # the first of each reason at its level, the rest (a node bad for hours) at debug
+            log.log(level if first else logging.DEBUG, "%s", why)
         self.publish_status()
 
     def set_connected(self, connected: bool, why: str | None = None) -> None:
@@ -94,8 +95,11 @@ class Gateway:
         self.publish_status(force=True)
 
     # ------------------------------------------------------------------ samples -> telemetry
-    def emit(self, mm: MachineMap, ts: float, sample: Sample) -> contract.Telemetry | None:
-        """Publish one sample of machine ``mm`` at source time ``ts`` (see the module docstring)."""
+    def emit(self, mm: MachineMap, ts: float, sample: Sample, absent: frozenset[str] | set[str] = frozenset()
+             ) -> contract.Telemetry | None:
+        """Publish one sample of machine ``mm`` at source time ``ts`` (see the module docstring).
+
+        ``absent``: sources the plant does not have (counted once when found, not per sample)."""
         seq_value = None
         if mm.seq_source is not None:
             seq_value, reason = sample.get(mm.seq_source, (None, "missing_value"))
@@ -113,6 +117,8 @@ class Gateway:
                        why=f"{mm.machine}: {seq - last - 1} samples missing before seq {seq} (none invented)")
         readings: dict[str, float] = {}
         for r in mm.readings:
+            if r.source in absent:
+                continue
             raw, reason = sample.get(r.source, (None, "missing_value"))
             if reason is None and (not isinstance(raw, (int, float)) or isinstance(raw, bool)):
                 reason = "not_a_number"

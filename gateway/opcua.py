@@ -58,6 +58,7 @@ class OpcUaSource:
         self.nodes: dict[str, tuple[MachineMap, str]] = {}
         self._needed: dict[str, set[str]] = {}     # machine -> the sources one sample needs
         self._pending: dict[str, dict[float, dict]] = {}
+        self._absent: set[str] = set()             # mapped nodes the server does not have (this connection)
         bad = []
         for mm in m.machines:
             sources = [r.source for r in mm.readings] + ([mm.seq_source] if mm.seq_source else [])
@@ -116,7 +117,7 @@ class OpcUaSource:
             if t > upto:
                 break
             sample = pending.pop(t)
-            self.gw.emit(mm, t, sample)
+            self.gw.emit(mm, t, sample, self._absent)
 
     async def _subscribe(self, client: Client) -> None:
         m = self.mapping
@@ -131,6 +132,7 @@ class OpcUaSource:
                 self.gw.count("unknown_node", why=f"{mm.machine}: node {source} is not on {m.endpoint} ({res.name}); "
                                                   f"fix its node id in {m.path} or the server's address space")
                 self._needed[mm.machine].discard(source)
+                self._absent.add(source)
 
     # ------------------------------------------------------------------ commands
     def _on_command(self, mm: MachineMap, cmd: contract.Command) -> None:
@@ -184,6 +186,7 @@ class OpcUaSource:
             if self.connections > 1:
                 self.gw.count("reconnects", level=logging.INFO)
             try:
+                self._absent.clear()
                 for mm in m.machines:
                     self._needed[mm.machine] = {r.source for r in mm.readings} | ({mm.seq_source} if mm.seq_source else set())
                 await self._subscribe(client)
