@@ -97,8 +97,10 @@ class SparkplugHost:
             self._handle(t, payload)
 
     def _handle(self, t: sp.SparkplugTopic, payload) -> None:
-        edge = self.edges.setdefault(t.edge, _Edge())
         kind = t.type
+        if kind in ("NCMD", "DCMD"):
+            return                                   # commands (ours, or another host's) are not data
+        edge = self.edges.setdefault(t.edge, _Edge())
         if kind == "NDEATH":
             bd = self._bdseq(payload)
             if edge.bdseq is not None and bd is not None and bd != edge.bdseq:
@@ -126,8 +128,6 @@ class SparkplugHost:
                                         "dropped (aliases unknown), asking for a rebirth")
             self._request_rebirth(t.edge, edge)
             return
-        if kind in ("NCMD", "DCMD"):
-            return                                   # commands (ours, or another host's) are not data
         self._check_seq(t, edge, payload)
         if kind == "DBIRTH":
             edge.aliases[t.device] = self._aliases(payload)

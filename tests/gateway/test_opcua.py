@@ -65,6 +65,7 @@ def test_opcua_gateway_publishes_the_json_paths_telemetry_and_sends_maintain_bac
         if svc is not None:
             svc.stop()
         srv.close()
+    wait_for(lambda: not inbox.status["gw-opcua-eq"].online, 10, "the final status")
     st = inbox.status["gw-opcua-eq"]
     assert st.online is False and st.counters["published"] == srv.summary.samples
     assert st.counters["commands_sent"] == 1 and st.counters["commands_refused.unmapped_machine"] == 1
