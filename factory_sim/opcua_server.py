@@ -105,6 +105,7 @@ class OpcUaPlantServer:
     def close(self) -> None:
         if self._thread.is_alive():
             self._call(self._stop_server(), 30)
+            self._call(self._cancel_rest(), 10)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
@@ -139,6 +140,14 @@ class OpcUaPlantServer:
         await server.start()
         self._server = server
         log.info("OPC UA server at %s", self.endpoint)
+
+    @staticmethod
+    async def _cancel_rest() -> None:
+        """Cancel what the stopped server left running (session timers), so the loop ends clean."""
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in rest:
+            t.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
 
     async def _stop_server(self) -> None:
         server, self._server = self._server, None

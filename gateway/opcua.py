@@ -101,7 +101,8 @@ class OpcUaSource:
         self._flush(mm)
 
     def status_change_notification(self, status) -> None:
-        self.gw.count("subscription_status_change", why=f"OPC UA subscription status changed: {status}")
+        code = getattr(getattr(status, "Status", None), "name", status)
+        self.gw.count("subscription_status_change", why=f"OPC UA subscription status changed: {code}")
 
     def _flush(self, mm: MachineMap, all_: bool = False) -> None:
         pending = self._pending[mm.machine]
