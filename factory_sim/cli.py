@@ -243,6 +243,7 @@ def _run_plant_protocol(args, plant, speed, duration_s, console) -> int:
                           "(--write-mapping writes the mapping for the one chosen)")
     if args.lockstep:
         raise ConfigError("--lockstep runs over the JSON topics only; leave it out with --serve-opcua / --sparkplug")
+    broker = None
     if args.serve_opcua is not None:
         from factory_sim.opcua_server import OpcUaPlantServer
 
@@ -255,7 +256,14 @@ def _run_plant_protocol(args, plant, speed, duration_s, console) -> int:
     else:
         from factory_sim.sparkplug_edge import SparkplugPlant
 
-        url = args.broker or "mqtt://127.0.0.1:1883"
+        url = args.broker
+        if url is None:        # as on the JSON path: an embedded broker, its URL printed, gone with the sim
+            from flywheel.base.broker import EmbeddedBroker
+
+            broker = EmbeddedBroker()
+            broker.start()
+            url = broker.url
+            console.print(f"embedded {broker.impl} broker at [bold]{url}[/] (it stops with the sim)")
         link = SparkplugPlant(plant, url, group=args.sparkplug_group, speed=speed, out_path=args.out,
                               topic_root=args.topic_root)
         mapping = gateway_mapping(plant, "sparkplug", group=args.sparkplug_group, topic_root=args.topic_root)
@@ -265,13 +273,15 @@ def _run_plant_protocol(args, plant, speed, duration_s, console) -> int:
             f.write(f"# flywheel gateway --mapping {args.write_mapping}\n")
             yaml.safe_dump(mapping, f, sort_keys=False)
         console.print(f"gateway mapping written to {args.write_mapping}")
-    link.start()
-    console.print(f"flywheel sim: scenario [bold]{plant.scenario.name}[/], seed {args.seed}, "
-                  f"{len(plant.machines)} machines at {where}, speed {'max' if speed is None else f'{speed:g}x'}")
     try:
+        link.start()
+        console.print(f"flywheel sim: scenario [bold]{plant.scenario.name}[/], seed {args.seed}, "
+                      f"{len(plant.machines)} machines at {where}, speed {'max' if speed is None else f'{speed:g}x'}")
         summary = link.run(duration_s)
     finally:
         link.close()
+        if broker is not None:
+            broker.close()
     lost = sum(len(v) for v in summary.lost.values())
     console.print(f"flywheel sim: {summary.ticks} ticks in {summary.wall_s:.1f} s, {summary.samples:,} samples "
                   f"exposed ({lost} lost), commands applied {summary.commands_applied}, refused "

@@ -38,7 +38,7 @@ from asyncua import Server, ua
 
 from flywheel.base import contract
 
-from factory_sim.plant import Plant, SimCommandError
+from factory_sim.plant import Plant, SimCommandError, SimError
 from factory_sim.plant_tags import MAINTAIN, OPCUA_NAMESPACE, SAMPLE_SEQ, opcua_node, readings_of
 
 log = logging.getLogger("factory_sim.opcua")
@@ -87,7 +87,11 @@ class OpcUaPlantServer:
     def start(self) -> None:
         """Start the event loop thread and the server; returns once it listens."""
         self._thread.start()
-        self._call(self._start_server(), 60)
+        try:
+            self._call(self._start_server(), 120)
+        except OSError as exc:
+            raise SimError(f"the OPC UA server cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "
+                           "choose another port with --serve-opcua") from None
 
     def run(self, duration_s: float, on_tick=None) -> LinkSummary:
         """Run ``duration_s`` plant seconds; ``on_tick(ticks)`` is called after each tick, in the
