@@ -5,7 +5,10 @@ data-change trigger StatusValueTimestamp, so a value that did not change but was
 still reports, with its SourceTimestamp.  The values of one machine that carry the same
 SourceTimestamp are one sample; a sample is published once every mapped node of the machine
 has reported for that time, or, with what it has (the rest counted ``missing_value``), once a
-later sample of the machine is complete.  A server that latches a sample writes all its values
+later sample of the machine is complete or it waited ``stale_s`` (3 publishing intervals, at
+least 1 s): a node that disappears from the server mid-run stops reporting, and its machine's
+samples go on without it.  A value that arrives for a sample already published is counted
+``late_value`` and dropped.  A server that latches a sample writes all its values
 with one timestamp, as the simulator does.
 
 The connection is watched twice a second; when it drops (the server restarts) the gateway
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import logging
+import time
 from datetime import datetime
 
 from asyncua import Client, ua
@@ -59,6 +63,10 @@ class OpcUaSource:
         self._needed: dict[str, set[str]] = {}     # machine -> the sources one sample needs
         self._pending: dict[str, dict[float, dict]] = {}
         self._absent: set[str] = set()             # mapped nodes the server does not have (this connection)
+        self._arrived: dict[str, dict[float, float]] = {}   # machine -> sample time -> when its first value came
+        self._done_upto: dict[str, float] = {}     # machine -> newest sample time published or given up
+        # a sample still incomplete this long after its first value is published with what it has
+        self.stale_s = max(1.0, 3 * m.publishing_interval_ms / 1000.0)
         bad = []
         for mm in m.machines:
             sources = [r.source for r in mm.readings] + ([mm.seq_source] if mm.seq_source else [])
@@ -96,8 +104,15 @@ class OpcUaSource:
             return
         ts = _epoch_s(when)
         entry = (val, None) if good else (None, "bad_status")
+        if ts <= self._done_upto.get(mm.machine, -1.0):
+            self.gw.count("late_value", why=f"{mm.machine}: {source} reported for {ts:.3f}, a sample already "
+                                            "published without it; dropped")
+            return
         pending = self._pending[mm.machine]
-        pending.setdefault(ts, {})[source] = entry
+        if ts not in pending:
+            pending[ts] = {}
+            self._arrived.setdefault(mm.machine, {})[ts] = time.monotonic()
+        pending[ts][source] = entry
         self._flush(mm)
 
     def status_change_notification(self, status) -> None:
@@ -114,11 +129,27 @@ class OpcUaSource:
         if not complete and not all_:
             return
         upto = times[-1] if all_ else complete[-1]
-        for t in times:
+        self._emit_upto(mm, upto)
+
+    def _emit_upto(self, mm: MachineMap, upto: float) -> None:
+        pending, arrived = self._pending[mm.machine], self._arrived.setdefault(mm.machine, {})
+        for t in sorted(pending):
             if t > upto:
                 break
             sample = pending.pop(t)
+            arrived.pop(t, None)
+            self._done_upto[mm.machine] = t
             self.gw.emit(mm, t, sample, self._absent)
+
+    def _flush_stale(self) -> None:
+        """Publish samples that stayed incomplete for ``stale_s`` (a node that stopped reporting: it
+        disappeared from the server, or its value never changes state), what they have, the rest counted."""
+        now = time.monotonic()
+        for mm in self.mapping.machines:
+            arrived = self._arrived.get(mm.machine, {})
+            stale = [t for t, first in arrived.items() if now - first > self.stale_s]
+            if stale:
+                self._emit_upto(mm, max(stale))
 
     async def _subscribe(self, client: Client) -> None:
         m = self.mapping
@@ -188,6 +219,7 @@ class OpcUaSource:
                 self.gw.count("reconnects", level=logging.INFO)
             try:
                 self._absent.clear()
+                self._done_upto.clear()       # a new subscription re-reports current values: emit's duplicate check
                 for mm in m.machines:
                     self._needed[mm.machine] = {r.source for r in mm.readings} | ({mm.seq_source} if mm.seq_source else set())
                 await self._subscribe(client)
@@ -196,6 +228,7 @@ class OpcUaSource:
                 while not stop.is_set():
                     await _sleep(stop, 0.5)
                     await client.check_connection()
+                    self._flush_stale()
                     self.gw.publish_status()
             except CONNECTION_ERRORS as exc:
                 self.gw.set_connected(False, f"lost OPC UA server {m.endpoint} ({exc!r}); reconnecting")
