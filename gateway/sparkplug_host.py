@@ -91,7 +91,7 @@ class SparkplugHost:
         try:
             payload = sp.decode(msg.payload)
         except sp.SparkplugError as exc:
-            self.gw.count(f"malformed_payload", why=f"{msg.topic}: {exc}")
+            self.gw.count("malformed_payload", why=f"{msg.topic}: {exc}")
             return
         with self._lock:
             self._handle(t, payload)

@@ -58,6 +58,12 @@ def test_opcua_gateway_publishes_the_json_paths_telemetry_and_sends_maintain_bac
         srv.run(60)              # the order is applied after the next tick
         assert srv.summary.commands_applied == 1
         assert mill.down and mill.down_reason == "planned"
+        # the plant refuses an order for a machine already down: the method's status is counted
+        again = contract.Command(command_id="gw-test-3", line=mill.line, machine=mill.machine_id, command="maintain",
+                                 reason="test")
+        publish_once(broker.url, inbox.topics.command(mill.line, mill.machine_id), contract.encode(again))
+        wait_for(lambda: svc.counters.get("commands_refused.BadInvalidState") == 1, 30, "the refusal")
+        assert srv.summary.refused_by_reason == {"machine_down": 1}
         wait_for(lambda: svc.counters.get("commands_refused.unmapped_machine") == 1)
         assert srv.summary.samples > len(reference)
         wait_for(lambda: svc.counters["published"] == srv.summary.samples, 30, "the samples of the last tick")
