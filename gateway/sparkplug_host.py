@@ -1,6 +1,8 @@
 """Read a plant over Sparkplug B: a host application on the plant's broker.
 
-Subscribes to ``spBv1.0/{group}/#`` and keeps, per edge node, its session (``bdSeq`` from
+Publishes its state (Sparkplug 3.0) retained on ``spBv1.0/STATE/{component}``
+(``{"online": true, "timestamp": ms}``; its will and a clean stop say ``false``), subscribes to
+``spBv1.0/{group}/#`` and keeps, per edge node, its session (``bdSeq`` from
 NBIRTH), the last ``seq`` and the metric aliases each birth declared:
 
 * NBIRTH starts a session (``seq`` 0); a second NBIRTH without a death is a rebirth (counted
@@ -26,6 +28,7 @@ machine mapped to an edge node itself) with the metrics ``Maintain`` (Boolean tr
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -61,20 +64,29 @@ class SparkplugHost:
         self.group = m.group
         self.rebirth_interval_s = rebirth_interval_s
         self.edges: dict[str, _Edge] = {}
+        self.state_topic = f"{sp.NAMESPACE}/STATE/{gateway.component}"
         self.by_device: dict[tuple[str, str | None], MachineMap] = {(mm.edge, mm.device): mm for mm in m.machines}
         self._lock = threading.Lock()
         self._client = None
         gateway.on_command = self._on_command
 
+    def _state(self, online: bool) -> bytes:
+        return json.dumps({"online": online, "timestamp": int(time.time() * 1000)}).encode()
+
     def start(self) -> None:
         c = self._client = make_client(self.url, prefix="flywheel-gateway-sp")
         c.on_message = self._on_message
+        # Sparkplug 3.0 host application state: retained, its will says offline (edge nodes that
+        # wait for a primary host read it)
+        c.will_set(self.state_topic, self._state(False), qos=1, retain=True)
         connect(c, self.url)
         c.subscribe(f"{sp.NAMESPACE}/{self.group}/#", qos=1)
+        c.publish(self.state_topic, self._state(True), qos=1, retain=True)
         self.gw.set_connected(True)
 
     def close(self) -> None:
         if self._client is not None:
+            self._client.publish(self.state_topic, self._state(False), qos=1, retain=True).wait_for_publish(5)
             self._client.disconnect()
             self._client.loop_stop()
             self._client = None

@@ -3,6 +3,7 @@ protocol's failure cases (sequence gaps, unborn nodes, malformed payloads); real
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -99,7 +100,9 @@ def test_sequence_gaps_unborn_nodes_and_malformed_payloads_are_counted_and_named
     watcher = make_client(broker.url, prefix="gw-test-ncmd")
     watcher.on_message = lambda c, u, m: (rebirths.append(m.topic), got_ncmd.set())
     connect(watcher, broker.url)
-    watcher.subscribe(sp.topic(group, "NCMD", "E1"), 1)
+    states = []
+    watcher.message_callback_add(f"{sp.NAMESPACE}/STATE/#", lambda c, u, m: states.append(json.loads(m.payload)))
+    watcher.subscribe([(sp.topic(group, "NCMD", "E1"), 1), (f"{sp.NAMESPACE}/STATE/{group}", 1)])
     node = make_client(broker.url, prefix="gw-test-edge")
     connect(node, broker.url)
 
@@ -126,6 +129,9 @@ def test_sequence_gaps_unborn_nodes_and_malformed_payloads_are_counted_and_named
     finally:
         svc.stop()
         node.disconnect()
+    try:
+        wait_for(lambda: [x["online"] for x in states] == [True, False], 10, "the host's STATE online, then offline")
+    finally:
         watcher.disconnect()
     temps = [(t.seq, round(t.readings["bearing_temp_k"], 2)) for t in inbox.telemetry]
     assert temps == [(0, 293.15), (1, 294.15), (2, 295.15), (4, 296.15)]
