@@ -66,6 +66,10 @@ class SparkplugHost:
         self.edges: dict[str, _Edge] = {}
         self.state_topic = f"{sp.NAMESPACE}/STATE/{gateway.component}"
         self.by_device: dict[tuple[str, str | None], MachineMap] = {(mm.edge, mm.device): mm for mm in m.machines}
+        #: machine -> the metric names one of its samples reads
+        self.wanted = {mm.machine: {r.source for r in mm.readings} | ({mm.seq_source} if mm.seq_source else set())
+                       for mm in m.machines}
+        self._topics: dict[str, sp.SparkplugTopic] = {}
         self._lock = threading.Lock()
         self._client = None
         gateway.on_command = self._on_command
@@ -94,8 +98,12 @@ class SparkplugHost:
 
     # ------------------------------------------------------------------ receiving
     def _on_message(self, client, userdata, msg) -> None:
+        t = self._topics.get(msg.topic)
         try:
-            t = sp.parse_topic(msg.topic)
+            if t is None:
+                t = sp.parse_topic(msg.topic)
+                if len(self._topics) < 65536:      # bounded: topics come from the wire
+                    self._topics[msg.topic] = t
         except sp.SparkplugError as exc:
             if not msg.topic.startswith(f"{sp.NAMESPACE}/STATE/"):
                 self.gw.count("bad_topic", why=str(exc))
@@ -186,7 +194,7 @@ class SparkplugHost:
         if mm is None:
             return                       # a device the mapping does not read
         names = edge.aliases.get(t.device, {})
-        wanted = {r.source for r in mm.readings} | ({mm.seq_source} if mm.seq_source else set())
+        wanted = self.wanted[mm.machine]
         by_ts: dict[int, Sample] = {}
         for m in payload.metrics:
             name = m.name or names.get(m.alias)
