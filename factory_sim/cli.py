@@ -30,6 +30,9 @@ examples:
   flywheel sim --scenario drift --duration 4d scenario.drift.at_s=86400 scenario.machines.milling=6
   flywheel sim --config flywheel/configs/demo.yaml --duration 2d       # a campaign's plant
   flywheel sim --scenario tiny --lockstep --broker mqtt://127.0.0.1:1884   # wait for the serving bridge
+  flywheel sim --scenario tiny --serve-opcua 4840 --speed 60 --write-mapping plant.yaml   # a plant of PLCs
+  flywheel sim --scenario tiny --sparkplug --speed 60 --write-mapping sp.yaml             # Sparkplug B edge nodes
+  (then: flywheel gateway --mapping plant.yaml --broker mqtt://127.0.0.1:1884)
 """
 
 
@@ -58,6 +61,16 @@ def register(sub, common) -> None:
     p.add_argument("--stride-s", type=float, default=600.0, help="window stride in plant seconds (default 600)")
     p.add_argument("--window-length", type=int, default=10, help="telemetry readings per window (default 10)")
     p.add_argument("--no-live", action="store_true", help="no live status line (plain output)")
+    plant = p.add_argument_group("speaking a plant's protocols (read by flywheel gateway instead of the JSON topics)")
+    plant.add_argument("--serve-opcua", type=int, default=None, metavar="PORT",
+                       help="expose each machine as an OPC UA object at opc.tcp://HOST:PORT/flywheel/ (readings as "
+                            "variables with engineering units, a Maintain method) instead of publishing on MQTT")
+    plant.add_argument("--opcua-host", default="127.0.0.1", help="address the OPC UA server binds (default 127.0.0.1)")
+    plant.add_argument("--sparkplug", action="store_true",
+                       help="publish Sparkplug B (an edge node per line, a device per machine) instead of the JSON topics")
+    plant.add_argument("--sparkplug-group", default="flywheel", help="Sparkplug group id (default flywheel)")
+    plant.add_argument("--write-mapping", default=None, metavar="FILE",
+                       help="write the flywheel gateway mapping file for this plant and protocol")
     common.add(p, broker=True, seed=True, config=True, metrics=True)
     p.set_defaults(func=run)
 
@@ -128,6 +141,8 @@ def run(args) -> int:
     if args.seed < 0:
         raise ConfigError(f"--seed should be >= 0, got {args.seed}")
     plant = Plant(scenario, seed=args.seed)
+    if args.serve_opcua is not None or args.sparkplug or args.write_mapping:
+        return _run_plant_protocol(args, plant, speed, duration_s, console)
 
     broker = None
     url = args.broker
@@ -225,3 +240,63 @@ def run(args) -> int:
             console.print(f"compare with the AI4I 2020 data set: python -m factory_sim.calibration {args.out}")
     return 0
 
+
+
+def _run_plant_protocol(args, plant, speed, duration_s, console) -> int:
+    """``--serve-opcua`` / ``--sparkplug``: the plant speaks a plant protocol; ``flywheel gateway`` reads it."""
+    import yaml
+
+    from flywheel.base.config import ConfigError
+
+    from factory_sim.plant_tags import gateway_mapping
+
+    if (args.serve_opcua is not None) == bool(args.sparkplug):
+        raise ConfigError("choose one plant protocol: --serve-opcua PORT or --sparkplug "
+                          "(--write-mapping writes the mapping for the one chosen)")
+    if args.lockstep:
+        raise ConfigError("--lockstep runs over the JSON topics only; leave it out with --serve-opcua / --sparkplug")
+    broker = None
+    if args.serve_opcua is not None:
+        from factory_sim.opcua_server import OpcUaPlantServer
+
+        if not 0 < args.serve_opcua < 65536:
+            raise ConfigError(f"--serve-opcua {args.serve_opcua} should be a TCP port (1-65535)")
+        link = OpcUaPlantServer(plant, args.serve_opcua, host=args.opcua_host, speed=speed, out_path=args.out,
+                                topic_root=args.topic_root)
+        mapping = gateway_mapping(plant, "opcua", endpoint=link.endpoint, topic_root=args.topic_root)
+        where = link.endpoint
+    else:
+        from factory_sim.sparkplug_edge import SparkplugPlant
+
+        url = args.broker
+        if url is None:        # as on the JSON path: an embedded broker, its URL printed, gone with the sim
+            from flywheel.base.broker import EmbeddedBroker
+
+            broker = EmbeddedBroker()
+            broker.start()
+            url = broker.url
+            console.print(f"embedded {broker.impl} broker at [bold]{url}[/] (it stops with the sim)")
+        link = SparkplugPlant(plant, url, group=args.sparkplug_group, speed=speed, out_path=args.out,
+                              topic_root=args.topic_root)
+        mapping = gateway_mapping(plant, "sparkplug", group=args.sparkplug_group, topic_root=args.topic_root)
+        where = f"spBv1.0/{args.sparkplug_group}/# on {link.url.redacted()}"
+    if args.write_mapping:
+        with open(args.write_mapping, "w") as f:
+            f.write(f"# flywheel gateway --mapping {args.write_mapping}\n")
+            yaml.safe_dump(mapping, f, sort_keys=False)
+        console.print(f"gateway mapping written to {args.write_mapping}")
+    try:
+        link.start()
+        console.print(f"flywheel sim: scenario [bold]{plant.scenario.name}[/], seed {args.seed}, "
+                      f"{len(plant.machines)} machines at {where}, speed {'max' if speed is None else f'{speed:g}x'}")
+        summary = link.run(duration_s)
+    finally:
+        link.close()
+        if broker is not None:
+            broker.close()
+    lost = sum(len(v) for v in summary.lost.values())
+    console.print(f"flywheel sim: {summary.ticks} ticks in {summary.wall_s:.1f} s, {summary.samples:,} samples "
+                  f"exposed ({lost} lost), commands applied {summary.commands_applied}, refused "
+                  f"{summary.commands_refused}")
+    console.print(f"KPIs: {plant.cumulative_kpis().summary()}")
+    return 0

@@ -19,6 +19,7 @@ SUITES = {
     "serve-floor": "bench_serve_floor.py",
     "demo": "bench_demo.py",
     "infra": "bench_infra.py",
+    "gateway": "bench_gateway.py",
 }
 
 

@@ -34,6 +34,7 @@ COMMAND_MODULES = (
     "flywheel.loop_cli",      # demo, run, turn, report
     "flywheel.broker_cli",    # broker
     "factory_sim.cli",        # sim
+    "gateway.cli",            # gateway
     "ingest.cli",             # ingest, dataset
     "finetune.cli",           # train
     "serve.cli",              # serve

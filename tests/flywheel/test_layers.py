@@ -7,7 +7,7 @@ draws them:
 * base - ``flywheel.base`` (wire contract, config, errors, MQTT, broker, Ray start-up,
   windowing and featurisers, live view, workdir, generic MLflow helpers): imports nothing
   of ours above it;
-* stages - ``factory_sim``, ``ingest``, ``finetune``, ``serve``: import the base, and only
+* stages - ``factory_sim``, ``ingest``, ``finetune``, ``serve``, ``gateway``: import the base, and only
   the stage edges listed in ``STAGE_EDGES`` (serving loads models the way training saved them);
 * orchestrator - every other ``flywheel.*`` module (loop, campaign, report, CLI): imports the
   base and the stages, the stages only through their package facades (``from ingest import
@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ("factory_sim", "ingest", "finetune", "serve")
+STAGES = ("factory_sim", "ingest", "finetune", "serve", "gateway")
 #: Allowed imports between stages (importer -> imported).
 STAGE_EDGES = {("serve", "finetune")}
 
@@ -66,7 +66,7 @@ def test_the_base_layer_exists_and_is_where_the_contract_lives():
 
 
 def test_no_import_runs_back_up_a_layer():
-    rank = {"base": 0, "factory_sim": 1, "ingest": 1, "finetune": 1, "serve": 1, "orchestrator": 2}
+    rank = {"base": 0, "factory_sim": 1, "ingest": 1, "finetune": 1, "serve": 1, "gateway": 1, "orchestrator": 2}
     bad = []
     for src, dst, line, path in imports():
         a, b = layer(src), layer(dst)

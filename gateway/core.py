@@ -1,0 +1,193 @@
+"""What both protocols share: a plant sample becomes a contract Telemetry, counters, status, commands.
+
+A *sample* is one machine's values at one source time: ``{source: (value, reason)}`` where
+``source`` is the node id or metric name the mapping names and ``reason`` is None for a good
+value or why the value is unusable (``bad_status``, ``bad_value``, ...).  :meth:`Gateway.emit`
+turns it into a :class:`~flywheel.base.contract.Telemetry` with the mapping's names, units and
+scale and publishes it (QoS 1) on ``{root}/{line}/{machine}/telemetry``:
+
+* ``seq`` is the plant's sample counter when the mapping names one (``seq: {node|metric}``),
+  else ``round(ts / sample_period_s)``; ``event_id`` is ``contract.event_id(seed, machine, seq)``,
+  so a value the gateway reads twice (a reconnect, a rebirth) is the same event, and a sample
+  whose seq is not above the last one published for the machine is not published again
+  (counted ``duplicate``).
+* A reading that is missing, bad, not a number, not finite or physically impossible is left out
+  of the telemetry and counted by reason; nothing is filled in.  A sample with no usable reading
+  is not published (``empty_sample``).
+
+Counters go to the retained status ``{root}/_status/{component}`` (``dropped.<reason>``,
+``commands_refused.<reason>``, protocol counters such as ``seq_gap``), at most once a second
+and whenever a connection changes; the will message marks the gateway offline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Callable
+
+from flywheel.base import contract
+from flywheel.base.mqtt import BrokerURL, connect, make_client
+
+from gateway.mapping import MachineMap, Mapping
+
+log = logging.getLogger("gateway")
+Sample = dict[str, tuple[object, str | None]]
+
+
+class Gateway:
+    """See the module docstring.  ``on_command(machine_map, command)`` is set by the protocol side."""
+
+    def __init__(self, mapping: Mapping, broker_url: str | BrokerURL, component: str = "gateway",
+                 status_interval_s: float = 1.0, client_id: str | None = None):
+        self.mapping = mapping
+        self.url = BrokerURL.parse(broker_url)
+        self.topics = contract.Topics(mapping.topic_root)
+        self.component = component
+        self.status_interval_s = status_interval_s
+        self.client_id = client_id
+        self.on_command: Callable[[MachineMap, contract.Command], None] | None = None
+        self.counters: dict[str, float] = {"published": 0}
+        self.last_error: str | None = None
+        self.connected = False
+        self._last_seq: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._client = None
+        self._next_status = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        c = self._client = make_client(self.url, self.client_id, prefix="flywheel-gateway")
+        c.will_set(self.topics.status(self.component),
+                   contract.encode(contract.Status(component=self.component, online=False)), qos=1, retain=True)
+        c.on_message = self._on_command_message
+        connect(c, self.url)
+        c.subscribe(self.topics.pattern("command"), qos=1)
+        self.publish_status()
+
+    def close(self) -> None:
+        if self._client is None:
+            return
+        info = self._publish_status_now(online=False)
+        info.wait_for_publish(5.0)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._client = None
+
+    # ------------------------------------------------------------------ counting
+    def count(self, key: str, n: float = 1, why: str | None = None, level: int = logging.WARNING) -> None:
+        with self._lock:
+            first = key not in self.counters
+            self.counters[key] = self.counters.get(key, 0) + n
+            if why:
+                self.last_error = why
+        if why:   # the first of each reason at its level, the rest (a node bad for hours) at debug
+            log.log(level if first else logging.DEBUG, "%s", why)
+        self.publish_status()
+
+    def set_connected(self, connected: bool, why: str | None = None) -> None:
+        self.connected = connected
+        if why:
+            self.last_error = why
+            log.warning("%s", why)
+        self.publish_status(force=True)
+
+    # ------------------------------------------------------------------ samples -> telemetry
+    def emit(self, mm: MachineMap, ts: float, sample: Sample, absent: frozenset[str] | set[str] = frozenset()
+             ) -> contract.Telemetry | None:
+        """Publish one sample of machine ``mm`` at source time ``ts`` (see the module docstring).
+
+        ``absent``: sources the plant does not have (counted once when found, not per sample)."""
+        seq_value = None
+        if mm.seq_source is not None:
+            seq_value, reason = sample.get(mm.seq_source, (None, "missing_value"))
+            if reason is not None or not isinstance(seq_value, (int, float)) or isinstance(seq_value, bool):
+                self.count("dropped.missing_seq", why=f"{mm.machine}: sample at {ts:.3f} has no usable sample "
+                                                      f"counter ({mm.seq_source}: {reason or seq_value!r}); not published")
+                return None
+        seq = mm.seq_for(ts, seq_value)
+        last = self._last_seq.get(mm.machine)
+        if last is not None and seq <= last:
+            self.count("duplicate", level=logging.DEBUG)
+            return None
+        if last is not None and mm.sample_period_s is not None and seq > last + 1:
+            self.count("missed_samples", seq - last - 1,
+                       why=f"{mm.machine}: {seq - last - 1} samples missing before seq {seq} (none invented)")
+        readings: dict[str, float] = {}
+        for r in mm.readings:
+            if r.source in absent:
+                continue
+            raw, reason = sample.get(r.source, (None, "missing_value"))
+            if reason is None and (not isinstance(raw, (int, float)) or isinstance(raw, bool)):
+                reason = "not_a_number"
+            if reason is None:
+                value = r.convert(float(raw))
+                if not math.isfinite(value):
+                    reason = "non_finite"
+            if reason is not None:
+                self.count(f"dropped.{reason}", why=f"{mm.machine}.{r.name} ({r.source}) at {ts:.3f}: {reason}"
+                                                    f"{'' if raw is None else f' ({raw!r})'}; left out of seq {seq}")
+                continue
+            readings[r.name] = value
+        while readings:
+            msg = contract.Telemetry(event_id=contract.event_id(self.mapping.seed, mm.machine, seq), seq=seq, ts=ts,
+                                     line=mm.line, machine=mm.machine, kind=mm.kind, readings=readings)
+            try:
+                payload = contract.encode(msg)
+            except contract.ContractError as exc:
+                name = (exc.field or "").removeprefix("readings.")
+                if name not in readings:      # not a reading's fault: the sample cannot be published
+                    self.count(f"dropped.{exc.reason}", why=f"{mm.machine} seq {seq}: {exc}")
+                    return None
+                self.count(f"dropped.{exc.reason}", why=f"{mm.machine}.{name} at {ts:.3f}: {exc}; left out")
+                readings = {k: v for k, v in readings.items() if k != name}
+                continue
+            self._last_seq[mm.machine] = seq
+            self._client.publish(self.topics.telemetry(mm.line, mm.machine), payload, qos=1)
+            with self._lock:
+                self.counters["published"] += 1
+            self.publish_status()
+            return msg
+        self.count("dropped.empty_sample", why=f"{mm.machine}: sample at {ts:.3f} has no usable reading; not published")
+        return None
+
+    # ------------------------------------------------------------------ commands
+    def _on_command_message(self, client, userdata, msg) -> None:
+        try:
+            cmd = contract.decode(msg.topic, msg.payload, topics=self.topics)
+        except contract.ContractError as exc:
+            self.count("commands_refused.bad_payload", why=f"command on {msg.topic} refused: {exc}")
+            return
+        mm = self.mapping.machine(cmd.machine)
+        if mm is None or mm.line != cmd.line:
+            self.count("commands_refused.unmapped_machine",
+                       why=f"command {cmd.command_id!r} for {cmd.line}/{cmd.machine}: no such machine in "
+                           f"{self.mapping.path}; add it to the mapping")
+            return
+        if self.on_command is None:
+            self.count("commands_refused.no_route", why=f"command {cmd.command_id!r}: this gateway sends no commands")
+            return
+        self.on_command(mm, cmd)
+
+    # ------------------------------------------------------------------ status
+    def status(self, online: bool = True) -> contract.Status:
+        with self._lock:
+            counters = dict(self.counters)
+        m = self.mapping
+        info = {"protocol": m.protocol, "mapping": m.path, "connected": self.connected,
+                "source": m.endpoint if m.protocol == "opcua" else f"spBv1.0/{m.group}",
+                "machines": [x.machine for x in m.machines], "last_error": self.last_error}
+        return contract.Status(component=self.component, online=online, ts=time.time(), counters=counters, info=info)
+
+    def _publish_status_now(self, online: bool = True):
+        return self._client.publish(self.topics.status(self.component), contract.encode(self.status(online)),
+                                    qos=1, retain=True)
+
+    def publish_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._client is None or (not force and now < self._next_status):
+            return
+        self._next_status = now + self.status_interval_s
+        self._publish_status_now()
