@@ -4,6 +4,8 @@
     python benchmarks/study_variability.py --levels 0.25,1,4 --seeds 0,1,2,3,4 --turns 3
     python benchmarks/study_variability.py --summarize /tmp/fw-study   # the table and plot of finished runs
 
+Runs already recorded in ``<workdir>/variability.json`` are kept, so a stopped study resumes.
+
 Condition-based maintenance pays when machines of one kind wear differently: a fixed interval
 short enough for the fast ones wastes the slow ones' life, one long enough for the slow ones
 lets the fast ones fail.  Each **variability level** ``v`` scales, around the demo plant's
@@ -180,11 +182,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}")
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    rows = []
+    # runs already in the workdir (same level, seed and turns) are kept: a study stopped half way resumes
+    done_file = workdir / "variability.json"
+    rows = json.loads(done_file.read_text()) if done_file.exists() else []
     for lv in levels:
         for seed in seeds:
+            if any(r["level"] == lv and r["seed"] == seed and r["turns"] == args.turns for r in rows):
+                print(f"level {lv:g} seed {seed}: already in {done_file}, kept")
+                continue
             rows.append(run_one(lv, seed, args.turns, workdir))
-            (workdir / "variability.json").write_text(json.dumps(rows, indent=1))
+            done_file.write_text(json.dumps(rows, indent=1))
+    rows = [r for r in rows if r["level"] in levels and r["seed"] in seeds and r["turns"] == args.turns]
     print(summarize(rows, Path(args.out)))
     return 0
 

@@ -44,16 +44,83 @@ def ensure_ray(address: str | None = None, **kwargs):
     return init_ray(address=None if address == "local" else address, **opts)
 
 
+# Ray gives a new local node 30 s (a constant in ray._private.node) to register with its GCS; on
+# two busy cores (a test suite beside a campaign) that is sometimes not enough, and ray.init raises
+# this. Starting again is cheap and almost always works: the processes are warm in the page cache.
+_SLOW_START = "timed out during startup"
+START_TRIES = 3
+
+
 def init_ray(**kwargs):
-    """``ray.init(**kwargs)``; a SIGTERM handler set before it stays the one that runs."""
+    """``ray.init(**kwargs)``; a SIGTERM handler set before it stays the one that runs.
+
+    A local node that did not register in time (an overloaded machine) is shut down and started
+    again, up to :data:`START_TRIES` times; joining a running cluster is not retried."""
+    import logging
+
     import ray
 
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
-    ctx = ray.init(**kwargs)
+    for attempt in range(1, START_TRIES + 1):
+        before_kids = children()
+        try:
+            ctx = ray.init(**kwargs)
+            break
+        except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if _SLOW_START not in str(exc) or kwargs.get("address") or attempt == START_TRIES:
+                raise
+            logging.getLogger(__name__).warning("the local Ray node was slow to start (try %d of %d); "
+                                                "starting it again", attempt, START_TRIES)
+            ray.shutdown()
+            stop_children(children() - before_kids)   # the half-started node's GCS and raylet
     if callable(before):  # ours, not SIG_DFL/SIG_IGN: Ray's own then decides nothing
         signal.signal(signal.SIGTERM, before)
     return ctx
+
+
+def children() -> set[int]:
+    """The pids of this process's direct children (empty off Linux)."""
+    import os
+
+    me, out = os.getpid(), set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return out
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[1]) == me:
+                        out.add(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def stop_children(pids: set[int], grace_s: float = 5.0) -> None:
+    """SIGTERM ``pids`` (children of this process), reap them, SIGKILL what is left after ``grace_s``."""
+    import os
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while pids and time.monotonic() < deadline:
+            for pid in list(pids):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        pids.discard(pid)
+                except ChildProcessError:   # not ours to reap, or gone
+                    pids.discard(pid)
+            time.sleep(0.05)
+        if not pids:
+            return
 
 
 # --------------------------------------------------------------------------- dying together

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 SCRIPT = r"""
 import os, signal, time
@@ -34,3 +35,27 @@ def test_a_sigterm_handler_set_before_ray_starts_still_runs_after_it():
     assert done.returncode == 0, out[-3000:]
     assert "stopped cleanly" in done.stdout
     assert "SIGTERM received" not in out      # Ray's crash handler did not take the signal
+
+
+def test_stop_children_ends_only_the_new_children():
+    """A half-started Ray node's processes are children started during the failed try: the retry
+    stops exactly those and leaves older children alone."""
+    from flywheel.base.rayinit import children, stop_children
+
+    old = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        before = children()
+        assert old.pid in before
+        # one child that ignores SIGTERM: it must still be gone, by SIGKILL after the grace
+        new = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),
+               subprocess.Popen([sys.executable, "-c",
+                                 "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"])]
+        time.sleep(0.5)   # the second child has installed its handler
+        fresh = children() - before
+        assert fresh == {p.pid for p in new}
+        stop_children(fresh, grace_s=1.0)
+        assert children() & fresh == set()
+        assert old.poll() is None
+    finally:
+        old.kill()
+        old.wait()
