@@ -34,6 +34,16 @@ def small_snapshot(tmp_path_factory):
                               n_calibration=30))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(small_snapshot, tmp_path_factory) -> Path:
+    """The adapter of the same run, never killed: both launchers must end on it."""
+    from finetune.launch import train_plain
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    return Path(train_plain(small_snapshot, fast_config(root / "ref", **TRAIN), root / "ref-adapter",
+                            progress=False).adapter_dir)
+
+
 def _command(snapshot: str, workdir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "flywheel.cli", "train", "--dataset", snapshot, "--workdir", str(workdir),
             "--no-progress", "train.reference_family=''", "train.min_eval_windows=5", "train.gate_bootstrap=50",
@@ -97,12 +107,10 @@ def _kill_and_rerun(snapshot: str, tmp_path: Path, *extra: str) -> tuple[Path, s
 
 
 @pytest.mark.slow
-def test_plain_training_killed_by_sigkill_resumes_and_ends_where_an_uninterrupted_run_does(small_snapshot, tmp_path):
-    from finetune.launch import train_plain
-
+def test_plain_training_killed_by_sigkill_resumes_and_ends_where_an_uninterrupted_run_does(small_snapshot, tmp_path,
+                                                                                           uninterrupted):
     adapter, killed_at, out = _kill_and_rerun(small_snapshot, tmp_path)
-    ref = train_plain(small_snapshot, fast_config(tmp_path / "ref", **TRAIN), tmp_path / "ref-adapter", progress=False)
-    metrics = _assert_same_run(adapter, Path(ref.adapter_dir))
+    metrics = _assert_same_run(adapter, uninterrupted)
     assert metrics["train.resumed_from_step"] >= 3 and metrics["train.resumed_from_step"] % 3 == 0
     assert metrics["train.steps_run"] == TRAIN["max_steps"] - metrics["train.resumed_from_step"]
     assert "resuming training from checkpoint step" in out, out[-2000:]
@@ -110,16 +118,13 @@ def test_plain_training_killed_by_sigkill_resumes_and_ends_where_an_uninterrupte
 
 @pytest.mark.slow
 def test_ray_train_killed_by_sigkill_resumes_and_ends_where_an_uninterrupted_run_does(ray_local, small_snapshot,
-                                                                                      tmp_path):
+                                                                                      tmp_path, uninterrupted):
     """The Ray Train launcher (one worker, on the test session's Ray, as `--ray-address` joins a
     cluster): the driver is killed, its job's trainer and worker die with it; the rerun resumes.  The
     same batches and seeds as the plain launcher, so the uninterrupted plain run is the reference."""
-    from finetune.launch import train_plain
-
     address = ray_local.get_runtime_context().gcs_address
     adapter, killed_at, out = _kill_and_rerun(small_snapshot, tmp_path, "--ray-address", address)
-    ref = train_plain(small_snapshot, fast_config(tmp_path / "ref", **TRAIN), tmp_path / "ref-adapter", progress=False)
-    metrics = _assert_same_run(adapter, Path(ref.adapter_dir))
+    metrics = _assert_same_run(adapter, uninterrupted)
     assert metrics["train.num_workers"] == 1
     assert "resuming Ray Train run from" in out, out[-2000:]
 
