@@ -15,9 +15,11 @@ scale and publishes it (QoS 1) on ``{root}/{line}/{machine}/telemetry``:
   of the telemetry and counted by reason; nothing is filled in.  A sample with no usable reading
   is not published (``empty_sample``).
 
-Counters go to the retained status ``{root}/_status/{component}`` (``dropped.<reason>``,
-``commands_refused.<reason>``, protocol counters such as ``seq_gap``), at most once a second
-and whenever a connection changes; the will message marks the gateway offline.
+Counters go to the retained status ``{root}/_status/{component}`` (``samples`` read,
+``published``, ``dropped.<reason>``, ``commands_sent``, ``commands_refused.<reason>``, protocol
+counters such as ``seq_gap``), at most once a second and whenever a connection changes; the will
+message marks the gateway offline.  :func:`gateway_metrics` serves the same counters to
+Prometheus under the public metric names (``flywheel gateway --metrics-port``).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ class Gateway:
         self.status_interval_s = status_interval_s
         self.client_id = client_id
         self.on_command: Callable[[MachineMap, contract.Command], None] | None = None
-        self.counters: dict[str, float] = {"published": 0}
+        self.counters: dict[str, float] = {"samples": 0, "published": 0}
         self.last_error: str | None = None
         self.connected = False
         self._last_seq: dict[str, int] = {}
@@ -100,6 +102,8 @@ class Gateway:
         """Publish one sample of machine ``mm`` at source time ``ts`` (see the module docstring).
 
         ``absent``: sources the plant does not have (counted once when found, not per sample)."""
+        with self._lock:
+            self.counters["samples"] += 1
         seq_value = None
         if mm.seq_source is not None:
             seq_value, reason = sample.get(mm.seq_source, (None, "missing_value"))
@@ -191,3 +195,56 @@ class Gateway:
             return
         self._next_status = now + self.status_interval_s
         self._publish_status_now()
+
+
+#: Gateway counters that are messages or readings set aside as unusable (``flywheel_dead_letters``,
+#: by reason), besides every ``dropped.<reason>`` and ``bad_metric.<reason>``.
+DEAD_LETTERS = ("late_value", "malformed_payload", "bad_topic", "unborn", "unknown_alias",
+                "unknown_node")
+#: Gateway counters that are happenings of the plant link rather than lost data
+#: (``flywheel_protocol_events``, by event); ``duplicate`` is a sample re-read after a reconnect or
+#: a rebirth, already published.
+PROTOCOL_EVENTS = ("duplicate", "seq_gap", "seq_missing", "missed_samples", "rebirths", "rebirth_requests", "node_births",
+                   "node_deaths", "stale_deaths", "device_deaths", "reconnects", "connect_failed",
+                   "subscription_status_change")
+
+
+def gateway_metrics(gw: Gateway) -> list:
+    """The gateway's counters under the public metric names (:mod:`flywheel.base.metrics`):
+
+    * ``flywheel_up``: 1 while connected to both the contract broker and the plant;
+    * ``flywheel_events``: samples read from the plant (``in``), telemetry published (``out``);
+    * ``flywheel_dead_letters``: what was set aside, by reason (``dropped.<reason>`` and
+      ``bad_metric.<reason>`` by their reason; :data:`DEAD_LETTERS` by their name);
+    * ``flywheel_protocol_events``: :data:`PROTOCOL_EVENTS` (sequence gaps, rebirths, deaths,
+      reconnects, re-read samples) by event;
+    * ``flywheel_commands``: maintenance commands ``forwarded`` to the plant and ``refused``;
+      ``flywheel_refused_commands``: the refusals by reason.
+
+    A counter not yet counted is served as 0 where its name is fixed (events, commands), and
+    left out where it is one of many reasons (as the other components do)."""
+    from flywheel.base.metrics import Sample, by_reason
+
+    with gw._lock:
+        c = dict(gw.counters)
+    name = gw.component
+    client = gw._client
+    dead: dict[str, float] = {}
+    refused: dict[str, float] = {}
+    for key, n in c.items():
+        head, _, reason = key.partition(".")
+        if head in ("dropped", "bad_metric") and reason:
+            dead[reason] = dead.get(reason, 0) + n
+        elif key in DEAD_LETTERS:
+            dead[key] = dead.get(key, 0) + n
+        elif head == "commands_refused" and reason:
+            refused[reason] = n
+    up = client is not None and client.is_connected() and gw.connected
+    return [Sample("flywheel_up", float(up), {"component": name}),
+            Sample("flywheel_events", float(c.get("samples", 0)), {"component": name, "direction": "in"}),
+            Sample("flywheel_events", float(c.get("published", 0)), {"component": name, "direction": "out"}),
+            Sample("flywheel_commands", float(c.get("commands_sent", 0)), {"component": name, "outcome": "forwarded"}),
+            Sample("flywheel_commands", float(sum(refused.values())), {"component": name, "outcome": "refused"}),
+            *by_reason("flywheel_refused_commands", name, refused),
+            *by_reason("flywheel_dead_letters", name, dead),
+            *by_reason("flywheel_protocol_events", name, {k: c[k] for k in PROTOCOL_EVENTS if k in c}, key="event")]
