@@ -752,11 +752,11 @@ class Campaign:
                                window=bridge.window if bridge is not None else self.stages["window"])
         metrics = self.stack.metrics if self.stack is not None else None
         if metrics is not None:   # this period's runner and bridge: counts restart per period (a counter reset)
-            from factory_sim.mqtt_runner import sim_metrics
+            from factory_sim import sim_metrics
 
             metrics.add("sim", lambda: sim_metrics(runner))
             if bridge is not None:
-                from serve.bridge import bridge_metrics
+                from serve import bridge_metrics
 
                 metrics.add("bridge", lambda: bridge_metrics(bridge))
         start_ts = self.plant.now_ts

@@ -24,7 +24,7 @@ from __future__ import annotations
 from ingest.config import BuildConfig, IngestConfig
 
 __all__ = ["IngestConfig", "BuildConfig", "start_ingest", "IngestHandle", "build_snapshot", "Snapshot",
-           "check_broker_support", "Lake", "label_windows"]
+           "check_broker_support", "collector_metrics", "Lake", "label_windows"]
 
 
 def __getattr__(name: str):
@@ -36,6 +36,10 @@ def __getattr__(name: str):
         from ingest import collector
 
         return collector.check_broker_support
+    if name == "collector_metrics":
+        from ingest import collector
+
+        return collector.collector_metrics
     if name == "Lake":
         from ingest.lake import Lake
 

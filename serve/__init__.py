@@ -13,7 +13,7 @@ from serve.handle import ServingHandle, check_ingress, prepare_local_ray, start_
 from serve.source import ServeError
 
 __all__ = ["ServeConfig", "BridgeConfig", "start_serving", "ServingHandle", "ServeError", "Bridge",
-           "check_ingress", "prepare_local_ray", "SHADOW_ADAPTER"]
+           "check_ingress", "prepare_local_ray", "SHADOW_ADAPTER", "bridge_metrics"]
 
 
 def __getattr__(name: str):
@@ -21,4 +21,8 @@ def __getattr__(name: str):
         from serve.bridge import Bridge
 
         return Bridge
+    if name == "bridge_metrics":
+        from serve.bridge import bridge_metrics
+
+        return bridge_metrics
     raise AttributeError(f"module 'serve' has no attribute {name!r}")
