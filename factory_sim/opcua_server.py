@@ -52,6 +52,9 @@ class LinkSummary:
     samples: int = 0                 # telemetry messages exposed
     #: telemetry the link could not expose (its server down, its edge node dead): seq by machine
     lost: dict[str, list[int]] = field(default_factory=dict)
+    events: int = 0                  # machine events exposed
+    #: machine events the link could not expose: seq by machine
+    events_lost: dict[str, list[int]] = field(default_factory=dict)
     commands_applied: int = 0
     commands_refused: int = 0
     refused_by_reason: dict[str, int] = field(default_factory=dict)
