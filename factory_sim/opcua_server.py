@@ -12,9 +12,17 @@ machine (node ids ``ns=2;s={line}/{machine}``, namespace ``urn:flywheel:factory-
   after the next tick like a command on the JSON topics; a machine already down answers
   BadInvalidState.
 
-Before its first sample a variable reads BadWaitingForInitialData.  Machine events (failures,
-maintenance, parts) are not exposed over OPC UA; ``out_path`` records every message of the
-plant, one ``{"topic", "payload"}`` JSON object a line, as ``flywheel sim --out`` does.
+* machine events (failures, maintenance start/done, parts) as OPC UA events of the machine's
+  object (its EventNotifier is SubscribeToEvents), of the event type ``MachineEventType``
+  (``ns=2;s=MachineEventType``, a BaseEventType subtype) whose properties are the contract's
+  event fields: ``type``, ``seq`` (Int64, the event's ``seq`` in the JSON stream), ``mode``,
+  ``reason``, ``finding``, ``quality``, ``command_id``, ``variant`` (String, null where the
+  event has none); ``Time`` is the event's plant time, ``Message`` its type.  An event while the
+  server is down is lost (OPC UA events are not state: no client reads them later).
+
+Before its first sample a variable reads BadWaitingForInitialData.  ``out_path`` records every
+message of the plant, one ``{"topic", "payload"}`` JSON object a line, as ``flywheel sim --out``
+does.
 
 Usage (the server runs in its own thread and event loop)::
 
@@ -39,7 +47,8 @@ from asyncua import Server, ua
 from flywheel.base import contract
 
 from factory_sim.plant import Plant, SimCommandError, SimError
-from factory_sim.plant_tags import MAINTAIN, OPCUA_NAMESPACE, SAMPLE_SEQ, opcua_node, readings_of
+from factory_sim.plant_tags import (EVENT_PROPERTIES, EVENT_TYPE, MAINTAIN, OPCUA_NAMESPACE, SAMPLE_SEQ, opcua_node,
+                                    readings_of)
 
 log = logging.getLogger("factory_sim.opcua")
 
@@ -79,6 +88,7 @@ class OpcUaPlantServer:
         self._server: Server | None = None
         self._ns = 2
         self._commands: list[contract.Command] = []
+        self._event_gens: dict = {}               # machine -> its EventGenerator
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="opcua-plant", daemon=True)
         self._stop = threading.Event()
@@ -125,6 +135,13 @@ class OpcUaPlantServer:
         self._ns = await server.register_namespace(OPCUA_NAMESPACE)
         objects = server.nodes.objects
         waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData))
+        # the event type, with string node ids a mapping can name (ns=2;s=MachineEventType)
+        etype = await server.get_node(ua.ObjectIds.BaseEventType).add_object_type(
+            ua.NodeId(EVENT_TYPE, self._ns), ua.QualifiedName(EVENT_TYPE, self._ns))
+        for name, vt in EVENT_PROPERTIES:
+            variant = getattr(ua.VariantType, vt)
+            await etype.add_property(ua.NodeId(f"{EVENT_TYPE}/{name}", self._ns), ua.QualifiedName(name, self._ns),
+                                     ua.get_default_value(variant), varianttype=variant)
         for v in self.plant.machines:
             ns = self._ns
             obj = await objects.add_object(ua.NodeId.from_string(opcua_node(v.line, v.machine_id, None, ns)),
@@ -144,6 +161,9 @@ class OpcUaPlantServer:
             await obj.add_method(ua.NodeId.from_string(opcua_node(v.line, v.machine_id, MAINTAIN, ns)),
                                  ua.QualifiedName(MAINTAIN, ns), self._maintain_for(v.line, v.machine_id),
                                  [ua.VariantType.String, ua.VariantType.String], [ua.VariantType.String])
+            await obj.set_event_notifier([ua.EventNotifier.SubscribeToEvents])
+            await server.get_node(ua.ObjectIds.Server).add_reference(obj.nodeid, ua.ObjectIds.HasNotifier)
+            self._event_gens[v.machine_id] = await server.get_event_generator(etype, obj)
         await server.start()
         self._server = server
         log.info("OPC UA server at %s", self.endpoint)
@@ -211,6 +231,16 @@ class OpcUaPlantServer:
             ua.DataValue(ua.Variant(msg.seq, ua.VariantType.Int64), SourceTimestamp=when, ServerTimestamp=now))
         self.summary.samples += 1
 
+    async def _expose_event(self, msg: contract.MachineEvent) -> None:
+        gen = self._event_gens.get(msg.machine)
+        if self._server is None or gen is None:
+            self.summary.events_lost.setdefault(msg.machine, []).append(msg.seq)
+            return
+        for name, _vt in EVENT_PROPERTIES:      # every property, null where this event has none
+            setattr(gen.event, name, getattr(msg, name))
+        await gen.trigger(datetime.fromtimestamp(msg.ts, timezone.utc), message=msg.type)
+        self.summary.events += 1
+
     async def _run(self, duration_s: float, on_tick=None) -> LinkSummary:
         plant, s = self.plant, self.summary
         out_file = open(self.out_path, "wb") if self.out_path else None
@@ -237,6 +267,8 @@ class OpcUaPlantServer:
                 for msg in out:
                     if type(msg) is contract.Telemetry:
                         await self._expose(msg)
+                    elif type(msg) is contract.MachineEvent:
+                        await self._expose_event(msg)
                     if out_file is not None:
                         out_file.write(b'{"topic":' + enc(self.topics.for_message(msg)) + b',"payload":'
                                        + contract.encode(msg) + b"}\n")

@@ -26,8 +26,8 @@ EXAMPLES = """examples:
 def register(sub, common) -> None:
     p = sub.add_parser("gateway", help="read a plant over OPC UA or Sparkplug B and publish it on the contract topics",
                        description="Read a plant's machines over OPC UA (subscriptions) or Sparkplug B (a host "
-                                   "application on the plant's broker), publish their telemetry on "
-                                   "<root>/<line>/<machine>/telemetry with deterministic event ids, and send "
+                                   "application on the plant's broker), publish their telemetry and machine events on "
+                                   "<root>/<line>/<machine>/telemetry|event with deterministic event ids, and send "
                                    "maintenance commands back (OPC UA method Maintain, Sparkplug DCMD). Bad values, "
                                    "unknown nodes, sequence gaps and rebirths are counted by reason on the retained "
                                    "status <root>/_status/<component>.",

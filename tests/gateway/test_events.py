@@ -12,7 +12,7 @@ import pytest
 from flywheel.base import contract
 
 from factory_sim.plant_tags import gateway_mapping
-from gateway import GatewayService, parse_mapping
+from gateway import Gateway, GatewayService, parse_mapping
 
 from .conftest import json_path_messages, small_plant, wait_for
 
@@ -74,3 +74,28 @@ def test_opcua_carries_the_json_paths_machine_events(broker, inbox, tmp_path, fr
         srv.close()
     assert summary.events == len(reference) and not summary.events_lost
     _check_same_events(reference, inbox.events)
+
+
+def test_event_records_the_contract_refuses_are_counted_not_published():
+    class Wire:
+        def __init__(self):
+            self.sent = []
+
+        def publish(self, topic, payload, qos=0, retain=False):
+            self.sent.append(topic)
+
+    plant = small_plant(1)
+    gw = Gateway(parse_mapping(gateway_mapping(plant, "sparkplug", group="g"), "sp.yaml"), "mqtt://127.0.0.1:1")
+    gw._client = wire = Wire()
+    mm = gw.mapping.machines[0]
+    assert gw.emit_event(mm, 60.0, '{"type": "failure", "seq": 3}') is None            # no mode
+    assert gw.emit_event(mm, 60.0, '{"type": "explosion", "seq": 4}') is None          # not a contract type
+    assert gw.emit_event(mm, 60.0, '{"type": "failure"}') is None                      # no seq, no sample period
+    assert gw.emit_event(mm, 60.0, "[1, 2]") is None
+    ok = gw.emit_event(mm, 60.0, '{"type": "failure", "seq": 5, "mode": "TWF"}')
+    assert ok.event_id == contract.event_id(plant.seed, mm.machine, 5)
+    assert gw.emit_event(mm, 60.0, '{"type": "failure", "seq": 5, "mode": "TWF"}') is None   # read again
+    c = gw.counters
+    assert c["dropped.bad_value"] == 2 and c["dropped.missing_seq"] == 1 and c["dropped.bad_event"] == 1
+    assert c["duplicate"] == 1 and c["events_read"] == 6 and c["events_published"] == 1
+    assert [t for t in wire.sent if t.endswith("/event")] == [f"factory/{mm.line}/{mm.machine}/event"]

@@ -30,7 +30,7 @@ def test_the_gateways_counters_map_onto_the_public_names():
     plant = small_plant(1)
     gw = Gateway(parse_mapping(gateway_mapping(plant, "sparkplug", group="g"), "sp.yaml"), "mqtt://127.0.0.1:1",
                  component="gw")
-    gw.counters.update({"samples": 12, "published": 9, "dropped.bad_status": 2, "dropped.non_finite": 1,
+    gw.counters.update({"samples": 10, "published": 7, "events_read": 2, "events_published": 2, "dropped.bad_status": 2, "dropped.non_finite": 1,
                         "bad_metric.bad_type": 1, "unborn": 3, "unknown_node": 1, "duplicate": 4, "seq_gap": 1,
                         "seq_missing": 2, "rebirths": 1, "commands_sent": 5, "commands_refused.offline": 1,
                         "commands_refused.unmapped_machine": 2})
@@ -75,8 +75,8 @@ def test_prometheus_scrapes_a_gateway_fed_by_the_simulator_over_sparkplug(broker
             cmd = contract.Command(command_id=f"gw-m-{i}", line=line, machine=machine, command="maintain", reason="t")
             publish_once(broker.url, inbox.topics.command(line, machine), contract.encode(cmd))
         inbox.wait_quiet()
-        published = len(inbox.telemetry)
-        assert published == summary.samples > 0
+        assert len(inbox.telemetry) == summary.samples > 0 and len(inbox.events) == summary.events > 0
+        published = summary.samples + summary.events           # telemetry and machine events
 
         def scraped(q: str, want: float) -> bool:
             r = prom.query(q)
@@ -98,7 +98,7 @@ def test_prometheus_scrapes_a_gateway_fed_by_the_simulator_over_sparkplug(broker
         out, _ = gw.communicate(timeout=60)
     assert gw.returncode == 0, out
     assert f"Prometheus metrics on http://127.0.0.1:{port}/metrics" in out
-    assert f"published {published}" in out
+    assert f"published {summary.samples}" in out and f"events_published {summary.events}" in out
 
 
 def test_the_gateway_refuses_a_bad_metrics_port_before_it_connects(tmp_path, capsys):
