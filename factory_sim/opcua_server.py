@@ -89,6 +89,7 @@ class OpcUaPlantServer:
         self._ns = 2
         self._commands: list[contract.Command] = []
         self._event_gens: dict = {}               # machine -> its EventGenerator
+        self._arrived: set[str] = set()           # ids of the Maintain calls received (queued or refused)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="opcua-plant", daemon=True)
         self._stop = threading.Event()
@@ -118,6 +119,29 @@ class OpcUaPlantServer:
 
     def stop(self) -> None:
         self._stop.set()
+
+    # ------------------------------------------------------------------ as an MqttSimRunner's link
+    def expose(self, messages: list) -> None:
+        """Write a tick's telemetry and fire its events (the runner steps the plant)."""
+        self._call(self._expose_all(messages), 60)
+
+    async def _expose_all(self, messages: list) -> None:
+        for msg in messages:
+            if type(msg) is contract.Telemetry:
+                await self._expose(msg)
+            elif type(msg) is contract.MachineEvent:
+                await self._expose_event(msg)
+
+    def take_commands(self) -> list[contract.Command]:
+        """The maintenance orders that came as Maintain calls since the last call."""
+        async def take():
+            cmds, self._commands = self._commands, []
+            return cmds
+        return self._call(take(), 30)
+
+    def arrived(self, command_ids) -> bool:
+        """Whether every one of ``command_ids`` has come as a Maintain call (queued or refused)."""
+        return all(c in self._arrived for c in list(command_ids))
 
     def close(self) -> None:
         if self._thread.is_alive():
@@ -197,6 +221,7 @@ class OpcUaPlantServer:
             command_id, reason = command_id.Value, reason.Value
             cmd = contract.Command(command_id=command_id or f"opcua-{machine}-{time.time_ns()}", line=line,
                                    machine=machine, command="maintain", reason=reason or "opcua")
+            self._arrived.add(cmd.command_id)
             try:
                 self.plant.check_command(cmd)
             except SimCommandError as exc:

@@ -53,7 +53,7 @@ def opcua_node(line: str, machine: str, name: str | None = None, ns: int = 2) ->
 
 
 def gateway_mapping(plant, protocol: str, *, endpoint: str | None = None, group: str = "flywheel",
-                    topic_root: str = "factory", ns: int = 2) -> dict:
+                    topic_root: str = "factory", ns: int = 2, publishing_interval_ms: float | None = None) -> dict:
     """The mapping file (a dict; dump it as YAML) that reads this plant over ``protocol``."""
     machines = []
     for v in plant.machines:
@@ -75,5 +75,7 @@ def gateway_mapping(plant, protocol: str, *, endpoint: str | None = None, group:
     out = {"protocol": protocol, "topic_root": topic_root, "seed": plant.seed}
     out["opcua" if protocol == "opcua" else "sparkplug"] = ({"endpoint": endpoint} if protocol == "opcua"
                                                              else {"group": group})
+    if protocol == "opcua" and publishing_interval_ms is not None:
+        out["opcua"]["publishing_interval_ms"] = publishing_interval_ms
     out["machines"] = machines
     return out

@@ -200,6 +200,7 @@ class SparkplugPlant:
         self.topics = contract.Topics(topic_root)
         self.summary = LinkSummary()
         self._commands: list[contract.Command] = []
+        self._arrived: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         lines: dict[str, list] = {}
@@ -228,6 +229,33 @@ class SparkplugPlant:
     def _queue(self, cmd: contract.Command) -> None:
         with self._lock:
             self._commands.append(cmd)
+            self._arrived.add(cmd.command_id)
+
+    # ------------------------------------------------------------------ as an MqttSimRunner's link
+    def expose(self, messages: list) -> None:
+        """Publish a tick's telemetry and events as the edge nodes' DDATA (the runner steps the plant)."""
+        for msg in messages:
+            if type(msg) is contract.Telemetry:
+                if self.edges[msg.line].data(msg):
+                    self.summary.samples += 1
+                else:
+                    self.summary.lost.setdefault(msg.machine, []).append(msg.seq)
+            elif type(msg) is contract.MachineEvent:
+                if self.edges[msg.line].event(msg):
+                    self.summary.events += 1
+                else:
+                    self.summary.events_lost.setdefault(msg.machine, []).append(msg.seq)
+
+    def take_commands(self) -> list[contract.Command]:
+        """The maintenance orders that came as DCMDs since the last call."""
+        with self._lock:
+            cmds, self._commands = self._commands, []
+        return cmds
+
+    def arrived(self, command_ids) -> bool:
+        """Whether every one of ``command_ids`` has come as a DCMD."""
+        with self._lock:
+            return all(c in self._arrived for c in command_ids)
 
     def _refuse(self, reason: str, why: str) -> None:
         s = self.summary
@@ -262,17 +290,8 @@ class SparkplugPlant:
                         log.info("applied maintain on %s (command %s)", cmd.machine, cmd.command_id)
                     else:
                         self._refuse(err.reason, str(err))
+                self.expose(out)
                 for msg in out:
-                    if type(msg) is contract.Telemetry:
-                        if self.edges[msg.line].data(msg):
-                            s.samples += 1
-                        else:
-                            s.lost.setdefault(msg.machine, []).append(msg.seq)
-                    elif type(msg) is contract.MachineEvent:
-                        if self.edges[msg.line].event(msg):
-                            s.events += 1
-                        else:
-                            s.events_lost.setdefault(msg.machine, []).append(msg.seq)
                     if out_file is not None:
                         out_file.write(b'{"topic":' + enc(self.topics.for_message(msg)) + b',"payload":'
                                        + contract.encode(msg) + b"}\n")

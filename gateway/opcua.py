@@ -136,7 +136,6 @@ class OpcUaSource:
         if when is None:
             self.gw.count("dropped.no_timestamp", why=f"{mm.machine}: an event without a Time")
             return
-        self._flush(mm, all_=True)    # the samples before it first, as the plant had them
         self.gw.emit_event(mm, _epoch_s(when), {k: getattr(event, k, None) for k in EVENT_FIELDS})
 
     def status_change_notification(self, status) -> None:
