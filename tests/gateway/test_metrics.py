@@ -95,7 +95,12 @@ def test_prometheus_scrapes_a_gateway_fed_by_the_simulator_over_sparkplug(broker
         edge.close()
         if gw.poll() is None:
             gw.send_signal(signal.SIGINT)
-        out, _ = gw.communicate(timeout=60)
+        try:
+            out, _ = gw.communicate(timeout=120)    # a clean stop: its status offline, the endpoint closed
+        except subprocess.TimeoutExpired:
+            gw.kill()
+            out, _ = gw.communicate()
+            raise AssertionError(f"flywheel gateway did not stop on Ctrl-C within 120 s:\n{out[-3000:]}") from None
     assert gw.returncode == 0, out
     assert f"Prometheus metrics on http://127.0.0.1:{port}/metrics" in out
     assert f"published {summary.samples}" in out and f"events_published {summary.events}" in out
