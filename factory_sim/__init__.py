@@ -21,4 +21,22 @@ from factory_sim.scenario import Scenario, known_scenarios, load_scenario
 
 __all__ = ["Plant", "Scenario", "load_scenario", "known_scenarios", "KPIs", "MachineView", "SimError",
            "SimCommandError", "MqttSimRunner", "RunSummary", "LockstepError", "RunToFailure", "FixedInterval", "Oracle",
-           "PerfectRecall", "choose_control_fleet", "sim_metrics"]
+           "PerfectRecall", "choose_control_fleet", "sim_metrics", "OpcUaPlantServer", "SparkplugPlant",
+           "gateway_mapping"]
+
+
+def __getattr__(name: str):
+    # the plant protocols load asyncua and protobuf only when a plant speaks one
+    if name == "OpcUaPlantServer":
+        from factory_sim.opcua_server import OpcUaPlantServer
+
+        return OpcUaPlantServer
+    if name == "SparkplugPlant":
+        from factory_sim.sparkplug_edge import SparkplugPlant
+
+        return SparkplugPlant
+    if name == "gateway_mapping":
+        from factory_sim.plant_tags import gateway_mapping
+
+        return gateway_mapping
+    raise AttributeError(f"module 'factory_sim' has no attribute {name!r}")

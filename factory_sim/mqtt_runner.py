@@ -34,6 +34,19 @@ retained status on ``{root}/_status/sim`` (its will message marks the sim offlin
   thread instead of paho's background thread: a publish then writes straight to the
   socket, with no thread hand-off per message, and incoming commands and predictions
   are read between ticks.
+* **A plant protocol** (``link``: the plant's OPC UA server, :class:`~factory_sim.opcua_server.
+  OpcUaPlantServer`, or its Sparkplug edge nodes, :class:`~factory_sim.sparkplug_edge.
+  SparkplugPlant`, started) - the plant speaks the protocol and a gateway (``flywheel gateway``)
+  carries it onto the contract topics: the runner hands each tick's telemetry and events to the
+  link instead of publishing them, and applies only the maintenance orders that reach the plant
+  through the link (an OPC UA ``Maintain`` call, a Sparkplug DCMD).  Two simulation
+  conveniences keep the run the JSON path's, tick for tick; a real plant has neither: the runner
+  waits after each tick until the gateway has published that tick's messages on the contract
+  topics (the plant's clock never outruns its gateway, so no sample is overwritten or dropped
+  between them), and, in lockstep, it also reads the contract's command topic to know which
+  orders the bridge sent, and waits until each has reached the plant through the link (or the
+  plant refused it there) before it applies them.  A wait longer than ``lockstep_timeout_s`` is
+  counted (``link_timeouts``) and the run goes on.
 * ``out_path`` - every published telemetry/event also goes to a JSONL file,
   ``{"topic": ..., "payload": {...}}`` a line, byte-identical for the same seed and scenario.
 
@@ -85,6 +98,8 @@ class RunSummary:
     commands_duplicate: int = 0
     #: commands for machines of the plant's control fleet, which nothing but its own policy commands
     commands_to_control_fleet: int = 0
+    #: with a plant protocol: waits for the gateway (a tick's messages, an order) that timed out
+    link_timeouts: int = 0
     ticks: int = 0
     plant_start_ts: float = 0.0
     plant_end_ts: float = 0.0
@@ -109,7 +124,7 @@ class MqttSimRunner:
                  out_path: str | None = None, window: WindowConfig | None = None,
                  status_interval_s: float = 2.0, max_unacked: int = 5000, client_id: str | None = None,
                  progress_interval_s: float = 0.5, bridge_component: str = "serve-bridge",
-                 bridge_restart_timeout_s: float = 600.0):
+                 bridge_restart_timeout_s: float = 600.0, link=None):
         if speed is not None and not speed > 0:
             raise ConfigError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
         window = window or WindowConfig()
@@ -135,6 +150,9 @@ class MqttSimRunner:
         self.max_unacked = max_unacked
         self.client_id = client_id
         self.summary = RunSummary()
+        self.link = link
+        self._carried: set[str] = set()           # link: event ids the gateway published, not yet waited for
+        self._ordered: list[str] = []             # link: command ids the bridge sent, not yet through the link
         self._stop = threading.Event()
         self._lock = threading.Condition()
         self._commands: list[contract.Command] = []
@@ -173,7 +191,12 @@ class MqttSimRunner:
                     log.log(logging.INFO if decoded.online else logging.WARNING, "serving bridge %s is %s",
                             self.bridge_component, "online" if decoded.online else "OFFLINE")
             elif isinstance(decoded, contract.Command):
-                self._commands.append(decoded)
+                if self.link is None:
+                    self._commands.append(decoded)
+                else:                        # an order for the link to bring: lockstep pacing only
+                    self._ordered.append(decoded.command_id)
+            elif isinstance(decoded, (contract.Telemetry, contract.MachineEvent)):
+                self._carried.add(decoded.event_id)   # the gateway carried it (link mode only subscribes)
             elif isinstance(decoded, contract.Prediction):
                 if decoded.window_end_seq > self._preds.get(decoded.machine, -1):
                     self._preds[decoded.machine] = decoded.window_end_seq
@@ -225,6 +248,9 @@ class MqttSimRunner:
         return topic
 
     def _publish(self, messages: list) -> None:
+        if self.link is not None:
+            self._expose(messages)
+            return
         client = self._client
         topic_for = self._topic_for
         unacked = self._unacked
@@ -241,6 +267,39 @@ class MqttSimRunner:
         self.summary.published += len(messages)
         if len(unacked) > self.max_unacked:
             self._drain(self.max_unacked // 2)
+
+    def _expose(self, messages: list) -> None:
+        """Link mode: hand a tick's messages to the plant's protocol and wait until the gateway has
+        published them on the contract topics (see the module docstring)."""
+        if not messages:
+            return
+        counts, out = self._published_readings, self._out
+        for m in messages:
+            if type(m) is contract.Telemetry:
+                counts[m.machine] = counts.get(m.machine, 0) + 1
+            if out is not None:
+                out.write(b'{"topic":' + self._encode_line(self._topic_for(m)) + b',"payload":'
+                          + contract.encode(m) + b"}\n")
+        self.link.expose(messages)
+        self.summary.published += len(messages)
+        ids = {m.event_id for m in messages}
+        self._wait_link(lambda: ids <= self._carried, lambda: f"the gateway to publish {len(ids - self._carried)} "
+                                                              f"messages of plant time {self.plant.now_ts:.0f}")
+        with self._lock:
+            self._carried -= ids
+
+    def _wait_link(self, done: Callable[[], bool], what: Callable[[], str]) -> None:
+        deadline = time.monotonic() + self.lockstep_timeout_s
+        while not self._stop.is_set():
+            with self._lock:
+                if done():
+                    return
+            if time.monotonic() > deadline:
+                self.summary.link_timeouts += 1
+                self.summary.last_error = f"waited {self.lockstep_timeout_s:g} s for {what()}"
+                log.warning("%s; continuing", self.summary.last_error)
+                return
+            self._client.loop(timeout=0.005)
 
     def _drain(self, keep: int) -> None:
         """Wait for PUBACKs until at most ``keep`` publishes are unacknowledged."""
@@ -298,6 +357,15 @@ class MqttSimRunner:
                     self._lock.acquire()
 
     def _apply_commands(self, out: list) -> None:
+        if self.link is not None:
+            if self._ordered:   # lockstep: the orders the bridge sent must have come through the link
+                ordered = list(self._ordered)
+                self._wait_link(lambda: self.link.arrived(ordered), lambda: f"orders {ordered} to reach the plant "
+                                                                           "through the gateway")
+                with self._lock:
+                    del self._ordered[:len(ordered)]
+            with self._lock:
+                self._commands.extend(self.link.take_commands())
         with self._lock:
             cmds, self._commands = self._commands, []
         if not cmds:
@@ -333,9 +401,17 @@ class MqttSimRunner:
         client.on_message = self._on_message
         connect(client, self.url)
         client.loop_stop()        # from here on this thread drives the network loop (see the docstring)
+        subacked = threading.Event()
+        client.on_subscribe = lambda *a: subacked.set()
         client.subscribe([(self.topics.pattern("command"), 1)] +
                          ([(self.topics.pattern("prediction"), 1), (self.topics.status(self.bridge_component), 1)]
-                          if self.lockstep else []))
+                          if self.lockstep else []) +
+                         ([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1)]
+                          if self.link is not None else []))
+        if self.link is not None:   # the gateway's messages of the first tick must find the subscription
+            deadline = time.monotonic() + 30.0
+            while not subacked.is_set() and time.monotonic() < deadline:
+                client.loop(timeout=0.05)
         self._out = open(self.out_path, "wb") if self.out_path else None
         wall0 = time.monotonic()
         s.plant_start_ts = plant_ts0 = plant.now_ts

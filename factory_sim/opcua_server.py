@@ -12,9 +12,17 @@ machine (node ids ``ns=2;s={line}/{machine}``, namespace ``urn:flywheel:factory-
   after the next tick like a command on the JSON topics; a machine already down answers
   BadInvalidState.
 
-Before its first sample a variable reads BadWaitingForInitialData.  Machine events (failures,
-maintenance, parts) are not exposed over OPC UA; ``out_path`` records every message of the
-plant, one ``{"topic", "payload"}`` JSON object a line, as ``flywheel sim --out`` does.
+* machine events (failures, maintenance start/done, parts) as OPC UA events of the machine's
+  object (its EventNotifier is SubscribeToEvents), of the event type ``MachineEventType``
+  (``ns=2;s=MachineEventType``, a BaseEventType subtype) whose properties are the contract's
+  event fields: ``type``, ``seq`` (Int64, the event's ``seq`` in the JSON stream), ``mode``,
+  ``reason``, ``finding``, ``quality``, ``command_id``, ``variant`` (String, null where the
+  event has none); ``Time`` is the event's plant time, ``Message`` its type.  An event while the
+  server is down is lost (OPC UA events are not state: no client reads them later).
+
+Before its first sample a variable reads BadWaitingForInitialData.  ``out_path`` records every
+message of the plant, one ``{"topic", "payload"}`` JSON object a line, as ``flywheel sim --out``
+does.
 
 Usage (the server runs in its own thread and event loop)::
 
@@ -39,7 +47,8 @@ from asyncua import Server, ua
 from flywheel.base import contract
 
 from factory_sim.plant import Plant, SimCommandError, SimError
-from factory_sim.plant_tags import MAINTAIN, OPCUA_NAMESPACE, SAMPLE_SEQ, opcua_node, readings_of
+from factory_sim.plant_tags import (EVENT_PROPERTIES, EVENT_TYPE, MAINTAIN, OPCUA_NAMESPACE, SAMPLE_SEQ, opcua_node,
+                                    readings_of)
 
 log = logging.getLogger("factory_sim.opcua")
 
@@ -52,6 +61,9 @@ class LinkSummary:
     samples: int = 0                 # telemetry messages exposed
     #: telemetry the link could not expose (its server down, its edge node dead): seq by machine
     lost: dict[str, list[int]] = field(default_factory=dict)
+    events: int = 0                  # machine events exposed
+    #: machine events the link could not expose: seq by machine
+    events_lost: dict[str, list[int]] = field(default_factory=dict)
     commands_applied: int = 0
     commands_refused: int = 0
     refused_by_reason: dict[str, int] = field(default_factory=dict)
@@ -76,6 +88,8 @@ class OpcUaPlantServer:
         self._server: Server | None = None
         self._ns = 2
         self._commands: list[contract.Command] = []
+        self._event_gens: dict = {}               # machine -> its EventGenerator
+        self._arrived: set[str] = set()           # ids of the Maintain calls received (queued or refused)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="opcua-plant", daemon=True)
         self._stop = threading.Event()
@@ -106,6 +120,29 @@ class OpcUaPlantServer:
     def stop(self) -> None:
         self._stop.set()
 
+    # ------------------------------------------------------------------ as an MqttSimRunner's link
+    def expose(self, messages: list) -> None:
+        """Write a tick's telemetry and fire its events (the runner steps the plant)."""
+        self._call(self._expose_all(messages), 60)
+
+    async def _expose_all(self, messages: list) -> None:
+        for msg in messages:
+            if type(msg) is contract.Telemetry:
+                await self._expose(msg)
+            elif type(msg) is contract.MachineEvent:
+                await self._expose_event(msg)
+
+    def take_commands(self) -> list[contract.Command]:
+        """The maintenance orders that came as Maintain calls since the last call."""
+        async def take():
+            cmds, self._commands = self._commands, []
+            return cmds
+        return self._call(take(), 30)
+
+    def arrived(self, command_ids) -> bool:
+        """Whether every one of ``command_ids`` has come as a Maintain call (queued or refused)."""
+        return all(c in self._arrived for c in list(command_ids))
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._call(self._stop_server(), 30)
@@ -122,6 +159,13 @@ class OpcUaPlantServer:
         self._ns = await server.register_namespace(OPCUA_NAMESPACE)
         objects = server.nodes.objects
         waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData))
+        # the event type, with string node ids a mapping can name (ns=2;s=MachineEventType)
+        etype = await server.get_node(ua.ObjectIds.BaseEventType).add_object_type(
+            ua.NodeId(EVENT_TYPE, self._ns), ua.QualifiedName(EVENT_TYPE, self._ns))
+        for name, vt in EVENT_PROPERTIES:
+            variant = getattr(ua.VariantType, vt)
+            await etype.add_property(ua.NodeId(f"{EVENT_TYPE}/{name}", self._ns), ua.QualifiedName(name, self._ns),
+                                     ua.get_default_value(variant), varianttype=variant)
         for v in self.plant.machines:
             ns = self._ns
             obj = await objects.add_object(ua.NodeId.from_string(opcua_node(v.line, v.machine_id, None, ns)),
@@ -141,6 +185,9 @@ class OpcUaPlantServer:
             await obj.add_method(ua.NodeId.from_string(opcua_node(v.line, v.machine_id, MAINTAIN, ns)),
                                  ua.QualifiedName(MAINTAIN, ns), self._maintain_for(v.line, v.machine_id),
                                  [ua.VariantType.String, ua.VariantType.String], [ua.VariantType.String])
+            await obj.set_event_notifier([ua.EventNotifier.SubscribeToEvents])
+            await server.get_node(ua.ObjectIds.Server).add_reference(obj.nodeid, ua.ObjectIds.HasNotifier)
+            self._event_gens[v.machine_id] = await server.get_event_generator(etype, obj)
         await server.start()
         self._server = server
         log.info("OPC UA server at %s", self.endpoint)
@@ -174,6 +221,7 @@ class OpcUaPlantServer:
             command_id, reason = command_id.Value, reason.Value
             cmd = contract.Command(command_id=command_id or f"opcua-{machine}-{time.time_ns()}", line=line,
                                    machine=machine, command="maintain", reason=reason or "opcua")
+            self._arrived.add(cmd.command_id)
             try:
                 self.plant.check_command(cmd)
             except SimCommandError as exc:
@@ -208,6 +256,16 @@ class OpcUaPlantServer:
             ua.DataValue(ua.Variant(msg.seq, ua.VariantType.Int64), SourceTimestamp=when, ServerTimestamp=now))
         self.summary.samples += 1
 
+    async def _expose_event(self, msg: contract.MachineEvent) -> None:
+        gen = self._event_gens.get(msg.machine)
+        if self._server is None or gen is None:
+            self.summary.events_lost.setdefault(msg.machine, []).append(msg.seq)
+            return
+        for name, _vt in EVENT_PROPERTIES:      # every property, null where this event has none
+            setattr(gen.event, name, getattr(msg, name))
+        await gen.trigger(datetime.fromtimestamp(msg.ts, timezone.utc), message=msg.type)
+        self.summary.events += 1
+
     async def _run(self, duration_s: float, on_tick=None) -> LinkSummary:
         plant, s = self.plant, self.summary
         out_file = open(self.out_path, "wb") if self.out_path else None
@@ -234,6 +292,8 @@ class OpcUaPlantServer:
                 for msg in out:
                     if type(msg) is contract.Telemetry:
                         await self._expose(msg)
+                    elif type(msg) is contract.MachineEvent:
+                        await self._expose_event(msg)
                     if out_file is not None:
                         out_file.write(b'{"topic":' + enc(self.topics.for_message(msg)) + b',"payload":'
                                        + contract.encode(msg) + b"}\n")

@@ -2,7 +2,10 @@
 
 Each machine exposes its readings (in the contract's units, so the mapping's scale is 1), a
 sample counter ``SampleSeq`` (the machine's message ``seq`` of the telemetry the sample is, so a
-gateway reproduces the JSON stream's event ids) and a ``Maintain(command_id, reason)`` command.
+gateway reproduces the JSON stream's event ids), its machine events (OPC UA events of
+``MachineEventType`` from the machine's object, a Sparkplug String metric ``event`` holding the
+event's fields as JSON; both carry the event's ``seq`` of the JSON stream) and a
+``Maintain(command_id, reason)`` command.
 :func:`gateway_mapping` writes the mapping file ``flywheel gateway`` needs for this plant
 (``flywheel sim --write-mapping FILE``).
 """
@@ -19,6 +22,13 @@ SP_SAMPLE_SEQ = "sample_seq"
 SP_MAINTAIN = "Maintain"
 SP_COMMAND_ID = "Maintain/command_id"
 SP_REASON = "Maintain/reason"
+#: Sparkplug: the String metric carrying a machine event's fields as JSON.
+SP_EVENT = "event"
+#: OPC UA: the event type of machine events (a BaseEventType subtype whose properties are the
+#: contract's event fields), and those properties with their types.
+EVENT_TYPE = "MachineEventType"
+EVENT_PROPERTIES = (("type", "String"), ("seq", "Int64"), ("mode", "String"), ("reason", "String"),
+                    ("finding", "String"), ("quality", "String"), ("command_id", "String"), ("variant", "String"))
 
 #: reading name -> engineering unit (OPC UA EUInformation display name / the contract's unit).
 READING_UNITS = {
@@ -43,7 +53,7 @@ def opcua_node(line: str, machine: str, name: str | None = None, ns: int = 2) ->
 
 
 def gateway_mapping(plant, protocol: str, *, endpoint: str | None = None, group: str = "flywheel",
-                    topic_root: str = "factory", ns: int = 2) -> dict:
+                    topic_root: str = "factory", ns: int = 2, publishing_interval_ms: float | None = None) -> dict:
     """The mapping file (a dict; dump it as YAML) that reads this plant over ``protocol``."""
     machines = []
     for v in plant.machines:
@@ -54,14 +64,18 @@ def gateway_mapping(plant, protocol: str, *, endpoint: str | None = None, group:
                      "maintain": {"object": opcua_node(v.line, v.machine_id, None, ns),
                                   "method": opcua_node(v.line, v.machine_id, MAINTAIN, ns)},
                      "readings": {r: {"node": opcua_node(v.line, v.machine_id, r, ns), "unit": u}
-                                  for r, u in readings.items()}}
+                                  for r, u in readings.items()},
+                     "events": {"node": opcua_node(v.line, v.machine_id, None, ns), "type": f"ns={ns};s={EVENT_TYPE}"}}
         else:
             entry = {"machine": v.machine_id, "line": v.line, "kind": v.kind, "edge": v.line, "device": v.machine_id,
                      "seq": {"metric": SP_SAMPLE_SEQ},
-                     "readings": {r: {"metric": r, "unit": u} for r, u in readings.items()}}
+                     "readings": {r: {"metric": r, "unit": u} for r, u in readings.items()},
+                     "events": {"metric": SP_EVENT}}
         machines.append(entry)
     out = {"protocol": protocol, "topic_root": topic_root, "seed": plant.seed}
     out["opcua" if protocol == "opcua" else "sparkplug"] = ({"endpoint": endpoint} if protocol == "opcua"
                                                              else {"group": group})
+    if protocol == "opcua" and publishing_interval_ms is not None:
+        out["opcua"]["publishing_interval_ms"] = publishing_interval_ms
     out["machines"] = machines
     return out

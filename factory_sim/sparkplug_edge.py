@@ -10,6 +10,9 @@
   metrics ``Maintain`` (Boolean), ``Maintain/command_id`` and ``Maintain/reason`` (String);
 * publishes a DDATA per telemetry message (metrics by alias, timestamp = plant time in ms),
   QoS 0 as the specification has it, ``seq`` +1 (mod 256) per message of the edge node;
+* publishes a DDATA per machine event with the String metric ``event``: the event's contract
+  fields as JSON (``{"type": "failure", "seq": 812, "mode": "TWF"}``), timestamp = the event's
+  plant time; the DBIRTH declares it with the machine's last event (null before the first);
 * answers NCMD ``Node Control/Rebirth`` with a new NBIRTH and DBIRTHs (same ``bdSeq``), and a
   DCMD ``Maintain`` with a maintenance order applied after the next tick.
 
@@ -20,6 +23,7 @@ Telemetry of a dead edge node is lost (recorded in the summary), as on a real pl
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -32,7 +36,7 @@ from flywheel.base.mqtt import BrokerURL, connect, make_client
 
 from factory_sim.opcua_server import LinkSummary
 from factory_sim.plant import Plant
-from factory_sim.plant_tags import SP_COMMAND_ID, SP_MAINTAIN, SP_REASON, SP_SAMPLE_SEQ, readings_of
+from factory_sim.plant_tags import SP_COMMAND_ID, SP_EVENT, SP_MAINTAIN, SP_REASON, SP_SAMPLE_SEQ, readings_of
 
 log = logging.getLogger("factory_sim.sparkplug")
 
@@ -50,9 +54,11 @@ class _EdgeNode:
         # alias per (machine, metric): stable across sessions
         self.aliases: dict[tuple[str, str], int] = {}
         for v in machines:
-            for name in list(readings_of(v.kind, owner.plant.scenario)) + [SP_SAMPLE_SEQ, SP_MAINTAIN, SP_COMMAND_ID, SP_REASON]:
+            for name in list(readings_of(v.kind, owner.plant.scenario)) + [SP_SAMPLE_SEQ, SP_MAINTAIN, SP_COMMAND_ID, SP_REASON,
+                                                                            SP_EVENT]:
                 self.aliases[(v.machine_id, name)] = len(self.aliases) + 1
         self.last: dict[str, contract.Telemetry] = {}
+        self.last_event: dict[str, contract.MachineEvent] = {}
 
     def _next(self) -> int:
         self.seq = sp.next_seq(self.seq)
@@ -96,6 +102,10 @@ class _EdgeNode:
                 sp.add_metric(p, SP_MAINTAIN, sp.BOOLEAN, False, alias=self.aliases[(v.machine_id, SP_MAINTAIN)])
                 sp.add_metric(p, SP_COMMAND_ID, sp.STRING, "", alias=self.aliases[(v.machine_id, SP_COMMAND_ID)])
                 sp.add_metric(p, SP_REASON, sp.STRING, "", alias=self.aliases[(v.machine_id, SP_REASON)])
+                ev = self.last_event.get(v.machine_id)
+                sp.add_metric(p, SP_EVENT, sp.STRING, event_record(ev) if ev else None,
+                              alias=self.aliases[(v.machine_id, SP_EVENT)],
+                              timestamp_ms=int(round(ev.ts * 1000)) if ev else None)
                 self.client.publish(sp.topic(o.group, "DBIRTH", self.line, v.machine_id), p.SerializeToString(), qos=0)
 
     def data(self, msg: contract.Telemetry) -> bool:
@@ -110,6 +120,20 @@ class _EdgeNode:
             for name, value in msg.readings.items():
                 sp.add_metric(p, None, sp.DOUBLE, value, alias=self.aliases[(msg.machine, name)], timestamp_ms=ts_ms)
             sp.add_metric(p, None, sp.INT64, msg.seq, alias=self.aliases[(msg.machine, SP_SAMPLE_SEQ)],
+                          timestamp_ms=ts_ms)
+            self.client.publish(sp.topic(self.owner.group, "DDATA", self.line, msg.machine), p.SerializeToString(), qos=0)
+        return True
+
+    def event(self, msg: contract.MachineEvent) -> bool:
+        self.last_event[msg.machine] = msg
+        if not self.online:
+            return False
+        ts_ms = int(round(msg.ts * 1000))
+        with self.lock:
+            p = sp.Payload()
+            p.timestamp = ts_ms
+            p.seq = self._next()
+            sp.add_metric(p, None, sp.STRING, event_record(msg), alias=self.aliases[(msg.machine, SP_EVENT)],
                           timestamp_ms=ts_ms)
             self.client.publish(sp.topic(self.owner.group, "DDATA", self.line, msg.machine), p.SerializeToString(), qos=0)
         return True
@@ -153,6 +177,16 @@ class _EdgeNode:
                                                reason=values.get(SP_REASON) or "sparkplug"))
 
 
+def event_record(msg: contract.MachineEvent) -> str:
+    """A machine event's fields as the JSON a plant's event metric carries (no ids: the gateway
+    derives the event id from the seq, as for samples)."""
+    fields = {"type": msg.type, "seq": msg.seq}
+    for k in ("mode", "reason", "finding", "quality", "command_id", "variant"):
+        if getattr(msg, k) is not None:
+            fields[k] = getattr(msg, k)
+    return json.dumps(fields, separators=(",", ":"))
+
+
 class SparkplugPlant:
     """Run a plant as Sparkplug B edge nodes on a broker; see the module docstring."""
 
@@ -166,6 +200,7 @@ class SparkplugPlant:
         self.topics = contract.Topics(topic_root)
         self.summary = LinkSummary()
         self._commands: list[contract.Command] = []
+        self._arrived: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         lines: dict[str, list] = {}
@@ -194,6 +229,33 @@ class SparkplugPlant:
     def _queue(self, cmd: contract.Command) -> None:
         with self._lock:
             self._commands.append(cmd)
+            self._arrived.add(cmd.command_id)
+
+    # ------------------------------------------------------------------ as an MqttSimRunner's link
+    def expose(self, messages: list) -> None:
+        """Publish a tick's telemetry and events as the edge nodes' DDATA (the runner steps the plant)."""
+        for msg in messages:
+            if type(msg) is contract.Telemetry:
+                if self.edges[msg.line].data(msg):
+                    self.summary.samples += 1
+                else:
+                    self.summary.lost.setdefault(msg.machine, []).append(msg.seq)
+            elif type(msg) is contract.MachineEvent:
+                if self.edges[msg.line].event(msg):
+                    self.summary.events += 1
+                else:
+                    self.summary.events_lost.setdefault(msg.machine, []).append(msg.seq)
+
+    def take_commands(self) -> list[contract.Command]:
+        """The maintenance orders that came as DCMDs since the last call."""
+        with self._lock:
+            cmds, self._commands = self._commands, []
+        return cmds
+
+    def arrived(self, command_ids) -> bool:
+        """Whether every one of ``command_ids`` has come as a DCMD."""
+        with self._lock:
+            return all(c in self._arrived for c in command_ids)
 
     def _refuse(self, reason: str, why: str) -> None:
         s = self.summary
@@ -228,12 +290,8 @@ class SparkplugPlant:
                         log.info("applied maintain on %s (command %s)", cmd.machine, cmd.command_id)
                     else:
                         self._refuse(err.reason, str(err))
+                self.expose(out)
                 for msg in out:
-                    if type(msg) is contract.Telemetry:
-                        if self.edges[msg.line].data(msg):
-                            s.samples += 1
-                        else:
-                            s.lost.setdefault(msg.machine, []).append(msg.seq)
                     if out_file is not None:
                         out_file.write(b'{"topic":' + enc(self.topics.for_message(msg)) + b',"payload":'
                                        + contract.encode(msg) + b"}\n")

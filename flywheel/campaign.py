@@ -34,6 +34,23 @@ class BaselineConfig:
                 "older, cautious oracle that maintains once the true time to failure is below it (not a bound)"})
 
 
+#: How the campaign's simulated plant reaches the stack: the contract's JSON topics, or a plant
+#: protocol read by the gateway (flywheel gateway).
+PLANT_PROTOCOLS = ("json", "opcua", "sparkplug")
+
+
+@dataclass
+class PlantConfig:
+    protocol: str = field(default="json", metadata={
+        "help": "how the plant reaches the stack: json (the simulator publishes the contract's topics), opcua (an "
+                "OPC UA server per plant) or sparkplug (Sparkplug B edge nodes), each read by the plant gateway; "
+                "the same seed gives the same plant either way"})
+
+    def __post_init__(self):
+        if self.protocol not in PLANT_PROTOCOLS:
+            raise ConfigError(f"plant.protocol {self.protocol!r} is not one of {', '.join(PLANT_PROTOCOLS)}")
+
+
 @dataclass
 class CampaignConfig:
     campaign: str = field(default="demo", metadata={"help": "campaign name (MLflow experiment flywheel-<name>)"})
@@ -69,6 +86,8 @@ class CampaignConfig:
         "help": "which base models and licences the campaign's models may build on (flywheel.base.governance): "
                 "training refuses others before any compute, serving refuses versions built on them"})
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    plant: PlantConfig = field(default_factory=PlantConfig, metadata={
+        "help": "the simulated plant's link to the stack (plant.protocol)"})
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={
         "help": "the reference plant every turn's models are scored on (flywheel.reference)"})
 

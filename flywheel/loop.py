@@ -184,6 +184,8 @@ class Campaign:
         # which version serves the plant, from when to when, in the lake (flywheel/audit.py)
         self.serving_ledger = ServingLedger(self.lake_uri, cfg.model_name, cfg.campaign)
         self._running = contextlib.ExitStack()
+        self.plant_link = None   # plant.protocol opcua|sparkplug: the plant's OPC UA server or edge nodes
+        self.gateway = None      # ... and the gateway that carries them onto the contract topics
 
     def _signing_keys(self) -> None:
         """Sign every version with the workdir's key pair (created on first use) unless train.signing_key
@@ -209,11 +211,55 @@ class Campaign:
                 ray_address=self.ray_address, embedded_broker=self.embedded_broker,
                 parent_run_id=self.state["parent_run_id"], on_tracking=self._tracking_ready))
             self.broker_url, self.ingest = self.stack.broker_url, self.stack.ingest
+            self._start_plant_link(running)
             running.callback(self._stop_serving)
             if self.aborted is not None:
                 self._fence_lake()
             self._running = running.pop_all()
         return self
+
+    def _start_plant_link(self, running: contextlib.ExitStack) -> None:
+        """``plant.protocol`` opcua or sparkplug: the plant speaks that protocol (an OPC UA server, or
+        Sparkplug B edge nodes on the campaign's broker) and a plant gateway, as a real plant would
+        have, carries it onto the contract topics; the plant periods hand their ticks to it
+        (``MqttSimRunner(link=...)``).  Same seed, same plant: the gateway's event ids and values
+        are the JSON path's."""
+        protocol = self.cfg.plant.protocol
+        if protocol == "json":
+            return
+        from factory_sim import OpcUaPlantServer, SparkplugPlant, gateway_mapping
+        from flywheel.base.broker import free_port
+        from gateway import GatewayService, gateway_metrics, parse_mapping
+
+        cfg = self.cfg
+        if protocol == "opcua":
+            link = OpcUaPlantServer(self.plant, port=free_port(), speed=None, topic_root=cfg.topic_root)
+            link.start()
+            running.callback(link.close)
+            # the plant waits for its gateway every tick: a short publishing interval keeps that wait short
+            mapping = gateway_mapping(self.plant, "opcua", endpoint=link.endpoint, topic_root=cfg.topic_root,
+                                      publishing_interval_ms=10)
+        else:
+            link = SparkplugPlant(self.plant, self.broker_url, group=f"flywheel-{cfg.campaign}",
+                                  topic_root=cfg.topic_root)
+            mapping = gateway_mapping(self.plant, "sparkplug", group=link.group, topic_root=cfg.topic_root)
+        gateway = GatewayService(parse_mapping(mapping, f"<campaign {cfg.campaign}: {protocol}>"), self.broker_url,
+                                 component="gateway", reconnect_s=0.2)
+        gateway.start()
+        running.callback(gateway.stop)
+        if protocol == "sparkplug":   # born after the gateway listens: it reads the births
+            link.start()
+            running.callback(link.close)
+        deadline = time.monotonic() + 60
+        while not gateway.gateway.connected:
+            if time.monotonic() > deadline:
+                raise CampaignError(f"the plant gateway did not connect to the plant's {protocol} link within 60 s: "
+                                    f"{gateway.gateway.last_error}")
+            time.sleep(0.05)
+        if self.stack is not None and self.stack.metrics is not None:
+            self.stack.metrics.add("gateway", lambda: gateway_metrics(gateway.gateway))
+        self.plant_link, self.gateway = link, gateway
+        self.view.log(f"the plant speaks {protocol}; the plant gateway carries it onto the contract topics")
 
     def __exit__(self, *exc) -> None:
         self.view.stage("stopping")
@@ -749,7 +795,8 @@ class Campaign:
             bridge.start(fresh=True)
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
                                lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,
-                               window=bridge.window if bridge is not None else self.stages["window"])
+                               window=bridge.window if bridge is not None else self.stages["window"],
+                               link=self.plant_link)
         metrics = self.stack.metrics if self.stack is not None else None
         if metrics is not None:   # this period's runner and bridge: counts restart per period (a counter reset)
             from factory_sim import sim_metrics

@@ -54,6 +54,7 @@ def config_fingerprint(cfg) -> str:
     d = redacted(dataclasses.asdict(cfg))      # a rotated API token is the same campaign
     d.pop("turns", None)
     d.pop("metrics_port", None)                # where metrics are served changes no result
+    d.pop("plant", None)                       # nor the plant's protocol: the same seed, the same plant
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -7,8 +7,8 @@ deterministic event ids (:mod:`gateway.core`) and sends maintenance commands bac
 ``flywheel gateway`` (:mod:`gateway.cli`) runs it.  A stage: it imports the base layer only.
 """
 
-from gateway.core import Gateway
+from gateway.core import Gateway, gateway_metrics
 from gateway.mapping import Mapping, MappingError, load_mapping, parse_mapping
 from gateway.service import GatewayService
 
-__all__ = ["Gateway", "GatewayService", "Mapping", "MappingError", "load_mapping", "parse_mapping"]
+__all__ = ["Gateway", "GatewayService", "gateway_metrics", "Mapping", "MappingError", "load_mapping", "parse_mapping"]

@@ -19,14 +19,15 @@ EXAMPLES = """examples:
   flywheel sim --scenario tiny --sparkplug --speed 60 --broker mqtt://127.0.0.1:1883 --write-mapping sp.yaml
   flywheel gateway --mapping sp.yaml --broker mqtt://127.0.0.1:1883
   flywheel gateway --mapping plant.yaml --check
+  flywheel gateway --mapping plant.yaml --broker mqtt://127.0.0.1:1883 --metrics-port 9104
 """
 
 
 def register(sub, common) -> None:
     p = sub.add_parser("gateway", help="read a plant over OPC UA or Sparkplug B and publish it on the contract topics",
                        description="Read a plant's machines over OPC UA (subscriptions) or Sparkplug B (a host "
-                                   "application on the plant's broker), publish their telemetry on "
-                                   "<root>/<line>/<machine>/telemetry with deterministic event ids, and send "
+                                   "application on the plant's broker), publish their telemetry and machine events on "
+                                   "<root>/<line>/<machine>/telemetry|event with deterministic event ids, and send "
                                    "maintenance commands back (OPC UA method Maintain, Sparkplug DCMD). Bad values, "
                                    "unknown nodes, sequence gaps and rebirths are counted by reason on the retained "
                                    "status <root>/_status/<component>.",
@@ -37,16 +38,16 @@ def register(sub, common) -> None:
     p.add_argument("--component", default="gateway", help="name on the status topic (default gateway)")
     p.add_argument("--duration", default=None, help="wall time to run, e.g. 90m (default: until Ctrl-C)")
     p.add_argument("--check", action="store_true", help="check the mapping file and exit")
-    common.add(p, broker=True)
+    common.add(p, broker=True, metrics=True)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from flywheel.base.config import parse_duration
+    from flywheel.base.metrics import start_metrics
     from flywheel.base.mqtt import DEFAULT_URL
 
-    from gateway.mapping import load_mapping
-    from gateway.service import GatewayService
+    from gateway import GatewayService, gateway_metrics, load_mapping
 
     mapping = load_mapping(args.mapping)
     where = mapping.endpoint if mapping.protocol == "opcua" else f"Sparkplug group {mapping.group!r}"
@@ -56,14 +57,23 @@ def run(args) -> int:
         return 0
     duration = parse_duration(args.duration) if args.duration else None
     svc = GatewayService(mapping, args.broker or DEFAULT_URL, plant_broker=args.plant_broker,
-                         component=args.component).start()
-    done = threading.Event()
-    old = signal.signal(signal.SIGINT, lambda *a: done.set())
+                         component=args.component)
+    # bad or busy port: a MetricsError (exit 2, named) before anything connects
+    metrics = start_metrics(args.metrics_port, {args.component: lambda: gateway_metrics(svc.gateway)})
+    if metrics is not None:
+        print(f"flywheel gateway: Prometheus metrics on {metrics.url}")
     try:
-        done.wait(duration)
+        svc.start()
+        done = threading.Event()
+        old = signal.signal(signal.SIGINT, lambda *a: done.set())
+        try:
+            done.wait(duration)
+        finally:
+            signal.signal(signal.SIGINT, old)
+            svc.stop()
     finally:
-        signal.signal(signal.SIGINT, old)
-        svc.stop()
+        if metrics is not None:
+            metrics.close()
     c = svc.counters
     print("flywheel gateway: " + ", ".join(f"{k} {v:g}" for k, v in sorted(c.items())))
     return 0

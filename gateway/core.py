@@ -15,13 +15,26 @@ scale and publishes it (QoS 1) on ``{root}/{line}/{machine}/telemetry``:
   of the telemetry and counted by reason; nothing is filled in.  A sample with no usable reading
   is not published (``empty_sample``).
 
-Counters go to the retained status ``{root}/_status/{component}`` (``dropped.<reason>``,
-``commands_refused.<reason>``, protocol counters such as ``seq_gap``), at most once a second
-and whenever a connection changes; the will message marks the gateway offline.
+A machine *event* (failure, maintenance start/done with its inspection finding, a finished part)
+is a record of the contract's event fields (:data:`EVENT_FIELDS`: ``type``, ``seq`` and those of
+its type) at its source time; :meth:`Gateway.emit_event` publishes it as a
+:class:`~flywheel.base.contract.MachineEvent` on ``{root}/{line}/{machine}/event``.  Its id is
+``contract.event_id(seed, machine, seq)`` with the record's ``seq`` (the plant's message counter,
+shared with the samples' as in the simulator), else, for a machine mapped with
+``sample_period_s``, the event's time in milliseconds, which no sample seq reaches.  An event
+whose seq is not above the machine's last published event is read again (a rebirth, a new
+subscription): ``duplicate``.  A record the contract refuses is counted ``dropped.<reason>``.
+
+Counters go to the retained status ``{root}/_status/{component}`` (``samples`` read,
+``published``, ``dropped.<reason>``, ``commands_sent``, ``commands_refused.<reason>``, protocol
+counters such as ``seq_gap``), at most once a second and whenever a connection changes; the will
+message marks the gateway offline.  :func:`gateway_metrics` serves the same counters to
+Prometheus under the public metric names (``flywheel gateway --metrics-port``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -49,10 +62,11 @@ class Gateway:
         self.status_interval_s = status_interval_s
         self.client_id = client_id
         self.on_command: Callable[[MachineMap, contract.Command], None] | None = None
-        self.counters: dict[str, float] = {"published": 0}
+        self.counters: dict[str, float] = {"samples": 0, "published": 0, "events_read": 0, "events_published": 0}
         self.last_error: str | None = None
         self.connected = False
         self._last_seq: dict[str, int] = {}
+        self._last_event_seq: dict[str, int] = {}
         self._lock = threading.Lock()
         self._client = None
         self._next_status = 0.0
@@ -100,6 +114,8 @@ class Gateway:
         """Publish one sample of machine ``mm`` at source time ``ts`` (see the module docstring).
 
         ``absent``: sources the plant does not have (counted once when found, not per sample)."""
+        with self._lock:
+            self.counters["samples"] += 1
         seq_value = None
         if mm.seq_source is not None:
             seq_value, reason = sample.get(mm.seq_source, (None, "missing_value"))
@@ -153,6 +169,43 @@ class Gateway:
         self.count("dropped.empty_sample", why=f"{mm.machine}: sample at {ts:.3f} has no usable reading; not published")
         return None
 
+    # ------------------------------------------------------------------ machine events
+    def emit_event(self, mm: MachineMap, ts: float, record: dict | str | bytes) -> contract.MachineEvent | None:
+        """Publish one machine event of ``mm`` at source time ``ts`` (see the module docstring).
+
+        ``record``: the event's fields, a dict or its JSON text (a Sparkplug String metric)."""
+        with self._lock:
+            self.counters["events_read"] += 1
+        fields, why = parse_event_record(record)
+        if fields is None:
+            self.count("dropped.bad_event", why=f"{mm.machine}: event at {ts:.3f} not read ({why}); not published")
+            return None
+        seq = fields.pop("seq", None)
+        if seq is None and mm.sample_period_s is not None:
+            seq = int(round(ts * 1000))
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            self.count("dropped.missing_seq", why=f"{mm.machine}: event {fields.get('type')!r} at {ts:.3f} has no "
+                                                  f"usable seq ({seq!r}); not published")
+            return None
+        last = self._last_event_seq.get(mm.machine)
+        if last is not None and seq <= last:
+            self.count("duplicate", level=logging.DEBUG)
+            return None
+        try:
+            msg = contract.MachineEvent(event_id=contract.event_id(self.mapping.seed, mm.machine, seq), seq=seq,
+                                        ts=ts, line=mm.line, machine=mm.machine, **fields)
+            payload = contract.encode(msg)
+        except (TypeError, contract.ContractError) as exc:
+            reason = getattr(exc, "reason", "bad_event")
+            self.count(f"dropped.{reason}", why=f"{mm.machine}: event seq {seq} at {ts:.3f} refused: {exc}")
+            return None
+        self._last_event_seq[mm.machine] = seq
+        self._client.publish(self.topics.event(mm.line, mm.machine), payload, qos=1)
+        with self._lock:
+            self.counters["events_published"] += 1
+        self.publish_status()
+        return msg
+
     # ------------------------------------------------------------------ commands
     def _on_command_message(self, client, userdata, msg) -> None:
         try:
@@ -191,3 +244,84 @@ class Gateway:
             return
         self._next_status = now + self.status_interval_s
         self._publish_status_now()
+
+
+#: The fields of a machine event record, as in the contract's ``event/1`` (``type`` and ``seq``
+#: always; the others where the type has them).  Other keys of a record are ignored.
+EVENT_FIELDS = ("type", "seq", "mode", "reason", "finding", "quality", "command_id", "variant")
+
+
+def parse_event_record(record) -> tuple[dict | None, str | None]:
+    """``(fields, None)`` of an event record (a dict or its JSON text), or ``(None, why)``.
+
+    Empty strings and nulls are absent fields (an OPC UA event carries every property of its
+    type; a Sparkplug record may write them all)."""
+    if isinstance(record, (str, bytes)):
+        try:
+            record = json.loads(record)
+        except ValueError as exc:
+            return None, f"not JSON: {exc}"
+    if not isinstance(record, dict):
+        return None, f"a record of the event's fields is needed, got {type(record).__name__}"
+    fields = {k: record[k] for k in EVENT_FIELDS if record.get(k) not in (None, "")}
+    if "type" not in fields:
+        return None, "no type"
+    if isinstance(fields.get("seq"), float) and fields["seq"].is_integer():
+        fields["seq"] = int(fields["seq"])
+    return fields, None
+
+
+#: Gateway counters that are messages or readings set aside as unusable (``flywheel_dead_letters``,
+#: by reason), besides every ``dropped.<reason>`` and ``bad_metric.<reason>``.
+DEAD_LETTERS = ("late_value", "malformed_payload", "bad_topic", "unborn", "unknown_alias",
+                "unknown_node")
+#: Gateway counters that are happenings of the plant link rather than lost data
+#: (``flywheel_protocol_events``, by event); ``duplicate`` is a sample re-read after a reconnect or
+#: a rebirth, already published.
+PROTOCOL_EVENTS = ("duplicate", "seq_gap", "seq_missing", "missed_samples", "rebirths", "rebirth_requests", "node_births",
+                   "node_deaths", "stale_deaths", "device_deaths", "reconnects", "connect_failed",
+                   "subscription_status_change")
+
+
+def gateway_metrics(gw: Gateway) -> list:
+    """The gateway's counters under the public metric names (:mod:`flywheel.base.metrics`):
+
+    * ``flywheel_up``: 1 while connected to both the contract broker and the plant;
+    * ``flywheel_events``: samples and machine events read from the plant (``in``), telemetry and
+      events published (``out``);
+    * ``flywheel_dead_letters``: what was set aside, by reason (``dropped.<reason>`` and
+      ``bad_metric.<reason>`` by their reason; :data:`DEAD_LETTERS` by their name);
+    * ``flywheel_protocol_events``: :data:`PROTOCOL_EVENTS` (sequence gaps, rebirths, deaths,
+      reconnects, re-read samples) by event;
+    * ``flywheel_commands``: maintenance commands ``forwarded`` to the plant and ``refused``;
+      ``flywheel_refused_commands``: the refusals by reason.
+
+    A counter not yet counted is served as 0 where its name is fixed (events, commands), and
+    left out where it is one of many reasons (as the other components do)."""
+    from flywheel.base.metrics import Sample, by_reason
+
+    with gw._lock:
+        c = dict(gw.counters)
+    name = gw.component
+    client = gw._client
+    dead: dict[str, float] = {}
+    refused: dict[str, float] = {}
+    for key, n in c.items():
+        head, _, reason = key.partition(".")
+        if head in ("dropped", "bad_metric") and reason:
+            dead[reason] = dead.get(reason, 0) + n
+        elif key in DEAD_LETTERS:
+            dead[key] = dead.get(key, 0) + n
+        elif head == "commands_refused" and reason:
+            refused[reason] = n
+    up = client is not None and client.is_connected() and gw.connected
+    return [Sample("flywheel_up", float(up), {"component": name}),
+            Sample("flywheel_events", float(c.get("samples", 0) + c.get("events_read", 0)),
+                   {"component": name, "direction": "in"}),
+            Sample("flywheel_events", float(c.get("published", 0) + c.get("events_published", 0)),
+                   {"component": name, "direction": "out"}),
+            Sample("flywheel_commands", float(c.get("commands_sent", 0)), {"component": name, "outcome": "forwarded"}),
+            Sample("flywheel_commands", float(sum(refused.values())), {"component": name, "outcome": "refused"}),
+            *by_reason("flywheel_refused_commands", name, refused),
+            *by_reason("flywheel_dead_letters", name, dead),
+            *by_reason("flywheel_protocol_events", name, {k: c[k] for k in PROTOCOL_EVENTS if k in c}, key="event")]

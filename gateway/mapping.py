@@ -14,6 +14,10 @@ A YAML or JSON file (format in ``docs/gateway.md``)::
         maintain: {object: "ns=2;s=L1/mill-01", method: "ns=2;s=L1/mill-01/Maintain"}
         readings:
           air_temp_k: {node: "ns=2;s=L1/mill-01/air_temp_k", unit: K, scale: 1.0, offset: 0.0}
+        # machine events: OPC UA events the object emits, of an event type whose properties are
+        # the contract's event fields (Sparkplug: events: {metric: event}, a String metric whose
+        # value is the event's fields as JSON)
+        events: {node: "ns=2;s=L1/mill-01", type: "ns=2;s=MachineEventType"}
 
 Every problem is a :class:`MappingError` naming the place in the file (``machines[0].readings.
 air_temp_k.unit``), the bad value and the fix; all of them are collected and reported together.
@@ -68,6 +72,8 @@ class MachineMap:
     maintain_method: str | None = None     # OPC UA: the method's node id
     edge: str | None = None                # Sparkplug: edge node id
     device: str | None = None              # Sparkplug: device id
+    events_source: str | None = None       # machine events: OPC UA notifier node / Sparkplug String metric
+    events_type: str | None = None         # OPC UA: the event type node id (its properties: the event's fields)
 
     def seq_for(self, ts: float, seq_value: float | None) -> int | None:
         """The contract seq of a sample: the plant's counter, or its time over the sample period."""
@@ -196,7 +202,8 @@ def _machine(m, where: str, protocol: str | None, bad) -> MachineMap | None:
     if not isinstance(m, dict):
         bad(where, "each machine is a mapping with machine, line, kind and readings")
         return None
-    _unknown(m, {"machine", "line", "kind", "readings", "seq", "sample_period_s", "maintain", "edge", "device"},
+    _unknown(m, {"machine", "line", "kind", "readings", "seq", "sample_period_s", "maintain", "edge", "device",
+                 "events"},
              f"{where}.", bad)
     ok = True
     for key in ("machine", "line"):
@@ -235,6 +242,20 @@ def _machine(m, where: str, protocol: str | None, bad) -> MachineMap | None:
             bad(f"{where}.maintain", "needs object: <node id> and method: <node id> of the Maintain method")
         else:
             obj, method = mt["object"], mt["method"]
+    events_source = events_type = None
+    if m.get("events") is not None:
+        ev = m["events"]
+        events_source = _source(ev, f"{where}.events", protocol, bad)
+        if isinstance(ev, dict):
+            _unknown(ev, {"node", "type"} if protocol == "opcua" else {"metric"}, f"{where}.events.", bad)
+            if protocol == "opcua":
+                events_type = ev.get("type")
+                if not isinstance(events_type, str) or not events_type:
+                    bad(f"{where}.events.type", "the node id of the event type the machine emits is needed "
+                                                "(its properties carry the event's fields, docs/gateway.md)")
+                    ok = False
+        if events_source is None:
+            ok = False
     readings_raw = m.get("readings")
     readings: list[Reading] = []
     if not isinstance(readings_raw, dict) or not readings_raw:
@@ -278,4 +299,5 @@ def _machine(m, where: str, protocol: str | None, bad) -> MachineMap | None:
         return None
     return MachineMap(machine=m["machine"], line=m["line"], kind=kind, readings=tuple(readings),
                       seq_source=seq_source, sample_period_s=float(period) if period else None,
-                      maintain_object=obj, maintain_method=method, edge=edge, device=device)
+                      maintain_object=obj, maintain_method=method, edge=edge, device=device,
+                      events_source=events_source, events_type=events_type)

@@ -17,6 +17,12 @@ every node: the last sample, already published, which is counted ``duplicate`` a
 published again.  Samples the server took while nobody was connected are lost (OPC UA keeps no
 history for a subscription that does not exist); the gateway does not invent them.
 
+Machine events: for a machine mapped with ``events: {node, type}`` the gateway subscribes (in
+the same subscription) to the events the ``node`` object emits, selecting the properties of the
+event ``type``; each event whose properties carry the contract's event fields (``type``,
+``seq``, ...) is handed to :meth:`gateway.core.Gateway.emit_event` at its ``Time``.  Events the
+server fired while nobody was subscribed are lost, as values are.
+
 A node the server does not have is counted ``unknown_node`` and named in the log and the
 status, once per connection; the machine's other nodes go on.  A contract ``maintain`` command
 for a mapped machine calls its ``maintain`` method (``Maintain(command_id, reason)``); a
@@ -36,7 +42,7 @@ from asyncua.common.subscription import DataChangeNotif
 
 from flywheel.base import contract
 
-from gateway.core import Gateway
+from gateway.core import EVENT_FIELDS, Gateway
 from gateway.mapping import MachineMap, MappingError
 
 log = logging.getLogger("gateway.opcua")
@@ -60,6 +66,8 @@ class OpcUaSource:
         self.timeout_s = timeout_s
         #: canonical node id -> (machine map, the source as the mapping writes it), for every mapped node
         self.nodes: dict[str, tuple[MachineMap, str]] = {}
+        #: canonical node id of an event notifier -> the machine whose events it emits
+        self.notifiers: dict[str, MachineMap] = {}
         self._needed: dict[str, set[str]] = {}     # machine -> the sources one sample needs
         self._pending: dict[str, dict[float, dict]] = {}
         self._absent: set[str] = set()             # mapped nodes the server does not have (this connection)
@@ -70,7 +78,8 @@ class OpcUaSource:
         bad = []
         for mm in m.machines:
             sources = [r.source for r in mm.readings] + ([mm.seq_source] if mm.seq_source else [])
-            for s in sources + [x for x in (mm.maintain_object, mm.maintain_method) if x]:
+            for s in sources + [x for x in (mm.maintain_object, mm.maintain_method, mm.events_source,
+                                            mm.events_type) if x]:
                 try:
                     ua.NodeId.from_string(s)
                 except (ValueError, ua.UaStringParsingError) as exc:
@@ -78,6 +87,8 @@ class OpcUaSource:
             if not bad:
                 for s in sources:
                     self.nodes[ua.NodeId.from_string(s).to_string()] = (mm, s)
+                if mm.events_source:
+                    self.notifiers[ua.NodeId.from_string(mm.events_source).to_string()] = mm
             self._needed[mm.machine] = set(sources)
             self._pending[mm.machine] = {}
         if bad:
@@ -114,6 +125,18 @@ class OpcUaSource:
             self._arrived.setdefault(mm.machine, {})[ts] = time.monotonic()
         pending[ts][source] = entry
         self._flush(mm)
+
+    def event_notification(self, event) -> None:
+        """asyncua's handler: a machine object emitted an event (called in the event loop)."""
+        source = getattr(event, "SourceNode", None)
+        mm = self.notifiers.get(source.to_string()) if source is not None else None
+        if mm is None:
+            return
+        when = getattr(event, "Time", None)
+        if when is None:
+            self.gw.count("dropped.no_timestamp", why=f"{mm.machine}: an event without a Time")
+            return
+        self.gw.emit_event(mm, _epoch_s(when), {k: getattr(event, k, None) for k in EVENT_FIELDS})
 
     def status_change_notification(self, status) -> None:
         code = getattr(getattr(status, "Status", None), "name", status)
@@ -165,6 +188,13 @@ class OpcUaSource:
                                                   f"fix its node id in {m.path} or the server's address space")
                 self._needed[mm.machine].discard(source)
                 self._absent.add(source)
+        for nid, mm in self.notifiers.items():
+            try:
+                await sub.subscribe_events(client.get_node(nid), client.get_node(mm.events_type), queuesize=0)
+            except ua.UaStatusCodeError as exc:
+                self.gw.count("unknown_node", why=f"{mm.machine}: events of {mm.events_source} (type {mm.events_type}) "
+                                                  f"cannot be subscribed on {m.endpoint} ({exc}); fix events in {m.path} "
+                                                  "or the server's address space")
 
     # ------------------------------------------------------------------ commands
     def _on_command(self, mm: MachineMap, cmd: contract.Command) -> None:

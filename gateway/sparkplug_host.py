@@ -16,6 +16,11 @@ NBIRTH), the last ``seq`` and the metric aliases each birth declared:
   metrics of the device, grouped by timestamp (the metric's, else the payload's, ms), then
   :meth:`gateway.core.Gateway.emit`.  A value re-read from a rebirth has the same event id and is
   not published twice.
+* A machine's event metric (``events: {metric: ...}``, a String holding the event's fields as
+  JSON) is not part of a sample: each value is one machine event at the metric's timestamp,
+  handed to :meth:`gateway.core.Gateway.emit_event` (a birth's current value is the last event,
+  already published unless the gateway came later: it is not published twice).  Events go out
+  before the samples of the same payload.
 * Data from an edge node the gateway has not seen born cannot be read (aliases unknown): it is
   counted ``unborn``, dropped, and a rebirth is requested.  A payload that is not Sparkplug
   protobuf is counted ``malformed_payload`` with its topic; a topic outside the namespace
@@ -201,9 +206,12 @@ class SparkplugHost:
             if name is None:
                 self.gw.count("unknown_alias", why=f"{t}: metric alias {m.alias} was not in the birth; dropped")
                 continue
+            ts_ms = m.timestamp if m.HasField("timestamp") else payload.timestamp
+            if name == mm.events_source:
+                self._event(t, mm, ts_ms, m)
+                continue
             if name not in wanted:
                 continue
-            ts_ms = m.timestamp if m.HasField("timestamp") else payload.timestamp
             try:
                 entry = (sp.metric_value(m), None)
             except sp.SparkplugError as exc:
@@ -217,6 +225,16 @@ class SparkplugHost:
             if birth and all(v is None for v, _ in sample.values()):
                 continue                     # a birth before the first sample declares, it does not report
             self.gw.emit(mm, ts_ms / 1000.0, sample)
+
+    def _event(self, t: sp.SparkplugTopic, mm: MachineMap, ts_ms: int, m) -> None:
+        try:
+            value = sp.metric_value(m)
+        except sp.SparkplugError as exc:
+            self.gw.count(f"bad_metric.{exc.reason}", why=f"{t}: {exc}")
+            return
+        if value is None or value == "":
+            return                       # a birth before the machine's first event
+        self.gw.emit_event(mm, ts_ms / 1000.0, value)
 
     def _request_rebirth(self, edge_id: str, edge: _Edge) -> None:
         now = time.monotonic()

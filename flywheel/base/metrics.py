@@ -1,11 +1,11 @@
 """Prometheus metrics for the long-running components: what each one already counts, scraped.
 
-Every component (simulator, ingest collectors, serving bridge) keeps counters for its retained
+Every component (simulator, plant gateway, ingest collectors, serving bridge) keeps counters for its retained
 status message. A :class:`MetricsEndpoint` serves them on ``/metrics`` in Prometheus' text format
 under one fixed set of names (:data:`METRICS`), so a dashboard or an alert rule reads the same
 series whichever process runs the component. Each component maps its own counters onto these
 names in a function next to its code (``factory_sim.mqtt_runner.sim_metrics``,
-``ingest.collector.collector_metrics``, ``serve.bridge.bridge_metrics``); the mapping is read at
+``gateway.core.gateway_metrics``, ``ingest.collector.collector_metrics``, ``serve.bridge.bridge_metrics``); the mapping is read at
 scrape time, so nothing is counted twice and nothing runs between scrapes.
 
     endpoint = MetricsEndpoint(9101, {"sim": lambda: sim_metrics(runner)})
@@ -33,6 +33,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "flywheel_events": ("counter", "messages a component took in (direction=in) or sent on (direction=out)",
                         ("component", "direction")),
     "flywheel_dead_letters": ("counter", "messages set aside as unusable, by reason", ("component", "reason")),
+    "flywheel_protocol_events": ("counter", "happenings of a plant protocol link (gateway): sequence gaps, rebirths, "
+                                            "deaths, reconnects, re-read samples, by event", ("component", "event")),
     "flywheel_lag_seconds": ("gauge", "seconds the oldest received, not yet landed message has waited (ingest)", ("component",)),
     "flywheel_predictions": ("counter", "windows sent to the model, by outcome (scored, error, dropped)",
                              ("component", "outcome")),

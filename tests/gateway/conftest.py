@@ -23,16 +23,23 @@ def small_plant(seed: int):
 
 def json_path_telemetry(broker_url: str, seed: int, duration_s: float, tmp_path) -> dict[str, contract.Telemetry]:
     """The telemetry the simulator publishes on the JSON topics (its --out file), by event id."""
+    return json_path_messages(broker_url, seed, duration_s, tmp_path, "telemetry")
+
+
+def json_path_messages(broker_url: str, seed: int, duration_s: float, tmp_path, channel: str) -> dict:
+    """The messages of ``channel`` (telemetry, event) the simulator publishes on the JSON topics
+    (its --out file), by event id."""
     from factory_sim import MqttSimRunner
 
     out = tmp_path / f"json-{seed}.jsonl"
-    MqttSimRunner(small_plant(seed), broker_url, topic_root=f"jsonref{seed}", out_path=str(out)).run(duration_s)
+    if not out.exists():
+        MqttSimRunner(small_plant(seed), broker_url, topic_root=f"jsonref{seed}", out_path=str(out)).run(duration_s)
     import msgspec
 
     msgs = {}
     for line in out.read_bytes().splitlines():
         row = msgspec.json.decode(line)
-        if row["topic"].endswith("/telemetry"):
+        if row["topic"].endswith(f"/{channel}"):
             t = contract.decode(row["topic"].replace(f"jsonref{seed}/", "factory/", 1), msgspec.json.encode(row["payload"]))
             msgs[t.event_id] = t
     return msgs
@@ -44,18 +51,22 @@ class Inbox:
     def __init__(self, url: str, root: str = "factory"):
         self.topics = contract.Topics(root)
         self.telemetry: list[contract.Telemetry] = []
+        self.events: list[contract.MachineEvent] = []
         self.status: dict[str, contract.Status] = {}
         self.lock = threading.Lock()
         self.client = make_client(url, prefix="gw-test-inbox")
         self.client.on_message = self._on
         connect(self.client, url)
-        self.client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("status"), 1)])
+        self.client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1),
+                               (self.topics.pattern("status"), 1)])
 
     def _on(self, client, userdata, msg) -> None:
         m = contract.decode(msg.topic, msg.payload, topics=self.topics)
         with self.lock:
             if isinstance(m, contract.Telemetry):
                 self.telemetry.append(m)
+            elif isinstance(m, contract.MachineEvent):
+                self.events.append(m)
             else:
                 self.status[m.component] = m
 

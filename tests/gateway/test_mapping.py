@@ -77,3 +77,24 @@ def test_the_cli_checks_a_mapping_and_refuses_a_broken_one_with_exit_2(tmp_path,
     assert len(err.splitlines()) == 1
     assert main(["gateway", "--mapping", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot be read" in capsys.readouterr().err
+
+
+def test_machine_events_are_mapped_per_protocol_and_their_records_checked():
+    from gateway.core import parse_event_record
+
+    ua_machine = {"machine": "m1", "line": "L1", "kind": "pump", "sample_period_s": 60,
+                  "readings": {"bearing_temp_k": {"node": "ns=2;s=T", "unit": "K"}}}
+    m = parse_mapping({"protocol": "opcua", "opcua": {"endpoint": "opc.tcp://h:4840/"}, "machines": [
+        {**ua_machine, "events": {"node": "ns=2;s=M1", "type": "ns=2;s=MachineEventType"}}]})
+    assert (m.machines[0].events_source, m.machines[0].events_type) == ("ns=2;s=M1", "ns=2;s=MachineEventType")
+    with pytest.raises(MappingError) as exc:
+        parse_mapping({"protocol": "opcua", "opcua": {"endpoint": "opc.tcp://h:4840/"}, "machines": [
+            {**ua_machine, "events": {"node": "ns=2;s=M1", "metric": "event"}}]})
+    assert "machines[0].events.type: the node id of the event type" in str(exc.value)
+    assert "machines[0].events.metric: unknown key" in str(exc.value)
+    # records: JSON text or fields; empty and null fields are absent, other keys ignored
+    assert parse_event_record('{"type": "failure", "seq": 4, "mode": "TWF", "reason": "", "site": "x"}') == (
+        {"type": "failure", "seq": 4, "mode": "TWF"}, None)
+    assert parse_event_record({"type": "part", "seq": 9.0, "quality": "ok", "mode": None})[0] == {
+        "type": "part", "seq": 9, "quality": "ok"}
+    assert parse_event_record("not json")[0] is None and parse_event_record({"seq": 1}) == (None, "no type")
