@@ -14,11 +14,11 @@ Python API (no MQTT needed)::
 """
 
 from factory_sim.kpis import KPIs
-from factory_sim.mqtt_runner import LockstepError, MqttSimRunner, RunSummary
+from factory_sim.mqtt_runner import LockstepError, MqttSimRunner, RunSummary, sim_metrics
 from factory_sim.plant import MachineView, Plant, SimCommandError, SimError, choose_control_fleet
 from factory_sim.policies import FixedInterval, Oracle, PerfectRecall, RunToFailure
 from factory_sim.scenario import Scenario, known_scenarios, load_scenario
 
 __all__ = ["Plant", "Scenario", "load_scenario", "known_scenarios", "KPIs", "MachineView", "SimError",
            "SimCommandError", "MqttSimRunner", "RunSummary", "LockstepError", "RunToFailure", "FixedInterval", "Oracle",
-           "PerfectRecall", "choose_control_fleet"]
+           "PerfectRecall", "choose_control_fleet", "sim_metrics"]

@@ -178,7 +178,7 @@ class Stack:
         """``metrics_port``: one ``/metrics`` for the campaign's components; the loop adds the
         simulator and the bridge of each plant period (:mod:`flywheel.base.metrics`)."""
         from flywheel.base.metrics import start_metrics
-        from ingest.collector import collector_metrics
+        from ingest import collector_metrics
 
         ingest = self.ingest
         self.metrics = start_metrics(self.cfg.metrics_port, {

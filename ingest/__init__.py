@@ -24,7 +24,7 @@ from __future__ import annotations
 from ingest.config import BuildConfig, IngestConfig
 
 __all__ = ["IngestConfig", "BuildConfig", "start_ingest", "IngestHandle", "build_snapshot", "Snapshot",
-           "check_broker_support", "Lake", "label_windows"]
+           "check_broker_support", "Lake", "label_windows", "collector_metrics"]
 
 
 def __getattr__(name: str):
@@ -32,6 +32,10 @@ def __getattr__(name: str):
         from ingest import service
 
         return getattr(service, name)
+    if name == "collector_metrics":   # the collectors' counters under the public metric names
+        from ingest import collector
+
+        return collector.collector_metrics
     if name == "check_broker_support":   # collectors > 1 need MQTT 5: a ConfigError before anything starts
         from ingest import collector
 

@@ -13,12 +13,12 @@ from serve.handle import ServingHandle, check_ingress, prepare_local_ray, start_
 from serve.source import ServeError
 
 __all__ = ["ServeConfig", "BridgeConfig", "start_serving", "ServingHandle", "ServeError", "Bridge",
-           "check_ingress", "prepare_local_ray", "SHADOW_ADAPTER", "CANARY_ADAPTER"]
+           "check_ingress", "prepare_local_ray", "SHADOW_ADAPTER", "CANARY_ADAPTER", "bridge_metrics"]
 
 
 def __getattr__(name: str):
-    if name == "Bridge":   # paho and the HTTP client load only when a bridge is wanted
-        from serve.bridge import Bridge
+    if name in ("Bridge", "bridge_metrics"):   # paho and the HTTP client load only when a bridge is wanted
+        from serve import bridge
 
-        return Bridge
+        return getattr(bridge, name)
     raise AttributeError(f"module 'serve' has no attribute {name!r}")
