@@ -608,8 +608,10 @@ class Campaign:
         challenger = gate.challenger_version
         if not champion or not challenger:
             return None, [], "no champion to compare with" if challenger else "no challenger"
+        if str(challenger) == str(champion):
+            return None, [], f"the challenger v{challenger} is the champion (promoted by the offline gate)"
         if not gate.held:
-            return None, [], f"the offline gate did not pass v{challenger} ({gate.reason})"
+            return None, [], f"the offline gate refused v{challenger} ({gate.reason})"
         from flywheel.canary import choose_canary_machines
         from serve import CANARY_ADAPTER
 

@@ -46,6 +46,7 @@ def test_the_canary_commands_its_machines_and_the_champion_the_rest(canary_campa
     t1, t2 = state["turns"][1], state["turns"][2]
     # turn 1: no champion to compare with; the offline gate decided
     assert t1["promotion_rule"] == "offline_gate" and "version" not in t1["canary"]
+    assert "is the champion" in t1["canary"]["note"] and not t1["sim"]["bridge"]["canary_predictions"]
     champion, canary = t2["champion_version"], t2["canary"]["version"]
     assert (champion, canary) == (t1["challenger_version"], t2["challenger_version"]) and champion != canary
     machines = t2["canary"]["machines"]
