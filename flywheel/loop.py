@@ -726,7 +726,8 @@ class Campaign:
             kpis = self.plant.kpis()   # the period's, until the next period resets them
             control = self.plant.control_fleet
             per = {mid: k.to_dict() for mid, k in kpis.by_machine().items() if mid not in control}
-            result.metrics = compare(group_kpis(per, deploy.canary_machines, kpis.period_s),
+            kinds = {m.machine_id: m.kind for m in self.plant.machines}   # like is compared with like
+            result.metrics = compare(group_kpis(per, deploy.canary_machines, kpis.period_s, kinds),
                                      confidence=train.canary_confidence, seed=self.cfg.seed + record.turn)
             bridge = (record.plant.bridge or {}) if record.plant else {}
             result.metrics.update({f"canary.bridge.{k}": float(bridge.get(k, 0))

@@ -105,3 +105,30 @@ def test_the_plants_per_machine_kpis_feed_the_groups():
     for k in ("failures", "cost_total", "maintenance_actions"):
         assert groups["canary"][k] + groups["champion_group"][k] == pytest.approx(total[k])
     assert groups["canary"]["machines"] == len(canary) >= 1
+
+
+def test_machines_are_compared_with_machines_of_their_kind():
+    """A pump costs less per hour than a milling machine whatever commands it: a canary pump is
+    compared with the champion's pumps only, and a canary of a kind the champion lacks counts for nothing."""
+    per = {"pump-c": _kpis(100.0), "mill-h1": _kpis(1000.0), "mill-h2": _kpis(1100.0), "pump-h": _kpis(120.0)}
+    kinds = {"pump-c": "pump", "pump-h": "pump", "mill-h1": "milling", "mill-h2": "milling"}
+    groups = group_kpis(per, ["pump-c"], 36000.0, kinds)
+    m = compare(groups, seed=0)
+    # the raw group means differ by far more than the like-for-like difference (10 vs 12 per machine-hour)
+    assert m["champion_group.cost_per_machine_hour"] - m["canary.cost_per_machine_hour"] > 60
+    assert m["canary.diff_cost_per_machine_hour"] == pytest.approx(-2.0)
+    assert m["canary.diff_ci_low"] == pytest.approx(-2.0) == m["canary.diff_ci_high"]   # one machine each
+    assert m["canary.matched_machines"] == 1.0 and m["canary.interval_has_spread"] == 0.0
+    promoted, why = decide(m, margin=100.0)   # cheaper, but one pump against one pump proves nothing
+    assert not promoted and "gives no interval" in why
+    # a second champion pump gives the interval its spread
+    per["pump-h2"], kinds["pump-h2"] = _kpis(140.0), "pump"
+    m = compare(group_kpis(per, ["pump-c"], 36000.0, kinds), seed=0)
+    assert m["canary.interval_has_spread"] == 1.0 and m["canary.diff_cost_per_machine_hour"] == pytest.approx(-3.0)
+    assert m["canary.diff_ci_low"] == pytest.approx(-4.0) and m["canary.diff_ci_high"] == pytest.approx(-2.0)
+    assert decide(m, margin=0.0)[0]
+    # a canary milling machine beside a champion group of pumps only: no evidence
+    only = group_kpis({"mill-c": _kpis(1.0), "pump-h": _kpis(1.0)}, ["mill-c"], 3600.0,
+                      {"mill-c": "milling", "pump-h": "pump"})
+    m = compare(only)
+    assert m["canary.matched_machines"] == 0.0 and not decide(m, margin=1e9)[0]
