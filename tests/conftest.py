@@ -69,8 +69,10 @@ def ray_local():
     """One local Ray per test session."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if not ray.is_initialized():   # a node slow to register on a busy machine is started again
+        from flywheel.base.rayinit import init_ray
+
+        init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     try:
         from ray import serve as ray_serve
