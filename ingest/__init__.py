@@ -32,14 +32,10 @@ def __getattr__(name: str):
         from ingest import service
 
         return getattr(service, name)
-    if name == "collector_metrics":   # the collectors' counters under the public metric names
+    if name in ("check_broker_support", "collector_metrics"):   # check: MQTT 5 for collectors > 1, before anything starts
         from ingest import collector
 
-        return collector.collector_metrics
-    if name == "check_broker_support":   # collectors > 1 need MQTT 5: a ConfigError before anything starts
-        from ingest import collector
-
-        return collector.check_broker_support
+        return getattr(collector, name)
     if name == "Lake":
         from ingest.lake import Lake
 

@@ -66,12 +66,13 @@ def broker_factory(tmp_path):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray per test session."""
+    """One local Ray per test session (started by the stack's own ``init_ray``: a node slow to
+    register on a busy machine is started again)."""
     import ray
 
-    if not ray.is_initialized():   # a node slow to register on a busy machine is started again
-        from flywheel.base.rayinit import init_ray
+    from flywheel.base.rayinit import init_ray
 
+    if not ray.is_initialized():
         init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     try:
