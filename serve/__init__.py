@@ -13,7 +13,7 @@ from serve.handle import ServingHandle, check_ingress, prepare_local_ray, start_
 from serve.source import ServeError
 
 __all__ = ["ServeConfig", "BridgeConfig", "start_serving", "ServingHandle", "ServeError", "Bridge",
-           "check_ingress", "prepare_local_ray", "SHADOW_ADAPTER", "CANARY_ADAPTER", "bridge_metrics"]
+           "check_ingress", "prepare_local_ray", "SHADOW_ADAPTER", "bridge_metrics"]
 
 
 def __getattr__(name: str):
