@@ -111,6 +111,13 @@ class TrainConfig:
     shadow_margin: float = field(default=0.0, metadata={
         "help": "promote_after_shadow: how much worse than the champion's live score the shadow's may be and still "
                 "be promoted (in shadow_metric's unit)"})
+    canary_margin: float = field(default=0.0, metadata={
+        "help": "serve.canary_share > 0: how much more the canary group (the machines the challenger commanded) may "
+                "cost than the champion's group, in the scenario's currency (EUR by default) per machine-hour, and "
+                "the challenger still be promoted; the rule compares the upper end of the canary_confidence "
+                "interval of the difference (canary - champion group), so a noisy period keeps the champion"})
+    canary_confidence: float = field(default=0.9, metadata={
+        "help": "the level of the bootstrap interval (over machines) of the canary groups' cost difference"})
     warm_start: bool = field(default=False, metadata={
         "help": "start from the champion's adapter (same base model) instead of a fresh LoRA"})
     trust_remote_code: bool = field(default=False, metadata={
@@ -157,6 +164,11 @@ class TrainConfig:
         if not self.shadow_margin >= 0:
             raise ConfigError(f"shadow_margin should be >= 0 (how much worse the shadow may score), got "
                               f"{self.shadow_margin}")
+        if not self.canary_margin >= 0:
+            raise ConfigError(f"canary_margin should be >= 0 (EUR per machine-hour the canary group may cost more), "
+                              f"got {self.canary_margin}")
+        if not 0.5 <= self.canary_confidence < 1:
+            raise ConfigError(f"canary_confidence should be in [0.5, 1), e.g. 0.9, got {self.canary_confidence}")
         if self.gate_block_windows < 1:
             raise ConfigError(f"gate_block_windows should be >= 1, got {self.gate_block_windows}")
         if not 0.5 <= self.gate_confidence < 1:

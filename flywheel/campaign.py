@@ -170,7 +170,11 @@ def stage_configs(cfg: CampaignConfig):
     out["bridge"] = _build(BridgeConfig, dict(cfg.bridge), "bridge.")
     if out["train"].promote_after_shadow and out["serve"].shadow != "challenger":
         raise ConfigError("train.promote_after_shadow=true needs the challenger shadowed in the plant period: "
-                          "set serve.shadow=challenger as well")
+                          "set serve.shadow=challenger as well" + (" (and drop serve.canary_share: a canary period "
+                          "decides the promotion itself)" if out["serve"].canary_share else ""))
+    if out["bridge"].canary_adapter or out["bridge"].canary_machines or out["bridge"].canary_threshold is not None:
+        raise ConfigError("bridge.canary_adapter, bridge.canary_machines and bridge.canary_threshold are set by the "
+                          "campaign each period (serve.canary_share), not by hand: drop them")
     if out["bridge"].shadow_adapter:
         raise ConfigError("bridge.shadow_adapter is set by the campaign (serve.shadow=challenger), not by hand: "
                           "drop it")

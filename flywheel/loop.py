@@ -11,7 +11,9 @@ Read :meth:`Campaign.run_turn` top to bottom; it is the whole idea::
              ``serve.shadow=challenger`` the challenger answers the same windows beside it,
              commanding nothing, and both are scored on the period's outcomes; with
              ``train.promote_after_shadow`` that live score decides the promotion:
-             :mod:`flywheel.shadow`)
+             :mod:`flywheel.shadow`; with ``serve.canary_share`` the challenger commands a
+             share of the machines instead, and the two groups' cost per machine-hour
+             decides it: :mod:`flywheel.canary`)
 
 Hand-offs between stages are durable artifacts (a dataset id, an MLflow alias), never
 callbacks, so any stage can be rerun or replaced.  The same plant periods also run
@@ -88,8 +90,8 @@ from flywheel.base.workdir import Workdir
 from flywheel.audit import ServingLedger, record_version
 from flywheel.campaign import CampaignConfig, stage_configs
 from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
-from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, DataResult, DeployResult, GateResult,
-                             PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
+from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, CanaryResult, DataResult, DeployResult,
+                             GateResult, PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
 from flywheel.stack import Stack
 from flywheel.state import (STATE_VERSION, CampaignError, TurnJournal, atomic_write, campaign_dir,
                             config_fingerprint, load_state)
@@ -455,6 +457,7 @@ class Campaign:
             record.deploy = self.deploy(record)                # 3. Deploy: Serve hot-swaps to the champion
             record.plant = self.run_plant(record)              # 4. Plant: the served model drives maintenance
             record.shadow = self.score_shadow(record)          # 4b. Shadow: both models on the period's outcomes
+            record.canary = self.score_canary(record)          # 4b. Canary: both machine groups' costs
             record.baselines = self.run_baselines(record)      # 5. Baselines: the same period, three policies
         return record
 
@@ -524,7 +527,8 @@ class Campaign:
             outcome = train_and_register(
                 record.data.path, self.stages["train"], self.tracking_uri, model_name=cfg.model_name,
                 campaign=cfg.campaign, turn=record.turn, run_id=record.run_id,
-                ray_address=self.ray_address, progress=False, hold_promotion=train.promote_after_shadow)
+                ray_address=self.ray_address, progress=False,
+                hold_promotion=train.promote_after_shadow or bool(self.stages["serve"].canary_share))
         _kill_point("registered", record.turn)
         # The audit trail: every registered version in the lake's model ledger, promoted or not.
         record_version(self.lake_uri, self.tracking_uri, cfg.model_name, str(outcome.version))
@@ -614,6 +618,8 @@ class Campaign:
             self.journal.update(stage="plant")
             deployed = DeployResult(champion, swapped=bool(champion))
             deployed.shadow_version, deployed.shadow_note = self._deploy_shadow(record.gate, champion)
+            deployed.canary_version, deployed.canary_machines, deployed.canary_note = \
+                self._deploy_canary(record.gate, champion, record.turn)
         self.status.champion = deployed.describe()
         return deployed
 
@@ -637,18 +643,55 @@ class Campaign:
                 return None, f"serve did not load the challenger as the shadow: {exc}"
         return str(challenger), ""
 
+    def _deploy_canary(self, gate: GateResult, champion: str | None, turn: int) -> tuple[str | None, list[str], str]:
+        """The turn's challenger as the canary (``serve.canary_share``): (its version, the machines it
+        commands this period, "") once the app serves it under adapter ``canary``, else (None, [], why
+        not). Only a challenger held for this evidence is a canary: one the offline gate refused
+        commands nothing, and the champion keeps every machine."""
+        share = self.stages["serve"].canary_share
+        if not share:
+            return None, [], ""
+        challenger = gate.challenger_version
+        if not champion or not challenger:
+            return None, [], "no champion to compare with" if challenger else "no challenger"
+        if str(challenger) == str(champion):
+            return None, [], f"the challenger v{challenger} is the champion (promoted by the offline gate)"
+        if not gate.held:
+            return None, [], f"the offline gate refused v{challenger} ({gate.reason})"
+        from flywheel.canary import choose_canary_machines
+        from serve import CANARY_ADAPTER
+
+        machines = choose_canary_machines([(m.line, m.machine_id) for m in self.plant.machines], share,
+                                          seed=self.cfg.seed, turn=turn, exclude=self.plant.control_fleet)
+        with self.timer("canary_swap", f"loading challenger v{challenger} as the canary"):
+            try:
+                self.serving.wait_for_adapter(CANARY_ADAPTER, str(challenger), timeout_s=300)
+            except TimeoutError as exc:
+                log.warning("no canary this period: %s", exc)
+                return None, [], f"serve did not load the challenger as the canary: {exc}"
+        self.view.log(f"turn {turn}: v{challenger} commands the canary machines {', '.join(machines)}")
+        return str(challenger), machines, ""
+
     def run_plant(self, record: TurnRecord) -> PlantResult:
         """4. Plant: run the next period; the served model's commands drive maintenance (a shadow
         challenger, if one is deployed, answers the same windows and commands nothing)."""
         champion = record.champion_version
         threshold = self._threshold(champion)
         shadow = record.deploy.shadow_version if record.deploy else None
+        canary = None
+        if record.deploy is not None and record.deploy.canary_version:
+            gate = record.gate
+            canary = {"machines": record.deploy.canary_machines,
+                      "threshold": gate.risk_threshold if self.cfg.tune_threshold and gate.risk_threshold is not None
+                      else None}
         self._period_start_ts = self.plant.now_ts
         predictions_before = self.ingest.status().get("predictions", 0)
         with self.timer("plant", f"running the plant for {self.cfg.period} of plant time"
-                        + (f" (v{shadow} in shadow)" if shadow else "")):
+                        + (f" (v{shadow} in shadow)" if shadow else "")
+                        + (f" (v{record.deploy.canary_version} commands {len(canary['machines'])} canary machines)"
+                           if canary else "")):
             sim = self._run_period(lockstep=champion is not None, threshold=threshold, turn=record.turn,
-                                   shadow=bool(shadow))
+                                   shadow=bool(shadow), canary=canary)
         with self.timer("ingest", "waiting for ingest to land the period"):
             landed = self.ingest.wait_landed(self.published_total, timeout_s=max(120.0, sim["published"] / 500))
             if shadow:   # the live scores read both models' predictions from the lake
@@ -711,8 +754,46 @@ class Campaign:
         self.journal.update(stage="baselines", promoted=gate.promoted, champion=gate.champion_version)
         return result
 
-    def _promote(self, gate: GateResult) -> None:
-        """Move ``champion`` to the challenger the promote-after-shadow rule accepted; the next turn serves it."""
+    def score_canary(self, record: TurnRecord) -> CanaryResult | None:
+        """4b. Canary: each machine group's KPIs over the period (the canary machines the challenger
+        commanded, the champion's other model-driven machines; the control fleet in neither), the
+        difference of their cost per machine-hour with its bootstrap interval, and the
+        promote-after-canary rule for a challenger held for this evidence (:mod:`flywheel.canary`).
+        Kept: the next period's bridge sends every window to the champion again."""
+        deploy = record.deploy
+        if not self.stages["serve"].canary_share or record.gate is None or deploy is None:
+            return None
+        gate, train = record.gate, self.stages["train"]
+        result = CanaryResult(version=deploy.canary_version, champion_version=deploy.champion_version,
+                              machines=list(deploy.canary_machines), note=deploy.canary_note)
+        if deploy.canary_version is not None:
+            from flywheel.canary import compare, group_kpis
+
+            kpis = self.plant.kpis()   # the period's, until the next period resets them
+            control = self.plant.control_fleet
+            per = {mid: k.to_dict() for mid, k in kpis.by_machine().items() if mid not in control}
+            kinds = {m.machine_id: m.kind for m in self.plant.machines}   # like is compared with like
+            result.metrics = compare(group_kpis(per, deploy.canary_machines, kpis.period_s, kinds),
+                                     confidence=train.canary_confidence, seed=self.cfg.seed + record.turn)
+            bridge = (record.plant.bridge or {}) if record.plant else {}
+            result.metrics.update({f"canary.bridge.{k}": float(bridge.get(k, 0))
+                                   for k in ("canary_predictions", "canary_fallback", "canary_errors")})
+        if gate.held:
+            from flywheel.canary import decide
+
+            result.rule = "promote_after_canary"
+            if deploy.canary_version is None:
+                result.promoted, result.reason = False, f"kept the champion: there was no canary ({result.note})"
+            else:
+                result.promoted, result.reason = decide(result.metrics, train.canary_margin)
+            if result.promoted:
+                self._promote(gate, rule="promote_after_canary")
+            self.view.log(f"turn {record.turn}: v{gate.challenger_version} {result.reason}")
+        self.journal.update(stage="baselines", promoted=gate.promoted, champion=gate.champion_version)
+        return result
+
+    def _promote(self, gate: GateResult, rule: str = "promote_after_shadow") -> None:
+        """Move ``champion`` to the challenger the live rule (``rule``) accepted; the next turn serves it."""
         import mlflow
 
         from finetune import set_alias
@@ -721,7 +802,7 @@ class Campaign:
         set_alias(self.tracking_uri, self.cfg.model_name, "champion", version)
         client = mlflow.MlflowClient(self.tracking_uri)
         client.set_model_version_tag(self.cfg.model_name, version, "flywheel.promoted", "true")
-        client.set_model_version_tag(self.cfg.model_name, version, "flywheel.promotion_rule", "promote_after_shadow")
+        client.set_model_version_tag(self.cfg.model_name, version, "flywheel.promotion_rule", rule)
         record_version(self.lake_uri, self.tracking_uri, self.cfg.model_name, version)   # the ledger says promoted
         if gate.risk_threshold is not None:
             self.state.setdefault("thresholds", {})[version] = gate.risk_threshold
@@ -768,8 +849,11 @@ class Campaign:
                 self.state.setdefault("thresholds", {})[str(champion)] = known
         return float(configured if known is None else known)
 
-    def _run_period(self, lockstep: bool, threshold: float | None = None, turn: int = -1, shadow: bool = False) -> dict:
-        """Run one plant period over MQTT; with a model, in lockstep with the serving bridge."""
+    def _run_period(self, lockstep: bool, threshold: float | None = None, turn: int = -1, shadow: bool = False,
+                    canary: dict | None = None) -> dict:
+        """Run one plant period over MQTT; with a model, in lockstep with the serving bridge.
+        ``canary``: ``{"machines": [...], "threshold": t or None}``, the machines the canary adapter
+        commands this period at its operating point."""
         from factory_sim import MqttSimRunner
 
         cfg = self.cfg
@@ -787,6 +871,12 @@ class Campaign:
                 from serve import SHADOW_ADAPTER
 
                 bridge_cfg = dataclasses.replace(bridge_cfg, shadow_adapter=SHADOW_ADAPTER)
+            if canary:
+                from serve import CANARY_ADAPTER
+
+                bridge_cfg = dataclasses.replace(bridge_cfg, canary_adapter=CANARY_ADAPTER,
+                                                 canary_machines=list(canary["machines"]),
+                                                 canary_threshold=canary["threshold"])
             bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root,
                             api_token=self.stages["serve"].api_token or None,
                             resolve_url=self.serving.current_url)

@@ -19,6 +19,7 @@ The stored turn, key by key (``[...]``: only when it applies)::
     [bridge_threshold], sim (+ sim.bridge), ingest, factory,            4. PlantResult
     [shadow, promotion_rule]                                            4b. ShadowResult (serve.shadow) and
                                                                             which rule decided the promotion
+    [canary, promotion_rule]                                            4b. CanaryResult (serve.canary_share)
     baselines, gap_closed, failures_avoided,                            5. BaselineResult
     wall_s                                                              seconds per stage, and the turn's
 """
@@ -184,6 +185,12 @@ class DeployResult:
     shadow_version: str | None = None
     #: why nothing is shadowed although ``serve.shadow`` asks for it
     shadow_note: str = ""
+    #: the challenger commanding the canary machines (``serve.canary_share``; None: none)
+    canary_version: str | None = None
+    #: the machines it commands this period (chosen by seed and turn)
+    canary_machines: list[str] = field(default_factory=list)
+    #: why there is no canary although ``serve.canary_share`` asks for one
+    canary_note: str = ""
 
     def describe(self) -> str:
         return f"v{self.champion_version}" if self.champion_version else "none (run to failure)"
@@ -242,6 +249,36 @@ class ShadowResult:
 
 
 @dataclass
+class CanaryResult:
+    """4b. Canary: the turn's challenger commanded a share of the machines in the plant period
+    (``serve.canary_share``), the champion the rest; each group's KPIs, the difference of their
+    cost per machine-hour with its interval, and the promote-after-canary rule (:mod:`flywheel.canary`)."""
+
+    #: the canary challenger (None: there was no canary; ``note`` says why)
+    version: str | None
+    #: the champion that commanded the other machines
+    champion_version: str | None
+    #: the canary machines' ids
+    machines: list[str] = field(default_factory=list)
+    #: ``canary.*`` and ``champion_group.*`` (:func:`flywheel.canary.compare`) and the bridge's canary counters
+    metrics: dict = field(default_factory=dict)
+    note: str = ""
+    #: ``promote_after_canary`` when that rule decided the promotion
+    rule: str | None = None
+    promoted: bool | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CanaryResult":
+        return cls(**{f.name: d.get(f.name, f.default if f.default is not dataclasses.MISSING else
+                                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+                      for f in dataclasses.fields(cls)})
+
+
+@dataclass
 class BaselineResult:
     """5. Baselines: the same period under each policy, and how the served model compares."""
 
@@ -294,6 +331,7 @@ class TurnRecord:
     plant: PlantResult | None = None
     baselines: BaselineResult | None = None
     shadow: ShadowResult | None = None
+    canary: CanaryResult | None = None
     #: seconds per stage (dataset, train, swap, plant, ingest, baselines) and ``turn``, the whole turn
     wall_s: dict[str, float] = field(default_factory=dict)
 
@@ -304,9 +342,12 @@ class TurnRecord:
     @property
     def promotion_rule(self) -> str | None:
         """Which rule decided the turn's promotion: ``promote_after_shadow`` (live evidence from a shadow
-        period) or ``offline_gate`` (the gate on the snapshot's eval split); None without a challenger."""
+        period), ``promote_after_canary`` (the groups of a canary period) or ``offline_gate`` (the gate on
+        the snapshot's eval split); None without a challenger."""
         if self.gate is None:
             return None
+        if self.canary is not None and self.canary.rule:
+            return self.canary.rule
         return "promote_after_shadow" if self.shadow is not None and self.shadow.rule else "offline_gate"
 
     # -- state.json ---------------------------------------------------------
@@ -337,7 +378,7 @@ class TurnRecord:
             if g.compute:
                 d["compute"] = g.compute
             if g.held:
-                d["held_for_shadow"] = True
+                d["held_for_shadow"] = True   # held for live evidence: a shadow or a canary period
         d["champion_version"] = self.champion_version
         if self.plant is not None:
             if self.plant.threshold is not None:
@@ -347,6 +388,9 @@ class TurnRecord:
             d["factory"] = self.plant.factory
         if self.shadow is not None:
             d["shadow"] = self.shadow.to_dict()
+            d["promotion_rule"] = self.promotion_rule
+        if self.canary is not None:
+            d["canary"] = self.canary.to_dict()
             d["promotion_rule"] = self.promotion_rule
         if self.baselines is not None:
             d["baselines"] = self.baselines.kpis
@@ -373,6 +417,8 @@ class TurnRecord:
                                   compute=dict(d.get("compute", {})), held=bool(d.get("held_for_shadow")))
         if "shadow" in d:
             rec.shadow = ShadowResult.from_dict(d["shadow"])
+        if "canary" in d:
+            rec.canary = CanaryResult.from_dict(d["canary"])
         rec.deploy = DeployResult(d.get("champion_version"), swapped="swap" in rec.wall_s)
         rec.plant = PlantResult.from_period(d.get("sim", {}), dict(d.get("ingest", {})), dict(d.get("factory", {})),
                                             d.get("bridge_threshold"))
@@ -411,6 +457,10 @@ class TurnRecord:
             m.update(self.shadow.metrics)
             if self.shadow.rule:
                 m["shadow.promoted"] = float(bool(self.shadow.promoted))
+        if self.canary is not None:
+            m.update(self.canary.metrics)
+            if self.canary.rule:
+                m["canary.promoted"] = float(bool(self.canary.promoted))
         if self.plant is not None and self.plant.threshold is not None:
             m["serve.risk_threshold"] = self.plant.threshold
         if self.attempt > 1 and self.aborted_attempts:

@@ -8,7 +8,7 @@ Public API::
 Importing this package is cheap: Ray, torch and MLflow load only when serving starts.
 """
 
-from serve.config import SHADOW_ADAPTER, BridgeConfig, ServeConfig
+from serve.config import CANARY_ADAPTER, SHADOW_ADAPTER, BridgeConfig, ServeConfig
 from serve.handle import ServingHandle, check_ingress, prepare_local_ray, start_serving
 from serve.source import ServeError
 

@@ -58,6 +58,15 @@ nothing, and a failed shadow call (``shadow_errors``) costs the champion one try
 the app does not serve, or one trained on another window config than the champion's, is not asked
 (``shadow_refused`` counts its windows): its input would not be its training input.
 
+A canary (``BridgeConfig.canary_adapter`` with ``canary_machines``, e.g. the ``canary`` adapter that
+``serve.canary_share`` serves): the windows of those machines go to that adapter instead of the
+champion, and its risk drives the policy for them: its orders carry its version, and its Predictions
+(``role`` canary) go on the usual ``{root}/{line}/{machine}/prediction`` topic, so the plant still
+gets one prediction per window.  The other machines are the champion's.  A canary the app does not
+serve, or one trained on another window config, is not asked: the champion answers its machines
+(``canary_fallback`` counts those windows), as it does for a batch the canary failed to answer
+after the usual retries: the champion takes the machines back rather than leave them unanswered.
+
 ``BridgeConfig.mode`` decides what an order does: ``auto`` sends it; ``approve`` proposes it
 (the Command, on ``{root}/_review/serve-bridge``) and sends it only when an Approval with its
 ``command_id`` arrives on ``{root}/_approve/serve-bridge`` within ``proposal_ttl_s`` plant seconds
@@ -135,6 +144,9 @@ class Bridge:
                             if self.config.state_dir else None)
         self.restored_from: str | None = None    # the state file this bridge resumed from
         self._shadow_ok = False   # the shadow adapter serves and windows as the champion does (_sync_model)
+        self._canary_ok = False   # the canary adapter serves and windows as the champion does (_sync_model)
+        self.canary_version: str | None = None   # the version the canary adapter answered with last
+        self._canary = frozenset(self.config.canary_machines)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, fresh: bool = False) -> "Bridge":
@@ -268,8 +280,10 @@ class Bridge:
                               "bridge.window (the bridge reads it from the model)")
         shadow_name = self.config.shadow_adapter
         shadow = (info.get("adapters") or {}).get(shadow_name) or {} if shadow_name else {}
+        canary_name = self.config.canary_adapter
+        canary = (info.get("adapters") or {}).get(canary_name) or {} if canary_name else {}
         others = {n: a.get("window") for n, a in (info.get("adapters") or {}).items()
-                  if n not in (name, shadow_name) and a.get("window") is not None}
+                  if n not in (name, shadow_name, canary_name) and a.get("window") is not None}
         clash = {n: w for n, w in others.items() if WindowConfig.from_dict(w) != (window or configured)}
         if clash:
             raise BridgeError(f"the app's adapters were trained on different window configs ({name}: "
@@ -284,6 +298,14 @@ class Bridge:
             log.error("the shadow adapter %r v%s was trained on window %s, the champion on %s: the shadow is not "
                       "asked (its input would not be its training input)", shadow_name, shadow.get("version"),
                       shadow_window, window.to_dict())
+        canary_window = canary.get("window")
+        self._canary_ok = bool(canary) and (canary_window is None or WindowConfig.from_dict(canary_window) == window)
+        if canary_name and not canary:
+            log.warning("the app serves no adapter %r: the champion answers the canary machines", canary_name)
+        elif canary and not self._canary_ok:
+            log.error("the canary adapter %r v%s was trained on window %s, the champion on %s: the champion "
+                      "answers the canary machines", canary_name, canary.get("version"), canary_window,
+                      window.to_dict())
         with self._cond:
             if self.window is not None and window != self.window:
                 log.warning("%s was trained on window %s (was %s): starting the windows afresh", what,
@@ -455,13 +477,15 @@ class Bridge:
                 log.exception("bridge could not write its state %s", self._state_path)
                 self._stop.wait(1.0)
 
-    def _predict(self, batch: list[Window]) -> dict | None:
+    def _predict(self, batch: list[Window], adapter: str | None = None, count_drops: bool = True) -> dict | None:
+        """The answers of ``adapter`` (None: the configured one, the champion) for ``batch``, with
+        retries; None when it refuses them or never answers (``count_drops``: the windows are lost)."""
         cfg = self.config
         for attempt in range(cfg.max_retries):
             try:
                 # raw readings: the app featurises them with the serving version's own featuriser
                 return self.serve.predict([{"kind": w.kind, "readings": [dict(r) for r in w.readings]}
-                                           for w in batch], adapter=cfg.adapter)
+                                           for w in batch], adapter=adapter or cfg.adapter)
             except ServeHTTPError as exc:
                 self._counts["serve_errors"] += 1
                 if 400 <= exc.status < 500:   # the model refuses these windows: retrying cannot help
@@ -470,6 +494,8 @@ class Bridge:
                 log.warning("serve call failed (attempt %d/%d): %s", attempt + 1, cfg.max_retries, exc)
                 if self._stop.wait(cfg.retry_s) and attempt >= 1:
                     break
+        if not count_drops:
+            return None
         self._counts["windows_dropped"] += len(batch)
         log.error("dropped %d windows: the serve app at %s did not answer", len(batch), self.serve.url)
         return None
@@ -500,11 +526,41 @@ class Bridge:
             self.shadow_version = p["model_version"]
         return messages
 
-    def _process(self, batch: list[Window]) -> None:
-        out = self._predict(batch)
-        if out is None:
-            return
-        self._counts["batches"] += 1
+    def _answer(self, batch: list[Window]) -> list[tuple[Window, dict, str]] | None:
+        """Each window of ``batch`` with the prediction that decides it and its role: the canary's for
+        the canary machines (when it serves and answers), the champion's for the rest; None when the
+        champion did not answer (those windows are dropped, counted)."""
+        canary: list[Window] = []
+        if self._canary:
+            canary = [w for w in batch if w.machine in self._canary]
+            if canary and not self._canary_ok:
+                self._counts["canary_fallback"] += len(canary)
+                canary = []
+        out: list[tuple[Window, dict, str]] = []
+        if canary:
+            got = self._predict(canary, adapter=self.config.canary_adapter, count_drops=False)
+            if got is None:   # the champion takes these machines back for this batch
+                self._counts["canary_errors"] += 1
+                self._counts["canary_fallback"] += len(canary)
+                canary = []
+            else:
+                out += [(w, p, "canary") for w, p in zip(canary, got["predictions"])]
+                self._counts["canary_predictions"] += len(canary)
+                if got["predictions"]:
+                    self.canary_version = got["predictions"][-1]["model_version"]
+        taken = {id(w) for w in canary}
+        rest = [w for w in batch if id(w) not in taken]
+        if rest:
+            champ = self._predict(rest)
+            if champ is None:
+                return out or None
+            self._sync_if_swapped(champ)
+            out += [(w, p, "champion") for w, p in zip(rest, champ["predictions"])]
+        order = {id(w): i for i, w in enumerate(batch)}   # decide in arrival order, as without a canary
+        return sorted(out, key=lambda a: order[id(a[0])])
+
+    def _sync_if_swapped(self, out: dict) -> None:
+        """A hot swap brought another champion version: re-read its window config and featuriser."""
         name = self.config.adapter or "default"
         served = next((p["model_version"] for p in out["predictions"] if p.get("adapter", name) == name), None)
         if served is not None and served != self._synced_version:   # a hot swap: windowed otherwise?
@@ -513,18 +569,28 @@ class Bridge:
             except BridgeError as exc:
                 self._counts["model_refused"] += 1
                 log.error("bridge cannot feed the model now serving: %s", exc)
+
+    def _process(self, batch: list[Window]) -> None:
+        answers = self._answer(batch)
+        if answers is None:
+            return
+        self._counts["batches"] += 1
         # the shadow's predictions first: sent before the champion's, which the plant waits for
         outbox: list[tuple[str, bytes]] = self._shadow_predict(batch)
-        for w, p in zip(batch, out["predictions"]):
+        for w, p, role in answers:
             version = p["model_version"]
-            self.model_version = version
-            decision = self.policy.decide(w.line, w.machine, w.end_ts, p["risk"])
+            if role == "champion":
+                self.model_version = version
+            threshold = self.config.threshold
+            if role == "canary" and self.config.canary_threshold is not None:
+                threshold = self.config.canary_threshold
+            decision = self.policy.decide(w.line, w.machine, w.end_ts, p["risk"], threshold)
             if decision.command:
                 cmd = contract.Command(command_id=f"maintain-{w.line}-{w.machine}-{w.end_seq}", line=w.line,
                                        machine=w.machine, command="maintain", model_version=version,
                                        reason=f"{decision.reason} (top {p['label']} {p['probs'][p['label']]:.3f})",
                                        ts=w.end_ts, risk=min(1.0, max(0.0, float(p["risk"]))),
-                                       threshold=float(self.config.threshold))
+                                       threshold=float(threshold))
                 mode = self.config.mode
                 if mode == "auto":
                     outbox.append((self.topics.command(w.line, w.machine), contract.encode(cmd)))
@@ -539,8 +605,8 @@ class Bridge:
             elif decision.reason != "below_threshold":
                 self._counts[f"suppressed_{decision.reason}"] += 1
             pred = contract.Prediction(ts=w.end_ts, line=w.line, machine=w.machine, model_version=version,
-                                       probs=p["probs"], window_end_seq=w.end_seq)
-            outbox.append((self.topics.prediction(w.line, w.machine), contract.encode(pred)))
+                                       probs=p["probs"], window_end_seq=w.end_seq, role=role)
+            outbox.append((self.topics.prediction(w.line, w.machine, role), contract.encode(pred)))
             self._counts["predictions"] += 1
         # The decisions reach the state file before they leave (an outbox): a bridge killed while sending
         # sends the same messages again after its restart instead of deciding these windows anew.
@@ -565,13 +631,16 @@ class Bridge:
                                                  "control_messages", "proposed", "approved", "approvals_unknown",
                                                  "approvals_expired", "would_order", "window_changes",
                                                  "model_refused", "shadow_predictions", "shadow_errors",
-                                                 "shadow_refused")}
+                                                 "shadow_refused", "canary_predictions", "canary_errors",
+                                                 "canary_fallback")}
         s["proposals_pending"] = len(self._proposals)
         s["paused"] = int(self.policy.paused)
         s["decode_errors"] = dict(self._decode_errors)
         s["pending"] = len(self._pending)
         s["model_version"] = self.model_version
         s["shadow_version"] = self.shadow_version
+        s["canary_version"] = self.canary_version
+        s["canary_machines"] = len(self._canary)
         s["machines"] = len(self._builders)
         s["window"] = self.window.to_dict() if self.window is not None else None
         s["featuriser"] = self.featuriser
@@ -620,7 +689,9 @@ def bridge_metrics(bridge: "Bridge") -> list:
            Sample("flywheel_model_version_served", version, {"component": c})]
     out += [Sample("flywheel_predictions", float(s[k]), {"component": c, "outcome": o})
             for k, o in (("predictions", "scored"), ("serve_errors", "error"), ("windows_dropped", "dropped"),
-                         ("shadow_predictions", "shadow"), ("shadow_errors", "shadow_error"))]
+                         ("shadow_predictions", "shadow"), ("shadow_errors", "shadow_error"),
+                         ("canary_predictions", "canary"), ("canary_errors", "canary_error"),
+                         ("canary_fallback", "canary_fallback"))]
     out += [Sample("flywheel_commands", float(s[k]), {"component": c, "outcome": o})
             for k, o in (("commands", "sent"), ("proposed", "proposed"), ("approved", "approved"),
                          ("would_order", "would_order"))]

@@ -24,6 +24,8 @@ from flywheel.base.governance import GovernancePolicy
 
 #: The adapter name under which ``ServeConfig.shadow`` serves the challenger beside the champion.
 SHADOW_ADAPTER = "shadow"
+#: The adapter name under which ``ServeConfig.canary_share`` serves the challenger for the canary machines.
+CANARY_ADAPTER = "canary"
 
 
 @dataclass
@@ -98,6 +100,14 @@ class ServeConfig:
                 "publishes its predictions on {root}/{line}/{machine}/prediction/shadow (lake: raw/predictions, "
                 "role=shadow); a shadow never commands. The turn scores both on the period's outcomes (live.*, "
                 "shadow.*)"})
+    canary_share: float = field(default=0.0, metadata={
+        "help": "0 (off) or the share of the plant's machines, in (0, 1), the challenger commands for a plant "
+                "period while the champion commands the rest: the version at the registry alias 'challenger' is "
+                "served as adapter 'canary', and a campaign's bridge asks it for the windows of those machines "
+                "(chosen by the campaign's seed and the turn, at least one per line; the control fleet never) and "
+                "sends its orders (predictions role=canary on the usual topic). The turn compares both groups' "
+                "cost per machine-hour and promotes the challenger only if the canary group is not worse by more "
+                "than train.canary_margin; otherwise the champion takes the machines back. Not with shadow"})
     kind_adapters: dict[str, str] = field(default_factory=dict, metadata={
         "help": "default adapter per machine kind for windows that name none, e.g. {pump: pump}"})
     access_log: bool = field(default=False, metadata={"help": "log every HTTP request in the replicas"})
@@ -160,6 +170,18 @@ class ServeConfig:
                                   f"{self.shadow} serves the alias {self.shadow!r} under that name; drop "
                                   f"adapters.{SHADOW_ADAPTER}")
             self.adapters = {**self.adapters, SHADOW_ADAPTER: self.shadow}
+        if not 0.0 <= self.canary_share < 1.0:
+            raise ConfigError(f"canary_share is the share of machines the challenger commands, in [0, 1) (0 = off), "
+                              f"got {self.canary_share!r}; e.g. serve.canary_share=0.25")
+        if self.canary_share:
+            if self.shadow:
+                raise ConfigError(f"a plant period runs the challenger either as the shadow or as the canary: "
+                                  f"shadow={self.shadow} and canary_share={self.canary_share} both ask for it; "
+                                  "drop one")
+            if self.adapters.get(CANARY_ADAPTER, "challenger") != "challenger":
+                raise ConfigError(f"adapters.{CANARY_ADAPTER} is {self.adapters[CANARY_ADAPTER]!r} but canary_share "
+                                  f"serves the alias 'challenger' under that name; drop adapters.{CANARY_ADAPTER}")
+            self.adapters = {**self.adapters, CANARY_ADAPTER: "challenger"}
         for kind, name in self.kind_adapters.items():
             if name != "default" and name not in self.adapters:
                 raise ConfigError(f"kind_adapters.{kind} names adapter {name!r}, which is not in adapters "
@@ -199,6 +221,16 @@ class BridgeConfig:
                 "serves): its predictions go to {root}/{line}/{machine}/prediction/shadow, it never commands. None: "
                 "no shadow. A failed shadow call is counted (shadow_errors) and never delays the champion's orders "
                 "beyond one try"})
+    canary_adapter: str | None = field(default=None, metadata={
+        "help": "an adapter of the app that answers, and commands, the windows of canary_machines in the champion's "
+                "place (e.g. canary, which serve.canary_share serves): its predictions carry role canary on the usual "
+                "prediction topic and its orders carry its version. If the app does not serve it (or it windows "
+                "otherwise), the champion answers those machines too (canary_fallback). None: no canary"})
+    canary_threshold: float | None = field(default=None, metadata={
+        "help": "the canary adapter's operating point (its risk at or above which it orders maintenance); None = "
+                "threshold. A campaign sets the challenger's own (chosen on its calibration split)"})
+    canary_machines: list[str] = field(default_factory=list, metadata={
+        "help": "the machine ids canary_adapter commands; a campaign sets both from serve.canary_share"})
     flush_idle_ms: float = field(default=10.0, metadata={
         "help": "send the pending windows once no telemetry arrived for this long (wall ms)"})
     max_pending: int = field(default=64, metadata={"help": "send at once when this many windows are pending"})
@@ -246,5 +278,12 @@ class BridgeConfig:
                 raise ConfigError(f"{name} should be >= 0 (0 = no cap), got {getattr(self, name)}")
         if self.flush_idle_ms < 0:
             raise ConfigError(f"flush_idle_ms should be >= 0, got {self.flush_idle_ms}")
+        if self.canary_threshold is not None and not 0.0 <= self.canary_threshold <= 1.01:
+            raise ConfigError(f"canary_threshold is a risk in [0, 1] (or 1.01: never), got {self.canary_threshold}")
+        if self.canary_machines and not self.canary_adapter:
+            raise ConfigError(f"canary_machines {self.canary_machines} need canary_adapter (the adapter that commands "
+                              "them), e.g. bridge.canary_adapter=canary")
+        if self.canary_adapter and self.canary_adapter == self.shadow_adapter:
+            raise ConfigError(f"adapter {self.canary_adapter!r} cannot be both the shadow and the canary")
         if self.max_retries < 1:
             raise ConfigError(f"max_retries should be >= 1, got {self.max_retries}")

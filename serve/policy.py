@@ -90,9 +90,12 @@ class MaintenancePolicy:
                 return "silent"
         return None
 
-    def decide(self, line: str, machine: str, end_ts: float, risk: float) -> Decision:
+    def decide(self, line: str, machine: str, end_ts: float, risk: float, threshold: float | None = None) -> Decision:
+        """Whether ``risk`` orders maintenance of the machine now; ``threshold``: the deciding model's
+        operating point (None: ``config.threshold``, the champion's)."""
         cfg = self.config
-        if risk < cfg.threshold:
+        threshold = cfg.threshold if threshold is None else threshold
+        if risk < threshold:
             return Decision(False, "below_threshold")
         if self.down_reason(line, machine) is not None:
             return Decision(False, "down")
@@ -113,7 +116,7 @@ class MaintenancePolicy:
             self._last_command_ts[key] = end_ts
             orders.append(end_ts)
             self._ordered[key] = end_ts
-        return Decision(True, f"risk {risk:.3f} >= threshold {cfg.threshold:.3f}")
+        return Decision(True, f"risk {risk:.3f} >= threshold {threshold:.3f}")
 
     def _down_on_line(self, line: str, now_ts: float) -> int:
         """Machines of ``line`` down by their events, or ordered and not started (lock held). An

@@ -11,6 +11,8 @@ Topics (root ``factory`` by default)::
     {root}/{line}/{machine}/event        QoS 1  sim -> ingest             MachineEvent
     {root}/{line}/{machine}/prediction   QoS 1  serve -> anyone           Prediction
                                           (QoS 1, not 0: the simulator's lockstep waits for every one)
+                                          (role "champion", or "canary" for a canary machine's
+                                           window, answered by the challenger that commands it)
     {root}/{line}/{machine}/prediction/shadow   QoS 1  serve -> anyone    Prediction, role "shadow"
                                           (a challenger run beside the champion on the same windows;
                                            it never commands, and the simulator does not subscribe)
@@ -160,9 +162,12 @@ class MachineEvent(msgspec.Struct, frozen=True, kw_only=True):
     variant: str | None = None
 
 
-#: Who made a prediction: the served ``champion`` (whose decisions command the plant) or a
-#: ``shadow`` challenger run beside it on the same windows (published, recorded, never obeyed).
-PREDICTION_ROLES = ("champion", "shadow")
+#: Who made a prediction: the served ``champion`` (whose decisions command the plant), a
+#: ``shadow`` challenger run beside it on the same windows (published, recorded, never obeyed), or
+#: a ``canary`` challenger answering, and commanding, the canary machines' windows in its place.
+PREDICTION_ROLES = ("champion", "shadow", "canary")
+#: The roles whose predictions travel on the commanding topic ``{root}/{line}/{machine}/prediction``.
+COMMANDING_ROLES = ("champion", "canary")
 
 
 class Prediction(msgspec.Struct, frozen=True, kw_only=True):
@@ -170,7 +175,9 @@ class Prediction(msgspec.Struct, frozen=True, kw_only=True):
 
     ``role`` came in a minor version of ``prediction/1``: ``champion`` (the default, and what a
     producer before it means) or ``shadow`` (a challenger's prediction, published only on
-    ``{root}/{line}/{machine}/prediction/shadow``; a consumer before it never subscribes there).
+    ``{root}/{line}/{machine}/prediction/shadow``; a consumer before it never subscribes there) or
+    ``canary`` (the challenger answered this window of a canary machine, and its decision commanded
+    it; on the champion's topic, one prediction per window as ever, so the plant's lockstep is unchanged).
     """
 
     schema: str = "prediction/1"
@@ -304,11 +311,12 @@ class Topics:
         return f"{self.root}/{line}/{machine}/event"
 
     def prediction(self, line: str, machine: str, role: str = "champion") -> str:
-        """The champion's prediction topic, or with ``role="shadow"`` the shadow challenger's
-        (one level below it, so ``{root}/+/+/prediction`` never matches a shadow prediction)."""
+        """The commanding prediction topic (the champion's, and a canary's), or with ``role="shadow"``
+        the shadow challenger's (one level below it, so ``{root}/+/+/prediction`` never matches a
+        shadow prediction)."""
         if role == "shadow":
             return f"{self.root}/{line}/{machine}/prediction/shadow"
-        if role != "champion":
+        if role not in COMMANDING_ROLES:
             raise ContractError("bad_value", f"prediction role should be one of {PREDICTION_ROLES}, got {role!r}",
                                 "role", role)
         return f"{self.root}/{line}/{machine}/prediction"
@@ -444,8 +452,8 @@ def decode(topic: str, payload: bytes, *, topics: Topics | None = None,
     elif msg.line != info.line or msg.machine != info.machine:
         raise ContractError("topic_mismatch", f"payload says {msg.line}/{msg.machine} but topic says "
                             f"{info.line}/{info.machine}", "machine", f"{msg.line}/{msg.machine}")
-    elif info.channel == "prediction" and msg.role != (info.role or "champion"):
-        # A shadow's prediction on the champion's topic (or the reverse) would be taken for the other's.
+    elif info.channel == "prediction" and (msg.role == "shadow") != (info.role == "shadow"):
+        # A shadow's prediction on the commanding topic (or the reverse) would be taken for the other's.
         raise ContractError("topic_mismatch", f"a {msg.role} prediction on a {info.role or 'champion'} prediction "
                             f"topic ({topic!r}); shadow predictions go to .../prediction/shadow", "role", msg.role)
     return msg

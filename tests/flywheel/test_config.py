@@ -207,3 +207,28 @@ def test_shadow_and_promote_after_shadow_settings_are_checked_where_they_are_loa
             (["bridge.shadow_adapter=shadow"], "set by the campaign")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_campaign(tiny, overrides)
+
+
+def test_canary_settings_are_checked_where_they_are_loaded():
+    from flywheel.campaign import default_config_path, load_campaign, stage_configs
+    from serve import CANARY_ADAPTER, ServeConfig
+
+    tiny = str(default_config_path("tiny"))
+    stages = stage_configs(load_campaign(tiny, ["serve.canary_share=0.25", "train.canary_margin=5",
+                                                "train.canary_confidence=0.8"]))
+    # the app serves the version at the registry alias "challenger" as adapter "canary" beside the champion
+    assert stages["serve"].adapters == {CANARY_ADAPTER: "challenger"} and stages["serve"].canary_share == 0.25
+    assert (stages["train"].canary_margin, stages["train"].canary_confidence) == (5.0, 0.8)
+    assert ServeConfig(**stages["serve"].replica_dict()).adapters == {CANARY_ADAPTER: "challenger"}
+    for overrides, message in (
+            (["serve.canary_share=1"], "canary_share is the share of machines the challenger commands, in [0, 1)"),
+            (["serve.canary_share=-0.1"], "e.g. serve.canary_share=0.25"),
+            (["serve.canary_share=0.25", "serve.shadow=challenger"], "either as the shadow or as the canary"),
+            (["serve.canary_share=0.25", "serve.adapters.canary=champion"], "drop adapters.canary"),
+            (["train.canary_margin=-1"], "canary_margin should be >= 0"),
+            (["train.canary_confidence=1"], "canary_confidence should be in [0.5, 1)"),
+            (["serve.canary_share=0.25", "train.promote_after_shadow=true"], "drop serve.canary_share"),
+            (["bridge.canary_adapter=canary"], "set by the campaign"),
+            (["bridge.canary_machines=[mill-01]"], "need canary_adapter")):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_campaign(tiny, overrides)

@@ -230,7 +230,14 @@ def test_a_shadow_prediction_has_its_own_topic_and_cannot_pass_for_the_champions
             c.decode(wrong_topic, c.encode(msg))
         assert (err.value.reason, err.value.field) == ("topic_mismatch", "role")
     with pytest.raises(c.ContractError) as err:
-        c.decode(topic, json.dumps({**json.loads(c.encode(shadow)), "role": "canary"}).encode())
+        c.decode(topic, json.dumps({**json.loads(c.encode(shadow)), "role": "rival"}).encode())
     assert (err.value.reason, err.value.field) == ("bad_value", "role")
+    # a canary's prediction commands its machine: it travels on the champion's topic, never the shadow's
+    canary = msgspec.structs.replace(shadow, role="canary")
+    assert t.for_message(canary) == "factory/L1/mill-01/prediction" == t.prediction("L1", "mill-01", "canary")
+    assert c.decode("factory/L1/mill-01/prediction", c.encode(canary)) == canary
+    with pytest.raises(c.ContractError) as err:
+        c.decode(topic, c.encode(canary))
+    assert (err.value.reason, err.value.field) == ("topic_mismatch", "role")
     with pytest.raises(c.ContractError):
         t.parse("factory/L1/mill-01/prediction/other")

@@ -12,7 +12,7 @@ from flywheel.base import contract
 from flywheel.base.features import WindowConfig, windows
 from flywheel.base.mqtt import connect, make_client, unique_client_id, wait_published
 from serve import BridgeConfig
-from serve.bridge import Bridge
+from serve.bridge import Bridge, bridge_metrics
 
 BASE_TS = 1_700_000_400.0          # a multiple of the stride: windows end on round plant times
 STEP_S = 60.0
@@ -387,3 +387,54 @@ def test_a_shadow_that_does_not_answer_costs_the_champion_nothing(broker, served
     assert len(preds) == n and st["shadow_predictions"] == 0
     # the app does not serve it: refused when the bridge read /version, never asked (no 404 per batch)
     assert st["shadow_refused"] == n and st["serve_errors"] == 0
+
+
+def test_a_canary_commands_its_machines_and_the_champion_the_others(broker, served):
+    """``canary_adapter``: the app's adapter "pump" (v2) answers, and commands, the windows of the canary
+    machine p2; the champion (v1) answers p1's. Both on the usual topic, one prediction per window, p2's
+    with role canary; every order carries the version whose risk decided it."""
+    root = "canaried"
+    topics = contract.Topics(root)
+    rec = Recorder(broker.url, root)
+    # every window orders (threshold 0, no cooldown): the orders show who decided each machine
+    cfg = BridgeConfig(threshold=0.0, cooldown_s=0, canary_adapter="pump", canary_machines=["p2"],
+                       canary_threshold=0.0)
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        pub = publisher(broker.url)
+        streams = {m: pump_stream("L1", m, 20, seed=k) for k, m in enumerate(("p1", "p2"))}
+        publish_all(pub, topics, [t for pair in zip(*streams.values()) for t in pair])
+        n = {m: len(windows(s, WINDOW)) for m, s in streams.items()}
+        preds = rec.wait("prediction", sum(n.values()))
+        cmds = rec.wait("command", sum(n.values()))
+        st = b.stats()
+        metrics = {(s.name, s.labels.get("outcome")): s.value for s in bridge_metrics(b)}
+        pub.disconnect()
+    rec.close()
+    assert len(preds) == sum(n.values())
+    by_machine = {m: [p for p in preds if p["machine"] == m] for m in n}
+    assert {(p["model_version"], p.get("role", "champion")) for p in by_machine["p1"]} == {("1", "champion")}
+    assert {(p["model_version"], p["role"]) for p in by_machine["p2"]} == {("2", "canary")}
+    assert {c["machine"]: c["model_version"] for c in cmds} == {"p1": "1", "p2": "2"}
+    assert st["canary_predictions"] == n["p2"] and st["predictions"] == sum(n.values())
+    assert st["canary_version"] == "2" and st["model_version"] == "1" and st["canary_fallback"] == 0
+    assert metrics[("flywheel_predictions", "canary")] == n["p2"]
+
+
+def test_a_canary_the_app_does_not_serve_hands_its_machines_to_the_champion(broker, served):
+    root = "canaryless"
+    topics = contract.Topics(root)
+    rec = Recorder(broker.url, root)
+    cfg = BridgeConfig(threshold=1.0, canary_adapter="no-such-adapter", canary_machines=["p1"])
+    with Bridge(broker.url, served.url, cfg, topic_root=root) as b:
+        pub = publisher(broker.url)
+        s = pump_stream("L1", "p1", 15)
+        publish_all(pub, topics, s)
+        n = len(windows(s, WINDOW))
+        preds = rec.wait("prediction", n)
+        st = b.stats()
+        pub.disconnect()
+    rec.close()
+    # no window goes unanswered: the champion takes the canary machine back
+    assert len(preds) == n and {p["model_version"] for p in preds} == {"1"}
+    assert {p.get("role", "champion") for p in preds} == {"champion"}
+    assert st["canary_fallback"] == n and st["canary_predictions"] == 0 and st["serve_errors"] == 0
