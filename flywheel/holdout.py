@@ -47,7 +47,9 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
     from ingest import build_snapshot
 
     t0 = time.monotonic()
-    snap = build_snapshot(lake_uri, dataset_config, previous=previous_snapshot)
+    # not logged as a dataset input of the campaign's run: continued with more turns, the campaign
+    # builds a larger held-out set, and MLflow params (data.range.*) cannot change
+    snap = build_snapshot(lake_uri, dataset_config, previous=previous_snapshot, track=False)
     held_out = load_snapshot(snap.path).eval
     out: dict = {"dataset_id": snap.dataset_id, "windows": len(held_out),
                  "labels": {k: int(v) for k, v in held_out["label"].value_counts().items()}, "by_turn": {}}
@@ -85,10 +87,12 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
 
 
 def log_holdout(out: dict, parent_run_id: str) -> None:
-    """``holdout.*`` on the parent run, one step per turn (the active tracking URI's MLflow)."""
+    """``holdout.*`` on the parent run, one step per turn, and the held-out snapshot's id as tag
+    ``flywheel.holdout_dataset_id`` (the active tracking URI's MLflow)."""
     import mlflow
 
     client = mlflow.MlflowClient()
+    client.set_tag(parent_run_id, "flywheel.holdout_dataset_id", out["dataset_id"])   # a tag: it grows with the campaign
     for turn, m in out["by_turn"].items():
         for k in KEYS:
             if m.get(k) is not None:

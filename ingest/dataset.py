@@ -84,8 +84,13 @@ def _empty_cache() -> _Cache:
 
 def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous: str | None = None,
                    mlflow_run_id: str | None = None, *,
-                   progress: Callable[[str], None] | None = None) -> Snapshot:
-    """Build (or incrementally update from ``previous``) a dataset snapshot of the lake."""
+                   progress: Callable[[str], None] | None = None, track: bool = True) -> Snapshot:
+    """Build (or incrementally update from ``previous``) a dataset snapshot of the lake.
+
+    It is logged to MLflow (dataset inputs, ``data.*`` metrics, ``data.range.*`` params) into run
+    ``mlflow_run_id``, or the caller's active run, unless ``track`` is false: a snapshot that is not
+    a training input (the campaign's held-out set, built again when a campaign is continued) must
+    not set params on a run that already holds the earlier ones (MLflow params never change)."""
     say = progress or (lambda _msg: None)
     t_start = time.monotonic()
     lake = Lake.open(lake_uri)
@@ -182,7 +187,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     lake.write_bytes(posixpath.join(path, "manifest.json"), json.dumps(manifest, indent=1, sort_keys=True).encode())
     where = path if lake.local else child_uri(lake.uri, "datasets", dataset_id)   # a URI training can open
     snap = Snapshot(dataset_id, where, manifest, train_path, eval_path, lake.fs)
-    if mlflow_run_id is not None or _mlflow_run_active():
+    if track and (mlflow_run_id is not None or _mlflow_run_active()):
         say("logging to MLflow")
         from ingest.tracking import log_snapshot
 

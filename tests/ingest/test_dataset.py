@@ -139,6 +139,21 @@ def test_incremental_build_equals_full_rebuild(first_snapshot, first_lake, plant
     assert full2.manifest["counts"]["eval"]["PWF"] > 0 or full2.manifest["counts"]["train"]["PWF"] > 0
 
 
+def test_an_untracked_snapshot_leaves_the_active_run_alone(first_lake, mlflow_uri):
+    """The campaign's held-out set is built inside its parent run, again at each continuation on a
+    larger lake: logged, its data.range.* params would clash with the earlier ones (MLflow refuses)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    mlflow.set_experiment("flywheel-test-ingest")
+    with mlflow.start_run() as run:
+        mlflow.log_param("data.range.train", "an earlier held-out set")
+        build_snapshot(str(first_lake), LOCAL, track=False)
+    logged = mlflow.get_run(run.info.run_id)
+    assert logged.data.params == {"data.range.train": "an earlier held-out set"}
+    assert not logged.inputs.dataset_inputs and not logged.data.metrics
+
+
 def test_snapshot_is_logged_to_mlflow(first_lake, mlflow_uri):
     import mlflow
 
