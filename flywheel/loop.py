@@ -694,10 +694,13 @@ class Campaign:
                                    shadow=bool(shadow), canary=canary)
         with self.timer("ingest", "waiting for ingest to land the period"):
             landed = self.ingest.wait_landed(self.published_total, timeout_s=max(120.0, sim["published"] / 500))
-            if shadow:   # the live scores read both models' predictions from the lake
-                bridge = sim.get("bridge") or {}
+            bridge = sim.get("bridge") or {}
+            if bridge.get("predictions") or bridge.get("shadow_predictions"):
+                # the bridge's last answers can trail the plant's last rows: the record counts them
+                # all, and the live scores (shadow) read both models' predictions from the lake
                 self._wait_predictions(predictions_before + bridge.get("predictions", 0)
                                        + bridge.get("shadow_predictions", 0))
+                landed = self.ingest.status()
         factory = self.plant.kpis().to_dict()
         groups = self.plant.group_kpis()
         if groups:

@@ -52,6 +52,14 @@ def _stable(obj):
     return obj
 
 
+def _diff(a, b, where: str = "") -> list[str]:
+    """Where two records differ (paths and both values), for the failure message."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) if k not in _VOLATILE
+                for d in _diff(a.get(k), b.get(k), f"{where}.{k}")]
+    return [] if _stable(a) == _stable(b) else [f"{where}: {a!r} (amqtt) vs {b!r} (mosquitto)"]
+
+
 def test_campaign_runs_to_the_end_on_the_in_python_broker(amqtt_campaign):
     import mlflow
 
@@ -76,7 +84,7 @@ def test_same_seed_same_campaign_as_on_mosquitto(amqtt_campaign, gbdt_campaign):
         # what the plant published, what landed, what the model learnt and decided, what the plant did
         for key in ("sim", "ingest", "factory", "baselines", "data", "eval", "promoted", "champion_version",
                     "bridge_threshold", "dataset_id"):
-            assert _stable(a.get(key)) == _stable(m.get(key)), f"turn {a['turn']}: {key} differs"
+            assert _stable(a.get(key)) == _stable(m.get(key)), f"turn {a['turn']}: {key} differs: {_diff(a.get(key), m.get(key))}"
     assert _stable(on_amqtt["holdout"]) == _stable(on_mosquitto["holdout"])
 
 
