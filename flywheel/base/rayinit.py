@@ -60,6 +60,8 @@ def init_ray(**kwargs):
 
     import ray
 
+    if not kwargs.get("address"):   # a local node: its processes inherit this environment
+        set_serve_patience_env()
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
     for attempt in range(1, START_TRIES + 1):
@@ -77,6 +79,22 @@ def init_ray(**kwargs):
     if callable(before):  # ours, not SIG_DFL/SIG_IGN: Ray's own then decides nothing
         signal.signal(signal.SIGTERM, before)
     return ctx
+
+
+# Ray Serve kills an HTTP proxy actor that is not ready 5 s after it started, or that misses its
+# health check for 10 s; on two busy cores starting one (it imports the ASGI stack) takes longer,
+# and the app's start then fails with "ProxyActor ... killed by ray.kill". A local node started
+# here gives it longer; a value already in the environment wins.
+SERVE_PATIENCE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+                      "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
+def set_serve_patience_env() -> None:
+    """Set :data:`SERVE_PATIENCE_ENV` where unset (before a local Ray starts: its actors inherit it)."""
+    import os
+
+    for key, value in SERVE_PATIENCE_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def children() -> set[int]:

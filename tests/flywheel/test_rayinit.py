@@ -59,3 +59,16 @@ def test_stop_children_ends_only_the_new_children():
     finally:
         old.kill()
         old.wait()
+
+
+def test_a_local_ray_gives_serves_proxy_time_to_start_on_a_busy_machine(ray_local):
+    """Ray Serve kills a proxy not ready within 5 s; a local node started by init_ray passes its
+    actors a longer limit (a value the user set wins)."""
+    from flywheel.base.rayinit import SERVE_PATIENCE_ENV
+
+    @ray_local.remote(num_cpus=0)
+    def seen() -> dict:
+        return {k: os.environ.get(k) for k in SERVE_PATIENCE_ENV}
+
+    assert ray_local.get(seen.remote()) == {k: os.environ[k] for k in SERVE_PATIENCE_ENV}
+    assert float(os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) > 5.0
