@@ -222,8 +222,22 @@ class PlantResult:
         return self.sim if self.bridge is None else {**self.sim, "bridge": self.bridge}
 
 
+class _LiveResult:
+    """What the live evidence records share: a dict without the empty fields, and back (a field
+    missing from an older record takes its default, or None)."""
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**{f.name: d.get(f.name, f.default if f.default is not dataclasses.MISSING else
+                                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+                      for f in dataclasses.fields(cls)})
+
+
 @dataclass
-class ShadowResult:
+class ShadowResult(_LiveResult):
     """4b. Shadow: the turn's challenger beside the champion in the plant period (``serve.shadow``),
     both scored on the period's outcomes, and the promote-after-shadow rule when it applied."""
 
@@ -239,17 +253,10 @@ class ShadowResult:
     promoted: bool | None = None
     reason: str | None = None
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShadowResult":
-        return cls(**{f.name: d.get(f.name, f.default if f.default is not dataclasses.MISSING else {})
-                      for f in dataclasses.fields(cls)})
 
 
 @dataclass
-class CanaryResult:
+class CanaryResult(_LiveResult):
     """4b. Canary: the turn's challenger commanded a share of the machines in the plant period
     (``serve.canary_share``), the champion the rest; each group's KPIs, the difference of their
     cost per machine-hour with its interval, and the promote-after-canary rule (:mod:`flywheel.canary`)."""
@@ -268,14 +275,6 @@ class CanaryResult:
     promoted: bool | None = None
     reason: str | None = None
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CanaryResult":
-        return cls(**{f.name: d.get(f.name, f.default if f.default is not dataclasses.MISSING else
-                                    f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-                      for f in dataclasses.fields(cls)})
 
 
 @dataclass
