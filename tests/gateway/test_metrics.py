@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from flywheel.base import contract
 from flywheel.base.metrics import check
@@ -20,6 +21,8 @@ from gateway import Gateway, gateway_metrics, parse_mapping
 
 from .conftest import small_plant, wait_for
 from tests.conftest import free_port
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "dashboards" / "flywheel.json"
 
 
 def _values(samples) -> dict[tuple, float]:
@@ -54,7 +57,7 @@ def test_the_gateways_counters_map_onto_the_public_names():
 
 
 def test_prometheus_scrapes_a_gateway_fed_by_the_simulator_over_sparkplug(broker, inbox, prometheus_factory, tmp_path):
-    seed, group, component = 6, "gw-metrics", "gw-metrics"
+    seed, group, component = 6, "gw-metrics", "gateway-metrics"   # the dashboard's panel matches gateway*
     plant = small_plant(seed)
     mapping = tmp_path / "sp.json"
     mapping.write_text(json.dumps(gateway_mapping(plant, "sparkplug", group=group)))
@@ -91,6 +94,14 @@ def test_prometheus_scrapes_a_gateway_fed_by_the_simulator_over_sparkplug(broker
         assert scraped(f'flywheel_commands_total{{{c},outcome="refused"}}', 1)
         assert prom.query(f'flywheel_protocol_events_total{{{c},event="node_births"}} >= 1')
         assert not prom.query(f"flywheel_dead_letters_total{{{c}}}")     # nothing set aside
+        # the Grafana dashboard's gateway panel shows this gateway: samples through, link happenings
+        panel = next(p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"].startswith("Plant gateway"))
+        now = time.time()
+        shown = {t["refId"]: {tuple(sorted(r["metric"].items())) for r in prom.query_range(t["expr"], now - 600, now, 1)}
+                 for t in panel["targets"]}
+        assert {(("component", component), ("direction", d)) for d in ("in", "out")} <= shown["A"], shown["A"]
+        assert (("component", component), ("event", "node_births")) in shown["B"], shown["B"]
+        assert not shown["C"]
     finally:
         edge.close()
         if gw.poll() is None:
