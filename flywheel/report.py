@@ -12,6 +12,7 @@ seed's model with its baselines.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -122,6 +123,10 @@ def turn_table(state: dict) -> list[dict]:
             "gap_closed": rec.baselines.gap_closed,
             "risk_threshold": rec.plant.threshold,
             "wall_s": rec.wall_s,
+            # live trials of the challenger in the plant period (serve.shadow, serve.canary_share)
+            "promotion_rule": rec.promotion_rule,
+            "shadow": rec.shadow.to_dict() if rec.shadow else None,
+            "canary": rec.canary.to_dict() if rec.canary else None,
         }
         # family-labelled views of the same numbers: lora_* and trees_* whichever of them was served
         mine, theirs = ("lora", "trees") if family == "lora" else ("trees", "lora")
@@ -521,6 +526,60 @@ def _gate(tables: list[list[dict]]) -> list[str]:
     return lines + [""]
 
 
+def _live(x, nd: int = 3, sign: bool = False) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else (f"{x:+.{nd}f}" if sign else f"{x:.{nd}f}")
+
+
+def _live_trials(tables: list[list[dict]]) -> list[str]:
+    """One campaign's shadow and canary periods: both models on the same live windows, or the
+    challenger commanding a share of the machines, and what each rule decided."""
+    if len(tables) != 1:
+        return []
+    shadows = [r for r in tables[0] if (r.get("shadow") or {}).get("version")]
+    canaries = [r for r in tables[0] if (r.get("canary") or {}).get("version")]
+    if not shadows and not canaries:
+        return []
+    lines = ["## Live trials of the challenger", ""]
+    decisions = []
+    if shadows:
+        lines += ["**Shadow** (`serve.shadow=challenger`): the challenger answered every window of the period beside "
+                  "the champion, never commanding; both are scored on the windows both answered whose outcome is "
+                  "known by the period's end, each at its own operating point, labelled by the dataset builder's "
+                  "rule (a failure the champion's order prevented keeps its label through the inspection finding).",
+                  "", "| turn | champion | shadow | windows scored | failure windows | AUROC champion | shadow | "
+                  "F1 champion | shadow | EUR/1k windows champion | shadow |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in shadows:
+            sh, m = r["shadow"], r["shadow"].get("metrics", {})
+            lines.append(f"| {r['turn']} | v{sh.get('champion_version')} | v{sh['version']} | "
+                         f"{_live(m.get('live.n_windows'), 0)} | {_live(m.get('live.failure_windows'), 0)} | "
+                         + " | ".join(_live(m.get(f"{who}.{k}"), 0 if k.startswith("cost") else 3)
+                                      for k in ("auroc_any_failure", "f1_any_failure", "cost_per_1k_windows")
+                                      for who in ("live", "shadow")) + " |")
+            if sh.get("reason"):
+                decisions.append(f"- Turn {r['turn']}: {sh['reason'].rstrip('.')}.")
+        lines.append("")
+    if canaries:
+        lines += ["**Canary** (`serve.canary_share`): the challenger commanded a seeded share of the machines for the "
+                  "period, the champion the rest; cost per machine-hour per group, and the difference of like "
+                  "machines (kind by kind) with its bootstrap interval over machines.", "",
+                  "| turn | champion | canary | canary machines | EUR per machine-hour, canary | champion group | "
+                  "difference | interval | failures, canary | champion group |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in canaries:
+            c, m = r["canary"], r["canary"].get("metrics", {})
+            lines.append(f"| {r['turn']} | v{c.get('champion_version')} | v{c['version']} | "
+                         f"{', '.join(c.get('machines', [])) or '-'} | {_live(m.get('canary.cost_per_machine_hour'), 2)} | "
+                         f"{_live(m.get('champion_group.cost_per_machine_hour'), 2)} | "
+                         f"{_live(m.get('canary.diff_cost_per_machine_hour'), 2, True)} | "
+                         f"[{_live(m.get('canary.diff_ci_low'), 2, True)}, {_live(m.get('canary.diff_ci_high'), 2, True)}] | "
+                         f"{_live(m.get('canary.failures'), 0)} | {_live(m.get('champion_group.failures'), 0)} |")
+            if c.get("reason"):
+                decisions.append(f"- Turn {r['turn']}: {c['reason'].rstrip('.')}.")
+        lines.append("")
+    if decisions:
+        lines += ["What the rules decided:", "", *decisions, ""]
+    return lines
+
+
 def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], title: str) -> str:
     lines = [f"# Flywheel report: {title}", ""]
     if len(tables) > 1:
@@ -572,6 +631,7 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
     lines += _control_fleet(tables)
     lines += _families(tables)
     lines += _gate(tables)
+    lines += _live_trials(tables)
     lines += ["## Wall time per stage (s)", ""]
     stages = sorted({k for r in tables[0] for k in r["wall_s"]})
     lines += ["| turn | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]

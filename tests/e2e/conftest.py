@@ -72,9 +72,9 @@ def shadow_campaign(tmp_path_factory, ray_local):
     champion to run beside; turn 2's v2 passes the offline gate, runs beside v1 for the period and
     the promote-after-shadow rule decides. The gate compares log loss (point rule), on which v2,
     trained on two periods, beats v1 clearly on this seed: the offline gate passes, so the live
-    rule is what decides. No reference plant: the live scores are what is tested. The replica
-    reserves half a CPU: turn 2 builds its snapshot while Serve runs, and a Ray Data task needs a
-    whole CPU of the session's two beside the replica and the collector."""
+    rule is what decides. No reference plant: the live scores are what is tested. Snapshots are
+    windowed in-process (the same ones as Ray Data's, a fraction of its start-up each turn). The
+    replica reserves half a CPU: turn 2 trains while Serve runs beside the session's collector."""
     from flywheel.campaign import default_config_path, load_campaign
     from flywheel.loop import run_campaign
 
@@ -83,6 +83,14 @@ def shadow_campaign(tmp_path_factory, ray_local):
         "campaign=e2e-shadow", "serve.ingress=proxy", "turns=2", "train.family=gbdt", "train.reference_family=",
         "reference.period=0", "serve.shadow=challenger", "train.promote_after_shadow=true",
         "train.shadow_margin=0.05", "train.gate_metric=eval.loss", "train.gate_bootstrap=0",
-        "serve.num_cpus_per_replica=0.5"])
+        "serve.num_cpus_per_replica=0.5", "dataset.engine=local"])
     state = run_campaign(cfg, workdir, view=False)
     return cfg, workdir, state
+
+
+def live_trials_section(workdir, campaign: str, out_dir) -> str:
+    """The report's *Live trials of the challenger* section for a campaign (written to ``out_dir``)."""
+    from flywheel.report import write_report
+
+    md = write_report(workdir, campaign, out_dir=str(out_dir), log_to_mlflow=False).read_text()
+    return md.split("## Live trials of the challenger", 1)[1].split("\n## ", 1)[0]

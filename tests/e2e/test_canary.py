@@ -18,7 +18,8 @@ def canary_campaign(tmp_path_factory, ray_local):
     """The tiny campaign (one line, four machines) with trees and two learning turns, a quarter of
     the machines (one) under the challenger's orders in turn 2's period. As in the shadow campaign,
     the gate compares log loss on which v2 beats v1 on this seed, so the canary rule decides; the
-    replica reserves half a CPU (a 2-turn campaign on the session's two CPUs needs it)."""
+    replica reserves half a CPU (a 2-turn campaign on the session's two CPUs needs it); snapshots
+    are windowed in-process."""
     from flywheel.campaign import default_config_path, load_campaign
     from flywheel.loop import run_campaign
 
@@ -26,7 +27,7 @@ def canary_campaign(tmp_path_factory, ray_local):
     cfg = load_campaign(str(default_config_path("tiny")), [
         "campaign=e2e-canary", "serve.ingress=proxy", "turns=2", "train.family=gbdt", "train.reference_family=",
         "reference.period=0", "serve.canary_share=0.25", "train.canary_margin=5", "train.gate_metric=eval.loss",
-        "train.gate_bootstrap=0", "serve.num_cpus_per_replica=0.5"])
+        "train.gate_bootstrap=0", "serve.num_cpus_per_replica=0.5", "dataset.engine=local"])
     state = run_campaign(cfg, workdir, view=False)
     return cfg, workdir, state
 
@@ -96,3 +97,17 @@ def test_group_kpis_and_the_promote_after_canary_rule(canary_campaign):
     assert run.data.metrics["canary.promoted"] == float(expected)
     for k in ("canary.cost_per_machine_hour", "champion_group.cost_per_machine_hour", "canary.diff_ci_high"):
         assert run.data.metrics[k] == pytest.approx(m[k])
+
+
+def test_the_report_shows_the_canary_groups_and_the_rules_decision(canary_campaign, tmp_path):
+    from tests.e2e.conftest import live_trials_section
+
+    cfg, workdir, state = canary_campaign
+    t2 = state["turns"][2]
+    m = t2["canary"]["metrics"]
+    section = live_trials_section(workdir, "e2e-canary", tmp_path)
+    assert (f"| 2 | v{t2['champion_version']} | v{t2['canary']['version']} | {', '.join(t2['canary']['machines'])} | "
+            f"{m['canary.cost_per_machine_hour']:.2f} | {m['champion_group.cost_per_machine_hour']:.2f} | "
+            f"{m['canary.diff_cost_per_machine_hour']:+.2f} | ") in section
+    assert f"- Turn 2: {t2['canary']['reason'].rstrip('.')}." in section
+    assert "**Shadow**" not in section

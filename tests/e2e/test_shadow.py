@@ -134,3 +134,18 @@ def test_the_promote_after_shadow_rule_decides_and_the_registry_follows(shadow_c
     run = __import__("mlflow").MlflowClient(uri).get_run(t2["run_id"])
     assert run.data.metrics["shadow.promoted"] == float(expected) and run.data.metrics["gate.held"] == 1.0
     assert json.loads(json.dumps(t2["shadow"]))["champion_version"] == t2["champion_version"]
+
+
+def test_the_report_shows_the_shadow_period_and_the_rules_decision(shadow_campaign, tmp_path):
+    from tests.e2e.conftest import live_trials_section
+
+    cfg, workdir, state = shadow_campaign
+    t2 = state["turns"][2]
+    m = t2["shadow"]["metrics"]
+    section = live_trials_section(workdir, "e2e-shadow", tmp_path)
+    assert (f"| 2 | v{t2['champion_version']} | v{t2['shadow']['version']} | {m['live.n_windows']:.0f} | "
+            f"{m['live.failure_windows']:.0f} | ") in section
+    assert f"{m['live.f1_any_failure']:.3f} | {m['shadow.f1_any_failure']:.3f}" in section
+    assert f"- Turn 2: {t2['shadow']['reason'].rstrip('.')}." in section
+    assert "**Canary**" not in section          # no canary in this campaign
+    assert "| 1 | v" not in section             # turn 1 had no champion to shadow
