@@ -32,6 +32,8 @@ examples:
   flywheel sim --scenario tiny --lockstep --broker mqtt://127.0.0.1:1884   # wait for the serving bridge
   flywheel sim --scenario tiny --serve-opcua 4840 --speed 60 --write-mapping plant.yaml   # a plant of PLCs
   flywheel sim --scenario tiny --sparkplug --speed 60 --write-mapping sp.yaml             # Sparkplug B edge nodes
+  FLYWHEEL_OPCUA_PASSWORD=... flywheel sim --scenario tiny --serve-opcua 4840 --opcua-secure certs \\
+      --write-mapping plant.yaml                    # a PLC that signs and encrypts, and asks for a password
   (then: flywheel gateway --mapping plant.yaml --broker mqtt://127.0.0.1:1884)
 """
 
@@ -66,6 +68,11 @@ def register(sub, common) -> None:
                        help="expose each machine as an OPC UA object at opc.tcp://HOST:PORT/flywheel/ (readings as "
                             "variables with engineering units, a Maintain method) instead of publishing on MQTT")
     plant.add_argument("--opcua-host", default="127.0.0.1", help="address the OPC UA server binds (default 127.0.0.1)")
+    plant.add_argument("--opcua-secure", default=None, metavar="DIR",
+                       help="with --serve-opcua: offer only a signed and encrypted endpoint (Basic256Sha256, "
+                            "SignAndEncrypt) for user 'gateway' with the password in $FLYWHEEL_OPCUA_PASSWORD; makes "
+                            "the server's and the gateway's certificates in DIR (kept when valid), and --write-mapping "
+                            "points the gateway at them")
     plant.add_argument("--sparkplug", action="store_true",
                        help="publish Sparkplug B (an edge node per line, a device per machine) instead of the JSON topics")
     plant.add_argument("--sparkplug-group", default="flywheel", help="Sparkplug group id (default flywheel)")
@@ -242,6 +249,37 @@ def run(args) -> int:
 
 
 
+#: The environment variable holding the password of the simulated PLC's user ``gateway``.
+OPCUA_PASSWORD_ENV = "FLYWHEEL_OPCUA_PASSWORD"
+
+
+def _opcua_security(directory: str):
+    """``--opcua-secure DIR``: the server's security and the gateway's side of the mapping."""
+    import os
+    from pathlib import Path
+
+    from flywheel.base.config import ConfigError
+    from flywheel.base.opcua_security import GATEWAY_URI, PLANT_URI, make_certificate
+
+    from factory_sim.opcua_server import PlantSecurity
+
+    password = os.environ.get(OPCUA_PASSWORD_ENV)
+    if not password:
+        raise ConfigError(f"--opcua-secure needs the password of the server's user 'gateway' in ${OPCUA_PASSWORD_ENV}: "
+                          f"export {OPCUA_PASSWORD_ENV}=... (the gateway reads the same variable)")
+    d = Path(directory).resolve()
+    try:
+        cert, key = make_certificate(d / "plant-cert.der", d / "plant-key.pem", PLANT_URI, server=True)
+        gw_cert, gw_key = make_certificate(d / "gateway-cert.der", d / "gateway-key.pem", GATEWAY_URI)
+    except OSError as exc:
+        raise ConfigError(f"--opcua-secure {directory}: cannot write the certificates there ({exc.strerror}); "
+                          "choose a directory you can write") from None
+    security = PlantSecurity(certificate=str(cert), private_key=str(key), users={"gateway": password})
+    return security, {"security": {"policy": security.policy, "mode": security.mode, "certificate": str(gw_cert),
+                                   "private_key": str(gw_key), "server_certificate": str(cert)},
+                      "user": "gateway", "password": "${" + OPCUA_PASSWORD_ENV + "}"}
+
+
 def _run_plant_protocol(args, plant, speed, duration_s, console) -> int:
     """``--serve-opcua`` / ``--sparkplug``: the plant speaks a plant protocol; ``flywheel gateway`` reads it."""
     import yaml
@@ -255,16 +293,21 @@ def _run_plant_protocol(args, plant, speed, duration_s, console) -> int:
                           "(--write-mapping writes the mapping for the one chosen)")
     if args.lockstep:
         raise ConfigError("--lockstep runs over the JSON topics only; leave it out with --serve-opcua / --sparkplug")
+    if args.opcua_secure and args.serve_opcua is None:
+        raise ConfigError("--opcua-secure secures the OPC UA server: add --serve-opcua PORT")
     broker = None
     if args.serve_opcua is not None:
         from factory_sim.opcua_server import OpcUaPlantServer
 
         if not 0 < args.serve_opcua < 65536:
             raise ConfigError(f"--serve-opcua {args.serve_opcua} should be a TCP port (1-65535)")
+        security, gateway_side = _opcua_security(args.opcua_secure) if args.opcua_secure else (None, None)
         link = OpcUaPlantServer(plant, args.serve_opcua, host=args.opcua_host, speed=speed, out_path=args.out,
-                                topic_root=args.topic_root)
+                                topic_root=args.topic_root, security=security)
         mapping = gateway_mapping(plant, "opcua", endpoint=link.endpoint, topic_root=args.topic_root)
-        where = link.endpoint
+        if gateway_side:
+            mapping["opcua"].update(gateway_side)
+        where = link.endpoint + (" (Basic256Sha256, SignAndEncrypt, user gateway)" if security else "")
     else:
         from factory_sim.sparkplug_edge import SparkplugPlant
 

@@ -20,6 +20,12 @@ machine (node ids ``ns=2;s={line}/{machine}``, namespace ``urn:flywheel:factory-
   event has none); ``Time`` is the event's plant time, ``Message`` its type.  An event while the
   server is down is lost (OPC UA events are not state: no client reads them later).
 
+With ``security`` (:class:`PlantSecurity`; ``flywheel sim --opcua-secure DIR``) the server offers
+one endpoint only, signed and encrypted (Basic256Sha256, SignAndEncrypt by default) with its own
+certificate, and, with ``users``, sessions of those users only (user name and password; no
+anonymous session). Like asyncua's server it accepts any client certificate: a PLC's trust list
+is the PLC's to keep.
+
 Before its first sample a variable reads BadWaitingForInitialData.  ``out_path`` records every
 message of the plant, one ``{"topic", "payload"}`` JSON object a line, as ``flywheel sim --out``
 does.
@@ -72,12 +78,39 @@ class LinkSummary:
     last_error: str | None = None
 
 
+@dataclass(frozen=True)
+class PlantSecurity:
+    """The simulated PLC's OPC UA security: its certificate and key, the one policy and mode it
+    offers, and the users it accepts (name -> password; empty: anonymous sessions)."""
+
+    certificate: str
+    private_key: str
+    policy: str = "Basic256Sha256"
+    mode: str = "SignAndEncrypt"
+    users: dict = field(default_factory=dict)
+
+
+class _Passwords:
+    """asyncua user manager: the users of :class:`PlantSecurity`, nobody else."""
+
+    def __init__(self, users: dict):
+        self.users = dict(users)
+
+    def get_user(self, iserver, username=None, password=None, certificate=None):
+        from asyncua.crypto.permission_rules import User, UserRole
+
+        if username is not None and username in self.users and self.users[username] == password:
+            return User(role=UserRole.User, name=username)
+        return None
+
+
 class OpcUaPlantServer:
     """See the module docstring."""
 
     def __init__(self, plant: Plant, port: int, host: str = "127.0.0.1", speed: float | None = None,
-                 out_path: str | None = None, topic_root: str = "factory"):
+                 out_path: str | None = None, topic_root: str = "factory", security: PlantSecurity | None = None):
         self.plant = plant
+        self.security = security
         self.port = int(port)
         self.host = host
         self.speed = speed
@@ -152,9 +185,19 @@ class OpcUaPlantServer:
 
     # ------------------------------------------------------------------ the address space
     async def _start_server(self) -> None:
-        server = Server()
+        sec = self.security
+        server = Server(user_manager=_Passwords(sec.users) if sec is not None and sec.users else None)
         await server.init()
         server.set_endpoint(self.endpoint)
+        if sec is not None:
+            from flywheel.base.opcua_security import PLANT_URI, application_uri_of, server_policy
+
+            await server.set_application_uri(application_uri_of(sec.certificate) or PLANT_URI)
+            server.set_security_policy([server_policy(sec.policy, sec.mode)])
+            if sec.users:
+                server.set_identity_tokens([ua.UserNameIdentityToken])
+            await server.load_certificate(sec.certificate)
+            await server.load_private_key(sec.private_key)
         server.set_server_name("flywheel factory simulator")
         self._ns = await server.register_namespace(OPCUA_NAMESPACE)
         objects = server.nodes.objects

@@ -19,6 +19,7 @@ EXAMPLES = """examples:
   flywheel sim --scenario tiny --sparkplug --speed 60 --broker mqtt://127.0.0.1:1883 --write-mapping sp.yaml
   flywheel gateway --mapping sp.yaml --broker mqtt://127.0.0.1:1883
   flywheel gateway --mapping plant.yaml --check
+  flywheel gateway --make-certificate certs      # the gateway's OPC UA certificate, for a PLC that wants one
   flywheel gateway --mapping plant.yaml --broker mqtt://127.0.0.1:1883 --metrics-port 9104
 """
 
@@ -32,7 +33,12 @@ def register(sub, common) -> None:
                                    "unknown nodes, sequence gaps and rebirths are counted by reason on the retained "
                                    "status <root>/_status/<component>.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mapping", required=True, metavar="FILE", help="the mapping file, YAML or JSON (docs/gateway.md)")
+    p.add_argument("--mapping", metavar="FILE", help="the mapping file, YAML or JSON (docs/gateway.md); required "
+                                                      "except with --make-certificate")
+    p.add_argument("--make-certificate", default=None, metavar="DIR",
+                   help="make the gateway's OPC UA application certificate (DIR/gateway-cert.der, self-signed, "
+                        "application URI urn:flywheel:gateway) and key (DIR/gateway-key.pem), print the mapping's "
+                        "opcua.security for them, and exit; the PLC must then trust gateway-cert.der")
     p.add_argument("--plant-broker", default=None, metavar="URL",
                    help="Sparkplug: the plant's broker if it is not --broker (or sparkplug.broker in the mapping)")
     p.add_argument("--component", default="gateway", help="name on the status topic (default gateway)")
@@ -47,8 +53,15 @@ def run(args) -> int:
     from flywheel.base.metrics import start_metrics
     from flywheel.base.mqtt import DEFAULT_URL
 
+    from flywheel.base.config import ConfigError
+
     from gateway import GatewayService, gateway_metrics, load_mapping
 
+    if args.make_certificate:
+        return _make_certificate(args.make_certificate)
+    if not args.mapping:
+        raise ConfigError("flywheel gateway needs --mapping FILE (the plant's mapping, docs/gateway.md; "
+                          "flywheel sim --write-mapping FILE writes one for the simulator)")
     mapping = load_mapping(args.mapping)
     where = mapping.endpoint if mapping.protocol == "opcua" else f"Sparkplug group {mapping.group!r}"
     print(f"flywheel gateway: {args.mapping}: {mapping.protocol}, {where}, {len(mapping.machines)} machines, "
@@ -76,4 +89,26 @@ def run(args) -> int:
             metrics.close()
     c = svc.counters
     print("flywheel gateway: " + ", ".join(f"{k} {v:g}" for k, v in sorted(c.items())))
+    return 0
+
+
+def _make_certificate(directory: str) -> int:
+    from pathlib import Path
+
+    from flywheel.base.config import ConfigError
+    from flywheel.base.opcua_security import GATEWAY_URI, make_certificate
+
+    d = Path(directory).resolve()
+    try:
+        cert, key = make_certificate(d / "gateway-cert.der", d / "gateway-key.pem", GATEWAY_URI)
+    except OSError as exc:
+        raise ConfigError(f"--make-certificate {directory}: cannot write there ({exc.strerror}); "
+                          "choose a directory you can write") from None
+    print(f"flywheel gateway: certificate {cert} (application URI {GATEWAY_URI}) and key {key}.\n"
+          "Add the certificate to the OPC UA server's trusted certificates, and to the mapping:\n"
+          "opcua:\n"
+          "  security: {policy: Basic256Sha256, mode: SignAndEncrypt,\n"
+          f"             certificate: {cert}, private_key: {key}}}\n"
+          "  user: NAME                      # if the server asks for one\n"
+          "  password: ${PLANT_OPCUA_PASSWORD}")
     return 0

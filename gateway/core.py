@@ -279,7 +279,7 @@ DEAD_LETTERS = ("late_value", "malformed_payload", "bad_topic", "unborn", "unkno
 #: (``flywheel_protocol_events``, by event); ``duplicate`` is a sample re-read after a reconnect or
 #: a rebirth, already published.
 PROTOCOL_EVENTS = ("duplicate", "seq_gap", "seq_missing", "missed_samples", "rebirths", "rebirth_requests", "node_births",
-                   "node_deaths", "stale_deaths", "device_deaths", "reconnects", "connect_failed",
+                   "node_deaths", "stale_deaths", "device_deaths", "reconnects", "connect_failed", "connect_refused",
                    "subscription_status_change")
 
 

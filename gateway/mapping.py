@@ -83,6 +83,17 @@ class MachineMap:
 
 
 @dataclass(frozen=True)
+class OpcUaSecurity:
+    """The gateway's secure channel to an OPC UA server (``opcua.security`` in the mapping)."""
+
+    policy: str                             # flywheel.base.opcua_security.POLICIES
+    mode: str                               # Sign | SignAndEncrypt
+    certificate: str                        # the gateway's application instance certificate (DER or PEM)
+    private_key: str                        # its private key (PEM)
+    server_certificate: str | None = None   # the server's certificate, pinned (else taken from its endpoint)
+
+
+@dataclass(frozen=True)
 class Mapping:
     protocol: str
     machines: tuple[MachineMap, ...]
@@ -92,6 +103,9 @@ class Mapping:
     group: str | None = None               # Sparkplug group id
     plant_broker: str | None = None        # Sparkplug broker if not the stack's
     publishing_interval_ms: float = 100.0
+    security: OpcUaSecurity | None = None  # OPC UA: sign / encrypt the channel (None: no security)
+    user: str | None = None                # OPC UA: the session's user name (None: anonymous)
+    password: str | None = field(default=None, repr=False)
     path: str = ""
     by_machine: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -135,19 +149,21 @@ def parse_mapping(data, path: str = "<mapping>") -> Mapping:
         contract.Topics(root)
     except contract.ContractError as exc:
         bad("topic_root", str(exc))
-    endpoint = group = plant_broker = None
+    endpoint = group = plant_broker = security = user = password = None
     interval = 100.0
     if protocol == "opcua":
         o = data.get("opcua")
         if not isinstance(o, dict) or not isinstance(o.get("endpoint"), str) or not o["endpoint"].startswith("opc.tcp://"):
             bad("opcua.endpoint", "the OPC UA server's URL is needed, e.g. opcua: {endpoint: opc.tcp://plc:4840/}")
         else:
-            _unknown(o, {"endpoint", "publishing_interval_ms"}, "opcua.", bad)
+            _unknown(o, {"endpoint", "publishing_interval_ms", "security", "user", "password"}, "opcua.", bad)
             endpoint = o["endpoint"]
             interval = o.get("publishing_interval_ms", 100.0)
             if not isinstance(interval, (int, float)) or not interval > 0:
                 bad("opcua.publishing_interval_ms", f"{interval!r} should be a number of milliseconds > 0")
                 interval = 100.0
+            security = _security(o.get("security"), Path(path).parent, bad)
+            user, password = _identity(o, bad)
     elif protocol == "sparkplug":
         s = data.get("sparkplug")
         if not isinstance(s, dict) or not isinstance(s.get("group"), str) or not s["group"]:
@@ -180,8 +196,77 @@ def parse_mapping(data, path: str = "<mapping>") -> Mapping:
         raise MappingError(f"mapping {path!r} has {len(errors)} problem{'s' if len(errors) > 1 else ''}: "
                            + "; ".join(errors) + " (format: docs/gateway.md)")
     return Mapping(protocol=protocol, machines=tuple(machines), topic_root=root, seed=seed, endpoint=endpoint,
-                   group=group, plant_broker=plant_broker, publishing_interval_ms=float(interval), path=path,
+                   group=group, plant_broker=plant_broker, publishing_interval_ms=float(interval),
+                   security=security, user=user, password=password, path=path,
                    by_machine={m.machine: m for m in machines})
+
+
+_ENV_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+
+
+def _security(sec, base: Path, bad) -> OpcUaSecurity | None:
+    """``opcua.security``: policy, mode and the gateway's certificate files (relative to the mapping)."""
+    from flywheel.base.opcua_security import MODES, POLICIES
+
+    if sec is None:
+        return None
+    if not isinstance(sec, dict):
+        bad("opcua.security", "a mapping {policy, mode, certificate, private_key[, server_certificate]} is needed")
+        return None
+    _unknown(sec, {"policy", "mode", "certificate", "private_key", "server_certificate"}, "opcua.security.", bad)
+    ok = True
+    policy, mode = sec.get("policy", "Basic256Sha256"), sec.get("mode", "SignAndEncrypt")
+    if policy not in POLICIES:
+        bad("opcua.security.policy", f"{policy!r} is not one of {', '.join(POLICIES)}")
+        ok = False
+    if mode not in MODES:
+        bad("opcua.security.mode", f"{mode!r} is not one of {', '.join(MODES)}")
+        ok = False
+    files = {}
+    for key in ("certificate", "private_key", "server_certificate"):
+        v = sec.get(key)
+        if v is None and key == "server_certificate":
+            continue
+        if not isinstance(v, str) or not v:
+            bad(f"opcua.security.{key}", "the path of a file is needed (make the gateway's certificate and key with "
+                                         "flywheel gateway --make-certificate DIR)")
+            ok = False
+            continue
+        f = Path(v) if Path(v).is_absolute() else base / v
+        if not f.is_file():
+            bad(f"opcua.security.{key}", f"{str(f)!r} is not a file" + (
+                "; make the gateway's certificate and key with flywheel gateway --make-certificate DIR"
+                if key != "server_certificate" else "; copy the server's certificate there or leave the key out"))
+            ok = False
+        files[key] = str(f)
+    if not ok:
+        return None
+    return OpcUaSecurity(policy=policy, mode=mode, certificate=files["certificate"], private_key=files["private_key"],
+                         server_certificate=files.get("server_certificate"))
+
+
+def _identity(o: dict, bad) -> tuple[str | None, str | None]:
+    """``opcua.user`` / ``opcua.password`` (``${ENV_VAR}`` is read from the environment)."""
+    import os
+
+    user, password = o.get("user"), o.get("password")
+    if user is not None and (not isinstance(user, str) or not user):
+        bad("opcua.user", f"{user!r} should be a user name")
+        user = None
+    if password is None:
+        return user, None
+    if not isinstance(password, str):
+        bad("opcua.password", "a string is needed; keep it out of the file as ${ENV_VAR}")
+        return user, None
+    if o.get("user") is None:
+        bad("opcua.password", "a password needs opcua.user as well")
+    m = _ENV_RE.match(password)
+    if m:
+        if m.group(1) not in os.environ:
+            bad("opcua.password", f"environment variable {m.group(1)} is not set: export it before starting the gateway")
+            return user, None
+        password = os.environ[m.group(1)]
+    return user, password
 
 
 def _unknown(d: dict, known: set[str], prefix: str, bad) -> None:

@@ -41,6 +41,7 @@ from asyncua import Client, ua
 from asyncua.common.subscription import DataChangeNotif
 
 from flywheel.base import contract
+from flywheel.base.opcua_security import application_uri_of, policy_class, refusal
 
 from gateway.core import EVENT_FIELDS, Gateway
 from gateway.mapping import MachineMap, MappingError
@@ -236,10 +237,16 @@ class OpcUaSource:
         while not stop.is_set():
             client = Client(url=m.endpoint, timeout=self.timeout_s, watchdog_intervall=self.timeout_s)
             try:
+                await self._identify(client)
                 await client.connect()
             except CONNECTION_ERRORS as exc:
-                self.gw.count("connect_failed", why=f"cannot reach OPC UA server {m.endpoint} ({exc!r}); "
-                                                    f"retrying in {delay:g} s", level=logging.INFO)
+                refused = refusal(exc)
+                if refused:      # the server is there but will not take this gateway: say what to change
+                    self.gw.count("connect_refused", why=f"OPC UA server {m.endpoint} refused the gateway ({refused}); "
+                                                         f"retrying in {delay:g} s", level=logging.WARNING)
+                else:
+                    self.gw.count("connect_failed", why=f"cannot reach OPC UA server {m.endpoint} ({exc!r}); "
+                                                        f"retrying in {delay:g} s", level=logging.INFO)
                 await _sleep(stop, delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -271,6 +278,22 @@ class OpcUaSource:
                 except (*CONNECTION_ERRORS, RuntimeError):
                     pass
         self.gw.set_connected(False)
+
+
+    async def _identify(self, client: Client) -> None:
+        """The mapping's security (a signed or encrypted channel with the gateway's certificate) and
+        user identity, set on the client before it connects."""
+        m = self.mapping
+        if m.security is not None:
+            sec = m.security
+            # the client's application URI must be the one its certificate names
+            client.application_uri = application_uri_of(sec.certificate) or client.application_uri
+            await client.set_security(policy_class(sec.policy), sec.certificate, sec.private_key,
+                                      server_certificate=sec.server_certificate,
+                                      mode=getattr(ua.MessageSecurityMode, sec.mode))
+        if m.user is not None:
+            client.set_user(m.user)
+            client.set_password(m.password or "")
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> None:
