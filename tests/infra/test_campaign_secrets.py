@@ -53,9 +53,13 @@ def secret_campaign(secured_broker, infra_servers, ray_local, tmp_path_factory, 
         broker = f"mqtt://campaign:${{MQTT_CAMPAIGN_PASSWORD}}@127.0.0.1:{secured_broker.plain_port}"
         mlflow_uri = server.url.replace("http://", f"http://flywheel:{MLFLOW_SECRET}@")
         workdir = tmp_path_factory.mktemp("secrets")
-        # in-process windowing: Ray Data's path is the end-to-end test's; this one is about credentials
-        # (the proxy: the session's Ray runs without direct ingress)
-        cfg = load_campaign(str(default_config_path("tiny")), ["campaign=secrets", "dataset.engine=local",
+        # The tree campaign (tests/e2e/conftest.py GBDT_OVERRIDES: trees, in-process windowing): the
+        # LoRA fine-tune and Ray Data's path are the end-to-end test's; this one is about credentials,
+        # which go through the same tracking, registry, signing and serving code whichever family
+        # trains (the proxy: the session's Ray runs without direct ingress)
+        from tests.e2e.conftest import GBDT_OVERRIDES
+
+        cfg = load_campaign(str(default_config_path("tiny")), ["campaign=secrets", *GBDT_OVERRIDES,
                                                                "serve.ingress=proxy",
                                                                "serve.api_token=${FLYWHEEL_API_TOKEN}"])
         printed = io.StringIO()
