@@ -220,9 +220,21 @@ def _ensure_serve_http(config: ServeConfig) -> int:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
-        port = config.http_port or free_port(config.http_host)
-        ray_serve.start(http_options={"host": config.http_host, "port": port})
-        return port
+        if config.http_port:
+            ray_serve.start(http_options={"host": config.http_host, "port": config.http_port})
+            return config.http_port
+        # A port found free here can be taken before the proxy binds it (Ray's own processes pick
+        # ports from the same range while they start): then start again on another one.
+        for attempt in range(3):
+            port = free_port(config.http_host)
+            try:
+                ray_serve.start(http_options={"host": config.http_host, "port": port})
+                return port
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the proxy's bind error in its task error
+                if "Failed to bind to address" not in str(exc) or attempt == 2:
+                    raise
+                log.warning("Ray Serve's proxy could not bind port %d (taken meanwhile); trying another", port)
+                ray_serve.shutdown()
     port = ray.get(client._controller.get_http_config.remote()).port
     if config.http_port and config.http_port != port:
         log.warning("Ray Serve already listens on port %d on this cluster; http_port=%d is ignored",
