@@ -221,7 +221,13 @@ def _ensure_serve_http(config: ServeConfig) -> int:
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None:
         if config.http_port:
-            ray_serve.start(http_options={"host": config.http_host, "port": config.http_port})
+            try:
+                ray_serve.start(http_options={"host": config.http_host, "port": config.http_port})
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the proxy's bind error in its task error
+                if "Failed to bind to address" not in str(exc):
+                    raise
+                raise ServeError(f"Ray Serve's proxy cannot listen on {config.http_host}:{config.http_port} "
+                                 "(in use): choose another serve.http_port, or leave it unset for a free one") from None
             return config.http_port
         # A port found free here can be taken before the proxy binds it (Ray's own processes pick
         # ports from the same range while they start): then start again on another one.
