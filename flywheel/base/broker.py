@@ -93,6 +93,9 @@ def mosquitto_config(port: int, data_dir: Path, host: str = "127.0.0.1", persist
         f"max_queued_bytes {MAX_QUEUED_BYTES}",
         f"max_inflight_messages {MAX_INFLIGHT}",
         "max_keepalive 600",
+        # Nagle's algorithm off on client sockets: a prediction or a command is one small packet
+        # that someone waits for; with Nagle it can sit out the receiver's delayed ACK (~40 ms).
+        "set_tcp_nodelay true",
         f"persistence {'true' if persistence else 'false'}",
         f"persistence_location {data_dir}/",
         "autosave_interval 1",

@@ -271,3 +271,28 @@ def test_flywheel_broker_impl_amqtt_prints_the_url_and_what_it_lacks():
     finally:
         proc.send_signal(2)
         assert proc.wait(15) == 0
+
+
+def test_nagle_is_off_on_the_clients_sockets_after_every_connect_and_in_the_brokers_config(broker_factory, tmp_path):
+    """A lockstep round (a stride out, a command and a prediction back) waits for small packets:
+    with Nagle's algorithm on either side it sits out delayed ACKs (benchmarks/bench_lockstep_rtt.py)."""
+    import socket
+
+    from flywheel.base.broker import mosquitto_config
+
+    assert "set_tcp_nodelay true" in mosquitto_config(1883, tmp_path).splitlines()
+    b = broker_factory()
+    cl = make_client(b.url, prefix="t-nodelay")
+    connect(cl, b.url)
+    try:
+        first = cl.socket()
+        assert first.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        b.restart()   # paho's loop reconnects on a new socket: the option must be set again
+        deadline = time.monotonic() + 20
+        while (cl.socket() in (None, first) or not cl.is_connected()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert cl.is_connected() and cl.socket() is not first
+        assert cl.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        cl.disconnect()
+        cl.loop_stop()
