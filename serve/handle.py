@@ -226,6 +226,7 @@ def _ensure_serve_http(config: ServeConfig) -> int:
             except Exception as exc:  # noqa: BLE001 - Ray wraps the proxy's bind error in its task error
                 if "Failed to bind to address" not in str(exc):
                     raise
+                ray_serve.shutdown()   # no half-started controller left for the next start to find
                 raise ServeError(f"Ray Serve's proxy cannot listen on {config.http_host}:{config.http_port} "
                                  "(in use): choose another serve.http_port, or leave it unset for a free one") from None
             return config.http_port

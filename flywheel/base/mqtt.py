@@ -129,7 +129,7 @@ def _no_delay(client, userdata, sock) -> None:
     a prediction, the bridge for its next window): with Nagle on, a small write that follows
     an unacknowledged one waits for the peer's delayed ACK, up to 40 ms on Linux.  Measured
     through Mosquitto (a stride's 38 QoS 1 messages out, a command and a prediction back):
-    88 ms a round with Nagle on both sides, 45 ms with it off on one side, 4 ms with it off
+    88 ms a round with Nagle on both sides, 48 ms with it off on one side, 5 ms with it off
     on the clients and the broker (``set_tcp_nodelay true``, :mod:`flywheel.base.broker`).
     """
     try:

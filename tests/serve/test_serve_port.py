@@ -1,6 +1,7 @@
 """Ray Serve's proxy on a port taken between choosing it and binding it: the stack starts Serve
 again on another port instead of failing the command (seen when Ray's own processes, starting
-beside it, took the port the stack had just found free).
+beside it, took the port the stack had just found free); a port the user set and that is taken is
+refused with one line naming the fix.
 
 Runs in its own process with its own local Ray (the session's Ray already has Serve started)."""
 
@@ -41,6 +42,17 @@ SCRIPT = textwrap.dedent("""
     except urllib.error.HTTPError as exc:   # the proxy answered (no app deployed yet)
         print("proxy answered", exc.code)
     print("serve on", port, "after", busy, "was taken")
+
+    # a port the user set is never changed: taken, it is named with its fix
+    from ray import serve as ray_serve
+    from serve.handle import ServeError
+    ray_serve.shutdown()
+    try:
+        handle._ensure_serve_http(ServeConfig(http_port=busy))
+    except ServeError as exc:
+        print("refused:", exc)
+    else:
+        raise AssertionError(f"serve started on the taken port {busy}")
 """)
 
 
@@ -50,3 +62,5 @@ def test_serve_starts_on_another_port_when_the_chosen_one_was_taken():
                        cwd=Path(__file__).resolve().parents[2], env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "after" in r.stdout and "could not bind port" in r.stderr
+    refused = next(line for line in r.stdout.splitlines() if line.startswith("refused:"))
+    assert "(in use): choose another serve.http_port, or leave it unset" in refused
