@@ -51,6 +51,10 @@ class PlantConfig:
             raise ConfigError(f"plant.protocol {self.protocol!r} is not one of {', '.join(PLANT_PROTOCOLS)}")
 
 
+#: where a campaign's serving bridge runs (``bridge_host``)
+BRIDGE_HOSTS = ("actor", "thread")
+
+
 @dataclass
 class CampaignConfig:
     campaign: str = field(default="demo", metadata={"help": "campaign name (MLflow experiment flywheel-<name>)"})
@@ -64,6 +68,11 @@ class CampaignConfig:
     topic_root: str = field(default="factory", metadata={"help": "MQTT topic root"})
     collectors: int = field(default=1, metadata={"help": "ingest collector actors"})
     lockstep_timeout_s: float = field(default=60.0, metadata={"help": "sim waits this long for the model"})
+    bridge_host: str = field(default="actor", metadata={
+        "help": "where the serving bridge runs in a plant period: actor (a Ray actor of its own on the driver's "
+                "node, beside the simulator rather than sharing its interpreter lock; logs in "
+                "<workdir>/logs/bridge.log) or thread (a thread of the campaign's process); the same seed gives "
+                "the same numbers either way"})
     metrics_port: int | None = field(default=None, metadata={
         "help": "serve Prometheus metrics of the simulator, the serving bridge and the ingest collectors on "
                 "this port (/metrics; 0: any free port); unset: none"})
@@ -108,6 +117,8 @@ class CampaignConfig:
                 raise ConfigError(f"compute_prices.{key} should be a number of EUR per hour >= 0, got {v!r}")
         if not 0.0 <= self.control_fleet < 1.0:
             raise ConfigError(f"control_fleet should be a share in [0, 1) of each machine kind, got {self.control_fleet}")
+        if self.bridge_host not in BRIDGE_HOSTS:
+            raise ConfigError(f"bridge_host {self.bridge_host!r} is not one of {', '.join(BRIDGE_HOSTS)}")
         if self.collectors < 1:
             raise ConfigError(f"collectors should be >= 1, got {self.collectors}")
 

@@ -186,6 +186,7 @@ class Campaign:
         # which version serves the plant, from when to when, in the lake (flywheel/audit.py)
         self.serving_ledger = ServingLedger(self.lake_uri, cfg.model_name, cfg.campaign)
         self._running = contextlib.ExitStack()
+        self._host = None        # bridge_host=actor: the Ray actor the periods' bridges run in
         self.plant_link = None   # plant.protocol opcua|sparkplug: the plant's OPC UA server or edge nodes
         self.gateway = None      # ... and the gateway that carries them onto the contract topics
 
@@ -880,12 +881,18 @@ class Campaign:
                 bridge_cfg = dataclasses.replace(bridge_cfg, canary_adapter=CANARY_ADAPTER,
                                                  canary_machines=list(canary["machines"]),
                                                  canary_threshold=canary["threshold"])
-            bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root,
-                            api_token=self.stages["serve"].api_token or None,
-                            resolve_url=self.serving.current_url)
-            # fresh: each period's bridge starts its windows afresh (the runner counts readings from here);
-            # returns once the broker confirmed its subscriptions
-            bridge.start(fresh=True)
+            # resolved here: an actor's environment is the one Ray started with
+            api_token = self.stages["serve"].api_token or os.environ.get("FLYWHEEL_API_TOKEN") or None
+            if cfg.bridge_host == "actor":   # its own interpreter lock, beside the simulator's
+                bridge = self._bridge_host().open(self.broker_url, self.serving.url, bridge_cfg,
+                                                  topic_root=cfg.topic_root, api_token=api_token,
+                                                  resolve_url=self.serving.url_resolver(), fresh=True)
+            else:
+                bridge = Bridge(self.broker_url, self.serving.url, bridge_cfg, topic_root=cfg.topic_root,
+                                api_token=api_token, resolve_url=self.serving.current_url)
+                # fresh: each period's bridge starts its windows afresh (the runner counts readings from here);
+                # returns once the broker confirmed its subscriptions
+                bridge.start(fresh=True)
         runner = MqttSimRunner(self.plant, self.broker_url, topic_root=cfg.topic_root, speed=None,
                                lockstep=lockstep, lockstep_timeout_s=cfg.lockstep_timeout_s,
                                window=bridge.window if bridge is not None else self.stages["window"],
@@ -898,7 +905,7 @@ class Campaign:
             if bridge is not None:
                 from serve import bridge_metrics
 
-                metrics.add("bridge", lambda: bridge_metrics(bridge))
+                metrics.add("bridge", (lambda: bridge_metrics(bridge)) if isinstance(bridge, Bridge) else bridge.metrics)
         start_ts = self.plant.now_ts
         result: dict = {}
         done = threading.Event()
@@ -938,6 +945,15 @@ class Campaign:
             out["bridge"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         self._update_plant_status(start_ts, None)
         return out
+
+    def _bridge_host(self):
+        """The actor the campaign's bridges run in (``bridge_host=actor``), started on first use."""
+        if self._host is None:
+            from serve import BridgeHost
+
+            self._host = BridgeHost.start(log_path=self.workdir.root / "logs" / "bridge.log")
+            self._running.callback(self._host.close)
+        return self._host
 
     def _update_plant_status(self, start_ts: float, bridge) -> None:
         s = self.status

@@ -23,8 +23,11 @@ class ServeHTTPError(FlywheelError, RuntimeError):
     """The app answered with an error status (``status``) or could not be reached (``status`` 0)."""
 
     def __init__(self, status: int, message: str):
-        self.status = status
+        self.status, self.message = status, message
         super().__init__(f"HTTP {status}: {message}" if status else message)
+
+    def __reduce__(self):   # picklable (a bridge in a Ray actor raises it to the campaign)
+        return type(self), (self.status, self.message)
 
 
 class ServeClient:

@@ -134,6 +134,16 @@ class ServingHandle:
                                           self.config.http_host, timeout_s=self.config.health_timeout_s)
         return self.url
 
+    def url_resolver(self):
+        """A picklable ``current_url`` for a bridge in another process: None where the URL never
+        moves (Serve's proxy), else the lookup of the replica's direct-ingress port."""
+        if self.config.ingress != "direct":
+            return None
+        import functools
+
+        return functools.partial(direct_ingress_url, self.app_name, self.config.route_prefix.rstrip("/"),
+                                 self.config.http_host, timeout_s=self.config.health_timeout_s)
+
     def status(self) -> dict:
         """The app's /version answer: versions per adapter, refusals, swaps, replica."""
         return self.client.version()

@@ -94,3 +94,38 @@ def live_trials_section(workdir, campaign: str, out_dir) -> str:
 
     md = write_report(workdir, campaign, out_dir=str(out_dir), log_to_mlflow=False).read_text()
     return md.split("## Live trials of the challenger", 1)[1].split("\n## ", 1)[0]
+
+
+#: Per-turn fields that depend on wall time, process ids or run ids, not on what happened.
+_VOLATILE = {"wall_s", "started", "finished", "run_id", "mlflow_run_id", "landed_at", "lag_s", "batches", "files",
+             "ts", "created", "attempt", "messages_per_s"}
+
+
+def _stable(obj):
+    """``obj`` without the fields that legitimately differ between two runs of one seed."""
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if k not in _VOLATILE}
+    if isinstance(obj, list):
+        return [_stable(v) for v in obj]
+    if isinstance(obj, float):
+        return round(obj, 9)
+    return obj
+
+
+def _diff(a, b, names: tuple[str, str], where: str = "") -> list[str]:
+    """Where two records differ (paths and both values), for the failure message."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) if k not in _VOLATILE
+                for d in _diff(a.get(k), b.get(k), names, f"{where}.{k}")]
+    return [] if _stable(a) == _stable(b) else [f"{where}: {a!r} ({names[0]}) vs {b!r} ({names[1]})"]
+
+
+def assert_same_campaign(a: dict, b: dict, names: tuple[str, str]) -> None:
+    """Two campaign states of one seed and config: what the plant published, what landed, what the
+    model learnt and decided, what the plant did, and the held-out scores are the same."""
+    for ta, tb in zip(a["turns"], b["turns"], strict=True):
+        for key in ("sim", "ingest", "factory", "baselines", "data", "eval", "promoted", "champion_version",
+                    "bridge_threshold", "dataset_id"):
+            assert _stable(ta.get(key)) == _stable(tb.get(key)), \
+                f"turn {ta['turn']}: {key} differs: {_diff(ta.get(key), tb.get(key), names)}"
+    assert _stable(a["holdout"]) == _stable(b["holdout"])

@@ -20,11 +20,6 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-#: Per-turn fields that depend on wall time, process ids or run ids, not on what happened.
-_VOLATILE = {"wall_s", "started", "finished", "run_id", "mlflow_run_id", "landed_at", "lag_s", "batches", "files",
-             "ts", "created", "attempt", "messages_per_s"}
-
-
 @pytest.fixture(scope="module")
 def amqtt_campaign(gbdt_campaign, tmp_path_factory, ray_local):
     from flywheel.loop import run_campaign
@@ -39,25 +34,6 @@ def amqtt_campaign(gbdt_campaign, tmp_path_factory, ray_local):
         mp.setenv("PATH", path)
         state = run_campaign(cfg, workdir, view=False)
     return cfg, workdir, state
-
-
-def _stable(obj):
-    """``obj`` without the fields that legitimately differ between two runs of one seed."""
-    if isinstance(obj, dict):
-        return {k: _stable(v) for k, v in obj.items() if k not in _VOLATILE}
-    if isinstance(obj, list):
-        return [_stable(v) for v in obj]
-    if isinstance(obj, float):
-        return round(obj, 9)
-    return obj
-
-
-def _diff(a, b, where: str = "") -> list[str]:
-    """Where two records differ (paths and both values), for the failure message."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) if k not in _VOLATILE
-                for d in _diff(a.get(k), b.get(k), f"{where}.{k}")]
-    return [] if _stable(a) == _stable(b) else [f"{where}: {a!r} (amqtt) vs {b!r} (mosquitto)"]
 
 
 def test_campaign_runs_to_the_end_on_the_in_python_broker(amqtt_campaign):
@@ -78,14 +54,9 @@ def test_campaign_runs_to_the_end_on_the_in_python_broker(amqtt_campaign):
 
 
 def test_same_seed_same_campaign_as_on_mosquitto(amqtt_campaign, gbdt_campaign):
-    _, _, on_amqtt = amqtt_campaign
-    _, _, on_mosquitto, _ = gbdt_campaign
-    for a, m in zip(on_amqtt["turns"], on_mosquitto["turns"], strict=True):
-        # what the plant published, what landed, what the model learnt and decided, what the plant did
-        for key in ("sim", "ingest", "factory", "baselines", "data", "eval", "promoted", "champion_version",
-                    "bridge_threshold", "dataset_id"):
-            assert _stable(a.get(key)) == _stable(m.get(key)), f"turn {a['turn']}: {key} differs: {_diff(a.get(key), m.get(key))}"
-    assert _stable(on_amqtt["holdout"]) == _stable(on_mosquitto["holdout"])
+    from tests.e2e.conftest import assert_same_campaign
+
+    assert_same_campaign(amqtt_campaign[2], gbdt_campaign[2], ("amqtt", "mosquitto"))
 
 
 def test_lockstep_on_amqtt_lands_in_as_few_batches_as_on_mosquitto(amqtt_campaign, gbdt_campaign):

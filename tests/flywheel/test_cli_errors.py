@@ -29,6 +29,7 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     (["demo", "--workdir", "{tmp}", "no_such_key=1"], "no_such_key"),         # unknown config key
     (["demo", "--workdir", "{tmp}", "train.epochs=many"], "train.epochs"),    # a value of the wrong type
     (["demo", "--workdir", "{tmp}", "control_fleet=1.5"], "control_fleet should be a share in [0, 1)"),
+    (["demo", "--workdir", "{tmp}", "bridge_host=process"], "bridge_host 'process' is not one of actor, thread"),
     (["demo", "--workdir", "{tmp}", "--seeds", "1,x"], "--seeds"),
     (["train", "--workdir", "{tmp}", "--dataset", "ds-missing"], "ds-missing"),  # a dataset that is not there
     (["train", "--workdir", "{tmp}"], "--dataset"),
