@@ -7,6 +7,7 @@
 * ``served`` (session) - one app on the test session's Ray for the HTTP and MQTT tests.
 * ``http_probe`` - raw HTTP: a POST whose body never ends, and a burst of good requests
   with poisoned ones among them.
+* ``json_server`` - plain HTTP servers (stdlib) that answer every GET with a given JSON body.
 """
 
 from __future__ import annotations
@@ -229,3 +230,38 @@ def http_probe():
     from types import SimpleNamespace
 
     return SimpleNamespace(post_unfinished_body=post_unfinished_body, poison_among_good=poison_among_good)
+
+
+@pytest.fixture
+def json_server():
+    """``start(body)`` -> (url, server): a stdlib HTTP server answering every GET with ``body`` as JSON
+    (a stand-in for the app's ``/version`` where no Ray Serve app is wanted); shut down after the test."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Answer(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = json.dumps(self.server.body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    made = []
+
+    def start(body: dict):
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+        srv.body = body
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        made.append(srv)
+        return f"http://127.0.0.1:{srv.server_address[1]}", srv
+
+    yield start
+    for srv in made:
+        srv.shutdown()
+        srv.server_close()

@@ -32,38 +32,17 @@ def test_a_serve_app_out_of_reach_is_named_by_the_bridges_own_error(host, broker
     assert (tmp_path / "logs" / "bridge.log").is_file()
 
 
-def test_a_broker_out_of_reach_is_named_by_the_bridges_own_error(host, tmp_path):
-    """The serve app answers (a stand-in HTTP server with the app's /version), the broker does not."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
+def test_a_broker_out_of_reach_is_named_by_the_bridges_own_error(host, json_server):
+    """The serve app answers (a stand-in with the app's /version), the broker does not."""
     import ray
 
     from serve import BridgeConfig
 
-    class Version(BaseHTTPRequestHandler):
-        def do_GET(self):   # noqa: N802 - http.server's name
-            body = json.dumps({"model_name": "fault-detector", "version": "1", "adapters": {"default": {
-                "version": "1", "featuriser": "numeric-stats/1",
-                "window": {"length": 10, "stride_s": 600.0, "horizon_s": 3600.0}}}}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Version)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        broker_url = f"mqtt://127.0.0.1:{free_port()}"
-        with pytest.raises(Exception) as err:
-            host.open(broker_url, f"http://127.0.0.1:{server.server_port}", BridgeConfig(state_dir=""),
-                      topic_root="host-test", fresh=True)
-        assert not isinstance(err.value, ray.exceptions.RayError), repr(err.value)
-        assert broker_url.removeprefix("mqtt://") in str(err.value)
-    finally:
-        server.shutdown()
+    serve_url, _ = json_server({"model_name": "fault-detector", "version": "1", "adapters": {"default": {
+        "version": "1", "featuriser": "numeric-stats/1",
+        "window": {"length": 10, "stride_s": 600.0, "horizon_s": 3600.0}}}})
+    broker_url = f"mqtt://127.0.0.1:{free_port()}"
+    with pytest.raises(Exception) as err:
+        host.open(broker_url, serve_url, BridgeConfig(state_dir=""), topic_root="host-test", fresh=True)
+    assert not isinstance(err.value, ray.exceptions.RayError), repr(err.value)
+    assert broker_url.removeprefix("mqtt://") in str(err.value)

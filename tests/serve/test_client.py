@@ -2,49 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from serve.client import ServeClient, ServeHTTPError
 from serve.handle import free_port
 
 
-class _Version(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
-        body = json.dumps({"version": self.server.version}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def server():
-    made = []
-
-    def start(version: str) -> tuple[str, ThreadingHTTPServer]:
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), _Version)
-        srv.version = version
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        made.append(srv)
-        return f"http://127.0.0.1:{srv.server_address[1]}", srv
-
-    yield start
-    for srv in made:
-        srv.shutdown()
-        srv.server_close()
-
-
-def test_a_moved_app_is_found_again_through_resolve(server):
-    old_url, old = server("1")
-    new_url, _ = server("2")
+def test_a_moved_app_is_found_again_through_resolve(json_server):
+    old_url, old = json_server({"version": "1"})
+    new_url, _ = json_server({"version": "2"})
     where = {"url": old_url}
     asked = []
 
