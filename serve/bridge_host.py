@@ -7,7 +7,7 @@ stride costs the sum of their work; in two processes the bridge decodes and wind
 telemetry while the simulator is still publishing it, and the stride costs about the larger of
 the two. Nothing else changes: the same bridge code, the same broker session and client id, the
 same lockstep (the plant waits for every prediction), so the same seed gives the same numbers
-either way (``tests/e2e/test_bridge_host.py``).
+either way (``tests/e2e/test_loop_gbdt.py``).
 
 The actor reserves no CPU (``num_cpus=0``: it waits on the broker most of the time) and is
 pinned to the driver's node, where the campaign's broker and the served app's URL are reachable.
@@ -67,10 +67,22 @@ class _Host:
             self.bridge = None
 
 
-def _unwrap(exc: Exception) -> BaseException:
-    """The bridge's own error (e.g. a BridgeError naming the fix), not Ray's wrapper around it."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, BaseException) else exc
+def _get(ref, timeout_s: float):
+    """``ray.get`` that raises the bridge's own error (e.g. a BridgeError naming the fix) rather than
+    Ray's wrapper around it, and names a dead actor as the campaign's problem."""
+    import ray
+
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        raise (cause if isinstance(cause, BaseException) else exc) from None
+    except ray.exceptions.RayActorError as exc:
+        from serve.bridge import BridgeError
+
+        raise BridgeError(f"the serving bridge's Ray actor died ({type(exc).__name__}); its log is the campaign's "
+                          "logs/bridge.log and Ray's worker log. Run the campaign again (it resumes the turn), or "
+                          "set bridge_host=thread to keep the bridge in the campaign's process") from None
 
 
 class RemoteBridge:
@@ -81,12 +93,7 @@ class RemoteBridge:
         self._actor, self.config, self.window = actor, config, window
 
     def _call(self, method: str, *args, timeout_s: float = 60.0):
-        import ray
-
-        try:
-            return ray.get(getattr(self._actor, method).remote(*args), timeout=timeout_s)
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
+        return _get(getattr(self._actor, method).remote(*args), timeout_s)
 
     def stats(self) -> dict:
         return self._call("stats")
@@ -120,13 +127,8 @@ class BridgeHost:
              resolve_url: Callable[[], str] | None = None, api_token: str | None = None,
              fresh: bool = False, timeout_s: float = 120.0) -> RemoteBridge:
         """Start a bridge in the host (returns once the broker confirmed its subscriptions)."""
-        import ray
-
-        try:
-            window = ray.get(self._actor.open.remote(broker_url, serve_url, config, topic_root, resolve_url,
-                                                     api_token, fresh), timeout=timeout_s)
-        except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(exc) from None
+        window = _get(self._actor.open.remote(broker_url, serve_url, config, topic_root, resolve_url, api_token,
+                                              fresh), timeout_s)
         return RemoteBridge(self._actor, config, window)
 
     def close(self) -> None:

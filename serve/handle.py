@@ -129,9 +129,9 @@ class ServingHandle:
 
     def current_url(self) -> str:
         """Where the app answers now: a restarted replica binds a new port under direct ingress."""
-        if self.config.ingress == "direct":
-            self.url = direct_ingress_url(self.app_name, self.config.route_prefix.rstrip("/"),
-                                          self.config.http_host, timeout_s=self.config.health_timeout_s)
+        resolve = self.url_resolver()
+        if resolve is not None:
+            self.url = resolve()
         return self.url
 
     def url_resolver(self):

@@ -46,3 +46,16 @@ def test_a_broker_out_of_reach_is_named_by_the_bridges_own_error(host, json_serv
         host.open(broker_url, serve_url, BridgeConfig(state_dir=""), topic_root="host-test", fresh=True)
     assert not isinstance(err.value, ray.exceptions.RayError), repr(err.value)
     assert broker_url.removeprefix("mqtt://") in str(err.value)
+
+
+def test_a_dead_host_is_named_with_the_fix(host):
+    import ray
+
+    from serve import BridgeConfig
+    from serve.bridge import BridgeError
+    from serve.bridge_host import RemoteBridge
+
+    ray.kill(host._actor, no_restart=True)   # as an OOM kill would
+    with pytest.raises(BridgeError, match="bridge_host=thread") as err:
+        RemoteBridge(host._actor, BridgeConfig(state_dir=""), None).stats()
+    assert "Ray actor died" in str(err.value) and "logs/bridge.log" in str(err.value)
