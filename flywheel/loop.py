@@ -240,8 +240,9 @@ class Campaign:
             link.start()
             running.callback(link.close)
             # the plant waits for its gateway every tick: a short publishing interval keeps that wait short
+            # (the tiny campaign's 2-day period, 2,880 ticks: 31 s at 10 ms, 19 s at 2 ms, 19 s at 1 ms)
             mapping = gateway_mapping(self.plant, "opcua", endpoint=link.endpoint, topic_root=cfg.topic_root,
-                                      publishing_interval_ms=10)
+                                      publishing_interval_ms=2)
         else:
             link = SparkplugPlant(self.plant, self.broker_url, group=f"flywheel-{cfg.campaign}",
                                   topic_root=cfg.topic_root)

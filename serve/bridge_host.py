@@ -7,7 +7,8 @@ stride costs the sum of their work; in two processes the bridge decodes and wind
 telemetry while the simulator is still publishing it, and the stride costs about the larger of
 the two. Nothing else changes: the same bridge code, the same broker session and client id, the
 same lockstep (the plant waits for every prediction), so the same seed gives the same numbers
-either way (``tests/e2e/test_loop_gbdt.py``).
+either way (``tests/e2e/test_plant_protocol.py`` runs the Sparkplug B campaign's bridge in a
+thread and finds the JSON campaign's, whose bridge is an actor).
 
 The actor reserves no CPU (``num_cpus=0``: it waits on the broker most of the time) and is
 pinned to the driver's node, where the campaign's broker and the served app's URL are reachable.

@@ -61,28 +61,3 @@ def test_the_tree_versions_bom_describes_trees_with_no_base_model(gbdt_campaign)
     assert not any(c.get("type") == "machine-learning-model" for c in bom["components"])
     assert not any(a["bom-ref"].startswith("base-model:") for a in model["pedigree"]["ancestors"])
     assert bom["dependencies"][0]["dependsOn"] == [c["bom-ref"] for c in bom["components"] if c["type"] == "data"]
-
-
-@pytest.fixture(scope="module")
-def thread_bridge_campaign(gbdt_campaign, tmp_path_factory, ray_local):
-    """The tree campaign again with its bridge in a thread of the campaign's process
-    (``bridge_host=thread``) instead of the Ray actor of its own it runs in by default."""
-    import dataclasses
-
-    from flywheel.loop import run_campaign
-
-    cfg = dataclasses.replace(gbdt_campaign[0], bridge_host="thread")
-    workdir = tmp_path_factory.mktemp("e2e-gbdt-thread")
-    return cfg, workdir, run_campaign(cfg, workdir, view=False)
-
-
-def test_the_bridge_in_its_own_actor_runs_the_same_campaign_as_in_a_thread(gbdt_campaign, thread_bridge_campaign):
-    from tests.e2e.conftest import assert_same_campaign
-
-    cfg, workdir, state, _ = gbdt_campaign
-    assert cfg.bridge_host == "actor"
-    # the actor's bridge logs where the campaign says (the thread's logs with the campaign), and it answered
-    assert (workdir / "logs" / "bridge.log").is_file()
-    assert not (thread_bridge_campaign[1] / "logs" / "bridge.log").exists()
-    assert state["turns"][1]["sim"]["bridge"]["predictions"] > 0
-    assert_same_campaign(thread_bridge_campaign[2], state, ("thread", "actor"))

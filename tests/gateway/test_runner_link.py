@@ -29,7 +29,7 @@ def test_a_runner_behind_a_gateway_gives_the_json_paths_stream_and_kpis(broker, 
     if protocol == "opcua":
         link = OpcUaPlantServer(plant, port=free_port)
         link.start()
-        mapping = gateway_mapping(plant, "opcua", endpoint=link.endpoint, publishing_interval_ms=10)
+        mapping = gateway_mapping(plant, "opcua", endpoint=link.endpoint, publishing_interval_ms=2)
     else:
         link = SparkplugPlant(plant, broker.url, group=group)
         mapping = gateway_mapping(plant, "sparkplug", group=group)
@@ -107,7 +107,7 @@ def test_lockstep_orders_reach_the_plant_through_the_gateway_as_on_the_json_path
                 link = OpcUaPlantServer(plant, port=free_port, topic_root=root)
                 link.start()
                 mapping = gateway_mapping(plant, "opcua", endpoint=link.endpoint, topic_root=root,
-                                          publishing_interval_ms=10)
+                                          publishing_interval_ms=2)
             elif protocol == "sparkplug":
                 link = SparkplugPlant(plant, broker.url, group=root, topic_root=root)
                 mapping = gateway_mapping(plant, "sparkplug", group=root, topic_root=root)

@@ -1,6 +1,7 @@
 """The bridge's Ray actor (``serve/bridge_host.py``): what goes wrong in it reaches the campaign as the
 bridge's own error, naming the problem, not as Ray's wrapper around a remote traceback. The actor's
-working path (a whole campaign's lockstep periods) is tests/e2e/test_loop_gbdt.py's."""
+working path (a whole campaign's lockstep periods) is every end-to-end campaign's; tests/e2e/test_plant_protocol.py
+compares it with the bridge in a thread."""
 
 from __future__ import annotations
 
