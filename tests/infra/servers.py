@@ -80,6 +80,7 @@ def start_mlflow_server(root: Path, backend_store_uri: str,
                        "default_permission = NO_PERMISSIONS\n"
                        f"database_uri = sqlite:///{root / 'basic_auth.db'}\n"
                        f"admin_username = {user}\n"
+                       "auth_cache_ttl_seconds = 60\n"
                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
         env.update(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=password,
                    MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))
