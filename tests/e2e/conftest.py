@@ -120,15 +120,12 @@ def _diff(a, b, names: tuple[str, str], where: str = "") -> list[str]:
     return [] if _stable(a) == _stable(b) else [f"{where}: {a!r} ({names[0]}) vs {b!r} ({names[1]})"]
 
 
-def assert_same_campaign(a: dict, b: dict, names: tuple[str, str], skip: tuple[str, ...] = ()) -> None:
+def assert_same_campaign(a: dict, b: dict, names: tuple[str, str]) -> None:
     """Two campaign states of one seed and config: what the plant published, what landed, what the
-    model learnt and decided, what the plant did, and the held-out scores are the same (``skip``:
-    per-turn records the caller compares itself, e.g. ``sim`` where a gateway adds its own counters)."""
+    model learnt and decided, what the plant did, and the held-out scores are the same."""
     for ta, tb in zip(a["turns"], b["turns"], strict=True):
         for key in ("sim", "ingest", "factory", "baselines", "data", "eval", "promoted", "champion_version",
                     "bridge_threshold", "dataset_id"):
-            if key in skip:
-                continue
             assert _stable(ta.get(key)) == _stable(tb.get(key)), \
                 f"turn {ta['turn']}: {key} differs: {_diff(ta.get(key), tb.get(key), names)}"
     assert _stable(a["holdout"]) == _stable(b["holdout"])
