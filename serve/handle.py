@@ -329,6 +329,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     app = FaultDetector.options(
         num_replicas=config.num_replicas,
         max_ongoing_requests=max(64, 4 * config.max_batch_size),
+        graceful_shutdown_wait_loop_s=config.drain_check_s,
         ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
     ).bind(tracking_uri, model_name, alias, config.replica_dict())
     try:

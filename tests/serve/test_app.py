@@ -37,7 +37,7 @@ def limited(ray_local, registry, adapter_dirs):
     registry.register(adapter_dirs.a, alias="champion")
     cfg = ServeConfig(app_name="serve-limits", route_prefix="/serve-limits", poll_s=0, num_cpus_per_replica=0,
                       batching="ray", max_text_chars=300, max_windows_per_request=8, max_readings_per_window=16,
-                      max_body_bytes=16 * 1024, version_details=True)
+                      max_body_bytes=16 * 1024, version_details=True, drain_check_s=0.25)
     h = start_serving(registry.tracking_uri, registry.model_name, "champion", cfg)
     yield h
     h.shutdown()
@@ -226,6 +226,19 @@ def test_version_details_are_shown_only_when_configured(limited):
     assert v["adapters"]["default"]["run_id"]
 
 
+def test_the_replicas_check_for_requests_in_flight_as_often_as_configured(app, limited):
+    """A stopping replica waits ``drain_check_s`` between its checks for requests in flight (Ray's
+    ``graceful_shutdown_wait_loop_s``): the default (0.1 s, where Ray waits 2 s) or the app's own."""
+    from ray.serve.context import _get_global_client
+
+    from serve import ServeConfig
+
+    client = _get_global_client()
+    loops = {name: client.get_deployment_info("FaultDetector", name)[0].deployment_config.graceful_shutdown_wait_loop_s
+             for name in ("serve-tests", "serve-limits")}
+    assert loops == {"serve-tests": ServeConfig().drain_check_s, "serve-limits": 0.25}
+
+
 def test_limit_config_errors_are_clear():
     from flywheel.base.config import ConfigError
     from serve import ServeConfig
@@ -236,3 +249,5 @@ def test_limit_config_errors_are_clear():
         ServeConfig(max_text_chars=0)
     with pytest.raises(ConfigError, match="max_readings_per_window should be >= 1"):
         ServeConfig(max_readings_per_window=0)
+    with pytest.raises(ConfigError, match="drain_check_s should be > 0"):
+        ServeConfig(drain_check_s=0)

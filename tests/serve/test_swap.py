@@ -100,3 +100,25 @@ def test_the_replica_polls_the_registry_without_being_asked(app, registry):
 def test_start_serving_without_a_registered_model_is_a_clear_error(ray_local, registry):
     with pytest.raises(ServeError, match="flywheel train"):
         start_serving(registry.tracking_uri, "no-such-model", "champion", ServeConfig())
+
+
+def test_stopping_the_app_lets_the_requests_in_flight_finish(app):
+    """Stopping the app (the end of every campaign) answers the requests the replica holds before it
+    goes: the replica checks for them every ``drain_check_s``. Stops the module's app, so it runs last."""
+    answers: list[int] = []
+    failures: list[str] = []
+
+    def post() -> None:
+        try:
+            answers.append(len(ServeClient(app.url).predict([{"text": TEXT}] * 256)["predictions"]))
+        except Exception as exc:  # noqa: BLE001 - any failure is what this test looks for
+            failures.append(repr(exc))
+
+    threads = [threading.Thread(target=post) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)          # 768 windows in forwards of 16 take several seconds on a CPU
+    app.shutdown()
+    for t in threads:
+        t.join()
+    assert failures == [] and answers == [256, 256, 256]
