@@ -369,9 +369,16 @@ def build_app(args: dict):
     if not args.get("tracking_uri"):
         raise ConfigError("serve.app:build_app needs args.tracking_uri (the MLflow server)")
     config = from_dict(ServeConfig, args.get("config") or {}, prefix="config.")
+    return bind_app(args["tracking_uri"], args.get("model_name", "fault-detector"), args.get("alias", "champion"),
+                    config)
+
+
+def bind_app(tracking_uri: str, model_name: str, alias: str, config):
+    """The app for ``config`` (a ServeConfig): replicas, their CPUs and GPUs, queue and drain check set
+    from it. The one place both ``start_serving`` and ``build_app`` (``serve run``, KubeRay) get it."""
     return FaultDetector.options(
         num_replicas=config.num_replicas,
         max_ongoing_requests=max(64, 4 * config.max_batch_size),
+        graceful_shutdown_wait_loop_s=config.drain_check_s,
         ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
-    ).bind(args["tracking_uri"], args.get("model_name", "fault-detector"), args.get("alias", "champion"),
-           config.replica_dict())
+    ).bind(tracking_uri, model_name, alias, config.replica_dict())

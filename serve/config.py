@@ -143,7 +143,7 @@ class ServeConfig:
                               f"{self.num_replicas}; use ingress=proxy to balance over several replicas")
         if not self.drain_check_s > 0:
             raise ConfigError(f"drain_check_s should be > 0 (wall seconds between a stopping replica's checks), "
-                              f"got {self.drain_check_s}")
+                              f"got {self.drain_check_s}; leave it unset for 0.1")
         if self.max_batch_size < 1:
             raise ConfigError(f"max_batch_size should be >= 1, got {self.max_batch_size}")
         if self.batching not in ("continuous", "ray"):

@@ -304,7 +304,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     from ray import serve as ray_serve
 
     from flywheel.base.rayinit import init_ray
-    from serve.app import FaultDetector
+    from serve.app import bind_app
 
     config = config or ServeConfig()
     if config.require_signature and not config.signing_public_key:
@@ -326,12 +326,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
         init_ray(address=ray_address, include_dashboard=False, configure_logging=False)
     check_ingress(config)
     port = _ensure_serve_http(config)
-    app = FaultDetector.options(
-        num_replicas=config.num_replicas,
-        max_ongoing_requests=max(64, 4 * config.max_batch_size),
-        graceful_shutdown_wait_loop_s=config.drain_check_s,
-        ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
-    ).bind(tracking_uri, model_name, alias, config.replica_dict())
+    app = bind_app(tracking_uri, model_name, alias, config)
     try:
         ray_serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False,
                       logging_config={"enable_access_log": config.access_log})

@@ -226,17 +226,26 @@ def test_version_details_are_shown_only_when_configured(limited):
     assert v["adapters"]["default"]["run_id"]
 
 
-def test_the_replicas_check_for_requests_in_flight_as_often_as_configured(app, limited):
+def test_the_replicas_check_for_requests_in_flight_as_often_as_configured(app, limited, registry):
     """A stopping replica waits ``drain_check_s`` between its checks for requests in flight (Ray's
-    ``graceful_shutdown_wait_loop_s``): the default (0.1 s, where Ray waits 2 s) or the app's own."""
+    ``graceful_shutdown_wait_loop_s``): the default (0.1 s, where Ray waits 2 s) or the app's own,
+    whether started by ``start_serving`` or by ``serve run serve.app:build_app`` (KubeRay)."""
+    from ray import serve as ray_serve
     from ray.serve.context import _get_global_client
 
     from serve import ServeConfig
+    from serve.app import build_app
 
-    client = _get_global_client()
-    loops = {name: client.get_deployment_info("FaultDetector", name)[0].deployment_config.graceful_shutdown_wait_loop_s
-             for name in ("serve-tests", "serve-limits")}
-    assert loops == {"serve-tests": ServeConfig().drain_check_s, "serve-limits": 0.25}
+    ray_serve.run(build_app({"tracking_uri": registry.tracking_uri, "model_name": registry.model_name,
+                             "config": {"poll_s": 0, "num_cpus_per_replica": 0, "drain_check_s": 0.5}}),
+                  name="serve-built", route_prefix="/serve-built")
+    try:
+        client = _get_global_client()
+        loops = {name: client.get_deployment_info("FaultDetector", name)[0].deployment_config.graceful_shutdown_wait_loop_s
+                 for name in ("serve-tests", "serve-limits", "serve-built")}
+    finally:
+        ray_serve.delete("serve-built")
+    assert loops == {"serve-tests": ServeConfig().drain_check_s, "serve-limits": 0.25, "serve-built": 0.5}
 
 
 def test_limit_config_errors_are_clear():
