@@ -123,6 +123,10 @@ class TrainConfig:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow model code from the hub to run (off: only built-in architectures load)"})
     max_failures: int = field(default=0, metadata={"help": "Ray Train worker-failure restarts (resume from checkpoint)"})
+    ray_poll_s: float = field(default=0.2, metadata={
+        "help": "Ray Train: how often its controller checks the workers and takes a reported checkpoint (passed as "
+                "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker that reports while the previous report is untaken "
+                "waits for it, so Ray's default of 2 s held each checkpoint up to 2 s"})
     signing_key: str = field(default="", metadata={
         "help": "private key (PEM, P-256) that signs each registered version's files and BOM (finetune.signing); "
                 "'' = versions are not signed. A campaign uses <workdir>/keys/signing.key, created on first use"})
@@ -157,6 +161,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} should be >= 0, got {value}")
         if not self.lr > 0:
             raise ConfigError(f"lr should be > 0, got {self.lr}")
+        if not self.ray_poll_s > 0:
+            raise ConfigError(f"ray_poll_s should be > 0 seconds, got {self.ray_poll_s}; leave it unset for 0.2")
         if not 0 <= self.warmup_frac < 1:
             raise ConfigError(f"warmup_frac should be in [0, 1), got {self.warmup_frac}")
         if self.shadow_metric not in SHADOW_METRICS:

@@ -11,15 +11,18 @@ A worker failure restarts the group (``max_failures``) from the newest one; a ki
 driver (SIGKILL included) resumes from it on the next call: the newest persisted checkpoint
 that checks out is copied to ``<fingerprint>/resume`` and read by every worker.  The finished
 adapter comes back as the last reported checkpoint, so this works across nodes too when
-``checkpoint_dir`` is shared storage.
+``checkpoint_dir`` is shared storage.  Ray Train's controller polls its workers every
+``ray_poll_s`` (0.2 s; Ray's own default is 2 s, which held every checkpoint report that long).
 
     result = train_ray("lake/datasets/ds-1", TrainConfig(num_workers=2), "out/adapter", ray_address="auto")
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +32,25 @@ from finetune.launch import METRICS_FILE, TrainResult, checkpoint_root, fingerpr
 
 log = logging.getLogger(__name__)
 FINAL = "final"
+#: Read by Ray Train's controller (Ray passes it on from the driver's environment). The
+#: controller takes a worker's report only when it polls, and a worker's next report waits for
+#: the previous one to be taken: at Ray's default of 2 s each checkpoint waited up to 2 s.
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@contextlib.contextmanager
+def _controller_env(values: dict[str, str]):
+    """Set ``values`` in this process's environment while the trainer starts its controller."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _worker_loop(cfg: dict) -> None:
@@ -94,6 +116,8 @@ def _worker_loop(cfg: dict) -> None:
         batcher.flush()
         metrics["train.log_overhead_s"] = batcher.seconds
     metrics["train.num_workers"] = world
+    # The controller hands its environment on to the workers: what reached them is what it polled at.
+    metrics["train.ray_poll_s"] = float(os.environ.get(POLL_ENV, "nan"))
     with tempfile.TemporaryDirectory() as d:
         checkpoint = None
         if rank == 0:
@@ -144,7 +168,8 @@ def train_ray(snapshot_dir, config: TrainConfig, out_dir, *, ray_address: str | 
                              failure_config=FailureConfig(max_failures=config.max_failures)),
     )
     try:
-        result = trainer.fit()
+        with _controller_env({POLL_ENV: str(config.ray_poll_s)}):
+            result = trainer.fit()
     finally:
         if staged is not None:
             shutil.rmtree(staged, ignore_errors=True)
