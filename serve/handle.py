@@ -207,11 +207,9 @@ class ServingHandle:
 
     def shutdown(self) -> None:
         """Delete this app (Ray Serve itself and other apps keep running)."""
-        from ray import serve as ray_serve
-
         self.client.close()
         try:
-            ray_serve.delete(self.app_name)
+            delete_app(self.app_name)
         except Exception as exc:  # noqa: BLE001 - shutting down twice or after Ray went away is fine
             log.debug("serve app %s delete: %s", self.app_name, exc)
 
@@ -220,6 +218,45 @@ class ServingHandle:
 
     def __exit__(self, *exc):
         self.shutdown()
+
+
+# Ray Serve's own waits (``serve.run``, ``serve.delete``) look at the app's status once a second,
+# so a start or a stop ended on the next whole second after the app was ready or gone: about half
+# a second lost each on average.  These two wait the same way, looking every CHECK_S.
+CHECK_S = 0.05
+
+
+def wait_until_running(app_name: str, deadline: float) -> None:
+    """Return once the app is RUNNING; raise with Serve's message if its deployment failed, or
+    TimeoutError at ``deadline`` (``time.monotonic()``)."""
+    from ray import serve as ray_serve
+    from ray.serve.schema import ApplicationStatus
+
+    while True:
+        app = ray_serve.status().applications.get(app_name)
+        if app is None:
+            raise RuntimeError(f"Serve has no application {app_name!r} (deleted while it started?)")
+        if app.status == ApplicationStatus.RUNNING:
+            return
+        if app.status == ApplicationStatus.DEPLOY_FAILED:
+            raise RuntimeError(f"Deploying application {app_name} failed: {app.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the serve app {app_name!r} is still {app.status.value} after the "
+                               "health_timeout_s it was given")
+        time.sleep(CHECK_S)
+
+
+def delete_app(app_name: str, timeout_s: float = 60.0) -> None:
+    """Delete a Serve app and return once it is gone (its replicas stopped: about 0.4 s for an idle
+    replica with ``serve.drain_check_s`` at 0.1; ``serve.delete`` returned after a whole second)."""
+    from ray import serve as ray_serve
+
+    ray_serve.delete(app_name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while app_name in ray_serve.status().applications:   # RUNNING, then DELETING, then absent
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the serve app {app_name!r} is still there {timeout_s:.0f} s after its delete")
+        time.sleep(CHECK_S)
 
 
 def _ensure_serve_http(config: ServeConfig) -> int:
@@ -327,9 +364,12 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     check_ingress(config)
     port = _ensure_serve_http(config)
     app = bind_app(tracking_uri, model_name, alias, config)
+    deadline = time.monotonic() + config.health_timeout_s
     try:
-        ray_serve.run(app, name=config.app_name, route_prefix=config.route_prefix, blocking=False,
-                      logging_config={"enable_access_log": config.access_log})
+        ray_serve.run_many([ray_serve.RunTarget(app, name=config.app_name, route_prefix=config.route_prefix,
+                                                logging_config={"enable_access_log": config.access_log})],
+                           wait_for_applications_running=False)
+        wait_until_running(config.app_name, deadline)
     except Exception as exc:  # noqa: BLE001 - Ray wraps replica start errors in several types
         raise ServeError(f"the serve app for {model_name}@{alias} did not start: {exc}"
                          f"{_deployment_messages(config.app_name)}") from None
@@ -341,10 +381,9 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
         try:
             url = direct_ingress_url(config.app_name, prefix, config.http_host, timeout_s=config.health_timeout_s)
         except ServeError:
-            ray_serve.delete(config.app_name)
+            delete_app(config.app_name)
             raise
     handle = ServingHandle(url, config.app_name, tracking_uri, model_name, alias, config, proxy_url=proxy_url)
-    deadline = time.monotonic() + config.health_timeout_s
     while True:
         try:
             handle.client.health()

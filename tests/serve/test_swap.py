@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from ray import serve as ray_serve
 
 from serve import ServeConfig, ServeError, start_serving
 from serve.client import ServeClient
@@ -119,6 +120,8 @@ def test_stopping_the_app_lets_the_requests_in_flight_finish(app):
         t.start()
     time.sleep(1.0)          # 768 windows in forwards of 16 take several seconds on a CPU
     app.shutdown()
+    # it returns once the app is gone (serve.handle.delete_app), not on Serve's once-a-second check
+    assert app.app_name not in ray_serve.status().applications
     for t in threads:
         t.join()
     assert failures == [] and answers == [256, 256, 256]
