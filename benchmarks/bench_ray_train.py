@@ -59,13 +59,13 @@ def main() -> None:
     losses: dict[str, float] = {}
     for r in range(args.repeats):
         for kind, poll in kinds.items():
-            out = tmp / f"{r}-{len(times[kind])}-{kind.replace(' ', '').replace(',', '-')}"
-            cfg = TrainConfig(**base, checkpoint_dir=str(out / "ckpt"), **({} if poll is None else {"ray_poll_s": poll}))
+            out = tmp / f"round{r}-{'plain' if poll is None else f'ray-{poll}'}"
             t0 = time.perf_counter()
             if poll is None:
-                res = train_plain(snap, TrainConfig(**{**base, "num_workers": 1}, checkpoint_dir=str(out / "ckpt")),
-                                  out / "adapter", progress=False)
+                cfg = TrainConfig(**{**base, "num_workers": 1}, checkpoint_dir=str(out / "ckpt"))
+                res = train_plain(snap, cfg, out / "adapter", progress=False)
             else:
+                cfg = TrainConfig(**base, checkpoint_dir=str(out / "ckpt"), ray_poll_s=poll)
                 res = train_ray(snap, cfg, out / "adapter")
             times[kind].append(time.perf_counter() - t0)
             losses[kind] = res.metrics["train.loss_end"]
