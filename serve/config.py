@@ -111,7 +111,8 @@ class ServeConfig:
     kind_adapters: dict[str, str] = field(default_factory=dict, metadata={
         "help": "default adapter per machine kind for windows that name none, e.g. {pump: pump}"})
     access_log: bool = field(default=False, metadata={"help": "log every HTTP request in the replicas"})
-    health_timeout_s: float = field(default=180.0, metadata={"help": "how long start_serving waits for health"})
+    health_timeout_s: float = field(default=180.0, metadata={
+        "help": "how long start_serving waits for the app to run and answer /health (the replica loads the model)"})
     drain_check_s: float = field(default=0.1, metadata={
         "help": "wall seconds between a stopping replica's checks for requests still in flight (Ray Serve's "
                 "graceful_shutdown_wait_loop_s). Ray's default, 2 s, is a sleep before the first check, so every "

@@ -241,8 +241,8 @@ def wait_until_running(app_name: str, deadline: float) -> None:
         if app.status == ApplicationStatus.DEPLOY_FAILED:
             raise RuntimeError(f"Deploying application {app_name} failed: {app.message}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the serve app {app_name!r} is still {app.status.value} after the "
-                               "health_timeout_s it was given")
+            raise TimeoutError(f"the serve app {app_name!r} is still {app.status.value} when its time to start "
+                               "ran out; the replica's log says why, or give it longer (serve.health_timeout_s)")
         time.sleep(CHECK_S)
 
 

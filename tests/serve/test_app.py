@@ -235,6 +235,7 @@ def test_the_replicas_check_for_requests_in_flight_as_often_as_configured(app, l
 
     from serve import ServeConfig
     from serve.app import build_app
+    from serve.handle import delete_app
 
     ray_serve.run(build_app({"tracking_uri": registry.tracking_uri, "model_name": registry.model_name,
                              "config": {"poll_s": 0, "num_cpus_per_replica": 0, "drain_check_s": 0.5}}),
@@ -244,7 +245,7 @@ def test_the_replicas_check_for_requests_in_flight_as_often_as_configured(app, l
         loops = {name: client.get_deployment_info("FaultDetector", name)[0].deployment_config.graceful_shutdown_wait_loop_s
                  for name in ("serve-tests", "serve-limits", "serve-built")}
     finally:
-        ray_serve.delete("serve-built")
+        delete_app("serve-built")
     assert loops == {"serve-tests": ServeConfig().drain_check_s, "serve-limits": 0.25, "serve-built": 0.5}
 
 

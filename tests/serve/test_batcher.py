@@ -111,7 +111,7 @@ def test_rays_serve_batch_path_isolates_a_failing_item_too(ray_local):
     from ray import serve as ray_serve
 
     from serve.config import ServeConfig
-    from serve.handle import _ensure_serve_http
+    from serve.handle import _ensure_serve_http, delete_app
 
     @ray_serve.deployment(ray_actor_options={"num_cpus": 0})
     class Model:
@@ -148,4 +148,4 @@ def test_rays_serve_batch_path_isolates_a_failing_item_too(ray_local):
             responses[1].result(timeout_s=60)
         assert handle.batch_sizes.remote().result(timeout_s=60)[0] == 4   # they did share a batch
     finally:
-        ray_serve.delete("batch-isolation")
+        delete_app("batch-isolation")

@@ -103,6 +103,21 @@ def test_start_serving_without_a_registered_model_is_a_clear_error(ray_local, re
         start_serving(registry.tracking_uri, "no-such-model", "champion", ServeConfig())
 
 
+def test_an_app_that_is_not_running_in_time_is_named_with_the_setting_to_raise(app, registry):
+    """A replica that takes longer than ``health_timeout_s`` to load: the start says so and names the setting."""
+    from serve.handle import delete_app
+
+    cfg = ServeConfig(app_name="serve-slow-start", route_prefix="/serve-slow-start", poll_s=0,
+                      num_cpus_per_replica=0, health_timeout_s=0.01)
+    try:
+        with pytest.raises(ServeError, match=r"'serve-slow-start' is still DEPLOYING when its time to start ran out.*"
+                                             r"give it longer \(serve.health_timeout_s\)"):
+            start_serving(registry.tracking_uri, registry.model_name, "champion", cfg)
+    finally:
+        delete_app("serve-slow-start")
+    assert app.version() in ("1", "2")     # the other app serves on
+
+
 def test_stopping_the_app_lets_the_requests_in_flight_finish(app):
     """Stopping the app (the end of every campaign) answers the requests the replica holds before it
     goes: the replica checks for them every ``drain_check_s``. Stops the module's app, so it runs last."""
