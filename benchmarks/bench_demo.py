@@ -116,48 +116,73 @@ def main() -> None:
             print(f"seed {seed}: " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
 
 
+def lockstep_batches(cfg, workdir: Path):
+    """The last turn that ran the plant with a model in ``workdir``: ``(turn, batches)``, the
+    period's windows as text in the batches the bridge sent (one per window end), or None when no
+    turn did; SystemExit with what to run when the workdir holds no campaign."""
+    import pandas as pd
+
+    from finetune.data import load_snapshot
+    from flywheel.loop import load_state
+
+    state = load_state(workdir, cfg.campaign)
+    if state is None:
+        raise SystemExit(f"{workdir} holds no {cfg.campaign!r} campaign: run one there first "
+                         f"(flywheel run --config flywheel/configs/demo.yaml --workdir {workdir} turns=1)")
+    turn = next((t for t in reversed(state["turns"]) if t.get("champion_version") and t.get("sim", {}).get("bridge")),
+                None)
+    if turn is None:
+        return None
+    lake = Path(workdir) / "lake" / "datasets"
+    every = load_snapshot(str(lake / state.get("holdout", {}).get("dataset_id", state["last_snapshot"])))
+    sim = turn["sim"]
+    period = pd.concat([f for f in (every.train, every.eval) if len(f)])
+    period = period[(period["end_ts"] > sim["plant_start_ts"]) & (period["end_ts"] <= sim["plant_end_ts"])]
+    return turn, [list(g["text"]) for _, g in period.sort_values(["end_ts", "line", "machine"]).groupby("end_ts")]
+
+
+def served_pool(cfg, workdir: Path, version: str, tmp: str):
+    """The champion ``version`` loaded as a replica loads it (``AdapterPool``, the campaign's serve
+    settings, all on this process's CPU): ``(pool, adapter name)``."""
+    from finetune.registry import fetch_adapter
+    from flywheel.campaign import stage_configs
+    from serve.adapters import AdapterPool
+    from serve.source import Resolved
+
+    tracking = f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    adapter = fetch_adapter(tracking, cfg.model_name, version, str(Path(tmp) / "adapter"))
+    sc = stage_configs(cfg)["serve"]
+    pool = AdapterPool(sc.base_model, "cpu", sc.max_length_tokens, sc.torch_threads, sc.precision)
+    slot = pool.install("default", Resolved(cfg.model_name, "champion", version, None), adapter)
+    return pool, slot.peft_name
+
+
 def same_run_ratios(cfg, workdir: Path) -> dict:
     """Lockstep and training of the campaign's last learning turn against the same work alone."""
     import tempfile
 
     from finetune.data import load_snapshot
     from finetune.launch import train_plain
-    from finetune.registry import fetch_adapter
     from flywheel.campaign import stage_configs
     from flywheel.loop import load_state
-    from serve.adapters import AdapterPool
-    from serve.source import Resolved
 
     st = stage_configs(cfg)
     state = load_state(workdir, cfg.campaign)
-    turn = next((t for t in reversed(state["turns"]) if t.get("champion_version") and t.get("sim", {}).get("bridge")),
-                None)
+    found = lockstep_batches(cfg, workdir)
     out: dict = {}
-    if turn is None:
+    if found is None:
         print("ratios: no turn ran the plant with a model")
         return out
-    tracking = f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    turn, batches = found
     lake = Path(workdir) / "lake" / "datasets"
-    every = load_snapshot(str(lake / state.get("holdout", {}).get("dataset_id", state["last_snapshot"])))
     sim = turn["sim"]
-    frames = [f for f in (every.train, every.eval) if len(f)]
-    import pandas as pd
-
-    period = pd.concat(frames)
-    period = period[(period["end_ts"] > sim["plant_start_ts"]) & (period["end_ts"] <= sim["plant_end_ts"])]
-    batches = [list(g["text"]) for _, g in period.sort_values(["end_ts", "line", "machine"]).groupby("end_ts")]
     with tempfile.TemporaryDirectory(prefix="bench-demo-") as tmp:
-        version = str(turn["champion_version"])
-        adapter = fetch_adapter(tracking, cfg.model_name, version, str(Path(tmp) / "adapter"))
-        serve_cfg = st["serve"]
-        pool = AdapterPool(serve_cfg.base_model, "cpu", serve_cfg.max_length_tokens, serve_cfg.torch_threads,
-                            serve_cfg.precision)
-        slot = pool.install("default", Resolved(cfg.model_name, "champion", version, None), adapter)
-        pool.predict(batches[0], [slot.peft_name] * len(batches[0]))       # warm-up
+        pool, name = served_pool(cfg, workdir, str(turn["champion_version"]), tmp)
+        pool.predict(batches[0], [name] * len(batches[0]))       # warm-up
         t0 = time.monotonic()
         n = 0
         for b in batches:
-            pool.predict(b, [slot.peft_name] * len(b))
+            pool.predict(b, [name] * len(b))
             n += len(b)
         alone = n / (time.monotonic() - t0)
         lockstep = sim["bridge"]["predictions"] / turn["wall_s"]["plant"]

@@ -11,7 +11,7 @@ windows of one window end each), three times; the median is printed.  Policies, 
 
 * ``PASSIVE``: the stack's setting (``flywheel.base.threads`` sets it before torch loads);
 * ``default``: libgomp's own (threads spin a while at each barrier, then sleep);
-* the same two again with a second process keeping one core busy (``--busy``, on by default).
+* the same two again with a second process keeping one core busy (``--no-busy`` skips them).
 
 The baseline in the same run is ``PASSIVE``; the ratio printed is the policy's median over it.
 """
@@ -24,43 +24,30 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent    # the child imports bench_demo from here
 
 CHILD = r"""
 import statistics, sys, tempfile, time
 from pathlib import Path
-import pandas as pd
-from finetune.data import load_snapshot
-from finetune.registry import fetch_adapter
-from flywheel.campaign import default_config_path, load_campaign, stage_configs
-from flywheel.loop import load_state
-from serve.adapters import AdapterPool
-from serve.source import Resolved
+from bench_demo import lockstep_batches, served_pool
+from flywheel.campaign import default_config_path, load_campaign
 
 wd, n = Path(sys.argv[1]).resolve(), int(sys.argv[2])
 cfg = load_campaign(str(default_config_path("demo")), [])     # the demo's serve settings and model name
-state = load_state(wd, cfg.campaign)
-turn = next(t for t in reversed(state["turns"]) if t.get("champion_version") and t.get("sim", {}).get("bridge"))
-snapshot_id = state.get("holdout", {}).get("dataset_id", state["last_snapshot"])
-every = load_snapshot(str(wd / "lake" / "datasets" / snapshot_id))
-period = pd.concat([f for f in (every.train, every.eval) if len(f)])
-period = period[(period["end_ts"] > turn["sim"]["plant_start_ts"]) & (period["end_ts"] <= turn["sim"]["plant_end_ts"])]
-batches = [list(g["text"]) for _, g in period.sort_values(["end_ts", "line", "machine"]).groupby("end_ts")][:n]
-sc = stage_configs(cfg)["serve"]
+found = lockstep_batches(cfg, wd)
+if found is None:
+    sys.exit(f"no turn of the campaign in {wd} ran the plant with a model: give it a learning turn (turns=1)")
+turn, batches = found[0], found[1][:n]
 with tempfile.TemporaryDirectory() as tmp:
-    version = str(turn["champion_version"])
-    adapter = fetch_adapter(f"sqlite:///{wd / 'mlflow.db'}", cfg.model_name, version, tmp + "/adapter")
-    pool = AdapterPool(sc.base_model, "cpu", sc.max_length_tokens, sc.torch_threads, sc.precision)
-    slot = pool.install("default", Resolved(cfg.model_name, "champion", version, None), adapter)
-    pool.predict(batches[0], [slot.peft_name] * len(batches[0]))      # warm-up
+    pool, name = served_pool(cfg, wd, str(turn["champion_version"]), tmp)
+    pool.predict(batches[0], [name] * len(batches[0]))      # warm-up
     walls = []
     for _ in range(3):
         t0 = time.perf_counter()
         for b in batches:
-            pool.predict(b, [slot.peft_name] * len(b))
+            pool.predict(b, [name] * len(b))
         walls.append(time.perf_counter() - t0)
 print("RESULT", statistics.median(walls), sum(len(b) for b in batches))
 """
@@ -75,13 +62,16 @@ def one(workdir: str, batches: int, policy: str, busy: bool) -> tuple[float, int
     env["OMP_WAIT_POLICY"] = "PASSIVE" if policy == "PASSIVE" else ""
     hog = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
     try:
-        out = subprocess.run([sys.executable, "-c", CHILD, workdir, str(batches)], env=env, cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout
+        done = subprocess.run([sys.executable, "-c", CHILD, workdir, str(batches)], env=env, cwd=HERE,
+                              capture_output=True, text=True)
     finally:
         if hog is not None:
             hog.kill()
             hog.wait()
-    line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+    if done.returncode != 0:    # the child's last line says why (e.g. no campaign in the workdir)
+        lines = done.stderr.strip().splitlines()
+        raise SystemExit(lines[-1] if lines else f"the measuring process exited with {done.returncode}")
+    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT"))
     _, wall, windows = line.split()
     return float(wall), int(windows)
 
@@ -95,12 +85,13 @@ def main() -> None:
     args = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, load {os.getloadavg()[0]:.1f}")
+    workdir = str(Path(args.workdir).resolve())     # the child runs in benchmarks/
     settings = [(p, b) for b in ([False, True] if args.busy else [False]) for p in ("PASSIVE", "default")]
     walls: dict[tuple[str, bool], list[float]] = {s: [] for s in settings}
     windows = 0
     for r in range(args.rounds):
         for policy, busy in settings:
-            wall, windows = one(args.workdir, args.batches, policy, busy)
+            wall, windows = one(workdir, args.batches, policy, busy)
             walls[(policy, busy)].append(wall)
             print(f"round {r + 1}: {policy:8s} {'one core busy' if busy else 'idle':13s} {wall:6.2f} s", flush=True)
     print(f"\nforward of {windows} windows in {args.batches} batches, median of {args.rounds} rounds "
