@@ -53,6 +53,19 @@ class MlflowServer:
     def stop(self) -> None:
         _stop_group(self.proc)
 
+    def processes(self) -> list[str]:
+        """The command lines of the server's process group (the CLI, its uvicorn worker, and
+        whatever else they started)."""
+        out = []
+        for name in os.listdir("/proc"):
+            try:
+                if name.isdigit() and os.getpgid(int(name)) == self.proc.pid:
+                    with open(f"/proc/{name}/cmdline", "rb") as f:
+                        out.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+            except OSError:
+                continue
+        return out
+
 
 def start_mlflow_server(root: Path, backend_store_uri: str,
                         basic_auth: tuple[str, str] | None = None) -> MlflowServer:
@@ -72,7 +85,9 @@ def start_mlflow_server(root: Path, backend_store_uri: str,
            "--backend-store-uri", backend_store_uri,
            "--artifacts-destination", str(artifacts), "--serve-artifacts",
            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = dict(os.environ)
+    # MLflow 3 starts a job runner (huey) beside the server unless told not to; the stack runs no
+    # MLflow jobs, and the runner cost ~30 s of CPU in the server's first minute (infra/README.md).
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     if basic_auth is not None:
         user, password = basic_auth
         ini = root / "basic_auth.ini"

@@ -193,6 +193,14 @@ def test_mlflow_database_password_is_never_on_a_command_line():
             assert "POSTGRES_PASSWORD" not in " ".join(c.get("command", []) + c.get("args", []))
 
 
+def test_the_mlflow_server_runs_without_mlflows_job_runner():
+    """As the tests start it (test_mlflow_server.py checks that no job runner then starts)."""
+    assert compose()["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    dep = next(d for d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    kenv = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert kenv["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+
+
 def test_every_ray_node_and_client_carries_the_auth_token():
     services = compose()["services"]
     for name in ("ray-head", "ray-worker", "ray-gpu-worker", "ingest", "serve", "dataset", "train"):

@@ -135,3 +135,11 @@ def get_version_tags(uri: str, name: str, version: str) -> list[dict]:
                         timeout=30)
     resp.raise_for_status()
     return resp.json()["model_version"].get("tags", [])
+
+
+def test_the_server_starts_no_job_runner(tracking_server):
+    """The stack runs no MLflow jobs: the server (as infra/compose and infra/k8s start it) runs
+    without MLflow 3's job runner, whose seven huey consumers each import MLflow at start."""
+    procs = tracking_server.processes()
+    assert any("uvicorn" in p or "gunicorn" in p or "waitress" in p for p in procs), procs
+    assert not [p for p in procs if "huey" in p or "_job_runner" in p], procs
