@@ -1,6 +1,7 @@
 """The served model's forward under OpenMP's wait policies, on an idle machine and beside a busy core.
 
     python benchmarks/bench_openmp_wait.py --workdir WORKDIR [--rounds 2] [--batches 80]
+                                          [--policies PASSIVE,default,spin=10000]
 
 WORKDIR is a finished campaign with a served champion (e.g. ``flywheel run --config
 flywheel/configs/demo.yaml --workdir WORKDIR turns=1``).  Each measurement is a fresh process
@@ -10,8 +11,10 @@ precision) and times the forward of the period's first ``--batches`` lockstep ba
 windows of one window end each), three times; the median is printed.  Policies, interleaved:
 
 * ``PASSIVE``: the stack's setting (``flywheel.base.threads`` sets it before torch loads);
-* ``default``: libgomp's own (threads spin a while at each barrier, then sleep);
-* the same two again with a second process keeping one core busy (``--no-busy`` skips them).
+* ``default``: libgomp's own (threads spin a while at each barrier - 300,000 turns of its
+  loop - then sleep);
+* ``spin=N``: libgomp's default policy with ``GOMP_SPINCOUNT=N`` (a shorter spin, then sleep);
+* the same again with a second process keeping one core busy (``--no-busy`` skips them).
 
 The baseline in the same run is ``PASSIVE``; the ratio printed is the policy's median over it.
 """
@@ -55,11 +58,24 @@ print("RESULT", statistics.median(walls), sum(len(b) for b in batches))
 BUSY = "while True: pass"
 
 
-def one(workdir: str, batches: int, policy: str, busy: bool) -> tuple[float, int]:
-    env = dict(os.environ)
+def policy_env(policy: str) -> dict[str, str]:
+    """The environment of one policy: ``PASSIVE``, ``default`` or ``spin=N``."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     # The stack sets PASSIVE only where OMP_WAIT_POLICY is unset; an empty value is libgomp's
     # default (it says the value is invalid and ignores it).
     env["OMP_WAIT_POLICY"] = "PASSIVE" if policy == "PASSIVE" else ""
+    if policy.startswith("spin="):
+        count = policy.split("=", 1)[1]
+        if not count.isdigit():
+            raise SystemExit(f"--policies: {policy!r} should be spin=<turns of the spin loop>, e.g. spin=10000")
+        env["GOMP_SPINCOUNT"] = count
+    elif policy not in ("PASSIVE", "default"):
+        raise SystemExit(f"--policies: unknown policy {policy!r}; use PASSIVE, default or spin=N")
+    return env
+
+
+def one(workdir: str, batches: int, policy: str, busy: bool) -> tuple[float, int]:
+    env = policy_env(policy)
     hog = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
     try:
         done = subprocess.run([sys.executable, "-c", CHILD, workdir, str(batches)], env=env, cwd=HERE,
@@ -82,24 +98,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batches", type=int, default=80)
     ap.add_argument("--no-busy", dest="busy", action="store_false", help="skip the busy-core measurements")
+    ap.add_argument("--policies", default="PASSIVE,default",
+                    help="comma-separated: PASSIVE, default, spin=N (PASSIVE, the baseline, is always run)")
     args = ap.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, load {os.getloadavg()[0]:.1f}")
     workdir = str(Path(args.workdir).resolve())     # the child runs in benchmarks/
-    settings = [(p, b) for b in ([False, True] if args.busy else [False]) for p in ("PASSIVE", "default")]
+    policies = ["PASSIVE"] + [p for p in args.policies.split(",") if p and p != "PASSIVE"]
+    for p in policies:
+        policy_env(p)     # a typo fails here, before any measurement
+    settings = [(p, b) for b in ([False, True] if args.busy else [False]) for p in policies]
     walls: dict[tuple[str, bool], list[float]] = {s: [] for s in settings}
     windows = 0
     for r in range(args.rounds):
         for policy, busy in settings:
             wall, windows = one(workdir, args.batches, policy, busy)
             walls[(policy, busy)].append(wall)
-            print(f"round {r + 1}: {policy:8s} {'one core busy' if busy else 'idle':13s} {wall:6.2f} s", flush=True)
+            print(f"round {r + 1}: {policy:11s} {'one core busy' if busy else 'idle':13s} {wall:6.2f} s", flush=True)
     print(f"\nforward of {windows} windows in {args.batches} batches, median of {args.rounds} rounds "
           f"(each the median of 3 passes):")
     for policy, busy in settings:
         med = statistics.median(walls[(policy, busy)])
         base = statistics.median(walls[("PASSIVE", busy)])
-        print(f"  {policy:8s} {'one core busy' if busy else 'idle':13s} {med:6.2f} s  x{med / base:.2f} vs PASSIVE  "
+        print(f"  {policy:11s} {'one core busy' if busy else 'idle':13s} {med:6.2f} s  x{med / base:.2f} vs PASSIVE  "
               f"runs {[round(w, 2) for w in walls[(policy, busy)]]}")
 
 
