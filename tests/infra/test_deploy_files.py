@@ -31,6 +31,12 @@ def k8s_docs(include_examples: bool = True) -> list[dict]:
             for d in yaml.safe_load_all(p.read_text()) if d]
 
 
+def k8s_mlflow_container() -> dict:
+    """The container of the MLflow tracking server's Deployment."""
+    dep = next(d for d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
 def k8s_names() -> set[tuple[str, str]]:
     return {(d["kind"], d["metadata"].get("name") or d["metadata"]["generateName"]) for d in k8s_docs()}
 
@@ -171,8 +177,7 @@ def test_mlflow_port_agrees_everywhere():
     assert compose()["services"]["mlflow"]["ports"] == [f"127.0.0.1:{port}:{port}"]
     svc = next(d for d in k8s_docs() if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow")
     assert svc["spec"]["ports"][0]["port"] == int(port)
-    dep = next(d for d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
-    kcmd = dep["spec"]["template"]["spec"]["containers"][0]["command"]
+    kcmd = k8s_mlflow_container()["command"]
     assert kcmd[kcmd.index("--port") + 1] == port
     for c in (cmd, kcmd):
         assert "--serve-artifacts" in c and c[c.index("--artifacts-destination") + 1] == "s3://mlflow-artifacts"
@@ -184,8 +189,7 @@ def test_mlflow_port_agrees_everywhere():
 def test_mlflow_database_password_is_never_on_a_command_line():
     env = compose()["services"]["mlflow"]["environment"]
     assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://mlflow:${POSTGRES_PASSWORD}@postgres:5432/")
-    dep = next(d for d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
-    kenv = [e["name"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]]
+    kenv = [e["name"] for e in k8s_mlflow_container()["env"]]
     # k8s expands $(POSTGRES_PASSWORD) only if it is defined earlier in the list
     assert kenv.index("POSTGRES_PASSWORD") < kenv.index("MLFLOW_BACKEND_STORE_URI")
     for d in k8s_docs():
@@ -196,8 +200,7 @@ def test_mlflow_database_password_is_never_on_a_command_line():
 def test_the_mlflow_server_runs_without_mlflows_job_runner():
     """As the tests start it (test_mlflow_server.py checks that no job runner then starts)."""
     assert compose()["services"]["mlflow"]["environment"]["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
-    dep = next(d for d in k8s_docs() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
-    kenv = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    kenv = {e["name"]: e.get("value") for e in k8s_mlflow_container()["env"]}
     assert kenv["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
 
 
