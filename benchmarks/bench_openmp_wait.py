@@ -101,6 +101,8 @@ def main() -> None:
     ap.add_argument("--policies", default="PASSIVE,default",
                     help="comma-separated: PASSIVE, default, spin=N (PASSIVE, the baseline, is always run)")
     args = ap.parse_args()
+    if args.rounds < 1 or args.batches < 1:
+        ap.error(f"--rounds and --batches should be at least 1, got {args.rounds} and {args.batches}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"python {platform.python_version()}, load {os.getloadavg()[0]:.1f}")
     workdir = str(Path(args.workdir).resolve())     # the child runs in benchmarks/
