@@ -4,7 +4,8 @@
   persistence on, raised queue limits); ``broker_factory`` makes private ones (for
   restart tests).
 * ``ray_local`` - one local Ray for the whole test session (2 CPUs).
-* ``mlflow_uri`` - MLflow on SQLite in a fresh temp dir per test.
+* ``mlflow_uri`` - MLflow on SQLite in a fresh temp dir per test (seeded like the stack's own
+  stores: ``flywheel.base.tracking.seed_sqlite_store``, from a cache private to the session).
 * ``minilm_path`` - the packaged all-MiniLM-L6-v2 (offline).
 * ``prometheus_factory`` - real Prometheus servers (Debian's ``prometheus``) scraping given
   targets every second, with ``.query(promql)`` over its HTTP API.
@@ -22,6 +23,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+# New MLflow stores are copies of an empty one migrated once (flywheel.base.tracking.seed_sqlite_store):
+# the suite's is built once per session, in a folder of its own, not in the user's cache.
+_CACHE = None
+if "FLYWHEEL_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _CACHE = os.environ["FLYWHEEL_CACHE_DIR"] = tempfile.mkdtemp(prefix="flywheel-test-cache-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def _require_mosquitto():
@@ -87,8 +100,11 @@ def ray_local():
 @pytest.fixture
 def mlflow_uri(tmp_path):
     """A fresh MLflow tracking URI on SQLite in a temp dir (artifacts beside it)."""
-    db = tmp_path / "mlflow.db"
-    return f"sqlite:///{db}"
+    from flywheel.base.tracking import seed_sqlite_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    seed_sqlite_store(uri)
+    return uri
 
 
 class PrometheusServer:

@@ -9,10 +9,13 @@ URI is set - so the loop, the CLI and tests can point at different stores in one
 * ``log_dataset`` records the snapshot as the run's input (``mlflow.data``), once.
 * ``open_run`` uses the caller's run or makes one in experiment ``flywheel-<campaign>``
   with its artifacts beside a SQLite store (never ``./mlruns`` in the working directory).
+* ``seed_sqlite_store`` starts a new SQLite store as a copy of an empty one MLflow migrated
+  once, instead of MLflow running its ~50 schema migrations for every new workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -33,10 +36,15 @@ def plain_uri(tracking_uri: str) -> str:
     already, and the URI MLflow sees is the one without them.  Every process that talks
     to MLflow (the loop, Serve replicas, training workers) goes through here, so the
     URI handed between them may carry the credentials.
+
+    A ``sqlite:///`` store that does not exist yet is created here from the migrated empty
+    store (:func:`seed_sqlite_store`).
     """
     import os
     from urllib.parse import unquote, urlsplit, urlunsplit
 
+    if tracking_uri.startswith("sqlite:///"):
+        seed_sqlite_store(tracking_uri)
     try:
         parts = urlsplit(tracking_uri)
         user, password = parts.username, parts.password
@@ -50,6 +58,119 @@ def plain_uri(tracking_uri: str) -> str:
         os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(password))
     host = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+#: Where the migrated empty MLflow store is kept (see :func:`seed_sqlite_store`); empty: nowhere.
+CACHE_ENV = "FLYWHEEL_CACHE_DIR"
+
+
+def cache_dir() -> Path | None:
+    """The user's cache for the stack: ``$FLYWHEEL_CACHE_DIR``, else ``$XDG_CACHE_HOME/flywheel``,
+    else ``~/.cache/flywheel``; None when ``FLYWHEEL_CACHE_DIR`` is set empty (no cache)."""
+    import os
+
+    configured = os.environ.get(CACHE_ENV)
+    if configured is not None:
+        return Path(configured).expanduser() if configured.strip() else None
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "flywheel"
+
+
+def _sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a plain ``sqlite:///PATH`` URI (None with query options or in memory)."""
+    path = tracking_uri[len("sqlite:///"):]
+    if not path or "?" in path or path.startswith(":memory:"):
+        return None
+    return Path(path)
+
+
+def _is_empty_store(path: Path, revision: str) -> bool:
+    """Whether ``path`` is an SQLite file holding MLflow's tables at ``revision`` and no experiment."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+            version = con.execute("SELECT version_num FROM alembic_version").fetchall()
+            experiments = con.execute("SELECT count(*) FROM experiments").fetchone()[0]
+    except sqlite3.Error:
+        return False
+    return version == [(revision,)] and experiments == 0
+
+
+def _empty_store(cache: Path) -> Path:
+    """The cache's empty store for the installed MLflow's schema revision, built by MLflow's own
+    migrations on first use (and again if the file there is not such a store).
+
+    Built under a temporary name and renamed into place, so a process that finds the file finds
+    it whole; two processes building it at once each rename a complete copy."""
+    import os
+    import tempfile
+
+    import mlflow.store.db.utils as db_utils
+    import sqlalchemy
+
+    revision = db_utils._get_latest_schema_revision()
+    template = cache / f"mlflow-empty-{revision}.db"
+    if _is_empty_store(template, revision):
+        return template
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{template.name}.", suffix=".partial", dir=cache)
+    os.close(fd)
+    try:
+        engine = sqlalchemy.create_engine(f"sqlite:///{tmp}")
+        try:
+            db_utils._initialize_tables(engine)   # MLflow's tables and every migration; no experiment yet
+            db_utils._verify_schema(engine)
+        finally:
+            engine.dispose()
+        os.replace(tmp, template)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return template
+
+
+def seed_sqlite_store(tracking_uri: str) -> bool:
+    """Create the SQLite store of ``tracking_uri`` as a copy of the cache's migrated empty store,
+    when its file does not exist yet and its folder does; True when it did.
+
+    MLflow builds a new SQLite store by running every schema migration it has (1-2 s of CPU
+    here), once per new workdir: many times over in a test suite or a sweep of campaigns.  The
+    copy holds MLflow's tables at the latest revision of the installed MLflow and nothing else:
+    MLflow still checks the revision and adds its Default experiment when it opens the store,
+    as it does for one it built.  The empty store is built once per MLflow schema revision in
+    :func:`cache_dir` (``FLYWHEEL_CACHE_DIR=`` turns this off).  The copy goes in under a
+    temporary name and is linked into place only if no file is there, so a store another
+    process created meanwhile is never replaced; on any failure MLflow builds the store itself,
+    as it would without this.
+    """
+    import logging
+    import os
+    import secrets
+    import shutil
+
+    db = _sqlite_path(tracking_uri)
+    if db is None or db.exists() or not db.parent.is_dir():
+        return False
+    tmp = None
+    try:
+        cache = cache_dir()
+        if cache is None:
+            return False
+        template = _empty_store(cache)
+        # a new file (the umask's mode, as MLflow's own) under a name no other seeding uses
+        tmp = db.parent / f".{db.name}.{os.getpid()}.{secrets.token_hex(4)}.seed"
+        shutil.copyfile(template, tmp)
+        os.link(tmp, db)          # fails if the store appeared meanwhile: that one is kept
+        return True
+    except FileExistsError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - an optimisation: MLflow builds the store itself
+        logging.getLogger(__name__).debug("not seeding %s from the cache (%s): MLflow builds it", db, exc)
+        return False
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 #: MLflow's error codes for HTTP 401 and 403 from a tracking server with authentication.

@@ -81,6 +81,10 @@ def start_mlflow_server(root: Path, backend_store_uri: str,
     artifacts = root / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     log_path = root / "mlflow-server.log"
+    if backend_store_uri.startswith("sqlite:///"):   # as the stack's own new stores start
+        from flywheel.base.tracking import seed_sqlite_store
+
+        seed_sqlite_store(backend_store_uri)
     cmd = [sys.executable, "-m", "mlflow", "server",
            "--backend-store-uri", backend_store_uri,
            "--artifacts-destination", str(artifacts), "--serve-artifacts",
