@@ -17,7 +17,11 @@ run, how close the campaign's two slow stages come to the same work done alone:
 * lockstep: the last turn's plant stage, predictions per wall second, against in-process
   batched inference of the same model (thread setting of the replica) on the same windows
   (the period's windows from the campaign's last snapshot, one batch per window end, as the
-  bridge sends them).  Target >= 0.8.
+  bridge sends them).  Target >= 0.8.  Then where the plant stage went: the replica's
+  forwards (``replica_forward_s`` in the turn's ``sim.bridge``, read from the app's
+  ``/version`` before and after the period) per window against the in-process forward, the
+  bridge's calls around them (``serve_s``: HTTP and request handling), and the rest (the
+  plant, the stride's messages through the broker, the bridge's decoding).
 * training: the last turn's ``train.samples_per_s`` against the same training (config,
   snapshot, seed) run again in this process with nothing else of the stack running.
   Target >= 0.8.  On a shared machine the neighbours move both sides: read the ratio, and
@@ -184,12 +188,25 @@ def same_run_ratios(cfg, workdir: Path) -> dict:
         for b in batches:
             pool.predict(b, [name] * len(b))
             n += len(b)
-        alone = n / (time.monotonic() - t0)
-        lockstep = sim["bridge"]["predictions"] / turn["wall_s"]["plant"]
+        alone_s = time.monotonic() - t0
+        alone = n / alone_s
+        plant_s = turn["wall_s"]["plant"]
+        lockstep = sim["bridge"]["predictions"] / plant_s
         out["lockstep_ratio"] = lockstep / alone
         print(f"lockstep, turn {turn['turn']}: {lockstep:.1f} predictions/s in the plant stage vs {alone:.1f}/s "
               f"in-process on the same {n} windows in {len(batches)} batches: ratio {out['lockstep_ratio']:.2f} "
               f"(target >= 0.8; load {os.getloadavg()[0]:.1f})")
+        bridge = sim["bridge"]
+        if "replica_forward_s" in bridge:   # where the period's time went (campaigns since these were recorded)
+            fwd, calls = bridge["replica_forward_s"], bridge["serve_s"]
+            # per window: the snapshot holds the period's windows that were labelled, not every one served
+            slower = (fwd / max(1, bridge["replica_windows"])) / (alone_s / n)
+            out.update(plant_s=plant_s, replica_forward_s=fwd, bridge_serve_s=calls, forward_vs_in_process=slower)
+            print(f"  plant stage {plant_s:.1f} s: the replica's forwards {fwd:.1f} s ({fwd / plant_s:.0%}; "
+                  f"{1000 * fwd / max(1, bridge['replica_windows']):.1f} ms a window vs {1000 * alone_s / n:.1f} in-process: "
+                  f"x{slower:.2f}), the bridge's calls around them {calls:.1f} s (HTTP and request handling "
+                  f"{calls - fwd:.1f} s), the rest {plant_s - calls:.1f} s (the plant, MQTT both ways, the bridge's "
+                  f"decoding)")
         del pool
         trained = next((t for t in reversed(state["turns"]) if t.get("train")), None)
         if trained is not None:

@@ -908,6 +908,7 @@ class Campaign:
 
                 metrics.add("bridge", (lambda: bridge_metrics(bridge)) if isinstance(bridge, Bridge) else bridge.metrics)
         start_ts = self.plant.now_ts
+        replica_before = self._replica_counters() if bridge is not None else None
         result: dict = {}
         done = threading.Event()
 
@@ -944,8 +945,33 @@ class Campaign:
         out["published"] = published
         if bridge is not None:
             out["bridge"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+            out["bridge"].update(self._replica_delta(replica_before))
         self._update_plant_status(start_ts, None)
         return out
+
+    def _replica_counters(self) -> dict | None:
+        """The serving replica's cumulative forward counters (``/version``), or None where they say
+        nothing of this period: several replicas (one of them answers), or no answer."""
+        if self.serving is None or self.stages["serve"].num_replicas != 1:
+            return None
+        try:
+            st = self.serving.status()
+        except Exception:  # noqa: BLE001 - a measurement; the period does not depend on it
+            return None
+        return {k: st[k] for k in ("forward_s", "batches", "batched_windows") if isinstance(st.get(k), (int, float))}
+
+    def _replica_delta(self, before: dict | None) -> dict:
+        """What the replica spent on forwards over the period (``replica_forward_s``, ``replica_batches``,
+        ``replica_windows``): beside the bridge's ``serve_s`` (its calls, HTTP included) and the plant
+        stage's wall time, where a lockstep period's time goes."""
+        after = self._replica_counters() if before else None
+        if not before or not after or len(after) != 3 or len(before) != 3:
+            return {}
+        delta = {k: after[k] - before[k] for k in after}
+        if min(delta.values()) < 0:   # the replica restarted during the period: its counters did too
+            return {}
+        return {"replica_forward_s": round(delta["forward_s"], 3), "replica_batches": int(delta["batches"]),
+                "replica_windows": int(delta["batched_windows"])}
 
     def _bridge_host(self):
         """The actor the campaign's bridges run in (``bridge_host=actor``), started on first use."""

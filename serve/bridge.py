@@ -483,9 +483,13 @@ class Bridge:
         cfg = self.config
         for attempt in range(cfg.max_retries):
             try:
-                # raw readings: the app featurises them with the serving version's own featuriser
-                return self.serve.predict([{"kind": w.kind, "readings": [dict(r) for r in w.readings]}
-                                           for w in batch], adapter=adapter or cfg.adapter)
+                t0 = time.perf_counter()
+                try:
+                    # raw readings: the app featurises them with the serving version's own featuriser
+                    return self.serve.predict([{"kind": w.kind, "readings": [dict(r) for r in w.readings]}
+                                               for w in batch], adapter=adapter or cfg.adapter)
+                finally:
+                    self._counts["serve_s"] += time.perf_counter() - t0
             except ServeHTTPError as exc:
                 self._counts["serve_errors"] += 1
                 if 400 <= exc.status < 500:   # the model refuses these windows: retrying cannot help
@@ -633,6 +637,8 @@ class Bridge:
                                                  "model_refused", "shadow_predictions", "shadow_errors",
                                                  "shadow_refused", "canary_predictions", "canary_errors",
                                                  "canary_fallback")}
+        # wall seconds in calls to the serve app (champion and canary; the shadow's go beside them)
+        s["serve_s"] = round(float(self._counts.get("serve_s", 0.0)), 3)
         s["proposals_pending"] = len(self._proposals)
         s["paused"] = int(self.policy.paused)
         s["decode_errors"] = dict(self._decode_errors)

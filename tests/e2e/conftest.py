@@ -98,7 +98,8 @@ def live_trials_section(workdir, campaign: str, out_dir) -> str:
 
 #: Per-turn fields that depend on wall time, process ids or run ids, not on what happened.
 _VOLATILE = {"wall_s", "started", "finished", "run_id", "mlflow_run_id", "landed_at", "lag_s", "batches", "files",
-             "ts", "created", "attempt", "messages_per_s"}
+             "ts", "created", "attempt", "messages_per_s", "serve_s", "replica_forward_s", "replica_batches",
+             "replica_windows"}
 
 
 def _stable(obj):

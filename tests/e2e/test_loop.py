@@ -78,6 +78,18 @@ def test_simulator_received_maintenance_commands_from_the_served_model(campaign)
     assert t1["factory"]["maintenance_needed"] + t1["factory"]["maintenance_unneeded"] > 0
 
 
+def test_the_period_records_where_the_lockstep_time_went(campaign):
+    """The replica's forwards of the period, the bridge's calls around them and the plant stage
+    nest: every window the bridge scored was one forward's, inside one call of the bridge's."""
+    _, _, state, _ = campaign
+    t1 = state["turns"][1]
+    bridge = t1["sim"]["bridge"]
+    assert bridge["replica_windows"] == bridge["predictions"] > 0
+    assert bridge["replica_batches"] >= 1
+    assert 0 < bridge["replica_forward_s"] < bridge["serve_s"] < t1["wall_s"]["plant"]
+    assert "replica_forward_s" not in state["turns"][0]["sim"].get("bridge", {})   # turn 0: no model served
+
+
 def test_the_served_model_makes_the_plant_better_than_run_to_failure(campaign):
     """The outcome, not a range: in the same period, the plant the model drove beat run-to-failure,
     closed part of the gap to the oracle, and the lockstep never timed out."""
