@@ -87,9 +87,10 @@ def _sqlite_path(tracking_uri: str) -> Path | None:
 def _is_empty_store(path: Path, revision: str) -> bool:
     """Whether ``path`` is an SQLite file holding MLflow's tables at ``revision`` and no experiment."""
     import sqlite3
+    from urllib.request import pathname2url
 
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+        with contextlib.closing(sqlite3.connect(f"file:{pathname2url(str(path))}?mode=ro", uri=True)) as con:
             version = con.execute("SELECT version_num FROM alembic_version").fetchall()
             experiments = con.execute("SELECT count(*) FROM experiments").fetchone()[0]
     except sqlite3.Error:
