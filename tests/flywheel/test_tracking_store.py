@@ -97,3 +97,16 @@ def test_no_seeding_without_a_cache_a_folder_or_a_plain_path(tmp_path, monkeypat
     assert not seed_sqlite_store(f"sqlite:///{tmp_path / 'opts.db'}?timeout=30")
     assert not seed_sqlite_store("sqlite:///:memory:")
     assert list(tmp_path.glob("*.db")) == []
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_store_to_mlflow(tmp_path, monkeypatch):
+    from flywheel.base.tracking import client_for, seed_sqlite_store
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FLYWHEEL_CACHE_DIR", str(blocker / "cache"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert not seed_sqlite_store(uri)
+    assert not (tmp_path / "mlflow.db").exists()
+    assert [e.name for e in client_for(uri).search_experiments()] == ["Default"]   # MLflow built it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "not-a-folder"]
