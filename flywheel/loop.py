@@ -958,14 +958,17 @@ class Campaign:
             st = self.serving.status()
         except Exception:  # noqa: BLE001 - a measurement; the period does not depend on it
             return None
-        return {k: st[k] for k in ("forward_s", "batches", "batched_windows") if isinstance(st.get(k), (int, float))}
+        keys = ("forward_s", "batches", "batched_windows")
+        if not all(isinstance(st.get(k), (int, float)) for k in keys):   # an app from before these counters
+            return None
+        return {k: st[k] for k in keys}
 
     def _replica_delta(self, before: dict | None) -> dict:
         """What the replica spent on forwards over the period (``replica_forward_s``, ``replica_batches``,
         ``replica_windows``): beside the bridge's ``serve_s`` (its calls, HTTP included) and the plant
         stage's wall time, where a lockstep period's time goes."""
         after = self._replica_counters() if before else None
-        if not before or not after or len(after) != 3 or len(before) != 3:
+        if not before or not after:
             return {}
         delta = {k: after[k] - before[k] for k in after}
         if min(delta.values()) < 0:   # the replica restarted during the period: its counters did too
