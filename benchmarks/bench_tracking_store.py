@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,13 +52,16 @@ def main() -> None:
         return client_for(uri)       # seed_sqlite_store, then MLflow opens it
 
     times: dict[str, list[tuple[float, float]]] = {"MLflow builds it": [], "seeded": []}
-    for r in range(args.repeats):
-        for name, open_store in (("MLflow builds it", built), ("seeded", seeded)):
-            uri = f"sqlite:///{work / f'{name[0]}{r}.db'}"
-            w0, c0 = time.perf_counter(), time.process_time()
-            experiments = open_store(uri).search_experiments()
-            times[name].append((time.perf_counter() - w0, time.process_time() - c0))
-            assert [e.name for e in experiments] == ["Default"], experiments
+    try:
+        for r in range(args.repeats):
+            for name, open_store in (("MLflow builds it", built), ("seeded", seeded)):
+                uri = f"sqlite:///{work / f'{name[0]}{r}.db'}"
+                w0, c0 = time.perf_counter(), time.process_time()
+                experiments = open_store(uri).search_experiments()
+                times[name].append((time.perf_counter() - w0, time.process_time() - c0))
+                assert [e.name for e in experiments] == ["Default"], experiments
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; {args.repeats} rounds, "
           f"interleaved; a new store until it lists its experiments")
     base = statistics.median(w for w, _ in times["MLflow builds it"])
