@@ -1,4 +1,5 @@
-"""What one QoS 1 message costs the receiving paho client: MQTT 5 against MQTT 3.1.1.
+"""What one QoS 1 message costs the receiving paho client: MQTT 5 against MQTT 3.1.1, and the
+stack's client (``flywheel.base.mqtt.Client``) against paho's own read loop.
 
     python benchmarks/bench_mqtt_receive.py [--messages 20000] [--repeats 3]
 
@@ -10,7 +11,9 @@ persistent session, then the subscriber (``flywheel.base.mqtt.make_client``, dri
 network loop itself) reads them all; its wall time per message. Both protocols interleaved,
 medians of ``--repeats``.  MQTT 3.1.1 is the baseline of the ratio: the stack speaks MQTT 5
 (session expiry, shared subscriptions, will properties), whose PUBLISH paho parses into a
-``Properties`` object per message.
+``Properties`` object per message.  The third row is the stack's MQTT 5 client with paho's own
+``loop_read`` put back (one packet a wake-up of the network loop, where the stack's reads every
+packet already on the socket, up to ``READ_BURST``): the baseline of that change.
 """
 
 from __future__ import annotations
@@ -29,12 +32,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def receive(url: str, protocol: int, messages: int) -> float:
-    """Seconds a subscriber takes to read ``messages`` queued QoS 1 messages."""
+def receive(url: str, protocol: int, messages: int, paho_read: bool = False) -> float:
+    """Seconds a subscriber takes to read ``messages`` queued QoS 1 messages (``paho_read``: with
+    paho's own ``loop_read``)."""
+    import types
+
+    import paho.mqtt.client as paho
+
     from flywheel.base.mqtt import BrokerURL, connect, make_client
 
     u = BrokerURL.parse(url)
     rx = make_client(url, prefix="bench-rx", protocol=protocol)
+    if paho_read:
+        rx.loop_read = types.MethodType(paho.Client.loop_read, rx)
     got, done = [0], threading.Event()
 
     def on_message(client, userdata, msg):
@@ -79,19 +89,20 @@ def main() -> None:
 
     from flywheel.base.broker import EmbeddedBroker
 
-    protocols = {"MQTT 3.1.1": paho.MQTTv311, "MQTT 5": paho.MQTTv5}
+    protocols = {"MQTT 3.1.1": (paho.MQTTv311, False), "MQTT 5": (paho.MQTTv5, False),
+                 "MQTT 5, paho's loop_read": (paho.MQTTv5, True)}
     times: dict[str, list[float]] = {name: [] for name in protocols}
     with tempfile.TemporaryDirectory(prefix="bench-mqtt-rx-") as tmp, \
             EmbeddedBroker(prefer="mosquitto", data_dir=Path(tmp), persistence=False) as broker:
         for _ in range(args.repeats):
-            for name, protocol in protocols.items():
-                times[name].append(receive(broker.url, protocol, args.messages))
+            for name, (protocol, paho_read) in protocols.items():
+                times[name].append(receive(broker.url, protocol, args.messages, paho_read))
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
           f"{args.messages} QoS 1 messages of 280 bytes, {args.repeats} rounds interleaved")
     base = statistics.median(times["MQTT 3.1.1"])
     for name, runs in times.items():
         med = statistics.median(runs)
-        print(f"{name:10s} {1e6 * med / args.messages:6.1f} us a message  ({args.messages / med:,.0f} msg/s; "
+        print(f"{name:25s} {1e6 * med / args.messages:6.1f} us a message  ({args.messages / med:,.0f} msg/s; "
               f"x{med / base:.2f} MQTT 3.1.1; runs {', '.join(f'{r:.2f}' for r in runs)} s)")
 
 
