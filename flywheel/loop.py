@@ -922,9 +922,14 @@ class Campaign:
 
         thread = threading.Thread(target=target, name="flywheel-plant", daemon=True)
         thread.start()
+        gone = None
         try:
             while not done.wait(0.25):
-                self._update_plant_status(start_ts, bridge)
+                gone = self._update_plant_status(start_ts, bridge)
+                if gone is not None:   # the plant would wait bridge_restart_timeout_s for a bridge that cannot return
+                    runner.stop()
+                    thread.join(30)
+                    raise gone
                 if self.status.period_done_frac >= 0.5:
                     _kill_point("plant", turn)
         except KeyboardInterrupt:
@@ -933,7 +938,7 @@ class Campaign:
             thread.join(10)
             raise
         finally:
-            if bridge is not None:
+            if bridge is not None and gone is None:
                 stats = bridge.stats()
                 bridge.stop()
         if "error" in result:
@@ -985,7 +990,9 @@ class Campaign:
             self._running.callback(self._host.close)
         return self._host
 
-    def _update_plant_status(self, start_ts: float, bridge) -> None:
+    def _update_plant_status(self, start_ts: float, bridge) -> Exception | None:
+        """Refresh the live view; returns the error when the bridge's Ray actor has died (the one
+        failure of the view's sources the period must act on), else None."""
         s = self.status
         now = self.plant.now_ts
         s.plant_time = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M")
@@ -999,8 +1006,12 @@ class Campaign:
             s.oee_so_far = k.get("oee")
             if bridge is not None:
                 s.commands = int(bridge.stats().get("commands", 0))
-        except Exception:  # noqa: BLE001 - the view must never break the loop
-            pass
+        except Exception as exc:  # noqa: BLE001 - the view must never break the loop
+            from serve.bridge_host import BridgeHostDied
+
+            if isinstance(exc, BridgeHostDied):
+                return exc
+        return None
 
     def _log_turn(self, record: TurnRecord) -> None:
         """The turn's metrics and record on its MLflow run; the curve (``PARENT_CURVE`` and the

@@ -28,6 +28,7 @@ import logging
 from pathlib import Path
 from typing import Callable
 
+from serve.bridge import BridgeError
 from serve.config import BridgeConfig
 
 
@@ -68,6 +69,11 @@ class _Host:
             self.bridge = None
 
 
+class BridgeHostDied(BridgeError):
+    """The bridge's Ray actor is gone (killed, out of memory, its node lost): the campaign stops the
+    plant period at once rather than letting the plant wait for a bridge that cannot come back."""
+
+
 def _get(ref, timeout_s: float):
     """``ray.get`` that raises the bridge's own error (e.g. a BridgeError naming the fix) rather than
     Ray's wrapper around it, and names a dead actor as the campaign's problem."""
@@ -79,9 +85,7 @@ def _get(ref, timeout_s: float):
         cause = getattr(exc, "cause", None)
         raise (cause if isinstance(cause, BaseException) else exc) from None
     except ray.exceptions.RayActorError as exc:
-        from serve.bridge import BridgeError
-
-        raise BridgeError(f"the serving bridge's Ray actor died ({type(exc).__name__}); its log is the campaign's "
+        raise BridgeHostDied(f"the serving bridge's Ray actor died ({type(exc).__name__}); its log is the campaign's "
                           "logs/bridge.log and Ray's worker log. Run the campaign again (it resumes the turn), or "
                           "set bridge_host=thread to keep the bridge in the campaign's process") from None
 

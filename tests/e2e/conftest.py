@@ -130,3 +130,21 @@ def assert_same_campaign(a: dict, b: dict, names: tuple[str, str]) -> None:
             assert _stable(ta.get(key)) == _stable(tb.get(key)), \
                 f"turn {ta['turn']}: {key} differs: {_diff(ta.get(key), tb.get(key), names)}"
     assert _stable(a["holdout"]) == _stable(b["holdout"])
+
+
+def resumed_essentials(state: dict) -> tuple[list, dict]:
+    """What a campaign that died and ran again must share with an uninterrupted one of the same seed
+    and config: the plant, its baselines, the data, the model's scores and decisions, and the
+    held-out table. Not the model versions' numbers (the dead attempt's versions kept theirs) nor
+    the collectors' counters (the rerun's collectors count from their start)."""
+    out = []
+    for t in state["turns"]:
+        out.append({"turn": t["turn"], "factory": t["factory"], "baselines": t["baselines"],
+                    "gap_closed": t["gap_closed"], "dataset_id": t.get("dataset_id"),
+                    "data": t.get("data"), "eval": t.get("eval"), "threshold": t.get("bridge_threshold"),
+                    "commands": t["sim"].get("commands_applied"), "published": t["sim"]["published"],
+                    "promoted": t.get("promoted")})
+    held = {k: v for k, v in state["holdout"].items() if k not in ("wall_s", "by_turn")}
+    held["by_turn"] = {t: {k: v for k, v in row.items() if k != "model_version"}
+                       for t, row in state["holdout"]["by_turn"].items()}
+    return out, held

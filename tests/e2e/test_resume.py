@@ -208,22 +208,8 @@ def test_every_snapshot_has_one_event_per_event_id(resumed):
 
 
 def test_final_metrics_equal_an_uninterrupted_run(resumed, gbdt_campaign):
+    from tests.e2e.conftest import resumed_essentials
+
     workdir, _ = resumed
     _, _, clean, _ = gbdt_campaign
-    got = _state(workdir)
-
-    def essentials(state):
-        out = []
-        for t in state["turns"]:
-            out.append({"turn": t["turn"], "factory": t["factory"], "baselines": t["baselines"],
-                        "gap_closed": t["gap_closed"], "dataset_id": t.get("dataset_id"),
-                        "data": t.get("data"), "eval": t.get("eval"), "threshold": t.get("bridge_threshold"),
-                        "commands": t["sim"].get("commands_applied"), "published": t["sim"]["published"],
-                        "promoted": t.get("promoted")})
-        held = {k: v for k, v in state["holdout"].items() if k not in ("wall_s", "by_turn")}
-        # the aborted attempts' versions kept their numbers: compare the scores, not the numbers
-        held["by_turn"] = {t: {k: v for k, v in row.items() if k != "model_version"}
-                           for t, row in state["holdout"]["by_turn"].items()}
-        return out, held
-
-    assert essentials(got) == essentials(clean)
+    assert resumed_essentials(_state(workdir)) == resumed_essentials(clean)
