@@ -43,6 +43,13 @@ class Collector:
         while len(self.messages) < n and time.monotonic() < deadline:
             time.sleep(0.02)
 
+    def wait_offline(self, timeout=10.0):
+        """Until the runner's last status (offline, its final counters): it follows the runner's last
+        PUBACK, so it can still be on its way when every telemetry message has arrived."""
+        deadline = time.monotonic() + timeout
+        while (self.status is None or self.status.online) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
     def close(self):
         self.client.disconnect()
         self.client.loop_stop()
@@ -59,6 +66,7 @@ def test_runner_publishes_everything_once_and_out_file_matches(broker, tmp_path,
     runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=0), broker.url, topic_root=root, out_path=str(out))
     summary = runner.run(6 * H)
     col.wait_for(summary.published)
+    col.wait_offline()
     col.close()
     reference = run_messages(Plant(load_scenario("tiny"), seed=0), 6 * H)
     assert summary.published == len(reference) > 1000
@@ -117,6 +125,7 @@ def test_commands_over_mqtt_and_refusals_on_status(broker, tmp_path):
     assert not thread.is_alive()
     pub.disconnect()
     pub.loop_stop()
+    col.wait_offline()
     col.close()
     s = runner.summary
     assert s.stopped_by == "duration", "bad commands do not stop the sim"
@@ -203,3 +212,4 @@ def test_lockstep_timeout_is_counted_and_the_run_continues(broker):
     s = runner.run(H)                 # nobody answers: one timeout per window end (600 s, ..., 3600 s)
     assert s.stopped_by == "duration" and s.ticks == 60
     assert s.lockstep_timeouts == 6 and "no prediction" in s.last_error
+
