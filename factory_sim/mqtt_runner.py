@@ -30,6 +30,11 @@ retained status on ``{root}/_status/sim`` (its will message marks the sim offlin
   (``commands_duplicate``): a restarted bridge may send the order of its last window again.
 * **No loss, bounded memory** - publishes are acknowledged (QoS 1); at most
   ``max_unacked`` wait for their PUBACK before the runner blocks on the oldest.
+* **A broker restart** - paho reconnects only a network loop it runs itself, so the runner
+  reconnects on its own (the plant waits; after ``broker_timeout_s``, default 300, the run stops
+  with an error naming the broker). Over MQTT 5 its session (subscriptions, orders and predictions
+  sent meanwhile) is kept by the broker, across a Mosquitto restart too, and ended when the run
+  ends; paho sends again what the broker had not acknowledged. Counted in ``reconnects``.
 * **Fast** - the runner drives paho's network loop itself (``client.loop``) in its own
   thread instead of paho's background thread: a publish then writes straight to the
   socket, with no thread hand-off per message, and incoming commands and predictions
@@ -66,6 +71,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import msgspec
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from flywheel.base import contract
 from flywheel.base.config import ConfigError
@@ -78,6 +87,15 @@ from factory_sim.plant import Plant
 log = logging.getLogger("factory_sim.mqtt")
 COMPONENT = "sim"
 GUARDRAIL_REASONS = ("line_order_cap", "line_down_cap")
+
+
+def _end_session(client) -> "Properties | None":
+    """DISCONNECT properties that end an MQTT 5 session at once (session expiry 0), else None."""
+    if client.protocol != paho.MQTTv5:
+        return None
+    props = Properties(PacketTypes.DISCONNECT)
+    props.SessionExpiryInterval = 0
+    return props
 
 
 class LockstepError(FlywheelError, RuntimeError):
@@ -100,6 +118,8 @@ class RunSummary:
     commands_to_control_fleet: int = 0
     #: with a plant protocol: waits for the gateway (a tick's messages, an order) that timed out
     link_timeouts: int = 0
+    #: connections to the broker lost and made again (a broker restart); the plant waited meanwhile
+    reconnects: int = 0
     ticks: int = 0
     plant_start_ts: float = 0.0
     plant_end_ts: float = 0.0
@@ -124,7 +144,7 @@ class MqttSimRunner:
                  out_path: str | None = None, window: WindowConfig | None = None,
                  status_interval_s: float = 2.0, max_unacked: int = 5000, client_id: str | None = None,
                  progress_interval_s: float = 0.5, bridge_component: str = "serve-bridge",
-                 bridge_restart_timeout_s: float = 600.0, link=None):
+                 bridge_restart_timeout_s: float = 600.0, link=None, broker_timeout_s: float = 300.0):
         if speed is not None and not speed > 0:
             raise ConfigError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
         window = window or WindowConfig()
@@ -139,6 +159,9 @@ class MqttSimRunner:
         self.lockstep_timeout_s = float(lockstep_timeout_s)
         self.bridge_component = bridge_component
         self.bridge_restart_timeout_s = float(bridge_restart_timeout_s)
+        self.broker_timeout_s = float(broker_timeout_s)
+        self._connack: dict | None = None        # the last CONNACK: {"ok": bool, "session_present": bool, "rc": ...}
+        self._closing = False                     # disconnecting on purpose: a lost connection is not lost
         self._bridge_online: bool | None = None   # the bridge's retained status; None = never heard
         self._bridge_offline_since = 0.0          # monotonic time it went offline
         self._applied_ids: set[str] = set()
@@ -171,6 +194,69 @@ class MqttSimRunner:
             self._lock.notify_all()
 
     # ------------------------------------------------------------------ MQTT plumbing
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connack = {"ok": not getattr(reason_code, "is_failure", False), "rc": reason_code,
+                         "session_present": bool(getattr(flags, "session_present", False))}
+
+    def _subscriptions(self) -> list[tuple[str, int]]:
+        return ([(self.topics.pattern("command"), 1)] +
+                ([(self.topics.pattern("prediction"), 1), (self.topics.status(self.bridge_component), 1)]
+                 if self.lockstep else []) +
+                ([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1)]
+                 if self.link is not None else []))
+
+    def _pump(self, timeout: float) -> bool:
+        """One pass of the client's network loop; True when the connection had been lost and was made again.
+
+        The runner drives the loop itself (see the module docstring), and paho reconnects only a
+        loop it runs itself: a broker restart would otherwise leave every later publish queued in
+        this process until the run failed."""
+        rc = self._client.loop(timeout=timeout)
+        if self._closing or rc not in (MQTTErrorCode.MQTT_ERR_CONN_LOST, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            return False
+        self._reconnect()
+        return True
+
+    def _reconnect(self) -> None:
+        """Connect again, resuming the session (MQTT 5: the broker kept the subscriptions and the
+        orders and predictions sent meanwhile; paho sends again what was not acknowledged). The
+        plant waits; after ``broker_timeout_s`` without a broker the run stops with an error."""
+        client, s = self._client, self.summary
+        lost_at = time.monotonic()
+        log.warning("lost the broker %s at plant time %.0f; reconnecting (the plant waits)", self.url.redacted(),
+                    self.plant.now_ts)
+        delay, why = 0.1, "no answer"
+        while True:
+            if self._stop.is_set():
+                raise ConnectionError(f"lost the broker {self.url.redacted()} while stopping, with "
+                                      f"{sum(1 for i in self._unacked if not i.is_published())} messages unacknowledged")
+            if time.monotonic() - lost_at > self.broker_timeout_s:
+                raise ConnectionError(f"broker {self.url.redacted()} unreachable for {self.broker_timeout_s:.0f} s "
+                                      f"at plant time {self.plant.now_ts:.0f} ({why}); start it again and rerun")
+            self._connack = None
+            try:
+                client.reconnect()
+            except OSError as exc:
+                why = str(exc)
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+                continue
+            answer_by = time.monotonic() + 10.0
+            while self._connack is None and time.monotonic() < answer_by:
+                if client.loop(timeout=0.05) in (MQTTErrorCode.MQTT_ERR_CONN_LOST, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                    break
+            ack = self._connack
+            if ack is not None and ack["ok"]:
+                break
+            why = f"refused: {ack['rc']}" if ack is not None else "no CONNACK"
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+        s.reconnects += 1
+        if not self._connack["session_present"]:   # MQTT 3.1.1, or a broker that lost its sessions
+            client.subscribe(self._subscriptions())
+        log.warning("reconnected to the broker %s after %.1f s (session %s)", self.url.redacted(),
+                    time.monotonic() - lost_at, "resumed" if self._connack["session_present"] else "new")
+
     def _on_message(self, client, userdata, msg) -> None:
         try:
             decoded = contract.decode(msg.topic, msg.payload, topics=self.topics)
@@ -299,7 +385,7 @@ class MqttSimRunner:
                 self.summary.last_error = f"waited {self.lockstep_timeout_s:g} s for {what()}"
                 log.warning("%s; continuing", self.summary.last_error)
                 return
-            self._client.loop(timeout=0.005)
+            self._pump(0.005)
 
     def _drain(self, keep: int) -> None:
         """Wait for PUBACKs until at most ``keep`` publishes are unacknowledged."""
@@ -315,7 +401,8 @@ class MqttSimRunner:
             elif time.monotonic() > deadline:
                 raise ConnectionError(f"broker {self.url.redacted()} acknowledged nothing for 30 s "
                                       f"({len(unacked)} messages in flight)")
-            self._client.loop(timeout=0.01)
+            if self._pump(0.01):
+                deadline = None   # the time without a broker does not count against it
 
     # ------------------------------------------------------------------ the loop
     def _wait_predictions(self, expected: dict[str, int]) -> None:
@@ -352,7 +439,8 @@ class MqttSimRunner:
                     return
                 self._lock.release()
                 try:
-                    self._client.loop(timeout=min(left, 0.05))
+                    if self._pump(min(left, 0.05)):
+                        deadline = time.monotonic() + self.lockstep_timeout_s
                 finally:
                     self._lock.acquire()
 
@@ -399,19 +487,25 @@ class MqttSimRunner:
         client.will_set(self.topics.status(COMPONENT),
                         contract.encode(contract.Status(component=COMPONENT, online=False)), qos=1, retain=True)
         client.on_message = self._on_message
-        connect(client, self.url)
+        client.on_connect = self._on_connect
+        # A session the broker keeps while the runner is away, across its own restart (Mosquitto
+        # saves only sessions that did not ask for a clean start), so orders and predictions sent
+        # meanwhile wait for it; ended when the run ends. The default client id is new each run, so
+        # there is no older session to resume; a fixed one (``client_id``) resumes its own. MQTT 3.1.1
+        # (the in-Python broker) has no session expiry: a kept session would outlive the run, so
+        # there the runner starts clean, subscribes again after a reconnect, and what was sent to it
+        # while it was away is not kept.
+        mqtt5 = self.url.protocol == "5"
+        connect(client, self.url, clean_start=not mqtt5,
+                session_expiry_s=int(self.broker_timeout_s) + 60 if mqtt5 else None)
         client.loop_stop()        # from here on this thread drives the network loop (see the docstring)
         subacked = threading.Event()
         client.on_subscribe = lambda *a: subacked.set()
-        client.subscribe([(self.topics.pattern("command"), 1)] +
-                         ([(self.topics.pattern("prediction"), 1), (self.topics.status(self.bridge_component), 1)]
-                          if self.lockstep else []) +
-                         ([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1)]
-                          if self.link is not None else []))
+        client.subscribe(self._subscriptions())
         if self.link is not None:   # the gateway's messages of the first tick must find the subscription
             deadline = time.monotonic() + 30.0
             while not subacked.is_set() and time.monotonic() < deadline:
-                client.loop(timeout=0.05)
+                self._pump(0.05)
         self._out = open(self.out_path, "wb") if self.out_path else None
         wall0 = time.monotonic()
         s.plant_start_ts = plant_ts0 = plant.now_ts
@@ -432,7 +526,7 @@ class MqttSimRunner:
                     if lag < -1.0:            # fell behind (e.g. a lockstep wait): don't race to catch up
                         wall0 -= lag
                     while lag > 0 and not self._stop.is_set():
-                        client.loop(timeout=min(lag, 0.05))
+                        self._pump(min(lag, 0.05))
                         lag = due - time.monotonic()
                 out = plant.step()
                 s.ticks += 1
@@ -446,7 +540,7 @@ class MqttSimRunner:
                     if expected:
                         self._wait_predictions(expected)
                     out = []
-                client.loop(timeout=0)      # read PUBACKs, commands and predictions
+                self._pump(0)               # read PUBACKs, commands and predictions
                 self._apply_commands(out)
                 self._publish(out)
                 now = time.monotonic()
@@ -468,9 +562,10 @@ class MqttSimRunner:
                 info = self._publish_status(False)
                 deadline = time.monotonic() + 5.0
                 while not info.is_published() and time.monotonic() < deadline:
-                    client.loop(timeout=0.01)
+                    self._pump(0.01)
             finally:
-                client.disconnect()
+                self._closing = True
+                client.disconnect(properties=_end_session(client))
                 client.loop(timeout=0.1)
                 if self._out is not None:
                     self._out.close()

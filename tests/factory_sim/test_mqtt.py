@@ -213,3 +213,52 @@ def test_lockstep_timeout_is_counted_and_the_run_continues(broker):
     assert s.stopped_by == "duration" and s.ticks == 60
     assert s.lockstep_timeouts == 6 and "no prediction" in s.last_error
 
+
+def test_a_broker_restart_mid_run_loses_nothing_and_orders_still_arrive(broker_factory, tmp_path):
+    """Mosquitto stops (SIGTERM: it saves its sessions) and starts again on its port mid-run. The
+    runner drives its own network loop, so nothing in paho reconnects it: it must do so itself.
+    Every message it published reaches a subscriber with a persistent session, those published
+    while the broker was away included, and an order sent after the restart is handled (the
+    runner's session, and with it its subscription, survived)."""
+    b = broker_factory()   # persistence on
+    root = "t-restart"
+    topics = contract.Topics(root)
+    got: set[str] = set()
+    sub = make_client(b.url, "t-restart-sub")
+    sub.reconnect_delay_set(min_delay=1, max_delay=1)
+    sub.on_message = lambda c, u, msg: got.add(json.loads(msg.payload)["event_id"])
+    connect(sub, b.url, clean_start=False, session_expiry_s=600)
+    sub.subscribe([(topics.pattern("telemetry"), 1), (topics.pattern("event"), 1)])
+    time.sleep(0.3)
+    out = tmp_path / "restart.jsonl"
+    runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=0), b.url, topic_root=root, speed=2 * H,
+                           out_path=str(out))
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=runner.run(12 * H)))
+    thread.start()
+    time.sleep(1.5)
+    b.stop()
+    time.sleep(1.0)
+    b.start()
+    deadline = time.monotonic() + 20
+    while runner.summary.reconnects < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pub = make_client(b.url, prefix="t-restart-cmd")
+    connect(pub, b.url)
+    cmd = contract.Command(command_id="after-restart", line="L1", machine="mill-02", command="maintain", reason="t")
+    pub.publish(topics.for_message(cmd), contract.encode(cmd), qos=1).wait_for_publish(5)
+    pub.disconnect()
+    pub.loop_stop()
+    thread.join(60)
+    assert not thread.is_alive() and "summary" in result, "the run did not end"
+    s = result["summary"]
+    published = {line["payload"]["event_id"] for line in read_jsonl(out)}
+    deadline = time.monotonic() + 20
+    while not published <= got and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sub.disconnect()
+    sub.loop_stop()
+    assert s.reconnects == 1 and s.stopped_by == "duration"
+    assert len(published) == s.published > 0
+    assert published <= got, f"{len(published - got)} published messages never arrived"
+    assert s.commands_applied + s.commands_refused == 1, "the order sent after the restart was not handled"
