@@ -85,9 +85,9 @@ def _get(ref, timeout_s: float):
         cause = getattr(exc, "cause", None)
         raise (cause if isinstance(cause, BaseException) else exc) from None
     except ray.exceptions.RayActorError as exc:
-        raise BridgeHostDied(f"the serving bridge's Ray actor died ({type(exc).__name__}); its log is the campaign's "
-                          "logs/bridge.log and Ray's worker log. Run the campaign again (it resumes the turn), or "
-                          "set bridge_host=thread to keep the bridge in the campaign's process") from None
+        raise BridgeHostDied(f"the serving bridge's Ray actor died ({type(exc).__name__}); its log is the "
+                             "campaign's logs/bridge.log and Ray's worker log. Run the campaign again (it resumes "
+                             "the turn), or set bridge_host=thread to keep the bridge in the campaign's process") from None
 
 
 class RemoteBridge:

@@ -148,12 +148,17 @@ class Client(paho.Client):
     paho's ``loop_read`` reads one packet per ``select()`` unless messages of its own are in
     flight, so a subscriber pays a ``select()`` and a pass through the loop for every message
     it receives.  Measured with ``benchmarks/bench_mqtt_receive.py`` (QoS 1, MQTT 5, 20,000
-    queued messages): 61 us a message with paho's ``loop_read``, 46 us reading up to
+    queued messages): 62 us a message with paho's ``loop_read``, 45 us reading up to
     :data:`READ_BURST` packets a wake-up.  The cap bounds how long queued writes (acknowledgements,
-    the bridge's orders) wait behind a flood: ~5 ms.  Nothing else differs from paho's client.
+    the bridge's orders) wait behind a flood: ~5 ms.  Nothing else differs from paho's client; a
+    paho without the two internals this uses reads as paho does.
     """
 
+    _burst = all(hasattr(paho.Client, name) for name in ("_packet_read", "_loop_rc_handle"))
+
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        if not self._burst:
+            return super().loop_read(max_packets)
         for _ in range(max(max_packets, READ_BURST)):
             if self._sock is None:
                 return MQTTErrorCode.MQTT_ERR_NO_CONN
@@ -174,7 +179,7 @@ def make_client(url: BrokerURL | str, client_id: str | None = None, *, prefix: s
     if protocol is None:
         protocol = paho.MQTTv5 if url.protocol == "5" else paho.MQTTv311
     client = Client(CallbackAPIVersion.VERSION2, client_id=client_id or unique_client_id(prefix),
-                         protocol=protocol, manual_ack=manual_ack)
+                    protocol=protocol, manual_ack=manual_ack)
     if url.username:
         client.username_pw_set(url.username, url.password)
     if url.tls:
