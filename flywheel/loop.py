@@ -1007,7 +1007,7 @@ class Campaign:
             if bridge is not None:
                 s.commands = int(bridge.stats().get("commands", 0))
         except Exception as exc:  # noqa: BLE001 - the view must never break the loop
-            from serve.bridge_host import BridgeHostDied
+            from serve import BridgeHostDied
 
             if isinstance(exc, BridgeHostDied):
                 return exc

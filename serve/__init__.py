@@ -5,6 +5,7 @@ Public API::
     from serve import ServeConfig, BridgeConfig, start_serving, ServingHandle
     from serve.bridge import Bridge
     from serve import BridgeHost      # a Bridge in a Ray actor of its own (serve/bridge_host.py)
+    from serve import BridgeHostDied  # what its calls raise once its actor is gone
 
 Importing this package is cheap: Ray, torch and MLflow load only when serving starts.
 """
@@ -14,7 +15,8 @@ from serve.handle import ServingHandle, check_ingress, prepare_local_ray, start_
 from serve.source import ServeError
 
 __all__ = ["ServeConfig", "BridgeConfig", "start_serving", "ServingHandle", "ServeError", "Bridge",
-           "check_ingress", "prepare_local_ray", "SHADOW_ADAPTER", "bridge_metrics", "BridgeHost"]
+           "check_ingress", "prepare_local_ray", "SHADOW_ADAPTER", "bridge_metrics", "BridgeHost",
+           "BridgeHostDied"]
 
 
 def __getattr__(name: str):
@@ -22,8 +24,8 @@ def __getattr__(name: str):
         from serve import bridge
 
         return getattr(bridge, name)
-    if name == "BridgeHost":
+    if name in ("BridgeHost", "BridgeHostDied"):
         from serve import bridge_host
 
-        return bridge_host.BridgeHost
+        return getattr(bridge_host, name)
     raise AttributeError(f"module 'serve' has no attribute {name!r}")
