@@ -238,17 +238,15 @@ class MqttSimRunner:
                 client.reconnect()
             except OSError as exc:
                 why = str(exc)
-                time.sleep(delay)
-                delay = min(2 * delay, 2.0)
-                continue
-            answer_by = time.monotonic() + 10.0
-            while self._connack is None and time.monotonic() < answer_by:
-                if client.loop(timeout=0.05) in (MQTTErrorCode.MQTT_ERR_CONN_LOST, MQTTErrorCode.MQTT_ERR_NO_CONN):
+            else:
+                answer_by = time.monotonic() + 10.0
+                while self._connack is None and time.monotonic() < answer_by:
+                    if client.loop(timeout=0.05) in (MQTTErrorCode.MQTT_ERR_CONN_LOST, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                        break
+                ack = self._connack
+                if ack is not None and ack["ok"]:
                     break
-            ack = self._connack
-            if ack is not None and ack["ok"]:
-                break
-            why = f"refused: {ack['rc']}" if ack is not None else "no CONNACK"
+                why = f"refused: {ack['rc']}" if ack is not None else "no CONNACK"
             time.sleep(delay)
             delay = min(2 * delay, 2.0)
         s.reconnects += 1

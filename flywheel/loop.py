@@ -1004,13 +1004,17 @@ class Campaign:
             s.events_published = max(s.events_published, s.events_landed)
             k = self.plant.kpis().to_dict()
             s.oee_so_far = k.get("oee")
-            if bridge is not None:
-                s.commands = int(bridge.stats().get("commands", 0))
-        except Exception as exc:  # noqa: BLE001 - the view must never break the loop
+        except Exception:  # noqa: BLE001 - the view must never break the loop
+            pass
+        if bridge is not None:   # asked on its own: a failing source above must not hide a dead bridge
             from serve import BridgeHostDied
 
-            if isinstance(exc, BridgeHostDied):
+            try:
+                s.commands = int(bridge.stats().get("commands", 0))
+            except BridgeHostDied as exc:
                 return exc
+            except Exception:  # noqa: BLE001 - the view must never break the loop
+                pass
         return None
 
     def _log_turn(self, record: TurnRecord) -> None:
