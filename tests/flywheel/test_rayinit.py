@@ -74,6 +74,29 @@ def test_a_local_ray_gives_serves_proxy_time_to_start_on_a_busy_machine(ray_loca
     assert float(os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]) > 5.0
 
 
+def test_a_local_ray_reads_parquet_footers_with_one_actor_not_a_pool(ray_local, tmp_path):
+    """Ray Data starts a pool of footer-reading actors (32 by default, each a worker process) at
+    every Parquet read; on a local node started by init_ray one reads a local lake's footers."""
+    import glob
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flywheel.base.rayinit import LOCAL_DATA_ENV
+
+    for i in range(4):
+        pq.write_table(pa.table({"a": list(range(10))}), tmp_path / f"f{i}.parquet")
+
+    def footer_readers() -> int:
+        return sum(a["ActorClassName"] == "FooterReader" for a in ray_local._private.state.actors().values())
+
+    before = footer_readers()
+    ds = ray_local.data.read_parquet(sorted(glob.glob(str(tmp_path / "*.parquet"))), partitioning=None)
+    assert sum(t.num_rows for t in ray_local.get(ds.select_columns(["a"]).to_arrow_refs())) == 40
+    assert footer_readers() - before == 1
+    assert os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == LOCAL_DATA_ENV["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"]
+
+
 def test_importing_ray_builds_no_iri_grammar():
     """Every Ray process (driver, workers, agents, Serve replicas) imports jsonschema, which imports
     rfc3987-syntax when it is installed, and that builds a parser at import: ~1.9 s of CPU per
