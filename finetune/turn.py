@@ -149,8 +149,11 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                 f"{label}={w:.3g}" for label, w in zip(LABELS, result.class_weights))} if result.class_weights else {})
             tracking.log_metrics(client, run_id, {k: v for k, v in train_metrics.items() if k.startswith("train.")},
                                  step=int(train_metrics.get("train.steps", 0)))
-        # Scored in the precision training picked, which serving picks too on this machine.
-        device = pick_device("cuda" if config.use_gpu else "auto", config.precision)
+        # Scored in the precision training picked, which serving picks too on this machine. Trees
+        # need no torch (importing it costs a tree turn ~2 s): decided when a LoRA model is scored.
+        champion_family = (champion.tags.get(registry.FAMILY_TAG) or "lora") if champion is not None else None
+        device = (pick_device("cuda" if config.use_gpu else "auto", config.precision)
+                  if "lora" in (config.family, config.reference_family, champion_family) else None)
         with timer("eval_challenger"):
             report = evaluate_model_report(adapter_dir, snapshot.eval, config.eval_batch_size, device)
             challenger_metrics = report.metrics
@@ -305,10 +308,12 @@ def compute_metrics(wall_s: dict, n_eval: int, device, reference_metrics: dict, 
     ``compute.<family>.predict_ms_per_window`` (scoring the eval split, featurisation included),
     ``compute.<family>.cores`` (CPU threads it ran on) and ``compute.<family>.gpus``. The campaign
     prices them (``model_cost.*``). ``family``: the challenger's (its figures come from ``wall_s``)."""
-    import torch
-
     def cores(f: str) -> float:   # LightGBM runs on GbdtConfig.num_threads (1); torch on its threads
-        return float(torch.get_num_threads()) if f == "lora" else 1.0
+        if f != "lora":
+            return 1.0
+        import torch
+
+        return float(torch.get_num_threads())
 
     on_gpu = str(getattr(device, "device", device)).startswith("cuda")
     out: dict = {}

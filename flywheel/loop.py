@@ -552,7 +552,7 @@ class Campaign:
         decision costs each at its own operating point also ``cost_per_1k_windows``."""
         import tempfile
 
-        from finetune import RegistryError, fetch_adapter, fetch_reference_model, pick_device
+        from finetune import RegistryError, fetch_adapter, fetch_reference_model, model_family, pick_device
         from flywheel.reference import build_reference_set, score_on_reference
 
         period_s = self.cfg.reference.period_s
@@ -576,7 +576,9 @@ class Campaign:
                    "reference.failure_windows": float((ref["label"] != "ok").sum())}
             if not len(ref):
                 return out
-            device = pick_device("cuda" if train.use_gpu else "auto", train.precision)
+            # Trees need no torch (importing it costs a tree campaign ~2 s): no device for them.
+            device = None if model_family(challenger_dir) == "gbdt" else \
+                pick_device("cuda" if train.use_gpu else "auto", train.precision)
             costs = train.window_costs()
             kw = dict(batch_size=train.eval_batch_size, device=device)
             out.update({f"reference.challenger.{k}": v for k, v in score_on_reference(
@@ -602,6 +604,8 @@ class Campaign:
             if not scores:   # it was trained before the campaign had a reference set, or elsewhere
                 with tempfile.TemporaryDirectory(dir=self.workdir.root) as tmp:
                     adapter = fetch_adapter(self.tracking_uri, self.cfg.model_name, str(champion), tmp)
+                    if kw["device"] is None and model_family(adapter) != "gbdt":   # a LoRA champion
+                        kw["device"] = pick_device("cuda" if train.use_gpu else "auto", train.precision)
                     scores = score_on_reference(ref, adapter, **kw)
             out.update({f"reference.champion.{k}": v for k, v in scores.items()})
         return out

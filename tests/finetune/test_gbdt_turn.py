@@ -90,3 +90,24 @@ def test_the_registered_tree_pyfunc_predicts_from_readings_and_refuses_text(lora
     assert probs.shape == expected.shape and abs(probs.to_numpy() - expected).max() < 1e-9
     with pytest.raises(ValueError, match="a tree \\(gbdt\\) version reads raw windows"):
         model.predict(pd.DataFrame({"text": ["pump. vib 4.1 high rising."]}))
+
+
+def test_a_tree_turn_never_imports_torch(snapshot_dir, tmp_path):
+    """Trees need no torch: a tree turn with no LoRA champion or reference leaves it unimported
+    (importing it costs ~2 s, in every process of a tree campaign)."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from finetune import TrainConfig, train_and_register
+from flywheel.base.tracking import seed_sqlite_store
+uri = "sqlite:///{tmp_path / 'mlflow.db'}"
+seed_sqlite_store(uri)
+config = TrainConfig(family="gbdt", reference_family="", checkpoint_dir="{tmp_path / 'ckpt'}")
+outcome = train_and_register("{snapshot_dir}", config, uri, campaign="test", turn=1, progress=False)
+print("version", outcome.version, "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-3:] == ["version", "1", "False"], out.stdout[-2000:]
