@@ -219,9 +219,9 @@ def test_collector_lands_acks_and_resumes_its_session_on_amqtt(amqtt_broker, tmp
     assert _wait(lambda: col.status()["acked"] >= 30, timeout=30)
     col.stop(drain=True)
     # amqtt sends to a session it still counts as connected until its event loop has read the
-    # DISCONNECT, and a QoS 1 message written to that closing connection is not kept for the
-    # session: once in a suite run on two busy cores the second batch went missing. Away means
-    # away as far as the broker knows.
+    # DISCONNECT: once in a suite run on two busy cores the second batch never reached the new
+    # collector, most likely written to the closing connection. Away means away as far as the
+    # broker knows.
     time.sleep(1.0)
     publish(msgs[30:])  # the collector is away: its session queues these
     col = Collector(url, str(tmp_path / "lake"), cfg, topic_root=root).start()
