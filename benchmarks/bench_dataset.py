@@ -71,7 +71,8 @@ def machine_rows(m: int, day_from: int, day_to: int, rng: np.random.Generator):
                    "mode": [None] * len(t_part) + [modes[i % len(modes)] for i in range(len(t_fail))],
                    "reason": [None] * k, "finding": [None] * k,
                    "quality": ["ok"] * len(t_part) + [None] * len(t_fail), "command_id": [None] * k,
-                   "received_at": np.concatenate([t_part, t_fail]), "collector": ["bench"] * k},
+                   "received_at": np.concatenate([t_part, t_fail]), "collector": ["bench"] * k,
+                   "variant": [None] * k},
                   schema=EVENTS_SCHEMA)
     return tel, ev
 
