@@ -147,6 +147,9 @@ class MqttSimRunner:
                  bridge_restart_timeout_s: float = 600.0, link=None, broker_timeout_s: float = 300.0):
         if speed is not None and not speed > 0:
             raise ConfigError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
+        if not broker_timeout_s > 0:
+            raise ConfigError(f"broker_timeout_s is how long the plant waits for a lost broker, in seconds > 0 "
+                              f"(default 300), got {broker_timeout_s!r}")
         window = window or WindowConfig()
         if window.stride_s % plant.tick_s != 0:
             raise ConfigError(f"window stride_s should be a multiple of the plant tick ({plant.tick_s:g} s), "

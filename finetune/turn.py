@@ -119,9 +119,9 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             if len(snapshot.eval):
                 tracking.log_dataset(client, run_id, snapshot, "eval")
         champion = _champion(tracking_uri, model_name)
+        champion_family = (champion.tags.get(registry.FAMILY_TAG) or "lora") if champion is not None else None
         warm_dir = None
         if config.warm_start and champion is not None:
-            champion_family = champion.tags.get(registry.FAMILY_TAG) or "lora"
             if champion_family != config.family:   # a LoRA adapter cannot continue from trees
                 log.warning("train.warm_start: champion v%s is a %s model, not %s; training from scratch",
                             champion.version, champion_family, config.family)
@@ -151,7 +151,6 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                                  step=int(train_metrics.get("train.steps", 0)))
         # Scored in the precision training picked, which serving picks too on this machine. Trees
         # need no torch (importing it costs a tree turn ~2 s): decided when a LoRA model is scored.
-        champion_family = (champion.tags.get(registry.FAMILY_TAG) or "lora") if champion is not None else None
         device = (pick_device("cuda" if config.use_gpu else "auto", config.precision)
                   if "lora" in (config.family, config.reference_family, champion_family) else None)
         with timer("eval_challenger"):

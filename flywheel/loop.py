@@ -576,13 +576,15 @@ class Campaign:
                    "reference.failure_windows": float((ref["label"] != "ok").sum())}
             if not len(ref):
                 return out
-            # Trees need no torch (importing it costs a tree campaign ~2 s): no device for them.
-            device = None if model_family(challenger_dir) == "gbdt" else \
-                pick_device("cuda" if train.use_gpu else "auto", train.precision)
+
+            def device_for(model_dir: str):   # trees need no torch (importing it costs a tree campaign ~2 s)
+                return None if model_family(model_dir) == "gbdt" else \
+                    pick_device("cuda" if train.use_gpu else "auto", train.precision)
+
             costs = train.window_costs()
-            kw = dict(batch_size=train.eval_batch_size, device=device)
             out.update({f"reference.challenger.{k}": v for k, v in score_on_reference(
-                ref, challenger_dir, threshold=gate.risk_threshold if gate else None, costs=costs, **kw).items()})
+                ref, challenger_dir, threshold=gate.risk_threshold if gate else None, costs=costs,
+                batch_size=train.eval_batch_size, device=device_for(challenger_dir)).items()})
             for family in (gate.reference_families if gate is not None and run_id else []):
                 threshold = gate.reference.get(f"reference_model.{family}.calibration_risk_threshold")
                 try:
@@ -604,9 +606,8 @@ class Campaign:
             if not scores:   # it was trained before the campaign had a reference set, or elsewhere
                 with tempfile.TemporaryDirectory(dir=self.workdir.root) as tmp:
                     adapter = fetch_adapter(self.tracking_uri, self.cfg.model_name, str(champion), tmp)
-                    if kw["device"] is None and model_family(adapter) != "gbdt":   # a LoRA champion
-                        kw["device"] = pick_device("cuda" if train.use_gpu else "auto", train.precision)
-                    scores = score_on_reference(ref, adapter, **kw)
+                    scores = score_on_reference(ref, adapter, batch_size=train.eval_batch_size,
+                                                device=device_for(adapter))
             out.update({f"reference.champion.{k}": v for k, v in scores.items()})
         return out
 

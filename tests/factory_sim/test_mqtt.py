@@ -93,6 +93,14 @@ def test_same_stream_at_max_and_finite_speed(broker, tmp_path):
     assert files[0] == files[1] and len(files[0]) > 10000
 
 
+def test_a_wait_for_a_lost_broker_that_is_not_a_positive_time_is_refused_with_the_fix():
+    from flywheel.base.config import ConfigError
+
+    for bad in (0, -5.0, float("nan")):
+        with pytest.raises(ConfigError, match=r"broker_timeout_s .* seconds > 0 \(default 300\)"):
+            MqttSimRunner(Plant(load_scenario("tiny"), seed=0), "mqtt://127.0.0.1:9", broker_timeout_s=bad)
+
+
 def test_commands_over_mqtt_and_refusals_on_status(broker, tmp_path):
     root = "t3"
     out = tmp_path / "cmd.jsonl"
