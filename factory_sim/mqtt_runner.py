@@ -46,12 +46,18 @@ retained status on ``{root}/_status/sim`` (its will message marks the sim offlin
   link instead of publishing them, and applies only the maintenance orders that reach the plant
   through the link (an OPC UA ``Maintain`` call, a Sparkplug DCMD).  Two simulation
   conveniences keep the run the JSON path's, tick for tick; a real plant has neither: the runner
-  waits after each tick until the gateway has published that tick's messages on the contract
-  topics (the plant's clock never outruns its gateway, so no sample is overwritten or dropped
-  between them), and, in lockstep, it also reads the contract's command topic to know which
-  orders the bridge sent, and waits until each has reached the plant through the link (or the
-  plant refused it there) before it applies them.  A wait longer than ``lockstep_timeout_s`` is
-  counted (``link_timeouts``) and the run goes on.
+  waits until the gateway has published the ticks it handed over on the contract topics (the
+  plant's clock never outruns its gateway by more than ``link_batch_ticks`` ticks, default 60,
+  fewer than the simulator's OPC UA server queues per node, so no sample is overwritten or
+  dropped between them), and, in lockstep, it also reads the contract's command topic to know
+  which orders the bridge sent, and waits until each has reached the plant through the link (or
+  the plant refused it there) before it applies them.  It waits for the gateway at every lockstep
+  decision (the bridge must hold the window's telemetry), after every tick with an event that
+  starts or ends a machine's stop (failure, maintenance start or done: an OPC UA gateway delivers
+  a batch's data changes before its events, and a consumer must not see later telemetry before
+  such an event, as on the JSON path), every ``link_batch_ticks`` ticks, at the end of the run,
+  and after every tick when paced in real time (``speed``).  A wait longer than
+  ``lockstep_timeout_s`` is counted (``link_timeouts``) and the run goes on.
 * ``out_path`` - every published telemetry/event also goes to a JSONL file,
   ``{"topic": ..., "payload": {...}}`` a line, byte-identical for the same seed and scenario.
 
@@ -86,6 +92,8 @@ from factory_sim.plant import Plant
 
 log = logging.getLogger("factory_sim.mqtt")
 COMPONENT = "sim"
+#: Machine events that start or end a stop: in link mode the plant waits for its gateway after each.
+STOP_EVENTS = frozenset({"failure", "maintenance_start", "maintenance_done"})
 GUARDRAIL_REASONS = ("line_order_cap", "line_down_cap")
 
 
@@ -144,12 +152,16 @@ class MqttSimRunner:
                  out_path: str | None = None, window: WindowConfig | None = None,
                  status_interval_s: float = 2.0, max_unacked: int = 5000, client_id: str | None = None,
                  progress_interval_s: float = 0.5, bridge_component: str = "serve-bridge",
-                 bridge_restart_timeout_s: float = 600.0, link=None, broker_timeout_s: float = 300.0):
+                 bridge_restart_timeout_s: float = 600.0, link=None, broker_timeout_s: float = 300.0,
+                 link_batch_ticks: int = 60):
         if speed is not None and not speed > 0:
             raise ConfigError(f"speed should be > 0 plant seconds per wall second (or None for max), got {speed!r}")
         if not broker_timeout_s > 0:
             raise ConfigError(f"broker_timeout_s is how long the plant waits for a lost broker, in seconds > 0 "
                               f"(default 300), got {broker_timeout_s!r}")
+        if isinstance(link_batch_ticks, bool) or not isinstance(link_batch_ticks, int) or link_batch_ticks < 1:
+            raise ConfigError(f"link_batch_ticks is how many ticks the plant may run ahead of its gateway, an "
+                              f"integer >= 1 (default 60), got {link_batch_ticks!r}")
         window = window or WindowConfig()
         if window.stride_s % plant.tick_s != 0:
             raise ConfigError(f"window stride_s should be a multiple of the plant tick ({plant.tick_s:g} s), "
@@ -178,6 +190,10 @@ class MqttSimRunner:
         self.summary = RunSummary()
         self.link = link
         self._carried: set[str] = set()           # link: event ids the gateway published, not yet waited for
+        self._exposed: set[str] = set()           # link: event ids handed to the plant's protocol, not yet waited for
+        self._exposed_ticks = 0                   # link: ticks handed over since the last wait
+        self.link_batch_ticks = 1 if speed is not None else link_batch_ticks
+        self.link_waits = 0                       # link: waits for the gateway to publish what was handed over
         self._ordered: list[str] = []             # link: command ids the bridge sent, not yet through the link
         self._stop = threading.Event()
         self._lock = threading.Condition()
@@ -334,9 +350,10 @@ class MqttSimRunner:
             topic = self._topic_cache[key] = self.topics.for_message(msg)
         return topic
 
-    def _publish(self, messages: list) -> None:
+    def _publish(self, messages: list, decision: bool = False) -> None:
+        """Publish one tick's messages (``decision``: a lockstep decision follows at once)."""
         if self.link is not None:
-            self._expose(messages)
+            self._expose(messages, wait=decision)
             return
         client = self._client
         topic_for = self._topic_for
@@ -355,25 +372,40 @@ class MqttSimRunner:
         if len(unacked) > self.max_unacked:
             self._drain(self.max_unacked // 2)
 
-    def _expose(self, messages: list) -> None:
-        """Link mode: hand a tick's messages to the plant's protocol and wait until the gateway has
-        published them on the contract topics (see the module docstring)."""
-        if not messages:
+    def _expose(self, messages: list, wait: bool = False) -> None:
+        """Link mode: hand a tick's messages to the plant's protocol; wait until the gateway has
+        published what was handed over when ``wait``, after an event that starts or ends a
+        machine's stop, or every ``link_batch_ticks`` ticks (see the module docstring)."""
+        if messages:
+            counts, out = self._published_readings, self._out
+            stop_event = False
+            for m in messages:
+                if type(m) is contract.Telemetry:
+                    counts[m.machine] = counts.get(m.machine, 0) + 1
+                elif m.type in STOP_EVENTS:
+                    stop_event = True
+                if out is not None:
+                    out.write(b'{"topic":' + self._encode_line(self._topic_for(m)) + b',"payload":'
+                              + contract.encode(m) + b"}\n")
+            self.link.expose(messages)
+            self.summary.published += len(messages)
+            self._exposed.update(m.event_id for m in messages)
+            self._exposed_ticks += 1
+            wait = wait or stop_event or self._exposed_ticks >= self.link_batch_ticks
+        if wait:
+            self._wait_carried()
+
+    def _wait_carried(self) -> None:
+        """Wait until the gateway has published everything handed to the link (link mode)."""
+        ids = self._exposed
+        if not ids:
             return
-        counts, out = self._published_readings, self._out
-        for m in messages:
-            if type(m) is contract.Telemetry:
-                counts[m.machine] = counts.get(m.machine, 0) + 1
-            if out is not None:
-                out.write(b'{"topic":' + self._encode_line(self._topic_for(m)) + b',"payload":'
-                          + contract.encode(m) + b"}\n")
-        self.link.expose(messages)
-        self.summary.published += len(messages)
-        ids = {m.event_id for m in messages}
+        self.link_waits += 1
         self._wait_link(lambda: ids <= self._carried, lambda: f"the gateway to publish {len(ids - self._carried)} "
-                                                              f"messages of plant time {self.plant.now_ts:.0f}")
+                                                              f"messages up to plant time {self.plant.now_ts:.0f}")
         with self._lock:
             self._carried -= ids
+        self._exposed, self._exposed_ticks = set(), 0
 
     def _wait_link(self, done: Callable[[], bool], what: Callable[[], str]) -> None:
         deadline = time.monotonic() + self.lockstep_timeout_s
@@ -532,7 +564,7 @@ class MqttSimRunner:
                 out = plant.step()
                 s.ticks += 1
                 if self.lockstep and is_window_end(plant.now_ts, self.window):
-                    self._publish(out)
+                    self._publish(out, decision=True)
                     # Count readings published by THIS runner: the bridge serving this period
                     # subscribed just before it started, so it holds a full window exactly when
                     # this runner has published window.length readings of that machine.
@@ -554,6 +586,8 @@ class MqttSimRunner:
                         self._publish_status(True)
                     if progress is not None:
                         progress(s)
+            if self.link is not None:
+                self._wait_carried()       # the period's last ticks are on the contract topics
         finally:
             s.plant_end_ts = plant.now_ts
             s.kpis = plant.cumulative_kpis().to_dict()

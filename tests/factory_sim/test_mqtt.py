@@ -101,6 +101,14 @@ def test_a_wait_for_a_lost_broker_that_is_not_a_positive_time_is_refused_with_th
             MqttSimRunner(Plant(load_scenario("tiny"), seed=0), "mqtt://127.0.0.1:9", broker_timeout_s=bad)
 
 
+def test_a_plant_allowed_to_run_ahead_of_its_gateway_by_no_whole_tick_is_refused_with_the_fix():
+    from flywheel.base.config import ConfigError
+
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match=r"link_batch_ticks .* integer >= 1 \(default 60\)"):
+            MqttSimRunner(Plant(load_scenario("tiny"), seed=0), "mqtt://127.0.0.1:9", link_batch_ticks=bad)
+
+
 def test_commands_over_mqtt_and_refusals_on_status(broker, tmp_path):
     root = "t3"
     out = tmp_path / "cmd.jsonl"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from factory_sim import MqttSimRunner
+from factory_sim.mqtt_runner import STOP_EVENTS
 from factory_sim.plant_tags import gateway_mapping
 from gateway import GatewayService, parse_mapping
 
@@ -38,7 +39,8 @@ def test_a_runner_behind_a_gateway_gives_the_json_paths_stream_and_kpis(broker, 
         if protocol == "sparkplug":
             link.start()
         wait_for(lambda: svc.gateway.connected, 30, "the gateway")
-        summary = MqttSimRunner(plant, broker.url, link=link, lockstep_timeout_s=10).run(HOURS)
+        runner = MqttSimRunner(plant, broker.url, link=link, lockstep_timeout_s=10)
+        summary = runner.run(HOURS)
         inbox.wait_quiet()
     finally:
         svc.stop()
@@ -47,6 +49,12 @@ def test_a_runner_behind_a_gateway_gives_the_json_paths_stream_and_kpis(broker, 
     got = {m.event_id: m for m in inbox.telemetry + inbox.events}
     assert got == reference
     assert summary.kpis == json_kpis.cumulative_kpis().to_dict()
+    # the plant ran up to link_batch_ticks (60) ticks ahead of its gateway, waiting after each tick
+    # that starts or ends a machine's stop, and once at the end
+    stops = {(m.machine, m.ts) for m in reference.values() if getattr(m, "type", None) in STOP_EVENTS}
+    ticks_with_stops = len({ts for _, ts in stops})
+    assert summary.ticks // 60 <= runner.link_waits <= summary.ticks // 60 + ticks_with_stops + 1, \
+        (runner.link_waits, summary.ticks, ticks_with_stops)
 
 
 class StandInBridge:
