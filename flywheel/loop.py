@@ -338,16 +338,17 @@ class Campaign:
         j = self.aborted or {}
         attempt = j.get("attempt", "?")
         if j.get("run_id") and j["run_id"] not in dead:
+            # FINISHED (an attempt that died at its commit) or FAILED (one that stopped on an error,
+            # e.g. its bridge died): renamed and tagged like a killed one
             with contextlib.suppress(Exception):
-                run = client.get_run(j["run_id"])
-                if run.info.status != "FAILED":   # FINISHED too: an attempt that died at its commit
-                    dead[j["run_id"]] = run
+                dead[j["run_id"]] = client.get_run(j["run_id"])
         for run_id, run in dead.items():
             name = run.data.tags.get("mlflow.runName", f"turn-{turn}")
             if "(aborted" not in name:
                 client.set_tag(run_id, "mlflow.runName", f"{name} (aborted attempt {attempt})")
             client.set_tag(run_id, "flywheel.aborted", "true")
-            client.set_terminated(run_id, "FAILED")
+            if run.info.status != "FAILED":
+                client.set_terminated(run_id, "FAILED")
         abandoned: list[str] = []
         if self.aborted is not None:
             from finetune import abandon_run
@@ -361,7 +362,7 @@ class Campaign:
             for v in abandoned:
                 self.state.get("thresholds", {}).pop(str(v), None)
         if dead or abandoned:
-            self.view.log(f"marked {len(dead)} dead run(s) FAILED"
+            self.view.log(f"marked {len(dead)} run(s) of the dead attempt FAILED and aborted"
                           + (f"; abandoned model version(s) {', '.join(abandoned)} and restored the aliases"
                              if abandoned else ""))
 

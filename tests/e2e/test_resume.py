@@ -2,10 +2,13 @@
 
 ``flywheel run`` runs as a subprocess and kills itself with SIGKILL at a named point
 (``FLYWHEEL_TEST_KILL_AT``, a test hook of ``flywheel.loop``): in turn 1's plant period,
-while the model it trained is served, then - on the rerun - right after the rerun
-registered and promoted its model; a third run finishes.  Every run's descendants
-(Mosquitto, Ray's processes, Serve, ingest actors) are listed while it runs and must be
-gone shortly after it died.
+while the model it trained is served; on the rerun the serving bridge's Ray actor is killed
+instead (``bridge@1``: the test SIGKILLs the ``ray::_Host`` process on the first prediction the
+bridge publishes, as an out-of-memory kill would), and the run must stop within seconds with the
+bridge's own error, where the plant used to wait ``bridge_restart_timeout_s`` (600 s) for a
+bridge that could not come back; the next rerun kills itself right after it registered and
+promoted its model; a last run finishes.  Every run's descendants (Mosquitto, Ray's processes,
+Serve, ingest actors) are listed while it runs and must be gone shortly after it died.
 The result is compared with the uninterrupted tiny tree campaign (the session's ``gbdt_campaign``
 fixture, conftest.py): same seed, same overrides (``gbdt_overrides``), so the comparison is exact.
 
@@ -15,15 +18,18 @@ model family (``flywheel.loop`` handles both alike), and three runs of the LoRA 
 most of their time fine-tuning. The LoRA campaign's own run is test_loop.py's.
 
 ``FLYWHEEL_RESUME_KILLS=train@1,swap@1,commit@1`` runs other kill points (each run
-costs up to a tiny campaign, ~1 minute here).
+costs up to a tiny campaign, ~30 s here; ``bridge@<turn>`` is the bridge's kill).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +37,7 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-KILLS = [k for k in os.environ.get("FLYWHEEL_RESUME_KILLS", "plant@1,registered@1").split(",") if k]
+KILLS = [k for k in os.environ.get("FLYWHEEL_RESUME_KILLS", "plant@1,bridge@1,registered@1").split(",") if k]
 
 
 def _proc_table() -> tuple[dict[int, list[int]], dict[int, bytes]]:
@@ -68,27 +74,73 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
+def _kill_bridge_on_first_prediction(proc: subprocess.Popen, conf: Path, started: float, killed: dict,
+                                     stop: threading.Event) -> None:
+    """SIGKILL the run's bridge actor (its ``ray::_Host`` process) on the first prediction it publishes.
+
+    The run's embedded Mosquitto writes its port to ``conf`` when it starts (the same workdir's
+    earlier runs left an older one behind)."""
+    from flywheel.base.mqtt import make_client
+
+    while not stop.is_set() and not (conf.is_file() and conf.stat().st_mtime >= started):
+        time.sleep(0.1)
+    if stop.is_set():
+        return
+    port = int(re.search(r"^listener (\d+)", conf.read_text(), re.M).group(1))
+    seen = threading.Event()
+    client = make_client(f"mqtt://127.0.0.1:{port}", prefix="t-resume-bridge")
+    client.on_message = lambda c, ud, msg: seen.set()
+    client.on_connect = lambda c, ud, flags, rc, props: c.subscribe("factory/+/+/prediction", qos=0)
+    client.connect_async("127.0.0.1", port)
+    client.loop_start()
+    try:
+        while not stop.is_set() and not seen.wait(0.1):
+            pass
+        if seen.is_set():
+            pids = [p for p in _descendants(proc.pid) if _cmdline(p).startswith("ray::_Host")]
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            killed.update(at=time.monotonic(), pids=pids)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
 def _run(workdir: Path, kill_at: str | None, overrides: tuple[str, ...], timeout_s: float = 600) -> dict:
-    """One ``flywheel run`` of the tiny campaign; returns rc, output and the descendants left behind."""
+    """One ``flywheel run`` of the tiny campaign; returns rc, output, the descendants left behind and,
+    for a ``bridge@`` kill, when and what the test killed and when the run ended."""
     from flywheel.campaign import default_config_path
 
     env = dict(os.environ)
     env.pop("FLYWHEEL_TEST_KILL_AT", None)
-    if kill_at:
+    bridge_kill = bool(kill_at) and kill_at.startswith("bridge")
+    if kill_at and not bridge_kill:
         env["FLYWHEEL_TEST_KILL_AT"] = kill_at
     log = workdir.parent / f"{workdir.name}-{kill_at or 'final'}.log"
     cmd = [sys.executable, "-m", "flywheel.cli", "run", "--config", str(default_config_path("tiny")),
            "--workdir", str(workdir), "--no-live", "campaign=e2e", *overrides]
     seen: dict[int, bytes] = {}
+    killed: dict = {}
+    stop = threading.Event()
     with open(log, "wb") as out:
+        started = time.time() - 1.0     # file times have a coarser clock than time.time()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        watcher = None
+        if bridge_kill:
+            watcher = threading.Thread(target=_kill_bridge_on_first_prediction, daemon=True,
+                                       args=(proc, workdir / "broker" / "mosquitto.conf", started, killed, stop))
+            watcher.start()
         deadline = time.monotonic() + timeout_s
         while proc.poll() is None and time.monotonic() < deadline:
             seen.update(_descendants(proc.pid))
-            time.sleep(0.5)
+            time.sleep(0.1 if bridge_kill else 0.5)
+        ended_at = time.monotonic()
         if proc.poll() is None:
             proc.kill()
         rc = proc.wait()
+        stop.set()
+        if watcher is not None:
+            watcher.join(10)
     left = {}
     for _ in range(100):  # children get SIGTERM, then SIGKILL after a grace of 3 s
         _, start = _proc_table()
@@ -101,7 +153,8 @@ def _run(workdir: Path, kill_at: str | None, overrides: tuple[str, ...], timeout
             os.kill(p, 9)
         except OSError:
             pass
-    return {"rc": rc, "output": log.read_text(errors="replace"), "left": left, "children": len(seen)}
+    return {"rc": rc, "output": log.read_text(errors="replace"), "left": left, "children": len(seen),
+            "killed": killed, "ended_at": ended_at}
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +175,30 @@ def test_killed_runs_died_and_took_every_child_with_them(resumed):
     _, runs = resumed
     for kill_at, r in runs:
         tail = r["output"][-3000:]
-        if kill_at:
+        if kill_at and kill_at.startswith("bridge"):
+            assert r["rc"] == 1, (kill_at, tail)        # a runtime error, said on one line
+        elif kill_at:
             assert r["rc"] == -9, (kill_at, tail)
             assert f"FLYWHEEL_TEST_KILL_AT={kill_at}" in r["output"], tail
         else:
             assert r["rc"] == 0, tail
         assert r["children"] >= 5, "Mosquitto, Ray and its workers should have been seen"
         assert not r["left"], f"outlived the driver ({kill_at or 'final run'}): {r['left']}"
+
+
+def test_a_bridge_killed_mid_period_stops_the_run_in_seconds_with_its_own_error(resumed):
+    _, runs = resumed
+    bridge = [r for k, r in runs if k and k.startswith("bridge")]
+    if not bridge:
+        pytest.skip(f"FLYWHEEL_RESUME_KILLS={','.join(KILLS)} kills no bridge")
+    r = bridge[0]
+    assert r["killed"].get("pids"), "the watcher saw a prediction but found no bridge actor to kill:\n" + \
+        r["output"][-3000:]
+    said = [line for line in r["output"].splitlines() if line.startswith("flywheel run: ")]
+    assert len(said) == 1 and "Ray actor died" in said[0] and "bridge_host=thread" in said[0], said
+    # the plant's wait for a bridge that went away is bridge_restart_timeout_s = 600 s; this
+    # includes the run's whole teardown (Serve, Ray, Mosquitto)
+    assert r["ended_at"] - r["killed"]["at"] < 60, r["ended_at"] - r["killed"]["at"]
 
 
 def test_each_rerun_rolled_back_the_dead_attempt(resumed):
@@ -138,7 +208,8 @@ def test_each_rerun_rolled_back_the_dead_attempt(resumed):
     assert t1["attempt"] == len(KILLS) + 1
     aborted = t1["aborted_attempts"]
     assert [a["attempt"] for a in aborted] == list(range(1, len(KILLS) + 1))
-    journal_stage = {"plant": "plant", "train": "train", "registered": "train", "swap": "swap", "commit": "commit"}
+    journal_stage = {"plant": "plant", "bridge": "plant", "train": "train", "registered": "train", "swap": "swap",
+                     "commit": "commit"}
     assert [a["stage"] for a in aborted] == [journal_stage[k.split("@")[0]] for k in KILLS]
     if "plant@1" in KILLS:
         # the dead attempt's part of the period (and what the broker still held of it) moved aside
