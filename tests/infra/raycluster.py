@@ -102,7 +102,7 @@ class RayCluster:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
         try:  # a throwaway node: no need to wait out Ray's graceful drain (it took 30 s and more)
-            p.wait(timeout=8)
+            p.wait(timeout=2)
         except subprocess.TimeoutExpired:
             pass
         try:  # whatever is left of that node's process group
