@@ -61,8 +61,7 @@ def init_ray(**kwargs):
     import ray
 
     if not kwargs.get("address"):   # a local node: its processes inherit this environment
-        set_serve_patience_env()
-        set_local_data_env()
+        set_local_node_env()
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
     for attempt in range(1, START_TRIES + 1):
@@ -90,14 +89,6 @@ SERVE_PATIENCE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
                       "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
-def set_serve_patience_env() -> None:
-    """Set :data:`SERVE_PATIENCE_ENV` where unset (before a local Ray starts: its actors inherit it)."""
-    import os
-
-    for key, value in SERVE_PATIENCE_ENV.items():
-        os.environ.setdefault(key, value)
-
-
 # Ray Data's Parquet reader starts a pool of actors (32 by default, each a new worker process) at
 # every read to fetch the files' footers concurrently: it pays off for object stores and many
 # nodes. On one machine's local disk one actor reads them, and the processes not started are
@@ -107,11 +98,12 @@ def set_serve_patience_env() -> None:
 LOCAL_DATA_ENV = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1"}
 
 
-def set_local_data_env() -> None:
-    """Set :data:`LOCAL_DATA_ENV` where unset (before a local Ray starts: its workers inherit it)."""
+def set_local_node_env() -> None:
+    """Set :data:`SERVE_PATIENCE_ENV` and :data:`LOCAL_DATA_ENV` where unset (before a local Ray
+    starts: its actors and workers inherit them)."""
     import os
 
-    for key, value in LOCAL_DATA_ENV.items():
+    for key, value in {**SERVE_PATIENCE_ENV, **LOCAL_DATA_ENV}.items():
         os.environ.setdefault(key, value)
 
 
