@@ -80,6 +80,10 @@ class TrainConfig:
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk (older ones deleted)"})
     log_every: int = field(default=10, metadata={"help": "send buffered per-step metrics to MLflow every N steps"})
     eval_batch_size: int = field(default=64, metadata={"help": "windows per inference batch in evaluation"})
+    served_scores: bool = field(default=True, metadata={
+        "help": "a campaign scores the champion, on the eval windows it answered in the plant, from the "
+                "probabilities it served there (the lake's predictions) instead of running it again; the other "
+                "windows run through it. The held-out evaluation does the same. false: every window runs again"})
     operating_point: str = field(default="cost", metadata={
         "help": "how the risk threshold is chosen on the calibration split: cost (the least money, from costs; "
                 "without costs it falls back to f1) or f1 (the best any-failure F1)"})

@@ -168,6 +168,25 @@ def f1_at_threshold(risk: np.ndarray, positive: np.ndarray, threshold: float) ->
     return 2.0 * float((flagged & positive).sum()) / denom if denom else 0.0
 
 
+def served_probs(eval_df, served) -> np.ndarray:
+    """The probabilities a model served for the windows of ``eval_df`` (shape ``(len(eval_df),
+    len(LABELS))``, LABELS order; a row of NaN where it served none). A window is matched by line,
+    machine, its last reading's ``seq`` and its end time (``end_seq``/``end_ts`` of the split,
+    ``window_end_seq``/``ts`` of the prediction); a prediction missing a label counts as none."""
+    out = np.full((len(eval_df), len(LABELS)), np.nan)
+    at = {(str(line), str(machine), int(seq), float(ts)): i for i, (line, machine, seq, ts) in enumerate(
+        zip(served["line"], served["machine"], served["window_end_seq"], served["ts"]))}
+    probs = served["probs"].tolist()
+    for row, key in enumerate(zip(eval_df["line"], eval_df["machine"], eval_df["end_seq"], eval_df["end_ts"])):
+        i = at.get((str(key[0]), str(key[1]), int(key[2]), float(key[3])))
+        if i is None:
+            continue
+        p = dict(probs[i])
+        if all(label in p for label in LABELS):
+            out[row] = [p[label] for label in LABELS]
+    return out
+
+
 def score(probs: np.ndarray, truth: Sequence[str]) -> EvalReport:
     """All eval metrics from label probabilities (columns in LABELS order) and true labels."""
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score

@@ -108,8 +108,30 @@ def check_model_dir(model_dir: str | os.PathLike, expect: str | None = None) -> 
     return check_adapter_dir(model_dir)
 
 
-def evaluate_model_report(model_dir: str | os.PathLike, eval_df, batch_size: int = 64, device=None):
-    """:class:`finetune.evaluate.EvalReport` of either family on a split, featurised as the model records."""
+def evaluate_model_report(model_dir: str | os.PathLike, eval_df, batch_size: int = 64, device=None, *,
+                          served=None, window: dict | None = None):
+    """:class:`finetune.evaluate.EvalReport` of either family on a split, featurised as the model records.
+
+    ``served``: what this model answered in the plant (a DataFrame with ``ts``, ``line``,
+    ``machine``, ``window_end_seq`` and ``probs``, a ``{label: probability}`` per row, as the lake
+    keeps predictions) and ``window``: the split's window config (a snapshot manifest's
+    ``window``). When the model records the same window length, each window of ``eval_df`` (a
+    DataFrame) it answered is scored from the probabilities it served, and only the others run
+    through the model; ``eval.served_windows`` counts the first. Served and recomputed
+    probabilities agree to rounding (bf16 batches of another shape: within 0.01 of a probability).
+    """
+    if served is not None and len(served) and len(eval_df) and _same_window(model_dir, window):
+        import numpy as np
+
+        from finetune.evaluate import score, served_probs
+
+        probs = served_probs(eval_df, served)
+        missing = np.isnan(probs).any(axis=1)
+        if missing.any():
+            probs[missing] = evaluate_model_report(model_dir, eval_df[missing], batch_size, device).probs
+        report = score(probs, list(eval_df["label"]))
+        report.metrics["eval.served_windows"] = float((~missing).sum())
+        return report
     if model_family(model_dir) == GBDT:
         from finetune.gbdt import evaluate_gbdt_report
 
@@ -117,3 +139,10 @@ def evaluate_model_report(model_dir: str | os.PathLike, eval_df, batch_size: int
     from finetune.evaluate import evaluate_adapter_report
 
     return evaluate_adapter_report(model_dir, eval_df, batch_size, device)
+
+
+def _same_window(model_dir: str | os.PathLike, window: dict | None) -> bool:
+    """Whether the model reads windows as long as the split's: then a window the plant asked it about
+    (same machine, same last reading) held the readings of the split's row."""
+    recorded = read_meta(model_dir).get("window")
+    return bool(recorded and window) and int(recorded["length"]) == int(window["length"])

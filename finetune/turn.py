@@ -82,10 +82,15 @@ def _champion(tracking_uri: str, model_name: str):
 def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str, model_name: str = "fault-detector",
                        campaign: str | None = None, turn: int | None = None, run_id: str | None = None,
                        ray_address: str | None = None, progress: bool = True,
-                       hold_promotion: bool = False) -> TurnOutcome:
+                       hold_promotion: bool = False, served_predictions=None) -> TurnOutcome:
     """``hold_promotion``: a challenger that passes the gate while a champion exists is registered
     (alias ``challenger``) but ``champion`` stays; the outcome says ``held`` (the campaign's
-    ``train.promote_after_shadow`` shadows it for a plant period and promotes it, or not, then)."""
+    ``train.promote_after_shadow`` shadows it for a plant period and promotes it, or not, then).
+
+    ``served_predictions(start_ts, end_ts)``: the models' predictions the plant got for windows
+    ending in that range (a campaign reads them from its lake, ``flywheel.shadow.read_served``).
+    With ``config.served_scores`` the champion is scored from what it served on the eval windows it
+    answered (``eval.champion.served_windows`` of them) and runs only on the others."""
     from finetune import registry
     from flywheel.base import tracking
     from finetune.data import load_snapshot
@@ -164,7 +169,13 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
         if champion is not None:
             with timer("eval_champion"):
                 champ_dir = registry.fetch_adapter(tracking_uri, model_name, champion.version, str(work / "champion"))
-                champion_report = evaluate_model_report(champ_dir, snapshot.eval, config.eval_batch_size, device)
+                served = None
+                if served_predictions is not None and config.served_scores and len(snapshot.eval):
+                    served = served_predictions(float(snapshot.eval["end_ts"].min()),
+                                                float(snapshot.eval["end_ts"].max()))
+                    served = served[served["model_version"] == str(champion.version)]
+                champion_report = evaluate_model_report(champ_dir, snapshot.eval, config.eval_batch_size, device,
+                                                        served=served, window=snapshot.manifest.get("window"))
                 champion_metrics = champion_report.metrics
         reference_metrics = {}
         if config.reference_family:

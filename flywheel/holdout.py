@@ -34,14 +34,19 @@ KEYS = ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy")
 
 
 def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previous_snapshot: str | None,
-                     tracking_uri: str, model_name: str, eval_batch_size: int, scratch_dir: str | Path) -> dict:
+                     tracking_uri: str, model_name: str, eval_batch_size: int, scratch_dir: str | Path,
+                     served_scores: bool = True) -> dict:
     """Score each stored turn's champion on the eval split of a snapshot of the whole lake.
 
     Returns ``{"dataset_id", "windows", "labels", "no_model": {eval.*}, "by_turn": {turn:
-    {"model_version", eval.*, ["reference_<family>": {eval.*}]}}, "wall_s"}`` (``by_turn``
+    {"model_version", eval.*, ["served_windows"], ["reference_<family>": {eval.*}]}}, "wall_s"}`` (``by_turn``
     empty and no ``wall_s`` when the snapshot has no eval windows).  A turn's reference model
     is scored when the turn trained one; one that cannot be fetched is left out with a warning.
     Models are fetched into a temporary folder under ``scratch_dir``, removed at the end.
+
+    ``served_scores``: a champion is scored from the probabilities it served in the plant on the
+    held-out windows it answered (the last turn's champion answered the last period's), and runs
+    only on the others; the turn's row counts the first as ``served_windows``.
     """
     from finetune import evaluate_model_report, fetch_adapter, fetch_reference_model, load_snapshot, majority_baseline
     from ingest import build_snapshot
@@ -50,7 +55,8 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
     # not logged as a dataset input of the campaign's run: continued with more turns, the campaign
     # builds a larger held-out set, and MLflow params (data.range.*) cannot change
     snap = build_snapshot(lake_uri, dataset_config, previous=previous_snapshot, track=False)
-    held_out = load_snapshot(snap.path).eval
+    loaded = load_snapshot(snap.path)
+    held_out = loaded.eval
     out: dict = {"dataset_id": snap.dataset_id, "windows": len(held_out),
                  "labels": {k: int(v) for k, v in held_out["label"].value_counts().items()}, "by_turn": {}}
     if len(held_out) == 0:
@@ -58,6 +64,11 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
     scored: dict[str, dict] = {}
     no_model = majority_baseline(["ok"], list(held_out["label"])).metrics
     out["no_model"] = {k: no_model[k] for k in KEYS if k in no_model}
+    served = None
+    if served_scores:
+        from flywheel.shadow import read_served
+
+        served = read_served(lake_uri, float(held_out["end_ts"].min()), float(held_out["end_ts"].max()))
     work = Path(tempfile.mkdtemp(prefix="flywheel-holdout-", dir=scratch_dir))
     try:
         for rec in map(TurnRecord.from_dict, turns):
@@ -67,10 +78,14 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
             else:
                 if version not in scored:
                     adapter = fetch_adapter(tracking_uri, model_name, str(version), str(work / f"v{version}"))
-                    scored[version] = evaluate_model_report(adapter, held_out, eval_batch_size).metrics
+                    scored[version] = evaluate_model_report(
+                        adapter, held_out, eval_batch_size, window=loaded.manifest.get("window"),
+                        served=None if served is None else served[served["model_version"] == str(version)]).metrics
                 metrics = scored[version]
             row = out["by_turn"][str(rec.turn)] = {"model_version": version,
                                                    **{k: metrics[k] for k in KEYS if k in metrics}}
+            if "eval.served_windows" in metrics:
+                row["served_windows"] = int(metrics["eval.served_windows"])
             for family in (rec.gate.reference_families if rec.gate and rec.run_id else []):
                 try:
                     model_dir = fetch_reference_model(tracking_uri, rec.run_id, work / f"turn{rec.turn}-{family}",

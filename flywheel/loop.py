@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -92,6 +93,7 @@ from flywheel.campaign import CampaignConfig, stage_configs
 from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, CanaryResult, DataResult, DeployResult,
                              GateResult, PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
+from flywheel.shadow import read_served
 from flywheel.stack import Stack
 from flywheel.state import (STATE_VERSION, CampaignError, TurnJournal, atomic_write, campaign_dir,
                             config_fingerprint, load_state)
@@ -445,7 +447,7 @@ class Campaign:
         out = evaluate_holdout(self.state["turns"], lake_uri=self.lake_uri, dataset_config=self.stages["dataset"],
                                previous_snapshot=self.state["last_snapshot"], tracking_uri=self.tracking_uri,
                                model_name=self.cfg.model_name, eval_batch_size=self.stages["train"].eval_batch_size,
-                               scratch_dir=self.workdir.root)
+                               scratch_dir=self.workdir.root, served_scores=self.stages["train"].served_scores)
         self.state["holdout"] = out
         self._save()
         if out["by_turn"]:
@@ -533,7 +535,8 @@ class Campaign:
                 record.data.path, self.stages["train"], self.tracking_uri, model_name=cfg.model_name,
                 campaign=cfg.campaign, turn=record.turn, run_id=record.run_id,
                 ray_address=self.ray_address, progress=False,
-                hold_promotion=train.promote_after_shadow or bool(self.stages["serve"].canary_share))
+                hold_promotion=train.promote_after_shadow or bool(self.stages["serve"].canary_share),
+                served_predictions=functools.partial(read_served, self.lake_uri))
         _kill_point("registered", record.turn)
         # The audit trail: every registered version in the lake's model ledger, promoted or not.
         record_version(self.lake_uri, self.tracking_uri, cfg.model_name, str(outcome.version))

@@ -35,6 +35,7 @@ import math
 #: Live metrics where lower is better.
 LOWER_IS_BETTER = ("cost_per_1k_windows",)
 PREDICTION_COLUMNS = ["ts", "line", "machine", "model_version", "window_end_seq", "risk", "role"]
+SERVED_COLUMNS = ["ts", "line", "machine", "model_version", "window_end_seq", "probs"]
 EVENT_COLUMNS = ["event_id", "seq", "ts", "line", "machine", "type", "mode", "finding"]
 
 
@@ -48,6 +49,18 @@ def read_predictions(lake_uri: str, start_ts: float, end_ts: float):
     df["role"] = df["role"].fillna("champion")
     # a redelivered message lands twice: one row per role, version and window
     return df.drop_duplicates(["role", "model_version", "line", "machine", "window_end_seq"]).reset_index(drop=True)
+
+
+def read_served(lake_uri: str, start_ts: float, end_ts: float):
+    """Every model's probabilities for the windows ending in ``[start_ts, end_ts]`` that it answered in
+    the plant, whatever its role (pandas: ``ts``, ``line``, ``machine``, ``model_version``,
+    ``window_end_seq``, ``probs``), one row per version and window: what a turn scores a champion
+    from on the windows it served (``train.served_scores``)."""
+    from ingest import Lake
+
+    df = Lake.open(lake_uri).read_rows("predictions", SERVED_COLUMNS, start_ts, end_ts).to_pandas()
+    # a redelivered message, or a champion that was also the shadow of the same window: one row
+    return df.drop_duplicates(["model_version", "line", "machine", "window_end_seq"]).reset_index(drop=True)
 
 
 def read_events(lake_uri: str, start_ts: float):

@@ -37,6 +37,23 @@ def test_trees_are_trained_registered_gated_signed_and_served_through_the_whole_
     assert state["holdout"]["by_turn"]["1"]["model_version"] == t1["champion_version"]
 
 
+def test_the_held_out_scores_of_the_last_champion_are_what_it_served(gbdt_campaign, tmp_path):
+    """The held-out windows are the last period's, which turn 1's champion served: scored from its
+    answers in the plant, which are what it computes offline."""
+    from finetune import evaluate_model_report, fetch_adapter, load_snapshot
+
+    cfg, workdir, state, _ = gbdt_campaign
+    held_out = state["holdout"]
+    row = held_out["by_turn"]["1"]
+    assert row["served_windows"] == held_out["windows"] > 20
+    snap = load_snapshot(str(workdir / "lake" / "datasets" / held_out["dataset_id"]))
+    model = fetch_adapter(f"sqlite:///{workdir.resolve() / 'mlflow.db'}", cfg.model_name, row["model_version"],
+                          str(tmp_path / "champion"))
+    offline = evaluate_model_report(model, snap.eval).metrics
+    for key in ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy"):
+        assert row[key] == pytest.approx(offline[key], rel=0, abs=1e-9), key
+
+
 def test_the_served_trees_drive_maintenance_and_beat_run_to_failure(gbdt_campaign):
     _, _, state, _ = gbdt_campaign
     t1 = state["turns"][1]

@@ -45,6 +45,26 @@ def test_the_shadow_answers_every_live_window_and_lands_in_the_lake_as_shadow(sh
     assert sorted(map(tuple, served[key].to_numpy())) == sorted(map(tuple, mine[key].to_numpy()))
 
 
+def test_the_gate_scores_the_champion_from_what_it_served_in_the_plant(shadow_campaign, tmp_path):
+    """Turn 2's eval windows lie in turn 1's period, which v1 served alone: the gate takes v1's scores
+    there from its answers in the plant (``train.served_scores``), which are what it computes offline."""
+    from finetune import evaluate_model_report, fetch_adapter, load_snapshot
+
+    cfg, workdir, state = shadow_campaign
+    t1, t2 = state["turns"][1], state["turns"][2]
+    champion = t2["champion_eval"]
+    assert champion["eval.served_windows"] == champion["eval.n_windows"] == t2["eval"]["eval.n_windows"] > 20
+    snap = load_snapshot(str(workdir / "lake" / "datasets" / t2["dataset_id"]))
+    v1 = fetch_adapter(f"sqlite:///{workdir.resolve() / 'mlflow.db'}", cfg.model_name, t1["challenger_version"],
+                       str(tmp_path / "v1"))
+    offline = evaluate_model_report(v1, snap.eval).metrics
+    assert "eval.served_windows" not in offline
+    for key in ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy"):
+        assert champion[key] == pytest.approx(offline[key], rel=0, abs=1e-9), key
+    # the replica answers in float32: the mean log-likelihood differs in the ninth digit
+    assert champion["eval.loss"] == pytest.approx(offline["eval.loss"], rel=0, abs=1e-6)
+
+
 def test_the_shadow_never_commanded(shadow_campaign):
     cfg, workdir, state = shadow_campaign
     t2 = state["turns"][2]

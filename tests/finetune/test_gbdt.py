@@ -86,6 +86,39 @@ def test_a_loaded_text_featurised_snapshot_is_refeaturised(trained, tmp_path):
     assert again["eval.macro_f1"] == metrics["eval.macro_f1"]
 
 
+def test_windows_the_model_answered_in_the_plant_are_scored_from_what_it_served(trained):
+    """``served``: what the model said in the plant is its score there; the rest runs through it."""
+    from finetune.evaluate import score
+    from finetune.families import evaluate_model_report
+
+    snap, model_dir, _ = trained
+    loaded = load_snapshot(snap)
+    ev = loaded.eval.set_axis(range(1000, 1000 + len(loaded.eval)))   # an index that is not 0..n-1
+    window = json.loads((snap / "manifest.json").read_text())["window"]
+    offline = evaluate_model_report(model_dir, ev).probs
+    # the plant's answers for the first half: the true label certain, so their use shows
+    half = len(ev) // 2
+    truth = np.array([[1.0 if label == t else 0.0 for label in LABELS] for t in ev["label"]])
+    served = pd.DataFrame({"ts": ev["end_ts"].to_numpy()[:half], "line": ev["line"].to_numpy()[:half],
+                           "machine": ev["machine"].to_numpy()[:half], "window_end_seq": ev["end_seq"].to_numpy()[:half],
+                           "probs": [list(zip(LABELS, row)) for row in truth[:half]]})
+    report = evaluate_model_report(model_dir, ev, served=served, window=window)
+    assert report.metrics["eval.served_windows"] == half
+    assert np.array_equal(report.probs[:half], truth[:half])
+    assert np.allclose(report.probs[half:], offline[half:], rtol=0, atol=1e-12)
+    assert report.metrics == score(np.vstack([truth[:half], offline[half:]]), list(ev["label"])).metrics | \
+        {"eval.served_windows": float(half)}
+    # a prediction of another time, or one that lacks a label, is no answer for the window
+    other = served.assign(ts=served["ts"] + 600.0)
+    partial = served.assign(probs=[p[1:] for p in served["probs"]])
+    for bad in (other, partial):
+        again = evaluate_model_report(model_dir, ev, served=bad, window=window)
+        assert again.metrics["eval.served_windows"] == 0 and np.allclose(again.probs, offline, rtol=0, atol=1e-12)
+    # a model that reads windows of another length saw other readings at the same window end: not used
+    longer = evaluate_model_report(model_dir, ev, served=served, window={**window, "length": window["length"] + 1})
+    assert "eval.served_windows" not in longer.metrics and np.allclose(longer.probs, offline, rtol=0, atol=1e-12)
+
+
 def test_ok_is_weighted_as_one_lora_epoch_draws_it():
     labels = ["ok"] * 90 + ["BRG"] * 10
     w = sample_weights(labels, ok_ratio=3.0, clip=10.0)
