@@ -54,8 +54,8 @@ def fingerprint(snapshot, config: TrainConfig, world_size: int, warm_start_dir: 
     """Identity of a run: same fingerprint = same batches and same initial weights."""
     keep = {k: v for k, v in asdict(config).items()
             if k not in ("num_threads", "checkpoint_dir", "keep_checkpoints", "log_every", "eval_batch_size",
-                         "served_scores", "gate_metric", "gate_margin", "min_eval_windows", "max_failures", "checkpoint_every", "ray_poll_s",
-                         "reference_family", "family")}
+                         "served_scores", "gate_metric", "gate_margin", "min_eval_windows", "max_failures",
+                         "checkpoint_every", "ray_poll_s", "reference_family", "family")}
     data_id = snapshot.content_hash or hashlib.sha256(
         "\n".join(snapshot.train["text"] + "\t" + snapshot.train["label"]).encode()).hexdigest()
     warm = ""

@@ -39,8 +39,8 @@ def evaluate_holdout(turns: list[dict], *, lake_uri: str, dataset_config, previo
     """Score each stored turn's champion on the eval split of a snapshot of the whole lake.
 
     Returns ``{"dataset_id", "windows", "labels", "no_model": {eval.*}, "by_turn": {turn:
-    {"model_version", eval.*, ["served_windows"], ["reference_<family>": {eval.*}]}}, "wall_s"}`` (``by_turn``
-    empty and no ``wall_s`` when the snapshot has no eval windows).  A turn's reference model
+    {"model_version", eval.*, ["served_windows"], ["reference_<family>": {eval.*}]}}, "wall_s"}``
+    (``by_turn`` empty and no ``wall_s`` when the snapshot has no eval windows).  A turn's reference model
     is scored when the turn trained one; one that cannot be fetched is left out with a warning.
     Models are fetched into a temporary folder under ``scratch_dir``, removed at the end.
 

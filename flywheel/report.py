@@ -589,7 +589,8 @@ def markdown(tables: list[list[dict]], names: list[str], plots: list[Path], titl
               "plant period with maintenance driven by the served model. Baselines run the same periods with the "
               "same seed. *Gap closed* is the share of the run-to-failure -> oracle OEE gap the model closed. "
               "*macro-F1 held-out* scores every turn's served model (turn 0: no model, every window `ok`) on the "
-              "same data, the latest part of the campaign that no model trained on; *macro-F1* and *AUROC* are "
+              "same data, the latest part of the campaign that no model trained on (from the probabilities a "
+              "champion served there, on the windows it answered in the plant); *macro-F1* and *AUROC* are "
               "measured on each turn's own eval split, which grows with the data.", ""]
     cols = ["turn", "model", "train windows", "macro-F1 held-out", "macro-F1", "AUROC", "OEE", "OEE run-to-failure", "OEE fixed-interval",
             "OEE oracle", "gap closed", "unplanned downtime (min)", "failures", "failures avoided",
