@@ -59,7 +59,7 @@ def read_served(lake_uri: str, start_ts: float, end_ts: float):
     from ingest import Lake
 
     df = Lake.open(lake_uri).read_rows("predictions", SERVED_COLUMNS, start_ts, end_ts).to_pandas()
-    # a redelivered message, or a champion that was also the shadow of the same window: one row
+    # a redelivered message lands twice: one row per version and window
     return df.drop_duplicates(["model_version", "line", "machine", "window_end_seq"]).reset_index(drop=True)
 
 

@@ -144,11 +144,13 @@ class Stack:
         self.view.stage("starting MLflow")
         import mlflow
 
-        from flywheel.base.tracking import flatten, plain_uri
+        from flywheel.base.tracking import ensure_experiment, flatten, plain_uri
 
         cfg = self.cfg
         mlflow.set_tracking_uri(plain_uri(self.tracking_uri))  # credentials, if any, go to MLflow's env vars
-        exp = mlflow.set_experiment(f"flywheel-{cfg.campaign}")
+        # created with its artifacts beside a SQLite store (the workdir), not in ./mlruns of the current directory
+        exp = mlflow.set_experiment(experiment_id=ensure_experiment(
+            mlflow.MlflowClient(), f"flywheel-{cfg.campaign}", self.tracking_uri))
         if self.parent_run_id:
             mlflow.start_run(run_id=self.parent_run_id)
         else:

@@ -215,10 +215,10 @@ def run_dataset_build(args) -> int:
         import mlflow
 
         wd.root.mkdir(parents=True, exist_ok=True)
-        from flywheel.base.tracking import plain_uri
+        from flywheel.base.tracking import ensure_experiment, plain_uri
 
         mlflow.set_tracking_uri(plain_uri(wd.mlflow_uri))
-        mlflow.set_experiment(args.experiment)
+        mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(), args.experiment, wd.mlflow_uri))
         run = mlflow.start_run(run_name="dataset-build")
     try:
         with console.status("building dataset snapshot") as spinner:

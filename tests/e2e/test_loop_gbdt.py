@@ -4,6 +4,7 @@ Mosquitto, Ray (ingest, Serve), MLflow on SQLite, the simulator driven by the se
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +53,25 @@ def test_the_held_out_scores_of_the_last_champion_are_what_it_served(gbdt_campai
     offline = evaluate_model_report(model, snap.eval).metrics
     for key in ("eval.macro_f1", "eval.auroc_any_failure", "eval.accuracy"):
         assert row[key] == pytest.approx(offline[key], rel=0, abs=1e-9), key
+
+
+def test_the_campaigns_mlflow_artifacts_stay_in_its_workdir(gbdt_campaign):
+    """Models, BOMs and plots are logged beside the workdir's SQLite store, not into ./mlruns of the
+    directory the campaign was started from."""
+    from urllib.parse import unquote, urlparse
+
+    import mlflow
+
+    cfg, workdir, _, _ = gbdt_campaign
+    client = mlflow.MlflowClient(f"sqlite:///{workdir.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(f"flywheel-{cfg.campaign}")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) >= 3   # the campaign's run and one per turn
+    for where in [exp.artifact_location] + [r.info.artifact_uri for r in runs]:
+        assert Path(unquote(urlparse(where).path)).is_relative_to(workdir.resolve()), where
+    version = client.get_model_version_by_alias(cfg.model_name, "champion")
+    model = Path(unquote(urlparse(client.get_run(version.run_id).info.artifact_uri).path)) / "model"
+    assert (model / "MLmodel").is_file()
 
 
 def test_the_served_trees_drive_maintenance_and_beat_run_to_failure(gbdt_campaign):
