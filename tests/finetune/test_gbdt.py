@@ -99,8 +99,9 @@ def test_windows_the_model_answered_in_the_plant_are_scored_from_what_it_served(
     # the plant's answers for the first half: the true label certain, so their use shows
     half = len(ev) // 2
     truth = np.array([[1.0 if label == t else 0.0 for label in LABELS] for t in ev["label"]])
-    served = pd.DataFrame({"ts": ev["end_ts"].to_numpy()[:half], "line": ev["line"].to_numpy()[:half],
-                           "machine": ev["machine"].to_numpy()[:half], "window_end_seq": ev["end_seq"].to_numpy()[:half],
+    first = ev.iloc[:half]
+    served = pd.DataFrame({"ts": first["end_ts"].to_numpy(), "line": first["line"].to_numpy(),
+                           "machine": first["machine"].to_numpy(), "window_end_seq": first["end_seq"].to_numpy(),
                            "probs": [list(zip(LABELS, row)) for row in truth[:half]]})
     report = evaluate_model_report(model_dir, ev, served=served, window=window)
     assert report.metrics["eval.served_windows"] == half
