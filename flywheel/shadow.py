@@ -30,8 +30,10 @@ keeps its label for both models (the builder's rule).
 
 from __future__ import annotations
 
+import logging
 import math
 
+log = logging.getLogger(__name__)
 #: Live metrics where lower is better.
 LOWER_IS_BETTER = ("cost_per_1k_windows",)
 PREDICTION_COLUMNS = ["ts", "line", "machine", "model_version", "window_end_seq", "risk", "role"]
@@ -55,10 +57,23 @@ def read_served(lake_uri: str, start_ts: float, end_ts: float):
     """Every model's probabilities for the windows ending in ``[start_ts, end_ts]`` that it answered in
     the plant, whatever its role (pandas: ``ts``, ``line``, ``machine``, ``model_version``,
     ``window_end_seq``, ``probs``), one row per version and window: what a turn scores a champion
-    from on the windows it served (``train.served_scores``)."""
+    from on the windows it served (``train.served_scores``).
+
+    An optimisation, not evidence of its own: when the lake's prediction files cannot be read, it
+    says so and returns no rows, and the champion runs over every window as it would without them."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from flywheel.base.errors import FlywheelError
     from ingest import Lake
 
-    df = Lake.open(lake_uri).read_rows("predictions", SERVED_COLUMNS, start_ts, end_ts).to_pandas()
+    try:
+        df = Lake.open(lake_uri).read_rows("predictions", SERVED_COLUMNS, start_ts, end_ts).to_pandas()
+    except (pa.ArrowInvalid, OSError, FlywheelError) as exc:   # a corrupt file; a lake that cannot be opened
+        log.warning("the lake's predictions of plant time %.0f-%.0f cannot be read (%s): the champion is scored "
+                    "by running it over every window instead; move the unreadable file out of %s/raw/predictions "
+                    "to use the rest", start_ts, end_ts, exc, lake_uri)
+        return pd.DataFrame(columns=SERVED_COLUMNS)
     # a redelivered message lands twice: one row per version and window
     return df.drop_duplicates(["model_version", "line", "machine", "window_end_seq"]).reset_index(drop=True)
 

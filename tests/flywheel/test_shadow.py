@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flywheel.base import contract
-from flywheel.shadow import decide, decision_scores, read_predictions, score_period
+from flywheel.shadow import decide, decision_scores, read_predictions, read_served, score_period
 
 T0 = 1_700_000_000.0
 H = 3600.0
@@ -54,6 +54,24 @@ def lake(tmp_path):
 def test_the_lake_keeps_each_prediction_with_its_role(lake):
     df = read_predictions(lake, T0, T0 + 9 * 600.0)
     assert df.groupby(["role", "model_version"]).size().to_dict() == {("champion", "1"): 16, ("shadow", "2"): 16}
+
+
+def test_served_probabilities_are_read_per_version_and_window_and_an_unreadable_file_falls_back(lake, caplog):
+    from pathlib import Path
+
+    served = read_served(lake, T0, T0 + 9 * 600.0)
+    assert served.groupby("model_version").size().to_dict() == {"1": 16, "2": 16}   # the redelivery once
+    row = served[(served["machine"] == "m1") & (served["window_end_seq"] == 4) & (served["model_version"] == "1")]
+    assert dict(row["probs"].iloc[0]) == {"ok": pytest.approx(0.2), "TWF": pytest.approx(0.8)}
+    # a prediction file that is not Parquet: a warning that names it and the fix, and no rows (the
+    # champion then runs over every window), not a failed turn
+    bad = Path(lake, "raw", "predictions", "date=2023-11-14", "broken.parquet")
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_bytes(b"not parquet")
+    with caplog.at_level("WARNING", logger="flywheel.shadow"):
+        none = read_served(lake, T0, T0 + 9 * 600.0)
+    assert len(none) == 0 and list(none.columns) == list(served.columns)
+    assert "broken.parquet" in caplog.text and "move the unreadable file out of" in caplog.text
 
 
 def test_both_models_are_scored_on_the_same_windows_against_their_outcomes(lake):
