@@ -61,6 +61,10 @@ class TrainConfig:
         "help": "how a window's readings become model input (name/version; recorded with the model); '' = the "
                 "family's own: text-summary/1 for lora, numeric-stats/1 for gbdt"})
     max_length: int = field(default=96, metadata={"help": "max tokens per window text (batches pad dynamically)"})
+    split_batches: bool = field(default=True, metadata={
+        "help": "run a batch whose texts differ much in length (pump vs milling windows) as two parts, each padded "
+                "to its own longest text, in one optimizer step with the whole batch's loss: the same step with "
+                "fewer padded tokens (a split needs 20% fewer; finetune.data.split_by_length)"})
     max_train_samples: int = field(default=4000, metadata={
         "help": "windows trained on per turn, all epochs together, after class balancing (0 = no cap)"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0 = no limit)"})

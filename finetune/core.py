@@ -2,7 +2,8 @@
 
 ``train_core(model, batches, optim, report=..., save_checkpoint=..., resume=...)`` trains
 whatever model it is given (a PeftModel, a DDP-wrapped one from Ray Train, or a fully
-trainable model in the benchmark) on ``batches[step]`` for ``step`` in ``range(len(batches))``.
+trainable model in the benchmark) on ``batches[step]`` for ``step`` in ``range(len(batches))``
+(a dict of tensors, or a list of such parts of one batch: one optimizer step either way).
 Everything around it - where checkpoints go, where metrics go, how many processes run - is
 the launcher's business (``finetune.launch``), so the same function runs in a unit test,
 in a notebook and on a Ray cluster.
@@ -93,14 +94,47 @@ class _Progress:
             self.bar.update(self.task, completed=step, loss=f"{loss:.4f}", sps=f"{sps:.0f}")
 
 
-def train_core(model, batches: Sequence[dict], optim: OptimConfig, *, device: DeviceSpec,
+def _forward_backward(model, parts: list[dict], weight, device: DeviceSpec) -> tuple[float, int, int]:
+    """One optimizer step's forward and backward passes over a batch given as one or more parts
+    (``finetune.data.Batches(split=True)`` groups a batch's windows by text length): each part's
+    loss is its share of the whole batch's (class-weighted) mean, so the gradient is the whole
+    batch's. Under DDP only the last part's backward all-reduces: every worker runs exactly one
+    synced backward per step, however its batch was split. Returns (loss, samples, real tokens)."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    moved = [{k: v.to(device.device, non_blocking=True) for k, v in p.items()} for p in parts]
+    if len(moved) == 1:     # exactly the single-batch loss (the same numbers as an unsplit run)
+        batch = moved[0]
+        with device.autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight)
+        loss.backward()
+        return float(loss.detach()), int(batch["labels"].shape[0]), int(batch["attention_mask"].sum())
+    labels = [p["labels"] for p in moved]
+    total = float(sum(len(y) for y in labels)) if weight is None else float(sum(weight[y].sum() for y in labels))
+    no_sync = getattr(model, "no_sync", None)
+    loss_value = 0.0
+    for i, batch in enumerate(moved):
+        sync = i == len(moved) - 1 or no_sync is None
+        with (contextlib.nullcontext() if sync else no_sync()):
+            with device.autocast():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight, reduction="sum") / total
+            loss.backward()
+        loss_value += float(loss.detach())
+    return loss_value, sum(len(y) for y in labels), sum(int(p["attention_mask"].sum()) for p in moved)
+
+
+def train_core(model, batches: "Sequence[dict | list[dict]]", optim: OptimConfig, *, device: DeviceSpec,
                class_weights=None, report: ReportFn | None = None, checkpoint_every: int = 0,
                save_checkpoint: Callable[[dict], None] | None = None, resume: dict | None = None,
                fingerprint: str = "", world_size: int = 1, progress: bool = False,
                label: str = "training") -> dict:
-    """Train ``model`` on ``batches``; returns the run's ``train.*`` summary metrics."""
+    """Train ``model`` on ``batches`` (a step's batch: one dict of tensors, or a list of parts of
+    one batch); returns the run's ``train.*`` summary metrics."""
     import torch
-    import torch.nn.functional as F
 
     total = len(batches)
     opt, sched = build_optimizer(model, optim, total)
@@ -134,20 +168,16 @@ def train_core(model, batches: Sequence[dict], optim: OptimConfig, *, device: De
     with _Progress(progress, total, start, label) as bar:
         for step in range(start, total):
             ts = time.perf_counter()
-            batch = batches[step]
-            batch = {k: v.to(device.device, non_blocking=True) for k, v in batch.items()}
-            with device.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(logits.float(), batch["labels"], weight=weight)
-            loss.backward()
+            parts = batches[step]
+            parts = [parts] if isinstance(parts, dict) else parts
+            loss_value, n_samples, n_tokens = _forward_backward(model, parts, weight, device)
+            n_samples *= world_size
+            n_tokens *= world_size
             grad_norm = torch.nn.utils.clip_grad_norm_(params, optim.grad_clip) if optim.grad_clip else None
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
 
-            loss_value = float(loss.detach())
-            n_samples = int(batch["labels"].shape[0]) * world_size
-            n_tokens = int(batch["attention_mask"].sum()) * world_size
             samples += n_samples
             tokens += n_tokens
             dt = time.perf_counter() - ts

@@ -231,25 +231,67 @@ def plan_batches(y: np.ndarray, *, epochs: int, batch_size: int, seed: int, ok_r
                      epoch_of_step=epoch_of_step)
 
 
+#: A batch is split in two by text length when that cuts its padded tokens by at least this share.
+SPLIT_MIN_SAVING = 0.2
+#: ... and only into parts of at least this many windows (tiny parts run slower per window).
+SPLIT_MIN_PART = 4
+
+
+def split_by_length(lengths: Sequence[int], min_saving: float = SPLIT_MIN_SAVING,
+                    min_part: int = SPLIT_MIN_PART) -> list[np.ndarray]:
+    """Positions of one batch in at most two groups, shortest texts first, when padding each
+    group to its own longest text saves at least ``min_saving`` of the tokens a single padded
+    batch would hold (e.g. 35-token pump windows beside 60-token milling ones); else one group.
+    Each group keeps the batch's order."""
+    n = len(lengths)
+    whole = [np.arange(n)]
+    if n < 2 * min_part:
+        return whole
+    lens = np.asarray(lengths)
+    order = np.argsort(lens, kind="stable")
+    sorted_lens = lens[order]
+    full = n * int(sorted_lens[-1])
+    best, cut = full, 0
+    for k in range(min_part, n - min_part + 1):
+        padded = k * int(sorted_lens[k - 1]) + (n - k) * int(sorted_lens[-1])
+        if padded < best:
+            best, cut = padded, k
+    if cut == 0 or best > (1.0 - min_saving) * full:
+        return whole
+    return [np.sort(order[:cut]), np.sort(order[cut:])]
+
+
 class Batches:
-    """Collated batches of one worker: ``batches[step]`` -> dict of tensors (dynamic padding)."""
+    """Collated batches of one worker: ``batches[step]`` -> dict of tensors (dynamic padding).
+
+    ``split=True``: ``batches[step]`` is a list of one or two such dicts, the batch's windows
+    grouped by text length (:func:`split_by_length`) so that short texts are not padded to the
+    longest one; the training core runs them as parts of one optimizer step, with the loss of
+    the whole batch (``finetune.core``). Same windows, same step, fewer padded tokens.
+    """
 
     def __init__(self, input_ids: list[list[int]], y: np.ndarray, plan: BatchPlan, pad_token_id: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, split: bool = False):
         self.input_ids = input_ids
         self.y = y
         self.plan = plan
         self.pad = int(pad_token_id)
         self.rank = rank
         self.world_size = world_size
+        self.split = split
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def __getitem__(self, step: int) -> dict:
+    def __getitem__(self, step: int) -> "dict | list[dict]":
+        idx = self.plan.steps[step][self.rank::self.world_size]
+        if not self.split:
+            return self._collate(idx)
+        return [self._collate(idx[g]) for g in split_by_length([len(self.input_ids[i]) for i in idx])]
+
+    def _collate(self, idx: np.ndarray) -> dict:
         import torch
 
-        idx = self.plan.steps[step][self.rank::self.world_size]
         seqs = [self.input_ids[i] for i in idx]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)

@@ -111,7 +111,7 @@ def run_worker(snapshot, config: TrainConfig, *, device: DeviceSpec, rank: int =
                         ok_ratio=config.ok_ratio, max_train_samples=config.max_train_samples,
                         max_steps=config.max_steps, world_size=world_size, class_weight_max=config.class_weight_max)
     batches = Batches(tokenize(tok, snapshot.train["text"], config.max_length), y, plan, tok.pad_token_id,
-                      rank=rank, world_size=world_size)
+                      rank=rank, world_size=world_size, split=config.split_batches)
     setup_s = time.perf_counter() - t0
     model = wrap_model(model)
     optim = OptimConfig(lr=config.lr, weight_decay=config.weight_decay, warmup_frac=config.warmup_frac,
