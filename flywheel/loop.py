@@ -94,7 +94,7 @@ from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, CanaryResult, DataResult, DeployResult,
                              GateResult, PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
 from flywheel.shadow import read_served
-from flywheel.stack import Stack
+from flywheel.stack import Stack, prewarm_modules
 from flywheel.state import (STATE_VERSION, CampaignError, TurnJournal, atomic_write, campaign_dir,
                             config_fingerprint, load_state)
 
@@ -214,7 +214,8 @@ class Campaign:
             self.stack = running.enter_context(Stack(
                 self.cfg, self.stages["serve"], self.workdir, view=self.view, broker_url=self.broker_url,
                 ray_address=self.ray_address, embedded_broker=self.embedded_broker,
-                parent_run_id=self.state["parent_run_id"], on_tracking=self._tracking_ready))
+                parent_run_id=self.state["parent_run_id"], on_tracking=self._tracking_ready,
+                prewarm=prewarm_modules({self.stages["train"].family, self.stages["train"].reference_family})))
             self.broker_url, self.ingest = self.stack.broker_url, self.stack.ingest
             self._start_plant_link(running)
             running.callback(self._stop_serving)
