@@ -1,14 +1,15 @@
 """Benchmark: a training batch run as two parts grouped by text length vs one padded batch.
 
-    python benchmarks/bench_train_split.py              # ~3 min on 2 idle CPU cores
-    python benchmarks/bench_train_split.py --repeats 5 --samples 640
+    python benchmarks/bench_train_split.py              # ~1-2 min on 2 idle CPU cores
+    python benchmarks/bench_train_split.py --dropout --repeats 5 --samples 960 \
+        --snapshot .flywheel/lake/datasets/ds-...       # RESULTS.md's table: a demo snapshot, ~8 min
 
 The demo's windows are pump texts (~35 tokens) and milling texts (~60 tokens); a batch of both
 pads every pump text to the longest milling one. ``train.split_batches`` (default on) runs such a
 batch as two parts, each padded to its own longest text, in one optimizer step with the whole
 batch's loss (``finetune.core``). This runs the real training worker (``finetune.launch.run_worker``:
-the packaged MiniLM with LoRA, the campaign's precision) on the same synthetic pump and milling
-snapshot both ways, interleaved, and reports median samples/s, the ratio, real and padded tokens
+the packaged MiniLM with LoRA, the campaign's precision) on the same snapshot (a synthetic pump
+and milling one, or ``--snapshot``) both ways, interleaved, and reports median samples/s, the ratio, real and padded tokens
 and the final loss of each (the two differ only by rounding and dropout draws).
 
 ``--dropout`` runs both at LoRA dropout 0.05 (the default before) and 0 (``train.lora.dropout``,
