@@ -357,11 +357,12 @@ def predict_proba(model, tokenizer, texts: Sequence[str], *, batch_size: int = 6
     if len(texts) == 0:
         return np.zeros((0, model.config.num_labels), dtype=np.float32)
     texts = list(texts)
-    order = None
+    order = encoded = None
     if sort_by_length and len(texts) > batch_size:
-        lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-        order = np.argsort(lengths, kind="stable")
-        texts = [texts[i] for i in order]
+        # tokenized once, unpadded: the lengths to sort by, then each batch padded from these
+        enc_all = tokenizer(texts, truncation=True, max_length=max_length)
+        order = np.argsort([len(ids) for ids in enc_all["input_ids"]], kind="stable")
+        encoded = [{k: enc_all[k][i] for k in enc_all.keys()} for i in order]
         if adapter_names is not None:
             adapter_names = [adapter_names[i] for i in order]
     where = next(model.parameters()).device
@@ -371,8 +372,11 @@ def predict_proba(model, tokenizer, texts: Sequence[str], *, batch_size: int = 6
     autocast = device.autocast() if device is not None else contextlib.nullcontext()
     with torch.inference_mode(), autocast:
         for i in range(0, len(texts), batch_size):
-            chunk = texts[i:i + batch_size]
-            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            if encoded is not None:
+                enc = tokenizer.pad(encoded[i:i + batch_size], return_tensors="pt")
+            else:
+                enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                                return_tensors="pt")
             enc = {k: v.to(where) for k, v in enc.items()}
             kwargs = {}
             if adapter_names is not None:
