@@ -189,3 +189,47 @@ def test_object_store_lake_is_written_by_single_puts_and_builds(plant):
     assert snap.manifest["events"]["unique"] == len(msgs)
     assert lake.exists(snap.train_path) and lake.exists(snap.train_path.rsplit("/", 1)[0] + "/manifest.json")
     assert snap.path == f"mock:///bucket/lake/datasets/{snap.dataset_id}"   # a URI, which training opens too
+
+
+def _read_operators(session_dir: str, since: int) -> list[str]:
+    """The read operators of the Ray Data executions logged after byte ``since`` of the session's log."""
+    import re
+    from pathlib import Path
+
+    text = (Path(session_dir) / "logs" / "ray-data" / "ray-data.log").read_bytes()[since:].decode(errors="replace")
+    return re.findall(r"Execution plan of Dataset .*?\[(Read[A-Za-z0-9]*)\]", text)
+
+
+def test_both_ray_parquet_readers_build_the_same_snapshot_and_the_previous_one_is_the_default(
+        plant, tmp_path, ray_local, monkeypatch):
+    """A lake whose first file holds three rows (as a collector's flush at a period's edge leaves):
+    Ray's new Parquet reader sized every batch of such a read task to three rows. The builder reads
+    with the previous reader unless RAY_DATA_USE_DATASOURCE_V2 says otherwise; both readers give
+    the same snapshot, and the caller's Ray Data setting is left as it was."""
+    from pathlib import Path
+
+    from ray.data.context import DataContext
+
+    from ingest.dataset import RAY_PARQUET_READER_ENV
+
+    session = ray_local._private.worker._global_node.get_session_dir_path()
+    log = Path(session) / "logs" / "ray-data" / "ray-data.log"
+    lake = tmp_path / "lake"
+    msgs = [m for m in plant if m.ts < T0 + 20 * 3600]
+    write_lake(str(lake), msgs[:3], collector="a")           # a file of three rows first
+    write_lake(str(lake), msgs[3:], collector="b")
+    ctx = DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ids, readers = {}, {}
+    for name, value in (("default", None), ("new", "1"), ("previous", "0")):
+        if value is None:
+            monkeypatch.delenv(RAY_PARQUET_READER_ENV, raising=False)
+        else:
+            monkeypatch.setenv(RAY_PARQUET_READER_ENV, value)
+        shutil.rmtree(lake / "datasets", ignore_errors=True)
+        since = log.stat().st_size if log.exists() else 0
+        ids[name] = build_snapshot(str(lake), CFG, track=False).dataset_id
+        readers[name] = _read_operators(session, since)
+        assert ctx.use_datasource_v2 == before
+    assert ids["default"] == ids["new"] == ids["previous"] == build_snapshot(str(lake), LOCAL, track=False).dataset_id
+    assert readers == {"default": ["ReadParquet"], "new": ["ReadFilesParquetV2"], "previous": ["ReadParquet"]}
