@@ -86,7 +86,7 @@ def test_prometheus_scrapes_the_simulator_while_it_runs(broker, prometheus_facto
     prom = prometheus_factory([f"127.0.0.1:{port}"])
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     sim = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "sim", "--scenario", "tiny", "--duration", "3h",
-                            "--speed", "900", "--broker", broker.url, "--metrics-port", str(port), "--no-live"],
+                            "--speed", "1800", "--broker", broker.url, "--metrics-port", str(port), "--no-live"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
