@@ -170,3 +170,26 @@ def test_every_stage_command_takes_section_overrides_and_its_own_bare_alias(tmp_
     flat.write_text("epochs: 3\nlora: {rank: 4}\n")
     train = load_train_config(str(flat), ["train.epochs=5"], {"num_workers": 2})
     assert (train.epochs, train.lora.rank, train.num_workers) == (5, 4, 2)
+
+
+def test_the_flywheel_command_exits_with_its_code_and_all_its_output_and_main_leaves_gc_alone(tmp_path, capsys):
+    """The installed command (``flywheel.cli:entry``) skips the interpreter's last collection;
+    its exit code and every line it printed still arrive. ``main``, called in this process,
+    freezes nothing (a frozen heap would never be collected in a long-lived caller)."""
+    import gc
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    command = Path(sys.executable).parent / "flywheel"
+    assert command.is_file(), "the flywheel command should be installed beside this Python (pip install -e .)"
+    ok = subprocess.run([str(command), "keys", "init", "--workdir", str(tmp_path / "wd")], capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "wd" / "keys" / "signing.pub").is_file() and "signing.pub" in ok.stdout
+    bad = subprocess.run([str(command), "demo", "--workdir", str(tmp_path / "wd"), "train.epochs=many"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("flywheel demo: configuration error")
+    frozen = gc.get_freeze_count()
+    assert main(["keys", "init", "--workdir", str(tmp_path / "wd2")]) == 0
+    assert gc.get_freeze_count() == frozen
