@@ -223,18 +223,23 @@ def _window_days(lake: Lake, paths: list[str], config: BuildConfig, tails: dict[
 
         ensure_ray()
         ctx = DataContext.get_current()
-        previous = ctx.shuffle_strategy, ctx.use_datasource_v2
+        # Ray releases before the new Parquet reader have no switch (and only the previous reader)
+        switch = hasattr(ctx, "use_datasource_v2")
+        previous = ctx.shuffle_strategy, getattr(ctx, "use_datasource_v2", None)
         # Sort-based shuffle runs as plain tasks; the default hash shuffle starts aggregator actors,
         # which cost more than they save for a group-by into a few dozen machines (measured).
         ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-        ctx.use_datasource_v2 = os.environ.get(RAY_PARQUET_READER_ENV, "0").lower() in ("1", "true")
+        if switch:
+            ctx.use_datasource_v2 = os.environ.get(RAY_PARQUET_READER_ENV, "0").lower() in ("1", "true")
         try:
             ds = ray.data.read_parquet(paths, filesystem=lake.fs, partitioning=None).select_columns(TELEMETRY_COLUMNS)
             out = ds.groupby(["line", "machine"], num_partitions=config.partitions).map_groups(
                 machine_windows, fn_kwargs=kwargs, batch_format="pyarrow")
             tables = ray.get(out.to_arrow_refs())
         finally:
-            ctx.shuffle_strategy, ctx.use_datasource_v2 = previous
+            ctx.shuffle_strategy = previous[0]
+            if switch:
+                ctx.use_datasource_v2 = previous[1]
     tables = [t.cast(OUTPUT_SCHEMA) for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 
