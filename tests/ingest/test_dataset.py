@@ -202,8 +202,9 @@ def _read_operators(session_dir: str, since: int) -> list[str]:
 
 def test_both_ray_parquet_readers_build_the_same_snapshot_and_the_previous_one_is_the_default(
         plant, tmp_path, ray_local, monkeypatch):
-    """A lake whose first file holds three rows (as a collector's flush at a period's edge leaves):
-    Ray's new Parquet reader sized every batch of such a read task to three rows. The builder reads
+    """A lake whose first file holds a few rows (as a collector's flush at a period's edge leaves):
+    Ray's new Parquet reader can size every batch of a read task that starts with it to that file's
+    rows (ingest.dataset.RAY_PARQUET_READER_ENV). The builder reads
     with the previous reader unless RAY_DATA_USE_DATASOURCE_V2 says otherwise; both readers give
     the same snapshot, and the caller's Ray Data setting is left as it was."""
     from pathlib import Path
