@@ -201,12 +201,13 @@ def _read_operators(session_dir: str, since: int) -> list[str]:
 
 
 def test_both_ray_parquet_readers_build_the_same_snapshot_and_the_previous_one_is_the_default(
-        plant, tmp_path, ray_local, monkeypatch):
+        plant, tmp_path, ray_local, monkeypatch, caplog):
     """A lake whose first file holds a few rows (as a collector's flush at a period's edge leaves):
     Ray's new Parquet reader can size every batch of a read task that starts with it to that file's
     rows (ingest.dataset.RAY_PARQUET_READER_ENV). The builder reads
     with the previous reader unless RAY_DATA_USE_DATASOURCE_V2 says otherwise; both readers give
     the same snapshot, and the caller's Ray Data setting is left as it was."""
+    import logging
     from pathlib import Path
 
     from ray.data.context import DataContext
@@ -222,6 +223,8 @@ def test_both_ray_parquet_readers_build_the_same_snapshot_and_the_previous_one_i
     ctx = DataContext.get_current()
     before = ctx.use_datasource_v2
     ids, readers = {}, {}
+    # Ray Data logs each execution plan to its file at INFO; a campaign run earlier in this process
+    # turned the "ray.data" logger down to warnings (flywheel.stack), so turn it up while we read.
     for name, value in (("default", None), ("new", "1"), ("previous", "0")):
         if value is None:
             monkeypatch.delenv(RAY_PARQUET_READER_ENV, raising=False)
@@ -229,7 +232,8 @@ def test_both_ray_parquet_readers_build_the_same_snapshot_and_the_previous_one_i
             monkeypatch.setenv(RAY_PARQUET_READER_ENV, value)
         shutil.rmtree(lake / "datasets", ignore_errors=True)
         since = log.stat().st_size if log.exists() else 0
-        ids[name] = build_snapshot(str(lake), CFG, track=False).dataset_id
+        with caplog.at_level(logging.DEBUG, logger="ray.data"):
+            ids[name] = build_snapshot(str(lake), CFG, track=False).dataset_id
         readers[name] = _read_operators(session, since)
         assert ctx.use_datasource_v2 == before
     assert ids["default"] == ids["new"] == ids["previous"] == build_snapshot(str(lake), LOCAL, track=False).dataset_id
