@@ -67,6 +67,9 @@ def main() -> int:
         full, base = work / "full", work / "base"
         shutil.copytree(src / "raw", full / "raw")
         days = sorted(p.name for p in (full / "raw" / "telemetry").iterdir() if p.is_dir())
+        if not 1 <= args.base_days < len(days):
+            raise SystemExit(f"--base-days {args.base_days}: the lake has {len(days)} days of telemetry; give 1 to "
+                             f"{len(days) - 1} so the incremental build has days to reuse and days to read")
         # the base snapshot sees only the first days; the incremental build then reads the rest
         shutil.copytree(src / "raw", base / "raw")
         for table in (base / "raw").iterdir():
