@@ -57,11 +57,23 @@ def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _finished_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The finished checkpoints (``step-*/meta.json``) under ``ckpt_root`` at this moment.
+
+    The trainer writes each checkpoint into a ``.tmp-*`` directory and renames it into place, so a
+    directory the scan is about to enter can vanish under it: that scan counts as "none yet".
+    """
+    try:
+        return list(ckpt_root.rglob("step-*/meta.json")) if ckpt_root.exists() else []
+    except FileNotFoundError:
+        return []
+
+
 def _kill_after_first_checkpoint(proc: subprocess.Popen, ckpt_root: Path, log: Path, timeout_s: float = 240) -> str:
     """SIGKILL the process group once a finished checkpoint (meta.json) exists under ``ckpt_root``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        done = [p for p in ckpt_root.rglob("step-*/meta.json")] if ckpt_root.exists() else []
+        done = _finished_checkpoints(ckpt_root)
         if done:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
