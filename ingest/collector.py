@@ -55,6 +55,9 @@ from ingest.batch import decode_batch
 from ingest.config import IngestConfig
 from ingest.lake import Lake
 
+#: How long :meth:`Collector.start` waits for the broker to confirm its subscriptions.
+SUBACK_TIMEOUT_S = 30.0
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
@@ -126,6 +129,12 @@ class Collector:
         self._write_errors = int(c.get("write_errors", 0))
         self._by_reason: Counter = Counter({k.split(".", 1)[1]: int(v) for k, v in c.items()
                                             if k.startswith("deadlettered.")})
+        # Set once the broker confirmed this connection's subscriptions (SUBACK): what is published
+        # after start() returns reaches this collector, or waits for it in its session.
+        self._subscribed = threading.Event()
+        self._sub_mid: int | None = None
+        self._sub_filters: list[str] = []
+        self._suback_error: str | None = None
         self._client = self._make_client()
 
     # ------------------------------------------------------------------ MQTT side
@@ -142,6 +151,7 @@ class Collector:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _filters(self) -> tuple[list[str], list[str]]:
@@ -166,8 +176,19 @@ class Collector:
         wanted, stale = self._filters()
         if stale:
             client.unsubscribe(stale)
-        client.subscribe([(f, 1) for f in wanted])
+        self._subscribed.clear()
+        self._sub_filters = wanted
+        _, self._sub_mid = client.subscribe([(f, 1) for f in wanted])
         log.info("%s connected (session present: %s)", self.client_id, getattr(flags, "session_present", "?"))
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if mid != self._sub_mid:   # runs on the network thread, after _on_connect set the mid
+            return
+        refused = [f"{f} ({rc})" for f, rc in zip(self._sub_filters, reason_codes) if getattr(rc, "is_failure", False)]
+        self._suback_error = ", ".join(refused) or None
+        if refused:
+            log.error("%s: the broker refused the subscriptions %s", self.client_id, self._suback_error)
+        self._subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         with self._gen_lock:
@@ -185,7 +206,12 @@ class Collector:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, retry_s: float = 0.0) -> "Collector":
-        """Connect (retrying for ``retry_s`` seconds, e.g. while a broker restarts) and start writing."""
+        """Connect (retrying for ``retry_s`` seconds, e.g. while a broker restarts) and start writing.
+
+        Returns once the broker confirmed the subscriptions (SUBACK): a message published after
+        that reaches this collector.  A broker that refuses them (an ACL that checks SUBSCRIBE)
+        or does not answer raises :class:`ConnectError` with the reason.
+        """
         deadline = time.monotonic() + retry_s
         while True:
             try:
@@ -196,10 +222,25 @@ class Collector:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(1.0)
+        self._await_subscriptions(max(SUBACK_TIMEOUT_S, deadline - time.monotonic()))
         self._publish_status(online=True)
         self._writer = threading.Thread(target=self._run_writer, name=f"{self.client_id}-writer", daemon=True)
         self._writer.start()
         return self
+
+    def _await_subscriptions(self, timeout_s: float) -> None:
+        """Wait for the broker's SUBACK; a refusal or no answer ends the start with the reason."""
+        where = f"broker {self.url.redacted()}"
+        if not self._subscribed.wait(timeout_s):
+            self._client.disconnect()
+            self._client.loop_stop()
+            raise ConnectError(f"{where} did not confirm collector {self.client_id}'s subscriptions within "
+                               f"{timeout_s:.0f} s; check that the broker is up and not overloaded, then start again")
+        if self._suback_error:
+            self._client.disconnect()
+            self._client.loop_stop()
+            raise ConnectError(f"{where} refused collector {self.client_id}'s subscriptions: {self._suback_error}; "
+                               "give this user read (subscribe) access to those topics in the broker's ACL")
 
     def stop(self, drain: bool = True, leave: bool = False, timeout_s: float = 60.0) -> dict:
         """Flush and ack what arrived (``drain``), publish an offline status and disconnect.

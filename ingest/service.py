@@ -33,6 +33,7 @@ def _actor_class():
 
         class CollectorActor:
             def __init__(self, broker_url: str, lake_uri: str, config: dict, index: int, topic_root: str):
+                from flywheel.base.mqtt import ConnectError
                 from ingest.collector import Collector, status_component
                 from ingest.status import restore_counters
 
@@ -46,8 +47,19 @@ def _actor_class():
                 self.collector = Collector(broker_url, lake_uri, cfg, index=index, topic_root=topic_root,
                                            initial_counters=counters, restarts=restarts,
                                            on_fatal=lambda exc: os._exit(1))  # Ray restarts the actor
-                # A first start fails fast on a wrong URL; a restart waits out a broker that is restarting too.
-                self.collector.start(retry_s=300.0 if restarted else 0.0)
+                # A first start fails fast on a wrong URL, a refused login or subscription: the reason
+                # goes back to start_ingest, which says it in one line.  A restart waits out a broker
+                # that is restarting too, and fails the actor if it cannot.
+                self._start_error: str | None = None
+                try:
+                    self.collector.start(retry_s=300.0 if restarted else 0.0)
+                except ConnectError as exc:
+                    if restarted:
+                        raise
+                    self._start_error = str(exc)
+
+            def start_error(self) -> str | None:
+                return self._start_error
 
             def status(self) -> dict:
                 return self.collector.status()
@@ -145,10 +157,12 @@ class IngestHandle:
 
 def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestConfig(),
                  topic_root: str = "factory") -> IngestHandle:
-    """Start ``config.collectors`` collector actors on the current Ray; returns once all are connected."""
+    """Start ``config.collectors`` collector actors on the current Ray; returns once all are connected
+    and the broker confirmed their subscriptions, so what is published after it returns lands."""
     import ray
 
     from flywheel.base.contract import Topics
+    from flywheel.base.mqtt import ConnectError
     from ingest.collector import check_broker_support
     from flywheel.base.rayinit import ensure_ray
     from ingest.lake import Lake
@@ -160,13 +174,20 @@ def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestCo
     cls = _actor_class().options(max_restarts=config.max_restarts, max_task_retries=-1,
                                  num_cpus=config.actor_num_cpus)
     actors = [cls.remote(broker_url, lake.uri, asdict(config), i, topic_root) for i in range(config.collectors)]
-    handle = IngestHandle(actors, config, broker_url, lake.uri, topic_root)
-    try:
-        handle.collector_status(timeout_s=60)  # surfaces a connection error from an actor's __init__
-    except Exception:
+
+    def kill_all():
         for a in actors:
             ray.kill(a, no_restart=True)
+
+    try:   # each actor has connected and subscribed, or says why it could not
+        errors = [e for e in ray.get([a.start_error.remote() for a in actors], timeout=60) if e]
+    except Exception:
+        kill_all()
         raise
+    if errors:
+        kill_all()
+        raise ConnectError(errors[0])
+    handle = IngestHandle(actors, config, broker_url, lake.uri, topic_root)
     retire_stale_collectors(broker_url, lake.uri, config, topic_root)
     return handle
 

@@ -83,8 +83,7 @@ def test_sigterm_drains_and_stops_ingest_like_ctrl_c(broker, publish, uid, tmp_p
         while "Ctrl-C stops" not in log.read_text(errors="replace"):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
             time.sleep(0.2)
-        time.sleep(1.0)                       # the collectors have subscribed
-        publish(broker.url, items)
+        publish(broker.url, items)            # the line above comes once the collectors have subscribed
         time.sleep(1.0)                       # delivered, sitting in a batch (batch_max_age_s=60)
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)

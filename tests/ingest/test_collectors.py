@@ -283,3 +283,72 @@ def test_predictions_and_commands_land_beside_their_dead_letters_and_leave_snaps
     assert sorted(dead) == sorted((t, r) for t, _p, r in bad)
     # snapshots read telemetry and events only: the same dataset as a lake without any of it
     _assert_dataset_equals_clean_build(lake, msgs, tmp_path)
+
+
+# ------------------------------------------------------------------ a broker that refuses the subscriptions
+def _dynsec_plugin() -> str:
+    """Mosquitto's dynamic security plugin (Debian's ``mosquitto`` package ships it): unlike the ACL
+    file, its access rules are checked on SUBSCRIBE, so a denied filter gets a refusing SUBACK."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so") + glob.glob("/usr/lib/mosquitto_dynamic_security.so"))
+    if not found:
+        pytest.fail("mosquitto_dynamic_security.so not found: install Debian's mosquitto (./dev.sh test does as root)")
+    return found[0]
+
+
+@pytest.fixture
+def refusing_broker(broker_factory, tmp_path):
+    """A Mosquitto whose rules let anyone connect and publish nothing, subscribe to nothing."""
+    import json
+
+    rules = tmp_path / "dynsec.json"
+    rules.write_text(json.dumps({"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True,
+                                                      "subscribe": False, "unsubscribe": True},
+                                 "clients": [], "groups": [], "roles": []}))
+    return broker_factory(extra_config=f"plugin {_dynsec_plugin()}\nplugin_opt_config_file {rules}\n")
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_refused_subscription_stops_the_collector_with_the_filters_and_the_fix(refusing_broker, uid, tmp_path,
+                                                                                 protocol):
+    from flywheel.base.mqtt import ConnectError
+    from ingest.collector import Collector
+
+    url = refusing_broker.url + ("?protocol=3.1.1" if protocol == "3.1.1" else "")
+    collector = Collector(url, str(tmp_path / "lake"), IngestConfig(client_prefix=uid), index=0, topic_root=uid)
+    with pytest.raises(ConnectError) as err:
+        collector.start()
+    msg = str(err.value)
+    assert "refused collector" in msg and f"{uid}/+/+/telemetry" in msg and f"{uid}/+/+/event" in msg, msg
+    assert ("Not authorized" if protocol == "5" else "Unspecified error") in msg, msg
+    assert "read (subscribe) access" in msg and "ACL" in msg, msg
+
+
+def test_start_ingest_says_in_one_line_which_subscriptions_the_broker_refused(refusing_broker, ray_local, uid,
+                                                                               tmp_path):
+    """The reason comes back from the collector actor as the stack's own error, not as Ray's
+    traceback of a failed actor constructor (``flywheel ingest`` prints it on one line)."""
+    from flywheel.base.mqtt import ConnectError
+
+    with pytest.raises(ConnectError) as err:
+        start_ingest(refusing_broker.url, str(tmp_path / "lake"), IngestConfig(client_prefix=uid), topic_root=uid)
+    msg = str(err.value)
+    assert msg.startswith(f"broker {refusing_broker.url} refused collector {uid}-collector-0's subscriptions: "
+                          f"{uid}/+/+/telemetry (Not authorized)"), msg
+    assert "\n" not in msg and "Traceback" not in msg, msg
+
+
+def test_what_is_published_as_soon_as_start_ingest_returns_lands(broker, ray_local, publish, uid, tmp_path):
+    """start_ingest returns after the broker confirmed every collector's subscriptions: a fresh
+    session (a topic root nobody used) loses nothing published the moment it returns."""
+    lake = tmp_path / "lake"
+    handle = start_ingest(broker.url, str(lake), IngestConfig(collectors=2, client_prefix=uid, batch_max_age_s=0.2),
+                          topic_root=uid)
+    msgs, items = _published_plant(uid, 1, seed=5)
+    try:
+        assert len(publish(broker.url, items)) == len(items)
+        handle.wait_landed(len(items), timeout_s=60)
+    finally:
+        handle.stop(drain=True)
+    assert set(_lake_ids(lake)) | set(_lake_ids(lake, "events")) == {m.event_id for m in msgs}
