@@ -18,6 +18,8 @@
 
 :meth:`SparkplugPlant.die` drops an edge node's connection without a DISCONNECT, so the broker
 publishes its NDEATH; :meth:`SparkplugPlant.reconnect` starts its next session (``bdSeq`` + 1).
+A connection paho restores by itself (a broker restart) subscribes again and publishes the births
+again under the same ``bdSeq`` (the will paho reconnects with still carries it).
 Telemetry of a dead edge node is lost (recorded in the summary), as on a real plant.
 """
 
@@ -32,7 +34,7 @@ import msgspec
 
 from flywheel.base import contract
 from flywheel.base import sparkplug as sp
-from flywheel.base.mqtt import BrokerURL, connect, make_client
+from flywheel.base.mqtt import BrokerURL, Subscriptions, connect, make_client
 
 from factory_sim.opcua_server import LinkSummary
 from factory_sim.plant import Plant
@@ -73,8 +75,17 @@ class _EdgeNode:
         sp.add_metric(death, sp.BDSEQ, sp.INT64, self.bdseq)
         c.will_set(sp.topic(o.group, "NDEATH", self.line), death.SerializeToString(), qos=1, retain=False)
         c.on_message = self._on_message
+
+        def reborn(client) -> None:   # paho reconnected this session (a broker restart): births again
+            if client is self.client and self.online:
+                log.info("edge node %s: reconnected, publishing its births again", self.line)
+                self.births()
+
+        # subscribed again on every reconnect: a clean session comes back without subscriptions
+        subs = Subscriptions(c, [(sp.topic(o.group, "NCMD", self.line), 1),
+                                 (f"{sp.NAMESPACE}/{o.group}/DCMD/{self.line}/+", 1)], on_connect=reborn)
         connect(c, o.url)
-        c.subscribe([(sp.topic(o.group, "NCMD", self.line), 1), (f"{sp.NAMESPACE}/{o.group}/DCMD/{self.line}/+", 1)])
+        subs.wait(o.url, f"edge node {self.line}")
         self.client = c
         self.online = True
         self.births()

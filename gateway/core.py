@@ -28,7 +28,10 @@ subscription): ``duplicate``.  A record the contract refuses is counted ``droppe
 Counters go to the retained status ``{root}/_status/{component}`` (``samples`` read,
 ``published``, ``dropped.<reason>``, ``commands_sent``, ``commands_refused.<reason>``, protocol
 counters such as ``seq_gap``), at most once a second and whenever a connection changes; the will
-message marks the gateway offline.  :func:`gateway_metrics` serves the same counters to
+message marks the gateway offline.  The gateway subscribes to ``{root}/+/+/command`` on every
+(re)connect to the contract's broker and says online again, so a broker restart costs only the
+orders sent while it was away (a clean session); :meth:`Gateway.start` returns once the broker
+confirmed the subscription, and names a refused one.  :func:`gateway_metrics` serves the same counters to
 Prometheus under the public metric names (``flywheel gateway --metrics-port``).
 """
 
@@ -42,7 +45,7 @@ import time
 from typing import Callable
 
 from flywheel.base import contract
-from flywheel.base.mqtt import BrokerURL, connect, make_client
+from flywheel.base.mqtt import BrokerURL, ConnectError, Subscriptions, connect, make_client
 
 from gateway.mapping import MachineMap, Mapping
 
@@ -69,7 +72,14 @@ class Gateway:
         self._last_event_seq: dict[str, int] = {}
         self._lock = threading.Lock()
         self._client = None
+        self._subs: Subscriptions | None = None
         self._next_status = 0.0
+
+    @property
+    def commands_subscribed(self) -> bool:
+        """Connected to the contract's broker, with its confirmed subscription to the commands."""
+        return self._client is not None and self._client.is_connected() and self._subs is not None \
+            and self._subs.active
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -77,9 +87,18 @@ class Gateway:
         c.will_set(self.topics.status(self.component),
                    contract.encode(contract.Status(component=self.component, online=False)), qos=1, retain=True)
         c.on_message = self._on_command_message
+        # Subscribed again on every reconnect (a broker restart must not leave the plant deaf to
+        # orders), and the status said online again (an unclean drop fired the will).
+        subs = self._subs = Subscriptions(c, [(self.topics.pattern("command"), 1)],
+                                          on_connect=lambda _c: self.publish_status(force=True))
         connect(c, self.url)
-        c.subscribe(self.topics.pattern("command"), qos=1)
-        self.publish_status()
+        try:
+            subs.wait(self.url, f"gateway {self.component!r}")
+        except ConnectError:
+            c.disconnect()
+            c.loop_stop()
+            self._client = None
+            raise
 
     def close(self) -> None:
         if self._client is None:

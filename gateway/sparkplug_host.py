@@ -2,7 +2,9 @@
 
 Publishes its state (Sparkplug 3.0) retained on ``spBv1.0/STATE/{component}``
 (``{"online": true, "timestamp": ms}``; its will and a clean stop say ``false``), subscribes to
-``spBv1.0/{group}/#`` and keeps, per edge node, its session (``bdSeq`` from
+``spBv1.0/{group}/#`` (both again after every reconnect: paho reconnects by itself, but a clean
+session comes back without subscriptions; back after a drop, it asks every edge node it knows for
+a rebirth, since what they published meanwhile was missed) and keeps, per edge node, its session (``bdSeq`` from
 NBIRTH), the last ``seq`` and the metric aliases each birth declared:
 
 * NBIRTH starts a session (``seq`` 0); a second NBIRTH without a death is a rebirth (counted
@@ -40,7 +42,7 @@ import time
 
 from flywheel.base import contract
 from flywheel.base import sparkplug as sp
-from flywheel.base.mqtt import BrokerURL, connect, make_client
+from flywheel.base.mqtt import BrokerURL, ConnectError, Subscriptions, connect, make_client
 
 from gateway.core import Gateway, Sample
 from gateway.mapping import MachineMap
@@ -88,17 +90,32 @@ class SparkplugHost:
         # Sparkplug 3.0 host application state: retained, its will says offline (edge nodes that
         # wait for a primary host read it)
         c.will_set(self.state_topic, self._state(False), qos=1, retain=True)
+
+        def online(client) -> None:   # every (re)connect: subscribed again by Subscriptions, state online
+            client.publish(self.state_topic, self._state(True), qos=1, retain=True)
+            self.gw.set_connected(True)
+            if subs.connects > 1:      # back after a drop: what was published meanwhile was missed
+                for edge_id, edge in list(self.edges.items()):
+                    self._request_rebirth(edge_id, edge)
+
+        subs = Subscriptions(c, [(f"{sp.NAMESPACE}/{self.group}/#", 1)], on_connect=online)
         connect(c, self.url)
-        c.subscribe(f"{sp.NAMESPACE}/{self.group}/#", qos=1)
-        c.publish(self.state_topic, self._state(True), qos=1, retain=True)
-        self.gw.set_connected(True)
+        try:
+            subs.wait(self.url, "the gateway's Sparkplug host")
+        except ConnectError:
+            c.disconnect()
+            c.loop_stop()
+            self._client = None
+            raise
+        c.on_disconnect = lambda *a: self._client is not None and self.gw.set_connected(
+            False, f"lost the plant's broker {self.url.redacted()}; reconnecting")
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.publish(self.state_topic, self._state(False), qos=1, retain=True).wait_for_publish(5)
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
+        c, self._client = self._client, None   # None first: this disconnect is no lost connection
+        if c is not None:
+            c.publish(self.state_topic, self._state(False), qos=1, retain=True).wait_for_publish(5)
+            c.disconnect()
+            c.loop_stop()
         self.gw.set_connected(False)
 
     # ------------------------------------------------------------------ receiving

@@ -11,6 +11,7 @@ logged or recorded; the password never leaves this object otherwise.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import socket
 import ssl
@@ -18,6 +19,7 @@ import struct
 import threading
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
 import paho.mqtt.client as paho
@@ -27,6 +29,8 @@ from paho.mqtt.properties import Properties
 
 from flywheel.base.config import ConfigError, expand_env
 from flywheel.base.errors import FlywheelError
+
+log = logging.getLogger("flywheel.mqtt")
 
 DEFAULT_URL = "mqtt://127.0.0.1:1883"
 
@@ -266,6 +270,71 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
     if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
         client.loop_stop()
         raise ConnectError(f"broker {url.redacted()} refused the connection: {rc}")
+
+
+class Subscriptions:
+    """Subscribe on every (re)connect, and know when the broker confirmed it.
+
+    paho reconnects a dropped connection by itself, but a clean session comes back without
+    its subscriptions: a client that subscribed once, after its first connect, goes deaf after
+    a broker restart.  Made before :func:`connect`; :meth:`wait` after it returns once the
+    broker's SUBACK came, and raises :class:`ConnectError` when the broker refused a filter or
+    did not answer.  ``on_connect(client)`` runs after each successful (re)connect, e.g. to
+    publish an online state again::
+
+        subs = Subscriptions(client, [("factory/+/+/command", 1)])
+        connect(client, url)
+        subs.wait(url, "the gateway")
+    """
+
+    def __init__(self, client: paho.Client, filters: list[tuple[str, int]],
+                 on_connect: Callable[[paho.Client], None] | None = None):
+        self.filters = list(filters)
+        self.refused: str | None = None
+        self.connects = 0
+        self._mid: int | None = None
+        self._acked = threading.Event()
+        prev_connect, prev_subscribe = client.on_connect, client.on_subscribe
+
+        def _on_connect(c, userdata, flags, reason_code, properties):
+            if prev_connect is not None:
+                prev_connect(c, userdata, flags, reason_code, properties)
+            if getattr(reason_code, "is_failure", False):
+                return
+            self.connects += 1
+            self._acked.clear()
+            _, self._mid = c.subscribe(self.filters)   # the SUBACK comes on this same network thread
+            if on_connect is not None:
+                on_connect(c)
+
+        def _on_subscribe(c, userdata, mid, reason_codes, properties):
+            if mid != self._mid:
+                if prev_subscribe is not None:
+                    prev_subscribe(c, userdata, mid, reason_codes, properties)
+                return
+            refused = [f"{f} ({rc})" for (f, _q), rc in zip(self.filters, reason_codes)
+                       if getattr(rc, "is_failure", False)]
+            self.refused = ", ".join(refused) or None
+            if refused:
+                log.error("the broker refused the subscriptions %s", self.refused)
+            self._acked.set()
+
+        client.on_connect = _on_connect
+        client.on_subscribe = _on_subscribe
+
+    @property
+    def active(self) -> bool:
+        """The broker confirmed this connection's subscriptions and refused none."""
+        return self._acked.is_set() and self.refused is None
+
+    def wait(self, url: BrokerURL | str, who: str, timeout: float = 10.0) -> None:
+        where = f"broker {BrokerURL.parse(url).redacted()}"
+        if not self._acked.wait(timeout):
+            raise ConnectError(f"{where} did not confirm {who}'s subscriptions within {timeout:.0f} s; "
+                               "check that it is up and not overloaded, then start again")
+        if self.refused:
+            raise ConnectError(f"{where} refused {who}'s subscriptions: {self.refused}; give this user "
+                               "read (subscribe) access to those topics in the broker's ACL")
 
 
 def wait_published(infos, timeout: float = 30.0) -> None:
