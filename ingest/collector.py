@@ -50,7 +50,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from flywheel.base import contract
-from flywheel.base.mqtt import BrokerURL, ConnectError, ack_many, connect, make_client
+from flywheel.base.mqtt import BrokerURL, ConnectError, Subscriptions, ack_many, connect, make_client
 from ingest.batch import decode_batch
 from ingest.config import IngestConfig
 from ingest.lake import Lake
@@ -129,12 +129,6 @@ class Collector:
         self._write_errors = int(c.get("write_errors", 0))
         self._by_reason: Counter = Counter({k.split(".", 1)[1]: int(v) for k, v in c.items()
                                             if k.startswith("deadlettered.")})
-        # Set once the broker confirmed this connection's subscriptions (SUBACK): what is published
-        # after start() returns reaches this collector, or waits for it in its session.
-        self._subscribed = threading.Event()
-        self._sub_mid: int | None = None
-        self._sub_filters: list[str] = []
-        self._suback_error: str | None = None
         self._client = self._make_client()
 
     # ------------------------------------------------------------------ MQTT side
@@ -151,16 +145,20 @@ class Collector:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
-        client.on_subscribe = self._on_subscribe
+        # Subscribed on every connect, after _on_connect: harmless when the session survived, needed
+        # when it did not (Mosquitto 2.0.11 restores plain subscriptions after a restart, not shared
+        # ones).  start() waits for the broker's SUBACK: what is published after it returns reaches
+        # this collector, or waits for it in its session.
+        self._subs = Subscriptions(client, [(f, 1) for f in self._filters(client)[0]])
         return client
 
-    def _filters(self) -> tuple[list[str], list[str]]:
+    def _filters(self, client: paho.Client) -> tuple[list[str], list[str]]:
         """(filters to subscribe, filters to drop from a session an earlier run may have left)."""
         # Predictions (the champion's and a shadow challenger's) and commands too: the lake keeps the
         # audit trail (which model ordered what, and what a shadow would have said).
         plain = [self.topics.pattern(ch) for ch in ("telemetry", "event", "prediction", "prediction/shadow", "command")]
         shared = [f"$share/{self.config.share_group}/{f}" for f in plain]
-        if self._client.protocol != paho.MQTTv5:  # MQTT 3.1.1 has no shared subscriptions
+        if client.protocol != paho.MQTTv5:  # MQTT 3.1.1 has no shared subscriptions
             return plain, []
         return (shared, plain) if self.config.shared else (plain, shared)
 
@@ -170,25 +168,12 @@ class Collector:
         with self._gen_lock:
             self._generation += 1
             self._connected = True
-        # Subscribing again is harmless when the session survived, and needed when it did not
-        # (Mosquitto 2.0.11 restores plain subscriptions after a restart, not shared ones).
-        # A session left by a run with the other subscription form would double-deliver: drop it.
-        wanted, stale = self._filters()
+        # A session left by a run with the other subscription form would double-deliver: drop it
+        # (self._subs subscribes right after this).
+        _, stale = self._filters(client)
         if stale:
             client.unsubscribe(stale)
-        self._subscribed.clear()
-        self._sub_filters = wanted
-        _, self._sub_mid = client.subscribe([(f, 1) for f in wanted])
         log.info("%s connected (session present: %s)", self.client_id, getattr(flags, "session_present", "?"))
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        if mid != self._sub_mid:   # runs on the network thread, after _on_connect set the mid
-            return
-        refused = [f"{f} ({rc})" for f, rc in zip(self._sub_filters, reason_codes) if getattr(rc, "is_failure", False)]
-        self._suback_error = ", ".join(refused) or None
-        if refused:
-            log.error("%s: the broker refused the subscriptions %s", self.client_id, self._suback_error)
-        self._subscribed.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         with self._gen_lock:
@@ -222,25 +207,16 @@ class Collector:
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(1.0)
-        self._await_subscriptions(max(SUBACK_TIMEOUT_S, deadline - time.monotonic()))
+        try:
+            self._subs.wait(self.url, f"collector {self.client_id}", max(SUBACK_TIMEOUT_S, deadline - time.monotonic()))
+        except ConnectError:
+            self._client.disconnect()
+            self._client.loop_stop()
+            raise
         self._publish_status(online=True)
         self._writer = threading.Thread(target=self._run_writer, name=f"{self.client_id}-writer", daemon=True)
         self._writer.start()
         return self
-
-    def _await_subscriptions(self, timeout_s: float) -> None:
-        """Wait for the broker's SUBACK; a refusal or no answer ends the start with the reason."""
-        where = f"broker {self.url.redacted()}"
-        if not self._subscribed.wait(timeout_s):
-            self._client.disconnect()
-            self._client.loop_stop()
-            raise ConnectError(f"{where} did not confirm collector {self.client_id}'s subscriptions within "
-                               f"{timeout_s:.0f} s; check that the broker is up and not overloaded, then start again")
-        if self._suback_error:
-            self._client.disconnect()
-            self._client.loop_stop()
-            raise ConnectError(f"{where} refused collector {self.client_id}'s subscriptions: {self._suback_error}; "
-                               "give this user read (subscribe) access to those topics in the broker's ACL")
 
     def stop(self, drain: bool = True, leave: bool = False, timeout_s: float = 60.0) -> dict:
         """Flush and ack what arrived (``drain``), publish an offline status and disconnect.
@@ -273,7 +249,7 @@ class Collector:
     def _leave(self, timeout_s: float) -> None:
         done = threading.Event()
         self._client.on_unsubscribe = lambda *args: done.set()
-        wanted, _ = self._filters()
+        wanted, _ = self._filters(self._client)
         self._client.unsubscribe(wanted)
         done.wait(timeout_s)
         time.sleep(0.2)  # anything sent before the UNSUBACK is in the queue by now

@@ -210,11 +210,7 @@ def test_collector_lands_acks_and_resumes_its_session_on_amqtt(amqtt_broker, tmp
         for m in batch:
             pub.publish(topics.for_message(m), contract.encode(m), qos=1).wait_for_publish(5)
 
-    col = Collector(url, str(tmp_path / "lake"), cfg, topic_root=root)
-    subscribed = threading.Event()
-    col._client.on_subscribe = lambda *args: subscribed.set()  # start() returns at CONNACK, before the SUBACK
-    col.start()
-    assert subscribed.wait(10)
+    col = Collector(url, str(tmp_path / "lake"), cfg, topic_root=root).start()   # returns after the SUBACK
     publish(msgs[:30])
     assert _wait(lambda: col.status()["acked"] >= 30, timeout=30)
     col.stop(drain=True)
