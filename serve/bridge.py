@@ -89,7 +89,7 @@ import msgspec
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
-from flywheel.base.mqtt import BrokerURL, ack_many, connect, make_client, wait_published
+from flywheel.base.mqtt import BrokerURL, ConnectError, Subscriptions, ack_many, connect, make_client, wait_published
 from serve import bridge_state
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
@@ -121,8 +121,6 @@ class Bridge:
         self._cond = threading.Condition()
         self._last_arrival = 0.0
         self._stop = threading.Event()
-        self._subscribed = threading.Event()
-        self._suback_error: str | None = None
         self._counts: Counter = Counter()
         self._decode_errors: Counter = Counter()
         self._recent: deque[Window] = deque(maxlen=4096)
@@ -161,23 +159,23 @@ class Bridge:
         self._client = make_client(self.broker_url, self.client_id, manual_ack=True)
         self._client.will_set(self.topics.status(cfg.component), self._status_payload(online=False), qos=1,
                               retain=True)
-        self._client.on_connect = self._on_connect
-        self._client.on_subscribe = self._on_subscribe
         self._client.on_message = self._on_message
+        # (Re)subscribed on every connect (a clean session forgets subscriptions), then said online.
+        subs = Subscriptions(self._client, [(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1),
+                                            (self.topics.control(cfg.component), 1)]
+                             + ([(self.topics.approve(cfg.component), 1)] if cfg.mode == "approve" else []),
+                             on_connect=self._online)
         # receive_maximum: the broker may send up to this many QoS 1 messages we have not acknowledged
         # yet (we acknowledge after answering them); Mosquitto's own default would be 20.
         connect(self._client, self.broker_url, clean_start=fresh,
                 session_expiry_s=0 if fresh else cfg.session_expiry_s, receive_maximum=65535)
         # Return only once the broker confirmed the subscriptions: telemetry published after
         # start() returns is then guaranteed to reach the bridge.
-        if not self._subscribed.wait(10.0):
+        try:
+            subs.wait(self.broker_url, "the bridge", timeout=10.0)
+        except ConnectError:
             self._client.loop_stop()
-            raise ConnectionError(f"broker {BrokerURL.parse(self.broker_url).redacted()} did not confirm the "
-                                  "bridge's subscriptions within 10 s")
-        if self._suback_error:
-            self._client.loop_stop()
-            raise ConnectionError(f"broker {BrokerURL.parse(self.broker_url).redacted()} refused the bridge's "
-                                  f"subscriptions ({self._suback_error}); check the ACL for this user")
+            raise
         if self._outbox:   # decided before the restart, maybe not sent: send again (same ids)
             self._send(self._outbox)
             self._counts["resent"] += len(self._outbox)
@@ -316,20 +314,12 @@ class Bridge:
             self._synced_version = str(version)
 
     # ------------------------------------------------------------------ MQTT in
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        if getattr(reason_code, "is_failure", False):
-            return
-        # (Re)subscribe on every connect: a clean session forgets subscriptions.
-        client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1),
-                          (self.topics.control(self.config.component), 1)]
-                         + ([(self.topics.approve(self.config.component), 1)] if self.config.mode == "approve" else []))
+    def _online(self, client) -> None:
+        """After every (re)connect, once the subscriptions are sent (the broker handles one
+        connection's packets in order): whoever waits for the bridge's online status to publish
+        telemetry finds it subscribed, on a fresh session too."""
         client.publish(self.topics.status(self.config.component), self._status_payload(online=True), qos=1,
                        retain=True)
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
-        bad = [str(rc) for rc in reason_codes if getattr(rc, "is_failure", False)]
-        self._suback_error = ", ".join(bad) or None
-        self._subscribed.set()
 
     def _on_message(self, client, userdata, msg):
         try:
