@@ -315,8 +315,8 @@ class Subscriptions:
             refused = [f"{f} ({rc})" for (f, _q), rc in zip(self.filters, reason_codes)
                        if getattr(rc, "is_failure", False)]
             self.refused = ", ".join(refused) or None
-            if refused:
-                log.error("the broker refused the subscriptions %s", self.refused)
+            if refused and self.connects > 1:   # a first connect's refusal is raised by wait()
+                log.error("the broker refused the subscriptions %s after a reconnect", self.refused)
             self._acked.set()
 
         client.on_connect = _on_connect
@@ -330,10 +330,10 @@ class Subscriptions:
     def wait(self, url: BrokerURL | str, who: str, timeout: float = 10.0) -> None:
         where = f"broker {BrokerURL.parse(url).redacted()}"
         if not self._acked.wait(timeout):
-            raise ConnectError(f"{where} did not confirm {who}'s subscriptions within {timeout:.0f} s; "
+            raise ConnectError(f"{where} did not confirm the subscriptions of {who} within {timeout:.0f} s; "
                                "check that it is up and not overloaded, then start again")
         if self.refused:
-            raise ConnectError(f"{where} refused {who}'s subscriptions: {self.refused}; give this user "
+            raise ConnectError(f"{where} refused the subscriptions of {who}: {self.refused}; give this user "
                                "read (subscribe) access to those topics in the broker's ACL")
 
 

@@ -77,7 +77,7 @@ def test_a_broker_that_refuses_the_command_subscription_stops_the_gateway_with_t
     with pytest.raises(ConnectError) as err:
         gw.start()
     msg = str(err.value)
-    assert msg == (f"broker {b.url} refused gateway 'gw-refused''s subscriptions: factory/+/+/command "
+    assert msg == (f"broker {b.url} refused the subscriptions of gateway 'gw-refused': factory/+/+/command "
                    "(Not authorized); give this user read (subscribe) access to those topics in the broker's ACL")
     assert not gw.commands_subscribed
 

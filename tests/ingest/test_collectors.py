@@ -320,7 +320,7 @@ def test_a_refused_subscription_stops_the_collector_with_the_filters_and_the_fix
     with pytest.raises(ConnectError) as err:
         collector.start()
     msg = str(err.value)
-    assert "refused collector" in msg and f"{uid}/+/+/telemetry" in msg and f"{uid}/+/+/event" in msg, msg
+    assert "refused the subscriptions of collector" in msg and f"{uid}/+/+/telemetry" in msg and f"{uid}/+/+/event" in msg, msg
     assert ("Not authorized" if protocol == "5" else "Unspecified error") in msg, msg
     assert "read (subscribe) access" in msg and "ACL" in msg, msg
 
@@ -334,7 +334,7 @@ def test_start_ingest_says_in_one_line_which_subscriptions_the_broker_refused(re
     with pytest.raises(ConnectError) as err:
         start_ingest(refusing_broker.url, str(tmp_path / "lake"), IngestConfig(client_prefix=uid), topic_root=uid)
     msg = str(err.value)
-    assert msg.startswith(f"broker {refusing_broker.url} refused collector {uid}-collector-0's subscriptions: "
+    assert msg.startswith(f"broker {refusing_broker.url} refused the subscriptions of collector {uid}-collector-0: "
                           f"{uid}/+/+/telemetry (Not authorized)"), msg
     assert "\n" not in msg and "Traceback" not in msg, msg
 
