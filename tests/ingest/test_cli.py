@@ -31,6 +31,16 @@ def test_ingest_runs_then_status_reads_the_retained_counters(broker, ray_local, 
     assert "no ingest status" in capsys.readouterr().err
 
 
+def test_ingest_names_an_unreachable_broker_in_one_line_not_a_ray_traceback(ray_local, tmp_path, capsys):
+    """The collector actor's connection error comes back as the stack's own (exit 1, one line)."""
+    from flywheel.base.broker import free_port as pick_port
+
+    free_port = pick_port()     # nothing listens there
+    assert main(["ingest", "--broker", f"mqtt://127.0.0.1:{free_port}", "--workdir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"flywheel ingest: cannot reach broker mqtt://127.0.0.1:{free_port}: [Errno 111] Connection refused"
+
+
 def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, capsys):
     t0 = day_start()
     msgs = stream([("l1", "p1", "pump")], t0, 30 * 3600,
