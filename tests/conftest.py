@@ -2,7 +2,7 @@
 
 * ``broker`` - a real Mosquitto on a free port for the whole session (its own config,
   persistence on, raised queue limits); ``broker_factory`` makes private ones (for
-  restart tests).
+  restart tests); ``refusing_broker`` is one that refuses every subscription.
 * ``ray_local`` - one local Ray for the whole test session (2 CPUs).
 * ``mlflow_uri`` - MLflow on SQLite in a fresh temp dir per test (seeded like the stack's own
   stores: ``flywheel.base.tracking.seed_sqlite_store``, from a cache private to the session).
@@ -75,6 +75,24 @@ def broker_factory(tmp_path):
     yield make
     for b in made:
         b.close()
+
+
+@pytest.fixture
+def refusing_broker(broker_factory, tmp_path):
+    """A Mosquitto that lets anyone connect and publish, and refuses every SUBSCRIBE (Not
+    authorized): Mosquitto's dynamic security plugin, which Debian's ``mosquitto`` ships, checks
+    subscriptions against its rules, where the ACL file only filters delivered messages."""
+    import glob
+    import json
+
+    plugin = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so") + glob.glob("/usr/lib/mosquitto_dynamic_security.so"))
+    if not plugin:
+        pytest.fail("mosquitto_dynamic_security.so not found: install Debian's mosquitto (./dev.sh test does as root)")
+    rules = tmp_path / "dynsec.json"
+    rules.write_text(json.dumps({"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True,
+                                                      "subscribe": False, "unsubscribe": True},
+                                 "clients": [], "groups": [], "roles": []}))
+    return broker_factory(extra_config=f"plugin {plugin[0]}\nplugin_opt_config_file {rules}\n")
 
 
 @pytest.fixture(scope="session")

@@ -60,18 +60,8 @@ def test_after_a_broker_restart_orders_reach_the_plant_and_telemetry_flows_again
         srv.close()
 
 
-def test_a_broker_that_refuses_the_command_subscription_stops_the_gateway_with_the_fix(broker_factory, tmp_path):
-    import glob
-    import json
-
-    plugin = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so"))
-    if not plugin:
-        pytest.fail("mosquitto_dynamic_security.so not found: install Debian's mosquitto (./dev.sh test does as root)")
-    rules = tmp_path / "dynsec.json"   # anyone may connect; nobody may subscribe
-    rules.write_text(json.dumps({"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True,
-                                                      "subscribe": False, "unsubscribe": True},
-                                 "clients": [], "groups": [], "roles": []}))
-    b = broker_factory(extra_config=f"plugin {plugin[0]}\nplugin_opt_config_file {rules}\n")
+def test_a_broker_that_refuses_the_command_subscription_stops_the_gateway_with_the_fix(refusing_broker):
+    b = refusing_broker
     gw = Gateway(parse_mapping(gateway_mapping(small_plant(3), "opcua", endpoint="opc.tcp://127.0.0.1:4840/x/"),
                                "gw.yaml"), b.url, component="gw-refused")
     with pytest.raises(ConnectError) as err:

@@ -286,29 +286,6 @@ def test_predictions_and_commands_land_beside_their_dead_letters_and_leave_snaps
 
 
 # ------------------------------------------------------------------ a broker that refuses the subscriptions
-def _dynsec_plugin() -> str:
-    """Mosquitto's dynamic security plugin (Debian's ``mosquitto`` package ships it): unlike the ACL
-    file, its access rules are checked on SUBSCRIBE, so a denied filter gets a refusing SUBACK."""
-    import glob
-
-    found = sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so") + glob.glob("/usr/lib/mosquitto_dynamic_security.so"))
-    if not found:
-        pytest.fail("mosquitto_dynamic_security.so not found: install Debian's mosquitto (./dev.sh test does as root)")
-    return found[0]
-
-
-@pytest.fixture
-def refusing_broker(broker_factory, tmp_path):
-    """A Mosquitto whose rules let anyone connect and publish nothing, subscribe to nothing."""
-    import json
-
-    rules = tmp_path / "dynsec.json"
-    rules.write_text(json.dumps({"defaultACLAccess": {"publishClientSend": False, "publishClientReceive": True,
-                                                      "subscribe": False, "unsubscribe": True},
-                                 "clients": [], "groups": [], "roles": []}))
-    return broker_factory(extra_config=f"plugin {_dynsec_plugin()}\nplugin_opt_config_file {rules}\n")
-
-
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_refused_subscription_stops_the_collector_with_the_filters_and_the_fix(refusing_broker, uid, tmp_path,
                                                                                  protocol):
