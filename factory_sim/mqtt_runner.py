@@ -86,7 +86,7 @@ from flywheel.base import contract
 from flywheel.base.config import ConfigError
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import WindowConfig, is_window_end
-from flywheel.base.mqtt import BrokerURL, connect, make_client
+from flywheel.base.mqtt import BrokerURL, connect, make_client, publish
 
 from factory_sim.plant import Plant
 
@@ -341,7 +341,7 @@ class MqttSimRunner:
 
     def _publish_status(self, online: bool):
         st = self._status(online)
-        return self._client.publish(self.topics.status(COMPONENT), contract.encode(st), qos=1, retain=True)
+        return publish(self._client, self.topics.status(COMPONENT), contract.encode(st), qos=1, retain=True)
 
     def _topic_for(self, msg) -> str:
         key = (msg.machine, type(msg))
@@ -365,7 +365,8 @@ class MqttSimRunner:
             payload = contract.encode(m)
             if type(m) is contract.Telemetry:
                 counts[m.machine] = counts.get(m.machine, 0) + 1
-            unacked.append(client.publish(topic, payload, qos=1))
+            # a message written as the connection broke goes again after the reconnect: its PUBACK is awaited
+            unacked.append(publish(client, topic, payload, qos=1))
             if out is not None:
                 out.write(b'{"topic":' + self._encode_line(topic) + b',"payload":' + payload + b"}\n")
         self.summary.published += len(messages)

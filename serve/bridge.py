@@ -89,7 +89,8 @@ import msgspec
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
-from flywheel.base.mqtt import BrokerURL, ConnectError, Subscriptions, ack_many, connect, make_client, wait_published
+from flywheel.base.mqtt import (BrokerURL, ConnectError, Subscriptions, ack_many, connect, make_client, publish,
+                                wait_published)
 from serve import bridge_state
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
@@ -614,7 +615,8 @@ class Bridge:
             self._state_dirty = True   # the next state write drops the sent outbox
 
     def _send(self, outbox: list[tuple[str, bytes]]) -> None:
-        wait_published([self._client.publish(topic, payload, qos=1) for topic, payload in outbox], timeout=30)
+        # during a broker restart paho keeps them and sends them once it is back: their PUBACKs are awaited
+        wait_published([publish(self._client, topic, payload, qos=1) for topic, payload in outbox], timeout=30)
 
     # ------------------------------------------------------------------ status
     def stats(self) -> dict:

@@ -2,7 +2,9 @@
 
 * ``broker`` - a real Mosquitto on a free port for the whole session (its own config,
   persistence on, raised queue limits); ``broker_factory`` makes private ones (for
-  restart tests); ``refusing_broker`` is one that refuses every subscription.
+  restart tests); ``refusing_broker`` is one that refuses every subscription;
+  ``cutting_proxy`` puts a TCP forwarder in front of a broker whose connections a test can
+  reset (``.cut()``), so a client's write fails in the middle of its stream.
 * ``ray_local`` - one local Ray for the whole test session (2 CPUs).
 * ``mlflow_uri`` - MLflow on SQLite in a fresh temp dir per test (seeded like the stack's own
   stores: ``flywheel.base.tracking.seed_sqlite_store``, from a cache private to the session).
@@ -75,6 +77,82 @@ def broker_factory(tmp_path):
     yield make
     for b in made:
         b.close()
+
+
+class CuttingProxy:
+    """A TCP forwarder in front of a broker: ``url`` for the clients, ``cut()`` resets every
+    connection it carries (RST to both sides, as a crashed network path does), and new ones
+    are forwarded again at once."""
+
+    def __init__(self, broker_url: str):
+        import socket
+        import threading
+
+        from flywheel.base.mqtt import BrokerURL
+
+        up = BrokerURL.parse(broker_url)
+        self.upstream = (up.host, up.port)
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.url = f"mqtt://127.0.0.1:{self._srv.getsockname()[1]}"
+        self._pairs: list = []
+        self._lock = threading.Lock()
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self._srv.accept()
+                server = socket.create_connection(self.upstream)
+            except OSError:
+                return
+            with self._lock:
+                self._pairs.append((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def cut(self) -> int:
+        """Reset every open connection; returns how many there were."""
+        import socket
+        import struct
+
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for s in pair:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+        self.cuts += bool(pairs)
+        return len(pairs)
+
+    def close(self):
+        self._srv.close()
+        self.cut()
+
+
+@pytest.fixture
+def cutting_proxy():
+    """``make(broker_url)`` -> a :class:`CuttingProxy` (closed at the end of the test)."""
+    made = []
+
+    def make(broker_url: str) -> CuttingProxy:
+        made.append(CuttingProxy(broker_url))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
 
 
 @pytest.fixture

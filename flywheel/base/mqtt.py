@@ -337,6 +337,24 @@ class Subscriptions:
                                "read (subscribe) access to those topics in the broker's ACL")
 
 
+#: What paho's ``publish()`` answers for a QoS 1 or 2 message it could not write: the connection
+#: was down (``NO_CONN``) or broke during the write (``CONN_LOST``).  paho keeps such a message and
+#: sends it again after its next CONNACK (with the DUP flag where it had gone out), but the
+#: returned ``MQTTMessageInfo`` keeps the error, so ``is_published()`` and ``wait_for_publish()``
+#: raise ``RuntimeError`` even once the broker has acknowledged it.
+REQUEUED = (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST)
+
+
+def publish(client: paho.Client, topic: str, payload: bytes, qos: int = 1, retain: bool = False):
+    """``client.publish`` for a client that reconnects: a QoS 1 or 2 message paho kept for after the
+    reconnect (:data:`REQUEUED`) gets a clean ``MQTTMessageInfo``, so waiting on it waits for
+    its PUBACK instead of failing at once while the message is still on its way."""
+    info = client.publish(topic, payload, qos=qos, retain=retain)
+    if qos > 0 and info.rc in REQUEUED:
+        info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+    return info
+
+
 def wait_published(infos, timeout: float = 30.0) -> None:
     """Block until every MQTTMessageInfo in ``infos`` was acknowledged (QoS 1) or sent."""
     for info in infos:

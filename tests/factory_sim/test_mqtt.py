@@ -230,6 +230,48 @@ def test_lockstep_timeout_is_counted_and_the_run_continues(broker):
     assert s.lockstep_timeouts == 6 and "no prediction" in s.last_error
 
 
+def test_connections_reset_mid_write_lose_nothing_and_the_run_goes_on(broker, cutting_proxy):
+    """The runner's connection is reset (RST) again and again while it floods the broker: a
+    publish whose write fails there is kept by paho and sent again after the reconnect. The run
+    must neither fail on such a message (paho's MQTTMessageInfo keeps the write's error even once
+    the PUBACK came) nor lose one: a subscriber on the broker itself gets every event."""
+    root = "t-cut"
+    proxy = cutting_proxy(broker.url)
+    got: set[str] = set()
+    sub = make_client(broker.url, "t-cut-sub")
+    sub.on_message = lambda c, u, msg: got.add(json.loads(msg.payload)["event_id"])
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *a: subscribed.set()
+    connect(sub, broker.url)
+    sub.subscribe([(contract.Topics(root).pattern("telemetry"), 1), (contract.Topics(root).pattern("event"), 1)])
+    assert subscribed.wait(10)
+    runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=0), proxy.url, topic_root=root, speed=None)
+    result: dict = {}
+
+    def run():
+        try:
+            result["summary"] = runner.run(48 * H)
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while thread.is_alive() and proxy.cuts < 4:
+        time.sleep(0.25)
+        proxy.cut()
+    thread.join(120)
+    assert not thread.is_alive()
+    assert "error" not in result, f"the run failed: {result.get('error')!r}"
+    s = result["summary"]
+    assert s.stopped_by == "duration" and s.reconnects >= 3 and s.published > 0
+    deadline = time.monotonic() + 20
+    while len(got) < s.published and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sub.disconnect()
+    sub.loop_stop()
+    assert len(got) == s.published, f"{s.published - len(got)} of {s.published} published events never arrived"
+
+
 def test_a_broker_restart_mid_run_loses_nothing_and_orders_still_arrive(broker_factory, tmp_path):
     """Mosquitto stops (SIGTERM: it saves its sessions) and starts again on its port mid-run. The
     runner drives its own network loop, so nothing in paho reconnects it: it must do so itself.
