@@ -85,18 +85,24 @@ import time
 from collections import Counter, deque
 
 import msgspec
+import paho.mqtt.client as paho
 
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
-from flywheel.base.mqtt import (BrokerURL, ConnectError, Subscriptions, ack_many, connect, make_client, publish,
-                                wait_published)
+from flywheel.base.mqtt import (BrokerURL, ConnectError, Subscriptions, ack_many, connect, drop_session, make_client,
+                                publish, wait_published)
 from serve import bridge_state
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
 from serve.policy import MaintenancePolicy
 
 log = logging.getLogger(__name__)
+
+#: The session expiry of a fresh bridge (a campaign period's): long enough to ride out a broker
+#: restart (a plant stops after ``broker_timeout_s`` = 300 s without its broker), short enough
+#: that a killed period's session does not queue telemetry for a day.
+FRESH_SESSION_EXPIRY_S = 300
 
 
 class BridgeError(FlywheelError, RuntimeError):
@@ -122,6 +128,7 @@ class Bridge:
         self._cond = threading.Condition()
         self._last_arrival = 0.0
         self._stop = threading.Event()
+        self._period_session = False
         self._counts: Counter = Counter()
         self._decode_errors: Counter = Counter()
         self._recent: deque[Window] = deque(maxlen=4096)
@@ -168,8 +175,15 @@ class Bridge:
                              on_connect=self._online)
         # receive_maximum: the broker may send up to this many QoS 1 messages we have not acknowledged
         # yet (we acknowledge after answering them); Mosquitto's own default would be 20.
-        connect(self._client, self.broker_url, clean_start=fresh,
-                session_expiry_s=0 if fresh else cfg.session_expiry_s, receive_maximum=65535)
+        # fresh: the previous session is dropped, and a new one starts that outlives a broker restart
+        # mid-period (the telemetry published before the bridge is back waits in it: Mosquitto saves
+        # only sessions that did not ask for a clean start, hence the drop first); stop() ends it.
+        # MQTT 3.1.1 (the in-Python broker, which keeps nothing across its own restart) starts clean.
+        self._period_session = fresh and self._client.protocol == paho.MQTTv5
+        if self._period_session:
+            drop_session(self.broker_url, self.client_id)
+        connect(self._client, self.broker_url, clean_start=fresh and not self._period_session,
+                session_expiry_s=FRESH_SESSION_EXPIRY_S if fresh else cfg.session_expiry_s, receive_maximum=65535)
         # Return only once the broker confirmed the subscriptions: telemetry published after
         # start() returns is then guaranteed to reach the bridge.
         try:
@@ -206,8 +220,13 @@ class Bridge:
                 wait_published([info], timeout=5)
             except Exception as exc:  # noqa: BLE001 - the broker may already be gone
                 log.debug("offline status not published: %s", exc)
-            self._client.disconnect()   # the session stays on the broker: a restart resumes it
+            self._client.disconnect()   # the session stays on the broker: a restart resumes it ...
             self._client.loop_stop()
+            if self._period_session:    # ... unless it was a period's (MQTT 5): that one ends with its bridge
+                try:
+                    drop_session(self.broker_url, self.client_id, timeout=5)
+                except ConnectError as exc:
+                    log.debug("the bridge's session was not dropped: %s", exc)
         self.serve.close()
 
     def __enter__(self):

@@ -355,6 +355,18 @@ def publish(client: paho.Client, topic: str, payload: bytes, qos: int = 1, retai
     return info
 
 
+def drop_session(url: BrokerURL | str, client_id: str, timeout: float = 10.0) -> None:
+    """End whatever session the broker keeps for ``client_id`` (and the subscriptions and queued
+    messages in it): connect with a clean start and no expiry, then disconnect.
+
+    A client that wants a new session which still outlives a broker restart needs this first:
+    Mosquitto 2.0 saves only sessions that did not ask for a clean start."""
+    client = make_client(url, client_id)
+    connect(client, url, clean_start=True, session_expiry_s=0, timeout=timeout)
+    client.disconnect()
+    client.loop_stop()
+
+
 def wait_published(infos, timeout: float = 30.0) -> None:
     """Block until every MQTTMessageInfo in ``infos`` was acknowledged (QoS 1) or sent."""
     for info in infos:

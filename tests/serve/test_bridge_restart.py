@@ -4,7 +4,9 @@ The bridge runs as its own process (``flywheel serve bridge``) against the sessi
 serve app and a real Mosquitto; the plant runs in lockstep.  Killed while the plant runs,
 the bridge's persistent session holds the telemetry published meanwhile, the plant waits
 for it, and the restarted bridge resumes from its state file: the run ends with the same
-predictions, the same commands and the same plant KPIs as an uninterrupted run.
+predictions, the same commands and the same plant KPIs as an uninterrupted run.  The last test
+restarts the broker instead, under the bridge as a campaign runs it (in-process, a fresh session
+each period).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.base.mqtt import connect, make_client, unique_client_id
+from flywheel.base.mqtt import Subscriptions, connect, make_client, unique_client_id
 
 REPO = Path(__file__).resolve().parents[2]
 # Every window is risky enough; the cooldown (12 windows) outlives the kill, so a bridge that
@@ -79,9 +81,11 @@ class Outputs:
         self._lock = threading.Lock()
         self.client = make_client(url, unique_client_id("restart-test-rec"))
         self.client.on_message = self._on
-        connect(self.client, url)
-        self.client.subscribe([(f"{root}/+/+/prediction", 1), (f"{root}/+/+/command", 1)])
-        time.sleep(0.2)
+        # A kept session: a broker restart (persistence on) keeps the subscription and what was
+        # sent meanwhile.  Subscribed before this returns (its SUBACK).
+        subs = Subscriptions(self.client, [(f"{root}/+/+/prediction", 1), (f"{root}/+/+/command", 1)])
+        connect(self.client, url, clean_start=False, session_expiry_s=600)
+        subs.wait(url, "the test's recorder")
 
     def _on(self, c, u, msg):
         with self._lock:
@@ -206,3 +210,55 @@ def test_an_unusable_state_file_is_set_aside_and_the_bridge_starts_afresh(broker
         assert path.with_name(path.name + ".unusable").exists()
     finally:
         b.stop()
+
+
+# ------------------------------------------------------------------ a broker restart mid-period
+def _run_fresh_bridge(broker, served, name: str, restart_after: int | None):
+    from factory_sim import Plant, load_scenario
+    from factory_sim.mqtt_runner import MqttSimRunner
+    from serve import Bridge, BridgeConfig
+
+    root = f"brk-{name}-{uuid.uuid4().hex[:6]}"
+    rec = Outputs(broker.url, root)
+    bridge = Bridge(broker.url, served.url, BridgeConfig(client_id=f"flywheel-bridge-{root}", threshold=0.0,
+                                                         cooldown_s=3600), topic_root=root)
+    bridge.start(fresh=True)
+    runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=3), broker.url, topic_root=root, speed=None,
+                           lockstep=True, lockstep_timeout_s=30, window=bridge.window, bridge_restart_timeout_s=120)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=runner.run(3 * 3600)), daemon=True)
+    thread.start()
+    try:
+        if restart_after is not None:
+            deadline = time.monotonic() + 120
+            while len(rec.predictions) < restart_after and time.monotonic() < deadline:
+                time.sleep(0.005)
+            broker.stop()
+            time.sleep(0.5)
+            broker.start()
+        thread.join(300)
+        assert not thread.is_alive(), "the plant did not finish"
+        time.sleep(0.5)
+    finally:
+        runner.stop()
+        bridge.stop()
+        rec.close()
+    return result["summary"], rec
+
+
+@pytest.mark.slow
+def test_a_broker_restart_mid_period_ends_as_an_uninterrupted_period(broker_factory, served):
+    """The bridge a campaign runs (in-process, a fresh session each period) and Mosquitto restarted
+    mid-run (SIGTERM, persistence on): plant, bridge and recorder reconnect, and the period ends
+    with the windows, orders and plant KPIs of an uninterrupted one."""
+    ref, ref_out = _run_fresh_bridge(broker_factory(), served, "ref", None)
+    got, out = _run_fresh_bridge(broker_factory(), served, "restarted", restart_after=40)
+
+    def windows(o):
+        return sorted({(p["machine"], p["window_end_seq"]) for p in o.predictions})
+
+    assert got.reconnects >= 1 and ref.reconnects == 0     # the restart happened mid-period
+    assert got.lockstep_timeouts == ref.lockstep_timeouts == 0
+    assert windows(out) == windows(ref_out) and len(windows(ref_out)) > 40
+    assert sorted({c["command_id"] for c in out.commands}) == sorted({c["command_id"] for c in ref_out.commands})
+    assert got.kpis == ref.kpis
