@@ -44,6 +44,10 @@ class SignatureError(FlywheelError, ValueError):
     """A version's signature is missing, made with another key, or does not match its files."""
 
 
+class UnsignedError(SignatureError):
+    """A version has no signature on its run (yet: ``sign_registered`` can still add one)."""
+
+
 def init_keys(directory: str | os.PathLike, force: bool = False) -> tuple[Path, Path]:
     """Create a P-256 key pair in ``directory`` (``signing.key``, mode 0600, and ``signing.pub``).
     An existing pair is kept unless ``force``: replacing it makes every signature so far unverifiable."""
@@ -163,7 +167,7 @@ def verify_version(tracking_uri: str, model_name: str, version: str, adapter_dir
         try:
             sig = client.download_artifacts(info.run_id, SIGNATURE_ARTIFACT, tmp)
         except Exception:  # noqa: BLE001 - MLflow raises several types for a missing artifact
-            raise SignatureError(f"{what} is not signed (no {SIGNATURE_ARTIFACT} on run {info.run_id}); sign it "
+            raise UnsignedError(f"{what} is not signed (no {SIGNATURE_ARTIFACT} on run {info.run_id}); sign it "
                                  "at registration (train.signing_key) or set serve.require_signature=false") from None
         try:
             bom_text = Path(client.download_artifacts(info.run_id, BOM_ARTIFACT, tmp)).read_text()

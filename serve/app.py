@@ -235,8 +235,11 @@ class FaultDetector:
                     self.refusals.pop(name, None)
                 except Exception as exc:  # noqa: BLE001 - a bad candidate never stops the serving one
                     current = self.pool.slot(name)
-                    log.error("adapter %r (%s) not swapped in: %s; still serving %s", name, ref, exc,
-                              f"v{current.version}" if current else "nothing")
+                    last = self.refusals.get(name) or {}
+                    # a refusal retried at every poll (an unsigned version) is logged once, not every poll
+                    again = last.get("ref") == ref and last.get("reason") == str(exc)
+                    log.log(logging.DEBUG if again else logging.ERROR, "adapter %r (%s) not swapped in: %s; "
+                            "still serving %s", name, ref, exc, f"v{current.version}" if current else "nothing")
                     self.refusals[name] = {"ref": ref, "reason": str(exc), "at": time.time()}
             self.last_check_at = time.time()
             self.pool.collect()

@@ -96,12 +96,16 @@ class AdapterSource:
 
     def verify(self, resolved: Resolved, adapter_dir: str, public_key: str) -> None:
         """Refuse a version whose signature is missing, foreign or does not match its files: raises
-        ``finetune.model.ModelError`` (never retried: artifacts are immutable) naming the reason."""
+        ``finetune.model.ModelError`` (never retried: artifacts are immutable) naming the reason,
+        or, for a version with no signature yet, :class:`ServeError` (checked again at the next
+        registry poll: ``finetune.signing.sign_registered`` may sign it later)."""
         from finetune.model import ModelError
-        from finetune.signing import SignatureError, verify_version
+        from finetune.signing import SignatureError, UnsignedError, verify_version
 
         try:
             verify_version(self.tracking_uri, resolved.model_name, resolved.version, adapter_dir, public_key)
+        except UnsignedError as exc:
+            raise ServeError(f"refused, signature check failed: {exc}; checked again at each registry poll") from None
         except SignatureError as exc:
             raise ModelError(f"refused, signature check failed: {exc}") from None
 

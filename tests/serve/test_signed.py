@@ -90,12 +90,18 @@ def test_a_version_changed_in_the_store_after_signing_is_refused_live(app, regis
 def test_an_unsigned_version_and_one_signed_with_another_key_are_refused(app, registry, adapter_dirs, keys):
     from finetune.signing import sign_registered
 
-    _, (foreign, _) = keys
+    (private, _), (foreign, _) = keys
     unsigned = registry.register(adapter_dirs.b, alias=None)
     _refused(app, registry, unsigned, "is not signed")
     other = registry.register(adapter_dirs.b, alias=None)
     sign_registered(registry.tracking_uri, registry.model_name, other, foreign)
     _refused(app, registry, other, "signed with another key")
+    # an unsigned version is checked again at each poll: signed later, it swaps in without a restart
+    registry.set_alias(unsigned, "champion")
+    assert app.refresh() != unsigned
+    sign_registered(registry.tracking_uri, registry.model_name, unsigned, private)
+    assert app.refresh() == unsigned
+    assert ServeClient(app.url).predict([{"text": TEXT}])["model_version"] == unsigned
 
 
 def test_a_properly_signed_version_swaps_in(app, registry, adapter_dirs, keys):
