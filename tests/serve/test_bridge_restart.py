@@ -11,6 +11,7 @@ each period).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -102,6 +103,32 @@ def _window():
     return WindowConfig(length=5, stride_s=300, horizon_s=3600)   # the served adapters' (tests/serve/conftest.py)
 
 
+@contextlib.contextmanager
+def _plant_period(runner, bridge, out):
+    """Three plant hours of ``runner`` in a thread while the block runs; yields the dict its
+    summary lands in (``"summary"``), waits for the plant to finish, then stops plant, bridge and
+    the recorder ``out``."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(summary=runner.run(3 * 3600)), daemon=True)
+    thread.start()
+    try:
+        yield result
+        thread.join(300)
+        assert not thread.is_alive(), "the plant did not finish"
+        time.sleep(0.5)
+    finally:
+        runner.stop()
+        bridge.stop()
+        out.close()
+
+
+def _wait_predictions(out, n: int, timeout_s: float = 120) -> None:
+    """Until the recorder ``out`` holds ``n`` predictions (or ``timeout_s`` passed)."""
+    deadline = time.monotonic() + timeout_s
+    while len(out.predictions) < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def _run(broker, served, tmp_path: Path, name: str, kill_after_predictions: int | None):
     """Three plant hours of the tiny plant in lockstep with a bridge process; optionally SIGKILL the
     bridge once it answered ``kill_after_predictions`` windows and restart it after the plant waited."""
@@ -116,15 +143,10 @@ def _run(broker, served, tmp_path: Path, name: str, kill_after_predictions: int 
     bridge.start()
     runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=3), broker.url, topic_root=root, speed=None,
                            lockstep=True, lockstep_timeout_s=60, window=_window(), bridge_restart_timeout_s=120)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(summary=runner.run(3 * 3600)), daemon=True)
-    thread.start()
     restarted = ""
-    try:
+    with _plant_period(runner, bridge, out) as result:
         if kill_after_predictions is not None:
-            deadline = time.monotonic() + 120
-            while len(out.predictions) < kill_after_predictions and time.monotonic() < deadline:
-                time.sleep(0.005)
+            _wait_predictions(out, kill_after_predictions)
             bridge.kill()
             killed_at = len(out.predictions)
             # The plant runs on to its next window end, publishes it to the absent bridge, and waits.
@@ -135,13 +157,6 @@ def _run(broker, served, tmp_path: Path, name: str, kill_after_predictions: int 
             result["published_while_down"] = runner.summary.published
             result["predictions_while_down"] = len(out.predictions) - killed_at
             restarted = bridge.start()
-        thread.join(300)
-        assert not thread.is_alive(), "the plant did not finish"
-        time.sleep(0.5)
-    finally:
-        runner.stop()
-        bridge.stop()
-        out.close()
     return result["summary"], out, restarted, result
 
 
@@ -225,24 +240,12 @@ def _run_fresh_bridge(broker, served, name: str, restart_after: int | None):
     bridge.start(fresh=True)
     runner = MqttSimRunner(Plant(load_scenario("tiny"), seed=3), broker.url, topic_root=root, speed=None,
                            lockstep=True, lockstep_timeout_s=30, window=bridge.window, bridge_restart_timeout_s=120)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(summary=runner.run(3 * 3600)), daemon=True)
-    thread.start()
-    try:
+    with _plant_period(runner, bridge, rec) as result:
         if restart_after is not None:
-            deadline = time.monotonic() + 120
-            while len(rec.predictions) < restart_after and time.monotonic() < deadline:
-                time.sleep(0.005)
+            _wait_predictions(rec, restart_after)
             broker.stop()
             time.sleep(0.5)
             broker.start()
-        thread.join(300)
-        assert not thread.is_alive(), "the plant did not finish"
-        time.sleep(0.5)
-    finally:
-        runner.stop()
-        bridge.stop()
-        rec.close()
     return result["summary"], rec
 
 
