@@ -77,16 +77,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import msgspec
-import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from flywheel.base import contract
 from flywheel.base.config import ConfigError
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import WindowConfig, is_window_end
-from flywheel.base.mqtt import BrokerURL, connect, make_client, publish
+from flywheel.base.mqtt import BrokerURL, connect, end_session, make_client, publish
 
 from factory_sim.plant import Plant
 
@@ -95,15 +92,6 @@ COMPONENT = "sim"
 #: Machine events that start or end a stop: in link mode the plant waits for its gateway after each.
 STOP_EVENTS = frozenset({"failure", "maintenance_start", "maintenance_done"})
 GUARDRAIL_REASONS = ("line_order_cap", "line_down_cap")
-
-
-def _end_session(client) -> "Properties | None":
-    """DISCONNECT properties that end an MQTT 5 session at once (session expiry 0), else None."""
-    if client.protocol != paho.MQTTv5:
-        return None
-    props = Properties(PacketTypes.DISCONNECT)
-    props.SessionExpiryInterval = 0
-    return props
 
 
 class LockstepError(FlywheelError, RuntimeError):
@@ -601,7 +589,7 @@ class MqttSimRunner:
                     self._pump(0.01)
             finally:
                 self._closing = True
-                client.disconnect(properties=_end_session(client))
+                client.disconnect(properties=end_session(client))
                 client.loop(timeout=0.1)
                 if self._out is not None:
                     self._out.close()

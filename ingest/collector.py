@@ -50,7 +50,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from flywheel.base import contract
-from flywheel.base.mqtt import BrokerURL, ConnectError, Subscriptions, ack_many, connect, make_client
+from flywheel.base.mqtt import BrokerURL, ConnectError, Subscriptions, ack_many, connect, end_session, make_client
 from ingest.batch import decode_batch
 from ingest.config import IngestConfig
 from ingest.lake import Lake
@@ -238,11 +238,7 @@ class Collector:
             self._leave(timeout_s)
         if self._drain_on_stop:
             self._publish_status(online=False)
-            props = None
-            if leave and self._client.protocol == paho.MQTTv5:
-                props = Properties(PacketTypes.DISCONNECT)
-                props.SessionExpiryInterval = 0  # end the session now
-            self._client.disconnect(properties=props)
+            self._client.disconnect(properties=end_session(self._client) if leave else None)
         self._client.loop_stop()
         return self.status()
 

@@ -90,8 +90,8 @@ import paho.mqtt.client as paho
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
-from flywheel.base.mqtt import (BrokerURL, ConnectError, Subscriptions, ack_many, connect, drop_session, make_client,
-                                publish, wait_published)
+from flywheel.base.mqtt import (BrokerURL, ConnectError, Subscriptions, ack_many, connect, drop_session, end_session,
+                                make_client, publish, wait_published)
 from serve import bridge_state
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
@@ -220,13 +220,10 @@ class Bridge:
                 wait_published([info], timeout=5)
             except Exception as exc:  # noqa: BLE001 - the broker may already be gone
                 log.debug("offline status not published: %s", exc)
-            self._client.disconnect()   # the session stays on the broker: a restart resumes it ...
+            # the session stays on the broker (a restart resumes it), unless it was a period's: that
+            # one ends with its bridge
+            self._client.disconnect(properties=end_session(self._client) if self._period_session else None)
             self._client.loop_stop()
-            if self._period_session:    # ... unless it was a period's (MQTT 5): that one ends with its bridge
-                try:
-                    drop_session(self.broker_url, self.client_id, timeout=5)
-                except ConnectError as exc:
-                    log.debug("the bridge's session was not dropped: %s", exc)
         self.serve.close()
 
     def __enter__(self):

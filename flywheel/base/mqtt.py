@@ -355,6 +355,19 @@ def publish(client: paho.Client, topic: str, payload: bytes, qos: int = 1, retai
     return info
 
 
+def end_session(client: paho.Client) -> Properties | None:
+    """DISCONNECT properties that end the client's MQTT 5 session at once (session expiry 0), so
+    the broker keeps neither its subscriptions nor messages for it; None over MQTT 3.1.1.
+
+        client.disconnect(properties=end_session(client))
+    """
+    if client.protocol != paho.MQTTv5:
+        return None
+    props = Properties(PacketTypes.DISCONNECT)
+    props.SessionExpiryInterval = 0
+    return props
+
+
 def drop_session(url: BrokerURL | str, client_id: str, timeout: float = 10.0) -> None:
     """End whatever session the broker keeps for ``client_id`` (and the subscriptions and queued
     messages in it): connect with a clean start and no expiry, then disconnect.
