@@ -134,7 +134,7 @@ def run(args) -> int:
     from factory_sim import Plant
     from factory_sim.mqtt_runner import MqttSimRunner
 
-    console = Console(stderr=False, highlight=False)
+    console = Console(stderr=False, highlight=False, soft_wrap=True)
     scenario = load_sim_scenario(args.scenario, args.config, args.overrides)
     speed = _speed(args.speed)
     if args.duration is not None:

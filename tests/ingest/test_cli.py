@@ -42,6 +42,9 @@ def test_ingest_names_an_unreachable_broker_in_one_line_not_a_ray_traceback(ray_
 
 
 def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, capsys):
+    # a workdir path longer than a terminal line: printed whole on its line, also into a pipe
+    tmp_path = tmp_path / ("a-workdir-with-a-long-name-" * 4)
+    tmp_path.mkdir()
     t0 = day_start()
     msgs = stream([("l1", "p1", "pump")], t0, 30 * 3600,
                   incidents=[Incident("p1", t0 + 5 * 3600 + 30, "failure", "BRG")])
