@@ -179,7 +179,10 @@ class FaultDetector:
         self.pool = AdapterPool(self.config.base_model, self.config.device, self.config.max_length_tokens,
                                 self.config.torch_threads, self.config.precision)
         self.refusals: dict[str, dict] = {}        # adapter name -> last refusal (version, reason, at)
-        self._refused: set[tuple[str, str]] = set()  # (model, version) never retried: artifacts are immutable
+        # (model, version) never retried: what made them unservable stays (files that do not load, a bad
+        # signature, a family or featuriser this release cannot serve). Refusals that rest on what can
+        # change (no signature yet, the governance tags) are checked again at every poll.
+        self._refused: set[tuple[str, str]] = set()
         self.swaps = 0
         self.batches = 0              # forward passes, and windows through them (mean batch size)
         self.batched_windows = 0

@@ -113,8 +113,9 @@ class AdapterSource:
     def check_governance(self, resolved: Resolved, policy) -> None:
         """Refuse a version whose recorded base model (tags ``flywheel.base_model_id`` and
         ``flywheel.base_model_licence``) the governance policy does not allow: raises
-        ``finetune.model.ModelError`` (never retried) naming the base model and the fix."""
-        from finetune.model import ModelError
+        :class:`ServeError` naming the base model and the fix.  Tags can change (a base model
+        recorded afterwards, a licence corrected), so the app checks such a version again at
+        every registry poll, as it does an unsigned one; nothing of it is fetched meanwhile."""
         from flywheel.base.governance import BASE_MODEL_ID_TAG, BASE_MODEL_LICENCE_TAG, GovernanceError
 
         if not policy.active:
@@ -126,7 +127,7 @@ class AdapterSource:
             policy.check(tags.get(BASE_MODEL_ID_TAG), tags.get(BASE_MODEL_LICENCE_TAG),
                          f"{resolved.model_name} version {resolved.version}")
         except GovernanceError as exc:
-            raise ModelError(f"refused by the governance policy: {exc}") from None
+            raise ServeError(f"refused by the governance policy: {exc}") from None
 
 
 def _registry():

