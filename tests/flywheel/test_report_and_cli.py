@@ -247,3 +247,20 @@ def test_the_data_value_curve_puts_both_families_on_the_reference_plant_against_
     # turn 2 over three seeds: LoRA AUROC 0.91, 0.92, 0.93 -> mean 0.920; the trees 0.890 on every seed
     row = next(line for line in text.splitlines() if line.startswith("| 2 | 2000 "))
     assert "0.920 [" in row and "| 0.890 [0.890, 0.890] |" in row and "| 7000 [7000, 7000] | 8000 [8000, 8000] |" in row
+
+
+def test_the_campaigns_lines_stay_whole_in_a_pipe():
+    """A turn's summary is longer than a terminal line; written to a pipe or a log file it stays one
+    line (rich wraps at 80 columns where there is no terminal), so a script can read it."""
+    import io
+
+    from rich.console import Console
+
+    from flywheel.base.live import LiveView, LoopStatus
+
+    out = io.StringIO()
+    view = LiveView(LoopStatus(), console=Console(file=out, force_terminal=False))
+    line = ("turn 3: model v3, macro-F1 0.251 (trees 0.332), gate AUROC +0.045 [+0.027, +0.063], AUROC 0.895, "
+            "OEE 83.5% (run-to-failure 55.2%, oracle 85.4%, gap closed 93.5%), failures 7")
+    view.log(line)
+    assert out.getvalue() == line + "\n"
