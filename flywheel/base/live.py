@@ -88,8 +88,9 @@ class LiveView:
     def log(self, text: str) -> None:
         """A line that should stay visible (turn summaries, warnings)."""
         self.status.lines.append(text)
-        # into a pipe or a log file a line stays one line (rich would wrap it at 80 columns)
-        self.console.print(text, soft_wrap=not self.console.is_terminal)
+        # plain text, never markup (rich would drop a bracketed word such as "[ok]"); into a pipe or
+        # a log file a line stays one line (rich would wrap it at 80 columns)
+        self.console.print(text, markup=False, soft_wrap=not self.console.is_terminal)
 
     def stage(self, stage: str) -> None:
         self.status.set_stage(stage)

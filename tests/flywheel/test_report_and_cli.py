@@ -251,7 +251,8 @@ def test_the_data_value_curve_puts_both_families_on_the_reference_plant_against_
 
 def test_the_campaigns_lines_stay_whole_in_a_pipe():
     """A turn's summary is longer than a terminal line; written to a pipe or a log file it stays one
-    line (rich wraps at 80 columns where there is no terminal), so a script can read it."""
+    line (rich wraps at 80 columns where there is no terminal), so a script can read it; and a line
+    is plain text, not markup (rich drops a bracketed word it takes for a style)."""
     import io
 
     from rich.console import Console
@@ -263,4 +264,5 @@ def test_the_campaigns_lines_stay_whole_in_a_pipe():
     line = ("turn 3: model v3, macro-F1 0.251 (trees 0.332), gate AUROC +0.045 [+0.027, +0.063], AUROC 0.895, "
             "OEE 83.5% (run-to-failure 55.2%, oracle 85.4%, gap closed 93.5%), failures 7")
     view.log(line)
-    assert out.getvalue() == line + "\n"
+    view.log("a check [ok] and [turn 3]")
+    assert out.getvalue() == line + "\n" + "a check [ok] and [turn 3]\n"
