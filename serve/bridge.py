@@ -90,7 +90,7 @@ import paho.mqtt.client as paho
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
-from flywheel.base.mqtt import (BrokerURL, ConnectError, Subscriptions, ack_many, connect, drop_session, end_session,
+from flywheel.base.mqtt import (ConnectError, Subscriptions, ack_many, connect, drop_session, end_session,
                                 make_client, publish, wait_published)
 from serve import bridge_state
 from serve.client import ServeClient, ServeHTTPError

@@ -127,7 +127,8 @@ class AdapterSource:
             policy.check(tags.get(BASE_MODEL_ID_TAG), tags.get(BASE_MODEL_LICENCE_TAG),
                          f"{resolved.model_name} version {resolved.version}")
         except GovernanceError as exc:
-            raise ServeError(f"refused by the governance policy: {exc}") from None
+            raise ServeError(f"refused by the governance policy: {exc}; its tags are checked again at each "
+                             "registry poll") from None
 
 
 def _registry():
