@@ -9,7 +9,7 @@ import time
 import pytest
 
 from flywheel.base import contract
-from flywheel.base.mqtt import connect, make_client
+from flywheel.base.mqtt import Subscriptions, connect, make_client
 
 #: two machines (a mill and a pump) of the tiny plant: small and quick, both machine kinds
 SCENARIO = ("tiny", ["machines.milling=1", "machines.pump=1"])
@@ -56,9 +56,11 @@ class Inbox:
         self.lock = threading.Lock()
         self.client = make_client(url, prefix="gw-test-inbox")
         self.client.on_message = self._on
+        # what a test publishes right after making its inbox must find the subscription in place
+        subs = Subscriptions(self.client, [(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1),
+                                           (self.topics.pattern("status"), 1)])
         connect(self.client, url)
-        self.client.subscribe([(self.topics.pattern("telemetry"), 1), (self.topics.pattern("event"), 1),
-                               (self.topics.pattern("status"), 1)])
+        subs.wait(url, "the test's inbox")
 
     def _on(self, client, userdata, msg) -> None:
         m = contract.decode(msg.topic, msg.payload, topics=self.topics)
