@@ -9,7 +9,8 @@
 #   * creates ./.venv (python3 -m venv) unless VIRTUAL_ENV is already active;
 #   * without an NVIDIA GPU, installs PyTorch's CPU build first (a plain `torch` requirement
 #     would pull a multi-GB CUDA build); with a GPU, pip picks the CUDA build;
-#   * pip-installs this project with its test extras (editable), once per pyproject change;
+#   * installs this project with its test extras (editable), once per pyproject change, through
+#     uv (pip-installed into the venv first; pip itself where uv cannot be installed);
 #   * `test` only: if `mosquitto` or `prometheus` is missing and we are root, runs
 #     `apt-get update && apt-get install -y mosquitto mosquitto-clients prometheus` (Debian/Ubuntu)
 #     for what is missing. The tests start their own brokers and Prometheus servers on free
@@ -37,11 +38,24 @@ install() {
   if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] && python -c "import flywheel, torch" 2>/dev/null; then
     return
   fi
-  python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  # uv (from PyPI, into the venv) installs the same packages as pip in a quarter of the time
+  # (benchmarks/bench_install.py: a cold install ~26 s instead of ~99 s); pip where uv cannot be had.
+  local pkg=(python -m pip install -q)
+  if python -m pip install -q uv >/dev/null 2>&1 && python -m uv --version >/dev/null 2>&1; then
+    pkg=(python -m uv pip install -q --python "$(command -v python)")
+  else
+    python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  fi
   if ! python -c "import torch" 2>/dev/null; then
+    local tag wheel
+    tag="$(python -c 'import sys; print("cp%d%d" % sys.version_info[:2])')"
+    wheel="$(ls /opt/wheels/torch-2.13.0+cpu-"$tag"-"$tag"-*.whl 2>/dev/null | head -1 || true)"
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
       log "NVIDIA GPU found: installing PyTorch with CUDA"
       python -m pip install -q "torch>=2.4,<3"
+    elif [[ -n "$wheel" ]]; then   # the file itself: uv does not read pip's find-links
+      log "no GPU: installing the local PyTorch 2.13.0 CPU build"
+      "${pkg[@]}" "$wheel"
     elif ls /opt/wheels/torch-2.13.0* >/dev/null 2>&1; then
       log "no GPU: installing the local PyTorch 2.13.0 CPU build"
       python -m pip install -q "torch==2.13.0"
@@ -50,8 +64,8 @@ install() {
       python -m pip install -q "torch>=2.4,<3" --index-url https://download.pytorch.org/whl/cpu
     fi
   fi
-  log "installing flywheel-stack and its dependencies (first time: ~2 minutes)"
-  python -m pip install -q -e ".[test]"
+  log "installing flywheel-stack and its dependencies (first time: about a minute)"
+  "${pkg[@]}" -e ".[test]"
   # Earlier installs pulled in rfc3987-syntax (see pyproject.toml): it costs every Ray process ~2 s
   # of CPU when imported, so an environment that still has it drops it.
   python -m pip uninstall -y -q rfc3987-syntax >/dev/null 2>&1 || true
