@@ -134,7 +134,7 @@ def run(args) -> int:
     from factory_sim import Plant
     from factory_sim.mqtt_runner import MqttSimRunner
 
-    console = Console(stderr=False, highlight=False, soft_wrap=True)
+    console = Console(stderr=False, highlight=False, soft_wrap=True, markup=False)
     scenario = load_sim_scenario(args.scenario, args.config, args.overrides)
     speed = _speed(args.speed)
     if args.duration is not None:
@@ -159,7 +159,7 @@ def run(args) -> int:
         broker = EmbeddedBroker()
         broker.start()      # a BrokerError says why and ends the command (exit 1)
         url = broker.url
-        console.print(f"embedded {broker.impl} broker at [bold]{url}[/] (it stops with the sim)")
+        console.print(f"embedded {broker.impl} broker at {url} (it stops with the sim)")
     from flywheel.base.features import WindowConfig
 
     # bad --stride-s / --window-length: WindowConfig or the runner raises ConfigError (exit 2)
@@ -177,7 +177,7 @@ def run(args) -> int:
     n = len(plant.machines)
     until = (f"until {scenario.stop_after_parts:,} parts are made" if scenario.stop_after_parts and args.duration is None
              else f"{_fmt_duration(duration_s)} of plant time")
-    console.print(f"flywheel sim: scenario [bold]{scenario.name}[/] ({n} machine{'s' if n > 1 else ''} on "
+    console.print(f"flywheel sim: scenario {scenario.name} ({n} machine{'s' if n > 1 else ''} on "
                   f"{len(lines)} line{'s' if len(lines) > 1 else ''}), seed {args.seed}, speed "
                   f"{'max' if speed is None else f'{speed:g}x'}, {until}, broker {runner.url.redacted()}, "
                   f"topics {args.topic_root}/...")
@@ -318,7 +318,7 @@ def _run_plant_protocol(args, plant, speed, duration_s, console) -> int:
             broker = EmbeddedBroker()
             broker.start()
             url = broker.url
-            console.print(f"embedded {broker.impl} broker at [bold]{url}[/] (it stops with the sim)")
+            console.print(f"embedded {broker.impl} broker at {url} (it stops with the sim)")
         link = SparkplugPlant(plant, url, group=args.sparkplug_group, speed=speed, out_path=args.out,
                               topic_root=args.topic_root)
         mapping = gateway_mapping(plant, "sparkplug", group=args.sparkplug_group, topic_root=args.topic_root)
@@ -330,7 +330,7 @@ def _run_plant_protocol(args, plant, speed, duration_s, console) -> int:
         console.print(f"gateway mapping written to {args.write_mapping}")
     try:
         link.start()
-        console.print(f"flywheel sim: scenario [bold]{plant.scenario.name}[/], seed {args.seed}, "
+        console.print(f"flywheel sim: scenario {plant.scenario.name}, seed {args.seed}, "
                       f"{len(plant.machines)} machines at {where}, speed {'max' if speed is None else f'{speed:g}x'}")
         summary = link.run(duration_s)
     finally:

@@ -226,7 +226,7 @@ def _print_outcome(o, gate_metric: str) -> None:
     for k in keys:
         refs = [o.reference_metrics.get(f"reference_model.{f}.{k.removeprefix('eval.')}") for f in families]
         t.add_row(k, cell(o.challenger_metrics.get(k)), cell((o.champion_metrics or {}).get(k)), *map(cell, refs))
-    con = Console(soft_wrap=True)
+    con = Console(soft_wrap=True, markup=False)   # a reason or path printed as it is
     con.print(t)
     con.print(f"gate: {o.reason}")
     con.print(f"champion is now version {o.champion_version}; train "

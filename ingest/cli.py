@@ -108,7 +108,7 @@ def run_ingest(args) -> int:
     from ingest.config import IngestConfig
     from ingest.status import read_statuses, render_table, status_rows
 
-    console = Console(soft_wrap=True)   # a path or id on one line, also in a pipe
+    console = Console(soft_wrap=True, markup=False)   # a path or id whole and on one line, also in a pipe
     if not args.broker:
         raise UsageError("--broker URL is required (start one with `flywheel broker`, "
                          "e.g. --broker mqtt://127.0.0.1:1884)")
@@ -203,7 +203,7 @@ def run_dataset_build(args) -> int:
     from ingest.config import BuildConfig
     from ingest.dataset import DatasetError
 
-    console = Console(soft_wrap=True)   # a path or id on one line, also in a pipe
+    console = Console(soft_wrap=True, markup=False)   # a path or id whole and on one line, also in a pipe
     config = _load_config(BuildConfig, "dataset", args)
     wd = _workdir(args)
     _check_previous(wd, args.previous)

@@ -277,7 +277,7 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
 
     from serve.handle import start_serving
 
-    console = Console(soft_wrap=True)   # a path or id on one line, also in a pipe
+    console = Console(soft_wrap=True, markup=False)   # a path or id whole and on one line, also in a pipe
     with console.status(f"deploying {args.model_name}@{args.alias} on Ray Serve ..."):
         # a ServeError says why it cannot serve; the CLI prints it on one line (exit 1)
         handle = start_serving(tracking_uri, args.model_name, args.alias, cfg, ray_address=args.ray_address)

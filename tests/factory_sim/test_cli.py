@@ -41,12 +41,13 @@ def test_unreachable_broker_is_reported_with_the_password_redacted(capsys):
 
 
 def test_calibration_scenario_stops_by_itself_and_writes_its_stream(broker, tmp_path, capsys):
-    out = tmp_path / "ai4i.jsonl"
+    out = tmp_path / "ai4i-[site-a].jsonl"    # printed as it is: a bracketed word is not a style tag
     rc = main(["sim", "--scenario", "ai4i", "--broker", broker.url, "--out", str(out), "--no-live",
                "--topic-root", "cli1", "scenario.stop_after_parts=300"])
     assert rc == 0
     text = capsys.readouterr().out.replace("\n", " ")
     assert "finished its parts" in text and "parts 300" in text and "python -m factory_sim.calibration" in text
+    assert f"messages written to {out}" in text
     rows = [json.loads(line) for line in out.read_bytes().splitlines()]
     assert sum(r["payload"].get("type") == "part" for r in rows) == 300
     assert all(r["topic"].startswith("cli1/L1/mill-01/") for r in rows)
