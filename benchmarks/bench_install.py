@@ -4,7 +4,8 @@
 
 What ``./dev.sh install`` does on a machine with nothing cached, two ways, in the same run:
 the baseline is pip alone (PyTorch's CPU build, then ``pip install -e ".[test]"``), the other
-is what dev.sh does now (pip installs uv into the venv, uv installs PyTorch and the project).
+is what dev.sh does now (pip installs uv into the venv, uv installs PyTorch and the project and
+compiles their bytecode, as pip does).
 Each round creates a new venv in a temp dir with empty package caches (``PIP_NO_CACHE_DIR``,
 ``UV_CACHE_DIR``), so every package is downloaded again; rounds alternate the two ways. Prints
 each install's wall time, the medians and their ratio, and checks that both environments hold
@@ -49,10 +50,15 @@ def _install(way: str, tmp: Path) -> tuple[float, set[str]]:
         run = [py, "-m", "pip", "install", "-q"]
     else:
         subprocess.run([py, "-m", "pip", "install", "-q", "uv"], check=True, env=env)
-        run = [py, "-m", "uv", "pip", "install", "-q", "--python", py]
+        run = [py, "-m", "uv", "pip", "install", "-q", "--compile-bytecode", "--python", py]
     subprocess.run(run + _torch_args(), check=True, env=env, cwd=ROOT)
     subprocess.run(run + ["-e", ".[test]"], check=True, env=env, cwd=ROOT)
     wall = time.monotonic() - t0
+    # Both ways must leave compiled bytecode: where PYTHONDONTWRITEBYTECODE is set (CI machines
+    # often do), a venv without it compiles every module again in every process that imports it.
+    pyc = sum(1 for _ in (venv / "lib").rglob("*.pyc"))
+    if pyc < 1000:
+        raise SystemExit(f"{way}: only {pyc} .pyc files in {venv}: the install did not compile bytecode")
     subprocess.run([py, "-c", "import flywheel, torch, ray, mlflow, peft"], check=True, env=env)
     frozen = subprocess.run([py, "-m", "pip", "freeze"], check=True, env=env, capture_output=True,
                             text=True).stdout.splitlines()
