@@ -192,6 +192,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flywheel.base.usage import no_usage_reports
+
+    no_usage_reports()   # before any library that reports is imported
     quiet_known_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ from typing import Callable
 from flywheel.base.config import redacted
 from flywheel.base.live import LiveView
 from flywheel.base.mqtt import redact_url
+from flywheel.base.usage import no_usage_reports
 from flywheel.base.workdir import Workdir
 from flywheel.state import CampaignError
 
@@ -257,6 +258,7 @@ def _quiet_libraries(offline: bool) -> None:
         env["HF_HUB_OFFLINE"] = "1"
     for k, v in env.items():
         os.environ.setdefault(k, v)
+    no_usage_reports()   # a campaign started from Python, not the CLI: before Ray's workers start
     for name in ("ray", "ray.data", "ray.serve", "ray.train", "mlflow", "transformers", "urllib3"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

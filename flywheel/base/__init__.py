@@ -7,7 +7,7 @@ YAML with ``section.key=value`` overrides), ``errors`` (the project's error base
 (every place under ``--workdir``), ``mqtt`` (broker URLs and clients), ``broker`` (the
 embedded broker), ``rayinit`` (joining or starting Ray), ``threads`` (torch and OpenMP
 threads per process), ``timing`` (wall time per stage), ``live`` (the live status view),
-``tracking`` (generic MLflow helpers).
+``tracking`` (generic MLflow helpers), ``usage`` (no usage reports to library vendors).
 
 The stages (``factory_sim``, ``ingest``, ``finetune``, ``serve``) import these; the
 orchestrator (``flywheel.loop`` and its ``record``, ``stack``, ``holdout`` and ``state``
