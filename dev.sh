@@ -58,7 +58,7 @@ install() {
       python -m pip install -q "torch>=2.4,<3"
     elif [[ -n "$wheel" ]]; then   # the file itself: uv does not read pip's find-links
       log "no GPU: installing the local PyTorch 2.13.0 CPU build"
-      "${pkg[@]}" "$wheel"
+      "${pkg[@]}" "$wheel" || python -m pip install -q "torch==2.13.0"
     elif ls /opt/wheels/torch-2.13.0* >/dev/null 2>&1; then
       log "no GPU: installing the local PyTorch 2.13.0 CPU build"
       python -m pip install -q "torch==2.13.0"
@@ -68,7 +68,11 @@ install() {
     fi
   fi
   log "installing flywheel-stack and its dependencies (first time: about a minute)"
-  "${pkg[@]}" -e ".[test]"
+  if ! "${pkg[@]}" -e ".[test]"; then
+    [[ "${pkg[2]}" == "uv" ]] || exit 1
+    log "uv could not install the project (above); trying pip"
+    python -m pip install -q -e ".[test]"
+  fi
   # Earlier installs pulled in rfc3987-syntax (see pyproject.toml): it costs every Ray process ~2 s
   # of CPU when imported, so an environment that still has it drops it.
   python -m pip uninstall -y -q rfc3987-syntax >/dev/null 2>&1 || true
