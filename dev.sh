@@ -10,7 +10,7 @@
 #   * without an NVIDIA GPU, installs PyTorch's CPU build first (a plain `torch` requirement
 #     would pull a multi-GB CUDA build); with a GPU, pip picks the CUDA build;
 #   * installs this project with its test extras (editable), once per pyproject change, through
-#     uv (pip-installed into the venv first; pip itself where uv cannot be installed);
+#     uv (pip-installed into the venv first; pip itself where uv cannot be installed or fails);
 #   * `test` only: if `mosquitto` or `prometheus` is missing and we are root, runs
 #     `apt-get update && apt-get install -y mosquitto mosquitto-clients prometheus` (Debian/Ubuntu)
 #     for what is missing. The tests start their own brokers and Prometheus servers on free
@@ -39,7 +39,8 @@ install() {
     return
   fi
   # uv (from PyPI, into the venv) installs the same packages as pip in half the time
-  # (benchmarks/bench_install.py: a cold install ~43 s instead of ~94 s); pip where uv cannot be had.
+  # (benchmarks/bench_install.py: a cold install ~43 s instead of ~94 s); pip where uv cannot be had
+  # or fails.
   # --compile-bytecode, as pip does: where PYTHONDONTWRITEBYTECODE is set (CI machines often
   # set it), every process would otherwise compile every module it imports, each time (a tiny
   # tree campaign: 50 s instead of 29 s).
