@@ -62,9 +62,21 @@ def _install(way: str, tmp: Path) -> tuple[float, set[str]]:
     subprocess.run([py, "-c", "import flywheel, torch, ray, mlflow, peft"], check=True, env=env)
     frozen = subprocess.run([py, "-m", "pip", "freeze"], check=True, env=env, capture_output=True,
                             text=True).stdout.splitlines()
-    keep = {line.split(" @ ")[0].split("==")[0].lower() + "==" + (line.split("==")[1] if "==" in line else "local")
-            for line in frozen if line and not line.startswith(("#", "-e")) and not line.startswith("uv==")}
-    return wall, {k for k in keep if not k.startswith("torch==")}
+    return wall, _packages(frozen)
+
+
+def _packages(frozen: list[str]) -> set[str]:
+    """``name==version`` of each package, less the project (``-e``), uv itself and torch, which the
+    two ways spell differently (``torch==2.13.0+cpu`` / ``torch @ file:///opt/wheels/...``)."""
+    out = set()
+    for line in frozen:
+        name, _, version = line.partition("==")
+        if " @ " in line:                       # installed from a file or a URL
+            name, version = line.split(" @ ")[0], "direct"
+        if line.startswith(("#", "-e")) or name.lower() in ("", "uv", "torch"):
+            continue
+        out.add(f"{name.lower()}=={version}")
+    return out
 
 
 def main() -> None:

@@ -42,6 +42,11 @@ _tests = None
 
 def pytest_configure(config) -> None:
     global _tests
+    if not Path("/proc/stat").is_file():
+        import pytest
+
+        raise pytest.UsageError("suite_busy reads the machine's busy share from /proc/stat: Linux only; "
+                                "run without -p suite_busy")
     DIR.mkdir(parents=True, exist_ok=True)
     _tests = open(DIR / "tests.tsv", "w", buffering=1)
     threading.Thread(target=_busy_sampler, args=(DIR / "busy.tsv",), name="suite-busy", daemon=True).start()
@@ -56,6 +61,11 @@ def pytest_runtest_logfinish(nodeid, location) -> None:
 
 
 def report(directory: Path, top: int) -> None:
+    missing = [n for n in ("tests.tsv", "busy.tsv") if not (directory / n).is_file()]
+    if missing:
+        raise SystemExit(f"suite_busy: no recording in {directory} ({', '.join(missing)} missing): record one with "
+                         f"SUITE_BUSY_DIR={directory} PYTHONPATH=benchmarks ./dev.sh test -p suite_busy, "
+                         "or name its folder with --dir")
     busy = [tuple(map(float, line.split())) for line in open(directory / "busy.tsv")]
     times = [b[0] for b in busy]
 

@@ -8,11 +8,16 @@ import sys
 
 from flywheel.base.usage import SWITCHES
 
-#: What the libraries themselves say, in a process that is not a test run (MLflow reads pytest's
-#: and CI's variables as "do not report" on its own).
+#: The variables MLflow itself reads as "a test run or CI, do not report" (mlflow.telemetry.utils),
+#: and the generic opt-out: the probe clears them, so that its control means something on any CI.
+NOT_A_TEST_RUN = ("PYTEST_CURRENT_TEST", "GITHUB_ACTIONS", "CI", "CIRCLECI", "GITLAB_CI", "JENKINS_URL", "TRAVIS",
+                  "TF_BUILD", "BITBUCKET_BUILD_NUMBER", "CODEBUILD_BUILD_ARN", "BUILDKITE", "TEAMCITY_VERSION",
+                  "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID", "DO_NOT_TRACK")
+
+#: What the libraries themselves say, in a process that is not a test run.
 PROBE = """
 import os, sys
-for name in ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "DO_NOT_TRACK", *{switches!r}):
+for name in (*{clear!r}, *{switches!r}):
     os.environ.pop(name, None)
 if sys.argv[1] == "stack":
     from flywheel.base.usage import no_usage_reports
@@ -25,7 +30,7 @@ print(is_telemetry_disabled(), not usage_stats_enabled(), hub.HF_HUB_DISABLE_TEL
 
 
 def _libraries_say(mode: str) -> str:
-    code = PROBE.format(switches=tuple(SWITCHES))
+    code = PROBE.format(clear=NOT_A_TEST_RUN, switches=tuple(SWITCHES))
     return subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, check=True,
                           timeout=120).stdout.strip()
 
