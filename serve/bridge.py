@@ -90,7 +90,7 @@ import paho.mqtt.client as paho
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
-from flywheel.base.mqtt import (ConnectError, Subscriptions, ack_many, connect, drop_session, end_session,
+from flywheel.base.mqtt import (ConnectError, PublishTimeout, Subscriptions, ack_many, connect, drop_session, end_session,
                                 make_client, publish, wait_published)
 from serve import bridge_state
 from serve.client import ServeClient, ServeHTTPError
@@ -103,6 +103,9 @@ log = logging.getLogger(__name__)
 #: restart (a plant stops after ``broker_timeout_s`` = 300 s without its broker), short enough
 #: that a killed period's session does not queue telemetry for a day.
 FRESH_SESSION_EXPIRY_S = 300
+
+#: How often the bridge warns while the broker has not acknowledged what it sent (its outbox).
+SEND_WARN_S = 30.0
 
 
 class BridgeError(FlywheelError, RuntimeError):
@@ -144,6 +147,7 @@ class Bridge:
         self.client_id = self.config.client_id or f"flywheel-bridge-{root}"
         self._state_dirty = False                 # decisions taken since the last state write
         self._outbox: list[tuple[str, bytes]] = []   # decided, not yet confirmed sent
+        self._outbox_kept = False   # stopping with an unacknowledged outbox: decide nothing more (_send)
         self._last_checkpoint = 0.0
         self._acks: list[tuple[int, int]] = []   # (mid, qos) of messages handled, not yet acknowledged
         self._state_path = (bridge_state.state_path(self.config.state_dir, self.client_id)
@@ -192,11 +196,11 @@ class Bridge:
             self._client.loop_stop()
             raise
         if self._outbox:   # decided before the restart, maybe not sent: send again (same ids)
-            self._send(self._outbox)
             self._counts["resent"] += len(self._outbox)
-            with self._cond:
-                self._outbox = []
-                self._state_dirty = True
+            if self._send(self._outbox):
+                with self._cond:
+                    self._outbox = []
+                    self._state_dirty = True
         for target, name in ((self._work, "bridge-worker"), (self._report, "bridge-status")):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
@@ -451,7 +455,7 @@ class Bridge:
     def _work(self) -> None:
         cfg = self.config
         idle_s = cfg.flush_idle_ms / 1000
-        while not self._stop.is_set() or self._pending:
+        while (not self._stop.is_set() or self._pending) and not self._outbox_kept:
             with self._cond:
                 while not self._pending and not self._stop.is_set():
                     # No window for a while (events, partial windows): write the state and acknowledge
@@ -625,14 +629,38 @@ class Bridge:
             self._outbox = outbox
             self._state_dirty = True
         self._checkpoint()
-        self._send(outbox)
-        with self._cond:
-            self._outbox = []
-            self._state_dirty = True   # the next state write drops the sent outbox
+        if self._send(outbox):
+            with self._cond:
+                self._outbox = []
+                self._state_dirty = True   # the next state write drops the sent outbox
 
-    def _send(self, outbox: list[tuple[str, bytes]]) -> None:
-        # during a broker restart paho keeps them and sends them once it is back: their PUBACKs are awaited
-        wait_published([publish(self._client, topic, payload, qos=1) for topic, payload in outbox], timeout=30)
+    def _send(self, outbox: list[tuple[str, bytes]]) -> bool:
+        """Publish ``outbox`` and wait until the broker acknowledged all of it: True then; False when
+        the bridge stops first, and the outbox stays in the state file for the next start to send.
+
+        During a broker restart paho keeps the messages and sends them once it is back; the wait
+        lasts as long as the broker is away (the bridge's input waits on the same broker), with a
+        warning every :data:`SEND_WARN_S`.  It never gives up while the bridge runs: a decision
+        dropped from the outbox unacknowledged would be lost with the process, its telemetry being
+        acknowledged already."""
+        infos = [publish(self._client, topic, payload, qos=1) for topic, payload in outbox]
+        waited = 0.0
+        while True:
+            try:
+                wait_published(infos, timeout=1.0)
+                return True
+            except PublishTimeout as exc:
+                waited += 1.0
+                if self._stop.is_set():
+                    log.warning("bridge %s stops with %d of %d messages unacknowledged: they stay in %s and are "
+                                "sent at its next start", self.client_id, exc.pending, exc.total,
+                                self._state_path or "its outbox (no state_dir: lost with this process)")
+                    self._outbox_kept = True   # the pending windows stay in the state file too
+                    return False
+                if waited >= SEND_WARN_S:
+                    waited = 0.0
+                    log.warning("bridge %s: %s; its orders and predictions wait in its outbox until it does",
+                                self.client_id, exc)
 
     # ------------------------------------------------------------------ status
     def stats(self) -> dict:
@@ -644,9 +672,11 @@ class Bridge:
                                                  "approvals_expired", "would_order", "window_changes",
                                                  "model_refused", "shadow_predictions", "shadow_errors",
                                                  "shadow_refused", "canary_predictions", "canary_errors",
-                                                 "canary_fallback")}
+                                                 "canary_fallback", "resent")}
         # wall seconds in calls to the serve app (champion and canary; the shadow's go beside them)
         s["serve_s"] = round(float(self._counts.get("serve_s", 0.0)), 3)
+        # decided and published, not yet acknowledged by the broker (they stay in the state file meanwhile)
+        s["outbox"] = len(self._outbox)
         s["proposals_pending"] = len(self._proposals)
         s["paused"] = int(self.policy.paused)
         s["decode_errors"] = dict(self._decode_errors)

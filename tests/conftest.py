@@ -82,7 +82,9 @@ def broker_factory(tmp_path):
 class CuttingProxy:
     """A TCP forwarder in front of a broker: ``url`` for the clients, ``cut()`` resets every
     connection it carries (RST to both sides, as a crashed network path does), and new ones
-    are forwarded again at once."""
+    are forwarded again at once.  ``hold()`` stops passing what the clients send on to the broker
+    (kept, in order, until ``release()``) while the broker's traffic still reaches them: a broker
+    that hears nothing and so acknowledges nothing, without a disconnect."""
 
     def __init__(self, broker_url: str):
         import socket
@@ -97,6 +99,8 @@ class CuttingProxy:
         self._pairs: list = []
         self._lock = threading.Lock()
         self.cuts = 0
+        self._flow = threading.Event()
+        self._flow.set()
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -111,16 +115,25 @@ class CuttingProxy:
                 return
             with self._lock:
                 self._pairs.append((client, server))
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, held in ((client, server, self._flow), (server, client, None)):
+                threading.Thread(target=self._pipe, args=(a, b, held), daemon=True).start()
 
     @staticmethod
-    def _pipe(a, b):
+    def _pipe(a, b, held):
         try:
             while data := a.recv(65536):
+                if held is not None:
+                    held.wait()
                 b.sendall(data)
         except OSError:
             pass
+
+    def hold(self) -> None:
+        """Keep what the clients send from the broker until :meth:`release`."""
+        self._flow.clear()
+
+    def release(self) -> None:
+        self._flow.set()
 
     def cut(self) -> int:
         """Reset every open connection; returns how many there were."""
@@ -139,6 +152,7 @@ class CuttingProxy:
     def close(self):
         self._srv.close()
         self.cut()
+        self._flow.set()   # held data goes nowhere now: its sockets are closed
 
 
 @pytest.fixture

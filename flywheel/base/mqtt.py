@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable
@@ -204,6 +205,19 @@ class ConnectError(FlywheelError, ConnectionError):
     """The broker refused or could not be reached; the message says which and why."""
 
 
+class PublishTimeout(ConnectError):
+    """QoS 1 messages the broker did not acknowledge in time (``pending`` of ``total``).
+
+    Not a loss by itself: paho keeps them and sends them again after a reconnect, for as long as
+    the process lives.  Whoever must not lose them keeps its own copy until they are acknowledged
+    (the serving bridge keeps them in its outbox, :mod:`serve.bridge`)."""
+
+    def __init__(self, pending: int, total: int, timeout: float):
+        self.pending, self.total, self.timeout = pending, total, timeout
+        super().__init__(f"the broker acknowledged {total - pending} of {total} messages in {timeout:g} s; "
+                         f"the other {pending} wait for it (is the broker up and reachable?)")
+
+
 def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, timeout: float = 10.0,
             clean_start: bool = True, session_expiry_s: int | None = None,
             receive_maximum: int | None = None) -> None:
@@ -381,11 +395,22 @@ def drop_session(url: BrokerURL | str, client_id: str, timeout: float = 10.0) ->
 
 
 def wait_published(infos, timeout: float = 30.0) -> None:
-    """Block until every MQTTMessageInfo in ``infos`` was acknowledged (QoS 1) or sent."""
+    """Block until every MQTTMessageInfo in ``infos`` was acknowledged (QoS 1) or sent, for at most
+    ``timeout`` seconds in all; raises :class:`PublishTimeout` (how many are still waiting) when
+    some were not by then, :class:`ConnectError` when paho refused one outright."""
+    infos = list(infos)
     for info in infos:
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and info.rc != MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise ConnectError(f"publish failed: {paho.error_string(info.rc)}")
-        info.wait_for_publish(timeout)
+    deadline = time.monotonic() + timeout
+    for info in infos:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        info.wait_for_publish(left)
+    pending = sum(not info.is_published() for info in infos)
+    if pending:
+        raise PublishTimeout(pending, len(infos), timeout)
 
 
 def publish_retained(url: BrokerURL | str, topic: str, payload: bytes, timeout: float = 10.0) -> None:

@@ -57,3 +57,40 @@ def test_ack_many_acks_exactly_what_it_is_given(broker, protocol):
     again.disconnect()
     again.loop_stop()
     assert sorted(int(m.payload) for m in redelivered) == list(range(0, 300, 3))
+
+
+def test_wait_published_names_what_the_broker_did_not_acknowledge_and_waits_again_later(broker, cutting_proxy):
+    """A broker that hears nothing (its link holds the client's packets) acknowledges nothing: the wait
+    ends at its deadline with how many are missing, and paho's kept copies arrive once the link flows."""
+    from flywheel.base.mqtt import PublishTimeout, publish, wait_published
+
+    topic = f"waitpub/{uuid.uuid4().hex[:8]}"
+    got = []
+    sub = make_client(broker.url, prefix="t-waitpub-sub")
+    sub.on_message = lambda c, ud, msg: got.append(msg.payload)
+    connect(sub, broker.url)
+    sub.subscribe(topic, qos=1)
+    proxy = cutting_proxy(broker.url)
+    pub = make_client(proxy.url, prefix="t-waitpub")
+    connect(pub, proxy.url)
+    try:
+        time.sleep(0.2)   # the subscription is in place
+        proxy.hold()
+        infos = [publish(pub, topic, str(i).encode(), qos=1) for i in range(3)]
+        t0 = time.monotonic()
+        with pytest.raises(PublishTimeout) as caught:
+            wait_published(infos, timeout=0.5)
+        assert time.monotonic() - t0 < 1.5           # one deadline for all, not one per message
+        assert (caught.value.pending, caught.value.total) == (3, 3)
+        assert "acknowledged 0 of 3 messages in 0.5 s" in str(caught.value)
+        assert got == []
+        proxy.release()
+        wait_published(infos, timeout=10)
+        deadline = time.monotonic() + 5
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sorted(got) == [b"0", b"1", b"2"]
+    finally:
+        for c in (pub, sub):
+            c.disconnect()
+            c.loop_stop()
