@@ -147,6 +147,14 @@ def run(args) -> int:
         duration_s = 86400.0
     if args.seed < 0:
         raise ConfigError(f"--seed should be >= 0, got {args.seed}")
+    if args.out:   # before the broker and the plant start
+        from pathlib import Path
+
+        from flywheel.base.workdir import writable_folder
+
+        if Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} is a folder: name the file to write (e.g. {Path(args.out) / 'plant.jsonl'})")
+        writable_folder(Path(args.out).absolute().parent, "--out's folder")
     plant = Plant(scenario, seed=args.seed)
     if args.serve_opcua is not None or args.sparkplug or args.write_mapping:
         return _run_plant_protocol(args, plant, speed, duration_s, console)

@@ -103,10 +103,10 @@ def register(sub, common) -> None:
 
 def run_keys_init(args) -> int:
     """``flywheel keys init``: the workdir's signing key pair."""
-    from flywheel.base.workdir import Workdir
+    from flywheel.base.workdir import Workdir, writable_folder
     from finetune.signing import fingerprint, init_keys
 
-    wd = Workdir(args.workdir)
+    wd = Workdir(writable_folder(args.workdir, "--workdir"))
     existed = (wd.keys / "signing.key").exists() and not args.force
     private, public = init_keys(wd.keys, force=args.force)
     print(f"{'kept' if existed else 'created'} {private} (private, keep it where training runs) and {public} "

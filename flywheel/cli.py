@@ -216,6 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"flywheel {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # a file or folder the command could not read or write: its name and the reason on one line
+        # (commands check the folders they write up front; this is the net under them)
+        if exc.filename is None or args.verbose:
+            raise
+        where = exc.filename if exc.filename2 is None else f"{exc.filename} -> {exc.filename2}"
+        print(f"flywheel {args.command}: {exc.strerror or exc}: {where} (flywheel -v {args.command} ... shows "
+              "where it happened)", file=sys.stderr)
+        return 1
     except Exception as exc:  # an MLflow server's refusal is a message, not a traceback
         from flywheel.base.tracking import error_message
 

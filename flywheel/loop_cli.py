@@ -115,6 +115,9 @@ def _run(args, cfg, max_new_turns=None) -> int:
     from flywheel.loop import run_campaign
     from flywheel.report import write_report
 
+    from flywheel.base.workdir import writable_folder
+
+    writable_folder(args.workdir, "--workdir")   # before Mosquitto, Ray or the plant start
     _sigterm_as_interrupt()
     # a CampaignError says what to do; the CLI prints it on one line (exit 1)
     run_campaign(cfg, args.workdir, broker_url=args.broker, mlflow_uri=args.mlflow_uri,
@@ -175,6 +178,10 @@ def cmd_turn(args) -> int:
 def cmd_report(args) -> int:
     from flywheel.report import write_report
 
+    if args.out is not None:
+        from flywheel.base.workdir import writable_folder
+
+        writable_folder(args.out, "--out")
     # a ReportError says what is missing; the CLI prints it on one line (exit 1)
     md = write_report(args.workdir, args.campaign, seeds=_seeds(args.seeds), out_dir=args.out,
                       tracking_uri=args.mlflow_uri)

@@ -139,10 +139,14 @@ def _ingest_until_stopped(args, config, console) -> int:
 
     from ingest.status import render_table
 
+    lake = _workdir(args).lake_uri
+    if "://" not in lake:   # a local lake: a folder that cannot be made ends the command before Ray starts
+        from flywheel.base.workdir import writable_folder
+
+        writable_folder(lake, "--lake" if args.lake else "--workdir")
     _init_ray(args.ray_address)
     from ingest.service import start_ingest
 
-    lake = _workdir(args).lake_uri
     from flywheel.base.mqtt import redact_url
 
     handle = start_ingest(args.broker, lake, config, topic_root=args.topic_root)

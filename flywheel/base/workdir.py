@@ -86,3 +86,25 @@ class Workdir:
     def keys(self) -> Path:
         """The signing key pair (``signing.key``, ``signing.pub``; ``flywheel keys init``)."""
         return self.root / "keys"
+
+
+def writable_folder(path: str | os.PathLike, option: str) -> Path:
+    """Make the folder ``path`` (parents too) if it is missing and return it; a
+    :class:`~flywheel.base.config.ConfigError` naming ``option`` (``--workdir``, ``--lake``, ...),
+    the reason and the fix when it is a file or cannot be made.
+
+    Commands that write call this before they start anything (a broker, Ray, a plant), so a folder
+    that cannot be made ends them at once with one line instead of a traceback halfway through."""
+    from flywheel.base.config import ConfigError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"{option} {p} is a file, not a folder: name a folder (it is made if missing)")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {p}: cannot make this folder ({exc.strerror or exc}); name a folder you can "
+                          "write (it is made if missing)") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {p}: no permission to write in this folder; name a folder you can write")
+    return p

@@ -80,6 +80,44 @@ def test_usage_and_config_errors_are_one_line_on_stderr_with_exit_2(argv, needle
     assert "Traceback" not in out + err
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["demo", "--workdir", "{file}/wd"], "--workdir {file}/wd: cannot make this folder (Not a directory)"),
+    (["run", "--config", "{tiny}", "--workdir", "{file}"], "--workdir {file} is a file, not a folder"),
+    (["turn", "--workdir", "{file}"], "--workdir {file} is a file, not a folder"),
+    (["keys", "init", "--workdir", "{file}/wd"], "--workdir {file}/wd: cannot make this folder"),
+    (["ingest", "--broker", "mqtt://127.0.0.1:9", "--lake", "{file}/lake"], "--lake {file}/lake: cannot make"),
+    (["sim", "--out", "{file}/plant.jsonl", "--duration", "1m"], "--out's folder {file} is a file, not a folder"),
+    (["sim", "--out", "{tmp}", "--duration", "1m"], "--out {tmp} is a folder: name the file to write"),
+    (["report", "--workdir", "{tmp}", "--out", "{file}"], "--out {file} is a file, not a folder"),
+])
+def test_a_folder_that_cannot_be_made_ends_the_command_before_it_starts_anything(argv, needle, capsys, tmp_path):
+    from flywheel.campaign import default_config_path
+
+    file = tmp_path / "afile"
+    file.write_text("not a folder")
+
+    def fill(a: str) -> str:
+        return a.replace("{file}", str(file)).replace("{tmp}", str(tmp_path)).replace(
+            "{tiny}", str(default_config_path("tiny")))
+
+    rc, out, err = _run([fill(a) for a in argv], capsys)
+    assert rc == 2, (rc, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fill(needle) in lines[0], err
+    assert "Traceback" not in out + err
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"], "the command made something before it refused"
+
+
+def test_a_file_the_command_cannot_write_is_named_on_one_line(capsys, tmp_path):
+    """The net under the commands' own checks: an OSError with a file name, one line, exit 1."""
+    (tmp_path / "keys").write_text("a file where the key folder goes")
+    rc, out, err = _run(["keys", "init", "--workdir", str(tmp_path)], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, (rc, out, err)
+    assert lines[0].startswith("flywheel keys: ") and str(tmp_path / "keys") in lines[0], lines
+    assert "Traceback" not in out + err
+
+
 def test_every_project_error_derives_from_one_base_with_its_exit_code():
     from factory_sim import SimError
     from finetune.data import DataError
