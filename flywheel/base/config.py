@@ -212,7 +212,10 @@ def read_config_file(path: str | os.PathLike) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}): name a YAML file, or "
+                          "save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if not isinstance(loaded, dict):

@@ -18,6 +18,34 @@ from __future__ import annotations
 import signal
 import threading
 
+from flywheel.base.errors import FlywheelError
+
+
+class RayClusterError(FlywheelError, ConnectionError):
+    """A Ray cluster named by address that cannot be joined; the message names the address and the fix."""
+
+
+_CHECK_HINT = ("Check --ray-address (the address `ray start --head` printed, ray://head:10001, or auto on a cluster "
+               "node), or leave it out to start a local Ray")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raise :class:`RayClusterError` when nothing accepts a connection at ``address``'s host and
+    port (``host:port`` or ``ray://host:port``; ``auto`` and other forms are left to Ray).
+
+    Ray itself retries an address that refuses for minutes ("Failed to get cluster ID from GCS
+    server") before it gives up; a command should say at once that nothing is there."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RayClusterError(f"cannot join the Ray cluster at {address}: nothing answers at {host}:{port} "
+                              f"({exc.strerror or exc}). {_CHECK_HINT}") from None
+
 
 def stop_like_ctrl_c(signum, frame):
     """A SIGTERM handler: raise KeyboardInterrupt, so a command stops through its Ctrl-C path."""
@@ -62,6 +90,8 @@ def init_ray(**kwargs):
 
     if not kwargs.get("address"):   # a local node: its processes inherit this environment
         set_local_node_env()
+    else:
+        check_reachable(kwargs["address"])
     main = threading.current_thread() is threading.main_thread()
     before = signal.getsignal(signal.SIGTERM) if main else None
     for attempt in range(1, START_TRIES + 1):
@@ -69,6 +99,10 @@ def init_ray(**kwargs):
         try:
             ctx = ray.init(**kwargs)
             break
+        except ConnectionError as exc:   # a cluster named by address that does not answer
+            if not kwargs.get("address"):
+                raise
+            raise RayClusterError(f"cannot join the Ray cluster at {kwargs['address']}: {exc}. {_CHECK_HINT}") from None
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
             if _SLOW_START not in str(exc) or kwargs.get("address") or attempt == START_TRIES:
                 raise

@@ -118,6 +118,37 @@ def test_a_file_the_command_cannot_write_is_named_on_one_line(capsys, tmp_path):
     assert "Traceback" not in out + err
 
 
+def test_a_config_file_that_is_not_text_is_named_on_one_line(capsys, tmp_path):
+    cfg = tmp_path / "plant.yaml"
+    cfg.write_bytes(b"\xff\xfe\x00turns: 2")        # UTF-16 or binary, not the UTF-8 YAML it should be
+    rc, out, err = _run(["run", "--config", str(cfg), "--workdir", str(tmp_path / "wd")], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "is not UTF-8 text" in lines[0] and str(cfg) in lines[0], (rc, err)
+
+
+@pytest.mark.parametrize("command,scheme", [(["demo"], ""), (["ingest", "--broker", "mqtt://127.0.0.1:9"], "ray://")])
+def test_a_ray_address_where_nothing_answers_ends_the_command_at_once(command, scheme, tmp_path):
+    """Ray itself retries such an address for minutes; the command says so in one line instead.
+    In a process of its own: a process that runs Ray already (this one may) joins that one."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:        # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    live = ["--no-live"] if command == ["demo"] else []
+    p = subprocess.run([sys.executable, "-m", "flywheel.cli", *command, *live, "--workdir", str(tmp_path),
+                        "--ray-address", f"{scheme}127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
+    lines = [line for line in p.stderr.strip().splitlines() if not line.startswith("[turn 0] ")]   # demo's progress
+    assert p.returncode == 1 and len(lines) == 1, (p.returncode, p.stdout, p.stderr)
+    assert f"cannot join the Ray cluster at {scheme}127.0.0.1:{port}: nothing answers" in lines[0]
+    assert "--ray-address" in lines[0] and "Traceback" not in p.stdout + p.stderr
+    assert time.monotonic() - t0 < 60
+
+
 def test_every_project_error_derives_from_one_base_with_its_exit_code():
     from factory_sim import SimError
     from finetune.data import DataError
