@@ -58,15 +58,29 @@ def _spawn(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def _finished_checkpoints(ckpt_root: Path) -> list[Path]:
-    """The finished checkpoints (``step-*/meta.json``) under ``ckpt_root`` at this moment.
+    """The finished checkpoints (``step-*/meta.json`` whose files match its hashes) under ``ckpt_root``
+    at this moment.
 
     The trainer writes each checkpoint into a ``.tmp-*`` directory and renames it into place, so a
-    directory the scan is about to enter can vanish under it: that scan counts as "none yet".
+    directory the scan is about to enter can vanish under it: that scan counts as "none yet".  Ray
+    Train persists its own copy file by file, so its ``meta.json`` can be there before the rest:
+    a copy whose files do not match yet counts as not finished (a kill then would leave it torn,
+    and the rerun would rightly start from scratch instead of resuming).
     """
+    from finetune.checkpoint import CheckpointError, check
+
     try:
-        return list(ckpt_root.rglob("step-*/meta.json")) if ckpt_root.exists() else []
+        found = list(ckpt_root.rglob("step-*/meta.json")) if ckpt_root.exists() else []
     except FileNotFoundError:
         return []
+    done = []
+    for meta in found:
+        try:
+            check(meta.parent)
+        except (CheckpointError, OSError):
+            continue
+        done.append(meta)
+    return done
 
 
 def _kill_after_first_checkpoint(proc: subprocess.Popen, ckpt_root: Path, log: Path, timeout_s: float = 240) -> str:

@@ -443,8 +443,10 @@ def test_a_canary_the_app_does_not_serve_hands_its_machines_to_the_champion(brok
 def test_decisions_the_broker_never_acknowledged_stay_in_the_outbox_and_the_next_start_sends_them(
         broker, served, cutting_proxy, tmp_path, monkeypatch, caplog):
     """The bridge's link to the broker holds what it sends (no PUBACK comes back, nothing is
-    disconnected): the batch's predictions and order stay in its outbox, past a warning, and in its
-    state file when it stops; the next start under the same id sends them, each once."""
+    disconnected): its first batch's predictions and order stay in its outbox, past a warning, and
+    the bridge decides nothing more meanwhile; stopped, it keeps the outbox and the windows still
+    pending in its state file; the next start under the same id sends the outbox and answers the
+    rest: every window's prediction arrives once, and the one order."""
     import serve.bridge as bridge_mod
     from serve.bridge_state import read_state, state_path
 
@@ -456,37 +458,40 @@ def test_decisions_the_broker_never_acknowledged_stay_in_the_outbox_and_the_next
     cfg = BridgeConfig(window=WINDOW, threshold=0.0, cooldown_s=3600, state_dir=str(tmp_path),
                        client_id=unique_client_id("t-outbox-bridge"))
     stream = pump_stream("L1", "p1", 15)
-    n = len(windows(stream, WINDOW))
-    assert n > 1
+    expected = windows(stream, WINDOW)
+    assert len(expected) > 1
     b = Bridge(proxy.url, served.url, cfg, topic_root=root).start()
     pub = publisher(broker.url)
     try:
         proxy.hold()
         with caplog.at_level("WARNING", logger="serve.bridge"):
-            publish_all(pub, topics, stream)
+            first = expected[0].end_seq + 1
+            publish_all(pub, topics, stream[:first])         # the first window: one batch
             deadline = time.monotonic() + 60
-            while b.stats()["predictions"] < n and time.monotonic() < deadline:
+            while b.stats()["outbox"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert b.stats()["predictions"] == n and b.stats()["commands"] == 1   # cooldown: one order
-            time.sleep(2.5)                                                        # two warnings' worth
-            assert b.stats()["outbox"] == n + 1
+            publish_all(pub, topics, stream[first:])         # the rest arrives while the bridge waits
+            time.sleep(2.5)                                  # two warnings' worth
+            s = b.stats()
+            k = s["predictions"]
+            assert k == 1 and s["commands"] == 1 and s["outbox"] == 2, s   # nothing more decided meanwhile
             assert "wait in its outbox" in caplog.text
             assert rec.of("prediction") == [] and rec.of("command") == []
-            b.stop()
-        kept = read_state(state_path(tmp_path, cfg.client_id), WINDOW).outbox
-        assert sorted(t.rsplit("/", 1)[1] for t, _ in kept) == ["command"] + ["prediction"] * n
+            b.stop(drain_timeout_s=5.0)
+        kept = read_state(state_path(tmp_path, cfg.client_id), WINDOW)
+        assert sorted(t.rsplit("/", 1)[1] for t, _ in kept.outbox) == ["command"] + ["prediction"] * k
     finally:
         proxy.cut()
 
     b2 = Bridge(broker.url, served.url, cfg, topic_root=root).start()
     try:
-        rec.wait("prediction", n)
+        rec.wait("prediction", len(expected))
         cmds = rec.wait("command", 1)
         time.sleep(0.5)   # anything sent twice would be here by now
-        assert [p["window_end_seq"] for p in rec.of("prediction")] == [w.end_seq for w in windows(stream, WINDOW)]
+        assert [p["window_end_seq"] for p in rec.of("prediction")] == [w.end_seq for w in expected]
         assert len(rec.of("command")) == 1 and cmds[0]["machine"] == "p1"
-        assert b2.stats()["resent"] == n + 1 and b2.stats()["outbox"] == 0
-        assert b2.stats()["predictions"] == n   # the telemetry the broker sent again decided nothing anew
+        s2 = b2.stats()
+        assert s2["resent"] == k + 1 and s2["outbox"] == 0 and s2["predictions"] == len(expected), s2
     finally:
         b2.stop()
         pub.disconnect()
