@@ -961,7 +961,9 @@ class Campaign:
         self.published_total += published
         out["published"] = published
         if bridge is not None:
-            out["bridge"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+            # the period's counters; not the outbox, a live gauge (messages sent whose acknowledgement
+            # had not come back yet when the stats were read, just before the bridge's stop)
+            out["bridge"] = {k: v for k, v in stats.items() if isinstance(v, (int, float)) and k != "outbox"}
             out["bridge"].update(self._replica_delta(replica_before))
         self._update_plant_status(start_ts, None)
         return out
