@@ -87,7 +87,8 @@ def report(directory: Path, top: int) -> None:
         m[1] += (b - a) * (share if share is not None else 0.0)
     wall = sum(m[0] for m in per_module.values())
     busy_s = sum(m[1] for m in per_module.values())
-    print(f"{len(per_module)} modules, {wall:.0f} s of tests, the machine busy {busy_s / wall:.2f} of its CPUs on average")
+    print(f"{len(per_module)} modules, {wall:.0f} s of tests, the machine busy {busy_s / wall:.2f} of its CPUs "
+          "on average")
     print(f"{'wall s':>8} {'busy':>5} {'idle s':>7}  module")
     for name, (w, b) in sorted(per_module.items(), key=lambda kv: -(kv[1][0] - kv[1][1]))[:top]:
         print(f"{w:8.1f} {b / w if w else 0:5.2f} {w - b:7.1f}  {name}")

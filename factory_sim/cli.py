@@ -153,7 +153,8 @@ def run(args) -> int:
         from flywheel.base.workdir import writable_folder
 
         if Path(args.out).is_dir():
-            raise ConfigError(f"--out {args.out} is a folder: name the file to write (e.g. {Path(args.out) / 'plant.jsonl'})")
+            raise ConfigError(f"--out {args.out} is a folder: name the file to write "
+                              f"(e.g. {Path(args.out) / 'plant.jsonl'})")
         writable_folder(Path(args.out).absolute().parent, "--out's folder")
     plant = Plant(scenario, seed=args.seed)
     if args.serve_opcua is not None or args.sparkplug or args.write_mapping:

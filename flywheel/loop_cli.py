@@ -112,10 +112,9 @@ def _sigterm_as_interrupt() -> None:
 
 
 def _run(args, cfg, max_new_turns=None) -> int:
+    from flywheel.base.workdir import writable_folder
     from flywheel.loop import run_campaign
     from flywheel.report import write_report
-
-    from flywheel.base.workdir import writable_folder
 
     writable_folder(args.workdir, "--workdir")   # before Mosquitto, Ray or the plant start
     _sigterm_as_interrupt()

@@ -90,8 +90,8 @@ import paho.mqtt.client as paho
 from flywheel.base import contract
 from flywheel.base.errors import FlywheelError
 from flywheel.base.features import FeaturiserError, Window, WindowBuilder, WindowConfig, get_featuriser
-from flywheel.base.mqtt import (ConnectError, PublishTimeout, Subscriptions, ack_many, connect, drop_session, end_session,
-                                make_client, publish, wait_published)
+from flywheel.base.mqtt import (ConnectError, PublishTimeout, Subscriptions, ack_many, connect, drop_session,
+                                end_session, make_client, publish, wait_published)
 from serve import bridge_state
 from serve.client import ServeClient, ServeHTTPError
 from serve.config import BridgeConfig
