@@ -249,6 +249,11 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
     if not os.path.isdir(os.path.join(root, "raw", "commands")):
         raise LineageError(f"the lake at {root} has no commands table (raw/commands): it was written before ingest "
                            "kept commands; run a campaign (flywheel run/turn) with this version to record them")
+    from ingest import Lake
+
+    lake = Lake.open(root)   # DuckDB stops at a file that is not Parquet: such a file goes to quarantine
+    for table in ("commands", "events"):
+        lake.readable(table, [p for files in lake.list_files(table).values() for p, _ in files])
     con = duckdb.connect()
     try:
         con.execute("SET file_search_path = ?", [root])

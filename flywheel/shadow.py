@@ -59,8 +59,9 @@ def read_served(lake_uri: str, start_ts: float, end_ts: float):
     ``window_end_seq``, ``probs``), one row per version and window: what a turn scores a champion
     from on the windows it served (``train.served_scores``).
 
-    An optimisation, not evidence of its own: when the lake's prediction files cannot be read, it
-    says so and returns no rows, and the champion runs over every window as it would without them."""
+    An optimisation, not evidence of its own: a file that is not Parquet at all is quarantined and the
+    rest read (:meth:`ingest.Lake.readable`); when the files still cannot be read, it says so and
+    returns no rows, and the champion runs over every window as it would without them."""
     import pandas as pd
     import pyarrow as pa
 
@@ -69,7 +70,7 @@ def read_served(lake_uri: str, start_ts: float, end_ts: float):
 
     try:
         df = Lake.open(lake_uri).read_rows("predictions", SERVED_COLUMNS, start_ts, end_ts).to_pandas()
-    except (pa.ArrowInvalid, OSError, FlywheelError) as exc:   # a corrupt file; a lake that cannot be opened
+    except (pa.ArrowInvalid, OSError, FlywheelError) as exc:   # damaged pages behind a good footer; no lake
         log.warning("the lake's predictions of plant time %.0f-%.0f cannot be read (%s): the champion is scored "
                     "by running it over every window instead; move the unreadable file out of %s/raw/predictions "
                     "to use the rest", start_ts, end_ts, exc, lake_uri)

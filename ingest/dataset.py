@@ -95,14 +95,11 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     say = progress or (lambda _msg: None)
     t_start = time.monotonic()
     lake = Lake.open(lake_uri)
-    tel_files = lake.list_files("telemetry")
+    cache = _load_cache(lake, previous, config) if previous else _empty_cache()
+    tel_files, fingerprints, days, changed = _telemetry_files(lake, cache)
     if not tel_files:
         raise DatasetError(f"the lake {lake.uri} holds no telemetry yet (expected {lake.table_dir('telemetry')}"
                            "/date=YYYY-MM-DD/*.parquet); run `flywheel ingest` while the plant publishes")
-    cache = _load_cache(lake, previous, config) if previous else _empty_cache()
-    fingerprints = {d: [[lake.relative(p), s] for p, s in files] for d, files in tel_files.items()}
-    days = sorted(set(fingerprints) | set(cache.fingerprints))
-    changed = [d for d in days if fingerprints.get(d) != cache.fingerprints.get(d)]
     first = changed[0] if changed else None
 
     # ---- windows: reuse days before the first changed one, recompute the rest with Ray Data
@@ -175,7 +172,8 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
                    "event_rows": events_raw, "events_unique": len(events),
                    "unique": n_tel - n_tel_dupes + len(events),
                    "duplicates_removed": n_tel_dupes + events_raw - len(events),
-                   "deadletter_rows": _count_rows(lake, "deadletter"), "set_aside_rows": lake.aside_rows()},
+                   "deadletter_rows": _count_rows(lake, "deadletter"), "set_aside_rows": lake.aside_rows(),
+                   "quarantined_files": len(lake.quarantined())},
         "plant_time": _plant_time(ranges, split_stats["split_ts"], split_stats["calibration_ts"]),
         "ranges": _split_ranges(splits),
         "machines": sorted(f"{a}/{b}" for a, b in ranges),
@@ -279,6 +277,8 @@ def _update_events(lake: Lake, cache: _Cache) -> tuple[pd.DataFrame, int, list[s
     if not set(cache.event_files) <= set(files):  # files vanished (compaction?): start over
         cache = _empty_cache()
     new = sorted(set(files) - set(cache.event_files))
+    readable = set(lake.readable("events", [files[f] for f in new]))   # the rest are quarantined
+    new = [f for f in new if files[f] in readable]
     frames = [cache.events]
     raw = cache.events_raw_rows
     if new:
@@ -359,8 +359,23 @@ def _split_ranges(splits: dict[str, pd.DataFrame]) -> dict:
 
 
 def _count_rows(lake: Lake, table: str) -> int:
-    return sum(pq.read_metadata(p, filesystem=lake.fs).num_rows
-               for files in lake.list_files(table).values() for p, _ in files)
+    return sum(lake.count_rows(p) for p in lake.readable(table, [p for files in lake.list_files(table).values()
+                                                                  for p, _ in files]))
+
+
+def _telemetry_files(lake: Lake, cache: "_Cache") -> tuple[dict, dict, list[str], list[str]]:
+    """The telemetry files by day, their fingerprints, every day, and the days that differ from
+    ``cache`` (to be windowed again). The changed days' files are checked first (:meth:`Lake.readable`):
+    a file that is not finished Parquet is quarantined and the listing taken again without it."""
+    while True:   # each pass that finds a bad file has moved it away
+        tel_files = lake.list_files("telemetry")
+        fingerprints = {d: [[lake.relative(p), s] for p, s in files] for d, files in tel_files.items()}
+        days = sorted(set(fingerprints) | set(cache.fingerprints))
+        changed = [d for d in days if fingerprints.get(d) != cache.fingerprints.get(d)]
+        to_read = [p for d in changed for p, _ in tel_files.get(d, [])]
+        if len(lake.readable("telemetry", to_read)) == len(to_read):
+            break
+    return tel_files, fingerprints, days, changed
 
 
 def _parent_id(previous: str | None) -> str | None:

@@ -12,6 +12,7 @@ Layout (docs/architecture.md, "Storage")::
     <lake>/ledger/serving/*.parquet                which version served where, from when to when (append-only)
     <lake>/datasets/<dataset_id>/{train,eval}.parquet, manifest.json
     <lake>/aborted/<attempt>/raw/{telemetry,events}/date=YYYY-MM-DD/...   set aside, never read
+    <lake>/quarantine/<table's path>/date=YYYY-MM-DD/...   files that are not finished Parquet, never read
 
 ``date`` is the UTC day of the plant time ``ts`` (dead letters have no trusted plant
 time: their day is the receive time's; so has a command that gives no ``ts``).  One row per received message; a collector
@@ -36,6 +37,14 @@ dot-files), fsynced, renamed into place and the directory fsynced, so a reader o
 crash never sees half a file.  Object stores (``s3://`` to MinIO) have no rename; there
 the finished file is uploaded in one put, which the store makes visible all at once.
 
+Quarantine: a file in a table's partition whose bytes are not a finished Parquet file (cut
+short, overwritten, put there by hand) would stop every reader of the table, DuckDB and pandas
+included.  The stack's readers check each file's footer before they read it
+(:meth:`Lake.readable`); one that fails is moved under ``<lake>/quarantine/`` with the same
+layout, named in a warning, and left out, and the readers go on with the rest.  Nothing is
+deleted: a good copy put back in place is read again.  An I/O error (a store that does not
+answer) is not a verdict on the bytes and is raised as it is.
+
 Read it without project code::
 
     import pandas as pd, duckdb
@@ -57,6 +66,7 @@ package's readers) never see it.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import posixpath
 import uuid
@@ -198,6 +208,7 @@ TABLES = {"telemetry": "raw/telemetry", "events": "raw/events", "deadletter": "d
 #: Append-only tables the orchestrator writes (not date-partitioned; small).
 LEDGERS = {"models": ("ledger/models", MODELS_LEDGER_SCHEMA), "serving": ("ledger/serving", SERVING_LEDGER_SCHEMA)}
 ABORTED_DIR = "aborted"
+QUARANTINE_DIR = "quarantine"
 # A zero-row file per table (see the module docstring): the partition is the epoch's day so
 # that DuckDB's hive partitioning still types ``date`` as a DATE.
 EMPTY_PARTITION = "date=1970-01-01"
@@ -207,6 +218,33 @@ PARTIAL_SUFFIX = ".partial"  # an unfinished local write: hidden, and never matc
 
 class LakeError(FlywheelError, RuntimeError):
     """The lake cannot be opened or written; the message names the URI and the fix."""
+
+
+log = logging.getLogger(__name__)
+_MAGIC = b"PAR1"
+_TAIL = 64 * 1024
+
+
+def footer_problem(f) -> str | None:
+    """Why the open file ``f`` (a pyarrow ``NativeFile``) is not a finished Parquet file, or None
+    when its footer reads.  Only the bytes are judged: an I/O error while reading them propagates."""
+    size = f.size()
+    if size < 12:
+        return f"{size} bytes, shorter than any Parquet file"
+    # two reads (three for a footer over 64 KiB): an object store answers each with a request
+    head, end = f.read_at(4, 0), f.read_at(min(size, _TAIL), size - min(size, _TAIL))
+    tail = end[-8:]
+    if head != _MAGIC or tail[4:] != _MAGIC:
+        return "no Parquet magic bytes at its start and end, so not Parquet or cut short"
+    n = int.from_bytes(tail[:4], "little")
+    if not 0 < n <= size - 12:
+        return f"its footer length ({n} bytes) does not fit the file ({size} bytes)"
+    footer = end[-8 - n:-8] if n + 8 <= len(end) else f.read_at(n, size - 8 - n)
+    try:    # parsed from memory: whatever fails here is the bytes' fault
+        pq.read_metadata(pa.BufferReader(_MAGIC + footer + tail))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError or ArrowInvalid for a bad footer
+        return f"its footer does not parse ({exc})"
+    return None
 
 
 _DAYS: dict[int, str] = {}
@@ -318,13 +356,15 @@ class Lake:
     def read_rows(self, table: str, columns: list[str], start_ts: float, end_ts: float | None = None) -> pa.Table:
         """The rows of a raw table with ``start_ts <= ts`` (and ``ts <= end_ts``), in the table's schema:
         a column added since a file was written (``predictions.role``) reads as null there.  Only the
-        day partitions the range touches are read; duplicates (redeliveries) are left to the caller."""
+        day partitions the range touches are read, a file that is not finished Parquet is quarantined
+        (:meth:`readable`); duplicates (redeliveries) are left to the caller."""
         import pyarrow.dataset as ds
 
         schema = {"telemetry": TELEMETRY_SCHEMA, "events": EVENTS_SCHEMA, "predictions": PREDICTIONS_SCHEMA,
                   "commands": COMMANDS_SCHEMA}[table]
         first, last = day_of(start_ts), day_of(end_ts) if end_ts is not None else "9999-12-31"
-        files = [p for day, fs in self.list_files(table).items() if first <= day <= last for p, _ in fs]
+        files = self.readable(table, [p for day, fs in self.list_files(table).items() if first <= day <= last
+                                      for p, _ in fs])
         if not files:
             return schema.empty_table().select(columns)
         cond = ds.field("ts") >= start_ts
@@ -408,6 +448,39 @@ class Lake:
                     removed += 1
         return removed
 
+    def readable(self, table: str, paths) -> list[str]:
+        """Those of ``paths`` (files of ``table``) that are finished Parquet files, in order.  Each
+        that is not (:func:`footer_problem`) is moved to quarantine (:meth:`quarantine`) and left out."""
+        ok = []
+        for path in paths:
+            with self.fs.open_input_file(path) as f:
+                problem = footer_problem(f)
+            if problem is None:
+                ok.append(path)
+            else:
+                self.quarantine(table, path, problem)
+        return ok
+
+    def quarantine(self, table: str, path: str, why: str) -> str:
+        """Move one file of ``table`` under ``quarantine/`` (same layout), say so, return where it went."""
+        rel = posixpath.relpath(path, self.table_dir(table))
+        dest = self.path(QUARANTINE_DIR, TABLES[table], rel)
+        if self.exists(dest):   # one of the same name was quarantined before: keep both
+            dest = f"{dest[:-len('.parquet')]}-{uuid.uuid4().hex[:8]}.parquet"
+        self._move(path, dest)
+        log.warning("the lake file %s is not a finished Parquet file: %s. Moved it to %s and read the rest of "
+                    "the %s table without it; if you have a good copy, put it back in %s", path, why, dest, table,
+                    posixpath.dirname(path))
+        return dest
+
+    def quarantined(self) -> list[str]:
+        """The files under ``quarantine/``, relative to the lake root, sorted."""
+        base = self.path(QUARANTINE_DIR)
+        if not self.exists(base):
+            return []
+        return sorted(self.relative(i.path) for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                      if i.type == pafs.FileType.File)
+
     def writer_files(self, table: str, writer: str) -> list[str]:
         """Finished files of one table written by ``writer`` (a collector's client id names its files)."""
         prefix = f"{writer}-"
@@ -446,7 +519,7 @@ class Lake:
             for day, files in self.list_files(table).items():
                 if day < first_day:
                     continue
-                for path, _size in files:
+                for path in self.readable(table, [p for p, _size in files]):
                     with self.fs.open_input_file(path) as f:
                         data = pq.read_table(f)
                     late = pc.fill_null(pc.greater(data["ts"], after_ts), False).to_numpy(zero_copy_only=False)

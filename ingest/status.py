@@ -70,8 +70,8 @@ def restore_counters(broker_url: str, topic_root: str, component: str, lake_uri:
     from ingest.lake import Lake
 
     lake = Lake.open(lake_uri)
-    files = {t: lake.writer_files(t, client_id) for t in ("telemetry", "events", "predictions", "commands",
-                                                         "deadletter")}
+    files = {t: lake.readable(t, lake.writer_files(t, client_id))
+             for t in ("telemetry", "events", "predictions", "commands", "deadletter")}
     telemetry = sum(lake.count_rows(p) for p in files["telemetry"])
     events = sum(lake.count_rows(p) for p in files["events"])
     predictions = sum(lake.count_rows(p) for p in files["predictions"])

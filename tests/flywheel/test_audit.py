@@ -105,6 +105,19 @@ def test_flywheel_lineage_prints_the_chain_for_plant_time_and_iso(lake, capsys, 
         assert "licence apache-2.0" in out and "inspection found TWF" in out
 
 
+def test_lineage_quarantines_a_commands_file_that_is_not_parquet_and_answers(lake, capsys, caplog):
+    """DuckDB stops at a file that is not Parquet; `flywheel lineage` moves it aside first."""
+    bad = Path(lake.root, "raw", "commands", "date=2024-10-05", "c1-cut.parquet")
+    bad.write_bytes(b"PAR1" + b"\0" * 50)
+    with caplog.at_level("WARNING", logger="ingest.lake"):
+        assert main(["lineage", "--machine", "mill-01", "--at", str(T0 + DAY + 1800), "--workdir",
+                     str(Path(lake.root).parent)]) == 0
+    assert "fault-detector v2, served at http://127.0.0.1:8000" in capsys.readouterr().out
+    assert not bad.exists() and Path(lake.root, "quarantine", "raw", "commands", "date=2024-10-05",
+                                     "c1-cut.parquet").is_file()
+    assert f"the lake file {bad} is not a finished Parquet file" in caplog.text
+
+
 @pytest.mark.parametrize("machine,at,needle", [
     ("mill-99", T0 + 700, "machine 'mill-99' is not in the lake"),
     ("mill-01", T0 + 5 * DAY, "no maintain command for 'mill-01'"),

@@ -56,22 +56,35 @@ def test_the_lake_keeps_each_prediction_with_its_role(lake):
     assert df.groupby(["role", "model_version"]).size().to_dict() == {("champion", "1"): 16, ("shadow", "2"): 16}
 
 
-def test_served_probabilities_are_read_per_version_and_window_and_an_unreadable_file_falls_back(lake, caplog):
-    from pathlib import Path
-
+def test_served_probabilities_are_read_per_version_and_window(lake):
     served = read_served(lake, T0, T0 + 9 * 600.0)
     assert served.groupby("model_version").size().to_dict() == {"1": 16, "2": 16}   # the redelivery once
     row = served[(served["machine"] == "m1") & (served["window_end_seq"] == 4) & (served["model_version"] == "1")]
     assert dict(row["probs"].iloc[0]) == {"ok": pytest.approx(0.2), "TWF": pytest.approx(0.8)}
-    # a prediction file that is not Parquet: a warning that names it and the fix, and no rows (the
-    # champion then runs over every window), not a failed turn
+
+
+@pytest.mark.parametrize("reader", ["served", "scores"])
+def test_a_prediction_file_that_is_not_parquet_is_quarantined_and_the_rest_is_read(lake, reader, caplog):
+    """Not a failed turn, and not a turn without the live evidence: the file goes to the lake's
+    quarantine (named in a warning) and every other prediction is read as before."""
+    from pathlib import Path
+
+    clean = (read_served(lake, T0, T0 + 9 * 600.0) if reader == "served" else
+             score_period(lake, start_ts=T0, end_ts=T0 + 20 * 600.0, horizon_s=H, champion_version="1",
+                          shadow_version="2", thresholds={"champion": 0.5, "shadow": 0.5}, kinds={}))
     bad = Path(lake, "raw", "predictions", "date=2023-11-14", "broken.parquet")
-    bad.parent.mkdir(parents=True, exist_ok=True)
-    bad.write_bytes(b"not parquet")
-    with caplog.at_level("WARNING", logger="flywheel.shadow"):
-        none = read_served(lake, T0, T0 + 9 * 600.0)
-    assert len(none) == 0 and list(none.columns) == list(served.columns)
-    assert "broken.parquet" in caplog.text and "move the unreadable file out of" in caplog.text
+    bad.write_bytes(b"not parquet " * 10)
+    with caplog.at_level("WARNING", logger="ingest.lake"):
+        again = (read_served(lake, T0, T0 + 9 * 600.0) if reader == "served" else
+                 score_period(lake, start_ts=T0, end_ts=T0 + 20 * 600.0, horizon_s=H, champion_version="1",
+                              shadow_version="2", thresholds={"champion": 0.5, "shadow": 0.5}, kinds={}))
+    if reader == "served":
+        assert again.equals(clean)
+    else:
+        assert again == clean and again["live.n_windows"] == 16
+    moved = Path(lake, "quarantine", "raw", "predictions", "date=2023-11-14", "broken.parquet")
+    assert not bad.exists() and moved.read_bytes() == b"not parquet " * 10
+    assert str(bad) in caplog.text and str(moved) in caplog.text and "no Parquet magic bytes" in caplog.text
 
 
 def test_both_models_are_scored_on_the_same_windows_against_their_outcomes(lake):
