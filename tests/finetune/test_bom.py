@@ -18,7 +18,7 @@ import pytest
 
 from .conftest import fast_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]   # trains and registers: busy cores
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from finetune.launch import train_plain
 
 from .conftest import fast_config
 
+pytestmark = pytest.mark.serial   # fine-tunes in this process: busy cores
+
 
 class Killed(RuntimeError):
     pass

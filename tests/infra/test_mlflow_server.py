@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # two real servers start (each imports MLflow twice)
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # two real servers start (each imports MLflow twice)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def _load(name: str, path: Path):
 
 
 rc_mod = _load("flywheel_infra_test_raycluster", HERE / "raycluster.py")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # a head and a worker node of its own
 
 
 @pytest.fixture(scope="module")

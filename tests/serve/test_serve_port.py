@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]   # a local Ray and Serve of its own
 
 SCRIPT = textwrap.dedent("""
     import socket, urllib.request
