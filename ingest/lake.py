@@ -450,24 +450,32 @@ class Lake:
 
     def readable(self, table: str, paths) -> list[str]:
         """Those of ``paths`` (files of ``table``) that are finished Parquet files, in order.  Each
-        that is not (:func:`footer_problem`) is moved to quarantine (:meth:`quarantine`) and left out."""
+        that is not (:func:`footer_problem`) is moved to quarantine (:meth:`quarantine`) and left out,
+        as is one that is no longer there (another reader quarantined it since it was listed)."""
         ok = []
         for path in paths:
-            with self.fs.open_input_file(path) as f:
-                problem = footer_problem(f)
+            try:
+                with self.fs.open_input_file(path) as f:
+                    problem = footer_problem(f)
+            except FileNotFoundError:
+                continue
             if problem is None:
                 ok.append(path)
             else:
                 self.quarantine(table, path, problem)
         return ok
 
-    def quarantine(self, table: str, path: str, why: str) -> str:
-        """Move one file of ``table`` under ``quarantine/`` (same layout), say so, return where it went."""
+    def quarantine(self, table: str, path: str, why: str) -> str | None:
+        """Move one file of ``table`` under ``quarantine/`` (same layout), say so, return where it went
+        (None when it is gone already: another reader moved it first)."""
         rel = posixpath.relpath(path, self.table_dir(table))
         dest = self.path(QUARANTINE_DIR, TABLES[table], rel)
         if self.exists(dest):   # one of the same name was quarantined before: keep both
             dest = f"{dest[:-len('.parquet')]}-{uuid.uuid4().hex[:8]}.parquet"
-        self._move(path, dest)
+        try:
+            self._move(path, dest)
+        except FileNotFoundError:
+            return None
         log.warning("the lake file %s is not a finished Parquet file: %s. Moved it to %s and read the rest of "
                     "the %s table without it; if you have a good copy, put it back in %s", path, why, dest, table,
                     posixpath.dirname(path))

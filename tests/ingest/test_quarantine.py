@@ -153,3 +153,18 @@ def test_a_second_bad_file_of_the_same_name_keeps_the_first(tmp_path):
         assert lake.readable("events", [str(path)]) == []
     kept = sorted((root / "quarantine/raw/events/date=2024-01-01").iterdir())
     assert len(kept) == 2 and {p.read_bytes() for p in kept} == {b"first " * 10, b"second " * 10}
+
+
+def test_a_file_another_reader_moved_first_is_left_out_quietly(tmp_path, caplog):
+    root = _lake(tmp_path)
+    lake = Lake.open(str(root))
+    good = _a_file(root, "raw/events")
+    bad = root / "raw/events/date=2024-01-01/y.parquet"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"garbage " * 10)
+    with caplog.at_level(logging.WARNING, logger="ingest.lake"):
+        assert lake.readable("events", [str(bad), str(good)]) == [str(good)]    # moved here
+        assert lake.quarantine("events", str(bad), "again") is None           # a second reader's move
+        assert lake.readable("events", [str(bad), str(good)]) == [str(good)]    # listed before, gone now
+    assert caplog.text.count("is not a finished Parquet file") == 1
+
