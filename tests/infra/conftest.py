@@ -294,3 +294,18 @@ def _load_servers():
 @pytest.fixture(scope="session")
 def infra_servers():
     return _load_servers()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used a ``RayCluster`` (``test_ray_cluster.py``'s ``cluster``) carries the
+    cluster's report in its failure: its nodes' processes and the ends of their logs, which go
+    with the cluster's temp dir when the module ends."""
+    outcome = yield
+    rep = outcome.get_result()
+    rc = getattr(item, "funcargs", {}).get("cluster")
+    if rep.failed and hasattr(rc, "report"):
+        try:
+            rep.sections.append(("the Ray cluster's nodes and logs", rc.report()))
+        except Exception as exc:  # noqa: BLE001 - a report must never hide the failure itself
+            rep.sections.append(("the Ray cluster's nodes and logs", f"no report: {exc!r}"))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()[-n:]
+    except OSError:
+        return []
 
 
 def _ports(*names: str) -> list[str]:
@@ -143,6 +151,27 @@ class RayCluster:
                     proc.kill()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
+
+    def report(self, tail: int = 12) -> str:
+        """What a failed test needs to tell a dead or silent node from a slow one: whether each
+        ``ray start`` process still runs, the end of its log, the processes Ray saw exit, and the
+        end of the GCS's and each raylet's log with their error lines (the session directory goes
+        with ``stop``, so this is read while the cluster is still there)."""
+        out = []
+        for name, p, log in self.procs:
+            state = "running" if p.poll() is None else f"exited with {p.returncode}"
+            out.append(f"== {name} (`ray start`, pid {p.pid}): {state}; the end of {log.name}:")
+            out += _tail(log, tail)
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        for name in ("ray_process_exit.log", "gcs_server.out", "gcs_server.err", "raylet.out", "raylet.err",
+                     "raylet.1.out", "raylet.1.err"):
+            lines = _tail(logs / name, 2000)
+            if not lines:
+                continue
+            errors = [x for x in lines if re.match(r"\[[^\]]* [EF] \d+", x)]
+            out.append(f"== {name}: its last error lines, then its end:")
+            out += errors[-tail:] + ["  ..."] + lines[-tail:]
+        return "\n".join(out)
 
     def __enter__(self) -> "RayCluster":
         return self.start()

@@ -96,6 +96,9 @@ def test_cluster_has_a_head_and_a_separate_worker_node(cluster):
     nodes = [n for n in cluster.nodes() if n["alive"]]
     assert len(nodes) == 2 and sum(n["head"] for n in nodes) == 1
     assert all(n["cpus"] == 2 for n in nodes)
+    # what a failed test of this module carries (tests/infra/conftest.py): both nodes' processes, alive
+    report = cluster.report()
+    assert report.count("`ray start`") == 2 and report.count(": running;") == 2, report
 
 
 def test_ingest_lands_published_telemetry_in_the_lake(cluster, broker, tmp_path):
