@@ -253,7 +253,7 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
 
     lake = Lake.open(root)   # DuckDB stops at a file that is not Parquet: such a file goes to quarantine
     for table in ("commands", "events"):
-        lake.readable(table, [p for files in lake.list_files(table).values() for p, _ in files])
+        lake.readable_files(table)
     con = duckdb.connect()
     try:
         con.execute("SET file_search_path = ?", [root])

@@ -359,8 +359,7 @@ def _split_ranges(splits: dict[str, pd.DataFrame]) -> dict:
 
 
 def _count_rows(lake: Lake, table: str) -> int:
-    return sum(lake.count_rows(p) for p in lake.readable(table, [p for files in lake.list_files(table).values()
-                                                                  for p, _ in files]))
+    return sum(lake.count_rows(p) for p in lake.readable_files(table))
 
 
 def _telemetry_files(lake: Lake, cache: "_Cache") -> tuple[dict, dict, list[str], list[str]]:

@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 
-from flywheel.base import contract as c
 from flywheel.base.broker import BrokerError, EmbeddedBroker, port_open
 from flywheel.base.mqtt import ConnectError, connect, make_client
 
