@@ -107,6 +107,10 @@ run_suite() {
   # test file on one worker). Then the `serial` ones (tests/conftest.py: on the session's local Ray,
   # a Ray of their own, a fixture that trains, or busy cores) in one process, one at a time.
   local workers="${FLYWHEEL_TEST_WORKERS:-3}" first=0 second=0
+  if [[ ! "$workers" =~ ^([0-9]+|auto|logical)$ ]]; then
+    log "FLYWHEEL_TEST_WORKERS=$workers is not a number of workers: set it to a whole number or auto, or unset it for the default, 3"
+    exit 2
+  fi
   log "tests, part 1 of 2: the ones that share nothing, on $workers workers"
   python -m pytest -m "not serial" -n "$workers" --dist loadfile || first=$?
   log "tests, part 2 of 2: the serial ones (the session's Ray, training, busy cores), one at a time"
