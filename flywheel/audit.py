@@ -234,6 +234,24 @@ def run_lineage_sql(lake_root: str, machine: str, at: float, within_s: float = D
         con.close()
 
 
+def _machines_and_span(lake_root: str, machine: str) -> tuple[set, tuple]:
+    """The machines in the lake's commands and events, and ``machine``'s maintain commands' (first ts,
+    last ts, count)."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.execute("SET file_search_path = ?", [lake_root])
+        machines = {r[0] for r in con.execute(
+            "SELECT DISTINCT machine FROM 'raw/commands/*/*.parquet' UNION "
+            "SELECT DISTINCT machine FROM 'raw/events/*/*.parquet'").fetchall()}
+        span = con.execute("SELECT min(ts), max(ts), count(*) FROM 'raw/commands/*/*.parquet' "
+                           "WHERE machine = ? AND command = 'maintain'", [machine]).fetchone()
+    finally:
+        con.close()
+    return machines, span
+
+
 def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WITHIN_S) -> Lineage:
     """The chain behind the command that stopped ``machine`` at plant time ``at``; a
     :class:`LineageError` naming the fix when the lake cannot answer."""
@@ -252,18 +270,18 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
     from ingest import Lake
 
     lake = Lake.open(root)   # DuckDB stops at a file that is not Parquet: such a file goes to quarantine
-    for table in ("commands", "events"):
-        lake.readable_files(table)
-    con = duckdb.connect()
-    try:
-        con.execute("SET file_search_path = ?", [root])
-        machines = {r[0] for r in con.execute(
-            "SELECT DISTINCT machine FROM 'raw/commands/*/*.parquet' UNION "
-            "SELECT DISTINCT machine FROM 'raw/events/*/*.parquet'").fetchall()}
-        span = con.execute("SELECT min(ts), max(ts), count(*) FROM 'raw/commands/*/*.parquet' "
-                           "WHERE machine = ? AND command = 'maintain'", [machine]).fetchone()
-    finally:
-        con.close()
+    tables = ("commands", "events")
+    files = {table: lake.readable_files(table) for table in tables}
+    while True:
+        try:
+            machines, span = _machines_and_span(root, machine)
+            rows = run_lineage_sql(root, machine, at, within_s) if machine in machines and span[2] else []
+            break
+        except duckdb.Error:   # a file whose footer reads but whose pages do not: quarantine it, ask again
+            sound = {table: lake.readable(table, files[table], whole=True) for table in tables}
+            if sound == files:
+                raise
+            files = sound
     if machine not in machines:
         known = ", ".join(sorted(machines)[:20]) or "none"
         raise LineageError(f"machine {machine!r} is not in the lake at {root} (machines there: {known}); "
@@ -272,7 +290,6 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
         raise LineageError(f"machine {machine!r} never received a maintain command (no model ordered it to stop: "
                            "it ran before a model served, or is in the control fleet); pick a machine with "
                            "commands")
-    rows = run_lineage_sql(root, machine, at, within_s)
     if not rows:
         raise LineageError(f"no maintain command for {machine!r} in the {within_s:g} s of plant time up to {iso(at)} "
                            f"({at:.0f}); its commands run from {iso(span[0])} ({span[0]:.0f}) to {iso(span[1])} "

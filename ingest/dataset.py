@@ -55,7 +55,7 @@ from flywheel.base.errors import FlywheelError
 from flywheel.base.snapshot import Snapshot, child_uri
 from ingest.config import BuildConfig
 from ingest.labels import downsample_ok, label_windows, split_windows
-from ingest.lake import Lake
+from ingest.lake import VERIFY, Lake
 from ingest.windows import OUTPUT_SCHEMA, TELEMETRY_COLUMNS, machine_windows
 
 WINDOW_COLUMNS = ["line", "machine", "kind", "start_seq", "end_seq", "start_ts", "end_ts", "readings"]
@@ -96,22 +96,28 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     t_start = time.monotonic()
     lake = Lake.open(lake_uri)
     cache = _load_cache(lake, previous, config) if previous else _empty_cache()
-    tel_files, fingerprints, days, changed = _telemetry_files(lake, cache)
-    if not tel_files:
-        raise DatasetError(f"the lake {lake.uri} holds no telemetry yet (expected {lake.table_dir('telemetry')}"
-                           "/date=YYYY-MM-DD/*.parquet); run `flywheel ingest` while the plant publishes")
-    first = changed[0] if changed else None
+    while True:     # again, listed afresh, after a failed read that quarantined a file (Lake.read_sound)
+        tel_files, fingerprints, days, changed = _telemetry_files(lake, cache)
+        if not tel_files:
+            raise DatasetError(f"the lake {lake.uri} holds no telemetry yet (expected "
+                               f"{lake.table_dir('telemetry')}/date=YYYY-MM-DD/*.parquet); run `flywheel ingest` "
+                               "while the plant publishes")
+        first = changed[0] if changed else None
 
-    # ---- windows: reuse days before the first changed one, recompute the rest with Ray Data
-    reused = cache.rows.filter(pc.less(cache.rows["partition"], first)) if first else cache.rows
-    rebuilt_days = [d for d in days if first is not None and d >= first and d in tel_files]
-    new_rows = OUTPUT_SCHEMA.empty_table()
-    if rebuilt_days:
+        # ---- windows: reuse days before the first changed one, recompute the rest with Ray Data
+        reused = cache.rows.filter(pc.less(cache.rows["partition"], first)) if first else cache.rows
+        rebuilt_days = [d for d in days if first is not None and d >= first and d in tel_files]
+        new_rows = OUTPUT_SCHEMA.empty_table()
+        if not rebuilt_days:
+            break
         engine = "Ray Data" if config.engine == "ray" else "in-process"
         say(f"windowing {len(rebuilt_days)} day(s) of telemetry with {engine} "
             f"(reusing {len(set(reused['partition'].to_pylist()))})")
-        new_rows = _window_days(lake, [p for d in rebuilt_days for p, _ in tel_files[d]], config,
-                                _seed_tails(reused))
+        paths = [p for d in rebuilt_days for p, _ in tel_files[d]]
+        new_rows, read = lake.read_sound("telemetry", paths, lambda ps, tails=_seed_tails(reused):
+                                         _window_days(lake, ps, config, tails))
+        if read == paths:
+            break
     rows = pa.concat_tables([reused, new_rows]).combine_chunks()
     _check_conflicts(rows, lake)
 
@@ -208,12 +214,16 @@ RAY_PARQUET_READER_ENV = "RAY_DATA_USE_DATASOURCE_V2"
 
 def _window_days(lake: Lake, paths: list[str], config: BuildConfig, tails: dict[str, str]) -> pa.Table:
     """Read the telemetry files, group by machine and window each group with ``machine_windows``."""
+    if not paths:
+        return OUTPUT_SCHEMA.empty_table()
     kwargs = {"config": config.window, "tails": tails}
     if config.engine == "local":
-        table = pq.ParquetDataset(paths, filesystem=lake.fs, partitioning=None).read(columns=TELEMETRY_COLUMNS)
+        table = pq.ParquetDataset(paths, filesystem=lake.fs, partitioning=None, **VERIFY) \
+            .read(columns=TELEMETRY_COLUMNS)
         keys = pc.binary_join_element_wise(table["line"], table["machine"], "/")
         tables = [machine_windows(table.filter(pc.equal(keys, k)), **kwargs) for k in pc.unique(keys).to_pylist()]
     else:
+        import pyarrow.dataset as pds
         import ray
         from ray.data.context import DataContext, ShuffleStrategy
 
@@ -230,7 +240,10 @@ def _window_days(lake: Lake, paths: list[str], config: BuildConfig, tails: dict[
         if switch:
             ctx.use_datasource_v2 = os.environ.get(RAY_PARQUET_READER_ENV, "0").lower() in ("1", "true")
         try:
-            ds = ray.data.read_parquet(paths, filesystem=lake.fs, partitioning=None).select_columns(TELEMETRY_COLUMNS)
+            # the pages' CRCs checked as in-process (Ray's newer reader, RAY_DATA_USE_DATASOURCE_V2=1, ignores it)
+            ds = ray.data.read_parquet(paths, filesystem=lake.fs, partitioning=None,
+                                       fragment_scan_options=pds.ParquetFragmentScanOptions(**VERIFY)) \
+                .select_columns(TELEMETRY_COLUMNS)
             out = ds.groupby(["line", "machine"], num_partitions=config.partitions).map_groups(
                 machine_windows, fn_kwargs=kwargs, batch_format="pyarrow")
             tables = ray.get(out.to_arrow_refs())
@@ -284,8 +297,14 @@ def _update_events(lake: Lake, cache: _Cache) -> tuple[pd.DataFrame, int, list[s
     if new:
         # Events are a small fraction of the lake (telemetry is the bulk that Ray Data reads):
         # one pyarrow read on the driver beats starting a distributed read for them.
-        fresh = pq.ParquetDataset([files[f] for f in new], filesystem=lake.fs, partitioning=None) \
-            .read(columns=EVENT_COLUMNS).to_pandas()
+        def read(paths: list[str]) -> pd.DataFrame:
+            if not paths:
+                return pd.DataFrame(columns=EVENT_COLUMNS)
+            return pq.ParquetDataset(paths, filesystem=lake.fs, partitioning=None, **VERIFY) \
+                .read(columns=EVENT_COLUMNS).to_pandas()
+
+        fresh, read_paths = lake.read_sound("events", [files[f] for f in new], read)
+        new = [f for f in new if files[f] in set(read_paths)]   # a file whose data did not decode is quarantined
         raw += len(fresh)
         frames.append(fresh)
     events = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \

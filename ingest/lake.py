@@ -12,7 +12,7 @@ Layout (docs/architecture.md, "Storage")::
     <lake>/ledger/serving/*.parquet                which version served where, from when to when (append-only)
     <lake>/datasets/<dataset_id>/{train,eval}.parquet, manifest.json
     <lake>/aborted/<attempt>/raw/{telemetry,events}/date=YYYY-MM-DD/...   set aside, never read
-    <lake>/quarantine/<table's path>/date=YYYY-MM-DD/...   files that are not finished Parquet, never read
+    <lake>/quarantine/<table's path>/date=YYYY-MM-DD/...   files that are not readable Parquet, never read
 
 ``date`` is the UTC day of the plant time ``ts`` (dead letters have no trusted plant
 time: their day is the receive time's; so has a command that gives no ``ts``).  One row per received message; a collector
@@ -41,9 +41,12 @@ Quarantine: a file in a table's partition whose bytes are not a finished Parquet
 short, overwritten, put there by hand) would stop every reader of the table, DuckDB and pandas
 included.  The stack's readers check each file's footer before they read it
 (:meth:`Lake.readable`); one that fails is moved under ``<lake>/quarantine/`` with the same
-layout, named in a warning, and left out, and the readers go on with the rest.  Nothing is
-deleted: a good copy put back in place is read again.  An I/O error (a store that does not
-answer) is not a verdict on the bytes and is raised as it is.
+layout, named in a warning, and left out, and the readers go on with the rest.  A file whose
+footer reads but whose data pages do not decode (bytes changed inside it) is found when a read
+fails: the reader then reads each of its files whole (:func:`data_problem`), quarantines those
+that do not decode and reads the rest again (:meth:`Lake.read_sound`); a failure with every file
+sound is raised as it is.  Nothing is deleted: a good copy put back in place is read again.  An
+I/O error (a store that does not answer) is not a verdict on the bytes and is raised as it is.
 
 Read it without project code::
 
@@ -72,12 +75,15 @@ import posixpath
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from flywheel.base.errors import FlywheelError
+
+T = TypeVar("T")
 
 READINGS_TYPE = pa.map_(pa.string(), pa.float64())
 
@@ -221,6 +227,10 @@ class LakeError(FlywheelError, RuntimeError):
 
 
 log = logging.getLogger(__name__)
+#: The lake's files carry a CRC of each page (``write_page_checksum``); the stack's readers check it,
+#: so changed bytes inside a page fail the read instead of reading as other numbers.  (A file
+#: written without CRCs reads as before.)
+VERIFY = {"page_checksum_verification": True}
 _MAGIC = b"PAR1"
 _TAIL = 64 * 1024
 
@@ -244,6 +254,22 @@ def footer_problem(f) -> str | None:
         pq.read_metadata(pa.BufferReader(_MAGIC + footer + tail))
     except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError or ArrowInvalid for a bad footer
         return f"its footer does not parse ({exc})"
+    return None
+
+
+def data_problem(f) -> str | None:
+    """Why the open file ``f`` does not read whole (footer, then every page of every column), or
+    None when it does.  The bytes are read first, so an I/O error propagates; whatever fails while
+    decoding them from memory is the bytes' fault.  Costs a full read: for a read that failed."""
+    data = f.read()
+    buf = pa.BufferReader(data)
+    problem = footer_problem(buf)
+    if problem is not None:
+        return problem
+    try:
+        pq.read_table(pa.BufferReader(data), **VERIFY)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError or ArrowInvalid for damaged pages
+        return f"its footer reads but its data does not decode ({exc})"
     return None
 
 
@@ -356,8 +382,8 @@ class Lake:
     def read_rows(self, table: str, columns: list[str], start_ts: float, end_ts: float | None = None) -> pa.Table:
         """The rows of a raw table with ``start_ts <= ts`` (and ``ts <= end_ts``), in the table's schema:
         a column added since a file was written (``predictions.role``) reads as null there.  Only the
-        day partitions the range touches are read, a file that is not finished Parquet is quarantined
-        (:meth:`readable`); duplicates (redeliveries) are left to the caller."""
+        day partitions the range touches are read, a file that is not readable Parquet is quarantined
+        (:meth:`readable`, :meth:`read_sound`); duplicates (redeliveries) are left to the caller."""
         import pyarrow.dataset as ds
 
         schema = {"telemetry": TELEMETRY_SCHEMA, "events": EVENTS_SCHEMA, "predictions": PREDICTIONS_SCHEMA,
@@ -365,18 +391,21 @@ class Lake:
         first, last = day_of(start_ts), day_of(end_ts) if end_ts is not None else "9999-12-31"
         files = self.readable(table, [p for day, fs in self.list_files(table).items() if first <= day <= last
                                       for p, _ in fs])
-        if not files:
-            return schema.empty_table().select(columns)
         cond = ds.field("ts") >= start_ts
         if end_ts is not None:
             cond = cond & (ds.field("ts") <= end_ts)
-        return ds.dataset(files, schema=schema, filesystem=self.fs, format="parquet").to_table(columns=columns,
-                                                                                                filter=cond)
+
+        def read(paths: list[str]) -> pa.Table:
+            if not paths:
+                return schema.empty_table().select(columns)
+            return ds.dataset(paths, schema=schema, filesystem=self.fs, format="parquet").to_table(
+                columns=columns, filter=cond, fragment_scan_options=ds.ParquetFragmentScanOptions(**VERIFY))
+        return self.read_sound(table, files, read)[0]
 
     def write_table(self, table: pa.Table, path: str) -> None:
         """Write ``table`` as Parquet at ``path`` so that it appears complete or not at all."""
         buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
         self.write_bytes(path, buf.getvalue())
 
     def write_bytes(self, path: str, data: bytes) -> None:
@@ -448,15 +477,17 @@ class Lake:
                     removed += 1
         return removed
 
-    def readable(self, table: str, paths) -> list[str]:
+    def readable(self, table: str, paths, *, whole: bool = False) -> list[str]:
         """Those of ``paths`` (files of ``table``) that are finished Parquet files, in order.  Each
-        that is not (:func:`footer_problem`) is moved to quarantine (:meth:`quarantine`) and left out,
-        as is one that is no longer there (another reader quarantined it since it was listed)."""
+        that is not (:func:`footer_problem`; with ``whole``, :func:`data_problem`, which reads every
+        page) is moved to quarantine (:meth:`quarantine`) and left out, as is one that is no longer
+        there (another reader quarantined it since it was listed)."""
+        check = data_problem if whole else footer_problem
         ok = []
         for path in paths:
             try:
                 with self.fs.open_input_file(path) as f:
-                    problem = footer_problem(f)
+                    problem = check(f)
             except FileNotFoundError:
                 continue
             if problem is None:
@@ -464,6 +495,20 @@ class Lake:
             else:
                 self.quarantine(table, path, problem)
         return ok
+
+    def read_sound(self, table: str, paths: list[str], read: Callable[[list[str]], T]) -> tuple[T, list[str]]:
+        """``read(paths)`` and the paths it read.  When it fails, each of ``paths`` is read whole
+        (:meth:`readable` with ``whole``): those whose data does not decode are quarantined and
+        ``read`` runs again on the rest (``read`` takes an empty list too).  A failure with every file
+        sound is not the files' fault and is raised as it is."""
+        while True:
+            try:
+                return read(paths), paths
+            except Exception:
+                sound = self.readable(table, paths, whole=True)
+                if len(sound) == len(paths):
+                    raise
+                paths = sound
 
     def quarantine(self, table: str, path: str, why: str) -> str | None:
         """Move one file of ``table`` under ``quarantine/`` (same layout), say so, return where it went
@@ -476,7 +521,7 @@ class Lake:
             self._move(path, dest)
         except FileNotFoundError:
             return None
-        log.warning("the lake file %s is not a finished Parquet file: %s. Moved it to %s and read the rest of "
+        log.warning("the lake file %s is not a readable Parquet file: %s. Moved it to %s and read the rest of "
                     "the %s table without it; if you have a good copy, put it back in %s", path, why, dest, table,
                     posixpath.dirname(path))
         return dest
@@ -533,8 +578,9 @@ class Lake:
                 if day < first_day:
                     continue
                 for path in self.readable(table, [p for p, _size in files]):
-                    with self.fs.open_input_file(path) as f:
-                        data = pq.read_table(f)
+                    data, read = self.read_sound(table, [path], self._read_one)
+                    if not read:    # its data did not decode: quarantined
+                        continue
                     late = pc.fill_null(pc.greater(data["ts"], after_ts), False).to_numpy(zero_copy_only=False)
                     if owns is not None and late.any() and "event_id" in data.column_names:
                         late &= np.asarray(owns(data["event_id"].to_pylist(), data["machine"].to_pylist(),
@@ -555,6 +601,13 @@ class Lake:
                     n += k
             moved[table] = n
         return moved
+
+    def _read_one(self, paths: list[str]) -> pa.Table | None:
+        """The one file of ``paths`` whole (None for none): for :meth:`read_sound`."""
+        if not paths:
+            return None
+        with self.fs.open_input_file(paths[0]) as f:
+            return pq.read_table(f, **VERIFY)
 
     def aside_rows(self) -> int:
         """Rows under ``aborted/`` (set aside by :meth:`set_aside`); 0 when there are none."""

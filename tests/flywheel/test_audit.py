@@ -115,7 +115,27 @@ def test_lineage_quarantines_a_commands_file_that_is_not_parquet_and_answers(lak
     assert "fault-detector v2, served at http://127.0.0.1:8000" in capsys.readouterr().out
     assert not bad.exists() and Path(lake.root, "quarantine", "raw", "commands", "date=2024-10-05",
                                      "c1-cut.parquet").is_file()
-    assert f"the lake file {bad} is not a finished Parquet file" in caplog.text
+    assert f"the lake file {bad} is not a readable Parquet file" in caplog.text
+
+
+def test_lineage_quarantines_a_commands_file_whose_pages_do_not_decode_and_answers(lake, capsys, caplog):
+    """The footer reads, so the check before DuckDB passes; DuckDB's read fails, and the file is found
+    by reading each whole, moved aside, and the question asked again."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
+    from ingest_plantgen import damage_pages
+
+    good = next(Path(lake.root, "raw", "commands").rglob("c0-*.parquet"))
+    bad = good.with_name("z-rot.parquet")
+    bad.write_bytes(damage_pages(good.read_bytes()))
+    with caplog.at_level("WARNING", logger="ingest.lake"):
+        assert main(["lineage", "--machine", "mill-01", "--at", str(T0 + DAY + 1800), "--workdir",
+                     str(Path(lake.root).parent)]) == 0
+    assert "fault-detector v2, served at http://127.0.0.1:8000" in capsys.readouterr().out
+    assert not bad.exists() and Path(lake.root, "quarantine", bad.relative_to(lake.root)).is_file()
+    assert f"the lake file {bad} is not a readable Parquet file: its footer reads but its data does not decode" \
+        in caplog.text
 
 
 @pytest.mark.parametrize("machine,at,needle", [

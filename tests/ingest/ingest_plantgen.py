@@ -111,3 +111,17 @@ def write_lake(lake_uri: str, messages, *, batch: int = 500, collector: str = "g
             n += 1
             lake.write_table(rows, lake.file(table, day, f"{collector}-{start:08d}-{n}.parquet"))
     return lake
+
+
+def damage_pages(data: bytes) -> bytes:
+    """A Parquet file's bytes with 64 bytes inside its largest column chunk inverted and the footer
+    left as it was: the footer still reads, the pages do not decode (bit rot, a partial overwrite)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(pa.BufferReader(data))
+    chunks = [meta.row_group(r).column(c) for r in range(meta.num_row_groups) for c in range(meta.num_columns)]
+    big = max(chunks, key=lambda c: c.total_compressed_size)
+    start = (big.dictionary_page_offset or big.data_page_offset) + big.total_compressed_size // 2
+    start = max(4, min(start, big.data_page_offset + big.total_compressed_size - 64))
+    return data[:start] + bytes(b ^ 0xFF for b in data[start:start + 64]) + data[start + 64:]

@@ -238,3 +238,23 @@ def test_both_ray_parquet_readers_build_the_same_snapshot_and_the_previous_one_i
         assert ctx.use_datasource_v2 == before
     assert ids["default"] == ids["new"] == ids["previous"] == build_snapshot(str(lake), LOCAL, track=False).dataset_id
     assert readers == {"default": ["ReadParquet"], "new": ["ReadFilesParquetV2"], "previous": ["ReadParquet"]}
+
+
+def test_ray_data_build_quarantines_a_file_whose_pages_do_not_decode(first_lake, first_snapshot, tmp_path, caplog):
+    """Ray Data's read fails on a page whose CRC does not match (a task error in a Ray worker); the
+    builder finds the file, quarantines it and builds the snapshot the lake holds without it."""
+    import logging
+
+    from ingest_plantgen import damage_pages
+
+    lake = tmp_path / "lake"
+    shutil.copytree(first_lake, lake, ignore=shutil.ignore_patterns("datasets"))
+    good = next(p for p in sorted((lake / "raw/telemetry").rglob("*.parquet")) if not p.name.startswith("_"))
+    bad = good.with_name("z-rot.parquet")
+    bad.write_bytes(damage_pages(good.read_bytes()))
+    with caplog.at_level(logging.WARNING, logger="ingest.lake"):
+        snap = build_snapshot(str(lake), CFG, track=False)
+    assert snap.dataset_id == first_snapshot.dataset_id
+    assert not bad.exists() and (lake / "quarantine" / bad.relative_to(lake)).is_file()
+    assert f"the lake file {bad} is not a readable Parquet file: its footer reads but its data does not decode" \
+        in caplog.text and "CRC" in caplog.text

@@ -1,5 +1,6 @@
-"""A lake file that is not finished Parquet (cut short, overwritten, put there by hand): the readers
-move it to ``<lake>/quarantine/``, say so, and read the rest; nothing is deleted."""
+"""A lake file that is not readable Parquet (cut short, overwritten, put there by hand, or its pages
+damaged behind a sound footer): the readers move it to ``<lake>/quarantine/``, say so, and read the
+rest; nothing is deleted."""
 
 from __future__ import annotations
 
@@ -11,11 +12,11 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 import pytest
-from ingest_plantgen import Incident, day_start, stream, write_lake
+from ingest_plantgen import Incident, damage_pages, day_start, stream, write_lake
 
 from flywheel.base.features import WindowConfig
 from ingest import BuildConfig, build_snapshot
-from ingest.lake import Lake, footer_problem
+from ingest.lake import VERIFY, Lake, data_problem, footer_problem
 
 T0 = day_start()
 MACHINES = [("l1", "m1", "milling"), ("l1", "p1", "pump")]
@@ -110,7 +111,7 @@ def test_the_builder_quarantines_bad_files_of_every_table_and_builds_what_the_re
     for table, path in bad.items():
         moved = root / "quarantine" / lake.relative(str(path))
         assert not path.exists() and moved.is_file(), table
-        assert f"the lake file {path} is not a finished Parquet file" in caplog.text
+        assert f"the lake file {path} is not a readable Parquet file" in caplog.text
         assert f"Moved it to {moved}" in caplog.text
     assert sorted(lake.quarantined()) == sorted(f"quarantine/{lake.relative(str(p))}" for p in bad.values())
     # and plain DuckDB over the table reads again
@@ -165,5 +166,75 @@ def test_a_file_another_reader_moved_first_is_left_out_quietly(tmp_path, caplog)
         assert lake.readable("events", [str(bad), str(good)]) == [str(good)]    # moved here
         assert lake.quarantine("events", str(bad), "again") is None           # a second reader's move
         assert lake.readable("events", [str(bad), str(good)]) == [str(good)]    # listed before, gone now
-    assert caplog.text.count("is not a finished Parquet file") == 1
+    assert caplog.text.count("is not a readable Parquet file") == 1
 
+
+
+def test_damaged_pages_pass_the_footer_check_and_are_named_when_read_whole(tmp_path):
+    import pyarrow.parquet as pq
+
+    good = _a_file(_lake(tmp_path), "raw/telemetry").read_bytes()
+    damaged = damage_pages(good)
+    assert len(damaged) == len(good) and damaged[-1024:] == good[-1024:]
+    assert footer_problem(pa.BufferReader(damaged)) is None
+    # the lake's files carry each page's CRC, and the stack's readers check it
+    assert pq.read_table(pa.BufferReader(good), **VERIFY).num_rows > 0
+    with pytest.raises(OSError, match="CRC"):
+        pq.read_table(pa.BufferReader(damaged), **VERIFY)
+    assert data_problem(pa.BufferReader(good)) is None
+    assert "its footer reads but its data does not decode" in data_problem(pa.BufferReader(damaged))
+    assert "shorter than any Parquet file" in data_problem(pa.BufferReader(good[:7]))
+
+
+def _damaged_copy(path: Path, name: str) -> Path:
+    """A copy of ``path`` under ``name`` beside it, its pages damaged: its rows would be duplicates, so a
+    reader that leaves it out reads what the lake held before."""
+    copy = path.with_name(name)
+    copy.write_bytes(damage_pages(path.read_bytes()))
+    return copy
+
+
+def test_the_builder_quarantines_files_whose_pages_do_not_decode_and_builds_the_rest(tmp_path, caplog):
+    root = _lake(tmp_path)
+    clean = build_snapshot(str(_lake(tmp_path, "clean")), CFG)
+    bad = [_damaged_copy(_a_file(root, "raw/telemetry"), "z-rot.parquet"),
+           _damaged_copy(_a_file(root, "raw/events"), "z-rot.parquet")]
+    with caplog.at_level(logging.WARNING, logger="ingest.lake"):
+        snap = build_snapshot(str(root), CFG)
+    assert snap.dataset_id == clean.dataset_id
+    assert snap.manifest["source_files"] == clean.manifest["source_files"]
+    assert snap.manifest["events"]["quarantined_files"] == 2
+    lake = Lake.open(str(root))
+    for path in bad:
+        assert not path.exists() and (root / "quarantine" / lake.relative(str(path))).is_file()
+        assert f"the lake file {path} is not a readable Parquet file: its footer reads but its data does not " \
+               "decode" in caplog.text
+
+
+def test_a_failure_that_is_no_files_fault_is_raised_as_it_is(tmp_path):
+    root = _lake(tmp_path)
+    lake = Lake.open(str(root))
+    files = lake.readable_files("telemetry")
+
+    def read(paths):
+        raise ValueError("the reader's own bug")
+
+    with pytest.raises(ValueError, match="the reader's own bug"):
+        lake.read_sound("telemetry", files, read)
+    assert lake.quarantined() == [] and lake.readable_files("telemetry") == files
+
+
+def test_read_rows_and_set_aside_leave_a_file_with_damaged_pages_out(tmp_path):
+    root = _lake(tmp_path)
+    lake = Lake.open(str(root))
+    boundary = T0 + 20 * 3600
+    events = lake.read_rows("events", ["event_id"], 0.0)
+    bad_events = _damaged_copy(_a_file(root, "raw/events"), "z-rot.parquet")
+    assert lake.read_rows("events", ["event_id"], 0.0).equals(events)
+    assert (root / "quarantine" / lake.relative(str(bad_events))).is_file()
+    last_day = sorted((root / "raw/telemetry").iterdir())[-1]
+    bad_late = _damaged_copy(next(p for p in sorted(last_day.glob("*.parquet")) if not p.name.startswith("_")),
+                             "zz-rot.parquet")
+    moved = lake.set_aside(boundary, "turn-1-attempt-1")
+    assert moved["telemetry"] > 0 and (root / "quarantine" / lake.relative(str(bad_late))).is_file()
+    assert lake.read_rows("telemetry", ["ts"], boundary + 1).num_rows == 0
