@@ -304,7 +304,8 @@ def _update_events(lake: Lake, cache: _Cache) -> tuple[pd.DataFrame, int, list[s
                 .read(columns=EVENT_COLUMNS).to_pandas()
 
         fresh, read_paths = lake.read_sound("events", [files[f] for f in new], read)
-        new = [f for f in new if files[f] in set(read_paths)]   # a file whose data did not decode is quarantined
+        kept = set(read_paths)                                   # a file whose data did not decode is quarantined
+        new = [f for f in new if files[f] in kept]
         raw += len(fresh)
         frames.append(fresh)
     events = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) \

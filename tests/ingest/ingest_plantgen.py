@@ -113,15 +113,19 @@ def write_lake(lake_uri: str, messages, *, batch: int = 500, collector: str = "g
     return lake
 
 
-def damage_pages(data: bytes) -> bytes:
-    """A Parquet file's bytes with 64 bytes inside its largest column chunk inverted and the footer
-    left as it was: the footer still reads, the pages do not decode (bit rot, a partial overwrite)."""
+def damage_pages(data: bytes, at: str = "middle", column: str | None = None) -> bytes:
+    """A Parquet file's bytes with 64 bytes of one column chunk (``column``'s, or the largest) inverted
+    and the footer left as it was: the footer still reads, the pages do not (bit rot, a partial
+    overwrite).  ``middle``: inside the chunk's page data, which only the page's CRC reveals where the
+    data is stored uncompressed; ``header``: its first data page's header, which no reader can parse
+    (a reader that needs none of that column's values does not notice)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     meta = pq.read_metadata(pa.BufferReader(data))
     chunks = [meta.row_group(r).column(c) for r in range(meta.num_row_groups) for c in range(meta.num_columns)]
-    big = max(chunks, key=lambda c: c.total_compressed_size)
-    start = (big.dictionary_page_offset or big.data_page_offset) + big.total_compressed_size // 2
-    start = max(4, min(start, big.data_page_offset + big.total_compressed_size - 64))
+    big = max((c for c in chunks if column in (None, c.path_in_schema)), key=lambda c: c.total_compressed_size)
+    first = big.dictionary_page_offset or big.data_page_offset
+    start = big.data_page_offset if at == "header" else first + big.total_compressed_size // 2
+    start = max(4, min(start, first + big.total_compressed_size - 64))
     return data[:start] + bytes(b ^ 0xFF for b in data[start:start + 64]) + data[start + 64:]
