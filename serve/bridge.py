@@ -717,8 +717,8 @@ class Bridge:
 
 def bridge_metrics(bridge: "Bridge") -> list:
     """The bridge's counters under the public metric names (:mod:`flywheel.base.metrics`): messages
-    in, predictions and orders by outcome, orders held back by reason, decode errors, the version
-    its model answers with."""
+    in, predictions and orders by outcome, orders held back by reason, decode errors, its outbox, the
+    version its model answers with."""
     from flywheel.base.metrics import Sample, by_reason
 
     s = bridge.stats()
@@ -730,6 +730,7 @@ def bridge_metrics(bridge: "Bridge") -> list:
         version = 0.0
     out = [Sample("flywheel_up", float(client is not None and client.is_connected()), {"component": c}),
            Sample("flywheel_events", float(s["telemetry"] + s["events"]), {"component": c, "direction": "in"}),
+           Sample("flywheel_outbox", float(s["outbox"]), {"component": c}),
            Sample("flywheel_model_version_served", version, {"component": c})]
     out += [Sample("flywheel_predictions", float(s[k]), {"component": c, "outcome": o})
             for k, o in (("predictions", "scored"), ("serve_errors", "error"), ("windows_dropped", "dropped"),

@@ -42,6 +42,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                                      "the bridge; applied: the plant)", ("component", "outcome")),
     "flywheel_refused_commands": ("counter", "orders the bridge held back or the plant refused, by reason",
                                   ("component", "reason")),
+    "flywheel_outbox": ("gauge", "messages the component decided and sent that its broker has not acknowledged "
+                                 "yet (the bridge's outbox, kept across its restarts)", ("component",)),
     "flywheel_model_version_served": ("gauge", "the registry version the bridge's model answers with "
                                                "(0 before the first answer)", ("component",)),
     "flywheel_oee": ("gauge", "overall equipment effectiveness since the plant started, per line and for the "

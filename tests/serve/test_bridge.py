@@ -440,6 +440,12 @@ def test_a_canary_the_app_does_not_serve_hands_its_machines_to_the_champion(brok
     assert st["canary_fallback"] == n and st["canary_predictions"] == 0 and st["serve_errors"] == 0
 
 
+def _outbox_metric(bridge) -> float:
+    from serve.bridge import bridge_metrics
+
+    return next(m.value for m in bridge_metrics(bridge) if m.name == "flywheel_outbox")
+
+
 def test_decisions_the_broker_never_acknowledged_stay_in_the_outbox_and_the_next_start_sends_them(
         broker, served, cutting_proxy, tmp_path, monkeypatch, caplog):
     """The bridge's link to the broker holds what it sends (no PUBACK comes back, nothing is
@@ -475,6 +481,7 @@ def test_decisions_the_broker_never_acknowledged_stay_in_the_outbox_and_the_next
             s = b.stats()
             k = s["predictions"]
             assert k == 1 and s["commands"] == 1 and s["outbox"] == 2, s   # nothing more decided meanwhile
+            assert _outbox_metric(b) == 2.0
             assert "wait in its outbox" in caplog.text
             assert rec.of("prediction") == [] and rec.of("command") == []
             b.stop(drain_timeout_s=5.0)
@@ -492,6 +499,7 @@ def test_decisions_the_broker_never_acknowledged_stay_in_the_outbox_and_the_next
         assert len(rec.of("command")) == 1 and cmds[0]["machine"] == "p1"
         s2 = b2.stats()
         assert s2["resent"] == k + 1 and s2["outbox"] == 0 and s2["predictions"] == len(expected), s2
+        assert _outbox_metric(b2) == 0.0
     finally:
         b2.stop()
         pub.disconnect()
