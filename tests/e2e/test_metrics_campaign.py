@@ -46,7 +46,8 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "infra" / "grafana" / "dashboa
 
 def test_every_dashboard_query_runs_and_the_plant_panels_show_the_campaign(campaign, campaign_prometheus):
     """The Grafana dashboard's PromQL, run by the real Prometheus over the campaign's hour: every
-    query is valid, and the panels on OEE, orders, the model version and ingest have data."""
+    query is valid, and the panels on OEE, orders, the model version, ingest and the bridge's outbox
+    have data."""
     _, prom = campaign_prometheus
     end = time.time()
     start = end - 3600
@@ -60,5 +61,6 @@ def test_every_dashboard_query_runs_and_the_plant_panels_show_the_campaign(campa
                 pytest.fail(f"panel {panel['title']!r}: {target['expr']!r} is not valid PromQL: {exc.read()[:300]!r}")
     with_data = {title for (title, _), result in data.items() if result}
     for title in ("OEE per line", "Maintenance orders by outcome", "Model version served",
-                  "Ingest: messages landed and dead letters", "Ingest lag and components up"):
+                  "Ingest: messages landed and dead letters", "Ingest lag and components up",
+                  "Bridge outbox: orders and predictions the broker has not acknowledged"):
         assert title in with_data, f"panel {title!r} showed nothing for the campaign"
