@@ -262,8 +262,7 @@ def data_problem(f) -> str | None:
     None when it does.  The bytes are read first, so an I/O error propagates; whatever fails while
     decoding them from memory is the bytes' fault.  Costs a full read: for a read that failed."""
     data = f.read()
-    buf = pa.BufferReader(data)
-    problem = footer_problem(buf)
+    problem = footer_problem(pa.BufferReader(data))
     if problem is not None:
         return problem
     try:

@@ -169,7 +169,6 @@ def test_a_file_another_reader_moved_first_is_left_out_quietly(tmp_path, caplog)
     assert caplog.text.count("is not a readable Parquet file") == 1
 
 
-
 def test_damaged_pages_pass_the_footer_check_and_are_named_when_read_whole(tmp_path):
     import pyarrow.parquet as pq
 
