@@ -366,7 +366,9 @@ class Lake:
         return path
 
     def read_ledger(self, ledger: str) -> pa.Table:
-        """Every row of one ledger (zero rows with its schema when it has none)."""
+        """Every row of one ledger (zero rows with its schema when it has none).  A file that does not
+        read raises :class:`LakeError` naming it: a ledger is the audit trail, so nothing of it is
+        moved aside behind the reader's back."""
         rel, schema = LEDGERS[ledger]
         base = self.path(rel)
         parts = [schema.empty_table()]
@@ -374,8 +376,13 @@ class Lake:
             for info in self.fs.get_file_info(pafs.FileSelector(base)):
                 if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") \
                         and not info.base_name.startswith((".", "_")):
-                    with self.fs.open_input_file(info.path) as f:
-                        parts.append(pq.read_table(f).cast(schema))
+                    try:
+                        with self.fs.open_input_file(info.path) as f:
+                            parts.append(pq.read_table(f, **VERIFY).cast(schema))
+                    except (OSError, pa.ArrowException) as exc:
+                        raise LakeError(f"the {ledger} ledger's file {info.path} cannot be read ({exc}). The "
+                                        f"ledgers are the audit trail, so it is not moved aside: put back a good "
+                                        f"copy, or move it out of {base} to go on without its rows") from None
         return pa.concat_tables(parts)
 
     def read_rows(self, table: str, columns: list[str], start_ts: float, end_ts: float | None = None) -> pa.Table:

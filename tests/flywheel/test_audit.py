@@ -122,14 +122,10 @@ def test_lineage_quarantines_a_commands_file_whose_pages_do_not_decode_and_answe
     """The footer reads, so the check before DuckDB passes; DuckDB's read of the machines fails (a page
     header that does not parse: DuckDB does not check the pages' CRCs), and the file is found by reading
     each whole, moved aside, and the question asked again."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
-    from ingest_plantgen import damage_pages
-
     good = sorted(Path(lake.root, "raw", "commands").rglob("c0-*.parquet"))[-1]
     bad = good.with_name("z-rot.parquet")
-    bad.write_bytes(damage_pages(good.read_bytes(), at="header", column="machine"))
+    bad.write_bytes(good.read_bytes())
+    _damage(bad, at="header", column="machine")
     with caplog.at_level("WARNING", logger="ingest.lake"):
         assert main(["lineage", "--machine", "mill-01", "--at", str(T0 + DAY + 1800), "--workdir",
                      str(Path(lake.root).parent)]) == 0
@@ -137,6 +133,32 @@ def test_lineage_quarantines_a_commands_file_whose_pages_do_not_decode_and_answe
     assert not bad.exists() and Path(lake.root, "quarantine", bad.relative_to(lake.root)).is_file()
     assert f"the lake file {bad} is not a readable Parquet file: its footer reads but its data does not decode" \
         in caplog.text
+
+
+def _damage(path: Path, **where) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
+    from ingest_plantgen import damage_pages
+
+    path.write_bytes(damage_pages(path.read_bytes(), **where))
+
+
+def test_a_ledger_file_that_does_not_read_is_named_not_moved(lake, capsys):
+    """Ledgers are the audit trail: one that does not read stops the reader with the file and the fix,
+    and stays where it is; `flywheel lineage` says the same in one line where DuckDB stops at it."""
+    from ingest.lake import LakeError
+
+    path = sorted(Path(lake.root, "ledger", "models").glob("2*.parquet"))[-1]   # not the zero-row _schema
+    path.write_bytes(path.read_bytes()[:-100])              # cut short: DuckDB cannot read it either
+    with pytest.raises(LakeError, match=re.escape(f"the models ledger's file {path} cannot be read")) as exc:
+        lake.read_ledger("models")
+    assert "put back a good copy, or move it out of" in str(exc.value) and path.is_file()
+    rc = main(["lineage", "--machine", "mill-01", "--at", str(T0 + DAY + 1800), "--workdir",
+               str(Path(lake.root).parent)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc != 0 and len(err) == 1 and f"the models ledger's file {path} cannot be read" in err[0], err
+    assert path.is_file() and lake.quarantined() == []
 
 
 @pytest.mark.parametrize("machine,at,needle", [
