@@ -268,7 +268,6 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
         raise LineageError(f"the lake at {root} has no commands table (raw/commands): it was written before ingest "
                            "kept commands; run a campaign (flywheel run/turn) with this version to record them")
     from ingest import Lake
-    from ingest.lake import LEDGERS
 
     lake = Lake.open(root)   # DuckDB stops at a file that is not Parquet: such a file goes to quarantine
     tables = ("commands", "events")
@@ -281,8 +280,7 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
         except duckdb.Error:   # a file whose footer reads but whose pages do not: quarantine it, ask again
             sound = {table: lake.readable(table, files[table], whole=True) for table in tables}
             if sound == files:
-                for ledger in LEDGERS:   # the query's other tables: a file that does not read is named
-                    lake.read_ledger(ledger)
+                lake.check_ledgers()   # the query's other tables: a file that does not read is named
                 raise
             files = sound
     if machine not in machines:

@@ -385,6 +385,11 @@ class Lake:
                                         f"copy, or move it out of {base} to go on without its rows") from None
         return pa.concat_tables(parts)
 
+    def check_ledgers(self) -> None:
+        """Read every ledger (:meth:`read_ledger`): a file that does not read raises its :class:`LakeError`."""
+        for ledger in LEDGERS:
+            self.read_ledger(ledger)
+
     def read_rows(self, table: str, columns: list[str], start_ts: float, end_ts: float | None = None) -> pa.Table:
         """The rows of a raw table with ``start_ts <= ts`` (and ``ts <= end_ts``), in the table's schema:
         a column added since a file was written (``predictions.role``) reads as null there.  Only the
