@@ -114,8 +114,8 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
         say(f"windowing {len(rebuilt_days)} day(s) of telemetry with {engine} "
             f"(reusing {len(set(reused['partition'].to_pylist()))})")
         paths = [p for d in rebuilt_days for p, _ in tel_files[d]]
-        new_rows, read = lake.read_sound("telemetry", paths, lambda ps, tails=_seed_tails(reused):
-                                         _window_days(lake, ps, config, tails))
+        tails = _seed_tails(reused)
+        new_rows, read = lake.read_sound("telemetry", paths, lambda ps: _window_days(lake, ps, config, tails))
         if read == paths:
             break
     rows = pa.concat_tables([reused, new_rows]).combine_chunks()

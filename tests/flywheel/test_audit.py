@@ -118,6 +118,18 @@ def test_lineage_quarantines_a_commands_file_that_is_not_parquet_and_answers(lak
     assert f"the lake file {bad} is not a readable Parquet file" in caplog.text
 
 
+def _damage(path: Path, **where) -> None:
+    """``path`` with its pages damaged (tests/ingest/ingest_plantgen.py, ``damage_pages``)."""
+    import sys
+
+    helpers = str(Path(__file__).resolve().parents[1] / "ingest")
+    if helpers not in sys.path:
+        sys.path.insert(0, helpers)
+    from ingest_plantgen import damage_pages
+
+    path.write_bytes(damage_pages(path.read_bytes(), **where))
+
+
 def test_lineage_quarantines_a_commands_file_whose_pages_do_not_decode_and_answers(lake, capsys, caplog):
     """The footer reads, so the check before DuckDB passes; DuckDB's read of the machines fails (a page
     header that does not parse: DuckDB does not check the pages' CRCs), and the file is found by reading
@@ -133,15 +145,6 @@ def test_lineage_quarantines_a_commands_file_whose_pages_do_not_decode_and_answe
     assert not bad.exists() and Path(lake.root, "quarantine", bad.relative_to(lake.root)).is_file()
     assert f"the lake file {bad} is not a readable Parquet file: its footer reads but its data does not decode" \
         in caplog.text
-
-
-def _damage(path: Path, **where) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ingest"))
-    from ingest_plantgen import damage_pages
-
-    path.write_bytes(damage_pages(path.read_bytes(), **where))
 
 
 def test_a_ledger_file_that_does_not_read_is_named_not_moved(lake, capsys):
