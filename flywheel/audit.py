@@ -270,6 +270,9 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
     from ingest import Lake
 
     lake = Lake.open(root)   # DuckDB stops at a file that is not Parquet: such a file goes to quarantine
+    # The ledgers first: DuckDB would read a ledger file changed after it was written (one that no
+    # longer matches its sha256) as other rows; such a file, or one that does not read, is named.
+    lake.check_ledgers()
     tables = ("commands", "events")
     files = {table: lake.readable_files(table) for table in tables}
     while True:
@@ -279,8 +282,7 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
             break
         except duckdb.Error:   # a file whose footer reads but whose pages do not: quarantine it, ask again
             sound = {table: lake.readable(table, files[table], whole=True) for table in tables}
-            if sound == files:
-                lake.check_ledgers()   # the query's other tables: a file that does not read is named
+            if sound == files:   # every file sound, the ledgers checked above: DuckDB's own error
                 raise
             files = sound
     if machine not in machines:

@@ -10,6 +10,7 @@ Layout (docs/architecture.md, "Storage")::
     <lake>/raw/commands/date=YYYY-MM-DD/...        every command sent to the plant, with its risk and threshold
     <lake>/ledger/models/*.parquet                 the registered model versions (orchestrator, append-only)
     <lake>/ledger/serving/*.parquet                which version served where, from when to when (append-only)
+    <lake>/ledger/*/*.parquet.sha256               each ledger file's sha256 (``sha256sum -c`` format)
     <lake>/datasets/<dataset_id>/{train,eval}.parquet, manifest.json
     <lake>/aborted/<attempt>/raw/{telemetry,events}/date=YYYY-MM-DD/...   set aside, never read
     <lake>/quarantine/<table's path>/date=YYYY-MM-DD/...   files that are not readable Parquet, never read
@@ -68,6 +69,7 @@ package's readers) never see it.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -220,6 +222,10 @@ QUARANTINE_DIR = "quarantine"
 EMPTY_PARTITION = "date=1970-01-01"
 SCHEMA_FILE = "_schema.parquet"
 PARTIAL_SUFFIX = ".partial"  # an unfinished local write: hidden, and never matched by *.parquet
+#: Beside each ledger file, its sha256 in ``sha256sum``'s format (``sha256sum -c *.sha256`` in the
+#: ledger's folder checks them all): the CRCs cover a page's data, not its header nor the footer,
+#: and a one-row ledger file changed there can still read, as other rows.
+DIGEST_SUFFIX = ".sha256"
 
 
 class LakeError(FlywheelError, RuntimeError):
@@ -295,6 +301,13 @@ def _fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """``table`` as the lake writes it: zstd, with a CRC of each page."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
+    return buf.getvalue()
+
+
 @dataclass(frozen=True)
 class Lake:
     """A lake root on a pyarrow filesystem (local path or any ``FileSystem.from_uri`` URI)."""
@@ -354,35 +367,50 @@ class Lake:
                 self.write_table(schema.empty_table(), path)
 
     def append_ledger(self, ledger: str, rows: list[dict]) -> str:
-        """Append ``rows`` to one ledger (``models`` or ``serving``) as a new file, atomically;
-        returns its path. Columns a row lacks are null."""
+        """Append ``rows`` to one ledger (``models`` or ``serving``) as a new file, atomically, with its
+        sha256 beside it (:data:`DIGEST_SUFFIX`); returns its path. Columns a row lacks are null."""
         rel, schema = LEDGERS[ledger]
         self.ensure_readable_when_empty()
         table = pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows],
                                      schema=schema)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f")
         path = self.path(rel, f"{stamp}-{uuid.uuid4().hex[:8]}.parquet")
-        self.write_table(table, path)
+        data = parquet_bytes(table)
+        # The digest first: every ledger file then has one (a crash between the two writes leaves a
+        # digest without its file, which no reader looks at).
+        digest = f"{hashlib.sha256(data).hexdigest()}  {posixpath.basename(path)}\n"
+        self.write_bytes(path + DIGEST_SUFFIX, digest.encode())
+        self.write_bytes(path, data)
         return path
 
     def read_ledger(self, ledger: str) -> pa.Table:
         """Every row of one ledger (zero rows with its schema when it has none).  A file that does not
-        read raises :class:`LakeError` naming it: a ledger is the audit trail, so nothing of it is
-        moved aside behind the reader's back."""
+        read, or no longer matches the sha256 written beside it, raises :class:`LakeError` naming it:
+        a ledger is the audit trail, so nothing of it is moved aside behind the reader's back.
+        (Files written before the digests have none and are read without that check.)"""
         rel, schema = LEDGERS[ledger]
         base = self.path(rel)
         parts = [schema.empty_table()]
-        if self.exists(base):
-            for info in self.fs.get_file_info(pafs.FileSelector(base)):
-                if info.type == pafs.FileType.File and info.base_name.endswith(".parquet") \
-                        and not info.base_name.startswith((".", "_")):
-                    try:
-                        with self.fs.open_input_file(info.path) as f:
-                            parts.append(pq.read_table(f, **VERIFY).cast(schema))
-                    except (OSError, pa.ArrowException) as exc:
-                        raise LakeError(f"the {ledger} ledger's file {info.path} cannot be read ({exc}). The "
-                                        f"ledgers are the audit trail, so it is not moved aside: put back a good "
-                                        f"copy, or move it out of {base} to go on without its rows") from None
+        if not self.exists(base):
+            return pa.concat_tables(parts)
+        listed = {info.base_name: info for info in self.fs.get_file_info(pafs.FileSelector(base))
+                  if info.type == pafs.FileType.File}
+        fix = (f"The ledgers are the audit trail, so it is not moved aside: put back a good copy, or move it "
+               f"(and its {DIGEST_SUFFIX}) out of {base} to go on without its rows")
+        for name in sorted(listed):
+            if not name.endswith(".parquet") or name.startswith((".", "_")):
+                continue
+            path = listed[name].path
+            try:
+                data = self.read_bytes(path)
+                if name + DIGEST_SUFFIX in listed:
+                    want = self.read_bytes(path + DIGEST_SUFFIX).split(maxsplit=1)[:1]
+                    if want != [hashlib.sha256(data).hexdigest().encode()]:
+                        raise LakeError(f"the {ledger} ledger's file {path} no longer matches the sha256 written "
+                                        f"beside it ({name}{DIGEST_SUFFIX}): it changed after it was written. {fix}")
+                parts.append(pq.read_table(pa.BufferReader(data), **VERIFY).cast(schema))
+            except (OSError, pa.ArrowException) as exc:
+                raise LakeError(f"the {ledger} ledger's file {path} cannot be read ({exc}). {fix}") from None
         return pa.concat_tables(parts)
 
     def check_ledgers(self) -> None:
@@ -415,9 +443,7 @@ class Lake:
 
     def write_table(self, table: pa.Table, path: str) -> None:
         """Write ``table`` as Parquet at ``path`` so that it appears complete or not at all."""
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
-        self.write_bytes(path, buf.getvalue())
+        self.write_bytes(path, parquet_bytes(table))
 
     def write_bytes(self, path: str, data: bytes) -> None:
         parent = posixpath.dirname(path)

@@ -147,21 +147,62 @@ def test_lineage_quarantines_a_commands_file_whose_pages_do_not_decode_and_answe
         in caplog.text
 
 
+def _lineage_err(lake, capsys) -> tuple[int, list[str]]:
+    rc = main(["lineage", "--machine", "mill-01", "--at", str(T0 + DAY + 1800), "--workdir",
+               str(Path(lake.root).parent)])
+    return rc, capsys.readouterr().err.strip().splitlines()
+
+
 def test_a_ledger_file_that_does_not_read_is_named_not_moved(lake, capsys):
     """Ledgers are the audit trail: one that does not read stops the reader with the file and the fix,
-    and stays where it is; `flywheel lineage` says the same in one line where DuckDB stops at it."""
+    and stays where it is; `flywheel lineage` says the same in one line, before DuckDB reads it."""
     from ingest.lake import LakeError
 
     path = sorted(Path(lake.root, "ledger", "models").glob("2*.parquet"))[-1]   # not the zero-row _schema
-    path.write_bytes(path.read_bytes()[:-100])              # cut short: DuckDB cannot read it either
-    with pytest.raises(LakeError, match=re.escape(f"the models ledger's file {path} cannot be read")) as exc:
+    path.write_bytes(path.read_bytes()[:-100])              # cut short
+    said = f"the models ledger's file {path} no longer matches the sha256 written beside it ({path.name}.sha256)"
+    with pytest.raises(LakeError, match=re.escape(said)) as exc:
         lake.read_ledger("models")
-    assert "put back a good copy, or move it out of" in str(exc.value) and path.is_file()
-    rc = main(["lineage", "--machine", "mill-01", "--at", str(T0 + DAY + 1800), "--workdir",
-               str(Path(lake.root).parent)])
-    err = capsys.readouterr().err.strip().splitlines()
+    assert "put back a good copy, or move it (and its .sha256) out of" in str(exc.value) and path.is_file()
+    rc, err = _lineage_err(lake, capsys)
+    assert rc != 0 and len(err) == 1 and said in err[0], err
+    # A file written before the ledgers had digests (none beside it) is named by its read instead.
+    Path(f"{path}.sha256").unlink()
+    with pytest.raises(LakeError, match=re.escape(f"the models ledger's file {path} cannot be read")):
+        lake.read_ledger("models")
+    rc, err = _lineage_err(lake, capsys)
     assert rc != 0 and len(err) == 1 and f"the models ledger's file {path} cannot be read" in err[0], err
     assert path.is_file() and lake.quarantined() == []
+
+
+def test_a_ledger_file_changed_into_other_valid_rows_is_named_by_its_digest(lake, capsys):
+    """A ledger file rewritten as sound Parquet with other rows reads without any error, and DuckDB
+    would answer from it: the sha256 written beside each file names it.  The digests are in
+    ``sha256sum``'s format, so the folder checks with ``sha256sum -c`` too."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    from ingest.lake import LakeError
+
+    folder = Path(lake.root, "ledger", "models")
+    digests = sorted(folder.glob("*.parquet.sha256"))
+    assert [d.name[:-len(".sha256")] for d in digests] == sorted(p.name for p in folder.glob("2*.parquet"))
+    ok = subprocess.run(["sha256sum", "-c", *[d.name for d in digests]], cwd=folder, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.count(": OK") == len(digests), ok.stdout + ok.stderr
+
+    path = folder / digests[-1].name[:-len(".sha256")]          # v2's row, trained on ds-b
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.schema.get_field_index("train_dataset"), "train_dataset",
+                                    [["ds-forged"]]), path)
+    said = f"the models ledger's file {path} no longer matches the sha256 written beside it"
+    with pytest.raises(LakeError, match=re.escape(said)):
+        lake.read_ledger("models")
+    rc, err = _lineage_err(lake, capsys)
+    assert rc != 0 and len(err) == 1 and said in err[0] and "put back a good copy" in err[0], err
+    assert path.is_file() and lake.quarantined() == []
+    bad = subprocess.run(["sha256sum", "-c", digests[-1].name], cwd=folder, capture_output=True, text=True)
+    assert bad.returncode != 0 and "FAILED" in bad.stdout
 
 
 @pytest.mark.parametrize("machine,at,needle", [
