@@ -88,6 +88,9 @@ class Stack:
         # First on the stack, so it stands down last, after every child stopped its own way.
         self._stops.callback(watch_driver())
         _quiet_libraries(offline=self.cfg.base_model == "minilm")
+        from flywheel.base.tracking import check_sqlite_store
+
+        check_sqlite_store(self.tracking_uri)   # a damaged store is named now, not after Ray started
         self._start_broker()
         self._start_ray()
         self._start_tracking()

@@ -45,6 +45,7 @@ def plain_uri(tracking_uri: str) -> str:
 
     if tracking_uri.startswith("sqlite:///"):
         seed_sqlite_store(tracking_uri)
+        check_sqlite_store(tracking_uri)
     try:
         parts = urlsplit(tracking_uri)
         user, password = parts.username, parts.password
@@ -172,6 +173,33 @@ def seed_sqlite_store(tracking_uri: str) -> bool:
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class TrackingStoreError(FlywheelError, RuntimeError):
+    """The file of a ``sqlite:///`` tracking URI is there but is not a SQLite database."""
+
+
+def check_sqlite_store(tracking_uri: str) -> None:
+    """Raise :class:`TrackingStoreError` when the file of a ``sqlite:///`` URI exists but does not open
+    as a SQLite database (damaged, cut short, another file under that name), naming it and the fix:
+    MLflow's own error is a SQLAlchemy traceback from its first query.  (One read of the schema
+    table, under a millisecond.)  A store that is locked or cannot be opened at all is left to MLflow, which
+    says why."""
+    import sqlite3
+    from urllib.request import pathname2url
+
+    db = _sqlite_path(tracking_uri)
+    if db is None or not db.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{pathname2url(str(db))}?mode=ro", uri=True)) as con:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError:
+        return
+    except sqlite3.DatabaseError as exc:
+        raise TrackingStoreError(f"the MLflow store {db} is not a readable SQLite database ({exc}); it holds "
+                                 "the runs and the model registry of its workdir's campaigns: put back a good "
+                                 "copy of it, or run in a new --workdir") from None
 
 
 #: MLflow's error codes for HTTP 401 and 403 from a tracking server with authentication.

@@ -110,3 +110,33 @@ def test_a_cache_that_cannot_be_written_leaves_the_store_to_mlflow(tmp_path, mon
     assert not (tmp_path / "mlflow.db").exists()
     assert [e.name for e in client_for(uri).search_experiments()] == ["Default"]   # MLflow built it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "not-a-folder"]
+
+
+@pytest.mark.parametrize("damage", ["another file", "cut short"])
+def test_a_store_that_is_not_a_sqlite_database_is_named_with_the_fix_in_one_line(tmp_path, cache, capsys, damage):
+    """MLflow's own error for a damaged store is a SQLAlchemy traceback from its first query; the
+    stack names the file and the fix, and leaves the file as it is."""
+    from flywheel.base.tracking import client_for
+    from flywheel.cli import main
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    db = wd / "mlflow.db"
+    client_for(f"sqlite:///{db}").create_experiment("kept")
+    data = db.read_bytes()
+    db.write_bytes(b"not a database, " * 512 if damage == "another file" else data[:len(data) // 3])
+    left = db.read_bytes()
+    capsys.readouterr()   # MLflow's own lines while it made the store
+    rc = main(["train", "rollback", "--workdir", str(wd)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"flywheel train: the MLflow store {db} is not a readable SQLite database (")
+    assert err[0].endswith("put back a good copy of it, or run in a new --workdir"), err
+    # a campaign says so before it starts a broker or Ray
+    from flywheel.campaign import default_config_path
+
+    rc = main(["run", "--config", str(default_config_path("tiny")), "--workdir", str(wd), "--no-live"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and err[-1].startswith(f"flywheel run: the MLflow store {db} is not a readable SQLite database")
+    assert not (wd / "broker").exists()
+    assert db.read_bytes() == left
