@@ -31,7 +31,9 @@ last turn is :mod:`flywheel.holdout`; ``state.json`` and the turn journal are
 State lives in ``<workdir>/campaigns/<campaign>/``: ``state.json`` (finished turns and
 their metrics) and the plant's exact state at the last turn boundary
 (``plant-<n>.state``, ``baseline-<policy>-<n>.state``, named in ``state.json``, which is
-written last), so a rerun with the same workdir continues the campaign where it stopped.
+written last), so a rerun with the same workdir continues the campaign where it stopped.  A
+state file that is gone or is not a plant state stops the rerun before anything starts, with
+one line naming the file and the fix (put back a good copy, or move the campaign's folder away).
 
 A turn is a transaction.  ``turn-progress.json`` (atomic writes) journals the turn in
 flight, stage by stage: its attempt number, the plant time of the committed boundary it
@@ -121,10 +123,12 @@ def _kill_point(stage: str, turn: int, delayed: bool = False) -> None:
 class Baselines:
     """The same plant periods under run-to-failure, fixed-interval and oracle policies, in-process."""
 
-    def __init__(self, scenario, seed: int, cfg, states: dict[str, bytes] | None = None,
+    def __init__(self, scenario, seed: int, cfg, plants: dict | None = None,
                  decision_interval_s: float | None = None):
-        """``decision_interval_s``: how often the model decides (the window stride); the oracle, the
-        bound, decides on the same grid, so no model can beat it by deciding more often."""
+        """``plants``: one resumed :class:`~factory_sim.Plant` per policy (a campaign's last turn
+        boundary), else new ones. ``decision_interval_s``: how often the model decides (the window
+        stride); the oracle, the bound, decides on the same grid, so no model can beat it by
+        deciding more often."""
         from factory_sim import Plant
         from factory_sim import FixedInterval, Oracle, RunToFailure
 
@@ -135,10 +139,7 @@ class Baselines:
             "fixed_interval": FixedInterval(cfg.fixed_interval_s),
             "oracle": oracle,
         }
-        if states:
-            self.plants = {k: Plant.from_state_bytes(states[k]) for k in POLICIES}
-        else:
-            self.plants = {k: Plant(scenario, seed=seed) for k in POLICIES}
+        self.plants = dict(plants) if plants else {k: Plant(scenario, seed=seed) for k in POLICIES}
 
     def run_period(self, period_s: float) -> dict[str, dict]:
         out = {}
@@ -274,6 +275,20 @@ class Campaign:
         self.view.stage("stopping")
         self._running.__exit__(*exc)
 
+    def _resume_plant(self, name: str):
+        """A plant as the last turn boundary saved it (``name`` in the campaign's folder), or a
+        :class:`CampaignError` naming the file and the fix."""
+        from factory_sim import Plant, SimError
+
+        path = self.dir / name
+        try:
+            return Plant.from_state_bytes(path.read_bytes())
+        except (OSError, SimError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise CampaignError(f"{path}, the plant's state at the end of turn {self.state['turns'][-1]['turn']} "
+                                f"that {self.dir / 'state.json'} names, cannot be resumed ({why}); put back a good "
+                                f"copy, or move {self.dir} away to start the campaign over") from None
+
     def _load(self) -> None:
         """The committed campaign: ``state.json``, the plants at the last turn boundary, a dead attempt."""
         from factory_sim import Plant, load_scenario
@@ -292,9 +307,9 @@ class Campaign:
         if self.state["turns"]:
             files = self.state.get("boundary_files") or {"plant": "plant.state",   # before boundary_files
                                                          **{k: f"baseline-{k}.state" for k in POLICIES}}
-            self.plant = Plant.from_state_bytes((self.dir / files["plant"]).read_bytes())
-            states = {k: (self.dir / files[k]).read_bytes() for k in POLICIES}
-            self.baselines = Baselines(self.scenario, cfg.seed, cfg.baselines, states,
+            self.plant = self._resume_plant(files["plant"])
+            self.baselines = Baselines(self.scenario, cfg.seed, cfg.baselines,
+                                       {k: self._resume_plant(files[k]) for k in POLICIES},
                                        decision_interval_s=self.stages["window"].stride_s)
             self.view.log(f"resuming campaign {cfg.campaign!r} after turn {self.state['turns'][-1]['turn']}")
         else:
@@ -560,7 +575,7 @@ class Campaign:
         import tempfile
 
         from finetune import RegistryError, fetch_adapter, fetch_reference_model, model_family, pick_device
-        from flywheel.reference import build_reference_set, score_on_reference
+        from flywheel.reference import build_reference_set, load_or_build_reference_set, score_on_reference
 
         period_s = self.cfg.reference.period_s
         if not period_s:
@@ -568,16 +583,10 @@ class Campaign:
         train = self.stages["train"]
         with self.timer("reference", "scoring challenger and champion on the reference plant"):
             if self.reference_set is None:
-                path = self.dir / "reference.parquet"
-                if path.is_file():
-                    import pandas as pd
-
-                    self.reference_set = pd.read_parquet(path)
-                else:
-                    self.reference_set = build_reference_set(
+                self.reference_set = load_or_build_reference_set(
+                    self.dir / "reference.parquet", lambda: build_reference_set(
                         self.scenario, seed=self.cfg.seed + self.cfg.reference.seed_offset, period_s=period_s,
-                        window=self.stages["window"])
-                    self.reference_set.to_parquet(path, index=False)
+                        window=self.stages["window"]), self.view.log)
             ref = self.reference_set
             out = {"reference.windows": float(len(ref)),
                    "reference.failure_windows": float((ref["label"] != "ok").sum())}

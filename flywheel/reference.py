@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from flywheel.base.config import ConfigError, parse_duration
 
@@ -87,6 +88,36 @@ def build_reference_set(scenario, *, seed: int, period_s: float, window):
                                                                   "finding"])
     labeled = label_windows(win, ev, window.horizon_s, last_ts)
     return labeled[labeled["known"]].drop(columns=["known"]).reset_index(drop=True)[list(COLUMNS)]
+
+
+def load_or_build_reference_set(path, build: Callable[[], Any], log: Callable[[str], None]):
+    """The reference set an earlier turn saved at ``path``, else ``build()``, saved there (whole or
+    not at all).  A saved file that does not read (damaged, cut short by a crash of a version that
+    wrote it in place) is moved to ``<name>.unreadable``, said in one line to ``log``, and made again:
+    the twin's seed is fixed, so it gives the same windows."""
+    import io
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from flywheel.base.errors import one_line
+    from flywheel.state import atomic_write
+
+    if path.is_file():
+        try:   # pages' CRCs checked, where the file has them: changed bytes fail the read
+            return pq.read_table(path, page_checksum_verification=True).to_pandas()
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            kept = path.with_name(path.name + ".unreadable")
+            os.replace(path, kept)
+            log(f"the reference plant's windows {path} do not read ({one_line(exc)}): made again from the "
+                f"scenario and its fixed seed (the same windows); the unreadable file is kept as {kept}")
+    reference = build()
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(reference, preserve_index=False), buf, compression="zstd",
+                   write_page_checksum=True)
+    atomic_write(path, buf.getvalue())
+    return reference
 
 
 def score_on_reference(reference, adapter_dir: str, *, batch_size: int = 64, device=None, threshold=None,

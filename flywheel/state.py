@@ -31,12 +31,19 @@ def campaign_dir(workdir: str | os.PathLike, campaign: str) -> Path:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """``data`` at ``path``, whole or not at all, and durable: a temporary file, fsync, rename,
+    then the folder's fsync (the rename itself must survive a power cut)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_state(workdir, campaign: str) -> dict | None:

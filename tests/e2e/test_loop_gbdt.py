@@ -98,3 +98,34 @@ def test_the_tree_versions_bom_describes_trees_with_no_base_model(gbdt_campaign)
     assert not any(c.get("type") == "machine-learning-model" for c in bom["components"])
     assert not any(a["bom-ref"].startswith("base-model:") for a in model["pedigree"]["ancestors"])
     assert bom["dependencies"][0]["dependsOn"] == [c["bom-ref"] for c in bom["components"] if c["type"] == "data"]
+
+
+@pytest.mark.parametrize("damage", ["changed", "missing"])
+def test_a_boundary_state_that_cannot_be_resumed_is_named_with_the_fix_before_anything_starts(
+        gbdt_campaign, gbdt_overrides, tmp_path, capsys, damage):
+    """The plants saved at the last turn boundary (``state.json`` names them): one that is not a plant
+    state, or is gone, stops `flywheel turn` with one line naming it and the fix; nothing is changed."""
+    import shutil
+
+    from flywheel.campaign import default_config_path
+    from flywheel.cli import main
+
+    cfg, workdir, state, _ = gbdt_campaign
+    folder = tmp_path / "wd" / "campaigns" / cfg.campaign
+    shutil.copytree(Path(workdir) / "campaigns" / cfg.campaign, folder)
+    names = json.loads((folder / "state.json").read_text())["boundary_files"]
+    bad = folder / (names["plant"] if damage == "changed" else names["oracle"])
+    if damage == "changed":
+        bad.write_bytes(b"\0" * 64 + bad.read_bytes()[64:])
+    else:
+        bad.unlink()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rc = main(["turn", "--config", str(default_config_path("tiny")), "--workdir", str(tmp_path / "wd"), "--no-live",
+               f"campaign={cfg.campaign}", "serve.ingress=proxy", *gbdt_overrides])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1, err
+    assert err[0].startswith(f"flywheel turn: {bad}, the plant's state at the end of turn 1 that "
+                             f"{folder / 'state.json'} names, cannot be resumed ("), err
+    assert err[0].endswith(f"put back a good copy, or move {folder} away to start the campaign over"), err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert not {"broker", "lake", "mlflow.db"} & {p.name for p in (tmp_path / "wd").iterdir()}   # nothing started

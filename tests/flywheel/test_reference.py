@@ -51,3 +51,28 @@ def test_reference_config_checks_its_period():
     assert ReferenceConfig(period="0").period_s == 0 and ReferenceConfig(period="6h").period_s == 6 * 3600
     with pytest.raises(ConfigError, match="reference.period"):
         ReferenceConfig(period="soon")
+
+
+def test_the_saved_reference_set_is_read_back_and_a_damaged_one_is_made_again(twin, tmp_path):
+    """Saved whole at the first learning turn and read by the later ones; a saved file that does not
+    read is kept aside under another name, said in one line, and made again, the same windows."""
+    from flywheel.reference import load_or_build_reference_set
+
+    scenario, ref = twin
+    path, said, builds = tmp_path / "reference.parquet", [], []
+
+    def build():
+        builds.append(1)
+        return build_reference_set(scenario, seed=7, period_s=24 * 3600, window=WINDOW)
+
+    assert load_or_build_reference_set(path, build, said.append).equals(ref) and len(builds) == 1
+    assert load_or_build_reference_set(path, build, said.append).equals(ref) and len(builds) == 1
+    assert said == [] and [p.name for p in tmp_path.iterdir()] == ["reference.parquet"]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)        # a page's bytes changed
+    path.write_bytes(bytes(data))
+    assert load_or_build_reference_set(path, build, said.append).equals(ref) and len(builds) == 2
+    kept = tmp_path / "reference.parquet.unreadable"
+    assert len(said) == 1 and said[0].startswith(f"the reference plant's windows {path} do not read (")
+    assert said[0].endswith(f"the unreadable file is kept as {kept}") and kept.read_bytes() == bytes(data)
+    assert load_or_build_reference_set(path, build, said.append).equals(ref) and len(builds) == 2
