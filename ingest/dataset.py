@@ -36,7 +36,6 @@ the same as a full rebuild (tested).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import posixpath
@@ -52,7 +51,7 @@ import pyarrow.parquet as pq
 
 from flywheel.base.contract import LABELS
 from flywheel.base.errors import FlywheelError
-from flywheel.base.snapshot import Snapshot, child_uri
+from flywheel.base.snapshot import Snapshot, child_uri, content_hash, split_hash
 from ingest.config import BuildConfig
 from ingest.labels import downsample_ok, label_windows, split_windows
 from ingest.lake import VERIFY, Lake
@@ -140,9 +139,9 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     splits = {"train": train, "eval": evaluation}
     if config.calibration_fraction > 0:
         splits["calibration"] = calibration
-    split_hashes = {name: _split_hash(df) for name, df in splits.items()}
-    content_hash = _content_hash(split_hashes)
-    dataset_id = f"ds-{content_hash[:12]}"
+    split_hashes = {name: split_hash(df, SNAPSHOT_COLUMNS) for name, df in splits.items()}
+    digest = content_hash(split_hashes)
+    dataset_id = f"ds-{digest[:12]}"
 
     # ---- write the snapshot (manifest last: its presence marks a complete snapshot)
     path = lake.path("datasets", dataset_id)
@@ -160,7 +159,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     n_tel_dupes = int(stats["n_dupes"].sum()) if len(stats) else 0
     manifest = {
         "dataset_id": dataset_id,
-        "content_hash": content_hash,
+        "content_hash": digest,
         "split_hashes": split_hashes,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "parent": _parent_id(previous),
@@ -334,16 +333,6 @@ def _machine_ranges(stats: pd.DataFrame, events: pd.DataFrame) -> dict[tuple[str
 def _ordered(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(["line", "machine", "end_ts", "end_seq"], kind="stable")[SNAPSHOT_COLUMNS] \
         .reset_index(drop=True)
-
-
-def _split_hash(df: pd.DataFrame) -> str:
-    h = hashlib.sha256(f"{len(df)}:{','.join(SNAPSHOT_COLUMNS)}\n".encode())
-    h.update(json.dumps(df[SNAPSHOT_COLUMNS].values.tolist(), separators=(",", ":")).encode())
-    return h.hexdigest()
-
-
-def _content_hash(split_hashes: dict[str, str]) -> str:
-    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(split_hashes.items())).encode()).hexdigest()
 
 
 def _label_counts(df: pd.DataFrame) -> dict[str, int]:

@@ -34,6 +34,28 @@ class SnapshotError(FlywheelError, ValueError):
     """A path or URI that is not a readable dataset snapshot; the message says what to pass."""
 
 
+#: What a snapshot that does not read as it was built should get.
+REBUILD = "build a snapshot again with `flywheel dataset build`"
+
+
+def split_hash(df, columns) -> str:
+    """The sha256 of one split's rows in ``columns`` (the manifest's ``split_hashes``): its length,
+    the column names, then every row's values as compact JSON."""
+    import hashlib
+
+    h = hashlib.sha256(f"{len(df)}:{','.join(columns)}\n".encode())
+    h.update(json.dumps(df[list(columns)].values.tolist(), separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def content_hash(split_hashes: dict[str, str]) -> str:
+    """A snapshot's ``content_hash`` (its id is ``ds-`` and the first 12 hex digits): the sha256 of
+    its splits' hashes, in name order."""
+    import hashlib
+
+    return hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(split_hashes.items())).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Snapshot:
     dataset_id: str
@@ -60,12 +82,14 @@ class Snapshot:
         return posixpath.join(posixpath.dirname(self.train_path), f"{split}.parquet")
 
     def read(self, split: str = "train"):
-        """One split as a pandas DataFrame."""
+        """One split as a pandas DataFrame, checked against the manifest: the pages' CRCs, then the
+        split's hash (``split_hashes``), so a model trained on it is trained on the rows
+        ``content_hash`` names.  (Manifests written before the split hashes have none to check.)"""
         import pyarrow.parquet as pq
 
         path = self.split_path(split)
         try:
-            return pq.read_table(path, filesystem=self._fs()).to_pandas()
+            df = pq.read_table(path, filesystem=self._fs(), page_checksum_verification=True).to_pandas()
         except FileNotFoundError:
             if split in OPTIONAL_SPLITS:
                 raise SnapshotError(f"{self.path} has no {split}.parquet although its manifest lists it: "
@@ -73,7 +97,20 @@ class Snapshot:
             raise SnapshotError(f"{self.path} has no {split}.parquet: a snapshot needs train.parquet and "
                                 "eval.parquet (build one with `flywheel dataset build`)") from None
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types for corrupt files
-            raise SnapshotError(f"{self.path}/{split}.parquet is not a readable parquet file: {exc}") from None
+            raise SnapshotError(f"{self.path}/{split}.parquet is not a readable parquet file: {exc}; "
+                                f"{REBUILD}") from None
+        want, columns = self.manifest.get("split_hashes", {}).get(split), self.manifest.get("columns")
+        if want and columns:
+            try:
+                got = split_hash(df, columns)
+            except (KeyError, TypeError, ValueError):   # a column gone, or values JSON cannot hold
+                got = None
+            if got != want:
+                raise SnapshotError(f"{self.path}/{split}.parquet does not hold the rows its manifest's hash names "
+                                    f"(split_hashes.{split}): it changed after snapshot {self.dataset_id} was "
+                                    f"built, and a model trained on it would not be trained on {self.dataset_id}; "
+                                    f"{REBUILD}")
+        return df
 
     def _fs(self):
         if self.fs is not None:
