@@ -183,8 +183,8 @@ def check_sqlite_store(tracking_uri: str) -> None:
     """Raise :class:`TrackingStoreError` when the file of a ``sqlite:///`` URI exists but does not open
     as a SQLite database (damaged, cut short, another file under that name), naming it and the fix:
     MLflow's own error is a SQLAlchemy traceback from its first query.  (One read of the schema
-    table, under a millisecond.)  A store that is locked or cannot be opened at all is left to MLflow, which
-    says why."""
+    table, under a millisecond.)  A store that is locked or cannot be opened at all is left to
+    MLflow, which says why."""
     import sqlite3
     from urllib.request import pathname2url
 
