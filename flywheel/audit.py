@@ -274,13 +274,15 @@ def lineage(lake_uri: str, machine: str, at: float, within_s: float = DEFAULT_WI
     # longer matches its sha256) as other rows; such a file, or one that does not read, is named.
     lake.check_ledgers()
     tables = ("commands", "events")
-    files = {table: lake.readable_files(table) for table in tables}
+    # Each file read whole first, its pages' CRCs checked: DuckDB checks none, and would read bytes
+    # changed inside a page as other values (a risk, a time) without an error.
+    files = {table: lake.readable_files(table, whole=True) for table in tables}
     while True:
         try:
             machines, span = _machines_and_span(root, machine)
             rows = run_lineage_sql(root, machine, at, within_s) if machine in machines and span[2] else []
             break
-        except duckdb.Error:   # a file whose footer reads but whose pages do not: quarantine it, ask again
+        except duckdb.Error:   # a file damaged since it was checked: quarantine it, ask again
             sound = {table: lake.readable(table, files[table], whole=True) for table in tables}
             if sound == files:   # every file sound, the ledgers checked above: DuckDB's own error
                 raise

@@ -571,10 +571,12 @@ class Lake:
         return sorted(self.relative(i.path) for i in self.fs.get_file_info(pafs.FileSelector(base, recursive=True))
                       if i.type == pafs.FileType.File)
 
-    def readable_files(self, table: str) -> list[str]:
+    def readable_files(self, table: str, *, whole: bool = False) -> list[str]:
         """Every finished file of ``table`` that is a Parquet file, by day; the others go to quarantine
-        (:meth:`readable`). For a reader about to read the whole table (DuckDB, a row count)."""
-        return self.readable(table, [path for files in self.list_files(table).values() for path, _size in files])
+        (:meth:`readable`; ``whole``: each read whole, the pages' CRCs checked). For a reader about to
+        read the whole table (DuckDB, a row count)."""
+        return self.readable(table, [path for files in self.list_files(table).values() for path, _size in files],
+                             whole=whole)
 
     def writer_files(self, table: str, writer: str) -> list[str]:
         """Finished files of one table written by ``writer`` (a collector's client id names its files)."""

@@ -131,9 +131,8 @@ def _damage(path: Path, **where) -> None:
 
 
 def test_lineage_quarantines_a_commands_file_whose_pages_do_not_decode_and_answers(lake, capsys, caplog):
-    """The footer reads, so the check before DuckDB passes; DuckDB's read of the machines fails (a page
-    header that does not parse: DuckDB does not check the pages' CRCs), and the file is found by reading
-    each whole, moved aside, and the question asked again."""
+    """The footer reads (a page header that does not parse, where DuckDB's read of the machines would
+    fail): lineage reads each file whole before DuckDB does, moves this one aside and answers."""
     good = sorted(Path(lake.root, "raw", "commands").rglob("c0-*.parquet"))[-1]
     bad = good.with_name("z-rot.parquet")
     bad.write_bytes(good.read_bytes())
@@ -151,6 +150,30 @@ def _lineage_err(lake, capsys) -> tuple[int, list[str]]:
     rc = main(["lineage", "--machine", "mill-01", "--at", str(T0 + DAY + 1800), "--workdir",
                str(Path(lake.root).parent)])
     return rc, capsys.readouterr().err.strip().splitlines()
+
+
+def test_lineage_does_not_answer_from_a_commands_file_whose_page_changed_where_duckdb_reads_it(lake, capsys,
+                                                                                               caplog):
+    """The stopping command's risk, 0.7, changed to 0.99 inside its page: DuckDB, which checks no CRC,
+    reads 0.99 without an error; lineage checks each file's CRCs first, moves this one aside with the
+    usual warning, and answers from the rest (here: no command in the hour before the stop)."""
+    import struct
+
+    import duckdb
+
+    path = sorted(Path(lake.root, "raw", "commands").rglob("c0-*.parquet"))[-1]     # v2's command, day 2
+    data = path.read_bytes()
+    at = data.index(struct.pack("<d", 0.7))            # the value in the page (the footer's statistics follow)
+    path.write_bytes(data[:at] + struct.pack("<d", 0.99) + data[at + 8:])
+    assert duckdb.sql(f"SELECT risk FROM '{path}'").fetchall() == [(0.99,)]
+    with caplog.at_level("WARNING", logger="ingest.lake"):
+        rc = main(["lineage", "--machine", "mill-01", "--at", str(T0 + DAY + 1800), "--workdir",
+                   str(Path(lake.root).parent)])
+    out, err = capsys.readouterr()
+    assert rc != 0 and "0.99" not in out + err and "no maintain command for 'mill-01'" in err, (out, err)
+    assert not path.exists() and Path(lake.root, "quarantine", path.relative_to(lake.root)).is_file()
+    assert f"the lake file {path} is not a readable Parquet file: its footer reads but its data does not decode " \
+           "(could not verify page integrity" in caplog.text
 
 
 def test_a_ledger_file_that_does_not_read_is_named_not_moved(lake, capsys):
