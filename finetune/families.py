@@ -74,7 +74,7 @@ def read_meta(model_dir: str | os.PathLike) -> dict:
                          "flywheel train)")
     try:
         meta = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:   # not JSON, or not UTF-8 text at all
         raise ModelError(f"{p} is not valid JSON: {exc}; retrain the model") from None
     if not isinstance(meta, dict):
         raise ModelError(f"{p} is not a JSON object; retrain the model")

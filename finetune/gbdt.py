@@ -216,7 +216,7 @@ def load_gbdt(model_dir: str | os.PathLike) -> GbdtModel:
                          "finetune.gbdt.train_gbdt)")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:   # not JSON, or not UTF-8 text at all
         raise ModelError(f"{meta_path} is not valid JSON: {exc}; retrain the model") from None
     if not isinstance(meta, dict):
         raise ModelError(f"{meta_path} is not a JSON object; retrain the model")

@@ -273,7 +273,7 @@ def read_adapter_meta(adapter_dir: str | os.PathLike) -> dict:
         raise ModelError(f"{adapter_dir} is not a flywheel adapter: {ADAPTER_META} is missing")
     try:
         meta = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:   # not JSON, or not UTF-8 text at all
         raise ModelError(f"{p} is not valid JSON: {exc}") from None
     if not isinstance(meta, dict):
         raise ModelError(f"{p} is not a JSON object; retrain the adapter")

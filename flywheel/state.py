@@ -52,7 +52,7 @@ def load_state(workdir, campaign: str) -> dict | None:
         return None
     try:
         return json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:   # not JSON, or not UTF-8 text at all
         raise CampaignError(f"{p} is corrupt ({exc}); move it away to start the campaign over") from None
 
 
@@ -77,7 +77,7 @@ class TurnJournal:
             return None
         try:
             self.data = json.loads(self.path.read_text())
-        except json.JSONDecodeError:
+        except ValueError:   # not JSON, or not UTF-8 text at all
             # a write is atomic (tmp + rename), so this is damage from outside: the attempt
             # it described is unknown, recovery falls back to what MLflow and the lake say
             self.data = {"turn": None, "unreadable": True}

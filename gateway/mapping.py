@@ -117,10 +117,13 @@ def load_mapping(path: str | Path) -> Mapping:
     """Read and check a mapping file; :class:`MappingError` lists every problem with its fix."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise MappingError(f"mapping file {str(p)!r} cannot be read ({exc.strerror}); "
                            "pass --mapping with a YAML or JSON file (format: docs/gateway.md)") from None
+    except UnicodeDecodeError as exc:
+        raise MappingError(f"mapping file {str(p)!r} is not UTF-8 text (byte {exc.start}): pass --mapping with a "
+                           "YAML or JSON file (format: docs/gateway.md), saved as UTF-8") from None
     try:
         data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:

@@ -118,6 +118,16 @@ def test_corrupt_adapter_file(adapter_copy, tmp_path):
         evaluate_adapter(adapter_copy, pd.DataFrame(make_rows(3, 7)))
 
 
+def test_an_adapter_record_that_is_not_text_is_named(adapter_copy):
+    from finetune.families import check_model_dir
+
+    record = adapter_copy / "flywheel_model.json"
+    record.write_bytes(b"\xff\xfe not text at all")
+    for check in (check_adapter_dir, check_model_dir):
+        with pytest.raises(ModelError, match=f"{record} is not valid JSON"):
+            check(adapter_copy)
+
+
 def test_pickle_only_adapter_is_refused(adapter_copy):
     (adapter_copy / "adapter_model.safetensors").rename(adapter_copy / "adapter_model.bin")
     with pytest.raises(ModelError, match="pickle weights"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -174,6 +175,17 @@ def test_missing_record_and_other_family_are_refused(model_copy):
     (model_copy / "flywheel_model.json").unlink()
     with pytest.raises(ModelError, match="not a flywheel tree model: flywheel_model.json is missing"):
         load_gbdt(model_copy)
+
+
+@pytest.mark.parametrize("content", [b"{\"family\": ", b"\xff\xfe not text at all"])
+def test_a_record_that_is_not_json_or_not_text_is_named_with_the_fix(model_copy, content):
+    from finetune.families import check_model_dir
+
+    (model_copy / "flywheel_model.json").write_bytes(content)
+    for load in (load_gbdt, check_model_dir):
+        with pytest.raises(ModelError, match=re.escape(f"{model_copy / 'flywheel_model.json'} is not valid JSON")
+                           + ".*retrain the model"):
+            load(model_copy)
 
 
 def test_labels_other_than_the_contract_are_refused(model_copy):

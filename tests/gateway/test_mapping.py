@@ -77,6 +77,12 @@ def test_the_cli_checks_a_mapping_and_refuses_a_broken_one_with_exit_2(tmp_path,
     assert len(err.splitlines()) == 1
     assert main(["gateway", "--mapping", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot be read" in capsys.readouterr().err
+    binary = tmp_path / "plant.bin.yaml"
+    binary.write_bytes(b"protocol: opcua\n\xff\x00")   # a file that is not text
+    assert main(["gateway", "--mapping", str(binary), "--check"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"flywheel gateway: configuration error: mapping file {str(binary)!r} is not UTF-8 text "
+                   "(byte 16): pass --mapping with a YAML or JSON file (format: docs/gateway.md), saved as UTF-8"]
 
 
 def test_machine_events_are_mapped_per_protocol_and_their_records_checked():
