@@ -211,8 +211,14 @@ def run_dataset_build(args) -> int:
     config = _load_config(BuildConfig, "dataset", args)
     wd = _workdir(args)
     _check_previous(wd, args.previous)
-    _init_ray(args.ray_address)
-    from ingest.dataset import build_snapshot
+    from ingest.dataset import build_snapshot, no_telemetry
+    from ingest.lake import Lake
+
+    lake = Lake.open(wd.lake_uri)
+    if not lake.list_files("telemetry"):   # said before Ray starts (~4 s on a laptop)
+        raise no_telemetry(lake)
+    if config.engine == "ray" or args.ray_address:   # the in-process engine needs no Ray
+        _init_ray(args.ray_address)
 
     run = None
     if not args.no_mlflow:

@@ -69,6 +69,13 @@ class DatasetError(FlywheelError, RuntimeError):
     """The lake or a previous snapshot cannot be used; the message says what to do."""
 
 
+def no_telemetry(lake: Lake) -> DatasetError:
+    """The error for a lake that holds no telemetry file (yet, or none readable)."""
+    return DatasetError(f"the lake {lake.uri} holds no telemetry yet (expected "
+                        f"{lake.table_dir('telemetry')}/date=YYYY-MM-DD/*.parquet); run `flywheel ingest` "
+                        "while the plant publishes")
+
+
 @dataclass
 class _Cache:
     fingerprints: dict          # day -> [[relative path, size], ...] of telemetry files
@@ -98,9 +105,7 @@ def build_snapshot(lake_uri: str, config: BuildConfig = BuildConfig(), previous:
     while True:     # again, listed afresh, after a failed read that quarantined a file (Lake.read_sound)
         tel_files, fingerprints, days, changed = _telemetry_files(lake, cache)
         if not tel_files:
-            raise DatasetError(f"the lake {lake.uri} holds no telemetry yet (expected "
-                               f"{lake.table_dir('telemetry')}/date=YYYY-MM-DD/*.parquet); run `flywheel ingest` "
-                               "while the plant publishes")
+            raise no_telemetry(lake)
         first = changed[0] if changed else None
 
         # ---- windows: reuse days before the first changed one, recompute the rest with Ray Data

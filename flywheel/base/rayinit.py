@@ -15,6 +15,7 @@ demo``/``run``: docker stop, Kubernetes, kill) would lose that: this puts its ha
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -27,9 +28,11 @@ class RayClusterError(FlywheelError, ConnectionError):
 
 _CHECK_HINT = ("Check --ray-address (the address `ray start --head` printed, ray://head:10001, or auto on a cluster "
                "node), or leave it out to start a local Ray")
+_ENV_HINT = ("It comes from the environment variable RAY_ADDRESS, which Ray joins when no --ray-address is given: "
+             "unset it to start a local Ray, or point it at a running cluster")
 
 
-def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str, timeout_s: float = 5.0, hint: str = _CHECK_HINT) -> None:
     """Raise :class:`RayClusterError` when nothing accepts a connection at ``address``'s host and
     port (``host:port`` or ``ray://host:port``; ``auto`` and other forms are left to Ray).
 
@@ -44,7 +47,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as exc:
         raise RayClusterError(f"cannot join the Ray cluster at {address}: nothing answers at {host}:{port} "
-                              f"({exc.strerror or exc}). {_CHECK_HINT}") from None
+                              f"({exc.strerror or exc}). {hint}") from None
 
 
 def stop_like_ctrl_c(signum, frame):
@@ -90,6 +93,8 @@ def init_ray(**kwargs):
 
     if not kwargs.get("address"):   # a local node: its processes inherit this environment
         set_local_node_env()
+        if os.environ.get("RAY_ADDRESS", "local") not in ("", "local", "auto"):   # ray.init joins it instead
+            check_reachable(os.environ["RAY_ADDRESS"], hint=_ENV_HINT)
     else:
         check_reachable(kwargs["address"])
     main = threading.current_thread() is threading.main_thread()
