@@ -212,6 +212,9 @@ class Campaign:
         with contextlib.ExitStack() as running:
             running.enter_context(self.view)
             self._load()
+            if self._finished():   # run again as it is: nothing to run, so nothing is started
+                self._running = running.pop_all()
+                return self
             self.stack = running.enter_context(Stack(
                 self.cfg, self.stages["serve"], self.workdir, view=self.view, broker_url=self.broker_url,
                 ray_address=self.ray_address, embedded_broker=self.embedded_broker,
@@ -224,6 +227,14 @@ class Campaign:
                 self._fence_lake()
             self._running = running.pop_all()
         return self
+
+    def _finished(self) -> bool:
+        """Every turn of ``turns`` ran, the held-out evaluation is written and no attempt died: a run
+        of this campaign has nothing to do and needs no broker, Ray or MLflow (raise ``turns`` to
+        continue it)."""
+        turns = self.state["turns"]
+        return (len(turns) > self.cfg.turns and self.aborted is None
+                and (len(turns) == 1 or bool(self.state.get("holdout"))))
 
     def _start_plant_link(self, running: contextlib.ExitStack) -> None:
         """``plant.protocol`` opcua or sparkplug: the plant speaks that protocol (an OPC UA server, or
@@ -433,6 +444,10 @@ class Campaign:
                           f"(turns={self.cfg.turns}); raise turns=N to continue it")
         # A killed process left its serving period open: it ended at the committed boundary.
         self.serving_ledger.close_dangling(self.plant.now_ts, first)
+        if self.stack is None:   # nothing started (_finished): the report is written from state.json
+            self.status.turn = first - 1
+            self.view.stage("done")
+            return self.state
         # Serve the champion only for turns that will run: a finished campaign run again deploys nothing.
         if first <= last and first > 0 and self.state["turns"][-1].get("champion_version"):
             self._ensure_serving(self.state["turns"][-1]["champion_version"], first)

@@ -129,3 +129,26 @@ def test_a_boundary_state_that_cannot_be_resumed_is_named_with_the_fix_before_an
     assert err[0].endswith(f"put back a good copy, or move {folder} away to start the campaign over"), err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert not {"broker", "lake", "mlflow.db"} & {p.name for p in (tmp_path / "wd").iterdir()}   # nothing started
+
+
+def test_a_finished_campaign_run_again_starts_nothing_and_writes_its_report(gbdt_campaign, gbdt_overrides,
+                                                                             tmp_path, capsys):
+    """Every turn ran and the held-out evaluation is written: a rerun says so and how to continue,
+    starts no broker, Ray or MLflow, changes no state, and writes the report from ``state.json``."""
+    import shutil
+
+    from flywheel.campaign import default_config_path
+    from flywheel.cli import main
+
+    cfg, workdir, state, _ = gbdt_campaign
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd, ignore=shutil.ignore_patterns("reports"))
+    before = (wd / "campaigns" / cfg.campaign / "state.json").read_bytes()
+    rc = main(["run", "--config", str(default_config_path("tiny")), "--workdir", str(wd), "--no-live",
+               f"campaign={cfg.campaign}", "serve.ingress=proxy", *gbdt_overrides])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert f"campaign '{cfg.campaign}' already ran 1 learning turns (turns=1); raise turns=N to continue it" in err
+    assert not [line for line in err.splitlines() if "starting" in line], err
+    assert (wd / "campaigns" / cfg.campaign / "state.json").read_bytes() == before
+    assert (wd / "reports" / cfg.campaign / "report.md").is_file()
