@@ -97,7 +97,7 @@ from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, CanaryRes
                              GateResult, PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
 from flywheel.shadow import read_served
 from flywheel.stack import Stack, prewarm_modules
-from flywheel.state import (STATE_VERSION, CampaignError, TurnJournal, atomic_write, campaign_dir,
+from flywheel.state import (STATE_VERSION, CampaignError, CampaignLock, TurnJournal, atomic_write, campaign_dir,
                             config_fingerprint, load_state)
 
 log = logging.getLogger("flywheel.loop")
@@ -210,6 +210,7 @@ class Campaign:
     def __enter__(self) -> "Campaign":
         self.dir.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as running:
+            running.enter_context(CampaignLock(self.dir, self.cfg.campaign))   # one process runs a campaign
             running.enter_context(self.view)
             self._load()
             if self._finished():   # run again as it is: nothing to run, so nothing is started

@@ -4,6 +4,11 @@ Both live in ``<workdir>/campaigns/<campaign>/`` and are written atomically (tmp
 rename).  ``state.json`` lists every finished turn as :meth:`flywheel.record.TurnRecord.to_dict`
 writes it; a turn commits when ``state.json`` lists it.  How a dead attempt is rolled back
 from the journal is told in :mod:`flywheel.loop`.
+
+One process at a time runs a campaign: :class:`CampaignLock` holds ``.lock`` in its folder
+(``flock``, which the kernel releases when the process ends, however it ends).  A second
+``flywheel run``/``turn``/``demo`` of the same campaign would have taken the first one's turn in
+flight for a dead attempt and rolled it back under it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,63 @@ class CampaignError(FlywheelError, RuntimeError):
 
 def campaign_dir(workdir: str | os.PathLike, campaign: str) -> Path:
     return Workdir(workdir).campaign(campaign)
+
+
+class CampaignLock:
+    """An exclusive lock on a campaign's folder while this process runs the campaign.
+
+    Refused at once, with the holder's pid and the fix, when a live process holds it.  A lock
+    whose recorded holder is gone is waited for up to ``wait_s``: a killed campaign's last children
+    may still be closing.  No lock where ``fcntl`` is missing (Windows)."""
+
+    def __init__(self, folder: Path, campaign: str, wait_s: float = 15.0):
+        self.path, self.campaign, self.wait_s = Path(folder) / ".lock", campaign, wait_s
+        self.fd: int | None = None
+
+    def __enter__(self) -> "CampaignLock":
+        try:
+            import fcntl
+        except ImportError:   # pragma: no cover - Windows
+            return self
+        import time
+        from datetime import datetime, timezone
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                pid = holder.split()[1] if holder.startswith("pid ") else ""
+                if (pid.isdigit() and _alive(int(pid))) or time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise CampaignError(
+                        f"campaign {self.campaign!r} in {self.path.parent} is being run by another process "
+                        f"({holder or 'unknown'}); wait for it to end or stop it (Ctrl-C there), or run another "
+                        "campaign=<name> or --workdir") from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat(timespec='seconds')}\n"
+                  .encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)   # releases the lock
+            self.fd = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
 
 
 def atomic_write(path: Path, data: bytes) -> None:
