@@ -64,7 +64,7 @@ class StandInBridge:
 
     def __init__(self, url: str, window, root: str = "factory"):
         from flywheel.base import contract
-        from flywheel.base.mqtt import connect, make_client
+        from flywheel.base.mqtt import Subscriptions, connect, make_client
 
         self.c, self.window = contract, window
         self.topics = contract.Topics(root)
@@ -72,8 +72,9 @@ class StandInBridge:
         self.ordered: list[str] = []
         self.client = make_client(url, prefix="gw-test-bridge")
         self.client.on_message = self._on
+        subs = Subscriptions(self.client, [(self.topics.pattern("telemetry"), 1)])
         connect(self.client, url)
-        self.client.subscribe(self.topics.pattern("telemetry"), qos=1)
+        subs.wait(url, "the stand-in bridge")   # subscribed before the plant's first reading
 
     def _on(self, client, userdata, msg) -> None:
         from flywheel.base.features import is_window_end

@@ -10,7 +10,7 @@ import pytest
 
 from flywheel.base import contract
 from flywheel.base import sparkplug as sp
-from flywheel.base.mqtt import connect, make_client, publish_once
+from flywheel.base.mqtt import Subscriptions, connect, make_client, publish_once
 
 from factory_sim.plant_tags import gateway_mapping
 from factory_sim.sparkplug_edge import SparkplugPlant
@@ -99,10 +99,12 @@ def test_sequence_gaps_unborn_nodes_and_malformed_payloads_are_counted_and_named
     got_ncmd = threading.Event()
     watcher = make_client(broker.url, prefix="gw-test-ncmd")
     watcher.on_message = lambda c, u, m: (rebirths.append(m.topic), got_ncmd.set())
-    connect(watcher, broker.url)
     states = []
     watcher.message_callback_add(f"{sp.NAMESPACE}/STATE/#", lambda c, u, m: states.append(json.loads(m.payload)))
-    watcher.subscribe([(sp.topic(group, "NCMD", "E1"), 1), (f"{sp.NAMESPACE}/STATE/{group}", 1)])
+    # the broker's SUBACK before the first DDATA: the gateway's rebirth request must find the subscription
+    subs = Subscriptions(watcher, [(sp.topic(group, "NCMD", "E1"), 1), (f"{sp.NAMESPACE}/STATE/{group}", 1)])
+    connect(watcher, broker.url)
+    subs.wait(broker.url, "the test's watcher")
     node = make_client(broker.url, prefix="gw-test-edge")
     connect(node, broker.url)
 
