@@ -95,14 +95,13 @@ def load_or_build_reference_set(path, build: Callable[[], Any], log: Callable[[s
     not at all).  A saved file that does not read (damaged, cut short by a crash of a version that
     wrote it in place) is moved to ``<name>.unreadable``, said in one line to ``log``, and made again:
     the twin's seed is fixed, so it gives the same windows."""
-    import io
     import os
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from flywheel.base.errors import one_line
-    from flywheel.state import atomic_write
+    from ingest import Lake
 
     if path.is_file():
         try:   # pages' CRCs checked, where the file has them: changed bytes fail the read
@@ -112,11 +111,8 @@ def load_or_build_reference_set(path, build: Callable[[], Any], log: Callable[[s
             os.replace(path, kept)
             log(f"the reference plant's windows {path} do not read ({one_line(exc)}): made again from the "
                 f"scenario and its fixed seed (the same windows); the unreadable file is kept as {kept}")
-    reference = build()
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(reference, preserve_index=False), buf, compression="zstd",
-                   write_page_checksum=True)
-    atomic_write(path, buf.getvalue())
+    reference = build()   # written as the lake writes its files: zstd, page CRCs, atomically
+    Lake.open(str(path.parent)).write_table(pa.Table.from_pandas(reference, preserve_index=False), str(path))
     return reference
 
 
