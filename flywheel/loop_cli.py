@@ -99,25 +99,14 @@ def _load(args, require_config: bool = False):
     return load_campaign(args.config, overrides)
 
 
-def _sigterm_as_interrupt() -> None:
-    """SIGTERM (docker stop, kill) unwinds like Ctrl-C, so every component stops cleanly."""
-    import signal
-
-    from flywheel.base.rayinit import stop_like_ctrl_c
-
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
-    # A background start by a non-interactive shell inherits SIGINT as ignored; Ctrl-C/kill -INT
-    # must still stop the campaign cleanly.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
 def _run(args, cfg, max_new_turns=None) -> int:
+    from flywheel.base.rayinit import stop_on_signals
     from flywheel.base.workdir import writable_folder
     from flywheel.loop import run_campaign
     from flywheel.report import write_report
 
     writable_folder(args.workdir, "--workdir")   # before Mosquitto, Ray or the plant start
-    _sigterm_as_interrupt()
+    stop_on_signals()   # SIGTERM (docker stop, kill) and Ctrl-C, even in the background: a clean stop
     # a CampaignError says what to do; the CLI prints it on one line (exit 1)
     run_campaign(cfg, args.workdir, broker_url=args.broker, mlflow_uri=args.mlflow_uri,
                  ray_address=args.ray_address, max_new_turns=max_new_turns,

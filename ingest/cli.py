@@ -98,13 +98,10 @@ def _init_ray(address: str | None) -> None:
 
 
 def run_ingest(args) -> int:
-    import signal
-    import threading
-
     from rich.console import Console
 
     from flywheel.base.errors import FlywheelError, UsageError
-    from flywheel.base.rayinit import stop_like_ctrl_c
+    from flywheel.base.rayinit import restore_signals, stop_on_signals
     from ingest.config import IngestConfig
     from ingest.status import read_statuses, render_table, status_rows
 
@@ -120,16 +117,13 @@ def run_ingest(args) -> int:
         console.print(render_table(status_rows(statuses)))
         return 0
     config = _load_config(IngestConfig, "ingest", args, {"ingest.collectors": args.collectors})
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:
-        # SIGTERM (docker stop, Kubernetes, kill) drains and stops like Ctrl-C: last batches
-        # landed, final counters printed (init_ray keeps this handler; Ray's own would abort).
-        previous = signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    # SIGTERM (docker stop, Kubernetes, kill) and Ctrl-C drain and stop alike: last batches landed,
+    # final counters printed (init_ray keeps these handlers; Ray's own would abort).
+    previous = stop_on_signals()
     try:
         return _ingest_until_stopped(args, config, console)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        restore_signals(previous)
 
 
 def _ingest_until_stopped(args, config, console) -> int:

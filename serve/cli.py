@@ -21,7 +21,7 @@ import argparse
 
 from flywheel.base.errors import UsageError
 from flywheel.base.mqtt import redact_url
-from flywheel.base.rayinit import stop_like_ctrl_c
+from flywheel.base.rayinit import stop_on_signals
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -175,14 +175,13 @@ def run_bridge(args) -> int:
 def _bridge_only(args, bcfg) -> int:
     """``flywheel serve bridge --url URL --broker URL``: only the MQTT bridge, against a running app
     (e.g. a KubeRay RayService); the app itself is deployed elsewhere."""
-    import signal
     import time
 
     from serve.bridge import Bridge
 
     if not args.url or not args.broker:
         raise UsageError("serve bridge needs the running app's --url and the plant's --broker")
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    stop_on_signals()   # SIGTERM and Ctrl-C stop it cleanly, also when started in the background
     _default_state_dir(args, bcfg)
     bridge = Bridge(args.broker, args.url, bcfg, topic_root=args.topic_root).start()
     metrics = _bridge_metrics(args, bridge)
@@ -269,7 +268,6 @@ def _status(args) -> int:
 
 
 def _serve(args, tracking_uri, cfg, bcfg) -> int:
-    import signal
     import time
 
     from rich.console import Console
@@ -281,9 +279,10 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
     with console.status(f"deploying {args.model_name}@{args.alias} on Ray Serve ..."):
         # a ServeError says why it cannot serve; the CLI prints it on one line (exit 1)
         handle = start_serving(tracking_uri, args.model_name, args.alias, cfg, ray_address=args.ray_address)
-    # SIGTERM (docker stop, Kubernetes, kill) stops as cleanly as Ctrl-C: bridge offline, app deleted.
-    # (Installed once there is an app to delete; ray.init inside start_serving keeps it either way.)
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    # SIGTERM (docker stop, Kubernetes, kill) stops as cleanly as Ctrl-C: bridge offline, app deleted;
+    # Ctrl-C too where the command started with it ignored (in the background of a script).
+    # (Installed once there is an app to delete; ray.init inside start_serving keeps them either way.)
+    stop_on_signals()
     bridge = metrics = None
     try:
         console.print(f"serving {args.model_name}@{args.alias} version {handle.version()} at {handle.url} "

@@ -1,6 +1,7 @@
 """``ensure_ray``: the one way the stack joins or starts Ray; ``init_ray``: ``ray.init`` that
 leaves the process's own SIGTERM handler in place; and
-``stop_like_ctrl_c``, the handler the long-running commands install; ``watch_driver`` and
+``stop_like_ctrl_c`` and ``stop_on_signals``, the handlers the long-running commands install;
+``watch_driver`` and
 ``die_with_parent``, so that children die with a driver killed outright (kill -9).
 
 ``ray.init`` installs its own SIGTERM handler (exit at once), and Ray's native crash handler,
@@ -8,8 +9,8 @@ which runs first, then aborts the process on the way out (exit status -6, a stac
 stderr). A command that turns SIGTERM into a clean stop (``flywheel serve``, ``flywheel
 demo``/``run``: docker stop, Kubernetes, kill) would lose that: this puts its handler back.
 
-    from flywheel.base.rayinit import init_ray, stop_like_ctrl_c
-    signal.signal(signal.SIGTERM, stop_like_ctrl_c)     # SIGTERM unwinds like Ctrl-C
+    from flywheel.base.rayinit import init_ray, stop_on_signals
+    stop_on_signals()                                  # SIGTERM and SIGINT unwind like Ctrl-C
     init_ray(address=None, include_dashboard=False)    # ... and still does once Ray runs
 """
 
@@ -53,6 +54,28 @@ def check_reachable(address: str, timeout_s: float = 5.0, hint: str = _CHECK_HIN
 def stop_like_ctrl_c(signum, frame):
     """A SIGTERM handler: raise KeyboardInterrupt, so a command stops through its Ctrl-C path."""
     raise KeyboardInterrupt
+
+
+def stop_on_signals() -> dict:
+    """In a long-running command's main thread: SIGTERM (docker stop, Kubernetes, kill) stops
+    like Ctrl-C (:func:`stop_like_ctrl_c`), and Ctrl-C (SIGINT) raises KeyboardInterrupt even
+    where the process started with it ignored, as every command started in the background by a
+    non-interactive shell (``flywheel ingest ... &`` in a script, ``nohup``) does: Python then
+    installs no handler of its own, and Ctrl-C or ``kill -INT`` would do nothing.
+
+    Returns the handlers it replaced ({signal: handler}), for :func:`restore_signals`; nothing
+    off the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signal.SIGTERM: signal.signal(signal.SIGTERM, stop_like_ctrl_c),
+            signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+
+
+def restore_signals(previous: dict) -> None:
+    """Put back the handlers :func:`stop_on_signals` replaced."""
+    for signum, handler in previous.items():
+        if handler is not None:
+            signal.signal(signum, handler)
 
 
 def ensure_ray(address: str | None = None, **kwargs):

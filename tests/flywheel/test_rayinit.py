@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 SCRIPT = r"""
 import os, signal, time
 from flywheel.base.rayinit import init_ray
@@ -35,6 +37,40 @@ def test_a_sigterm_handler_set_before_ray_starts_still_runs_after_it():
     assert done.returncode == 0, out[-3000:]
     assert "stopped cleanly" in done.stdout
     assert "SIGTERM received" not in out      # Ray's crash handler did not take the signal
+
+
+BACKGROUND = r"""
+import signal, sys, time
+from flywheel.base.rayinit import restore_signals, stop_on_signals
+
+assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN      # as a script's `cmd &` starts it
+previous = stop_on_signals()
+print("ready", flush=True)
+try:
+    time.sleep(60)
+    print("signal lost", flush=True)
+except KeyboardInterrupt:
+    print("stopped cleanly", flush=True)
+restore_signals(previous)
+print("restored", signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_command_started_with_ctrl_c_ignored_still_stops_on_it(sig):
+    """A long-running command (ingest, serve, a campaign) started in the background by a script
+    inherits SIGINT as ignored; ``stop_on_signals`` makes Ctrl-C and SIGTERM stop it all the same."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", BACKGROUND], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(getattr(signal, sig))
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and out.splitlines() == ["stopped cleanly", "restored True True"], out
 
 
 def test_stop_children_ends_only_the_new_children():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import mlflow
+import pytest
 from ingest_plantgen import Incident, day_start, encoded, stream, write_lake
 
 from flywheel.cli import main
@@ -75,13 +76,18 @@ def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, 
     assert "eval_fraction" in capsys.readouterr().err
 
 
-def test_sigterm_drains_and_stops_ingest_like_ctrl_c(broker, publish, uid, tmp_path):
-    """docker stop / kill: what the broker handed over is landed and counted, exit 0, no abort."""
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c in the background"])
+def test_sigterm_drains_and_stops_ingest_like_ctrl_c(how, broker, publish, uid, tmp_path):
+    """docker stop / kill: what the broker handed over is landed and counted, exit 0, no abort.
+    Ctrl-C (SIGINT) the same, also for a command started in the background by a script, which
+    starts with SIGINT ignored (Python then installs no handler of its own)."""
     import os
     import signal
     import subprocess
     import sys
     import time
+
+    sig, ignore = (signal.SIGTERM, None) if how == "sigterm" else (signal.SIGINT, signal.SIGINT)
 
     items = encoded(stream([("l1", "m1", "milling")], day_start(), 3600), uid)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # its own Ray, as a user runs it
@@ -90,7 +96,8 @@ def test_sigterm_drains_and_stops_ingest_like_ctrl_c(broker, publish, uid, tmp_p
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "ingest", "--broker", broker.url,
                                  "--workdir", str(tmp_path), "--topic-root", uid, f"client_prefix={uid}-term",
-                                 "batch_max_age_s=60"], stdout=out, stderr=subprocess.STDOUT, env=env)
+                                 "batch_max_age_s=60"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                preexec_fn=(lambda: signal.signal(ignore, signal.SIG_IGN)) if ignore else None)
     try:
         deadline = time.monotonic() + 120
         while "Ctrl-C stops" not in log.read_text(errors="replace"):
@@ -98,7 +105,7 @@ def test_sigterm_drains_and_stops_ingest_like_ctrl_c(broker, publish, uid, tmp_p
             time.sleep(0.2)
         publish(broker.url, items)            # the line above comes once the collectors have subscribed
         time.sleep(1.0)                       # delivered, sitting in a batch (batch_max_age_s=60)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
