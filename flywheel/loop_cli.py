@@ -53,7 +53,9 @@ def register(sub, common) -> None:
 
     p = sub.add_parser("turn", help="run one more turn of the campaign in --workdir",
                        description="Continue the campaign stored in --workdir by exactly one turn "
-                                   "(against --broker / --ray-address / --mlflow-uri if given).",
+                                   "(against --broker / --ray-address / --mlflow-uri if given). Give the --config "
+                                   "it ran with (default: the demo's); a turn starts no campaign: flywheel demo "
+                                   "and flywheel run do.",
                        epilog="examples:\n  flywheel turn --workdir .flywheel turns=5", formatter_class=fmt)
     common.add(p, broker=True, workdir=True, mlflow=True, ray=True, config=True)
     p.add_argument("--seed", type=int, default=None, help="seed (default: the config's)")
@@ -160,7 +162,30 @@ def cmd_run(args) -> int:
 
 
 def cmd_turn(args) -> int:
-    return _run(args, _load(args), max_new_turns=1)
+    cfg = _load(args)
+    _campaign_to_continue(args.workdir, cfg.campaign)
+    return _run(args, cfg, max_new_turns=1)
+
+
+def _campaign_to_continue(workdir, campaign: str) -> None:
+    """``flywheel turn`` continues a campaign: a :class:`ConfigError` naming what the workdir holds
+    and the fix when ``campaign`` has no ``state.json`` there (a mistyped ``--workdir``, or a
+    campaign run with another config), before anything is made or started."""
+    from flywheel.base.config import ConfigError
+    from flywheel.base.workdir import Workdir
+
+    wd = Path(workdir)
+    if wd.exists() and not wd.is_dir():
+        return   # writable_folder names it
+    folder = Workdir(wd).campaigns
+    if (folder / campaign / "state.json").is_file():
+        return
+    held = sorted(p.parent.name for p in folder.glob("*/state.json")) if folder.is_dir() else []
+    where = (f"{folder} holds {', '.join(repr(n) for n in held)}: continue one with the --config it ran with "
+             f"(or campaign=<name>), or" if held else f"{wd} holds no campaign:")
+    raise ConfigError(f"no campaign {campaign!r} in {wd} to continue (a turn continues one, it starts none); "
+                      f"{where} start {campaign!r} with `flywheel run --config FILE --workdir {wd}` "
+                      f"(`flywheel demo --workdir {wd}` for the embedded demo)")
 
 
 def cmd_report(args) -> int:

@@ -108,6 +108,29 @@ def test_a_folder_that_cannot_be_made_ends_the_command_before_it_starts_anything
     assert [p.name for p in tmp_path.iterdir()] == ["afile"], "the command made something before it refused"
 
 
+def test_a_turn_with_no_campaign_to_continue_starts_nothing(capsys, tmp_path):
+    """`flywheel turn` continues the campaign in --workdir: a mistyped folder, or a campaign run under
+    another name, is named with the fix instead of starting a new campaign there (minutes of work)."""
+    import json
+
+    rc, out, err = _run(["turn", "--workdir", str(tmp_path / "typo"), "--no-live"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, (rc, out, err)
+    assert lines[0].startswith(f"flywheel turn: configuration error: no campaign 'demo' in {tmp_path / 'typo'} to "
+                               "continue"), lines
+    assert f"start 'demo' with `flywheel run --config FILE --workdir {tmp_path / 'typo'}`" in lines[0], lines
+    assert not (tmp_path / "typo").exists(), "the refused turn made its workdir"
+
+    held = tmp_path / "wd" / "campaigns" / "line-7"
+    held.mkdir(parents=True)
+    (held / "state.json").write_text(json.dumps({"campaign": "line-7", "turns": []}))
+    rc, out, err = _run(["turn", "--workdir", str(tmp_path / "wd"), "--no-live", "turns=5"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, (rc, out, err)
+    assert f"{tmp_path / 'wd' / 'campaigns'} holds 'line-7': continue one with the --config it ran with" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == ["campaigns"], "the refused turn started something"
+
+
 def test_a_file_the_command_cannot_write_is_named_on_one_line(capsys, tmp_path):
     """The net under the commands' own checks: an OSError with a file name, one line, exit 1."""
     (tmp_path / "keys").write_text("a file where the key folder goes")
