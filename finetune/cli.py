@@ -119,8 +119,10 @@ def run_bom(args) -> int:
     import json
 
     from finetune.bom import model_bom, resolve_model_uri, run_bom as bom_of_run, validate_bom
+    from flywheel.base.tracking import existing_store
 
     wd = _workdir(args)
+    existing_store(wd.mlflow_uri)
     lake = wd.lake_uri if "://" not in wd.lake_uri else None    # an object-store lake: manifests via the run
     if args.model_uri.startswith("runs:/"):
         bom = bom_of_run(wd.mlflow_uri, args.model_uri[len("runs:/"):].split("/")[0], args.model_name,
@@ -175,8 +177,9 @@ def load_train_config(path: str | None, overrides: list[str], flags: dict | None
 def run_rollback(args) -> int:
     """``flywheel train rollback``: the registry's shared rollback (as ``flywheel serve rollback``)."""
     from finetune.registry import rollback_alias
+    from flywheel.base.tracking import existing_store
 
-    print(rollback_alias(_workdir(args).mlflow_uri, args.model_name, "champion"))
+    print(rollback_alias(existing_store(_workdir(args).mlflow_uri), args.model_name, "champion"))
     return 0
 
 

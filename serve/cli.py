@@ -22,6 +22,7 @@ import argparse
 from flywheel.base.errors import UsageError
 from flywheel.base.mqtt import redact_url
 from flywheel.base.rayinit import stop_on_signals
+from flywheel.base.tracking import existing_store
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -164,7 +165,7 @@ def run_rollback(args) -> int:
     """``flywheel serve rollback``: the registry's shared rollback (as ``flywheel train rollback``)."""
     from finetune.registry import rollback_alias
 
-    print(rollback_alias(_workdir(args).mlflow_uri, args.model_name, args.alias, args.url))
+    print(rollback_alias(existing_store(_workdir(args).mlflow_uri), args.model_name, args.alias, args.url))
     return 0
 
 
@@ -275,6 +276,7 @@ def _serve(args, tracking_uri, cfg, bcfg) -> int:
 
     from serve.handle import start_serving
 
+    existing_store(tracking_uri)    # a workdir without a store holds no model: said before Ray starts
     console = Console(soft_wrap=True, markup=False)   # a path or id whole and on one line, also in a pipe
     with console.status(f"deploying {args.model_name}@{args.alias} on Ray Serve ..."):
         # a ServeError says why it cannot serve; the CLI prints it on one line (exit 1)

@@ -176,7 +176,21 @@ def seed_sqlite_store(tracking_uri: str) -> bool:
 
 
 class TrackingStoreError(FlywheelError, RuntimeError):
-    """The file of a ``sqlite:///`` tracking URI is there but is not a SQLite database."""
+    """The file of a ``sqlite:///`` tracking URI is not a SQLite database, or (for a command that
+    only reads the registry) is not there."""
+
+
+def existing_store(tracking_uri: str) -> str:
+    """``tracking_uri`` for a command that only reads the registry (``flywheel serve``, ``bom``,
+    ``rollback``): a ``sqlite:///`` store that is not there raises :class:`TrackingStoreError`
+    naming it and the fix, where MLflow would make an empty store (and its workdir) only to find
+    no model in it, after a screen of its own start-up lines."""
+    db = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:///") else None
+    if db is not None and not db.exists():
+        raise TrackingStoreError(f"no MLflow store at {db}, so no model is registered there: train one in that "
+                                 "workdir first (`flywheel train`, or `flywheel demo`), or name the workdir or "
+                                 "store that holds it (--workdir, --mlflow-uri)")
+    return tracking_uri
 
 
 def check_sqlite_store(tracking_uri: str) -> None:

@@ -131,6 +131,19 @@ def test_a_turn_with_no_campaign_to_continue_starts_nothing(capsys, tmp_path):
     assert sorted(p.name for p in (tmp_path / "wd").iterdir()) == ["campaigns"], "the refused turn started something"
 
 
+@pytest.mark.parametrize("argv", [["serve"], ["serve", "rollback"], ["train", "rollback"], ["bom", "1"]])
+def test_a_registry_command_on_a_workdir_without_a_store_names_it_and_makes_nothing(argv, capsys, tmp_path):
+    """Commands that only read the registry: a mistyped --workdir is named with the fix (exit 1), where
+    MLflow made the folder and an empty store there, printed its start-up lines, then found no model."""
+    wd = tmp_path / "typo"
+    rc, out, err = _run([*argv, "--workdir", str(wd)], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 1 and len(lines) == 1, (rc, out, err)
+    assert lines[0].startswith(f"flywheel {argv[0]}: no MLflow store at {wd / 'mlflow.db'}, so no model is "
+                               "registered there: train one in that workdir first"), lines
+    assert not wd.exists()
+
+
 def test_a_file_the_command_cannot_write_is_named_on_one_line(capsys, tmp_path):
     """The net under the commands' own checks: an OSError with a file name, one line, exit 1."""
     (tmp_path / "keys").write_text("a file where the key folder goes")
