@@ -97,6 +97,16 @@ def _init_ray(address: str | None) -> None:
         init_ray(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
 
 
+def _starts_local_ray(address: str | None) -> bool:
+    """Whether :func:`_init_ray` starts a Ray on this machine (no cluster named, none joined yet)."""
+    import os
+
+    import ray
+
+    return not ray.is_initialized() and address in (None, "", "local") and \
+        os.environ.get("RAY_ADDRESS", "local") in ("", "local")
+
+
 def run_ingest(args) -> int:
     from rich.console import Console
 
@@ -138,6 +148,10 @@ def _ingest_until_stopped(args, config, console) -> int:
         from flywheel.base.workdir import writable_folder
 
         writable_folder(lake, "--lake" if args.lake else "--workdir")
+    if _starts_local_ray(args.ray_address):   # the collectors run here: a broker not there is said before Ray
+        from flywheel.base.mqtt import check_reachable
+
+        check_reachable(args.broker)
     _init_ray(args.ray_address)
     from ingest.service import start_ingest
 

@@ -205,6 +205,19 @@ class ConnectError(FlywheelError, ConnectionError):
     """The broker refused or could not be reached; the message says which and why."""
 
 
+def check_reachable(url: BrokerURL | str, timeout: float = 5.0) -> None:
+    """Raise :class:`ConnectError` (the same words as :func:`connect`'s) when nothing accepts a TCP
+    connection at the broker's host and port: a command that starts Ray on this machine for
+    clients of the broker checks it first, instead of after Ray's start-up (seconds, and its lines)."""
+    import socket
+
+    url = BrokerURL.parse(url)
+    try:
+        socket.create_connection((url.host, url.port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}") from None
+
+
 class PublishTimeout(ConnectError):
     """QoS 1 messages the broker did not acknowledge in time (``pending`` of ``total``).
 

@@ -42,6 +42,26 @@ def test_ingest_names_an_unreachable_broker_in_one_line_not_a_ray_traceback(ray_
     assert err == f"flywheel ingest: cannot reach broker mqtt://127.0.0.1:{free_port}: [Errno 111] Connection refused"
 
 
+def test_ingest_names_an_unreachable_broker_before_it_starts_a_ray(tmp_path):
+    """On its own machine (no cluster) the collectors would reach the broker from here: a broker that
+    is not there is said at once, before a local Ray starts (seconds, and Ray's own lines)."""
+    import os
+    import subprocess
+    import sys
+
+    from flywheel.base.broker import free_port as pick_port
+
+    port = pick_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path / "ray")        # where a Ray started here would write its session
+    done = subprocess.run([sys.executable, "-m", "flywheel.cli", "ingest", "--workdir", str(tmp_path / "wd"),
+                           "--broker", f"mqtt://ops:s3cret@127.0.0.1:{port}"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"flywheel ingest: cannot reach broker mqtt://ops:***@127.0.0.1:{port}: [Errno 111] Connection refused"], done
+    assert not (tmp_path / "ray").exists(), "a Ray was started for a broker that is not there"
+
+
 def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, capsys):
     # a workdir path longer than a terminal line: printed whole on its line, also into a pipe
     tmp_path = tmp_path / ("a-workdir-with-a-long-name-" * 4)
