@@ -113,6 +113,13 @@ class Stack:
             self._ingest_idle_flush_s = broker.collector_idle_flush_s   # amqtt: no in-flight limit to flush for
             if broker.notice:   # the in-Python broker: say once what it lacks
                 self.view.log(broker.notice)
+        else:   # the plant publishes from this process: a broker it cannot reach is said before Ray starts
+            from flywheel.base.mqtt import ConnectError, check_reachable
+
+            try:
+                check_reachable(self.broker_url)
+            except ConnectError as exc:
+                raise CampaignError(f"{exc}; start it, or check --broker (leave it out for an embedded one)") from None
         from ingest import IngestConfig, check_broker_support
 
         # collectors > 1 on an MQTT 3.1.1 broker: a ConfigError naming the fix, before Ray starts.
