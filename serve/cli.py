@@ -158,6 +158,10 @@ def run(args) -> int:
         cfg.http_host = args.host
     if args.bridge and not args.broker:
         raise UsageError("--bridge needs --broker mqtt://host:port (the plant's broker)")
+    if args.bridge:   # the bridge runs in this process: a broker it cannot reach is said before Ray and Serve
+        from flywheel.base.mqtt import check_reachable
+
+        check_reachable(args.broker)
     return _serve(args, _workdir(args).mlflow_uri, cfg, bcfg)
 
 

@@ -36,6 +36,13 @@ def test_bad_overrides_and_missing_options_are_clear(capsys, tmp_path):
     assert "--url" in capsys.readouterr().err
     assert main(["serve", "--workdir", str(tmp_path), "--bridge"]) == 2
     assert "--broker" in capsys.readouterr().err
+    # the bridge runs in this process: a broker it cannot reach is named before Ray and Serve start
+    from flywheel.base.broker import free_port
+
+    port = free_port()
+    assert main(["serve", "--workdir", str(tmp_path), "--bridge", "--broker", f"mqtt://127.0.0.1:{port}"]) == 1
+    assert capsys.readouterr().err.strip() == \
+        f"flywheel serve: cannot reach broker mqtt://127.0.0.1:{port}: [Errno 111] Connection refused"
 
 
 def test_section_overrides_and_a_config_file_reach_the_app_and_the_bridge(monkeypatch, tmp_path):
