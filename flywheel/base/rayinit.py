@@ -1,7 +1,6 @@
 """``ensure_ray``: the one way the stack joins or starts Ray; ``init_ray``: ``ray.init`` that
-leaves the process's own SIGTERM handler in place; and
-``stop_like_ctrl_c`` and ``stop_on_signals``, the handlers the long-running commands install;
-``watch_driver`` and
+leaves the process's own SIGTERM handler in place; ``stop_on_signals`` (with
+``stop_like_ctrl_c``), the handlers the long-running commands install; and ``watch_driver`` and
 ``die_with_parent``, so that children die with a driver killed outright (kill -9).
 
 ``ray.init`` installs its own SIGTERM handler (exit at once), and Ray's native crash handler,
