@@ -191,6 +191,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def ctrl_c_in_the_background() -> None:
+    """Ctrl-C stops every command as it does in a terminal, also one started in the background by a
+    script or ``nohup``: such a process starts with SIGINT ignored and Python then installs no
+    KeyboardInterrupt handler (long-running commands set theirs again with ``stop_on_signals``)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     from flywheel.base.usage import no_usage_reports
 
@@ -205,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         print("flywheel: error: name a command (see flywheel --help)", file=sys.stderr)
         return 2
+    ctrl_c_in_the_background()
     # Every error the stack raises on purpose derives from FlywheelError and says what to do:
     # print it once, on one line, and end with its exit code (2: usage/config, 1: runtime).
     try:

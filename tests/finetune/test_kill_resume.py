@@ -132,6 +132,29 @@ def _kill_and_rerun(snapshot: str, tmp_path: Path, *extra: str) -> tuple[Path, s
     return _kept_adapter(workdir), killed_at, log2.read_text()
 
 
+def test_training_started_in_the_background_stops_on_ctrl_c(small_snapshot, tmp_path):
+    """A script's ``flywheel train ... &`` starts with SIGINT ignored: Ctrl-C (kill -INT) still stops
+    it, as in a terminal, with one line and exit 130, its finished checkpoints kept for the rerun."""
+    workdir, log = tmp_path / "wd", tmp_path / "train.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = _command(small_snapshot, workdir, "train.max_steps=100000", "train.epochs=1000")
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 240
+        while not _finished_checkpoints(workdir / "checkpoints"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert rc == 130 and out.rstrip().endswith("flywheel train: interrupted"), out[-3000:]
+    assert _finished_checkpoints(workdir / "checkpoints")
+
+
 @pytest.mark.slow
 def test_plain_training_killed_by_sigkill_resumes_and_ends_where_an_uninterrupted_run_does(small_snapshot, tmp_path,
                                                                                            uninterrupted):
