@@ -192,9 +192,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def ctrl_c_in_the_background() -> None:
-    """Ctrl-C stops every command as it does in a terminal, also one started in the background by a
-    script or ``nohup``: such a process starts with SIGINT ignored and Python then installs no
-    KeyboardInterrupt handler (long-running commands set theirs again with ``stop_on_signals``)."""
+    """Ctrl-C stops every command as it does in a terminal, also one a script starts in the background
+    (``cmd &``, with or without ``nohup``): such a process starts with SIGINT ignored and Python then
+    installs no KeyboardInterrupt handler (long-running commands set theirs again with
+    ``stop_on_signals``)."""
     import signal
     import threading
 

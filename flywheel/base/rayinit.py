@@ -58,9 +58,9 @@ def stop_like_ctrl_c(signum, frame):
 def stop_on_signals() -> dict:
     """In a long-running command's main thread: SIGTERM (docker stop, Kubernetes, kill) stops
     like Ctrl-C (:func:`stop_like_ctrl_c`), and Ctrl-C (SIGINT) raises KeyboardInterrupt even
-    where the process started with it ignored, as every command started in the background by a
-    non-interactive shell (``flywheel ingest ... &`` in a script, ``nohup``) does: Python then
-    installs no handler of its own, and Ctrl-C or ``kill -INT`` would do nothing.
+    where the process started with it ignored, as every command a non-interactive shell starts in
+    the background (``flywheel ingest ... &`` in a script, with or without ``nohup``) does: Python
+    then installs no handler of its own, and Ctrl-C or ``kill -INT`` would do nothing.
 
     Returns the handlers it replaced ({signal: handler}), for :func:`restore_signals`; nothing
     off the main thread, where handlers cannot be set."""
