@@ -117,9 +117,9 @@ class Stack:
             from flywheel.base.mqtt import ConnectError, check_reachable
 
             try:
-                check_reachable(self.broker_url)
+                check_reachable(self.broker_url, fix="start it, or check --broker (leave it out for an embedded one)")
             except ConnectError as exc:
-                raise CampaignError(f"{exc}; start it, or check --broker (leave it out for an embedded one)") from None
+                raise CampaignError(str(exc)) from None
         from ingest import IngestConfig, check_broker_support
 
         # collectors > 1 on an MQTT 3.1.1 broker: a ConfigError naming the fix, before Ray starts.

@@ -205,8 +205,9 @@ class ConnectError(FlywheelError, ConnectionError):
     """The broker refused or could not be reached; the message says which and why."""
 
 
-def check_reachable(url: BrokerURL | str, timeout: float = 5.0) -> None:
-    """Raise :class:`ConnectError` (the same words as :func:`connect`'s) when nothing accepts a TCP
+def check_reachable(url: BrokerURL | str, timeout: float = 5.0,
+                    fix: str = "start it (`flywheel broker` runs one) or check --broker") -> None:
+    """Raise :class:`ConnectError` (:func:`connect`'s words, then ``fix``) when nothing accepts a TCP
     connection at the broker's host and port: a command that starts Ray on this machine for
     clients of the broker checks it first, instead of after Ray's start-up (seconds, and its lines)."""
     import socket
@@ -215,7 +216,7 @@ def check_reachable(url: BrokerURL | str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((url.host, url.port), timeout=timeout).close()
     except OSError as exc:
-        raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}") from None
+        raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}; {fix}") from None
 
 
 class PublishTimeout(ConnectError):

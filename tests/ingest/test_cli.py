@@ -58,7 +58,8 @@ def test_ingest_names_an_unreachable_broker_before_it_starts_a_ray(tmp_path):
                            "--broker", f"mqtt://ops:s3cret@127.0.0.1:{port}"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"flywheel ingest: cannot reach broker mqtt://ops:***@127.0.0.1:{port}: [Errno 111] Connection refused"], done
+        f"flywheel ingest: cannot reach broker mqtt://ops:***@127.0.0.1:{port}: [Errno 111] Connection refused; "
+        "start it (`flywheel broker` runs one) or check --broker"], done
     assert not (tmp_path / "ray").exists(), "a Ray was started for a broker that is not there"
 
 

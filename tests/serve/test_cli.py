@@ -42,7 +42,8 @@ def test_bad_overrides_and_missing_options_are_clear(capsys, tmp_path):
     port = free_port()
     assert main(["serve", "--workdir", str(tmp_path), "--bridge", "--broker", f"mqtt://127.0.0.1:{port}"]) == 1
     assert capsys.readouterr().err.strip() == \
-        f"flywheel serve: cannot reach broker mqtt://127.0.0.1:{port}: [Errno 111] Connection refused"
+        f"flywheel serve: cannot reach broker mqtt://127.0.0.1:{port}: [Errno 111] Connection refused; " \
+        "start it (`flywheel broker` runs one) or check --broker"
 
 
 def test_section_overrides_and_a_config_file_reach_the_app_and_the_bridge(monkeypatch, tmp_path):
