@@ -46,8 +46,27 @@ def _tail(path: Path, n: int) -> list[str]:
         return []
 
 
-def _ports(*names: str) -> list[str]:
-    return [f"--{n}={free_port()}" for n in names]
+def free_ports(n: int, taken: set[int]) -> list[int]:
+    """``n`` free ports, distinct from each other and from ``taken`` (which gets them too).
+
+    Each socket stays bound until all are picked: one closed at a time, the kernel may hand the
+    same port out twice, and ``ray start`` then refuses to start ("Ray component
+    dashboard_agent_grpc is trying to use a port number ... that is used by other components")."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < n:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in taken:
+                taken.add(port)
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
 
 
 class RayCluster:
@@ -59,7 +78,8 @@ class RayCluster:
         self.extra_env = dict(extra_env or {})
         self.workers = workers
         self.start_timeout_s = start_timeout_s
-        self.port = free_port()
+        self.taken: set[int] = set()      # every port handed to this cluster's nodes, never twice
+        self.port = free_ports(1, self.taken)[0]
         self.address = f"127.0.0.1:{self.port}"
         self.temp_dir = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
         self.procs: list[tuple[str, subprocess.Popen, Path]] = []
@@ -77,11 +97,14 @@ class RayCluster:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    def _ports(self, *names: str) -> list[str]:
+        return [f"--{n}={port}" for n, port in zip(names, free_ports(len(names), self.taken))]
+
     def _common(self) -> list[str]:
         # Fixed defaults (dashboard 8265, agent 52365, ...) would collide with other clusters here.
         return [f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1",
                 "--disable-usage-stats", "--block",
-                *_ports("node-manager-port", "object-manager-port", "metrics-export-port",
+                *self._ports("node-manager-port", "object-manager-port", "metrics-export-port",
                         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")]
 
     def _launch(self, name: str, args: list[str], attempts: int = 1) -> None:
@@ -122,7 +145,7 @@ class RayCluster:
         try:
             self._launch("head", ["--head", f"--port={self.port}", "--include-dashboard=true",
                                   "--dashboard-host=127.0.0.1",
-                                  *_ports("dashboard-port", "ray-client-server-port")])
+                                  *self._ports("dashboard-port", "ray-client-server-port")])
             for i in range(self.workers):
                 self._launch(f"worker{i}", [f"--address={self.address}"], attempts=3)
             self.wait_nodes(1 + self.workers)

@@ -97,8 +97,12 @@ def test_cluster_has_a_head_and_a_separate_worker_node(cluster):
     assert len(nodes) == 2 and sum(n["head"] for n in nodes) == 1
     assert all(n["cpus"] == 2 for n in nodes)
     # what a failed test of this module carries (tests/infra/conftest.py): both nodes' processes, alive
+    # (a start that failed and was tried again is in it too, as exited: its log says why)
     report = cluster.report()
-    assert report.count("`ray start`") == 2 and report.count(": running;") == 2, report
+    latest = {name: p for name, p, _ in cluster.procs}
+    assert sorted(latest) == ["head", "worker0"], report
+    for name, p in latest.items():
+        assert f"== {name} (`ray start`, pid {p.pid}): running;" in report, report
 
 
 def test_ingest_lands_published_telemetry_in_the_lake(cluster, broker, tmp_path):
