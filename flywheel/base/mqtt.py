@@ -179,7 +179,7 @@ def make_client(url: BrokerURL | str, client_id: str | None = None, *, prefix: s
                 protocol: int | None = None, manual_ack: bool = False,
                 max_inflight: int = 1000, max_queued: int = 0) -> paho.Client:
     """A paho client (callback API v2, :class:`Client`) with credentials and TLS from ``url``; not yet
-    connected."""
+    connected.  TLS files of the URL that do not read raise :class:`ConnectError` naming them."""
     url = BrokerURL.parse(url)
     if protocol is None:
         protocol = paho.MQTTv5 if url.protocol == "5" else paho.MQTTv311
@@ -188,9 +188,13 @@ def make_client(url: BrokerURL | str, client_id: str | None = None, *, prefix: s
     if url.username:
         client.username_pw_set(url.username, url.password)
     if url.tls:
-        ctx = ssl.create_default_context(cafile=url.ca_file)
-        if url.cert_file:
-            ctx.load_cert_chain(url.cert_file, url.key_file)
+        try:
+            ctx = ssl.create_default_context(cafile=url.ca_file)
+            if url.cert_file:
+                ctx.load_cert_chain(url.cert_file, url.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectError(f"cannot use the TLS files of broker {url.redacted()}: {exc}; "
+                               "check ?ca=, ?cert= and ?key= in the broker URL") from None
         if url.insecure:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -207,16 +211,25 @@ class ConnectError(FlywheelError, ConnectionError):
 
 def check_reachable(url: BrokerURL | str, timeout: float = 5.0,
                     fix: str = "start it (`flywheel broker` runs one) or check --broker") -> None:
-    """Raise :class:`ConnectError` (:func:`connect`'s words, then ``fix``) when nothing accepts a TCP
-    connection at the broker's host and port: a command that starts Ray on this machine for
-    clients of the broker checks it first, instead of after Ray's start-up (seconds, and its lines)."""
-    import socket
+    """Raise :class:`ConnectError` (:func:`connect`'s words, then what to do) unless the broker
+    accepts this client: a command that starts Ray on this machine for clients of the broker
+    checks it first, instead of after Ray's start-up (seconds, and its lines).
 
+    First a TCP connection (nothing there: ``fix``), then a real MQTT CONNECT with the URL's user,
+    password and TLS, ended at once with a clean DISCONNECT (a clean session: nothing stays on the
+    broker), so that a wrong password, a certificate the client does not trust, or plain MQTT to
+    a TLS port is said here too, in :func:`connect`'s words with their fix."""
     url = BrokerURL.parse(url)
     try:
         socket.create_connection((url.host, url.port), timeout=timeout).close()
     except OSError as exc:
         raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}; {fix}") from None
+    client = make_client(url, prefix="flywheel-probe")
+    try:
+        connect(client, url, timeout=timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
 
 
 class PublishTimeout(ConnectError):
@@ -282,14 +295,20 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
     except (OSError, ssl.SSLError) as exc:
         client.on_connect = prev
         client.on_disconnect = prev_disconnect
-        raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}") from None
+        fix = ""
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            fix = "; check ?ca= in the broker URL (the CA that signed the broker's certificate) and its host name"
+        elif isinstance(exc, ssl.SSLError):
+            fix = "; check mqtt:// vs mqtts:// and the port"
+        raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}{fix}") from None
     client.loop_start()
     ok = done.wait(timeout)
     client.on_connect = prev
     client.on_disconnect = prev_disconnect
     if not ok:
         client.loop_stop()
-        raise ConnectError(f"no answer from broker {url.redacted()} within {timeout:.0f}s")
+        raise ConnectError(f"no answer from broker {url.redacted()} within {timeout:.0f}s; "
+                           "check that an MQTT broker listens on that port")
     rc = result["rc"]
     if result.get("dropped"):
         client.loop_stop()
@@ -297,7 +316,10 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
                            "check mqtt:// vs mqtts:// and the port")
     if getattr(rc, "is_failure", False) or (isinstance(rc, int) and rc != 0):
         client.loop_stop()
-        raise ConnectError(f"broker {url.redacted()} refused the connection: {rc}")
+        # MQTT 5 "Not authorized" (135) / "Bad user name or password" (134); MQTT 3.1.1's 4 and 5
+        value = getattr(rc, "value", rc)
+        fix = "; check the user and password in the broker URL" if value in (4, 5, 134, 135) else ""
+        raise ConnectError(f"broker {url.redacted()} refused the connection: {rc}{fix}")
 
 
 class Subscriptions:
