@@ -298,8 +298,8 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
         fix = ""
         if isinstance(exc, ssl.SSLCertVerificationError):
             fix = "; check ?ca= in the broker URL (the CA that signed the broker's certificate) and its host name"
-        elif isinstance(exc, ssl.SSLError):
-            fix = "; check mqtt:// vs mqtts:// and the port"
+        elif isinstance(exc, ssl.SSLError) or (url.tls and isinstance(exc, ConnectionResetError)):
+            fix = "; check mqtt:// vs mqtts:// and the port"   # a TLS handshake with a plain listener
         raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}{fix}") from None
     client.loop_start()
     ok = done.wait(timeout)

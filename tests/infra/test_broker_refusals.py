@@ -56,11 +56,14 @@ def test_tls_mistakes_are_each_named_with_their_fix(secured_broker, tmp_path):
          "certificate verify failed: self-signed certificate in certificate chain (_ssl.c:"),
         (f"mqtt://ingest:{pw}@{tls}",                      # plain MQTT to the TLS listener
          "closed the connection before accepting it (Unspecified error); check mqtt:// vs mqtts:// and the port"),
+        (f"mqtts://ingest:{pw}@127.0.0.1:{secured_broker.plain_port}?ca={secured_broker.ca}",   # TLS to plain
+         f"cannot reach broker mqtts://ingest:***@127.0.0.1:{secured_broker.plain_port}: "),   # reset, or EOF
         (f"mqtts://ingest:{pw}@{tls}?ca={tmp_path / 'no-such-ca.pem'}",
          "cannot use the TLS files of broker mqtts://ingest:***@localhost"),
     ]
     fixes = ["check ?ca= in the broker URL (the CA that signed the broker's certificate) and its host name",
-             "check mqtt:// vs mqtts:// and the port", "check ?ca=, ?cert= and ?key= in the broker URL"]
+             "check mqtt:// vs mqtts:// and the port", "check mqtt:// vs mqtts:// and the port",
+             "check ?ca=, ?cert= and ?key= in the broker URL"]
     for (url, words), fix in zip(cases, fixes):
         done = _flywheel(tmp_path, "ingest", "--broker", url)
         said = done.stderr.strip().splitlines()
