@@ -105,7 +105,7 @@ class RayCluster:
         return [f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1",
                 "--disable-usage-stats", "--block",
                 *self._ports("node-manager-port", "object-manager-port", "metrics-export-port",
-                        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")]
+                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")]
 
     def _launch(self, name: str, args: list[str], attempts: int = 1) -> None:
         for attempt in range(1, attempts + 1):
