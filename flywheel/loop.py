@@ -98,7 +98,7 @@ from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, CanaryRes
 from flywheel.shadow import read_served
 from flywheel.stack import Stack, prewarm_modules
 from flywheel.state import (STATE_VERSION, CampaignError, CampaignLock, TurnJournal, atomic_write, campaign_dir,
-                            config_fingerprint, load_state)
+                            config_differences, config_fingerprint, load_state)
 
 log = logging.getLogger("flywheel.loop")
 
@@ -308,9 +308,12 @@ class Campaign:
         cfg = self.cfg
         state = load_state(self.workdir.root, cfg.campaign)
         if state and state.get("fingerprint") != config_fingerprint(cfg):
+            diffs = config_differences(state.get("config"), cfg)
+            there = f" ({', '.join(diffs)} there)" if diffs else ""
             raise CampaignError(
-                f"{self.dir} holds campaign {cfg.campaign!r} run with a different config; continue it with the "
-                f"same config (only `turns` may change), or pick another --workdir or campaign=<name>")
+                f"{self.dir} holds campaign {cfg.campaign!r} run with a different config{there}; continue it with "
+                f"the same config (the --config it ran with{', and those as overrides' if diffs else ''}; only "
+                f"`turns` may change), or pick another --workdir or campaign=<name>")
         self.state = state or {"version": STATE_VERSION, "campaign": cfg.campaign, "seed": cfg.seed,
                                "fingerprint": config_fingerprint(cfg), "config": redacted(dataclasses.asdict(cfg)),
                                "created": datetime.now(timezone.utc).isoformat(), "turns": [],

@@ -118,13 +118,47 @@ def load_state(workdir, campaign: str) -> dict | None:
         raise CampaignError(f"{p} is corrupt ({exc}); move it away to start the campaign over") from None
 
 
+#: Config keys that change no result: a campaign may be continued with other values for them.
+UNFINGERPRINTED = ("turns",
+                   "metrics_port",   # where metrics are served
+                   "plant")          # the plant's protocol: the same seed, the same plant
+
+
+def _fingerprinted(config: dict) -> dict:
+    d = redacted(config)                       # a rotated API token is the same campaign
+    for key in UNFINGERPRINTED:
+        d.pop(key, None)
+    return d
+
+
 def config_fingerprint(cfg) -> str:
     """Everything that changes the campaign's results except how many turns it runs."""
-    d = redacted(dataclasses.asdict(cfg))      # a rotated API token is the same campaign
-    d.pop("turns", None)
-    d.pop("metrics_port", None)                # where metrics are served changes no result
-    d.pop("plant", None)                       # nor the plant's protocol: the same seed, the same plant
+    d = _fingerprinted(dataclasses.asdict(cfg))
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(stored: dict | None, cfg, limit: int = 6) -> list[str]:
+    """Where ``cfg`` differs from the config a campaign stored in its ``state.json``, each as the
+    override that would give the stored value (``seed=1``, ``train.epochs=3``), at most ``limit``
+    and then ``...``; empty when the state holds no config (older campaigns)."""
+    if not isinstance(stored, dict):
+        return []
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    now = flat(json.loads(json.dumps(_fingerprinted(dataclasses.asdict(cfg)), default=str)))
+    then = flat(_fingerprinted(stored))
+    keys = [k for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
+    shown = [f"{k}={json.dumps(then[k]) if not isinstance(then.get(k), str) else then[k]}" if k in then
+             else f"{k} (not set there)" for k in keys[:limit]]
+    return shown + (["..."] if len(keys) > limit else [])
 
 
 class TurnJournal:

@@ -150,5 +150,6 @@ def test_rerun_with_same_workdir_continues_instead_of_starting_over(campaign):
     assert json.loads(json.dumps(again["holdout"])) == json.loads(json.dumps(state["holdout"]))
     # a different config on the same campaign is refused with a clear message
     other = load_campaign(str(default_config_path("tiny")), ["campaign=e2e", "seed=5"])
-    with pytest.raises(CampaignError, match="different config"):
+    with pytest.raises(CampaignError, match="different config") as refused:
         run_campaign(other, workdir, view=False)
+    assert f"seed={cfg.seed}" in str(refused.value) and "those as overrides" in str(refused.value), refused.value
