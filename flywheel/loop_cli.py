@@ -74,18 +74,20 @@ def register(sub, common) -> None:
 
 
 def _seeds(text: str | None) -> list[int] | None:
+    from flywheel.base.config import ConfigError
+
     if not text:
         return None
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        from flywheel.base.config import ConfigError
-
         raise ConfigError(f"--seeds should be comma-separated integers like 1,2,3, got {text!r}") from None
     if not seeds:
-        from flywheel.base.config import ConfigError
-
         raise ConfigError(f"--seeds should name at least one seed, got {text!r}")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:   # one campaign per seed: a seed named twice would count twice in the report's mean and interval
+        raise ConfigError(f"--seeds names seed {', '.join(map(str, twice))} more than once ({text!r}); "
+                          f"name each seed once, e.g. {','.join(map(str, sorted(set(seeds))))}")
     return seeds
 
 

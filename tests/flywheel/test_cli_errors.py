@@ -31,6 +31,10 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     (["demo", "--workdir", "{tmp}", "control_fleet=1.5"], "control_fleet should be a share in [0, 1)"),
     (["demo", "--workdir", "{tmp}", "bridge_host=process"], "bridge_host 'process' is not one of actor, thread"),
     (["demo", "--workdir", "{tmp}", "--seeds", "1,x"], "--seeds"),
+    # a seed named twice would count twice in the combined report's mean and interval
+    (["demo", "--workdir", "{tmp}", "--seeds", "1,2,1"], "--seeds names seed 1 more than once ('1,2,1'); "
+                                                          "name each seed once, e.g. 1,2"),
+    (["report", "--workdir", "{tmp}", "--seeds", "3,3"], "--seeds names seed 3 more than once"),
     (["train", "--workdir", "{tmp}", "--dataset", "ds-missing"], "ds-missing"),  # a dataset that is not there
     (["train", "--workdir", "{tmp}"], "--dataset"),
     (["sim", "--speed", "-3"], "--speed"),
