@@ -248,12 +248,17 @@ def _shutdown_ray() -> None:
     still point into the old one."""
     import ray
 
-    try:
-        from ray import serve as ray_serve
+    from flywheel.base.rayinit import ray_answers
 
-        ray_serve.shutdown()
-    except Exception:  # noqa: BLE001 - Serve may never have started
-        pass
+    # A stop signal to the whole process group ended this Ray's GCS too: Serve's shutdown would wait
+    # 30 s for its controller and a minute for the GCS. The process is ending: nothing to reset.
+    if ray_answers():
+        try:
+            from ray import serve as ray_serve
+
+            ray_serve.shutdown()
+        except Exception:  # noqa: BLE001 - Serve may never have started
+            pass
     ray.shutdown()
 
 

@@ -27,7 +27,6 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from serve.client import ServeClient, ServeHTTPError
@@ -206,8 +205,15 @@ class ServingHandle:
             time.sleep(0.5)
 
     def shutdown(self) -> None:
-        """Delete this app (Ray Serve itself and other apps keep running)."""
+        """Delete this app (Ray Serve itself and other apps keep running); nothing to do where
+        the Ray it ran on is gone (a stop signal to the whole process group ends a local Ray's
+        GCS too: asking Serve would wait a minute for it)."""
+        from flywheel.base.rayinit import ray_answers
+
         self.client.close()
+        if not ray_answers():
+            log.info("serve app %s: its Ray is gone, and the app with it", self.app_name)
+            return
         try:
             delete_app(self.app_name)
         except Exception as exc:  # noqa: BLE001 - shutting down twice or after Ray went away is fine

@@ -50,6 +50,27 @@ def check_reachable(address: str, timeout_s: float = 5.0, hint: str = _CHECK_HIN
                               f"({exc.strerror or exc}). {hint}") from None
 
 
+def ray_answers(timeout_s: float = 1.0) -> bool:
+    """Whether the Ray this process joined still accepts a connection at its GCS.
+
+    A stop signal sent to a whole process group (``timeout``, ``kill -TERM -PGID``, systemd's
+    default ``KillMode=control-group``) reaches a local Ray's GCS and raylet too, which then end at
+    once; every Serve or actor call made while the command stops would wait a minute for a GCS that
+    is gone ("Failed to connect to GCS within 60 seconds"). What lived on that Ray went with it."""
+    import socket
+
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    try:
+        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
+
+
 def stop_like_ctrl_c(signum, frame):
     """A SIGTERM handler: raise KeyboardInterrupt, so a command stops through its Ctrl-C path."""
     raise KeyboardInterrupt

@@ -6,8 +6,11 @@ while the model it trained is served; on the rerun the serving bridge's Ray acto
 instead (``bridge@1``: the test SIGKILLs the ``ray::_Host`` process on the first prediction the
 bridge publishes, as an out-of-memory kill would), and the run must stop within seconds with the
 bridge's own error, where the plant used to wait ``bridge_restart_timeout_s`` (600 s) for a
-bridge that could not come back; the next rerun kills itself right after it registered and
-promoted its model; a last run finishes.  Every run's descendants (Mosquitto, Ray's processes,
+bridge that could not come back; the next rerun gets SIGTERM sent to its whole process group on
+its first prediction (``group@1``: what ``timeout``, ``kill -TERM -PGID`` and systemd's default
+``KillMode=control-group`` do, which ends the local Ray's GCS and raylet at the same moment) and
+must stop in seconds, where its stop waited a minute for that GCS; the next rerun kills itself
+right after it registered and promoted its model; a last run finishes.  Every run's descendants (Mosquitto, Ray's processes,
 Serve, ingest actors) are listed while it runs and must be gone shortly after it died.
 The result is compared with the uninterrupted tiny tree campaign (the session's ``gbdt_campaign``
 fixture, conftest.py): same seed, same overrides (``gbdt_overrides``), so the comparison is exact.
@@ -38,7 +41,7 @@ import pytest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-KILLS = [k for k in os.environ.get("FLYWHEEL_RESUME_KILLS", "plant@1,registered@1").split(",") if k]
+KILLS = [k for k in os.environ.get("FLYWHEEL_RESUME_KILLS", "plant@1,group@1,registered@1").split(",") if k]
 if not any(k.startswith("bridge@") for k in KILLS):
     KILLS.insert(min(1, len(KILLS)), "bridge@1")
 
@@ -77,9 +80,10 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def _kill_bridge_on_first_prediction(proc: subprocess.Popen, conf: Path, started: float, killed: dict,
-                                     stop: threading.Event) -> None:
-    """SIGKILL the run's bridge actor (its ``ray::_Host`` process) on the first prediction it publishes.
+def _kill_on_first_prediction(proc: subprocess.Popen, conf: Path, started: float, killed: dict,
+                              stop: threading.Event, group: bool) -> None:
+    """On the first prediction the run's bridge publishes: SIGKILL its bridge actor (its ``ray::_Host``
+    process), or with ``group`` send SIGTERM to the run's whole process group.
 
     The run's embedded Mosquitto writes its port to ``conf`` when it starts (the same workdir's
     earlier runs left an older one behind)."""
@@ -99,7 +103,10 @@ def _kill_bridge_on_first_prediction(proc: subprocess.Popen, conf: Path, started
     try:
         while not stop.is_set() and not seen.wait(0.1):
             pass
-        if seen.is_set():
+        if seen.is_set() and group:
+            os.killpg(proc.pid, signal.SIGTERM)     # the run is a session leader: its group is its pid
+            killed.update(at=time.monotonic(), pids=[proc.pid])
+        elif seen.is_set():
             pids = [p for p in _descendants(proc.pid) if _cmdline(p).startswith("ray::_Host")]
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
@@ -116,7 +123,7 @@ def _run(workdir: Path, kill_at: str | None, overrides: tuple[str, ...], timeout
 
     env = dict(os.environ)
     env.pop("FLYWHEEL_TEST_KILL_AT", None)
-    bridge_kill = bool(kill_at) and kill_at.startswith("bridge")
+    bridge_kill = bool(kill_at) and kill_at.startswith(("bridge", "group"))   # the test kills, on a prediction
     if kill_at and not bridge_kill:
         env["FLYWHEEL_TEST_KILL_AT"] = kill_at
     log = workdir.parent / f"{workdir.name}-{kill_at or 'final'}.log"
@@ -130,8 +137,9 @@ def _run(workdir: Path, kill_at: str | None, overrides: tuple[str, ...], timeout
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         watcher = None
         if bridge_kill:
-            watcher = threading.Thread(target=_kill_bridge_on_first_prediction, daemon=True,
-                                       args=(proc, workdir / "broker" / "mosquitto.conf", started, killed, stop))
+            watcher = threading.Thread(target=_kill_on_first_prediction, daemon=True,
+                                       args=(proc, workdir / "broker" / "mosquitto.conf", started, killed, stop,
+                                             kill_at.startswith("group")))
             watcher.start()
         deadline = time.monotonic() + timeout_s
         while proc.poll() is None and time.monotonic() < deadline:
@@ -180,6 +188,8 @@ def test_killed_runs_died_and_took_every_child_with_them(resumed):
         tail = r["output"][-3000:]
         if kill_at and kill_at.startswith("bridge"):
             assert r["rc"] == 1, (kill_at, tail)        # a runtime error, said on one line
+        elif kill_at and kill_at.startswith("group"):
+            assert r["rc"] == 130 and "flywheel run: interrupted" in r["output"], (kill_at, tail)
         elif kill_at:
             assert r["rc"] == -9, (kill_at, tail)
             assert f"FLYWHEEL_TEST_KILL_AT={kill_at}" in r["output"], tail
@@ -201,6 +211,20 @@ def test_a_bridge_killed_mid_period_stops_the_run_in_seconds_with_its_own_error(
     assert r["ended_at"] - r["killed"]["at"] < 60, r["ended_at"] - r["killed"]["at"]
 
 
+def test_a_sigterm_to_the_whole_process_group_stops_the_run_in_seconds(resumed):
+    """The signal reaches the local Ray's GCS and raylet too, which end at once; the run's stop asked
+    Serve to delete its app and to shut down, and each call waited for the GCS that had gone (a
+    minute, then Ray's own 30 s for the controller: 62 s of the demo's stop here)."""
+    _, runs = resumed
+    r = next((r for k, r in runs if k and k.startswith("group")), None)
+    if r is None:
+        pytest.skip("FLYWHEEL_RESUME_KILLS names no group@ kill")
+    assert r["killed"].get("at"), "the watcher never saw a prediction:\n" + r["output"][-3000:]
+    took = r["ended_at"] - r["killed"]["at"]
+    assert took < 30, f"{took:.1f} s from the signal to the end of the run:\n" + r["output"][-3000:]
+    assert "Failed to connect to GCS" not in r["output"], r["output"][-3000:]
+
+
 def test_each_rerun_rolled_back_the_dead_attempt(resumed):
     workdir, runs = resumed
     assert "rolling it back" in runs[1][1]["output"]
@@ -208,8 +232,8 @@ def test_each_rerun_rolled_back_the_dead_attempt(resumed):
     assert t1["attempt"] == len(KILLS) + 1
     aborted = t1["aborted_attempts"]
     assert [a["attempt"] for a in aborted] == list(range(1, len(KILLS) + 1))
-    journal_stage = {"plant": "plant", "bridge": "plant", "train": "train", "registered": "train", "swap": "swap",
-                     "commit": "commit"}
+    journal_stage = {"plant": "plant", "bridge": "plant", "group": "plant", "train": "train", "registered": "train",
+                     "swap": "swap", "commit": "commit"}
     assert [a["stage"] for a in aborted] == [journal_stage[k.split("@")[0]] for k in KILLS]
     if "plant@1" in KILLS:
         # the dead attempt's part of the period (and what the broker still held of it) moved aside
