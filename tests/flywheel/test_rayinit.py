@@ -145,3 +145,15 @@ def test_importing_ray_builds_no_iri_grammar():
     assert r.stdout.strip() == "[]", (f"importing ray imported {r.stdout.strip()}: a dependency asks for "
                                       "jsonschema[format-nongpl] (rfc3987-syntax); name jsonschema's format "
                                       "checkers without it, as pyproject.toml does")
+
+
+def test_ray_answers_while_its_gcs_runs(ray_local):
+    """A stop asks Serve about its app only where the GCS still answers (a group's SIGTERM ends it:
+    the resume chain's ``group@1`` run, tests/e2e/test_resume.py, is the other side)."""
+    from flywheel.base.rayinit import ray_answers
+
+    assert ray_answers()
+    import ray
+
+    host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
+    assert host and int(port) > 0
