@@ -153,12 +153,16 @@ def config_differences(stored: dict | None, cfg, limit: int = 6) -> list[str]:
                 out[f"{prefix}{k}"] = v
         return out
 
+    def override(key: str) -> str:   # as typed on the command line: strings bare, the rest as JSON
+        if key not in then:
+            return f"{key} (not set there)"
+        value = then[key]
+        return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
     now = flat(json.loads(json.dumps(_fingerprinted(dataclasses.asdict(cfg)), default=str)))
     then = flat(_fingerprinted(stored))
     keys = [k for k in sorted(now.keys() | then.keys()) if now.get(k) != then.get(k)]
-    shown = [f"{k}={json.dumps(then[k]) if not isinstance(then.get(k), str) else then[k]}" if k in then
-             else f"{k} (not set there)" for k in keys[:limit]]
-    return shown + (["..."] if len(keys) > limit else [])
+    return [override(k) for k in keys[:limit]] + (["..."] if len(keys) > limit else [])
 
 
 class TurnJournal:

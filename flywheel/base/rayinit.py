@@ -57,20 +57,19 @@ def ray_answers(timeout_s: float = 1.0) -> bool:
     default ``KillMode=control-group``) reaches a local Ray's GCS and raylet too, which then end at
     once; every Serve or actor call made while the command stops would wait a minute for a GCS that
     is gone ("Failed to connect to GCS within 60 seconds"). What lived on that Ray went with it."""
-    import socket
-
     import ray
 
     if not ray.is_initialized():
         return False
     try:
-        host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
-        port = int(port)
+        address = ray.get_runtime_context().gcs_address
     except Exception:  # noqa: BLE001 - no GCS address here (Ray Client): nothing to check, Ray is asked
         return True
+    if not isinstance(address, str):
+        return True
     try:
-        socket.create_connection((host.strip("[]"), port), timeout=timeout_s).close()
-    except OSError:
+        check_reachable(address, timeout_s)
+    except RayClusterError:
         return False
     return True
 

@@ -21,8 +21,8 @@ model family (``flywheel.loop`` handles both alike), and three runs of the LoRA 
 most of their time fine-tuning. The LoRA campaign's own run is test_loop.py's.
 
 ``FLYWHEEL_RESUME_KILLS=train@1,swap@1,commit@1`` runs other kill points (each run
-costs up to a tiny campaign, ~30 s here); the bridge's kill (``bridge@1``) runs second in every
-chain unless the list names it elsewhere.
+costs up to a tiny campaign, ~30 s here); the bridge's kill (``bridge@1``) runs second and the
+group's SIGTERM (``group@1``) third in every chain unless the list names them elsewhere.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 KILLS = [k for k in os.environ.get("FLYWHEEL_RESUME_KILLS", "plant@1,group@1,registered@1").split(",") if k]
 if not any(k.startswith("bridge@") for k in KILLS):
     KILLS.insert(min(1, len(KILLS)), "bridge@1")
+if not any(k.startswith("group@") for k in KILLS):
+    KILLS.insert(min(2, len(KILLS)), "group@1")
 
 
 def _proc_table() -> tuple[dict[int, list[int]], dict[int, bytes]]:
@@ -216,9 +218,7 @@ def test_a_sigterm_to_the_whole_process_group_stops_the_run_in_seconds(resumed):
     Serve to delete its app and to shut down, and each call waited for the GCS that had gone (a
     minute, then Ray's own 30 s for the controller: 62 s of the demo's stop here)."""
     _, runs = resumed
-    r = next((r for k, r in runs if k and k.startswith("group")), None)
-    if r is None:
-        pytest.skip("FLYWHEEL_RESUME_KILLS names no group@ kill")
+    r = next(r for k, r in runs if k and k.startswith("group"))
     assert r["killed"].get("at"), "the watcher never saw a prediction:\n" + r["output"][-3000:]
     took = r["ended_at"] - r["killed"]["at"]
     assert took < 30, f"{took:.1f} s from the signal to the end of the run:\n" + r["output"][-3000:]
