@@ -59,6 +59,17 @@ from factory_sim.plant_tags import (EVENT_PROPERTIES, EVENT_TYPE, MAINTAIN, OPCU
 log = logging.getLogger("factory_sim.opcua")
 
 
+async def _stop(server: Server) -> None:
+    """Stop ``server`` with no client getting in while it stops.  asyncua's ``stop`` closes its
+    clients' connections before its listening socket and then (Python < 3.12.1's ``wait_closed``)
+    waits for every connection to end: a client that reconnected in between, such as a gateway
+    with a short back-off, kept the server half-stopped for as long as it stayed connected."""
+    listener = getattr(server.bserver, "_server", None) if server.bserver is not None else None
+    if listener is not None:
+        listener.close()          # no new connections; asyncua's own close of it is then a no-op
+    await server.stop()
+
+
 @dataclass
 class LinkSummary:
     """What a plant link (OPC UA server, Sparkplug edge nodes) did in a run."""
@@ -153,6 +164,11 @@ class OpcUaPlantServer:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def serving(self) -> bool:
+        """Whether the OPC UA server is up (False while a :meth:`restart` keeps it down)."""
+        return self._server is not None
+
     # ------------------------------------------------------------------ as an MqttSimRunner's link
     def expose(self, messages: list) -> None:
         """Write a tick's telemetry and fire its events (the runner steps the plant)."""
@@ -246,13 +262,13 @@ class OpcUaPlantServer:
     async def _stop_server(self) -> None:
         server, self._server = self._server, None
         if server is not None:
-            await server.stop()
+            await _stop(server)
 
     async def _restart(self, down_s: float) -> None:
         # The same Server object starts again: its address space survives (building one takes
         # seconds), its sessions and subscriptions do not, as with a PLC whose endpoint restarts.
         server, self._server = self._server, None
-        await server.stop()
+        await _stop(server)
         self.summary.restarts += 1
         await asyncio.sleep(down_s)
         await server.start()

@@ -15,6 +15,7 @@ from .conftest import json_path_telemetry, small_plant, wait_for
 
 pytestmark = pytest.mark.slow
 HOURS = 2 * 3600
+LAST = 30 * 60          # the restart test's plant time after the gateway is back
 
 
 def _serve(seed, port, speed=None):
@@ -88,7 +89,11 @@ def test_opcua_server_restart_mid_run_reconnects_without_duplicates_and_names_un
         svc = _gateway(mapping, broker, "gw-opcua-restart")
         assert svc.counters["unknown_node"] == 1
         assert "ns=2;s=L1/pump-01/NoSuchFlow" in svc.gateway.last_error and "fix its node id" in svc.gateway.last_error
-        summary = srv.run(HOURS, on_tick=lambda n: srv.restart(1.0) if n == 40 else None)
+        srv.run(HOURS - LAST, on_tick=lambda n: srv.restart(1.0) if n == 40 else None)
+        # the plant's last half hour runs once the gateway is back, however long the restart took
+        wait_for(lambda: srv.summary.restarts == 1 and srv.serving, 60, "the server to start again")
+        wait_for(lambda: svc.counters.get("reconnects", 0) >= 1 and svc.gateway.connected, 60, "the gateway to reconnect")
+        summary = srv.run(LAST)
         inbox.wait_quiet()
     finally:
         if svc is not None:
