@@ -55,6 +55,8 @@ from flywheel.base.errors import FlywheelError
 MAX_QUEUED_MESSAGES = 2_000_000
 MAX_QUEUED_BYTES = 1_000_000_000
 MAX_INFLIGHT = 1000
+#: how many ports a broker that picks its own port tries before it gives up
+PICKS = 3
 
 
 class BrokerError(FlywheelError, RuntimeError):
@@ -71,6 +73,24 @@ def port_open(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.2)
         return s.connect_ex((host, port)) == 0
+
+
+def port_bindable(host: str, port: int) -> bool:
+    """Whether a listener could bind ``host:port`` now (as Mosquitto binds: with SO_REUSEADDR).
+
+    False also where nothing listens there but a socket holds the port: another process's
+    bound socket, or a client connection that the kernel gave it as its ephemeral port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+class _PortTaken(BrokerError):
+    """The broker's port was taken; where the broker picked the port itself, it picks another."""
 
 
 def mosquitto_path() -> str | None:
@@ -222,6 +242,9 @@ class EmbeddedBroker:
             raise BrokerError(f"broker implementation must be auto, mosquitto or amqtt, got {prefer!r}")
         self.host = host
         self.port = port or free_port(host)
+        # A port picked here may be taken before the broker binds it (the kernel hands it to some
+        # client as its ephemeral port, or another process picks it too): start() then picks again.
+        self._picked = not port
         self._tmp = None
         if data_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="flywheel-broker-")
@@ -264,8 +287,21 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}{suffix}"
 
     def start(self, timeout: float | None = None) -> "EmbeddedBroker":
-        if port_open(self.host, self.port):
-            raise BrokerError(f"port {self.port} on {self.host} is already in use; pick another with --port")
+        for attempt in range(1, PICKS + 1):
+            try:
+                self._start(timeout)
+            except _PortTaken:
+                if not self._picked or attempt == PICKS:
+                    raise
+                self.port = free_port(self.host)
+                continue
+            self._picked = False          # a restart keeps the port its clients know
+            return self
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float | None) -> None:
+        if port_open(self.host, self.port) or not port_bindable(self.host, self.port):
+            raise _PortTaken(f"port {self.port} on {self.host} is already in use; pick another with --port")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if self.impl == "mosquitto":
             conf = self.data_dir / "mosquitto.conf"
@@ -291,9 +327,9 @@ class EmbeddedBroker:
         while time.monotonic() < deadline:
             if self._ready is not None:   # amqtt says when it listens (a probe would log a warning there)
                 if self._ready.wait(0.05):
-                    return self
+                    return
             elif port_open(self.host, self.port):
-                return self
+                return
             if not self.alive():
                 break
             time.sleep(0.05)
@@ -301,6 +337,8 @@ class EmbeddedBroker:
         if self.impl == "mosquitto" and (self.data_dir / "mosquitto.log").exists():
             detail = (self.data_dir / "mosquitto.log").read_text(errors="replace")[-500:]
         self.stop()
+        if "Address already in use" in detail.rsplit("starting", 1)[-1]:    # this start's lines only
+            raise _PortTaken(f"port {self.port} on {self.host} is already in use; pick another with --port")
         raise BrokerError(f"{self.impl} did not start listening on {self.host}:{self.port}. {detail}".strip())
 
     def alive(self) -> bool:
