@@ -76,7 +76,7 @@ def register(sub, common) -> None:
 def _seeds(text: str | None) -> list[int] | None:
     from flywheel.base.config import ConfigError
 
-    if not text:
+    if text is None:          # no --seeds; an empty one is refused below, not read as "the default campaign"
         return None
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]

@@ -35,6 +35,9 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     (["demo", "--workdir", "{tmp}", "--seeds", "1,2,1"], "--seeds names seed 1 more than once ('1,2,1'); "
                                                           "name each seed once, e.g. 1,2"),
     (["report", "--workdir", "{tmp}", "--seeds", "3,3"], "--seeds names seed 3 more than once"),
+    # an empty list (a script's unset variable) ran the single default campaign instead
+    (["demo", "--workdir", "{tmp}", "--seeds", ""], "--seeds should name at least one seed, got ''"),
+    (["report", "--workdir", "{tmp}", "--seeds", ""], "--seeds should name at least one seed"),
     (["train", "--workdir", "{tmp}", "--dataset", "ds-missing"], "ds-missing"),  # a dataset that is not there
     (["train", "--workdir", "{tmp}"], "--dataset"),
     (["sim", "--speed", "-3"], "--speed"),
