@@ -78,7 +78,8 @@ class ServeClient:
                     continue
                 if attempt == 1 and self._moved():
                     continue
-                raise ServeHTTPError(0, f"cannot reach the serve app at {self.url}: {exc}") from None
+                raise ServeHTTPError(0, f"cannot reach the serve app at {self.url}: {exc}; check that it runs "
+                                        "(`flywheel serve`, or a campaign) and that this is its URL") from None
         try:
             payload = json.loads(raw) if raw else None
         except ValueError:

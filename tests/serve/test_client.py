@@ -33,7 +33,8 @@ def test_an_unreachable_app_that_did_not_move_is_a_clear_error():
     c = ServeClient(url, resolve=lambda: url)
     with pytest.raises(ServeHTTPError, match=f"cannot reach the serve app at {url}") as err:
         c.version()
-    assert err.value.status == 0
+    assert err.value.status == 0 and str(err.value).endswith("check that it runs (`flywheel serve`, or a campaign) "
+                                                              "and that this is its URL")
     broken = ServeClient(url, resolve=lambda: 1 / 0)              # a failing resolve does not hide the cause
     with pytest.raises(ServeHTTPError, match="cannot reach"):
         broken.version()
