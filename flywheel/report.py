@@ -651,8 +651,10 @@ def write_report(workdir, campaign: str = "demo", seeds: list[int] | None = None
     for n in names:
         st = load_state(workdir, n)
         if st is None or not st.get("turns"):
-            raise ReportError(f"no finished turns for campaign {n!r} in {wd.campaign(n)}; "
-                              "run `flywheel demo` (or `flywheel run`) first")
+            raise ReportError(f"no finished turns for campaign {n!r} in {wd.campaign(n)}; " + (
+                "run `flywheel demo` (or `flywheel run`) first" if not seeds else
+                f"run `flywheel demo --seeds {','.join(map(str, seeds))}` first (with --config FILE for a "
+                f"campaign of your own): it runs one campaign per seed"))
         states.append(st)
     tables = [turn_table(s) for s in states]
     title = campaign if not seeds else f"{campaign} ({len(seeds)} seeds)"

@@ -188,6 +188,9 @@ def test_cli_bad_arguments_give_clear_errors(tmp_path):
     assert r.returncode == 2 and "--config" in r.stderr
     r = run_cli("report", "--workdir", str(tmp_path))
     assert r.returncode == 1 and "no finished turns" in r.stderr
+    r = run_cli("report", "--workdir", str(tmp_path), "--seeds", "1,2")      # the fix names the seeds' command
+    assert r.returncode == 1 and "no finished turns for campaign 'demo-s1'" in r.stderr
+    assert "run `flywheel demo --seeds 1,2` first" in r.stderr
 
 
 def test_each_seed_of_a_multi_seed_demo_has_its_own_campaign_and_model():
