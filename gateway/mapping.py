@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from flywheel.base import contract
-from flywheel.base.config import ConfigError
+from flywheel.base.config import ConfigError, DuplicateKey, load_yaml
 
 PROTOCOLS = ("opcua", "sparkplug")
 #: The contract's unit suffixes (a reading's name ends with its unit) and the unit each stands for.
@@ -125,11 +125,23 @@ def load_mapping(path: str | Path) -> Mapping:
         raise MappingError(f"mapping file {str(p)!r} is not UTF-8 text (byte {exc.start}): pass --mapping with a "
                            "YAML or JSON file (format: docs/gateway.md), saved as UTF-8") from None
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if p.suffix == ".json" else load_yaml(text)
+    except DuplicateKey as exc:
+        raise MappingError(f"mapping file {str(p)!r}: {exc}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise MappingError(f"mapping file {str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: "
                            f"{str(exc).splitlines()[0]}") from None
     return parse_mapping(data, str(p))
+
+
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all different (``json`` keeps the last of two silently)."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKey(f"key {key!r} appears twice in one object; keep the one you mean")
+        out[key] = value
+    return out
 
 
 def parse_mapping(data, path: str = "<mapping>") -> Mapping:

@@ -102,9 +102,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping (its keys indented under {key}:), got {value!r}")
         kt, vt = args if args else (Any, Any)
         return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is Any:
@@ -206,13 +206,44 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+class DuplicateKey(ValueError):
+    """A YAML mapping names one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key named twice in one mapping (PyYAML keeps the last one
+    silently: ``seed: 1`` then, further down, ``seed: 2`` ran seed 2 with no word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":     # `<<: *base`: its keys may be overridden here
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, typing.Hashable):          # PyYAML's own error names it
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise DuplicateKey(f"key {key!r} appears twice in one mapping (lines {seen[key]} and {line}); "
+                                   "keep the one you mean")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that raises :class:`DuplicateKey` where one mapping names a key twice."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def read_config_file(path: str | os.PathLike) -> dict:
     """The mapping at the top of YAML file ``path``; a missing, broken or non-mapping file is a ConfigError."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        loaded = load_yaml(p.read_text(encoding="utf-8")) or {}
+    except DuplicateKey as exc:
+        raise ConfigError(f"config file {str(p)!r}: {exc}") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (byte {exc.start}): name a YAML file, or "
                           "save it as UTF-8") from None

@@ -232,3 +232,31 @@ def test_canary_settings_are_checked_where_they_are_loaded():
             (["bridge.canary_machines=[mill-01]"], "need canary_adapter")):
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_campaign(tiny, overrides)
+
+
+def test_a_key_named_twice_in_a_file_is_refused_with_both_lines(tmp_path):
+    # PyYAML keeps the later of two keys silently: a file that says epochs twice ran the one further down
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("epochs: 1\nlr: 0.1\nepochs: 3\n")
+    with pytest.raises(ConfigError, match=r"^config file '.*twice.yaml': key 'epochs' appears twice in one mapping "
+                                          r"\(lines 1 and 3\); keep the one you mean$"):
+        load(Outer, twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("train:\n  epochs: 1\n  epochs: 2\nbridge:\n  threshold: 0.3\n")
+    with pytest.raises(ConfigError, match=r"key 'epochs' appears twice in one mapping \(lines 2 and 3\)"):
+        load_sections(SECTIONS, nested, [])
+    # the same key in two sections, or overridden after a YAML merge (<<), is no repetition
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("base: &b {threshold: 0.3}\ntrain:\n  epochs: 2\nbridge:\n  <<: *b\n  threshold: 0.4\n")
+    from flywheel.base.config import read_config_file
+
+    assert read_config_file(fine) == {"base": {"threshold": 0.3}, "train": {"epochs": 2}, "bridge": {"threshold": 0.4}}
+
+
+def test_a_section_given_a_plain_value_says_it_takes_keys():
+    @dataclass
+    class Campaign:
+        train: dict = field(default_factory=dict)
+
+    with pytest.raises(ConfigError, match=r"^train: expected a mapping \(its keys indented under train:\), got 3$"):
+        load(Campaign, None, ["train=3"])

@@ -28,6 +28,22 @@ def test_the_simulators_mapping_loads_from_yaml_and_json(tmp_path, protocol):
         "vibration_mm_s", "bearing_temp_k", "discharge_pressure_bar", "motor_current_a"}
 
 
+def test_a_key_named_twice_in_a_mapping_file_is_refused(tmp_path):
+    # YAML and JSON parsers keep the later of two keys: a reading mapped twice lost its first node silently
+    data = gateway_mapping(small_plant(0), "opcua", endpoint="opc.tcp://127.0.0.1:4840/flywheel/")
+    text = yaml.safe_dump(data, sort_keys=False)
+    first = "  readings:\n"
+    assert first in text
+    twice = text.replace(first, first + "    air_temp_k: {node: 'ns=2;s=Mill1.AirTemp', unit: K}\n", 1)
+    (tmp_path / "m.yaml").write_text(twice)
+    with pytest.raises(MappingError, match=r"^mapping file '.*m.yaml': key 'air_temp_k' appears twice in one mapping "
+                                           r"\(lines \d+ and \d+\); keep the one you mean$"):
+        load_mapping(tmp_path / "m.yaml")
+    (tmp_path / "m.json").write_text('{"protocol": "opcua", "protocol": "sparkplug", "machines": []}')
+    with pytest.raises(MappingError, match=r"^mapping file '.*m.json': key 'protocol' appears twice in one object"):
+        load_mapping(tmp_path / "m.json")
+
+
 def test_scale_and_offset_convert_into_the_contracts_unit():
     m = parse_mapping({"protocol": "sparkplug", "sparkplug": {"group": "g"}, "machines": [
         {"machine": "p1", "line": "L1", "kind": "pump", "edge": "E", "sample_period_s": 60,
