@@ -303,11 +303,13 @@ class EmbeddedBroker:
         if port_open(self.host, self.port) or not port_bindable(self.host, self.port):
             raise _PortTaken(f"port {self.port} on {self.host} is already in use; pick another with --port")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_from = 0
         if self.impl == "mosquitto":
             conf = self.data_dir / "mosquitto.conf"
             conf.write_text(mosquitto_config(self.port, self.data_dir, self.host, self.persistence,
                                              self.extra_config))
             self._log = open(self.data_dir / "mosquitto.log", "ab")
+            log_from = self._log.tell()           # what this start writes, for the error below
             from flywheel.base.rayinit import die_with_parent  # SIGTERM if this process dies (Linux)
 
             self._proc = subprocess.Popen([self._binary, "-c", str(conf)], stdout=self._log,
@@ -335,9 +337,12 @@ class EmbeddedBroker:
             time.sleep(0.05)
         detail = ""
         if self.impl == "mosquitto" and (self.data_dir / "mosquitto.log").exists():
-            detail = (self.data_dir / "mosquitto.log").read_text(errors="replace")[-500:]
+            with open(self.data_dir / "mosquitto.log", "rb") as f:
+                f.seek(log_from)
+                detail = f.read().decode(errors="replace")[-500:]
         self.stop()
-        if "Address already in use" in detail.rsplit("starting", 1)[-1]:    # this start's lines only
+        # its one listener's bind refused (the listeners of an extra config have ports of their own)
+        if "Address already in use" in detail and "listener" not in self.extra_config:
             raise _PortTaken(f"port {self.port} on {self.host} is already in use; pick another with --port")
         raise BrokerError(f"{self.impl} did not start listening on {self.host}:{self.port}. {detail}".strip())
 
