@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import warnings
 from typing import Callable
@@ -42,6 +43,13 @@ COMMAND_MODULES = (
     "flywheel.audit_cli",     # lineage
 )
 
+
+def _workdir(text: str) -> str:
+    """``--workdir``: a folder, or a path to make one at; a file there is refused by every command
+    (those that only read it said "no lake" or "no MLflow store" there, and a fix that could not work)."""
+    if os.path.exists(text) and not os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a file, not a folder: name a folder (it is made if missing)")
+    return text
 
 class _Actions(argparse._SubParsersAction):
     """The actions of a command that also runs on its own: ``flywheel train`` trains,
@@ -121,7 +129,7 @@ class Common:
                            help="MQTT broker, mqtt://user:pass@host:port or mqtts://... "
                                 "(default: an embedded broker where the command can start one)")
         if workdir:
-            g.add_argument("--workdir", default=DEFAULT_WORKDIR,
+            g.add_argument("--workdir", default=DEFAULT_WORKDIR, type=_workdir,
                            help=f"where the lake, MLflow database and artifacts live (default {DEFAULT_WORKDIR})")
         if mlflow:
             g.add_argument("--mlflow-uri", default=None,

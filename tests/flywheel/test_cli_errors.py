@@ -89,8 +89,14 @@ def test_usage_and_config_errors_are_one_line_on_stderr_with_exit_2(argv, needle
 
 @pytest.mark.parametrize("argv,needle", [
     (["demo", "--workdir", "{file}/wd"], "--workdir {file}/wd: cannot make this folder (Not a directory)"),
-    (["run", "--config", "{tiny}", "--workdir", "{file}"], "--workdir {file} is a file, not a folder"),
-    (["turn", "--workdir", "{file}"], "--workdir {file} is a file, not a folder"),
+    (["run", "--config", "{tiny}", "--workdir", "{file}"], "--workdir: {file} is a file, not a folder"),
+    (["turn", "--workdir", "{file}"], "--workdir: {file} is a file, not a folder"),
+    # commands that only read a workdir said "no MLflow store" or "no lake" there, with a fix that could not work
+    (["bom", "--workdir", "{file}"], "--workdir: {file} is a file, not a folder"),
+    (["serve", "--workdir", "{file}"], "--workdir: {file} is a file, not a folder"),
+    (["report", "--workdir", "{file}"], "--workdir: {file} is a file, not a folder"),
+    (["dataset", "build", "--workdir", "{file}"], "--workdir: {file} is a file, not a folder"),
+    (["lineage", "--workdir", "{file}", "--machine", "mill-01", "--at", "0"], "--workdir: {file} is a file"),
     (["keys", "init", "--workdir", "{file}/wd"], "--workdir {file}/wd: cannot make this folder"),
     (["ingest", "--broker", "mqtt://127.0.0.1:9", "--lake", "{file}/lake"], "--lake {file}/lake: cannot make"),
     (["sim", "--out", "{file}/plant.jsonl", "--duration", "1m"], "--out's folder {file} is a file, not a folder"),
