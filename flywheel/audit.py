@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from flywheel.base.contract import MAX_TS
 from flywheel.base.errors import FlywheelError
 
 #: How far before ``--at`` a command may lie and still be the one that ordered the stop (plant seconds).
@@ -194,9 +195,12 @@ def parse_time(text: str) -> float:
                                "(e.g. 2024-10-05T13:20:00Z); pass one of those") from None
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
-        return when.timestamp()
+        value = when.timestamp()
     if not math.isfinite(value):
         raise LineageError(f"--at {text!r} is not a finite time; pass plant epoch seconds or ISO-8601")
+    if not 0 <= value < MAX_TS:      # the lake's days run from 1970 to 9999, as plant times do
+        raise LineageError(f"--at {text!r} is no plant time: pass epoch seconds from 0 to before the year 10000 "
+                           "(e.g. 1728134400), or ISO-8601")
     return value
 
 

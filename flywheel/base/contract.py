@@ -504,6 +504,17 @@ def _check_finite(field: str, value: float) -> None:
         raise _bad("non_finite", field, value, "must be a finite number")
 
 
+#: Plant times are epoch seconds before this one (10000-01-01T00:00:00Z): the lake partitions by UTC
+#: day, and a later time has no calendar date (one such message used to fail its whole batch).
+MAX_TS = 253_402_300_800.0
+
+
+def _check_plant_time(field: str, ts: float, negative_ok: bool = False) -> None:
+    _check_finite(field, ts)
+    if ts >= MAX_TS or (ts < 0 and not negative_ok) or ts <= -MAX_TS:
+        raise _bad("impossible_value", field, ts, "plant time is epoch seconds, >= 0 and before the year 10000")
+
+
 _READING_BOUNDS: dict[str, tuple[float, float]] = {}
 
 
@@ -561,7 +572,7 @@ def validate(msg: Message) -> None:
                        f"a product variant is one of {PRODUCT_VARIANTS}, on part events only")
     elif t is Prediction:
         _check_schema(msg.schema, "prediction")
-        _check_finite("ts", msg.ts)
+        _check_plant_time("ts", msg.ts)
         _check_name("line", msg.line)
         _check_name("machine", msg.machine)
         if not msg.probs:
@@ -584,8 +595,8 @@ def validate(msg: Message) -> None:
             raise _bad("bad_value", "command", msg.command, f"must be one of {', '.join(COMMANDS)}")
         if not msg.command_id:
             raise _bad("bad_value", "command_id", msg.command_id, "must be non-empty")
-        if msg.ts is not None:
-            _check_finite("ts", msg.ts)
+        if msg.ts is not None:     # a negative one lands on the day it was received
+            _check_plant_time("ts", msg.ts, negative_ok=True)
         if msg.risk is not None:
             _check_finite("risk", msg.risk)
             if not 0.0 <= msg.risk <= 1.0:
@@ -614,11 +625,7 @@ def _check_common(msg: Telemetry | MachineEvent) -> None:
         raise _bad("bad_value", "seq", msg.seq, "must be >= 0")
     if not msg.event_id:
         raise _bad("bad_value", "event_id", msg.event_id, "must be non-empty")
-    ts = msg.ts
-    if ts != ts or ts in (math.inf, -math.inf):
-        raise _bad("non_finite", "ts", ts, "must be a finite number")
-    if ts < 0:
-        raise _bad("impossible_value", "ts", ts, "plant time is epoch seconds, >= 0")
+    _check_plant_time("ts", msg.ts)
     _check_name("line", msg.line)
     _check_name("machine", msg.machine)
 

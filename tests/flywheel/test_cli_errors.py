@@ -75,6 +75,8 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     # the audit trail: a workdir without a lake, a time that is no time
     (["lineage", "--workdir", "{tmp}", "--machine", "mill-01", "--at", "0"], "no lake at"),
     (["lineage", "--workdir", "{tmp}", "--machine", "mill-01", "--at", "noon"], "neither plant epoch seconds"),
+    (["lineage", "--workdir", "{tmp}", "--machine", "mill-01", "--at", "1e15"], "--at '1e15' is no plant time"),
+    (["lineage", "--workdir", "{tmp}", "--machine", "mill-01", "--at", "1969-07-20T20:17:00Z"], "is no plant time"),
     (["lineage", "--workdir", "{tmp}", "--at", "0"], "--machine"),
 ])
 def test_usage_and_config_errors_are_one_line_on_stderr_with_exit_2(argv, needle, capsys, tmp_path):

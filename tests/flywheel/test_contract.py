@@ -78,6 +78,10 @@ TOPIC = TOPICS.telemetry("L1", "mill-01")
     (GOOD.replace(b'"kind":"milling"', b'"kind":"lathe"'), "bad_value", "kind"),
     (GOOD.replace(b'"machine":"mill-01"', b'"machine":"mill-02"'), "topic_mismatch", "machine"),
     (GOOD.replace(b'"seq":3', b'"seq":-1'), "bad_value", "seq"),
+    (GOOD.replace(b"1767225600.0", b"-1.0"), "impossible_value", "ts"),
+    # no calendar day (the lake partitions by it): past the year 9999
+    (GOOD.replace(b"1767225600.0", b"253402300800.0"), "impossible_value", "ts"),
+    (GOOD.replace(b"1767225600.0", b"1e300"), "impossible_value", "ts"),
 ])
 def test_bad_payloads_raise_one_error_type_naming_the_problem(payload, reason, field):
     with pytest.raises(c.ContractError) as e:

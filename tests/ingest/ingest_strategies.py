@@ -69,6 +69,9 @@ def malformed(line: str, machine: str, root: str = ROOT_DEFAULT, max_payload_byt
         st.tuples(base, st.sampled_from(("bearing_temp_k", "vibration_mm_s")),
                   st.floats(max_value=-1e-3, allow_nan=False, allow_infinity=False)).map(
             lambda a: (topic, _dump(with_reading(*a)), "impossible_value")),
+        # a plant time with no calendar date (the lake partitions by UTC day): it failed the whole batch
+        st.tuples(base, st.floats(min_value=contract.MAX_TS, max_value=1e300)).map(
+            lambda a: (topic, _dump(with_value(a[0], "ts", a[1])), "impossible_value")),
         # a schema major this consumer does not know
         st.tuples(base, st.integers(2, 99)).map(
             lambda a: (topic, _dump(with_value(a[0], "schema", f"telemetry/{a[1]}")), "unknown_schema")),

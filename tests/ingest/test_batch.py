@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pyarrow as pa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -70,6 +72,35 @@ def test_dead_letter_keeps_reason_field_and_capped_bytes():
     assert len(dead[0]["payload"]) == 100 and dead[0]["payload_bytes"] == len(big)
     assert dead[2]["field"] == "schema" and "telemetry/7" in dead[2]["message"]
     assert result.landed == 0 and result.by_reason == {"not_json": 1, "not_utf8": 1, "unknown_schema": 1}
+
+
+def test_a_time_with_no_calendar_day_is_dead_lettered_and_its_batch_lands():
+    # the lake's date= partition of a time past the year 9999 does not exist: such a message raised
+    # out of decode_batch, the collector never acked the batch and the broker sent it back forever
+    far = contract.MAX_TS + 1
+    topics = contract.Topics("factory")
+    pred = contract.Prediction(ts=1.0, line="l1", machine="m1", model_version="v1", probs={"ok": 1.0},
+                               window_end_seq=1)
+    cmd = contract.Command(command_id="c-far", line="l1", machine="m1", command="maintain", reason="r", ts=1.0)
+    cmd_back = contract.Command(command_id="c-back", line="l1", machine="m1", command="maintain", reason="r", ts=-5.0)
+
+    def at(msg, ts):     # what a producer without the contract's encoder could send
+        return topics.for_message(msg), json.dumps({**json.loads(contract.encode(msg)), "ts": ts}).encode()
+
+    valid = _valid(1)
+    items = [at(pred, far), at(cmd, far), at(cmd_back, -5.0)]
+    tel_topic, tel = next((t, json.loads(p)) for t, p in valid if t.endswith("/telemetry"))
+    items.append((tel_topic, json.dumps({**tel, "ts": 1e15}).encode()))      # a far-off reading too
+    result = decode_batch([(t, p, 1_700_000_000.0) for t, p in valid + items], collector="c0")
+    assert result.landed == len(valid) and result.commands == 1          # the one with a past time lands
+    assert result.by_reason == {"impossible_value": 3}
+    dead = pa.concat_tables([t for name, _, t in result.tables if name == "deadletter"]).to_pylist()
+    assert sorted(d["topic"] for d in dead) == sorted(["factory/l1/m1/prediction", "factory/l1/m1/command",
+                                                       tel_topic])
+    assert all(d["reason"] == "impossible_value" and d["field"] == "ts" and "year 10000" in d["message"]
+               for d in dead)
+    landed_cmd = next(t for name, _, t in result.tables if name == "commands").to_pylist()
+    assert [r["command_id"] for r in landed_cmd] == ["c-back"]      # filed on the day it was received
 
 
 def test_part_variant_lands_in_the_events_table():
