@@ -61,9 +61,9 @@ log = logging.getLogger("factory_sim.opcua")
 
 async def _stop(server: Server) -> None:
     """Stop ``server`` with no client getting in while it stops.  asyncua's ``stop`` closes its
-    clients' connections before its listening socket and then (Python < 3.12.1's ``wait_closed``)
-    waits for every connection to end: a client that reconnected in between, such as a gateway
-    with a short back-off, kept the server half-stopped for as long as it stayed connected."""
+    clients' connections before its listening socket and then waits (asyncio's ``wait_closed``) for
+    every connection to end: a client that reconnected in between, such as a gateway with a short
+    back-off, kept the server half-stopped for as long as it stayed connected."""
     listener = getattr(server.bserver, "_server", None) if server.bserver is not None else None
     if listener is not None:
         listener.close()          # no new connections; asyncua's own close of it is then a no-op
