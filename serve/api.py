@@ -45,7 +45,7 @@ from typing import Annotated, Callable, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt
 
-from flywheel.base.contract import LABELS, MACHINE_KINDS, MAX_READINGS
+from flywheel.base.contract import LABELS, MACHINE_KINDS, MAX_READINGS, reading_bounds
 from serve.config import ServeConfig
 
 #: Names one reading may carry: the same cap as a telemetry message on MQTT.
@@ -213,6 +213,11 @@ def parse_windows(body: PredictBody, *, max_windows: int, max_readings: int, max
             if bad:
                 raise BadRequest(422, f"{where}.readings[{j}] has reading name {bad[0]!r}; names are "
                                       "snake_case with units, e.g. vibration_mm_s")
+            for name, value in r.items():     # the bounds telemetry on MQTT is held to (the contract's)
+                lo, hi = reading_bounds(name)
+                if not lo <= value <= hi:
+                    raise BadRequest(422, f"{where}.readings[{j}].{name} is {value:g}, physically impossible: "
+                                          f"expected {lo:g}..{hi:g} for its unit")
         out.append(ApiWindow(None, [{k: float(v) for k, v in r.items()} for r in w.readings], adapter, w.kind))
     return out
 

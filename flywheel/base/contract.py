@@ -518,6 +518,13 @@ def _check_plant_time(field: str, ts: float, negative_ok: bool = False) -> None:
 _READING_BOUNDS: dict[str, tuple[float, float]] = {}
 
 
+def reading_bounds(name: str) -> tuple[float, float]:
+    """The physical bounds ``(low, high)`` of a reading by its unit suffix (``_k``, ``_mm_s``, ...):
+    what telemetry on MQTT must lie within, and the serve API's readings windows too."""
+    b = _READING_BOUNDS.get(name)
+    return b if b is not None else _reading_bounds(name)
+
+
 def _reading_bounds(name: str) -> tuple[float, float]:
     """Validate a reading's name once and cache its physical bounds (by unit suffix)."""
     if not _READING_RE.match(name):

@@ -110,6 +110,9 @@ BAD_BODIES = [
     (json.dumps({"windows": [{"kind": "pump", "readings": [{}]}]}), 422),
     (json.dumps({"windows": [{"kind": "pump", "readings": [{"Bad Name": 1.0}]}]}), 422),
     (json.dumps({"windows": [{"kind": "lathe", "readings": [{"vibration_mm_s": 1.0}]}]}), 422),
+    # physically impossible, as the wire contract has it for telemetry on MQTT
+    (json.dumps({"windows": [{"kind": "pump", "readings": [{"bearing_temp_k": -330.0}]}]}), 422),
+    (json.dumps({"windows": [{"kind": "pump", "readings": [{"vibration_mm_s": 2.0}, {"vibration_mm_s": -2.0}]}]}), 422),
     (json.dumps({"windows": [{"kind": "pump", "readings": {"vibration_mm_s": 1.0}}]}), 422),
     (json.dumps({"windows": [{"text": "pump. vib 2.0 normal flat.", "extra": 1}]}), 422),
     (json.dumps({"windows": [{"text": "pump. vib 2.0 normal flat."}], "adapter": "nope"}), 404),
@@ -154,6 +157,10 @@ def test_bad_input_details_name_the_window_and_the_position(app):
     assert status == 422 and "windows[0] renders to" in out["detail"] and "the limit is 4000" in out["detail"], out
     status, out = c.request("POST", "/predict", b'{"windows": [{"text": "pump. \xff"}]}')
     assert status == 400 and "not UTF-8 (byte 29" in out["detail"], out
+    status, out = c.request("POST", "/predict", json.dumps(
+        {"windows": [{"kind": "pump", "readings": [PUMP[0], {**PUMP[0], "bearing_temp_k": -330.0}]}]}).encode())
+    assert status == 422 and out["detail"] == ("windows[0].readings[1].bearing_temp_k is -330, physically "
+                                               "impossible: expected 0..2000 for its unit"), out
 
 
 @pytest.mark.parametrize("which", ["served", "limited"])
