@@ -121,6 +121,8 @@ def _run(args, cfg, max_new_turns=None) -> int:
 
 
 def _where_to_look(args, md: Path, mlflow: bool = True) -> None:
+    import shlex
+
     from flywheel.base.mqtt import redact_url
     from flywheel.base.workdir import Workdir
 
@@ -131,7 +133,8 @@ def _where_to_look(args, md: Path, mlflow: bool = True) -> None:
     if uri.startswith(("http://", "https://")):  # a tracking server has its own UI
         print(f"MLflow:  {redact_url(uri)}")
     else:
-        print(f"MLflow:  mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+        # quoted: a workdir with a space in it must still give a command that can be pasted
+        print(f"MLflow:  mlflow ui --backend-store-uri {shlex.quote(uri)}   (then open http://127.0.0.1:5000)")
 
 
 def seed_campaign(cfg, seed: int):
@@ -174,6 +177,8 @@ def _campaign_to_continue(workdir, campaign: str) -> None:
     and the fix when ``campaign`` has no ``state.json`` there (a mistyped ``--workdir``, or a
     campaign run with another config), before anything is made or started."""
     from flywheel.base.config import ConfigError
+    import shlex
+
     from flywheel.base.workdir import Workdir
 
     wd = Path(workdir)
@@ -186,8 +191,8 @@ def _campaign_to_continue(workdir, campaign: str) -> None:
     where = (f"{folder} holds {', '.join(repr(n) for n in held)}: continue one with the --config it ran with "
              f"(or campaign=<name>), or" if held else f"{wd} holds no campaign:")
     raise ConfigError(f"no campaign {campaign!r} in {wd} to continue (a turn continues one, it starts none); "
-                      f"{where} start {campaign!r} with `flywheel run --config FILE --workdir {wd}` "
-                      f"(`flywheel demo --workdir {wd}` for the embedded demo)")
+                      f"{where} start {campaign!r} with `flywheel run --config FILE --workdir {shlex.quote(str(wd))}` "
+                      f"(`flywheel demo --workdir {shlex.quote(str(wd))}` for the embedded demo)")
 
 
 def cmd_report(args) -> int:

@@ -269,3 +269,17 @@ def test_the_campaigns_lines_stay_whole_in_a_pipe():
     view.log(line)
     view.log("a check [ok] and [turn 3]")
     assert out.getvalue() == line + "\n" + "a check [ok] and [turn 3]\n"
+
+
+def test_the_printed_mlflow_command_can_be_pasted_where_the_workdir_has_a_space(tmp_path, capsys):
+    import argparse
+    import shlex
+
+    from flywheel.base.workdir import Workdir
+    from flywheel.loop_cli import _where_to_look
+
+    workdir = tmp_path / "my runs" / "wörk dir"
+    _where_to_look(argparse.Namespace(workdir=str(workdir), mlflow_uri=None), workdir / "reports" / "report.md")
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("MLflow:"))
+    words = shlex.split(line.split("MLflow:", 1)[1].split("(then open")[0])
+    assert words == ["mlflow", "ui", "--backend-store-uri", Workdir(workdir).mlflow_uri]
