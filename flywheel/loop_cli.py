@@ -176,9 +176,9 @@ def _campaign_to_continue(workdir, campaign: str) -> None:
     """``flywheel turn`` continues a campaign: a :class:`ConfigError` naming what the workdir holds
     and the fix when ``campaign`` has no ``state.json`` there (a mistyped ``--workdir``, or a
     campaign run with another config), before anything is made or started."""
-    from flywheel.base.config import ConfigError
     import shlex
 
+    from flywheel.base.config import ConfigError
     from flywheel.base.workdir import Workdir
 
     wd = Path(workdir)
