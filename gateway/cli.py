@@ -51,7 +51,7 @@ def register(sub, common) -> None:
 def run(args) -> int:
     from flywheel.base.config import parse_duration
     from flywheel.base.metrics import start_metrics
-    from flywheel.base.mqtt import DEFAULT_URL
+    from flywheel.base.mqtt import DEFAULT_URL, check_reachable
 
     from flywheel.base.config import ConfigError
 
@@ -69,6 +69,8 @@ def run(args) -> int:
     if args.check:
         return 0
     duration = parse_duration(args.duration) if args.duration else None
+    # the stack's broker, named with its fix (the plant's side is waited for and retried)
+    check_reachable(args.broker or DEFAULT_URL, fix="start it (`flywheel broker` runs one) or check --broker")
     svc = GatewayService(mapping, args.broker or DEFAULT_URL, plant_broker=args.plant_broker,
                          component=args.component)
     # bad or busy port: a MetricsError (exit 2, named) before anything connects
