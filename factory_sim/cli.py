@@ -225,8 +225,7 @@ def run(args) -> int:
             live.start()
         summary = runner.run(duration_s, progress=progress)
     except ConnectError as exc:
-        raise ConnectError(f"{exc}. Is the broker running? Start one with `flywheel broker`, "
-                           "or leave out --broker to use an embedded one") from None
+        raise ConnectError(f"{exc} (or leave out --broker: the simulator then starts an embedded one)") from None
     except KeyboardInterrupt:
         console.print("flywheel sim: aborted")
         return 130

@@ -300,6 +300,8 @@ def connect(client: paho.Client, url: BrokerURL | str, *, keepalive: int = 30, t
             fix = "; check ?ca= in the broker URL (the CA that signed the broker's certificate) and its host name"
         elif isinstance(exc, ssl.SSLError) or (url.tls and isinstance(exc, ConnectionResetError)):
             fix = "; check mqtt:// vs mqtts:// and the port"   # a TLS handshake with a plain listener
+        else:   # nothing listens there, or no route to it
+            fix = "; check that an MQTT broker runs there (`flywheel broker` starts one) and the broker URL"
         raise ConnectError(f"cannot reach broker {url.redacted()}: {exc}{fix}") from None
     client.loop_start()
     ok = done.wait(timeout)

@@ -39,7 +39,8 @@ def test_ingest_names_an_unreachable_broker_in_one_line_not_a_ray_traceback(ray_
     free_port = pick_port()     # nothing listens there
     assert main(["ingest", "--broker", f"mqtt://127.0.0.1:{free_port}", "--workdir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err == f"flywheel ingest: cannot reach broker mqtt://127.0.0.1:{free_port}: [Errno 111] Connection refused"
+    assert err == (f"flywheel ingest: cannot reach broker mqtt://127.0.0.1:{free_port}: [Errno 111] Connection refused"
+                   "; check that an MQTT broker runs there (`flywheel broker` starts one) and the broker URL")
 
 
 def test_ingest_names_an_unreachable_broker_before_it_starts_a_ray(tmp_path):
