@@ -69,8 +69,6 @@ def run(args) -> int:
     if args.check:
         return 0
     duration = parse_duration(args.duration) if args.duration else None
-    # the stack's broker, named with its fix (the plant's side is waited for and retried)
-    check_reachable(args.broker or DEFAULT_URL, fix="start it (`flywheel broker` runs one) or check --broker")
     svc = GatewayService(mapping, args.broker or DEFAULT_URL, plant_broker=args.plant_broker,
                          component=args.component)
     # bad or busy port: a MetricsError (exit 2, named) before anything connects
@@ -78,6 +76,8 @@ def run(args) -> int:
     if metrics is not None:
         print(f"flywheel gateway: Prometheus metrics on {metrics.url}")
     try:
+        # the stack's broker, named with its fix (the plant's side is waited for and retried)
+        check_reachable(args.broker or DEFAULT_URL, fix="start it (`flywheel broker` runs one) or check --broker")
         svc.start()
         done = threading.Event()
         old = signal.signal(signal.SIGINT, lambda *a: done.set())
