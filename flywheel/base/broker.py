@@ -290,9 +290,13 @@ class EmbeddedBroker:
         for attempt in range(1, PICKS + 1):
             try:
                 self._start(timeout)
-            except _PortTaken:
-                if not self._picked or attempt == PICKS:
+            except _PortTaken as exc:
+                if not self._picked:
                     raise
+                if attempt == PICKS:    # no --port to change here: the demo's and the tests' brokers pick their own
+                    raise BrokerError(f"{exc.args[0].split(';')[0]}, as were the {PICKS - 1} ports picked before it "
+                                      "(another process is taking ports fast); try again, or start a broker with "
+                                      "`flywheel broker --port N` and pass --broker") from None
                 self.port = free_port(self.host)
                 continue
             self._picked = False          # a restart keeps the port its clients know
