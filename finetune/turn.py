@@ -90,7 +90,12 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
     ``served_predictions(start_ts, end_ts)``: the models' predictions the plant got for windows
     ending in that range (a campaign reads them from its lake, ``flywheel.shadow.read_served``).
     With ``config.served_scores`` the champion is scored from what it served on the eval windows it
-    answered (``eval.champion.served_windows`` of them) and runs only on the others."""
+    answered (``eval.champion.served_windows`` of them) and runs only on the others.
+
+    The outcome's ``adapter_dir`` is a copy of the registered model's files, the caller's to use
+    and to delete: ``<checkpoint_dir>/../flywheel-adapters/<model>-v<version>-<run>`` (the temp
+    dir when ``config.checkpoint_dir`` is unset; ``flywheel train`` keeps it in its workdir, a
+    campaign deletes it once the turn has scored it)."""
     from finetune import registry
     from flywheel.base import tracking
     from finetune.data import load_snapshot

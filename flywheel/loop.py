@@ -80,6 +80,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -577,7 +578,13 @@ class Campaign:
         record_version(self.lake_uri, self.tracking_uri, cfg.model_name, str(outcome.version))
         gate = GateResult.from_outcome(outcome)
         gate.compute.update(price_compute(gate.compute, cfg.compute_prices))
-        gate.reference_plant = self.score_reference(outcome.adapter_dir, gate, record.run_id)
+        try:
+            gate.reference_plant = self.score_reference(outcome.adapter_dir, gate, record.run_id)
+        finally:
+            # train_and_register hands its caller a copy of the model's files (in the temp dir when
+            # no checkpoint_dir is set); the campaign's are in MLflow, and a copy left behind per
+            # turn would fill the temp dir over a sweep of campaigns.
+            shutil.rmtree(outcome.adapter_dir, ignore_errors=True)
         self.status.train_progress = gate.describe()
         if gate.promoted and gate.risk_threshold is not None:
             # A model's operating point is fixed when it wins: the one chosen on its calibration split.

@@ -124,6 +124,20 @@ def test_mlflow_holds_parent_and_child_runs_and_the_champion(campaign):
     assert str(champion.version) == str(state["turns"][1]["champion_version"])
 
 
+def test_the_campaign_leaves_no_copy_of_its_models_in_the_temp_dir(campaign):
+    """Training hands its caller a copy of the model's files (``TurnOutcome.adapter_dir``); the
+    campaign's models are in MLflow, so the copy goes once the turn has used it."""
+    import tempfile
+    from pathlib import Path
+
+    cfg, _, state, _ = campaign
+    t1 = state["turns"][1]
+    kept = Path(tempfile.gettempdir()) / "flywheel-adapters"
+    name = f"{cfg.model_name}-v{t1['challenger_version']}-{t1['run_id'][:8]}"
+    left = sorted(p.name for p in kept.iterdir()) if kept.is_dir() else []
+    assert name not in left, f"{kept / name} was left behind"
+
+
 def test_report_files_exist(campaign):
     _, workdir, state, report = campaign
     assert report.is_file() and "| turn |" in report.read_text() and "macro-F1 held-out" in report.read_text()
