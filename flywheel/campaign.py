@@ -153,6 +153,7 @@ def stage_configs(cfg: CampaignConfig):
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     out = {"window": window}
+    _check_window_in_plant_time(cfg, window)
     from ingest import BuildConfig
 
     build_fields = {f.name for f in dataclasses.fields(BuildConfig)}
@@ -190,6 +191,24 @@ def stage_configs(cfg: CampaignConfig):
         raise ConfigError("bridge.shadow_adapter is set by the campaign (serve.shadow=challenger), not by hand: "
                           "drop it")
     return out
+
+
+def _check_window_in_plant_time(cfg: CampaignConfig, window) -> None:
+    """Refuse, before anything starts, a window the campaign's plant can never produce: a stride
+    that is not a whole number of the scenario's ticks (window ends fall between readings), or a
+    window longer than a period (turn 1 would have nothing to train on)."""
+    from factory_sim import load_scenario
+
+    tick_s = float(load_scenario(cfg.scenario, cfg.scenario_overrides).tick_s)
+    if window.stride_s % tick_s != 0:
+        raise ConfigError(f"window.stride_s should be a multiple of the plant tick ({tick_s:g} s in scenario "
+                          f"{cfg.scenario!r}), got {window.stride_s:g}")
+    span_s = window.length * tick_s
+    if cfg.turns > 0 and span_s > cfg.period_s:
+        span = f"{span_s / 86400:.1f} plant days" if span_s >= 86400 else f"{span_s / 3600:.1f} plant hours"
+        raise ConfigError(f"window.length={window.length} readings span {span} (one reading every {tick_s:g} s), "
+                          f"longer than a period ({cfg.period}): turn 1 would have no window to train on; shorten "
+                          "window.length or lengthen period")
 
 
 def decision_costs(cfg: CampaignConfig) -> dict:

@@ -165,6 +165,7 @@ class Campaign:
         self.cfg = cfg
         self.stages = stage_configs(cfg)
         self.workdir = Workdir(workdir, mlflow_uri=mlflow_uri)
+        self._check_base_model()
         self._signing_keys()
         self.dir = self.workdir.campaign(cfg.campaign)
         self.lake_uri = self.workdir.lake_uri
@@ -193,6 +194,16 @@ class Campaign:
         self._host = None        # bridge_host=actor: the Ray actor the periods' bridges run in
         self.plant_link = None   # plant.protocol opcua|sparkplug: the plant's OPC UA server or edge nodes
         self.gateway = None      # ... and the gateway that carries them onto the contract topics
+
+    def _check_base_model(self) -> None:
+        """A LoRA campaign's base model, checked against its governance policy before anything starts
+        (a name that is no model at all is refused here too). Training checks it again before it
+        spends compute, but that is at turn 1, after turn 0's plant period."""
+        train = self.stages["train"]
+        if "lora" in (train.family, train.reference_family):
+            from finetune.turn import governed_base_model
+
+            governed_base_model(train)
 
     def _signing_keys(self) -> None:
         """Sign every version with the workdir's key pair (created on first use) unless train.signing_key

@@ -31,6 +31,11 @@ def _run(argv, capsys) -> tuple[int, str, str]:
     (["demo", "--workdir", "{tmp}", "control_fleet=1.5"], "control_fleet should be a share in [0, 1)"),
     (["demo", "--workdir", "{tmp}", "bridge_host=process"], "bridge_host 'process' is not one of actor, thread"),
     (["demo", "--workdir", "{tmp}", "--seeds", "1,x"], "--seeds"),
+    # windows the plant can never make, refused before anything starts (they failed at turn 1)
+    (["demo", "--workdir", "{tmp}", "window.stride_s=90"],
+     "window.stride_s should be a multiple of the plant tick (60 s in scenario 'demo'), got 90"),
+    (["demo", "--workdir", "{tmp}", "window.length=3000"],
+     "window.length=3000 readings span 2.1 plant days (one reading every 60 s), longer than a period (2d)"),
     # a seed named twice would count twice in the combined report's mean and interval
     (["demo", "--workdir", "{tmp}", "--seeds", "1,2,1"], "--seeds names seed 1 more than once ('1,2,1'); "
                                                           "name each seed once, e.g. 1,2"),
@@ -173,6 +178,26 @@ def test_a_campaign_names_a_broker_it_cannot_reach_before_it_starts_ray(capsys, 
                                      "Connection refused; start it, or check --broker (leave it out for an embedded "
                                      "one)"), (rc, out, err)
     assert not {"lake", "mlflow.db"} & {p.name for p in wd.iterdir()}, "the campaign started before it refused"
+    assert "Traceback" not in out + err
+
+
+@pytest.mark.parametrize("base_model,code,needle", [
+    ("/nonexistent", 1, "unknown base model '/nonexistent': not 'minilm', not an existing directory"),
+    # the policy is configuration: exit 2, as for every config error
+    ("Qwen/Qwen2.5-0.5B", 2, "base model 'hf:Qwen/Qwen2.5-0.5B' is not in governance.allowed_base_models"),
+])
+def test_a_campaign_refuses_a_base_model_before_it_starts_anything(base_model, code, needle, capsys, tmp_path):
+    """Training refuses such a base model before it spends compute, but in a campaign that is at
+    turn 1, after a broker, Ray, MLflow and turn 0's plant period (~20 s here)."""
+    from flywheel.campaign import default_config_path
+
+    wd = tmp_path / "wd"
+    rc, out, err = _run(["run", "--config", str(default_config_path("tiny")), "--workdir", str(wd), "--no-live",
+                         f"base_model={base_model}"], capsys)
+    lines = err.strip().splitlines()
+    assert rc == code and len(lines) == 1 and needle in lines[0], (rc, out, err)
+    assert not wd.exists() or not {"lake", "mlflow.db", "keys", "broker"} & {p.name for p in wd.iterdir()}, \
+        "the campaign started before it refused"
     assert "Traceback" not in out + err
 
 
