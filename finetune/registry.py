@@ -86,8 +86,26 @@ def get_version(tracking_uri: str, model_name: str, ref: str) -> ModelVersionInf
             raise denied from None
         what = f"version {ref}" if ref.isdigit() else f"alias {ref!r}"
         raise RegistryError(f"registered model {model_name!r} has no {what} at {redact_url(tracking_uri)} "
-                            f"({exc.error_code}); train one first with `flywheel train`") from None
+                            f"({exc.error_code}); {_what_there_is(client, model_name)}") from None
     return _info(mv)
+
+
+def _what_there_is(client, model_name: str) -> str:
+    """The fix for a version or alias that is not there: the model's versions and aliases to pick
+    from, or, for a model with no version yet, how to make one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        rm = client.get_registered_model(model_name)
+        numbers = sorted(int(mv.version) for mv in client.search_model_versions(f"name = '{model_name}'"))
+    except MlflowException:
+        numbers, rm = [], None
+    if not numbers:
+        return "train one first with `flywheel train`"
+    held = ", ".join(f"{a} (v{v})" for a, v in sorted((rm.aliases or {}).items())) if rm is not None else ""
+    listed = ", ".join(map(str, numbers)) if len(numbers) <= 6 else f"{numbers[0]} to {numbers[-1]}"
+    span = f"version{'s' if len(numbers) > 1 else ''} {listed}"
+    return f"it has {span}" + (f" and aliases {held}" if held else "") + "; name one of them"
 
 
 def ensure_registered_model(client, model_name: str) -> None:

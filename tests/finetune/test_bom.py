@@ -191,6 +191,16 @@ def test_flywheel_bom_writes_a_file_and_refuses_what_is_not_there(two_versions, 
     missing = subprocess.run([sys.executable, "-m", "flywheel.cli", "bom", "99", "--workdir", str(d),
                               "--mlflow-uri", uri], capture_output=True, text=True)
     assert missing.returncode == 1 and "no BOM for fault-detector '99'" in missing.stderr
+    # the fix names what there is to pick from, not "train one first" beside two versions
+    from finetune.registry import aliases
+
+    held = ", ".join(f"{a} (v{v})" for a, v in sorted(aliases(uri, "fault-detector").items()))
+    assert missing.stderr.strip().endswith(f"it has versions 1, 2 and aliases {held}; name one of them"), \
+        missing.stderr
+    with pytest.raises(BomError, match="has no alias .nightly. .*; it has versions 1, 2 and aliases challenger"):
+        model_bom(uri, "fault-detector", "nightly")
+    with pytest.raises(BomError, match="has no version 1 .*; train one first with `flywheel train`"):
+        model_bom(uri, "no-such-model", "1")
     assert resolve_model_uri("models:/pump-detector/4", "fault-detector") == ("pump-detector", "4")
     with pytest.raises(BomError, match="cannot read model URI"):
         resolve_model_uri("models:/nothing", "fault-detector")
