@@ -201,7 +201,7 @@ class Campaign:
         spends compute, but that is at turn 1, after turn 0's plant period."""
         train = self.stages["train"]
         if "lora" in (train.family, train.reference_family):
-            from finetune.turn import governed_base_model
+            from finetune import governed_base_model
 
             governed_base_model(train)
 
