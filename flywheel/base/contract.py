@@ -297,9 +297,13 @@ class Topics:
     """Builds and parses the stack's topics under one root (``factory`` by default)."""
 
     def __init__(self, root: str = "factory"):
-        if not root or "+" in root or "#" in root or root.startswith("/") or root.endswith("/"):
-            raise ContractError("bad_topic", f"topic root must be a plain MQTT level path, got {root!r}",
-                                "root", root)
+        # "$" topics are the broker's ($SYS) or mean a shared subscription ($share/...): a client's
+        # publishes there are dropped or its subscriptions change meaning; an empty level is a typo.
+        if not root or "+" in root or "#" in root or "\0" in root or root.startswith("$") or \
+                "" in root.split("/"):
+            raise ContractError("bad_topic", f"topic root must be a plain MQTT level path, got {root!r}: levels "
+                                "joined by /, none empty, without + or # and not starting with $ (e.g. factory "
+                                "or site-a/factory)", "root", root)
         self.root = root
         self._depth = root.count("/") + 1
         self._cache: dict[str, TopicInfo] = {}

@@ -54,6 +54,15 @@ def test_topics_build_and_parse():
         assert e.value.reason == "bad_topic"
 
 
+@pytest.mark.parametrize("root", ["", "a/#", "a/+/b", "/lead", "trail/", "a//b", "$SYS", "$share/group", "a\0b"])
+def test_a_topic_root_that_is_not_a_plain_level_path_is_refused_with_the_rule(root):
+    # "$SYS" and "$share/..." were taken: the broker drops a client's publishes under $SYS, and a
+    # collector's subscription under "$share/..." would mean a shared subscription
+    with pytest.raises(c.ContractError) as e:
+        c.Topics(root)
+    assert e.value.reason == "bad_topic" and "none empty, without + or # and not starting with $" in str(e.value)
+
+
 def test_event_id_is_deterministic_and_distinct():
     assert c.event_id(1, "m", 5) == c.event_id(1, "m", 5)
     assert len({c.event_id(s, m, q) for s in (1, 2) for m in ("a", "b") for q in range(50)}) == 200
