@@ -97,7 +97,7 @@ from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, CanaryResult, DataResult, DeployResult,
                              GateResult, PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
 from flywheel.shadow import read_served
-from flywheel.stack import Stack, prewarm_modules
+from flywheel.stack import Stack, check_reservations, local_ray_cpus, prewarm_modules, starts_local_ray
 from flywheel.state import (STATE_VERSION, CampaignError, CampaignLock, TurnJournal, atomic_write, campaign_dir,
                             config_differences, config_fingerprint, load_state)
 
@@ -166,6 +166,8 @@ class Campaign:
         self.stages = stage_configs(cfg)
         self.workdir = Workdir(workdir, mlflow_uri=mlflow_uri)
         self._check_base_model()
+        if starts_local_ray(ray_address):
+            check_reservations(cfg.collectors, self.stages["serve"], self.stages["train"], local_ray_cpus())
         self._signing_keys()
         self.dir = self.workdir.campaign(cfg.campaign)
         self.lake_uri = self.workdir.lake_uri

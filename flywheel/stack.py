@@ -28,9 +28,10 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 from typing import Callable
 
-from flywheel.base.config import redacted
+from flywheel.base.config import ConfigError, redacted
 from flywheel.base.live import LiveView
 from flywheel.base.mqtt import redact_url
 from flywheel.base.usage import no_usage_reports
@@ -40,6 +41,41 @@ from flywheel.state import CampaignError
 #: A logged param value is cut to this many characters.
 PARAM_CHARS = 500
 
+
+
+def local_ray_cpus() -> int:
+    """The CPUs a campaign's own local Ray offers. Logical CPUs above the physical count: Serve,
+    ingest and training share a laptop's cores in turn, never all at full load at once."""
+    return max(4, os.cpu_count() or 2)
+
+
+def starts_local_ray(ray_address: str | None) -> bool:
+    """Whether a campaign would start a Ray of its own (no address given or in RAY_ADDRESS, and no
+    Ray already running in this process)."""
+    ray = sys.modules.get("ray")
+    if ray_address or (ray is not None and ray.is_initialized()):
+        return False
+    return os.environ.get("RAY_ADDRESS", "local") in ("", "local")
+
+
+def check_reservations(collectors: int, serve_config, train_config, cpus: int) -> None:
+    """Refuse what the campaign's actors would reserve beyond the CPUs of its local Ray: Ray never
+    grants it, so a replica or a training worker waits, and the campaign failed minutes later (a
+    Serve app still deploying when its time ran out, after turn 0 and the first training)."""
+    from ingest import IngestConfig
+
+    per_collector = IngestConfig().actor_num_cpus
+    held = collectors * per_collector + serve_config.num_replicas * serve_config.num_cpus_per_replica
+    what = (f"{collectors} collector(s) at {per_collector:g} CPU and serve.num_replicas={serve_config.num_replicas} "
+            f"at serve.num_cpus_per_replica={serve_config.num_cpus_per_replica:g}")
+    if held > cpus:
+        raise ConfigError(f"{what} reserve {held:g} CPUs, more than the {cpus} this campaign's local Ray offers: "
+                          "lower them, or run on a Ray cluster (--ray-address)")
+    workers = train_config.num_workers
+    if train_config.family == "lora" and workers > 1 and not train_config.use_gpu and held + workers > cpus:
+        raise ConfigError(f"train.num_workers={workers} Ray Train workers at 1 CPU each, beside {what}, need "
+                          f"{held + workers:g} CPUs, more than the {cpus} this campaign's local Ray offers: lower "
+                          "them, or run on a Ray cluster (--ray-address)")
 
 class Stack:
     """Context manager: starts broker, Ray, the MLflow parent run and ingest; stops them in reverse."""
@@ -144,9 +180,7 @@ class Stack:
                 # Train workers and Ray Data tasks wait passively instead of spinning on shared cores.
                 set_openmp_env()
                 _prewarm(self.prewarm)    # after the OpenMP settings: torch reads them as it loads
-                # Logical CPUs above the physical count: Serve, ingest and training share a
-                # laptop's cores in turn, never all at full load at once.
-                init_ray(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+                init_ray(num_cpus=local_ray_cpus(), include_dashboard=False, log_to_driver=False)
             self._stops.callback(_shutdown_ray)
         from serve import ServeError, check_ingress
 

@@ -201,6 +201,27 @@ def test_a_campaign_refuses_a_base_model_before_it_starts_anything(base_model, c
     assert "Traceback" not in out + err
 
 
+@pytest.mark.parametrize("what", ["replicas", "collectors", "ray-train"])
+def test_a_campaign_refuses_reservations_its_local_ray_can_never_grant(what, capsys, tmp_path):
+    """Ray never grants them, so the replica or the Ray Train workers waited: the Serve app failed
+    after 3.5 minutes with a fix that could not work (give it longer), and training with
+    train.num_workers=4 waited in turn 1 until it was killed."""
+    from flywheel.stack import local_ray_cpus
+
+    cpus = local_ray_cpus()
+    overrides = {"replicas": ["serve.ingress=proxy", f"serve.num_replicas={cpus + 1}"],
+                 "collectors": [f"collectors={4 * cpus + 1}"],
+                 "ray-train": [f"train.num_workers={cpus}"]}[what]
+    wd = tmp_path / "wd"
+    rc, out, err = _run(["demo", "--workdir", str(wd), "--no-live", *overrides], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, (rc, out, err)
+    assert f"more than the {cpus} this campaign's local Ray offers: lower them, or run on a Ray cluster " \
+           "(--ray-address)" in lines[0], lines[0]
+    assert not wd.exists() or not {"lake", "mlflow.db", "broker"} & {p.name for p in wd.iterdir()}, \
+        "the campaign started before it refused"
+
+
 def test_a_file_the_command_cannot_write_is_named_on_one_line(capsys, tmp_path):
     """The net under the commands' own checks: an OSError with a file name, one line, exit 1."""
     (tmp_path / "keys").write_text("a file where the key folder goes")
