@@ -14,6 +14,7 @@ grammar of ``flywheel.base.config``; on each command a bare key means its own se
 from __future__ import annotations
 
 import argparse
+import os
 
 _FMT = argparse.RawDescriptionHelpFormatter
 
@@ -99,8 +100,6 @@ def _init_ray(address: str | None) -> None:
 
 def _starts_local_ray(address: str | None) -> bool:
     """Whether :func:`_init_ray` starts a Ray on this machine (no cluster named, none joined yet)."""
-    import os
-
     import ray
 
     return not ray.is_initialized() and address in (None, "", "local") and \
@@ -150,7 +149,9 @@ def _ingest_until_stopped(args, config, console) -> int:
         writable_folder(lake, "--lake" if args.lake else "--workdir")
     if _starts_local_ray(args.ray_address):   # the collectors run here: a broker not there is said before Ray
         from flywheel.base.mqtt import check_reachable
+        from ingest.service import check_local_collectors
 
+        check_local_collectors(config, os.cpu_count() or 1)   # the CPUs ray.init gives a local Ray
         check_reachable(args.broker)
     _init_ray(args.ray_address)
     from ingest.service import start_ingest

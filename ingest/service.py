@@ -19,6 +19,8 @@ import os
 import time
 from dataclasses import asdict
 
+from flywheel.base.config import ConfigError
+from flywheel.base.errors import FlywheelError
 from flywheel.base.mqtt import redact_url
 from ingest.config import IngestConfig
 
@@ -155,10 +157,26 @@ class IngestHandle:
                 "collectors": final}
 
 
+class IngestStartError(FlywheelError, RuntimeError):
+    """Collectors that did not start; the message says what they reserve and what to change."""
+
+
+def check_local_collectors(config: IngestConfig, cpus: int) -> None:
+    """Refuse, before a local Ray starts, collectors that reserve more CPUs than it will offer
+    (``cpus``): Ray never starts the rest, and the command waited for them."""
+    needed = config.collectors * config.actor_num_cpus
+    if needed > cpus:
+        raise ConfigError(f"ingest.collectors={config.collectors} at ingest.actor_num_cpus={config.actor_num_cpus:g} "
+                          f"reserve {needed:g} CPUs, more than the {cpus} of the local Ray: lower them, or run on a "
+                          "Ray cluster (--ray-address)")
+
+
 def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestConfig(),
-                 topic_root: str = "factory") -> IngestHandle:
+                 topic_root: str = "factory", start_timeout_s: float = 60.0) -> IngestHandle:
     """Start ``config.collectors`` collector actors on the current Ray; returns once all are connected
-    and the broker confirmed their subscriptions, so what is published after it returns lands."""
+    and the broker confirmed their subscriptions, so what is published after it returns lands.
+    Collectors not started within ``start_timeout_s`` (a Ray without the CPUs they reserve) are
+    stopped and :class:`IngestStartError` says what they reserve."""
     import ray
 
     from flywheel.base.contract import Topics
@@ -180,7 +198,15 @@ def start_ingest(broker_url: str, lake_uri: str, config: IngestConfig = IngestCo
             ray.kill(a, no_restart=True)
 
     try:   # each actor has connected and subscribed, or says why it could not
-        errors = [e for e in ray.get([a.start_error.remote() for a in actors], timeout=60) if e]
+        errors = [e for e in ray.get([a.start_error.remote() for a in actors], timeout=start_timeout_s) if e]
+    except ray.exceptions.GetTimeoutError:
+        kill_all()
+        cpus = ray.cluster_resources().get("CPU", 0.0)
+        raise IngestStartError(
+            f"the {config.collectors} collector(s) did not start within {start_timeout_s:g} s: they reserve "
+            f"{config.collectors * config.actor_num_cpus:g} CPUs (ingest.collectors x ingest.actor_num_cpus="
+            f"{config.actor_num_cpus:g}) of a Ray with {cpus:g}; lower ingest.collectors or ingest.actor_num_cpus, "
+            "or give Ray more CPUs (its logs say why an actor waits)") from None
     except Exception:
         kill_all()
         raise

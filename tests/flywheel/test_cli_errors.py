@@ -7,6 +7,7 @@ Runtime failures (a broker that is not there, a model that cannot load) exit 1 t
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 
@@ -22,6 +23,9 @@ def _run(argv, capsys) -> tuple[int, str, str]:
         rc = exc.code
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+CPUS = os.cpu_count() or 1   # a local Ray's CPUs (flywheel ingest starts one with Ray's default)
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -65,6 +69,9 @@ def _run(argv, capsys) -> tuple[int, str, str]:
      "its sections: bridge"),
     (["ingest", "--workdir", "{tmp}", "--broker", "mqtt://127.0.0.1:9", "ingset.collectors=2"], "'ingset'"),
     (["ingest", "--workdir", "{tmp}", "--broker", "mqtt://127.0.0.1:9", "ingest.collectors=0"], "collectors"),
+    # more than a local Ray would place: the command waited 60 s, then ended with Ray's traceback
+    (["ingest", "--workdir", "{tmp}", "--broker", "mqtt://127.0.0.1:9", f"ingest.collectors={4 * CPUS + 1}"],
+     f"reserve {CPUS + 0.25:g} CPUs, more than the {CPUS} of the local Ray: lower them, or run on a Ray cluster"),
     (["dataset", "build", "--workdir", "{tmp}", "--no-mlflow", "datset.eval_fraction=0.3"], "'datset'"),
     (["dataset", "build", "--workdir", "{tmp}", "--previous", "ds-missing"], "ds-missing"),  # before Ray starts
     (["dataset", "build", "--workdir", "{tmp}", "--no-mlflow", "dataset.window.lenght=3"], "dataset.window.lenght"),

@@ -316,6 +316,27 @@ def test_start_ingest_says_in_one_line_which_subscriptions_the_broker_refused(re
     assert "\n" not in msg and "Traceback" not in msg, msg
 
 
+def test_collectors_a_ray_cannot_place_end_start_ingest_with_what_they_reserve(broker, ray_local, uid, tmp_path):
+    """Ray never places an actor whose CPUs it lacks: start_ingest ended with Ray's GetTimeoutError
+    and its traceback (``flywheel ingest ingest.collectors=20`` on two cores, after 60 s)."""
+    import ray
+
+    from ingest.service import IngestStartError
+
+    cpus, free = ray.cluster_resources()["CPU"], ray.available_resources().get("CPU", 0)
+    config = IngestConfig(client_prefix=uid, collectors=2, actor_num_cpus=cpus)
+    with pytest.raises(IngestStartError) as err:
+        start_ingest(broker.url, str(tmp_path / "lake"), config, topic_root=uid, start_timeout_s=3)
+    assert str(err.value) == (f"the 2 collector(s) did not start within 3 s: they reserve {2 * cpus:g} CPUs "
+                              f"(ingest.collectors x ingest.actor_num_cpus={cpus:g}) of a Ray with {cpus:g}; lower "
+                              "ingest.collectors or ingest.actor_num_cpus, or give Ray more CPUs (its logs say why "
+                              "an actor waits)")
+    deadline = time.monotonic() + 30     # any that started is stopped again: its CPUs are free
+    while ray.available_resources().get("CPU", 0) < free and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) >= free
+
+
 def test_what_is_published_as_soon_as_start_ingest_returns_lands(broker, ray_local, publish, uid, tmp_path):
     """start_ingest returns after the broker confirmed every collector's subscriptions: a fresh
     session (a topic root nobody used) loses nothing published the moment it returns."""
