@@ -340,6 +340,15 @@ def serve_http_host(bind_host: str, nodes: list[dict] | None = None, client_mode
     return "127.0.0.1"
 
 
+def _check_local_replicas(config: ServeConfig, cpus: int) -> None:
+    """Refuse replicas that reserve more CPUs than the local Ray about to start offers: Ray never
+    places the rest, and the app waited for them until its time to start ran out (minutes)."""
+    held = config.num_replicas * config.num_cpus_per_replica
+    if held > cpus:
+        raise ServeError(f"serve.num_replicas={config.num_replicas} at serve.num_cpus_per_replica="
+                         f"{config.num_cpus_per_replica:g} reserve {held:g} CPUs, more than the {cpus} of the local "
+                         "Ray: lower them, or serve on a Ray cluster (--ray-address)")
+
 def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: str = "champion",
                   config: ServeConfig | None = None, ray_address: str | None = None) -> ServingHandle:
     """Deploy the fault detector for ``model_name@alias`` and return once it is healthy."""
@@ -365,6 +374,8 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     log.info("serving %s@%s = version %s", model_name, alias, resolved.version)
     if not ray.is_initialized():
         if ray_address in (None, "local"):
+            if os.environ.get("RAY_ADDRESS", "local") in ("", "local"):   # a Ray of its own: Ray's CPU count
+                _check_local_replicas(config, os.cpu_count() or 1)
             prepare_local_ray(config)
         init_ray(address=ray_address, include_dashboard=False, configure_logging=False)
     check_ingress(config)

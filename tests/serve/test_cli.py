@@ -86,3 +86,24 @@ def test_serve_url_host_follows_where_the_driver_runs():
     assert serve_http_host("0.0.0.0", nodes, client_mode=False) == "127.0.0.1"    # on a node: its own proxy
     assert serve_http_host("0.0.0.0", nodes, client_mode=True) == "10.0.0.1"      # Ray Client: the live head
     assert serve_http_host("::", [], client_mode=True) == "127.0.0.1"
+
+
+def test_replicas_a_local_ray_cannot_place_are_refused_before_it_starts(registry, adapter_dirs, tmp_path):
+    """Ray never places them: the app waited until its time to start ran out (3 minutes here), then
+    said to give it longer. A process of its own: this one may run the test session's Ray already."""
+    import os
+    import subprocess
+    import sys
+
+    registry.register(adapter_dirs.a, alias="champion")
+    cpus = os.cpu_count() or 1
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-m", "flywheel.cli", "serve", "--workdir", str(tmp_path),
+                          "--mlflow-uri", registry.tracking_uri, "serve.ingress=proxy",
+                          f"serve.num_replicas={cpus + 1}", "serve.require_signature=false"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"flywheel serve: serve.num_replicas={cpus + 1} at serve.num_cpus_per_replica=1 reserve {cpus + 1} CPUs, "
+        f"more than the {cpus} of the local Ray: lower them, or serve on a Ray cluster (--ray-address)"), res.stderr
+    assert not list(tmp_path.glob("ray*")) and "Started a local Ray" not in res.stderr
