@@ -97,7 +97,8 @@ from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, CanaryResult, DataResult, DeployResult,
                              GateResult, PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
 from flywheel.shadow import read_served
-from flywheel.stack import Stack, check_reservations, local_ray_cpus, prewarm_modules, starts_local_ray
+from flywheel.stack import (Stack, check_local_gpus, check_reservations, local_ray_cpus, prewarm_modules,
+                            starts_local_ray)
 from flywheel.state import (STATE_VERSION, CampaignError, CampaignLock, TurnJournal, atomic_write, campaign_dir,
                             config_differences, config_fingerprint, load_state)
 
@@ -168,6 +169,7 @@ class Campaign:
         self._check_base_model()
         if starts_local_ray(ray_address):
             check_reservations(cfg.collectors, self.stages["serve"], self.stages["train"], local_ray_cpus())
+            check_local_gpus(self.stages["serve"], self.stages["train"])
         self._signing_keys()
         self.dir = self.workdir.campaign(cfg.campaign)
         self.lake_uri = self.workdir.lake_uri

@@ -58,6 +58,29 @@ def starts_local_ray(ray_address: str | None) -> bool:
     return os.environ.get("RAY_ADDRESS", "local") in ("", "local")
 
 
+def check_local_gpus(serve_config, train_config) -> None:
+    """Refuse GPU settings a local Ray on this machine cannot meet, before anything starts: training
+    with train.use_gpu failed at turn 1, a replica on serve.device=cuda after the first training,
+    and replicas reserving GPUs Ray never had waited for good. Loads torch only when a GPU is asked
+    for."""
+    wants = {"train.use_gpu=true": bool(train_config.use_gpu),
+             f"serve.device={serve_config.device}": serve_config.device.startswith("cuda"),
+             f"serve.num_gpus_per_replica={serve_config.num_gpus_per_replica:g}": serve_config.num_gpus_per_replica > 0}
+    asked = [k for k, v in wants.items() if v]
+    if not asked:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    reserved = serve_config.num_replicas * serve_config.num_gpus_per_replica
+    if gpus == 0 or reserved > gpus:
+        have = "no CUDA GPU torch can see" if gpus == 0 else f"{gpus} CUDA GPU(s), and the replicas reserve {reserved:g}"
+        defaults = {"train.use_gpu": "false", "serve.device": "auto", "serve.num_gpus_per_replica": "0"}
+        back = ", ".join(f"{k.split('=')[0]}={defaults[k.split('=')[0]]}" for k in asked)
+        raise ConfigError(f"{' and '.join(asked)}, but this machine has {have}: set {back}, or run on a Ray "
+                          "cluster with GPU nodes (--ray-address)")
+
+
 def check_reservations(collectors: int, serve_config, train_config, cpus: int) -> None:
     """Refuse what the campaign's actors would reserve beyond the CPUs of its local Ray: Ray never
     grants it, so a replica or a training worker waits, and the campaign failed minutes later (a

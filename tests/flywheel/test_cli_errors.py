@@ -229,6 +229,34 @@ def test_a_campaign_refuses_reservations_its_local_ray_can_never_grant(what, cap
         "the campaign started before it refused"
 
 
+def _cuda_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("what", ["replica-gpus", "use_gpu", "device"])
+def test_a_campaign_refuses_gpus_this_machine_does_not_have_before_it_starts(what, capsys, tmp_path):
+    """train.use_gpu failed at turn 1 (19 s), serve.device=cuda after the first training (57 s), and
+    a replica reserving a GPU the local Ray never had waited until the campaign was killed."""
+    gpus = _cuda_gpus()
+    if what != "replica-gpus" and gpus:
+        pytest.skip("this machine has a CUDA GPU, which these settings may use; the replicas' case runs here")
+    overrides, asked, fix = {
+        "replica-gpus": (["serve.ingress=proxy", f"serve.num_gpus_per_replica={gpus + 1}"],
+                         f"serve.num_gpus_per_replica={gpus + 1}", "serve.num_gpus_per_replica=0"),
+        "use_gpu": (["train.use_gpu=true"], "train.use_gpu=true", "train.use_gpu=false"),
+        "device": (["serve.device=cuda"], "serve.device=cuda", "serve.device=auto")}[what]
+    wd = tmp_path / "wd"
+    rc, out, err = _run(["demo", "--workdir", str(wd), "--no-live", *overrides], capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, (rc, out, err)
+    assert lines[0].startswith(f"flywheel demo: configuration error: {asked}, but this machine has ") and \
+        lines[0].endswith(f": set {fix}, or run on a Ray cluster with GPU nodes (--ray-address)"), lines[0]
+    assert not wd.exists() or not {"lake", "mlflow.db", "broker"} & {p.name for p in wd.iterdir()}, \
+        "the campaign started before it refused"
+
+
 def test_a_file_the_command_cannot_write_is_named_on_one_line(capsys, tmp_path):
     """The net under the commands' own checks: an OSError with a file name, one line, exit 1."""
     (tmp_path / "keys").write_text("a file where the key folder goes")
