@@ -153,7 +153,7 @@ def train_plain(snapshot_dir, config: TrainConfig, out_dir, *, report=None, prog
     from finetune.data import LoadedSnapshot, load_snapshot
 
     snapshot = snapshot_dir if isinstance(snapshot_dir, LoadedSnapshot) else load_snapshot(snapshot_dir, config.featuriser)
-    device = device or pick_device("cuda" if config.use_gpu else "auto", config.precision)
+    device = device or pick_device("cuda" if config.use_gpu else "auto", config.precision, "train.use_gpu=true")
     fp = fingerprint(snapshot, config, 1, warm_start_dir)
     root = checkpoint_root(config, fp)
     remove_partial(root)   # a write a killed run left unfinished

@@ -118,8 +118,11 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
-def pick_device(prefer: str = "auto", precision: str = "auto") -> DeviceSpec:
+def pick_device(prefer: str = "auto", precision: str = "auto", setting: str = "device=cuda") -> DeviceSpec:
     """Decide device and precision once.
+
+    ``setting``: how the caller's user asked for CUDA (``train.use_gpu=true``, ``serve.device=cuda``),
+    named in the refusal when there is no GPU.
 
     ``precision="auto"``: on a GPU bf16 (fp16 where bf16 is missing); on a CPU bf16 autocast
     over fp32 weights where the CPU has native bf16 instructions (``cpu_has_native_bf16``;
@@ -139,7 +142,9 @@ def pick_device(prefer: str = "auto", precision: str = "auto") -> DeviceSpec:
             return DeviceSpec("cpu", "float32", "bfloat16")
         return DeviceSpec("cpu", "float32")
     if not torch.cuda.is_available():
-        raise ModelError("device=cuda was asked for but no CUDA GPU is visible; use device=auto or cpu")
+        undo = {"device=cuda": "device=auto or cpu", "train.use_gpu=true": "train.use_gpu=false (--use-gpu off)",
+                "serve.device=cuda": "serve.device=auto or cpu"}.get(setting, "the default")
+        raise ModelError(f"{setting} was asked for but no CUDA GPU is visible; use {undo}")
     if precision == "fp32":
         return DeviceSpec("cuda", "float32")
     if precision == "bf16" and not torch.cuda.is_bf16_supported():

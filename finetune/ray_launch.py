@@ -73,7 +73,7 @@ def _worker_loop(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if config.use_gpu:
-        spec = pick_device("cuda", config.precision)
+        spec = pick_device("cuda", config.precision, "train.use_gpu=true")
         device = DeviceSpec(str(ray.train.torch.get_device()), spec.dtype_name, spec.compute_name)
     else:
         device = pick_device("cpu", config.precision)

@@ -161,7 +161,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
                                  step=int(train_metrics.get("train.steps", 0)))
         # Scored in the precision training picked, which serving picks too on this machine. Trees
         # need no torch (importing it costs a tree turn ~2 s): decided when a LoRA model is scored.
-        device = (pick_device("cuda" if config.use_gpu else "auto", config.precision)
+        device = (pick_device("cuda" if config.use_gpu else "auto", config.precision, "train.use_gpu=true")
                   if "lora" in (config.family, config.reference_family, champion_family) else None)
         with timer("eval_challenger"):
             report = evaluate_model_report(adapter_dir, snapshot.eval, config.eval_batch_size, device)

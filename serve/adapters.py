@@ -263,7 +263,7 @@ class AdapterPool:
 
         # 0: torch's own count (in a Ray actor, one thread per reserved CPU); -1: all cores.
         setup_torch(self.torch_threads or None)
-        self.spec = pick_device(self.device, self.precision)
+        self.spec = pick_device(self.device, self.precision, f"serve.device={self.device}")
         self.model, self.tokenizer = load_base(base, device=self.spec)
         self.base_model = base
 

@@ -129,6 +129,22 @@ def test_precision_names_are_checked_where_they_are_set():
         ServeConfig(precision="half")
 
 
+def test_cuda_asked_for_without_a_gpu_names_the_setting_the_user_wrote():
+    """`flywheel train --use-gpu` on a CPU machine said "device=cuda was asked for", a key it has not."""
+    import torch
+
+    from finetune.model import ModelError, pick_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU; the refusal is for machines without one")
+    with pytest.raises(ModelError) as err:
+        pick_device("cuda", "auto", "train.use_gpu=true")
+    assert str(err.value) == "train.use_gpu=true was asked for but no CUDA GPU is visible; use train.use_gpu=false " \
+                             "(--use-gpu off)"
+    with pytest.raises(ModelError, match=r"^serve.device=cuda was asked for .*; use serve.device=auto or cpu$"):
+        pick_device("cuda", "auto", "serve.device=cuda")
+
+
 @pytest.mark.gpu
 def test_bf16_path_on_gpu(snapshot_dir, tmp_path):
     from finetune.model import pick_device
