@@ -15,8 +15,9 @@ Heavy libraries load lazily; importing this package is cheap.
 from finetune.config import TrainConfig
 from finetune.turn import TurnOutcome, governed_base_model, train_and_register
 
-__all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "governed_base_model", "load_snapshot", "evaluate_adapter_report",
-           "majority_baseline", "fetch_adapter", "aliases", "abandon_run", "version_threshold", "RegistryError",
+__all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "governed_base_model", "load_snapshot",
+           "evaluate_adapter_report", "majority_baseline", "fetch_adapter", "aliases", "abandon_run",
+           "version_threshold", "RegistryError",
            "evaluate_gbdt_report", "fetch_reference_model", "pick_device", "frame_decision_cost",
            "init_keys", "evaluate_model_report", "model_family", "lineage_record", "get_version",
            "set_alias"]

@@ -42,7 +42,6 @@ from flywheel.state import CampaignError
 PARAM_CHARS = 500
 
 
-
 def local_ray_cpus() -> int:
     """The CPUs a campaign's own local Ray offers. Logical CPUs above the physical count: Serve,
     ingest and training share a laptop's cores in turn, never all at full load at once."""
@@ -65,7 +64,8 @@ def check_local_gpus(serve_config, train_config) -> None:
     for."""
     wants = {"train.use_gpu=true": bool(train_config.use_gpu),
              f"serve.device={serve_config.device}": serve_config.device.startswith("cuda"),
-             f"serve.num_gpus_per_replica={serve_config.num_gpus_per_replica:g}": serve_config.num_gpus_per_replica > 0}
+             f"serve.num_gpus_per_replica={serve_config.num_gpus_per_replica:g}":
+                 serve_config.num_gpus_per_replica > 0}
     asked = [k for k, v in wants.items() if v]
     if not asked:
         return
@@ -74,7 +74,8 @@ def check_local_gpus(serve_config, train_config) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     reserved = serve_config.num_replicas * serve_config.num_gpus_per_replica
     if gpus == 0 or reserved > gpus:
-        have = "no CUDA GPU torch can see" if gpus == 0 else f"{gpus} CUDA GPU(s), and the replicas reserve {reserved:g}"
+        have = "no CUDA GPU torch can see" if gpus == 0 else \
+            f"{gpus} CUDA GPU(s), and the replicas reserve {reserved:g}"
         defaults = {"train.use_gpu": "false", "serve.device": "auto", "serve.num_gpus_per_replica": "0"}
         back = ", ".join(f"{k.split('=')[0]}={defaults[k.split('=')[0]]}" for k in asked)
         raise ConfigError(f"{' and '.join(asked)}, but this machine has {have}: set {back}, or run on a Ray "
@@ -99,6 +100,7 @@ def check_reservations(collectors: int, serve_config, train_config, cpus: int) -
         raise ConfigError(f"train.num_workers={workers} Ray Train workers at 1 CPU each, beside {what}, need "
                           f"{held + workers:g} CPUs, more than the {cpus} this campaign's local Ray offers: lower "
                           "them, or run on a Ray cluster (--ray-address)")
+
 
 class Stack:
     """Context manager: starts broker, Ray, the MLflow parent run and ingest; stops them in reverse."""
