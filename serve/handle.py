@@ -341,13 +341,24 @@ def serve_http_host(bind_host: str, nodes: list[dict] | None = None, client_mode
 
 
 def _check_local_replicas(config: ServeConfig, cpus: int) -> None:
-    """Refuse replicas that reserve more CPUs than the local Ray about to start offers: Ray never
-    places the rest, and the app waited for them until its time to start ran out (minutes)."""
+    """Refuse replicas that reserve more CPUs than the local Ray about to start offers, or a GPU this
+    machine does not have: Ray never places them (the app waited until its time to start ran out,
+    minutes), and a replica on serve.device=cuda failed only once Ray and Serve had started."""
     held = config.num_replicas * config.num_cpus_per_replica
     if held > cpus:
         raise ServeError(f"serve.num_replicas={config.num_replicas} at serve.num_cpus_per_replica="
                          f"{config.num_cpus_per_replica:g} reserve {held:g} CPUs, more than the {cpus} of the local "
                          "Ray: lower them, or serve on a Ray cluster (--ray-address)")
+    if config.device == "cuda" or config.num_gpus_per_replica > 0:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        wanted = config.num_replicas * config.num_gpus_per_replica
+        if gpus == 0 or wanted > gpus:
+            raise ServeError(f"serve.device={config.device}, serve.num_gpus_per_replica="
+                             f"{config.num_gpus_per_replica:g} x {config.num_replicas} replica(s), but this machine "
+                             f"has {gpus} CUDA GPU(s): use serve.device=auto and serve.num_gpus_per_replica=0, or "
+                             "serve on a Ray cluster with GPU nodes (--ray-address)")
 
 def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: str = "champion",
                   config: ServeConfig | None = None, ray_address: str | None = None) -> ServingHandle:

@@ -107,3 +107,26 @@ def test_replicas_a_local_ray_cannot_place_are_refused_before_it_starts(registry
         f"flywheel serve: serve.num_replicas={cpus + 1} at serve.num_cpus_per_replica=1 reserve {cpus + 1} CPUs, "
         f"more than the {cpus} of the local Ray: lower them, or serve on a Ray cluster (--ray-address)"), res.stderr
     assert not list(tmp_path.glob("ray*")) and "Started a local Ray" not in res.stderr
+
+
+def test_a_gpu_the_machine_does_not_have_is_refused_before_the_local_ray_starts(registry, adapter_dirs, tmp_path):
+    """A replica reserving one GPU more than torch sees here waited for good; one on serve.device=cuda
+    on a machine without a GPU failed only after Ray and Serve had started."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    registry.register(adapter_dirs.a, alias="champion")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-m", "flywheel.cli", "serve", "--workdir", str(tmp_path),
+                          "--mlflow-uri", registry.tracking_uri, f"serve.num_gpus_per_replica={gpus + 1}",
+                          "serve.require_signature=false"], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 1, res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"flywheel serve: serve.device=auto, serve.num_gpus_per_replica={gpus + 1} x 1 replica(s), but this machine "
+        f"has {gpus} CUDA GPU(s): use serve.device=auto and serve.num_gpus_per_replica=0, or serve on a Ray cluster "
+        "with GPU nodes (--ray-address)"), res.stderr
+    assert "Started a local Ray" not in res.stderr
