@@ -141,6 +141,11 @@ def run(args) -> int:
         duration_s = parse_duration(args.duration)
         if duration_s < scenario.tick_s:
             raise ConfigError(f"--duration {args.duration!r} is shorter than one tick ({scenario.tick_s:g} s)")
+        from flywheel.base.contract import MAX_TS
+
+        if scenario.epoch_ts + duration_s >= MAX_TS:   # its messages would leave the contract's times
+            raise ConfigError(f"--duration {args.duration!r} from the scenario's epoch ({scenario.epoch}) runs past "
+                              "the year 9999, the last plant time the wire contract carries: give a shorter one")
     elif scenario.stop_after_parts:
         duration_s = 10 * 365 * 86400.0       # runs until its parts are made
     else:

@@ -196,10 +196,19 @@ def stage_configs(cfg: CampaignConfig):
 def _check_window_in_plant_time(cfg: CampaignConfig, window) -> None:
     """Refuse, before anything starts, a window the campaign's plant can never produce: a stride
     that is not a whole number of the scenario's ticks (window ends fall between readings), or a
-    window longer than a period (turn 1 would have nothing to train on)."""
+    window longer than a period (turn 1 would have nothing to train on); and periods whose plant
+    times would run past the wire contract's last one."""
     from factory_sim import load_scenario
 
-    tick_s = float(load_scenario(cfg.scenario, cfg.scenario_overrides).tick_s)
+    scenario = load_scenario(cfg.scenario, cfg.scenario_overrides)
+    tick_s = float(scenario.tick_s)
+    from flywheel.base.contract import MAX_TS
+
+    # turn 0, the learning turns and the held-out period, at most: the plant's times stay in the contract
+    if scenario.epoch_ts + (cfg.turns + 2) * cfg.period_s >= MAX_TS:
+        raise ConfigError(f"period={cfg.period} over turns={cfg.turns} from the scenario's epoch ({scenario.epoch}) "
+                          "runs past the year 9999, the last plant time the wire contract carries: give a shorter "
+                          "period or fewer turns")
     if window.stride_s % tick_s != 0:
         raise ConfigError(f"window.stride_s should be a multiple of the plant tick ({tick_s:g} s in scenario "
                           f"{cfg.scenario!r}), got {window.stride_s:g}")

@@ -40,6 +40,12 @@ CPUS = os.cpu_count() or 1   # a local Ray's CPUs (flywheel ingest starts one wi
      "window.stride_s should be a multiple of the plant tick (60 s in scenario 'demo'), got 90"),
     (["demo", "--workdir", "{tmp}", "window.length=3000"],
      "window.length=3000 readings span 2.1 plant days (one reading every 60 s), longer than a period (2d)"),
+    # plant times past the contract's last (year 9999): the sim and a campaign ran on, their messages
+    # beyond it dead-lettered
+    (["demo", "--workdir", "{tmp}", "period=3000000d"], "period=3000000d over turns=3 from the scenario's epoch "
+                                                        "(2026-01-01T00:00:00Z) runs past the year 9999"),
+    (["sim", "--duration", "3000000d"], "--duration '3000000d' from the scenario's epoch (2026-01-01T00:00:00Z) "
+                                        "runs past the year 9999, the last plant time the wire contract carries"),
     # a seed named twice would count twice in the combined report's mean and interval
     (["demo", "--workdir", "{tmp}", "--seeds", "1,2,1"], "--seeds names seed 1 more than once ('1,2,1'); "
                                                           "name each seed once, e.g. 1,2"),
