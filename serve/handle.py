@@ -360,6 +360,7 @@ def _check_local_replicas(config: ServeConfig, cpus: int) -> None:
                              f"has {gpus} CUDA GPU(s): use serve.device=auto and serve.num_gpus_per_replica=0, or "
                              "serve on a Ray cluster with GPU nodes (--ray-address)")
 
+
 def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: str = "champion",
                   config: ServeConfig | None = None, ray_address: str | None = None) -> ServingHandle:
     """Deploy the fault detector for ``model_name@alias`` and return once it is healthy."""

@@ -45,8 +45,8 @@ from flywheel.base.rayinit import restore_signals, stop_on_signals
 
 assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN      # as a script's `cmd &` starts it
 previous = stop_on_signals()
-print("ready", flush=True)
-try:
+try:   # "ready" inside: the test signals as soon as it reads it, maybe before print returns
+    print("ready", flush=True)
     time.sleep(60)
     print("signal lost", flush=True)
 except KeyboardInterrupt:
