@@ -136,7 +136,8 @@ class Common:
                            help="MLflow tracking URI (default sqlite:///<workdir>/mlflow.db)")
         if ray:
             g.add_argument("--ray-address", default=None,
-                           help="existing Ray cluster (e.g. ray://head:10001 or auto); default: local Ray")
+                           help="existing Ray cluster (e.g. ray://head:10001 or auto), or local for a Ray of this "
+                                "command's own; default: the cluster in $RAY_ADDRESS, else a local Ray")
         if seed:
             g.add_argument("--seed", type=int, default=0, help="random seed (plant, splits, training)")
         if metrics:

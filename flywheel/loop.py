@@ -89,6 +89,7 @@ from datetime import datetime, timezone
 from flywheel.base.config import ConfigError, redacted
 from flywheel.base.live import LiveView, LoopStatus
 from flywheel.base.mqtt import BrokerURL
+from flywheel.base.rayinit import starts_local_ray
 from flywheel.base.timing import StageTimer
 from flywheel.base.workdir import Workdir
 from flywheel.audit import ServingLedger, record_version
@@ -97,8 +98,7 @@ from flywheel.holdout import evaluate_holdout, holdout_line, log_holdout
 from flywheel.record import (ABORTED_FIELDS, POLICIES, BaselineResult, CanaryResult, DataResult, DeployResult,
                              GateResult, PlantResult, ShadowResult, TurnRecord, gap_closed, parent_curve, price_compute)
 from flywheel.shadow import read_served
-from flywheel.stack import (Stack, check_local_gpus, check_reservations, local_ray_cpus, prewarm_modules,
-                            starts_local_ray)
+from flywheel.stack import Stack, check_local_gpus, check_reservations, local_ray_cpus, prewarm_modules
 from flywheel.state import (STATE_VERSION, CampaignError, CampaignLock, TurnJournal, atomic_write, campaign_dir,
                             config_differences, config_fingerprint, load_state)
 

@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import sys
 from typing import Callable
 
 from flywheel.base.config import ConfigError, redacted
@@ -46,15 +45,6 @@ def local_ray_cpus() -> int:
     """The CPUs a campaign's own local Ray offers. Logical CPUs above the physical count: Serve,
     ingest and training share a laptop's cores in turn, never all at full load at once."""
     return max(4, os.cpu_count() or 2)
-
-
-def starts_local_ray(ray_address: str | None) -> bool:
-    """Whether a campaign would start a Ray of its own (no address given or in RAY_ADDRESS, and no
-    Ray already running in this process)."""
-    ray = sys.modules.get("ray")
-    if ray_address or (ray is not None and ray.is_initialized()):
-        return False
-    return os.environ.get("RAY_ADDRESS", "local") in ("", "local")
 
 
 def check_local_gpus(serve_config, train_config) -> None:
@@ -115,6 +105,7 @@ class Stack:
         self.view = view
         self.broker_url = broker_url
         self.ray_address = ray_address
+        self.ray_joined = "local"   # or the cluster's address, once joined
         # Without broker_url: which broker to start (auto | mosquitto | amqtt; None: $FLYWHEEL_EMBEDDED_BROKER).
         self.embedded_broker = embedded_broker
         self.parent_run_id = parent_run_id
@@ -190,10 +181,11 @@ class Stack:
         self.view.stage("starting Ray")
         import ray
 
-        from flywheel.base.rayinit import init_ray
+        from flywheel.base.rayinit import init_ray, starts_local_ray
 
         if not ray.is_initialized():
-            if self.ray_address:
+            if not starts_local_ray(self.ray_address):   # --ray-address, or a cluster in RAY_ADDRESS
+                self.ray_joined = self.ray_address or os.environ["RAY_ADDRESS"]
                 _prewarm(self.prewarm)
                 init_ray(address=self.ray_address, log_to_driver=False)
             else:
@@ -205,7 +197,8 @@ class Stack:
                 # Train workers and Ray Data tasks wait passively instead of spinning on shared cores.
                 set_openmp_env()
                 _prewarm(self.prewarm)    # after the OpenMP settings: torch reads them as it loads
-                init_ray(num_cpus=local_ray_cpus(), include_dashboard=False, log_to_driver=False)
+                init_ray(address=self.ray_address or None, num_cpus=local_ray_cpus(), include_dashboard=False,
+                         log_to_driver=False)
             self._stops.callback(_shutdown_ray)
         from serve import ServeError, check_ingress
 
@@ -230,7 +223,7 @@ class Stack:
         else:
             parent = mlflow.start_run(run_name=cfg.campaign, tags={
                 "flywheel.campaign": cfg.campaign, "flywheel.broker": redact_url(self.broker_url),
-                "flywheel.ray_address": redact_url(self.ray_address or "local")})
+                "flywheel.ray_address": redact_url(self.ray_joined)})
             self.parent_run_id = parent.info.run_id
             self.experiment_id = exp.experiment_id
             self.created_parent = True

@@ -98,14 +98,6 @@ def _init_ray(address: str | None) -> None:
         init_ray(address=address, include_dashboard=False, configure_logging=False, log_to_driver=False)
 
 
-def _starts_local_ray(address: str | None) -> bool:
-    """Whether :func:`_init_ray` starts a Ray on this machine (no cluster named, none joined yet)."""
-    import ray
-
-    return not ray.is_initialized() and address in (None, "", "local") and \
-        os.environ.get("RAY_ADDRESS", "local") in ("", "local")
-
-
 def run_ingest(args) -> int:
     from rich.console import Console
 
@@ -140,6 +132,7 @@ def _ingest_until_stopped(args, config, console) -> int:
 
     from rich.live import Live
 
+    from flywheel.base.rayinit import starts_local_ray
     from ingest.status import render_table
 
     lake = _workdir(args).lake_uri
@@ -147,7 +140,7 @@ def _ingest_until_stopped(args, config, console) -> int:
         from flywheel.base.workdir import writable_folder
 
         writable_folder(lake, "--lake" if args.lake else "--workdir")
-    if _starts_local_ray(args.ray_address):   # the collectors run here: a broker not there is said before Ray
+    if starts_local_ray(args.ray_address):   # the collectors run here: a broker not there is said before Ray
         from flywheel.base.mqtt import check_reachable
         from ingest.service import check_local_collectors
 

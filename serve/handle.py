@@ -367,7 +367,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     import ray
     from ray import serve as ray_serve
 
-    from flywheel.base.rayinit import init_ray
+    from flywheel.base.rayinit import init_ray, starts_local_ray
     from serve.app import bind_app
 
     config = config or ServeConfig()
@@ -385,9 +385,9 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
     source.check_featuriser(resolved)   # the replica checks the adapter's own record again when it loads
     log.info("serving %s@%s = version %s", model_name, alias, resolved.version)
     if not ray.is_initialized():
-        if ray_address in (None, "local"):
-            if os.environ.get("RAY_ADDRESS", "local") in ("", "local"):   # a Ray of its own: Ray's CPU count
-                _check_local_replicas(config, os.cpu_count() or 1)
+        if starts_local_ray(ray_address):   # a Ray of its own: Ray's CPU count
+            _check_local_replicas(config, os.cpu_count() or 1)
+        if ray_address in (None, "", "local"):
             prepare_local_ray(config)
         init_ray(address=ray_address, include_dashboard=False, configure_logging=False)
     check_ingress(config)

@@ -1,5 +1,6 @@
-"""``ensure_ray``: the one way the stack joins or starts Ray; ``init_ray``: ``ray.init`` that
-leaves the process's own SIGTERM handler in place; ``stop_on_signals`` (with
+"""``ensure_ray``: the one way the stack joins or starts Ray; ``starts_local_ray``: whether it would
+start one on this machine; ``init_ray``: ``ray.init`` that leaves the process's own SIGTERM handler
+in place; ``stop_on_signals`` (with
 ``stop_like_ctrl_c``), the handlers the long-running commands install; and ``watch_driver`` and
 ``die_with_parent``, so that children die with a driver killed outright (kill -9).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 
 from flywheel.base.errors import FlywheelError
@@ -101,6 +103,20 @@ def restore_signals(previous: dict) -> None:
             signal.signal(signum, handler)
 
 
+def starts_local_ray(address: str | None) -> bool:
+    """Whether joining Ray with ``address`` (a command's ``--ray-address``) starts a Ray on this
+    machine, as ``ray.init`` reads it: no Ray joined in this process yet, and either ``local`` (a
+    Ray of its own even where ``RAY_ADDRESS`` names a cluster) or no address and no cluster in
+    ``RAY_ADDRESS``. Reads ``sys.modules``: never imports Ray, so a command checks its settings
+    against the local CPUs before Ray's import."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return False
+    if address == "local":
+        return True
+    return not address and os.environ.get("RAY_ADDRESS", "local") in ("", "local")
+
+
 def ensure_ray(address: str | None = None, **kwargs):
     """Join the Ray this process already runs, or start one (``address`` None: a local one).
 
@@ -113,12 +129,12 @@ def ensure_ray(address: str | None = None, **kwargs):
 
     if ray.is_initialized():
         return None
-    if address in (None, "local"):
+    if starts_local_ray(address):
         from flywheel.base.threads import set_openmp_env
 
         set_openmp_env()
     opts = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False, **kwargs}
-    return init_ray(address=None if address == "local" else address, **opts)
+    return init_ray(address=address or None, **opts)
 
 
 # Ray gives a new local node 30 s (a constant in ray._private.node) to register with its GCS; on
@@ -137,10 +153,12 @@ def init_ray(**kwargs):
 
     import ray
 
-    if not kwargs.get("address"):   # a local node: its processes inherit this environment
+    kwargs["address"] = kwargs.get("address") or None
+    local = kwargs["address"] in (None, "local")   # "local": a node of its own, RAY_ADDRESS or not
+    if local:   # a local node: its processes inherit this environment
         set_local_node_env()
-        if os.environ.get("RAY_ADDRESS", "local") not in ("", "local", "auto"):   # ray.init joins it instead
-            check_reachable(os.environ["RAY_ADDRESS"], hint=_ENV_HINT)
+        if kwargs["address"] is None and os.environ.get("RAY_ADDRESS", "local") not in ("", "local", "auto"):
+            check_reachable(os.environ["RAY_ADDRESS"], hint=_ENV_HINT)   # ray.init joins it instead
     else:
         check_reachable(kwargs["address"])
     main = threading.current_thread() is threading.main_thread()
@@ -151,11 +169,11 @@ def init_ray(**kwargs):
             ctx = ray.init(**kwargs)
             break
         except ConnectionError as exc:   # a cluster named by address that does not answer
-            if not kwargs.get("address"):
+            if local:
                 raise
             raise RayClusterError(f"cannot join the Ray cluster at {kwargs['address']}: {exc}. {_CHECK_HINT}") from None
         except Exception as exc:  # noqa: BLE001 - Ray raises a bare Exception for this
-            if _SLOW_START not in str(exc) or kwargs.get("address") or attempt == START_TRIES:
+            if _SLOW_START not in str(exc) or not local or attempt == START_TRIES:
                 raise
             logging.getLogger(__name__).warning("the local Ray node was slow to start (try %d of %d); "
                                                 "starting it again", attempt, START_TRIES)

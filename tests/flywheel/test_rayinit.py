@@ -157,3 +157,43 @@ def test_ray_answers_while_its_gcs_runs(ray_local):
 
     host, _, port = ray.get_runtime_context().gcs_address.rpartition(":")
     assert host and int(port) > 0
+
+
+STARTS = r"""
+import json, os, sys
+from flywheel.base.rayinit import starts_local_ray
+
+out = []
+for address, env in json.loads(sys.argv[1]):
+    os.environ.pop("RAY_ADDRESS", None)
+    if env is not None:
+        os.environ["RAY_ADDRESS"] = env
+    out.append(starts_local_ray(address))
+print(json.dumps([out, "ray" in sys.modules]))
+"""
+CASES = [  # (--ray-address, RAY_ADDRESS, starts a Ray of its own) as ray.init reads them
+    (None, None, True), ("", None, True), (None, "", True), (None, "local", True), ("local", None, True),
+    ("local", "10.0.0.1:6379", True),          # local: a Ray of its own, whatever the environment names
+    (None, "10.0.0.1:6379", False), (None, "auto", False), ("auto", None, False),
+    ("10.0.0.1:6379", None, False), ("ray://head:10001", "", False)]
+
+
+def test_starts_local_ray_reads_an_address_as_ray_init_does_without_importing_ray():
+    """The one answer every command (campaign, ingest, serve) uses to check its settings against
+    the local CPUs before Ray starts: it must agree with what ``ray.init`` then does, and not pay
+    for Ray's import to say so."""
+    import json
+
+    r = subprocess.run([sys.executable, "-c", STARTS, json.dumps([[a, e] for a, e, _ in CASES])],
+                       capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    answers, imported_ray = json.loads(r.stdout)
+    assert answers == [starts for _, _, starts in CASES]
+    assert imported_ray is False
+
+
+def test_a_process_that_joined_ray_starts_no_other(ray_local):
+    from flywheel.base.rayinit import starts_local_ray
+
+    assert not starts_local_ray(None) and not starts_local_ray("local")

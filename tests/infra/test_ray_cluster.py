@@ -216,3 +216,24 @@ def test_serve_answers_health_and_predict_from_the_cluster(cluster, trained, tmp
         assert srv.interrupt() == 0, srv.output()[-3000:]
     finally:
         srv.kill()
+
+
+def test_a_campaign_joins_the_cluster_in_ray_address(cluster, tmp_path):
+    """With no ``--ray-address``, a campaign joins the cluster ``RAY_ADDRESS`` names, as every other
+    command does (it asked ``ray.init`` for a local Ray's CPU count there, which Ray refuses when it
+    joins a cluster), and records that cluster on its run."""
+    import mlflow
+
+    from flywheel.campaign import default_config_path
+
+    work = tmp_path / "work"
+    proc = subprocess.run([str(rc_mod.BIN / "flywheel"), "run", "--config", str(default_config_path("tiny")),
+                           "--workdir", str(work), "--no-live", "turns=0"],
+                          cwd=REPO, env=cluster.env(RAY_ADDRESS=cluster.address), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`flywheel.campaign` = 'tiny'")
+    assert {r.data.tags["flywheel.ray_address"] for r in runs if "flywheel.ray_address" in r.data.tags} == \
+        {cluster.address}
