@@ -199,7 +199,7 @@ class Stack:
                 _prewarm(self.prewarm)    # after the OpenMP settings: torch reads them as it loads
                 init_ray(address=self.ray_address or None, num_cpus=local_ray_cpus(), include_dashboard=False,
                          log_to_driver=False)
-            self._stops.callback(_shutdown_ray)
+            self._stops.callback(_shutdown_ray, own=self.ray_joined == "local")
         from serve import ServeError, check_ingress
 
         try:
@@ -294,17 +294,19 @@ def _prewarm(modules: tuple[str, ...]) -> None:
     threading.Thread(target=load, name="flywheel-prewarm", daemon=True).start()
 
 
-def _shutdown_ray() -> None:
-    """Stop the Ray this campaign started, and Serve on it: a later campaign in the same
-    process (``--seeds``) starts a new Ray, and Serve's cached controller client would
-    still point into the old one."""
+def _shutdown_ray(own: bool) -> None:
+    """Stop the Ray this campaign started (``own``), and Serve on it: a later campaign in the same
+    process (``--seeds``) starts a new Ray, and Serve's cached controller client would still point
+    into the old one. From a cluster it joined, the campaign only disconnects: Serve's shutdown
+    there would delete every application on the cluster, other people's too (the campaign's own
+    app is deleted by its serving handle)."""
     import ray
 
     from flywheel.base.rayinit import ray_answers
 
     # A stop signal to the whole process group ended this Ray's GCS too: Serve's shutdown would wait
     # 30 s for its controller and a minute for the GCS. The process is ending: nothing to reset.
-    if ray_answers():
+    if own and ray_answers():
         try:
             from ray import serve as ray_serve
 

@@ -218,14 +218,38 @@ def test_serve_answers_health_and_predict_from_the_cluster(cluster, trained, tmp
         srv.kill()
 
 
-def test_a_campaign_joins_the_cluster_in_ray_address(cluster, tmp_path):
+OTHER_APP = """
+from ray import serve
+from ray.serve.context import _get_global_client
+
+if _get_global_client(raise_if_no_controller_running=False) is None:
+    serve.start(http_options={"host": "127.0.0.1", "port": %d})
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Other:
+    def __call__(self, request):
+        return "still here"
+
+serve.run(Other.bind(), name="other-team", route_prefix="/other-team", blocking=False)
+print(json.dumps(serve.status().applications["other-team"].status))
+"""
+OTHER_STATUS = """
+from ray import serve
+app = serve.status().applications.get("other-team")
+print(json.dumps(app and app.status))
+"""
+
+
+def test_a_campaign_joins_the_cluster_in_ray_address_and_leaves_its_other_apps_running(cluster, tmp_path):
     """With no ``--ray-address``, a campaign joins the cluster ``RAY_ADDRESS`` names, as every other
     command does (it asked ``ray.init`` for a local Ray's CPU count there, which Ray refuses when it
-    joins a cluster), and records that cluster on its run."""
+    joins a cluster), and records that cluster on its run. When it ends it leaves Serve on the
+    cluster, and the applications of others on it, running (it shut Serve down, deleting them all)."""
     import mlflow
 
     from flywheel.campaign import default_config_path
 
+    assert cluster.python(OTHER_APP % rc_mod.free_port(), timeout_s=240) in ("DEPLOYING", "RUNNING")
     work = tmp_path / "work"
     proc = subprocess.run([str(rc_mod.BIN / "flywheel"), "run", "--config", str(default_config_path("tiny")),
                            "--workdir", str(work), "--no-live", "turns=0"],
@@ -237,3 +261,4 @@ def test_a_campaign_joins_the_cluster_in_ray_address(cluster, tmp_path):
                               "tags.`flywheel.campaign` = 'tiny'")
     assert {r.data.tags["flywheel.ray_address"] for r in runs if "flywheel.ray_address" in r.data.tags} == \
         {cluster.address}
+    assert cluster.python(OTHER_STATUS) == "RUNNING"
