@@ -174,7 +174,7 @@ class FaultDetector:
         _use_limits(Limits.from_config(self.config))
         _use_token(self.config.api_token)
         self.source = AdapterSource(tracking_uri, model_name)
-        self.model_name, self.alias = model_name, alias
+        self.tracking_uri, self.model_name, self.alias = tracking_uri, model_name, alias
         self.refs = {"default": alias, **self.config.adapters}
         self.pool = AdapterPool(self.config.base_model, self.config.device, self.config.max_length_tokens,
                                 self.config.torch_threads, self.config.precision)
@@ -254,6 +254,11 @@ class FaultDetector:
                 self.refresh_now()
             except Exception:  # noqa: BLE001 - the poller must survive anything and keep serving
                 log.exception("registry poll failed; serving continues on the current adapters")
+
+    def owner(self) -> dict:
+        """The registry and model this app serves, asked through its Serve handle before another
+        start deploys under the same app name (``serve.handle.check_app_name``)."""
+        return {"tracking_uri": self.tracking_uri, "model_name": self.model_name}
 
     def describe(self) -> dict:
         pool = self.pool.describe()

@@ -252,6 +252,34 @@ def wait_until_running(app_name: str, deadline: float) -> None:
         time.sleep(CHECK_S)
 
 
+def check_app_name(app_name: str, tracking_uri: str, model_name: str) -> None:
+    """Refuse to deploy over a running application of the same name that serves something else.
+
+    Serve replaces an application deployed under a name that runs already: on a shared cluster a
+    second campaign or ``flywheel serve`` with the default ``serve.app_name`` would take over the
+    first one's endpoint without a word, and the first campaign's plant would take its orders
+    from the other's model. The same model of the same registry is this command's own app, left by
+    a run that did not end (a crash, kill -9): that one is replaced, as a restart should."""
+    from ray import serve as ray_serve
+
+    from flywheel.base.mqtt import redact_url
+
+    if app_name not in ray_serve.status().applications:
+        return
+    try:
+        owner = ray_serve.get_app_handle(app_name).owner.remote().result(timeout_s=30)
+    except Exception:  # noqa: BLE001 - not a flywheel app (no such method), or one that does not answer
+        owner = None
+    if owner == {"tracking_uri": tracking_uri, "model_name": model_name}:
+        log.info("serve app %s: replacing the one a previous run of %s left running", app_name, model_name)
+        return
+    what = (f"it serves {owner['model_name']} from {redact_url(owner['tracking_uri'])}" if owner
+            else "not one of this stack's, or it does not answer")
+    raise ServeError(f"Ray Serve already runs an application named {app_name!r} ({what}): deploying under "
+                     "that name would replace it. Give this one its own serve.app_name and serve.route_prefix "
+                     f"(e.g. serve.app_name={model_name}-2 serve.route_prefix=/{model_name}-2), or stop the other")
+
+
 def delete_app(app_name: str, timeout_s: float = 60.0) -> None:
     """Delete a Serve app and return once it is gone (its replicas stopped: about 0.4 s for an idle
     replica with ``serve.drain_check_s`` at 0.1; ``serve.delete`` returned after a whole second)."""
@@ -392,6 +420,7 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
         init_ray(address=ray_address, include_dashboard=False, configure_logging=False)
     check_ingress(config)
     port = _ensure_serve_http(config)
+    check_app_name(config.app_name, tracking_uri, model_name)
     app = bind_app(tracking_uri, model_name, alias, config)
     deadline = time.monotonic() + config.health_timeout_s
     try:
