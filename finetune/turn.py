@@ -38,6 +38,7 @@ from pathlib import Path
 from finetune.config import TrainConfig
 from flywheel.base.contract import LABELS
 from flywheel.base.features import FeaturiserSpec
+from flywheel.base.rayinit import names_cluster
 from flywheel.base.timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ def train_and_register(snapshot_dir: str, config: TrainConfig, tracking_uri: str
             adapter_dir = str(work / "adapter")
             if config.family == "gbdt":
                 result = _train_trees(snapshot, config, adapter_dir)
-            elif config.num_workers > 1 or ray_address:
+            elif config.num_workers > 1 or names_cluster(ray_address):   # a cluster: train on it
                 from finetune.ray_launch import train_ray
 
                 result = train_ray(snapshot.path, config, adapter_dir, ray_address=ray_address,

@@ -1,6 +1,7 @@
-"""``ensure_ray``: the one way the stack joins or starts Ray; ``starts_local_ray``: whether it would
-start one on this machine; ``init_ray``: ``ray.init`` that leaves the process's own SIGTERM handler
-in place; ``stop_on_signals`` (with
+"""``ensure_ray``: the one way the stack joins or starts Ray; ``names_cluster`` and
+``starts_local_ray``: whether an address joins a cluster, or would start a Ray on this machine;
+``init_ray``: ``ray.init`` that leaves the process's own SIGTERM handler in place;
+``stop_on_signals`` (with
 ``stop_like_ctrl_c``), the handlers the long-running commands install; and ``watch_driver`` and
 ``die_with_parent``, so that children die with a driver killed outright (kill -9).
 
@@ -103,18 +104,24 @@ def restore_signals(previous: dict) -> None:
             signal.signal(signum, handler)
 
 
+def names_cluster(address: str | None) -> bool:
+    """Whether ``address`` (a command's ``--ray-address``) joins a Ray cluster, as ``ray.init``
+    reads it: an address other than ``local``, or none and a cluster in ``RAY_ADDRESS`` (``local``
+    is a Ray of the command's own even where ``RAY_ADDRESS`` names one)."""
+    if address == "local":
+        return False
+    return bool(address) or os.environ.get("RAY_ADDRESS", "local") not in ("", "local")
+
+
 def starts_local_ray(address: str | None) -> bool:
-    """Whether joining Ray with ``address`` (a command's ``--ray-address``) starts a Ray on this
-    machine, as ``ray.init`` reads it: no Ray joined in this process yet, and either ``local`` (a
-    Ray of its own even where ``RAY_ADDRESS`` names a cluster) or no address and no cluster in
-    ``RAY_ADDRESS``. Reads ``sys.modules``: never imports Ray, so a command checks its settings
-    against the local CPUs before Ray's import."""
+    """Whether joining Ray with ``address`` starts a Ray on this machine: no Ray joined in this
+    process yet, and ``address`` names no cluster (:func:`names_cluster`). Reads ``sys.modules``:
+    never imports Ray, so a command checks its settings against the local CPUs before Ray's
+    import."""
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         return False
-    if address == "local":
-        return True
-    return not address and os.environ.get("RAY_ADDRESS", "local") in ("", "local")
+    return not names_cluster(address)
 
 
 def ensure_ray(address: str | None = None, **kwargs):

@@ -161,14 +161,14 @@ def test_ray_answers_while_its_gcs_runs(ray_local):
 
 STARTS = r"""
 import json, os, sys
-from flywheel.base.rayinit import starts_local_ray
+from flywheel.base.rayinit import names_cluster, starts_local_ray
 
 out = []
 for address, env in json.loads(sys.argv[1]):
     os.environ.pop("RAY_ADDRESS", None)
     if env is not None:
         os.environ["RAY_ADDRESS"] = env
-    out.append(starts_local_ray(address))
+    out.append([starts_local_ray(address), names_cluster(address)])
 print(json.dumps([out, "ray" in sys.modules]))
 """
 CASES = [  # (--ray-address, RAY_ADDRESS, starts a Ray of its own) as ray.init reads them
@@ -180,8 +180,8 @@ CASES = [  # (--ray-address, RAY_ADDRESS, starts a Ray of its own) as ray.init r
 
 def test_starts_local_ray_reads_an_address_as_ray_init_does_without_importing_ray():
     """The one answer every command (campaign, ingest, serve) uses to check its settings against
-    the local CPUs before Ray starts: it must agree with what ``ray.init`` then does, and not pay
-    for Ray's import to say so."""
+    the local CPUs before Ray starts, and training to choose Ray Train on a cluster: it must agree
+    with what ``ray.init`` then does, and not pay for Ray's import to say so."""
     import json
 
     r = subprocess.run([sys.executable, "-c", STARTS, json.dumps([[a, e] for a, e, _ in CASES])],
@@ -189,7 +189,7 @@ def test_starts_local_ray_reads_an_address_as_ray_init_does_without_importing_ra
                        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert r.returncode == 0, r.stderr[-2000:]
     answers, imported_ray = json.loads(r.stdout)
-    assert answers == [starts for _, _, starts in CASES]
+    assert answers == [[starts, not starts] for _, _, starts in CASES]
     assert imported_ray is False
 
 
