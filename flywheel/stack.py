@@ -172,10 +172,27 @@ class Stack:
                 check_reachable(self.broker_url, fix="start it, or check --broker (leave it out for an embedded one)")
             except ConnectError as exc:
                 raise CampaignError(str(exc)) from None
+            self._check_topic_root_free()
         from ingest import IngestConfig, check_broker_support
 
         # collectors > 1 on an MQTT 3.1.1 broker: a ConfigError naming the fix, before Ray starts.
         check_broker_support(self.broker_url, IngestConfig(collectors=self.cfg.collectors))
+
+    def _check_topic_root_free(self) -> None:
+        """Refuse a shared broker's topic root where other components are live (their retained
+        status says online): a campaign there would ingest their telemetry into its lake and its
+        bridge would order their machines, and their collectors and bridges would take the
+        campaign's simulated plant for theirs."""
+        from ingest import read_statuses
+
+        root = self.cfg.topic_root
+        live = sorted(name for name, st in read_statuses(self.broker_url, root, prefix="").items() if st.online)
+        if live:
+            raise CampaignError(
+                f"topic root {root!r} on {redact_url(self.broker_url)} is in use: {', '.join(live)} "
+                f"{'is' if len(live) == 1 else 'are'} online there (retained status under {root}/_status/). "
+                "A campaign beside them would read their telemetry and order their machines, and they would "
+                f"take its simulated plant for theirs: give the campaign a topic root of its own (e.g. topic_root={root}-{self.cfg.campaign}), or stop them")
 
     def _start_ray(self) -> None:
         self.view.stage("starting Ray")

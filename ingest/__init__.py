@@ -24,7 +24,7 @@ from __future__ import annotations
 from ingest.config import BuildConfig, IngestConfig
 
 __all__ = ["IngestConfig", "BuildConfig", "start_ingest", "IngestHandle", "build_snapshot", "Snapshot",
-           "check_broker_support", "Lake", "label_windows", "collector_metrics"]
+           "check_broker_support", "Lake", "label_windows", "collector_metrics", "read_statuses"]
 
 
 def __getattr__(name: str):
@@ -36,6 +36,10 @@ def __getattr__(name: str):
         from ingest import collector
 
         return getattr(collector, name)
+    if name == "read_statuses":   # the retained status of the components on a broker's topic root
+        from ingest import status
+
+        return status.read_statuses
     if name == "Lake":
         from ingest.lake import Lake
 

@@ -194,6 +194,51 @@ def test_a_campaign_names_a_broker_it_cannot_reach_before_it_starts_ray(capsys, 
     assert "Traceback" not in out + err
 
 
+def _retain_status(broker_url: str, root: str, component: str, online: bool | None) -> None:
+    """Leave ``component``'s retained status on ``root`` as a live one would (None: clear it)."""
+    from flywheel.base import contract
+    from flywheel.base.mqtt import connect, make_client, publish
+
+    client = make_client(broker_url, prefix="test-status")
+    connect(client, broker_url)
+    try:
+        payload = b"" if online is None else contract.encode(contract.Status(component=component, online=online))
+        publish(client, contract.Topics(root).status(component), payload, qos=1, retain=True).wait_for_publish(10)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def test_a_campaign_refuses_a_shared_brokers_topic_root_where_others_are_live(broker, capsys, tmp_path):
+    """Two campaigns, or a campaign and a plant, under one topic root of one broker read each
+    other's telemetry and order each other's machines: the first one's lake and evidence take the
+    other's plant for its own. A simulator and a bridge live there (their retained status) are
+    named, with the fix, before anything starts; once they say offline, they are not."""
+    import uuid
+
+    from flywheel.campaign import default_config_path
+
+    root, wd = f"shared-{uuid.uuid4().hex[:8]}", tmp_path / "wd"
+    argv = ["run", "--config", str(default_config_path("tiny")), "--broker", broker.url, "--workdir", str(wd),
+            "--no-live", f"topic_root={root}"]
+    try:
+        for component in ("sim", "bridge"):
+            _retain_status(broker.url, root, component, online=True)
+        _retain_status(broker.url, root, "ingest-0", online=False)   # stopped, or its will said so
+        rc, out, err = _run(argv, capsys)
+        lines = err.strip().splitlines()
+        assert rc == 1 and lines[-1] == (
+            f"flywheel run: topic root '{root}' on {broker.url} is in use: bridge, sim are online there (retained "
+            f"status under {root}/_status/). A campaign beside them would read their telemetry and order their "
+            f"machines, and they would take its simulated plant for theirs: give the campaign a topic root of its "
+            f"own (e.g. topic_root={root}-tiny), or stop them"), (rc, out, err)
+        assert not {"lake", "mlflow.db"} & {p.name for p in wd.iterdir()}, "the campaign started before it refused"
+        assert "Traceback" not in out + err
+    finally:
+        for component in ("sim", "bridge", "ingest-0"):
+            _retain_status(broker.url, root, component, online=None)
+
+
 @pytest.mark.parametrize("base_model,code,needle", [
     ("/nonexistent", 1, "unknown base model '/nonexistent': not 'minilm', not an existing directory"),
     # the policy is configuration: exit 2, as for every config error
