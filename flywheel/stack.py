@@ -143,6 +143,7 @@ class Stack:
         from flywheel.base.tracking import check_sqlite_store
 
         check_sqlite_store(self.tracking_uri)   # a damaged store is named now, not after Ray started
+        self._check_model_is_ours()
         self._start_broker()
         self._start_ray()
         self._start_tracking()
@@ -246,6 +247,45 @@ class Stack:
             self.created_parent = True
             mlflow.log_params(flatten("", redacted(dataclasses.asdict(cfg)), leaf=lambda v: str(v)[:PARAM_CHARS]))
         self._stops.callback(mlflow.end_run)
+
+    def _check_model_is_ours(self) -> None:
+        """Refuse a registered model that holds versions this campaign did not train (their runs are
+        not turns under its parent run): its gate would weigh challengers against another run's
+        champion and its serving would follow that run's promotions, as it follows the model's
+        ``champion`` alias. A tracking server shared by two campaigns with the default
+        ``model_name`` did this without a word, and so does a new campaign in a workdir that holds
+        another's. Checked before the broker and Ray start; a new workdir has no store to ask."""
+        from flywheel.base.tracking import client_for, store_exists
+
+        if not store_exists(self.tracking_uri):
+            return
+        from mlflow.exceptions import MlflowException
+
+        client, name = client_for(self.tracking_uri), self.cfg.model_name
+        try:
+            versions = client.search_model_versions(f"name = '{name}'")
+        except MlflowException:
+            return   # a store MLflow cannot ask is named where the campaign opens it, with the fix
+        foreign = []
+        for mv in versions:
+            try:
+                tags = client.get_run(mv.run_id).data.tags if mv.run_id else {}
+            except MlflowException:   # its run deleted: not one of this campaign's turns either
+                tags = {}
+            if self.parent_run_id is None or tags.get("mlflow.parentRunId") != self.parent_run_id:
+                foreign.append((int(mv.version), tags.get("flywheel.campaign")))
+        if foreign:
+            foreign.sort()
+            numbers = [v for v, _ in foreign]
+            listed = ", ".join(map(str, numbers)) if len(numbers) <= 6 else f"{numbers[0]} to {numbers[-1]}"
+            by = sorted({c for _, c in foreign if c})
+            whose = f" (campaign {', '.join(by)})" if by else ""
+            raise CampaignError(
+                f"registered model {name!r} at {redact_url(self.tracking_uri)} holds version"
+                f"{'s' if len(numbers) > 1 else ''} {listed}{whose} that this campaign did not train: its gate and "
+                f"its serving follow that model's champion alias, so another run's versions would be weighed and "
+                f"served as its own. Give the campaign a model of its own (e.g. model_name={name}-{self.cfg.campaign}), "
+                "or its own --workdir or --mlflow-uri")
 
     def _start_ingest(self) -> None:
         self.view.stage("starting ingest")

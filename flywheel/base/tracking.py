@@ -193,6 +193,13 @@ def existing_store(tracking_uri: str) -> str:
     return tracking_uri
 
 
+def store_exists(tracking_uri: str) -> bool:
+    """False only for a ``sqlite:///`` store whose file is not there yet (a new workdir's): nothing
+    to ask it, and no need to import MLflow to find that out."""
+    db = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:///") else None
+    return db is None or db.exists()
+
+
 def check_sqlite_store(tracking_uri: str) -> None:
     """Raise :class:`TrackingStoreError` when the file of a ``sqlite:///`` URI exists but does not open
     as a SQLite database (damaged, cut short, another file under that name), naming it and the fix:

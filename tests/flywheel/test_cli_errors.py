@@ -239,6 +239,35 @@ def test_a_campaign_refuses_a_shared_brokers_topic_root_where_others_are_live(br
             _retain_status(broker.url, root, component, online=None)
 
 
+def test_a_campaign_refuses_a_registered_model_that_holds_another_runs_versions(capsys, tmp_path):
+    """A campaign's gate and serving follow its model's champion alias: on a tracking store shared
+    with another campaign (a tracking server, or a workdir that holds one) under the default
+    model_name, it weighed and served the other's versions as its own."""
+    from finetune.registry import register_version
+    from flywheel.base.tracking import client_for
+    from flywheel.campaign import default_config_path
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    uri = f"sqlite:///{wd / 'mlflow.db'}"
+    client = client_for(uri)
+    exp = client.create_experiment("flywheel-other")
+    parent = client.create_run(exp, tags={"flywheel.campaign": "other"}).info.run_id
+    turn = client.create_run(exp, tags={"mlflow.parentRunId": parent, "flywheel.campaign": "other"}).info.run_id
+    register_version(uri, "fault-detector", turn, "model", {"flywheel.campaign": "other"})
+    rc, out, err = _run(["run", "--config", str(default_config_path("tiny")), "--workdir", str(wd), "--no-live"],
+                        capsys)
+    lines = err.strip().splitlines()
+    assert rc == 1 and lines[-1] == (
+        f"flywheel run: registered model 'fault-detector' at {uri} holds version 1 (campaign other) that this "
+        "campaign did not train: its gate and its serving follow that model's champion alias, so another run's "
+        "versions would be weighed and served as its own. Give the campaign a model of its own (e.g. "
+        "model_name=fault-detector-tiny), or its own --workdir or --mlflow-uri"), (rc, out, err)
+    assert not {"lake", "broker"} & {p.name for p in wd.iterdir()}, "the campaign started before it refused"
+    assert not (wd / "campaigns" / "tiny" / "state.json").exists()
+    assert "Traceback" not in out + err
+
+
 @pytest.mark.parametrize("base_model,code,needle", [
     ("/nonexistent", 1, "unknown base model '/nonexistent': not 'minilm', not an existing directory"),
     # the policy is configuration: exit 2, as for every config error
