@@ -261,10 +261,12 @@ def check_app_name(app_name: str, tracking_uri: str, model_name: str) -> None:
     from the other's model. The same model of the same registry is this command's own app, left by
     a run that did not end (a crash, kill -9): that one is replaced, as a restart should."""
     from ray import serve as ray_serve
+    from ray.serve.schema import ApplicationStatus
 
     from flywheel.base.mqtt import redact_url
 
-    if app_name not in ray_serve.status().applications:
+    app = ray_serve.status().applications.get(app_name)
+    if app is None or app.status == ApplicationStatus.DEPLOY_FAILED:   # nothing serves there to take over
         return
     try:
         owner = ray_serve.get_app_handle(app_name).owner.remote().result(timeout_s=30)
@@ -429,8 +431,12 @@ def start_serving(tracking_uri: str, model_name: str = "fault-detector", alias: 
                            wait_for_applications_running=False)
         wait_until_running(config.app_name, deadline)
     except Exception as exc:  # noqa: BLE001 - Ray wraps replica start errors in several types
-        raise ServeError(f"the serve app for {model_name}@{alias} did not start: {exc}"
-                         f"{_deployment_messages(config.app_name)}") from None
+        why = _deployment_messages(config.app_name)
+        try:   # not left behind on a cluster, placing replicas and holding CPUs for a start that failed
+            delete_app(config.app_name, timeout_s=30)
+        except Exception as gone:  # noqa: BLE001 - the error above is the one to report
+            log.debug("serve app %s delete after a failed start: %s", config.app_name, gone)
+        raise ServeError(f"the serve app for {model_name}@{alias} did not start: {exc}{why}") from None
     prefix = config.route_prefix.rstrip("/")
     host = serve_http_host(config.http_host)
     proxy_url = f"http://{host}:{port}{prefix}"

@@ -104,7 +104,11 @@ def test_start_serving_without_a_registered_model_is_a_clear_error(ray_local, re
 
 
 def test_an_app_that_is_not_running_in_time_is_named_with_the_setting_to_raise(app, registry):
-    """A replica that takes longer than ``health_timeout_s`` to load: the start says so and names the setting."""
+    """A replica that takes longer than ``health_timeout_s`` to load: the start says so and names the
+    setting, and takes the app away with it (on a cluster it stayed, placing replicas and holding
+    their CPUs for a start that had failed)."""
+    from ray import serve as ray_serve
+
     from serve.handle import delete_app
 
     cfg = ServeConfig(app_name="serve-slow-start", route_prefix="/serve-slow-start", poll_s=0,
@@ -113,6 +117,7 @@ def test_an_app_that_is_not_running_in_time_is_named_with_the_setting_to_raise(a
         with pytest.raises(ServeError, match=r"'serve-slow-start' is still DEPLOYING when its time to start ran out.*"
                                              r"give it longer \(serve.health_timeout_s\)"):
             start_serving(registry.tracking_uri, registry.model_name, "champion", cfg)
+        assert "serve-slow-start" not in ray_serve.status().applications
     finally:
         delete_app("serve-slow-start")
     assert app.version() in ("1", "2")     # the other app serves on
