@@ -130,6 +130,13 @@ class CampaignConfig:
     def run_name(self) -> str:
         return self.campaign
 
+    @property
+    def mqtt_name(self) -> str:
+        """What the campaign's MQTT client ids carry (its collectors', its bridge's): the campaign and
+        its topic root, so that campaigns sharing a broker never take each other's sessions, also two
+        of one name under topic roots of their own."""
+        return f"{self.campaign}-{self.topic_root.replace('/', '-')}"
+
 
 def default_config_path(name: str = "demo") -> Path:
     return Path(str(resources.files("flywheel") / "configs" / f"{name}.yaml"))

@@ -933,7 +933,7 @@ class Campaign:
             if threshold is not None:
                 bridge_cfg = dataclasses.replace(bridge_cfg, threshold=threshold)
             if not bridge_cfg.client_id:   # one id per campaign: campaigns sharing a broker never kick each other
-                bridge_cfg = dataclasses.replace(bridge_cfg, client_id=f"flywheel-bridge-{cfg.campaign}")
+                bridge_cfg = dataclasses.replace(bridge_cfg, client_id=f"flywheel-bridge-{cfg.mqtt_name}")
             if shadow:
                 from serve import SHADOW_ADAPTER
 

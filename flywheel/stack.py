@@ -294,7 +294,7 @@ class Stack:
         cfg = self.cfg
         # Client ids and the share group are per campaign: an offline session of another
         # campaign in the same group would keep its share of the stream (MQTT 5 semantics).
-        ingest_cfg = IngestConfig(collectors=cfg.collectors, client_prefix=f"fw-{cfg.campaign}",
+        ingest_cfg = IngestConfig(collectors=cfg.collectors, client_prefix=f"fw-{cfg.mqtt_name}",
                                   share_group=f"ingest-{cfg.campaign}", idle_flush_s=self._ingest_idle_flush_s)
         self.ingest = start_ingest(self.broker_url, self.workdir.lake_uri, ingest_cfg, topic_root=cfg.topic_root)
         self._stops.callback(self.ingest.stop)

@@ -26,3 +26,17 @@ def test_prewarm_imports_in_the_background_and_leaves_a_failing_import_to_its_us
     assert r.stdout.split() == ["True", "True", "False"], r.stderr[-2000:]
     # the real import, where the module is used, reports the failure with its own error
     assert r.returncode == 1 and "No module named 'flywheel_no_such_module'" in r.stderr
+
+
+def test_campaigns_of_one_name_under_their_own_topic_roots_use_their_own_client_ids():
+    """Two campaigns on one broker under one topic root are refused (each would read the other's
+    plant); under roots of their own they must not take each other's MQTT sessions either, which
+    client ids made of the campaign's name alone did (the broker kicks the older client)."""
+    from flywheel.campaign import default_config_path, load_campaign
+    from ingest import IngestConfig
+
+    names = {load_campaign(str(default_config_path("tiny")), [f"topic_root={root}"]).mqtt_name
+             for root in ("factory", "factory-tiny", "plant/a", "plant-a/b")}
+    assert len(names) == 4
+    for name in names:
+        assert IngestConfig(client_prefix=f"fw-{name}").client_id(0).startswith(f"fw-{name}-collector")
