@@ -184,10 +184,14 @@ class Stack:
         status says online): a campaign there would ingest their telemetry into its lake and its
         bridge would order their machines, and their collectors and bridges would take the
         campaign's simulated plant for theirs."""
-        from ingest import read_statuses
+        from ingest import IngestConfig, read_statuses
 
         root = self.cfg.topic_root
-        live = sorted(name for name, st in read_statuses(self.broker_url, root, prefix="").items() if st.online)
+        ours = IngestConfig(client_prefix=_collector_prefix(self.cfg)).client_id(0).rsplit("-", 1)[0] + "-"
+        # This campaign's own collectors, left by a run that did not end, say online for a while
+        # (their will waits ingest.offline_after_s, so that a quick restart does not flap offline).
+        live = sorted(name for name, st in read_statuses(self.broker_url, root, prefix="").items()
+                      if st.online and not str(st.info.get("client_id", "")).startswith(ours))
         if live:
             raise CampaignError(
                 f"topic root {root!r} on {redact_url(self.broker_url)} is in use: {', '.join(live)} "
@@ -294,7 +298,7 @@ class Stack:
         cfg = self.cfg
         # Client ids and the share group are per campaign: an offline session of another
         # campaign in the same group would keep its share of the stream (MQTT 5 semantics).
-        ingest_cfg = IngestConfig(collectors=cfg.collectors, client_prefix=f"fw-{cfg.mqtt_name}",
+        ingest_cfg = IngestConfig(collectors=cfg.collectors, client_prefix=_collector_prefix(cfg),
                                   share_group=f"ingest-{cfg.campaign}", idle_flush_s=self._ingest_idle_flush_s)
         self.ingest = start_ingest(self.broker_url, self.workdir.lake_uri, ingest_cfg, topic_root=cfg.topic_root)
         self._stops.callback(self.ingest.stop)
@@ -325,6 +329,11 @@ def prewarm_modules(families) -> tuple[str, ...]:
     or scores: MLflow always; torch and the model libraries only with ``lora`` among them (a tree
     campaign's driver never imports torch)."""
     return PREWARM_TRACKING + (PREWARM_TORCH if "lora" in set(families) else ())
+
+
+def _collector_prefix(cfg) -> str:
+    """The client-id prefix of a campaign's collectors (``ingest.client_prefix``)."""
+    return f"fw-{cfg.mqtt_name}"
 
 
 def _prewarm(modules: tuple[str, ...]) -> None:

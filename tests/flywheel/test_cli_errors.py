@@ -194,7 +194,7 @@ def test_a_campaign_names_a_broker_it_cannot_reach_before_it_starts_ray(capsys, 
     assert "Traceback" not in out + err
 
 
-def _retain_status(broker_url: str, root: str, component: str, online: bool | None) -> None:
+def _retain_status(broker_url: str, root: str, component: str, online: bool | None, info: dict | None = None) -> None:
     """Leave ``component``'s retained status on ``root`` as a live one would (None: clear it)."""
     from flywheel.base import contract
     from flywheel.base.mqtt import connect, make_client, publish
@@ -202,7 +202,8 @@ def _retain_status(broker_url: str, root: str, component: str, online: bool | No
     client = make_client(broker_url, prefix="test-status")
     connect(client, broker_url)
     try:
-        payload = b"" if online is None else contract.encode(contract.Status(component=component, online=online))
+        payload = b"" if online is None else contract.encode(contract.Status(component=component, online=online,
+                                                                             info=info or {}))
         publish(client, contract.Topics(root).status(component), payload, qos=1, retain=True).wait_for_publish(10)
     finally:
         client.disconnect()
@@ -213,7 +214,9 @@ def test_a_campaign_refuses_a_shared_brokers_topic_root_where_others_are_live(br
     """Two campaigns, or a campaign and a plant, under one topic root of one broker read each
     other's telemetry and order each other's machines: the first one's lake and evidence take the
     other's plant for its own. A simulator and a bridge live there (their retained status) are
-    named, with the fix, before anything starts; once they say offline, they are not."""
+    named, with the fix, before anything starts; once they say offline, they are not, nor are the
+    campaign's own collectors left by a run that did not end (their will waits
+    ingest.offline_after_s, so they say online for a while)."""
     import uuid
 
     from flywheel.campaign import default_config_path
@@ -224,7 +227,9 @@ def test_a_campaign_refuses_a_shared_brokers_topic_root_where_others_are_live(br
     try:
         for component in ("sim", "bridge"):
             _retain_status(broker.url, root, component, online=True)
-        _retain_status(broker.url, root, "ingest-0", online=False)   # stopped, or its will said so
+        _retain_status(broker.url, root, "ingest-0", online=True,   # this campaign's, killed a moment ago
+                       info={"client_id": f"fw-tiny-{root}-collector-0"})
+        _retain_status(broker.url, root, "ingest-1", online=False)   # stopped, or its will said so
         rc, out, err = _run(argv, capsys)
         lines = err.strip().splitlines()
         assert rc == 1 and lines[-1] == (
@@ -235,7 +240,7 @@ def test_a_campaign_refuses_a_shared_brokers_topic_root_where_others_are_live(br
         assert not {"lake", "mlflow.db"} & {p.name for p in wd.iterdir()}, "the campaign started before it refused"
         assert "Traceback" not in out + err
     finally:
-        for component in ("sim", "bridge", "ingest-0"):
+        for component in ("sim", "bridge", "ingest-0", "ingest-1"):
             _retain_status(broker.url, root, component, online=None)
 
 
