@@ -197,7 +197,8 @@ class Stack:
                 f"topic root {root!r} on {redact_url(self.broker_url)} is in use: {', '.join(live)} "
                 f"{'is' if len(live) == 1 else 'are'} online there (retained status under {root}/_status/). "
                 "A campaign beside them would read their telemetry and order their machines, and they would "
-                f"take its simulated plant for theirs: give the campaign a topic root of its own (e.g. topic_root={root}-{self.cfg.campaign}), or stop them")
+                "take its simulated plant for theirs: give the campaign a topic root of its own (e.g. "
+                f"topic_root={root}-{self.cfg.campaign}), or stop them")
 
     def _start_ray(self) -> None:
         self.view.stage("starting Ray")
@@ -287,9 +288,9 @@ class Stack:
             raise CampaignError(
                 f"registered model {name!r} at {redact_url(self.tracking_uri)} holds version"
                 f"{'s' if len(numbers) > 1 else ''} {listed}{whose} that this campaign did not train: its gate and "
-                f"its serving follow that model's champion alias, so another run's versions would be weighed and "
-                f"served as its own. Give the campaign a model of its own (e.g. model_name={name}-{self.cfg.campaign}), "
-                "or its own --workdir or --mlflow-uri")
+                "its serving follow that model's champion alias, so another run's versions would be weighed and "
+                "served as its own. Give the campaign a model of its own (e.g. "
+                f"model_name={name}-{self.cfg.campaign}), or its own --workdir or --mlflow-uri")
 
     def _start_ingest(self) -> None:
         self.view.stage("starting ingest")
