@@ -180,24 +180,23 @@ class TrackingStoreError(FlywheelError, RuntimeError):
     only reads the registry) is not there."""
 
 
-def existing_store(tracking_uri: str) -> str:
-    """``tracking_uri`` for a command that only reads the registry (``flywheel serve``, ``bom``,
-    ``rollback``): a ``sqlite:///`` store that is not there raises :class:`TrackingStoreError`
-    naming it and the fix, where MLflow would make an empty store (and its workdir) only to find
-    no model in it, after a screen of its own start-up lines."""
-    db = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:///") else None
-    if db is not None and not db.exists():
-        raise TrackingStoreError(f"no MLflow store at {db}, so no model is registered there: train one in that "
-                                 "workdir first (`flywheel train`, or `flywheel demo`), or name the workdir or "
-                                 "store that holds it (--workdir, --mlflow-uri)")
-    return tracking_uri
-
-
 def store_exists(tracking_uri: str) -> bool:
     """False only for a ``sqlite:///`` store whose file is not there yet (a new workdir's): nothing
     to ask it, and no need to import MLflow to find that out."""
     db = _sqlite_path(tracking_uri) if tracking_uri.startswith("sqlite:///") else None
     return db is None or db.exists()
+
+
+def existing_store(tracking_uri: str) -> str:
+    """``tracking_uri`` for a command that only reads the registry (``flywheel serve``, ``bom``,
+    ``rollback``): a ``sqlite:///`` store that is not there raises :class:`TrackingStoreError`
+    naming it and the fix, where MLflow would make an empty store (and its workdir) only to find
+    no model in it, after a screen of its own start-up lines."""
+    if not store_exists(tracking_uri):
+        raise TrackingStoreError(f"no MLflow store at {_sqlite_path(tracking_uri)}, so no model is registered "
+                                 "there: train one in that workdir first (`flywheel train`, or `flywheel demo`), "
+                                 "or name the workdir or store that holds it (--workdir, --mlflow-uri)")
+    return tracking_uri
 
 
 def check_sqlite_store(tracking_uri: str) -> None:
