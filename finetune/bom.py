@@ -280,7 +280,8 @@ def _bom_for(tracking_uri: str, model_name: str, info, *, site: str = "local", l
             "flywheel:trees": str(trees),
             "flywheel:lightgbm_version": meta.get("lightgbm_version") or UNDECLARED} if family == "gbdt" else
            {"flywheel:lora_config": json.dumps({k: lora[k] for k in sorted(lora) if k in (
-               "r", "lora_alpha", "lora_dropout", "target_modules", "peft_type", "task_type")}, default=str)}),
+               "r", "lora_alpha", "lora_dropout", "target_modules", "layers_to_transform", "peft_type", "task_type")},
+                      default=str)}),
         "flywheel:training_config": json.dumps({k: v for k, v in sorted(params.items()) if k.startswith("train.")}),
         "flywheel:seed": params.get("train.seed", UNDECLARED),
         "flywheel:code_version": tags.get(CODE_VERSION_TAG, UNDECLARED),

@@ -234,6 +234,9 @@ class LoraSettings:
                 "step at 0.05; the base model's own dropout still applies)"})
     target_modules: list[str] = field(default_factory=list,
                                       metadata={"help": "module names to adapt; empty = detect per architecture"})
+    top_layers: int = field(default=0, metadata={
+        "help": "adapt only the top N transformer layers (0 = all): the backward pass then stops at the lowest "
+                "adapted layer, so a training step costs less"})
 
     def __post_init__(self):
         if self.rank <= 0:
@@ -242,6 +245,8 @@ class LoraSettings:
             raise ModelError(f"lora.alpha should be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ModelError(f"lora.dropout should be in [0, 1), got {self.dropout}")
+        if self.top_layers < 0:
+            raise ModelError(f"lora.top_layers should be 0 (all layers) or a positive count, got {self.top_layers}")
 
 
 def classifier_module_names(model) -> list[str]:
@@ -256,12 +261,48 @@ def classifier_module_names(model) -> list[str]:
     return [n for n in ("pooler", "classifier", "score") if n in names]
 
 
+def check_top_layers(settings: LoraSettings, num_layers) -> int:
+    """The base model's layer count, checked against ``lora.top_layers`` (raises naming the fix)."""
+    n = int(num_layers or 0)
+    if n <= 0:
+        raise ModelError("lora.top_layers needs a base model whose config.json gives num_hidden_layers; set "
+                         "lora.top_layers=0 to adapt every layer")
+    if settings.top_layers > n:
+        raise ModelError(f"lora.top_layers={settings.top_layers} but the base model has {n} layers: "
+                         f"use a count from 1 to {n}, or 0 for all")
+    return n
+
+
+def base_model_layers(base: str, trust_remote_code: bool = False):
+    """``num_hidden_layers`` from a base model's config, without loading its weights (None if it has none)."""
+    path = resolve_base_model(base)
+    if Path(path).is_dir():
+        try:
+            data = json.loads(Path(path, "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"base model {base!r}: cannot read {path}/config.json: {exc}") from None
+        return data.get("num_hidden_layers") if isinstance(data, dict) else None
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                         local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load base model {base!r} ({path}): {exc}") from None
+    return getattr(cfg, "num_hidden_layers", None)
+
+
 def add_lora(model, settings: LoraSettings):
     from peft import LoraConfig, TaskType, get_peft_model
 
+    layers = None
+    if settings.top_layers:
+        n = check_top_layers(settings, getattr(model.config, "num_hidden_layers", None))
+        layers = list(range(n - settings.top_layers, n))
     cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=settings.rank, lora_alpha=settings.alpha,
                      lora_dropout=settings.dropout,
                      target_modules=settings.target_modules or default_target_modules(model),
+                     layers_to_transform=layers,
                      modules_to_save=classifier_module_names(model))
     return get_peft_model(model, cfg)
 

@@ -98,6 +98,8 @@ def test_unknown_config_key_names_the_key():
         load(TrainConfig, None, ["lora.rnk=4"])
     with pytest.raises(ModelError, match="lora.rank should be positive, got 0"):
         load(TrainConfig, None, ["lora.rank=0"])
+    with pytest.raises(ModelError, match=r"lora.top_layers should be 0 \(all layers\) or a positive count, got -1"):
+        load(TrainConfig, None, ["lora.top_layers=-1"])
     cfg = load(TrainConfig, None, ["lora.rank=4", "epochs=2", "lora.target_modules=query,key"])
     assert cfg.lora.rank == 4 and cfg.epochs == 2 and cfg.lora.target_modules == ["query", "key"]
 

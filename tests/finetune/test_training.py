@@ -170,3 +170,48 @@ def test_batch_plan_balances_and_caps(snapshot_dir):
     assert all((a == b).all() for a, b in zip(plan.steps, again.steps))    # deterministic order
     w = plan.class_weights
     assert w[LABEL_INDEX["ok"]] < w[LABEL_INDEX["BRG"]] <= 10.0
+
+
+def test_top_layers_adapts_only_the_top_layers_and_the_backward_pass_stops_below_them(snapshot_dir, tmp_path):
+    """lora.top_layers=2 on the packaged 6-layer MiniLM: LoRA weights in layers 4-5 only, nothing
+    below layer 4 is part of the graph (so a step's backward pass is shorter), and the adapter
+    records the layers so serving rebuilds the same model."""
+    import json
+
+    import numpy as np
+
+    from finetune.data import load_snapshot
+    from finetune.evaluate import load_adapter_model
+    from finetune.launch import build_model
+    from finetune.model import LoraSettings, ModelError, pick_device, predict_proba
+
+    device = pick_device("cpu", "fp32")
+    cfg = fast_config(tmp_path, max_steps=3, batch_size=4, lora=LoraSettings(top_layers=2))
+    model, tok = build_model(cfg, device)
+    adapted = {n.split(".layer.")[1].split(".")[0] for n, p in model.named_parameters()
+               if p.requires_grad and "lora_" in n}
+    assert adapted == {"4", "5"}
+
+    layers = model.base_model.model.bert.encoder.layer
+    needs_grad = {}
+    hooks = [layers[i].register_forward_hook(lambda m, a, out, i=i: needs_grad.__setitem__(i, out[0].requires_grad))
+             for i in range(len(layers))]
+    model.train()
+    batch = tok(["milling. vib 2.1 normal flat.", "pump. flow 12 low falling."], return_tensors="pt", padding=True)
+    model(**batch).logits.sum().backward()
+    for h in hooks:
+        h.remove()
+    assert needs_grad == {0: False, 1: False, 2: False, 3: False, 4: True, 5: True}
+
+    adapter = train_plain(snapshot_dir, cfg, tmp_path / "adapter", progress=False).adapter_dir
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == [4, 5]
+    assert {k.split(".layer.")[1].split(".")[0] for k in _weights(adapter) if "lora_" in k} == {"4", "5"}
+    served, served_tok, _ = load_adapter_model(adapter, device)
+    trained, _ = build_model(cfg, device, warm_start_dir=adapter)   # the adapter read back as training would
+    texts = list(load_snapshot(snapshot_dir).eval["text"][:8])
+    assert np.allclose(predict_proba(served, served_tok, texts, device=device),
+                       predict_proba(trained.eval(), tok, texts, device=device), atol=1e-6)
+
+    with pytest.raises(ModelError, match=r"lora.top_layers=7 but the base model has 6 layers: use a count from 1 "
+                                         r"to 6, or 0 for all"):
+        build_model(fast_config(tmp_path, lora=LoraSettings(top_layers=7)), device)

@@ -293,6 +293,20 @@ def test_a_campaign_refuses_a_base_model_before_it_starts_anything(base_model, c
     assert "Traceback" not in out + err
 
 
+def test_a_campaign_refuses_more_adapted_layers_than_its_base_model_has(capsys, tmp_path):
+    """Training would refuse it when it builds the model, at turn 1, after turn 0's plant period."""
+    from flywheel.campaign import default_config_path
+
+    wd = tmp_path / "wd"
+    rc, out, err = _run(["run", "--config", str(default_config_path("tiny")), "--workdir", str(wd), "--no-live",
+                         "train.lora.top_layers=12"], capsys)
+    assert rc == 1 and err.strip().splitlines() == [
+        "flywheel run: lora.top_layers=12 but the base model has 6 layers: use a count from 1 to 6, or 0 for all"], \
+        (rc, out, err)
+    assert not wd.exists() or not {"lake", "mlflow.db", "broker"} & {p.name for p in wd.iterdir()}, \
+        "the campaign started before it refused"
+
+
 @pytest.mark.parametrize("what", ["replicas", "collectors", "ray-train"])
 def test_a_campaign_refuses_reservations_its_local_ray_can_never_grant(what, capsys, tmp_path):
     """Ray never grants them, so the replica or the Ray Train workers waited: the Serve app failed

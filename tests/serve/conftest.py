@@ -29,7 +29,7 @@ TRAIN_TEXTS = [
 ]
 
 
-def _train_adapter(out_dir: Path, label: str, seed: int) -> Path:
+def _train_adapter(out_dir: Path, label: str, seed: int, top_layers: int = 0) -> Path:
     import torch
 
     from finetune.model import LoraSettings, add_lora, load_base, write_adapter_meta
@@ -37,7 +37,7 @@ def _train_adapter(out_dir: Path, label: str, seed: int) -> Path:
 
     torch.manual_seed(seed)
     model, tok = load_base("minilm")
-    model = add_lora(model, LoraSettings(rank=4))
+    model = add_lora(model, LoraSettings(rank=4, top_layers=top_layers))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     enc = tok(TRAIN_TEXTS, padding=True, return_tensors="pt")
@@ -60,6 +60,7 @@ class AdapterDirs:
     corrupt: Path    # garbage safetensors
     mismatched: Path  # wrong label set in flywheel_model.json
     risky: Path      # leans hard to a failure label (risk near 1) for command tests
+    top: Path        # leans to OSF, LoRA on the top two layers only (lora.top_layers=2)
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +78,8 @@ def adapter_dirs(tmp_path_factory) -> AdapterDirs:
     meta = json.loads((mismatched / "flywheel_model.json").read_text())
     meta["labels"] = ["ok", "broken"]
     (mismatched / "flywheel_model.json").write_text(json.dumps(meta))
-    return AdapterDirs(a=a, b=b, corrupt=corrupt, mismatched=mismatched, risky=b)
+    top = _train_adapter(root / "top", "OSF", 2, top_layers=2)
+    return AdapterDirs(a=a, b=b, corrupt=corrupt, mismatched=mismatched, risky=b, top=top)
 
 
 class Registry:

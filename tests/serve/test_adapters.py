@@ -36,6 +36,21 @@ def test_two_adapters_on_one_base_in_one_batch(pool):
     assert check_probabilities(mixed, 8) is None
 
 
+def test_an_adapter_on_the_top_layers_only_serves_beside_full_ones_as_it_scores_alone(pool, adapter_dirs):
+    """lora.top_layers: one base holds adapters on different layers; each request gets its own
+    adapter's numbers, the ones the turn scored it with (``load_adapter_model``)."""
+    from finetune.evaluate import load_adapter_model
+    from finetune.model import predict_proba
+
+    top = pool.install("top", _r("4"), str(adapter_dirs.top))
+    a = pool.slot("default")
+    mixed = pool.predict(TEXTS + TEXTS, [a.peft_name] * 4 + [top.peft_name] * 4)
+    alone, tok, _ = load_adapter_model(adapter_dirs.top, pool.spec)
+    np.testing.assert_allclose(mixed[4:], predict_proba(alone, tok, TEXTS, device=pool.spec), atol=1e-5)
+    np.testing.assert_allclose(mixed[:4], pool.predict(TEXTS, [a.peft_name] * 4), atol=1e-5)
+    assert np.abs(mixed[4:] - mixed[:4]).max() > 0.05
+
+
 @pytest.mark.parametrize("bad", ["corrupt", "mismatched"])
 def test_a_bad_adapter_is_refused_and_the_old_one_keeps_serving(pool, adapter_dirs, bad):
     before = pool.slot("default")
