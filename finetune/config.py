@@ -127,7 +127,8 @@ class TrainConfig:
     canary_confidence: float = field(default=0.9, metadata={
         "help": "the level of the bootstrap interval (over machines) of the canary groups' cost difference"})
     warm_start: bool = field(default=False, metadata={
-        "help": "start from the champion's adapter (same base model) instead of a fresh LoRA"})
+        "help": "start from the champion's adapter (same base model) instead of a fresh LoRA; the adapter keeps "
+                "the champion's layout (rank, targets, layers): lora.* settings apply to fresh adapters only"})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "allow model code from the hub to run (off: only built-in architectures load)"})
     max_failures: int = field(default=0, metadata={"help": "Ray Train worker-failure restarts (resume from checkpoint)"})
