@@ -265,7 +265,7 @@ def check_top_layers(settings: LoraSettings, num_layers) -> int:
     """The base model's layer count, checked against ``lora.top_layers`` (raises naming the fix)."""
     n = int(num_layers or 0)
     if n <= 0:
-        raise ModelError("lora.top_layers needs a base model whose config.json gives num_hidden_layers; set "
+        raise ModelError("lora.top_layers needs a base model whose config gives its number of layers; set "
                          "lora.top_layers=0 to adapt every layer")
     if settings.top_layers > n:
         raise ModelError(f"lora.top_layers={settings.top_layers} but the base model has {n} layers: "
@@ -274,19 +274,14 @@ def check_top_layers(settings: LoraSettings, num_layers) -> int:
 
 
 def base_model_layers(base: str, trust_remote_code: bool = False):
-    """``num_hidden_layers`` from a base model's config, without loading its weights (None if it has none)."""
-    path = resolve_base_model(base)
-    if Path(path).is_dir():
-        try:
-            data = json.loads(Path(path, "config.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"base model {base!r}: cannot read {path}/config.json: {exc}") from None
-        return data.get("num_hidden_layers") if isinstance(data, dict) else None
+    """``num_hidden_layers`` from a base model's config, without loading its weights (None if it has none).
+    Read through transformers' config classes, which map each architecture's own key (GPT-2's ``n_layer``)."""
     from transformers import AutoConfig
 
+    path = resolve_base_model(base)
+    local = Path(path).is_dir() or os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                         local_files_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+        cfg = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=local)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load base model {base!r} ({path}): {exc}") from None
     return getattr(cfg, "num_hidden_layers", None)

@@ -172,3 +172,21 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "dataset 'ds-missing' not found" in capsys.readouterr().err
     assert main(["train", "--workdir", str(tmp_path)]) == 2
     assert "--dataset ID is required" in capsys.readouterr().err
+
+
+def test_the_layer_count_is_read_as_each_architecture_names_it(tmp_path):
+    """A campaign checks lora.top_layers against the base model before it starts; GPT-2's config
+    calls its layer count n_layer, MiniLM's num_hidden_layers."""
+    from transformers import GPT2Config
+
+    from finetune.model import LoraSettings, base_model_layers, check_top_layers
+
+    GPT2Config(n_layer=3, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    assert base_model_layers(str(tmp_path / "gpt2")) == 3
+    assert base_model_layers("minilm") == 6
+    assert check_top_layers(LoraSettings(top_layers=3), 3) == 3
+    with pytest.raises(ModelError, match=r"^lora.top_layers=4 but the base model has 3 layers: use a count from 1 "
+                                         r"to 3, or 0 for all$"):
+        check_top_layers(LoraSettings(top_layers=4), 3)
+    with pytest.raises(ModelError, match="needs a base model whose config gives its number of layers"):
+        check_top_layers(LoraSettings(top_layers=1), None)
