@@ -1,8 +1,8 @@
 """Serve-test fixtures: real LoRA adapters on the packaged MiniLM, registered in real MLflow.
 
 * ``adapter_dirs`` (session) - two adapters trained for a few steps towards different labels
-  (so they predict differently), plus a corrupt one (garbage safetensors) and a mismatched
-  one (wrong label set in flywheel_model.json).
+  (so they predict differently), a third with LoRA on the top two layers only, plus a corrupt
+  one (garbage safetensors) and a mismatched one (wrong label set in flywheel_model.json).
 * ``registry`` (module) - a fresh MLflow on SQLite with ``register(adapter_dir, alias=...)``.
 * ``served`` (session) - one app on the test session's Ray for the HTTP and MQTT tests.
 * ``http_probe`` - raw HTTP: a POST whose body never ends, and a burst of good requests
