@@ -20,7 +20,7 @@ __all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "governed_base_mo
            "version_threshold", "RegistryError",
            "evaluate_gbdt_report", "fetch_reference_model", "pick_device", "frame_decision_cost",
            "init_keys", "evaluate_model_report", "model_family", "lineage_record", "get_version",
-           "set_alias", "base_model_layers", "check_top_layers"]
+           "set_alias"]
 
 #: Names the facade loads on first use (their modules pull in torch, pandas or MLflow).
 _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.evaluate",
@@ -31,8 +31,7 @@ _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.
          "frame_decision_cost": "finetune.evaluate", "init_keys": "finetune.signing",
          "evaluate_model_report": "finetune.families", "model_family": "finetune.families",
          "lineage_record": "finetune.bom", "get_version": "finetune.registry",
-         "set_alias": "finetune.registry", "base_model_layers": "finetune.model",
-         "check_top_layers": "finetune.model"}
+         "set_alias": "finetune.registry"}
 
 
 def __getattr__(name: str):

@@ -310,14 +310,18 @@ def _sign(client, run_id: str, tracking_uri: str, model_name: str, version: str,
 
 def governed_base_model(config: TrainConfig) -> dict[str, str]:
     """Check the base model against ``config.governance`` (raises
-    :class:`flywheel.base.governance.GovernanceError` naming the fix) and return the tags that
-    record where it came from and its licence, which serving checks against its own policy."""
+    :class:`flywheel.base.governance.GovernanceError` naming the fix) and ``lora.top_layers`` against
+    its layer count (:class:`finetune.model.ModelError`), and return the tags that record where it
+    came from and its licence, which serving checks against its own policy."""
     from finetune.bom import base_model_facts
+    from finetune.model import base_model_layers, check_top_layers
     from flywheel.base.governance import BASE_MODEL_ID_TAG, BASE_MODEL_LICENCE_TAG, base_model_id
 
     facts = base_model_facts(config.base_model, hashes=False)
     ident, licence = base_model_id(facts), facts["licence"]
     config.governance.check(ident, licence, f"training on base model {config.base_model!r}")
+    if config.lora.top_layers:
+        check_top_layers(config.lora, base_model_layers(config.base_model, config.trust_remote_code))
     return {BASE_MODEL_ID_TAG: ident, BASE_MODEL_LICENCE_TAG: licence}
 
 

@@ -202,15 +202,13 @@ class Campaign:
     def _check_base_model(self) -> None:
         """A LoRA campaign's base model, checked against its governance policy before anything starts
         (a name that is no model at all is refused here too). Training checks it again before it
-        spends compute, but that is at turn 1, after turn 0's plant period. So is ``lora.top_layers``
-        against the base model's layer count."""
+        spends compute, but that is at turn 1, after turn 0's plant period. The same call checks
+        ``lora.top_layers`` against the base model's layer count."""
         train = self.stages["train"]
         if "lora" in (train.family, train.reference_family):
-            from finetune import base_model_layers, check_top_layers, governed_base_model
+            from finetune import governed_base_model
 
             governed_base_model(train)
-            if train.lora.top_layers:
-                check_top_layers(train.lora, base_model_layers(train.base_model, train.trust_remote_code))
 
     def _signing_keys(self) -> None:
         """Sign every version with the workdir's key pair (created on first use) unless train.signing_key

@@ -190,3 +190,16 @@ def test_the_layer_count_is_read_as_each_architecture_names_it(tmp_path):
         check_top_layers(LoraSettings(top_layers=4), 3)
     with pytest.raises(ModelError, match="needs a base model whose config gives its number of layers"):
         check_top_layers(LoraSettings(top_layers=1), None)
+
+
+def test_training_refuses_more_layers_than_the_base_model_has_before_it_opens_a_run(snapshot_dir, tmp_path):
+    """The check ran when the model was built: after the run was opened, which was left FAILED."""
+    from finetune import TrainConfig, train_and_register
+    from finetune.model import LoraSettings
+
+    db = tmp_path / "mlflow.db"
+    with pytest.raises(ModelError, match=r"^lora.top_layers=12 but the base model has 6 layers: use a count from "
+                                         r"1 to 6, or 0 for all$"):
+        train_and_register(snapshot_dir, TrainConfig(lora=LoraSettings(top_layers=12)), f"sqlite:///{db}",
+                           progress=False)
+    assert not db.exists()
