@@ -290,7 +290,10 @@ class Stack:
                 f"{'s' if len(numbers) > 1 else ''} {listed}{whose} that this campaign did not train: its gate and "
                 "its serving follow that model's champion alias, so another run's versions would be weighed and "
                 "served as its own. Give the campaign a model of its own (e.g. "
-                f"model_name={name}-{self.cfg.campaign}), or its own --workdir or --mlflow-uri")
+                f"model_name={name}-{self.cfg.campaign}), or its own --workdir or --mlflow-uri; a version nobody "
+                "needs (one registered by hand) can be deleted instead: "
+                f"mlflow.MlflowClient({redact_url(self.tracking_uri)!r}).delete_model_version({name!r}, "
+                f"'{numbers[0]}')")
 
     def _start_ingest(self) -> None:
         self.view.stage("starting ingest")
