@@ -101,8 +101,7 @@ class CampaignConfig:
         "help": "the reference plant every turn's models are scored on (flywheel.reference)"})
 
     def __post_init__(self):
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.campaign):
-            raise ConfigError(f"campaign name should be 1-64 of [A-Za-z0-9_.-], got {self.campaign!r}")
+        check_campaign_name(self.campaign)
         if self.turns < 0:
             raise ConfigError(f"turns should be >= 0, got {self.turns}")
         if parse_duration(self.period) <= 0:
@@ -136,6 +135,14 @@ class CampaignConfig:
         its topic root, so that campaigns sharing a broker never take each other's sessions, also two
         of one name under topic roots of their own."""
         return f"{self.campaign}-{self.topic_root.replace('/', '-')}"
+
+
+def check_campaign_name(name: str, what: str = "campaign name") -> str:
+    """``name`` as a campaign's name: it names a folder under ``<workdir>/campaigns/`` and the
+    MLflow experiment ``flywheel-<name>``, so nothing that leaves that folder (``..``, ``a/b``)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise ConfigError(f"{what} should be 1-64 of [A-Za-z0-9_.-], starting with a letter or digit, got {name!r}")
+    return name
 
 
 def default_config_path(name: str = "demo") -> Path:

@@ -196,8 +196,10 @@ def _campaign_to_continue(workdir, campaign: str) -> None:
 
 
 def cmd_report(args) -> int:
+    from flywheel.campaign import check_campaign_name
     from flywheel.report import write_report
 
+    check_campaign_name(args.campaign, "--campaign")   # a folder under <workdir>/campaigns/, nothing outside it
     if args.out is not None:
         from flywheel.base.workdir import writable_folder
 

@@ -53,6 +53,10 @@ CPUS = os.cpu_count() or 1   # a local Ray's CPUs (flywheel ingest starts one wi
     # an empty list (a script's unset variable) ran the single default campaign instead
     (["demo", "--workdir", "{tmp}", "--seeds", ""], "--seeds should name at least one seed, got ''"),
     (["report", "--workdir", "{tmp}", "--seeds", ""], "--seeds should name at least one seed"),
+    # a campaign is a folder under <workdir>/campaigns/: a name that leaves it is refused, not read
+    (["report", "--workdir", "{tmp}", "--campaign", "../x"],
+     "--campaign should be 1-64 of [A-Za-z0-9_.-], starting with a letter or digit, got '../x'"),
+    (["demo", "--workdir", "{tmp}", "campaign=.."], "campaign name should be 1-64 of [A-Za-z0-9_.-], starting with"),
     (["train", "--workdir", "{tmp}", "--dataset", "ds-missing"], "ds-missing"),  # a dataset that is not there
     (["train", "--workdir", "{tmp}"], "--dataset"),
     (["sim", "--speed", "-3"], "--speed"),
