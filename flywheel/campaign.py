@@ -13,13 +13,13 @@ checked against them when the campaign is loaded, so a typo fails at once, not a
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from flywheel.base.config import ConfigError, from_dict, load, parse_duration
 from flywheel.base.governance import GovernancePolicy
+from flywheel.base.workdir import check_campaign_name
 from flywheel.reference import ReferenceConfig
 
 
@@ -135,14 +135,6 @@ class CampaignConfig:
         its topic root, so that campaigns sharing a broker never take each other's sessions, also two
         of one name under topic roots of their own."""
         return f"{self.campaign}-{self.topic_root.replace('/', '-')}"
-
-
-def check_campaign_name(name: str, what: str = "campaign name") -> str:
-    """``name`` as a campaign's name: it names a folder under ``<workdir>/campaigns/`` and the
-    MLflow experiment ``flywheel-<name>``, so nothing that leaves that folder (``..``, ``a/b``)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
-        raise ConfigError(f"{what} should be 1-64 of [A-Za-z0-9_.-], starting with a letter or digit, got {name!r}")
-    return name
 
 
 def default_config_path(name: str = "demo") -> Path:

@@ -196,7 +196,7 @@ def _campaign_to_continue(workdir, campaign: str) -> None:
 
 
 def cmd_report(args) -> int:
-    from flywheel.campaign import check_campaign_name
+    from flywheel.base.workdir import check_campaign_name
     from flywheel.report import write_report
 
     check_campaign_name(args.campaign, "--campaign")   # a folder under <workdir>/campaigns/, nothing outside it

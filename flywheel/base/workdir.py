@@ -21,9 +21,11 @@ other places always live under the root.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from flywheel.base.config import ConfigError
 from flywheel.base.snapshot import child_uri
 
 DEFAULT_WORKDIR = ".flywheel"
@@ -69,7 +71,7 @@ class Workdir:
         return self.root / "campaigns"
 
     def campaign(self, name: str) -> Path:
-        return self.campaigns / name
+        return self.campaigns / check_campaign_name(name)
 
     @property
     def reports(self) -> Path:
@@ -108,3 +110,11 @@ def writable_folder(path: str | os.PathLike, option: str) -> Path:
     if not os.access(p, os.W_OK | os.X_OK):
         raise ConfigError(f"{option} {p}: no permission to write in this folder; name a folder you can write")
     return p
+
+
+def check_campaign_name(name: str, what: str = "campaign name") -> str:
+    """``name`` as a campaign's name: it names a folder under ``campaigns/`` and the MLflow
+    experiment ``flywheel-<name>``, so nothing that leaves that folder (``..``, ``a/b``)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise ConfigError(f"{what} should be 1-64 of [A-Za-z0-9_.-], starting with a letter or digit, got {name!r}")
+    return name

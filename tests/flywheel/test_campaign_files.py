@@ -77,3 +77,16 @@ def test_one_process_runs_a_campaign_a_second_is_refused_with_the_holder_and_the
         CampaignLock(folder, "c", wait_s=0).__enter__()     # the child holds it for 1.5 s more
     with CampaignLock(folder, "c", wait_s=15) as lock:
         assert lock.fd is not None
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", ".."])
+def test_a_campaign_name_that_leaves_the_campaigns_folder_is_refused_where_it_becomes_a_path(tmp_path, name):
+    """The stack's own callers check the name first (the config, ``flywheel report --campaign``);
+    the workdir refuses it too, so no caller of the Python API reads or writes outside ``campaigns/``."""
+    from flywheel.base.config import ConfigError
+
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "state.json").write_text('{"turns": []}')
+    with pytest.raises(ConfigError, match=re.escape(f"campaign name should be 1-64 of [A-Za-z0-9_.-], starting "
+                                                    f"with a letter or digit, got {name!r}")):
+        load_state(tmp_path, name)
