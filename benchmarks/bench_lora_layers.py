@@ -41,14 +41,14 @@ def child(snapshot: str, top_layers: int) -> dict:
 
     cfg = load_campaign(str(default_config_path("demo")), [f"train.lora.top_layers={top_layers}"])
     train = stage_configs(cfg)["train"]
-    out = tempfile.mkdtemp(prefix="bench-lora-layers-")
-    t0 = time.perf_counter()
-    res = train_plain(snapshot, train, out, progress=False)
-    wall = time.perf_counter() - t0
-    metrics = evaluate_adapter(res.adapter_dir, load_snapshot(snapshot).eval)
     from safetensors.torch import load_file
 
-    trained = sum(t.numel() for t in load_file(f"{res.adapter_dir}/adapter_model.safetensors").values())
+    with tempfile.TemporaryDirectory(prefix="bench-lora-layers-") as out:   # the adapter goes with it
+        t0 = time.perf_counter()
+        res = train_plain(snapshot, train, out, progress=False)
+        wall = time.perf_counter() - t0
+        metrics = evaluate_adapter(res.adapter_dir, load_snapshot(snapshot).eval)
+        trained = sum(t.numel() for t in load_file(f"{res.adapter_dir}/adapter_model.safetensors").values())
     return {"top_layers": top_layers, "wall_s": wall, "train_s": res.metrics["train.wall_s"],
             "samples": res.metrics["train.samples"], "samples_per_s": res.metrics["train.samples_per_s"],
             "auroc": metrics["eval.auroc_any_failure"], "macro_f1": metrics["eval.macro_f1"],
@@ -75,12 +75,18 @@ def main() -> None:
         print(json.dumps(child(args.child[0], int(args.child[1]))))
         return
     snapshot = Path(args.snapshot) if args.snapshot else newest_snapshot(Path(args.workdir))
-    settings = [int(x) for x in args.layers.split(",")]
+    try:
+        settings = [int(x) for x in args.layers.split(",")]
+    except ValueError:
+        ap.error(f"--layers should be comma-separated whole numbers (0 = every layer), got {args.layers!r}")
     runs: dict[int, list[dict]] = {s: [] for s in settings}
     for r in range(args.rounds):
         for s in settings:
             p = subprocess.run([sys.executable, __file__, "--child", str(snapshot), str(s)], capture_output=True,
-                               text=True, check=True)
+                               text=True)
+            if p.returncode != 0:   # e.g. more layers than the base model has: the stack's own one-line reason
+                said = (p.stderr.strip().splitlines() or ["(no output)"])[-1]
+                raise SystemExit(f"top_layers={s}: the training run failed: {said}")
             runs[s].append(json.loads(p.stdout.strip().splitlines()[-1]))
             x = runs[s][-1]
             print(f"round {r + 1}, top_layers={s}: train {x['train_s']:.1f} s, {x['samples_per_s']:.1f} samples/s, "
