@@ -138,8 +138,10 @@ def test_training_started_in_the_background_stops_on_ctrl_c(small_snapshot, tmp_
     workdir, log = tmp_path / "wd", tmp_path / "train.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = _command(small_snapshot, workdir, "train.max_steps=100000", "train.epochs=1000")
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    # as a script's `cmd &` starts it (SIGINT ignored, then exec), through a shell: no preexec_fn
+    # running Python in a child forked beside the session Ray's threads
+    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
         deadline = time.monotonic() + 240
         while not _finished_checkpoints(workdir / "checkpoints"):

@@ -66,7 +66,7 @@ def test_a_command_started_with_ctrl_c_ignored_still_stops_on_it(sig):
     # which inherits the ignored signal. A shell, not a preexec_fn: Python run in a child forked
     # from this process while Ray's threads run is unsafe (Python's docs say so), and one such
     # preexec_fn left the session's Ray unanswering for the tests after this one.
-    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$0" -c "$1"', sys.executable, BACKGROUND],
+    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-c", BACKGROUND],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"

@@ -109,17 +109,18 @@ def test_sigterm_drains_and_stops_ingest_like_ctrl_c(how, broker, publish, uid, 
     import sys
     import time
 
-    sig, ignore = (signal.SIGTERM, None) if how == "sigterm" else (signal.SIGINT, signal.SIGINT)
+    sig, ctrl_c_ignored = (signal.SIGTERM, False) if how == "sigterm" else (signal.SIGINT, True)
 
     items = encoded(stream([("l1", "m1", "milling")], day_start(), 3600), uid)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # its own Ray, as a user runs it
     env.update(COLUMNS="200", PYTHONUNBUFFERED="1")
     log = tmp_path / "ingest.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "flywheel.cli", "ingest", "--broker", broker.url,
-                                 "--workdir", str(tmp_path), "--topic-root", uid, f"client_prefix={uid}-term",
-                                 "batch_max_age_s=60"], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=(lambda: signal.signal(ignore, signal.SIG_IGN)) if ignore else None)
+        cmd = [sys.executable, "-m", "flywheel.cli", "ingest", "--broker", broker.url, "--workdir", str(tmp_path),
+               "--topic-root", uid, f"client_prefix={uid}-term", "batch_max_age_s=60"]
+        if ctrl_c_ignored:   # as a script's `cmd &` starts it, through a shell: no preexec_fn beside Ray's threads
+            cmd = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd]
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         while "Ctrl-C stops" not in log.read_text(errors="replace"):
