@@ -208,6 +208,15 @@ def ray_local():
 
 
 @pytest.fixture
+def in_the_background():
+    """``cmd`` -> the argv that starts it as a script's ``cmd &`` does: SIGINT ignored (a shell's
+    ``trap "" INT``, then ``exec``, same pid). A shell, not a ``preexec_fn``: Python run in a child
+    forked beside the session Ray's threads is unsafe (Python's docs say so), and one such
+    ``preexec_fn`` left that Ray unanswering for the tests after it."""
+    return lambda cmd: ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd]
+
+
+@pytest.fixture
 def mlflow_uri(tmp_path):
     """A fresh MLflow tracking URI on SQLite in a temp dir (artifacts beside it)."""
     from flywheel.base.tracking import seed_sqlite_store

@@ -132,16 +132,14 @@ def _kill_and_rerun(snapshot: str, tmp_path: Path, *extra: str) -> tuple[Path, s
     return _kept_adapter(workdir), killed_at, log2.read_text()
 
 
-def test_training_started_in_the_background_stops_on_ctrl_c(small_snapshot, tmp_path):
+def test_training_started_in_the_background_stops_on_ctrl_c(small_snapshot, tmp_path, in_the_background):
     """A script's ``flywheel train ... &`` starts with SIGINT ignored: Ctrl-C (kill -INT) still stops
     it, as in a terminal, with one line and exit 130, its finished checkpoints kept for the rerun."""
     workdir, log = tmp_path / "wd", tmp_path / "train.log"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = _command(small_snapshot, workdir, "train.max_steps=100000", "train.epochs=1000")
-    # as a script's `cmd &` starts it (SIGINT ignored, then exec), through a shell: no preexec_fn
-    # running Python in a child forked beside the session Ray's threads
-    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd], stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    proc = subprocess.Popen(in_the_background(cmd), stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            env=env, cwd=REPO)
     try:
         deadline = time.monotonic() + 240
         while not _finished_checkpoints(workdir / "checkpoints"):

@@ -57,16 +57,12 @@ print("restored", signal.getsignal(signal.SIGINT) is signal.SIG_IGN, signal.gets
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
-def test_a_command_started_with_ctrl_c_ignored_still_stops_on_it(sig):
+def test_a_command_started_with_ctrl_c_ignored_still_stops_on_it(sig, in_the_background):
     """A long-running command (ingest, serve, a campaign) started in the background by a script
     inherits SIGINT as ignored; ``stop_on_signals`` makes Ctrl-C and SIGTERM stop it all the same."""
     import signal
 
-    # Started as a script's `cmd &` starts it: the shell ignores SIGINT, then execs the command,
-    # which inherits the ignored signal. A shell, not a preexec_fn: Python run in a child forked
-    # from this process while Ray's threads run is unsafe (Python's docs say so), and one such
-    # preexec_fn left the session's Ray unanswering for the tests after this one.
-    proc = subprocess.Popen(["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable, "-c", BACKGROUND],
+    proc = subprocess.Popen(in_the_background([sys.executable, "-c", BACKGROUND]),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"

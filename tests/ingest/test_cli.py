@@ -99,7 +99,7 @@ def test_dataset_build_prints_id_counts_and_logs_to_mlflow(ray_local, tmp_path, 
 
 
 @pytest.mark.parametrize("how", ["sigterm", "ctrl-c in the background"])
-def test_sigterm_drains_and_stops_ingest_like_ctrl_c(how, broker, publish, uid, tmp_path):
+def test_sigterm_drains_and_stops_ingest_like_ctrl_c(how, broker, publish, uid, tmp_path, in_the_background):
     """docker stop / kill: what the broker handed over is landed and counted, exit 0, no abort.
     Ctrl-C (SIGINT) the same, also for a command started in the background by a script, which
     starts with SIGINT ignored (Python then installs no handler of its own)."""
@@ -118,9 +118,8 @@ def test_sigterm_drains_and_stops_ingest_like_ctrl_c(how, broker, publish, uid, 
     with open(log, "wb") as out:
         cmd = [sys.executable, "-m", "flywheel.cli", "ingest", "--broker", broker.url, "--workdir", str(tmp_path),
                "--topic-root", uid, f"client_prefix={uid}-term", "batch_max_age_s=60"]
-        if ctrl_c_ignored:   # as a script's `cmd &` starts it, through a shell: no preexec_fn beside Ray's threads
-            cmd = ["sh", "-c", 'trap "" INT; exec "$@"', "sh", *cmd]
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(in_the_background(cmd) if ctrl_c_ignored else cmd, stdout=out,
+                                stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 120
         while "Ctrl-C stops" not in log.read_text(errors="replace"):
