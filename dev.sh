@@ -114,7 +114,8 @@ run_suite() {
   log "tests, part 1 of 2: the ones that share nothing, on $workers workers"
   python -m pytest -m "not serial" -n "$workers" --dist loadfile || first=$?
   log "tests, part 2 of 2: the serial ones (the session's Ray, training, busy cores), one at a time"
-  python -m pytest -m serial || second=$?
+  # --durations: the log ends with where part 2's time went (it is most of the suite's length).
+  python -m pytest -m serial --durations=25 || second=$?
   [[ $first -eq 5 ]] && first=0     # 5: nothing selected (a part that is empty)
   [[ $second -eq 5 ]] && second=0
   if [[ $first -ne 0 || $second -ne 0 ]]; then
