@@ -17,7 +17,7 @@ from finetune.turn import TurnOutcome, governed_base_model, train_and_register
 
 __all__ = ["TrainConfig", "TurnOutcome", "train_and_register", "governed_base_model", "load_snapshot",
            "evaluate_adapter_report", "majority_baseline", "fetch_adapter", "aliases", "abandon_run",
-           "version_threshold", "RegistryError",
+           "version_threshold", "RegistryError", "cpu_precision_note",
            "evaluate_gbdt_report", "fetch_reference_model", "pick_device", "frame_decision_cost",
            "init_keys", "evaluate_model_report", "model_family", "lineage_record", "get_version",
            "set_alias"]
@@ -28,6 +28,7 @@ _LAZY = {"load_snapshot": "finetune.data", "evaluate_adapter_report": "finetune.
          "aliases": "finetune.registry", "abandon_run": "finetune.registry", "version_threshold": "finetune.registry",
          "RegistryError": "finetune.registry", "evaluate_gbdt_report": "finetune.gbdt",
          "fetch_reference_model": "finetune.gbdt", "pick_device": "finetune.model",
+         "cpu_precision_note": "finetune.model",
          "frame_decision_cost": "finetune.evaluate", "init_keys": "finetune.signing",
          "evaluate_model_report": "finetune.families", "model_family": "finetune.families",
          "lineage_record": "finetune.bom", "get_version": "finetune.registry",

@@ -210,6 +210,17 @@ class Campaign:
 
             governed_base_model(train)
 
+    def _say_precision(self) -> None:
+        """Once the stack is up: a LoRA campaign that will train in fp32 on a CPU without native bf16
+        says so, and about how much longer that takes (``finetune.model.cpu_precision_note``)."""
+        train = self.stages["train"]
+        if "lora" in (train.family, train.reference_family):
+            from finetune import cpu_precision_note
+
+            note = cpu_precision_note(train.precision, train.use_gpu)
+            if note:
+                self.view.log(note)
+
     def _signing_keys(self) -> None:
         """Sign every version with the workdir's key pair (created on first use) unless train.signing_key
         names another, and verify with its public key where serve.require_signature asks for it."""
@@ -239,6 +250,7 @@ class Campaign:
                 parent_run_id=self.state["parent_run_id"], on_tracking=self._tracking_ready,
                 prewarm=prewarm_modules({self.stages["train"].family, self.stages["train"].reference_family})))
             self.broker_url, self.ingest = self.stack.broker_url, self.stack.ingest
+            self._say_precision()
             self._start_plant_link(running)
             running.callback(self._stop_serving)
             if self.aborted is not None:
