@@ -133,7 +133,7 @@ def cpu_precision_note(precision: str = "auto", use_gpu: bool = False,
     if native_bf16:
         return None
     return ("this CPU shows no native bf16 (no avx512_bf16 or amx_bf16 flag): LoRA trains and scores in "
-            "fp32, about three times as long as on a CPU with it (the default demo on 2 cores: 14-15 "
+            "fp32, about three times as long as on a CPU with it (the default demo on 2 cores: 13-15 "
             "minutes instead of about 5); train.use_gpu=true trains on a GPU where there is one")
 
 
