@@ -119,22 +119,22 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_precision_note(precision: str = "auto", use_gpu: bool = False,
-                       native_bf16: bool | None = None) -> str | None:
+                       device: DeviceSpec | None = None) -> str | None:
     """The line a LoRA campaign shows at start where it will train in fp32 on a CPU without native
-    bf16 (``precision=auto``, no GPU asked for): on such a CPU the loop takes about three times as
-    long as on one with it, and a workshop host should know before the first turn rather than
-    after it. ``None`` where bf16 runs, where a GPU trains, or where the user set the precision.
-    ``native_bf16``: what ``cpu_has_native_bf16()`` says (read from this CPU when ``None``).
+    bf16: on such a CPU the loop takes about three times as long as on one with it, and a workshop
+    host should know before the first turn rather than after it. ``device``: what training will
+    run on, ``pick_device`` of the same settings (decided here when ``None``), so the note and
+    training never disagree; a GPU is picked under ``auto`` wherever one is visible. ``None`` where
+    bf16 runs, where a GPU trains, or where the user set the precision.
     """
     if use_gpu or precision != "auto":
         return None
-    if native_bf16 is None:
-        native_bf16 = cpu_has_native_bf16()
-    if native_bf16:
+    device = device or pick_device("auto", precision)
+    if device.device != "cpu" or device.precision != "fp32":
         return None
-    return ("this CPU shows no native bf16 (no avx512_bf16 or amx_bf16 flag): LoRA trains and scores in "
-            "fp32, about three times as long as on a CPU with it (the default demo on 2 cores: 13-15 "
-            "minutes instead of about 5); train.use_gpu=true trains on a GPU where there is one")
+    return ("this CPU shows no native bf16 (no avx512_bf16 or amx_bf16 flag) and no GPU is visible: LoRA "
+            "trains and scores in fp32, about three times as long as on a CPU with bf16 (the default demo "
+            "on 2 cores: 12-15 minutes instead of about 5)")
 
 
 def pick_device(prefer: str = "auto", precision: str = "auto", setting: str = "device=cuda") -> DeviceSpec:
