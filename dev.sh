@@ -81,6 +81,15 @@ install() {
   echo "$want" > "$stamp"
 }
 
+compile_own() {
+  # The project's own modules, compiled as the installer compiles the dependencies: where
+  # PYTHONDONTWRITEBYTECODE is set Python writes no bytecode for them either, and every process
+  # that imports them (each CLI call, each Ray worker) compiled its ~26,000 lines again (~0.7 s of
+  # CPU; part 1 of the suite 205 -> 191 s). Only changed files are compiled (~0.3 s when none); a
+  # file edited later is read from source until the next run here.
+  python -m compileall -q -j 0 flywheel factory_sim ingest finetune serve gateway >/dev/null || true
+}
+
 ensure_services() {
   # The tests run real brokers (Mosquitto) and a real Prometheus; they start their own on free ports.
   local missing=()
@@ -126,8 +135,8 @@ run_suite() {
 
 case "$cmd" in
   install) install ;;
-  demo)    install; exec flywheel demo "$@" ;;
-  test)    install; ensure_services
+  demo)    install; compile_own; exec flywheel demo "$@" ;;
+  test)    install; compile_own; ensure_services
            if [[ $# -gt 0 ]]; then exec python -m pytest "$@"; fi
            run_suite ;;
   *) echo "usage: ./dev.sh {demo|test|install} [args...]" >&2; exit 2 ;;
